@@ -1,0 +1,23 @@
+"""r4b.kernels: one file per op (reference -> Triton/CUDA kernels -> public function with backend=None).
+
+Dispatch order and the R4B_BACKEND override are described in r4b/kernels/_dispatch.py.
+"""
+
+from ._dispatch import available_backends, registered_ops
+from .rms_norm import rms_norm, rms_norm_ref
+from .rope import rope, rope_ref
+from .swiglu import swiglu, swiglu_ref
+from .varlen_attention import varlen_attention, varlen_attention_ref
+
+__all__ = [
+    "available_backends",
+    "registered_ops",
+    "rms_norm",
+    "rms_norm_ref",
+    "rope",
+    "rope_ref",
+    "swiglu",
+    "swiglu_ref",
+    "varlen_attention",
+    "varlen_attention_ref",
+]
