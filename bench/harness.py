@@ -1,0 +1,254 @@
+"""The shared benchmark harness: providers per op, timing, peak memory, FLOP/s and GB/s, result files.
+
+A bench module (bench/bench_<op>.py) builds a list of :class:`Case` and a dict of providers
+(name -> setup(case) -> zero-arg callable) and calls :func:`run_bench`. Timing uses
+``triton.testing.do_bench`` on a GPU (median and 20/80 percentiles) and a wall-clock loop on the CPU.
+Results go to ``bench/results/<date>-<device>/<op>.{json,md,png}`` with the device name, torch/triton
+versions and the git commit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+
+
+class Skip(Exception):
+    """Raised by a provider's setup when it cannot run here (missing package, no GPU...)."""
+
+
+@dataclasses.dataclass
+class Case:
+    label: str
+    params: dict
+    flops: float | None = None  # analytic FLOPs of one timed call
+    bytes: float | None = None  # bytes moved by one timed call
+
+
+def device_name(device: str) -> str:
+    if device == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def environment(device: str) -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+    except Exception:
+        commit = ""
+    return {
+        "date": datetime.date.today().isoformat(),
+        "time": datetime.datetime.now().isoformat(timespec="seconds"),
+        "device": device,
+        "device_name": device_name(device),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "commit": commit or None,
+        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
+    }
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_fn(fn: Callable[[], object], device: str, *, quick: bool = False) -> tuple[float, float, float]:
+    """(median, p20, p80) milliseconds of one call of ``fn``."""
+    if device == "cuda":
+        import triton.testing
+
+        q = triton.testing.do_bench(fn, warmup=25 if not quick else 5, rep=100 if not quick else 20,
+                                    quantiles=[0.5, 0.2, 0.8])
+        return float(q[0]), float(q[1]), float(q[2])
+    fn()  # warm-up (compilation, caches)
+    times: list[float] = []
+    budget = 0.5 if quick else 2.0
+    start = time.perf_counter()
+    while len(times) < 3 or (time.perf_counter() - start < budget and len(times) < 50):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    pick = lambda p: times[min(len(times) - 1, int(p * (len(times) - 1) + 0.5))]
+    return statistics.median(times), pick(0.2), pick(0.8)
+
+
+def peak_memory_gib(fn: Callable[[], object], device: str) -> float | None:
+    """Peak GPU memory allocated during one call, above what was allocated before it (None on the CPU)."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def matmul_floor_tflops(device: str, n: int = 8192, dtype: torch.dtype = torch.bfloat16) -> float | None:
+    """Achieved TFLOP/s of an n^3 matmul on this device (the compute ceiling measured in this run)."""
+    if device != "cuda":
+        return None
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ms, _, _ = time_fn(lambda: a @ b, device)
+    return 2 * n**3 / ms / 1e9
+
+
+def copy_bandwidth_gbps(device: str, nbytes: int = 2 * 2**30) -> float | None:
+    """Achieved GB/s (read + write) of a large device copy (the bandwidth ceiling measured in this run)."""
+    if device != "cuda":
+        return None
+    x = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+    y = torch.empty_like(x)
+    ms, _, _ = time_fn(lambda: y.copy_(x), device)
+    return 2 * nbytes / ms / 1e6
+
+
+def results_dir(device: str) -> Path:
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", device_name(device)).strip("-").lower() or device
+    out = ROOT / "results" / f"{datetime.date.today().isoformat()}-{slug}"
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def run_bench(
+    op: str,
+    cases: list[Case],
+    providers: dict[str, Callable[[Case], Callable[[], object]]],
+    *,
+    device: str,
+    quick: bool = False,
+    extra_columns: Callable[[Case, dict], dict] | None = None,
+    write: bool = True,
+) -> list[dict]:
+    """Time every provider on every case; return the rows and write JSON + markdown + PNG."""
+    rows: list[dict] = []
+    for case in cases:
+        for name, setup in providers.items():
+            row: dict = {"op": op, "case": case.label, "provider": name, **{f"p_{k}": v for k, v in case.params.items()}}
+            try:
+                fn = setup(case)
+                ms, p20, p80 = time_fn(fn, device, quick=quick)
+                row.update(ms=ms, ms_p20=p20, ms_p80=p80, peak_mem_gib=peak_memory_gib(fn, device))
+                row["tflops"] = case.flops / ms / 1e9 if case.flops else None
+                row["gbps"] = case.bytes / ms / 1e6 if case.bytes else None
+                del fn
+            except Skip as why:
+                row["skipped"] = str(why)
+            except torch.OutOfMemoryError as ex:  # a provider running out of memory is a result, not a crash
+                row["skipped"] = f"out of memory: {str(ex).splitlines()[0][:160]}"
+            except Exception as ex:  # report and go on: one broken provider must not hide the others
+                row["skipped"] = f"error: {type(ex).__name__}: {str(ex).splitlines()[0][:200] if str(ex) else ''}"
+            if extra_columns is not None and "skipped" not in row:
+                row.update(extra_columns(case, row))
+            rows.append(row)
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            print(format_row(row), flush=True)
+    if write:
+        write_results(op, rows, device)
+    return rows
+
+
+def format_row(row: dict) -> str:
+    if "skipped" in row:
+        return f"{row['op']:>24} | {row['case']:<36} | {row['provider']:<18} | skipped: {row['skipped']}"
+    extras = []
+    for key in ("tflops", "gbps", "peak_mem_gib"):
+        if row.get(key) is not None:
+            extras.append(f"{key}={row[key]:.3g}")
+    return f"{row['op']:>24} | {row['case']:<36} | {row['provider']:<18} | {row['ms']:9.3f} ms  " + " ".join(extras)
+
+
+def _markdown(op: str, rows: list[dict], env: dict) -> str:
+    cols = ["case", "provider", "ms", "ms_p20", "ms_p80", "tflops", "gbps", "peak_mem_gib"]
+    extra = sorted({k for r in rows for k in r if k not in cols and not k.startswith("p_") and k not in ("op", "skipped")})
+    cols += extra + ["skipped"]
+    cols = [c for c in cols if any(r.get(c) is not None for r in rows)]
+    lines = [
+        f"# {op}",
+        "",
+        f"{env['date']} on {env['device_name']} ({env['device']}); torch {env['torch']}, triton {env['triton']}, "
+        f"commit {env['commit']}",
+        "",
+        "| " + " | ".join(cols) + " |",
+        "|" + "---|" * len(cols),
+    ]
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r.get(c)
+            cells.append("" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(op: str, rows: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:
+        return
+    done = [r for r in rows if "skipped" not in r]
+    if not done:
+        return
+    cases = list(dict.fromkeys(r["case"] for r in done))
+    provs = list(dict.fromkeys(r["provider"] for r in done))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cases) * max(1, len(provs)) / 2), 4))
+    width = 0.8 / max(1, len(provs))
+    for j, p in enumerate(provs):
+        xs, ys = [], []
+        for i, c in enumerate(cases):
+            m = [r for r in done if r["case"] == c and r["provider"] == p]
+            if m:
+                xs.append(i + j * width)
+                ys.append(m[0]["ms"])
+        ax.bar(xs, ys, width=width, label=p)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))])
+    ax.set_xticklabels(cases, rotation=15, fontsize=7)
+    ax.set_ylabel("ms (median, lower is better)")
+    ax.set_title(op)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_results(op: str, rows: list[dict], device: str) -> Path:
+    env = environment(device)
+    out = results_dir(device)
+    (out / f"{op}.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1, default=str))
+    (out / f"{op}.md").write_text(_markdown(op, rows, env))
+    _plot(op, rows, out / f"{op}.png")
+    return out
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
