@@ -1,0 +1,149 @@
+"""Qwen3 decoder on packed variable-length batches (the R-4B language model).
+
+Owns the modules; every op with its own maths (RMSNorm, RoPE, SwiGLU, attention) is called from r4b.kernels.
+Parameter names follow the Hugging Face checkpoint (``model.layers.N.self_attn.q_proj.weight``, ...), so a
+state dict maps one to one.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from r4b import kernels
+
+from .config import Qwen3Config
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return kernels.rms_norm(x, self.weight, self.eps)
+
+
+class Qwen3Attention(nn.Module):
+    def __init__(self, cfg: Qwen3Config) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.rope_theta = cfg.rope_theta
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=bias)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+
+    def qkv(self, x: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Projected, q/k-normed and rotated q (T, Hq, D), k (T, Hkv, D), v (T, Hkv, D); the inference runtime
+        uses this to write its KV cache."""
+        T = x.shape[0]
+        q = self.q_proj(x).view(T, self.num_heads, self.head_dim)  # (T, Hq, D)
+        k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
+        v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
+        q = kernels.rope(self.q_norm(q), position_ids, self.rope_theta)
+        k = kernels.rope(self.k_norm(k), position_ids, self.rope_theta)
+        return q, k, v
+
+    def forward(self, x: Tensor, position_ids: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
+        q, k, v = self.qkv(x, position_ids)
+        o = kernels.varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True)  # (T, Hq, D)
+        return self.o_proj(o.reshape(x.shape[0], self.num_heads * self.head_dim))  # (T, Hq*D) -> (T, H)
+
+
+class Qwen3MLP(nn.Module):
+    def __init__(self, cfg: Qwen3Config) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(kernels.swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class Qwen3DecoderLayer(nn.Module):
+    def __init__(self, cfg: Qwen3Config) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Qwen3Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = Qwen3MLP(cfg)
+
+    def forward(self, x: Tensor, position_ids: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), position_ids, cu_seqlens, max_seqlen)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def check_packed(input_len: int, position_ids: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> None:
+    """Validate the packed-batch fields that travel with input_ids / inputs_embeds of ``input_len`` rows."""
+    if not isinstance(position_ids, Tensor) or position_ids.shape != (input_len,):
+        got = tuple(position_ids.shape) if isinstance(position_ids, Tensor) else type(position_ids).__name__
+        raise ValueError(f"position_ids must be a ({input_len},) tensor like input_ids, got {got}")
+    if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
+        got = (cu_seqlens.dtype, tuple(cu_seqlens.shape)) if isinstance(cu_seqlens, Tensor) else type(cu_seqlens)
+        raise ValueError(f"cu_seqlens must be a 1-D int32 tensor, got {got}")
+    if not isinstance(max_seqlen, int) or max_seqlen < 0:
+        raise ValueError(f"max_seqlen must be an int >= 0, got {max_seqlen!r}")
+
+
+class Qwen3Model(nn.Module):
+    """Embeddings, decoder layers and the final norm: tokens (or embeddings) in, hidden states out."""
+
+    def __init__(self, cfg: Qwen3Config) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Qwen3DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, inputs_embeds: Tensor, position_ids: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
+        """inputs_embeds: (T, H); returns hidden states (T, H) after the final norm."""
+        h = inputs_embeds
+        for layer in self.layers:
+            h = layer(h, position_ids, cu_seqlens, max_seqlen)
+        return self.norm(h)
+
+
+class Qwen3ForCausalLM(nn.Module):
+    """Qwen3 with an LM head (tied to the embeddings when the config says so)."""
+
+    def __init__(self, cfg: Qwen3Config) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = Qwen3Model(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.tie_weights()
+
+    def tie_weights(self) -> None:
+        self.lm_head.weight = self.model.embed_tokens.weight
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        if not isinstance(input_ids, Tensor) or input_ids.dim() != 1 or input_ids.dtype != torch.int64:
+            got = (input_ids.dtype, tuple(input_ids.shape)) if isinstance(input_ids, Tensor) else type(input_ids)
+            raise ValueError(f"input_ids must be a 1-D int64 tensor (T,), got {got}")
+        return self.model.embed_tokens(input_ids)  # (T, H)
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
+        """Packed batch in (see DESIGN.md): input_ids (T,) int64, position_ids (T,), cu_seqlens (n+1,) int32,
+        max_seqlen int. Returns hidden states (T, H); logits come from :meth:`compute_logits`."""
+        x = self.embed(input_ids)
+        check_packed(x.shape[0], position_ids, cu_seqlens, max_seqlen)
+        return self.model(x, position_ids, cu_seqlens, max_seqlen)
+
+    def compute_logits(self, hidden: Tensor, rows: Tensor | list[int] | None = None) -> Tensor:
+        """Logits (R, V) for the chosen rows of hidden (T, H) (all rows when ``rows`` is None)."""
+        if rows is not None:
+            hidden = hidden[rows]
+        return self.lm_head(hidden)
+
+
+def last_rows(cu_seqlens: Tensor) -> Tensor:
+    """Index of each sequence's last token in a packed batch: cu_seqlens[1:] - 1 (int64)."""
+    return cu_seqlens[1:].long() - 1
