@@ -103,14 +103,14 @@ class SiglipConfig:
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
                              f"({self.num_attention_heads})")
-        if self.image_size % self.patch_size:
-            raise ValueError(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
+        if self.image_size < self.patch_size:
+            raise ValueError(f"image_size ({self.image_size}) must be >= patch_size ({self.patch_size})")
         if self.hidden_act not in ("gelu_pytorch_tanh", "gelu"):
             raise ValueError(f"hidden_act must be 'gelu_pytorch_tanh' or 'gelu', got {self.hidden_act!r}")
 
     @property
     def grid(self) -> int:
-        """Patches per side of one tile (27 for 384 / 14)."""
+        """Patches per side of one tile: 384 // 14 = 27 (the patch conv drops the last 6 pixels)."""
         return self.image_size // self.patch_size
 
     @classmethod
