@@ -10,7 +10,8 @@ def _run(x, w, eps, backend):
     x = x.detach().clone().requires_grad_(True)
     w = w.detach().clone().requires_grad_(True)
     y = rms_norm(x, w, eps, backend=backend) if backend else rms_norm_ref(x, w, eps)
-    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(y.dtype)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    dy = dy.to(device=y.device, dtype=y.dtype)
     y.backward(dy)
     return y.detach(), x.grad, w.grad
 

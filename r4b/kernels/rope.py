@@ -1,6 +1,7 @@
 """rope: rotary position embedding in Qwen3's rotate-half form, positions taken from position_ids.
 
-Owns the torch reference and the public function.
+Owns the torch reference, the Triton kernel (forward rotates by +angle, backward by -angle, angles computed
+in-kernel from the positions), the autograd Function and the public function.
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ from torch import Tensor
 from . import _checks, _dispatch
 
 OP = "rope"
-_dispatch.register(OP, ("torch",))
+_dispatch.register(OP, ("triton", "torch"))
 
 
 def rope_cos_sin(position_ids: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
     """cos, sin: (T, head_dim) fp32, computed exactly as transformers' default RoPE does."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device).float() / head_dim))
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device).float() / head_dim
+    inv_freq = 1.0 / (theta**exponents)
     freqs = position_ids.float()[:, None] * inv_freq[None, :]  # (T, D/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (T, D)
     return emb.cos(), emb.sin()
@@ -34,10 +36,86 @@ def rope_ref(x: Tensor, position_ids: Tensor, theta: float = 1e6) -> Tensor:
     return x * cos + _rotate_half(x) * sin
 
 
+def _inv_freq(head_dim: int, theta: float, device: torch.device) -> Tensor:
+    """(head_dim/2,) fp32, bit-identical to the inv_freq of rope_cos_sin."""
+    key = (head_dim, float(theta), str(device))
+    t = _INV_FREQ.get(key)
+    if t is None:
+        t = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+        if len(_INV_FREQ) > 16:
+            _INV_FREQ.clear()
+        _INV_FREQ[key] = t
+    return t
+
+
+_INV_FREQ: dict[tuple, Tensor] = {}
+
+if _dispatch.triton_importable():
+    import triton
+    import triton.language as tl
+
+    @triton.jit(do_not_specialize=["n_rows"])
+    def _rope_kernel(X, POS, INV_FREQ, Y, n_rows, H, stride_xt, stride_xh, stride_yt, stride_yh,
+                     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_R: tl.constexpr, INVERSE: tl.constexpr):
+        # Rows are (token, head) pairs, row = t * H + h; one program rotates BLOCK_R rows.
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.arange(0, BLOCK_HALF)
+        rmask = rows < n_rows
+        mask = rmask[:, None] & (cols[None, :] < HALF)
+        tok = (rows // H).to(tl.int64)
+        head = (rows % H).to(tl.int64)
+        pos = tl.load(POS + tok, mask=rmask, other=0).to(tl.float32)
+        inv = tl.load(INV_FREQ + cols, mask=cols < HALF, other=0.0)
+        ang = pos[:, None] * inv[None, :]  # fp32 product, as position_ids.float() * inv_freq
+        # cos/sin rounded to x's dtype first, as the reference does.
+        c = tl.cos(ang).to(X.dtype.element_ty).to(tl.float32)
+        s = tl.sin(ang).to(X.dtype.element_ty).to(tl.float32)
+        if INVERSE:
+            s = -s
+        xp = X + (tok * stride_xt + head * stride_xh)[:, None] + cols[None, :]
+        x1 = tl.load(xp, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(xp + HALF, mask=mask, other=0.0).to(tl.float32)
+        yp = Y + (tok * stride_yt + head * stride_yh)[:, None] + cols[None, :]
+        tl.store(yp, (x1 * c - x2 * s).to(Y.dtype.element_ty), mask=mask)
+        tl.store(yp + HALF, (x2 * c + x1 * s).to(Y.dtype.element_ty), mask=mask)
+
+    def _launch(x: Tensor, pos: Tensor, inv_freq: Tensor, inverse: bool) -> Tensor:
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        T, H, D = x.shape
+        y = torch.empty((T, H, D), dtype=x.dtype, device=x.device)
+        n = T * H
+        if n == 0:
+            return y
+        block_half = triton.next_power_of_2(D // 2)
+        # ~2k element pairs per program. TODO(GPU): measure BLOCK_R on H100/H200 (q: 32 heads, k: 8 heads, D=128).
+        block_r = max(1, min(64, 2048 // block_half))
+        if _dispatch.triton_interpret():
+            block_r = min(block_r, 16)
+        _rope_kernel[(triton.cdiv(n, block_r),)](
+            x, pos, inv_freq, y, n, H, x.stride(0), x.stride(1), y.stride(0), y.stride(1), HALF=D // 2,
+            BLOCK_HALF=block_half, BLOCK_R=block_r, INVERSE=inverse, num_warps=4)
+        return y
+
+    class _RopeFn(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x: Tensor, pos: Tensor, theta: float) -> Tensor:
+            inv_freq = _inv_freq(x.shape[-1], theta, x.device)
+            ctx.save_for_backward(pos, inv_freq)
+            return _launch(x, pos, inv_freq, False)
+
+        @staticmethod
+        def backward(ctx, dy: Tensor):
+            pos, inv_freq = ctx.saved_tensors
+            return _launch(dy, pos, inv_freq, True), None, None
+
+
 def rope(x: Tensor, position_ids: Tensor, theta: float = 1e6, *, backend: str | None = None) -> Tensor:
     """Apply RoPE to one projection.
 
-    x: (T, H, D) float, D even; position_ids: (T,) int64 on the same device. Returns (T, H, D) in x.dtype.
+    x: (T, H, D) float, D even, any strides with a unit last stride (a head slice of a fused qkv works);
+    position_ids: (T,) int64 (or int32) on the same device. Returns (T, H, D) in x.dtype, contiguous.
+    Its backward is the inverse rotation.
     """
     _checks.tensor("x", x, dtypes=_checks.FLOAT_DTYPES, ndim=3)
     _checks.tensor("position_ids", position_ids, dtypes=(torch.int64, torch.int32), ndim=1)
@@ -47,5 +125,6 @@ def rope(x: Tensor, position_ids: Tensor, theta: float = 1e6, *, backend: str | 
         raise ValueError(f"x's head dimension must be even for RoPE, got D={x.shape[-1]}")
     if not theta > 0:
         raise ValueError(f"theta must be > 0, got {theta}")
-    _dispatch.pick(OP, backend, x)
+    if _dispatch.pick(OP, backend, x) == "triton":
+        return _RopeFn.apply(x, position_ids.contiguous(), float(theta))
     return rope_ref(x, position_ids, theta)
