@@ -4,13 +4,21 @@ Dispatch order and the R4B_BACKEND override are described in r4b/kernels/_dispat
 """
 
 from ._dispatch import available_backends, registered_ops
+from .group_advantages import group_advantages, group_advantages_ref
+from .pack import Packed, pack_sequences, unpack, unpack_padded
 from .rms_norm import rms_norm, rms_norm_ref
 from .rope import rope, rope_ref
 from .swiglu import swiglu, swiglu_ref
 from .varlen_attention import varlen_attention, varlen_attention_ref
 
 __all__ = [
+    "Packed",
     "available_backends",
+    "group_advantages",
+    "group_advantages_ref",
+    "pack_sequences",
+    "unpack",
+    "unpack_padded",
     "registered_ops",
     "rms_norm",
     "rms_norm_ref",

@@ -6,7 +6,8 @@ function of the op calls :func:`pick` with the tensors it received; ``pick`` ret
 * an explicit ``backend=`` argument wins, then the ``R4B_BACKEND`` environment variable;
   a forced backend that cannot run raises ``RuntimeError`` saying why (never a silent fallback);
 * otherwise the first that can run of ``cuda`` (the compiled extension has the op's CUDA kernel and the
-  tensors are on a GPU) > ``triton`` (tensors on a GPU, or on the CPU with ``TRITON_INTERPRET=1``) > ``torch``.
+  tensors are on a GPU) > ``triton`` (tensors on a GPU, or on the CPU with ``TRITON_INTERPRET=1``) >
+  ``cpp`` (the extension's C++ CPU kernel, tensors on the CPU) > ``torch`` (the reference, runs anywhere).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import os
 
 import torch
 
-BACKENDS = ("cuda", "triton", "torch")
+BACKENDS = ("cuda", "triton", "cpp", "torch")
 
 # op name -> tuple of backends the op implements (filled by register()).
 _OPS: dict[str, tuple[str, ...]] = {}
@@ -38,11 +39,9 @@ def registered_ops() -> dict[str, tuple[str, ...]]:
 @functools.lru_cache(maxsize=None)
 def _extension():
     """The compiled extension ``r4b._C`` or None when it is not built."""
-    try:
-        from r4b import _C  # noqa: F401  (importing registers torch.ops.r4b.*)
-    except ImportError:
-        return None
-    return _C
+    from . import _ext
+
+    return _ext.load()
 
 
 @functools.lru_cache(maxsize=None)
@@ -71,6 +70,14 @@ def _why_not(op: str, backend: str, device: str) -> str | None:
     if backend not in _OPS.get(op, ()):
         return f"op {op!r} has no {backend} implementation (it has: {', '.join(_OPS.get(op, ())) or 'none'})"
     if backend == "torch":
+        return None
+    if backend == "cpp":
+        if device != "cpu":
+            return f"the tensors are on {device}, and the cpp backend (C++ CPU kernels) needs them on the CPU"
+        if _extension() is None:
+            return "the compiled extension r4b._C is not built (pip install -e . --no-build-isolation)"
+        if not extension_has(op, "cpu"):
+            return f"r4b._C has no C++ kernel for {op!r}"
         return None
     if backend == "cuda":
         if device != "cuda":

@@ -1,0 +1,102 @@
+// The r4b._C module: op schemas (TORCH_LIBRARY(r4b)), their CPU kernels (calling the C++ twins in csrc/cpu/)
+// and a small pybind11 surface telling Python which ops this build has. CUDA kernels: ops_cuda.cpp.
+#include <ATen/ATen.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+#include <torch/library.h>
+
+#include "common.h"
+#include "r4b/cpu_kernels.h"
+
+namespace r4b::ops {
+namespace {
+
+at::Tensor group_advantages_cpu(const at::Tensor& rewards, const at::Tensor& group_ids, c10::string_view scale,
+                                double eps) {
+  check_group_advantages(rewards, group_ids);
+  const int code = scale_code(std::string(scale));
+  auto r = rewards.contiguous();
+  auto g = group_ids.contiguous();
+  auto out = at::empty_like(r);
+  r4b::cpu::group_advantages(r.data_ptr<float>(), g.data_ptr<int64_t>(), r.size(0), code, static_cast<float>(eps),
+                             out.data_ptr<float>());
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pack_cpu(at::TensorList seqs_in) {
+  std::vector<at::Tensor> seqs;
+  seqs.reserve(seqs_in.size());
+  for (const auto& t : seqs_in) seqs.push_back(t.contiguous());
+  int64_t row_bytes = 0;
+  const auto offsets = check_pack(seqs, &row_bytes);
+  const int64_t n = static_cast<int64_t>(seqs.size()), total = offsets.back();
+  auto flat = at::empty(packed_shape(seqs[0], total), seqs[0].options());
+  auto position_ids = at::empty({total}, seqs[0].options().dtype(at::kLong));
+  auto seq_ids = at::empty({total}, seqs[0].options().dtype(at::kInt));
+  auto cu = at::empty({n + 1}, seqs[0].options().dtype(at::kInt));
+  std::vector<const void*> srcs(seqs.size());
+  for (size_t i = 0; i < seqs.size(); ++i) srcs[i] = seqs[i].data_ptr();
+  auto* cu_ptr = cu.data_ptr<int32_t>();
+  for (int64_t i = 0; i <= n; ++i) cu_ptr[i] = static_cast<int32_t>(offsets[i]);
+  r4b::cpu::pack(srcs.data(), offsets.data(), n, row_bytes, flat.data_ptr(), position_ids.data_ptr<int64_t>(),
+                 seq_ids.data_ptr<int32_t>());
+  return {flat, cu, position_ids, seq_ids};
+}
+
+at::Tensor unpack_padded_cpu(const at::Tensor& flat_in, const at::Tensor& cu_in, int64_t max_seqlen,
+                             const at::Scalar& pad_value) {
+  check_unpack_padded(flat_in, cu_in, max_seqlen);
+  auto flat = flat_in.contiguous();
+  auto cu = cu_in.contiguous();
+  const int64_t n = cu.size(0) - 1;
+  const auto* c = cu.data_ptr<int32_t>();
+  TORCH_CHECK_VALUE(c[0] == 0, "cu_seqlens must start at 0, got ", c[0]);
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK_VALUE(c[i + 1] >= c[i], "cu_seqlens must be non-decreasing, got cu_seqlens[", i, "]=", c[i],
+                      " > cu_seqlens[", i + 1, "]=", c[i + 1]);
+  }
+  TORCH_CHECK_VALUE(c[n] == flat.size(0), "cu_seqlens must end at flat's length ", flat.size(0), ", got ", c[n]);
+  std::vector<int64_t> shape(flat.sizes().begin(), flat.sizes().end());
+  shape[0] = max_seqlen;
+  shape.insert(shape.begin(), n);
+  auto out = at::full(shape, pad_value, flat.options());
+  int64_t row_bytes = flat.element_size();
+  for (int64_t d = 1; d < flat.dim(); ++d) row_bytes *= flat.size(d);
+  r4b::cpu::unpack_padded(flat.data_ptr(), c, n, max_seqlen, row_bytes, out.data_ptr());
+  return out;
+}
+
+}  // namespace
+}  // namespace r4b::ops
+
+TORCH_LIBRARY(r4b, m) {
+  m.def("group_advantages(Tensor rewards, Tensor group_ids, str scale='group', float eps=1e-6) -> Tensor");
+  m.def("pack(Tensor[] seqs) -> (Tensor flat, Tensor cu_seqlens, Tensor position_ids, Tensor seq_ids)");
+  m.def("unpack_padded(Tensor flat, Tensor cu_seqlens, int max_seqlen, Scalar pad_value=0) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(r4b, CPU, m) {
+  m.impl("group_advantages", &r4b::ops::group_advantages_cpu);
+  m.impl("pack", &r4b::ops::pack_cpu);
+  m.impl("unpack_padded", &r4b::ops::unpack_padded_cpu);
+}
+
+namespace r4b::ops {
+std::vector<std::string> cuda_op_names();  // defined in ops_cuda.cpp (CUDA builds) or below
+}
+
+#ifndef R4B_WITH_CUDA
+std::vector<std::string> r4b::ops::cuda_op_names() { return {}; }
+#endif
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "r4b compiled ops; importing registers torch.ops.r4b.*";
+  m.def("cpu_ops", []() { return std::vector<std::string>{"group_advantages", "pack", "unpack_padded"}; },
+        "ops with a C++ CPU kernel in this build");
+  m.def("cuda_ops", &r4b::ops::cuda_op_names, "ops with a CUDA kernel in this build (empty without CUDA)");
+#ifdef R4B_WITH_CUDA
+  m.attr("built_with_cuda") = true;
+#else
+  m.attr("built_with_cuda") = false;
+#endif
+}
