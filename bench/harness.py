@@ -131,6 +131,8 @@ def copy_bandwidth_gbps(device: str, nbytes: int = 2 * 2**30) -> float | None:
 
 def results_dir(device: str) -> Path:
     slug = re.sub(r"[^A-Za-z0-9]+", "-", device_name(device)).strip("-").lower() or device
+    if device != "cuda":
+        slug = f"cpu-{slug}"  # CPU smoke runs are not results (git ignores bench/results/*-cpu-*)
     out = ROOT / "results" / f"{datetime.date.today().isoformat()}-{slug}"
     out.mkdir(parents=True, exist_ok=True)
     return out

@@ -1,0 +1,39 @@
+# The two user commands (README): `make test` (set up + run the tests) and `make demo` (set up + run the main
+# job). Both create .venv with everything r4b needs, build r4b._C against the installed torch, then run.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+TRITON_VERSION ?= 3.6.0
+STAMP := $(VENV)/.r4b-installed
+SOURCES := $(shell find csrc -type f) CMakeLists.txt setup.py pyproject.toml
+
+.PHONY: setup build test test-fast demo bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): $(SOURCES)
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==$(TORCH_VERSION)
+	$(BIN)/pip install -q triton==$(TRITON_VERSION) "numpy<2.4" setuptools wheel cmake ninja "pybind11>=2.12"
+	$(BIN)/pip install -q -e ".[test,bench]" --no-build-isolation
+	touch $(STAMP)
+
+build: setup
+	$(BIN)/pip install -q -e . --no-build-isolation --no-deps
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+demo: setup
+	$(BIN)/python -m r4b.demo
+
+bench: setup
+	$(BIN)/python -m bench all
+
+lint: setup
+	$(BIN)/ruff check r4b bench tests
+
+clean:
+	rm -rf build dist *.egg-info r4b/_C*.so
