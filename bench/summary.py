@@ -1,0 +1,67 @@
+"""Print a short table of a results folder: per op and case, each provider's time and its ratio to r4b's.
+
+python -m bench.summary [--latest | DIR] [--copy-to DIR]
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def latest_dir() -> Path | None:
+    dirs = sorted((d for d in RESULTS.iterdir() if d.is_dir() and "-cpu-" not in d.name), key=lambda d: d.stat().st_mtime)
+    return dirs[-1] if dirs else None
+
+
+def table(folder: Path) -> str:
+    lines = [f"results: {folder}", f"{'op':<22} {'case':<34} {'provider':<22} {'ms':>9} {'TF/s':>7} {'GB/s':>7} "
+             f"{'GiB':>6} {'x r4b':>6}"]
+    for f in sorted(folder.glob("*.json")):
+        data = json.loads(f.read_text())
+        rows = data["rows"]
+        env = data.get("env", {})
+        for case in dict.fromkeys(r["case"] for r in rows):
+            rs = [r for r in rows if r["case"] == case]
+            mine = [r for r in rs if r["provider"].startswith("r4b") and "skipped" not in r]
+            best = min((r["ms"] for r in mine), default=None)
+            for r in rs:
+                if "skipped" in r:
+                    lines.append(f"{r['op']:<22} {case:<34} {r['provider']:<22} skipped: {r['skipped'][:60]}")
+                    continue
+                fmt = lambda v, p: f"{v:>{p}.3g}" if isinstance(v, (int, float)) else " " * p
+                ratio = r["ms"] / best if best else None
+                lines.append(f"{r['op']:<22} {case:<34} {r['provider']:<22} {r['ms']:>9.3f} {fmt(r.get('tflops'), 7)} "
+                             f"{fmt(r.get('gbps'), 7)} {fmt(r.get('peak_mem_gib'), 6)} {fmt(ratio, 6)}")
+        lines.append(f"  ({f.stem}: {env.get('device_name')}, torch {env.get('torch')}, commit {env.get('commit')})")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    copy_to = None
+    if "--copy-to" in argv:
+        i = argv.index("--copy-to")
+        copy_to = Path(argv[i + 1])
+        del argv[i : i + 2]
+    folder = latest_dir() if (not argv or argv[0] == "--latest") else Path(argv[0])
+    if folder is None or not folder.exists():
+        print("no GPU results found under bench/results/")
+        return 1
+    text = table(folder)
+    print(text)
+    if copy_to is not None:
+        copy_to.mkdir(parents=True, exist_ok=True)
+        (copy_to / "summary.txt").write_text(text + "\n")
+        for f in folder.iterdir():
+            if f.suffix in (".json", ".md") and f.is_file():
+                shutil.copy(f, copy_to / f.name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
