@@ -57,9 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     if copy_to is not None:
         copy_to.mkdir(parents=True, exist_ok=True)
         (copy_to / "summary.txt").write_text(text + "\n")
-        for f in folder.iterdir():
-            if f.suffix in (".json", ".md") and f.is_file():
-                shutil.copy(f, copy_to / f.name)
+        # one archive: the device tool brings back at most 8 files from $OUT
+        shutil.make_archive(str(copy_to / "results"), "gztar", root_dir=folder.parent, base_dir=folder.name)
     return 0
 
 
