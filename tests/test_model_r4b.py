@@ -8,39 +8,22 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from tiny_models import qwen3_hf_config, randomize, rel_err, siglip_hf_config
-from torch import nn
+from tiny_models import (
+    MEAN,
+    PINPOINTS,
+    STD,
+    RefR4BProjector,
+    hf_llava_config,
+    image,
+    prompt,
+    randomize,
+    rel_err,
+)
 
 from r4b.engine.model import ImageProcessor, R4BForConditionalGeneration, from_pretrained, num_image_tokens
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.llava_onevision import modeling_llava_onevision as hf_llava  # noqa: E402
-
-IMAGE_TOKEN = 96
-PINPOINTS = [[28, 28], [28, 56], [56, 28], [56, 56], [28, 84], [84, 28], [56, 84], [84, 56], [112, 112]]
-MEAN = STD = (0.5, 0.5, 0.5)
-
-
-class RefR4BProjector(nn.Module):
-    """R-4B's projector, written against transformers' config object (stands in for LLaVA-OneVision's)."""
-
-    def __init__(self, config):
-        super().__init__()
-        v, t = config.vision_config.hidden_size, config.text_config.hidden_size
-        self.pre_norm = nn.LayerNorm(v, eps=1e-6)
-        self.linear_1 = nn.Linear(v, t, bias=True)
-        self.act = nn.GELU()
-        self.linear_2 = nn.Linear(t, t, bias=True)
-
-    def forward(self, x):
-        return self.linear_2(self.act(self.linear_1(self.pre_norm(x))))
-
-
-def hf_config(tie: bool = False):
-    return transformers.LlavaOnevisionConfig(
-        text_config=qwen3_hf_config(tie=tie).to_dict(), vision_config=siglip_hf_config().to_dict(),
-        image_token_index=IMAGE_TOKEN, image_grid_pinpoints=PINPOINTS, vision_feature_layer=-1,
-        vision_feature_select_strategy="full", tie_word_embeddings=tie)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +53,7 @@ def to_hub_layout(src, dst):
 @pytest.fixture(scope="module")
 def ref(patched_projector):
     torch.manual_seed(0)
-    model = randomize(hf_llava.LlavaOnevisionForConditionalGeneration(hf_config()).eval())
+    model = randomize(hf_llava.LlavaOnevisionForConditionalGeneration(hf_llava_config()).eval())
     assert isinstance(model.model.multi_modal_projector, RefR4BProjector)
     return model
 
@@ -89,16 +72,6 @@ def model(request, ref, tmp_path_factory):
     assert isinstance(m, R4BForConditionalGeneration)
     assert m.model.multi_modal_projector.pre_norm is not None
     return m
-
-
-def image(h: int, w: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
-
-
-def prompt(n_image_tokens: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    text = torch.randint(0, 90, (7,), generator=g)
-    return torch.cat([text[:3], torch.full((n_image_tokens,), IMAGE_TOKEN), text[3:]])
 
 
 def test_packed_multimodal_logits_match_transformers(model, ref):

@@ -5,6 +5,34 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+IMAGE_TOKEN = 96
+PINPOINTS = [[28, 28], [28, 56], [56, 28], [56, 56], [28, 84], [84, 28], [56, 84], [84, 56], [112, 112]]
+MEAN = STD = (0.5, 0.5, 0.5)
+
+
+class RefR4BProjector(nn.Module):
+    """R-4B's projector, written against transformers' config object (stands in for LLaVA-OneVision's)."""
+
+    def __init__(self, config):
+        super().__init__()
+        v, t = config.vision_config.hidden_size, config.text_config.hidden_size
+        self.pre_norm = nn.LayerNorm(v, eps=1e-6)
+        self.linear_1 = nn.Linear(v, t, bias=True)
+        self.act = nn.GELU()
+        self.linear_2 = nn.Linear(t, t, bias=True)
+
+    def forward(self, x):
+        return self.linear_2(self.act(self.linear_1(self.pre_norm(x))))
+
+
+def hf_llava_config(tie: bool = False):
+    from transformers import LlavaOnevisionConfig
+
+    return LlavaOnevisionConfig(
+        text_config=qwen3_hf_config(tie=tie).to_dict(), vision_config=siglip_hf_config().to_dict(),
+        image_token_index=IMAGE_TOKEN, image_grid_pinpoints=PINPOINTS, vision_feature_layer=-1,
+        vision_feature_select_strategy="full", tie_word_embeddings=tie)
+
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give every parameter random values of a healthy scale (norm weights around 1, so they matter)."""
@@ -51,3 +79,13 @@ def packed(lengths: list[int], vocab: int, seed: int = 0) -> tuple[list[Tensor],
     batch = dict(input_ids=torch.cat(seqs), position_ids=torch.cat([torch.arange(n) for n in lengths]),
                  cu_seqlens=cu, max_seqlen=max(lengths))
     return seqs, batch
+
+
+def image(h: int, w: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def prompt(n_image_tokens: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(0, 90, (7,), generator=g)
+    return torch.cat([text[:3], torch.full((n_image_tokens,), IMAGE_TOKEN), text[3:]])
