@@ -1,5 +1,16 @@
-"""varlen_attention: causal attention over packed variable-length sequences (GQA), no token sees another
-sequence. Owns the torch reference (per-sequence SDPA in fp32) and the public function.
+"""varlen_attention: attention over packed variable-length sequences (GQA, causal or not); no token sees
+another sequence.
+
+Owns the torch reference (per-sequence SDPA in fp32), the Triton kernels (flash-attention-2 style forward
+with online softmax and saved log-sum-exp; backward as delta = rowsum(dO * O), a dK/dV kernel that loops over
+query blocks and over the query heads of its KV group, and a dQ kernel that loops over key blocks; no atomics),
+the autograd Function and the public function.
+
+Grid and sequence boundaries: the grid is (ceil(T / BLOCK), heads) over the *packed* tokens, so it depends
+only on T, never on the per-batch lengths. A tile of BLOCK packed rows may hold the end of one sequence and
+the start of others; the program finds the sequence of its first row by binary search over cu_seqlens and
+walks the "segments" (the rows of one sequence inside the tile) in turn, running the usual flash loops with
+that sequence's start and length. Lengths are runtime values: nothing recompiles per batch.
 """
 
 from __future__ import annotations
@@ -13,7 +24,7 @@ from torch import Tensor
 from . import _checks, _dispatch
 
 OP = "varlen_attention"
-_dispatch.register(OP, ("torch",))
+_dispatch.register(OP, ("triton", "torch"))
 
 
 def varlen_attention_ref(
@@ -38,6 +49,388 @@ def varlen_attention_ref(
     return torch.cat(outs, 0).to(q.dtype)
 
 
+_LOG2E = 1.4426950408889634
+_NEG = -1.0e30  # score of a masked pair: finite, so rows that are fully masked in a block never make NaN
+
+if _dispatch.triton_importable():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _seq_of(CU, n_seqs, t):
+        """The sequence holding packed token t: the largest s in [0, n_seqs) with cu[s] <= t."""
+        lo = t * 0
+        hi = lo + n_seqs
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            take = tl.load(CU + mid) <= t
+            lo = tl.where(take, mid, lo)
+            hi = tl.where(take, hi, mid)
+        return lo
+
+    @triton.jit
+    def _load_rows(base, idx, stride, offs_d, row_mask, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                   MASK_ROWS: tl.constexpr):
+        """(len(idx), BLOCK_D) tile of rows base + idx * stride; zeros outside the mask and past D."""
+        ptrs = base + idx[:, None] * stride + offs_d[None, :]
+        if MASK_ROWS:
+            if BLOCK_D == D:
+                x = tl.load(ptrs, mask=row_mask[:, None], other=0.0)
+            else:
+                x = tl.load(ptrs, mask=row_mask[:, None] & (offs_d[None, :] < D), other=0.0)
+        else:
+            if BLOCK_D == D:
+                x = tl.load(ptrs)
+            else:
+                x = tl.load(ptrs, mask=offs_d[None, :] < D, other=0.0)
+        return x
+
+    @triton.jit
+    def _load_rows_t(base, idx, stride, offs_d, row_mask, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                     MASK_ROWS: tl.constexpr):
+        """The transposed tile, (BLOCK_D, len(idx))."""
+        ptrs = base + idx[None, :] * stride + offs_d[:, None]
+        if MASK_ROWS:
+            if BLOCK_D == D:
+                x = tl.load(ptrs, mask=row_mask[None, :], other=0.0)
+            else:
+                x = tl.load(ptrs, mask=row_mask[None, :] & (offs_d[:, None] < D), other=0.0)
+        else:
+            if BLOCK_D == D:
+                x = tl.load(ptrs)
+            else:
+                x = tl.load(ptrs, mask=offs_d[:, None] < D, other=0.0)
+        return x
+
+    # ---------------------------------------------------------------- forward
+
+    @triton.jit
+    def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, q_loc, lo, hi, qk_scale,
+                   offs_d, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                   MASK: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr):
+        """Online-softmax accumulation over key blocks [lo, hi) of one sequence (local indices).
+
+        MASK=False: every key of every block is valid for every query row of the segment (no masks at all).
+        MASK=True: keys >= hi are cut, and with CAUSAL keys after the query too.
+        """
+        offs_n = tl.arange(0, BLOCK_N)
+        for n0 in range(lo, hi, BLOCK_N):
+            kn = n0 + offs_n
+            kmask = kn < hi
+            kT = _load_rows_t(k_base, kn, stride_kt, offs_d, kmask, D, BLOCK_D, MASK)  # (BLOCK_D, BLOCK_N)
+            qk = tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+            if MASK:
+                ok = kmask[None, :]
+                if CAUSAL:
+                    ok = ok & (kn[None, :] <= q_loc[:, None])
+                qk = tl.where(ok, qk, _NEG)
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            p = tl.exp2(qk - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = _load_rows(v_base, kn, stride_vt, offs_d, kmask, D, BLOCK_D, MASK)  # (BLOCK_N, BLOCK_D)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+            m_i = m_new
+        return acc, m_i, l_i
+
+    @triton.jit(do_not_specialize=["T", "n_seqs", "t_bucket"])
+    def _fwd_kernel(Q, K, V, O, LSE, CU, T, n_seqs, t_bucket, qk_scale,
+                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+                    GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr):
+        # program (query tile of packed rows, query head); LSE is (Hq, T) fp32 in log2 units.
+        t0 = tl.program_id(0) * BLOCK_M
+        h = tl.program_id(1)
+        hk = h // GROUP
+        rows = t0 + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        q = _load_rows(Q + h * stride_qh, rows.to(tl.int64), stride_qt, offs_d, rows < T, D, BLOCK_D, True)
+        t_end = tl.minimum(t0 + BLOCK_M, T)
+        s = _seq_of(CU, n_seqs, t0)
+        t = t0
+        while t < t_end:  # one segment (the tile's rows of sequence s) per iteration
+            cs = tl.load(CU + s)
+            ce = tl.load(CU + s + 1)
+            seg_hi = tl.minimum(ce, t_end)
+            L = ce - cs
+            qlo = t - cs
+            q_loc = rows - cs  # local query index of each tile row (meaningful inside [t, seg_hi) only)
+            if CAUSAL:
+                hi1 = (qlo // BLOCK_N) * BLOCK_N  # keys below every query row of the segment
+                hi2 = seg_hi - cs
+            else:
+                hi1 = (L // BLOCK_N) * BLOCK_N
+                hi2 = L
+            k_base = K + cs.to(tl.int64) * stride_kt + hk * stride_kh
+            v_base = V + cs.to(tl.int64) * stride_vt + hk * stride_vh
+            acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+            m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+            l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+            acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, q_loc, 0, hi1,
+                                       qk_scale, offs_d, D, BLOCK_D, BLOCK_N, False, CAUSAL, DOT_PREC)
+            acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, q_loc, hi1, hi2,
+                                       qk_scale, offs_d, D, BLOCK_D, BLOCK_N, True, CAUSAL, DOT_PREC)
+            seg = (rows >= t) & (rows < seg_hi)
+            out = acc / l_i[:, None]
+            r64 = rows.to(tl.int64)
+            o_ptrs = O + h * stride_oh + r64[:, None] * stride_ot + offs_d[None, :]
+            tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=seg[:, None] & (offs_d[None, :] < D))
+            tl.store(LSE + h * T + r64, m_i + tl.log2(l_i), mask=seg)
+            t = seg_hi
+            s += 1
+
+    # ---------------------------------------------------------------- backward
+
+    @triton.jit(do_not_specialize=["T"])
+    def _bwd_delta_kernel(O, DO, DELTA, T, stride_ot, stride_oh, stride_dot, stride_doh, D: tl.constexpr,
+                          BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+        # DELTA[h, t] = sum_d dO[t, h, d] * O[t, h, d], fp32, (Hq, T)
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        h = tl.program_id(1)
+        offs_d = tl.arange(0, BLOCK_D)
+        r64 = rows.to(tl.int64)
+        o = _load_rows(O + h * stride_oh, r64, stride_ot, offs_d, rows < T, D, BLOCK_D, True).to(tl.float32)
+        do = _load_rows(DO + h * stride_doh, r64, stride_dot, offs_d, rows < T, D, BLOCK_D, True).to(tl.float32)
+        tl.store(DELTA + h * T + r64, tl.sum(o * do, 1), mask=rows < T)
+
+    @triton.jit
+    def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, q_loc, lo, hi, qk_scale,
+                  offs_d, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                  MASK: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr):
+        offs_n = tl.arange(0, BLOCK_N)
+        for n0 in range(lo, hi, BLOCK_N):
+            kn = n0 + offs_n
+            kmask = kn < hi
+            kT = _load_rows_t(k_base, kn, stride_kt, offs_d, kmask, D, BLOCK_D, MASK)  # (BLOCK_D, BLOCK_N)
+            vT = _load_rows_t(v_base, kn, stride_vt, offs_d, kmask, D, BLOCK_D, MASK)  # (BLOCK_D, BLOCK_N)
+            p = tl.exp2(tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale - lse[:, None])  # (BLOCK_M, BLOCK_N)
+            if MASK:
+                ok = kmask[None, :]
+                if CAUSAL:
+                    ok = ok & (kn[None, :] <= q_loc[:, None])
+                p = tl.where(ok, p, 0.0)
+            dp = tl.dot(do, vT, input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_N)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=DOT_PREC)
+        return dq
+
+    @triton.jit(do_not_specialize=["T", "n_seqs", "t_bucket"])
+    def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, T, n_seqs, t_bucket, qk_scale, sm_scale,
+                       stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+                       stride_dqt, stride_dqh,
+                       GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr):
+        # program (query tile of packed rows, query head): dQ = scale * sum_keys dS K
+        t0 = tl.program_id(0) * BLOCK_M
+        h = tl.program_id(1)
+        hk = h // GROUP
+        rows = t0 + tl.arange(0, BLOCK_M)
+        r64 = rows.to(tl.int64)
+        offs_d = tl.arange(0, BLOCK_D)
+        in_t = rows < T
+        q = _load_rows(Q + h * stride_qh, r64, stride_qt, offs_d, in_t, D, BLOCK_D, True)
+        do = _load_rows(DO + h * stride_doh, r64, stride_dot, offs_d, in_t, D, BLOCK_D, True)
+        lse = tl.load(LSE + h * T + r64, mask=in_t, other=0.0)
+        delta = tl.load(DELTA + h * T + r64, mask=in_t, other=0.0)
+        t_end = tl.minimum(t0 + BLOCK_M, T)
+        s = _seq_of(CU, n_seqs, t0)
+        t = t0
+        while t < t_end:
+            cs = tl.load(CU + s)
+            ce = tl.load(CU + s + 1)
+            seg_hi = tl.minimum(ce, t_end)
+            L = ce - cs
+            q_loc = rows - cs
+            if CAUSAL:
+                hi1 = ((t - cs) // BLOCK_N) * BLOCK_N
+                hi2 = seg_hi - cs
+            else:
+                hi1 = (L // BLOCK_N) * BLOCK_N
+                hi2 = L
+            k_base = K + cs.to(tl.int64) * stride_kt + hk * stride_kh
+            v_base = V + cs.to(tl.int64) * stride_vt + hk * stride_vh
+            dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+            dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, q_loc, 0, hi1, qk_scale,
+                           offs_d, D, BLOCK_D, BLOCK_N, False, CAUSAL, DOT_PREC)
+            dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, q_loc, hi1, hi2, qk_scale,
+                           offs_d, D, BLOCK_D, BLOCK_N, True, CAUSAL, DOT_PREC)
+            seg = (rows >= t) & (rows < seg_hi)
+            ptrs = DQ + h * stride_dqh + r64[:, None] * stride_dqt + offs_d[None, :]
+            tl.store(ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=seg[:, None] & (offs_d[None, :] < D))
+            t = seg_hi
+            s += 1
+
+    @triton.jit
+    def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, k_loc, lo, hi, L,
+                    qk_scale, offs_d, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                    CAUSAL_MASK: tl.constexpr, DOT_PREC: tl.constexpr):
+        """Accumulate dK, dV of a key tile over query blocks [lo, hi) of one sequence and one query head
+        (transposed form: the score tile is (BLOCK_N keys, BLOCK_M queries)). Queries >= L are masked."""
+        offs_m = tl.arange(0, BLOCK_M)
+        for m0 in range(lo, hi, BLOCK_M):
+            qi = m0 + offs_m
+            qmask = qi < L
+            qT = _load_rows_t(q_base, qi, stride_qt, offs_d, qmask, D, BLOCK_D, True)  # (BLOCK_D, BLOCK_M)
+            do = _load_rows(do_base, qi, stride_dot, offs_d, qmask, D, BLOCK_D, True)  # (BLOCK_M, BLOCK_D)
+            lse = tl.load(lse_base + qi, mask=qmask, other=0.0)
+            delta = tl.load(delta_base + qi, mask=qmask, other=0.0)
+            pT = tl.exp2(tl.dot(k, qT, input_precision=DOT_PREC) * qk_scale - lse[None, :])  # (BLOCK_N, BLOCK_M)
+            ok = qmask[None, :]
+            if CAUSAL_MASK:
+                ok = ok & (qi[None, :] >= k_loc[:, None])
+            pT = tl.where(ok, pT, 0.0)
+            dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
+            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
+            dsT = pT * (dpT - delta[None, :])
+            dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=DOT_PREC)
+        return dk, dv
+
+    @triton.jit(do_not_specialize=["T", "n_seqs", "t_bucket"])
+    def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, T, n_seqs, t_bucket, qk_scale, sm_scale,
+                         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+                         stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+                         GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr):
+        # program (key tile of packed rows, KV head): sums over the GROUP query heads that share this KV head,
+        # so dK/dV are written once, without atomics.
+        t0 = tl.program_id(0) * BLOCK_N
+        hk = tl.program_id(1)
+        rows = t0 + tl.arange(0, BLOCK_N)
+        r64 = rows.to(tl.int64)
+        offs_d = tl.arange(0, BLOCK_D)
+        in_t = rows < T
+        k = _load_rows(K + hk * stride_kh, r64, stride_kt, offs_d, in_t, D, BLOCK_D, True)  # (BLOCK_N, BLOCK_D)
+        v = _load_rows(V + hk * stride_vh, r64, stride_vt, offs_d, in_t, D, BLOCK_D, True)
+        t_end = tl.minimum(t0 + BLOCK_N, T)
+        s = _seq_of(CU, n_seqs, t0)
+        t = t0
+        while t < t_end:
+            cs = tl.load(CU + s)
+            ce = tl.load(CU + s + 1)
+            seg_hi = tl.minimum(ce, t_end)
+            L = ce - cs
+            k_loc = rows - cs
+            klo = t - cs
+            if CAUSAL:
+                a0 = (klo // BLOCK_M) * BLOCK_M  # query blocks that straddle the diagonal of the segment's keys
+                a1 = a0 + ((seg_hi - cs - a0 + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+            else:
+                a0 = 0
+                a1 = 0
+            cs64 = cs.to(tl.int64)
+            dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+            dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+            for g in range(GROUP):
+                h = hk * GROUP + g
+                q_base = Q + cs64 * stride_qt + h * stride_qh
+                do_base = DO + cs64 * stride_dot + h * stride_doh
+                lse_base = LSE + h * T + cs64
+                delta_base = DELTA + h * T + cs64
+                if CAUSAL:
+                    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                                         k_loc, a0, a1, L, qk_scale, offs_d, D, BLOCK_D, BLOCK_M, True, DOT_PREC)
+                dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                                     k_loc, a1, L, L, qk_scale, offs_d, D, BLOCK_D, BLOCK_M, False, DOT_PREC)
+            seg = ((rows >= t) & (rows < seg_hi))[:, None] & (offs_d[None, :] < D)
+            tl.store(DK + hk * stride_dkh + r64[:, None] * stride_dkt + offs_d[None, :],
+                     (dk * sm_scale).to(DK.dtype.element_ty), mask=seg)
+            tl.store(DV + hk * stride_dvh + r64[:, None] * stride_dvt + offs_d[None, :],
+                     dv.to(DV.dtype.element_ty), mask=seg)
+            t = seg_hi
+            s += 1
+
+    # ---------------------------------------------------------------- launchers
+
+    # Block sizes. Interpreter: small fixed tiles (tl.dot needs >= 16) with unequal query/key tiles so that
+    # the tests cross tile and segment boundaries in every kernel. GPU: autotuned over short lists, keyed on
+    # the head dim, causality, GQA group and a log2 bucket of T (never on per-batch lengths).
+    # TODO(GPU): these lists are starting points from FA2-Triton practice, not yet measured on H100/H200.
+    _INTERP = {"fwd": (32, 16), "dq": (32, 16), "dkdv": (32, 16)}  # (rows of the program's tile, inner step)
+
+    def _cfgs(pairs):
+        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in pairs]
+
+    def _cfgs_kv(pairs):
+        return [triton.Config({"BLOCK_N": n, "BLOCK_M": m}, num_warps=w, num_stages=st) for n, m, w, st in pairs]
+
+    _KEY = ["D", "CAUSAL", "GROUP", "t_bucket"]
+    _fwd_tuned = triton.autotune(
+        _cfgs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)]), key=_KEY)(_fwd_kernel)
+    _dq_tuned = triton.autotune(
+        _cfgs([(128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)]), key=_KEY)(_bwd_dq_kernel)
+    _dkdv_tuned = triton.autotune(
+        _cfgs_kv([(128, 32, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 2)]), key=_KEY)(_bwd_dkdv_kernel)
+
+    def _meta(q: Tensor, k: Tensor, causal: bool) -> dict:
+        D = q.shape[2]
+        return dict(
+            GROUP=q.shape[1] // k.shape[1], D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), CAUSAL=causal,
+            DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        )
+
+    def _unit_last(t: Tensor) -> Tensor:
+        return t if t.stride(-1) == 1 else t.contiguous()
+
+    def _fwd(q, k, v, cu, scale, causal):
+        T, Hq, _ = q.shape
+        n = cu.numel() - 1
+        o = torch.empty_like(q, memory_format=torch.contiguous_format)  # (T, Hq, D)
+        lse = torch.empty((Hq, T), dtype=torch.float32, device=q.device)  # log2 units
+        meta = _meta(q, k, causal)
+        args = (q, k, v, o, lse, cu, T, n, T.bit_length(), scale * _LOG2E,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1))
+        if _dispatch.triton_interpret() or q.device.type != "cuda":
+            bm, bn = _INTERP["fwd"]
+            _fwd_kernel[(triton.cdiv(T, bm), Hq)](*args, BLOCK_M=bm, BLOCK_N=bn, **meta)
+        else:
+            _fwd_tuned[lambda m: (triton.cdiv(T, m["BLOCK_M"]), Hq)](*args, **meta)
+        return o, lse
+
+    def _bwd(do, q, k, v, o, lse, cu, scale, causal):
+        T, Hq, D = q.shape
+        Hkv = k.shape[1]
+        n = cu.numel() - 1
+        meta = _meta(q, k, causal)
+        interp = _dispatch.triton_interpret() or q.device.type != "cuda"
+        delta = torch.empty((Hq, T), dtype=torch.float32, device=q.device)
+        bm = 16 if interp else 64
+        _bwd_delta_kernel[(triton.cdiv(T, bm), Hq)](
+            o, do, delta, T, o.stride(0), o.stride(1), do.stride(0), do.stride(1), D=D, BLOCK_D=meta["BLOCK_D"],
+            BLOCK_M=bm)
+        dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+        dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+        dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+        common = (T, n, T.bit_length(), scale * _LOG2E, scale, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                  v.stride(0), v.stride(1), do.stride(0), do.stride(1))
+        dq_args = (q, k, v, do, lse, delta, dq, cu, *common, dq.stride(0), dq.stride(1))
+        kv_args = (q, k, v, do, lse, delta, dk, dv, cu, *common, dk.stride(0), dk.stride(1), dv.stride(0),
+                   dv.stride(1))
+        if interp:
+            bm, bn = _INTERP["dq"]
+            _bwd_dq_kernel[(triton.cdiv(T, bm), Hq)](*dq_args, BLOCK_M=bm, BLOCK_N=bn, **meta)
+            bn, bm = _INTERP["dkdv"]
+            _bwd_dkdv_kernel[(triton.cdiv(T, bn), Hkv)](*kv_args, BLOCK_N=bn, BLOCK_M=bm, **meta)
+        else:
+            _dq_tuned[lambda m: (triton.cdiv(T, m["BLOCK_M"]), Hq)](*dq_args, **meta)
+            _dkdv_tuned[lambda m: (triton.cdiv(T, m["BLOCK_N"]), Hkv)](*kv_args, **meta)
+        return dq, dk, dv
+
+    class _VarlenAttentionFn(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v, cu, scale: float, causal: bool):
+            q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+            o, lse = _fwd(q, k, v, cu, scale, causal)
+            ctx.save_for_backward(q, k, v, o, lse, cu)
+            ctx.scale, ctx.causal = scale, causal
+            return o
+
+        @staticmethod
+        def backward(ctx, do):
+            q, k, v, o, lse, cu = ctx.saved_tensors
+            dq, dk, dv = _bwd(_unit_last(do), q, k, v, o, lse, cu, ctx.scale, ctx.causal)
+            return dq, dk, dv, None, None, None
+
+
 def varlen_attention(
     q: Tensor,
     k: Tensor,
@@ -51,9 +444,11 @@ def varlen_attention(
 ) -> Tensor:
     """Attention over a packed batch.
 
-    q: (T, Hq, D), k and v: (T, Hkv, D) with Hq % Hkv == 0, one float dtype and device;
-    cu_seqlens: (n+1,) int32, 0 .. T; max_seqlen: the longest sequence. Returns (T, Hq, D) in q.dtype.
-    softmax_scale defaults to 1/sqrt(D).
+    q: (T, Hq, D), k and v: (T, Hkv, D) with Hq % Hkv == 0, one float dtype and device, any strides with a
+    unit last stride; cu_seqlens: (n+1,) int32, 0 .. T; max_seqlen: the longest sequence (checked against
+    cu_seqlens on the CPU; the Triton kernels do not need it). Returns (T, Hq, D) in q.dtype, contiguous.
+    softmax_scale defaults to 1/sqrt(D). The Triton path computes in fp32 (bf16/fp16 tensor-core products
+    with fp32 accumulation on a GPU), saves the log-sum-exp and has its own backward.
     """
     _checks.tensor("q", q, dtypes=_checks.FLOAT_DTYPES, ndim=3)
     _checks.tensor("k", k, dtypes=(q.dtype,), ndim=3)
@@ -67,5 +462,15 @@ def varlen_attention(
     _checks.cu_seqlens("cu_seqlens", cu_seqlens, total=q.shape[0])
     if max_seqlen < 0:
         raise ValueError(f"max_seqlen must be >= 0, got {max_seqlen}")
-    _dispatch.pick(OP, backend, q)
+    if cu_seqlens.device.type == "cpu" and cu_seqlens.numel() > 1:
+        longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        if longest > max_seqlen:
+            raise ValueError(f"max_seqlen must be >= the longest sequence in cu_seqlens ({longest}), got {max_seqlen}")
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[2])
+    if not scale > 0:
+        raise ValueError(f"softmax_scale must be > 0, got {softmax_scale}")
+    if _dispatch.pick(OP, backend, q) == "triton":
+        if q.shape[0] == 0 or q.shape[1] == 0:
+            return q.new_zeros(q.shape)
+        return _VarlenAttentionFn.apply(q, k, v, cu_seqlens.contiguous(), float(scale), bool(causal))
     return varlen_attention_ref(q, k, v, cu_seqlens, causal, softmax_scale)
