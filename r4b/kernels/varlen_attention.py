@@ -36,7 +36,7 @@ def varlen_attention_ref(
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     bounds = cu_seqlens.tolist()
     outs = []
-    for s, e in zip(bounds[:-1], bounds[1:]):
+    for s, e in zip(bounds[:-1], bounds[1:], strict=False):
         if e == s:
             continue
         qs = q[s:e].float().transpose(0, 1)  # (Hq, L, D)
@@ -50,11 +50,14 @@ def varlen_attention_ref(
 
 
 _LOG2E = 1.4426950408889634
-_NEG = -1.0e30  # score of a masked pair: finite, so rows that are fully masked in a block never make NaN
 
 if _dispatch.triton_importable():
     import triton
     import triton.language as tl
+
+    # score of a masked pair: finite, so a row that is fully masked in one block never makes NaN
+    # (compiled Triton only reads globals that are constexpr)
+    _NEG = tl.constexpr(-1.0e30)
 
     @triton.jit
     def _seq_of(CU, n_seqs, t):
@@ -134,7 +137,7 @@ if _dispatch.triton_importable():
         return acc, m_i, l_i
 
     @triton.jit(do_not_specialize=["T", "n_seqs", "t_bucket"])
-    def _fwd_kernel(Q, K, V, O, LSE, CU, T, n_seqs, t_bucket, qk_scale,
+    def _fwd_kernel(Q, K, V, Out, LSE, CU, T, n_seqs, t_bucket, qk_scale,
                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr):
@@ -171,10 +174,11 @@ if _dispatch.triton_importable():
             acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, q_loc, hi1, hi2,
                                        qk_scale, offs_d, D, BLOCK_D, BLOCK_N, True, CAUSAL, DOT_PREC)
             seg = (rows >= t) & (rows < seg_hi)
+            l_i = tl.where(l_i > 0.0, l_i, 1.0)  # l_i is 0 only in an empty segment (a zero-length sequence)
             out = acc / l_i[:, None]
             r64 = rows.to(tl.int64)
-            o_ptrs = O + h * stride_oh + r64[:, None] * stride_ot + offs_d[None, :]
-            tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=seg[:, None] & (offs_d[None, :] < D))
+            o_ptrs = Out + h * stride_oh + r64[:, None] * stride_ot + offs_d[None, :]
+            tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=seg[:, None] & (offs_d[None, :] < D))
             tl.store(LSE + h * T + r64, m_i + tl.log2(l_i), mask=seg)
             t = seg_hi
             s += 1
@@ -182,14 +186,14 @@ if _dispatch.triton_importable():
     # ---------------------------------------------------------------- backward
 
     @triton.jit(do_not_specialize=["T"])
-    def _bwd_delta_kernel(O, DO, DELTA, T, stride_ot, stride_oh, stride_dot, stride_doh, D: tl.constexpr,
+    def _bwd_delta_kernel(Out, DO, DELTA, T, stride_ot, stride_oh, stride_dot, stride_doh, D: tl.constexpr,
                           BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
         # DELTA[h, t] = sum_d dO[t, h, d] * O[t, h, d], fp32, (Hq, T)
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         h = tl.program_id(1)
         offs_d = tl.arange(0, BLOCK_D)
         r64 = rows.to(tl.int64)
-        o = _load_rows(O + h * stride_oh, r64, stride_ot, offs_d, rows < T, D, BLOCK_D, True).to(tl.float32)
+        o = _load_rows(Out + h * stride_oh, r64, stride_ot, offs_d, rows < T, D, BLOCK_D, True).to(tl.float32)
         do = _load_rows(DO + h * stride_doh, r64, stride_dot, offs_d, rows < T, D, BLOCK_D, True).to(tl.float32)
         tl.store(DELTA + h * T + r64, tl.sum(o * do, 1), mask=rows < T)
 

@@ -1,0 +1,182 @@
+"""varlen_attention: the Triton path against float64 references (output, dq, dk, dv), sequence isolation,
+input errors; bf16 on the anchor shape on a GPU (STYLE.md: error <= 2x plain PyTorch bf16 error + atol)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from r4b.kernels import varlen_attention, varlen_attention_ref
+
+
+def _cu(lens: list[int], device="cpu") -> torch.Tensor:
+    return torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
+
+
+def _attention64(q, k, v, lens, causal, scale):
+    """Independent float64 reference: explicit softmax per sequence, K/V indexed by head // group."""
+    T, Hq, D = q.shape
+    group = Hq // k.shape[1]
+    out = torch.zeros_like(q)
+    start = 0
+    for L in lens:
+        sl = slice(start, start + L)
+        start += L
+        if L == 0:
+            continue
+        kh = k[sl][:, torch.arange(Hq) // group]  # (L, Hq, D)
+        vh = v[sl][:, torch.arange(Hq) // group]  # (L, Hq, D)
+        s = torch.einsum("ihd,jhd->hij", q[sl], kh) * scale  # (Hq, L, L)
+        if causal:
+            s = s.masked_fill(torch.ones(L, L, dtype=torch.bool).triu(1), float("-inf"))
+        out[sl] = torch.einsum("hij,jhd->ihd", s.softmax(-1), vh)
+    return out
+
+
+def _inputs(lens, Hq, Hkv, D, seed=0, device="cpu", dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    T = sum(lens)
+    q, k, v, do = (torch.randn(T, h, D, generator=g) for h in (Hq, Hkv, Hkv, Hq))
+    return [t.to(device=device, dtype=dtype) for t in (q, k, v, do)]
+
+
+def _grads(fn, q, k, v, do):
+    q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    o = fn(q, k, v)
+    dq, dk, dv = torch.autograd.grad(o, (q, k, v), do)
+    return o.detach(), dq, dk, dv
+
+
+# (lens, Hq, Hkv, D, causal): length-1 and empty sequences, lengths off the 16/32-row tiles, one long + many
+# short, GQA ratios 1, 4, 8, D 64 and 80 (padded to a 128-wide tile).
+CASES = [
+    ([1, 37, 1, 16, 5], 2, 2, 64, True),
+    ([70, 1, 3, 1, 0, 2, 9], 8, 2, 80, True),
+    ([45, 2, 1], 8, 1, 64, True),
+    ([29, 1, 40], 4, 1, 80, False),
+    ([1, 50, 13], 8, 8, 64, False),
+]
+
+
+@pytest.mark.parametrize("lens,Hq,Hkv,D,causal", CASES)
+def test_varlen_attention_matches_float64(lens, Hq, Hkv, D, causal, device):
+    q, k, v, do = _inputs(lens, Hq, Hkv, D, device=device)
+    cu = _cu(lens, device)
+    scale = 1.0 / math.sqrt(D)
+    got = _grads(lambda a, b, c: varlen_attention(a, b, c, cu, max(lens), causal=causal, backend="triton"),
+                 q, k, v, do)
+    ref = _grads(lambda a, b, c: _attention64(a, b, c, lens, causal, scale), q.double(), k.double(), v.double(),
+                 do.double())
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref, strict=True):
+        assert a.dtype == torch.float32 and a.shape == b.shape, name
+        torch.testing.assert_close(a, b.float(), rtol=1e-5, atol=2e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_varlen_attention_strided_qkv_and_scale(device):
+    # q, k, v as head slices of one fused (T, Hq + 2 Hkv, D) projection, and a non-default softmax_scale
+    lens, Hq, Hkv, D = [20, 1, 19], 4, 2, 64
+    g = torch.Generator().manual_seed(1)
+    qkv = torch.randn(sum(lens), Hq + 2 * Hkv, D, generator=g).to(device)
+    q, k, v = qkv[:, :Hq], qkv[:, Hq : Hq + Hkv], qkv[:, Hq + Hkv :]
+    do = torch.randn(sum(lens), Hq, D, generator=g).to(device)
+    cu = _cu(lens, device)
+    got = _grads(lambda a, b, c: varlen_attention(a, b, c, cu, 20, softmax_scale=0.3, backend="triton"), q, k, v, do)
+    ref = _grads(lambda a, b, c: _attention64(a, b, c, lens, True, 0.3), q.double(), k.double(), v.double(),
+                 do.double())
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b.float(), rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_varlen_attention_no_information_crosses_a_boundary(causal, device):
+    # sequences 0 and 2 share 32-row tiles with sequence 1 in every kernel; changing sequence 1's q, k, v and
+    # dO must leave their outputs and all their gradients bit-identical.
+    lens, Hq, Hkv, D = [7, 30, 11], 4, 2, 64
+    cu = _cu(lens, device)
+    q, k, v, do = _inputs(lens, Hq, Hkv, D, device=device)
+    fn = lambda a, b, c: varlen_attention(a, b, c, cu, 30, causal=causal, backend="triton")
+    base = _grads(fn, q, k, v, do)
+    mid = slice(7, 37)
+    q2, k2, v2, do2 = (t.clone() for t in (q, k, v, do))
+    for t in (q2, k2, v2, do2):
+        t[mid] = t[mid] * 3.0 + 1.0
+    pert = _grads(fn, q2, k2, v2, do2)
+    others = torch.ones(sum(lens), dtype=torch.bool)
+    others[mid] = False
+    for name, a, b in zip(("out", "dq", "dk", "dv"), base, pert, strict=True):
+        assert torch.equal(a[others], b[others]), name
+        assert not torch.equal(a[mid], b[mid]), name  # the perturbation did reach sequence 1
+
+
+def test_varlen_attention_dispatch_default_matches_forced():
+    lens = [5, 12]
+    q, k, v, _ = _inputs(lens, 2, 1, 16)
+    cu = _cu(lens)
+    a = varlen_attention(q, k, v, cu, 12)  # TRITON_INTERPRET=1 on the CPU: triton is picked
+    b = varlen_attention(q, k, v, cu, 12, backend="torch")
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert torch.equal(varlen_attention(q, k, v, cu, 12, backend="torch"), varlen_attention_ref(q, k, v, cu))
+
+
+def test_varlen_attention_bad_inputs():
+    q, k, v, _ = _inputs([4, 4], 4, 2, 16)
+    cu = _cu([4, 4])
+    with pytest.raises(TypeError, match="cu_seqlens must have dtype"):
+        varlen_attention(q, k, v, cu.long(), 4, backend="triton")
+    with pytest.raises(ValueError, match="cu_seqlens must end at the total token count 8"):
+        varlen_attention(q, k, v, _cu([4, 3]), 4, backend="triton")
+    with pytest.raises(ValueError, match="cu_seqlens must start at 0"):
+        varlen_attention(q, k, v, torch.tensor([1, 4, 8], dtype=torch.int32), 4, backend="triton")
+    with pytest.raises(ValueError, match="max_seqlen must be >= the longest sequence"):
+        varlen_attention(q, k, v, cu, 3, backend="triton")
+    with pytest.raises(ValueError, match="multiple of KV heads"):
+        varlen_attention(q, torch.randn(8, 3, 16), torch.randn(8, 3, 16), cu, 4, backend="triton")
+    with pytest.raises(TypeError, match="k must have dtype"):
+        varlen_attention(q, k.double(), v, cu, 4, backend="triton")
+    with pytest.raises(ValueError, match="q must be 3-D"):
+        varlen_attention(q[0], k, v, cu, 4, backend="triton")
+    with pytest.raises(ValueError, match="softmax_scale"):
+        varlen_attention(q, k, v, cu, 4, softmax_scale=0.0, backend="triton")
+
+
+def _sdpa_bf16_per_doc(q, k, v, lens, causal):
+    """Plain PyTorch bf16 (the STYLE.md baseline): SDPA per document in the input dtype."""
+    outs, s = [], 0
+    for L in lens:
+        o = F.scaled_dot_product_attention(q[s : s + L].transpose(0, 1), k[s : s + L].transpose(0, 1),
+                                           v[s : s + L].transpose(0, 1), is_causal=causal, enable_gqa=True)
+        outs.append(o.transpose(0, 1))  # (L, Hq, D)
+        s += L
+    return torch.cat(outs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [True, False])
+def test_varlen_attention_bf16_anchor_gpu(causal):
+    # anchor: 16384 packed tokens, 10 documents 128..4096, 32 query / 8 KV heads, D 128
+    lens = [4096, 3072, 2560, 2048, 1536, 1280, 768, 512, 384, 128]
+    assert sum(lens) == 16384
+    q, k, v, do = _inputs(lens, 32, 8, 128, device="cuda")
+    cu = _cu(lens, "cuda")
+    ref = _grads(lambda a, b, c: varlen_attention_ref(a, b, c, cu, causal), q, k, v, do)  # fp32
+    bf = [t.bfloat16() for t in (q, k, v, do)]
+    got = _grads(lambda a, b, c: varlen_attention(a, b, c, cu, 4096, causal=causal, backend="triton"), *bf)
+    base = _grads(lambda a, b, c: _sdpa_bf16_per_doc(a, b, c, lens, causal), *bf)
+    for name, g, b, r in zip(("out", "dq", "dk", "dv"), got, base, ref, strict=True):
+        err = (g.float() - r).abs().max().item()
+        base_err = (b.float() - r).abs().max().item()
+        assert err <= 2 * base_err + 1e-3 * r.abs().max().item(), f"{name}: {err} vs plain bf16 {base_err}"
+
+
+@pytest.mark.gpu
+def test_varlen_attention_many_short_and_one_long_gpu():
+    # think/no-think packing: one long trace and hundreds of short answers, fp32 (IEEE products) vs float64
+    lens = [3000] + [1, 2, 3, 17, 40, 129] * 50
+    q, k, v, do = _inputs(lens, 8, 2, 128, device="cuda")
+    cu = _cu(lens, "cuda")
+    got = _grads(lambda a, b, c: varlen_attention(a, b, c, cu, 3000, backend="triton"), q, k, v, do)
+    ref = _grads(lambda a, b, c: _attention64(a, b, c, lens, True, 128**-0.5), q.double(), k.double(), v.double(),
+                 do.double())
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b.float(), rtol=1e-4, atol=1e-4)
