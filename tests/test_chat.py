@@ -2,11 +2,16 @@
 
 import pytest
 import torch
-from tiny_models import PINPOINTS
+from tiny_models import (
+    PINPOINTS,
+    torch_kernels_on_cpu,  # noqa: F401  (fixture)
+)
 
 from r4b.engine.chat import DEMO_TOKENIZER, ChatTokenizer, ParsedResponse, parse_response
 from r4b.engine.demo_tokenizer import build_demo_tokenizer
 from r4b.engine.model import Qwen3Config, R4BConfig, SiglipConfig, num_image_tokens
+
+pytestmark = pytest.mark.usefixtures("torch_kernels_on_cpu")
 
 MESSAGES = [{"role": "system", "content": "You are a helpful assistant."},
             {"role": "user", "content": "What is 2 + 2?"}]
@@ -117,3 +122,29 @@ def test_parse_response_from_token_ids(tok):
 def test_demo_tokenizer_is_reproducible(tmp_path):
     build_demo_tokenizer().save(str(tmp_path / "t.json"))
     assert (tmp_path / "t.json").read_text() == DEMO_TOKENIZER.read_text()
+
+
+def test_chat_encoding_runs_through_the_model():
+    from r4b.engine.model import R4BForConditionalGeneration, last_rows
+
+    cfg = R4BConfig(text_config=Qwen3Config(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                            num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+                    vision_config=SiglipConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                               num_attention_heads=2, image_size=28, patch_size=7),
+                    image_token_index=5, image_grid_pinpoints=PINPOINTS)
+    torch.manual_seed(0)
+    model = R4BForConditionalGeneration(cfg).eval()
+    tok = ChatTokenizer.demo(model_config=cfg)
+    img = torch.randint(0, 256, (50, 33, 3), dtype=torch.uint8)  # (H, W, 3) layout is accepted too
+    msgs = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "What is it?"}]}]
+    encs = [tok.encode_chat(msgs, thinking_mode=m) for m in ("auto", "short")]
+    ids = torch.cat([e.input_ids for e in encs])
+    lengths = [len(e.input_ids) for e in encs]
+    cu = torch.tensor([0, lengths[0], sum(lengths)], dtype=torch.int32)
+    with torch.no_grad():
+        hidden = model(ids, torch.cat([torch.arange(n) for n in lengths]), cu, max(lengths),
+                       pixel_values=[p for e in encs for p in e.pixel_values],
+                       image_sizes=[s for e in encs for s in e.image_sizes])
+        logits = model.compute_logits(hidden, last_rows(cu))
+    assert encs[0].image_sizes == [(50, 33)]
+    assert logits.shape == (2, 512) and torch.isfinite(logits).all()

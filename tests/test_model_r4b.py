@@ -18,12 +18,15 @@ from tiny_models import (
     prompt,
     randomize,
     rel_err,
+    torch_kernels_on_cpu,  # noqa: F401  (fixture)
 )
 
 from r4b.engine.model import ImageProcessor, R4BForConditionalGeneration, from_pretrained, num_image_tokens
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.llava_onevision import modeling_llava_onevision as hf_llava  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("torch_kernels_on_cpu")
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 from tiny_models import (
     IMAGE_TOKEN,
     MEAN,
+    PINPOINTS,
     STD,
     RefR4BProjector,
     hf_llava_config,
@@ -18,6 +19,7 @@ from tiny_models import (
     qwen3_hf_config,
     randomize,
     rel_err,
+    torch_kernels_on_cpu,  # noqa: F401  (fixture)
 )
 
 from r4b.engine.model import (
@@ -35,6 +37,8 @@ from r4b.engine.model import (
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.llava_onevision import modeling_llava_onevision as hf_llava  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("torch_kernels_on_cpu")
 
 
 def tiny_r4b(tie: bool = False, seed: int = 0) -> R4BForConditionalGeneration:
@@ -220,3 +224,15 @@ def test_bad_configs_raise():
         Qwen3Config(num_attention_heads=4, num_key_value_heads=3)
     with pytest.raises(ValueError, match="vision_feature_select_strategy must be 'full'"):
         R4BConfig(vision_config=SiglipConfig(num_hidden_layers=2), vision_feature_select_strategy="default")
+
+
+def test_image_processor_reads_preprocessor_config(tmp_path):
+    cfg = tiny_r4b().config
+    assert ImageProcessor.from_pretrained(tmp_path, cfg).mean == (0.5, 0.5, 0.5)  # no file: SigLIP defaults
+    pre = {"image_mean": [0.48, 0.45, 0.4], "image_std": [0.27, 0.26, 0.28], "image_grid_pinpoints": PINPOINTS}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(pre))
+    proc = ImageProcessor.from_pretrained(tmp_path, cfg)
+    assert proc.mean == (0.48, 0.45, 0.4) and proc.std == (0.27, 0.26, 0.28) and proc.tile_size == 28
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({**pre, "image_grid_pinpoints": [[28, 28]]}))
+    with pytest.raises(ValueError, match="image_grid_pinpoints differ"):
+        ImageProcessor.from_pretrained(tmp_path, cfg)

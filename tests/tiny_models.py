@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import Tensor, nn
 
@@ -89,3 +90,12 @@ def prompt(n_image_tokens: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     text = torch.randint(0, 90, (7,), generator=g)
     return torch.cat([text[:3], torch.full((n_image_tokens,), IMAGE_TOKEN), text[3:]])
+
+
+@pytest.fixture
+def torch_kernels_on_cpu(monkeypatch):
+    """Without a GPU, run r4b.kernels' torch backends: the Triton interpreter makes the multimodal forwards
+    (hundreds of tokens) take minutes. Each kernel is checked against its reference in its own tests, and the
+    Qwen3 / SigLIP parity tests keep the default dispatch, so the Triton path still meets transformers there."""
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("R4B_BACKEND", "torch")

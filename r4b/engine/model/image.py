@@ -8,8 +8,10 @@ LLaVA-NeXT / LLaVA-OneVision.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -125,6 +127,21 @@ class ImageProcessor:
     @classmethod
     def from_config(cls, cfg: R4BConfig, mean=SIGLIP_MEAN, std=SIGLIP_STD) -> ImageProcessor:
         return cls(cfg.vision_config.image_size, tuple(tuple(p) for p in cfg.image_grid_pinpoints), mean, std)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, cfg: R4BConfig) -> ImageProcessor:
+        """From the checkpoint's preprocessor_config.json when it has one (mean, std, pinpoints), else the
+        config's geometry with SigLIP's mean/std."""
+        p = Path(path) / "preprocessor_config.json"
+        if not p.is_file():
+            return cls.from_config(cfg)
+        d = json.loads(p.read_text())
+        pins = d.get("image_grid_pinpoints") or cfg.image_grid_pinpoints
+        if [list(x) for x in pins] != [list(x) for x in cfg.image_grid_pinpoints]:
+            raise ValueError(f"{p}: image_grid_pinpoints differ from the model config's; the token count would "
+                             "not match the features")
+        return cls(cfg.vision_config.image_size, tuple(tuple(x) for x in pins),
+                   tuple(d.get("image_mean", SIGLIP_MEAN)), tuple(d.get("image_std", SIGLIP_STD)))
 
     def image_size(self, image) -> tuple[int, int]:
         if isinstance(image, Tensor):

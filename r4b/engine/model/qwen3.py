@@ -124,6 +124,11 @@ class Qwen3ForCausalLM(nn.Module):
     def tie_weights(self) -> None:
         self.lm_head.weight = self.model.embed_tokens.weight
 
+    @property
+    def language_model(self) -> Qwen3Model:
+        """The decoder stack (same attribute on R4BForConditionalGeneration, for the runtime)."""
+        return self.model
+
     def embed(self, input_ids: Tensor) -> Tensor:
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 1 or input_ids.dtype != torch.int64:
             got = (input_ids.dtype, tuple(input_ids.shape)) if isinstance(input_ids, Tensor) else type(input_ids)

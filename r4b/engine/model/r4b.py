@@ -51,6 +51,11 @@ class R4BForConditionalGeneration(nn.Module):
     def tie_weights(self) -> None:
         self.lm_head.weight = self.model.language_model.embed_tokens.weight
 
+    @property
+    def language_model(self) -> Qwen3Model:
+        """The decoder stack (same attribute on Qwen3ForCausalLM, for the runtime)."""
+        return self.model.language_model
+
     def _split_pixels(self, pixel_values: Tensor | list[Tensor], image_sizes: list) -> list[Tensor]:
         cfg = self.config
         tile = cfg.vision_config.image_size
