@@ -4,6 +4,9 @@ Dispatch order and the R4B_BACKEND override are described in r4b/kernels/_dispat
 """
 
 from ._dispatch import available_backends, registered_ops
+from .fused_linear_cross_entropy import fused_linear_cross_entropy, fused_linear_cross_entropy_ref
+from .fused_linear_grpo_loss import fused_linear_grpo_loss, fused_linear_grpo_loss_ref
+from .fused_linear_logprobs import fused_linear_logprobs, fused_linear_logprobs_ref
 from .group_advantages import group_advantages, group_advantages_ref
 from .pack import Packed, pack_sequences, unpack, unpack_padded
 from .rms_norm import rms_norm, rms_norm_ref
@@ -20,6 +23,12 @@ __all__ = [
     "unpack",
     "unpack_padded",
     "registered_ops",
+    "fused_linear_cross_entropy",
+    "fused_linear_cross_entropy_ref",
+    "fused_linear_grpo_loss",
+    "fused_linear_grpo_loss_ref",
+    "fused_linear_logprobs",
+    "fused_linear_logprobs_ref",
     "rms_norm",
     "rms_norm_ref",
     "rope",
