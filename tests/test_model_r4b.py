@@ -136,3 +136,15 @@ def test_image_token_mismatch_raises(model):
         model(**batch)
     with pytest.raises(ValueError, match=r"pixel_values\[0\] must hold 7 tiles"):
         model(**batch, pixel_values=[pix[:3]], image_sizes=[size])
+
+
+def test_multi_layer_features_match_transformers(patched_projector, tmp_path):
+    ref = randomize(hf_llava.LlavaOnevisionForConditionalGeneration(hf_llava_config(feature_layer=[0, -2])).eval())
+    ref.save_pretrained(tmp_path)
+    model = from_pretrained(tmp_path)
+    assert model.model.multi_modal_projector.linear_1.in_features == 64  # two SigLIP layers of 32 concatenated
+    pix, size = ImageProcessor.from_config(model.config, MEAN, STD)(image(40, 70, 7))
+    with torch.no_grad():
+        (got,) = model.image_features([pix], [size])
+        want = ref.model.get_image_features(pix[None], torch.tensor([size])).pooler_output[0]
+    assert rel_err(got, want) <= 1e-5

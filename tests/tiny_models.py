@@ -16,7 +16,9 @@ class RefR4BProjector(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        v, t = config.vision_config.hidden_size, config.text_config.hidden_size
+        layers = config.vision_feature_layer
+        n = 1 if isinstance(layers, int) else len(layers)
+        v, t = config.vision_config.hidden_size * n, config.text_config.hidden_size
         self.pre_norm = nn.LayerNorm(v, eps=1e-6)
         self.linear_1 = nn.Linear(v, t, bias=True)
         self.act = nn.GELU()
@@ -26,12 +28,12 @@ class RefR4BProjector(nn.Module):
         return self.linear_2(self.act(self.linear_1(self.pre_norm(x))))
 
 
-def hf_llava_config(tie: bool = False):
+def hf_llava_config(tie: bool = False, feature_layer: int | list[int] = -1):
     from transformers import LlavaOnevisionConfig
 
     return LlavaOnevisionConfig(
         text_config=qwen3_hf_config(tie=tie).to_dict(), vision_config=siglip_hf_config().to_dict(),
-        image_token_index=IMAGE_TOKEN, image_grid_pinpoints=PINPOINTS, vision_feature_layer=-1,
+        image_token_index=IMAGE_TOKEN, image_grid_pinpoints=PINPOINTS, vision_feature_layer=feature_layer,
         vision_feature_select_strategy="full", tie_word_embeddings=tie)
 
 
