@@ -348,7 +348,15 @@ if _dispatch.triton_importable():
     # Block sizes. Interpreter: small fixed tiles (tl.dot needs >= 16) with unequal query/key tiles so that
     # the tests cross tile and segment boundaries in every kernel. GPU: autotuned over short lists, keyed on
     # the head dim, causality, GQA group and a log2 bucket of T (never on per-batch lengths).
-    # TODO(GPU): these lists are starting points from FA2-Triton practice, not yet measured on H100/H200.
+    # The lists keep configs that compile for sm_90 (triton 3.6, bf16, D=128, causal) without or with few
+    # register spills, from `python -m bench.bench_varlen_attention --aot` (ptxas -v, no GPU needed):
+    #   fwd  128x64 w8 s3: 208 regs, 0 spill | 128x64 w8 s2: 225, 0 | 128x128 w8 s2: 255, 4 B | 64x32 w4 s3: 239, 0
+    #        (128x64 w4 s3 spills 2.6 kB: dropped)
+    #   dq   128x32 w8 s3: 197, 0 | 128x64 w8 s2: 231, 0 | 64x32 w4 s3: 240, 0 (128x32 w4 s3 spills: dropped)
+    #   dkdv (BLOCK_N x BLOCK_M) 64x32 w8 s2: 255, 56 B | 32x32 w4 s2: 234, 0 (mma.sync) | 128x32 w8 s2: 176 B
+    #        (64x64 and 128x64 spill 0.4-1.4 kB: dropped)
+    # TODO(GPU): time these on H100/H200 (bench/bench_varlen_attention.py) and prune; the dK/dV kernel is the
+    # register-bound one (two fp32 (BLOCK_N, D) accumulators plus K and V kept for the whole program).
     _INTERP = {"fwd": (32, 16), "dq": (32, 16), "dkdv": (32, 16)}  # (rows of the program's tile, inner step)
 
     def _cfgs(pairs):
@@ -357,13 +365,13 @@ if _dispatch.triton_importable():
     def _cfgs_kv(pairs):
         return [triton.Config({"BLOCK_N": n, "BLOCK_M": m}, num_warps=w, num_stages=st) for n, m, w, st in pairs]
 
+    FWD_CONFIGS = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 32, 4, 3)]
+    DQ_CONFIGS = [(128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3)]
+    DKDV_CONFIGS = [(64, 32, 8, 2), (32, 32, 4, 2), (128, 32, 8, 2)]
     _KEY = ["D", "CAUSAL", "GROUP", "t_bucket"]
-    _fwd_tuned = triton.autotune(
-        _cfgs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)]), key=_KEY)(_fwd_kernel)
-    _dq_tuned = triton.autotune(
-        _cfgs([(128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)]), key=_KEY)(_bwd_dq_kernel)
-    _dkdv_tuned = triton.autotune(
-        _cfgs_kv([(128, 32, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 2)]), key=_KEY)(_bwd_dkdv_kernel)
+    _fwd_tuned = triton.autotune(_cfgs(FWD_CONFIGS), key=_KEY)(_fwd_kernel)
+    _dq_tuned = triton.autotune(_cfgs(DQ_CONFIGS), key=_KEY)(_bwd_dq_kernel)
+    _dkdv_tuned = triton.autotune(_cfgs_kv(DKDV_CONFIGS), key=_KEY)(_bwd_dkdv_kernel)
 
     def _meta(q: Tensor, k: Tensor, causal: bool) -> dict:
         D = q.shape[2]
