@@ -1,0 +1,202 @@
+"""Benchmark varlen_attention (packed causal GQA attention): r4b Triton vs SDPA per document, FlexAttention with
+a document block mask (mask build time in its own column), flash-attn / xformers when installed.
+
+TFLOP/s use flash-attn's accounting: forward = 4 * L^2 * Hq * D per document, halved when causal; backward =
+2.5x forward (so forward+backward = 3.5x). ``--aot`` compiles the Triton kernels for sm_90 without a GPU and
+prints registers / spills per autotune config (ptxas -v), the measurement behind the config lists.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from bench.harness import Case, Skip, default_device, run_bench
+
+ANCHOR = [4096, 3072, 2560, 2048, 1536, 1280, 768, 512, 384, 128]  # 16384 tokens, 10 docs 128..4096
+ROW_64K = [16384, 12288, 8192, 8192, 6144, 4096, 4096, 2048, 2048, 1024, 512, 256, 256]  # 65536 tokens
+
+
+def cases(quick: bool) -> list[Case]:
+    if quick:
+        shapes = [([40, 1, 30, 25], 4, 2, 64)]
+    else:
+        shapes = [(ANCHOR, 32, 8, 128), (ROW_64K, 32, 8, 128)]
+    out = []
+    for lens, hq, hkv, d in shapes:
+        fwd = sum(4 * L * L * hq * d for L in lens) / 2  # causal
+        for mode, mult in (("fwd", 1.0), ("fwd+bwd", 3.5)):
+            label = f"{mode} T={sum(lens)},docs={len(lens)},Hq={hq},Hkv={hkv},D={d}"
+            out.append(Case(label, {"mode": mode, "lens": lens, "hq": hq, "hkv": hkv, "d": d}, flops=fwd * mult))
+    return out
+
+
+def _inputs(case: Case, device: str):
+    p = case.params
+    T = sum(p["lens"])
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32  # the interpreter computes bf16 wrongly
+    g = torch.Generator(device=device).manual_seed(0)
+    grad = p["mode"] != "fwd"
+    q = torch.randn(T, p["hq"], p["d"], device=device, dtype=dtype, generator=g).requires_grad_(grad)
+    k = torch.randn(T, p["hkv"], p["d"], device=device, dtype=dtype, generator=g).requires_grad_(grad)
+    v = torch.randn(T, p["hkv"], p["d"], device=device, dtype=dtype, generator=g).requires_grad_(grad)
+    do = torch.randn(T, p["hq"], p["d"], device=device, dtype=dtype, generator=g)
+    cu = torch.tensor([0, *torch.tensor(p["lens"]).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    return q, k, v, do, cu
+
+
+def _timed(case: Case, fwd, q, k, v, do):
+    """The zero-arg callable: forward only, or forward + backward into fresh gradients."""
+    if case.params["mode"] == "fwd":
+        return lambda: fwd(q, k, v)
+    return lambda: torch.autograd.grad(fwd(q, k, v), (q, k, v), do)
+
+
+def providers(device: str, mask_ms: dict) -> dict:
+    def r4b(case: Case):
+        from r4b.kernels import available_backends, varlen_attention
+
+        if "triton" not in available_backends("varlen_attention", device):
+            raise Skip(f"triton unavailable on {device} (set TRITON_INTERPRET=1 on the CPU)")
+        q, k, v, do, cu = _inputs(case, device)
+        m = max(case.params["lens"])
+        return _timed(case, lambda a, b, c: varlen_attention(a, b, c, cu, m, backend="triton"), q, k, v, do)
+
+    def sdpa(case: Case):
+        q, k, v, do, cu = _inputs(case, device)
+        bounds = cu.tolist()
+        spans = list(zip(bounds[:-1], bounds[1:], strict=True))
+
+        def fwd(a, b, c):
+            outs = []
+            for s, e in spans:
+                o = F.scaled_dot_product_attention(  # (1, H, L, D) views of the packed (L, H, D) slices
+                    a[s:e].transpose(0, 1)[None], b[s:e].transpose(0, 1)[None], c[s:e].transpose(0, 1)[None],
+                    is_causal=True, enable_gqa=True)
+                outs.append(o[0].transpose(0, 1))  # (L, Hq, D)
+            return torch.cat(outs)
+
+        return _timed(case, fwd, q, k, v, do)
+
+    def flex(case: Case):
+        if device != "cuda":
+            raise Skip("FlexAttention is measured on the GPU only (it needs torch.compile with triton)")
+        import time
+
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        q, k, v, do, cu = _inputs(case, device)
+        T = q.shape[0]
+        doc = torch.repeat_interleave(torch.arange(len(case.params["lens"]), device=device),
+                                      torch.tensor(case.params["lens"], device=device))  # (T,)
+
+        def mask_mod(b, h, qi, ki):
+            return (doc[qi] == doc[ki]) & (qi >= ki)
+
+        build = lambda: create_block_mask(mask_mod, None, None, T, T, device=device)
+        build()  # compile once
+        torch.cuda.synchronize()
+        reps = 10
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            bm = build()
+        torch.cuda.synchronize()
+        mask_ms[case.label] = (time.perf_counter() - t0) * 1e3 / reps
+        flex_c = torch.compile(flex_attention, dynamic=False)
+
+        def fwd(a, b, c):  # (1, H, T, D) views
+            o = flex_c(a.transpose(0, 1)[None], b.transpose(0, 1)[None], c.transpose(0, 1)[None], block_mask=bm,
+                       enable_gqa=True)
+            return o[0].transpose(0, 1)  # (T, Hq, D)
+
+        return _timed(case, fwd, q, k, v, do)
+
+    def flash(case: Case):
+        try:
+            from flash_attn import flash_attn_varlen_func
+        except ImportError as ex:
+            raise Skip(f"flash-attn not installed ({ex})") from None
+        q, k, v, do, cu = _inputs(case, device)
+        m = max(case.params["lens"])
+        return _timed(case, lambda a, b, c: flash_attn_varlen_func(a, b, c, cu, cu, m, m, causal=True), q, k, v, do)
+
+    def xformers(case: Case):
+        try:
+            import xformers.ops as xops
+        except ImportError as ex:
+            raise Skip(f"xformers not installed ({ex})") from None
+        q, k, v, do, cu = _inputs(case, device)
+        hq, hkv = case.params["hq"], case.params["hkv"]
+        bias = xops.fmha.attn_bias.BlockDiagonalCausalMask.from_seqlens(case.params["lens"])
+
+        def fwd(a, b, c):  # GQA in xformers' 5-D (B, T, G, H, D) form: K/V broadcast over the group
+            T, _, D = a.shape
+            a5 = a.view(1, T, hkv, hq // hkv, D)  # (1, T, Hkv, G, D)
+            b5 = b.view(1, T, hkv, 1, D).expand(1, T, hkv, hq // hkv, D)
+            c5 = c.view(1, T, hkv, 1, D).expand(1, T, hkv, hq // hkv, D)
+            return xops.memory_efficient_attention(a5, b5, c5, attn_bias=bias).view(T, hq, D)
+
+        return _timed(case, fwd, q, k, v, do)
+
+    return {"sdpa per doc": sdpa, "flex doc mask": flex, "flash-attn varlen": flash, "xformers blockdiag": xformers,
+            "r4b triton": r4b}
+
+
+def aot_report() -> None:
+    """Compile the three attention kernels for sm_90 (bf16, D=128, causal, GQA 4) per autotune config; print
+    registers and spills from ptxas. Needs no GPU (triton's bundled ptxas), and no TRITON_INTERPRET."""
+    import importlib
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise SystemExit("--aot needs TRITON_INTERPRET unset (the kernels must be JIT functions)")
+    va = importlib.import_module("r4b.kernels.varlen_attention")
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    ptrs = {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV"}
+    for kind, kern, cfgs, tile in (("fwd", va._fwd_kernel, va.FWD_CONFIGS, ("BLOCK_M", "BLOCK_N")),
+                                   ("dq", va._bwd_dq_kernel, va.DQ_CONFIGS, ("BLOCK_M", "BLOCK_N")),
+                                   ("dkdv", va._bwd_dkdv_kernel, va.DKDV_CONFIGS, ("BLOCK_N", "BLOCK_M"))):
+        for a, b, warps, stages in cfgs:
+            meta = {"GROUP": 4, "D": 128, "BLOCK_D": 128, "CAUSAL": True, "DOT_PREC": "tf32", tile[0]: a, tile[1]: b}
+            names = kern.arg_names
+            sig = {n: "constexpr" if n in meta else "*fp32" if n in ("LSE", "DELTA") else "*i32" if n == "CU"
+                   else "*bf16" if n in ptrs else "fp32" if n in ("qk_scale", "sm_scale") else "i32" for n in names}
+            attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)  # as the runtime specialises
+                     if sig[n].startswith("*") or n.startswith("stride")}
+            src = ASTSource(fn=kern, signature=sig, constexprs={(names.index(k),): v for k, v in meta.items()},
+                            attrs=attrs)
+            k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps,
+                                                                               "num_stages": stages})
+            with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+                f.write(k.asm["ptx"])
+            r = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True,
+                               text=True, check=True)
+            os.unlink(f.name)
+            info = "; ".join(line.split(":", 1)[-1].strip() for line in r.stderr.splitlines()
+                             if "Used" in line or "spill" in line)
+            print(f"{kind:5s} {a}x{b} w{warps} s{stages}: smem={k.metadata.shared} B | {info}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    argv = argv or []
+    if "--aot" in argv:
+        aot_report()
+        return []
+    device = default_device()
+    quick = "--quick" in argv or device == "cpu"
+    mask_ms: dict[str, float] = {}
+    extra = lambda case, row: {"mask_build_ms": mask_ms[case.label]} if row["provider"] == "flex doc mask" else {}
+    return run_bench("varlen_attention", cases(quick), providers(device, mask_ms), device=device, quick=quick,
+                     extra_columns=extra)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
