@@ -1,0 +1,168 @@
+"""Benchmark the GRPO loss from hidden states (lm_head GEMM + loss, forward + backward into hidden and weight).
+
+Providers: eager torch (materialised bf16 logits, fp32 log-softmax), torch.compile of that, Liger's chunked
+LigerFusedLinearGRPOLoss and Liger's Triton loss on materialised logits (when liger-kernel is importable),
+r4b's chunked torch backend and r4b's Triton kernels. FLOPs = 3 GEMMs of 2*N*H*V (logits, d hidden, d weight);
+the ``x_floor`` column is the time over those FLOPs at the 8192^3 bf16 matmul rate measured in the same run.
+
+    python -m bench grpo_loss [--quick]        (--quick: tiny shapes, what runs on a CPU)
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from bench.harness import Case, Skip, default_device, matmul_floor_tflops, run_bench
+from r4b.kernels import available_backends, fused_linear_grpo_loss
+
+OP = "grpo_loss"
+SEQ_LEN = 1024  # tokens per sequence for the providers that want (B, T) batches (Liger)
+EPS_LOW, EPS_HIGH = 0.2, 0.2
+
+
+def cases(quick: bool) -> list[Case]:
+    shapes = [(256, 64, 1000)] if quick else [(4096, 2560, 151936), (16384, 2560, 151936), (16384, 4096, 128256)]
+    return [Case(f"N={n},H={h},V={v}", {"N": n, "H": h, "V": v}, flops=3 * 2 * n * h * v) for n, h, v in shapes]
+
+
+def inputs(case: Case, device: str, dtype: torch.dtype):
+    """hidden (N, H) and weight (V, H) leaves that require grad; targets, advantages, old log-probs, mask (N,)."""
+    n, h, v = case.params["N"], case.params["H"], case.params["V"]
+    g = torch.Generator(device="cpu").manual_seed(0)
+    hidden = torch.randn(n, h, generator=g).to(device, dtype).requires_grad_()
+    weight = (torch.randn(v, h, generator=g) / h**0.5).to(device, dtype).requires_grad_()
+    targets = torch.randint(0, v, (n,), generator=g).to(device)
+    adv = torch.randn(n, generator=g).to(device)
+    old = (-torch.rand(n, generator=g) * 5 - 8).to(device)  # log-probs near those of random logits
+    mask = (torch.rand(n, generator=g) < 0.9).to(device)
+    return hidden, weight, targets, adv, old, mask
+
+
+def eager_loss(hidden, weight, targets, adv, old, mask):
+    """Plain PyTorch: (N, V) logits in the input dtype, fp32 log-softmax, clipped surrogate, token mean."""
+    logits = hidden @ weight.T  # (N, V)
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(1, targets[:, None])[:, 0]  # (N,)
+    ratio = torch.exp(logp - old)
+    per = -torch.minimum(ratio * adv, ratio.clamp(1 - EPS_LOW, 1 + EPS_HIGH) * adv)
+    return torch.where(mask, per, 0.0).sum() / mask.sum().clamp(min=1)
+
+
+def _timed(loss_fn, hidden, weight):
+    def step():
+        loss = loss_fn()
+        return torch.autograd.grad(loss, (hidden, weight))
+
+    return step
+
+
+def providers(device: str) -> dict:
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+
+    def eager(case: Case):
+        hidden, weight, targets, adv, old, mask = inputs(case, device, dtype)
+        return _timed(lambda: eager_loss(hidden, weight, targets, adv, old, mask), hidden, weight)
+
+    def compiled(case: Case):
+        if device != "cuda":
+            raise Skip("torch.compile provider is measured on the GPU only")
+        hidden, weight, targets, adv, old, mask = inputs(case, device, dtype)
+        fn = torch.compile(eager_loss, dynamic=False)
+        return _timed(lambda: fn(hidden, weight, targets, adv, old, mask), hidden, weight)
+
+    def liger_chunked(case: Case):
+        try:
+            from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+        except ImportError as ex:
+            raise Skip(f"liger-kernel not importable ({ex})") from None
+        if device != "cuda":
+            raise Skip("Liger needs a GPU")
+        hidden, weight, targets, adv, old, mask = inputs(case, device, dtype)
+        n = case.params["N"]
+        b, t = max(1, n // SEQ_LEN), min(n, SEQ_LEN)
+        loss_mod = LigerFusedLinearGRPOLoss(beta=0.0, compiled=False, use_ref_model=False, epsilon_low=EPS_LOW,
+                                            epsilon_high=EPS_HIGH, loss_type="bnpo")
+        h3 = hidden.view(b, t, -1)  # (B, T, H): a view keeps hidden the leaf
+        ids, m2, old2 = targets.view(b, t), mask.view(b, t).long(), old.view(b, t)
+        seq_adv = adv.view(b, t)[:, 0].contiguous()  # (B,) Liger takes one advantage per sequence
+
+        def loss():
+            out = loss_mod(h3, weight, ids, m2, seq_adv, old_per_token_logps=old2)
+            return out[0] if isinstance(out, tuple) else out
+
+        return _timed(loss, hidden, weight)
+
+    def liger_triton(case: Case):
+        try:
+            from liger_kernel.transformers.grpo_loss import triton_grpo_loss
+        except ImportError as ex:
+            raise Skip(f"liger-kernel not importable ({ex})") from None
+        if device != "cuda":
+            raise Skip("Liger needs a GPU")
+        hidden, weight, targets, adv, old, mask = inputs(case, device, dtype)
+        n = case.params["N"]
+        b, t = max(1, n // SEQ_LEN), min(n, SEQ_LEN)
+        # Liger drops the last logit position of each sequence: one extra hidden row per sequence.
+        extra = torch.randn(b, 1, hidden.shape[1], device=device, dtype=dtype)
+        ids, m2, old2 = targets.view(b, t), mask.view(b, t), old.view(b, t)
+        seq_adv = adv.view(b, t)[:, 0].contiguous()
+        params = inspect.signature(triton_grpo_loss).parameters
+        kw = dict(temperature=1.0, beta=0.0, eps_low=EPS_LOW, eps_high=EPS_HIGH, inplace=True)
+        if "loss_type" in params:
+            kw["loss_type"] = "bnpo"
+
+        def loss():
+            h3 = torch.cat([hidden.view(b, t, -1), extra], dim=1)  # (B, T+1, H)
+            logits = h3 @ weight.T  # (B, T+1, V) in bf16, as Liger expects
+            out = triton_grpo_loss(logits, old2, None, ids, seq_adv, m2, **kw)
+            per = out[0] if isinstance(out, tuple) else out
+            if per.dim() == 0:
+                return per
+            return (per * m2).sum() / m2.sum().clamp(min=1)
+
+        return _timed(loss, hidden, weight)
+
+    def r4b(backend: str):
+        def setup(case: Case):
+            if backend not in available_backends("fused_linear_grpo_loss", device):
+                raise Skip(f"{backend} backend unavailable on {device}")
+            hidden, weight, targets, adv, old, mask = inputs(case, device, dtype)
+            return _timed(lambda: fused_linear_grpo_loss(hidden, weight, targets, adv, old_logprobs=old,
+                                                         loss_mask=mask, eps_low=EPS_LOW, eps_high=EPS_HIGH,
+                                                         aggregation="token_mean", backend=backend)[0],
+                          hidden, weight)
+
+        return setup
+
+    return {
+        "torch eager": eager,
+        "torch.compile": compiled,
+        "liger chunked": liger_chunked,
+        "liger triton": liger_triton,
+        "r4b torch (chunked)": r4b("torch"),
+        "r4b triton": r4b("triton"),
+    }
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    argv = argv or []
+    device = default_device()
+    quick = "--quick" in argv or device == "cpu"
+    floor = matmul_floor_tflops(device)  # TFLOP/s of an 8192^3 bf16 matmul, this run, this card
+    if floor is not None:
+        print(f"matmul floor: {floor:.1f} TFLOP/s (8192^3 bf16)", flush=True)
+
+    def extra(case: Case, row: dict) -> dict:
+        if floor is None or not case.flops:
+            return {}
+        floor_ms = case.flops / floor / 1e9
+        return {"floor_ms": floor_ms, "x_floor": row["ms"] / floor_ms, "matmul_tflops": floor}
+
+    return run_bench(OP, cases(quick), providers(device), device=device, quick=quick, extra_columns=extra)
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])
