@@ -3,7 +3,8 @@ a document block mask (mask build time in its own column), flash-attn / xformers
 
 TFLOP/s use flash-attn's accounting: forward = 4 * L^2 * Hq * D per document, halved when causal; backward =
 2.5x forward (so forward+backward = 3.5x). ``--aot`` compiles the Triton kernels for sm_90 without a GPU and
-prints registers / spills per autotune config (ptxas -v), the measurement behind the config lists.
+prints registers / spills per autotune config (ptxas -v), the measurement behind the config lists
+(``--aot-first``: the first config of each list only, what tests/test_varlen_attention.py runs).
 """
 
 from __future__ import annotations
@@ -145,9 +146,10 @@ def providers(device: str, mask_ms: dict) -> dict:
             "r4b triton": r4b}
 
 
-def aot_report() -> None:
-    """Compile the three attention kernels for sm_90 (bf16, D=128, causal, GQA 4) per autotune config; print
-    registers and spills from ptxas. Needs no GPU (triton's bundled ptxas), and no TRITON_INTERPRET."""
+def aot_report(first_only: bool = False) -> None:
+    """Compile the three attention kernels for sm_90 (bf16, D=128, causal, GQA 4) per autotune config (or the
+    first of each list); print registers and spills from ptxas. Needs no GPU (triton's bundled ptxas), and no
+    TRITON_INTERPRET."""
     import importlib
     import subprocess
     import tempfile
@@ -164,7 +166,7 @@ def aot_report() -> None:
     for kind, kern, cfgs, tile in (("fwd", va._fwd_kernel, va.FWD_CONFIGS, ("BLOCK_M", "BLOCK_N")),
                                    ("dq", va._bwd_dq_kernel, va.DQ_CONFIGS, ("BLOCK_M", "BLOCK_N")),
                                    ("dkdv", va._bwd_dkdv_kernel, va.DKDV_CONFIGS, ("BLOCK_N", "BLOCK_M"))):
-        for a, b, warps, stages in cfgs:
+        for a, b, warps, stages in cfgs[:1] if first_only else cfgs:
             meta = {"GROUP": 4, "D": 128, "BLOCK_D": 128, "CAUSAL": True, "DOT_PREC": "tf32", tile[0]: a, tile[1]: b}
             names = kern.arg_names
             sig = {n: "constexpr" if n in meta else "*fp32" if n in ("LSE", "DELTA") else "*i32" if n == "CU"
@@ -187,8 +189,8 @@ def aot_report() -> None:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     argv = argv or []
-    if "--aot" in argv:
-        aot_report()
+    if "--aot" in argv or "--aot-first" in argv:
+        aot_report(first_only="--aot-first" in argv)
         return []
     device = default_device()
     quick = "--quick" in argv or device == "cpu"
