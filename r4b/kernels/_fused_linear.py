@@ -231,6 +231,8 @@ def _config(n: int, v: int, k: int, dtype: torch.dtype, device: torch.device) ->
     interpret = device.type == "cpu"
     if interpret:
         bn, bv, bk, warps, stages = 256, 1024, 64, 4, 1  # 1025x4097: 2.4 s fwd vs 15 s at 64x256
+    elif dtype == torch.float32:  # fp32 tiles are twice the bytes: smaller K step, fewer stages (shared memory)
+        bn, bv, bk, warps, stages = 128, 128, 32, 8, 2
     else:
         bn, bv, bk, warps, stages = 128, 128, 64, 8, 3
     bn = min(bn, _pow2_at_least(n))
