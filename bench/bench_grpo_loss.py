@@ -6,6 +6,7 @@ r4b's chunked torch backend and r4b's Triton kernels. FLOPs = 3 GEMMs of 2*N*H*V
 the ``x_floor`` column is the time over those FLOPs at the 8192^3 bf16 matmul rate measured in the same run.
 
     python -m bench grpo_loss [--quick]        (--quick: tiny shapes, what runs on a CPU)
+    python -m bench.bench_grpo_loss --aot      (no GPU: compile the Triton kernels for sm_90, print registers)
 """
 
 from __future__ import annotations
@@ -145,8 +146,71 @@ def providers(device: str) -> dict:
     }
 
 
+def aot_report() -> list[str]:
+    """Compile r4b's forward and backward kernels for sm_90 with the GPU tile configs (bf16 with and without
+    bias, fp32), H=2560, and print ptxas registers / spills per kernel. Needs no GPU (triton's bundled ptxas)
+    and TRITON_INTERPRET unset; catches what the interpreter cannot (compile errors, spills)."""
+    import os
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise SystemExit("--aot needs TRITON_INTERPRET unset")
+    from r4b.kernels import _fused_linear as fl
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    lines = []
+    for dtype, tname, bias in ((torch.bfloat16, "bf16", False), (torch.bfloat16, "bf16", True),
+                               (torch.float32, "fp32", False)):
+        bn, bv, bk, warps, stages = fl.gpu_tiles(dtype)
+        prec = "ieee" if dtype == torch.float32 else "tf32"
+        common = dict(K=2560, HAS_BIAS=bias, DOT_PRECISION=prec, BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk)
+        kernels = (
+            ("fwd", fl._fwd_kernel, {**common, "V_PER_SPLIT": 38016}),
+            ("bwd", fl._bwd_kernel, {**common, "COMPUTE_DH": True, "COMPUTE_DW": True, "GROUP_N": 8}),
+        )
+        for kind, kern, meta in kernels:
+            names = kern.arg_names
+            sig = {}
+            for n in names:
+                if n in meta:
+                    sig[n] = "constexpr"
+                elif n in ("h_ptr", "w_ptr", "b_ptr"):
+                    sig[n] = f"*{tname}"
+                elif n == "t_ptr":
+                    sig[n] = "*i64"
+                elif n.endswith("_ptr"):
+                    sig[n] = "*fp32"
+                else:
+                    sig[n] = "fp32" if n == "inv_temp" else "i32"
+            attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+                     if sig[n].startswith("*") or n.startswith("stride")}
+            src = ASTSource(fn=kern, signature=sig, constexprs={(names.index(k),): v for k, v in meta.items()},
+                            attrs=attrs)
+            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                      options={"num_warps": warps, "num_stages": stages})
+            with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+                f.write(compiled.asm["ptx"])
+            r = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True,
+                               text=True, check=True)
+            os.unlink(f.name)
+            info = " ".join(x.split(":", 1)[-1].strip() for x in r.stderr.splitlines()
+                            if "registers" in x or "spill" in x)
+            line = f"{kind} {tname} bias={bias} tiles={bn}x{bv}x{bk} warps={warps} stages={stages}: {info}"
+            print(line, flush=True)
+            lines.append(line)
+    return lines
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     argv = argv or []
+    if "--aot" in argv:
+        aot_report()
+        return []
     device = default_device()
     quick = "--quick" in argv or device == "cpu"
     floor = matmul_floor_tflops(device)  # TFLOP/s of an 8192^3 bf16 matmul, this run, this card
