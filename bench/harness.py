@@ -152,7 +152,8 @@ def run_bench(
     rows: list[dict] = []
     for case in cases:
         for name, setup in providers.items():
-            row: dict = {"op": op, "case": case.label, "provider": name, **{f"p_{k}": v for k, v in case.params.items()}}
+            row: dict = {"op": op, "case": case.label, "provider": name}
+            row.update({f"p_{k}": v for k, v in case.params.items()})
             try:
                 fn = setup(case)
                 ms, p20, p80 = time_fn(fn, device, quick=quick)
@@ -189,7 +190,8 @@ def format_row(row: dict) -> str:
 
 def _markdown(op: str, rows: list[dict], env: dict) -> str:
     cols = ["case", "provider", "ms", "ms_p20", "ms_p80", "tflops", "gbps", "peak_mem_gib"]
-    extra = sorted({k for r in rows for k in r if k not in cols and not k.startswith("p_") and k not in ("op", "skipped")})
+    skip = ("op", "skipped")
+    extra = sorted({k for r in rows for k in r if k not in cols and not k.startswith("p_") and k not in skip})
     cols += extra + ["skipped"]
     cols = [c for c in cols if any(r.get(c) is not None for r in rows)]
     lines = [

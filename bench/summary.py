@@ -14,7 +14,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def latest_dir() -> Path | None:
-    dirs = sorted((d for d in RESULTS.iterdir() if d.is_dir() and "-cpu-" not in d.name), key=lambda d: d.stat().st_mtime)
+    dirs = [d for d in RESULTS.iterdir() if d.is_dir() and "-cpu-" not in d.name]
+    dirs.sort(key=lambda d: d.stat().st_mtime)
     return dirs[-1] if dirs else None
 
 

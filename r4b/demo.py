@@ -44,7 +44,7 @@ def sample(model: Qwen3ForCausalLM, prompts: list[list[int]], stop_ids: list[int
     outs: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     for _ in range(max_new):
-        seqs = [torch.tensor(p + o, dtype=torch.int64) for p, o in zip(prompts, outs)]
+        seqs = [torch.tensor(p + o, dtype=torch.int64) for p, o in zip(prompts, outs, strict=True)]
         batch = pack_sequences(seqs)
         hidden = model(batch.flat, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)  # (T, H)
         probs = torch.softmax(model.compute_logits(hidden, last_rows(batch.cu_seqlens)).float(), -1)  # (n, V)
@@ -65,7 +65,7 @@ def main(steps: int = 12) -> int:
     cfg = Qwen3Config(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)
     fresh = Qwen3ForCausalLM(cfg)
-    for name, p in fresh.named_parameters():
+    for p in fresh.parameters():
         if p.dim() == 2:  # HF-style init (std 0.02); norms keep their ones
             torch.nn.init.normal_(p, std=0.02, generator=gen)
     with tempfile.TemporaryDirectory() as d:
@@ -96,14 +96,14 @@ def main(steps: int = 12) -> int:
         model.eval()
         outs = sample(model, prompts, tok.eos_ids, max_new=24, gen=gen)
         model.train()
-        parsed = [parse_response(tok.decode(o), thinking_mode=m) for o, m in zip(outs, modes)]
+        parsed = [parse_response(tok.decode(o), thinking_mode=m) for o, m in zip(outs, modes, strict=True)]
         rewards = torch.tensor([reward_fn(p.thinking + p.answer) for p in parsed])
         adv = group_advantages(rewards, torch.tensor(groups))  # mixed group of 2g per prompt
-        seqs = [torch.tensor(p + o, dtype=torch.int64) for p, o in zip(prompts, outs)]
+        seqs = [torch.tensor(p + o, dtype=torch.int64) for p, o in zip(prompts, outs, strict=True)]
         batch = pack_sequences(seqs)
         targets = torch.full_like(batch.flat, -100)
         mask = torch.zeros_like(batch.flat, dtype=torch.bool)
-        for i, (s, e) in enumerate(zip(batch.cu_seqlens[:-1].tolist(), batch.cu_seqlens[1:].tolist())):
+        for i, (s, e) in enumerate(zip(batch.cu_seqlens[:-1].tolist(), batch.cu_seqlens[1:].tolist(), strict=True)):
             targets[s : e - 1] = batch.flat[s + 1 : e]
             mask[s + suffix_start[i] - 1 : e - 1] = True  # positions whose target is a mode or completion token
         hidden = model(batch.flat, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)  # (T, H)
@@ -116,8 +116,10 @@ def main(steps: int = 12) -> int:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         think = torch.tensor([m == "long" for m in modes])
-        print(f"   step {step}: reward think {rewards[think].mean():.3f} no-think {rewards[~think].mean():.3f}  "
-              f"loss {loss.item():+.1e}  grad norm {grad_norm:.3f}  clip {stats['clip_frac'].item():.2f}  tokens {batch.flat.numel()}  "
+        print(f"   step {step}: reward think {rewards[think].mean():.3f} "
+              f"no-think {rewards[~think].mean():.3f}  "
+              f"loss {loss.item():+.1e}  grad norm {grad_norm:.3f}  clip {stats['clip_frac'].item():.2f}  "
+              f"tokens {batch.flat.numel()}  "
               f"{time.perf_counter() - t0:.2f}s")
 
     print("4. backends that ran here (auto dispatch):")

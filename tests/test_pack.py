@@ -93,7 +93,7 @@ def test_ref_and_compiled_agree():
     seqs = [torch.randint(0, 9, (n,)) for n in (4, 2, 9)]
     ref = pack_ref(seqs)
     p = pack_sequences(seqs, backend="cpp")
-    for a, b in zip(ref, (p.flat, p.cu_seqlens, p.position_ids, p.seq_ids)):
+    for a, b in zip(ref, (p.flat, p.cu_seqlens, p.position_ids, p.seq_ids), strict=True):
         assert torch.equal(a, b) and a.dtype == b.dtype
 
 

@@ -71,7 +71,9 @@ def cu_seqlens(name: str, cu: torch.Tensor, total: int | None = None, values: bo
         d = c[1:] - c[:-1]
         if bool((d < 0).any()):
             i = int(torch.nonzero(d < 0)[0, 0])
-            raise ValueError(f"{name} must be non-decreasing, got {name}[{i}]={int(c[i])} > {name}[{i + 1}]={int(c[i + 1])}")
+            raise ValueError(
+                f"{name} must be non-decreasing, got {name}[{i}]={int(c[i])} > {name}[{i + 1}]={int(c[i + 1])}"
+            )
     if total is not None and int(c[-1]) != total:
         raise ValueError(f"{name} must end at the total token count {total}, got {name}[-1]={int(c[-1])}")
     return cu

@@ -36,7 +36,7 @@ def registered_ops() -> dict[str, tuple[str, ...]]:
     return dict(_OPS)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _extension():
     """The compiled extension ``r4b._C`` or None when it is not built."""
     from . import _ext
@@ -44,7 +44,7 @@ def _extension():
     return _ext.load()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_importable() -> bool:
     try:
         import triton  # noqa: F401

@@ -7,7 +7,7 @@ import functools
 import torch
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load():
     """r4b._C (importing it registers torch.ops.r4b.*), or None when the extension is not built."""
     try:

@@ -112,7 +112,7 @@ def unpack(flat: Tensor, cu_seqlens: Tensor) -> list[Tensor]:
 def unpack_padded_ref(flat: Tensor, cu_seqlens: Tensor, max_seqlen: int, pad_value: float | int = 0) -> Tensor:
     n = cu_seqlens.numel() - 1
     out = flat.new_full((n, max_seqlen, *flat.shape[1:]), pad_value)
-    for i, (s, e) in enumerate(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())):
+    for i, (s, e) in enumerate(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist(), strict=True)):
         length = min(e - s, max_seqlen)
         out[i, :length] = flat[s : s + length]
     return out
