@@ -1,7 +1,9 @@
 """fused_linear_grpo_loss: the BPO/GRPO policy loss straight from hidden states (clipped surrogate, optional
 k3 KL to a reference policy, three aggregations), with the per-token log-probs and the usual stats. The
-vocabulary projection never exists as an [N, V] tensor: _fused_linear.py computes log-probs tile by tile and
-its backward recomputes the logits; this file owns the per-token formula on [N] vectors and the public function.
+vocabulary projection never exists as an [N, V] tensor. With gradients, the Triton backend runs the "chunked"
+implementation by default (_fused_linear_chunked.py: 3 cuBLAS GEMMs per row chunk, the gradient formed in the
+forward); R4B_FUSED_LINEAR_IMPL=tiled selects the tiled kernels of _fused_linear.py (log-probs tile by tile, a
+backward that recomputes the logits). This file owns the per-token formula on [N] vectors and the public function.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _checks, _dispatch, _fused_linear
+from . import _checks, _dispatch, _fused_linear, _fused_linear_chunked
 
 OP = "fused_linear_grpo_loss"
 _dispatch.register(OP, ("triton", "torch"))
@@ -32,15 +34,24 @@ def _aggregate(per_token: Tensor, mask: Tensor, seq_ids: Tensor | None, aggregat
     return total.sum() / active
 
 
-def _grpo(hidden: Tensor, weight: Tensor, targets: Tensor, advantages: Tensor, old_logprobs: Tensor | None,
-          ref_logprobs: Tensor | None, loss_mask: Tensor | None, seq_ids: Tensor | None, eps_low: float,
-          eps_high: float, beta: float, temperature: float, aggregation: str, bias: Tensor | None, backend: str
-          ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-    v = weight.shape[0]
-    mask = (targets >= 0) & (targets < v)  # (N,) a token without a target is never trained
-    if loss_mask is not None:
-        mask = mask & loss_mask
-    logp = _fused_linear.linear_logprobs(hidden, weight, bias, targets, temperature, backend)  # (N,) f32
+def _token_weights(mask: Tensor, seq_ids: Tensor | None, aggregation: str) -> Tensor:
+    """(N,) f32 d loss / d per_token[i] of :func:`_aggregate` (0 at untrained tokens), computed up front."""
+    m = mask.float()
+    if aggregation == "token_mean":
+        return m / mask.sum().clamp(min=1).float()
+    _, seq = torch.unique(seq_ids, return_inverse=True)
+    n_seq = int(seq.max()) + 1 if seq.numel() else 0
+    count = torch.zeros(n_seq, dtype=torch.float32, device=mask.device).index_add_(0, seq, m)
+    active = (count > 0).sum().clamp(min=1).float()
+    if aggregation == "seq_mean_token_mean":
+        return m / (count.clamp(min=1)[seq] * active)
+    return m / active
+
+
+def _surrogate(logp: Tensor, mask: Tensor, advantages: Tensor, old_logprobs: Tensor | None,
+               ref_logprobs: Tensor | None, eps_low: float, eps_high: float, beta: float
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """(per_token loss (N,), ratio, masked advantages, k3 KL or None) from logp (N,) f32."""
     # Masked positions are neutralised before any exp, so garbage there (e.g. old_logprobs=-inf) cannot leak.
     adv = torch.where(mask, advantages.float(), 0.0)
     old = logp.detach() if old_logprobs is None else old_logprobs.float()
@@ -55,7 +66,38 @@ def _grpo(hidden: Tensor, weight: Tensor, targets: Tensor, advantages: Tensor, o
         if beta > 0:
             per_token = per_token + beta * kl
     per_token = torch.where(mask, per_token, 0.0)
-    loss = _aggregate(per_token, mask, seq_ids, aggregation)
+    return per_token, ratio, adv, kl
+
+
+def _needs_grad(*xs: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in xs)
+
+
+def _grpo(hidden: Tensor, weight: Tensor, targets: Tensor, advantages: Tensor, old_logprobs: Tensor | None,
+          ref_logprobs: Tensor | None, loss_mask: Tensor | None, seq_ids: Tensor | None, eps_low: float,
+          eps_high: float, beta: float, temperature: float, aggregation: str, bias: Tensor | None, backend: str
+          ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    v = weight.shape[0]
+    mask = (targets >= 0) & (targets < v)  # (N,) a token without a target is never trained
+    if loss_mask is not None:
+        mask = mask & loss_mask
+    sur_args = (mask, advantages, old_logprobs, ref_logprobs, eps_low, eps_high, beta)
+    if backend == "triton" and _needs_grad(hidden, weight, bias) and _fused_linear_chunked.impl() == "chunked":
+        # 3 GEMMs, gradient computed in the forward (see _fused_linear_chunked.py)
+        def loss_fn(lp: Tensor) -> Tensor:
+            return _aggregate(_surrogate(lp, *sur_args)[0], mask, seq_ids, aggregation)
+
+        w = _token_weights(mask, seq_ids, aggregation)
+        loss, logp = _fused_linear_chunked.chunked_loss(
+            hidden, weight, bias, targets, w, loss_fn, adv=advantages, old=old_logprobs,
+            ref=ref_logprobs if beta > 0 else None, temperature=temperature, eps_low=eps_low, eps_high=eps_high,
+            beta=beta, mode=_fused_linear_chunked.MODE_GRPO)
+        with torch.no_grad():
+            _, ratio, adv, kl = _surrogate(logp, *sur_args)
+    else:
+        logp = _fused_linear.linear_logprobs(hidden, weight, bias, targets, temperature, backend)  # (N,) f32
+        per_token, ratio, adv, kl = _surrogate(logp, *sur_args)
+        loss = _aggregate(per_token, mask, seq_ids, aggregation)
 
     with torch.no_grad():
         n_tok = mask.sum().clamp(min=1).float()

@@ -1,0 +1,281 @@
+"""The "chunked" implementation of the fused-linear losses (GRPO, cross-entropy): exactly 3 GEMMs (cuBLAS) and
+the gradient computed in the forward, no atomics.
+
+For each chunk of C rows:
+
+1. ``z = hidden_c @ weight.T (+ bias)`` into a [C, V] buffer of the input dtype, reused across chunks;
+2. one Triton kernel (:func:`_rows_kernel`, a program per block of rows, a loop over the vocabulary in blocks,
+   fp32 maths) reads ``z``, computes the log-sum-exp and ``logp_i = z[i, t_i] / T - lse_i``, the per-token
+   coefficient ``c_i = d loss / d logp_i`` (GRPO: from the clipped surrogate, the k3 KL and the aggregation
+   weight, with torch autograd's exact rules; otherwise a given vector), writes ``logp`` and ``c`` and
+   overwrites ``z`` in place with ``dz = c_i * (onehot(t_i) - softmax(z_i / T)) / T``;
+3. ``dhidden_c = dz @ weight`` (one GEMM) and ``dweight += dz.T @ hidden_c`` (one GEMM, ``addmm`` into an
+   accumulator), ``dbias += dz.sum(0)`` in fp32.
+
+The backward only scales the saved gradients by the incoming scalar ``grad_output``. Rows with ``c_i = 0``
+(masked tokens) still cost their share of the GEMMs but give exactly zero gradient.
+
+Chunk size: at most ``_CHUNK_BYTES`` (512 MiB) of ``z``; at H=2560, V=151936, bf16 that is 1766 -> 1536 rows
+(rounded down to a multiple of 256 for the GEMMs). This is a first guess, to be tuned on a GPU.
+
+dweight accumulator dtype (the memory/precision trade-off): fp32 when the weight is fp32 or when an fp32
+[V, H] buffer is small (<= ``_FP32_DW_MAX_BYTES`` = 256 MiB); otherwise the weight's own dtype. At the anchor
+shape (V=151936, H=2560, bf16) an fp32 accumulator alone is 1.56 GB and, with the z buffer and the final
+bf16 copy, peak extra memory would pass Liger's 2.19 GiB; so there dweight accumulates in bf16: each chunk's
+``dz.T @ hidden_c`` is summed in fp32 inside cuBLAS and added to the bf16 accumulator in the fp32 epilogue,
+i.e. one bf16 rounding of the running sum per chunk (ceil(N / C) roundings; 11 for N=16384) instead of one
+for an unchunked GEMM. dhidden and dz are in the input dtype, as in an eager bf16 backward.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from . import _dispatch
+
+ENV_IMPL = "R4B_FUSED_LINEAR_IMPL"
+IMPLS = ("chunked", "tiled")
+
+# Bytes of the [C, V] logits/gradient buffer of one chunk. Needs tuning on a GPU (bigger chunks: fewer bf16
+# roundings of dweight and better GEMM shapes; smaller: less memory).
+_CHUNK_BYTES = 512 << 20
+# Tests set this to force several chunks on tiny inputs (None: derived from _CHUNK_BYTES).
+_MAX_CHUNK_ROWS: int | None = None
+# An fp32 dweight accumulator is used whenever it is at most this big (always for fp32 weights).
+_FP32_DW_MAX_BYTES = 256 << 20
+
+if _dispatch.triton_importable():
+    import triton
+    import triton.language as tl
+else:  # pragma: no cover - torch-only installs
+    triton = None
+    tl = None
+
+
+def impl() -> str:
+    """The Triton implementation to use for the losses with gradients: $R4B_FUSED_LINEAR_IMPL, default chunked."""
+    val = os.environ.get(ENV_IMPL, "chunked") or "chunked"
+    if val not in IMPLS:
+        raise ValueError(f"{ENV_IMPL} must be one of {IMPLS}, got {val!r}")
+    return val
+
+
+def chunk_rows(n: int, v: int, elem: int) -> int:
+    rows = max(1, _CHUNK_BYTES // max(v * elem, 1))
+    if rows > 256:
+        rows -= rows % 256
+    if _MAX_CHUNK_ROWS is not None:
+        rows = min(rows, _MAX_CHUNK_ROWS)
+    return max(1, min(n, rows))
+
+
+def dweight_dtype(weight: Tensor) -> torch.dtype:
+    if weight.dtype == torch.float32 or weight.numel() * 4 <= _FP32_DW_MAX_BYTES:
+        return torch.float32
+    return weight.dtype
+
+
+# ---------------------------------------------------------------------------------------------- triton
+
+MODE_GRPO, MODE_COEF = 0, 1
+
+if triton is not None:
+
+    @triton.jit
+    def _rows_kernel(
+        z_ptr, t_ptr, w_ptr, adv_ptr, old_ptr, ref_ptr, logp_ptr, c_ptr,
+        R, stride_z, inv_temp, lo, hi, beta,
+        V: tl.constexpr, MODE: tl.constexpr, HAS_OLD: tl.constexpr, HAS_KL: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
+    ):
+        """BLOCK_R rows of z: lse, logp, c = d loss / d logp, then z <- c (onehot - softmax(z / T)) / T."""
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_ok = rows < R
+        rows64 = rows.to(tl.int64)
+        tgt = tl.load(t_ptr + rows64, mask=row_ok, other=-1).to(tl.int64)
+        has_t = (tgt >= 0) & (tgt < V)
+        base = z_ptr + rows64[:, None] * stride_z
+        # pass 1: online max / sum-exp / target logit
+        m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+        s = tl.zeros([BLOCK_R], tl.float32)
+        zt = tl.zeros([BLOCK_R], tl.float32)
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            ok = row_ok[:, None] & (cols < V)[None, :]
+            z = tl.load(base + cols[None, :], mask=ok, other=float("-inf")).to(tl.float32) * inv_temp
+            m_new = tl.maximum(m, tl.max(z, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # padding rows: all -inf
+            s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), 1)
+            m = m_new
+            zt += tl.sum(tl.where(cols[None, :].to(tl.int64) == tgt[:, None], z, 0.0), 1)
+        lse = tl.where(row_ok, m + tl.log(tl.where(row_ok, s, 1.0)), 0.0)
+        logp = tl.where(has_t & row_ok, zt - lse, 0.0)
+        # per-token coefficient d loss / d logp
+        w = tl.load(w_ptr + rows64, mask=row_ok, other=0.0)
+        if MODE == 0:
+            trained = (w != 0) & has_t
+            adv = tl.where(trained, tl.load(adv_ptr + rows64, mask=row_ok, other=0.0), 0.0)
+            if HAS_OLD:
+                old = tl.load(old_ptr + rows64, mask=row_ok, other=0.0)
+                lr = tl.where(trained, logp - old, 0.0)
+            else:
+                lr = tl.zeros([BLOCK_R], tl.float32)  # on-policy: logp - logp.detach() = 0, ratio exactly 1
+            ratio = tl.exp(lr)
+            clipped = tl.minimum(tl.maximum(ratio, lo), hi)
+            a = ratio * adv
+            b = clipped * adv
+            # torch.minimum's backward: the smaller input gets the gradient, a tie splits it in half
+            fa = tl.where(a < b, 1.0, tl.where(a == b, 0.5, 0.0))
+            fb = tl.where(b < a, 1.0, tl.where(a == b, 0.5, 0.0))
+            # clamp's backward passes the gradient where lo <= ratio <= hi (bounds included)
+            cg = tl.where((ratio >= lo) & (ratio <= hi), 1.0, 0.0)
+            g = -(fa * adv + fb * cg * adv) * ratio
+            if HAS_KL:
+                ref = tl.load(ref_ptr + rows64, mask=row_ok, other=0.0)
+                d = tl.where(trained, ref - logp, 0.0)
+                g += beta * (1.0 - tl.exp(d))
+            c = tl.where(trained, w * g, 0.0)
+        else:
+            c = tl.where(has_t, w, 0.0)
+        tl.store(logp_ptr + rows64, logp, mask=row_ok)
+        tl.store(c_ptr + rows64, c, mask=row_ok)
+        # pass 2: z <- dz = c (onehot - p) / T, in place
+        scale = c * inv_temp
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            ok = row_ok[:, None] & (cols < V)[None, :]
+            z = tl.load(base + cols[None, :], mask=ok, other=0.0).to(tl.float32) * inv_temp
+            p = tl.exp(z - lse[:, None])
+            onehot = tl.where(cols[None, :].to(tl.int64) == tgt[:, None], 1.0, 0.0)
+            dz = (onehot - p) * scale[:, None]
+            tl.store(base + cols[None, :], dz.to(z_ptr.dtype.element_ty), mask=ok)
+
+
+def gpu_rows_config() -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_V, num_warps) of the row kernel on a GPU: one row per program, 4096-wide vocabulary blocks
+    (16 fp32 values per thread at 8 warps). A first guess for a memory-bound loop; needs GPU tuning."""
+    return 1, 4096, 8
+
+
+def _rows_config(rows: int, v: int, device: torch.device) -> tuple[int, int, int]:
+    if device.type == "cpu":  # interpreter: few, wide programs (it runs them one after another)
+        bv = min(1024, max(16, triton.next_power_of_2(v)))
+        br, warps = (1 << 16) // bv, 4
+    else:
+        br, bv, warps = gpu_rows_config()
+        bv = min(bv, max(16, triton.next_power_of_2(v)))
+    br = min(br, triton.next_power_of_2(max(rows, 1)))
+    return br, bv, warps
+
+
+def _launch_rows(z: Tensor, targets: Tensor, w: Tensor, adv: Tensor | None, old: Tensor | None,
+                 ref: Tensor | None, logp: Tensor, c: Tensor, temperature: float, lo: float, hi: float, beta: float,
+                 mode: int) -> None:
+    rows, v = z.shape
+    br, bv, warps = _rows_config(rows, v, z.device)
+    grid = (triton.cdiv(rows, br),)
+    _rows_kernel[grid](
+        z, targets, w, adv if adv is not None else w, old if old is not None else w, ref if ref is not None else w,
+        logp, c, rows, z.stride(0), 1.0 / temperature, lo, hi, beta,
+        V=v, MODE=mode, HAS_OLD=old is not None, HAS_KL=ref is not None and beta > 0, BLOCK_R=br, BLOCK_V=bv,
+        num_warps=warps,
+    )
+
+
+# ------------------------------------------------------------------------------------------- the loop
+
+
+def _chunk_loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, w: Tensor,
+                adv: Tensor | None, old: Tensor | None, ref: Tensor | None, temperature: float, lo: float, hi: float,
+                beta: float, mode: int, need_dh: bool, need_dw: bool, need_db: bool
+                ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """(logp [N] f32, c [N] f32, dhidden [N,H] hidden dtype, dweight [V,H], dbias [V] f32), None where not needed.
+
+    ``w`` (N,) f32: the aggregation weight (MODE_GRPO) or the coefficient itself (MODE_COEF)."""
+    n, h = hidden.shape
+    v = weight.shape[0]
+    dev = hidden.device
+    logp = torch.empty(n, dtype=torch.float32, device=dev)
+    c = torch.empty(n, dtype=torch.float32, device=dev)
+    dh = torch.empty(n, h, dtype=hidden.dtype, device=dev) if need_dh else None
+    dw = torch.zeros(v, h, dtype=dweight_dtype(weight), device=dev) if need_dw else None
+    db = torch.zeros(v, dtype=torch.float32, device=dev) if need_db else None
+    if n == 0:
+        return logp, c, dh, dw, db
+    step = chunk_rows(n, v, hidden.element_size())
+    zbuf = torch.empty(step, v, dtype=hidden.dtype, device=dev)
+    wt = weight.T
+    targets = targets.contiguous()
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        hc = hidden[s:e]
+        z = zbuf[: e - s]
+        if bias is not None:
+            torch.addmm(bias, hc, wt, out=z)
+        else:
+            torch.mm(hc, wt, out=z)
+        _launch_rows(z, targets[s:e], w[s:e], None if adv is None else adv[s:e], None if old is None else old[s:e],
+                     None if ref is None else ref[s:e], logp[s:e], c[s:e], temperature, lo, hi, beta, mode)
+        if dh is not None:
+            torch.mm(z, weight, out=dh[s:e])
+        if dw is not None:
+            if dw.dtype == z.dtype:
+                dw.addmm_(z.T, hc)
+            else:
+                dw.addmm_(z.T.float(), hc.float())  # fp32 accumulator for a half weight (small V*H only)
+        if db is not None:
+            db += z.sum(0, dtype=torch.float32)
+    return logp, c, dh, dw, db
+
+
+# -------------------------------------------------------------------------------------------- autograd
+
+
+class _ChunkedLoss(torch.autograd.Function):
+    """(loss (), logp (N,) detached) with the gradients computed in the forward; backward scales them."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, w, adv, old, ref, temperature, lo, hi, beta, mode, loss_fn):
+        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_db = bias is not None and ctx.needs_input_grad[2]
+        logp, _, dh, dw, db = _chunk_loop(hidden, weight, bias, targets, w, adv, old, ref, temperature, lo, hi,
+                                          beta, mode, need_dh, need_dw, need_db)
+        loss = loss_fn(logp)
+        ctx.save_for_backward(dh, dw, db)
+        ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        ctx.mark_non_differentiable(logp)
+        return loss, logp
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, grad_logp):
+        dh, dw, db = ctx.saved_tensors
+        h_dt, w_dt, b_dt = ctx.dtypes
+        g = grad_loss.float()
+
+        def scale(x, dt):  # out of place, so that a retained graph can run backward twice
+            if x is None:
+                return None
+            return (x * g).to(dt) if x.dtype == torch.float32 else x * g.to(x.dtype)
+
+        return (scale(dh, h_dt), scale(dw, w_dt), scale(db, b_dt)) + (None,) * 11
+
+
+def chunked_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, w: Tensor,
+                 loss_fn, *, adv: Tensor | None = None, old: Tensor | None = None, ref: Tensor | None = None,
+                 temperature: float = 1.0, eps_low: float = 0.0, eps_high: float = 0.0, beta: float = 0.0,
+                 mode: int = MODE_COEF) -> tuple[Tensor, Tensor]:
+    """(loss, logp) with d loss / d logp_i = c_i: MODE_GRPO derives c from the GRPO inputs and the aggregation
+    weights ``w``; MODE_COEF takes c = ``w``. ``loss_fn(logp)`` gives the loss value (no grad needed there).
+    Targets outside [0, V) give logp 0 and no gradient. Inputs already validated; all (N,) vectors on hidden's
+    device (w, adv, old, ref converted to contiguous fp32 here)."""
+    def f32(x):
+        return None if x is None else x.float().contiguous()
+
+    return _ChunkedLoss.apply(hidden.contiguous(), weight.contiguous(), bias, targets, f32(w), f32(adv), f32(old),
+                              f32(ref), float(temperature), 1.0 - eps_low, 1.0 + eps_high, float(beta), mode, loss_fn)
+
