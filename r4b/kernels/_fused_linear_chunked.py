@@ -279,3 +279,35 @@ def chunked_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: T
     return _ChunkedLoss.apply(hidden.contiguous(), weight.contiguous(), bias, targets, f32(w), f32(adv), f32(old),
                               f32(ref), float(temperature), 1.0 - eps_low, 1.0 + eps_high, float(beta), mode, loss_fn)
 
+
+
+class _LogprobsChunkedBwd(torch.autograd.Function):
+    """logp (N,) f32 for an arbitrary downstream (e.g. cross-entropy with reduction="none"): the tiled Triton
+    forward, and a backward that recomputes the logits with the chunk loop (4 GEMMs in all, no atomics)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature):
+        from . import _fused_linear
+
+        logp, _ = _fused_linear.triton_fwd(hidden, weight, bias, targets, temperature)
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        ctx.temperature = temperature
+        return logp
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logp):
+        hidden, weight, bias, targets = ctx.saved_tensors
+        need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
+        _, _, dh, dw, db = _chunk_loop(hidden, weight, bias, targets, grad_logp.float().contiguous(), None, None,
+                                       None, ctx.temperature, 1.0, 1.0, 0.0, MODE_COEF, need_dh, need_dw,
+                                       need_db and bias is not None)
+        return (dh, None if dw is None else dw.to(weight.dtype), None if db is None else db.to(bias.dtype),
+                None, None)
+
+
+def linear_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, temperature: float
+                    ) -> Tensor:
+    """Differentiable logp (N,) f32 (0 where the target is outside [0, V)), chunked backward."""
+    return _LogprobsChunkedBwd.apply(hidden.contiguous(), weight.contiguous(), bias, targets.contiguous(),
+                                     float(temperature))

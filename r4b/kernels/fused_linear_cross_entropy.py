@@ -1,5 +1,7 @@
 """fused_linear_cross_entropy: the SFT loss straight from hidden states, -log softmax(hidden @ weight.T +
-bias)[target], with backward into hidden / weight / bias and no [N, V] logits. Kernels in _fused_linear.py.
+bias)[target], with backward into hidden / weight / bias and no [N, V] logits. Kernels in _fused_linear_chunked.py (the
+default Triton implementation with gradients: the gradient is formed in the forward with 3 GEMMs) and
+_fused_linear.py (R4B_FUSED_LINEAR_IMPL=tiled, and the no-grad forward).
 """
 
 from __future__ import annotations
@@ -7,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _checks, _dispatch, _fused_linear
+from . import _checks, _dispatch, _fused_linear, _fused_linear_chunked
 
 OP = "fused_linear_cross_entropy"
 _dispatch.register(OP, ("triton", "torch"))
@@ -20,13 +22,24 @@ def _cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index
     v = weight.shape[0]
     valid = (targets != ignore_index) & (targets >= 0) & (targets < v)  # (N,)
     t = torch.where(valid, targets, -1)  # ignore_index may be a real id: such rows must not get a target
-    logp = _fused_linear.linear_logprobs(hidden, weight, bias, t, 1.0, backend)  # (N,) f32
-    loss = torch.where(valid, -logp, 0.0)
-    if reduction == "none":
-        return loss
-    if reduction == "sum":
-        return loss.sum()
-    return loss.sum() / valid.sum().clamp(min=1)
+
+    def reduce(logp: Tensor) -> Tensor:
+        loss = torch.where(valid, -logp, 0.0)
+        if reduction == "none":
+            return loss
+        if reduction == "sum":
+            return loss.sum()
+        return loss.sum() / valid.sum().clamp(min=1)
+
+    grads = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hidden, weight, bias))
+    if backend == "triton" and grads and _fused_linear_chunked.impl() == "chunked":
+        if reduction == "none":  # the per-token weights come only with grad_output: recompute in the backward
+            return reduce(_fused_linear_chunked.linear_logprobs(hidden, weight, bias, t, 1.0))
+        coef = -valid.float()  # d loss / d logp
+        if reduction == "mean":
+            coef = coef / valid.sum().clamp(min=1).float()
+        return _fused_linear_chunked.chunked_loss(hidden, weight, bias, t, coef, reduce)[0]
+    return reduce(_fused_linear.linear_logprobs(hidden, weight, bias, t, 1.0, backend))  # (N,) f32
 
 
 def fused_linear_cross_entropy_ref(
