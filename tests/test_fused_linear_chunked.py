@@ -1,0 +1,283 @@
+"""The two Triton implementations of the fused-linear losses with gradients, each against the float64
+references of test_fused_linear_grpo_loss / test_fused_linear_cross_entropy: "chunked" (3 GEMMs per row chunk,
+gradient formed in the forward; chunks forced small here so that several run, the last one partial) and
+"tiled" (R4B_FUSED_LINEAR_IMPL=tiled: tiled forward, backward recomputing logits with atomics). Plus
+clip-bound ties, exact zeros at masked rows, the no-grad path, the env var, and GPU-only bf16/memory checks."""
+
+import math
+import re
+
+import pytest
+import test_fused_linear_cross_entropy as CE
+import test_fused_linear_grpo_loss as G
+import torch
+import torch.nn.functional as F
+
+from r4b.kernels import _fused_linear_chunked as chunked
+from r4b.kernels import available_backends, fused_linear_cross_entropy, fused_linear_grpo_loss
+
+pytestmark = pytest.mark.skipif("triton" not in available_backends("fused_linear_grpo_loss", "cpu"),
+                                reason="triton backend unavailable here")
+
+CHUNK = 40  # rows per chunk in these tests: N=97 -> 3 chunks (40, 40, 17), N=1025 -> 26
+
+
+@pytest.fixture(params=chunked.IMPLS)
+def impl(request, monkeypatch):
+    """Selects the implementation via the env var; counts row-kernel launches (one per chunk)."""
+    monkeypatch.setenv(chunked.ENV_IMPL, request.param)
+    monkeypatch.setattr(chunked, "_MAX_CHUNK_ROWS", CHUNK)
+    launches = []
+    real = chunked._launch_rows
+
+    def counting(z, *args, **kwargs):
+        launches.append(z.shape[0])
+        return real(z, *args, **kwargs)
+
+    monkeypatch.setattr(chunked, "_launch_rows", counting)
+    return request.param, launches
+
+
+def _expect_launches(impl, n):
+    name, launches = impl
+    if name == "tiled":
+        assert launches == []
+    else:
+        assert launches == [min(CHUNK, n - s) for s in range(0, n, CHUNK)]
+
+
+@pytest.mark.parametrize("case", G.CASES, ids=lambda c: "-".join(map(str, c)))
+def test_grpo_matches_float64_reference(impl, case):
+    (loss, logp, stats, grads), (w_loss, w_logp, w_stats, w_grads) = G.run_case("triton", case)
+    _expect_launches(impl, case[0])
+    assert loss.dtype == torch.float32 and loss.shape == () and not logp.requires_grad
+    G.close(loss, w_loss, what="loss")
+    G.close(logp, w_logp, what="logprobs")
+    for k, want in w_stats.items():
+        G.close(stats[k], want, what=k)
+    for name, got, want in zip(("d hidden", "d weight", "d bias"), grads, w_grads, strict=True):
+        if want is None:
+            assert got is None
+            continue
+        assert torch.isfinite(got).all(), name
+        G.close(got, want, what=name)
+
+
+def test_grpo_masked_rows_get_exactly_zero_gradient(impl):
+    n, h, v, agg, beta, old_given, temp, mask_kind, adv_kind, bias = G.CASES[3]
+    x = G.make_inputs(n, h, v, mask_kind=mask_kind, adv_kind=adv_kind, old_given=old_given, beta=beta, bias=bias,
+                      temperature=temp)
+    hidden = x["hidden"].clone().requires_grad_()
+    loss, _, _ = fused_linear_grpo_loss(hidden, x["weight"], x["targets"], x["adv"], old_logprobs=x["old"],
+                                        ref_logprobs=x["ref"], loss_mask=x["loss_mask"], seq_ids=x["seq_ids"],
+                                        beta=beta, temperature=temp, aggregation=agg, backend="triton")
+    loss.backward()
+    trained = x["loss_mask"] & (x["targets"] >= 0)
+    assert (~trained).sum() > 0 and trained.sum() > 0
+    assert float(hidden.grad[~trained].abs().max()) == 0.0
+    assert float(hidden.grad[trained].abs().max()) > 0.0
+
+
+@pytest.mark.parametrize("eps", [(0.0, 0.0), (0.0, 0.28), (0.2, 0.0)])
+@pytest.mark.parametrize("agg", ["token_mean", "seq_mean_token_mean"])
+def test_grpo_on_policy_ratio_at_clip_bounds(impl, eps, agg):
+    """On-policy the ratio is exactly 1: with eps 0 it sits on a clip bound (clamp passes the gradient there,
+    bounds included) and ratio*A ties with clip(ratio)*A (torch.minimum splits the gradient in half): the
+    chunked kernel must reproduce autograd's rules, the float64 reference applies them too."""
+    x = G.make_inputs(97, 16, 300, mask_kind="partial", adv_kind="rand", old_given=False, beta=0.04, bias=True,
+                      temperature=0.8, seed=5)
+    hidden = x["hidden"].clone().requires_grad_()
+    weight = x["weight"].clone().requires_grad_()
+    b = x["bias"].clone().requires_grad_()
+    loss, logp, stats = fused_linear_grpo_loss(hidden, weight, x["targets"], x["adv"], ref_logprobs=x["ref"],
+                                               loss_mask=x["loss_mask"], seq_ids=x["seq_ids"], eps_low=eps[0],
+                                               eps_high=eps[1], beta=0.04, temperature=0.8, aggregation=agg,
+                                               bias=b, backend="triton")
+    loss.backward()
+    _expect_launches(impl, 97)
+    w_loss, w_logp, w_stats, w_grads = G.reference64(x["hidden"], x["weight"], x["bias"], x["targets"], x["adv"],
+                                                     None, x["ref"], x["loss_mask"], x["seq_ids"], eps[0], eps[1],
+                                                     0.04, 0.8, agg)
+    G.close(loss, w_loss, what="loss")
+    G.close(logp, w_logp, what="logprobs")
+    assert float(stats["ratio_max"]) == 1.0 and float(stats["clip_frac"]) == 0.0
+    for name, got, want in zip(("d hidden", "d weight", "d bias"), (hidden.grad, weight.grad, b.grad), w_grads,
+                               strict=True):
+        G.close(got, want, what=name)
+
+
+def test_grpo_no_grad_runs_forward_only(impl):
+    x = G.make_inputs(97, 16, 300, mask_kind="partial", adv_kind="rand", old_given=True, beta=0.0, bias=False,
+                      temperature=1.0)
+    hidden = x["hidden"].clone().requires_grad_()
+    kw = dict(old_logprobs=x["old"], loss_mask=x["loss_mask"], aggregation="token_mean", backend="triton")
+    with torch.no_grad():
+        loss, logp, _ = fused_linear_grpo_loss(hidden, x["weight"], x["targets"], x["adv"], **kw)
+    assert impl[1] == [] and not loss.requires_grad
+    w_loss, w_logp, _, _ = G.reference64(x["hidden"], x["weight"], None, x["targets"], x["adv"], x["old"], None,
+                                         x["loss_mask"], None, 0.2, 0.2, 0.0, 1.0, "token_mean")
+    G.close(loss, w_loss, what="loss")
+    G.close(logp, w_logp, what="logprobs")
+
+
+def test_grpo_retained_graph_backward_twice_doubles(impl):
+    x = G.make_inputs(97, 16, 300, mask_kind="partial", adv_kind="rand", old_given=True, beta=0.0, bias=False,
+                      temperature=1.0)
+    weight = x["weight"].clone().requires_grad_()
+    loss, _, _ = fused_linear_grpo_loss(x["hidden"], weight, x["targets"], x["adv"], old_logprobs=x["old"],
+                                        loss_mask=x["loss_mask"], aggregation="token_mean", backend="triton")
+    (loss * 3.0).backward(retain_graph=True)
+    once = weight.grad.clone()
+    (loss * 3.0).backward()
+    torch.testing.assert_close(weight.grad, 2 * once, rtol=1e-6, atol=0)
+    _, _, _, w_grads = G.reference64(x["hidden"], x["weight"], None, x["targets"], x["adv"], x["old"], None,
+                                     x["loss_mask"], None, 0.2, 0.2, 0.0, 1.0, "token_mean")
+    G.close(once, 3 * w_grads[1], what="d weight")
+
+
+@pytest.mark.parametrize("case", CE.CASES, ids=lambda c: "-".join(map(str, c)))
+def test_cross_entropy_matches_float64_reference(impl, case):
+    n, h, v, reduction, ignore, ignore_index, bias = case
+    hidden, weight, b, targets = CE.make(n, h, v, ignore, ignore_index, bias)
+    if ignore_index == 5:
+        targets[:7] = 5
+    hg, wg = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    bg = b.clone().requires_grad_() if bias else None
+    loss = fused_linear_cross_entropy(hg, wg, targets, ignore_index, reduction, bias=bg, backend="triton")
+    (loss.sum() if reduction == "none" else loss).backward()
+    _expect_launches(impl, n)
+    w_loss, w_dh, w_dw, w_db = CE.reference64(hidden, weight, b, targets, ignore_index, reduction)
+    CE.close(loss, w_loss, what="loss")
+    CE.close(hg.grad, w_dh, what="d hidden")
+    CE.close(wg.grad, w_dw, what="d weight")
+    if bias:
+        CE.close(bg.grad, w_db, what="d bias")
+    ignored = (targets == ignore_index) | (targets < 0)
+    if ignored.any():
+        assert float(hg.grad[ignored].abs().max()) == 0.0
+
+
+def test_cross_entropy_none_weighted_grad_output(impl):
+    """reduction="none" with a non-uniform grad_output (the chunked path recomputes in the backward)."""
+    hidden, weight, _, targets = CE.make(97, 16, 300, "some", -100, False, seed=2)
+    g = torch.randn(97, generator=torch.Generator().manual_seed(9))
+    hg, wg = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    (fused_linear_cross_entropy(hg, wg, targets, reduction="none", backend="triton") * g).sum().backward()
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    (F.cross_entropy(h64 @ w64.T, targets, reduction="none") * g.double()).sum().backward()
+    CE.close(hg.grad, h64.grad, what="d hidden")
+    CE.close(wg.grad, w64.grad, what="d weight")
+
+
+@pytest.mark.parametrize("fp32_dw", [True, False], ids=["fp32-accum", "fp16-accum"])
+def test_cross_entropy_fp16_within_twice_torch_fp16_error(monkeypatch, fp32_dw):
+    """STYLE.md rule with fp16 inputs (the interpreter's bf16 is wrong), several chunks, and dweight accumulated
+    in fp32 or (as at the anchor shape) in the weight's dtype."""
+    monkeypatch.setenv(chunked.ENV_IMPL, "chunked")
+    monkeypatch.setattr(chunked, "_MAX_CHUNK_ROWS", 128)
+    if not fp32_dw:
+        monkeypatch.setattr(chunked, "_FP32_DW_MAX_BYTES", 0)
+    hidden, weight, _, targets = CE.make(1025, 96, 4097, "some", -100, False, seed=3)
+    assert chunked.dweight_dtype(weight.half()) == (torch.float32 if fp32_dw else torch.float16)
+
+    def run(fn, h, w):
+        h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = fn(h, w)
+        loss.backward()
+        return loss.double(), h.grad.double(), w.grad.double()
+
+    want = run(lambda h, w: F.cross_entropy(h @ w.T, targets), hidden, weight)
+    plain = run(lambda h, w: F.cross_entropy((h @ w.T).float(), targets), hidden.half(), weight.half())
+    ours = run(lambda h, w: fused_linear_cross_entropy(h, w, targets, backend="triton"), hidden.half(),
+               weight.half())
+    for name, o, p, w in zip(("loss", "d hidden", "d weight"), ours, plain, want, strict=True):
+        err_ours, err_plain = (o - w).abs().max().item(), (p - w).abs().max().item()
+        assert err_ours <= 2 * err_plain + 1e-6 * w.abs().max().item(), (name, err_ours, err_plain)
+
+
+def test_bad_impl_env_var_names_it(monkeypatch):
+    monkeypatch.setenv(chunked.ENV_IMPL, "atomics")
+    x = G.make_inputs(5, 16, 30, mask_kind="all", adv_kind="rand", old_given=False, beta=0.0, bias=False,
+                      temperature=1.0)
+    with pytest.raises(ValueError, match=re.escape(chunked.ENV_IMPL)):
+        fused_linear_grpo_loss(x["hidden"].requires_grad_(), x["weight"], x["targets"], x["adv"],
+                               aggregation="token_mean", backend="triton")
+
+
+def test_chunk_size_at_anchor_shape():
+    """The [C, V] buffer stays within _CHUNK_BYTES, C a multiple of 256 at big V; dweight accumulates in bf16
+    there (an fp32 [V, H] buffer alone would be 1.56 GB)."""
+    rows = chunked.chunk_rows(16384, 151936, 2)
+    assert rows * 151936 * 2 <= chunked._CHUNK_BYTES and rows % 256 == 0 and rows >= 1024
+    assert math.ceil(16384 / rows) <= 11
+    w = torch.empty(151936, 2560, dtype=torch.bfloat16, device="meta")
+    assert chunked.dweight_dtype(w) == torch.bfloat16
+    assert chunked.dweight_dtype(torch.empty(151936, 2560, device="meta")) == torch.float32
+    assert chunked.chunk_rows(1, 151936, 2) == 1
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl_name", chunked.IMPLS)
+def test_gpu_bf16_grpo_within_twice_torch_bf16_error(monkeypatch, impl_name):
+    """STYLE.md rule at N=4096, H=2560, V=151936 for each implementation; chunked with 4 chunks and dweight
+    accumulated in bf16, as at the anchor shape."""
+    monkeypatch.setenv(chunked.ENV_IMPL, impl_name)
+    monkeypatch.setattr(chunked, "_MAX_CHUNK_ROWS", 1024)
+    monkeypatch.setattr(chunked, "_FP32_DW_MAX_BYTES", 0)
+    n, h, v = 4096, 2560, 151936
+    torch.manual_seed(0)
+    dev = "cuda"
+    h32 = torch.randn(n, h, device=dev)
+    w32 = torch.randn(v, h, device=dev) / h**0.5
+    targets = torch.randint(0, v, (n,), device=dev)
+    adv = torch.randn(n, device=dev)
+    mask = torch.rand(n, device=dev) < 0.8
+    with torch.no_grad():
+        old = torch.log_softmax(h32 @ w32.T, -1).gather(1, targets[:, None])[:, 0] + 0.1 * torch.randn(n, device=dev)
+
+    def grads(fn, hh, ww):
+        hh, ww = hh.detach().clone().requires_grad_(), ww.detach().clone().requires_grad_()
+        loss, logp = fn(hh, ww)
+        loss.backward()
+        return loss.float(), logp.float(), hh.grad.float(), ww.grad.float()
+
+    want = grads(lambda a, b: G._eager(a, b, targets, adv, old, mask, None, True), h32, w32)
+    plain = grads(lambda a, b: G._eager(a, b, targets, adv, old, mask, None, True), h32.bfloat16(), w32.bfloat16())
+    ours = grads(lambda a, b: fused_linear_grpo_loss(a, b, targets, adv, old_logprobs=old, loss_mask=mask,
+                                                     aggregation="token_mean", backend="triton")[:2],
+                 h32.bfloat16(), w32.bfloat16())
+    for name, o, p, w in zip(("loss", "logprobs", "d hidden", "d weight"), ours, plain, want, strict=True):
+        err_ours = (o - w).abs().max().item()
+        err_plain = (p - w).abs().max().item()
+        assert err_ours <= 2 * err_plain + 1e-5 * w.abs().max().item(), (name, err_ours, err_plain)
+
+
+@pytest.mark.gpu
+def test_gpu_anchor_shape_chunked_peak_memory(monkeypatch):
+    """16384 tokens, H 2560, V 151936, bf16, chunked: fwd + bwd finite, peak extra memory over the inputs (and
+    including the returned gradients) below Liger chunked's 2.19 GiB (../shared/ANCHORS.md)."""
+    monkeypatch.setenv(chunked.ENV_IMPL, "chunked")
+    n, h, v = 16384, 2560, 151936
+    dev = "cuda"
+    hidden = (torch.randn(n, h, device=dev) * 0.5).bfloat16().requires_grad_()
+    weight = (torch.randn(v, h, device=dev) / h**0.5).bfloat16().requires_grad_()
+    targets = torch.randint(0, v, (n,), device=dev)
+    adv = torch.randn(n, device=dev)
+    old = -torch.rand(n, device=dev) * 5 - 8
+    mask = torch.rand(n, device=dev) < 0.9
+    seq_ids = torch.arange(n, device=dev, dtype=torch.int32) // 1024
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    loss, logp, _ = fused_linear_grpo_loss(hidden, weight, targets, adv, old_logprobs=old, loss_mask=mask,
+                                           seq_ids=seq_ids, backend="triton")
+    loss.backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert torch.isfinite(loss) and torch.isfinite(hidden.grad).all() and torch.isfinite(weight.grad).all()
+    assert bool((logp <= 0).all())
+    assert float(hidden.grad[~mask].abs().max()) == 0.0
+    assert extra < 2.19 * 2**30, f"peak extra {extra / 2**30:.2f} GiB"
