@@ -2,8 +2,10 @@
 
 Providers: eager torch (materialised bf16 logits, fp32 log-softmax), torch.compile of that, Liger's chunked
 LigerFusedLinearGRPOLoss and Liger's Triton loss on materialised logits (when liger-kernel is importable),
-r4b's chunked torch backend and r4b's Triton kernels. FLOPs = 3 GEMMs of 2*N*H*V (logits, d hidden, d weight);
-the ``x_floor`` column is the time over those FLOPs at the 8192^3 bf16 matmul rate measured in the same run.
+r4b's chunked torch backend and r4b's two Triton implementations ("chunked": 3 cuBLAS GEMMs per row chunk
+with the gradient formed in the forward; "tiled": tiled kernels whose backward recomputes the logits).
+FLOPs = 3 GEMMs of 2*N*H*V (logits, d hidden, d weight); the ``x_floor`` column is the time over those FLOPs
+at the 8192^3 bf16 matmul rate measured in the same run.
 
     python -m bench grpo_loss [--quick]        (--quick: tiny shapes, what runs on a CPU)
     python -m bench.bench_grpo_loss --aot      (no GPU: compile the Triton kernels for sm_90, print registers)
@@ -11,7 +13,9 @@ the ``x_floor`` column is the time over those FLOPs at the 8192^3 bf16 matmul ra
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import os
 
 import torch
 
@@ -124,15 +128,19 @@ def providers(device: str) -> dict:
 
         return _timed(loss, hidden, weight)
 
-    def r4b(backend: str):
+    def r4b(backend: str, impl: str | None = None):
         def setup(case: Case):
             if backend not in available_backends("fused_linear_grpo_loss", device):
                 raise Skip(f"{backend} backend unavailable on {device}")
             hidden, weight, targets, adv, old, mask = inputs(case, device, dtype)
-            return _timed(lambda: fused_linear_grpo_loss(hidden, weight, targets, adv, old_logprobs=old,
-                                                         loss_mask=mask, eps_low=EPS_LOW, eps_high=EPS_HIGH,
-                                                         aggregation="token_mean", backend=backend)[0],
-                          hidden, weight)
+
+            def loss():
+                with _impl(impl):
+                    return fused_linear_grpo_loss(hidden, weight, targets, adv, old_logprobs=old, loss_mask=mask,
+                                                  eps_low=EPS_LOW, eps_high=EPS_HIGH, aggregation="token_mean",
+                                                  backend=backend)[0]
+
+            return _timed(loss, hidden, weight)
 
         return setup
 
@@ -142,14 +150,35 @@ def providers(device: str) -> dict:
         "liger chunked": liger_chunked,
         "liger triton": liger_triton,
         "r4b torch (chunked)": r4b("torch"),
-        "r4b triton": r4b("triton"),
+        "r4b triton chunked": r4b("triton", "chunked"),
+        "r4b triton tiled": r4b("triton", "tiled"),
     }
 
 
+@contextlib.contextmanager
+def _impl(impl: str | None):
+    """Sets $R4B_FUSED_LINEAR_IMPL (chunked | tiled) for the duration of one call; None leaves it alone."""
+    from r4b.kernels import _fused_linear_chunked as fc
+
+    if impl is None:
+        yield
+        return
+    before = os.environ.get(fc.ENV_IMPL)
+    os.environ[fc.ENV_IMPL] = impl
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[fc.ENV_IMPL]
+        else:
+            os.environ[fc.ENV_IMPL] = before
+
+
 def aot_report() -> list[str]:
-    """Compile r4b's forward and backward kernels for sm_90 with the GPU tile configs (bf16 with and without
-    bias, fp32), H=2560, and print ptxas registers / spills per kernel. Needs no GPU (triton's bundled ptxas)
-    and TRITON_INTERPRET unset; catches what the interpreter cannot (compile errors, spills)."""
+    """Compile r4b's kernels for sm_90 with the GPU configs (tiled forward and backward: bf16 with and without
+    bias, fp32, H=2560; the chunked implementation's row kernel: bf16 and fp32, V=151936), and print ptxas
+    registers / spills per kernel. Needs no GPU (triton's bundled ptxas) and TRITON_INTERPRET unset; catches
+    what the interpreter cannot (compile errors, spills)."""
     import os
     import subprocess
     import tempfile
@@ -161,9 +190,31 @@ def aot_report() -> list[str]:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("--aot needs TRITON_INTERPRET unset")
     from r4b.kernels import _fused_linear as fl
+    from r4b.kernels import _fused_linear_chunked as fc
 
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     lines = []
+
+    def report(label: str, kern, meta: dict, sig_of, warps: int, stages: int) -> None:
+        names = kern.arg_names
+        sig = {n: "constexpr" if n in meta else sig_of(n) for n in names}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+                 if sig[n].startswith("*") or n.startswith("stride")}
+        src = ASTSource(fn=kern, signature=sig, constexprs={(names.index(k),): v for k, v in meta.items()},
+                        attrs=attrs)
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": warps, "num_stages": stages})
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+            f.write(compiled.asm["ptx"])
+        r = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True,
+                           text=True, check=True)
+        os.unlink(f.name)
+        info = " ".join(x.split(":", 1)[-1].strip() for x in r.stderr.splitlines()
+                        if "registers" in x or "spill" in x)
+        line = f"{label} warps={warps} stages={stages}: {info}"
+        print(line, flush=True)
+        lines.append(line)
+
     for dtype, tname, bias in ((torch.bfloat16, "bf16", False), (torch.bfloat16, "bf16", True),
                                (torch.float32, "fp32", False)):
         bn, bv, bk, warps, stages = fl.gpu_tiles(dtype)
@@ -173,36 +224,36 @@ def aot_report() -> list[str]:
             ("fwd", fl._fwd_kernel, {**common, "V_PER_SPLIT": 38016}),
             ("bwd", fl._bwd_kernel, {**common, "COMPUTE_DH": True, "COMPUTE_DW": True, "GROUP_N": 8}),
         )
+
+        def sig_of(n, tname=tname):
+            if n in ("h_ptr", "w_ptr", "b_ptr"):
+                return f"*{tname}"
+            if n == "t_ptr":
+                return "*i64"
+            if n.endswith("_ptr"):
+                return "*fp32"
+            return "fp32" if n == "inv_temp" else "i32"
+
         for kind, kern, meta in kernels:
-            names = kern.arg_names
-            sig = {}
-            for n in names:
-                if n in meta:
-                    sig[n] = "constexpr"
-                elif n in ("h_ptr", "w_ptr", "b_ptr"):
-                    sig[n] = f"*{tname}"
-                elif n == "t_ptr":
-                    sig[n] = "*i64"
-                elif n.endswith("_ptr"):
-                    sig[n] = "*fp32"
-                else:
-                    sig[n] = "fp32" if n == "inv_temp" else "i32"
-            attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-                     if sig[n].startswith("*") or n.startswith("stride")}
-            src = ASTSource(fn=kern, signature=sig, constexprs={(names.index(k),): v for k, v in meta.items()},
-                            attrs=attrs)
-            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                      options={"num_warps": warps, "num_stages": stages})
-            with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-                f.write(compiled.asm["ptx"])
-            r = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True,
-                               text=True, check=True)
-            os.unlink(f.name)
-            info = " ".join(x.split(":", 1)[-1].strip() for x in r.stderr.splitlines()
-                            if "registers" in x or "spill" in x)
-            line = f"{kind} {tname} bias={bias} tiles={bn}x{bv}x{bk} warps={warps} stages={stages}: {info}"
-            print(line, flush=True)
-            lines.append(line)
+            report(f"{kind} {tname} bias={bias} tiles={bn}x{bv}x{bk}", kern, meta, sig_of, warps, stages)
+
+    # the chunked implementation's row kernel (V=151936): GRPO with old log-probs and KL, and the given-coefficient
+    # mode (cross-entropy), in bf16 and fp32
+    br, bvr, warps_r = fc.gpu_rows_config()
+    for tname, mode, label in (("bf16", fc.MODE_GRPO, "grpo"), ("bf16", fc.MODE_COEF, "coef"),
+                               ("fp32", fc.MODE_GRPO, "grpo")):
+        meta = dict(V=151936, MODE=mode, HAS_OLD=True, HAS_KL=mode == fc.MODE_GRPO, BLOCK_R=br, BLOCK_V=bvr)
+
+        def sig_of(n, tname=tname):
+            if n == "z_ptr":
+                return f"*{tname}"
+            if n == "t_ptr":
+                return "*i64"
+            if n.endswith("_ptr"):
+                return "*fp32"
+            return "i32" if n in ("R", "stride_z") else "fp32"
+
+        report(f"rows {tname} {label} tiles={br}x{bvr}", fc._rows_kernel, meta, sig_of, warps_r, 1)
     return lines
 
 
