@@ -19,7 +19,8 @@ Chunk size: at most ``_CHUNK_BYTES`` (512 MiB) of ``z``; at H=2560, V=151936, bf
 (rounded down to a multiple of 256 for the GEMMs). This is a first guess, to be tuned on a GPU.
 
 dweight accumulator dtype (the memory/precision trade-off): fp32 when the weight is fp32 or when an fp32
-[V, H] buffer is small (<= ``_FP32_DW_MAX_BYTES`` = 256 MiB); otherwise the weight's own dtype. At the anchor
+[V, H] buffer is small (<= ``_FP32_DW_MAX_BYTES`` = 256 MiB; a half weight then rounds each chunk's product
+once and sums the chunks in fp32); otherwise the weight's own dtype. At the anchor
 shape (V=151936, H=2560, bf16) an fp32 accumulator alone is 1.56 GB and, with the z buffer and the final
 bf16 copy, peak extra memory would pass Liger's 2.19 GiB; so there dweight accumulates in bf16: each chunk's
 ``dz.T @ hidden_c`` is summed in fp32 inside cuBLAS and added to the bf16 accumulator in the fp32 epilogue,
@@ -225,8 +226,8 @@ def _chunk_loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Te
         if dw is not None:
             if dw.dtype == z.dtype:
                 dw.addmm_(z.T, hc)
-            else:
-                dw.addmm_(z.T.float(), hc.float())  # fp32 accumulator for a half weight (small V*H only)
+            else:  # fp32 accumulator for a half weight (small V*H only): one half rounding per chunk product
+                dw += torch.mm(z.T, hc)
         if db is not None:
             db += z.sum(0, dtype=torch.float32)
     return logp, c, dh, dw, db
