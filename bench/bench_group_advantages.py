@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from bench.harness import Case, Skip, default_device, run_bench
-from r4b.kernels import available_backends, group_advantages
+from bench.harness import Case, Skip, backend_provider, default_device, run_bench
+from r4b.kernels import group_advantages
 
 
 def cases(quick: bool) -> list[Case]:
@@ -24,13 +24,11 @@ def inputs(case: Case, device: str):
 
 def providers(device: str) -> dict:
     def r4b(backend: str):
-        def setup(case: Case):
-            if backend not in available_backends("group_advantages", device):
-                raise Skip(f"{backend} backend unavailable on {device}")
+        def make(case: Case):
             r, g = inputs(case, device)
             return lambda: group_advantages(r, g, backend=backend)
 
-        return setup
+        return backend_provider("group_advantages", backend, device, make)
 
     def compiled(case: Case):
         from r4b.kernels.group_advantages import group_advantages_ref

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from bench.harness import Case, Skip, default_device, run_bench
-from r4b.kernels import available_backends, pack_sequences
+from bench.harness import Case, backend_provider, default_device, run_bench
+from r4b.kernels import pack_sequences
 
 
 def cases(quick: bool) -> list[Case]:
@@ -23,13 +23,11 @@ def inputs(case: Case, device: str) -> list[torch.Tensor]:
 
 def providers(device: str) -> dict:
     def r4b(backend: str):
-        def setup(case: Case):
-            if backend not in available_backends("pack", device):
-                raise Skip(f"{backend} backend unavailable on {device}")
+        def make(case: Case):
             seqs = inputs(case, device)
             return lambda: pack_sequences(seqs, backend=backend)
 
-        return setup
+        return backend_provider("pack", backend, device, make)
 
     return {"torch eager": r4b("torch"), "r4b cpp": r4b("cpp"), "r4b cuda": r4b("cuda")}
 

@@ -256,3 +256,16 @@ def write_results(op: str, rows: list[dict], device: str) -> Path:
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def backend_provider(op: str, backend: str, device: str, make: Callable[[Case], Callable[[], object]]):
+    """A provider running r4b's ``backend`` of ``op``: skips with the reason when that backend cannot run here,
+    otherwise ``make(case)`` builds the inputs and returns the call to time."""
+    from r4b.kernels import available_backends
+
+    def setup(case: Case) -> Callable[[], object]:
+        if backend not in available_backends(op, device):
+            raise Skip(f"{backend} backend unavailable for {op} on {device}")
+        return make(case)
+
+    return setup

@@ -27,6 +27,20 @@ inline void check_group_advantages(const at::Tensor& rewards, const at::Tensor& 
                     " but group_ids is on ", group_ids.device());
 }
 
+// Bytes of one row (everything after dim 0) of t.
+inline int64_t row_bytes_of(const at::Tensor& t) {
+  int64_t row = t.element_size();
+  for (int64_t d = 1; d < t.dim(); ++d) row *= t.size(d);
+  return row;
+}
+
+inline std::vector<at::Tensor> contiguous_all(at::TensorList ts) {
+  std::vector<at::Tensor> out;
+  out.reserve(ts.size());
+  for (const auto& t : ts) out.push_back(t.contiguous());
+  return out;
+}
+
 // Checks the sequences of pack() and returns the row offsets (n+1) and the bytes of one row.
 inline std::vector<int64_t> check_pack(const std::vector<at::Tensor>& seqs, int64_t* row_bytes) {
   TORCH_CHECK_VALUE(!seqs.empty(), "seqs must hold at least one sequence, got an empty list");
@@ -46,16 +60,27 @@ inline std::vector<int64_t> check_pack(const std::vector<at::Tensor>& seqs, int6
   }
   TORCH_CHECK_VALUE(offsets.back() < (int64_t{1} << 31), "the packed length ", offsets.back(),
                     " does not fit cu_seqlens' int32");
-  int64_t row = t0.element_size();
-  for (int64_t d = 1; d < t0.dim(); ++d) row *= t0.size(d);
-  *row_bytes = row;
+  *row_bytes = row_bytes_of(t0);
   return offsets;
 }
 
-inline std::vector<int64_t> packed_shape(const at::Tensor& t0, int64_t total) {
+// The outputs of pack() other than cu_seqlens, allocated like the sequences (t0 is seqs[0]).
+struct PackBuffers {
+  at::Tensor flat, position_ids, seq_ids;
+};
+inline PackBuffers alloc_pack(const at::Tensor& t0, int64_t total) {
   std::vector<int64_t> shape(t0.sizes().begin(), t0.sizes().end());
   shape[0] = total;
-  return shape;
+  return {at::empty(shape, t0.options()), at::empty({total}, t0.options().dtype(at::kLong)),
+          at::empty({total}, t0.options().dtype(at::kInt))};
+}
+
+// The [n, max_seqlen, ...] output of unpack_padded(), filled with pad_value.
+inline at::Tensor alloc_padded(const at::Tensor& flat, int64_t n, int64_t max_seqlen, const at::Scalar& pad_value) {
+  std::vector<int64_t> shape(flat.sizes().begin(), flat.sizes().end());
+  shape[0] = max_seqlen;
+  shape.insert(shape.begin(), n);
+  return at::full(shape, pad_value, flat.options());
 }
 
 inline void check_unpack_padded(const at::Tensor& flat, const at::Tensor& cu_seqlens, int64_t max_seqlen) {

@@ -24,15 +24,11 @@ at::Tensor group_advantages_cpu(const at::Tensor& rewards, const at::Tensor& gro
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pack_cpu(at::TensorList seqs_in) {
-  std::vector<at::Tensor> seqs;
-  seqs.reserve(seqs_in.size());
-  for (const auto& t : seqs_in) seqs.push_back(t.contiguous());
+  const auto seqs = contiguous_all(seqs_in);
   int64_t row_bytes = 0;
   const auto offsets = check_pack(seqs, &row_bytes);
   const int64_t n = static_cast<int64_t>(seqs.size()), total = offsets.back();
-  auto flat = at::empty(packed_shape(seqs[0], total), seqs[0].options());
-  auto position_ids = at::empty({total}, seqs[0].options().dtype(at::kLong));
-  auto seq_ids = at::empty({total}, seqs[0].options().dtype(at::kInt));
+  auto [flat, position_ids, seq_ids] = alloc_pack(seqs[0], total);
   auto cu = at::empty({n + 1}, seqs[0].options().dtype(at::kInt));
   std::vector<const void*> srcs(seqs.size());
   for (size_t i = 0; i < seqs.size(); ++i) srcs[i] = seqs[i].data_ptr();
@@ -56,13 +52,8 @@ at::Tensor unpack_padded_cpu(const at::Tensor& flat_in, const at::Tensor& cu_in,
                       " > cu_seqlens[", i + 1, "]=", c[i + 1]);
   }
   TORCH_CHECK_VALUE(c[n] == flat.size(0), "cu_seqlens must end at flat's length ", flat.size(0), ", got ", c[n]);
-  std::vector<int64_t> shape(flat.sizes().begin(), flat.sizes().end());
-  shape[0] = max_seqlen;
-  shape.insert(shape.begin(), n);
-  auto out = at::full(shape, pad_value, flat.options());
-  int64_t row_bytes = flat.element_size();
-  for (int64_t d = 1; d < flat.dim(); ++d) row_bytes *= flat.size(d);
-  r4b::cpu::unpack_padded(flat.data_ptr(), c, n, max_seqlen, row_bytes, out.data_ptr());
+  auto out = alloc_padded(flat, n, max_seqlen, pad_value);
+  r4b::cpu::unpack_padded(flat.data_ptr(), c, n, max_seqlen, row_bytes_of(flat), out.data_ptr());
   return out;
 }
 

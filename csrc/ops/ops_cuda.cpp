@@ -49,17 +49,12 @@ int copy_word(int64_t row_bytes, const std::vector<uintptr_t>& ptrs) {
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pack_cuda(at::TensorList seqs_in) {
-  std::vector<at::Tensor> seqs;
-  seqs.reserve(seqs_in.size());
-  for (const auto& t : seqs_in) seqs.push_back(t.contiguous());
+  const auto seqs = contiguous_all(seqs_in);
   int64_t row_bytes = 0;
   const auto offsets = check_pack(seqs, &row_bytes);
   const c10::cuda::CUDAGuard guard(seqs[0].device());
   const int64_t n = static_cast<int64_t>(seqs.size()), total = offsets.back();
-  const auto dev = seqs[0].options();
-  auto flat = at::empty(packed_shape(seqs[0], total), dev);
-  auto position_ids = at::empty({total}, dev.dtype(at::kLong));
-  auto seq_ids = at::empty({total}, dev.dtype(at::kInt));
+  auto [flat, position_ids, seq_ids] = alloc_pack(seqs[0], total);
   auto host = at::TensorOptions().dtype(at::kLong).device(at::kCPU);
   auto ptrs_h = at::empty({n}, host);
   auto offs_h = at::empty({n + 1}, host);
@@ -91,12 +86,8 @@ at::Tensor unpack_padded_cuda(const at::Tensor& flat_in, const at::Tensor& cu_in
   auto flat = flat_in.contiguous();
   auto cu = cu_in.contiguous();
   const int64_t n = cu.size(0) - 1;
-  std::vector<int64_t> shape(flat.sizes().begin(), flat.sizes().end());
-  shape[0] = max_seqlen;
-  shape.insert(shape.begin(), n);
-  auto out = at::full(shape, pad_value, flat.options());
-  int64_t row_bytes = flat.element_size();
-  for (int64_t d = 1; d < flat.dim(); ++d) row_bytes *= flat.size(d);
+  auto out = alloc_padded(flat, n, max_seqlen, pad_value);
+  const int64_t row_bytes = row_bytes_of(flat);
   const std::vector<uintptr_t> addrs{reinterpret_cast<uintptr_t>(flat.data_ptr()),
                                      reinterpret_cast<uintptr_t>(out.data_ptr())};
   check_launch(r4b::cuda::unpack_padded(flat.data_ptr(), cu.data_ptr<int32_t>(), n, max_seqlen, row_bytes,
