@@ -109,6 +109,24 @@ def torch_bwd(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tens
 if triton is not None:
 
     @triton.jit
+    def _logits_tile(h_ptr, w_ptr, b_ptr, rows64, row_ok, cols64, col_ok, stride_h, stride_w,
+                     K: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+        """(BLOCK_N, BLOCK_V) fp32 tile of hidden @ weight.T (+ bias) for the given rows and vocabulary columns."""
+        acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < K
+            h = tl.load(h_ptr + rows64[:, None] * stride_h + ks[None, :],
+                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptr + cols64[:, None] * stride_w + ks[None, :],
+                        mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + cols64, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        return acc
+
+    @triton.jit
     def _fwd_kernel(
         h_ptr, w_ptr, b_ptr, t_ptr, m_ptr, l_ptr, zt_ptr,
         N, V, stride_h, stride_w, inv_temp, num_n_blocks,
@@ -132,17 +150,8 @@ if triton is not None:
             cols = v_start + dv + tl.arange(0, BLOCK_V)
             col_ok = cols < V
             cols64 = cols.to(tl.int64)
-            acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                k_ok = ks < K
-                h = tl.load(h_ptr + rows64[:, None] * stride_h + ks[None, :],
-                            mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                w = tl.load(w_ptr + cols64[:, None] * stride_w + ks[None, :],
-                            mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-                acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
-            if HAS_BIAS:
-                acc += tl.load(b_ptr + cols64, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            acc = _logits_tile(h_ptr, w_ptr, b_ptr, rows64, row_ok, cols64, col_ok, stride_h, stride_w,
+                               K, HAS_BIAS, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
             z = acc * inv_temp
             z = tl.where(col_ok[None, :], z, float("-inf"))
             m_new = tl.maximum(m, tl.max(z, 1))
@@ -180,17 +189,8 @@ if triton is not None:
             cols64 = cols.to(tl.int64)
             tgt = tl.load(t_ptr + rows64, mask=row_ok, other=-1)
             lse = tl.load(lse_ptr + rows64, mask=row_ok, other=0.0)
-            acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                k_ok = ks < K
-                h = tl.load(h_ptr + rows64[:, None] * stride_h + ks[None, :],
-                            mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                w = tl.load(w_ptr + cols64[:, None] * stride_w + ks[None, :],
-                            mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-                acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
-            if HAS_BIAS:
-                acc += tl.load(b_ptr + cols64, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            acc = _logits_tile(h_ptr, w_ptr, b_ptr, rows64, row_ok, cols64, col_ok, stride_h, stride_w,
+                               K, HAS_BIAS, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
             p = tl.exp(acc * inv_temp - lse[:, None])
             onehot = (cols[None, :] == tgt[:, None]).to(tl.float32)
             dz = (onehot - p) * (c * inv_temp)[:, None]
