@@ -19,8 +19,8 @@ import os
 
 import torch
 
-from bench.harness import Case, Skip, default_device, matmul_floor_tflops, run_bench
-from r4b.kernels import available_backends, fused_linear_grpo_loss
+from bench.harness import Case, Skip, backend_provider, default_device, matmul_floor_tflops, run_bench
+from r4b.kernels import fused_linear_grpo_loss
 
 OP = "grpo_loss"
 SEQ_LEN = 1024  # tokens per sequence for the providers that want (B, T) batches (Liger)
@@ -76,21 +76,26 @@ def providers(device: str) -> dict:
         fn = torch.compile(eager_loss, dynamic=False)
         return _timed(lambda: fn(hidden, weight, targets, adv, old, mask), hidden, weight)
 
-    def liger_chunked(case: Case):
-        try:
-            from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
-        except ImportError as ex:
-            raise Skip(f"liger-kernel not importable ({ex})") from None
+    def liger_inputs(case: Case):
+        """Inputs in Liger's (B, T) layout: hidden, weight, B, T, ids, mask, old log-probs, (B,) advantages."""
         if device != "cuda":
             raise Skip("Liger needs a GPU")
         hidden, weight, targets, adv, old, mask = inputs(case, device, dtype)
         n = case.params["N"]
         b, t = max(1, n // SEQ_LEN), min(n, SEQ_LEN)
+        seq_adv = adv.view(b, t)[:, 0].contiguous()  # (B,) Liger takes one advantage per sequence
+        return hidden, weight, b, t, targets.view(b, t), mask.view(b, t), old.view(b, t), seq_adv
+
+    def liger_chunked(case: Case):
+        try:
+            from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+        except ImportError as ex:
+            raise Skip(f"liger-kernel not importable ({ex})") from None
+        hidden, weight, b, t, ids, m2, old2, seq_adv = liger_inputs(case)
+        m2 = m2.long()
         loss_mod = LigerFusedLinearGRPOLoss(beta=0.0, compiled=False, use_ref_model=False, epsilon_low=EPS_LOW,
                                             epsilon_high=EPS_HIGH, loss_type="bnpo")
         h3 = hidden.view(b, t, -1)  # (B, T, H): a view keeps hidden the leaf
-        ids, m2, old2 = targets.view(b, t), mask.view(b, t).long(), old.view(b, t)
-        seq_adv = adv.view(b, t)[:, 0].contiguous()  # (B,) Liger takes one advantage per sequence
 
         def loss():
             out = loss_mod(h3, weight, ids, m2, seq_adv, old_per_token_logps=old2)
@@ -103,15 +108,9 @@ def providers(device: str) -> dict:
             from liger_kernel.transformers.grpo_loss import triton_grpo_loss
         except ImportError as ex:
             raise Skip(f"liger-kernel not importable ({ex})") from None
-        if device != "cuda":
-            raise Skip("Liger needs a GPU")
-        hidden, weight, targets, adv, old, mask = inputs(case, device, dtype)
-        n = case.params["N"]
-        b, t = max(1, n // SEQ_LEN), min(n, SEQ_LEN)
+        hidden, weight, b, t, ids, m2, old2, seq_adv = liger_inputs(case)
         # Liger drops the last logit position of each sequence: one extra hidden row per sequence.
         extra = torch.randn(b, 1, hidden.shape[1], device=device, dtype=dtype)
-        ids, m2, old2 = targets.view(b, t), mask.view(b, t), old.view(b, t)
-        seq_adv = adv.view(b, t)[:, 0].contiguous()
         params = inspect.signature(triton_grpo_loss).parameters
         kw = dict(temperature=1.0, beta=0.0, eps_low=EPS_LOW, eps_high=EPS_HIGH, inplace=True)
         if "loss_type" in params:
@@ -129,9 +128,7 @@ def providers(device: str) -> dict:
         return _timed(loss, hidden, weight)
 
     def r4b(backend: str, impl: str | None = None):
-        def setup(case: Case):
-            if backend not in available_backends("fused_linear_grpo_loss", device):
-                raise Skip(f"{backend} backend unavailable on {device}")
+        def make(case: Case):
             hidden, weight, targets, adv, old, mask = inputs(case, device, dtype)
 
             def loss():
@@ -142,7 +139,7 @@ def providers(device: str) -> dict:
 
             return _timed(loss, hidden, weight)
 
-        return setup
+        return backend_provider("fused_linear_grpo_loss", backend, device, make)
 
     return {
         "torch eager": eager,
