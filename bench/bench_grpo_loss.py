@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from bench.harness import Case, Skip, backend_provider, default_device, matmul_floor_tflops, run_bench
+from bench.harness import Case, Skip, backend_provider, default_device, matmul_floor_columns, run_bench
 from r4b.kernels import fused_linear_grpo_loss
 
 OP = "grpo_loss"
@@ -261,16 +261,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return []
     device = default_device()
     quick = "--quick" in argv or device == "cpu"
-    floor = matmul_floor_tflops(device)  # TFLOP/s of an 8192^3 bf16 matmul, this run, this card
-    if floor is not None:
-        print(f"matmul floor: {floor:.1f} TFLOP/s (8192^3 bf16)", flush=True)
-
-    def extra(case: Case, row: dict) -> dict:
-        if floor is None or not case.flops:
-            return {}
-        floor_ms = case.flops / floor / 1e9
-        return {"floor_ms": floor_ms, "x_floor": row["ms"] / floor_ms, "matmul_tflops": floor}
-
+    extra = matmul_floor_columns(device)  # the 8192^3 bf16 matmul rate, this run, this card
     return run_bench(OP, cases(quick), providers(device), device=device, quick=quick, extra_columns=extra)
 
 

@@ -269,3 +269,20 @@ def backend_provider(op: str, backend: str, device: str, make: Callable[[Case], 
         return make(case)
 
     return setup
+
+
+def matmul_floor_columns(device: str) -> Callable[[Case, dict], dict] | None:
+    """Measure the bf16 matmul rate now and return ``extra_columns`` giving each row's time over the matmul floor
+    of its case's FLOPs (``floor_ms``, ``x_floor``); None without a GPU."""
+    floor = matmul_floor_tflops(device)
+    if floor is None:
+        return None
+    print(f"matmul floor: {floor:.1f} TFLOP/s (8192^3 bf16)", flush=True)
+
+    def extra(case: Case, row: dict) -> dict:
+        if not case.flops:
+            return {}
+        floor_ms = case.flops / floor / 1e9
+        return {"floor_ms": floor_ms, "x_floor": row["ms"] / floor_ms, "matmul_tflops": floor}
+
+    return extra

@@ -45,6 +45,6 @@ def test_backend_provider_skips_unavailable_backend():
 
 
 def test_bench_registry():
-    assert {"group_advantages", "pack", "grpo_loss", "varlen_attention", "norms"} <= set(names())
+    assert {"group_advantages", "pack", "grpo_loss", "fused_linear", "varlen_attention", "norms"} <= set(names())
     assert bench_main(["--list"]) == 0
     assert bench_main(["nope"]) == 2
