@@ -1,16 +1,25 @@
-"""Benchmark pack_sequences: r4b's backends vs the torch reference (cat + repeat_interleave)."""
+"""Benchmark pack_sequences and unpack_padded: r4b's backends vs the torch reference (pack: cat +
+repeat_interleave) and vs torch's pad_sequence over the split views (unpack_padded)."""
 
 from __future__ import annotations
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
-from bench.harness import Case, backend_provider, default_device, run_bench
-from r4b.kernels import pack_sequences
+from bench.harness import Case, Skip, backend_provider, default_device, run_bench
+from r4b.kernels import pack_sequences, unpack, unpack_padded
 
 
 def cases(quick: bool) -> list[Case]:
     shapes = [(64, 256)] if quick else [(256, 4096), (4096, 256), (100_000, 8)]
-    return [Case(f"seqs={n},len~{m}", {"seqs": n, "mean_len": m}, bytes=2 * n * m * 8 + n * m * 12) for n, m in shapes]
+    out = []
+    for op in ("pack", "unpack_padded"):
+        for n, m in shapes:
+            # pack: read + write the int64 tokens, write positions (8 B) and seq ids (4 B);
+            # unpack_padded: read the tokens, write the padded rows (~1.5x the tokens with this length spread)
+            nbytes = 2 * n * m * 8 + n * m * 12 if op == "pack" else n * m * 8 + n * int(1.5 * m) * 8
+            out.append(Case(f"{op} seqs={n},len~{m}", {"op": op, "seqs": n, "mean_len": m}, bytes=nbytes))
+    return out
 
 
 def inputs(case: Case, device: str) -> list[torch.Tensor]:
@@ -25,11 +34,27 @@ def providers(device: str) -> dict:
     def r4b(backend: str):
         def make(case: Case):
             seqs = inputs(case, device)
-            return lambda: pack_sequences(seqs, backend=backend)
+            if case.params["op"] == "pack":
+                return lambda: pack_sequences(seqs, backend=backend)
+            if backend == "torch" and case.params["seqs"] > 10_000:
+                raise Skip("the reference loops over sequences in Python; pad_sequence is the vectorised peer")
+            p = pack_sequences(seqs)
+            return lambda: unpack_padded(p.flat, p.cu_seqlens, p.max_seqlen, backend=backend)
 
-        return backend_provider("pack", backend, device, make)
+        return make
 
-    return {"torch eager": r4b("torch"), "r4b cpp": r4b("cpp"), "r4b cuda": r4b("cuda")}
+    def pad_sequence_peer(case: Case):
+        if case.params["op"] != "unpack_padded":
+            raise Skip("pad_sequence is the peer of unpack_padded only")
+        p = pack_sequences(inputs(case, device))
+        return lambda: pad_sequence(unpack(p.flat, p.cu_seqlens), batch_first=True, padding_value=0)
+
+    def both(backend: str):
+        provs = {op: backend_provider(op, backend, device, r4b(backend)) for op in ("pack", "unpack_padded")}
+        return lambda case: provs[case.params["op"]](case)
+
+    return {"torch eager": both("torch"), "torch pad_sequence": pad_sequence_peer, "r4b cpp": both("cpp"),
+            "r4b cuda": both("cuda")}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -37,7 +37,7 @@ step "benches"
 # one time limit per bench (seconds), so a slow one (torch.compile warm-up) cannot starve the others;
 # each bench writes its results as soon as it finishes
 bench_rc=0
-for spec in grpo_loss:140 fused_linear:80 varlen_attention:120 norms:45 group_advantages:25 pack:25; do
+for spec in grpo_loss:140 fused_linear:80 varlen_attention:120 norms:45 group_advantages:25 pack:40; do
   name=${spec%%:*}; limit=${spec##*:}
   timeout "$limit" $PY -m bench "$name" 2>&1 | tee -a "$LOGS/bench.log" | grep -v "^$" | tail -n 40
   rc=${PIPESTATUS[0]}
