@@ -8,7 +8,7 @@ TRITON_VERSION ?= 3.6.0
 STAMP := $(VENV)/.r4b-installed
 SOURCES := $(shell find csrc -type f) CMakeLists.txt setup.py pyproject.toml
 
-.PHONY: setup build test test-fast demo bench lint clean
+.PHONY: setup build test test-fast demo bench lint clean gpu-wheels
 
 setup: $(STAMP)
 
@@ -31,6 +31,10 @@ demo: setup
 
 bench: setup
 	$(BIN)/python -m bench all
+
+# pure-Python peers for a GPU machine without internet (bench/gpu_check.sh installs .whl/*.whl; carry .whl)
+gpu-wheels:
+	$(PY) -m pip download -q --no-deps --only-binary=:all: -d .whl liger-kernel==0.8.5
 
 lint: setup
 	$(BIN)/ruff check r4b bench tests

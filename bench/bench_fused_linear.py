@@ -15,9 +15,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bench.bench_grpo_loss import _impl, _timed
+from bench.bench_grpo_loss import CHECK_TOL, _impl, _timed
 from bench.harness import Case, Skip, backend_provider, default_device, matmul_floor_columns, run_bench
 from r4b.kernels import fused_linear_cross_entropy, fused_linear_logprobs
+from r4b.kernels._dispatch import triton_interpret
 
 
 def cases(quick: bool) -> list[Case]:
@@ -76,8 +77,8 @@ def providers(device: str) -> dict:
             from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
         except ImportError as ex:
             raise Skip(f"liger-kernel not importable ({ex})") from None
-        if device != "cuda":
-            raise Skip("Liger needs a GPU")
+        if device != "cuda" and not triton_interpret():
+            raise Skip("Liger runs on a GPU, or on the CPU under TRITON_INTERPRET=1")
         loss_mod = LigerFusedLinearCrossEntropyLoss(ignore_index=-100)
         return call(case, lambda h, w, t: loss_mod(w, h, t), None)
 
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = default_device()
     quick = "--quick" in argv or device == "cpu"
     return run_bench("fused_linear", cases(quick), providers(device), device=device, quick=quick,
-                     extra_columns=matmul_floor_columns(device))
+                     extra_columns=matmul_floor_columns(device), check_tol=CHECK_TOL[device])
 
 
 if __name__ == "__main__":

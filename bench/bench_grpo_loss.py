@@ -14,17 +14,20 @@ at the 8192^3 bf16 matmul rate measured in the same run.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import os
 
 import torch
 
 from bench.harness import Case, Skip, backend_provider, default_device, matmul_floor_columns, run_bench
 from r4b.kernels import fused_linear_grpo_loss
+from r4b.kernels._dispatch import triton_interpret
 
 OP = "grpo_loss"
 SEQ_LEN = 1024  # tokens per sequence for the providers that want (B, T) batches (Liger)
 EPS_LOW, EPS_HIGH = 0.2, 0.2
+# every provider's d hidden and d weight are compared with eager torch's before timing (harness check_tol):
+# bf16 on the GPU, fp32 on the CPU; a row beyond this is flagged MISMATCH (it computes another loss)
+CHECK_TOL = {"cuda": 5e-2, "cpu": 1e-4}
 
 
 def cases(quick: bool) -> list[Case]:
@@ -32,14 +35,25 @@ def cases(quick: bool) -> list[Case]:
     return [Case(f"N={n},H={h},V={v}", {"N": n, "H": h, "V": v}, flops=3 * 2 * n * h * v) for n, h, v in shapes]
 
 
+def seq_shape(n: int) -> tuple[int, int]:
+    """(B, T): the N tokens as B sequences of T tokens (T = SEQ_LEN, or N when smaller)."""
+    t = min(n, SEQ_LEN)
+    if n % t:
+        raise ValueError(f"N={n} must be a multiple of {t}")
+    return n // t, t
+
+
 def inputs(case: Case, device: str, dtype: torch.dtype):
-    """hidden (N, H) and weight (V, H) leaves that require grad; targets, advantages, old log-probs, mask (N,)."""
+    """hidden (N, H) and weight (V, H) leaves that require grad; targets, advantages, old log-probs, mask (N,).
+    The advantage is one value per sequence (as GRPO gives), so that every provider, Liger's per-sequence
+    (B,) advantages included, computes the same loss."""
     n, h, v = case.params["N"], case.params["H"], case.params["V"]
+    b, t = seq_shape(n)
     g = torch.Generator(device="cpu").manual_seed(0)
     hidden = torch.randn(n, h, generator=g).to(device, dtype).requires_grad_()
     weight = (torch.randn(v, h, generator=g) / h**0.5).to(device, dtype).requires_grad_()
     targets = torch.randint(0, v, (n,), generator=g).to(device)
-    adv = torch.randn(n, generator=g).to(device)
+    adv = torch.randn(b, generator=g).repeat_interleave(t).to(device)
     old = (-torch.rand(n, generator=g) * 5 - 8).to(device)  # log-probs near those of random logits
     mask = (torch.rand(n, generator=g) < 0.9).to(device)
     return hidden, weight, targets, adv, old, mask
@@ -78,11 +92,10 @@ def providers(device: str) -> dict:
 
     def liger_inputs(case: Case):
         """Inputs in Liger's (B, T) layout: hidden, weight, B, T, ids, mask, old log-probs, (B,) advantages."""
-        if device != "cuda":
-            raise Skip("Liger needs a GPU")
+        if device != "cuda" and not triton_interpret():
+            raise Skip("Liger runs on a GPU, or on the CPU under TRITON_INTERPRET=1")
         hidden, weight, targets, adv, old, mask = inputs(case, device, dtype)
-        n = case.params["N"]
-        b, t = max(1, n // SEQ_LEN), min(n, SEQ_LEN)
+        b, t = seq_shape(case.params["N"])
         seq_adv = adv.view(b, t)[:, 0].contiguous()  # (B,) Liger takes one advantage per sequence
         return hidden, weight, b, t, targets.view(b, t), mask.view(b, t), old.view(b, t), seq_adv
 
@@ -111,19 +124,13 @@ def providers(device: str) -> dict:
         hidden, weight, b, t, ids, m2, old2, seq_adv = liger_inputs(case)
         # Liger drops the last logit position of each sequence: one extra hidden row per sequence.
         extra = torch.randn(b, 1, hidden.shape[1], device=device, dtype=dtype)
-        params = inspect.signature(triton_grpo_loss).parameters
-        kw = dict(temperature=1.0, beta=0.0, eps_low=EPS_LOW, eps_high=EPS_HIGH, inplace=True)
-        if "loss_type" in params:
-            kw["loss_type"] = "bnpo"
+        kw = dict(temperature=1.0, beta=0.0, eps_low=EPS_LOW, eps_high=EPS_HIGH, loss_type="bnpo", reduce=True)
 
         def loss():
             h3 = torch.cat([hidden.view(b, t, -1), extra], dim=1)  # (B, T+1, H)
-            logits = h3 @ weight.T  # (B, T+1, V) in bf16, as Liger expects
+            logits = h3 @ weight.T  # (B, T+1, V) in the input dtype, as Liger expects
             out = triton_grpo_loss(logits, old2, None, ids, seq_adv, m2, **kw)
-            per = out[0] if isinstance(out, tuple) else out
-            if per.dim() == 0:
-                return per
-            return (per * m2).sum() / m2.sum().clamp(min=1)
+            return out[0] if isinstance(out, tuple) else out  # (loss, metrics)
 
         return _timed(loss, hidden, weight)
 
@@ -262,7 +269,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = default_device()
     quick = "--quick" in argv or device == "cpu"
     extra = matmul_floor_columns(device)  # the 8192^3 bf16 matmul rate, this run, this card
-    return run_bench(OP, cases(quick), providers(device), device=device, quick=quick, extra_columns=extra)
+    return run_bench(OP, cases(quick), providers(device), device=device, quick=quick, extra_columns=extra,
+                     check_tol=CHECK_TOL[device])
 
 
 if __name__ == "__main__":

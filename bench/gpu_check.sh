@@ -3,7 +3,8 @@
 # builds r4b._C with CUDA, runs the GPU tests, runs every bench, and prints a short summary table last.
 # Each step has its own time limit so the whole run stays under ~8 minutes on an H100.
 #   bash bench/gpu_check.sh            (results under bench/results/<date>-<gpu>/, copies under $OUT if set)
-# Optional: wheels of pure-Python peers (liger-kernel) in .whl/ are installed to /tmp/site first.
+# Peers: `make gpu-wheels` (here, with internet) puts liger-kernel's wheel in .whl/; carry ".whl" to the GPU
+# machine and this script installs it to /tmp/site first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1

@@ -138,6 +138,27 @@ def results_dir(device: str) -> Path:
     return out
 
 
+def max_rel_err(out: object, ref: object) -> float:
+    """Largest ``max|out - ref| / max|ref|`` over the paired tensors of two (nested tuple/list of) tensors,
+    in float64; ``inf`` when their structure or shapes differ."""
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    refs = ref if isinstance(ref, (tuple, list)) else (ref,)
+    if len(outs) != len(refs):
+        return float("inf")
+    worst = 0.0
+    for o, r in zip(outs, refs, strict=True):
+        if isinstance(o, (tuple, list)) or isinstance(r, (tuple, list)):
+            worst = max(worst, max_rel_err(o, r))
+            continue
+        if not (isinstance(o, torch.Tensor) and isinstance(r, torch.Tensor)) or o.shape != r.shape:
+            return float("inf")
+        o64, r64 = o.detach().double(), r.detach().double()
+        scale = r64.abs().max().item() if r64.numel() else 0.0
+        diff = (o64 - r64).abs().max().item() if r64.numel() else 0.0
+        worst = max(worst, diff / max(scale, 1e-30))
+    return worst
+
+
 def run_bench(
     op: str,
     cases: list[Case],
@@ -146,16 +167,33 @@ def run_bench(
     device: str,
     quick: bool = False,
     extra_columns: Callable[[Case, dict], dict] | None = None,
+    check_tol: float | None = None,
     write: bool = True,
 ) -> list[dict]:
-    """Time every provider on every case; return the rows and write JSON + markdown + PNG."""
+    """Time every provider on every case; return the rows and write JSON + markdown + PNG.
+
+    With ``check_tol``, each provider's callable is run once before timing and its result (tensors) compared
+    with that of the first provider that ran for the case (the reference, e.g. eager torch): the row gets
+    ``err`` (:func:`max_rel_err`) and ``check`` ("ref", "ok" or "MISMATCH" when ``err > check_tol``). This
+    flags a provider that computes something else (other inputs, another loss), so that no row compares
+    unlike work; it is a guard of the bench, not the kernels' correctness test (tests/ do that).
+    """
     rows: list[dict] = []
     for case in cases:
+        ref_out = None
         for name, setup in providers.items():
             row: dict = {"op": op, "case": case.label, "provider": name}
             row.update({f"p_{k}": v for k, v in case.params.items()})
             try:
                 fn = setup(case)
+                if check_tol is not None:
+                    out = fn()
+                    if ref_out is None:
+                        ref_out, row["err"], row["check"] = out, 0.0, "ref"
+                    else:
+                        row["err"] = max_rel_err(out, ref_out)
+                        row["check"] = "ok" if row["err"] <= check_tol else "MISMATCH"
+                    del out
                 ms, p20, p80 = time_fn(fn, device, quick=quick)
                 row.update(ms=ms, ms_p20=p20, ms_p80=p80, peak_mem_gib=peak_memory_gib(fn, device))
                 row["tflops"] = case.flops / ms / 1e9 if case.flops else None
@@ -173,6 +211,7 @@ def run_bench(
             if device == "cuda":
                 torch.cuda.empty_cache()
             print(format_row(row), flush=True)
+        del ref_out
     if write:
         write_results(op, rows, device)
     return rows
@@ -182,9 +221,11 @@ def format_row(row: dict) -> str:
     if "skipped" in row:
         return f"{row['op']:>24} | {row['case']:<36} | {row['provider']:<18} | skipped: {row['skipped']}"
     extras = []
-    for key in ("tflops", "gbps", "peak_mem_gib"):
+    for key in ("tflops", "gbps", "peak_mem_gib", "x_floor", "err"):
         if row.get(key) is not None:
             extras.append(f"{key}={row[key]:.3g}")
+    if row.get("check") == "MISMATCH":
+        extras.append("MISMATCH")
     return f"{row['op']:>24} | {row['case']:<36} | {row['provider']:<18} | {row['ms']:9.3f} ms  " + " ".join(extras)
 
 

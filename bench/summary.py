@@ -1,4 +1,5 @@
-"""Print a short table of a results folder: per op and case, each provider's time and its ratio to r4b's.
+"""Print a short table of a results folder: per op and case, each provider's time, its ratio to r4b's best,
+its ratio to the matmul floor and the bench's result check against the reference provider.
 
 python -m bench.summary [--latest | DIR] [--copy-to DIR]
 """
@@ -21,7 +22,7 @@ def latest_dir() -> Path | None:
 
 def table(folder: Path) -> str:
     lines = [f"results: {folder}", f"{'op':<22} {'case':<34} {'provider':<22} {'ms':>9} {'TF/s':>7} {'GB/s':>7} "
-             f"{'GiB':>6} {'x r4b':>6}"]
+             f"{'GiB':>6} {'x r4b':>6} {'xfloor':>6} check"]
     for f in sorted(folder.glob("*.json")):
         data = json.loads(f.read_text())
         rows = data["rows"]
@@ -36,8 +37,12 @@ def table(folder: Path) -> str:
                     continue
                 fmt = lambda v, p: f"{v:>{p}.3g}" if isinstance(v, (int, float)) else " " * p
                 ratio = r["ms"] / best if best else None
+                check = r.get("check", "")
+                if check and check != "ref":
+                    check += f" {r['err']:.1e}"
                 lines.append(f"{r['op']:<22} {case:<34} {r['provider']:<22} {r['ms']:>9.3f} {fmt(r.get('tflops'), 7)} "
-                             f"{fmt(r.get('gbps'), 7)} {fmt(r.get('peak_mem_gib'), 6)} {fmt(ratio, 6)}")
+                             f"{fmt(r.get('gbps'), 7)} {fmt(r.get('peak_mem_gib'), 6)} {fmt(ratio, 6)} "
+                             f"{fmt(r.get('x_floor'), 6)} {check}".rstrip())
         lines.append(f"  ({f.stem}: {env.get('device_name')}, torch {env.get('torch')}, commit {env.get('commit')})")
     return "\n".join(lines)
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 
+import pytest
 import torch
 
 from bench import harness
@@ -48,3 +50,39 @@ def test_bench_registry():
     assert {"group_advantages", "pack", "grpo_loss", "fused_linear", "varlen_attention", "norms"} <= set(names())
     assert bench_main(["--list"]) == 0
     assert bench_main(["nope"]) == 2
+
+
+def test_max_rel_err():
+    a = torch.tensor([1.0, -2.0, 4.0])
+    assert harness.max_rel_err(a, a) == 0.0
+    assert harness.max_rel_err((a, a + 0.04), (a, a)) == pytest.approx(0.01, rel=1e-5)  # 0.04 / max|ref|
+    assert harness.max_rel_err(a, a[:2]) == float("inf")
+    assert harness.max_rel_err((a,), (a, a)) == float("inf")
+
+
+def test_run_bench_check_flags_a_provider_that_computes_something_else(monkeypatch, tmp_path):
+    monkeypatch.setattr(harness, "results_dir", lambda device: tmp_path)
+    x = torch.randn(100)
+    cases = [harness.Case("n=100", {"n": 100})]
+    provs = {"ref": lambda case: (lambda: x * 2), "same": lambda case: (lambda: x + x),
+             "other": lambda case: (lambda: x * 2.1)}
+    rows = harness.run_bench("toy", cases, provs, device="cpu", quick=True, check_tol=1e-6)
+    by = {r["provider"]: r for r in rows}
+    assert by["ref"]["check"] == "ref" and by["same"]["check"] == "ok"
+    assert by["other"]["check"] == "MISMATCH" and abs(by["other"]["err"] - 0.05) < 1e-6
+    assert "MISMATCH" in harness.format_row(by["other"])
+
+
+@pytest.mark.parametrize("name", ["grpo_loss", "fused_linear"])
+def test_loss_bench_providers_compute_the_same_loss(name, monkeypatch, tmp_path):
+    """Every provider of the loss benches (r4b's backends, and Liger's when it is installed) runs on the CPU at
+    the --quick shapes and its gradients / log-probs match eager torch's (the bench's own check)."""
+    monkeypatch.setattr(harness, "results_dir", lambda device: tmp_path)
+    monkeypatch.setattr(harness, "time_fn", lambda fn, device, quick=False: (1.0, 1.0, 1.0))  # no timing here
+    monkeypatch.setattr(harness, "peak_memory_gib", lambda fn, device: None)
+    mod = importlib.import_module(f"bench.bench_{name}")
+    rows = mod.main(["--quick"])
+    ran = [r for r in rows if "skipped" not in r]
+    assert not [r for r in rows if r.get("skipped", "").startswith("error")], rows
+    assert {r["provider"] for r in ran} >= {"torch eager", "r4b torch (chunked)", "r4b triton chunked"}
+    assert all(r["check"] in ("ref", "ok") for r in ran), [(r["provider"], r["err"]) for r in ran]
