@@ -255,7 +255,7 @@ def aot_report() -> list[str]:
                 return "*i64"
             if n.endswith("_ptr"):
                 return "*fp32"
-            return "i32" if n in ("R", "stride_z") else "fp32"
+            return "i32" if n in ("R", "R_grad", "stride_z") else "fp32"
 
         report(f"rows {tname} {label} tiles={br}x{bvr}", fc._rows_kernel, meta, sig_of, warps_r, 1)
     return lines

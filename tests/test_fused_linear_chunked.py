@@ -19,7 +19,7 @@ from r4b.kernels import available_backends, fused_linear_cross_entropy, fused_li
 pytestmark = pytest.mark.skipif("triton" not in available_backends("fused_linear_grpo_loss", "cpu"),
                                 reason="triton backend unavailable here")
 
-CHUNK = 40  # rows per chunk in these tests: N=97 -> 3 chunks (40, 40, 17), N=1025 -> 26
+CHUNK = 40  # at most 40 rows per chunk in these tests: N=97 -> 3 balanced chunks (33, 33, 31), N=1025 -> 26
 
 
 @pytest.fixture(params=chunked.IMPLS)
@@ -43,7 +43,9 @@ def _expect_launches(impl, n):
     if name == "tiled":
         assert launches == []
     else:
-        assert launches == [min(CHUNK, n - s) for s in range(0, n, CHUNK)]
+        step = chunked.chunk_rows(n, 300, 4)
+        assert step <= CHUNK and -(-n // step) == -(-n // CHUNK)  # the fewest chunks, balanced
+        assert launches == [min(step, n - s) for s in range(0, n, step)]
 
 
 @pytest.mark.parametrize("case", G.CASES, ids=lambda c: "-".join(map(str, c)))
@@ -120,7 +122,10 @@ def test_grpo_no_grad_runs_forward_only(impl):
     G.close(logp, w_logp, what="logprobs")
 
 
-def test_grpo_retained_graph_backward_twice_doubles(impl):
+def test_grpo_retained_graph_second_backward(impl):
+    """The tiled implementation supports a second backward through a retained graph (gradients add up); the
+    chunked one hands its forward-computed gradients over in the first backward (no copy of the [V, H] buffer)
+    and says so if asked again."""
     x = G.make_inputs(97, 16, 300, mask_kind="partial", adv_kind="rand", old_given=True, beta=0.0, bias=False,
                       temperature=1.0)
     weight = x["weight"].clone().requires_grad_()
@@ -128,11 +133,65 @@ def test_grpo_retained_graph_backward_twice_doubles(impl):
                                         loss_mask=x["loss_mask"], aggregation="token_mean", backend="triton")
     (loss * 3.0).backward(retain_graph=True)
     once = weight.grad.clone()
-    (loss * 3.0).backward()
-    torch.testing.assert_close(weight.grad, 2 * once, rtol=1e-6, atol=0)
     _, _, _, w_grads = G.reference64(x["hidden"], x["weight"], None, x["targets"], x["adv"], x["old"], None,
                                      x["loss_mask"], None, 0.2, 0.2, 0.0, 1.0, "token_mean")
     G.close(once, 3 * w_grads[1], what="d weight")
+    if impl[0] == "tiled":
+        (loss * 3.0).backward()
+        torch.testing.assert_close(weight.grad, 2 * once, rtol=1e-6, atol=0)
+    else:
+        with pytest.raises(RuntimeError, match="retain_graph"):
+            (loss * 3.0).backward()
+
+
+@pytest.mark.parametrize("kind", ["partial", "zero_adv", "zero_adv_kl", "all", "none_trained"])
+def test_chunked_skips_the_backward_of_rows_without_gradient(monkeypatch, kind):
+    """Rows whose gradient is zero by construction (masked, ignored target, zero advantage without KL) are sorted
+    behind the others and skip the gradient pass and the backward GEMMs: the row kernel is told how many leading
+    rows of each chunk have a gradient, those add up to the rows that can have one, and everything (log-probs
+    in the original order, gradients) still equals the float64 reference."""
+    monkeypatch.setenv(chunked.ENV_IMPL, "chunked")
+    monkeypatch.setattr(chunked, "_MAX_CHUNK_ROWS", CHUNK)
+    grad_rows = []
+    real = chunked._launch_rows
+
+    def counting(z, *args):
+        grad_rows.append(args[-1])
+        return real(z, *args)
+
+    monkeypatch.setattr(chunked, "_launch_rows", counting)
+    mask_kind = {"all": "all", "none_trained": "none_trained"}.get(kind, "partial")
+    adv_kind = "zero" if kind.startswith("zero_adv") else "rand"
+    beta = 0.04 if kind == "zero_adv_kl" else 0.0
+    x = G.make_inputs(97, 16, 300, mask_kind=mask_kind, adv_kind=adv_kind, old_given=True, beta=beta, bias=True,
+                      temperature=0.9, seed=4)
+    hidden = x["hidden"].clone().requires_grad_()
+    weight = x["weight"].clone().requires_grad_()
+    b = x["bias"].clone().requires_grad_()
+    loss, logp, _ = fused_linear_grpo_loss(hidden, weight, x["targets"], x["adv"], old_logprobs=x["old"],
+                                           ref_logprobs=x["ref"], loss_mask=x["loss_mask"], seq_ids=x["seq_ids"],
+                                           beta=beta, temperature=0.9, aggregation="seq_mean_token_mean", bias=b,
+                                           backend="triton")
+    loss.backward()
+    trained = (x["targets"] >= 0) if x["loss_mask"] is None else x["loss_mask"] & (x["targets"] >= 0)
+    expect = int((trained & ((x["adv"] != 0) | (beta > 0))).sum())
+    assert sum(grad_rows) == expect and len(grad_rows) == 3
+    want_rows = {"zero_adv": 0, "all": 97, "none_trained": 0, "zero_adv_kl": int(trained.sum())}
+    if kind in want_rows:
+        assert expect == want_rows[kind]
+    else:
+        assert 0 < expect < 97
+    w_loss, w_logp, _, w_grads = G.reference64(x["hidden"], x["weight"], x["bias"], x["targets"], x["adv"],
+                                               x["old"], x["ref"], x["loss_mask"], x["seq_ids"], 0.2, 0.2, beta,
+                                               0.9, "seq_mean_token_mean")
+    G.close(loss, w_loss, what="loss")
+    G.close(logp, w_logp, what="logprobs")
+    for name, got, want in zip(("d hidden", "d weight", "d bias"), (hidden.grad, weight.grad, b.grad), w_grads,
+                               strict=True):
+        if want is None:  # nothing trained: the reference's graph does not reach this input
+            assert got is None or not got.any(), name
+            continue
+        G.close(got, want, what=name)
 
 
 @pytest.mark.parametrize("case", CE.CASES, ids=lambda c: "-".join(map(str, c)))
@@ -205,11 +264,12 @@ def test_bad_impl_env_var_names_it(monkeypatch):
 
 
 def test_chunk_size_at_anchor_shape():
-    """The [C, V] buffer stays within _CHUNK_BYTES, C a multiple of 256 at big V; dweight accumulates in bf16
-    there (an fp32 [V, H] buffer alone would be 1.56 GB)."""
+    """The [C, V] buffer stays within _CHUNK_BYTES, C a multiple of 256 at big V, chunks balanced; dweight
+    accumulates in bf16 there (an fp32 [V, H] buffer alone would be 1.56 GB)."""
     rows = chunked.chunk_rows(16384, 151936, 2)
-    assert rows * 151936 * 2 <= chunked._CHUNK_BYTES and rows % 256 == 0 and rows >= 1024
-    assert math.ceil(16384 / rows) <= 11
+    assert rows * 151936 * 2 <= chunked._CHUNK_BYTES and rows % 256 == 0
+    assert rows == 3328 and math.ceil(16384 / rows) == 5  # 4 x 3328 + 3072
+    assert chunked.chunk_rows(4096, 151936, 2) == 2048  # 2 equal chunks, not 3328 + 768
     w = torch.empty(151936, 2560, dtype=torch.bfloat16, device="meta")
     assert chunked.dweight_dtype(w) == torch.bfloat16
     assert chunked.dweight_dtype(torch.empty(151936, 2560, device="meta")) == torch.float32

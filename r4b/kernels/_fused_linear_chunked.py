@@ -15,8 +15,12 @@ For each chunk of C rows:
 The backward only scales the saved gradients by the incoming scalar ``grad_output``. Rows with ``c_i = 0``
 (masked tokens) still cost their share of the GEMMs but give exactly zero gradient.
 
-Chunk size: at most ``_CHUNK_BYTES`` (512 MiB) of ``z``; at H=2560, V=151936, bf16 that is 1766 -> 1536 rows
-(rounded down to a multiple of 256 for the GEMMs). This is a first guess, to be tuned on a GPU.
+Chunk size: at most ``_CHUNK_BYTES`` (1 GiB) of ``z``, chunks balanced; at N=16384, H=2560, V=151936, bf16 that
+is 5 chunks of 3328 rows (the last 3072). A first guess from GEMM shapes and the memory budget, to be tuned on
+a GPU.
+
+Rows whose gradient is zero by construction (masked, ignored, or a zero advantage without KL) are sorted
+behind the others and skip the gradient pass and both backward GEMMs (see :func:`_chunk_loop`).
 
 dweight accumulator dtype (the memory/precision trade-off): fp32 when the weight is fp32 or when an fp32
 [V, H] buffer is small (<= ``_FP32_DW_MAX_BYTES`` = 256 MiB; a half weight then rounds each chunk's product
@@ -41,12 +45,18 @@ ENV_IMPL = "R4B_FUSED_LINEAR_IMPL"
 IMPLS = ("chunked", "tiled")
 
 # Bytes of the [C, V] logits/gradient buffer of one chunk. Needs tuning on a GPU (bigger chunks: fewer bf16
-# roundings of dweight and better GEMM shapes; smaller: less memory).
-_CHUNK_BYTES = 512 << 20
+# roundings of dweight, fewer read-modify-writes of the dweight accumulator, and a d hidden GEMM with enough
+# output tiles for every SM: C=3328 at H=2560 gives 26 x 10 tiles of 128 x 256, about 2 waves on 132 SMs, where
+# C=1536 gives 120 tiles, under one wave; smaller: less memory). 1 GiB: at the anchor shape (16384 x 2560 x
+# 151936, bf16) 5 chunks of <= 3328 rows and a peak of about 1.9 GB (z 1.0 + bf16 dweight 0.78 + dhidden and the
+# sorted hidden 0.08 each), under Liger chunked's 2.19 GiB.
+_CHUNK_BYTES = 1 << 30
 # Tests set this to force several chunks on tiny inputs (None: derived from _CHUNK_BYTES).
 _MAX_CHUNK_ROWS: int | None = None
 # An fp32 dweight accumulator is used whenever it is at most this big (always for fp32 weights).
 _FP32_DW_MAX_BYTES = 256 << 20
+# Skip the backward GEMMs of rows whose gradient is zero by construction (tests turn it off to compare).
+_SKIP_ZERO_ROWS = True
 
 if _dispatch.triton_importable():
     import triton
@@ -65,12 +75,20 @@ def impl() -> str:
 
 
 def chunk_rows(n: int, v: int, elem: int) -> int:
-    rows = max(1, _CHUNK_BYTES // max(v * elem, 1))
-    if rows > 256:
-        rows -= rows % 256
+    """Rows per chunk: the fewest chunks whose [C, V] buffer fits ``_CHUNK_BYTES``, balanced (the last chunk is
+    not a small remainder), C a multiple of 256 when the cap allows (GEMM tiles)."""
+    cap = max(1, _CHUNK_BYTES // max(v * elem, 1))
+    if cap > 256:
+        cap -= cap % 256
     if _MAX_CHUNK_ROWS is not None:
-        rows = min(rows, _MAX_CHUNK_ROWS)
-    return max(1, min(n, rows))
+        cap = min(cap, _MAX_CHUNK_ROWS)
+    if n <= cap:
+        return max(1, n)
+    rows = -(-n // -(-n // cap))  # ceil(n / number of chunks)
+    if cap >= 256 and rows % 256:
+        up = rows + 256 - rows % 256
+        rows = up if up <= cap else rows
+    return rows
 
 
 def dweight_dtype(weight: Tensor) -> torch.dtype:
@@ -88,11 +106,13 @@ if triton is not None:
     @triton.jit
     def _rows_kernel(
         z_ptr, t_ptr, w_ptr, adv_ptr, old_ptr, ref_ptr, logp_ptr, c_ptr,
-        R, stride_z, inv_temp, lo, hi, beta,
+        R, R_grad, stride_z, inv_temp, lo, hi, beta,
         V: tl.constexpr, MODE: tl.constexpr, HAS_OLD: tl.constexpr, HAS_KL: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
     ):
-        """BLOCK_R rows of z: lse, logp, c = d loss / d logp, then z <- c (onehot - softmax(z / T)) / T."""
+        """BLOCK_R rows of z: lse, logp, c = d loss / d logp, then z <- c (onehot - softmax(z / T)) / T for the
+        first R_grad rows (the caller puts the rows whose gradient can be non-zero first and skips the others'
+        backward GEMMs: their z is left as it is)."""
         pid = tl.program_id(0)
         rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
         row_ok = rows < R
@@ -144,16 +164,17 @@ if triton is not None:
             c = tl.where(has_t, w, 0.0)
         tl.store(logp_ptr + rows64, logp, mask=row_ok)
         tl.store(c_ptr + rows64, c, mask=row_ok)
-        # pass 2: z <- dz = c (onehot - p) / T, in place
+        # pass 2: z <- dz = c (onehot - p) / T, in place (programs past R_grad have nothing to write)
         scale = c * inv_temp
-        for v0 in range(0, V, BLOCK_V):
-            cols = v0 + tl.arange(0, BLOCK_V)
-            ok = row_ok[:, None] & (cols < V)[None, :]
-            z = tl.load(base + cols[None, :], mask=ok, other=0.0).to(tl.float32) * inv_temp
-            p = tl.exp(z - lse[:, None])
-            onehot = tl.where(cols[None, :].to(tl.int64) == tgt[:, None], 1.0, 0.0)
-            dz = (onehot - p) * scale[:, None]
-            tl.store(base + cols[None, :], dz.to(z_ptr.dtype.element_ty), mask=ok)
+        if pid * BLOCK_R < R_grad:
+            for v0 in range(0, V, BLOCK_V):
+                cols = v0 + tl.arange(0, BLOCK_V)
+                ok = row_ok[:, None] & (cols < V)[None, :]
+                z = tl.load(base + cols[None, :], mask=ok, other=0.0).to(tl.float32) * inv_temp
+                p = tl.exp(z - lse[:, None])
+                onehot = tl.where(cols[None, :].to(tl.int64) == tgt[:, None], 1.0, 0.0)
+                dz = (onehot - p) * scale[:, None]
+                tl.store(base + cols[None, :], dz.to(z_ptr.dtype.element_ty), mask=ok)
 
 
 def gpu_rows_config() -> tuple[int, int, int]:
@@ -175,13 +196,14 @@ def _rows_config(rows: int, v: int, device: torch.device) -> tuple[int, int, int
 
 def _launch_rows(z: Tensor, targets: Tensor, w: Tensor, adv: Tensor | None, old: Tensor | None,
                  ref: Tensor | None, logp: Tensor, c: Tensor, temperature: float, lo: float, hi: float, beta: float,
-                 mode: int) -> None:
+                 mode: int, rows_grad: int | None = None) -> None:
     rows, v = z.shape
+    rows_grad = rows if rows_grad is None else rows_grad
     br, bv, warps = _rows_config(rows, v, z.device)
     grid = (triton.cdiv(rows, br),)
     _rows_kernel[grid](
         z, targets, w, adv if adv is not None else w, old if old is not None else w, ref if ref is not None else w,
-        logp, c, rows, z.stride(0), 1.0 / temperature, lo, hi, beta,
+        logp, c, rows, rows_grad, z.stride(0), 1.0 / temperature, lo, hi, beta,
         V=v, MODE=mode, HAS_OLD=old is not None, HAS_KL=ref is not None and beta > 0, BLOCK_R=br, BLOCK_V=bv,
         num_warps=warps,
     )
@@ -190,29 +212,57 @@ def _launch_rows(z: Tensor, targets: Tensor, w: Tensor, adv: Tensor | None, old:
 # ------------------------------------------------------------------------------------------- the loop
 
 
+def _grad_rows(targets: Tensor, w: Tensor, adv: Tensor | None, v: int, kl: bool, mode: int) -> Tensor:
+    """(N,) bool: rows whose gradient can be non-zero. Every other row has c_i = 0 exactly (masked, no target,
+    or, in GRPO without KL, a zero advantage: all-equal rewards in a group), so its backward GEMMs are skipped."""
+    rows = (targets >= 0) & (targets < v) & (w != 0)
+    if mode == MODE_GRPO and not kl:
+        rows &= adv != 0
+    return rows
+
+
 def _chunk_loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, w: Tensor,
                 adv: Tensor | None, old: Tensor | None, ref: Tensor | None, temperature: float, lo: float, hi: float,
                 beta: float, mode: int, need_dh: bool, need_dw: bool, need_db: bool
                 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """(logp [N] f32, c [N] f32, dhidden [N,H] hidden dtype, dweight [V,H], dbias [V] f32), None where not needed.
 
-    ``w`` (N,) f32: the aggregation weight (MODE_GRPO) or the coefficient itself (MODE_COEF)."""
+    ``w`` (N,) f32: the aggregation weight (MODE_GRPO) or the coefficient itself (MODE_COEF).
+
+    Rows whose gradient is zero by construction (:func:`_grad_rows`) are moved behind the others (one stable
+    sort and a gather of the (N,) vectors and of ``hidden``, N*H elements): every row still gets its logits GEMM
+    and log-prob, but only the leading ``n_grad`` rows get the row kernel's gradient pass and the two backward
+    GEMMs. This needs the count on the host (one sync per call)."""
     n, h = hidden.shape
     v = weight.shape[0]
     dev = hidden.device
     logp = torch.empty(n, dtype=torch.float32, device=dev)
     c = torch.empty(n, dtype=torch.float32, device=dev)
-    dh = torch.empty(n, h, dtype=hidden.dtype, device=dev) if need_dh else None
+    need_any = need_dh or need_dw or need_db
+    dh = (torch.empty if not _SKIP_ZERO_ROWS else torch.zeros)(n, h, dtype=hidden.dtype, device=dev) \
+        if need_dh else None
     dw = torch.zeros(v, h, dtype=dweight_dtype(weight), device=dev) if need_dw else None
     db = torch.zeros(v, dtype=torch.float32, device=dev) if need_db else None
     if n == 0:
         return logp, c, dh, dw, db
+    perm = None
+    n_grad = n if need_any else 0
+    if need_any and _SKIP_ZERO_ROWS:
+        active = _grad_rows(targets, w, adv, v, ref is not None and beta > 0, mode)
+        n_grad = int(active.sum())  # host sync
+        if 0 < n_grad < n:  # rows with a gradient first, the others after, each group in its original order
+            perm = torch.argsort((~active).to(torch.int8), stable=True)
+            hidden, targets, w = hidden[perm], targets[perm], w[perm]
+            adv, old, ref = (None if x is None else x[perm] for x in (adv, old, ref))
+    logp_p = logp if perm is None else torch.empty_like(logp)
+    c_p = c if perm is None else torch.empty_like(c)
     step = chunk_rows(n, v, hidden.element_size())
     zbuf = torch.empty(step, v, dtype=hidden.dtype, device=dev)
     wt = weight.T
     targets = targets.contiguous()
     for s in range(0, n, step):
         e = min(n, s + step)
+        k = min(e, max(n_grad, s)) - s  # rows of this chunk with a gradient (the leading ones)
         hc = hidden[s:e]
         z = zbuf[: e - s]
         if bias is not None:
@@ -220,16 +270,25 @@ def _chunk_loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Te
         else:
             torch.mm(hc, wt, out=z)
         _launch_rows(z, targets[s:e], w[s:e], None if adv is None else adv[s:e], None if old is None else old[s:e],
-                     None if ref is None else ref[s:e], logp[s:e], c[s:e], temperature, lo, hi, beta, mode)
+                     None if ref is None else ref[s:e], logp_p[s:e], c_p[s:e], temperature, lo, hi, beta, mode, k)
+        if k == 0:
+            continue
+        zk, hk = z[:k], hc[:k]
         if dh is not None:
-            torch.mm(z, weight, out=dh[s:e])
+            if perm is None:
+                torch.mm(zk, weight, out=dh[s : s + k])
+            else:
+                dh[perm[s : s + k]] = torch.mm(zk, weight)
         if dw is not None:
             if dw.dtype == z.dtype:
-                dw.addmm_(z.T, hc)
+                dw.addmm_(zk.T, hk)
             else:  # fp32 accumulator for a half weight (small V*H only): one half rounding per chunk product
-                dw += torch.mm(z.T, hc)
+                dw += torch.mm(zk.T, hk)
         if db is not None:
-            db += z.sum(0, dtype=torch.float32)
+            db += zk.sum(0, dtype=torch.float32)
+    if perm is not None:
+        logp[perm] = logp_p
+        c[perm] = c_p
     return logp, c, dh, dw, db
 
 
@@ -237,7 +296,9 @@ def _chunk_loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Te
 
 
 class _ChunkedLoss(torch.autograd.Function):
-    """(loss (), logp (N,) detached) with the gradients computed in the forward; backward scales them."""
+    """(loss (), logp (N,) detached) with the gradients computed in the forward; the backward hands them over
+    (scaled in place by the incoming scalar when it is not 1), so that no second [V, H] buffer is allocated.
+    Hence one backward per forward: a second backward through a retained graph raises."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, w, adv, old, ref, temperature, lo, hi, beta, mode, loss_fn):
@@ -246,7 +307,7 @@ class _ChunkedLoss(torch.autograd.Function):
         logp, _, dh, dw, db = _chunk_loop(hidden, weight, bias, targets, w, adv, old, ref, temperature, lo, hi,
                                           beta, mode, need_dh, need_dw, need_db)
         loss = loss_fn(logp)
-        ctx.save_for_backward(dh, dw, db)
+        ctx.grads = [dh, dw, db]  # not save_for_backward: handed over (not copied) in the backward
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
         ctx.mark_non_differentiable(logp)
         return loss, logp
@@ -254,16 +315,25 @@ class _ChunkedLoss(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, grad_logp):
-        dh, dw, db = ctx.saved_tensors
+        if ctx.grads is None:
+            raise RuntimeError(
+                "the fused-linear loss (chunked Triton implementation) computes its gradients in the forward and "
+                "hands them over in the first backward: a second backward through the same graph "
+                "(retain_graph=True) is not supported; recompute the loss, or set R4B_FUSED_LINEAR_IMPL=tiled"
+            )
+        grads, ctx.grads = ctx.grads, None
         h_dt, w_dt, b_dt = ctx.dtypes
         g = grad_loss.float()
+        unit = bool(g == 1.0)  # host sync; the usual loss.backward() needs no scaling at all
 
-        def scale(x, dt):  # out of place, so that a retained graph can run backward twice
+        def scale(x, dt):
             if x is None:
                 return None
-            return (x * g).to(dt) if x.dtype == torch.float32 else x * g.to(x.dtype)
+            if not unit:
+                x.mul_(g if x.dtype == torch.float32 else g.to(x.dtype))
+            return x.to(dt)  # no copy when x is already in dt
 
-        return (scale(dh, h_dt), scale(dw, w_dt), scale(db, b_dt)) + (None,) * 11
+        return (scale(grads[0], h_dt), scale(grads[1], w_dt), scale(grads[2], b_dt)) + (None,) * 11
 
 
 def chunked_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, w: Tensor,
