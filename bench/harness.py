@@ -211,6 +211,8 @@ def run_bench(
             if device == "cuda":
                 torch.cuda.empty_cache()
             print(format_row(row), flush=True)
+            if write:  # after every row, so that a bench stopped at its time limit keeps what it measured
+                write_results(op, rows, device, plot=False)
         del ref_out
     if write:
         write_results(op, rows, device)
@@ -286,13 +288,20 @@ def _plot(op: str, rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_results(op: str, rows: list[dict], device: str) -> Path:
+def write_results(op: str, rows: list[dict], device: str, *, plot: bool = True) -> Path:
     env = environment(device)
     out = results_dir(device)
-    (out / f"{op}.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1, default=str))
-    (out / f"{op}.md").write_text(_markdown(op, rows, env))
-    _plot(op, rows, out / f"{op}.png")
+    _write_atomic(out / f"{op}.json", json.dumps({"env": env, "rows": rows}, indent=1, default=str))
+    _write_atomic(out / f"{op}.md", _markdown(op, rows, env))
+    if plot:
+        _plot(op, rows, out / f"{op}.png")
     return out
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def default_device() -> str:
