@@ -1,5 +1,6 @@
 """Benchmark varlen_attention (packed causal GQA attention): r4b Triton vs SDPA per document, FlexAttention with
-a document block mask (mask build time in its own column), flash-attn / xformers when installed.
+a document block mask (mask build time in its own column), flash-attn / xformers when installed (through r4b's
+opt-in backends, ``varlen_attention(..., backend="flash_attn" | "xformers")``).
 
 TFLOP/s use flash-attn's accounting: forward = 4 * L^2 * Hq * D per document, halved when causal; backward =
 2.5x forward (so forward+backward = 3.5x). ``--aot`` compiles the Triton kernels for sm_90 without a GPU and
@@ -115,35 +116,30 @@ def providers(device: str, mask_ms: dict) -> dict:
 
         return _timed(case, fwd, q, k, v, do)
 
-    def flash(case: Case):
-        try:
-            from flash_attn import flash_attn_varlen_func
-        except ImportError as ex:
-            raise Skip(f"flash-attn not installed ({ex})") from None
-        q, k, v, do, cu = _inputs(case, device)
-        m = max(case.params["lens"])
-        return _timed(case, lambda a, b, c: flash_attn_varlen_func(a, b, c, cu, cu, m, m, causal=True), q, k, v, do)
+    def peer(backend: str):
+        """r4b's opt-in peer backend (flash-attn or xformers) through varlen_attention's dispatch, so the
+        timing includes what r4b adds (validation; xformers: the block-diagonal mask, one host sync)."""
 
-    def xformers(case: Case):
-        try:
-            import xformers.ops as xops
-        except ImportError as ex:
-            raise Skip(f"xformers not installed ({ex})") from None
-        q, k, v, do, cu = _inputs(case, device)
-        hq, hkv = case.params["hq"], case.params["hkv"]
-        bias = xops.fmha.attn_bias.BlockDiagonalCausalMask.from_seqlens(case.params["lens"])
+        def setup(case: Case):
+            from r4b.kernels import varlen_attention
+            from r4b.kernels._dispatch import why_unavailable
 
-        def fwd(a, b, c):  # GQA in xformers' 5-D (B, T, G, H, D) form: K/V broadcast over the group
-            T, _, D = a.shape
-            a5 = a.view(1, T, hkv, hq // hkv, D)  # (1, T, Hkv, G, D)
-            b5 = b.view(1, T, hkv, 1, D).expand(1, T, hkv, hq // hkv, D)
-            c5 = c.view(1, T, hkv, 1, D).expand(1, T, hkv, hq // hkv, D)
-            return xops.memory_efficient_attention(a5, b5, c5, attn_bias=bias).view(T, hq, D)
+            why = why_unavailable("varlen_attention", backend, device)  # on a GPU the inputs are bf16: both take it
+            if why is not None:
+                raise Skip(f"{backend} backend unavailable: {why}")
+            q, k, v, do, cu = _inputs(case, device)
+            m = max(case.params["lens"])
+            return _timed(case, lambda a, b, c: varlen_attention(a, b, c, cu, m, backend=backend), q, k, v, do)
 
-        return _timed(case, fwd, q, k, v, do)
+        return setup
 
-    return {"sdpa per doc": sdpa, "flex doc mask": flex, "flash-attn varlen": flash, "xformers blockdiag": xformers,
-            "r4b triton": r4b}
+    return {
+        "sdpa per doc": sdpa,
+        "flex doc mask": flex,
+        "flash-attn varlen": peer("flash_attn"),
+        "xformers blockdiag": peer("xformers"),
+        "r4b triton": r4b,
+    }
 
 
 def aot_report(first_only: bool = False) -> None:

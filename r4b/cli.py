@@ -18,6 +18,7 @@ def cmd_info(_: argparse.Namespace) -> int:
 
     import r4b
     from r4b.kernels import available_backends, registered_ops
+    from r4b.kernels._dispatch import PEER_BACKENDS
     from r4b.kernels._ext import load
 
     ext = load()
@@ -27,10 +28,13 @@ def cmd_info(_: argparse.Namespace) -> int:
     else:
         print(f"r4b._C: cpu ops {ext.cpu_ops()}, cuda ops {ext.cuda_ops() or 'none (built without CUDA)'}")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    print(f"{'op':<28} {'implements':<28} " + " ".join(f"{'runs on ' + d:<28}" for d in devices))
-    for op, backends in sorted(registered_ops().items()):
-        runs = " ".join(f"{','.join(available_backends(op, d)):<28}" for d in devices)
-        print(f"{op:<28} {','.join(backends):<28} {runs}")
+    ops = registered_ops()
+    w = max(28, *(len(",".join(b)) + 1 for b in ops.values()))
+    print(f"{'op':<28} {'implements':<{w}} " + " ".join(f"{'runs on ' + d:<{w}}" for d in devices))
+    for op, backends in sorted(ops.items()):
+        runs = " ".join(f"{','.join(available_backends(op, d)):<{w}}" for d in devices)
+        print(f"{op:<28} {','.join(backends):<{w}} {runs}")
+    print(f"{', '.join(PEER_BACKENDS)}: opt-in, never picked by backend=None (backend=..., or R4B_ATTN_BACKEND=...)")
     return 0
 
 

@@ -11,6 +11,11 @@ only on T, never on the per-batch lengths. A tile of BLOCK packed rows may hold 
 the start of others; the program finds the sequence of its first row by binary search over cu_seqlens and
 walks the "segments" (the rows of one sequence inside the tile) in turn, running the usual flash loops with
 that sequence's start and length. Lengths are runtime values: nothing recompiles per batch.
+
+Also owns the calls into two opt-in peer backends (see _dispatch.py: only ``backend="flash_attn"`` /
+``"xformers"`` or ``R4B_ATTN_BACKEND`` select them): flash-attn's ``flash_attn_varlen_func`` (packed layout and
+GQA native) and xformers' ``memory_efficient_attention`` with a block-diagonal (causal) mask on a batch of one,
+GQA as its 5-D (1, T, Hkv, G, D) layout with K/V expanded over the group (no copy). Gradients are theirs.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from torch import Tensor
 from . import _checks, _dispatch
 
 OP = "varlen_attention"
-_dispatch.register(OP, ("triton", "torch"))
+_dispatch.register(OP, ("triton", "torch", "flash_attn", "xformers"), env="R4B_ATTN_BACKEND")
 
 
 def varlen_attention_ref(
@@ -50,6 +55,42 @@ def varlen_attention_ref(
 
 
 _LOG2E = 1.4426950408889634
+
+
+def _unit_last(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _flash_attn(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_seqlen: int, scale: float, causal: bool) -> Tensor:
+    """flash-attn on the packed layout as it is: (T, Hq, D), (T, Hkv, D) -> (T, Hq, D)."""
+    from flash_attn import flash_attn_varlen_func
+
+    return flash_attn_varlen_func(
+        q, k, v, cu, cu, max_seqlen, max_seqlen, dropout_p=0.0, softmax_scale=scale, causal=causal
+    )
+
+
+def _xformers(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, scale: float, causal: bool) -> Tensor:
+    """xformers with a block-diagonal mask over one packed row. The mask holds the lengths as Python ints, so
+    this reads cu_seqlens on the host (one synchronisation per call on a GPU)."""
+    import xformers.ops as xops
+    from xformers.ops.fmha import attn_bias
+
+    T, Hq, D = q.shape
+    Hkv = k.shape[1]
+    lens = [n for n in (cu[1:] - cu[:-1]).tolist() if n > 0]  # empty sequences hold no rows: leave them out
+    mask = attn_bias.BlockDiagonalCausalMask if causal else attn_bias.BlockDiagonalMask
+    bias = mask.from_seqlens(lens, device=q.device)
+    if Hq == Hkv:
+        o = xops.memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias, p=0.0, scale=scale)
+        return o.reshape(T, Hq, D)  # (1, T, Hq, D) -> (T, Hq, D)
+    G = Hq // Hkv
+    q5 = q.view(1, T, Hkv, G, D)  # query head h = hk * G + g, as flash-attn and the reference group them
+    k5 = k[None, :, :, None, :].expand(1, T, Hkv, G, D)  # (1, T, Hkv, G, D), stride 0 over G: no copy
+    v5 = v[None, :, :, None, :].expand(1, T, Hkv, G, D)
+    o = xops.memory_efficient_attention(q5, k5, v5, attn_bias=bias, p=0.0, scale=scale)  # (1, T, Hkv, G, D)
+    return o.reshape(T, Hq, D)
+
 
 if _dispatch.triton_importable():
     import triton
@@ -380,9 +421,6 @@ if _dispatch.triton_importable():
             DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         )
 
-    def _unit_last(t: Tensor) -> Tensor:
-        return t if t.stride(-1) == 1 else t.contiguous()
-
     def _fwd(q, k, v, cu, scale, causal):
         T, Hq, _ = q.shape
         n = cu.numel() - 1
@@ -461,6 +499,9 @@ def varlen_attention(
     cu_seqlens on the CPU; the Triton kernels do not need it). Returns (T, Hq, D) in q.dtype, contiguous.
     softmax_scale defaults to 1/sqrt(D). The Triton path computes in fp32 (bf16/fp16 tensor-core products
     with fp32 accumulation on a GPU), saves the log-sum-exp and has its own backward.
+    backend: None (auto: triton > torch), "triton", "torch", or the opt-in peers "flash_attn" (GPU, fp16/bf16;
+    max_seqlen sizes its grid, so it must be right) and "xformers" (GPU; reads cu_seqlens on the host);
+    R4B_ATTN_BACKEND sets it for every call that passes None (r4b/kernels/_dispatch.py).
     """
     _checks.tensor("q", q, dtypes=_checks.FLOAT_DTYPES, ndim=3)
     _checks.tensor("k", k, dtypes=(q.dtype,), ndim=3)
@@ -481,8 +522,15 @@ def varlen_attention(
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[2])
     if not scale > 0:
         raise ValueError(f"softmax_scale must be > 0, got {softmax_scale}")
-    if _dispatch.pick(OP, backend, q) == "triton":
-        if q.shape[0] == 0 or q.shape[1] == 0:
-            return q.new_zeros(q.shape)
-        return _VarlenAttentionFn.apply(q, k, v, cu_seqlens.contiguous(), float(scale), bool(causal))
-    return varlen_attention_ref(q, k, v, cu_seqlens, causal, softmax_scale)
+    chosen = _dispatch.pick(OP, backend, q)
+    if chosen == "torch":
+        return varlen_attention_ref(q, k, v, cu_seqlens, causal, softmax_scale)
+    if q.shape[0] == 0 or q.shape[1] == 0:
+        return q.new_zeros(q.shape)
+    cu = cu_seqlens.contiguous()
+    if chosen == "triton":
+        return _VarlenAttentionFn.apply(q, k, v, cu, float(scale), bool(causal))
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    if chosen == "flash_attn":
+        return _flash_attn(q, k, v, cu, int(max_seqlen), float(scale), bool(causal))
+    return _xformers(q, k, v, cu, float(scale), bool(causal))
