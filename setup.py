@@ -46,7 +46,7 @@ class CMakeBuild(build_ext):
         build_temp.mkdir(parents=True, exist_ok=True)
         cuda = _want_cuda()
         args = [
-            f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
+            f"-DR4B_TORCH_DIR={Path(torch.__file__).resolve().parent}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             f"-DPython3_EXECUTABLE={sys.executable}",
             f"-DR4B_OUTPUT_DIR={out_dir}",

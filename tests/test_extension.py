@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,56 @@ def test_cuda_glue_parses_against_torch_headers(tmp_path):
            f"-I{ROOT / 'csrc' / 'include'}", str(ROOT / "csrc" / "ops" / "ops_cuda.cpp")]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
+
+
+def _stub_cuda_torch(root: Path) -> Path:
+    """A stand-in for a CUDA torch install built from this CPU wheel: its headers and libraries as symlinks, plus
+    the one generated c10/cuda header the CPU wheel lacks and empty libc10_cuda.so / libtorch_cuda.so (a shared
+    module may leave the c10::cuda symbols undefined at link time; they resolve at import on a GPU machine)."""
+    real = Path(torch.__file__).resolve().parent
+    fake = root / "torch"
+    shutil.copytree(real / "include", fake / "include", copy_function=os.symlink)
+    macros = fake / "include" / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
+    macros.parent.mkdir(parents=True, exist_ok=True)
+    macros.unlink(missing_ok=True)
+    macros.write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    (fake / "lib").mkdir()
+    for lib in (real / "lib").iterdir():
+        (fake / "lib" / lib.name).symlink_to(lib)
+    empty = root / "empty.c"
+    empty.write_text("")
+    for name in ("c10_cuda", "torch_cuda"):
+        subprocess.run(["gcc", "-shared", "-fPIC", str(empty), "-o", str(fake / "lib" / f"lib{name}.so")], check=True)
+    return fake
+
+
+@pytest.mark.skipif(_nvcc() is None or shutil.which("cmake") is None or shutil.which("ninja") is None,
+                    reason="needs nvcc, cmake and ninja")
+def test_cmake_cuda_build_compiles_and_links(tmp_path):
+    """The CUDA build of r4b._C as a GPU machine runs it (CMakeLists.txt with R4B_BUILD_CUDA=ON: the .cu kernels
+    with nvcc for sm_80/sm_90, the CUDA glue, the link against c10_cuda/torch_cuda and cudart), against a stand-in
+    of a CUDA torch (see _stub_cuda_torch). Catches CMake, include and link mistakes before a GPU run."""
+    import pybind11
+
+    fake = _stub_cuda_torch(tmp_path)
+    build = tmp_path / "build"
+    build.mkdir()
+    nvcc = Path(_nvcc()).resolve()
+    configure = ["cmake", str(ROOT), "-G", "Ninja", "-DR4B_BUILD_CUDA=ON", f"-DR4B_TORCH_DIR={fake}",
+                 f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+                 f"-DPython3_EXECUTABLE={sys.executable}", f"-DR4B_OUTPUT_DIR={build / 'out'}"]
+    res = subprocess.run(configure, cwd=build, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "c10;torch;torch_cpu;c10_cuda;torch_cuda" in res.stdout
+    res = subprocess.run(["cmake", "--build", ".", "--parallel", str(os.cpu_count() or 2)], cwd=build,
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    (module,) = (build / "out").glob("_C*.so")
+    needed = subprocess.run(["readelf", "-d", str(module)], capture_output=True, text=True, check=True).stdout
+    assert "libcudart.so" in needed and "libtorch_cpu.so" in needed
+    undefined = subprocess.run(["nm", "-D", "--undefined-only", str(module)], capture_output=True, text=True,
+                               check=True).stdout
+    assert "getCurrentCUDAStream" in undefined  # the glue launches on torch's current stream
 
 
 def test_auto_dispatch_order_on_cpu(monkeypatch):
