@@ -3,7 +3,9 @@
 Providers: eager torch (materialised bf16 logits, fp32 log-softmax), torch.compile of that, Liger's chunked
 LigerFusedLinearGRPOLoss and Liger's Triton loss on materialised logits (when liger-kernel is importable),
 r4b's chunked torch backend and r4b's two Triton implementations ("chunked": 3 cuBLAS GEMMs per row chunk
-with the gradient formed in the forward; "tiled": tiled kernels whose backward recomputes the logits).
+with the gradient formed in the forward; "tiled": tiled kernels whose backward recomputes the logits), the
+chunked one also with 512 / 256 MiB chunks (tuning) and with its skipping of masked rows' backward GEMMs off
+(10% of the rows are masked here: "no-skip" is r4b doing all the work every peer does).
 FLOPs = 3 GEMMs of 2*N*H*V (logits, d hidden, d weight); the ``x_floor`` column is the time over those FLOPs
 at the 8192^3 bf16 matmul rate measured in the same run.
 
@@ -135,12 +137,12 @@ def providers(device: str) -> dict:
 
         return _timed(loss, hidden, weight)
 
-    def r4b(backend: str, impl: str | None = None):
+    def r4b(backend: str, impl: str | None = None, **knobs):
         def make(case: Case):
             hidden, weight, targets, adv, old, mask = inputs(case, device, dtype)
 
             def loss():
-                with _impl(impl):
+                with _impl(impl), _chunked_knobs(**knobs):
                     return fused_linear_grpo_loss(hidden, weight, targets, adv, old_logprobs=old, loss_mask=mask,
                                                   eps_low=EPS_LOW, eps_high=EPS_HIGH, aggregation="token_mean",
                                                   backend=backend)[0]
@@ -153,12 +155,33 @@ def providers(device: str) -> dict:
     return {
         "torch eager": eager,
         "r4b triton chunked": r4b("triton", "chunked"),
+        # the same with other chunk sizes (tuning data), and without skipping the backward GEMMs of the masked
+        # rows (the 10% of rows no provider trains: the row a peer computing every row compares with)
+        "r4b chunked 512MiB": r4b("triton", "chunked", chunk_bytes=512 << 20),
+        "r4b chunked 256MiB": r4b("triton", "chunked", chunk_bytes=256 << 20),
+        "r4b chunked no-skip": r4b("triton", "chunked", skip_zero_rows=False),
         "liger chunked": liger_chunked,
         "liger triton": liger_triton,
         "r4b triton tiled": r4b("triton", "tiled"),
         "r4b torch (chunked)": r4b("torch"),
         "torch.compile": compiled,
     }
+
+
+@contextlib.contextmanager
+def _chunked_knobs(chunk_bytes: int | None = None, skip_zero_rows: bool | None = None):
+    """Sets the chunked implementation's chunk size and row skipping for the duration of one call."""
+    from r4b.kernels import _fused_linear_chunked as fc
+
+    before = (fc._CHUNK_BYTES, fc._SKIP_ZERO_ROWS)
+    if chunk_bytes is not None:
+        fc._CHUNK_BYTES = chunk_bytes
+    if skip_zero_rows is not None:
+        fc._SKIP_ZERO_ROWS = skip_zero_rows
+    try:
+        yield
+    finally:
+        fc._CHUNK_BYTES, fc._SKIP_ZERO_ROWS = before
 
 
 @contextlib.contextmanager

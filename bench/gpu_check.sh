@@ -9,6 +9,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
+export TRITON_PRINT_AUTOTUNING=1  # each autotuned kernel prints its best config (tuning data for the next run)
 PY=${PY:-python3}
 LOGS=${OUT:-/tmp/r4b-gpu-check}
 mkdir -p "$LOGS"
@@ -47,7 +48,7 @@ step "benches"
 # one time limit per bench (seconds, cut to what is left), so a slow one (torch.compile warm-up) cannot starve
 # the others; each bench writes its rows as it goes. Issue order: the GRPO loss and varlen attention first.
 bench_rc=0
-for spec in grpo_loss:120 varlen_attention:100 norms:40 fused_linear:70 group_advantages:20 pack:30; do
+for spec in grpo_loss:120 varlen_attention:100 norms:40 grpo_rows:25 fused_linear:60 group_advantages:20 pack:30; do
   name=${spec%%:*}; lim=$(limit "${spec##*:}")
   if [ "$lim" -le 5 ]; then echo "bench $name: no time left"; bench_rc=124; continue; fi
   timeout "$lim" $PY -m bench "$name" 2>&1 | tee -a "$LOGS/bench.log" | grep -v "^$" | tail -n 40

@@ -341,3 +341,29 @@ def test_gpu_anchor_shape_chunked_peak_memory(monkeypatch):
     assert bool((logp <= 0).all())
     assert float(hidden.grad[~mask].abs().max()) == 0.0
     assert extra < 2.19 * 2**30, f"peak extra {extra / 2**30:.2f} GiB"
+
+
+@pytest.mark.parametrize("config", [(1, 128, 4), (2, 64, 4), (4, 512, 2)])
+def test_row_kernel_config_override(config):
+    """bench/bench_grpo_rows.py sweeps the row kernel's (BLOCK_R, BLOCK_V, num_warps): any config computes what
+    the default does (up to the summation order of the log-sum-exp)."""
+    g = torch.Generator().manual_seed(0)
+    rows, v = 37, 300
+    z0 = torch.randn(rows, v, generator=g)
+    targets = torch.randint(0, v, (rows,), generator=g)
+    targets[3] = -100
+    w = torch.rand(rows, generator=g)
+    adv = torch.randn(rows, generator=g)
+    old = -torch.rand(rows, generator=g) * 5 - 3
+
+    def run(cfg):
+        z, logp, c = z0.clone(), torch.empty(rows), torch.empty(rows)
+        chunked._launch_rows(z, targets, w, adv, old, None, logp, c, 0.9, 0.8, 1.28, 0.0, chunked.MODE_GRPO,
+                             rows_grad=30, config=cfg)
+        return z, logp, c
+
+    for got, want in zip(run(config), run(None), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    z, _, _ = run(config)
+    assert torch.equal(z[30:], z0[30:])  # rows past rows_grad keep their logits
+    assert not torch.equal(z[:30], z0[:30])

@@ -167,9 +167,10 @@ if triton is not None:
         # pass 2: z <- dz = c (onehot - p) / T, in place (programs past R_grad have nothing to write)
         scale = c * inv_temp
         if pid * BLOCK_R < R_grad:
+            grad_ok = row_ok & (rows < R_grad)
             for v0 in range(0, V, BLOCK_V):
                 cols = v0 + tl.arange(0, BLOCK_V)
-                ok = row_ok[:, None] & (cols < V)[None, :]
+                ok = grad_ok[:, None] & (cols < V)[None, :]
                 z = tl.load(base + cols[None, :], mask=ok, other=0.0).to(tl.float32) * inv_temp
                 p = tl.exp(z - lse[:, None])
                 onehot = tl.where(cols[None, :].to(tl.int64) == tgt[:, None], 1.0, 0.0)
@@ -196,10 +197,12 @@ def _rows_config(rows: int, v: int, device: torch.device) -> tuple[int, int, int
 
 def _launch_rows(z: Tensor, targets: Tensor, w: Tensor, adv: Tensor | None, old: Tensor | None,
                  ref: Tensor | None, logp: Tensor, c: Tensor, temperature: float, lo: float, hi: float, beta: float,
-                 mode: int, rows_grad: int | None = None) -> None:
+                 mode: int, rows_grad: int | None = None, config: tuple[int, int, int] | None = None) -> None:
+    """One launch of :func:`_rows_kernel` over the rows of ``z``; ``config`` (BLOCK_R, BLOCK_V, num_warps)
+    overrides the default (bench/bench_grpo_rows.py sweeps it)."""
     rows, v = z.shape
     rows_grad = rows if rows_grad is None else rows_grad
-    br, bv, warps = _rows_config(rows, v, z.device)
+    br, bv, warps = config if config is not None else _rows_config(rows, v, z.device)
     grid = (triton.cdiv(rows, br),)
     _rows_kernel[grid](
         z, targets, w, adv if adv is not None else w, old if old is not None else w, ref if ref is not None else w,

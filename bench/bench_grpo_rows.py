@@ -1,0 +1,89 @@
+"""Benchmark (tuning data) the row kernel of the chunked fused-linear loss alone: one chunk's [C, V] logits buffer
+at the anchor shape (C=3328 rows, V=151936, bf16), swept over (BLOCK_R, BLOCK_V, num_warps).
+
+The kernel reads the buffer twice (log-sum-exp, then the gradient) and writes it once (dz in place): GB/s count
+those 3 passes, and ``pct_copy`` compares them with the device copy bandwidth measured in the same run (a copy
+of the same buffer is the ``torch copy`` row). The default config is the row named ``default``. Timed calls
+overwrite the buffer with dz again and again: the timing does not depend on the values.
+
+    python -m bench grpo_rows [--quick]
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from bench.harness import Case, Skip, copy_bandwidth_gbps, default_device, run_bench
+
+# (BLOCK_R, BLOCK_V, num_warps): rows per program, vocabulary block, warps
+CONFIGS = [(1, 2048, 4), (1, 4096, 4), (1, 4096, 8), (1, 8192, 8), (1, 8192, 16), (1, 16384, 16), (2, 4096, 8),
+           (4, 2048, 8)]
+
+
+def cases(quick: bool) -> list[Case]:
+    c, v, el = (64, 1000, 4) if quick else (3328, 151936, 2)
+    return [Case(f"rows C={c},V={v}", {"C": c, "V": v}, bytes=3 * c * v * el)]
+
+
+def _inputs(case: Case, device: str):
+    from r4b.kernels import _fused_linear_chunked as fc
+
+    c, v = case.params["C"], case.params["V"]
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    g = torch.Generator(device="cpu").manual_seed(0)
+    z = torch.randn(c, v, generator=g).to(device, dtype)
+    targets = torch.randint(0, v, (c,), generator=g).to(device)
+    w = torch.full((c,), 1.0 / c, device=device)
+    adv = torch.randn(c, generator=g).to(device)
+    old = (-torch.rand(c, generator=g) * 5 - 8).to(device)
+    logp = torch.empty(c, device=device)
+    coef = torch.empty(c, device=device)
+
+    def launch(config):
+        return lambda: fc._launch_rows(z, targets, w, adv, old, None, logp, coef, 1.0, 0.8, 1.2, 0.0, fc.MODE_GRPO,
+                                       config=config)
+
+    return z, launch
+
+
+def providers(device: str) -> dict:
+    from r4b.kernels import _fused_linear_chunked as fc
+    from r4b.kernels import available_backends
+
+    def kernel(config):
+        def setup(case: Case):
+            if "triton" not in available_backends("fused_linear_grpo_loss", device):
+                raise Skip(f"triton unavailable on {device} (set TRITON_INTERPRET=1 on the CPU)")
+            if device == "cpu" and config is not None and config[1] > 1024:
+                raise Skip("the CPU interpreter runs the default config only")
+            _, launch = _inputs(case, device)
+            return launch(config)
+
+        return setup
+
+    def copy(case: Case):
+        z, _ = _inputs(case, device)
+        out = torch.empty_like(z)
+        return lambda: out.copy_(z)
+
+    provs = {"torch copy": copy, "default": kernel(None)}
+    default = fc.gpu_rows_config()
+    for br, bv, warps in CONFIGS:
+        if (br, bv, warps) != default:
+            provs[f"rows {br}x{bv} w{warps}"] = kernel((br, bv, warps))
+    return provs
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    argv = argv or []
+    device = default_device()
+    quick = "--quick" in argv or device == "cpu"
+    bw = copy_bandwidth_gbps(device)
+    extra = (lambda case, row: {"pct_copy": 100 * row["gbps"] / bw}) if bw else None
+    return run_bench("grpo_rows", cases(quick), providers(device), device=device, quick=quick, extra_columns=extra)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
