@@ -198,21 +198,22 @@ CASES = [
 ]
 
 
+def _peer_grads(backend, lens, Hq, Hkv, D, causal, scale, dtype):
+    """(output and q/k/v gradients through r4b's ``backend``, (q, k, v, do, cu_seqlens))."""
+    q, k, v, do = _inputs(lens, Hq, Hkv, D, dtype)
+    cu = _cu(lens)
+
+    def fwd(a, b, c):
+        return varlen_attention(a, b, c, cu, max(lens), causal=causal, softmax_scale=scale, backend=backend)
+
+    return _grads(fwd, q, k, v, do), (q, k, v, do, cu)
+
+
 @pytest.mark.parametrize("lens,Hq,Hkv,D,causal,scale", CASES)
 def test_flash_attn_backend_calls_and_gradients(fake_flash, lens, Hq, Hkv, D, causal, scale):
     # fp16: flash-attn takes fp16/bf16 only; the fake computes in float64 and rounds once, so fp16 rounding of
     # the output and the gradients (half an ulp, 2^-11 relative) is the whole error.
-    q, k, v, do = _inputs(lens, Hq, Hkv, D, torch.float16)
-    cu = _cu(lens)
-    got = _grads(
-        lambda a, b, c: varlen_attention(
-            a, b, c, cu, max(lens), causal=causal, softmax_scale=scale, backend="flash_attn"
-        ),
-        q,
-        k,
-        v,
-        do,
-    )
+    got, (q, k, v, do, cu) = _peer_grads("flash_attn", lens, Hq, Hkv, D, causal, scale, torch.float16)
     _check_against_ref(got, q, k, v, do, cu, causal, scale, rtol=1e-3, atol=1e-4)
     (call,) = fake_flash.calls
     assert call["cu_q"] is call["cu_k"] and torch.equal(call["cu_q"], cu) and call["cu_q"].dtype == torch.int32
@@ -226,17 +227,7 @@ def test_flash_attn_backend_calls_and_gradients(fake_flash, lens, Hq, Hkv, D, ca
 
 @pytest.mark.parametrize("lens,Hq,Hkv,D,causal,scale", CASES)
 def test_xformers_backend_calls_and_gradients(fake_xformers, lens, Hq, Hkv, D, causal, scale):
-    q, k, v, do = _inputs(lens, Hq, Hkv, D, torch.float32)  # xformers also takes fp32
-    cu = _cu(lens)
-    got = _grads(
-        lambda a, b, c: varlen_attention(
-            a, b, c, cu, max(lens), causal=causal, softmax_scale=scale, backend="xformers"
-        ),
-        q,
-        k,
-        v,
-        do,
-    )
+    got, (q, k, v, do, cu) = _peer_grads("xformers", lens, Hq, Hkv, D, causal, scale, torch.float32)  # fp32 too
     _check_against_ref(got, q, k, v, do, cu, causal, scale, rtol=1e-5, atol=2e-5)
     (call,) = fake_xformers.calls
     bias = call["bias"]
