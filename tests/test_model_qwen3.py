@@ -1,4 +1,7 @@
-"""Qwen3 decoder parity with transformers' Qwen3ForCausalLM: packed batch vs each sequence alone, fp32."""
+"""Qwen3 decoder parity with transformers' Qwen3ForCausalLM: packed batch vs each sequence alone, fp32 (logits
+and a training step's gradients), and bf16 on a GPU."""
+
+import copy
 
 import pytest
 import torch
@@ -34,6 +37,50 @@ def test_packed_logits_match_transformers_per_sequence(pair):
     assert rel_err(logits, want) <= 1e-5
 
 
+def _hf_ce_step(model, seqs, targets, lengths, names, device="cpu"):
+    """transformers run per sequence: (logits (T, V) float, gradients of ``names``) of the summed cross-entropy."""
+    model.zero_grad(set_to_none=True)
+    logits = [model(input_ids=s[None].to(device)).logits[0] for s in seqs]
+    loss = sum(torch.nn.functional.cross_entropy(lg.float(), t.to(device), ignore_index=-100, reduction="sum")
+               for lg, t in zip(logits, targets.split(lengths), strict=True))
+    loss.backward()
+    params = dict(model.named_parameters())
+    return [torch.cat(logits).detach().float()] + [params[n].grad.float() for n in names]
+
+
+def _r4b_ce_step(model, batch, targets, names, device="cpu"):
+    """r4b on the packed row with the fused cross-entropy: (logits, gradients of ``names``)."""
+    from r4b.kernels import fused_linear_cross_entropy
+
+    model.zero_grad(set_to_none=True)
+    hidden = model(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()})
+    loss = fused_linear_cross_entropy(hidden, model.lm_head.weight, targets.to(device), reduction="sum")
+    loss.backward()
+    params = dict(model.named_parameters())
+    return [model.compute_logits(hidden.detach()).float()] + [params[n].grad.float() for n in names]
+
+
+def _next_tokens(seqs):
+    return torch.cat([torch.cat([s[1:], torch.tensor([-100])]) for s in seqs])  # none after a sequence's end
+
+
+def test_packed_training_step_gradients_match_transformers(pair):
+    """A training step through r4b's kernels (packed varlen attention, rms_norm, rope, swiglu backward, fused
+    cross-entropy) gives the weight gradients transformers (float64, one sequence at a time) gives."""
+    ref, model = pair
+    lengths = [5, 1, 9, 3]
+    seqs, batch = packed(lengths, ref.config.vocab_size, seed=2)
+    targets = _next_tokens(seqs)
+    names = ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_norm.weight",
+             "model.layers.1.mlp.gate_proj.weight", "model.norm.weight", "model.embed_tokens.weight"]
+    if not ref.config.tie_word_embeddings:
+        names.append("lm_head.weight")
+    want = _hf_ce_step(copy.deepcopy(ref).double(), seqs, targets, lengths, names)
+    ours = _r4b_ce_step(model, batch, targets, names)
+    for name, o, w in zip(("logits", *names), ours, want, strict=True):
+        assert rel_err(o, w) <= 1e-5, (name, rel_err(o, w))
+
+
 def test_compute_logits_rows_selects_last_tokens(pair):
     _, model = pair
     _, batch = packed([4, 2, 7], model.config.vocab_size, seed=1)
@@ -59,3 +106,34 @@ def test_bad_packed_inputs_raise(pair):
         model(**{**batch, "position_ids": batch["position_ids"][:-1]})
     with pytest.raises(ValueError, match="cu_seqlens"):
         model(**{**batch, "cu_seqlens": batch["cu_seqlens"].long()})
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_packed_training_step_within_twice_torch_bf16_error(tmp_path):
+    """On a GPU the model runs r4b's kernels by default (Triton varlen attention, rms_norm, rope, swiglu) and the
+    loss is the fused cross-entropy: in bf16, at head_dim 128 and GQA 2, on one packed row, the logits and the
+    gradients of a few weights are judged by STYLE.md's rule against transformers in fp32 run per sequence
+    (transformers in bf16 gives the plain low-precision error)."""
+    from r4b.kernels import available_backends
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    assert "triton" in available_backends("varlen_attention", "cuda")
+    cfg = transformers.Qwen3Config(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=128, rms_norm_eps=1e-6,
+                                   rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+                                   max_position_embeddings=4096, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    ref = randomize(transformers.Qwen3ForCausalLM(cfg).eval())
+    ref.save_pretrained(tmp_path)
+    lengths = [300, 1, 77, 640, 129]
+    seqs, batch = packed(lengths, cfg.vocab_size, seed=3)
+    targets = _next_tokens(seqs)
+    names = ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight", "lm_head.weight")
+    want = _hf_ce_step(ref.cuda().float(), seqs, targets, lengths, names, "cuda")
+    plain = _hf_ce_step(ref.cuda().to(torch.bfloat16), seqs, targets, lengths, names, "cuda")
+    model = from_pretrained(tmp_path, dtype=torch.bfloat16, device="cuda").train()
+    ours = _r4b_ce_step(model, batch, targets, names, "cuda")
+    for name, o, p, w in zip(("logits", *names), ours, plain, want, strict=True):
+        err_ours, err_plain = (o - w).abs().max().item(), (p - w).abs().max().item()
+        assert err_ours <= 2 * err_plain + 1e-3 * w.abs().max().item(), (name, err_ours, err_plain)
