@@ -57,7 +57,7 @@ def _r4b_ce_step(model, batch, targets, names, device="cpu"):
     loss = fused_linear_cross_entropy(hidden, model.lm_head.weight, targets.to(device), reduction="sum")
     loss.backward()
     params = dict(model.named_parameters())
-    return [model.compute_logits(hidden.detach()).float()] + [params[n].grad.float() for n in names]
+    return [model.compute_logits(hidden).detach().float()] + [params[n].grad.float() for n in names]
 
 
 def _next_tokens(seqs):
