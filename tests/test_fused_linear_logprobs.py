@@ -6,10 +6,19 @@ import re
 import pytest
 import torch
 
+from r4b.kernels import _fused_linear_chunked as chunked
 from r4b.kernels import available_backends, fused_linear_logprobs, fused_linear_logprobs_ref
 
 OP = "fused_linear_logprobs"
 BACKENDS = available_backends(OP, "cpu")
+
+
+@pytest.fixture(autouse=True, params=chunked.IMPLS)
+def impl(request, monkeypatch):
+    """Every test runs with both Triton implementations (chunked: at most 40 rows per chunk, so several run)."""
+    monkeypatch.setenv(chunked.ENV_IMPL, request.param)
+    monkeypatch.setattr(chunked, "_MAX_CHUNK_ROWS", 40)
+    return request.param
 
 
 def reference64(hidden, weight, bias, targets, temperature):
@@ -108,3 +117,21 @@ def test_bf16_within_twice_torch_bf16_error():
     ours = fused_linear_logprobs(hb, wb, targets, backend="triton")
     err_ours, err_plain = (ours - want).abs().max().item(), (plain - want).abs().max().item()
     assert err_ours <= 2 * err_plain + 1e-5 * want.abs().max().item(), (err_ours, err_plain)
+
+
+def test_impl_selects_the_kernels(impl, monkeypatch):
+    """chunked: one row-kernel launch per chunk of at most 40 rows (GEMM + first pass only); tiled: none."""
+    if "triton" not in BACKENDS:
+        pytest.skip("triton backend unavailable here")
+    launches = []
+    real = chunked._launch_rows
+
+    def counting(z, *args, **kwargs):
+        launches.append((z.shape[0], args[-1]))  # (rows, rows given the gradient pass)
+        return real(z, *args, **kwargs)
+
+    monkeypatch.setattr(chunked, "_launch_rows", counting)
+    hidden, weight, _, targets = make(97, 16, 300, False)
+    got = fused_linear_logprobs(hidden, weight, targets, backend="triton")
+    torch.testing.assert_close(got.double(), reference64(hidden, weight, None, targets, 1.0), rtol=1e-5, atol=1e-5)
+    assert launches == ([(33, 0), (33, 0), (31, 0)] if impl == "chunked" else [])

@@ -295,6 +295,17 @@ def _chunk_loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Te
     return logp, c, dh, dw, db
 
 
+def chunked_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, temperature: float
+                     ) -> Tensor:
+    """(N,) f32 log-probs without gradients (0 where the target is outside [0, V)): per chunk one cuBLAS GEMM and
+    the row kernel's first pass only (one read of the [C, V] buffer)."""
+    n = hidden.shape[0]
+    w = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+    logp, *_ = _chunk_loop(hidden.contiguous(), weight.contiguous(), bias, targets.contiguous(), w, None, None,
+                           None, float(temperature), 1.0, 1.0, 0.0, MODE_COEF, False, False, False)
+    return logp
+
+
 # -------------------------------------------------------------------------------------------- autograd
 
 

@@ -1,5 +1,8 @@
 """fused_linear_logprobs: log p(targets) under softmax((hidden @ weight.T + bias) / temperature), no [N, V]
-logits and no grad (old-policy / reference log-probs, rollout scoring). The kernels live in _fused_linear.py.
+logits and no grad (old-policy / reference log-probs, rollout scoring). The kernels live in _fused_linear.py
+(tiled: online log-sum-exp over vocabulary tiles, O(N) memory) and _fused_linear_chunked.py (chunked, the default
+of $R4B_FUSED_LINEAR_IMPL: a cuBLAS GEMM per row chunk into a reused [C, V] buffer of at most 1 GiB, then one
+read of it by the row kernel).
 """
 
 from __future__ import annotations
@@ -7,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _dispatch, _fused_linear
+from . import _dispatch, _fused_linear, _fused_linear_chunked
 
 OP = "fused_linear_logprobs"
 _dispatch.register(OP, ("triton", "torch"))
@@ -40,5 +43,7 @@ def fused_linear_logprobs(
     _fused_linear.check_common(hidden, weight, bias, targets, temperature)
     chosen = _dispatch.pick(OP, backend, hidden)
     with torch.no_grad():
+        if chosen == "triton" and _fused_linear_chunked.impl() == "chunked":
+            return _fused_linear_chunked.chunked_logprobs(hidden, weight, bias, targets, float(temperature))
         fwd = _fused_linear.triton_fwd if chosen == "triton" else _fused_linear.torch_fwd
         return fwd(hidden, weight, bias, targets, float(temperature))[0]
