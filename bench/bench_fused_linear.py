@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bench.bench_grpo_loss import CHECK_TOL, _impl, _timed
+from bench.bench_grpo_loss import ANCHOR, CHECK_TOL, _impl, _timed
 from bench.harness import Case, Skip, backend_provider, default_device, matmul_floor_columns, run_bench
 from r4b.kernels import fused_linear_cross_entropy, fused_linear_logprobs
 from r4b.kernels._dispatch import triton_interpret
@@ -69,6 +69,8 @@ def providers(device: str) -> dict:
     def compiled(case: Case):
         if device != "cuda":
             raise Skip("torch.compile provider is measured on the GPU only")
+        if (case.params["N"], case.params["H"], case.params["V"]) != ANCHOR:
+            raise Skip("torch.compile is measured at the anchor shape only (its compile time, per shape)")
         return call(case, torch.compile(eager_ce, dynamic=False), torch.compile(eager_logprobs, dynamic=False))
 
     def liger(case: Case):

@@ -169,6 +169,7 @@ def run_bench(
     extra_columns: Callable[[Case, dict], dict] | None = None,
     check_tol: float | None = None,
     write: bool = True,
+    prior_rows: list[dict] | None = None,
 ) -> list[dict]:
     """Time every provider on every case; return the rows and write JSON + markdown + PNG.
 
@@ -177,8 +178,10 @@ def run_bench(
     ``err`` (:func:`max_rel_err`) and ``check`` ("ref", "ok" or "MISMATCH" when ``err > check_tol``). This
     flags a provider that computes something else (other inputs, another loss), so that no row compares
     unlike work; it is a guard of the bench, not the kernels' correctness test (tests/ do that).
+
+    ``prior_rows`` (rows of an earlier pass of the same op) come first in the returned rows and the files.
     """
-    rows: list[dict] = []
+    rows: list[dict] = list(prior_rows or [])
     for case in cases:
         ref_out = None
         for name, setup in providers.items():
