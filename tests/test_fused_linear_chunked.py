@@ -14,7 +14,12 @@ import torch
 import torch.nn.functional as F
 
 from r4b.kernels import _fused_linear_chunked as chunked
-from r4b.kernels import available_backends, fused_linear_cross_entropy, fused_linear_grpo_loss
+from r4b.kernels import (
+    available_backends,
+    fused_linear_cross_entropy,
+    fused_linear_grpo_loss,
+    fused_linear_logprobs,
+)
 
 pytestmark = pytest.mark.skipif("triton" not in available_backends("fused_linear_grpo_loss", "cpu"),
                                 reason="triton backend unavailable here")
@@ -38,14 +43,16 @@ def impl(request, monkeypatch):
     return request.param, launches
 
 
-def _expect_launches(impl, n):
+def _expect_launches(impl, n, passes=1):
+    """One row-kernel launch per chunk (and per pass over the rows: reduction="none" cross-entropy runs the chunk
+    loop in its forward for the log-probs and again in its backward)."""
     name, launches = impl
     if name == "tiled":
         assert launches == []
     else:
         step = chunked.chunk_rows(n, 300, 4)
         assert step <= CHUNK and -(-n // step) == -(-n // CHUNK)  # the fewest chunks, balanced
-        assert launches == [min(step, n - s) for s in range(0, n, step)]
+        assert launches == [min(step, n - s) for s in range(0, n, step)] * passes
 
 
 @pytest.mark.parametrize("case", G.CASES, ids=lambda c: "-".join(map(str, c)))
@@ -204,7 +211,7 @@ def test_cross_entropy_matches_float64_reference(impl, case):
     bg = b.clone().requires_grad_() if bias else None
     loss = fused_linear_cross_entropy(hg, wg, targets, ignore_index, reduction, bias=bg, backend="triton")
     (loss.sum() if reduction == "none" else loss).backward()
-    _expect_launches(impl, n)
+    _expect_launches(impl, n, passes=2 if reduction == "none" else 1)
     w_loss, w_dh, w_dw, w_db = CE.reference64(hidden, weight, b, targets, ignore_index, reduction)
     CE.close(loss, w_loss, what="loss")
     CE.close(hg.grad, w_dh, what="d hidden")
@@ -234,6 +241,7 @@ def test_cross_entropy_fp16_within_twice_torch_fp16_error(monkeypatch, fp32_dw):
     in fp32 or (as at the anchor shape) in the weight's dtype."""
     monkeypatch.setenv(chunked.ENV_IMPL, "chunked")
     monkeypatch.setattr(chunked, "_MAX_CHUNK_ROWS", 128)
+    monkeypatch.setattr(chunked, "_FP16_TILED", False)  # fp16 stands in for bf16 here (the interpreter's is wrong)
     if not fp32_dw:
         monkeypatch.setattr(chunked, "_FP32_DW_MAX_BYTES", 0)
     hidden, weight, _, targets = CE.make(1025, 96, 4097, "some", -100, False, seed=3)
@@ -274,6 +282,121 @@ def test_chunk_size_at_anchor_shape():
     assert chunked.dweight_dtype(w) == torch.bfloat16
     assert chunked.dweight_dtype(torch.empty(151936, 2560, device="meta")) == torch.float32
     assert chunked.chunk_rows(1, 151936, 2) == 1
+
+
+def _strided(x):
+    """The same values as ``x`` (1-D) in a non-contiguous view (every other element of a 2x longer buffer)."""
+    buf = torch.empty(2 * x.shape[0], dtype=x.dtype)
+    buf[::2] = x
+    return buf[::2]
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+def test_non_contiguous_targets_and_bias(impl, grad):
+    """Strided targets and bias (e.g. a column of a bigger tensor) give the float64 results in all three ops."""
+    x = G.make_inputs(97, 16, 300, mask_kind="partial", adv_kind="rand", old_given=True, beta=0.0, bias=True,
+                      temperature=0.8, seed=6)
+    t, b = _strided(x["targets"]), _strided(x["bias"])
+    assert not t.is_contiguous() and not b.is_contiguous()
+    hidden = x["hidden"].clone().requires_grad_(grad)
+    loss, logp, _ = fused_linear_grpo_loss(hidden, x["weight"], t, x["adv"], old_logprobs=x["old"],
+                                           loss_mask=x["loss_mask"], seq_ids=x["seq_ids"], temperature=0.8,
+                                           bias=b, backend="triton")
+    w_loss, w_logp, _, w_grads = G.reference64(x["hidden"], x["weight"], x["bias"], x["targets"], x["adv"],
+                                               x["old"], None, x["loss_mask"], x["seq_ids"], 0.2, 0.2, 0.0, 0.8,
+                                               "seq_mean_token_mean")
+    G.close(loss, w_loss, what="loss")
+    G.close(logp, w_logp, what="logprobs")
+    if grad:
+        loss.backward()
+        G.close(hidden.grad, w_grads[0], what="d hidden")
+    lp = fused_linear_logprobs(x["hidden"], x["weight"], t, 0.8, bias=b, backend="triton")
+    G.close(lp, w_logp, what="logprobs op")
+    for reduction in ("mean", "none"):
+        h = x["hidden"].clone().requires_grad_(grad)
+        ce = fused_linear_cross_entropy(h, x["weight"], t, reduction=reduction, bias=b, backend="triton")
+        w_ce = CE.reference64(x["hidden"], x["weight"], x["bias"], x["targets"], -100, reduction)
+        CE.close(ce, w_ce[0], what=f"CE {reduction}")
+        if grad:
+            (ce.sum() if reduction == "none" else ce).backward()
+            CE.close(h.grad, w_ce[1], what=f"CE {reduction} d hidden")
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_fp32_inputs_under_autocast_keep_fp32_maths(impl, backend):
+    """Under torch.autocast(bfloat16) the ops still compute in fp32 for fp32 inputs, masked rows included (the
+    chunked path's row sort used to index-put an autocast bf16 product into the fp32 gradient)."""
+    x = G.make_inputs(97, 16, 300, mask_kind="partial", adv_kind="rand", old_given=True, beta=0.04, bias=False,
+                      temperature=1.0, seed=8)
+    hidden = x["hidden"].clone().requires_grad_()
+    weight = x["weight"].clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, logp, _ = fused_linear_grpo_loss(hidden, weight, x["targets"], x["adv"], old_logprobs=x["old"],
+                                               ref_logprobs=x["ref"], loss_mask=x["loss_mask"],
+                                               seq_ids=x["seq_ids"], beta=0.04, backend=backend)
+    loss.backward()
+    w_loss, w_logp, _, w_grads = G.reference64(x["hidden"], x["weight"], None, x["targets"], x["adv"], x["old"],
+                                               x["ref"], x["loss_mask"], x["seq_ids"], 0.2, 0.2, 0.04, 1.0,
+                                               "seq_mean_token_mean")
+    G.close(loss, w_loss, what="loss")
+    G.close(logp, w_logp, what="logprobs")
+    G.close(hidden.grad, w_grads[0], what="d hidden")
+    G.close(weight.grad, w_grads[1], what="d weight")
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_no_gradient_into_advantages_or_old_and_ref_logprobs(impl, backend):
+    """Advantages and old / reference log-probs are data: they get no gradient even when they require one."""
+    x = G.make_inputs(97, 16, 300, mask_kind="partial", adv_kind="rand", old_given=True, beta=0.04, bias=False,
+                      temperature=1.0, seed=9)
+    hidden = x["hidden"].clone().requires_grad_()
+    adv, old, ref = (x[k].clone().requires_grad_() for k in ("adv", "old", "ref"))
+    loss, _, _ = fused_linear_grpo_loss(hidden, x["weight"], x["targets"], adv, old_logprobs=old, ref_logprobs=ref,
+                                        loss_mask=x["loss_mask"], beta=0.04, aggregation="token_mean",
+                                        backend=backend)
+    loss.backward()
+    assert hidden.grad is not None and adv.grad is None and old.grad is None and ref.grad is None
+
+
+def test_fp16_takes_the_tiled_path_and_survives_loss_scaling(impl):
+    """fp16 losses with gradients run the tiled implementation even under chunked (the chunked one writes dz before
+    the loss scale is known): a GradScaler-like scale of 65536 gives finite gradients equal to the scaled float64
+    ones; no chunk of the chunked path runs."""
+    x = G.make_inputs(97, 16, 300, mask_kind="partial", adv_kind="rand", old_given=True, beta=0.0, bias=False,
+                      temperature=1.0, seed=10)
+    hidden = x["hidden"].half().requires_grad_()
+    loss, _, _ = fused_linear_grpo_loss(hidden, x["weight"].half(), x["targets"], x["adv"], old_logprobs=x["old"],
+                                        loss_mask=x["loss_mask"], aggregation="token_mean", backend="triton")
+    (loss * 65536.0).backward()
+    assert impl[1] == []
+    _, _, _, w_grads = G.reference64(x["hidden"].half().float(), x["weight"].half().float(), None, x["targets"],
+                                     x["adv"], x["old"], None, x["loss_mask"], None, 0.2, 0.2, 0.0, 1.0,
+                                     "token_mean")
+    assert torch.isfinite(hidden.grad).all()
+    want = 65536.0 * w_grads[0]
+    err = (hidden.grad.double() - want).abs().max() / want.abs().max()
+    assert err < 2e-3, err  # fp16 rounding of the gradient and of the logits' inputs
+
+
+def test_chunked_scales_by_a_non_unit_grad_output_in_fp32(monkeypatch):
+    """(loss / 3).backward() scales the forward-computed gradients by exactly 1/3 (a half-precision 1/3 would bias
+    every gradient by its rounding, 2.4e-4 relative in fp16)."""
+    monkeypatch.setenv(chunked.ENV_IMPL, "chunked")
+    monkeypatch.setattr(chunked, "_FP16_TILED", False)
+    x = G.make_inputs(97, 16, 300, mask_kind="all", adv_kind="rand", old_given=True, beta=0.0, bias=False,
+                      temperature=1.0, seed=11)
+
+    def grad(scale):
+        h = x["hidden"].half().requires_grad_()
+        loss, _, _ = fused_linear_grpo_loss(h, x["weight"].half(), x["targets"], x["adv"], old_logprobs=x["old"],
+                                            aggregation="token_mean", backend="triton")
+        (loss * scale).backward()
+        return h.grad.double()
+
+    one, third = grad(1.0), grad(1.0 / 3.0)
+    nz = one.abs() > 1e-3 * one.abs().max()
+    ratio = (third[nz] / one[nz]).mean().item()
+    assert abs(ratio * 3 - 1) < 5e-5, ratio
 
 
 # ------------------------------------------------------------------------------------------------ GPU

@@ -26,7 +26,7 @@ import math
 import torch
 from torch import Tensor
 
-from . import _dispatch
+from . import _dispatch, _fused_linear_chunked
 
 # Rows per chunk of the torch backend: at most this many fp32 logits at once (64 MiB).
 _TORCH_CHUNK_ELEMS = 1 << 24
@@ -50,6 +50,7 @@ def _valid_targets(targets: Tensor, v: int) -> Tensor:
     return (targets >= 0) & (targets < v)
 
 
+@_fused_linear_chunked.no_autocast
 def torch_fwd(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, temperature: float
               ) -> tuple[Tensor, Tensor]:
     """(logp [N] f32, lse [N] f32) in row chunks; logp is 0 where the target is outside [0, V)."""
@@ -74,6 +75,7 @@ def torch_fwd(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tens
     return logp, lse
 
 
+@_fused_linear_chunked.no_autocast
 def torch_bwd(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, lse: Tensor, coef: Tensor,
               temperature: float) -> tuple[Tensor, Tensor, Tensor | None]:
     """(dhidden [N,H] f32, dweight [V,H] f32, dbias [V] f32 or None) for d loss / d logp = coef [N]."""
@@ -262,7 +264,8 @@ def _config(n: int, v: int, k: int, dtype: torch.dtype, device: torch.device) ->
 def triton_fwd(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, temperature: float
                ) -> tuple[Tensor, Tensor]:
     """(logp [N] f32, lse [N] f32), as :func:`torch_fwd`."""
-    hidden, weight = hidden.contiguous(), weight.contiguous()
+    hidden, weight, targets = hidden.contiguous(), weight.contiguous(), targets.contiguous()  # kernels: unit strides
+    bias = bias.contiguous() if bias is not None else None
     n, k = hidden.shape
     v = weight.shape[0]
     dev = hidden.device
@@ -291,7 +294,8 @@ def triton_bwd(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Ten
                temperature: float, need_dh: bool = True, need_dw: bool = True
                ) -> tuple[Tensor, Tensor, Tensor | None]:
     """(dhidden [N,H] f32, dweight [V,H] f32, dbias [V] f32 or None), as :func:`torch_bwd`."""
-    hidden, weight = hidden.contiguous(), weight.contiguous()
+    hidden, weight, targets = hidden.contiguous(), weight.contiguous(), targets.contiguous()  # kernels: unit strides
+    bias = bias.contiguous() if bias is not None else None
     n, k = hidden.shape
     v = weight.shape[0]
     dev = hidden.device
@@ -353,6 +357,8 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets
                     backend: str) -> Tensor:
     """Differentiable logp [N] f32 (0 where the target is outside [0, V)); inputs already validated."""
     if not (hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+        if backend == "triton" and _fused_linear_chunked.impl() == "chunked":
+            return _fused_linear_chunked.chunked_logprobs(hidden, weight, bias, targets, temperature)
         fwd = triton_fwd if backend == "triton" else torch_fwd
         return fwd(hidden, weight, bias, targets, temperature)[0]
     return LinearLogprobs.apply(hidden, weight, bias, targets, temperature, backend)

@@ -34,6 +34,7 @@ for an unchunked GEMM. dhidden and dz are in the input dtype, as in an eager bf1
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -57,6 +58,9 @@ _MAX_CHUNK_ROWS: int | None = None
 _FP32_DW_MAX_BYTES = 256 << 20
 # Skip the backward GEMMs of rows whose gradient is zero by construction (tests turn it off to compare).
 _SKIP_ZERO_ROWS = True
+# fp16 inputs take the tiled path (see use_chunked); tests turn this off to check the chunked path's half-precision
+# dweight accumulation with fp16 (the CPU interpreter cannot compute bf16).
+_FP16_TILED = True
 
 if _dispatch.triton_importable():
     import triton
@@ -72,6 +76,14 @@ def impl() -> str:
     if val not in IMPLS:
         raise ValueError(f"{ENV_IMPL} must be one of {IMPLS}, got {val!r}")
     return val
+
+
+def use_chunked(dtype: torch.dtype) -> bool:
+    """Whether a loss with gradients runs the chunked implementation: $R4B_FUSED_LINEAR_IMPL says chunked and the
+    inputs are not fp16. fp16 training scales the loss (GradScaler) and the chunked path writes its gradient in
+    the forward, before that scale is known: the small softmax-tail entries of dz would underflow fp16's range
+    (bf16 has fp32's). fp16 inputs therefore take the tiled path, which applies the scale before rounding."""
+    return impl() == "chunked" and not (dtype == torch.float16 and _FP16_TILED)
 
 
 def chunk_rows(n: int, v: int, elem: int) -> int:
@@ -224,6 +236,20 @@ def _grad_rows(targets: Tensor, w: Tensor, adv: Tensor | None, v: int, kl: bool,
     return rows
 
 
+def no_autocast(fn):
+    """Run ``fn`` with autocast off: the maths of the fused-linear ops is fp32 (or the inputs' dtype for the
+    GEMMs) whatever the caller's autocast; under it a torch matmul would silently run in bf16/fp16, and an
+    index-put of its result into a buffer of the input dtype fails."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@no_autocast
 def _chunk_loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, w: Tensor,
                 adv: Tensor | None, old: Tensor | None, ref: Tensor | None, temperature: float, lo: float, hi: float,
                 beta: float, mode: int, need_dh: bool, need_dw: bool, need_db: bool
@@ -337,14 +363,13 @@ class _ChunkedLoss(torch.autograd.Function):
             )
         grads, ctx.grads = ctx.grads, None
         h_dt, w_dt, b_dt = ctx.dtypes
-        g = grad_loss.float()
-        unit = bool(g == 1.0)  # host sync; the usual loss.backward() needs no scaling at all
+        g = float(grad_loss)  # host sync; a Python float multiplies in fp32 maths (a half g would round it)
 
         def scale(x, dt):
             if x is None:
                 return None
-            if not unit:
-                x.mul_(g if x.dtype == torch.float32 else g.to(x.dtype))
+            if g != 1.0:  # the usual loss.backward() needs no pass over the gradients at all
+                x.mul_(g)
             return x.to(dt)  # no copy when x is already in dt
 
         return (scale(grads[0], h_dt), scale(grads[1], w_dt), scale(grads[2], b_dt)) + (None,) * 11
@@ -367,14 +392,13 @@ def chunked_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: T
 
 
 class _LogprobsChunkedBwd(torch.autograd.Function):
-    """logp (N,) f32 for an arbitrary downstream (e.g. cross-entropy with reduction="none"): the tiled Triton
-    forward, and a backward that recomputes the logits with the chunk loop (4 GEMMs in all, no atomics)."""
+    """logp (N,) f32 for an arbitrary downstream (e.g. cross-entropy with reduction="none"): the chunked forward
+    (GEMM + the row kernel's first pass), and a backward that recomputes the logits with the chunk loop (4 GEMMs
+    in all, no atomics)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature):
-        from . import _fused_linear
-
-        logp, _ = _fused_linear.triton_fwd(hidden, weight, bias, targets, temperature)
+        logp = chunked_logprobs(hidden, weight, bias, targets, temperature)
         ctx.save_for_backward(hidden, weight, bias, targets)
         ctx.temperature = temperature
         return logp

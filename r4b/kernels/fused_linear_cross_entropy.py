@@ -32,7 +32,7 @@ def _cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index
         return loss.sum() / valid.sum().clamp(min=1)
 
     grads = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hidden, weight, bias))
-    if backend == "triton" and grads and _fused_linear_chunked.impl() == "chunked":
+    if backend == "triton" and grads and _fused_linear_chunked.use_chunked(hidden.dtype):
         if reduction == "none":  # the per-token weights come only with grad_output: recompute in the backward
             return reduce(_fused_linear_chunked.linear_logprobs(hidden, weight, bias, t, 1.0))
         coef = -valid.float()  # d loss / d logp

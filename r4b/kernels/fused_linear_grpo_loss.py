@@ -53,15 +53,16 @@ def _surrogate(logp: Tensor, mask: Tensor, advantages: Tensor, old_logprobs: Ten
                ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """(per_token loss (N,), ratio, masked advantages, k3 KL or None) from logp (N,) f32."""
     # Masked positions are neutralised before any exp, so garbage there (e.g. old_logprobs=-inf) cannot leak.
-    adv = torch.where(mask, advantages.float(), 0.0)
-    old = logp.detach() if old_logprobs is None else old_logprobs.float()
+    # advantages, old and reference log-probs are data: no gradient flows into them, whatever their requires_grad
+    adv = torch.where(mask, advantages.detach().float(), 0.0)
+    old = logp.detach() if old_logprobs is None else old_logprobs.detach().float()
     log_ratio = torch.where(mask, logp - old, 0.0)
     ratio = torch.exp(log_ratio)
     clipped = ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
     per_token = -torch.minimum(ratio * adv, clipped * adv)
     kl = None
     if ref_logprobs is not None:
-        d = torch.where(mask, ref_logprobs.float() - logp, 0.0)
+        d = torch.where(mask, ref_logprobs.detach().float() - logp, 0.0)
         kl = torch.exp(d) - d - 1.0  # k3 estimator of KL(pi || pi_ref), >= 0
         if beta > 0:
             per_token = per_token + beta * kl
@@ -82,7 +83,7 @@ def _grpo(hidden: Tensor, weight: Tensor, targets: Tensor, advantages: Tensor, o
     if loss_mask is not None:
         mask = mask & loss_mask
     sur_args = (mask, advantages, old_logprobs, ref_logprobs, eps_low, eps_high, beta)
-    if backend == "triton" and _needs_grad(hidden, weight, bias) and _fused_linear_chunked.impl() == "chunked":
+    if backend == "triton" and _needs_grad(hidden, weight, bias) and _fused_linear_chunked.use_chunked(hidden.dtype):
         # 3 GEMMs, gradient computed in the forward (see _fused_linear_chunked.py)
         def loss_fn(lp: Tensor) -> Tensor:
             return _aggregate(_surrogate(lp, *sur_args)[0], mask, seq_ids, aggregation)
