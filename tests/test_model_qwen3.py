@@ -91,6 +91,11 @@ def test_compute_logits_rows_selects_last_tokens(pair):
         torch.testing.assert_close(model.compute_logits(hidden, rows), model.compute_logits(hidden)[rows])
 
 
+def test_last_rows_refuses_empty_sequences():
+    with pytest.raises(ValueError, match="non-empty"):
+        last_rows(torch.tensor([0, 0, 3], dtype=torch.int32))
+
+
 def test_tied_head_shares_storage(pair):
     ref, model = pair
     tied = model.lm_head.weight is model.model.embed_tokens.weight

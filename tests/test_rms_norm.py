@@ -65,3 +65,13 @@ def test_rms_norm_bf16_gpu(shape):
         # STYLE.md: the bf16 kernel's error is at most 2x plain PyTorch bf16's error plus a small atol.
         err = (got.float() - ref).abs().max()
         assert err <= 2 * (base.float() - ref).abs().max() + 1e-3 * ref.abs().max()
+
+
+def test_double_backward_raises_and_zero_width_is_refused():
+    x = torch.randn(5, 8, requires_grad=True)
+    w = torch.rand(8)
+    (dx,) = torch.autograd.grad(rms_norm(x, w, backend="triton").pow(3).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        dx.pow(2).sum().backward()
+    with pytest.raises(ValueError, match="last dimension"):
+        rms_norm(torch.zeros(5, 0), torch.zeros(0), backend="triton")

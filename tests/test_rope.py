@@ -89,3 +89,13 @@ def test_rope_bf16_gpu():
     for got, base, ref in ((yt, yb.detach(), y_ref), (dxt, xb.grad, dx_ref)):
         err = (got.float() - ref.float()).abs().max()
         assert err <= 2 * (base.float() - ref.float()).abs().max() + 1e-3 * ref.abs().max()
+
+
+def test_double_backward_raises_and_zero_width_is_refused():
+    x = torch.randn(5, 2, 8, requires_grad=True)
+    pos = torch.arange(5)
+    (dx,) = torch.autograd.grad(rope(x, pos, backend="triton").pow(3).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        dx.pow(2).sum().backward()
+    with pytest.raises(ValueError, match="head dimension"):
+        rope(torch.zeros(5, 2, 0), pos, backend="triton")

@@ -59,3 +59,13 @@ def test_swiglu_bf16_gpu():
     for t, b, r in zip(got, (yb.detach(), gb.grad, ub.grad), ref, strict=True):
         err = (t.float() - r).abs().max()
         assert err <= 2 * (b.float() - r).abs().max() + 1e-3 * r.abs().max()
+
+
+def test_double_backward_raises_and_zero_width_is_refused():
+    gate = torch.randn(5, 8, requires_grad=True)
+    up = torch.randn(5, 8)
+    (dg,) = torch.autograd.grad(swiglu(gate, up, backend="triton").pow(3).sum(), gate, create_graph=True)
+    with pytest.raises(RuntimeError):
+        dg.pow(2).sum().backward()
+    with pytest.raises(ValueError, match="last dimension"):
+        swiglu(torch.zeros(5, 0), torch.zeros(5, 0), backend="triton")

@@ -48,14 +48,17 @@ def _grads(fn, q, k, v, do):
     return o.detach(), dq, dk, dv
 
 
-# (lens, Hq, Hkv, D, causal): length-1 and empty sequences, lengths off the 16/32-row tiles, one long + many
-# short, GQA ratios 1, 4, 8, D 64 and 80 (padded to a 128-wide tile).
+# (lens, Hq, Hkv, D, causal): length-1 and empty sequences (also first and last), lengths off the 16/32-row
+# tiles, one long + many short, GQA ratios 1, 4, 8, D 64, 72 (SigLIP so400m), 80 and 96 (padded to a
+# power-of-two tile).
 CASES = [
     ([1, 37, 1, 16, 5], 2, 2, 64, True),
     ([70, 1, 3, 1, 0, 2, 9], 8, 2, 80, True),
     ([45, 2, 1], 8, 1, 64, True),
     ([29, 1, 40], 4, 1, 80, False),
     ([1, 50, 13], 8, 8, 64, False),
+    ([0, 21, 0, 18, 0], 2, 1, 72, False),
+    ([0, 33, 4, 0], 4, 2, 96, True),
 ]
 
 
@@ -71,6 +74,23 @@ def test_varlen_attention_matches_float64(lens, Hq, Hkv, D, causal, device):
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref, strict=True):
         assert a.dtype == torch.float32 and a.shape == b.shape, name
         torch.testing.assert_close(a, b.float(), rtol=1e-5, atol=2e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_varlen_attention_head_major_views_and_only_q_requiring_grad(device):
+    """q, k, v as transposed views of (H, T, D) tensors (row stride D, head stride T*D), only q requiring grad."""
+    lens, Hq, Hkv, D = [13, 1, 22], 4, 2, 64
+    g = torch.Generator().manual_seed(2)
+    T = sum(lens)
+    q, k, v = (torch.randn(h, T, D, generator=g).to(device).transpose(0, 1) for h in (Hq, Hkv, Hkv))
+    do = torch.randn(T, Hq, D, generator=g).to(device)
+    cu = _cu(lens, device)
+    qg = q.detach().clone().requires_grad_()
+    o = varlen_attention(qg, k, v, cu, 22, backend="triton")
+    (dq,) = torch.autograd.grad(o, qg, do)
+    ref = _grads(lambda a, b, c: _attention64(a, b, c, lens, True, 1 / math.sqrt(D)), q.double(), k.double(),
+                 v.double(), do.double())
+    torch.testing.assert_close(o.detach(), ref[0].float(), rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(dq, ref[1].float(), rtol=1e-5, atol=2e-5)
 
 
 def test_varlen_attention_strided_qkv_and_scale(device):
@@ -201,3 +221,32 @@ def test_varlen_attention_kernels_compile_for_sm90():
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert all(f"{kind} " in r.stdout for kind in ("fwd", "dq", "dkdv")), r.stdout
+
+
+def test_double_backward_raises_on_the_triton_path():
+    """The Triton backward is first-order only: create_graph=True must fail loudly, not drop second-order terms."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(9, 2, 16, generator=g).requires_grad_() for _ in range(3))
+    o = varlen_attention(q, k, v, _cu([4, 5]), 5, backend="triton")
+    (dq,) = torch.autograd.grad(o.pow(3).sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|double backward|requires grad"):
+        dq.pow(2).sum().backward()
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_empty_batch_is_part_of_the_graph(backend):
+    """T = 0 (an empty micro-batch): the (0, Hq, D) output still backpropagates, with empty gradients."""
+    q = torch.zeros(0, 4, 16, requires_grad=True)
+    k, v = (torch.zeros(0, 2, 16, requires_grad=True) for _ in range(2))
+    o = varlen_attention(q, k, v, _cu([]), 0, backend=backend)
+    assert o.shape == (0, 4, 16) and o.requires_grad
+    o.sum().backward()
+    assert q.grad.shape == q.shape and k.grad.shape == k.shape and v.grad.shape == v.shape
+
+
+def test_no_kv_heads_or_zero_head_dim_raise():
+    q = torch.zeros(3, 2, 16)
+    with pytest.raises(ValueError, match="at least one head"):
+        varlen_attention(q, torch.zeros(3, 0, 16), torch.zeros(3, 0, 16), _cu([3]), 3)
+    with pytest.raises(ValueError, match="head dim"):
+        varlen_attention(torch.zeros(3, 2, 0), torch.zeros(3, 1, 0), torch.zeros(3, 1, 0), _cu([3]), 3)

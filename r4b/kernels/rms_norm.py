@@ -103,6 +103,7 @@ if _dispatch.triton_importable():
             return y.view(x.shape)
 
         @staticmethod
+        @torch.autograd.function.once_differentiable  # a double backward raises instead of dropping terms
         def backward(ctx, dy: Tensor):
             x2, weight, rstd = ctx.saved_tensors
             n, D = x2.shape
@@ -135,6 +136,8 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, *, backend: str | Non
     _checks.same_device(x=x, weight=weight)
     if x.dim() == 0 or x.shape[-1] != weight.shape[0]:
         raise ValueError(f"x's last dimension must equal weight's size {weight.shape[0]}, got x.shape={tuple(x.shape)}")
+    if x.shape[-1] == 0:
+        raise ValueError(f"x's last dimension (the normalised one) must be >= 1, got x.shape={tuple(x.shape)}")
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
     if _dispatch.pick(OP, backend, x) == "triton":

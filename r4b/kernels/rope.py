@@ -105,6 +105,7 @@ if _dispatch.triton_importable():
             return _launch(x, pos, inv_freq, False)
 
         @staticmethod
+        @torch.autograd.function.once_differentiable  # a double backward raises instead of dropping terms
         def backward(ctx, dy: Tensor):
             pos, inv_freq = ctx.saved_tensors
             return _launch(dy, pos, inv_freq, True), None, None
@@ -121,8 +122,8 @@ def rope(x: Tensor, position_ids: Tensor, theta: float = 1e6, *, backend: str | 
     _checks.tensor("position_ids", position_ids, dtypes=(torch.int64, torch.int32), ndim=1)
     _checks.same_device(x=x, position_ids=position_ids)
     _checks.same_len(x.shape[0], "x", position_ids=position_ids)
-    if x.shape[-1] % 2:
-        raise ValueError(f"x's head dimension must be even for RoPE, got D={x.shape[-1]}")
+    if x.shape[-1] % 2 or x.shape[-1] == 0:
+        raise ValueError(f"x's head dimension must be even and >= 2 for RoPE, got D={x.shape[-1]}")
     if not theta > 0:
         raise ValueError(f"theta must be > 0, got {theta}")
     if _dispatch.pick(OP, backend, x) == "triton":

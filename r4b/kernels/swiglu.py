@@ -82,6 +82,7 @@ if _dispatch.triton_importable():
             return y.view(gate.shape)
 
         @staticmethod
+        @torch.autograd.function.once_differentiable  # a double backward raises instead of dropping terms
         def backward(ctx, dy: Tensor):
             g2, u2 = ctx.saved_tensors
             n, n_cols = g2.shape
@@ -105,6 +106,8 @@ def swiglu(gate: Tensor, up: Tensor, *, backend: str | None = None) -> Tensor:
     _checks.same_device(gate=gate, up=up)
     if gate.shape != up.shape:
         raise ValueError(f"gate and up must have one shape, got gate={tuple(gate.shape)} up={tuple(up.shape)}")
+    if gate.dim() > 0 and gate.shape[-1] == 0:
+        raise ValueError(f"gate and up must have a last dimension >= 1, got gate={tuple(gate.shape)}")
     if _dispatch.pick(OP, backend, gate) == "triton":
         if gate.dim() == 0:
             return _SwigluFn.apply(gate.reshape(1), up.reshape(1)).reshape(())

@@ -50,8 +50,14 @@ def varlen_attention_ref(
         o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scale)  # (Hq, L, D)
         outs.append(o.transpose(0, 1))  # (L, Hq, D)
     if not outs:
-        return q.new_zeros(q.shape)
+        return _empty_out(q, k, v)
     return torch.cat(outs, 0).to(q.dtype)
+
+
+def _empty_out(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """The (T, Hq, D) zeros of a batch with no token (T = 0 or no heads) that still belong to the autograd graph
+    of q, k and v (an empty micro-batch's loss.backward() must work, with zero gradients)."""
+    return q * 0.0 + (k.sum() + v.sum()) * 0.0
 
 
 _LOG2E = 1.4426950408889634
@@ -475,6 +481,7 @@ if _dispatch.triton_importable():
             return o
 
         @staticmethod
+        @torch.autograd.function.once_differentiable  # a double backward raises instead of dropping its terms
         def backward(ctx, do):
             q, k, v, o, lse, cu = ctx.saved_tensors
             dq, dk, dv = _bwd(_unit_last(do), q, k, v, o, lse, cu, ctx.scale, ctx.causal)
@@ -510,6 +517,9 @@ def varlen_attention(
     if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2]:
         raise ValueError(f"k and v must be (T, Hkv, D) matching q (T, Hq, D), got q={tuple(q.shape)} "
                          f"k={tuple(k.shape)} v={tuple(v.shape)}")
+    if k.shape[1] == 0 or q.shape[2] == 0:
+        raise ValueError(f"k must have at least one head and the head dim must be >= 1, got q={tuple(q.shape)} "
+                         f"k={tuple(k.shape)}")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"the number of query heads ({q.shape[1]}) must be a multiple of KV heads ({k.shape[1]})")
     _checks.cu_seqlens("cu_seqlens", cu_seqlens, total=q.shape[0])
@@ -526,7 +536,7 @@ def varlen_attention(
     if chosen == "torch":
         return varlen_attention_ref(q, k, v, cu_seqlens, causal, softmax_scale)
     if q.shape[0] == 0 or q.shape[1] == 0:
-        return q.new_zeros(q.shape)
+        return _empty_out(q, k, v)
     cu = cu_seqlens.contiguous()
     if chosen == "triton":
         return _VarlenAttentionFn.apply(q, k, v, cu, float(scale), bool(causal))

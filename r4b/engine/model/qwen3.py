@@ -150,5 +150,8 @@ class Qwen3ForCausalLM(nn.Module):
 
 
 def last_rows(cu_seqlens: Tensor) -> Tensor:
-    """Index of each sequence's last token in a packed batch: cu_seqlens[1:] - 1 (int64)."""
+    """Index of each sequence's last token in a packed batch: cu_seqlens[1:] - 1 (int64). Every sequence must
+    hold a token (an empty one has no last row; checked when cu_seqlens is on the CPU)."""
+    if cu_seqlens.device.type == "cpu" and cu_seqlens.numel() > 1 and bool((cu_seqlens[1:] <= cu_seqlens[:-1]).any()):
+        raise ValueError(f"last_rows needs every sequence non-empty, got cu_seqlens={cu_seqlens.tolist()}")
     return cu_seqlens[1:].long() - 1
