@@ -250,3 +250,15 @@ def test_no_kv_heads_or_zero_head_dim_raise():
         varlen_attention(q, torch.zeros(3, 0, 16), torch.zeros(3, 0, 16), _cu([3]), 3)
     with pytest.raises(ValueError, match="head dim"):
         varlen_attention(torch.zeros(3, 2, 0), torch.zeros(3, 1, 0), torch.zeros(3, 1, 0), _cu([3]), 3)
+
+
+def test_int32_offset_limit_is_refused_by_name():
+    """A packed batch whose in-sequence row offsets could pass 2^31 elements is refused (meta tensors: no memory)."""
+    T, H, D = 2**19, 32, 128  # 524,288 tokens x a 4096-element row
+    q = torch.empty(T, H, D, device="meta")
+    k = v = torch.empty(T, 8, D, device="meta")
+    from r4b.kernels.varlen_attention import _check_int32_offsets
+
+    with pytest.raises(ValueError, match="2\\^31"):
+        _check_int32_offsets(q, k, v)
+    _check_int32_offsets(q[: T // 2], k[: T // 2], v[: T // 2])  # 2^30 elements: fine

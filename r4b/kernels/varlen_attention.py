@@ -488,6 +488,15 @@ if _dispatch.triton_importable():
             return dq, dk, dv, None, None, None
 
 
+def _check_int32_offsets(q: Tensor, k: Tensor, v: Tensor) -> None:
+    """The Triton kernels index rows inside a sequence in int32 (int64 costs the dK/dV kernel register spills):
+    refuse a packed batch where that could overflow, rather than read wrong rows."""
+    row_stride = max(abs(t.stride(0)) for t in (q, k, v))
+    if q.shape[0] * row_stride >= 2**31:
+        raise ValueError(f"varlen_attention (triton): T * row stride must be < 2^31 for int32 in-sequence offsets, "
+                         f"got T={q.shape[0]} and row stride {row_stride}; split the packed batch")
+
+
 def varlen_attention(
     q: Tensor,
     k: Tensor,
@@ -539,6 +548,7 @@ def varlen_attention(
         return _empty_out(q, k, v)
     cu = cu_seqlens.contiguous()
     if chosen == "triton":
+        _check_int32_offsets(q, k, v)
         return _VarlenAttentionFn.apply(q, k, v, cu, float(scale), bool(causal))
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     if chosen == "flash_attn":
