@@ -161,7 +161,7 @@ def test_varlen_attention_bad_inputs():
 
 
 def _sdpa_bf16_per_doc(q, k, v, lens, causal):
-    """Plain PyTorch bf16 (the STYLE.md baseline): SDPA per document in the input dtype."""
+    """Plain PyTorch low precision (the STYLE.md baseline): SDPA per document in the input dtype (bf16 / fp16)."""
     outs, s = [], 0
     for L in lens:
         o = F.scaled_dot_product_attention(q[s : s + L].transpose(0, 1), k[s : s + L].transpose(0, 1),
@@ -169,6 +169,25 @@ def _sdpa_bf16_per_doc(q, k, v, lens, causal):
         outs.append(o.transpose(0, 1))  # (L, Hq, D)
         s += L
     return torch.cat(outs)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_varlen_attention_fp16_within_twice_plain_fp16_error(causal):
+    """STYLE.md's low-precision rule on the CPU with fp16 (the interpreter computes bf16 wrongly): outputs and
+    gradients against float64, the baseline being PyTorch's own SDPA per document in fp16."""
+    lens, Hq, Hkv, D = [33, 1, 20, 0, 9], 4, 2, 64
+    q, k, v, do = _inputs(lens, Hq, Hkv, D, seed=4)
+    cu = _cu(lens)
+    ref = _grads(lambda a, b, c: _attention64(a, b, c, lens, causal, D**-0.5), q.double(), k.double(), v.double(),
+                 do.double())
+    half = [t.half() for t in (q, k, v, do)]
+    got = _grads(lambda a, b, c: varlen_attention(a, b, c, cu, 33, causal=causal, backend="triton"), *half)
+    base = _grads(lambda a, b, c: _sdpa_bf16_per_doc(a, b, c, [n for n in lens if n], causal), *half)
+    for name, g, b, r in zip(("out", "dq", "dk", "dv"), got, base, ref, strict=True):
+        assert g.dtype == torch.float16, name
+        err = (g.double() - r).abs().max().item()
+        base_err = (b.double() - r).abs().max().item()
+        assert err <= 2 * base_err + 1e-4 * r.abs().max().item(), f"{name}: {err} vs plain fp16 {base_err}"
 
 
 @pytest.mark.gpu
