@@ -154,3 +154,28 @@ def test_gpu_matches_reference(backend, scale):
     rewards, ids = make(70000, 9000, seed=11)
     out = group_advantages(rewards.cuda(), ids.cuda(), scale=scale, backend=backend)
     torch.testing.assert_close(out.cpu().double(), reference(rewards, ids, scale, 1e-6), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", backend_params("group_advantages", "cuda"))
+def test_gpu_big_group_singletons_stream_and_determinism(backend):
+    """One group of 5000 (more threads than a block), singletons and an all-equal group (exact 0), n below one
+    block; run on a side stream right after the rewards are made there; two runs bitwise equal."""
+    g = torch.Generator().manual_seed(5)
+    rewards = torch.cat([torch.randn(5000, generator=g), torch.randn(3, generator=g), torch.full((4,), 0.5)])
+    ids = torch.cat([torch.zeros(5000), torch.tensor([7.0, 8.0, 9.0]), torch.full((4,), 3.0)]).long()
+    for scale in ("group", "batch", "none"):
+        want = reference(rewards, ids, scale, 1e-6)
+        s = torch.cuda.Stream()
+        with torch.cuda.stream(s):
+            r, i = rewards.cuda(non_blocking=True) * 1.0, ids.cuda(non_blocking=True)
+            a = group_advantages(r, i, scale=scale, backend=backend)
+            b = group_advantages(r, i, scale=scale, backend=backend)
+        s.synchronize()
+        torch.testing.assert_close(a.cpu().double(), want, rtol=1e-6, atol=1e-6)
+        assert torch.equal(a, b)
+        if scale == "group":
+            assert torch.equal(a[5000:].cpu(), torch.zeros(7))  # singletons and the all-equal group
+    small = group_advantages(rewards[5000:].cuda(), ids[5000:].cuda(), backend=backend)
+    torch.testing.assert_close(small.cpu().double(), reference(rewards[5000:], ids[5000:], "group", 1e-6),
+                               rtol=1e-6, atol=1e-6)

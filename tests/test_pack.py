@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from r4b.kernels import Packed, pack_sequences, unpack, unpack_padded
+from r4b.kernels import Packed, available_backends, pack_sequences, unpack, unpack_padded
 from r4b.kernels.pack import pack_ref
 from tests._backends import backend_params
 
@@ -159,3 +159,24 @@ def test_pack_gpu(backend):
     assert torch.equal(q.flat.cpu(), torch.cat([s.cpu() for s in odd]))
     pad = unpack_padded(q.flat, q.cu_seqlens, pad_value=0, backend=backend)
     assert torch.equal(pad.cpu(), unpack_padded(q.flat.cpu(), q.cu_seqlens.cpu(), backend="torch"))
+
+
+@pytest.mark.gpu
+def test_pack_cuda_does_not_synchronise_and_unpack_checks_cu_values():
+    """The CUDA pack sends its addresses and offsets in one non-blocking copy (no stream synchronisation: it can
+    run with sync debug mode "error"); the CUDA unpack_padded op refuses bad cu_seqlens values like the CPU one
+    (called directly, past the Python checks)."""
+    if "cuda" not in available_backends("pack", "cuda"):
+        pytest.skip("r4b._C has no CUDA pack here")
+    seqs = [torch.arange(n, device="cuda") for n in (3, 1, 7)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        flat, cu, pos, sid = torch.ops.r4b.pack(seqs)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert cu.tolist() == [0, 3, 4, 11] and torch.equal(flat.cpu(), torch.cat([s.cpu() for s in seqs]))
+    for bad, match in (([0, 2, 9], "end at"), ([-3, 2, 5], "start at 0"), ([0, 4, 2, 5], "non-decreasing")):
+        with pytest.raises(ValueError, match=match):
+            torch.ops.r4b.unpack_padded(torch.arange(5, device="cuda"),
+                                        torch.tensor(bad, dtype=torch.int32, device="cuda"), 7)

@@ -27,6 +27,16 @@ inline void check_group_advantages(const at::Tensor& rewards, const at::Tensor& 
                     " but group_ids is on ", group_ids.device());
 }
 
+// The values of cu_seqlens (n+1 int32 on the host): 0, non-decreasing, ending at total (the rows of flat).
+inline void check_cu_values(const int32_t* c, int64_t n, int64_t total) {
+  TORCH_CHECK_VALUE(c[0] == 0, "cu_seqlens must start at 0, got ", c[0]);
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK_VALUE(c[i + 1] >= c[i], "cu_seqlens must be non-decreasing, got cu_seqlens[", i, "]=", c[i],
+                      " > cu_seqlens[", i + 1, "]=", c[i + 1]);
+  }
+  TORCH_CHECK_VALUE(c[n] == total, "cu_seqlens must end at flat's length ", total, ", got ", c[n]);
+}
+
 // Bytes of one row (everything after dim 0) of t.
 inline int64_t row_bytes_of(const at::Tensor& t) {
   int64_t row = t.element_size();

@@ -46,12 +46,7 @@ at::Tensor unpack_padded_cpu(const at::Tensor& flat_in, const at::Tensor& cu_in,
   auto cu = cu_in.contiguous();
   const int64_t n = cu.size(0) - 1;
   const auto* c = cu.data_ptr<int32_t>();
-  TORCH_CHECK_VALUE(c[0] == 0, "cu_seqlens must start at 0, got ", c[0]);
-  for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK_VALUE(c[i + 1] >= c[i], "cu_seqlens must be non-decreasing, got cu_seqlens[", i, "]=", c[i],
-                      " > cu_seqlens[", i + 1, "]=", c[i + 1]);
-  }
-  TORCH_CHECK_VALUE(c[n] == flat.size(0), "cu_seqlens must end at flat's length ", flat.size(0), ", got ", c[n]);
+  check_cu_values(c, n, flat.size(0));
   auto out = alloc_padded(flat, n, max_seqlen, pad_value);
   r4b::cpu::unpack_padded(flat.data_ptr(), c, n, max_seqlen, row_bytes_of(flat), out.data_ptr());
   return out;

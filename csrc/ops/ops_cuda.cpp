@@ -55,22 +55,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pack_cuda(at::TensorL
   const c10::cuda::CUDAGuard guard(seqs[0].device());
   const int64_t n = static_cast<int64_t>(seqs.size()), total = offsets.back();
   auto [flat, position_ids, seq_ids] = alloc_pack(seqs[0], total);
-  auto host = at::TensorOptions().dtype(at::kLong).device(at::kCPU);
-  auto ptrs_h = at::empty({n}, host);
-  auto offs_h = at::empty({n + 1}, host);
-  auto cu_h = at::empty({n + 1}, host.dtype(at::kInt));
+  // the sequences' addresses and row offsets go to the device in one non-blocking copy from pinned memory (a
+  // pageable host tensor's .to(device) would synchronise the stream); cu_seqlens is derived on the device
+  auto buf_h = at::empty({2 * n + 1}, at::TensorOptions().dtype(at::kLong).device(at::kCPU).pinned_memory(true));
+  auto* b = buf_h.data_ptr<int64_t>();
   std::vector<uintptr_t> addrs{reinterpret_cast<uintptr_t>(flat.data_ptr())};
   for (int64_t i = 0; i < n; ++i) {
-    ptrs_h.data_ptr<int64_t>()[i] = static_cast<int64_t>(reinterpret_cast<uintptr_t>(seqs[i].data_ptr()));
+    b[i] = static_cast<int64_t>(reinterpret_cast<uintptr_t>(seqs[i].data_ptr()));
     addrs.push_back(reinterpret_cast<uintptr_t>(seqs[i].data_ptr()));
   }
-  for (int64_t i = 0; i <= n; ++i) {
-    offs_h.data_ptr<int64_t>()[i] = offsets[i];
-    cu_h.data_ptr<int32_t>()[i] = static_cast<int32_t>(offsets[i]);
-  }
-  auto ptrs_d = ptrs_h.to(seqs[0].device());
-  auto offs_d = offs_h.to(seqs[0].device());
-  auto cu_d = cu_h.to(seqs[0].device());
+  for (int64_t i = 0; i <= n; ++i) b[n + i] = offsets[i];
+  auto buf_d = at::empty({2 * n + 1}, at::TensorOptions().dtype(at::kLong).device(seqs[0].device()));
+  buf_d.copy_(buf_h, /*non_blocking=*/true);  // the caching host allocator keeps buf_h until the copy is done
+  auto ptrs_d = buf_d.slice(0, 0, n);
+  auto offs_d = buf_d.slice(0, n, 2 * n + 1);
+  auto cu_d = offs_d.to(at::kInt);
   check_launch(r4b::cuda::pack(reinterpret_cast<const void* const*>(ptrs_d.data_ptr<int64_t>()),
                                offs_d.data_ptr<int64_t>(), n, row_bytes, copy_word(row_bytes, addrs), flat.data_ptr(),
                                position_ids.data_ptr<int64_t>(), seq_ids.data_ptr<int32_t>(),
@@ -86,6 +85,10 @@ at::Tensor unpack_padded_cuda(const at::Tensor& flat_in, const at::Tensor& cu_in
   auto flat = flat_in.contiguous();
   auto cu = cu_in.contiguous();
   const int64_t n = cu.size(0) - 1;
+  // the kernel trusts these values (they index flat): check them on the host as the CPU op does (one small
+  // device-to-host copy; the Python wrapper reads cu_seqlens on the host too)
+  const auto cu_host = cu.to(at::kCPU);
+  check_cu_values(cu_host.data_ptr<int32_t>(), n, flat.size(0));
   auto out = alloc_padded(flat, n, max_seqlen, pad_value);
   const int64_t row_bytes = row_bytes_of(flat);
   const std::vector<uintptr_t> addrs{reinterpret_cast<uintptr_t>(flat.data_ptr()),
