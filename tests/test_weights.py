@@ -2,6 +2,8 @@
 SigLIP weights the model does not use are skipped; each bad checkpoint raises CheckpointError naming the tensors."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -96,6 +98,32 @@ def test_r4b_sharded_round_trip_and_overwrite(tmp_path):
     back = from_pretrained(path)
     for (k, a), (k2, b) in zip(model.state_dict().items(), back.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(a, b), k
+
+
+def test_failed_overwrite_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """If moving the new checkpoint into place fails, the previous one is back at the path and no temporary
+    directory is left behind."""
+    from r4b.engine.model import weights as w
+
+    path = tmp_path / "ckpt"
+    first = tiny_qwen3(False)
+    save_pretrained(first, path)
+    before = sorted(p.name for p in path.iterdir())
+    real_rename = os.rename
+
+    def failing_rename(src, dst):
+        if Path(dst) == path and Path(src).name.startswith(".ckpt.tmp-"):  # the new checkpoint into place
+            raise OSError("simulated failure")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(w.os, "rename", failing_rename)
+    with pytest.raises(OSError, match="simulated"):
+        save_pretrained(tiny_qwen3(True), path)
+    monkeypatch.setattr(w.os, "rename", real_rename)
+    assert sorted(p.name for p in path.iterdir()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    back = from_pretrained(path)
+    assert torch.equal(back.lm_head.weight, first.lm_head.weight)
 
 
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
@@ -236,3 +264,30 @@ def test_image_processor_reads_preprocessor_config(tmp_path):
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({**pre, "image_grid_pinpoints": [[28, 28]]}))
     with pytest.raises(ValueError, match="image_grid_pinpoints differ"):
         ImageProcessor.from_pretrained(tmp_path, cfg)
+
+
+def test_left_out_config_fields_mean_transformers_defaults():
+    """A config field left out means transformers' class default (composite configs written by transformers 4.x
+    keep only the nested fields that differ from those): the constants match transformers, and a sparse nested
+    text_config / vision_config reads as transformers reads it."""
+    import transformers
+
+    from r4b.engine.model.config import HF_QWEN3_DEFAULTS, HF_SIGLIP_VISION_DEFAULTS, config_from_hf
+
+    q = transformers.Qwen3Config()
+    for key, value in HF_QWEN3_DEFAULTS.items():
+        want = q.rope_parameters["rope_theta"] if key == "rope_theta" else getattr(q, key)
+        assert want == value, key
+    s = transformers.SiglipVisionConfig()
+    for key, value in HF_SIGLIP_VISION_DEFAULTS.items():
+        assert getattr(s, key) == value, key
+    text = {"model_type": "qwen3", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+            "num_key_value_heads": 8}
+    vision = {"model_type": "siglip_vision_model", "hidden_size": 32, "num_attention_heads": 2}
+    cfg = config_from_hf({"text_config": text, "vision_config": vision, "image_token_index": 5,
+                          "vision_feature_layer": -1})
+    hf_text, hf_vision = transformers.Qwen3Config(**text), transformers.SiglipVisionConfig(**vision)
+    for key in ("vocab_size", "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
+        assert getattr(cfg.text_config, key) == getattr(hf_text, key), key
+    for key in ("intermediate_size", "num_hidden_layers", "image_size", "patch_size"):
+        assert getattr(cfg.vision_config, key) == getattr(hf_vision, key), key

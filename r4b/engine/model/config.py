@@ -17,6 +17,21 @@ def _pick(d: dict[str, Any], key: str, default: Any) -> Any:
     return default if v is None else v
 
 
+# What a field left out of a config.json means: transformers' class defaults (Qwen3Config, SiglipVisionConfig).
+# Composite configs (LLaVA-style, R-4B) written by transformers 4.x keep only the nested text_config /
+# vision_config fields that differ from these, so a Qwen3-4B text_config may lack num_attention_heads (32),
+# vocab_size (151936) and head_dim (128). tests/test_weights.py checks these against transformers itself.
+HF_QWEN3_DEFAULTS: dict[str, Any] = dict(
+    vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32, num_attention_heads=32,
+    head_dim=128, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=32768, attention_bias=False,
+    tie_word_embeddings=False,
+)  # num_key_value_heads defaults to num_attention_heads
+HF_SIGLIP_VISION_DEFAULTS: dict[str, Any] = dict(
+    hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, num_channels=3,
+    image_size=224, patch_size=16, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh",
+)
+
+
 def _positive(name: str, value: int) -> None:
     if not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -49,7 +64,8 @@ class Qwen3Config:
 
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> Qwen3Config:
-        """From a Qwen3 ``config.json`` dict (transformers 4.x ``rope_theta`` or 5.x ``rope_parameters``)."""
+        """From a Qwen3 ``config.json`` dict (transformers 4.x ``rope_theta`` or 5.x ``rope_parameters``); a field
+        left out means transformers' default (:data:`HF_QWEN3_DEFAULTS`), as it does for transformers."""
         mt = d.get("model_type", "qwen3")
         if mt not in ("qwen3",):
             raise ValueError(f"text config model_type must be 'qwen3', got {mt!r}")
@@ -59,21 +75,21 @@ class Qwen3Config:
             raise NotImplementedError(f"rope_type={rope_type!r} is not supported (plain RoPE only): {rope}")
         if d.get("use_sliding_window"):
             raise NotImplementedError("use_sliding_window=True is not supported (Qwen3 / R-4B use full attention)")
-        hidden = d["hidden_size"]
-        heads = d["num_attention_heads"]
+        hf = HF_QWEN3_DEFAULTS
+        heads = _pick(d, "num_attention_heads", hf["num_attention_heads"])
         return cls(
-            vocab_size=d["vocab_size"],
-            hidden_size=hidden,
-            intermediate_size=d["intermediate_size"],
-            num_hidden_layers=d["num_hidden_layers"],
+            vocab_size=_pick(d, "vocab_size", hf["vocab_size"]),
+            hidden_size=_pick(d, "hidden_size", hf["hidden_size"]),
+            intermediate_size=_pick(d, "intermediate_size", hf["intermediate_size"]),
+            num_hidden_layers=_pick(d, "num_hidden_layers", hf["num_hidden_layers"]),
             num_attention_heads=heads,
             num_key_value_heads=_pick(d, "num_key_value_heads", heads),
-            head_dim=_pick(d, "head_dim", hidden // heads),
-            rms_norm_eps=float(_pick(d, "rms_norm_eps", 1e-6)),
-            rope_theta=float(rope.get("rope_theta", _pick(d, "rope_theta", 10000.0))),
-            max_position_embeddings=_pick(d, "max_position_embeddings", 40960),
-            attention_bias=bool(_pick(d, "attention_bias", False)),
-            tie_word_embeddings=bool(_pick(d, "tie_word_embeddings", False)),
+            head_dim=_pick(d, "head_dim", hf["head_dim"]),
+            rms_norm_eps=float(_pick(d, "rms_norm_eps", hf["rms_norm_eps"])),
+            rope_theta=float(rope.get("rope_theta", _pick(d, "rope_theta", hf["rope_theta"]))),
+            max_position_embeddings=_pick(d, "max_position_embeddings", hf["max_position_embeddings"]),
+            attention_bias=bool(_pick(d, "attention_bias", hf["attention_bias"])),
+            tie_word_embeddings=bool(_pick(d, "tie_word_embeddings", hf["tie_word_embeddings"])),
         )
 
     def to_hf(self) -> dict[str, Any]:
@@ -118,8 +134,8 @@ class SiglipConfig:
         mt = d.get("model_type", "siglip_vision_model")
         if mt not in ("siglip_vision_model", "siglip2_vision_model", "siglip"):
             raise ValueError(f"vision config model_type must be a SigLIP vision model, got {mt!r}")
-        defaults = cls()
-        return cls(**{k: _pick(d, k, getattr(defaults, k)) for k in cls.__slots__})
+        # a field left out means transformers' SiglipVisionConfig default, as it does for transformers
+        return cls(**{k: _pick(d, k, HF_SIGLIP_VISION_DEFAULTS[k]) for k in cls.__slots__})
 
     def to_hf(self) -> dict[str, Any]:
         return {**asdict(self), "model_type": "siglip_vision_model", "vision_use_head": False}

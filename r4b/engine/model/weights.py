@@ -208,6 +208,7 @@ def save_pretrained(model: Qwen3ForCausalLM | R4BForConditionalGeneration, path:
         state[_r4b_to_hf(k) if isinstance(model, R4BForConditionalGeneration) else k] = t.detach().cpu().contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    old: Path | None = None
     try:
         shards = _shards(state, max_shard_bytes)
         meta = {"format": "pt"}
@@ -225,7 +226,6 @@ def save_pretrained(model: Qwen3ForCausalLM | R4BForConditionalGeneration, path:
         with open(tmp / "config.json", "w") as f:
             json.dump(_hf_config(model), f, indent=2)
         os.chmod(tmp, 0o755)
-        old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.rename(path, old)
@@ -234,4 +234,6 @@ def save_pretrained(model: Qwen3ForCausalLM | R4BForConditionalGeneration, path:
             shutil.rmtree(old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and old.exists() and not path.exists():  # put the previous checkpoint back
+            os.rename(old, path)
         raise
