@@ -6,6 +6,7 @@ from tiny_models import (
     PINPOINTS,
     torch_kernels_on_cpu,  # noqa: F401  (fixture)
 )
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from r4b.engine.chat import DEMO_TOKENIZER, ChatTokenizer, ParsedResponse, parse_response
 from r4b.engine.demo_tokenizer import build_demo_tokenizer
@@ -52,6 +53,89 @@ def test_history_without_generation_prompt(tok):
     msgs = [*MESSAGES, {"role": "assistant", "content": "<think>\n\n</think>\n\n4"}]
     text = tok.apply_chat_template(msgs, add_generation_prompt=False)
     assert text == PREFIX + "<think>\n\n</think>\n\n4<|im_end|>\n"
+
+
+# Multi-turn histories by Qwen3's template rule, expected strings written by hand: assistant turns before the last
+# user message keep only the text after their last </think> (leading newlines stripped); turns after it are
+# "<think>\n{reasoning}\n</think>\n\n{answer}" when they have a thought or are the last message.
+SYS = "<|im_start|>system\nBe brief.<|im_end|>\n"
+TURNS = [{"role": "system", "content": "Be brief."},
+         {"role": "user", "content": "2+2?"},
+         {"role": "assistant", "content": "<think>\nAdd them.\n</think>\n\n4"},
+         {"role": "user", "content": "And 3+3?"},
+         {"role": "assistant", "content": "\n\n6"},  # no thought, not last: as is
+         {"role": "assistant", "content": "", "reasoning_content": "\nDouble 3.\n"}]
+
+
+@pytest.mark.parametrize("mode, suffix", [("auto", "<think>"), ("long", "<think>\n"),
+                                          ("short", "<think>\n\n</think>\n\n")])
+def test_multi_turn_drops_thoughts_before_last_user(tok, mode, suffix):
+    text = tok.apply_chat_template(TURNS[:4], thinking_mode=mode)
+    assert text == (SYS + "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n"
+                    "<|im_start|>user\nAnd 3+3?<|im_end|>\n<|im_start|>assistant\n" + suffix)
+
+
+def test_multi_turn_history_qwen3_rule(tok):
+    head = (SYS + "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n"
+            "<|im_start|>user\nAnd 3+3?<|im_end|>\n")
+    # final assistant turn with a thought (from reasoning_content), after one without a thought
+    assert tok.apply_chat_template(TURNS, add_generation_prompt=False) == (
+        head + "<|im_start|>assistant\n\n\n6<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\nDouble 3.\n</think>\n\n<|im_end|>\n")
+    # final assistant turn without a thought: an empty thought is written before it
+    assert tok.apply_chat_template(TURNS[:5], add_generation_prompt=False) == (
+        head + "<|im_start|>assistant\n<think>\n\n</think>\n\n6<|im_end|>\n")
+    # final assistant turn with a <think> block in its content; the earlier turn keeps its (non-last) thought
+    msgs = [*TURNS[:4], {"role": "assistant", "content": "<think>Try 6.</think>Check.\n"},
+            {"role": "assistant", "content": "<think>\n\nSure.\n\n</think>\n\n\n6"}]
+    assert tok.apply_chat_template(msgs, add_generation_prompt=False) == (
+        head + "<|im_start|>assistant\n<think>\nTry 6.\n</think>\n\nCheck.\n<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\nSure.\n</think>\n\n6<|im_end|>\n")
+    # a thought with repeated tags: reasoning up to the first </think>, answer after the last one
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a</think>b</think>\nc"},
+            {"role": "user", "content": "r"}, {"role": "assistant", "content": "<think>x<think>y</think>z</think>w"}]
+    assert tok.apply_chat_template(msgs, add_generation_prompt=False) == (
+        "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\nc<|im_end|>\n<|im_start|>user\nr<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\ny\n</think>\n\nw<|im_end|>\n")
+    # reasoning_content before the last user message is dropped, and the content is then kept as is
+    msgs = [{"role": "user", "content": "q"},
+            {"role": "assistant", "content": "<think>t</think>a", "reasoning_content": "r"},
+            {"role": "user", "content": "q2"}]
+    assert tok.apply_chat_template(msgs, thinking_mode="short") == (
+        "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n<think>t</think>a<|im_end|>\n"
+        "<|im_start|>user\nq2<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+
+def _qwen3_like_tokenizer() -> Tokenizer:
+    """Byte-level BPE like Qwen3's: <|im_start|> etc. special, <think>/</think> plain added tokens, no <image>."""
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    t.train_from_iterator(["What is 2 + 2? The answer is 4.\n\n"] * 4, trainer=trainer)
+    t.add_tokens([AddedToken("<think>", special=False, normalized=False),
+                  AddedToken("</think>", special=False, normalized=False)])
+    return t
+
+
+def test_tokenizer_without_image_token_renders_text_only():
+    raw = _qwen3_like_tokenizer()
+    assert raw.token_to_id("<image>") is None
+    tok = ChatTokenizer(raw)
+    assert tok.image_id is None and None not in (tok.im_start_id, tok.im_end_id, tok.think_id, tok.end_think_id)
+    for mode, suffix in [("auto", "<think>"), ("long", "<think>\n"), ("short", "<think>\n\n</think>\n\n")]:
+        text = tok.apply_chat_template(MESSAGES, thinking_mode=mode)
+        assert text == PREFIX + suffix
+        ids = tok.encode_chat(MESSAGES, thinking_mode=mode).input_ids
+        assert ids.tolist().count(tok.think_id) == 1 and tok.decode(ids) == text
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+    with pytest.raises(ValueError, match=r"messages\[0\].content\[0\] is an image, but the tokenizer has no <image>"):
+        tok.apply_chat_template(msgs)
+    with pytest.raises(ValueError, match="has no <image> token, which the model config needs"):
+        ChatTokenizer(raw, model_config=R4BConfig(vision_config=SiglipConfig(num_hidden_layers=1)))
+    with pytest.raises(ValueError, match=r"lacks the chat tokens \['<\|im_start\|>', '<\|im_end\|>', '<think>', "):
+        ChatTokenizer(Tokenizer(models.BPE()))
 
 
 def test_bad_messages_raise(tok):
@@ -107,6 +191,19 @@ def test_image_id_must_match_model():
     (None, "Just text.", ("", "Just text.", "no_think")),
     # truncated right after the auto tag
     ("auto", "", ("", "", "think")),
+    # leading newlines / tabs before a repeated <think>
+    ("auto", "\n\t <think>\nHmm.\n</think>\n\nYes.", ("Hmm.", "Yes.", "think")),
+    (None, "\n\n<think>\nHmm.\n</think>\n\nYes.", ("Hmm.", "Yes.", "think")),
+    (None, "\n<think>\n\n</think>\n\nYes.<|im_end|>", ("", "Yes.", "no_think")),
+    # text before <think> (no suffix, or after short's closed thought) is a preamble kept in the answer
+    (None, "Sure. <think>x</think>y", ("x", "Sure.\n\ny", "think")),
+    ("short", "Well,\n<think>\nx\n</think>\n\ny", ("x", "Well,\n\ny", "think")),
+    (None, "Sure. <think>cut off", ("cut off", "Sure.", "think")),
+    # the thought ends at the LAST </think>
+    ("long", "a</think>b</think>c", ("a</think>b", "c", "think")),
+    (None, "<think>a</think>\nb\n</think>\n\nc<|im_end|>", ("a</think>\nb", "c", "think")),
+    # short: a stray </think> in the answer is not a thought
+    ("short", "4</think>5", ("", "4</think>5", "no_think")),
 ])
 def test_parse_response(mode, output, want):
     assert parse_response(output, thinking_mode=mode) == ParsedResponse(*want)

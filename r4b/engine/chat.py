@@ -7,6 +7,11 @@ Prompt format (Qwen): ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` per messag
   short -> ``<think>\\n\\n</think>\\n\\n``      (non-thinking: an empty thought, then the answer)
 The names follow R-4B's ``thinking_mode`` switch. Image content parts render as ``<image>``, expanded to one
 token per image feature when the chat knows the model config.
+
+Assistant turns in the history follow Qwen3's published chat template: a turn before the last user message keeps
+only its answer (the text after its last ``</think>``, leading newlines dropped); a turn after it is written
+``<think>\\n{reasoning}\\n</think>\\n\\n{answer}`` when it has a thought (from ``reasoning_content`` or a
+``<think>`` block in its content) or is the last message, else as its plain content.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from .model.image import ImageProcessor, num_image_tokens
 
 IM_START, IM_END, EOT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 THINK, END_THINK, IMAGE = "<think>", "</think>", "<image>"
-SPECIAL_TOKENS = (EOT, IM_START, IM_END, THINK, END_THINK, IMAGE)
+SPECIAL_TOKENS = (EOT, IM_START, IM_END, THINK, END_THINK, IMAGE)  # the demo tokenizer's
+REQUIRED_TOKENS = (IM_START, IM_END, THINK, END_THINK)  # <|endoftext|> and <image> are optional
 MODE_SUFFIX = {"auto": THINK, "long": THINK + "\n", "short": THINK + "\n\n" + END_THINK + "\n\n"}
 ROLES = ("system", "user", "assistant")
 DEMO_TOKENIZER = Path(__file__).resolve().parents[1] / "assets" / "tokenizer.json"
@@ -48,9 +54,26 @@ class ChatEncoding:
     image_sizes: list[tuple[int, int]] = field(default_factory=list)  # per image (height, width)
 
 
+def _split_thought(content: str) -> tuple[str, str]:
+    """Qwen3's template split of an assistant message holding ``</think>``: (reasoning, answer).
+
+    reasoning: the text before the first ``</think>``, after the last ``<think>`` before it, newlines stripped
+    at both ends; answer: the text after the last ``</think>``, leading newlines stripped.
+    """
+    reasoning = content.split(END_THINK)[0].rstrip("\n").split(THINK)[-1].lstrip("\n")
+    return reasoning, content.split(END_THINK)[-1].lstrip("\n")
+
+
+def _is_query(role: str, text: str) -> bool:
+    """A user message that is not a tool response (Qwen3's rule for the last query)."""
+    return role == "user" and not (text.startswith("<tool_response>") and text.endswith("</tool_response>"))
+
+
 class ChatTokenizer:
     """A ``tokenizers`` tokenizer.json with the chat special tokens, plus the chat template.
 
+    The tokenizer must know ``<|im_start|>``, ``<|im_end|>``, ``<think>`` and ``</think>`` (special or plain
+    added tokens, as in Qwen3's). ``<image>`` is needed only to render image parts or with ``model_config``.
     ``model_config`` (an R4BConfig) lets image parts expand to the model's exact number of image tokens;
     ``image_processor`` defaults to one built from it.
     """
@@ -59,9 +82,9 @@ class ChatTokenizer:
                  image_processor: ImageProcessor | None = None) -> None:
         self.tokenizer = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_file(str(tokenizer))
         ids = {t: self.tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
-        missing = [t for t, i in ids.items() if i is None and t != EOT]
+        missing = [t for t in REQUIRED_TOKENS if ids[t] is None]
         if missing:
-            raise ValueError(f"tokenizer lacks the special tokens {missing}")
+            raise ValueError(f"tokenizer lacks the chat tokens {missing}")
         self.im_start_id, self.im_end_id = ids[IM_START], ids[IM_END]
         self.think_id, self.end_think_id, self.image_id = ids[THINK], ids[END_THINK], ids[IMAGE]
         self.eos_ids = [i for i in (ids[IM_END], ids[EOT]) if i is not None]
@@ -69,6 +92,9 @@ class ChatTokenizer:
         if image_processor is None and model_config is not None:
             image_processor = ImageProcessor.from_config(model_config)
         self.image_processor = image_processor
+        if model_config is not None and self.image_id is None:
+            raise ValueError(f"the tokenizer has no {IMAGE} token, which the model config needs "
+                             f"(image_token_index {model_config.image_token_index})")
         if model_config is not None and model_config.image_token_index != self.image_id:
             raise ValueError(f"the model's image_token_index ({model_config.image_token_index}) is not the "
                              f"tokenizer's {IMAGE} id ({self.image_id})")
@@ -106,6 +132,8 @@ class ChatTokenizer:
             if kind == "text":
                 out.append(part["text"])
             elif kind == "image":
+                if self.image_id is None:
+                    raise ValueError(f"{where}.content[{j}] is an image, but the tokenizer has no {IMAGE} token")
                 img = part.get("image")
                 images.append(img)
                 out.append(IMAGE * self._image_tokens(img))
@@ -117,12 +145,24 @@ class ChatTokenizer:
         check_mode(thinking_mode)
         if not isinstance(messages, list) or not messages:
             raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
-        parts, images = [], []
+        turns, images = [], []
         for i, m in enumerate(messages):
             role = m.get("role") if isinstance(m, dict) else None
             if role not in ROLES:
                 raise ValueError(f"messages[{i}].role must be one of {ROLES}, got {role!r}")
-            text = self._render_content(m.get("content", ""), f"messages[{i}]", images)
+            turns.append((role, self._render_content(m.get("content", ""), f"messages[{i}]", images)))
+        # Qwen3: thoughts are kept only in assistant turns after the last user query
+        last_query = next((i for i in reversed(range(len(turns))) if _is_query(*turns[i])), len(turns) - 1)
+        parts = []
+        for i, (role, text) in enumerate(turns):
+            if role == "assistant":
+                reasoning = messages[i].get("reasoning_content")
+                if not isinstance(reasoning, str):
+                    reasoning = ""
+                    if END_THINK in text:
+                        reasoning, text = _split_thought(text)
+                if i > last_query and (i == len(turns) - 1 or reasoning):
+                    text = THINK + "\n" + reasoning.strip("\n") + "\n" + END_THINK + "\n\n" + text.lstrip("\n")
             parts.append(f"{IM_START}{role}\n{text}{IM_END}\n")
         if add_generation_prompt:
             parts.append(f"{IM_START}assistant\n{MODE_SUFFIX[thinking_mode]}")
@@ -153,9 +193,14 @@ def parse_response(output: str | list[int] | Tensor, *, thinking_mode: str | Non
     """Split a generated completion into (thinking, answer, mode).
 
     ``output`` is the text (or token ids, with ``tokenizer``) generated after a prompt of ``thinking_mode``;
-    the mode's suffix is put back in front unless the output already starts with ``<think>``. A missing
-    ``</think>`` (output cut off while thinking) gives the whole thought and an empty answer. Trailing
-    ``<|im_end|>`` / ``<|endoftext|>`` are dropped. ``thinking_mode=None``: the output has no prompt suffix.
+    ``thinking_mode=None``: the output has no prompt suffix. Everything from the first ``<|im_end|>`` /
+    ``<|endoftext|>`` on is dropped. After an ``auto`` / ``long`` prompt the output starts inside the thought
+    (a ``<think>`` the output repeats after leading whitespace is skipped); after ``short`` or None it starts
+    outside one, and a ``<think>`` it opens starts a thought, the text before it being a preamble that stays
+    at the front of the answer (joined to the rest by a blank line). A thought ends at the LAST ``</think>``
+    (as Qwen3's template takes the answer), so an earlier ``</think>`` stays in the thinking text. A missing
+    ``</think>`` (output cut off while thinking) gives the whole thought and no answer beyond the preamble.
+    mode is "think" for a non-empty or unfinished thought, else "no_think".
     """
     if not isinstance(output, str):
         if tokenizer is None:
@@ -163,18 +208,23 @@ def parse_response(output: str | list[int] | Tensor, *, thinking_mode: str | Non
         output = tokenizer.decode(output)
     if thinking_mode is not None:
         check_mode(thinking_mode)
-    text = output.lstrip(" ")
-    if not text.startswith(THINK) and thinking_mode is not None:
-        text = MODE_SUFFIX[thinking_mode] + text
+    text = output
     for stop in (IM_END, EOT):
         cut = text.find(stop)
         if cut >= 0:
             text = text[:cut]
-    if not text.startswith(THINK):
-        return ParsedResponse("", text.strip(), "no_think")
-    body = text[len(THINK):]
-    end = body.find(END_THINK)
+    preamble = ""
+    if text.lstrip().startswith(THINK):  # the output (re)opens the thought itself
+        text = text.lstrip()[len(THINK):]
+    elif thinking_mode not in ("auto", "long"):  # "short" (its thought closed in the prompt) or no suffix
+        start = text.find(THINK)
+        if start < 0:
+            return ParsedResponse("", text.strip(), "no_think")
+        preamble, text = text[:start].strip(), text[start + len(THINK):]
+    end = text.rfind(END_THINK)
     if end < 0:
-        return ParsedResponse(body.strip(), "", "think")
-    thinking, answer = body[:end].strip(), body[end + len(END_THINK):].strip()
-    return ParsedResponse(thinking, answer, "think" if thinking else "no_think")
+        thinking, answer, finished = text.strip(), "", False
+    else:
+        thinking, answer, finished = text[:end].strip(), text[end + len(END_THINK):].strip(), True
+    answer = "\n\n".join(t for t in (preamble, answer) if t)
+    return ParsedResponse(thinking, answer, "think" if thinking or not finished else "no_think")
