@@ -152,6 +152,18 @@ if _dispatch.triton_importable():
                 x = tl.load(ptrs, mask=offs_d[:, None] < D, other=0.0)
         return x
 
+    @triton.jit
+    def _key_bounds(qlo, qhi, L, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+        """Key ranges of a segment whose query rows are [qlo, qhi) of a sequence of L tokens (local indices):
+        [0, hi1) whole key blocks every query row sees (no mask), [hi1, hi2) the masked rest."""
+        if CAUSAL:
+            hi1 = (qlo // BLOCK_N) * BLOCK_N  # keys below every query row of the segment
+            hi2 = qhi
+        else:
+            hi1 = (L // BLOCK_N) * BLOCK_N
+            hi2 = L
+        return hi1, hi2
+
     # ---------------------------------------------------------------- forward
 
     @triton.jit
@@ -203,14 +215,8 @@ if _dispatch.triton_importable():
             ce = tl.load(CU + s + 1)
             seg_hi = tl.minimum(ce, t_end)
             L = ce - cs
-            qlo = t - cs
             q_loc = rows - cs  # local query index of each tile row (meaningful inside [t, seg_hi) only)
-            if CAUSAL:
-                hi1 = (qlo // BLOCK_N) * BLOCK_N  # keys below every query row of the segment
-                hi2 = seg_hi - cs
-            else:
-                hi1 = (L // BLOCK_N) * BLOCK_N
-                hi2 = L
+            hi1, hi2 = _key_bounds(t - cs, seg_hi - cs, L, BLOCK_N, CAUSAL)
             k_base = K + cs.to(tl.int64) * stride_kt + hk * stride_kh
             v_base = V + cs.to(tl.int64) * stride_vt + hk * stride_vh
             acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -292,12 +298,7 @@ if _dispatch.triton_importable():
             seg_hi = tl.minimum(ce, t_end)
             L = ce - cs
             q_loc = rows - cs
-            if CAUSAL:
-                hi1 = ((t - cs) // BLOCK_N) * BLOCK_N
-                hi2 = seg_hi - cs
-            else:
-                hi1 = (L // BLOCK_N) * BLOCK_N
-                hi2 = L
+            hi1, hi2 = _key_bounds(t - cs, seg_hi - cs, L, BLOCK_N, CAUSAL)
             k_base = K + cs.to(tl.int64) * stride_kt + hk * stride_kh
             v_base = V + cs.to(tl.int64) * stride_vt + hk * stride_vh
             dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
