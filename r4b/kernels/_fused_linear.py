@@ -353,14 +353,22 @@ class LinearLogprobs(torch.autograd.Function):
         )
 
 
-def linear_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, temperature: float,
-                    backend: str) -> Tensor:
-    """Differentiable logp [N] f32 (0 where the target is outside [0, V)); inputs already validated."""
-    if not (hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+def logprobs_no_grad(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, temperature: float,
+                     backend: str) -> Tensor:
+    """logp [N] f32 without autograd: torch reference, or the Triton implementation $R4B_FUSED_LINEAR_IMPL picks
+    (chunked: cuBLAS GEMM + one read per chunk; tiled: online log-sum-exp). Inputs already validated."""
+    with torch.no_grad():
         if backend == "triton" and _fused_linear_chunked.impl() == "chunked":
             return _fused_linear_chunked.chunked_logprobs(hidden, weight, bias, targets, temperature)
         fwd = triton_fwd if backend == "triton" else torch_fwd
         return fwd(hidden, weight, bias, targets, temperature)[0]
+
+
+def linear_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, temperature: float,
+                    backend: str) -> Tensor:
+    """Differentiable logp [N] f32 (0 where the target is outside [0, V)); inputs already validated."""
+    if not (hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+        return logprobs_no_grad(hidden, weight, bias, targets, temperature, backend)
     return LinearLogprobs.apply(hidden, weight, bias, targets, temperature, backend)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _dispatch, _fused_linear, _fused_linear_chunked
+from . import _dispatch, _fused_linear
 
 OP = "fused_linear_logprobs"
 _dispatch.register(OP, ("triton", "torch"))
@@ -42,8 +42,4 @@ def fused_linear_logprobs(
     """
     _fused_linear.check_common(hidden, weight, bias, targets, temperature)
     chosen = _dispatch.pick(OP, backend, hidden)
-    with torch.no_grad():
-        if chosen == "triton" and _fused_linear_chunked.impl() == "chunked":
-            return _fused_linear_chunked.chunked_logprobs(hidden, weight, bias, targets, float(temperature))
-        fwd = _fused_linear.triton_fwd if chosen == "triton" else _fused_linear.torch_fwd
-        return fwd(hidden, weight, bias, targets, float(temperature))[0]
+    return _fused_linear.logprobs_no_grad(hidden, weight, bias, targets, float(temperature), chosen)
