@@ -20,7 +20,15 @@ import os
 
 import torch
 
-from bench.harness import Case, Skip, backend_provider, default_device, matmul_floor_columns, run_bench
+from bench.harness import (
+    Case,
+    Skip,
+    backend_provider,
+    default_device,
+    matmul_floor_columns,
+    run_bench,
+    sm90_ptxas,
+)
 from r4b.kernels import fused_linear_grpo_loss
 from r4b.kernels._dispatch import triton_interpret
 
@@ -211,38 +219,13 @@ def aot_report() -> list[str]:
     bias, fp32, H=2560; the chunked implementation's row kernel: bf16 and fp32, V=151936), and print ptxas
     registers / spills per kernel. Needs no GPU (triton's bundled ptxas) and TRITON_INTERPRET unset; catches
     what the interpreter cannot (compile errors, spills)."""
-    import os
-    import subprocess
-    import tempfile
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        raise SystemExit("--aot needs TRITON_INTERPRET unset")
     from r4b.kernels import _fused_linear as fl
     from r4b.kernels import _fused_linear_chunked as fc
 
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     lines = []
 
     def report(label: str, kern, meta: dict, sig_of, warps: int, stages: int) -> None:
-        names = kern.arg_names
-        sig = {n: "constexpr" if n in meta else sig_of(n) for n in names}
-        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-                 if sig[n].startswith("*") or n.startswith("stride")}
-        src = ASTSource(fn=kern, signature=sig, constexprs={(names.index(k),): v for k, v in meta.items()},
-                        attrs=attrs)
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": warps, "num_stages": stages})
-        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-            f.write(compiled.asm["ptx"])
-        r = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True,
-                           text=True, check=True)
-        os.unlink(f.name)
-        info = " ".join(x.split(":", 1)[-1].strip() for x in r.stderr.splitlines()
-                        if "registers" in x or "spill" in x)
+        info, _ = sm90_ptxas(kern, meta, sig_of, warps, stages)
         line = f"{label} warps={warps} stages={stages}: {info}"
         print(line, flush=True)
         lines.append(line)

@@ -10,13 +10,12 @@ prints registers / spills per autotune config (ptxas -v), the measurement behind
 
 from __future__ import annotations
 
-import os
 import sys
 
 import torch
 import torch.nn.functional as F
 
-from bench.harness import Case, Skip, default_device, run_bench
+from bench.harness import Case, Skip, default_device, run_bench, sm90_ptxas
 
 ANCHOR = [4096, 3072, 2560, 2048, 1536, 1280, 768, 512, 384, 128]  # 16384 tokens, 10 docs 128..4096
 # every provider's output (fwd) or q/k/v gradients (fwd+bwd) against SDPA's before timing (harness check_tol):
@@ -151,40 +150,26 @@ def aot_report(first_only: bool = False) -> None:
     first of each list); print registers and spills from ptxas. Needs no GPU (triton's bundled ptxas), and no
     TRITON_INTERPRET."""
     import importlib
-    import subprocess
-    import tempfile
 
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        raise SystemExit("--aot needs TRITON_INTERPRET unset (the kernels must be JIT functions)")
     va = importlib.import_module("r4b.kernels.varlen_attention")
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     ptrs = {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV"}
+
+    def sig_of(n: str) -> str:
+        if n in ("LSE", "DELTA"):
+            return "*fp32"
+        if n == "CU":
+            return "*i32"
+        if n in ptrs:
+            return "*bf16"
+        return "fp32" if n in ("qk_scale", "sm_scale") else "i32"
+
     for kind, kern, cfgs, tile in (("fwd", va._fwd_kernel, va.FWD_CONFIGS, ("BLOCK_M", "BLOCK_N")),
                                    ("dq", va._bwd_dq_kernel, va.DQ_CONFIGS, ("BLOCK_M", "BLOCK_N")),
                                    ("dkdv", va._bwd_dkdv_kernel, va.DKDV_CONFIGS, ("BLOCK_N", "BLOCK_M"))):
         for a, b, warps, stages in cfgs[:1] if first_only else cfgs:
             meta = {"GROUP": 4, "D": 128, "BLOCK_D": 128, "CAUSAL": True, "DOT_PREC": "tf32", tile[0]: a, tile[1]: b}
-            names = kern.arg_names
-            sig = {n: "constexpr" if n in meta else "*fp32" if n in ("LSE", "DELTA") else "*i32" if n == "CU"
-                   else "*bf16" if n in ptrs else "fp32" if n in ("qk_scale", "sm_scale") else "i32" for n in names}
-            attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)  # as the runtime specialises
-                     if sig[n].startswith("*") or n.startswith("stride")}
-            src = ASTSource(fn=kern, signature=sig, constexprs={(names.index(k),): v for k, v in meta.items()},
-                            attrs=attrs)
-            k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps,
-                                                                               "num_stages": stages})
-            with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-                f.write(k.asm["ptx"])
-            r = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True,
-                               text=True, check=True)
-            os.unlink(f.name)
-            info = "; ".join(line.split(":", 1)[-1].strip() for line in r.stderr.splitlines()
-                             if "Used" in line or "spill" in line)
-            print(f"{kind:5s} {a}x{b} w{warps} s{stages}: smem={k.metadata.shared} B | {info}", flush=True)
+            info, smem = sm90_ptxas(kern, meta, sig_of, warps, stages)
+            print(f"{kind:5s} {a}x{b} w{warps} s{stages}: smem={smem} B | {info}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

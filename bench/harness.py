@@ -324,6 +324,41 @@ def backend_provider(op: str, backend: str, device: str, make: Callable[[Case], 
     return setup
 
 
+def sm90_ptxas(kern, constexprs: dict, sig_of: Callable[[str], str], warps: int, stages: int) -> tuple[str, int]:
+    """Compile the Triton JIT function ``kern`` for sm_90 without a GPU (triton's bundled ptxas) and return
+    (ptxas's register / spill report, shared memory bytes). ``constexprs`` fixes the constexpr arguments,
+    ``sig_of(name)`` gives each other argument's type ("*bf16", "i32", ...); pointers and strides get the
+    divisibility-by-16 hint the runtime gives them. Needs TRITON_INTERPRET unset (``--aot`` of the benches)."""
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise SystemExit("--aot needs TRITON_INTERPRET unset (the kernels must be JIT functions)")
+    names = kern.arg_names
+    sig = {n: "constexpr" if n in constexprs else sig_of(n) for n in names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if sig[n].startswith("*") or n.startswith("stride")}
+    src = ASTSource(fn=kern, signature=sig, constexprs={(names.index(k),): v for k, v in constexprs.items()},
+                    attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps,
+                                                                                "num_stages": stages})
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(compiled.asm["ptx"])
+    try:
+        r = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True, text=True,
+                           check=True)
+    finally:
+        os.unlink(f.name)
+    info = "; ".join(line.split(":", 1)[-1].strip() for line in r.stderr.splitlines()
+                     if "registers" in line or "spill" in line)
+    return info, compiled.metadata.shared
+
+
 def matmul_floor_columns(device: str) -> Callable[[Case, dict], dict] | None:
     """Measure the bf16 matmul rate now and return ``extra_columns`` giving each row's time over the matmul floor
     of its case's FLOPs (``floor_ms``, ``x_floor``); None without a GPU."""
