@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import platform
@@ -44,6 +45,18 @@ def device_name(device: str) -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
+@functools.cache
+def _git_commit() -> str | None:
+    """The checkout's short commit, looked up once per process (results are rewritten after every row)."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+    except Exception:
+        commit = ""
+    return commit or None
+
+
 def environment(device: str) -> dict:
     try:
         import triton
@@ -51,12 +64,6 @@ def environment(device: str) -> dict:
         triton_version = triton.__version__
     except Exception:
         triton_version = None
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-    except Exception:
-        commit = ""
     return {
         "date": datetime.date.today().isoformat(),
         "time": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -65,7 +72,7 @@ def environment(device: str) -> dict:
         "torch": torch.__version__,
         "triton": triton_version,
         "cuda": torch.version.cuda,
-        "commit": commit or None,
+        "commit": _git_commit(),
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
     }
 
