@@ -246,20 +246,7 @@ def test_cross_entropy_fp16_within_twice_torch_fp16_error(monkeypatch, fp32_dw):
         monkeypatch.setattr(chunked, "_FP32_DW_MAX_BYTES", 0)
     hidden, weight, _, targets = CE.make(1025, 96, 4097, "some", -100, False, seed=3)
     assert chunked.dweight_dtype(weight.half()) == (torch.float32 if fp32_dw else torch.float16)
-
-    def run(fn, h, w):
-        h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
-        loss = fn(h, w)
-        loss.backward()
-        return loss.double(), h.grad.double(), w.grad.double()
-
-    want = run(lambda h, w: F.cross_entropy(h @ w.T, targets), hidden, weight)
-    plain = run(lambda h, w: F.cross_entropy((h @ w.T).float(), targets), hidden.half(), weight.half())
-    ours = run(lambda h, w: fused_linear_cross_entropy(h, w, targets, backend="triton"), hidden.half(),
-               weight.half())
-    for name, o, p, w in zip(("loss", "d hidden", "d weight"), ours, plain, want, strict=True):
-        err_ours, err_plain = (o - w).abs().max().item(), (p - w).abs().max().item()
-        assert err_ours <= 2 * err_plain + 1e-6 * w.abs().max().item(), (name, err_ours, err_plain)
+    CE.low_precision_rule(hidden, weight, targets, torch.float16, "triton", atol_rel=1e-6)
 
 
 def test_bad_impl_env_var_names_it(monkeypatch):
@@ -410,32 +397,7 @@ def test_gpu_bf16_grpo_within_twice_torch_bf16_error(monkeypatch, impl_name):
     monkeypatch.setenv(chunked.ENV_IMPL, impl_name)
     monkeypatch.setattr(chunked, "_MAX_CHUNK_ROWS", 1024)
     monkeypatch.setattr(chunked, "_FP32_DW_MAX_BYTES", 0)
-    n, h, v = 4096, 2560, 151936
-    torch.manual_seed(0)
-    dev = "cuda"
-    h32 = torch.randn(n, h, device=dev)
-    w32 = torch.randn(v, h, device=dev) / h**0.5
-    targets = torch.randint(0, v, (n,), device=dev)
-    adv = torch.randn(n, device=dev)
-    mask = torch.rand(n, device=dev) < 0.8
-    with torch.no_grad():
-        old = torch.log_softmax(h32 @ w32.T, -1).gather(1, targets[:, None])[:, 0] + 0.1 * torch.randn(n, device=dev)
-
-    def grads(fn, hh, ww):
-        hh, ww = hh.detach().clone().requires_grad_(), ww.detach().clone().requires_grad_()
-        loss, logp = fn(hh, ww)
-        loss.backward()
-        return loss.float(), logp.float(), hh.grad.float(), ww.grad.float()
-
-    want = grads(lambda a, b: G._eager(a, b, targets, adv, old, mask, None, True), h32, w32)
-    plain = grads(lambda a, b: G._eager(a, b, targets, adv, old, mask, None, True), h32.bfloat16(), w32.bfloat16())
-    ours = grads(lambda a, b: fused_linear_grpo_loss(a, b, targets, adv, old_logprobs=old, loss_mask=mask,
-                                                     aggregation="token_mean", backend="triton")[:2],
-                 h32.bfloat16(), w32.bfloat16())
-    for name, o, p, w in zip(("loss", "logprobs", "d hidden", "d weight"), ours, plain, want, strict=True):
-        err_ours = (o - w).abs().max().item()
-        err_plain = (p - w).abs().max().item()
-        assert err_ours <= 2 * err_plain + 1e-5 * w.abs().max().item(), (name, err_ours, err_plain)
+    G.bf16_rule(4096, 2560, 151936)
 
 
 @pytest.mark.gpu

@@ -8,6 +8,7 @@ import torch
 
 from r4b.kernels import _fused_linear_chunked as chunked
 from r4b.kernels import available_backends, fused_linear_logprobs, fused_linear_logprobs_ref
+from tests._lowprec import assert_within_twice_plain
 
 OP = "fused_linear_logprobs"
 BACKENDS = available_backends(OP, "cpu")
@@ -115,8 +116,7 @@ def test_bf16_within_twice_torch_bf16_error():
     hb, wb = hidden.bfloat16(), weight.bfloat16()
     plain = torch.log_softmax((hb @ wb.T).float(), -1).gather(1, targets[:, None])[:, 0]
     ours = fused_linear_logprobs(hb, wb, targets, backend="triton")
-    err_ours, err_plain = (ours - want).abs().max().item(), (plain - want).abs().max().item()
-    assert err_ours <= 2 * err_plain + 1e-5 * want.abs().max().item(), (err_ours, err_plain)
+    assert_within_twice_plain([ours], [plain], [want], ["logprobs"], atol_rel=1e-5)
 
 
 def test_impl_selects_the_kernels(impl, monkeypatch):
