@@ -147,12 +147,17 @@ def test_bad_messages_raise(tok):
         tok.apply_chat_template([{"role": "user", "content": [{"type": "video"}]}])
 
 
+def _tiny_r4b_config() -> R4BConfig:
+    """A one-layer R-4B config (image token 5) for the image-token tests."""
+    return R4BConfig(text_config=Qwen3Config(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                             num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+                     vision_config=SiglipConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                                num_attention_heads=2, image_size=28, patch_size=7),
+                     image_token_index=5, image_grid_pinpoints=PINPOINTS)
+
+
 def test_image_parts_expand_to_model_token_count():
-    cfg = R4BConfig(text_config=Qwen3Config(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
-                                            num_attention_heads=4, num_key_value_heads=2, head_dim=16),
-                    vision_config=SiglipConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                               num_attention_heads=2, image_size=28, patch_size=7),
-                    image_token_index=5, image_grid_pinpoints=PINPOINTS)
+    cfg = _tiny_r4b_config()
     tok = ChatTokenizer.demo(model_config=cfg)
     img = torch.zeros(3, 40, 70, dtype=torch.uint8)
     msgs = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "Describe."}]}]
@@ -224,11 +229,7 @@ def test_demo_tokenizer_is_reproducible(tmp_path):
 def test_chat_encoding_runs_through_the_model():
     from r4b.engine.model import R4BForConditionalGeneration, last_rows
 
-    cfg = R4BConfig(text_config=Qwen3Config(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
-                                            num_attention_heads=4, num_key_value_heads=2, head_dim=16),
-                    vision_config=SiglipConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                               num_attention_heads=2, image_size=28, patch_size=7),
-                    image_token_index=5, image_grid_pinpoints=PINPOINTS)
+    cfg = _tiny_r4b_config()
     torch.manual_seed(0)
     model = R4BForConditionalGeneration(cfg).eval()
     tok = ChatTokenizer.demo(model_config=cfg)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from r4b.kernels import available_backends, fused_linear_grpo_loss, fused_linear_grpo_loss_ref
+from tests._aot import run_aot_report
 from tests._lowprec import assert_within_twice_plain
 
 OP = "fused_linear_grpo_loss"
@@ -357,18 +358,5 @@ def test_kernels_compile_for_sm90():
     """The interpreter cannot catch what only the GPU compiler rejects: compile the forward and backward kernels
     with the GPU tile configs for sm_90 (triton's bundled ptxas, no GPU needed) in a process without
     TRITON_INTERPRET."""
-    import os
-    import pathlib
-    import subprocess
-    import sys
-
-    import triton
-
-    if not (pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
-        pytest.skip("this triton wheel has no bundled ptxas")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = pathlib.Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, "-m", "bench.bench_grpo_loss", "--aot"], cwd=root, env=env,
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert sum("registers" in line for line in r.stdout.splitlines()) == 9, r.stdout  # 6 tiled + 3 chunked rows
+    out = run_aot_report("bench.bench_grpo_loss")
+    assert sum("registers" in line for line in out.splitlines()) == 9, out  # 6 tiled + 3 chunked rows

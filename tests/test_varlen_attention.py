@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from r4b.kernels import varlen_attention, varlen_attention_ref
+from tests._aot import run_aot_report
 from tests._lowprec import assert_within_twice_plain
 
 
@@ -219,22 +220,8 @@ def test_varlen_attention_many_short_and_one_long_gpu():
 def test_varlen_attention_kernels_compile_for_sm90():
     # No GPU needed: the interpreter does not catch what only the compiler rejects (non-constexpr globals,
     # loop-carried type changes, dot shapes); compile fwd, dQ and dK/dV for sm_90 with triton's own ptxas.
-    import os
-    import pathlib
-    import subprocess
-    import sys
-
-    import triton
-
-    ptxas = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    if not ptxas.exists():
-        pytest.skip("this triton wheel has no bundled ptxas")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = pathlib.Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, "-m", "bench.bench_varlen_attention", "--aot-first"], cwd=root, env=env,
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert all(f"{kind} " in r.stdout for kind in ("fwd", "dq", "dkdv")), r.stdout
+    out = run_aot_report("bench.bench_varlen_attention", "--aot-first")
+    assert all(f"{kind} " in out for kind in ("fwd", "dq", "dkdv")), out
 
 
 def test_double_backward_raises_on_the_triton_path():
