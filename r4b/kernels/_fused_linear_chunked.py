@@ -12,8 +12,7 @@ For each chunk of C rows:
 3. ``dhidden_c = dz @ weight`` (one GEMM) and ``dweight += dz.T @ hidden_c`` (one GEMM, ``addmm`` into an
    accumulator), ``dbias += dz.sum(0)`` in fp32.
 
-The backward only scales the saved gradients by the incoming scalar ``grad_output``. Rows with ``c_i = 0``
-(masked tokens) still cost their share of the GEMMs but give exactly zero gradient.
+The backward only hands the gradients over, scaled by the incoming scalar ``grad_output`` when it is not 1.
 
 Chunk size: at most ``_CHUNK_BYTES`` (1 GiB) of ``z``, chunks balanced; at N=16384, H=2560, V=151936, bf16 that
 is 5 chunks of 3328 rows (the last 3072). A first guess from GEMM shapes and the memory budget, to be tuned on
@@ -268,21 +267,21 @@ def _chunk_loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Te
     logp = torch.empty(n, dtype=torch.float32, device=dev)
     c = torch.empty(n, dtype=torch.float32, device=dev)
     need_any = need_dh or need_dw or need_db
-    dh = (torch.empty if not _SKIP_ZERO_ROWS else torch.zeros)(n, h, dtype=hidden.dtype, device=dev) \
-        if need_dh else None
-    dw = torch.zeros(v, h, dtype=dweight_dtype(weight), device=dev) if need_dw else None
-    db = torch.zeros(v, dtype=torch.float32, device=dev) if need_db else None
-    if n == 0:
-        return logp, c, dh, dw, db
     perm = None
     n_grad = n if need_any else 0
-    if need_any and _SKIP_ZERO_ROWS:
+    if n > 0 and need_any and _SKIP_ZERO_ROWS:
         active = _grad_rows(targets, w, adv, v, ref is not None and beta > 0, mode)
         n_grad = int(active.sum())  # host sync
         if 0 < n_grad < n:  # rows with a gradient first, the others after, each group in its original order
             perm = torch.argsort((~active).to(torch.int8), stable=True)
             hidden, targets, w = hidden[perm], targets[perm], w[perm]
             adv, old, ref = (None if x is None else x[perm] for x in (adv, old, ref))
+    # dhidden rows of skipped rows are never written: zeros then, otherwise every row is written
+    dh = (torch.zeros if n_grad < n else torch.empty)(n, h, dtype=hidden.dtype, device=dev) if need_dh else None
+    dw = torch.zeros(v, h, dtype=dweight_dtype(weight), device=dev) if need_dw else None
+    db = torch.zeros(v, dtype=torch.float32, device=dev) if need_db else None
+    if n == 0:
+        return logp, c, dh, dw, db
     logp_p = logp if perm is None else torch.empty_like(logp)
     c_p = c if perm is None else torch.empty_like(c)
     step = chunk_rows(n, v, hidden.element_size())
