@@ -1,15 +1,23 @@
 #!/usr/bin/env bash
 # The one prepared script for a GPU machine (no internet; torch, triton, pybind11, cmake, ninja already there):
-# builds r4b._C with CUDA, runs the GPU tests, runs every bench, and prints a short summary table last.
-#   bash bench/gpu_check.sh            (results under bench/results/<date>-<gpu>/, logs and copies under $OUT)
-# The whole run keeps to R4B_CHECK_BUDGET seconds (default 540, under the device tool's 600 s per command):
-# every step's time limit is cut to what is left, minus a reserve for the summary, so the table always prints.
+# builds r4b._C with CUDA, runs the GPU tests, runs the benches, and prints a short summary table last.
+#   bash bench/gpu_check.sh [all|issues|rest]     (results under bench/results/<date>-<gpu>/, logs under $OUT)
+# Phases, so that one lease can be used as two back-to-back calls on the same warm machine:
+#   issues: the loss and packed-sequence kernels (fused GRPO / CE / log-probs, varlen attention, norms, model):
+#           their GPU tests while r4b._C builds in the background, then their benches;
+#   rest:   the r4b._C ops (group advantages, pack) and the peer attention backends: tests and benches
+#           (builds r4b._C first if the issues phase did not leave it built on this machine);
+#   all:    both (default).
+# The run keeps to R4B_CHECK_BUDGET seconds (default 540, under the device tool's 600 s per command): every
+# step's time limit is cut to what is left, minus a reserve for the summary, so the table always prints.
 # Peers: `make gpu-wheels` (here, with internet) puts liger-kernel's wheel in .whl/; carry ".whl" to the GPU
 # machine and this script installs it to /tmp/site first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 export TRITON_PRINT_AUTOTUNING=1  # each autotuned kernel prints its best config (tuning data for the next run)
+PHASE=${1:-all}
+case "$PHASE" in all|issues|rest) ;; *) echo "gpu_check.sh: phase must be all, issues or rest, got '$PHASE'"; exit 2;; esac
 PY=${PY:-python3}
 LOGS=${OUT:-/tmp/r4b-gpu-check}
 mkdir -p "$LOGS"
@@ -20,8 +28,9 @@ step() { echo; echo "== $1 ($(date +%T), $(( $(date +%s) - START )) s in)"; }
 # limit LIMIT: the step's own limit, cut to the time left before the reserve (at least 1 s)
 limit() { local left=$(( BUDGET - RESERVE - ($(date +%s) - START) )); local l=$(( $1 < left ? $1 : left ));
           echo $(( l > 1 ? l : 1 )); }
+has_cuda_ops() { $PY -c "import r4b._C as C, sys; sys.exit(0 if C.cuda_ops() else 1)" 2>/dev/null; }
 
-step "machine"
+step "machine (phase $PHASE)"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader || true
 $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -29,31 +38,65 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 
-step "build r4b._C with CUDA"
+build_rc=skipped
+build_pid=""
 build_start=$(date +%s)
-R4B_BUILD_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} timeout "$(limit 240)" $PY -m pip install -e . --no-build-isolation \
-  --no-deps -q >"$LOGS/build.log" 2>&1
-build_rc=$?
-tail -n 25 "$LOGS/build.log"
-echo "build rc=$build_rc in $(( $(date +%s) - build_start )) s"
-$PY -c "import r4b._C as C; print('cuda ops:', C.cuda_ops())" || true
+start_build() {  # CUDA build of r4b._C, logged to build.log; its rc lands in build.rc
+  ( R4B_BUILD_CUDA=1 MAX_JOBS=${MAX_JOBS:-12} timeout "$(limit 240)" $PY -m pip install -e . --no-build-isolation \
+      --no-deps -q >"$LOGS/build.log" 2>&1; echo $? >"$LOGS/build.rc" ) &
+  build_pid=$!
+}
+finish_build() {
+  [ -z "$build_pid" ] && return
+  wait "$build_pid"
+  build_rc=$(cat "$LOGS/build.rc" 2>/dev/null || echo "?")
+  step "build r4b._C with CUDA: rc=$build_rc in $(( $(date +%s) - build_start )) s"
+  tail -n 25 "$LOGS/build.log"
+  $PY -c "import r4b._C as C; print('cuda ops:', C.cuda_ops())" || true
+  build_pid=""
+}
+if [ "$PHASE" = rest ] && has_cuda_ops; then
+  echo "r4b._C with CUDA ops already built on this machine"
+else
+  step "build r4b._C with CUDA (in the background)"
+  start_build
+fi
 
-step "GPU tests"
-# no -x: every failing GPU test is reported; --durations shows where the time goes (to size the next run);
-# the open issues' kernels first (a cut run keeps them), then the rest of tests/ (pytest skips repeated files)
-first="tests/test_fused_linear_chunked.py tests/test_fused_linear_grpo_loss.py tests/test_varlen_attention.py
-       tests/test_rms_norm.py tests/test_rope.py tests/test_swiglu.py"
+# GPU tests: no -x (every failing test is reported); --durations shows where the time goes (to size the next
+# run); a per-test timeout so one hung test cannot take the step
 per_test=""
-$PY -c "import pytest_timeout" 2>/dev/null && per_test="--timeout=90"  # one hung test cannot take it all
-timeout "$(limit 200)" $PY -m pytest -q -m gpu -rfE --durations=12 -p no:cacheprovider $per_test $first tests 2>&1 \
-  | tee "$LOGS/pytest_gpu.log" | tail -n 45
-test_rc=${PIPESTATUS[0]}
+$PY -c "import pytest_timeout" 2>/dev/null && per_test="--timeout=90"
+gpu_tests() {  # gpu_tests LIMIT LOGNAME FILES...
+  local lim=$1 log=$2; shift 2
+  timeout "$(limit "$lim")" $PY -m pytest -q -m gpu -rfE --durations=12 -p no:cacheprovider $per_test "$@" 2>&1 \
+    | tee "$LOGS/$log" | tail -n 45
+  return "${PIPESTATUS[0]}"
+}
+issue_tests="tests/test_fused_linear_chunked.py tests/test_fused_linear_grpo_loss.py tests/test_varlen_attention.py
+             tests/test_rms_norm.py tests/test_rope.py tests/test_swiglu.py tests/test_fused_linear_cross_entropy.py
+             tests/test_fused_linear_logprobs.py tests/test_model_qwen3.py"
+rest_tests="tests/test_group_advantages.py tests/test_pack.py tests/test_varlen_attention_peers.py"
+test_rc=0
+if [ "$PHASE" != rest ]; then
+  step "GPU tests: loss and packed-sequence kernels, model (r4b._C builds meanwhile)"
+  gpu_tests 170 pytest_gpu.log $issue_tests || test_rc=$?
+fi
+finish_build  # benches time with the machine to themselves, and the rest needs r4b._C
+if [ "$PHASE" != issues ]; then
+  step "GPU tests: r4b._C ops, peer attention backends"
+  gpu_tests 90 pytest_gpu_rest.log $rest_tests || test_rc=$?
+fi
 
 step "benches"
 # one time limit per bench (seconds, cut to what is left), so a slow one (torch.compile warm-up) cannot starve
 # the others; each bench writes its rows as it goes. Issue order: the GRPO loss and varlen attention first.
+case "$PHASE" in
+  issues) specs="grpo_loss:130 varlen_attention:110 norms:45 grpo_rows:30" ;;
+  rest) specs="fused_linear:60 group_advantages:25 pack:30" ;;
+  all) specs="grpo_loss:130 varlen_attention:110 norms:45 grpo_rows:30 fused_linear:60 group_advantages:25 pack:30" ;;
+esac
 bench_rc=0
-for spec in grpo_loss:120 varlen_attention:100 norms:40 grpo_rows:25 fused_linear:60 group_advantages:20 pack:30; do
+for spec in $specs; do
   name=${spec%%:*}; lim=$(limit "${spec##*:}")
   if [ "$lim" -le 5 ]; then echo "bench $name: no time left"; bench_rc=124; continue; fi
   timeout "$lim" $PY -m bench "$name" 2>&1 | tee -a "$LOGS/bench.log" | grep -v "^$" | tail -n 40
@@ -63,4 +106,4 @@ done
 
 step "summary"
 $PY -m bench.summary --latest --copy-to "$LOGS"
-echo "build rc=$build_rc  gpu tests rc=$test_rc  benches rc=$bench_rc  total $(( $(date +%s) - START )) s"
+echo "phase $PHASE: build rc=$build_rc  gpu tests rc=$test_rc  benches rc=$bench_rc  total $(( $(date +%s) - START )) s"

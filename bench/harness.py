@@ -87,8 +87,17 @@ def time_fn(fn: Callable[[], object], device: str, *, quick: bool = False) -> tu
     if device == "cuda":
         import triton.testing
 
-        q = triton.testing.do_bench(fn, warmup=25 if not quick else 5, rep=100 if not quick else 20,
-                                    quantiles=[0.5, 0.2, 0.8])
+        # do_bench repeats for `rep` milliseconds: at 100 ms a 60 ms loss would be timed once, so a long call
+        # gets about 10 repetitions (at most 3 s of them) from an estimate of one warm call
+        rep = 20 if quick else 100
+        if not quick:
+            fn()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            rep = min(max(rep, 10 * (time.perf_counter() - t0) * 1e3), 3000)
+        q = triton.testing.do_bench(fn, warmup=25 if not quick else 5, rep=rep, quantiles=[0.5, 0.2, 0.8])
         return float(q[0]), float(q[1]), float(q[2])
     fn()  # warm-up (compilation, caches)
     times: list[float] = []
