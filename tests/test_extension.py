@@ -35,6 +35,19 @@ def test_extension_is_built_with_cpu_kernels():
     assert hasattr(torch.ops.r4b, "group_advantages")
 
 
+def test_extension_imports_before_torch():
+    """`import r4b._C` in a fresh interpreter that has not imported torch finds libc10 / libtorch by the module's
+    run path (an editable install has no torch/lib beside it; seen failing on the H100 machine)."""
+    from r4b import _C
+
+    code = "import r4b._C as C; print(sorted(C.cpu_ops()))"
+    env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(_C.__file__).parents[1],
+                         env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "group_advantages" in res.stdout
+
+
 def test_there_are_cuda_sources():
     assert CU_FILES, "csrc/ should hold the CUDA kernels"
 

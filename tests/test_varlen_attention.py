@@ -27,11 +27,11 @@ def _attention64(q, k, v, lens, causal, scale):
         start += L
         if L == 0:
             continue
-        kh = k[sl][:, torch.arange(Hq) // group]  # (L, Hq, D)
-        vh = v[sl][:, torch.arange(Hq) // group]  # (L, Hq, D)
+        kh = k[sl][:, torch.arange(Hq, device=q.device) // group]  # (L, Hq, D)
+        vh = v[sl][:, torch.arange(Hq, device=q.device) // group]  # (L, Hq, D)
         s = torch.einsum("ihd,jhd->hij", q[sl], kh) * scale  # (Hq, L, L)
         if causal:
-            s = s.masked_fill(torch.ones(L, L, dtype=torch.bool).triu(1), float("-inf"))
+            s = s.masked_fill(torch.ones(L, L, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
         out[sl] = torch.einsum("hij,jhd->ihd", s.softmax(-1), vh)
     return out
 
