@@ -4,7 +4,7 @@
 #   bash bench/gpu_check.sh [all|issues|rest]     (results under bench/results/<date>-<gpu>/, logs under $OUT)
 # Phases, so that one lease can be used as two back-to-back calls on the same warm machine:
 #   issues: the loss and packed-sequence kernels (fused GRPO / CE / log-probs, varlen attention, norms, model):
-#           their GPU tests while r4b._C builds in the background, then their benches;
+#           their GPU tests, then their benches;
 #   rest:   the r4b._C ops (group advantages, pack) and the peer attention backends: tests and benches
 #           (builds r4b._C first if the issues phase did not leave it built on this machine);
 #   all:    both (default).
@@ -38,28 +38,25 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 
+# CUDA build of r4b._C (for this GPU's architecture only: half the compile time of "80;90"), before the tests:
+# on 2026-11-26 (H100) a build running in the background beside the GPU tests coincided with a test step that
+# stopped making progress for 150 s, and benches need the machine to themselves anyway
 build_rc=skipped
-build_pid=""
-build_start=$(date +%s)
-start_build() {  # CUDA build of r4b._C, logged to build.log; its rc lands in build.rc
-  ( R4B_BUILD_CUDA=1 MAX_JOBS=${MAX_JOBS:-12} timeout "$(limit 240)" $PY -m pip install -e . --no-build-isolation \
-      --no-deps -q >"$LOGS/build.log" 2>&1; echo $? >"$LOGS/build.rc" ) &
-  build_pid=$!
-}
-finish_build() {
-  [ -z "$build_pid" ] && return
-  wait "$build_pid"
-  build_rc=$(cat "$LOGS/build.rc" 2>/dev/null || echo "?")
-  step "build r4b._C with CUDA: rc=$build_rc in $(( $(date +%s) - build_start )) s"
+build() {
+  local arch build_start=$(date +%s)
+  arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n1 | tr -d ' .')
+  step "build r4b._C with CUDA (sm_${arch:-80;90})"
+  R4B_BUILD_CUDA=1 R4B_CUDA_ARCHS=${R4B_CUDA_ARCHS:-${arch:-80;90}} MAX_JOBS=${MAX_JOBS:-16} \
+    timeout "$(limit 240)" $PY -m pip install -e . --no-build-isolation --no-deps -q >"$LOGS/build.log" 2>&1
+  build_rc=$?
   tail -n 25 "$LOGS/build.log"
+  echo "build rc=$build_rc in $(( $(date +%s) - build_start )) s"
   $PY -c "import r4b._C as C; print('cuda ops:', C.cuda_ops())" || true
-  build_pid=""
 }
 if [ "$PHASE" = rest ] && has_cuda_ops; then
   echo "r4b._C with CUDA ops already built on this machine"
 else
-  step "build r4b._C with CUDA (in the background)"
-  start_build
+  build
 fi
 
 # GPU tests: no -x (every failing test is reported); --durations shows where the time goes (to size the next
@@ -68,8 +65,9 @@ per_test=""
 $PY -c "import pytest_timeout" 2>/dev/null && per_test="--timeout=90"
 gpu_tests() {  # gpu_tests LIMIT LOGNAME FILES...
   local lim=$1 log=$2; shift 2
-  timeout "$(limit "$lim")" $PY -m pytest -q -m gpu -rfE --durations=12 -p no:cacheprovider $per_test "$@" 2>&1 \
-    | tee "$LOGS/$log" | tail -n 45
+  # -v: one line per test, so a step cut at its limit shows where it stopped
+  timeout "$(limit "$lim")" $PY -m pytest -v --tb=short -m gpu -rfE --durations=12 -p no:cacheprovider $per_test \
+    "$@" 2>&1 | tee "$LOGS/$log" | grep -v "PASSED\|SKIPPED" | tail -n 45
   return "${PIPESTATUS[0]}"
 }
 issue_tests="tests/test_fused_linear_chunked.py tests/test_fused_linear_grpo_loss.py tests/test_varlen_attention.py
@@ -78,10 +76,9 @@ issue_tests="tests/test_fused_linear_chunked.py tests/test_fused_linear_grpo_los
 rest_tests="tests/test_group_advantages.py tests/test_pack.py tests/test_varlen_attention_peers.py"
 test_rc=0
 if [ "$PHASE" != rest ]; then
-  step "GPU tests: loss and packed-sequence kernels, model (r4b._C builds meanwhile)"
+  step "GPU tests: loss and packed-sequence kernels, model"
   gpu_tests 170 pytest_gpu.log $issue_tests || test_rc=$?
 fi
-finish_build  # benches time with the machine to themselves, and the rest needs r4b._C
 if [ "$PHASE" != issues ]; then
   step "GPU tests: r4b._C ops, peer attention backends"
   gpu_tests 90 pytest_gpu_rest.log $rest_tests || test_rc=$?
