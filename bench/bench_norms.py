@@ -99,19 +99,83 @@ def providers(device: str) -> dict:
     return {"torch eager": eager, "r4b triton": r4b, "torch.compile": compiled}
 
 
+def aot_report() -> list[str]:
+    """Compile the small ops' Triton kernels for sm_90 at the bench shapes with the launchers' own block sizes
+    and warps (no GPU: triton's bundled ptxas) and print registers / spills and the global loads and stores by
+    width: a bf16 tile read element by element (``ld.global.b16``) instead of in 16-byte vectors
+    (``ld.global.v4.b32``) costs about a third of the bandwidth (swiglu, 2026-11-26)."""
+    import importlib
+
+    from bench.harness import global_memory_ops, sm90_compile, sm90_ptxas
+
+    rms = importlib.import_module("r4b.kernels.rms_norm")
+    rope = importlib.import_module("r4b.kernels.rope")
+    swi = importlib.import_module("r4b.kernels.swiglu")
+
+    def sig(bf16: tuple[str, ...], fp32: tuple[str, ...] = (), i64: tuple[str, ...] = (), f32_scalars=("eps",)):
+        def of(n: str) -> str:
+            if n in bf16:
+                return "*bf16"
+            if n in fp32:
+                return "*fp32"
+            if n in i64:
+                return "*i64"
+            return "fp32" if n in f32_scalars else "i32"
+
+        return of
+
+    jobs = []
+    for D in (2560, 128):
+        bd, bm, w = rms._blocks(D)
+        meta = {"D": D, "BLOCK_D": bd, "BLOCK_M": bm}
+        rsig = sig(("X", "W", "Y", "DY", "DX"), ("RSTD", "DW_PART"))
+        jobs.append((f"rms_norm fwd D={D}", rms._rms_fwd_kernel, meta, rsig, w, ()))
+        jobs.append((f"rms_norm bwd D={D}", rms._rms_bwd_kernel, meta, rsig, rms._bwd_warps(bd, w), ()))
+    for H in (32, 8):
+        bh, bhd, bt = rope._blocks(H, 128)
+        meta = {"HALF": 64, "BLOCK_HALF": bh, "BLOCK_H": bhd, "BLOCK_T": bt, "INVERSE": False}
+        jobs.append((f"rope H={H} D=128", rope._rope_kernel, meta, sig(("X", "Y"), ("INV_FREQ",), ("POS",)), 4,
+                     ("H",) if H % 16 == 0 else ()))
+    bm, bn = swi._grid_blocks(9728)
+    ssig = sig(("G", "U", "Y", "DY", "DG", "DU"))
+    # integer arguments the launchers leave specialised get the runtime's divisibility-by-16 hint at these shapes
+    jobs.append(("swiglu fwd I=9728", swi._swiglu_fwd_kernel, {"BLOCK_M": bm, "BLOCK_N": bn}, ssig, 4, ("n_cols",)))
+    jobs.append(("swiglu bwd I=9728", swi._swiglu_bwd_kernel, {"BLOCK_M": bm, "BLOCK_N": bn}, ssig, 4, ("n_cols",)))
+    lines = []
+    for label, kern, meta, sig_of, warps, divisible in jobs:
+        # an argument in a kernel's do_not_specialize never gets the hint at run time: none here either
+        divisible = tuple(n for n in divisible if n not in (kern.do_not_specialize or ()))
+        info, _ = sm90_ptxas(kern, meta, sig_of, warps, 1, divisible)
+        ops = global_memory_ops(sm90_compile(kern, meta, sig_of, warps, 1, divisible).asm["ptx"])
+        line = f"{label} warps={warps}: {info} | global memory ops {ops}"
+        print(line, flush=True)
+        lines.append(line)
+    return lines
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     argv = argv or []
+    if "--aot" in argv:
+        aot_report()
+        return []
     device = default_device()
     quick = "--quick" in argv or device == "cpu"
     copy = copy_bandwidth_gbps(device)  # the ceiling, measured in this run
-    extra = lambda case, row: {"copy_gbps": copy, "pct_of_copy": 100 * row["gbps"] / copy} if copy else {}
+    def extra(case, row):  # % of the copy bandwidth, also for the CUDA-graph replay time (no launch cost)
+        if not copy:
+            return {}
+        out = {"copy_gbps": copy, "pct_of_copy": 100 * row["gbps"] / copy}
+        if row.get("graph_gbps"):
+            out["pct_of_copy_graph"] = 100 * row["graph_gbps"] / copy
+        return out
+
     # two passes: every case's r4b row first (the target: % of copy bandwidth), then torch.compile's rows, whose
     # compile time would otherwise hold up the r4b rows of the later cases when a time limit cuts the run
     # (torch.compile of the eager reference is not result-checked)
     provs = providers(device)
     first = {k: provs[k] for k in ("torch eager", "r4b triton")}
     rows = run_bench("norms", cases(quick), first, device=device, quick=quick, extra_columns=extra,
-                     check_tol=CHECK_TOL[device])
+                     check_tol=CHECK_TOL[device], graph=True)
     return run_bench("norms", cases(quick), {"torch.compile": provs["torch.compile"]}, device=device, quick=quick,
                      extra_columns=extra, prior_rows=rows)
 

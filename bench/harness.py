@@ -112,6 +112,25 @@ def time_fn(fn: Callable[[], object], device: str, *, quick: bool = False) -> tu
     return statistics.median(times), pick(0.2), pick(0.8)
 
 
+def graph_time_ms(fn: Callable[[], object], *, quick: bool = False) -> float:
+    """Median milliseconds of one replay of ``fn`` captured in a CUDA graph (warmed up on a side stream first,
+    as torch.cuda.graph requires; autograd's backward is captured too)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    try:
+        return time_fn(g.replay, "cuda", quick=quick)[0]
+    finally:
+        del g
+        torch.cuda.empty_cache()
+
+
 def peak_memory_gib(fn: Callable[[], object], device: str) -> float | None:
     """Peak GPU memory allocated during one call, above what was allocated before it (None on the CPU)."""
     if device != "cuda":
@@ -186,6 +205,7 @@ def run_bench(
     check_tol: float | None = None,
     write: bool = True,
     prior_rows: list[dict] | None = None,
+    graph: bool = False,
 ) -> list[dict]:
     """Time every provider on every case; return the rows and write JSON + markdown + PNG.
 
@@ -196,6 +216,10 @@ def run_bench(
     unlike work; it is a guard of the bench, not the kernels' correctness test (tests/ do that).
 
     ``prior_rows`` (rows of an earlier pass of the same op) come first in the returned rows and the files.
+
+    With ``graph`` (GPU only), each call is also captured in a CUDA graph and its replays timed: ``graph_ms`` and
+    ``graph_gbps`` are the GPU's time without the host's launch cost, which for a sub-millisecond op can be most
+    of ``ms`` (``graph_error`` says why a provider could not be captured).
     """
     rows: list[dict] = list(prior_rows or [])
     for case in cases:
@@ -217,6 +241,12 @@ def run_bench(
                 row.update(ms=ms, ms_p20=p20, ms_p80=p80, peak_mem_gib=peak_memory_gib(fn, device))
                 row["tflops"] = case.flops / ms / 1e9 if case.flops else None
                 row["gbps"] = case.bytes / ms / 1e6 if case.bytes else None
+                if graph and device == "cuda":
+                    try:
+                        gms = graph_time_ms(fn, quick=quick)
+                        row.update(graph_ms=gms, graph_gbps=case.bytes / gms / 1e6 if case.bytes else None)
+                    except Exception as ex:  # noqa: BLE001 - a provider that cannot be captured keeps its row
+                        row["graph_error"] = f"{type(ex).__name__}: {str(ex).splitlines()[0][:160] if str(ex) else ''}"
                 del fn
             except Skip as why:
                 row["skipped"] = str(why)
@@ -340,14 +370,13 @@ def backend_provider(op: str, backend: str, device: str, make: Callable[[Case], 
     return setup
 
 
-def sm90_ptxas(kern, constexprs: dict, sig_of: Callable[[str], str], warps: int, stages: int) -> tuple[str, int]:
-    """Compile the Triton JIT function ``kern`` for sm_90 without a GPU (triton's bundled ptxas) and return
-    (ptxas's register / spill report, shared memory bytes). ``constexprs`` fixes the constexpr arguments,
-    ``sig_of(name)`` gives each other argument's type ("*bf16", "i32", ...); pointers and strides get the
-    divisibility-by-16 hint the runtime gives them. Needs TRITON_INTERPRET unset (``--aot`` of the benches)."""
-    import subprocess
-    import tempfile
-
+def sm90_compile(kern, constexprs: dict, sig_of: Callable[[str], str], warps: int, stages: int,
+                 divisible: tuple[str, ...] = ()):
+    """Compile the Triton JIT function ``kern`` for sm_90 without a GPU and return triton's compiled kernel (its
+    ``asm["ptx"]``, ``metadata``). ``constexprs`` fixes the constexpr arguments, ``sig_of(name)`` gives each other
+    argument's type ("*bf16", "i32", ...); pointers and strides get the divisibility-by-16 hint the runtime gives
+    them, and so do the integers named in ``divisible`` (specialised arguments whose value at the shape of
+    interest is a multiple of 16); other integers none. Needs TRITON_INTERPRET unset."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -357,11 +386,32 @@ def sm90_ptxas(kern, constexprs: dict, sig_of: Callable[[str], str], warps: int,
     names = kern.arg_names
     sig = {n: "constexpr" if n in constexprs else sig_of(n) for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-             if sig[n].startswith("*") or n.startswith("stride")}
+             if sig[n].startswith("*") or n.startswith("stride") or n in divisible}
     src = ASTSource(fn=kern, signature=sig, constexprs={(names.index(k),): v for k, v in constexprs.items()},
                     attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps,
-                                                                                "num_stages": stages})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps,
+                                                                          "num_stages": stages})
+
+
+def global_memory_ops(ptx: str) -> dict[str, int]:
+    """How many of each global load / store instruction the PTX holds (``ld.global.v4.b32`` is a 16-byte vector
+    access, ``ld.global.b16`` a single bf16 element)."""
+    counts: dict[str, int] = {}
+    for op in re.findall(r"\b((?:ld|st)\.global[\w.]*)", ptx):
+        counts[op] = counts.get(op, 0) + 1
+    return counts
+
+
+def sm90_ptxas(kern, constexprs: dict, sig_of: Callable[[str], str], warps: int, stages: int,
+               divisible: tuple[str, ...] = ()) -> tuple[str, int]:
+    """Compile ``kern`` for sm_90 (:func:`sm90_compile`) and return (ptxas's register / spill report, shared
+    memory bytes), from triton's bundled ptxas."""
+    import subprocess
+    import tempfile
+
+    import triton
+
+    compiled = sm90_compile(kern, constexprs, sig_of, warps, stages, divisible)
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(compiled.asm["ptx"])

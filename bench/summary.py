@@ -22,7 +22,7 @@ def latest_dir() -> Path | None:
 
 def table(folder: Path) -> str:
     lines = [f"results: {folder}", f"{'op':<22} {'case':<34} {'provider':<22} {'ms':>9} {'TF/s':>7} {'GB/s':>7} "
-             f"{'GiB':>6} {'x r4b':>6} {'xfloor':>6} check"]
+             f"{'GiB':>6} {'x r4b':>6} {'xfloor':>6} {'%copy':>7} check"]
     for f in sorted(folder.glob("*.json")):
         data = json.loads(f.read_text())
         rows = data["rows"]
@@ -40,9 +40,14 @@ def table(folder: Path) -> str:
                 check = r.get("check", "")
                 if check and check != "ref":
                     check += f" {r['err']:.1e}"
+                # % of the copy bandwidth (small ops), "launched/graph-replayed" when the bench timed a CUDA graph
+                pct = r.get("pct_of_copy", r.get("pct_copy"))
+                pct_s = "" if pct is None else f"{pct:.0f}"
+                if r.get("pct_of_copy_graph") is not None:
+                    pct_s += f"/{r['pct_of_copy_graph']:.0f}"
                 lines.append(f"{r['op']:<22} {case:<34} {r['provider']:<22} {r['ms']:>9.3f} {fmt(r.get('tflops'), 7)} "
                              f"{fmt(r.get('gbps'), 7)} {fmt(r.get('peak_mem_gib'), 6)} {fmt(ratio, 6)} "
-                             f"{fmt(r.get('x_floor'), 6)} {check}".rstrip())
+                             f"{fmt(r.get('x_floor'), 6)} {pct_s:>7} {check}".rstrip())
         lines.append(f"  ({f.stem}: {env.get('device_name')}, torch {env.get('torch')}, commit {env.get('commit')})")
     return "\n".join(lines)
 

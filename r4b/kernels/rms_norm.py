@@ -6,6 +6,8 @@ the autograd Function and the public function.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -79,6 +81,17 @@ if _dispatch.triton_importable():
         num_warps = 4 if block_d * block_m <= 4096 else 8
         return block_d, block_m, num_warps
 
+    def _bwd_warps(block_d: int, warps: int) -> int:
+        """The backward's warps: wide rows (the hidden norm, D=2560) do two block-wide reductions per row in a
+        loop over rows, and 8 warps halve each one's serial part (128 -> 80 registers a thread, no spills, so 24
+        resident warps an SM instead of 16). TODO(GPU): fwd+bwd reached 38% of copy bandwidth with 4 warps on an
+        H100 (2026-11-26); time 8, and read the bench's CUDA-graph column (launch cost or kernel?)."""
+        return 8 if block_d >= 2048 and not _dispatch.triton_interpret() else warps
+
+    @functools.cache
+    def _sm_count(device: torch.device) -> int:
+        return torch.cuda.get_device_properties(device).multi_processor_count
+
     def _rows(t: Tensor, D: int) -> Tensor:
         """(N, D) view (or copy) with unit stride along D."""
         t2 = t.reshape(-1, D)  # (N, D)
@@ -110,12 +123,11 @@ if _dispatch.triton_importable():
             dy2 = _rows(dy, D)  # (N, D)
             dx = torch.empty((n, D), dtype=x2.dtype, device=x2.device)
             block_d, block_m, warps = _blocks(D)
-            if x2.device.type == "cuda":
-                nprog = torch.cuda.get_device_properties(x2.device).multi_processor_count * 4
-            else:
-                nprog = 4
+            warps = _bwd_warps(block_d, warps)
+            nprog = 4 * (_sm_count(x2.device) if x2.device.type == "cuda" else 1)
             nprog = max(1, min(nprog, triton.cdiv(n, block_m)))
-            dw_part = torch.zeros((nprog, block_d), dtype=torch.float32, device=x2.device)
+            # every program writes its whole partial row (zeros when it has no rows): no zero fill needed
+            dw_part = torch.empty((nprog, block_d), dtype=torch.float32, device=x2.device)
             if n > 0:
                 _rms_bwd_kernel[(nprog,)](
                     dy2, x2, weight, rstd, dx, dw_part, n, nprog * block_m, dy2.stride(0), x2.stride(0), dx.stride(0),
