@@ -172,6 +172,26 @@ def aot_report(first_only: bool = False) -> None:
             print(f"{kind:5s} {a}x{b} w{warps} s{stages}: smem={smem} B | {info}", flush=True)
 
 
+def autotune_timings(mode: str) -> dict:
+    """The varlen kernels' autotune results for the case just run: per kernel, the chosen config and every
+    config's median ms at the last key it tuned (forward for "fwd" cases, dQ and dK/dV for "fwd+bwd"); printed
+    and stored in the row, the data to prune or extend the config lists with."""
+    import importlib
+
+    va = importlib.import_module("r4b.kernels.varlen_attention")
+    kernels = {"fwd": va._fwd_tuned} if mode == "fwd" else {"dq": va._dq_tuned, "dkdv": va._dkdv_tuned}
+    out = {}
+    for name, tuned in kernels.items():
+        timings = getattr(tuned, "configs_timings", None) or {}
+        cfg = lambda c: f"M{c.kwargs.get('BLOCK_M')} N{c.kwargs.get('BLOCK_N')} w{c.num_warps} s{c.num_stages}"
+        t = {cfg(c): (ms[0] if isinstance(ms, (list, tuple)) else ms) for c, ms in timings.items()}
+        best = getattr(tuned, "best_config", None)
+        out[name] = {"best": cfg(best) if best is not None else None, "ms": t}
+        print(f"  autotune {name}: best {out[name]['best']}; " + ", ".join(f"{k} {v:.3f}" for k, v in t.items()),
+              flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     argv = argv or []
     if "--aot" in argv or "--aot-first" in argv:
@@ -180,7 +200,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = default_device()
     quick = "--quick" in argv or device == "cpu"
     mask_ms: dict[str, float] = {}
-    extra = lambda case, row: {"mask_build_ms": mask_ms[case.label]} if row["provider"] == "flex doc mask" else {}
+
+    def extra(case: Case, row: dict) -> dict:
+        if row["provider"] == "flex doc mask":
+            return {"mask_build_ms": mask_ms[case.label]}
+        if row["provider"] == "r4b triton" and device == "cuda":
+            return {"autotune": autotune_timings(case.params["mode"])}
+        return {}
+
     return run_bench("varlen_attention", cases(quick), providers(device, mask_ms), device=device, quick=quick,
                      extra_columns=extra, check_tol=CHECK_TOL[device])
 
