@@ -82,6 +82,16 @@ fi
 if [ "$PHASE" != issues ]; then
   step "GPU tests: r4b._C ops, peer attention backends"
   gpu_tests 90 pytest_gpu_rest.log $rest_tests || test_rc=$?
+  # 2026-11-26 (H100): the CUDA unpack_padded op segfaulted on bad cu_seqlens values (the CPU op raises cleanly).
+  # While its test fails, take a host backtrace of the crash with cuda-gdb (it debugs host code too).
+  if grep -q "test_pack_cuda_does_not_synchronise_and_unpack_checks_cu_values FAILED" "$LOGS/pytest_gpu_rest.log" \
+      && command -v cuda-gdb >/dev/null; then
+    step "cuda-gdb backtrace of the unpack_padded crash"
+    timeout "$(limit 60)" cuda-gdb -q -batch -ex run -ex bt -ex "info sharedlibrary r4b" --args $PY -c \
+      "import torch, r4b._C; torch.ops.r4b.unpack_padded(torch.arange(5, device='cuda'), torch.tensor([0, 2, 9], dtype=torch.int32, device='cuda'), 7)" \
+      >"$LOGS/unpack_crash_gdb.log" 2>&1
+    grep -A40 "SIGSEGV\|signal" "$LOGS/unpack_crash_gdb.log" | head -n 50
+  fi
 fi
 
 step "benches"
