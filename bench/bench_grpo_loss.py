@@ -172,8 +172,8 @@ def providers(device: str) -> dict:
         # the same with other chunk sizes (tuning data), and without skipping the backward GEMMs of the masked
         # rows (the 10% of rows no provider trains: the row a peer computing every row compares with)
         # 2026-11-26 H100: 1 GiB (default) 57.3 ms / 1.84 GiB, 512 MiB 59.0 / 1.32, 256 MiB 63.9 / 1.10: does a
-        # 1.5 GiB chunk (3 chunks at the anchor, about 2.4 GiB peak: still under Liger's 2.99) gain more?
-        "r4b chunked 1.5GiB": r4b("triton", "chunked", chunk_bytes=1536 << 20),
+        # 1664 MiB chunk (3 chunks of 5632 rows at the anchor, about 2.5 GiB peak: under Liger's 2.99) gain more?
+        "r4b chunked 1664MiB": r4b("triton", "chunked", chunk_bytes=1664 << 20),
         "r4b chunked 512MiB": r4b("triton", "chunked", chunk_bytes=512 << 20),
         "r4b chunked 256MiB": r4b("triton", "chunked", chunk_bytes=256 << 20),
         "r4b chunked no-skip": r4b("triton", "chunked", skip_zero_rows=False),
