@@ -75,3 +75,14 @@ def test_double_backward_raises_and_zero_width_is_refused():
         dx.pow(2).sum().backward()
     with pytest.raises(ValueError, match="last dimension"):
         rms_norm(torch.zeros(5, 0), torch.zeros(0), backend="triton")
+
+
+def test_rms_norm_zero_rows_give_zero_weight_gradient():
+    """An empty batch (0 rows) launches no backward kernel: the weight gradient must still be exactly 0, not
+    whatever the allocator's memory held (freed NaNs are put in its cache first)."""
+    junk = torch.full((64, 4096), float("nan"))
+    del junk
+    x = torch.empty(0, 2560, requires_grad=True)
+    w = torch.ones(2560, requires_grad=True)
+    rms_norm(x, w, backend="triton").sum().backward()
+    assert torch.equal(w.grad, torch.zeros(2560)) and x.grad.shape == (0, 2560)

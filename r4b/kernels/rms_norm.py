@@ -126,8 +126,10 @@ if _dispatch.triton_importable():
             warps = _bwd_warps(block_d, warps)
             nprog = 4 * (_sm_count(x2.device) if x2.device.type == "cuda" else 1)
             nprog = max(1, min(nprog, triton.cdiv(n, block_m)))
-            # every program writes its whole partial row (zeros when it has no rows): no zero fill needed
-            dw_part = torch.empty((nprog, block_d), dtype=torch.float32, device=x2.device)
+            # every launched program writes its whole partial row: no zero fill needed (nothing is launched for
+            # n == 0, so that case gets zeros)
+            alloc = torch.empty if n > 0 else torch.zeros
+            dw_part = alloc((nprog, block_d), dtype=torch.float32, device=x2.device)
             if n > 0:
                 _rms_bwd_kernel[(nprog,)](
                     dy2, x2, weight, rstd, dx, dw_part, n, nprog * block_m, dy2.stride(0), x2.stride(0), dx.stride(0),
