@@ -10,6 +10,7 @@ prints registers / spills per autotune config (ptxas -v), the measurement behind
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -60,14 +61,39 @@ def _timed(case: Case, fwd, q, k, v, do):
 
 
 def providers(device: str, mask_ms: dict) -> dict:
-    def r4b(case: Case):
-        from r4b.kernels import available_backends, varlen_attention
+    def r4b_mode(bwd: str):
+        """r4b's Triton kernels with the backward R4B_VARLEN_BWD=bwd ("split": dQ kernel + dK/dV kernel;
+        "atomic": the dK/dV kernel adds dQ with fp32 atomics)."""
 
-        if "triton" not in available_backends("varlen_attention", device):
-            raise Skip(f"triton unavailable on {device} (set TRITON_INTERPRET=1 on the CPU)")
-        q, k, v, do, cu = _inputs(case, device)
-        m = max(case.params["lens"])
-        return _timed(case, lambda a, b, c: varlen_attention(a, b, c, cu, m, backend="triton"), q, k, v, do)
+        def setup(case: Case):
+            from r4b.kernels import available_backends, varlen_attention
+
+            if "triton" not in available_backends("varlen_attention", device):
+                raise Skip(f"triton unavailable on {device} (set TRITON_INTERPRET=1 on the CPU)")
+            if bwd != "split" and case.params["mode"] == "fwd":
+                raise Skip("the same forward as r4b triton")
+            q, k, v, do, cu = _inputs(case, device)
+            m = max(case.params["lens"])
+
+            def fwd(a, b, c):
+                return varlen_attention(a, b, c, cu, m, backend="triton")
+
+            timed = _timed(case, fwd, q, k, v, do)
+
+            def call():
+                before = os.environ.get("R4B_VARLEN_BWD")
+                os.environ["R4B_VARLEN_BWD"] = bwd
+                try:
+                    return timed()
+                finally:
+                    if before is None:
+                        del os.environ["R4B_VARLEN_BWD"]
+                    else:
+                        os.environ["R4B_VARLEN_BWD"] = before
+
+            return call
+
+        return setup
 
     def sdpa(case: Case):
         q, k, v, do, cu = _inputs(case, device)
@@ -138,7 +164,8 @@ def providers(device: str, mask_ms: dict) -> dict:
     # SDPA first: the reference of the result check (outputs, or the three gradients); Flex last (compiles)
     return {
         "sdpa per doc": sdpa,
-        "r4b triton": r4b,
+        "r4b triton": r4b_mode("split"),
+        "r4b triton atomic-dq": r4b_mode("atomic"),
         "flash-attn varlen": peer("flash_attn"),
         "xformers blockdiag": peer("xformers"),
         "flex doc mask": flex,
@@ -155,7 +182,7 @@ def aot_report(first_only: bool = False) -> None:
     ptrs = {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV"}
 
     def sig_of(n: str) -> str:
-        if n in ("LSE", "DELTA"):
+        if n in ("LSE", "DELTA", "DQ32"):
             return "*fp32"
         if n == "CU":
             return "*i32"
@@ -163,32 +190,45 @@ def aot_report(first_only: bool = False) -> None:
             return "*bf16"
         return "fp32" if n in ("qk_scale", "sm_scale") else "i32"
 
-    for kind, kern, cfgs, tile in (("fwd", va._fwd_kernel, va.FWD_CONFIGS, ("BLOCK_M", "BLOCK_N")),
-                                   ("dq", va._bwd_dq_kernel, va.DQ_CONFIGS, ("BLOCK_M", "BLOCK_N")),
-                                   ("dkdv", va._bwd_dkdv_kernel, va.DKDV_CONFIGS, ("BLOCK_N", "BLOCK_M"))):
+    # "dkdv+dq": the dK/dV kernel of R4B_VARLEN_BWD=atomic, which also adds dQ with fp32 atomics
+    for kind, kern, cfgs, tile, extra in (
+            ("fwd", va._fwd_kernel, va.FWD_CONFIGS, ("BLOCK_M", "BLOCK_N"), {}),
+            ("dq", va._bwd_dq_kernel, va.DQ_CONFIGS, ("BLOCK_M", "BLOCK_N"), {}),
+            ("dkdv", va._bwd_dkdv_kernel, va.DKDV_CONFIGS, ("BLOCK_N", "BLOCK_M"), {"ATOMIC_DQ": False}),
+            ("dkdv+dq", va._bwd_dkdv_kernel, va.DKDV_CONFIGS, ("BLOCK_N", "BLOCK_M"), {"ATOMIC_DQ": True})):
         for a, b, warps, stages in cfgs[:1] if first_only else cfgs:
-            meta = {"GROUP": 4, "D": 128, "BLOCK_D": 128, "CAUSAL": True, "DOT_PREC": "tf32", tile[0]: a, tile[1]: b}
+            meta = {"GROUP": 4, "D": 128, "BLOCK_D": 128, "CAUSAL": True, "DOT_PREC": "tf32", tile[0]: a, tile[1]: b,
+                    **extra}
             info, smem = sm90_ptxas(kern, meta, sig_of, warps, stages)
-            print(f"{kind:5s} {a}x{b} w{warps} s{stages}: smem={smem} B | {info}", flush=True)
+            print(f"{kind:7s} {a}x{b} w{warps} s{stages}: smem={smem} B | {info}", flush=True)
 
 
-def autotune_timings(mode: str) -> dict:
+def autotune_timings(mode: str, atomic: bool = False) -> dict:
     """The varlen kernels' autotune results for the case just run: per kernel, the chosen config and every
-    config's median ms at the last key it tuned (forward for "fwd" cases, dQ and dK/dV for "fwd+bwd"); printed
-    and stored in the row, the data to prune or extend the config lists with."""
+    config's median ms at the last key it tuned (forward for "fwd" cases, dQ and dK/dV for "fwd+bwd", or the
+    dK/dV+dQ kernel of the atomic backward); printed and stored in the row, the data to prune or extend the
+    config lists with. (Triton keeps the timings of the last key tuned: the cases here tune one key each.)
+    A config that could not run is timed as None."""
     import importlib
+    import math
 
     va = importlib.import_module("r4b.kernels.varlen_attention")
-    kernels = {"fwd": va._fwd_tuned} if mode == "fwd" else {"dq": va._dq_tuned, "dkdv": va._dkdv_tuned}
+    if mode == "fwd":
+        kernels = {"fwd": va._fwd_tuned}
+    elif atomic:
+        kernels = {"dkdv+dq": va._dkdv_atomic_tuned}
+    else:
+        kernels = {"dq": va._dq_tuned, "dkdv": va._dkdv_tuned}
     out = {}
     for name, tuned in kernels.items():
         timings = getattr(tuned, "configs_timings", None) or {}
         cfg = lambda c: f"M{c.kwargs.get('BLOCK_M')} N{c.kwargs.get('BLOCK_N')} w{c.num_warps} s{c.num_stages}"
         t = {cfg(c): (ms[0] if isinstance(ms, (list, tuple)) else ms) for c, ms in timings.items()}
+        t = {k: (float(v) if math.isfinite(v) else None) for k, v in t.items()}
         best = getattr(tuned, "best_config", None)
         out[name] = {"best": cfg(best) if best is not None else None, "ms": t}
-        print(f"  autotune {name}: best {out[name]['best']}; " + ", ".join(f"{k} {v:.3f}" for k, v in t.items()),
-              flush=True)
+        print(f"  autotune {name}: best {out[name]['best']}; "
+              + ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} failed" for k, v in t.items()), flush=True)
     return out
 
 
@@ -204,8 +244,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     def extra(case: Case, row: dict) -> dict:
         if row["provider"] == "flex doc mask":
             return {"mask_build_ms": mask_ms[case.label]}
-        if row["provider"] == "r4b triton" and device == "cuda":
-            return {"autotune": autotune_timings(case.params["mode"])}
+        if row["provider"].startswith("r4b triton") and device == "cuda":
+            try:  # tuning data only: it must never stop the bench
+                return {"autotune": autotune_timings(case.params["mode"], "atomic" in row["provider"])}
+            except Exception as ex:  # noqa: BLE001
+                return {"autotune_error": f"{type(ex).__name__}: {ex}"[:200]}
         return {}
 
     return run_bench("varlen_attention", cases(quick), providers(device, mask_ms), device=device, quick=quick,

@@ -64,8 +64,15 @@ CASES = [
 ]
 
 
+@pytest.fixture(params=["split", "atomic"])
+def bwd_mode(request, monkeypatch):
+    """Both Triton backwards: "split" (dQ kernel + dK/dV kernel) and "atomic" (the dK/dV kernel adds dQ)."""
+    monkeypatch.setenv("R4B_VARLEN_BWD", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("lens,Hq,Hkv,D,causal", CASES)
-def test_varlen_attention_matches_float64(lens, Hq, Hkv, D, causal, device):
+def test_varlen_attention_matches_float64(lens, Hq, Hkv, D, causal, device, bwd_mode):
     q, k, v, do = _inputs(lens, Hq, Hkv, D, device=device)
     cu = _cu(lens, device)
     scale = 1.0 / math.sqrt(D)
@@ -78,7 +85,7 @@ def test_varlen_attention_matches_float64(lens, Hq, Hkv, D, causal, device):
         torch.testing.assert_close(a, b.float(), rtol=1e-5, atol=2e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def test_varlen_attention_head_major_views_and_only_q_requiring_grad(device):
+def test_varlen_attention_head_major_views_and_only_q_requiring_grad(device, bwd_mode):
     """q, k, v as transposed views of (H, T, D) tensors (row stride D, head stride T*D), only q requiring grad."""
     lens, Hq, Hkv, D = [13, 1, 22], 4, 2, 64
     g = torch.Generator().manual_seed(2)
@@ -95,7 +102,7 @@ def test_varlen_attention_head_major_views_and_only_q_requiring_grad(device):
     torch.testing.assert_close(dq, ref[1].float(), rtol=1e-5, atol=2e-5)
 
 
-def test_varlen_attention_strided_qkv_and_scale(device):
+def test_varlen_attention_strided_qkv_and_scale(device, bwd_mode):
     # q, k, v as head slices of one fused (T, Hq + 2 Hkv, D) projection, and a non-default softmax_scale
     lens, Hq, Hkv, D = [20, 1, 19], 4, 2, 64
     g = torch.Generator().manual_seed(1)
@@ -111,7 +118,7 @@ def test_varlen_attention_strided_qkv_and_scale(device):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_varlen_attention_no_information_crosses_a_boundary(causal, device):
+def test_varlen_attention_no_information_crosses_a_boundary(causal, device, bwd_mode):
     # sequences 0 and 2 share 32-row tiles with sequence 1 in every kernel; changing sequence 1's q, k, v and
     # dO must leave their outputs and all their gradients bit-identical.
     lens, Hq, Hkv, D = [7, 30, 11], 4, 2, 64
@@ -129,6 +136,15 @@ def test_varlen_attention_no_information_crosses_a_boundary(causal, device):
     for name, a, b in zip(("out", "dq", "dk", "dv"), base, pert, strict=True):
         assert torch.equal(a[others], b[others]), name
         assert not torch.equal(a[mid], b[mid]), name  # the perturbation did reach sequence 1
+
+
+def test_varlen_backward_mode_is_checked_by_name(monkeypatch):
+    q, k, v, do = _inputs([5, 3], 2, 1, 16)
+    q.requires_grad_()
+    monkeypatch.setenv("R4B_VARLEN_BWD", "fast")
+    out = varlen_attention(q, k, v, _cu([5, 3], "cpu"), 5, backend="triton")
+    with pytest.raises(ValueError, match="R4B_VARLEN_BWD.*'fast'"):
+        out.backward(do)
 
 
 def test_varlen_attention_dispatch_default_matches_forced():

@@ -4,7 +4,10 @@ another sequence.
 Owns the torch reference (per-sequence SDPA in fp32), the Triton kernels (flash-attention-2 style forward
 with online softmax and saved log-sum-exp; backward as delta = rowsum(dO * O), a dK/dV kernel that loops over
 query blocks and over the query heads of its KV group, and a dQ kernel that loops over key blocks; no atomics),
-the autograd Function and the public function.
+the autograd Function and the public function. ``R4B_VARLEN_BWD=atomic`` selects the other backward: the dK/dV
+kernel also adds dQ into an fp32 buffer with atomics, so that no dQ kernel recomputes the scores (5 matrix
+products instead of 7; which is faster is measured by bench/bench_varlen_attention.py's "r4b triton atomic-dq"
+row; "split", the default, is deterministic).
 
 Grid and sequence boundaries: the grid is (ceil(T / BLOCK), heads) over the *packed* tokens, so it depends
 only on T, never on the per-batch lengths. A tile of BLOCK packed rows may hold the end of one sequence and
@@ -21,6 +24,7 @@ GQA as its 5-D (1, T, Hkv, G, D) layout with K/V expanded over the group (no cop
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +33,7 @@ from torch import Tensor
 from . import _checks, _dispatch
 
 OP = "varlen_attention"
+ENV_BWD = "R4B_VARLEN_BWD"  # the Triton backward: "split" (dQ kernel + dK/dV kernel, default) or "atomic"
 _dispatch.register(OP, ("triton", "torch", "flash_attn", "xformers"), env="R4B_ATTN_BACKEND")
 
 
@@ -314,10 +319,14 @@ if _dispatch.triton_importable():
 
     @triton.jit
     def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, k_loc, lo, hi, L,
-                    qk_scale, offs_d, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                    CAUSAL_MASK: tl.constexpr, DOT_PREC: tl.constexpr):
+                    qk_scale, offs_d, dq_base, stride_dqt, kvalid, sm_scale, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_M: tl.constexpr, CAUSAL_MASK: tl.constexpr, DOT_PREC: tl.constexpr,
+                    ATOMIC_DQ: tl.constexpr):
         """Accumulate dK, dV of a key tile over query blocks [lo, hi) of one sequence and one query head
-        (transposed form: the score tile is (BLOCK_N keys, BLOCK_M queries)). Queries >= L are masked."""
+        (transposed form: the score tile is (BLOCK_N keys, BLOCK_M queries)). Queries >= L are masked.
+        ATOMIC_DQ: also add this key tile's share of dQ (sm_scale * dS K) into the fp32 rows at dq_base with
+        atomics; the tile's keys outside the segment (kvalid False: another sequence's rows) are masked out,
+        since their rows would otherwise reach dQ."""
         offs_m = tl.arange(0, BLOCK_M)
         for m0 in range(lo, hi, BLOCK_M):
             qi = m0 + offs_m
@@ -330,21 +339,29 @@ if _dispatch.triton_importable():
             ok = qmask[None, :]
             if CAUSAL_MASK:
                 ok = ok & (qi[None, :] >= k_loc[:, None])
+            if ATOMIC_DQ:
+                ok = ok & kvalid[:, None]
             pT = tl.where(ok, pT, 0.0)
             dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
             dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
             dsT = pT * (dpT - delta[None, :])
             dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=DOT_PREC)
+            if ATOMIC_DQ:
+                dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=DOT_PREC) * sm_scale  # (BLOCK_M, BLOCK_D)
+                tl.atomic_add(dq_base + qi[:, None] * stride_dqt + offs_d[None, :], dq,
+                              mask=qmask[:, None] & (offs_d[None, :] < D))
         return dk, dv
 
     @triton.jit(do_not_specialize=["T", "n_seqs", "t_bucket"])
-    def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, T, n_seqs, t_bucket, qk_scale, sm_scale,
+    def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ32, CU, T, n_seqs, t_bucket, qk_scale, sm_scale,
                          stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-                         stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+                         stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dq32t, stride_dq32h,
                          GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr):
+                         BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
+                         ATOMIC_DQ: tl.constexpr):
         # program (key tile of packed rows, KV head): sums over the GROUP query heads that share this KV head,
-        # so dK/dV are written once, without atomics.
+        # so dK/dV are written once, without atomics. ATOMIC_DQ: dQ is also formed here (fp32 atomics into DQ32,
+        # zeroed by the caller), so no dQ kernel recomputes QK^T and dO V^T: 5 matrix products instead of 7.
         t0 = tl.program_id(0) * BLOCK_N
         hk = tl.program_id(1)
         rows = t0 + tl.arange(0, BLOCK_N)
@@ -370,6 +387,7 @@ if _dispatch.triton_importable():
                 a0 = 0
                 a1 = 0
             cs64 = cs.to(tl.int64)
+            kvalid = (rows >= t) & (rows < seg_hi)
             dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
             dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
             for g in range(GROUP):
@@ -378,11 +396,14 @@ if _dispatch.triton_importable():
                 do_base = DO + cs64 * stride_dot + h * stride_doh
                 lse_base = LSE + h * T + cs64
                 delta_base = DELTA + h * T + cs64
+                dq_base = DQ32 + cs64 * stride_dq32t + h * stride_dq32h
                 if CAUSAL:
                     dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                                         k_loc, a0, a1, L, qk_scale, offs_d, D, BLOCK_D, BLOCK_M, True, DOT_PREC)
+                                         k_loc, a0, a1, L, qk_scale, offs_d, dq_base, stride_dq32t, kvalid, sm_scale,
+                                         D, BLOCK_D, BLOCK_M, True, DOT_PREC, ATOMIC_DQ)
                 dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                                     k_loc, a1, L, L, qk_scale, offs_d, D, BLOCK_D, BLOCK_M, False, DOT_PREC)
+                                     k_loc, a1, L, L, qk_scale, offs_d, dq_base, stride_dq32t, kvalid, sm_scale,
+                                     D, BLOCK_D, BLOCK_M, False, DOT_PREC, ATOMIC_DQ)
             seg = ((rows >= t) & (rows < seg_hi))[:, None] & (offs_d[None, :] < D)
             tl.store(DK + hk * stride_dkh + r64[:, None] * stride_dkt + offs_d[None, :],
                      (dk * sm_scale).to(DK.dtype.element_ty), mask=seg)
@@ -427,6 +448,9 @@ if _dispatch.triton_importable():
     _fwd_tuned = triton.autotune(_cfgs(FWD_CONFIGS), key=_KEY)(_fwd_kernel)
     _dq_tuned = triton.autotune(_cfgs(DQ_CONFIGS), key=_KEY)(_bwd_dq_kernel)
     _dkdv_tuned = triton.autotune(_cfgs_kv(DKDV_CONFIGS), key=_KEY)(_bwd_dkdv_kernel)
+    # the dK/dV kernel that also adds dQ with atomics (R4B_VARLEN_BWD=atomic): DQ32 is zeroed before every
+    # config's timing run and before the real launch
+    _dkdv_atomic_tuned = triton.autotune(_cfgs_kv(DKDV_CONFIGS), key=_KEY, reset_to_zero=["DQ32"])(_bwd_dkdv_kernel)
 
     def _meta(q: Tensor, k: Tensor, causal: bool) -> dict:
         D = q.shape[2]
@@ -450,6 +474,12 @@ if _dispatch.triton_importable():
             _fwd_tuned[lambda m: (triton.cdiv(T, m["BLOCK_M"]), Hq)](*args, **meta)
         return o, lse
 
+    def _bwd_mode() -> str:
+        mode = os.environ.get(ENV_BWD, "split")
+        if mode not in ("split", "atomic"):
+            raise ValueError(f"${ENV_BWD} must be 'split' or 'atomic', got {mode!r}")
+        return mode
+
     def _bwd(do, q, k, v, o, lse, cu, scale, causal):
         T, Hq, D = q.shape
         Hkv = k.shape[1]
@@ -461,22 +491,32 @@ if _dispatch.triton_importable():
         _bwd_delta_kernel[(triton.cdiv(T, bm), Hq)](
             o, do, delta, T, o.stride(0), o.stride(1), do.stride(0), do.stride(1), D=D, BLOCK_D=meta["BLOCK_D"],
             BLOCK_M=bm)
-        dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+        atomic = _bwd_mode() == "atomic"
         dk = torch.empty_like(k, memory_format=torch.contiguous_format)
         dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+        # atomic: dQ accumulates in fp32 (T, Hq, D) rows that the dK/dV kernel adds into; split: an unused stand-in
+        dq32 = torch.zeros((T, Hq, D), dtype=torch.float32, device=q.device) if atomic else delta
+        dq32_strides = (dq32.stride(0), dq32.stride(1)) if atomic else (0, 0)
         common = (T, n, T.bit_length(), scale * _LOG2E, scale, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                   v.stride(0), v.stride(1), do.stride(0), do.stride(1))
-        dq_args = (q, k, v, do, lse, delta, dq, cu, *common, dq.stride(0), dq.stride(1))
-        kv_args = (q, k, v, do, lse, delta, dk, dv, cu, *common, dk.stride(0), dk.stride(1), dv.stride(0),
-                   dv.stride(1))
+        kv_args = (q, k, v, do, lse, delta, dk, dv, dq32, cu, *common, dk.stride(0), dk.stride(1), dv.stride(0),
+                   dv.stride(1), *dq32_strides)
+        if not atomic:
+            dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+            dq_args = (q, k, v, do, lse, delta, dq, cu, *common, dq.stride(0), dq.stride(1))
         if interp:
-            bm, bn = _INTERP["dq"]
-            _bwd_dq_kernel[(triton.cdiv(T, bm), Hq)](*dq_args, BLOCK_M=bm, BLOCK_N=bn, **meta)
+            if not atomic:
+                bm, bn = _INTERP["dq"]
+                _bwd_dq_kernel[(triton.cdiv(T, bm), Hq)](*dq_args, BLOCK_M=bm, BLOCK_N=bn, **meta)
             bn, bm = _INTERP["dkdv"]
-            _bwd_dkdv_kernel[(triton.cdiv(T, bn), Hkv)](*kv_args, BLOCK_N=bn, BLOCK_M=bm, **meta)
+            _bwd_dkdv_kernel[(triton.cdiv(T, bn), Hkv)](*kv_args, BLOCK_N=bn, BLOCK_M=bm, ATOMIC_DQ=atomic, **meta)
+        elif atomic:
+            _dkdv_atomic_tuned[lambda m: (triton.cdiv(T, m["BLOCK_N"]), Hkv)](*kv_args, ATOMIC_DQ=True, **meta)
         else:
             _dq_tuned[lambda m: (triton.cdiv(T, m["BLOCK_M"]), Hq)](*dq_args, **meta)
-            _dkdv_tuned[lambda m: (triton.cdiv(T, m["BLOCK_N"]), Hkv)](*kv_args, **meta)
+            _dkdv_tuned[lambda m: (triton.cdiv(T, m["BLOCK_N"]), Hkv)](*kv_args, ATOMIC_DQ=False, **meta)
+        if atomic:
+            dq = dq32.to(q.dtype)
         return dq, dk, dv
 
     class _VarlenAttentionFn(torch.autograd.Function):
