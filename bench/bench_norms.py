@@ -132,10 +132,9 @@ def aot_report() -> list[str]:
         jobs.append((f"rms_norm fwd D={D}", rms._rms_fwd_kernel, meta, rsig, w, ()))
         jobs.append((f"rms_norm bwd D={D}", rms._rms_bwd_kernel, meta, rsig, rms._bwd_warps(bd, w), ()))
     for H in (32, 8):
-        bh, bhd, bt = rope._blocks(H, 128)
-        meta = {"HALF": 64, "BLOCK_HALF": bh, "BLOCK_H": bhd, "BLOCK_T": bt, "INVERSE": False}
-        jobs.append((f"rope H={H} D=128", rope._rope_kernel, meta, sig(("X", "Y"), ("INV_FREQ",), ("POS",)), 4,
-                     ("H",) if H % 16 == 0 else ()))
+        bh, bt = rope._blocks(H, 128)
+        meta = {"HALF": 64, "BLOCK_HALF": bh, "BLOCK_T": bt, "INVERSE": False}
+        jobs.append((f"rope H={H} D=128", rope._rope_kernel, meta, sig(("X", "Y"), ("INV_FREQ",), ("POS",)), 4, ()))
     bm, bn = swi._grid_blocks(9728)
     ssig = sig(("G", "U", "Y", "DY", "DG", "DU"))
     # integer arguments the launchers leave specialised get the runtime's divisibility-by-16 hint at these shapes

@@ -99,3 +99,16 @@ def test_double_backward_raises_and_zero_width_is_refused():
         dx.pow(2).sum().backward()
     with pytest.raises(ValueError, match="head dimension"):
         rope(torch.zeros(5, 2, 0), pos, backend="triton")
+
+
+def test_rope_head_major_view_and_many_heads():
+    """x as a transposed view of an (H, T, D) tensor (head stride T*D, the heads walked by pointer steps), with a
+    head count that is not a power of two, and its backward, against float64."""
+    g = torch.Generator().manual_seed(5)
+    H, T, D = 17, 23, 32
+    x = torch.randn(H, T, D, generator=g).transpose(0, 1)  # (T, H, D), stride (D, T*D, 1)
+    pos = torch.arange(T) * 97 + 3
+    y, dx = _run(x, pos, 1e6, "triton")
+    y64, dx64 = _run(x.double(), pos, 1e6, None)
+    torch.testing.assert_close(y, y64.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx, dx64.float(), rtol=1e-5, atol=1e-5)

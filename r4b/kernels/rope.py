@@ -54,15 +54,15 @@ if _dispatch.triton_importable():
     import triton
     import triton.language as tl
 
-    @triton.jit(do_not_specialize=["T"])
+    @triton.jit(do_not_specialize=["T", "H"])
     def _rope_kernel(X, POS, INV_FREQ, Y, T, H, stride_xt, stride_xh, stride_yt, stride_yh, HALF: tl.constexpr,
-                     BLOCK_HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, INVERSE: tl.constexpr):
-        # One program rotates BLOCK_T tokens x all heads ((BLOCK_T, BLOCK_H, BLOCK_HALF) tiles, BLOCK_H >= H):
-        # cos and sin are formed once per (token, frequency) and shared by the token's heads. (The first version
-        # tiled (token, head) rows and evaluated them per head: 32 times the trigonometry for q; on an H100,
-        # 2026-11-26, it moved 1.7 TB/s for q and 1.5 for k where a copy moves 3.0.)
+                     BLOCK_HALF: tl.constexpr, BLOCK_T: tl.constexpr, INVERSE: tl.constexpr):
+        # One program rotates BLOCK_T tokens: cos and sin are formed once, as a (BLOCK_T, BLOCK_HALF) tile, and
+        # applied to the token's heads one after another. (The first version evaluated them per (token, head):
+        # 32 times the trigonometry for q; on an H100, 2026-11-26, it moved 1.7 TB/s for q and 1.5 for k where a
+        # copy moves 3.0. A 3-D (tokens, heads, frequencies) tile computed them in a layout that repeats them
+        # across thread groups, and grew with the head count.)
         toks = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-        heads = tl.arange(0, BLOCK_H)
         cols = tl.arange(0, BLOCK_HALF)
         tmask = toks < T
         cmask = cols < HALF
@@ -70,29 +70,30 @@ if _dispatch.triton_importable():
         inv = tl.load(INV_FREQ + cols, mask=cmask, other=0.0)
         ang = pos[:, None] * inv[None, :]  # (BLOCK_T, BLOCK_HALF): fp32 product, as position_ids.float() * inv_freq
         # cos/sin rounded to x's dtype first, as the reference does.
-        c = tl.cos(ang).to(X.dtype.element_ty).to(tl.float32)[:, None, :]  # (BLOCK_T, 1, BLOCK_HALF)
-        s = tl.sin(ang).to(X.dtype.element_ty).to(tl.float32)[:, None, :]
+        c = tl.cos(ang).to(X.dtype.element_ty).to(tl.float32)
+        s = tl.sin(ang).to(X.dtype.element_ty).to(tl.float32)
         if INVERSE:
             s = -s
-        mask = tmask[:, None, None] & (heads < H)[None, :, None] & cmask[None, None, :]
-        t64 = toks.to(tl.int64)[:, None, None]
-        h64 = heads.to(tl.int64)[None, :, None]
-        xp = X + t64 * stride_xt + h64 * stride_xh + cols[None, None, :]
-        x1 = tl.load(xp, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(xp + HALF, mask=mask, other=0.0).to(tl.float32)
-        yp = Y + t64 * stride_yt + h64 * stride_yh + cols[None, None, :]
-        tl.store(yp, (x1 * c - x2 * s).to(Y.dtype.element_ty), mask=mask)
-        tl.store(yp + HALF, (x2 * c + x1 * s).to(Y.dtype.element_ty), mask=mask)
+        mask = tmask[:, None] & cmask[None, :]
+        t64 = toks.to(tl.int64)[:, None]
+        xp = X + t64 * stride_xt + cols[None, :]  # head 0's rows; pointers step by a head stride (64-bit sums)
+        yp = Y + t64 * stride_yt + cols[None, :]
+        for _ in range(H):
+            x1 = tl.load(xp, mask=mask, other=0.0).to(tl.float32)
+            x2 = tl.load(xp + HALF, mask=mask, other=0.0).to(tl.float32)
+            tl.store(yp, (x1 * c - x2 * s).to(Y.dtype.element_ty), mask=mask)
+            tl.store(yp + HALF, (x2 * c + x1 * s).to(Y.dtype.element_ty), mask=mask)
+            xp += stride_xh
+            yp += stride_yh
 
-    def _blocks(H: int, D: int) -> tuple[int, int, int]:
-        """(BLOCK_HALF, BLOCK_H, BLOCK_T): about 2k element pairs per program (the first version's size), all
-        heads of BLOCK_T tokens. TODO(GPU): time BLOCK_T and num_warps (q: 32 heads, k: 8 heads, D=128)."""
+    def _blocks(H: int, D: int) -> tuple[int, int]:
+        """(BLOCK_HALF, BLOCK_T): about 1k element pairs per head step. TODO(GPU): time BLOCK_T and num_warps
+        (q: 32 heads, k: 8 heads, D=128)."""
         block_half = triton.next_power_of_2(D // 2)
-        block_h = triton.next_power_of_2(H)
-        block_t = max(1, min(64, 2048 // (block_half * block_h)))
+        block_t = max(1, min(64, 1024 // block_half))
         if _dispatch.triton_interpret():
             block_t = min(block_t, 4)
-        return block_half, block_h, block_t
+        return block_half, block_t
 
     def _launch(x: Tensor, pos: Tensor, inv_freq: Tensor, inverse: bool) -> Tensor:
         if x.stride(-1) != 1:
@@ -101,10 +102,10 @@ if _dispatch.triton_importable():
         y = torch.empty((T, H, D), dtype=x.dtype, device=x.device)
         if T * H == 0:
             return y
-        block_half, block_h, block_t = _blocks(H, D)
+        block_half, block_t = _blocks(H, D)
         _rope_kernel[(triton.cdiv(T, block_t),)](
             x, pos, inv_freq, y, T, H, x.stride(0), x.stride(1), y.stride(0), y.stride(1), HALF=D // 2,
-            BLOCK_HALF=block_half, BLOCK_H=block_h, BLOCK_T=block_t, INVERSE=inverse, num_warps=4)
+            BLOCK_HALF=block_half, BLOCK_T=block_t, INVERSE=inverse, num_warps=4)
         return y
 
     class _RopeFn(torch.autograd.Function):
