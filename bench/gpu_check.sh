@@ -38,9 +38,10 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 
-# CUDA build of r4b._C (for this GPU's architecture only: half the compile time of "80;90"), before the tests:
-# on 2026-11-26 (H100) a build running in the background beside the GPU tests coincided with a test step that
-# stopped making progress for 150 s, and benches need the machine to themselves anyway
+# CUDA build of r4b._C (for this GPU's architecture only: half the compile time of "80;90"), before the tests,
+# in the phases that use it (the issues phase's kernels and benches are Triton only): on 2026-11-26 (H100) a
+# build running in the background beside the GPU tests coincided with a test step that stopped making progress
+# for 150 s, and benches need the machine to themselves anyway
 build_rc=skipped
 build() {
   local arch build_start=$(date +%s)
@@ -53,7 +54,9 @@ build() {
   echo "build rc=$build_rc in $(( $(date +%s) - build_start )) s"
   $PY -c "import r4b._C as C; print('cuda ops:', C.cuda_ops())" || true
 }
-if [ "$PHASE" = rest ] && has_cuda_ops; then
+if [ "$PHASE" = issues ]; then
+  echo "phase issues: r4b._C is not needed (Triton kernels only); the rest phase builds it"
+elif has_cuda_ops; then
   echo "r4b._C with CUDA ops already built on this machine"
 else
   build
@@ -87,9 +90,8 @@ if [ "$PHASE" != issues ]; then
   if grep -q "test_pack_cuda_does_not_synchronise_and_unpack_checks_cu_values FAILED" "$LOGS/pytest_gpu_rest.log" \
       && command -v cuda-gdb >/dev/null; then
     step "cuda-gdb backtrace of the unpack_padded crash"
-    timeout "$(limit 60)" cuda-gdb -q -batch -ex run -ex bt -ex "info sharedlibrary r4b" --args $PY -c \
-      "import torch, r4b._C; torch.ops.r4b.unpack_padded(torch.arange(5, device='cuda'), torch.tensor([0, 2, 9], dtype=torch.int32, device='cuda'), 7)" \
-      >"$LOGS/unpack_crash_gdb.log" 2>&1
+    timeout "$(limit 60)" cuda-gdb -q -batch -ex run -ex bt -ex "info sharedlibrary r4b" --args \
+      $PY -m tests._cuda_unpack_check >"$LOGS/unpack_crash_gdb.log" 2>&1
     grep -A40 "SIGSEGV\|signal" "$LOGS/unpack_crash_gdb.log" | head -n 50
   fi
 fi

@@ -430,23 +430,24 @@ def matmul_floor_columns(device: str) -> Callable[[Case, dict], dict] | None:
     its case's FLOPs (``floor_ms``, ``x_floor``); None without a GPU.
 
     The rate moves with the card's clocks: on one H100 (2026-11-26) it read 767 TFLOP/s in one bench and 703 in
-    the next, which moved the same 57 ms loss from 1.15x to 1.06x "the floor". So the floor is the best rate
-    seen in this bench (three measurements first, one more next to every row), which never flatters a row:
-    ``matmul_tflops`` is the rate measured next to the row, ``floor_tflops`` the best one its x_floor uses."""
+    the next, which moved the same 57 ms loss from 1.15x to 1.06x "the floor". So each row's floor is the
+    faster of two readings: the best of three taken when the bench starts, and one taken right after the row
+    (``matmul_tflops``); ``floor_tflops`` is the one its x_floor uses. Every row gets the same rule, whatever
+    the rows before it read."""
     first = [matmul_floor_tflops(device) for _ in range(3)]
     if first[0] is None:
         return None
-    best = [max(first)]
-    print(f"matmul floor: {best[0]:.1f} TFLOP/s (8192^3 bf16, best of {', '.join(f'{f:.0f}' for f in first)})",
+    start = max(first)
+    print(f"matmul floor: {start:.1f} TFLOP/s (8192^3 bf16, best of {', '.join(f'{f:.0f}' for f in first)})",
           flush=True)
 
     def extra(case: Case, row: dict) -> dict:
         if not case.flops:
             return {}
         now = matmul_floor_tflops(device)
-        best[0] = max(best[0], now)
-        floor_ms = case.flops / best[0] / 1e9
+        floor = max(start, now)
+        floor_ms = case.flops / floor / 1e9
         return {"floor_ms": floor_ms, "x_floor": row["ms"] / floor_ms, "matmul_tflops": now,
-                "floor_tflops": best[0]}
+                "floor_tflops": floor}
 
     return extra
