@@ -207,7 +207,7 @@ def test_varlen_attention_fp16_within_twice_plain_fp16_error(causal):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal", [True, False])
-def test_varlen_attention_bf16_anchor_gpu(causal):
+def test_varlen_attention_bf16_anchor_gpu(causal, bwd_mode):
     # anchor: 16384 packed tokens, 10 documents 128..4096, 32 query / 8 KV heads, D 128
     lens = [4096, 3072, 2560, 2048, 1536, 1280, 768, 512, 384, 128]
     assert sum(lens) == 16384
