@@ -131,15 +131,19 @@ def aot_report() -> list[str]:
         rsig = sig(("X", "W", "Y", "DY", "DX"), ("RSTD", "DW_PART"))
         jobs.append((f"rms_norm fwd D={D}", rms._rms_fwd_kernel, meta, rsig, w, ()))
         jobs.append((f"rms_norm bwd D={D}", rms._rms_bwd_kernel, meta, rsig, rms._bwd_warps(bd, w), ()))
-    for H in (32, 8):
-        bh, bt = rope._blocks(H, 128)
-        meta = {"HALF": 64, "BLOCK_HALF": bh, "BLOCK_T": bt, "INVERSE": False}
-        jobs.append((f"rope H={H} D=128", rope._rope_kernel, meta, sig(("X", "Y"), ("INV_FREQ",), ("POS",)), 4, ()))
-    bm, bn = swi._grid_blocks(9728)
+    # every GPU autotune config of rope and swiglu that survives its pruning at the bench shapes (the first one is
+    # the interpreter's fixed tile)
+    for t, w in rope.CONFIGS:
+        if t * 64 > 4096:
+            continue
+        meta = {"HALF": 64, "BLOCK_HALF": 64, "BLOCK_T": t, "INVERSE": False}
+        jobs.append((f"rope D=128 T{t}", rope._rope_kernel, meta, sig(("X", "Y"), ("INV_FREQ",), ("POS",)), w, ()))
     ssig = sig(("G", "U", "Y", "DY", "DG", "DU"))
     # integer arguments the launchers leave specialised get the runtime's divisibility-by-16 hint at these shapes
-    jobs.append(("swiglu fwd I=9728", swi._swiglu_fwd_kernel, {"BLOCK_M": bm, "BLOCK_N": bn}, ssig, 4, ("n_cols",)))
-    jobs.append(("swiglu bwd I=9728", swi._swiglu_bwd_kernel, {"BLOCK_M": bm, "BLOCK_N": bn}, ssig, 4, ("n_cols",)))
+    for bm, bn, w in swi.CONFIGS:
+        tile = {"BLOCK_M": bm, "BLOCK_N": bn}
+        jobs.append((f"swiglu fwd I=9728 {bm}x{bn}", swi._swiglu_fwd_kernel, tile, ssig, w, ("n_cols",)))
+        jobs.append((f"swiglu bwd I=9728 {bm}x{bn}", swi._swiglu_bwd_kernel, tile, ssig, w, ("n_cols",)))
     lines = []
     for label, kern, meta, sig_of, warps, divisible in jobs:
         # an argument in a kernel's do_not_specialize never gets the hint at run time: none here either

@@ -87,13 +87,25 @@ if _dispatch.triton_importable():
             yp += stride_yh
 
     def _blocks(H: int, D: int) -> tuple[int, int]:
-        """(BLOCK_HALF, BLOCK_T): about 1k element pairs per head step. TODO(GPU): time BLOCK_T and num_warps
-        (q: 32 heads, k: 8 heads, D=128)."""
+        """(BLOCK_HALF, BLOCK_T) of the interpreter and of the first GPU config: about 1k element pairs per head
+        step."""
         block_half = triton.next_power_of_2(D // 2)
         block_t = max(1, min(64, 1024 // block_half))
         if _dispatch.triton_interpret():
             block_t = min(block_t, 4)
         return block_half, block_t
+
+    # GPU: autotuned once per (heads, head dim) over (BLOCK_T, warps), never on T (it changes per batch). The
+    # first is _blocks' choice at D=128 (16 tokens); tiles over 4k element pairs are pruned (registers). (32, 8)
+    # and (64, 4) spilled 44 B and 60 B under ptxas: left out.
+    CONFIGS = [(16, 4), (8, 4), (32, 4), (64, 8), (16, 2)]
+
+    def _prune(configs, named_args, **kwargs):
+        kept = [c for c in configs if c.kwargs["BLOCK_T"] * kwargs["BLOCK_HALF"] <= 4096]
+        return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_T"])]
+
+    _rope_tuned = triton.autotune([triton.Config({"BLOCK_T": t}, num_warps=w) for t, w in CONFIGS],
+                                  key=["H", "HALF"], prune_configs_by={"early_config_prune": _prune})(_rope_kernel)
 
     def _launch(x: Tensor, pos: Tensor, inv_freq: Tensor, inverse: bool) -> Tensor:
         if x.stride(-1) != 1:
@@ -103,9 +115,13 @@ if _dispatch.triton_importable():
         if T * H == 0:
             return y
         block_half, block_t = _blocks(H, D)
-        _rope_kernel[(triton.cdiv(T, block_t),)](
-            x, pos, inv_freq, y, T, H, x.stride(0), x.stride(1), y.stride(0), y.stride(1), HALF=D // 2,
-            BLOCK_HALF=block_half, BLOCK_T=block_t, INVERSE=inverse, num_warps=4)
+        args = (x, pos, inv_freq, y, T, H, x.stride(0), x.stride(1), y.stride(0), y.stride(1))
+        if x.device.type == "cuda" and not _dispatch.triton_interpret():
+            _rope_tuned[lambda m: (triton.cdiv(T, m["BLOCK_T"]),)](*args, HALF=D // 2, BLOCK_HALF=block_half,
+                                                                    INVERSE=inverse)
+        else:
+            _rope_kernel[(triton.cdiv(T, block_t),)](*args, HALF=D // 2, BLOCK_HALF=block_half, BLOCK_T=block_t,
+                                                     INVERSE=inverse, num_warps=4)
         return y
 
     class _RopeFn(torch.autograd.Function):

@@ -61,12 +61,33 @@ if _dispatch.triton_importable():
         return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
     def _grid_blocks(n_cols: int) -> tuple[int, int]:
-        # TODO(GPU): measure on H100/H200 at (16384, 9728) bf16; 4k elements per program is a starting point.
+        """(BLOCK_M, BLOCK_N) of the interpreter and of the first GPU config: 4k elements per program."""
         block_n = min(1024, triton.next_power_of_2(n_cols))
         block_m = max(1, 4096 // block_n)
         if _dispatch.triton_interpret():
             block_m = min(block_m, 8)
         return block_m, block_n
+
+    # GPU: autotuned once per column count (never on the row count, which changes per batch) over these
+    # (BLOCK_M, BLOCK_N, warps). The first is the fixed tile measured on the H100 (2026-11-26, before n_cols was
+    # specialised: 67% of copy bandwidth); the others trade rows for columns and warps. The bench's --aot report
+    # lists their registers and load widths.
+    CONFIGS = [(4, 1024, 4), (8, 1024, 8), (2, 2048, 8), (1, 4096, 8), (16, 512, 8), (8, 512, 4)]
+
+    def _prune(configs, named_args, **kwargs):
+        """Drop column tiles more than twice the (power-of-two) row width: they would be mostly masked."""
+        width = triton.next_power_of_2(named_args["n_cols"])
+        kept = [c for c in configs if c.kwargs["BLOCK_N"] <= max(512, 2 * width)]
+        return kept or configs[:1]
+
+    _cfgs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w) for m, n, w in CONFIGS]
+    _fwd_tuned = triton.autotune(_cfgs, key=["n_cols"], prune_configs_by={"early_config_prune": _prune})(
+        _swiglu_fwd_kernel)
+    _bwd_tuned = triton.autotune(_cfgs, key=["n_cols"], prune_configs_by={"early_config_prune": _prune})(
+        _swiglu_bwd_kernel)
+
+    def _on_gpu(t: Tensor) -> bool:
+        return t.device.type == "cuda" and not _dispatch.triton_interpret()
 
     class _SwigluFn(torch.autograd.Function):
         @staticmethod
@@ -75,11 +96,13 @@ if _dispatch.triton_importable():
             g2, u2 = _rows(gate, n_cols), _rows(up, n_cols)  # (N, I)
             n = g2.shape[0]
             y = torch.empty((n, n_cols), dtype=torch.promote_types(gate.dtype, up.dtype), device=gate.device)
-            bm, bn = _grid_blocks(n_cols)
-            if y.numel():
-                _swiglu_fwd_kernel[(triton.cdiv(n, bm), triton.cdiv(n_cols, bn))](
-                    g2, u2, y, n, n_cols, g2.stride(0), u2.stride(0), y.stride(0), BLOCK_M=bm, BLOCK_N=bn,
-                    num_warps=4)
+            args = (g2, u2, y, n, n_cols, g2.stride(0), u2.stride(0), y.stride(0))
+            if y.numel() and _on_gpu(y):
+                _fwd_tuned[lambda m: (triton.cdiv(n, m["BLOCK_M"]), triton.cdiv(n_cols, m["BLOCK_N"]))](*args)
+            elif y.numel():
+                bm, bn = _grid_blocks(n_cols)
+                _swiglu_fwd_kernel[(triton.cdiv(n, bm), triton.cdiv(n_cols, bn))](*args, BLOCK_M=bm, BLOCK_N=bn,
+                                                                                  num_warps=4)
             ctx.save_for_backward(g2, u2)
             ctx.shape = gate.shape
             return y.view(gate.shape)
@@ -92,11 +115,13 @@ if _dispatch.triton_importable():
             dy2 = _rows(dy, n_cols)  # (N, I)
             dg = torch.empty((n, n_cols), dtype=g2.dtype, device=g2.device)
             du = torch.empty((n, n_cols), dtype=u2.dtype, device=u2.device)
-            bm, bn = _grid_blocks(n_cols)
-            if dg.numel():
-                _swiglu_bwd_kernel[(triton.cdiv(n, bm), triton.cdiv(n_cols, bn))](
-                    dy2, g2, u2, dg, du, n, n_cols, dy2.stride(0), g2.stride(0), u2.stride(0), dg.stride(0),
-                    BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
+            args = (dy2, g2, u2, dg, du, n, n_cols, dy2.stride(0), g2.stride(0), u2.stride(0), dg.stride(0))
+            if dg.numel() and _on_gpu(dg):
+                _bwd_tuned[lambda m: (triton.cdiv(n, m["BLOCK_M"]), triton.cdiv(n_cols, m["BLOCK_N"]))](*args)
+            elif dg.numel():
+                bm, bn = _grid_blocks(n_cols)
+                _swiglu_bwd_kernel[(triton.cdiv(n, bm), triton.cdiv(n_cols, bn))](*args, BLOCK_M=bm, BLOCK_N=bn,
+                                                                                  num_warps=4)
             return dg.view(ctx.shape), du.view(ctx.shape)
 
 
