@@ -106,6 +106,8 @@ def aot_report() -> list[str]:
     (``ld.global.v4.b32``) costs about a third of the bandwidth (swiglu, 2026-11-26)."""
     import importlib
 
+    import triton
+
     from bench.harness import global_memory_ops, sm90_compile, sm90_ptxas
 
     rms = importlib.import_module("r4b.kernels.rms_norm")
@@ -131,6 +133,12 @@ def aot_report() -> list[str]:
         rsig = sig(("X", "W", "Y", "DY", "DX"), ("RSTD", "DW_PART"))
         jobs.append((f"rms_norm fwd D={D}", rms._rms_fwd_kernel, meta, rsig, w, ()))
         jobs.append((f"rms_norm bwd D={D}", rms._rms_bwd_kernel, meta, rsig, rms._bwd_warps(bd, w), ()))
+        # the GPU backward's autotune configs that its pruning keeps at this D
+        cfgs = [triton.Config({"BLOCK_M": m}, num_warps=cw) for m, cw in rms.BWD_CONFIGS]
+        for c in rms._bwd_prune(cfgs, {}, D=D, BLOCK_D=bd):
+            m = c.kwargs["BLOCK_M"]
+            jobs.append((f"rms_norm bwd-tuned D={D} M{m}", rms._rms_bwd_kernel, {**meta, "BLOCK_M": m}, rsig,
+                         c.num_warps, ()))
     # every GPU autotune config of rope and swiglu that survives its pruning at the bench shapes (the first one is
     # the interpreter's fixed tile)
     for t, w in rope.CONFIGS:

@@ -51,3 +51,17 @@ def test_gpu_autotune_pruning_keeps_sane_tiles():
     assert len(rope._prune(cfgs, {}, BLOCK_HALF=64)) == len(cfgs)
     assert sorted(c.kwargs["BLOCK_T"] for c in rope._prune(cfgs, {}, BLOCK_HALF=128)) == [8, 16, 16, 32]
     assert [c.kwargs["BLOCK_T"] for c in rope._prune(cfgs, {}, BLOCK_HALF=8192)] == [8]
+
+
+def test_rms_norm_backward_autotune_pruning():
+    """2k..8k elements a step, 16 warps only from 4k; the fixed tiles timed on the H100 are kept; rows too wide
+    or too narrow for the window fall back to the fixed tile."""
+    import triton
+
+    rms = importlib.import_module("r4b.kernels.rms_norm")
+    cfgs = [triton.Config({"BLOCK_M": m}, num_warps=w) for m, w in rms.BWD_CONFIGS]
+    kept = lambda D: {(c.kwargs["BLOCK_M"], c.num_warps) for c in rms._bwd_prune(cfgs, {}, D=D,
+                                                                                  BLOCK_D=triton.next_power_of_2(D))}
+    assert kept(2560) == {(1, 4), (1, 8), (2, 4), (2, 8), (1, 16), (2, 16)}
+    assert kept(128) == {(16, 4), (16, 8), (32, 4), (32, 8), (64, 4), (64, 8)}
+    assert kept(16) == {(64, 4)} and kept(16384) == {(1, 8)}

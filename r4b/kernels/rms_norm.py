@@ -45,12 +45,13 @@ if _dispatch.triton_importable():
         tl.store(Y + rows64[:, None] * stride_y + cols[None, :], (h * w[None, :]).to(Y.dtype.element_ty), mask=mask)
         tl.store(RSTD + rows, rstd, mask=rmask)
 
-    @triton.jit(do_not_specialize=["n_rows", "row_step"])
-    def _rms_bwd_kernel(DY, X, W, RSTD, DX, DW_PART, n_rows, row_step, stride_dy, stride_x, stride_dx, D: tl.constexpr,
+    @triton.jit(do_not_specialize=["n_rows"])
+    def _rms_bwd_kernel(DY, X, W, RSTD, DX, DW_PART, n_rows, stride_dy, stride_x, stride_dx, D: tl.constexpr,
                         BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-        # A persistent program walks row blocks pid, pid + nprog, ... (row_step = nprog * BLOCK_M); its dweight
-        # partial sum goes to DW_PART[pid].
+        # A persistent program walks row blocks pid, pid + nprog, ...; its dweight partial sum goes to
+        # DW_PART[pid] (written by every program, also one without rows).
         pid = tl.program_id(0)
+        row_step = tl.num_programs(0) * BLOCK_M
         cols = tl.arange(0, BLOCK_D)
         cmask = cols < D
         w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
@@ -71,14 +72,18 @@ if _dispatch.triton_importable():
             tl.store(DX + rows64[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
         tl.store(DW_PART + pid * BLOCK_D + cols, dw, mask=cmask)
 
-    def _blocks(D: int) -> tuple[int, int, int]:
-        """(BLOCK_D, BLOCK_M, num_warps). ~4k elements per program; TODO(GPU): measure (head norm D=128 and
-        hidden D=2560 on H100/H200)."""
+    def _gpu_blocks(D: int) -> tuple[int, int, int]:
+        """(BLOCK_D, BLOCK_M, num_warps) of the fixed GPU tile: ~4k elements per program."""
         block_d = triton.next_power_of_2(D)
         block_m = max(1, min(64, 4096 // block_d))
+        num_warps = 4 if block_d * block_m <= 4096 else 8
+        return block_d, block_m, num_warps
+
+    def _blocks(D: int) -> tuple[int, int, int]:
+        """(BLOCK_D, BLOCK_M, num_warps) used here: the GPU tile, with at most 8 rows under the interpreter."""
+        block_d, block_m, num_warps = _gpu_blocks(D)
         if _dispatch.triton_interpret():  # keep interpreter tiles small
             block_m = max(1, min(block_m, 8))
-        num_warps = 4 if block_d * block_m <= 4096 else 8
         return block_d, block_m, num_warps
 
     def _bwd_warps(block_d: int, warps: int) -> int:
@@ -87,6 +92,23 @@ if _dispatch.triton_importable():
         resident warps an SM instead of 16). TODO(GPU): fwd+bwd reached 38% of copy bandwidth with 4 warps on an
         H100 (2026-11-26); time 8, and read the bench's CUDA-graph column (launch cost or kernel?)."""
         return 8 if block_d >= 2048 and not _dispatch.triton_interpret() else warps
+
+    # GPU backward: autotuned once per D over (rows per step, warps), kept to 2k..8k elements a step (16 warps
+    # only from 4k). The fixed tiles timed on the H100 (2026-11-26) are among them: 1 row x 4 warps at D=2560
+    # (38% of copy bandwidth fwd+bwd) and 32 rows x 4 warps at the q/k head norm D=128 (80%).
+    BWD_CONFIGS = [(bm, w) for bm in (1, 2, 4, 8, 16, 32, 64) for w in (4, 8)] + [(1, 16), (2, 16)]
+
+    def _bwd_prune(configs, named_args, **kwargs):
+        block_d = kwargs["BLOCK_D"]
+        kept = [c for c in configs if 2048 <= c.kwargs["BLOCK_M"] * block_d <= 8192
+                and (c.num_warps < 16 or c.kwargs["BLOCK_M"] * block_d >= 4096)]
+        if not kept:  # very narrow or very wide rows: the fixed tile
+            bm, w = _gpu_blocks(kwargs["D"])[1:]
+            kept = [c for c in configs if c.kwargs["BLOCK_M"] == bm and c.num_warps == w] or configs[:1]
+        return kept
+
+    _bwd_tuned = triton.autotune([triton.Config({"BLOCK_M": bm}, num_warps=w) for bm, w in BWD_CONFIGS],
+                                 key=["D"], prune_configs_by={"early_config_prune": _bwd_prune})(_rms_bwd_kernel)
 
     @functools.cache
     def _sm_count(device: torch.device) -> int:
@@ -124,16 +146,18 @@ if _dispatch.triton_importable():
             dx = torch.empty((n, D), dtype=x2.dtype, device=x2.device)
             block_d, block_m, warps = _blocks(D)
             warps = _bwd_warps(block_d, warps)
-            nprog = 4 * (_sm_count(x2.device) if x2.device.type == "cuda" else 1)
-            nprog = max(1, min(nprog, triton.cdiv(n, block_m)))
+            gpu = x2.device.type == "cuda" and not _dispatch.triton_interpret()
+            # the grid does not depend on the (autotuned) row block: programs without rows write zero partials
+            nprog = max(1, min(4 * _sm_count(x2.device), n)) if gpu else max(1, min(4, triton.cdiv(n, block_m)))
             # every launched program writes its whole partial row: no zero fill needed (nothing is launched for
             # n == 0, so that case gets zeros)
             alloc = torch.empty if n > 0 else torch.zeros
             dw_part = alloc((nprog, block_d), dtype=torch.float32, device=x2.device)
-            if n > 0:
-                _rms_bwd_kernel[(nprog,)](
-                    dy2, x2, weight, rstd, dx, dw_part, n, nprog * block_m, dy2.stride(0), x2.stride(0), dx.stride(0),
-                    D=D, BLOCK_D=block_d, BLOCK_M=block_m, num_warps=warps)
+            args = (dy2, x2, weight, rstd, dx, dw_part, n, dy2.stride(0), x2.stride(0), dx.stride(0))
+            if n > 0 and gpu:
+                _bwd_tuned[(nprog,)](*args, D=D, BLOCK_D=block_d)
+            elif n > 0:
+                _rms_bwd_kernel[(nprog,)](*args, D=D, BLOCK_D=block_d, BLOCK_M=block_m, num_warps=warps)
             dw = dw_part[:, :D].sum(0).to(weight.dtype)  # (D,)
             return dx.view(ctx.x_shape), dw, None
 
