@@ -348,8 +348,10 @@ if _dispatch.triton_importable():
             dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=DOT_PREC)
             if ATOMIC_DQ:
                 dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=DOT_PREC) * sm_scale  # (BLOCK_M, BLOCK_D)
-                tl.atomic_add(dq_base + qi[:, None] * stride_dqt + offs_d[None, :], dq,
-                              mask=qmask[:, None] & (offs_d[None, :] < D))
+                # int64 rows: dQ32's row stride is Hq * D, which the int32 guard on q/k/v strides does not bound;
+                # relaxed order: nothing reads dQ32 before the kernel ends (the default acq_rel costs fences)
+                tl.atomic_add(dq_base + qi.to(tl.int64)[:, None] * stride_dqt + offs_d[None, :], dq,
+                              mask=qmask[:, None] & (offs_d[None, :] < D), sem="relaxed")
         return dk, dv
 
     @triton.jit(do_not_specialize=["T", "n_seqs", "t_bucket"])
@@ -431,6 +433,7 @@ if _dispatch.triton_importable():
     #   fwd  128x64 w8 s4: 255 regs, 0 spill | 128x32 w8 s3: 206, 0
     #   dq   128x64 w8 s3: 254, 0 | 64x64 w8 s3: 229, 0
     #   dkdv 128x16 w8 s2: 24 B | 128x64 w8 s1: 208 B (the bigger key tile at one stage)
+    # The atomic-dQ variant (dkdv+dq) spills more: 0 B (32x32 w4) to 376 B (128x64 s1).
     # The bench records every config's time per autotune key (row field "autotune"): prune with it.
     _INTERP = {"fwd": (32, 16), "dq": (32, 16), "dkdv": (32, 16)}  # (rows of the program's tile, inner step)
 
