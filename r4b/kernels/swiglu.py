@@ -86,8 +86,17 @@ if _dispatch.triton_importable():
     _bwd_tuned = triton.autotune(_cfgs, key=["n_cols"], prune_configs_by={"early_config_prune": _prune})(
         _swiglu_bwd_kernel)
 
-    def _on_gpu(t: Tensor) -> bool:
-        return t.device.type == "cuda" and not _dispatch.triton_interpret()
+    def _launch(tuned, kernel, out: Tensor, args: tuple) -> None:
+        """Run the forward or backward kernel over out's (n, n_cols) elements: autotuned on a GPU, the fixed
+        tile under the interpreter. args start with the pointers and hold n, n_cols where the kernels take them."""
+        n, n_cols = out.shape
+        if not out.numel():
+            return
+        if out.device.type == "cuda" and not _dispatch.triton_interpret():
+            tuned[lambda m: (triton.cdiv(n, m["BLOCK_M"]), triton.cdiv(n_cols, m["BLOCK_N"]))](*args)
+        else:
+            bm, bn = _grid_blocks(n_cols)
+            kernel[(triton.cdiv(n, bm), triton.cdiv(n_cols, bn))](*args, BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
 
     class _SwigluFn(torch.autograd.Function):
         @staticmethod
@@ -96,13 +105,7 @@ if _dispatch.triton_importable():
             g2, u2 = _rows(gate, n_cols), _rows(up, n_cols)  # (N, I)
             n = g2.shape[0]
             y = torch.empty((n, n_cols), dtype=torch.promote_types(gate.dtype, up.dtype), device=gate.device)
-            args = (g2, u2, y, n, n_cols, g2.stride(0), u2.stride(0), y.stride(0))
-            if y.numel() and _on_gpu(y):
-                _fwd_tuned[lambda m: (triton.cdiv(n, m["BLOCK_M"]), triton.cdiv(n_cols, m["BLOCK_N"]))](*args)
-            elif y.numel():
-                bm, bn = _grid_blocks(n_cols)
-                _swiglu_fwd_kernel[(triton.cdiv(n, bm), triton.cdiv(n_cols, bn))](*args, BLOCK_M=bm, BLOCK_N=bn,
-                                                                                  num_warps=4)
+            _launch(_fwd_tuned, _swiglu_fwd_kernel, y, (g2, u2, y, n, n_cols, g2.stride(0), u2.stride(0), y.stride(0)))
             ctx.save_for_backward(g2, u2)
             ctx.shape = gate.shape
             return y.view(gate.shape)
@@ -115,13 +118,8 @@ if _dispatch.triton_importable():
             dy2 = _rows(dy, n_cols)  # (N, I)
             dg = torch.empty((n, n_cols), dtype=g2.dtype, device=g2.device)
             du = torch.empty((n, n_cols), dtype=u2.dtype, device=u2.device)
-            args = (dy2, g2, u2, dg, du, n, n_cols, dy2.stride(0), g2.stride(0), u2.stride(0), dg.stride(0))
-            if dg.numel() and _on_gpu(dg):
-                _bwd_tuned[lambda m: (triton.cdiv(n, m["BLOCK_M"]), triton.cdiv(n_cols, m["BLOCK_N"]))](*args)
-            elif dg.numel():
-                bm, bn = _grid_blocks(n_cols)
-                _swiglu_bwd_kernel[(triton.cdiv(n, bm), triton.cdiv(n_cols, bn))](*args, BLOCK_M=bm, BLOCK_N=bn,
-                                                                                  num_warps=4)
+            _launch(_bwd_tuned, _swiglu_bwd_kernel, dg,
+                    (dy2, g2, u2, dg, du, n, n_cols, dy2.stride(0), g2.stride(0), u2.stride(0), dg.stride(0)))
             return dg.view(ctx.shape), du.view(ctx.shape)
 
 
