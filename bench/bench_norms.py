@@ -108,7 +108,7 @@ def aot_report() -> list[str]:
 
     import triton
 
-    from bench.harness import global_memory_ops, sm90_compile, sm90_ptxas
+    from bench.harness import global_memory_ops, ptxas_report, sm90_compile
 
     rms = importlib.import_module("r4b.kernels.rms_norm")
     rope = importlib.import_module("r4b.kernels.rope")
@@ -156,8 +156,8 @@ def aot_report() -> list[str]:
     for label, kern, meta, sig_of, warps, divisible in jobs:
         # an argument in a kernel's do_not_specialize never gets the hint at run time: none here either
         divisible = tuple(n for n in divisible if n not in (kern.do_not_specialize or ()))
-        info, _ = sm90_ptxas(kern, meta, sig_of, warps, 1, divisible)
-        ops = global_memory_ops(sm90_compile(kern, meta, sig_of, warps, 1, divisible).asm["ptx"])
+        compiled = sm90_compile(kern, meta, sig_of, warps, 1, divisible)
+        info, ops = ptxas_report(compiled), global_memory_ops(compiled.asm["ptx"])
         line = f"{label} warps={warps}: {info} | global memory ops {ops}"
         print(line, flush=True)
         lines.append(line)

@@ -6,7 +6,7 @@
 #   issues: the loss and packed-sequence kernels (fused GRPO / CE / log-probs, varlen attention, norms, model):
 #           their GPU tests, then their benches;
 #   rest:   the r4b._C ops (group advantages, pack) and the peer attention backends: tests and benches
-#           (builds r4b._C first if the issues phase did not leave it built on this machine);
+#           (builds r4b._C first unless this machine already has it built with CUDA);
 #   all:    both (default).
 # The run keeps to R4B_CHECK_BUDGET seconds (default 540, under the device tool's 600 s per command): every
 # step's time limit is cut to what is left, minus a reserve for the summary, so the table always prints.

@@ -402,16 +402,13 @@ def global_memory_ops(ptx: str) -> dict[str, int]:
     return counts
 
 
-def sm90_ptxas(kern, constexprs: dict, sig_of: Callable[[str], str], warps: int, stages: int,
-               divisible: tuple[str, ...] = ()) -> tuple[str, int]:
-    """Compile ``kern`` for sm_90 (:func:`sm90_compile`) and return (ptxas's register / spill report, shared
-    memory bytes), from triton's bundled ptxas."""
+def ptxas_report(compiled) -> str:
+    """ptxas's register / spill report (triton's bundled ptxas, sm_90a) of a kernel from :func:`sm90_compile`."""
     import subprocess
     import tempfile
 
     import triton
 
-    compiled = sm90_compile(kern, constexprs, sig_of, warps, stages, divisible)
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(compiled.asm["ptx"])
@@ -420,9 +417,15 @@ def sm90_ptxas(kern, constexprs: dict, sig_of: Callable[[str], str], warps: int,
                            check=True)
     finally:
         os.unlink(f.name)
-    info = "; ".join(line.split(":", 1)[-1].strip() for line in r.stderr.splitlines()
+    return "; ".join(line.split(":", 1)[-1].strip() for line in r.stderr.splitlines()
                      if "registers" in line or "spill" in line)
-    return info, compiled.metadata.shared
+
+
+def sm90_ptxas(kern, constexprs: dict, sig_of: Callable[[str], str], warps: int, stages: int) -> tuple[str, int]:
+    """Compile ``kern`` for sm_90 (:func:`sm90_compile`) and return (ptxas's register / spill report, shared
+    memory bytes)."""
+    compiled = sm90_compile(kern, constexprs, sig_of, warps, stages)
+    return ptxas_report(compiled), compiled.metadata.shared
 
 
 def matmul_floor_columns(device: str) -> Callable[[Case, dict], dict] | None:
