@@ -132,7 +132,7 @@ def aot_report() -> list[str]:
         meta = {"D": D, "BLOCK_D": bd, "BLOCK_M": bm}
         rsig = sig(("X", "W", "Y", "DY", "DX"), ("RSTD", "DW_PART"))
         jobs.append((f"rms_norm fwd D={D}", rms._rms_fwd_kernel, meta, rsig, w, ()))
-        jobs.append((f"rms_norm bwd D={D}", rms._rms_bwd_kernel, meta, rsig, rms._bwd_warps(bd, w), ()))
+        jobs.append((f"rms_norm bwd D={D}", rms._rms_bwd_kernel, meta, rsig, w, ()))
         # the GPU backward's autotune configs that its pruning keeps at this D
         cfgs = [triton.Config({"BLOCK_M": m}, num_warps=cw) for m, cw in rms.BWD_CONFIGS]
         for c in rms._bwd_prune(cfgs, {}, D=D, BLOCK_D=bd):

@@ -86,13 +86,6 @@ if _dispatch.triton_importable():
             block_m = max(1, min(block_m, 8))
         return block_d, block_m, num_warps
 
-    def _bwd_warps(block_d: int, warps: int) -> int:
-        """The backward's warps: wide rows (the hidden norm, D=2560) do two block-wide reductions per row in a
-        loop over rows, and 8 warps halve each one's serial part (128 -> 80 registers a thread, no spills, so 24
-        resident warps an SM instead of 16). TODO(GPU): fwd+bwd reached 38% of copy bandwidth with 4 warps on an
-        H100 (2026-11-26); time 8, and read the bench's CUDA-graph column (launch cost or kernel?)."""
-        return 8 if block_d >= 2048 and not _dispatch.triton_interpret() else warps
-
     # GPU backward: autotuned once per D over (rows per step, warps), kept to 2k..8k elements a step (16 warps
     # only from 4k). The fixed tiles timed on the H100 (2026-11-26) are among them: 1 row x 4 warps at D=2560
     # (38% of copy bandwidth fwd+bwd) and 32 rows x 4 warps at the q/k head norm D=128 (80%).
@@ -145,7 +138,6 @@ if _dispatch.triton_importable():
             dy2 = _rows(dy, D)  # (N, D)
             dx = torch.empty((n, D), dtype=x2.dtype, device=x2.device)
             block_d, block_m, warps = _blocks(D)
-            warps = _bwd_warps(block_d, warps)
             gpu = x2.device.type == "cuda" and not _dispatch.triton_interpret()
             # the grid does not depend on the (autotuned) row block: programs without rows write zero partials
             nprog = max(1, min(4 * _sm_count(x2.device), n)) if gpu else max(1, min(4, triton.cdiv(n, block_m)))

@@ -86,7 +86,7 @@ if _dispatch.triton_importable():
             xp += stride_xh
             yp += stride_yh
 
-    def _blocks(H: int, D: int) -> tuple[int, int]:
+    def _blocks(D: int) -> tuple[int, int]:
         """(BLOCK_HALF, BLOCK_T) of the interpreter and of the first GPU config: about 1k element pairs per head
         step."""
         block_half = triton.next_power_of_2(D // 2)
@@ -114,7 +114,7 @@ if _dispatch.triton_importable():
         y = torch.empty((T, H, D), dtype=x.dtype, device=x.device)
         if T * H == 0:
             return y
-        block_half, block_t = _blocks(H, D)
+        block_half, block_t = _blocks(D)
         args = (x, pos, inv_freq, y, T, H, x.stride(0), x.stride(1), y.stride(0), y.stride(1))
         if x.device.type == "cuda" and not _dispatch.triton_interpret():
             _rope_tuned[lambda m: (triton.cdiv(T, m["BLOCK_T"]),)](*args, HALF=D // 2, BLOCK_HALF=block_half,
