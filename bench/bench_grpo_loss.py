@@ -16,7 +16,6 @@ at the 8192^3 bf16 matmul rate measured in the same run.
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 
@@ -25,6 +24,7 @@ from bench.harness import (
     Skip,
     backend_provider,
     default_device,
+    env_var,
     matmul_floor_columns,
     run_bench,
     sm90_ptxas,
@@ -203,23 +203,11 @@ def _chunked_knobs(chunk_bytes: int | None = None, skip_zero_rows: bool | None =
         fc._CHUNK_BYTES, fc._SKIP_ZERO_ROWS = before
 
 
-@contextlib.contextmanager
 def _impl(impl: str | None):
     """Sets $R4B_FUSED_LINEAR_IMPL (chunked | tiled) for the duration of one call; None leaves it alone."""
     from r4b.kernels import _fused_linear_chunked as fc
 
-    if impl is None:
-        yield
-        return
-    before = os.environ.get(fc.ENV_IMPL)
-    os.environ[fc.ENV_IMPL] = impl
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ[fc.ENV_IMPL]
-        else:
-            os.environ[fc.ENV_IMPL] = before
+    return env_var(fc.ENV_IMPL, impl)
 
 
 def aot_report() -> list[str]:

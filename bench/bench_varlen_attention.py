@@ -10,13 +10,12 @@ prints registers / spills per autotune config (ptxas -v), the measurement behind
 
 from __future__ import annotations
 
-import os
 import sys
 
 import torch
 import torch.nn.functional as F
 
-from bench.harness import Case, Skip, default_device, run_bench, sm90_ptxas
+from bench.harness import Case, Skip, default_device, env_var, run_bench, sm90_ptxas
 
 ANCHOR = [4096, 3072, 2560, 2048, 1536, 1280, 768, 512, 384, 128]  # 16384 tokens, 10 docs 128..4096
 # every provider's output (fwd) or q/k/v gradients (fwd+bwd) against SDPA's before timing (harness check_tol):
@@ -81,15 +80,8 @@ def providers(device: str, mask_ms: dict) -> dict:
             timed = _timed(case, fwd, q, k, v, do)
 
             def call():
-                before = os.environ.get("R4B_VARLEN_BWD")
-                os.environ["R4B_VARLEN_BWD"] = bwd
-                try:
+                with env_var("R4B_VARLEN_BWD", bwd):
                     return timed()
-                finally:
-                    if before is None:
-                        del os.environ["R4B_VARLEN_BWD"]
-                    else:
-                        os.environ["R4B_VARLEN_BWD"] = before
 
             return call
 

@@ -9,6 +9,7 @@ versions and the git commit.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import functools
@@ -110,6 +111,24 @@ def time_fn(fn: Callable[[], object], device: str, *, quick: bool = False) -> tu
     times.sort()
     pick = lambda p: times[min(len(times) - 1, int(p * (len(times) - 1) + 0.5))]
     return statistics.median(times), pick(0.2), pick(0.8)
+
+
+@contextlib.contextmanager
+def env_var(name: str, value: str | None):
+    """Sets the environment variable ``name`` to ``value`` inside the block and restores what it was (None:
+    leaves it alone); for providers that time one of r4b's environment-selected implementations."""
+    if value is None:
+        yield
+        return
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
 
 
 def graph_time_ms(fn: Callable[[], object], *, quick: bool = False) -> float:
