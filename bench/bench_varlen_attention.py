@@ -5,7 +5,8 @@ opt-in backends, ``varlen_attention(..., backend="flash_attn" | "xformers")``).
 TFLOP/s use flash-attn's accounting: forward = 4 * L^2 * Hq * D per document, halved when causal; backward =
 2.5x forward (so forward+backward = 3.5x). ``--aot`` compiles the Triton kernels for sm_90 without a GPU and
 prints registers / spills per autotune config (ptxas -v), the measurement behind the config lists
-(``--aot-first``: the first config of each list only, what tests/test_varlen_attention.py runs).
+(``--aot-first``: the first config of each list only, what tests/test_varlen_attention.py runs). ``--sched``
+prints the list-scheduling model behind the kernels' grid order (no GPU needed).
 """
 
 from __future__ import annotations
@@ -224,10 +225,61 @@ def autotune_timings(mode: str, atomic: bool = False) -> dict:
     return out
 
 
+def _tile_work(lens: list[int], tile: int, step: int, keys: bool) -> list[float]:
+    """Causal work of each packed tile, in inner-loop steps plus 1.5 steps of fixed cost: a query tile (keys=False)
+    walks the key blocks up to its last query of each sequence it holds, a key tile (keys=True, one program per
+    KV head, the GQA-4 query heads looped inside) the query blocks from its first key to the end of the sequence."""
+    cu = [0]
+    for n in lens:
+        cu.append(cu[-1] + n)
+    work = []
+    for t0 in range(0, cu[-1], tile):
+        w = 1.5
+        for cs, ce in zip(cu[:-1], cu[1:], strict=True):
+            a, b = max(t0, cs), min(t0 + tile, ce)
+            if a < b:
+                w += 4 * -(-(ce - cs - (a - cs) // step * step) // step) if keys else -(-(b - cs) // step)
+        work.append(w)
+    return work
+
+
+def _makespan(work: list[float], sms: int) -> float:
+    """Finish time when programs start in grid order, each on the first SM to free up (one program per SM, as
+    the autotuned attention kernels' 200+ registers x 256 threads allow)."""
+    import heapq
+
+    free = [0.0] * sms
+    for w in work:
+        heapq.heappush(free, heapq.heappop(free) + w)
+    return max(free)
+
+
+def schedule_report(sms: int = 132) -> dict[str, dict[str, float]]:
+    """The list-scheduling model behind the kernels' grid order (r4b/kernels/varlen_attention.py ``_tile_of``):
+    makespan over the ideal (total work / SMs) of the head-major 2-D grid the kernels had before, and of the
+    tile-major 1-D grid they use now (query tiles backwards, key tiles forwards), at the bench's two shapes with
+    the first autotune configs' tiles. A model, not a measurement: the GPU bench is the judge."""
+    out = {}
+    for name, lens in (("anchor 16k", ANCHOR), ("row 64k", ROW_64K)):
+        for kind, tile, step, heads, keys in (("fwd/dq", 128, 64, 32, False), ("dkdv", 128, 32, 8, True)):
+            w = _tile_work(lens, tile, step, keys)
+            ideal = sum(w) * heads / sms
+            head_major = [x for _ in range(heads) for x in w]
+            tile_major = [x for x in (w if keys else w[::-1]) for _ in range(heads)]
+            r = {"head-major": _makespan(head_major, sms) / ideal, "tile-major": _makespan(tile_major, sms) / ideal}
+            out[f"{name} {kind}"] = r
+            print(f"{name:10s} {kind:6s} makespan / ideal: head-major {r['head-major']:.3f}, "
+                  f"tile-major {r['tile-major']:.3f}", flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     argv = argv or []
     if "--aot" in argv or "--aot-first" in argv:
         aot_report(first_only="--aot-first" in argv)
+        return []
+    if "--sched" in argv:
+        schedule_report()
         return []
     device = default_device()
     quick = "--quick" in argv or device == "cpu"

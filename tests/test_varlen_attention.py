@@ -6,8 +6,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 from r4b.kernels import varlen_attention, varlen_attention_ref
+from r4b.kernels.varlen_attention import _tile_of
 from tests._aot import run_aot_report
 from tests._lowprec import assert_within_twice_plain
 
@@ -238,6 +241,30 @@ def test_varlen_attention_kernels_compile_for_sm90():
     # loop-carried type changes, dot shapes); compile fwd, dQ and dK/dV for sm_90 with triton's own ptxas.
     out = run_aot_report("bench.bench_varlen_attention", "--aot-first")
     assert all(f"{kind} " in out for kind in ("fwd", "dq", "dkdv")), out
+
+
+@triton.jit
+def _order_kernel(OUT, n_heads, T, BLOCK: tl.constexpr, HEAVY_LAST: tl.constexpr):
+    """Stores each program's (first row, head) from the attention kernels' ``_tile_of``."""
+    t0, h = _tile_of(n_heads, T, BLOCK, HEAVY_LAST)
+    pid = tl.program_id(0)
+    tl.store(OUT + 2 * pid, t0)
+    tl.store(OUT + 2 * pid + 1, h)
+
+
+def test_grid_order_is_tile_major_with_query_tiles_backwards():
+    """The kernels' program -> (tile, head) map (``_tile_of``): heads of one tile are consecutive programs, causal
+    query kernels walk the tiles backwards, key kernels forwards; and in the bench's scheduling model that order
+    leaves a smaller tail than the head-major grid at both bench shapes."""
+    from bench.bench_varlen_attention import schedule_report
+
+    T, block, heads = 100, 32, 3  # 4 tiles, the last one partial
+    for heavy_last, tiles in ((True, [96, 64, 32, 0]), (False, [0, 32, 64, 96])):
+        out = torch.full((4 * heads, 2), -1, dtype=torch.int32)
+        _order_kernel[(4 * heads,)](out, heads, T, BLOCK=block, HEAVY_LAST=heavy_last)
+        assert out.tolist() == [[t, h] for t in tiles for h in range(heads)]
+    for shape, r in schedule_report().items():
+        assert r["tile-major"] <= r["head-major"], shape
 
 
 def test_double_backward_raises_on_the_triton_path():

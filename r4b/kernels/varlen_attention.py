@@ -10,10 +10,11 @@ products instead of 7; which is faster is measured by bench/bench_varlen_attenti
 row; "split", the default, is deterministic).
 
 Grid and sequence boundaries: one program per (tile of BLOCK *packed* tokens, head), ordered tile-major in a
-1-D grid (``_tile_of``), so it depends only on T, never on the per-batch lengths. A tile of BLOCK packed rows may hold the end of one sequence and
-the start of others; the program finds the sequence of its first row by binary search over cu_seqlens and
-walks the "segments" (the rows of one sequence inside the tile) in turn, running the usual flash loops with
-that sequence's start and length. Lengths are runtime values: nothing recompiles per batch.
+1-D grid (``_tile_of``), so it depends only on T, never on the per-batch lengths. A tile of BLOCK packed rows
+may hold the end of one sequence and the start of others; the program finds the sequence of its first row by
+binary search over cu_seqlens and walks the "segments" (the rows of one sequence inside the tile) in turn,
+running the usual flash loops with that sequence's start and length. Lengths are runtime values: nothing
+recompiles per batch.
 
 Also owns the calls into two opt-in peer backends (see _dispatch.py: only ``backend="flash_attn"`` /
 ``"xformers"`` or ``R4B_ATTN_BACKEND`` select them): flash-attn's ``flash_attn_varlen_func`` (packed layout and
@@ -176,8 +177,9 @@ if _dispatch.triton_importable():
         query tile's work grows towards the end of its sequence, so query kernels walk the tiles backwards
         (HEAVY_LAST=True: the heavy last tiles of each sequence start first and the last programs are the light
         first tiles); a key tile's work shrinks towards the end, so key kernels walk forwards. In a list-scheduling
-        model of the 16k anchor (1 program per SM) this cuts the dK/dV kernel's tail from ~19% to ~2% over
-        the head-major grid it had, and the forward's from ~5% to ~0.5%."""
+        model of the 16k anchor (1 program per SM; ``python -m bench.bench_varlen_attention --sched``) this cuts
+        the dK/dV kernel's tail from ~19% to ~2% over the head-major grid it had, and the forward's from ~5% to
+        ~0.5%."""
         pid = tl.program_id(0)
         h = pid % n_heads
         tile = pid // n_heads
