@@ -203,18 +203,24 @@ if _dispatch.triton_importable():
             kn = n0 + offs_n
             kmask = kn < hi
             kT = _load_rows_t(k_base, kn, stride_kt, offs_d, kmask, D, BLOCK_D, MASK)  # (BLOCK_D, BLOCK_N)
-            qk = tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+            qk = tl.dot(q, kT, input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_N) raw scores
             if MASK:
                 ok = kmask[None, :]
                 if CAUSAL:
                     ok = ok & (kn[None, :] <= q_loc[:, None])
-                qk = tl.where(ok, qk, _NEG)
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            p = tl.exp2(qk - m_new[:, None])
+                qk = tl.where(ok, qk * qk_scale, _NEG)  # log2 units
+                m_new = tl.maximum(m_i, tl.max(qk, 1))
+                p = tl.exp2(qk - m_new[:, None])
+            else:
+                # scale the row maximum, not every score: qk * scale - m is then one FMA per score (scaling by a
+                # positive number commutes with the maximum, so m_new is the same either way)
+                m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+                p = tl.exp2(qk * qk_scale - m_new[:, None])
             alpha = tl.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
             v = _load_rows(v_base, kn, stride_vt, offs_d, kmask, D, BLOCK_D, MASK)  # (BLOCK_N, BLOCK_D)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+            # the rescaled accumulator as the product's accumulator: the MMA adds into it (no separate add)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
             m_i = m_new
         return acc, m_i, l_i
 
