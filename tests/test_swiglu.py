@@ -69,3 +69,17 @@ def test_double_backward_raises_and_zero_width_is_refused():
         dg.pow(2).sum().backward()
     with pytest.raises(ValueError, match="last dimension"):
         swiglu(torch.zeros(5, 0), torch.zeros(5, 0), backend="triton")
+
+
+def test_small_op_autotuning_keys_on_a_row_bucket():
+    """The GPU autotuners key on a bucket of the row count (one bucket below 4096 rows, then powers of two), so a
+    decode-sized first call does not pick the tile of a 16k-token training step."""
+    import importlib
+
+    from r4b.kernels._dispatch import rows_bucket
+
+    assert [rows_bucket(n) for n in (0, 1, 4095, 4096, 8191, 8192, 16384 * 32)] == [0, 0, 0, 1, 1, 2, 8]
+    swi = importlib.import_module("r4b.kernels.swiglu")
+    rope = importlib.import_module("r4b.kernels.rope")
+    assert "rows_bucket" in swi._fwd_tuned.keys and "rows_bucket" in swi._bwd_tuned.keys
+    assert "t_bucket" in rope._rope_tuned.keys

@@ -89,6 +89,13 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def rows_bucket(n: int) -> int:
+    """Autotune key part for a row count that changes per call: 0 below 4096 rows (launch-bound sizes such as
+    decoding share one tuning), then one bucket per power of two. Keyed on the width alone, the first call's
+    size picked the tile for the whole process (a rollout's decode steps before a 16k-token training step)."""
+    return max(0, n.bit_length() - 12)
+
+
 def extension_has(op: str, device: str) -> bool:
     """True when r4b._C registers ``op`` with a kernel for ``device`` ("cpu" or "cuda")."""
     ext = _extension()

@@ -54,9 +54,9 @@ if _dispatch.triton_importable():
     import triton
     import triton.language as tl
 
-    @triton.jit(do_not_specialize=["T", "H"])
-    def _rope_kernel(X, POS, INV_FREQ, Y, T, H, stride_xt, stride_xh, stride_yt, stride_yh, HALF: tl.constexpr,
-                     BLOCK_HALF: tl.constexpr, BLOCK_T: tl.constexpr, INVERSE: tl.constexpr):
+    @triton.jit(do_not_specialize=["T", "H", "t_bucket"])
+    def _rope_kernel(X, POS, INV_FREQ, Y, T, H, t_bucket, stride_xt, stride_xh, stride_yt, stride_yh,
+                     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_T: tl.constexpr, INVERSE: tl.constexpr):
         # One program rotates BLOCK_T tokens: cos and sin are formed once, as a (BLOCK_T, BLOCK_HALF) tile, and
         # applied to the token's heads one after another. (The first version evaluated them per (token, head):
         # 32 times the trigonometry for q; on an H100, 2026-11-26, it moved 1.7 TB/s for q and 1.5 for k where a
@@ -95,7 +95,7 @@ if _dispatch.triton_importable():
             block_t = min(block_t, 4)
         return block_half, block_t
 
-    # GPU: autotuned once per (heads, head dim) over (BLOCK_T, warps), never on T (it changes per batch). The
+    # GPU: autotuned once per (heads, head dim, bucket of T: _dispatch.rows_bucket) over (BLOCK_T, warps). The
     # first is _blocks' choice at D=128 (16 tokens); tiles over 4k element pairs are pruned (registers). (32, 8)
     # and (64, 4) spilled 44 B and 60 B under ptxas: left out.
     CONFIGS = [(16, 4), (8, 4), (32, 4), (64, 8), (16, 2)]
@@ -105,7 +105,8 @@ if _dispatch.triton_importable():
         return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_T"])]
 
     _rope_tuned = triton.autotune([triton.Config({"BLOCK_T": t}, num_warps=w) for t, w in CONFIGS],
-                                  key=["H", "HALF"], prune_configs_by={"early_config_prune": _prune})(_rope_kernel)
+                                  key=["H", "HALF", "t_bucket"],
+                                  prune_configs_by={"early_config_prune": _prune})(_rope_kernel)
 
     def _launch(x: Tensor, pos: Tensor, inv_freq: Tensor, inverse: bool) -> Tensor:
         if x.stride(-1) != 1:
@@ -115,7 +116,8 @@ if _dispatch.triton_importable():
         if T * H == 0:
             return y
         block_half, block_t = _blocks(D)
-        args = (x, pos, inv_freq, y, T, H, x.stride(0), x.stride(1), y.stride(0), y.stride(1))
+        args = (x, pos, inv_freq, y, T, H, _dispatch.rows_bucket(T), x.stride(0), x.stride(1), y.stride(0),
+                y.stride(1))
         if x.device.type == "cuda" and not _dispatch.triton_interpret():
             _rope_tuned[lambda m: (triton.cdiv(T, m["BLOCK_T"]),)](*args, HALF=D // 2, BLOCK_HALF=block_half,
                                                                     INVERSE=inverse)

@@ -27,8 +27,8 @@ if _dispatch.triton_importable():
     # n_cols stays specialised (Triton keys on its divisibility by 16, not its value): with it unknown, the column
     # mask could not be proven constant over 8 bf16 lanes and every load and store went element by element. On
     # an H100 (2026-11-26) the forward with n_cols unspecialised moved 2.0 TB/s where torch.compile moved 3.0.
-    @triton.jit(do_not_specialize=["n_rows"])
-    def _swiglu_fwd_kernel(G, U, Y, n_rows, n_cols, stride_g, stride_u, stride_y, BLOCK_M: tl.constexpr,
+    @triton.jit(do_not_specialize=["n_rows", "rows_bucket"])
+    def _swiglu_fwd_kernel(G, U, Y, n_rows, n_cols, rows_bucket, stride_g, stride_u, stride_y, BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr):
         rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -38,8 +38,8 @@ if _dispatch.triton_importable():
         y = g * tl.sigmoid(g) * u
         tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
-    @triton.jit(do_not_specialize=["n_rows"])
-    def _swiglu_bwd_kernel(DY, G, U, DG, DU, n_rows, n_cols, stride_dy, stride_g, stride_u, stride_d,
+    @triton.jit(do_not_specialize=["n_rows", "rows_bucket"])
+    def _swiglu_bwd_kernel(DY, G, U, DG, DU, n_rows, n_cols, rows_bucket, stride_dy, stride_g, stride_u, stride_d,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -68,7 +68,7 @@ if _dispatch.triton_importable():
             block_m = min(block_m, 8)
         return block_m, block_n
 
-    # GPU: autotuned once per column count (never on the row count, which changes per batch) over these
+    # GPU: autotuned once per (column count, bucket of the row count: _dispatch.rows_bucket) over these
     # (BLOCK_M, BLOCK_N, warps). The first is the fixed tile measured on the H100 (2026-11-26, before n_cols was
     # specialised: 67% of copy bandwidth); the others trade rows for columns and warps. The bench's --aot report
     # lists their registers and load widths.
@@ -81,14 +81,15 @@ if _dispatch.triton_importable():
         return kept or configs[:1]
 
     _cfgs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w) for m, n, w in CONFIGS]
-    _fwd_tuned = triton.autotune(_cfgs, key=["n_cols"], prune_configs_by={"early_config_prune": _prune})(
+    _fwd_tuned = triton.autotune(_cfgs, key=["n_cols", "rows_bucket"], prune_configs_by={"early_config_prune": _prune})(
         _swiglu_fwd_kernel)
-    _bwd_tuned = triton.autotune(_cfgs, key=["n_cols"], prune_configs_by={"early_config_prune": _prune})(
+    _bwd_tuned = triton.autotune(_cfgs, key=["n_cols", "rows_bucket"], prune_configs_by={"early_config_prune": _prune})(
         _swiglu_bwd_kernel)
 
     def _launch(tuned, kernel, out: Tensor, args: tuple) -> None:
         """Run the forward or backward kernel over out's (n, n_cols) elements: autotuned on a GPU, the fixed
-        tile under the interpreter. args start with the pointers and hold n, n_cols where the kernels take them."""
+        tile under the interpreter. args start with the pointers and hold n, n_cols, rows_bucket where the kernels take
+        them."""
         n, n_cols = out.shape
         if not out.numel():
             return
@@ -105,7 +106,8 @@ if _dispatch.triton_importable():
             g2, u2 = _rows(gate, n_cols), _rows(up, n_cols)  # (N, I)
             n = g2.shape[0]
             y = torch.empty((n, n_cols), dtype=torch.promote_types(gate.dtype, up.dtype), device=gate.device)
-            _launch(_fwd_tuned, _swiglu_fwd_kernel, y, (g2, u2, y, n, n_cols, g2.stride(0), u2.stride(0), y.stride(0)))
+            _launch(_fwd_tuned, _swiglu_fwd_kernel, y,
+                    (g2, u2, y, n, n_cols, _dispatch.rows_bucket(n), g2.stride(0), u2.stride(0), y.stride(0)))
             ctx.save_for_backward(g2, u2)
             ctx.shape = gate.shape
             return y.view(gate.shape)
@@ -119,7 +121,8 @@ if _dispatch.triton_importable():
             dg = torch.empty((n, n_cols), dtype=g2.dtype, device=g2.device)
             du = torch.empty((n, n_cols), dtype=u2.dtype, device=u2.device)
             _launch(_bwd_tuned, _swiglu_bwd_kernel, dg,
-                    (dy2, g2, u2, dg, du, n, n_cols, dy2.stride(0), g2.stride(0), u2.stride(0), dg.stride(0)))
+                    (dy2, g2, u2, dg, du, n, n_cols, _dispatch.rows_bucket(n), dy2.stride(0), g2.stride(0),
+                     u2.stride(0), dg.stride(0)))
             return dg.view(ctx.shape), du.view(ctx.shape)
 
 
