@@ -253,7 +253,8 @@ def aot_report() -> list[str]:
     br, bvr, warps_r = fc.gpu_rows_config()
     for tname, mode, label in (("bf16", fc.MODE_GRPO, "grpo"), ("bf16", fc.MODE_COEF, "coef"),
                                ("fp32", fc.MODE_GRPO, "grpo")):
-        meta = dict(V=151936, MODE=mode, HAS_OLD=True, HAS_KL=mode == fc.MODE_GRPO, BLOCK_R=br, BLOCK_V=bvr)
+        meta = dict(V=151936, MODE=mode, HAS_OLD=True, HAS_KL=mode == fc.MODE_GRPO, BLOCK_R=br, BLOCK_V=bvr,
+                    STAGES=1)
 
         def sig_of(n, tname=tname):
             if n == "z_ptr":

@@ -1,5 +1,6 @@
 """Benchmark (tuning data) the row kernel of the chunked fused-linear loss alone: one chunk's [C, V] logits buffer
-at the anchor shape (C=3328 rows, V=151936, bf16), swept over (BLOCK_R, BLOCK_V, num_warps).
+at the anchor shape (C=3328 rows, V=151936, bf16), swept over (BLOCK_R, BLOCK_V, num_warps, programs per SM,
+pipeline stages).
 
 The kernel reads the buffer twice (log-sum-exp, then the gradient) and writes it once (dz in place): GB/s count
 those 3 passes, and ``pct_copy`` compares them with the device copy bandwidth measured in the same run (a copy
@@ -17,9 +18,16 @@ import torch
 
 from bench.harness import Case, Skip, copy_bandwidth_gbps, default_device, run_bench
 
-# (BLOCK_R, BLOCK_V, num_warps): rows per program, vocabulary block, warps
-CONFIGS = [(1, 2048, 4), (1, 4096, 4), (1, 4096, 8), (1, 8192, 8), (1, 8192, 16), (1, 16384, 16), (2, 4096, 8),
-           (4, 2048, 8)]
+# (BLOCK_R, BLOCK_V, num_warps, programs per SM, stages): rows per program, vocabulary block, warps; "p" caps the
+# grid at that many programs per SM (0: one program per row block), each walking row blocks, so that pass 2
+# re-reads a row soon after pass 1 (an L2 hit if the rows in flight, ~0.3 MB each, fit in L2); "s" > 1 pipelines
+# the vocabulary loops' loads (cp.async; sm_90 ptxas: 114-240 registers, no spills, for the configs below).
+# First GPU run (H100, 2026-11-26, the first eight without p/s): 1x4096 w4 best at 92% of copy bandwidth, the
+# default 1x4096 w8 tied; wider blocks and two rows per program were slower.
+CONFIGS = [(1, 2048, 4, 0, 1), (1, 4096, 4, 0, 1), (1, 4096, 8, 0, 1), (1, 8192, 8, 0, 1), (1, 8192, 16, 0, 1),
+           (1, 16384, 16, 0, 1), (2, 4096, 8, 0, 1), (4, 2048, 8, 0, 1),
+           (1, 4096, 4, 0, 2), (1, 4096, 8, 0, 3), (1, 8192, 16, 1, 1), (1, 8192, 16, 1, 3), (1, 8192, 8, 1, 3),
+           (1, 8192, 16, 2, 2), (1, 4096, 8, 2, 3)]
 
 
 def cases(quick: bool) -> list[Case]:
@@ -70,9 +78,12 @@ def providers(device: str) -> dict:
 
     provs = {"torch copy": copy, "default": kernel(None)}
     default = fc.gpu_rows_config()
-    for br, bv, warps in CONFIGS:
-        if (br, bv, warps) != default:
-            provs[f"rows {br}x{bv} w{warps}"] = kernel((br, bv, warps))
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if device == "cuda" else 1
+    for br, bv, warps, per_sm, stages in CONFIGS:
+        if (br, bv, warps, per_sm, stages) != (*default, 0, 1):
+            label = f"rows {br}x{bv} w{warps}" + (f" p{per_sm}" if per_sm else "")
+            label += f" s{stages}" if stages > 1 else ""
+            provs[label] = kernel((br, bv, warps, per_sm * sms, stages))
     return provs
 
 

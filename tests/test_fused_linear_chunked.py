@@ -435,10 +435,12 @@ def test_gpu_anchor_shape_chunked_peak_memory(monkeypatch):
     assert extra < 2.19 * 2**30, f"peak extra {extra / 2**30:.2f} GiB"
 
 
-@pytest.mark.parametrize("config", [(1, 128, 4), (2, 64, 4), (4, 512, 2)])
+@pytest.mark.parametrize("config", [(1, 128, 4), (2, 64, 4), (4, 512, 2), (1, 128, 4, 3), (2, 64, 4, 5),
+                                    (4, 512, 2, 1), (1, 64, 4, 0, 3), (2, 128, 4, 4, 2)])
 def test_row_kernel_config_override(config):
-    """bench/bench_grpo_rows.py sweeps the row kernel's (BLOCK_R, BLOCK_V, num_warps): any config computes what
-    the default does (up to the summation order of the log-sum-exp)."""
+    """bench/bench_grpo_rows.py sweeps the row kernel's (BLOCK_R, BLOCK_V, num_warps[, programs[, stages]]): any
+    config computes what the default does (up to the summation order of the log-sum-exp), also with a capped grid
+    whose programs walk several row blocks (37 rows: uneven walks, row blocks past rows_grad in the middle)."""
     g = torch.Generator().manual_seed(0)
     rows, v = 37, 300
     z0 = torch.randn(rows, v, generator=g)

@@ -119,74 +119,78 @@ if triton is not None:
         z_ptr, t_ptr, w_ptr, adv_ptr, old_ptr, ref_ptr, logp_ptr, c_ptr,
         R, R_grad, stride_z, inv_temp, lo, hi, beta,
         V: tl.constexpr, MODE: tl.constexpr, HAS_OLD: tl.constexpr, HAS_KL: tl.constexpr,
-        BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, STAGES: tl.constexpr,
     ):
         """BLOCK_R rows of z: lse, logp, c = d loss / d logp, then z <- c (onehot - softmax(z / T)) / T for the
         first R_grad rows (the caller puts the rows whose gradient can be non-zero first and skips the others'
         backward GEMMs: their z is left as it is)."""
-        pid = tl.program_id(0)
-        rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-        row_ok = rows < R
-        rows64 = rows.to(tl.int64)
-        tgt = tl.load(t_ptr + rows64, mask=row_ok, other=-1).to(tl.int64)
-        has_t = (tgt >= 0) & (tgt < V)
-        base = z_ptr + rows64[:, None] * stride_z
-        # pass 1: online max / sum-exp / target logit
-        m = tl.full([BLOCK_R], float("-inf"), tl.float32)
-        s = tl.zeros([BLOCK_R], tl.float32)
-        zt = tl.zeros([BLOCK_R], tl.float32)
-        for v0 in range(0, V, BLOCK_V):
-            cols = v0 + tl.arange(0, BLOCK_V)
-            ok = row_ok[:, None] & (cols < V)[None, :]
-            z = tl.load(base + cols[None, :], mask=ok, other=float("-inf")).to(tl.float32) * inv_temp
-            m_new = tl.maximum(m, tl.max(z, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # padding rows: all -inf
-            s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), 1)
-            m = m_new
-            zt += tl.sum(tl.where(cols[None, :].to(tl.int64) == tgt[:, None], z, 0.0), 1)
-        lse = tl.where(row_ok, m + tl.log(tl.where(row_ok, s, 1.0)), 0.0)
-        logp = tl.where(has_t & row_ok, zt - lse, 0.0)
-        # per-token coefficient d loss / d logp
-        w = tl.load(w_ptr + rows64, mask=row_ok, other=0.0)
-        if MODE == 0:
-            trained = (w != 0) & has_t
-            adv = tl.where(trained, tl.load(adv_ptr + rows64, mask=row_ok, other=0.0), 0.0)
-            if HAS_OLD:
-                old = tl.load(old_ptr + rows64, mask=row_ok, other=0.0)
-                lr = tl.where(trained, logp - old, 0.0)
-            else:
-                lr = tl.zeros([BLOCK_R], tl.float32)  # on-policy: logp - logp.detach() = 0, ratio exactly 1
-            ratio = tl.exp(lr)
-            clipped = tl.minimum(tl.maximum(ratio, lo), hi)
-            a = ratio * adv
-            b = clipped * adv
-            # torch.minimum's backward: the smaller input gets the gradient, a tie splits it in half
-            fa = tl.where(a < b, 1.0, tl.where(a == b, 0.5, 0.0))
-            fb = tl.where(b < a, 1.0, tl.where(a == b, 0.5, 0.0))
-            # clamp's backward passes the gradient where lo <= ratio <= hi (bounds included)
-            cg = tl.where((ratio >= lo) & (ratio <= hi), 1.0, 0.0)
-            g = -(fa * adv + fb * cg * adv) * ratio
-            if HAS_KL:
-                ref = tl.load(ref_ptr + rows64, mask=row_ok, other=0.0)
-                d = tl.where(trained, ref - logp, 0.0)
-                g += beta * (1.0 - tl.exp(d))
-            c = tl.where(trained, w * g, 0.0)
-        else:
-            c = tl.where(has_t, w, 0.0)
-        tl.store(logp_ptr + rows64, logp, mask=row_ok)
-        tl.store(c_ptr + rows64, c, mask=row_ok)
-        # pass 2: z <- dz = c (onehot - p) / T, in place (programs past R_grad have nothing to write)
-        scale = c * inv_temp
-        if pid * BLOCK_R < R_grad:
-            grad_ok = row_ok & (rows < R_grad)
-            for v0 in range(0, V, BLOCK_V):
+        # row blocks pid, pid + programs, ...: one block per program with the default grid; a grid of about one
+        # program per SM (the sweep's "p" configs) re-reads each row in pass 2 soon after pass 1 read it, while
+        # it may still be in L2. STAGES > 1 pipelines the vocabulary loops' loads (cp.async into shared memory,
+        # checked in the sm_90 PTX); 1 issues each block's loads when its iteration starts.
+        for rb in range(tl.program_id(0), tl.cdiv(R, BLOCK_R), tl.num_programs(0)):
+            rows = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+            row_ok = rows < R
+            rows64 = rows.to(tl.int64)
+            tgt = tl.load(t_ptr + rows64, mask=row_ok, other=-1).to(tl.int64)
+            has_t = (tgt >= 0) & (tgt < V)
+            base = z_ptr + rows64[:, None] * stride_z
+            # pass 1: online max / sum-exp / target logit
+            m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+            s = tl.zeros([BLOCK_R], tl.float32)
+            zt = tl.zeros([BLOCK_R], tl.float32)
+            for v0 in tl.range(0, V, BLOCK_V, num_stages=STAGES):
                 cols = v0 + tl.arange(0, BLOCK_V)
-                ok = grad_ok[:, None] & (cols < V)[None, :]
-                z = tl.load(base + cols[None, :], mask=ok, other=0.0).to(tl.float32) * inv_temp
-                p = tl.exp(z - lse[:, None])
-                onehot = tl.where(cols[None, :].to(tl.int64) == tgt[:, None], 1.0, 0.0)
-                dz = (onehot - p) * scale[:, None]
-                tl.store(base + cols[None, :], dz.to(z_ptr.dtype.element_ty), mask=ok)
+                ok = row_ok[:, None] & (cols < V)[None, :]
+                z = tl.load(base + cols[None, :], mask=ok, other=float("-inf")).to(tl.float32) * inv_temp
+                m_new = tl.maximum(m, tl.max(z, 1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # padding rows: all -inf
+                s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), 1)
+                m = m_new
+                zt += tl.sum(tl.where(cols[None, :].to(tl.int64) == tgt[:, None], z, 0.0), 1)
+            lse = tl.where(row_ok, m + tl.log(tl.where(row_ok, s, 1.0)), 0.0)
+            logp = tl.where(has_t & row_ok, zt - lse, 0.0)
+            # per-token coefficient d loss / d logp
+            w = tl.load(w_ptr + rows64, mask=row_ok, other=0.0)
+            if MODE == 0:
+                trained = (w != 0) & has_t
+                adv = tl.where(trained, tl.load(adv_ptr + rows64, mask=row_ok, other=0.0), 0.0)
+                if HAS_OLD:
+                    old = tl.load(old_ptr + rows64, mask=row_ok, other=0.0)
+                    lr = tl.where(trained, logp - old, 0.0)
+                else:
+                    lr = tl.zeros([BLOCK_R], tl.float32)  # on-policy: logp - logp.detach() = 0, ratio exactly 1
+                ratio = tl.exp(lr)
+                clipped = tl.minimum(tl.maximum(ratio, lo), hi)
+                a = ratio * adv
+                b = clipped * adv
+                # torch.minimum's backward: the smaller input gets the gradient, a tie splits it in half
+                fa = tl.where(a < b, 1.0, tl.where(a == b, 0.5, 0.0))
+                fb = tl.where(b < a, 1.0, tl.where(a == b, 0.5, 0.0))
+                # clamp's backward passes the gradient where lo <= ratio <= hi (bounds included)
+                cg = tl.where((ratio >= lo) & (ratio <= hi), 1.0, 0.0)
+                g = -(fa * adv + fb * cg * adv) * ratio
+                if HAS_KL:
+                    ref = tl.load(ref_ptr + rows64, mask=row_ok, other=0.0)
+                    d = tl.where(trained, ref - logp, 0.0)
+                    g += beta * (1.0 - tl.exp(d))
+                c = tl.where(trained, w * g, 0.0)
+            else:
+                c = tl.where(has_t, w, 0.0)
+            tl.store(logp_ptr + rows64, logp, mask=row_ok)
+            tl.store(c_ptr + rows64, c, mask=row_ok)
+            # pass 2: z <- dz = c (onehot - p) / T, in place (programs past R_grad have nothing to write)
+            scale = c * inv_temp
+            if rb * BLOCK_R < R_grad:
+                grad_ok = row_ok & (rows < R_grad)
+                for v0 in tl.range(0, V, BLOCK_V, num_stages=STAGES):
+                    cols = v0 + tl.arange(0, BLOCK_V)
+                    ok = grad_ok[:, None] & (cols < V)[None, :]
+                    z = tl.load(base + cols[None, :], mask=ok, other=0.0).to(tl.float32) * inv_temp
+                    p = tl.exp(z - lse[:, None])
+                    onehot = tl.where(cols[None, :].to(tl.int64) == tgt[:, None], 1.0, 0.0)
+                    dz = (onehot - p) * scale[:, None]
+                    tl.store(base + cols[None, :], dz.to(z_ptr.dtype.element_ty), mask=ok)
 
 
 def gpu_rows_config() -> tuple[int, int, int]:
@@ -208,18 +212,22 @@ def _rows_config(rows: int, v: int, device: torch.device) -> tuple[int, int, int
 
 def _launch_rows(z: Tensor, targets: Tensor, w: Tensor, adv: Tensor | None, old: Tensor | None,
                  ref: Tensor | None, logp: Tensor, c: Tensor, temperature: float, lo: float, hi: float, beta: float,
-                 mode: int, rows_grad: int | None = None, config: tuple[int, int, int] | None = None) -> None:
-    """One launch of :func:`_rows_kernel` over the rows of ``z``; ``config`` (BLOCK_R, BLOCK_V, num_warps)
-    overrides the default (bench/bench_grpo_rows.py sweeps it)."""
+                 mode: int, rows_grad: int | None = None, config: tuple[int, ...] | None = None) -> None:
+    """One launch of :func:`_rows_kernel` over the rows of ``z``; ``config`` (BLOCK_R, BLOCK_V, num_warps[,
+    programs[, stages]]) overrides the default (bench/bench_grpo_rows.py sweeps it): ``programs`` > 0 caps the
+    grid, each program then walking several row blocks; ``stages`` (default 1) pipelines the vocabulary loops."""
     rows, v = z.shape
     rows_grad = rows if rows_grad is None else rows_grad
-    br, bv, warps = config if config is not None else _rows_config(rows, v, z.device)
-    grid = (triton.cdiv(rows, br),)
+    br, bv, warps, *rest = config if config is not None else _rows_config(rows, v, z.device)
+    programs = rest[0] if len(rest) > 0 else 0
+    stages = rest[1] if len(rest) > 1 else 1
+    blocks = triton.cdiv(rows, br)
+    grid = (min(blocks, programs) if programs > 0 else blocks,)
     _rows_kernel[grid](
         z, targets, w, adv if adv is not None else w, old if old is not None else w, ref if ref is not None else w,
         logp, c, rows, rows_grad, z.stride(0), 1.0 / temperature, lo, hi, beta,
         V=v, MODE=mode, HAS_OLD=old is not None, HAS_KL=ref is not None and beta > 0, BLOCK_R=br, BLOCK_V=bv,
-        num_warps=warps,
+        STAGES=stages, num_warps=warps,
     )
 
 
