@@ -5,6 +5,7 @@ in the same run. Forward and forward+backward rows.
 
 from __future__ import annotations
 
+import re
 import sys
 
 import torch
@@ -99,14 +100,21 @@ def providers(device: str) -> dict:
     return {"torch eager": eager, "r4b triton": r4b, "torch.compile": compiled}
 
 
+def _cp_async_ops(ptx: str) -> dict[str, int]:
+    """How many cp.async copies (global -> shared: the loads of a ``tl.range(..., num_stages=...)`` loop) the PTX
+    holds, by bytes a copy (``cp.async.cg.shared.global.16``: 16-byte vectors)."""
+    counts: dict[str, int] = {}
+    for op, size in re.findall(r"\b(cp\.async\.c[ag]\.shared\.global)\s*\[[^\]]*\],\s*\[[^\]]*\],\s*(\w+)", ptx):
+        counts[f"{op}.{int(size, 0)}"] = counts.get(f"{op}.{int(size, 0)}", 0) + 1
+    return counts
+
+
 def aot_report() -> list[str]:
     """Compile the small ops' Triton kernels for sm_90 at the bench shapes with the launchers' own block sizes
     and warps (no GPU: triton's bundled ptxas) and print registers / spills and the global loads and stores by
     width: a bf16 tile read element by element (``ld.global.b16``) instead of in 16-byte vectors
     (``ld.global.v4.b32``) costs about a third of the bandwidth (swiglu, 2026-11-26)."""
     import importlib
-
-    import triton
 
     from bench.harness import global_memory_ops, ptxas_report, sm90_compile
 
@@ -132,12 +140,11 @@ def aot_report() -> list[str]:
         meta = {"D": D, "BLOCK_D": bd, "BLOCK_M": bm}
         rsig = sig(("X", "W", "Y", "DY", "DX"), ("RSTD", "DW_PART"))
         jobs.append((f"rms_norm fwd D={D}", rms._rms_fwd_kernel, meta, rsig, w, ()))
-        jobs.append((f"rms_norm bwd D={D}", rms._rms_bwd_kernel, meta, rsig, w, ()))
-        # the GPU backward's autotune configs that its pruning keeps at this D
-        cfgs = [triton.Config({"BLOCK_M": m}, num_warps=cw) for m, cw in rms.BWD_CONFIGS]
-        for c in rms._bwd_prune(cfgs, {}, D=D, BLOCK_D=bd):
-            m = c.kwargs["BLOCK_M"]
-            jobs.append((f"rms_norm bwd-tuned D={D} M{m}", rms._rms_bwd_kernel, {**meta, "BLOCK_M": m}, rsig,
+        # the GPU backward (always autotuned): every config that its pruning keeps at this D, as rows a step,
+        # pipeline stages and programs an SM
+        for c in rms._bwd_prune(rms._bwd_tuned.configs, {}, D=D, BLOCK_D=bd):
+            m, st, p = (c.kwargs[k] for k in ("BLOCK_M", "STAGES", "PROGS_PER_SM"))
+            jobs.append((f"rms_norm bwd D={D} M{m} S{st} P{p}", rms._rms_bwd_kernel, {**meta, **c.kwargs}, rsig,
                          c.num_warps, ()))
     # every GPU autotune config of rope and swiglu that survives its pruning at the bench shapes (the first one is
     # the interpreter's fixed tile)
@@ -157,8 +164,9 @@ def aot_report() -> list[str]:
         # an argument in a kernel's do_not_specialize never gets the hint at run time: none here either
         divisible = tuple(n for n in divisible if n not in (kern.do_not_specialize or ()))
         compiled = sm90_compile(kern, meta, sig_of, warps, 1, divisible)
-        info, ops = ptxas_report(compiled), global_memory_ops(compiled.asm["ptx"])
-        line = f"{label} warps={warps}: {info} | global memory ops {ops}"
+        ptx = compiled.asm["ptx"]
+        info, ops = ptxas_report(compiled), {**global_memory_ops(ptx), **_cp_async_ops(ptx)}
+        line = f"{label} warps={warps}: {info}; {compiled.metadata.shared} bytes smem | global memory ops {ops}"
         print(line, flush=True)
         lines.append(line)
     return lines

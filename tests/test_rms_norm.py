@@ -1,5 +1,7 @@
 """rms_norm: the Triton path against a float64 reference (output, dx, dweight), odd shapes, input errors."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -65,6 +67,46 @@ def test_rms_norm_bf16_gpu(shape):
         # STYLE.md: the bf16 kernel's error is at most 2x plain PyTorch bf16's error plus a small atol.
         err = (got.float() - ref).abs().max()
         assert err <= 2 * (base.float() - ref).abs().max() + 1e-3 * ref.abs().max()
+
+
+@pytest.mark.parametrize("n,block_m,nprog", [(13, 4, 3), (13, 4, 6), (9, 1, 4), (5, 8, 2), (0, 4, 3)])
+def test_rms_norm_backward_kernel_row_walks(device, n, block_m, nprog):
+    """The persistent backward kernel on its own, at grids the launchers give it or could: a last block cut
+    short (13 rows in blocks of 4), programs walking several blocks (on a GPU, with 3 stages, a program's
+    pipeline loads blocks past its last one), programs without rows, whose dweight partial must be exactly 0
+    (6 programs for 4 blocks, 2 for 1), no rows at all. x has a row stride; float64 reference."""
+    rms = importlib.import_module("r4b.kernels.rms_norm")
+    D = 48
+    g = torch.Generator().manual_seed(3)
+    base, w, dy = torch.randn(n, 2, D, generator=g) * 3, torch.randn(D, generator=g), torch.randn(n, D, generator=g)
+    x64, w64 = base[:, 1].double().requires_grad_(True), w.double().requires_grad_(True)
+    rms_norm_ref(x64, w64).backward(dy.double())
+    rstd = torch.rsqrt(x64.detach().pow(2).mean(-1) + 1e-6).float()
+    x = base.to(device)[:, 1]  # (n, D), row stride 2 * D
+    w, dy, rstd = w.to(device), dy.to(device), rstd.to(device)
+    dx = torch.full((n, D), float("nan"), device=device)
+    dw_part = torch.full((nprog, D), float("nan"), device=device)
+    rms._rms_bwd_kernel[(nprog,)](dy, x, w, rstd, dx, dw_part, n, dy.stride(0), x.stride(0), dx.stride(0), D=D,
+                                  BLOCK_D=64, BLOCK_M=block_m, STAGES=3, PROGS_PER_SM=nprog, num_warps=4)
+    torch.testing.assert_close(dx.cpu(), x64.grad.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dw_part.sum(0).cpu(), w64.grad.float(), rtol=1e-5, atol=1e-5)
+    idle = dw_part[-(-n // block_m):]
+    assert torch.equal(idle, torch.zeros_like(idle))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [2560, 128])
+def test_rms_norm_gpu_row_counts_match_float64(D):
+    """The autotuned GPU backward (its grid a wave of programs an SM, capped at the row blocks) at row counts
+    around that grid: fewer rows than programs, a few rows past one or 64 blocks a program; fp32 vs float64."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for n in (1, 7, 4 * sms + 3, 64 * 4 * sms + 5):
+        g = torch.Generator().manual_seed(n)
+        x, w = torch.randn(n, D, generator=g) * 3, torch.randn(D, generator=g)
+        got = _run(x.cuda(), w.cuda(), 1e-6, "triton")
+        ref = _run(x.double(), w.double(), 1e-6, None)
+        for a, b in zip(got, ref, strict=True):
+            torch.testing.assert_close(a.cpu(), b.float(), rtol=1e-5, atol=1e-5)
 
 
 def test_double_backward_raises_and_zero_width_is_refused():

@@ -47,16 +47,22 @@ if _dispatch.triton_importable():
 
     @triton.jit(do_not_specialize=["n_rows"])
     def _rms_bwd_kernel(DY, X, W, RSTD, DX, DW_PART, n_rows, stride_dy, stride_x, stride_dx, D: tl.constexpr,
-                        BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-        # A persistent program walks row blocks pid, pid + nprog, ...; its dweight partial sum goes to
-        # DW_PART[pid] (written by every program, also one without rows).
+                        BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, STAGES: tl.constexpr,
+                        PROGS_PER_SM: tl.constexpr):
+        # A persistent program walks row blocks pid, pid + nprog, ...; its dweight partial sum goes to row pid of
+        # the (nprog, D) DW_PART (written by every program, also one without rows). The row loop is software
+        # pipelined (cp.async into shared memory on sm_80+): triton issues block i + STAGES - 1's x / dy / rstd
+        # loads after block i's store, so STAGES - 2 blocks' loads stay in flight through each block's reductions
+        # and store. The serial load -> wait -> reduce -> store loop ran fwd+bwd at 38% of copy bandwidth at
+        # D=2560 (H100, 2026-11-26). PROGS_PER_SM only sizes the launcher's grid (an autotuned value reaches the
+        # grid through the kernel's arguments).
         pid = tl.program_id(0)
         row_step = tl.num_programs(0) * BLOCK_M
         cols = tl.arange(0, BLOCK_D)
         cmask = cols < D
         w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
         dw = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for r0 in range(pid * BLOCK_M, n_rows, row_step):
+        for r0 in tl.range(pid * BLOCK_M, n_rows, row_step, num_stages=STAGES):
             rows = r0 + tl.arange(0, BLOCK_M)
             rmask = rows < n_rows
             mask = rmask[:, None] & cmask[None, :]
@@ -70,7 +76,7 @@ if _dispatch.triton_importable():
             # d/dx of x * rstd: rstd * (g - xhat * mean(g * xhat))
             dx = rstd[:, None] * (g - xhat * (tl.sum(g * xhat, axis=1) / D)[:, None])
             tl.store(DX + rows64[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
-        tl.store(DW_PART + pid * BLOCK_D + cols, dw, mask=cmask)
+        tl.store(DW_PART + pid * D + cols, dw, mask=cmask)
 
     def _gpu_blocks(D: int) -> tuple[int, int, int]:
         """(BLOCK_D, BLOCK_M, num_warps) of the fixed GPU tile: ~4k elements per program."""
@@ -86,22 +92,40 @@ if _dispatch.triton_importable():
             block_m = max(1, min(block_m, 8))
         return block_d, block_m, num_warps
 
-    # GPU backward: autotuned once per D over (rows per step, warps), kept to 2k..8k elements a step (16 warps
-    # only from 4k). The fixed tiles timed on the H100 (2026-11-26) are among them: 1 row x 4 warps at D=2560
-    # (38% of copy bandwidth fwd+bwd) and 32 rows x 4 warps at the q/k head norm D=128 (80%).
-    BWD_CONFIGS = [(bm, w) for bm in (1, 2, 4, 8, 16, 32, 64) for w in (4, 8)] + [(1, 16), (2, 16)]
+    # GPU backward: autotuned once per D (never on the row count) over tiles of (elements a step, warps, pipeline
+    # stages, programs per SM); a step is BLOCK_M rows of BLOCK_D, one row from 4096 (2 rows of 4096 take 153
+    # registers a thread at 8 warps: one program an SM). The grid is one wave of PROGS_PER_SM programs an SM (a
+    # program the registers or shared memory cannot fit runs after the wave), so each tile comes with the count
+    # that resides on an H100, and one less for rows needing more registers (ptxas, sm_90, 4 warps x 3 stages:
+    # 128 / 117 / 167 registers at D=2560 / 128 / 4096; the bench's --aot listing checks every config kept at
+    # the bench shapes). No STAGES=2: its one buffer is refilled only after the block's store, overlapping
+    # almost nothing.
+    BWD_TILES = [(4096, 4, 3, 4), (4096, 4, 3, 3), (4096, 16, 3, 2), (4096, 16, 4, 2), (2048, 4, 3, 4),
+                 (8192, 8, 3, 2), (8192, 8, 3, 1)]
+    # (BLOCK_M, warps, STAGES, PROGS_PER_SM): every tile's options at every row count, the first D=2560's tile
+    BWD_CONFIGS = [(bm, w, s, p) for bm in (1, 2, 4, 8, 16, 32, 64)
+                   for w, s, p in dict.fromkeys((w, s, p) for _, w, s, p in BWD_TILES)]
 
     def _bwd_prune(configs, named_args, **kwargs):
         block_d = kwargs["BLOCK_D"]
-        kept = [c for c in configs if 2048 <= c.kwargs["BLOCK_M"] * block_d <= 8192
-                and (c.num_warps < 16 or c.kwargs["BLOCK_M"] * block_d >= 4096)]
-        if not kept:  # very narrow or very wide rows: the fixed tile
-            bm, w = _gpu_blocks(kwargs["D"])[1:]
-            kept = [c for c in configs if c.kwargs["BLOCK_M"] == bm and c.num_warps == w] or configs[:1]
+        kept = [c for c in configs if (c.kwargs["BLOCK_M"] == 1 or block_d < 4096) and (
+            c.kwargs["BLOCK_M"] * block_d, c.num_warps, c.kwargs["STAGES"], c.kwargs["PROGS_PER_SM"]) in BWD_TILES]
+        if not kept:  # very narrow or very wide rows: the fixed tile (255 registers at 16k wide: one program an SM)
+            _, bm, w = _gpu_blocks(kwargs["D"])
+            kept = [triton.Config({"BLOCK_M": bm, "STAGES": 3, "PROGS_PER_SM": 1 if block_d > 8192 else 4},
+                                  num_warps=w, num_stages=1)]
         return kept
 
-    _bwd_tuned = triton.autotune([triton.Config({"BLOCK_M": bm}, num_warps=w) for bm, w in BWD_CONFIGS],
+    # num_stages=1: the kernel's one loop is pipelined by its own STAGES
+    _bwd_tuned = triton.autotune([triton.Config({"BLOCK_M": bm, "STAGES": s, "PROGS_PER_SM": p}, num_warps=w,
+                                                num_stages=1) for bm, w, s, p in BWD_CONFIGS],
                                  key=["D"], prune_configs_by={"early_config_prune": _bwd_prune})(_rms_bwd_kernel)
+
+    _BWD_MAX_PER_SM = max(p for *_, p in BWD_TILES)  # >= the fallback's and the interpreter's 4
+
+    def _bwd_grid(n: int, block_m: int, progs_per_sm: int, sms: int) -> int:
+        """Programs of the persistent backward: one resident wave, and no more than there are row blocks."""
+        return min(progs_per_sm * sms, triton.cdiv(n, block_m))
 
     @functools.cache
     def _sm_count(device: torch.device) -> int:
@@ -135,22 +159,25 @@ if _dispatch.triton_importable():
         def backward(ctx, dy: Tensor):
             x2, weight, rstd = ctx.saved_tensors
             n, D = x2.shape
-            dy2 = _rows(dy, D)  # (N, D)
             dx = torch.empty((n, D), dtype=x2.dtype, device=x2.device)
+            if n == 0:  # nothing to launch: the weight gradient is exactly 0
+                return dx.view(ctx.x_shape), torch.zeros_like(weight), None
+            dy2 = _rows(dy, D)  # (N, D)
             block_d, block_m, warps = _blocks(D)
             gpu = x2.device.type == "cuda" and not _dispatch.triton_interpret()
-            # the grid does not depend on the (autotuned) row block: programs without rows write zero partials
-            nprog = max(1, min(4 * _sm_count(x2.device), n)) if gpu else max(1, min(4, triton.cdiv(n, block_m)))
-            # every launched program writes its whole partial row: no zero fill needed (nothing is launched for
-            # n == 0, so that case gets zeros)
-            alloc = torch.empty if n > 0 else torch.zeros
-            dw_part = alloc((nprog, block_d), dtype=torch.float32, device=x2.device)
+            sms = _sm_count(x2.device) if gpu else 1
+            # each program writes its row of dw_part (summed below): sized for the grid of any config
+            dw_part = torch.empty((min(_BWD_MAX_PER_SM * sms, n), D), dtype=torch.float32, device=x2.device)
             args = (dy2, x2, weight, rstd, dx, dw_part, n, dy2.stride(0), x2.stride(0), dx.stride(0))
-            if n > 0 and gpu:
-                _bwd_tuned[(nprog,)](*args, D=D, BLOCK_D=block_d)
-            elif n > 0:
-                _rms_bwd_kernel[(nprog,)](*args, D=D, BLOCK_D=block_d, BLOCK_M=block_m, num_warps=warps)
-            dw = dw_part[:, :D].sum(0).to(weight.dtype)  # (D,)
+            if gpu:
+                _bwd_tuned[lambda m: (_bwd_grid(n, m["BLOCK_M"], m["PROGS_PER_SM"], sms),)](*args, D=D,
+                                                                                           BLOCK_D=block_d)
+                block_m, per_sm = (_bwd_tuned.best_config.kwargs[k] for k in ("BLOCK_M", "PROGS_PER_SM"))
+            else:  # the interpreter: one "SM" of 4 programs, so that the tests' rows walk several blocks a program
+                per_sm = 4
+                _rms_bwd_kernel[(_bwd_grid(n, block_m, per_sm, sms),)](
+                    *args, D=D, BLOCK_D=block_d, BLOCK_M=block_m, STAGES=3, PROGS_PER_SM=per_sm, num_warps=warps)
+            dw = dw_part[:_bwd_grid(n, block_m, per_sm, sms)].sum(0).to(weight.dtype)  # (D,)
             return dx.view(ctx.x_shape), dw, None
 
 
