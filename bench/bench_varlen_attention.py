@@ -60,10 +60,16 @@ def _timed(case: Case, fwd, q, k, v, do):
     return lambda: torch.autograd.grad(fwd(q, k, v), (q, k, v), do)
 
 
+# r4b's Triton rows: provider -> (R4B_VARLEN_BWD, R4B_VARLEN_FWD)
+R4B_ROWS = {"r4b triton": ("split", "pointer"), "r4b triton atomic-dq": ("atomic", "pointer"),
+            "r4b triton tma": ("split", "tma"), "r4b triton tma atomic-dq": ("atomic", "tma")}
+
+
 def providers(device: str, mask_ms: dict) -> dict:
-    def r4b_mode(bwd: str):
+    def r4b_mode(bwd: str, fwd_mode: str):
         """r4b's Triton kernels with the backward R4B_VARLEN_BWD=bwd ("split": dQ kernel + dK/dV kernel;
-        "atomic": the dK/dV kernel adds dQ with fp32 atomics)."""
+        "atomic": the dK/dV kernel adds dQ with fp32 atomics) and the forward R4B_VARLEN_FWD=fwd_mode
+        ("pointer" or "tma": K/V blocks through TMA tensor descriptors)."""
 
         def setup(case: Case):
             from r4b.kernels import available_backends, varlen_attention
@@ -71,7 +77,7 @@ def providers(device: str, mask_ms: dict) -> dict:
             if "triton" not in available_backends("varlen_attention", device):
                 raise Skip(f"triton unavailable on {device} (set TRITON_INTERPRET=1 on the CPU)")
             if bwd != "split" and case.params["mode"] == "fwd":
-                raise Skip("the same forward as r4b triton")
+                raise Skip(f"the same forward as the {fwd_mode} row with the split backward")
             q, k, v, do, cu = _inputs(case, device)
             m = max(case.params["lens"])
 
@@ -81,7 +87,7 @@ def providers(device: str, mask_ms: dict) -> dict:
             timed = _timed(case, fwd, q, k, v, do)
 
             def call():
-                with env_var("R4B_VARLEN_BWD", bwd):
+                with env_var("R4B_VARLEN_BWD", bwd), env_var("R4B_VARLEN_FWD", fwd_mode):
                     return timed()
 
             return call
@@ -157,8 +163,7 @@ def providers(device: str, mask_ms: dict) -> dict:
     # SDPA first: the reference of the result check (outputs, or the three gradients); Flex last (compiles)
     return {
         "sdpa per doc": sdpa,
-        "r4b triton": r4b_mode("split"),
-        "r4b triton atomic-dq": r4b_mode("atomic"),
+        **{name: r4b_mode(*m) for name, m in R4B_ROWS.items()},
         "flash-attn varlen": peer("flash_attn"),
         "xformers blockdiag": peer("xformers"),
         "flex doc mask": flex,
@@ -183,20 +188,26 @@ def aot_report(first_only: bool = False) -> None:
             return "*bf16"
         return "fp32" if n in ("qk_scale", "sm_scale") else "i32"
 
+    # "fwd+tma": the forward of R4B_VARLEN_FWD=tma (K/V blocks through TMA tensor descriptors);
     # "dkdv+dq": the dK/dV kernel of R4B_VARLEN_BWD=atomic, which also adds dQ with fp32 atomics
+    no_tma = {"desc_k": None, "desc_v": None, "TMA": False}
     for kind, kern, cfgs, tile, extra in (
-            ("fwd", va._fwd_kernel, va.FWD_CONFIGS, ("BLOCK_M", "BLOCK_N"), {}),
+            ("fwd", va._fwd_kernel, va.FWD_CONFIGS, ("BLOCK_M", "BLOCK_N"), no_tma),
+            ("fwd+tma", va._fwd_kernel, va.FWD_CONFIGS, ("BLOCK_M", "BLOCK_N"), {"TMA": True}),
             ("dq", va._bwd_dq_kernel, va.DQ_CONFIGS, ("BLOCK_M", "BLOCK_N"), {}),
             ("dkdv", va._bwd_dkdv_kernel, va.DKDV_CONFIGS, ("BLOCK_N", "BLOCK_M"), {"ATOMIC_DQ": False}),
             ("dkdv+dq", va._bwd_dkdv_kernel, va.DKDV_CONFIGS, ("BLOCK_N", "BLOCK_M"), {"ATOMIC_DQ": True})):
         for a, b, warps, stages in cfgs[:1] if first_only else cfgs:
             meta = {"GROUP": 4, "D": 128, "BLOCK_D": 128, "CAUSAL": True, "DOT_PREC": "tf32", tile[0]: a, tile[1]: b,
                     **extra}
-            info, smem = sm90_ptxas(kern, meta, sig_of, warps, stages)
+            # a TMA descriptor argument's type names its block: (BLOCK_N, D) bf16
+            desc = f"tensordesc<bf16[{b},128]>"
+            info, smem = sm90_ptxas(kern, meta, lambda n, desc=desc: desc if n.startswith("desc_") else sig_of(n),
+                                    warps, stages)
             print(f"{kind:7s} {a}x{b} w{warps} s{stages}: smem={smem} B | {info}", flush=True)
 
 
-def autotune_timings(mode: str, atomic: bool = False) -> dict:
+def autotune_timings(mode: str, atomic: bool = False, tma: bool = False) -> dict:
     """The varlen kernels' autotune results for the case just run: per kernel, the chosen config and every
     config's median ms at the last key it tuned (forward for "fwd" cases, dQ and dK/dV for "fwd+bwd", or the
     dK/dV+dQ kernel of the atomic backward); printed and stored in the row, the data to prune or extend the
@@ -207,7 +218,7 @@ def autotune_timings(mode: str, atomic: bool = False) -> dict:
 
     va = importlib.import_module("r4b.kernels.varlen_attention")
     if mode == "fwd":
-        kernels = {"fwd": va._fwd_tuned}
+        kernels = {"fwd+tma": va._fwd_tma_tuned} if tma else {"fwd": va._fwd_tuned}
     elif atomic:
         kernels = {"dkdv+dq": va._dkdv_atomic_tuned}
     else:
@@ -288,9 +299,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     def extra(case: Case, row: dict) -> dict:
         if row["provider"] == "flex doc mask":
             return {"mask_build_ms": mask_ms[case.label]}
-        if row["provider"].startswith("r4b triton") and device == "cuda":
+        if row["provider"] in R4B_ROWS and device == "cuda":
+            bwd, fwd_mode = R4B_ROWS[row["provider"]]
             try:  # tuning data only: it must never stop the bench
-                return {"autotune": autotune_timings(case.params["mode"], "atomic" in row["provider"])}
+                return {"autotune": autotune_timings(case.params["mode"], bwd == "atomic", fwd_mode == "tma")}
             except Exception as ex:  # noqa: BLE001
                 return {"autotune_error": f"{type(ex).__name__}: {ex}"[:200]}
         return {}

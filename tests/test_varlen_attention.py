@@ -67,15 +67,18 @@ CASES = [
 ]
 
 
-@pytest.fixture(params=["split", "atomic"])
-def bwd_mode(request, monkeypatch):
-    """Both Triton backwards: "split" (dQ kernel + dK/dV kernel) and "atomic" (the dK/dV kernel adds dQ)."""
-    monkeypatch.setenv("R4B_VARLEN_BWD", request.param)
+@pytest.fixture(params=[("split", "pointer"), ("atomic", "pointer"), ("split", "tma")], ids=lambda p: "-".join(p))
+def modes(request, monkeypatch):
+    """The Triton kernels' variants: both backwards, "split" (dQ kernel + dK/dV kernel) and "atomic" (the dK/dV
+    kernel adds dQ), and both forwards, K/V loaded through pointers or through TMA tensor descriptors (the
+    interpreter emulates them: bounds, zero fill; layouts TMA cannot address fall back to pointers)."""
+    monkeypatch.setenv("R4B_VARLEN_BWD", request.param[0])
+    monkeypatch.setenv("R4B_VARLEN_FWD", request.param[1])
     return request.param
 
 
 @pytest.mark.parametrize("lens,Hq,Hkv,D,causal", CASES)
-def test_varlen_attention_matches_float64(lens, Hq, Hkv, D, causal, device, bwd_mode):
+def test_varlen_attention_matches_float64(lens, Hq, Hkv, D, causal, device, modes):
     q, k, v, do = _inputs(lens, Hq, Hkv, D, device=device)
     cu = _cu(lens, device)
     scale = 1.0 / math.sqrt(D)
@@ -88,7 +91,7 @@ def test_varlen_attention_matches_float64(lens, Hq, Hkv, D, causal, device, bwd_
         torch.testing.assert_close(a, b.float(), rtol=1e-5, atol=2e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def test_varlen_attention_head_major_views_and_only_q_requiring_grad(device, bwd_mode):
+def test_varlen_attention_head_major_views_and_only_q_requiring_grad(device, modes):
     """q, k, v as transposed views of (H, T, D) tensors (row stride D, head stride T*D), only q requiring grad."""
     lens, Hq, Hkv, D = [13, 1, 22], 4, 2, 64
     g = torch.Generator().manual_seed(2)
@@ -105,7 +108,7 @@ def test_varlen_attention_head_major_views_and_only_q_requiring_grad(device, bwd
     torch.testing.assert_close(dq, ref[1].float(), rtol=1e-5, atol=2e-5)
 
 
-def test_varlen_attention_strided_qkv_and_scale(device, bwd_mode):
+def test_varlen_attention_strided_qkv_and_scale(device, modes):
     # q, k, v as head slices of one fused (T, Hq + 2 Hkv, D) projection, and a non-default softmax_scale
     lens, Hq, Hkv, D = [20, 1, 19], 4, 2, 64
     g = torch.Generator().manual_seed(1)
@@ -121,7 +124,7 @@ def test_varlen_attention_strided_qkv_and_scale(device, bwd_mode):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_varlen_attention_no_information_crosses_a_boundary(causal, device, bwd_mode):
+def test_varlen_attention_no_information_crosses_a_boundary(causal, device, modes):
     # sequences 0 and 2 share 32-row tiles with sequence 1 in every kernel; changing sequence 1's q, k, v and
     # dO must leave their outputs and all their gradients bit-identical.
     lens, Hq, Hkv, D = [7, 30, 11], 4, 2, 64
@@ -148,6 +151,24 @@ def test_varlen_backward_mode_is_checked_by_name(monkeypatch):
     out = varlen_attention(q, k, v, _cu([5, 3], "cpu"), 5, backend="triton")
     with pytest.raises(ValueError, match="R4B_VARLEN_BWD.*'fast'"):
         out.backward(do)
+
+
+def test_varlen_forward_mode_is_checked_by_name_and_tma_takes_the_layouts_it_can_address(monkeypatch):
+    from r4b.kernels.varlen_attention import _kv_descriptors
+
+    q, k, v, _ = _inputs([5, 3], 2, 1, 16)
+    monkeypatch.setenv("R4B_VARLEN_FWD", "bulk")
+    with pytest.raises(ValueError, match="R4B_VARLEN_FWD.*'bulk'"):
+        varlen_attention(q, k, v, _cu([5, 3], "cpu"), 5, backend="triton")
+    T, D = 9, 64
+    qkv = torch.randn(T, 4 + 2 * 2, D)  # fused projection: k and v are head slices, row stride 8 * D
+    assert _kv_descriptors(qkv[:, 4:6], qkv[:, 6:], 16, D) is not None
+    assert _kv_descriptors(torch.randn(T, 2, D), torch.randn(T, 2, D), 16, D) is not None
+    head_major = torch.randn(2, T, D).transpose(0, 1)  # head stride T * D: not one (T, Hkv * D) matrix
+    assert _kv_descriptors(head_major, head_major, 16, D) is None
+    assert _kv_descriptors(torch.randn(T, 2, 80), torch.randn(T, 2, 80), 16, 128) is None  # D below the block
+    odd = torch.randn(T, 2 * 32 + 1)[:, 1:].view(T, 2, 32)  # row stride 65 floats: not a multiple of 16 bytes
+    assert _kv_descriptors(odd, odd, 16, 32) is None
 
 
 def test_varlen_attention_dispatch_default_matches_forced():
@@ -210,7 +231,7 @@ def test_varlen_attention_fp16_within_twice_plain_fp16_error(causal):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal", [True, False])
-def test_varlen_attention_bf16_anchor_gpu(causal, bwd_mode):
+def test_varlen_attention_bf16_anchor_gpu(causal, modes):
     # anchor: 16384 packed tokens, 10 documents 128..4096, 32 query / 8 KV heads, D 128
     lens = [4096, 3072, 2560, 2048, 1536, 1280, 768, 512, 384, 128]
     assert sum(lens) == 16384

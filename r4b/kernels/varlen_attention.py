@@ -7,7 +7,10 @@ query blocks and over the query heads of its KV group, and a dQ kernel that loop
 the autograd Function and the public function. ``R4B_VARLEN_BWD=atomic`` selects the other backward: the dK/dV
 kernel also adds dQ into an fp32 buffer with atomics, so that no dQ kernel recomputes the scores (5 matrix
 products instead of 7; which is faster is measured by bench/bench_varlen_attention.py's "r4b triton atomic-dq"
-row; "split", the default, is deterministic).
+row; "split", the default, is deterministic). ``R4B_VARLEN_FWD=tma`` loads the forward's K/V blocks through TMA
+tensor descriptors (sm_90: cp.async.bulk.tensor, 192 instead of 254 registers in the first autotune config) where
+the layout allows it (head dim a power of two, heads side by side in a row, 16-byte row stride); the bench's
+"r4b triton tma" rows time it against the pointer loads of the default.
 
 Grid and sequence boundaries: one program per (tile of BLOCK *packed* tokens, head), ordered tile-major in a
 1-D grid (``_tile_of``), so it depends only on T, never on the per-batch lengths. A tile of BLOCK packed rows
@@ -35,6 +38,7 @@ from . import _checks, _dispatch
 
 OP = "varlen_attention"
 ENV_BWD = "R4B_VARLEN_BWD"  # the Triton backward: "split" (dQ kernel + dK/dV kernel, default) or "atomic"
+ENV_FWD = "R4B_VARLEN_FWD"  # the Triton forward's K/V loads: "pointer" (default) or "tma" (tensor descriptors)
 _dispatch.register(OP, ("triton", "torch", "flash_attn", "xformers"), env="R4B_ATTN_BACKEND")
 
 
@@ -191,18 +195,25 @@ if _dispatch.triton_importable():
 
     @triton.jit
     def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, q_loc, lo, hi, qk_scale,
-                   offs_d, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                   MASK: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr):
+                   offs_d, desc_k, desc_v, row0, col0, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_N: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
+                   TMA: tl.constexpr):
         """Online-softmax accumulation over key blocks [lo, hi) of one sequence (local indices).
 
         MASK=False: every key of every block is valid for every query row of the segment (no masks at all).
         MASK=True: keys >= hi are cut, and with CAUSAL keys after the query too.
+        TMA: K and V blocks come through the tensor descriptors (rows row0 + n, columns col0 .. col0 + D of the
+        (T, Hkv * D) views): the rows past hi that a block reads are another sequence's (or zeros past T),
+        finite values whose probabilities the masks make exactly 0.
         """
         offs_n = tl.arange(0, BLOCK_N)
         for n0 in range(lo, hi, BLOCK_N):
             kn = n0 + offs_n
             kmask = kn < hi
-            kT = _load_rows_t(k_base, kn, stride_kt, offs_d, kmask, D, BLOCK_D, MASK)  # (BLOCK_D, BLOCK_N)
+            if TMA:
+                kT = tl.trans(desc_k.load([row0 + n0, col0]))  # (BLOCK_D, BLOCK_N)
+            else:
+                kT = _load_rows_t(k_base, kn, stride_kt, offs_d, kmask, D, BLOCK_D, MASK)  # (BLOCK_D, BLOCK_N)
             qk = tl.dot(q, kT, input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_N) raw scores
             if MASK:
                 ok = kmask[None, :]
@@ -218,17 +229,20 @@ if _dispatch.triton_importable():
                 p = tl.exp2(qk * qk_scale - m_new[:, None])
             alpha = tl.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = _load_rows(v_base, kn, stride_vt, offs_d, kmask, D, BLOCK_D, MASK)  # (BLOCK_N, BLOCK_D)
+            if TMA:
+                v = desc_v.load([row0 + n0, col0])  # (BLOCK_N, BLOCK_D)
+            else:
+                v = _load_rows(v_base, kn, stride_vt, offs_d, kmask, D, BLOCK_D, MASK)  # (BLOCK_N, BLOCK_D)
             # the rescaled accumulator as the product's accumulator: the MMA adds into it (no separate add)
             acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
             m_i = m_new
         return acc, m_i, l_i
 
     @triton.jit(do_not_specialize=["T", "n_seqs", "t_bucket"])
-    def _fwd_kernel(Q, K, V, Out, LSE, CU, T, n_seqs, t_bucket, n_heads, qk_scale,
+    def _fwd_kernel(Q, K, V, Out, LSE, CU, desc_k, desc_v, T, n_seqs, t_bucket, n_heads, qk_scale,
                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr):
+                    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr):
         # program (query tile of packed rows, query head); LSE is (Hq, T) fp32 in log2 units.
         t0, h = _tile_of(n_heads, T, BLOCK_M, CAUSAL)
         hk = h // GROUP
@@ -251,9 +265,11 @@ if _dispatch.triton_importable():
             m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
             l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
             acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, q_loc, 0, hi1,
-                                       qk_scale, offs_d, D, BLOCK_D, BLOCK_N, False, CAUSAL, DOT_PREC)
+                                       qk_scale, offs_d, desc_k, desc_v, cs, hk * D, D, BLOCK_D, BLOCK_N, False,
+                                       CAUSAL, DOT_PREC, TMA)
             acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, q_loc, hi1, hi2,
-                                       qk_scale, offs_d, D, BLOCK_D, BLOCK_N, True, CAUSAL, DOT_PREC)
+                                       qk_scale, offs_d, desc_k, desc_v, cs, hk * D, D, BLOCK_D, BLOCK_N, True,
+                                       CAUSAL, DOT_PREC, TMA)
             seg = (rows >= t) & (rows < seg_hi)
             l_i = tl.where(l_i > 0.0, l_i, 1.0)  # l_i is 0 only in an empty segment (a zero-length sequence)
             out = acc / l_i[:, None]
@@ -470,6 +486,15 @@ if _dispatch.triton_importable():
     DKDV_CONFIGS = [(64, 32, 8, 2), (32, 32, 4, 2), (128, 32, 8, 2), (128, 16, 8, 2), (128, 64, 8, 1)]
     _KEY = ["D", "CAUSAL", "GROUP", "t_bucket"]
     _fwd_tuned = triton.autotune(_cfgs(FWD_CONFIGS), key=_KEY)(_fwd_kernel)
+
+    def _tma_block_shapes(nargs):
+        """Autotune pre-hook of the TMA forward: the K/V descriptors' block is (BLOCK_N, D) of the config run."""
+        for name in ("desc_k", "desc_v"):
+            nargs[name].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_D"]]
+
+    _fwd_tma_tuned = triton.autotune(
+        [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=_tma_block_shapes)
+         for c in _cfgs(FWD_CONFIGS)], key=_KEY)(_fwd_kernel)
     _dq_tuned = triton.autotune(_cfgs(DQ_CONFIGS), key=_KEY)(_bwd_dq_kernel)
     _dkdv_tuned = triton.autotune(_cfgs_kv(DKDV_CONFIGS), key=_KEY)(_bwd_dkdv_kernel)
     # the dK/dV kernel that also adds dQ with atomics (R4B_VARLEN_BWD=atomic): DQ32 is zeroed before every
@@ -483,19 +508,41 @@ if _dispatch.triton_importable():
             DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         )
 
+    def _fwd_mode() -> str:
+        mode = os.environ.get(ENV_FWD, "pointer")
+        if mode not in ("pointer", "tma"):
+            raise ValueError(f"${ENV_FWD} must be 'pointer' or 'tma', got {mode!r}")
+        return mode
+
+    def _kv_descriptors(k: Tensor, v: Tensor, block_n: int, block_d: int):
+        """TMA descriptors of k and v as (T, Hkv * D) matrices, or None where TMA cannot address them: a head
+        dim that is not the (power-of-two) block, heads not packed side by side in a row, or a row stride or base
+        address that is not a multiple of 16 bytes."""
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        T, Hkv, D = k.shape
+        if D != block_d or any(t.stride(1) != D or t.stride(2) != 1 or (t.stride(0) * t.element_size()) % 16
+                               or t.data_ptr() % 16 for t in (k, v)):
+            return None
+        return tuple(TensorDescriptor(t, [T, Hkv * D], [t.stride(0), 1], [block_n, D]) for t in (k, v))
+
     def _fwd(q, k, v, cu, scale, causal):
         T, Hq, _ = q.shape
         n = cu.numel() - 1
         o = torch.empty_like(q, memory_format=torch.contiguous_format)  # (T, Hq, D)
         lse = torch.empty((Hq, T), dtype=torch.float32, device=q.device)  # log2 units
         meta = _meta(q, k, causal)
-        args = (q, k, v, o, lse, cu, T, n, T.bit_length(), Hq, scale * _LOG2E,
+        interp = _dispatch.triton_interpret() or q.device.type != "cuda"
+        bm, bn = _INTERP["fwd"]
+        # the autotuned TMA launch resets the descriptors' block shape per config (pre-hook)
+        descs = _kv_descriptors(k, v, bn, meta["BLOCK_D"]) if _fwd_mode() == "tma" else None
+        args = (q, k, v, o, lse, cu, *(descs or (None, None)), T, n, T.bit_length(), Hq, scale * _LOG2E,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1))
-        if _dispatch.triton_interpret() or q.device.type != "cuda":
-            bm, bn = _INTERP["fwd"]
-            _fwd_kernel[(triton.cdiv(T, bm) * Hq,)](*args, BLOCK_M=bm, BLOCK_N=bn, **meta)
+        if interp:
+            _fwd_kernel[(triton.cdiv(T, bm) * Hq,)](*args, BLOCK_M=bm, BLOCK_N=bn, TMA=descs is not None, **meta)
         else:
-            _fwd_tuned[lambda m: (triton.cdiv(T, m["BLOCK_M"]) * Hq,)](*args, **meta)
+            tuned = _fwd_tuned if descs is None else _fwd_tma_tuned
+            tuned[lambda m: (triton.cdiv(T, m["BLOCK_M"]) * Hq,)](*args, TMA=descs is not None, **meta)
         return o, lse
 
     def _bwd_mode() -> str:
