@@ -60,16 +60,16 @@ def _timed(case: Case, fwd, q, k, v, do):
     return lambda: torch.autograd.grad(fwd(q, k, v), (q, k, v), do)
 
 
-# r4b's Triton rows: provider -> (R4B_VARLEN_BWD, R4B_VARLEN_FWD)
+# r4b's Triton rows: provider -> (R4B_VARLEN_BWD, R4B_VARLEN_LOADS)
 R4B_ROWS = {"r4b triton": ("split", "pointer"), "r4b triton atomic-dq": ("atomic", "pointer"),
             "r4b triton tma": ("split", "tma"), "r4b triton tma atomic-dq": ("atomic", "tma")}
 
 
 def providers(device: str, mask_ms: dict) -> dict:
-    def r4b_mode(bwd: str, fwd_mode: str):
+    def r4b_mode(bwd: str, loads: str):
         """r4b's Triton kernels with the backward R4B_VARLEN_BWD=bwd ("split": dQ kernel + dK/dV kernel;
-        "atomic": the dK/dV kernel adds dQ with fp32 atomics) and the forward R4B_VARLEN_FWD=fwd_mode
-        ("pointer" or "tma": K/V blocks through TMA tensor descriptors)."""
+        "atomic": the dK/dV kernel adds dQ with fp32 atomics) and the block loads R4B_VARLEN_LOADS=loads
+        ("pointer" or "tma": through TMA tensor descriptors)."""
 
         def setup(case: Case):
             from r4b.kernels import available_backends, varlen_attention
@@ -77,7 +77,7 @@ def providers(device: str, mask_ms: dict) -> dict:
             if "triton" not in available_backends("varlen_attention", device):
                 raise Skip(f"triton unavailable on {device} (set TRITON_INTERPRET=1 on the CPU)")
             if bwd != "split" and case.params["mode"] == "fwd":
-                raise Skip(f"the same forward as the {fwd_mode} row with the split backward")
+                raise Skip(f"the same forward as the {loads} row with the split backward")
             q, k, v, do, cu = _inputs(case, device)
             m = max(case.params["lens"])
 
@@ -87,7 +87,7 @@ def providers(device: str, mask_ms: dict) -> dict:
             timed = _timed(case, fwd, q, k, v, do)
 
             def call():
-                with env_var("R4B_VARLEN_BWD", bwd), env_var("R4B_VARLEN_FWD", fwd_mode):
+                with env_var("R4B_VARLEN_BWD", bwd), env_var("R4B_VARLEN_LOADS", loads):
                     return timed()
 
             return call
@@ -188,23 +188,29 @@ def aot_report(first_only: bool = False) -> None:
             return "*bf16"
         return "fp32" if n in ("qk_scale", "sm_scale") else "i32"
 
-    # "fwd+tma": the forward of R4B_VARLEN_FWD=tma (K/V blocks through TMA tensor descriptors);
+    # "+tma": the kernels of R4B_VARLEN_LOADS=tma (inner-loop blocks through TMA tensor descriptors);
     # "dkdv+dq": the dK/dV kernel of R4B_VARLEN_BWD=atomic, which also adds dQ with fp32 atomics
-    no_tma = {"desc_k": None, "desc_v": None, "TMA": False}
+    kv_off = {"desc_k": None, "desc_v": None, "TMA": False}
+    qdo_off = {"desc_q": None, "desc_do": None, "TMA": False}
     for kind, kern, cfgs, tile, extra in (
-            ("fwd", va._fwd_kernel, va.FWD_CONFIGS, ("BLOCK_M", "BLOCK_N"), no_tma),
+            ("fwd", va._fwd_kernel, va.FWD_CONFIGS, ("BLOCK_M", "BLOCK_N"), kv_off),
             ("fwd+tma", va._fwd_kernel, va.FWD_CONFIGS, ("BLOCK_M", "BLOCK_N"), {"TMA": True}),
-            ("dq", va._bwd_dq_kernel, va.DQ_CONFIGS, ("BLOCK_M", "BLOCK_N"), {}),
-            ("dkdv", va._bwd_dkdv_kernel, va.DKDV_CONFIGS, ("BLOCK_N", "BLOCK_M"), {"ATOMIC_DQ": False}),
-            ("dkdv+dq", va._bwd_dkdv_kernel, va.DKDV_CONFIGS, ("BLOCK_N", "BLOCK_M"), {"ATOMIC_DQ": True})):
+            ("dq", va._bwd_dq_kernel, va.DQ_CONFIGS, ("BLOCK_M", "BLOCK_N"), kv_off),
+            ("dq+tma", va._bwd_dq_kernel, va.DQ_CONFIGS, ("BLOCK_M", "BLOCK_N"), {"TMA": True}),
+            ("dkdv", va._bwd_dkdv_kernel, va.DKDV_CONFIGS, ("BLOCK_N", "BLOCK_M"), {"ATOMIC_DQ": False, **qdo_off}),
+            ("dkdv+tma", va._bwd_dkdv_kernel, va.DKDV_CONFIGS, ("BLOCK_N", "BLOCK_M"),
+             {"ATOMIC_DQ": False, "TMA": True}),
+            ("dkdv+dq", va._bwd_dkdv_kernel, va.DKDV_CONFIGS, ("BLOCK_N", "BLOCK_M"), {"ATOMIC_DQ": True, **qdo_off}),
+            ("dkdv+dq+tma", va._bwd_dkdv_kernel, va.DKDV_CONFIGS, ("BLOCK_N", "BLOCK_M"),
+             {"ATOMIC_DQ": True, "TMA": True})):
         for a, b, warps, stages in cfgs[:1] if first_only else cfgs:
             meta = {"GROUP": 4, "D": 128, "BLOCK_D": 128, "CAUSAL": True, "DOT_PREC": "tf32", tile[0]: a, tile[1]: b,
                     **extra}
-            # a TMA descriptor argument's type names its block: (BLOCK_N, D) bf16
+            # a TMA descriptor argument's type names its block: (inner-loop step, D) bf16
             desc = f"tensordesc<bf16[{b},128]>"
             info, smem = sm90_ptxas(kern, meta, lambda n, desc=desc: desc if n.startswith("desc_") else sig_of(n),
                                     warps, stages)
-            print(f"{kind:7s} {a}x{b} w{warps} s{stages}: smem={smem} B | {info}", flush=True)
+            print(f"{kind:11s} {a}x{b} w{warps} s{stages}: smem={smem} B | {info}", flush=True)
 
 
 def autotune_timings(mode: str, atomic: bool = False, tma: bool = False) -> dict:
@@ -218,11 +224,12 @@ def autotune_timings(mode: str, atomic: bool = False, tma: bool = False) -> dict
 
     va = importlib.import_module("r4b.kernels.varlen_attention")
     if mode == "fwd":
-        kernels = {"fwd+tma": va._fwd_tma_tuned} if tma else {"fwd": va._fwd_tuned}
+        kernels = {"fwd": va._fwd_tma_tuned if tma else va._fwd_tuned}
     elif atomic:
-        kernels = {"dkdv+dq": va._dkdv_atomic_tuned}
+        kernels = {"dkdv+dq": va._dkdv_atomic_tma_tuned if tma else va._dkdv_atomic_tuned}
     else:
-        kernels = {"dq": va._dq_tuned, "dkdv": va._dkdv_tuned}
+        kernels = {"dq": va._dq_tma_tuned if tma else va._dq_tuned,
+                   "dkdv": va._dkdv_tma_tuned if tma else va._dkdv_tuned}
     out = {}
     for name, tuned in kernels.items():
         timings = getattr(tuned, "configs_timings", None) or {}
@@ -300,9 +307,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if row["provider"] == "flex doc mask":
             return {"mask_build_ms": mask_ms[case.label]}
         if row["provider"] in R4B_ROWS and device == "cuda":
-            bwd, fwd_mode = R4B_ROWS[row["provider"]]
+            bwd, loads = R4B_ROWS[row["provider"]]
             try:  # tuning data only: it must never stop the bench
-                return {"autotune": autotune_timings(case.params["mode"], bwd == "atomic", fwd_mode == "tma")}
+                return {"autotune": autotune_timings(case.params["mode"], bwd == "atomic", loads == "tma")}
             except Exception as ex:  # noqa: BLE001
                 return {"autotune_error": f"{type(ex).__name__}: {ex}"[:200]}
         return {}

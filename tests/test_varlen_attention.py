@@ -67,13 +67,15 @@ CASES = [
 ]
 
 
-@pytest.fixture(params=[("split", "pointer"), ("atomic", "pointer"), ("split", "tma")], ids=lambda p: "-".join(p))
+@pytest.fixture(params=[("split", "pointer"), ("atomic", "pointer"), ("split", "tma"), ("atomic", "tma")],
+                ids=lambda p: "-".join(p))
 def modes(request, monkeypatch):
     """The Triton kernels' variants: both backwards, "split" (dQ kernel + dK/dV kernel) and "atomic" (the dK/dV
-    kernel adds dQ), and both forwards, K/V loaded through pointers or through TMA tensor descriptors (the
-    interpreter emulates them: bounds, zero fill; layouts TMA cannot address fall back to pointers)."""
+    kernel adds dQ), each with the inner-loop blocks loaded through pointers or through TMA tensor descriptors
+    (R4B_VARLEN_LOADS; the interpreter emulates them: bounds, zero fill; layouts TMA cannot address fall back to
+    pointers)."""
     monkeypatch.setenv("R4B_VARLEN_BWD", request.param[0])
-    monkeypatch.setenv("R4B_VARLEN_FWD", request.param[1])
+    monkeypatch.setenv("R4B_VARLEN_LOADS", request.param[1])
     return request.param
 
 
@@ -153,22 +155,23 @@ def test_varlen_backward_mode_is_checked_by_name(monkeypatch):
         out.backward(do)
 
 
-def test_varlen_forward_mode_is_checked_by_name_and_tma_takes_the_layouts_it_can_address(monkeypatch):
-    from r4b.kernels.varlen_attention import _kv_descriptors
+def test_varlen_loads_mode_is_checked_by_name_and_tma_takes_the_layouts_it_can_address(monkeypatch):
+    from r4b.kernels.varlen_attention import _row_descriptors
 
     q, k, v, _ = _inputs([5, 3], 2, 1, 16)
-    monkeypatch.setenv("R4B_VARLEN_FWD", "bulk")
-    with pytest.raises(ValueError, match="R4B_VARLEN_FWD.*'bulk'"):
+    monkeypatch.setenv("R4B_VARLEN_LOADS", "bulk")
+    with pytest.raises(ValueError, match="R4B_VARLEN_LOADS.*'bulk'"):
         varlen_attention(q, k, v, _cu([5, 3], "cpu"), 5, backend="triton")
+    monkeypatch.setenv("R4B_VARLEN_LOADS", "tma")
     T, D = 9, 64
     qkv = torch.randn(T, 4 + 2 * 2, D)  # fused projection: k and v are head slices, row stride 8 * D
-    assert _kv_descriptors(qkv[:, 4:6], qkv[:, 6:], 16, D) is not None
-    assert _kv_descriptors(torch.randn(T, 2, D), torch.randn(T, 2, D), 16, D) is not None
+    assert _row_descriptors(qkv[:, 4:6], qkv[:, 6:], 16, D) is not None
+    assert _row_descriptors(torch.randn(T, 2, D), torch.randn(T, 2, D), 16, D) is not None
     head_major = torch.randn(2, T, D).transpose(0, 1)  # head stride T * D: not one (T, Hkv * D) matrix
-    assert _kv_descriptors(head_major, head_major, 16, D) is None
-    assert _kv_descriptors(torch.randn(T, 2, 80), torch.randn(T, 2, 80), 16, 128) is None  # D below the block
+    assert _row_descriptors(head_major, head_major, 16, D) is None
+    assert _row_descriptors(torch.randn(T, 2, 80), torch.randn(T, 2, 80), 16, 128) is None  # D below the block
     odd = torch.randn(T, 2 * 32 + 1)[:, 1:].view(T, 2, 32)  # row stride 65 floats: not a multiple of 16 bytes
-    assert _kv_descriptors(odd, odd, 16, 32) is None
+    assert _row_descriptors(odd, odd, 16, 32) is None
 
 
 def test_varlen_attention_dispatch_default_matches_forced():

@@ -7,10 +7,11 @@ query blocks and over the query heads of its KV group, and a dQ kernel that loop
 the autograd Function and the public function. ``R4B_VARLEN_BWD=atomic`` selects the other backward: the dK/dV
 kernel also adds dQ into an fp32 buffer with atomics, so that no dQ kernel recomputes the scores (5 matrix
 products instead of 7; which is faster is measured by bench/bench_varlen_attention.py's "r4b triton atomic-dq"
-row; "split", the default, is deterministic). ``R4B_VARLEN_FWD=tma`` loads the forward's K/V blocks through TMA
-tensor descriptors (sm_90: cp.async.bulk.tensor, 192 instead of 254 registers in the first autotune config) where
-the layout allows it (head dim a power of two, heads side by side in a row, 16-byte row stride); the bench's
-"r4b triton tma" rows time it against the pointer loads of the default.
+row; "split", the default, is deterministic). ``R4B_VARLEN_LOADS=tma`` loads the blocks the kernels' inner loops
+walk (K/V in the forward and dQ kernels, Q/dO in the dK/dV kernel) through TMA tensor descriptors (sm_90:
+cp.async.bulk.tensor; the forward's first autotune config takes 192 registers instead of 254) where the layout
+allows it (head dim a power of two, heads side by side in a row, 16-byte row stride); the bench's "r4b triton
+tma" rows time it against the pointer loads of the default.
 
 Grid and sequence boundaries: one program per (tile of BLOCK *packed* tokens, head), ordered tile-major in a
 1-D grid (``_tile_of``), so it depends only on T, never on the per-batch lengths. A tile of BLOCK packed rows
@@ -38,7 +39,7 @@ from . import _checks, _dispatch
 
 OP = "varlen_attention"
 ENV_BWD = "R4B_VARLEN_BWD"  # the Triton backward: "split" (dQ kernel + dK/dV kernel, default) or "atomic"
-ENV_FWD = "R4B_VARLEN_FWD"  # the Triton forward's K/V loads: "pointer" (default) or "tma" (tensor descriptors)
+ENV_LOADS = "R4B_VARLEN_LOADS"  # the Triton kernels' block loads: "pointer" (default) or "tma" (tensor descriptors)
 _dispatch.register(OP, ("triton", "torch", "flash_attn", "xformers"), env="R4B_ATTN_BACKEND")
 
 
@@ -296,14 +297,20 @@ if _dispatch.triton_importable():
 
     @triton.jit
     def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, q_loc, lo, hi, qk_scale,
-                  offs_d, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                  MASK: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr):
+                  offs_d, desc_k, desc_v, row0, col0, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_N: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
+                  TMA: tl.constexpr):
+        """dQ of a query tile over key blocks [lo, hi) of one sequence (MASK, TMA: as in _fwd_inner)."""
         offs_n = tl.arange(0, BLOCK_N)
         for n0 in range(lo, hi, BLOCK_N):
             kn = n0 + offs_n
             kmask = kn < hi
-            kT = _load_rows_t(k_base, kn, stride_kt, offs_d, kmask, D, BLOCK_D, MASK)  # (BLOCK_D, BLOCK_N)
-            vT = _load_rows_t(v_base, kn, stride_vt, offs_d, kmask, D, BLOCK_D, MASK)  # (BLOCK_D, BLOCK_N)
+            if TMA:
+                kT = tl.trans(desc_k.load([row0 + n0, col0]))  # (BLOCK_D, BLOCK_N)
+                vT = tl.trans(desc_v.load([row0 + n0, col0]))
+            else:
+                kT = _load_rows_t(k_base, kn, stride_kt, offs_d, kmask, D, BLOCK_D, MASK)  # (BLOCK_D, BLOCK_N)
+                vT = _load_rows_t(v_base, kn, stride_vt, offs_d, kmask, D, BLOCK_D, MASK)  # (BLOCK_D, BLOCK_N)
             p = tl.exp2(tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale - lse[:, None])  # (BLOCK_M, BLOCK_N)
             if MASK:
                 ok = kmask[None, :]
@@ -316,11 +323,11 @@ if _dispatch.triton_importable():
         return dq
 
     @triton.jit(do_not_specialize=["T", "n_seqs", "t_bucket"])
-    def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, T, n_seqs, t_bucket, n_heads, qk_scale, sm_scale,
-                       stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-                       stride_dqt, stride_dqh,
+    def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, desc_k, desc_v, T, n_seqs, t_bucket, n_heads, qk_scale,
+                       sm_scale, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot,
+                       stride_doh, stride_dqt, stride_dqh,
                        GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr):
+                       BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr):
         # program (query tile of packed rows, query head): dQ = scale * sum_keys dS K
         t0, h = _tile_of(n_heads, T, BLOCK_M, CAUSAL)
         hk = h // GROUP
@@ -346,9 +353,9 @@ if _dispatch.triton_importable():
             v_base = V + cs.to(tl.int64) * stride_vt + hk * stride_vh
             dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
             dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, q_loc, 0, hi1, qk_scale,
-                           offs_d, D, BLOCK_D, BLOCK_N, False, CAUSAL, DOT_PREC)
+                           offs_d, desc_k, desc_v, cs, hk * D, D, BLOCK_D, BLOCK_N, False, CAUSAL, DOT_PREC, TMA)
             dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, q_loc, hi1, hi2, qk_scale,
-                           offs_d, D, BLOCK_D, BLOCK_N, True, CAUSAL, DOT_PREC)
+                           offs_d, desc_k, desc_v, cs, hk * D, D, BLOCK_D, BLOCK_N, True, CAUSAL, DOT_PREC, TMA)
             seg = (rows >= t) & (rows < seg_hi)
             ptrs = DQ + h * stride_dqh + r64[:, None] * stride_dqt + offs_d[None, :]
             tl.store(ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=seg[:, None] & (offs_d[None, :] < D))
@@ -357,20 +364,27 @@ if _dispatch.triton_importable():
 
     @triton.jit
     def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, k_loc, lo, hi, L,
-                    qk_scale, offs_d, dq_base, stride_dqt, kvalid, sm_scale, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_M: tl.constexpr, CAUSAL_MASK: tl.constexpr, DOT_PREC: tl.constexpr,
-                    ATOMIC_DQ: tl.constexpr):
+                    qk_scale, offs_d, dq_base, stride_dqt, kvalid, sm_scale, desc_q, desc_do, row0, col0,
+                    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL_MASK: tl.constexpr,
+                    DOT_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr, TMA: tl.constexpr):
         """Accumulate dK, dV of a key tile over query blocks [lo, hi) of one sequence and one query head
         (transposed form: the score tile is (BLOCK_N keys, BLOCK_M queries)). Queries >= L are masked.
         ATOMIC_DQ: also add this key tile's share of dQ (sm_scale * dS K) into the fp32 rows at dq_base with
         atomics; the tile's keys outside the segment (kvalid False: another sequence's rows) are masked out,
-        since their rows would otherwise reach dQ."""
+        since their rows would otherwise reach dQ. TMA: the Q and dO blocks come through the tensor descriptors
+        (rows row0 + m of the (T, Hq * D) views, columns col0 ..): rows >= L are another sequence's (or zeros),
+        finite, and their probabilities are masked to exactly 0.
+        """
         offs_m = tl.arange(0, BLOCK_M)
         for m0 in range(lo, hi, BLOCK_M):
             qi = m0 + offs_m
             qmask = qi < L
-            qT = _load_rows_t(q_base, qi, stride_qt, offs_d, qmask, D, BLOCK_D, True)  # (BLOCK_D, BLOCK_M)
-            do = _load_rows(do_base, qi, stride_dot, offs_d, qmask, D, BLOCK_D, True)  # (BLOCK_M, BLOCK_D)
+            if TMA:
+                qT = tl.trans(desc_q.load([row0 + m0, col0]))  # (BLOCK_D, BLOCK_M)
+                do = desc_do.load([row0 + m0, col0])  # (BLOCK_M, BLOCK_D)
+            else:
+                qT = _load_rows_t(q_base, qi, stride_qt, offs_d, qmask, D, BLOCK_D, True)  # (BLOCK_D, BLOCK_M)
+                do = _load_rows(do_base, qi, stride_dot, offs_d, qmask, D, BLOCK_D, True)  # (BLOCK_M, BLOCK_D)
             lse = tl.load(lse_base + qi, mask=qmask, other=0.0)
             delta = tl.load(delta_base + qi, mask=qmask, other=0.0)
             pT = tl.exp2(tl.dot(k, qT, input_precision=DOT_PREC) * qk_scale - lse[None, :])  # (BLOCK_N, BLOCK_M)
@@ -393,12 +407,13 @@ if _dispatch.triton_importable():
         return dk, dv
 
     @triton.jit(do_not_specialize=["T", "n_seqs", "t_bucket"])
-    def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ32, CU, T, n_seqs, t_bucket, n_heads, qk_scale, sm_scale,
+    def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ32, CU, desc_q, desc_do, T, n_seqs, t_bucket, n_heads,
+                         qk_scale, sm_scale,
                          stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
                          stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dq32t, stride_dq32h,
                          GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
-                         ATOMIC_DQ: tl.constexpr):
+                         ATOMIC_DQ: tl.constexpr, TMA: tl.constexpr):
         # program (key tile of packed rows, KV head): sums over the GROUP query heads that share this KV head,
         # so dK/dV are written once, without atomics. ATOMIC_DQ: dQ is also formed here (fp32 atomics into DQ32,
         # zeroed by the caller), so no dQ kernel recomputes QK^T and dO V^T: 5 matrix products instead of 7.
@@ -439,10 +454,12 @@ if _dispatch.triton_importable():
                 if CAUSAL:
                     dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
                                          k_loc, a0, a1, L, qk_scale, offs_d, dq_base, stride_dq32t, kvalid, sm_scale,
-                                         D, BLOCK_D, BLOCK_M, True, DOT_PREC, ATOMIC_DQ)
+                                         desc_q, desc_do, cs, h * D, D, BLOCK_D, BLOCK_M, True, DOT_PREC,
+                                         ATOMIC_DQ, TMA)
                 dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
                                      k_loc, a1, L, L, qk_scale, offs_d, dq_base, stride_dq32t, kvalid, sm_scale,
-                                     D, BLOCK_D, BLOCK_M, False, DOT_PREC, ATOMIC_DQ)
+                                     desc_q, desc_do, cs, h * D, D, BLOCK_D, BLOCK_M, False, DOT_PREC, ATOMIC_DQ,
+                                     TMA)
             seg = ((rows >= t) & (rows < seg_hi))[:, None] & (offs_d[None, :] < D)
             tl.store(DK + hk * stride_dkh + r64[:, None] * stride_dkt + offs_d[None, :],
                      (dk * sm_scale).to(DK.dtype.element_ty), mask=seg)
@@ -486,20 +503,30 @@ if _dispatch.triton_importable():
     DKDV_CONFIGS = [(64, 32, 8, 2), (32, 32, 4, 2), (128, 32, 8, 2), (128, 16, 8, 2), (128, 64, 8, 1)]
     _KEY = ["D", "CAUSAL", "GROUP", "t_bucket"]
     _fwd_tuned = triton.autotune(_cfgs(FWD_CONFIGS), key=_KEY)(_fwd_kernel)
-
-    def _tma_block_shapes(nargs):
-        """Autotune pre-hook of the TMA forward: the K/V descriptors' block is (BLOCK_N, D) of the config run."""
-        for name in ("desc_k", "desc_v"):
-            nargs[name].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_D"]]
-
-    _fwd_tma_tuned = triton.autotune(
-        [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=_tma_block_shapes)
-         for c in _cfgs(FWD_CONFIGS)], key=_KEY)(_fwd_kernel)
     _dq_tuned = triton.autotune(_cfgs(DQ_CONFIGS), key=_KEY)(_bwd_dq_kernel)
     _dkdv_tuned = triton.autotune(_cfgs_kv(DKDV_CONFIGS), key=_KEY)(_bwd_dkdv_kernel)
     # the dK/dV kernel that also adds dQ with atomics (R4B_VARLEN_BWD=atomic): DQ32 is zeroed before every
     # config's timing run and before the real launch
     _dkdv_atomic_tuned = triton.autotune(_cfgs_kv(DKDV_CONFIGS), key=_KEY, reset_to_zero=["DQ32"])(_bwd_dkdv_kernel)
+
+    def _block_shapes(*pairs):
+        """Autotune pre-hook of the TMA launches: each descriptor's block is (the config's rows, BLOCK_D)."""
+        def hook(nargs):
+            for name, rows in pairs:
+                nargs[name].block_shape = [nargs[rows], nargs["BLOCK_D"]]
+        return hook
+
+    def _hooked(cfgs, hook):
+        return [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=hook) for c in cfgs]
+
+    # R4B_VARLEN_LOADS=tma: the same kernels with TMA loads of the blocks their inner loops walk
+    _kv_hook = _block_shapes(("desc_k", "BLOCK_N"), ("desc_v", "BLOCK_N"))
+    _qdo_hook = _block_shapes(("desc_q", "BLOCK_M"), ("desc_do", "BLOCK_M"))
+    _fwd_tma_tuned = triton.autotune(_hooked(_cfgs(FWD_CONFIGS), _kv_hook), key=_KEY)(_fwd_kernel)
+    _dq_tma_tuned = triton.autotune(_hooked(_cfgs(DQ_CONFIGS), _kv_hook), key=_KEY)(_bwd_dq_kernel)
+    _dkdv_tma_tuned = triton.autotune(_hooked(_cfgs_kv(DKDV_CONFIGS), _qdo_hook), key=_KEY)(_bwd_dkdv_kernel)
+    _dkdv_atomic_tma_tuned = triton.autotune(_hooked(_cfgs_kv(DKDV_CONFIGS), _qdo_hook), key=_KEY,
+                                             reset_to_zero=["DQ32"])(_bwd_dkdv_kernel)
 
     def _meta(q: Tensor, k: Tensor, causal: bool) -> dict:
         D = q.shape[2]
@@ -508,23 +535,26 @@ if _dispatch.triton_importable():
             DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         )
 
-    def _fwd_mode() -> str:
-        mode = os.environ.get(ENV_FWD, "pointer")
+    def _loads_mode() -> str:
+        mode = os.environ.get(ENV_LOADS, "pointer")
         if mode not in ("pointer", "tma"):
-            raise ValueError(f"${ENV_FWD} must be 'pointer' or 'tma', got {mode!r}")
+            raise ValueError(f"${ENV_LOADS} must be 'pointer' or 'tma', got {mode!r}")
         return mode
 
-    def _kv_descriptors(k: Tensor, v: Tensor, block_n: int, block_d: int):
-        """TMA descriptors of k and v as (T, Hkv * D) matrices, or None where TMA cannot address them: a head
-        dim that is not the (power-of-two) block, heads not packed side by side in a row, or a row stride or base
-        address that is not a multiple of 16 bytes."""
+    def _row_descriptors(x: Tensor, y: Tensor, block_rows: int, block_d: int):
+        """TMA descriptors of x and y (T, H, D) as (T, H * D) matrices (block (block_rows, D)), or None where TMA
+        cannot address them: a head dim that is not the (power-of-two) block, heads not side by side in a row,
+        or a row stride or base address that is not a multiple of 16 bytes. None also without R4B_VARLEN_LOADS=tma.
+        """
         from triton.tools.tensor_descriptor import TensorDescriptor
 
-        T, Hkv, D = k.shape
-        if D != block_d or any(t.stride(1) != D or t.stride(2) != 1 or (t.stride(0) * t.element_size()) % 16
-                               or t.data_ptr() % 16 for t in (k, v)):
+        if _loads_mode() != "tma":
             return None
-        return tuple(TensorDescriptor(t, [T, Hkv * D], [t.stride(0), 1], [block_n, D]) for t in (k, v))
+        T, H, D = x.shape
+        if D != block_d or any(t.stride(1) != D or t.stride(2) != 1 or (t.stride(0) * t.element_size()) % 16
+                               or t.data_ptr() % 16 for t in (x, y)):
+            return None
+        return tuple(TensorDescriptor(t, [T, H * D], [t.stride(0), 1], [block_rows, D]) for t in (x, y))
 
     def _fwd(q, k, v, cu, scale, causal):
         T, Hq, _ = q.shape
@@ -535,7 +565,7 @@ if _dispatch.triton_importable():
         interp = _dispatch.triton_interpret() or q.device.type != "cuda"
         bm, bn = _INTERP["fwd"]
         # the autotuned TMA launch resets the descriptors' block shape per config (pre-hook)
-        descs = _kv_descriptors(k, v, bn, meta["BLOCK_D"]) if _fwd_mode() == "tma" else None
+        descs = _row_descriptors(k, v, bn, meta["BLOCK_D"])
         args = (q, k, v, o, lse, cu, *(descs or (None, None)), T, n, T.bit_length(), Hq, scale * _LOG2E,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1))
         if interp:
@@ -570,23 +600,33 @@ if _dispatch.triton_importable():
         dq32_strides = (dq32.stride(0), dq32.stride(1)) if atomic else (0, 0)
         strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0),
                    do.stride(1))
-        kv_args = (q, k, v, do, lse, delta, dk, dv, dq32, cu, T, n, T.bit_length(), Hkv, scale * _LOG2E, scale,
-                   *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *dq32_strides)
+        # TMA (R4B_VARLEN_LOADS=tma): the dK/dV kernel walks Q / dO blocks, the dQ kernel K / V blocks (block
+        # rows: the interpreter's tiles here; an autotuned launch resets them per config)
+        qdo = _row_descriptors(q, do, _INTERP["dkdv"][1], meta["BLOCK_D"])
+        kv_args = (q, k, v, do, lse, delta, dk, dv, dq32, cu, *(qdo or (None, None)), T, n, T.bit_length(), Hkv,
+                   scale * _LOG2E, scale, *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+                   *dq32_strides)
         if not atomic:
             dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-            dq_args = (q, k, v, do, lse, delta, dq, cu, T, n, T.bit_length(), Hq, scale * _LOG2E, scale, *strides,
-                       dq.stride(0), dq.stride(1))
+            kvd = _row_descriptors(k, v, _INTERP["dq"][1], meta["BLOCK_D"])
+            dq_args = (q, k, v, do, lse, delta, dq, cu, *(kvd or (None, None)), T, n, T.bit_length(), Hq,
+                       scale * _LOG2E, scale, *strides, dq.stride(0), dq.stride(1))
         if interp:
             if not atomic:
                 bm, bn = _INTERP["dq"]
-                _bwd_dq_kernel[(triton.cdiv(T, bm) * Hq,)](*dq_args, BLOCK_M=bm, BLOCK_N=bn, **meta)
+                _bwd_dq_kernel[(triton.cdiv(T, bm) * Hq,)](*dq_args, BLOCK_M=bm, BLOCK_N=bn, TMA=kvd is not None,
+                                                           **meta)
             bn, bm = _INTERP["dkdv"]
-            _bwd_dkdv_kernel[(triton.cdiv(T, bn) * Hkv,)](*kv_args, BLOCK_N=bn, BLOCK_M=bm, ATOMIC_DQ=atomic, **meta)
-        elif atomic:
-            _dkdv_atomic_tuned[lambda m: (triton.cdiv(T, m["BLOCK_N"]) * Hkv,)](*kv_args, ATOMIC_DQ=True, **meta)
+            _bwd_dkdv_kernel[(triton.cdiv(T, bn) * Hkv,)](*kv_args, BLOCK_N=bn, BLOCK_M=bm, ATOMIC_DQ=atomic,
+                                                          TMA=qdo is not None, **meta)
         else:
-            _dq_tuned[lambda m: (triton.cdiv(T, m["BLOCK_M"]) * Hq,)](*dq_args, **meta)
-            _dkdv_tuned[lambda m: (triton.cdiv(T, m["BLOCK_N"]) * Hkv,)](*kv_args, ATOMIC_DQ=False, **meta)
+            kv_grid = lambda m: (triton.cdiv(T, m["BLOCK_N"]) * Hkv,)
+            if not atomic:
+                dq_tuned = _dq_tuned if kvd is None else _dq_tma_tuned
+                dq_tuned[lambda m: (triton.cdiv(T, m["BLOCK_M"]) * Hq,)](*dq_args, TMA=kvd is not None, **meta)
+            dkdv_tuned = ((_dkdv_atomic_tuned, _dkdv_atomic_tma_tuned) if atomic
+                          else (_dkdv_tuned, _dkdv_tma_tuned))[qdo is not None]
+            dkdv_tuned[kv_grid](*kv_args, ATOMIC_DQ=atomic, TMA=qdo is not None, **meta)
         if atomic:
             dq = dq32.to(q.dtype)
         return dq, dk, dv
