@@ -11,6 +11,33 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 
+def _interpreter_descriptor_reduce() -> None:
+    """triton 3.6's interpreter has no descriptor reduction (``desc.atomic_add``: a TMA bulk reduction on the GPU),
+    which the atomic attention backward uses with R4B_VARLEN_LOADS=tma. Add it for the CPU tests with the
+    hardware's semantics: the block at the offsets, clipped to the tensor's bounds, added element by element."""
+    try:
+        import triton.language as tl
+        from triton._C.libtriton import ir
+        from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
+    except ImportError:
+        return
+    if hasattr(InterpreterBuilder, "create_descriptor_reduce"):
+        return
+
+    def create_descriptor_reduce(self, kind, desc, value, indices):
+        if kind != ir.DESCRIPTOR_REDUCE_KIND.ADD or not value.dtype.scalar.is_floating():
+            raise NotImplementedError(f"descriptor reduce {kind} of {value.dtype} in the test shim")
+        ptrs, mask = desc.materialize_pointers(indices)
+        return self.create_atomic_rmw(ir.ATOMIC_OP.FADD, ptrs, value, TensorHandle(mask, tl.int1),
+                                      ir.MEM_SEMANTIC.RELAXED, ir.MEM_SYNC_SCOPE.GPU)
+
+    InterpreterBuilder.create_descriptor_reduce = create_descriptor_reduce
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _interpreter_descriptor_reduce()
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -165,13 +165,14 @@ def test_varlen_loads_mode_is_checked_by_name_and_tma_takes_the_layouts_it_can_a
     monkeypatch.setenv("R4B_VARLEN_LOADS", "tma")
     T, D = 9, 64
     qkv = torch.randn(T, 4 + 2 * 2, D)  # fused projection: k and v are head slices, row stride 8 * D
-    assert _row_descriptors(qkv[:, 4:6], qkv[:, 6:], 16, D) is not None
-    assert _row_descriptors(torch.randn(T, 2, D), torch.randn(T, 2, D), 16, D) is not None
+    assert _row_descriptors(qkv[:, 4:6], qkv[:, 6:], block_rows=16, block_d=D) is not None
+    assert _row_descriptors(torch.randn(T, 2, D), torch.randn(T, 2, D), block_rows=16, block_d=D) is not None
     head_major = torch.randn(2, T, D).transpose(0, 1)  # head stride T * D: not one (T, Hkv * D) matrix
-    assert _row_descriptors(head_major, head_major, 16, D) is None
-    assert _row_descriptors(torch.randn(T, 2, 80), torch.randn(T, 2, 80), 16, 128) is None  # D below the block
+    assert _row_descriptors(head_major, head_major, block_rows=16, block_d=D) is None
+    d80 = torch.randn(T, 2, 80)  # D below the (power-of-two) block
+    assert _row_descriptors(d80, d80, block_rows=16, block_d=128) is None
     odd = torch.randn(T, 2 * 32 + 1)[:, 1:].view(T, 2, 32)  # row stride 65 floats: not a multiple of 16 bytes
-    assert _row_descriptors(odd, odd, 16, 32) is None
+    assert _row_descriptors(odd, odd, block_rows=16, block_d=32) is None
 
 
 def test_varlen_attention_dispatch_default_matches_forced():

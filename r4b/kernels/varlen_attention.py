@@ -9,9 +9,10 @@ kernel also adds dQ into an fp32 buffer with atomics, so that no dQ kernel recom
 products instead of 7; which is faster is measured by bench/bench_varlen_attention.py's "r4b triton atomic-dq"
 row; "split", the default, is deterministic). ``R4B_VARLEN_LOADS=tma`` loads the blocks the kernels' inner loops
 walk (K/V in the forward and dQ kernels, Q/dO in the dK/dV kernel) through TMA tensor descriptors (sm_90:
-cp.async.bulk.tensor; the forward's first autotune config takes 192 registers instead of 254) where the layout
-allows it (head dim a power of two, heads side by side in a row, 16-byte row stride); the bench's "r4b triton
-tma" rows time it against the pointer loads of the default.
+cp.async.bulk.tensor; the forward's first autotune config takes 192 registers instead of 254), and the atomic
+backward adds each dQ tile with one bulk reduction (cp.reduce.async.bulk.tensor), where the layout allows it
+(head dim a power of two, heads side by side in a row, 16-byte row stride); the bench's "r4b triton tma" rows
+time it against the pointer loads of the default.
 
 Grid and sequence boundaries: one program per (tile of BLOCK *packed* tokens, head), ordered tile-major in a
 1-D grid (``_tile_of``), so it depends only on T, never on the per-batch lengths. A tile of BLOCK packed rows
@@ -364,16 +365,17 @@ if _dispatch.triton_importable():
 
     @triton.jit
     def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, k_loc, lo, hi, L,
-                    qk_scale, offs_d, dq_base, stride_dqt, kvalid, sm_scale, desc_q, desc_do, row0, col0,
+                    qk_scale, offs_d, dq_base, stride_dqt, kvalid, sm_scale, desc_q, desc_do, desc_dq, row0, col0,
                     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL_MASK: tl.constexpr,
-                    DOT_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr, TMA: tl.constexpr):
+                    DOT_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr, TMA: tl.constexpr, TMA_DQ: tl.constexpr):
         """Accumulate dK, dV of a key tile over query blocks [lo, hi) of one sequence and one query head
         (transposed form: the score tile is (BLOCK_N keys, BLOCK_M queries)). Queries >= L are masked.
         ATOMIC_DQ: also add this key tile's share of dQ (sm_scale * dS K) into the fp32 rows at dq_base with
         atomics; the tile's keys outside the segment (kvalid False: another sequence's rows) are masked out,
         since their rows would otherwise reach dQ. TMA: the Q and dO blocks come through the tensor descriptors
         (rows row0 + m of the (T, Hq * D) views, columns col0 ..): rows >= L are another sequence's (or zeros),
-        finite, and their probabilities are masked to exactly 0.
+        finite, and their probabilities are masked to exactly 0. TMA_DQ: the dQ tile is added by one bulk
+        reduction through desc_dq (the (T, Hq * D) view of DQ32) instead of per-element atomics.
         """
         offs_m = tl.arange(0, BLOCK_M)
         for m0 in range(lo, hi, BLOCK_M):
@@ -400,20 +402,26 @@ if _dispatch.triton_importable():
             dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=DOT_PREC)
             if ATOMIC_DQ:
                 dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=DOT_PREC) * sm_scale  # (BLOCK_M, BLOCK_D)
-                # int64 rows: dQ32's row stride is Hq * D, which the int32 guard on q/k/v strides does not bound;
-                # relaxed order: nothing reads dQ32 before the kernel ends (the default acq_rel costs fences)
-                tl.atomic_add(dq_base + qi.to(tl.int64)[:, None] * stride_dqt + offs_d[None, :], dq,
-                              mask=qmask[:, None] & (offs_d[None, :] < D), sem="relaxed")
+                if TMA_DQ:
+                    # one bulk reduction of the tile (cp.reduce.async.bulk.tensor): its rows >= L belong to other
+                    # sequences (or lie past T, clipped) and are exactly 0 here (pT is masked there), so they add
+                    # nothing
+                    desc_dq.atomic_add([row0 + m0, col0], dq)
+                else:
+                    # int64 rows: dQ32's row stride is Hq * D, which the int32 guard on q/k/v strides does not
+                    # bound; relaxed order: nothing reads dQ32 before the kernel ends (acq_rel costs fences)
+                    tl.atomic_add(dq_base + qi.to(tl.int64)[:, None] * stride_dqt + offs_d[None, :], dq,
+                                  mask=qmask[:, None] & (offs_d[None, :] < D), sem="relaxed")
         return dk, dv
 
     @triton.jit(do_not_specialize=["T", "n_seqs", "t_bucket"])
-    def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ32, CU, desc_q, desc_do, T, n_seqs, t_bucket, n_heads,
-                         qk_scale, sm_scale,
+    def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ32, CU, desc_q, desc_do, desc_dq, T, n_seqs, t_bucket,
+                         n_heads, qk_scale, sm_scale,
                          stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
                          stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dq32t, stride_dq32h,
                          GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
-                         ATOMIC_DQ: tl.constexpr, TMA: tl.constexpr):
+                         ATOMIC_DQ: tl.constexpr, TMA: tl.constexpr, TMA_DQ: tl.constexpr):
         # program (key tile of packed rows, KV head): sums over the GROUP query heads that share this KV head,
         # so dK/dV are written once, without atomics. ATOMIC_DQ: dQ is also formed here (fp32 atomics into DQ32,
         # zeroed by the caller), so no dQ kernel recomputes QK^T and dO V^T: 5 matrix products instead of 7.
@@ -454,12 +462,12 @@ if _dispatch.triton_importable():
                 if CAUSAL:
                     dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
                                          k_loc, a0, a1, L, qk_scale, offs_d, dq_base, stride_dq32t, kvalid, sm_scale,
-                                         desc_q, desc_do, cs, h * D, D, BLOCK_D, BLOCK_M, True, DOT_PREC,
-                                         ATOMIC_DQ, TMA)
+                                         desc_q, desc_do, desc_dq, cs, h * D, D, BLOCK_D, BLOCK_M, True,
+                                         DOT_PREC, ATOMIC_DQ, TMA, TMA_DQ)
                 dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
                                      k_loc, a1, L, L, qk_scale, offs_d, dq_base, stride_dq32t, kvalid, sm_scale,
-                                     desc_q, desc_do, cs, h * D, D, BLOCK_D, BLOCK_M, False, DOT_PREC, ATOMIC_DQ,
-                                     TMA)
+                                     desc_q, desc_do, desc_dq, cs, h * D, D, BLOCK_D, BLOCK_M, False, DOT_PREC,
+                                     ATOMIC_DQ, TMA, TMA_DQ)
             seg = ((rows >= t) & (rows < seg_hi))[:, None] & (offs_d[None, :] < D)
             tl.store(DK + hk * stride_dkh + r64[:, None] * stride_dkt + offs_d[None, :],
                      (dk * sm_scale).to(DK.dtype.element_ty), mask=seg)
@@ -513,7 +521,8 @@ if _dispatch.triton_importable():
         """Autotune pre-hook of the TMA launches: each descriptor's block is (the config's rows, BLOCK_D)."""
         def hook(nargs):
             for name, rows in pairs:
-                nargs[name].block_shape = [nargs[rows], nargs["BLOCK_D"]]
+                if nargs[name] is not None:  # desc_dq: only with the atomic backward
+                    nargs[name].block_shape = [nargs[rows], nargs["BLOCK_D"]]
         return hook
 
     def _hooked(cfgs, hook):
@@ -521,7 +530,7 @@ if _dispatch.triton_importable():
 
     # R4B_VARLEN_LOADS=tma: the same kernels with TMA loads of the blocks their inner loops walk
     _kv_hook = _block_shapes(("desc_k", "BLOCK_N"), ("desc_v", "BLOCK_N"))
-    _qdo_hook = _block_shapes(("desc_q", "BLOCK_M"), ("desc_do", "BLOCK_M"))
+    _qdo_hook = _block_shapes(("desc_q", "BLOCK_M"), ("desc_do", "BLOCK_M"), ("desc_dq", "BLOCK_M"))
     _fwd_tma_tuned = triton.autotune(_hooked(_cfgs(FWD_CONFIGS), _kv_hook), key=_KEY)(_fwd_kernel)
     _dq_tma_tuned = triton.autotune(_hooked(_cfgs(DQ_CONFIGS), _kv_hook), key=_KEY)(_bwd_dq_kernel)
     _dkdv_tma_tuned = triton.autotune(_hooked(_cfgs_kv(DKDV_CONFIGS), _qdo_hook), key=_KEY)(_bwd_dkdv_kernel)
@@ -541,8 +550,8 @@ if _dispatch.triton_importable():
             raise ValueError(f"${ENV_LOADS} must be 'pointer' or 'tma', got {mode!r}")
         return mode
 
-    def _row_descriptors(x: Tensor, y: Tensor, block_rows: int, block_d: int):
-        """TMA descriptors of x and y (T, H, D) as (T, H * D) matrices (block (block_rows, D)), or None where TMA
+    def _row_descriptors(*tensors: Tensor, block_rows: int, block_d: int):
+        """TMA descriptors of (T, H, D) tensors as (T, H * D) matrices (block (block_rows, D)), or None where TMA
         cannot address them: a head dim that is not the (power-of-two) block, heads not side by side in a row,
         or a row stride or base address that is not a multiple of 16 bytes. None also without R4B_VARLEN_LOADS=tma.
         """
@@ -550,11 +559,17 @@ if _dispatch.triton_importable():
 
         if _loads_mode() != "tma":
             return None
-        T, H, D = x.shape
-        if D != block_d or any(t.stride(1) != D or t.stride(2) != 1 or (t.stride(0) * t.element_size()) % 16
-                               or t.data_ptr() % 16 for t in (x, y)):
+        if any(t.shape[2] != block_d or t.stride(1) != block_d or t.stride(2) != 1
+               or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16 for t in tensors):
             return None
-        return tuple(TensorDescriptor(t, [T, H * D], [t.stride(0), 1], [block_rows, D]) for t in (x, y))
+        return tuple(TensorDescriptor(t, [t.shape[0], t.shape[1] * block_d], [t.stride(0), 1], [block_rows, block_d])
+                     for t in tensors)
+
+    def _interpreter_reduces() -> bool:
+        """Whether this triton's interpreter runs descriptor reductions (triton 3.6's does not; the tests add it)."""
+        from triton.runtime.interpreter import InterpreterBuilder
+
+        return hasattr(InterpreterBuilder, "create_descriptor_reduce")
 
     def _fwd(q, k, v, cu, scale, causal):
         T, Hq, _ = q.shape
@@ -565,7 +580,7 @@ if _dispatch.triton_importable():
         interp = _dispatch.triton_interpret() or q.device.type != "cuda"
         bm, bn = _INTERP["fwd"]
         # the autotuned TMA launch resets the descriptors' block shape per config (pre-hook)
-        descs = _row_descriptors(k, v, bn, meta["BLOCK_D"])
+        descs = _row_descriptors(k, v, block_rows=bn, block_d=meta["BLOCK_D"])
         args = (q, k, v, o, lse, cu, *(descs or (None, None)), T, n, T.bit_length(), Hq, scale * _LOG2E,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1))
         if interp:
@@ -602,13 +617,17 @@ if _dispatch.triton_importable():
                    do.stride(1))
         # TMA (R4B_VARLEN_LOADS=tma): the dK/dV kernel walks Q / dO blocks, the dQ kernel K / V blocks (block
         # rows: the interpreter's tiles here; an autotuned launch resets them per config)
-        qdo = _row_descriptors(q, do, _INTERP["dkdv"][1], meta["BLOCK_D"])
-        kv_args = (q, k, v, do, lse, delta, dk, dv, dq32, cu, *(qdo or (None, None)), T, n, T.bit_length(), Hkv,
+        qdo = _row_descriptors(q, do, block_rows=_INTERP["dkdv"][1], block_d=meta["BLOCK_D"])
+        # and the atomic backward adds each dQ tile with one bulk reduction into DQ32
+        dqd = None
+        if atomic and qdo is not None and (not interp or _interpreter_reduces()):
+            (dqd,) = _row_descriptors(dq32, block_rows=_INTERP["dkdv"][1], block_d=meta["BLOCK_D"])
+        kv_args = (q, k, v, do, lse, delta, dk, dv, dq32, cu, *(qdo or (None, None)), dqd, T, n, T.bit_length(), Hkv,
                    scale * _LOG2E, scale, *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
                    *dq32_strides)
         if not atomic:
             dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-            kvd = _row_descriptors(k, v, _INTERP["dq"][1], meta["BLOCK_D"])
+            kvd = _row_descriptors(k, v, block_rows=_INTERP["dq"][1], block_d=meta["BLOCK_D"])
             dq_args = (q, k, v, do, lse, delta, dq, cu, *(kvd or (None, None)), T, n, T.bit_length(), Hq,
                        scale * _LOG2E, scale, *strides, dq.stride(0), dq.stride(1))
         if interp:
@@ -618,7 +637,7 @@ if _dispatch.triton_importable():
                                                            **meta)
             bn, bm = _INTERP["dkdv"]
             _bwd_dkdv_kernel[(triton.cdiv(T, bn) * Hkv,)](*kv_args, BLOCK_N=bn, BLOCK_M=bm, ATOMIC_DQ=atomic,
-                                                          TMA=qdo is not None, **meta)
+                                                          TMA=qdo is not None, TMA_DQ=dqd is not None, **meta)
         else:
             kv_grid = lambda m: (triton.cdiv(T, m["BLOCK_N"]) * Hkv,)
             if not atomic:
@@ -626,7 +645,7 @@ if _dispatch.triton_importable():
                 dq_tuned[lambda m: (triton.cdiv(T, m["BLOCK_M"]) * Hq,)](*dq_args, TMA=kvd is not None, **meta)
             dkdv_tuned = ((_dkdv_atomic_tuned, _dkdv_atomic_tma_tuned) if atomic
                           else (_dkdv_tuned, _dkdv_tma_tuned))[qdo is not None]
-            dkdv_tuned[kv_grid](*kv_args, ATOMIC_DQ=atomic, TMA=qdo is not None, **meta)
+            dkdv_tuned[kv_grid](*kv_args, ATOMIC_DQ=atomic, TMA=qdo is not None, TMA_DQ=dqd is not None, **meta)
         if atomic:
             dq = dq32.to(q.dtype)
         return dq, dk, dv
