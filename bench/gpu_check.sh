@@ -102,9 +102,9 @@ step "benches"
 # the others; each bench writes its rows as it goes. Issue order: the GRPO loss and varlen attention first. The
 # row kernel's sweep (grpo_rows, 15 configs; cut at 30 s on 2026-11-26 with 8) runs in the rest phase.
 case "$PHASE" in
-  issues) specs="grpo_loss:130 varlen_attention:140 norms:45" ;;
+  issues) specs="grpo_loss:130 varlen_attention:200 norms:45" ;;
   rest) specs="grpo_rows:60 fused_linear:60 group_advantages:25 pack:30" ;;
-  all) specs="grpo_loss:130 varlen_attention:140 norms:45 grpo_rows:60 fused_linear:60 group_advantages:25 pack:30" ;;
+  all) specs="grpo_loss:130 varlen_attention:200 norms:45 grpo_rows:60 fused_linear:60 group_advantages:25 pack:30" ;;
 esac
 bench_rc=0
 for spec in $specs; do
