@@ -173,6 +173,8 @@ def test_varlen_loads_mode_is_checked_by_name_and_tma_takes_the_layouts_it_can_a
     assert _row_descriptors(d80, d80, block_rows=16, block_d=128) is None
     odd = torch.randn(T, 2 * 32 + 1)[:, 1:].view(T, 2, 32)  # row stride 65 floats: not a multiple of 16 bytes
     assert _row_descriptors(odd, odd, block_rows=16, block_d=32) is None
+    broadcast = torch.randn(1, 2, D).expand(T, 2, D)  # row stride 0, as a gradient of a sum over tokens can be
+    assert _row_descriptors(broadcast, broadcast, block_rows=16, block_d=D) is None
 
 
 def test_varlen_attention_dispatch_default_matches_forced():

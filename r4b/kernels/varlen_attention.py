@@ -553,14 +553,16 @@ if _dispatch.triton_importable():
     def _row_descriptors(*tensors: Tensor, block_rows: int, block_d: int):
         """TMA descriptors of (T, H, D) tensors as (T, H * D) matrices (block (block_rows, D)), or None where TMA
         cannot address them: a head dim that is not the (power-of-two) block, heads not side by side in a row,
-        or a row stride or base address that is not a multiple of 16 bytes. None also without R4B_VARLEN_LOADS=tma.
+        rows that overlap (a broadcast gradient's stride 0), or a row stride or base address that is not a multiple
+        of 16 bytes. None also without R4B_VARLEN_LOADS=tma.
         """
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         if _loads_mode() != "tma":
             return None
         if any(t.shape[2] != block_d or t.stride(1) != block_d or t.stride(2) != 1
-               or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16 for t in tensors):
+               or t.stride(0) < t.shape[1] * block_d or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16
+               for t in tensors):
             return None
         return tuple(TensorDescriptor(t, [t.shape[0], t.shape[1] * block_d], [t.stride(0), 1], [block_rows, block_d])
                      for t in tensors)
