@@ -126,9 +126,11 @@ def test_varlen_attention_strided_qkv_and_scale(device, modes):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_varlen_attention_no_information_crosses_a_boundary(causal, device, modes):
+@pytest.mark.parametrize("change", ["finite", "inf-nan"])
+def test_varlen_attention_no_information_crosses_a_boundary(causal, change, device, modes):
     # sequences 0 and 2 share 32-row tiles with sequence 1 in every kernel; changing sequence 1's q, k, v and
-    # dO must leave their outputs and all their gradients bit-identical.
+    # dO must leave their outputs and all their gradients bit-identical, also when the change is an inf or NaN
+    # (a diverged sample): a neighbour's value times a zero probability must never be computed (0 * inf = NaN).
     lens, Hq, Hkv, D = [7, 30, 11], 4, 2, 64
     cu = _cu(lens, device)
     q, k, v, do = _inputs(lens, Hq, Hkv, D, device=device)
@@ -136,8 +138,12 @@ def test_varlen_attention_no_information_crosses_a_boundary(causal, device, mode
     base = _grads(fn, q, k, v, do)
     mid = slice(7, 37)
     q2, k2, v2, do2 = (t.clone() for t in (q, k, v, do))
-    for t in (q2, k2, v2, do2):
-        t[mid] = t[mid] * 3.0 + 1.0
+    if change == "finite":
+        for t in (q2, k2, v2, do2):
+            t[mid] = t[mid] * 3.0 + 1.0
+    else:  # first, middle and last rows of sequence 1, next to both neighbours
+        for t, bad in ((q2, float("nan")), (k2, float("inf")), (v2, float("-inf")), (do2, float("nan"))):
+            t[[7, 20, 36]] = bad
     pert = _grads(fn, q2, k2, v2, do2)
     others = torch.ones(sum(lens), dtype=torch.bool)
     others[mid] = False

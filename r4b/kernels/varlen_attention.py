@@ -205,8 +205,9 @@ if _dispatch.triton_importable():
         MASK=False: every key of every block is valid for every query row of the segment (no masks at all).
         MASK=True: keys >= hi are cut, and with CAUSAL keys after the query too.
         TMA: K and V blocks come through the tensor descriptors (rows row0 + n, columns col0 .. col0 + D of the
-        (T, Hkv * D) views): the rows past hi that a block reads are another sequence's (or zeros past T),
-        finite values whose probabilities the masks make exactly 0.
+        (T, Hkv * D) views). A MASK block's rows past hi are another sequence's (or zeros past T): their scores
+        are replaced by the mask (a select), and their V rows are zeroed, so that not even an inf or NaN there
+        reaches this sequence (the pointer loads read zeros there).
         """
         offs_n = tl.arange(0, BLOCK_N)
         for n0 in range(lo, hi, BLOCK_N):
@@ -233,6 +234,8 @@ if _dispatch.triton_importable():
             l_i = l_i * alpha + tl.sum(p, 1)
             if TMA:
                 v = desc_v.load([row0 + n0, col0])  # (BLOCK_N, BLOCK_D)
+                if MASK:  # rows past hi: another sequence's values, maybe inf / NaN, and 0 * inf is NaN in P V
+                    v = tl.where(kmask[:, None], v, 0.0)
             else:
                 v = _load_rows(v_base, kn, stride_vt, offs_d, kmask, D, BLOCK_D, MASK)  # (BLOCK_N, BLOCK_D)
             # the rescaled accumulator as the product's accumulator: the MMA adds into it (no separate add)
@@ -309,6 +312,9 @@ if _dispatch.triton_importable():
             if TMA:
                 kT = tl.trans(desc_k.load([row0 + n0, col0]))  # (BLOCK_D, BLOCK_N)
                 vT = tl.trans(desc_v.load([row0 + n0, col0]))
+                if MASK:  # keys past hi: another sequence's (see _fwd_inner); dS K and dO V^T must not see them
+                    kT = tl.where(kmask[None, :], kT, 0.0)
+                    vT = tl.where(kmask[None, :], vT, 0.0)
             else:
                 kT = _load_rows_t(k_base, kn, stride_kt, offs_d, kmask, D, BLOCK_D, MASK)  # (BLOCK_D, BLOCK_N)
                 vT = _load_rows_t(v_base, kn, stride_vt, offs_d, kmask, D, BLOCK_D, MASK)  # (BLOCK_D, BLOCK_N)
@@ -366,16 +372,18 @@ if _dispatch.triton_importable():
     @triton.jit
     def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, k_loc, lo, hi, L,
                     qk_scale, offs_d, dq_base, stride_dqt, kvalid, sm_scale, desc_q, desc_do, desc_dq, row0, col0,
-                    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL_MASK: tl.constexpr,
+                    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr,
                     DOT_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr, TMA: tl.constexpr, TMA_DQ: tl.constexpr):
         """Accumulate dK, dV of a key tile over query blocks [lo, hi) of one sequence and one query head
-        (transposed form: the score tile is (BLOCK_N keys, BLOCK_M queries)). Queries >= L are masked.
+        (transposed form: the score tile is (BLOCK_N keys, BLOCK_M queries)). MASK: 1 = queries >= L masked,
+        2 = also the causal mask (diagonal blocks), 0 = whole blocks below L (no query mask; TMA only).
         ATOMIC_DQ: also add this key tile's share of dQ (sm_scale * dS K) into the fp32 rows at dq_base with
         atomics; the tile's keys outside the segment (kvalid False: another sequence's rows) are masked out,
         since their rows would otherwise reach dQ. TMA: the Q and dO blocks come through the tensor descriptors
-        (rows row0 + m of the (T, Hq * D) views, columns col0 ..): rows >= L are another sequence's (or zeros),
-        finite, and their probabilities are masked to exactly 0. TMA_DQ: the dQ tile is added by one bulk
-        reduction through desc_dq (the (T, Hq * D) view of DQ32) instead of per-element atomics.
+        (rows row0 + m of the (T, Hq * D) views, columns col0 ..); in a MASK block the rows >= L are another
+        sequence's (or zeros past T) and are zeroed, as the pointer loads read them, so that not even an inf or
+        NaN there reaches this sequence through dV += P^T dO or dK += dS^T Q. TMA_DQ: the dQ tile is added by one
+        bulk reduction through desc_dq (the (T, Hq * D) view of DQ32) instead of per-element atomics.
         """
         offs_m = tl.arange(0, BLOCK_M)
         for m0 in range(lo, hi, BLOCK_M):
@@ -384,18 +392,28 @@ if _dispatch.triton_importable():
             if TMA:
                 qT = tl.trans(desc_q.load([row0 + m0, col0]))  # (BLOCK_D, BLOCK_M)
                 do = desc_do.load([row0 + m0, col0])  # (BLOCK_M, BLOCK_D)
+                if MASK > 0:
+                    qT = tl.where(qmask[None, :], qT, 0.0)
+                    do = tl.where(qmask[:, None], do, 0.0)
             else:
                 qT = _load_rows_t(q_base, qi, stride_qt, offs_d, qmask, D, BLOCK_D, True)  # (BLOCK_D, BLOCK_M)
                 do = _load_rows(do_base, qi, stride_dot, offs_d, qmask, D, BLOCK_D, True)  # (BLOCK_M, BLOCK_D)
-            lse = tl.load(lse_base + qi, mask=qmask, other=0.0)
-            delta = tl.load(delta_base + qi, mask=qmask, other=0.0)
+            if MASK > 0:
+                lse = tl.load(lse_base + qi, mask=qmask, other=0.0)
+                delta = tl.load(delta_base + qi, mask=qmask, other=0.0)
+            else:
+                lse = tl.load(lse_base + qi)
+                delta = tl.load(delta_base + qi)
             pT = tl.exp2(tl.dot(k, qT, input_precision=DOT_PREC) * qk_scale - lse[None, :])  # (BLOCK_N, BLOCK_M)
-            ok = qmask[None, :]
-            if CAUSAL_MASK:
-                ok = ok & (qi[None, :] >= k_loc[:, None])
-            if ATOMIC_DQ:
-                ok = ok & kvalid[:, None]
-            pT = tl.where(ok, pT, 0.0)
+            if MASK > 0:
+                ok = qmask[None, :]
+                if MASK == 2:
+                    ok = ok & (qi[None, :] >= k_loc[:, None])
+                if ATOMIC_DQ:
+                    ok = ok & kvalid[:, None]
+                pT = tl.where(ok, pT, 0.0)
+            elif ATOMIC_DQ:
+                pT = tl.where(kvalid[:, None], pT, 0.0)
             dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
             dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
             dsT = pT * (dpT - delta[None, :])
@@ -404,14 +422,19 @@ if _dispatch.triton_importable():
                 dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=DOT_PREC) * sm_scale  # (BLOCK_M, BLOCK_D)
                 if TMA_DQ:
                     # one bulk reduction of the tile (cp.reduce.async.bulk.tensor): its rows >= L belong to other
-                    # sequences (or lie past T, clipped) and are exactly 0 here (pT is masked there), so they add
-                    # nothing
+                    # sequences (or lie past T, clipped) and get exact zeros (a select: an inf or NaN of this
+                    # sequence's V times a zeroed dO row is NaN in dP there)
+                    if MASK > 0:
+                        dq = tl.where(qmask[:, None], dq, 0.0)
                     desc_dq.atomic_add([row0 + m0, col0], dq)
                 else:
                     # int64 rows: dQ32's row stride is Hq * D, which the int32 guard on q/k/v strides does not
                     # bound; relaxed order: nothing reads dQ32 before the kernel ends (acq_rel costs fences)
-                    tl.atomic_add(dq_base + qi.to(tl.int64)[:, None] * stride_dqt + offs_d[None, :], dq,
-                                  mask=qmask[:, None] & (offs_d[None, :] < D), sem="relaxed")
+                    dq_ptrs = dq_base + qi.to(tl.int64)[:, None] * stride_dqt + offs_d[None, :]
+                    if MASK > 0:
+                        tl.atomic_add(dq_ptrs, dq, mask=qmask[:, None] & (offs_d[None, :] < D), sem="relaxed")
+                    else:
+                        tl.atomic_add(dq_ptrs, dq, mask=offs_d[None, :] < D, sem="relaxed")
         return dk, dv
 
     @triton.jit(do_not_specialize=["T", "n_seqs", "t_bucket"])
@@ -430,8 +453,9 @@ if _dispatch.triton_importable():
         r64 = rows.to(tl.int64)
         offs_d = tl.arange(0, BLOCK_D)
         in_t = rows < T
-        k = _load_rows(K + hk * stride_kh, r64, stride_kt, offs_d, in_t, D, BLOCK_D, True)  # (BLOCK_N, BLOCK_D)
-        v = _load_rows(V + hk * stride_vh, r64, stride_vt, offs_d, in_t, D, BLOCK_D, True)
+        if not ATOMIC_DQ:  # the atomic backward loads them per segment (below)
+            k = _load_rows(K + hk * stride_kh, r64, stride_kt, offs_d, in_t, D, BLOCK_D, True)  # (BLOCK_N, BLOCK_D)
+            v = _load_rows(V + hk * stride_vh, r64, stride_vt, offs_d, in_t, D, BLOCK_D, True)
         t_end = tl.minimum(t0 + BLOCK_N, T)
         s = _seq_of(CU, n_seqs, t0)
         t = t0
@@ -450,6 +474,16 @@ if _dispatch.triton_importable():
                 a1 = 0
             cs64 = cs.to(tl.int64)
             kvalid = (rows >= t) & (rows < seg_hi)
+            if ATOMIC_DQ:
+                # the tile's rows of other sequences would reach this sequence's dQ through dS^T K (and dO V^T):
+                # zeros there, not their values (an inf or NaN times a zero probability is NaN)
+                k_s = _load_rows(K + hk * stride_kh, r64, stride_kt, offs_d, kvalid, D, BLOCK_D, True)
+                v_s = _load_rows(V + hk * stride_vh, r64, stride_vt, offs_d, kvalid, D, BLOCK_D, True)
+            else:
+                k_s = k
+                v_s = v
+            # TMA: whole query blocks below L in a loop without query masks, the last partial block apart
+            a_full = a1 + tl.maximum(L - a1, 0) // BLOCK_M * BLOCK_M if TMA else a1
             dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
             dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
             for g in range(GROUP):
@@ -460,13 +494,18 @@ if _dispatch.triton_importable():
                 delta_base = DELTA + h * T + cs64
                 dq_base = DQ32 + cs64 * stride_dq32t + h * stride_dq32h
                 if CAUSAL:
-                    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                                         k_loc, a0, a1, L, qk_scale, offs_d, dq_base, stride_dq32t, kvalid, sm_scale,
-                                         desc_q, desc_do, desc_dq, cs, h * D, D, BLOCK_D, BLOCK_M, True,
+                    dk, dv = _dkdv_inner(dk, dv, k_s, v_s, q_base, do_base, lse_base, delta_base, stride_qt,
+                                         stride_dot, k_loc, a0, a1, L, qk_scale, offs_d, dq_base, stride_dq32t, kvalid,
+                                         sm_scale, desc_q, desc_do, desc_dq, cs, h * D, D, BLOCK_D, BLOCK_M, 2,
                                          DOT_PREC, ATOMIC_DQ, TMA, TMA_DQ)
-                dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                                     k_loc, a1, L, L, qk_scale, offs_d, dq_base, stride_dq32t, kvalid, sm_scale,
-                                     desc_q, desc_do, desc_dq, cs, h * D, D, BLOCK_D, BLOCK_M, False, DOT_PREC,
+                if TMA:
+                    dk, dv = _dkdv_inner(dk, dv, k_s, v_s, q_base, do_base, lse_base, delta_base, stride_qt,
+                                         stride_dot, k_loc, a1, a_full, L, qk_scale, offs_d, dq_base, stride_dq32t,
+                                         kvalid, sm_scale, desc_q, desc_do, desc_dq, cs, h * D, D, BLOCK_D, BLOCK_M, 0,
+                                         DOT_PREC, ATOMIC_DQ, TMA, TMA_DQ)
+                dk, dv = _dkdv_inner(dk, dv, k_s, v_s, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                                     k_loc, a_full, L, L, qk_scale, offs_d, dq_base, stride_dq32t, kvalid, sm_scale,
+                                     desc_q, desc_do, desc_dq, cs, h * D, D, BLOCK_D, BLOCK_M, 1, DOT_PREC,
                                      ATOMIC_DQ, TMA, TMA_DQ)
             seg = ((rows >= t) & (rows < seg_hi))[:, None] & (offs_d[None, :] < D)
             tl.store(DK + hk * stride_dkh + r64[:, None] * stride_dkt + offs_d[None, :],
