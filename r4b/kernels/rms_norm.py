@@ -169,15 +169,21 @@ if _dispatch.triton_importable():
             # each program writes its row of dw_part (summed below): sized for the grid of any config
             dw_part = torch.empty((min(_BWD_MAX_PER_SM * sms, n), D), dtype=torch.float32, device=x2.device)
             args = (dy2, x2, weight, rstd, dx, dw_part, n, dy2.stride(0), x2.stride(0), dx.stride(0))
+            # programs of each launch, in order: the last is the launch whose partials are summed (an autotuning
+            # call first times every config; a local list, not the autotuner's shared best_config, which another
+            # device's backward thread may be changing)
+            grids: list[int] = []
+
+            def grid(m):
+                grids.append(_bwd_grid(n, m["BLOCK_M"], m["PROGS_PER_SM"], sms))
+                return (grids[-1],)
+
             if gpu:
-                _bwd_tuned[lambda m: (_bwd_grid(n, m["BLOCK_M"], m["PROGS_PER_SM"], sms),)](*args, D=D,
-                                                                                           BLOCK_D=block_d)
-                block_m, per_sm = (_bwd_tuned.best_config.kwargs[k] for k in ("BLOCK_M", "PROGS_PER_SM"))
+                _bwd_tuned[grid](*args, D=D, BLOCK_D=block_d)
             else:  # the interpreter: one "SM" of 4 programs, so that the tests' rows walk several blocks a program
-                per_sm = 4
-                _rms_bwd_kernel[(_bwd_grid(n, block_m, per_sm, sms),)](
-                    *args, D=D, BLOCK_D=block_d, BLOCK_M=block_m, STAGES=3, PROGS_PER_SM=per_sm, num_warps=warps)
-            dw = dw_part[:_bwd_grid(n, block_m, per_sm, sms)].sum(0).to(weight.dtype)  # (D,)
+                _rms_bwd_kernel[grid({"BLOCK_M": block_m, "PROGS_PER_SM": 4})](
+                    *args, D=D, BLOCK_D=block_d, BLOCK_M=block_m, STAGES=3, PROGS_PER_SM=4, num_warps=warps)
+            dw = dw_part[:grids[-1]].sum(0).to(weight.dtype)  # (D,)
             return dx.view(ctx.x_shape), dw, None
 
 
