@@ -190,8 +190,8 @@ def aot_report(first_only: bool = False) -> None:
 
     # "+tma": the kernels of R4B_VARLEN_LOADS=tma (inner-loop blocks through TMA tensor descriptors);
     # "dkdv+dq": the dK/dV kernel of R4B_VARLEN_BWD=atomic, which also adds dQ with fp32 atomics
-    kv_off = {"desc_k": None, "desc_v": None, "TMA": False}
-    qdo_off = {"desc_q": None, "desc_do": None, "desc_dq": None, "TMA": False, "TMA_DQ": False}
+    kv_off = {"TMA": False}
+    qdo_off = {"TMA": False, "TMA_DQ": False}
     for kind, kern, cfgs, tile, extra in (
             ("fwd", va._fwd_kernel, va.FWD_CONFIGS, ("BLOCK_M", "BLOCK_N"), kv_off),
             ("fwd+tma", va._fwd_kernel, va.FWD_CONFIGS, ("BLOCK_M", "BLOCK_N"), {"TMA": True}),
@@ -199,18 +199,14 @@ def aot_report(first_only: bool = False) -> None:
             ("dq+tma", va._bwd_dq_kernel, va.DQ_CONFIGS, ("BLOCK_M", "BLOCK_N"), {"TMA": True}),
             ("dkdv", va._bwd_dkdv_kernel, va.DKDV_CONFIGS, ("BLOCK_N", "BLOCK_M"), {"ATOMIC_DQ": False, **qdo_off}),
             ("dkdv+tma", va._bwd_dkdv_kernel, va.DKDV_CONFIGS, ("BLOCK_N", "BLOCK_M"),
-             {"ATOMIC_DQ": False, "TMA": True, "desc_dq": None, "TMA_DQ": False}),
+             {"ATOMIC_DQ": False, "TMA": True, "TMA_DQ": False}),
             ("dkdv+dq", va._bwd_dkdv_kernel, va.DKDV_CONFIGS, ("BLOCK_N", "BLOCK_M"), {"ATOMIC_DQ": True, **qdo_off}),
             ("dkdv+dq+tma", va._bwd_dkdv_kernel, va.DKDV_CONFIGS, ("BLOCK_N", "BLOCK_M"),
              {"ATOMIC_DQ": True, "TMA": True, "TMA_DQ": True})):
         for a, b, warps, stages in cfgs[:1] if first_only else cfgs:
             meta = {"GROUP": 4, "D": 128, "BLOCK_D": 128, "CAUSAL": True, "DOT_PREC": "tf32", tile[0]: a, tile[1]: b,
                     **extra}
-            # a TMA descriptor argument's type names its block: (inner-loop step, D), bf16 (fp32 for dQ32)
-            descs = {"desc_k": f"tensordesc<bf16[{b},128]>", "desc_v": f"tensordesc<bf16[{b},128]>",
-                     "desc_q": f"tensordesc<bf16[{b},128]>", "desc_do": f"tensordesc<bf16[{b},128]>",
-                     "desc_dq": f"tensordesc<fp32[{b},128]>"}
-            info, smem = sm90_ptxas(kern, meta, lambda n, descs=descs: descs.get(n) or sig_of(n), warps, stages)
+            info, smem = sm90_ptxas(kern, meta, sig_of, warps, stages)
             print(f"{kind:11s} {a}x{b} w{warps} s{stages}: smem={smem} B | {info}", flush=True)
 
 

@@ -1,6 +1,7 @@
 """varlen_attention: the Triton path against float64 references (output, dq, dk, dv), sequence isolation,
 input errors; bf16 on the anchor shape on a GPU (STYLE.md: error <= 2x plain PyTorch bf16 error + atol)."""
 
+import importlib
 import math
 
 import pytest
@@ -162,25 +163,34 @@ def test_varlen_backward_mode_is_checked_by_name(monkeypatch):
 
 
 def test_varlen_loads_mode_is_checked_by_name_and_tma_takes_the_layouts_it_can_address(monkeypatch):
-    from r4b.kernels.varlen_attention import _row_descriptors
+    from r4b.kernels.varlen_attention import _tma_ok
 
     q, k, v, _ = _inputs([5, 3], 2, 1, 16)
     monkeypatch.setenv("R4B_VARLEN_LOADS", "bulk")
     with pytest.raises(ValueError, match="R4B_VARLEN_LOADS.*'bulk'"):
         varlen_attention(q, k, v, _cu([5, 3], "cpu"), 5, backend="triton")
-    monkeypatch.setenv("R4B_VARLEN_LOADS", "tma")
     T, D = 9, 64
+    plain = torch.randn(T, 2, D)
+    monkeypatch.setenv("R4B_VARLEN_LOADS", "pointer")
+    assert not _tma_ok(plain, block_d=D)
+    monkeypatch.setenv("R4B_VARLEN_LOADS", "tma")
     qkv = torch.randn(T, 4 + 2 * 2, D)  # fused projection: k and v are head slices, row stride 8 * D
-    assert _row_descriptors(qkv[:, 4:6], qkv[:, 6:], block_rows=16, block_d=D) is not None
-    assert _row_descriptors(torch.randn(T, 2, D), torch.randn(T, 2, D), block_rows=16, block_d=D) is not None
-    head_major = torch.randn(2, T, D).transpose(0, 1)  # head stride T * D: not one (T, Hkv * D) matrix
-    assert _row_descriptors(head_major, head_major, block_rows=16, block_d=D) is None
-    d80 = torch.randn(T, 2, 80)  # D below the (power-of-two) block
-    assert _row_descriptors(d80, d80, block_rows=16, block_d=128) is None
+    head_major = torch.randn(2, T, D).transpose(0, 1)  # head stride T * D: one descriptor per head still works
+    assert _tma_ok(qkv[:, 4:6], qkv[:, 6:], plain, head_major, block_d=D)
+    assert not _tma_ok(torch.randn(T, 2, 80), block_d=128)  # D below the (power-of-two) block
     odd = torch.randn(T, 2 * 32 + 1)[:, 1:].view(T, 2, 32)  # row stride 65 floats: not a multiple of 16 bytes
-    assert _row_descriptors(odd, odd, block_rows=16, block_d=32) is None
+    assert not _tma_ok(odd, block_d=32)
     broadcast = torch.randn(1, 2, D).expand(T, 2, D)  # row stride 0, as a gradient of a sum over tokens can be
-    assert _row_descriptors(broadcast, broadcast, block_rows=16, block_d=D) is None
+    assert not _tma_ok(broadcast, block_d=D)
+    assert not _tma_ok(plain, torch.randn(T * 2 * D + 1)[1:].view(T, 2, D), block_d=D)  # a base 4 bytes off
+    # and the launches take it: forward (K, V), dQ kernel (K, V), dK/dV kernel (Q, dO)
+    va = importlib.import_module("r4b.kernels.varlen_attention")
+    seen = []
+    monkeypatch.setattr(va, "_tma_ok", lambda *t, block_d: seen.append(_tma_ok(*t, block_d=block_d)) or seen[-1])
+    q, k, v, do = _inputs([5, 30], 4, 2, 32)
+    q.requires_grad_()
+    varlen_attention(q, k, v, _cu([5, 30], "cpu"), 30, backend="triton").backward(do)
+    assert seen == [True, True, True]
 
 
 def test_varlen_attention_dispatch_default_matches_forced():

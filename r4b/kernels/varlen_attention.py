@@ -8,11 +8,11 @@ the autograd Function and the public function. ``R4B_VARLEN_BWD=atomic`` selects
 kernel also adds dQ into an fp32 buffer with atomics, so that no dQ kernel recomputes the scores (5 matrix
 products instead of 7; which is faster is measured by bench/bench_varlen_attention.py's "r4b triton atomic-dq"
 row; "split", the default, is deterministic). ``R4B_VARLEN_LOADS=tma`` loads the blocks the kernels' inner loops
-walk (K/V in the forward and dQ kernels, Q/dO in the dK/dV kernel) through TMA tensor descriptors (sm_90:
-cp.async.bulk.tensor; the forward's first autotune config takes 192 registers instead of 254), and the atomic
-backward adds each dQ tile with one bulk reduction (cp.reduce.async.bulk.tensor), where the layout allows it
-(head dim a power of two, heads side by side in a row, 16-byte row stride); the bench's "r4b triton tma" rows
-time it against the pointer loads of the default.
+walk (K/V in the forward and dQ kernels, Q/dO in the dK/dV kernel) through TMA tensor descriptors built on the
+device, one per sequence and head, so the hardware reads zeros past a sequence's end (sm_90: cp.async.bulk.tensor;
+the forward's first autotune config takes 206 registers instead of 254), and the atomic backward adds each dQ tile
+with one bulk reduction (cp.reduce.async.bulk.tensor), where the layout allows it (head dim a power of two,
+16-byte row and head strides); the bench's "r4b triton tma" rows time it against the default pointer loads.
 
 Grid and sequence boundaries: one program per (tile of BLOCK *packed* tokens, head), ordered tile-major in a
 1-D grid (``_tile_of``), so it depends only on T, never on the per-batch lengths. A tile of BLOCK packed rows
@@ -193,28 +193,34 @@ if _dispatch.triton_importable():
             tile = (T + BLOCK - 1) // BLOCK - 1 - tile
         return tile * BLOCK, h
 
+    @triton.jit
+    def _seq_desc(base, L, stride_t, D: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+        """TMA descriptor of one sequence's rows of one head: L rows of D at base (stride stride_t). Built on the
+        device per segment, so the hardware zero-fills rows past the sequence's end: a block that reaches into
+        the next sequence reads zeros there, as the pointer loads' masks do (never a neighbour's values, which
+        could be inf or NaN: 0 * inf is NaN in a matrix product). At least one row, for an empty sequence."""
+        return tl.make_tensor_descriptor(base, shape=[tl.maximum(L, 1), D], strides=[stride_t, 1],
+                                         block_shape=[BLOCK_ROWS, BLOCK_D])
+
     # ---------------------------------------------------------------- forward
 
     @triton.jit
     def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, q_loc, lo, hi, qk_scale,
-                   offs_d, desc_k, desc_v, row0, col0, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                   offs_d, desc_k, desc_v, D: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_N: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
                    TMA: tl.constexpr):
         """Online-softmax accumulation over key blocks [lo, hi) of one sequence (local indices).
 
         MASK=False: every key of every block is valid for every query row of the segment (no masks at all).
         MASK=True: keys >= hi are cut, and with CAUSAL keys after the query too.
-        TMA: K and V blocks come through the tensor descriptors (rows row0 + n, columns col0 .. col0 + D of the
-        (T, Hkv * D) views). A MASK block's rows past hi are another sequence's (or zeros past T): their scores
-        are replaced by the mask (a select), and their V rows are zeroed, so that not even an inf or NaN there
-        reaches this sequence (the pointer loads read zeros there).
+        TMA: K and V blocks come through the sequence's tensor descriptors (_seq_desc), local rows.
         """
         offs_n = tl.arange(0, BLOCK_N)
         for n0 in range(lo, hi, BLOCK_N):
             kn = n0 + offs_n
             kmask = kn < hi
             if TMA:
-                kT = tl.trans(desc_k.load([row0 + n0, col0]))  # (BLOCK_D, BLOCK_N)
+                kT = tl.trans(desc_k.load([n0, 0]))  # (BLOCK_D, BLOCK_N)
             else:
                 kT = _load_rows_t(k_base, kn, stride_kt, offs_d, kmask, D, BLOCK_D, MASK)  # (BLOCK_D, BLOCK_N)
             qk = tl.dot(q, kT, input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_N) raw scores
@@ -233,9 +239,7 @@ if _dispatch.triton_importable():
             alpha = tl.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
             if TMA:
-                v = desc_v.load([row0 + n0, col0])  # (BLOCK_N, BLOCK_D)
-                if MASK:  # rows past hi: another sequence's values, maybe inf / NaN, and 0 * inf is NaN in P V
-                    v = tl.where(kmask[:, None], v, 0.0)
+                v = desc_v.load([n0, 0])  # (BLOCK_N, BLOCK_D)
             else:
                 v = _load_rows(v_base, kn, stride_vt, offs_d, kmask, D, BLOCK_D, MASK)  # (BLOCK_N, BLOCK_D)
             # the rescaled accumulator as the product's accumulator: the MMA adds into it (no separate add)
@@ -244,7 +248,7 @@ if _dispatch.triton_importable():
         return acc, m_i, l_i
 
     @triton.jit(do_not_specialize=["T", "n_seqs", "t_bucket"])
-    def _fwd_kernel(Q, K, V, Out, LSE, CU, desc_k, desc_v, T, n_seqs, t_bucket, n_heads, qk_scale,
+    def _fwd_kernel(Q, K, V, Out, LSE, CU, T, n_seqs, t_bucket, n_heads, qk_scale,
                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr):
@@ -266,15 +270,21 @@ if _dispatch.triton_importable():
             hi1, hi2 = _key_bounds(t - cs, seg_hi - cs, L, BLOCK_N, CAUSAL)
             k_base = K + cs.to(tl.int64) * stride_kt + hk * stride_kh
             v_base = V + cs.to(tl.int64) * stride_vt + hk * stride_vh
+            if TMA:
+                desc_k = _seq_desc(k_base, L, stride_kt, D, BLOCK_N, BLOCK_D)
+                desc_v = _seq_desc(v_base, L, stride_vt, D, BLOCK_N, BLOCK_D)
+            else:
+                desc_k = k_base
+                desc_v = v_base
             acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
             m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
             l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
             acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, q_loc, 0, hi1,
-                                       qk_scale, offs_d, desc_k, desc_v, cs, hk * D, D, BLOCK_D, BLOCK_N, False,
-                                       CAUSAL, DOT_PREC, TMA)
+                                       qk_scale, offs_d, desc_k, desc_v, D, BLOCK_D, BLOCK_N, False, CAUSAL,
+                                       DOT_PREC, TMA)
             acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, q_loc, hi1, hi2,
-                                       qk_scale, offs_d, desc_k, desc_v, cs, hk * D, D, BLOCK_D, BLOCK_N, True,
-                                       CAUSAL, DOT_PREC, TMA)
+                                       qk_scale, offs_d, desc_k, desc_v, D, BLOCK_D, BLOCK_N, True, CAUSAL,
+                                       DOT_PREC, TMA)
             seg = (rows >= t) & (rows < seg_hi)
             l_i = tl.where(l_i > 0.0, l_i, 1.0)  # l_i is 0 only in an empty segment (a zero-length sequence)
             out = acc / l_i[:, None]
@@ -301,7 +311,7 @@ if _dispatch.triton_importable():
 
     @triton.jit
     def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, q_loc, lo, hi, qk_scale,
-                  offs_d, desc_k, desc_v, row0, col0, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                  offs_d, desc_k, desc_v, D: tl.constexpr, BLOCK_D: tl.constexpr,
                   BLOCK_N: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
                   TMA: tl.constexpr):
         """dQ of a query tile over key blocks [lo, hi) of one sequence (MASK, TMA: as in _fwd_inner)."""
@@ -310,11 +320,8 @@ if _dispatch.triton_importable():
             kn = n0 + offs_n
             kmask = kn < hi
             if TMA:
-                kT = tl.trans(desc_k.load([row0 + n0, col0]))  # (BLOCK_D, BLOCK_N)
-                vT = tl.trans(desc_v.load([row0 + n0, col0]))
-                if MASK:  # keys past hi: another sequence's (see _fwd_inner); dS K and dO V^T must not see them
-                    kT = tl.where(kmask[None, :], kT, 0.0)
-                    vT = tl.where(kmask[None, :], vT, 0.0)
+                kT = tl.trans(desc_k.load([n0, 0]))  # (BLOCK_D, BLOCK_N)
+                vT = tl.trans(desc_v.load([n0, 0]))
             else:
                 kT = _load_rows_t(k_base, kn, stride_kt, offs_d, kmask, D, BLOCK_D, MASK)  # (BLOCK_D, BLOCK_N)
                 vT = _load_rows_t(v_base, kn, stride_vt, offs_d, kmask, D, BLOCK_D, MASK)  # (BLOCK_D, BLOCK_N)
@@ -330,7 +337,7 @@ if _dispatch.triton_importable():
         return dq
 
     @triton.jit(do_not_specialize=["T", "n_seqs", "t_bucket"])
-    def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, desc_k, desc_v, T, n_seqs, t_bucket, n_heads, qk_scale,
+    def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, T, n_seqs, t_bucket, n_heads, qk_scale,
                        sm_scale, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot,
                        stride_doh, stride_dqt, stride_dqh,
                        GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -358,11 +365,17 @@ if _dispatch.triton_importable():
             hi1, hi2 = _key_bounds(t - cs, seg_hi - cs, L, BLOCK_N, CAUSAL)
             k_base = K + cs.to(tl.int64) * stride_kt + hk * stride_kh
             v_base = V + cs.to(tl.int64) * stride_vt + hk * stride_vh
+            if TMA:
+                desc_k = _seq_desc(k_base, L, stride_kt, D, BLOCK_N, BLOCK_D)
+                desc_v = _seq_desc(v_base, L, stride_vt, D, BLOCK_N, BLOCK_D)
+            else:
+                desc_k = k_base
+                desc_v = v_base
             dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
             dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, q_loc, 0, hi1, qk_scale,
-                           offs_d, desc_k, desc_v, cs, hk * D, D, BLOCK_D, BLOCK_N, False, CAUSAL, DOT_PREC, TMA)
+                           offs_d, desc_k, desc_v, D, BLOCK_D, BLOCK_N, False, CAUSAL, DOT_PREC, TMA)
             dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, q_loc, hi1, hi2, qk_scale,
-                           offs_d, desc_k, desc_v, cs, hk * D, D, BLOCK_D, BLOCK_N, True, CAUSAL, DOT_PREC, TMA)
+                           offs_d, desc_k, desc_v, D, BLOCK_D, BLOCK_N, True, CAUSAL, DOT_PREC, TMA)
             seg = (rows >= t) & (rows < seg_hi)
             ptrs = DQ + h * stride_dqh + r64[:, None] * stride_dqt + offs_d[None, :]
             tl.store(ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=seg[:, None] & (offs_d[None, :] < D))
@@ -371,7 +384,7 @@ if _dispatch.triton_importable():
 
     @triton.jit
     def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, k_loc, lo, hi, L,
-                    qk_scale, offs_d, dq_base, stride_dqt, kvalid, sm_scale, desc_q, desc_do, desc_dq, row0, col0,
+                    qk_scale, offs_d, dq_base, stride_dqt, kvalid, sm_scale, desc_q, desc_do, desc_dq,
                     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr,
                     DOT_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr, TMA: tl.constexpr, TMA_DQ: tl.constexpr):
         """Accumulate dK, dV of a key tile over query blocks [lo, hi) of one sequence and one query head
@@ -379,22 +392,18 @@ if _dispatch.triton_importable():
         2 = also the causal mask (diagonal blocks), 0 = whole blocks below L (no query mask; TMA only).
         ATOMIC_DQ: also add this key tile's share of dQ (sm_scale * dS K) into the fp32 rows at dq_base with
         atomics; the tile's keys outside the segment (kvalid False: another sequence's rows) are masked out,
-        since their rows would otherwise reach dQ. TMA: the Q and dO blocks come through the tensor descriptors
-        (rows row0 + m of the (T, Hq * D) views, columns col0 ..); in a MASK block the rows >= L are another
-        sequence's (or zeros past T) and are zeroed, as the pointer loads read them, so that not even an inf or
-        NaN there reaches this sequence through dV += P^T dO or dK += dS^T Q. TMA_DQ: the dQ tile is added by one
-        bulk reduction through desc_dq (the (T, Hq * D) view of DQ32) instead of per-element atomics.
+        since their rows would otherwise reach dQ. TMA: the Q and dO blocks come through the sequence's tensor
+        descriptors (_seq_desc: rows >= L read as zeros). TMA_DQ: the dQ tile is added by one bulk reduction
+        through desc_dq (the sequence's rows of DQ32: the hardware drops rows >= L) instead of per-element
+        atomics.
         """
         offs_m = tl.arange(0, BLOCK_M)
         for m0 in range(lo, hi, BLOCK_M):
             qi = m0 + offs_m
             qmask = qi < L
             if TMA:
-                qT = tl.trans(desc_q.load([row0 + m0, col0]))  # (BLOCK_D, BLOCK_M)
-                do = desc_do.load([row0 + m0, col0])  # (BLOCK_M, BLOCK_D)
-                if MASK > 0:
-                    qT = tl.where(qmask[None, :], qT, 0.0)
-                    do = tl.where(qmask[:, None], do, 0.0)
+                qT = tl.trans(desc_q.load([m0, 0]))  # (BLOCK_D, BLOCK_M)
+                do = desc_do.load([m0, 0])  # (BLOCK_M, BLOCK_D)
             else:
                 qT = _load_rows_t(q_base, qi, stride_qt, offs_d, qmask, D, BLOCK_D, True)  # (BLOCK_D, BLOCK_M)
                 do = _load_rows(do_base, qi, stride_dot, offs_d, qmask, D, BLOCK_D, True)  # (BLOCK_M, BLOCK_D)
@@ -421,12 +430,9 @@ if _dispatch.triton_importable():
             if ATOMIC_DQ:
                 dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=DOT_PREC) * sm_scale  # (BLOCK_M, BLOCK_D)
                 if TMA_DQ:
-                    # one bulk reduction of the tile (cp.reduce.async.bulk.tensor): its rows >= L belong to other
-                    # sequences (or lie past T, clipped) and get exact zeros (a select: an inf or NaN of this
-                    # sequence's V times a zeroed dO row is NaN in dP there)
-                    if MASK > 0:
-                        dq = tl.where(qmask[:, None], dq, 0.0)
-                    desc_dq.atomic_add([row0 + m0, col0], dq)
+                    # one bulk reduction of the tile (cp.reduce.async.bulk.tensor); its rows >= L lie outside the
+                    # descriptor and are dropped
+                    desc_dq.atomic_add([m0, 0], dq)
                 else:
                     # int64 rows: dQ32's row stride is Hq * D, which the int32 guard on q/k/v strides does not
                     # bound; relaxed order: nothing reads dQ32 before the kernel ends (acq_rel costs fences)
@@ -438,8 +444,8 @@ if _dispatch.triton_importable():
         return dk, dv
 
     @triton.jit(do_not_specialize=["T", "n_seqs", "t_bucket"])
-    def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ32, CU, desc_q, desc_do, desc_dq, T, n_seqs, t_bucket,
-                         n_heads, qk_scale, sm_scale,
+    def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ32, CU, T, n_seqs, t_bucket, n_heads, qk_scale,
+                         sm_scale,
                          stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
                          stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dq32t, stride_dq32h,
                          GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -493,19 +499,29 @@ if _dispatch.triton_importable():
                 lse_base = LSE + h * T + cs64
                 delta_base = DELTA + h * T + cs64
                 dq_base = DQ32 + cs64 * stride_dq32t + h * stride_dq32h
+                if TMA:
+                    desc_q = _seq_desc(q_base, L, stride_qt, D, BLOCK_M, BLOCK_D)
+                    desc_do = _seq_desc(do_base, L, stride_dot, D, BLOCK_M, BLOCK_D)
+                else:
+                    desc_q = q_base
+                    desc_do = do_base
+                if TMA_DQ:
+                    desc_dq = _seq_desc(dq_base, L, stride_dq32t, D, BLOCK_M, BLOCK_D)
+                else:
+                    desc_dq = dq_base
                 if CAUSAL:
                     dk, dv = _dkdv_inner(dk, dv, k_s, v_s, q_base, do_base, lse_base, delta_base, stride_qt,
                                          stride_dot, k_loc, a0, a1, L, qk_scale, offs_d, dq_base, stride_dq32t, kvalid,
-                                         sm_scale, desc_q, desc_do, desc_dq, cs, h * D, D, BLOCK_D, BLOCK_M, 2,
+                                         sm_scale, desc_q, desc_do, desc_dq, D, BLOCK_D, BLOCK_M, 2,
                                          DOT_PREC, ATOMIC_DQ, TMA, TMA_DQ)
                 if TMA:
                     dk, dv = _dkdv_inner(dk, dv, k_s, v_s, q_base, do_base, lse_base, delta_base, stride_qt,
                                          stride_dot, k_loc, a1, a_full, L, qk_scale, offs_d, dq_base, stride_dq32t,
-                                         kvalid, sm_scale, desc_q, desc_do, desc_dq, cs, h * D, D, BLOCK_D, BLOCK_M, 0,
+                                         kvalid, sm_scale, desc_q, desc_do, desc_dq, D, BLOCK_D, BLOCK_M, 0,
                                          DOT_PREC, ATOMIC_DQ, TMA, TMA_DQ)
                 dk, dv = _dkdv_inner(dk, dv, k_s, v_s, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
                                      k_loc, a_full, L, L, qk_scale, offs_d, dq_base, stride_dq32t, kvalid, sm_scale,
-                                     desc_q, desc_do, desc_dq, cs, h * D, D, BLOCK_D, BLOCK_M, 1, DOT_PREC,
+                                     desc_q, desc_do, desc_dq, D, BLOCK_D, BLOCK_M, 1, DOT_PREC,
                                      ATOMIC_DQ, TMA, TMA_DQ)
             seg = ((rows >= t) & (rows < seg_hi))[:, None] & (offs_d[None, :] < D)
             tl.store(DK + hk * stride_dkh + r64[:, None] * stride_dkt + offs_d[None, :],
@@ -556,25 +572,12 @@ if _dispatch.triton_importable():
     # config's timing run and before the real launch
     _dkdv_atomic_tuned = triton.autotune(_cfgs_kv(DKDV_CONFIGS), key=_KEY, reset_to_zero=["DQ32"])(_bwd_dkdv_kernel)
 
-    def _block_shapes(*pairs):
-        """Autotune pre-hook of the TMA launches: each descriptor's block is (the config's rows, BLOCK_D)."""
-        def hook(nargs):
-            for name, rows in pairs:
-                if nargs[name] is not None:  # desc_dq: only with the atomic backward
-                    nargs[name].block_shape = [nargs[rows], nargs["BLOCK_D"]]
-        return hook
-
-    def _hooked(cfgs, hook):
-        return [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=hook) for c in cfgs]
-
     # R4B_VARLEN_LOADS=tma: the same kernels with TMA loads of the blocks their inner loops walk
-    _kv_hook = _block_shapes(("desc_k", "BLOCK_N"), ("desc_v", "BLOCK_N"))
-    _qdo_hook = _block_shapes(("desc_q", "BLOCK_M"), ("desc_do", "BLOCK_M"), ("desc_dq", "BLOCK_M"))
-    _fwd_tma_tuned = triton.autotune(_hooked(_cfgs(FWD_CONFIGS), _kv_hook), key=_KEY)(_fwd_kernel)
-    _dq_tma_tuned = triton.autotune(_hooked(_cfgs(DQ_CONFIGS), _kv_hook), key=_KEY)(_bwd_dq_kernel)
-    _dkdv_tma_tuned = triton.autotune(_hooked(_cfgs_kv(DKDV_CONFIGS), _qdo_hook), key=_KEY)(_bwd_dkdv_kernel)
-    _dkdv_atomic_tma_tuned = triton.autotune(_hooked(_cfgs_kv(DKDV_CONFIGS), _qdo_hook), key=_KEY,
-                                             reset_to_zero=["DQ32"])(_bwd_dkdv_kernel)
+    _fwd_tma_tuned = triton.autotune(_cfgs(FWD_CONFIGS), key=_KEY)(_fwd_kernel)
+    _dq_tma_tuned = triton.autotune(_cfgs(DQ_CONFIGS), key=_KEY)(_bwd_dq_kernel)
+    _dkdv_tma_tuned = triton.autotune(_cfgs_kv(DKDV_CONFIGS), key=_KEY)(_bwd_dkdv_kernel)
+    _dkdv_atomic_tma_tuned = triton.autotune(_cfgs_kv(DKDV_CONFIGS), key=_KEY, reset_to_zero=["DQ32"])(
+        _bwd_dkdv_kernel)
 
     def _meta(q: Tensor, k: Tensor, causal: bool) -> dict:
         D = q.shape[2]
@@ -589,22 +592,27 @@ if _dispatch.triton_importable():
             raise ValueError(f"${ENV_LOADS} must be 'pointer' or 'tma', got {mode!r}")
         return mode
 
-    def _row_descriptors(*tensors: Tensor, block_rows: int, block_d: int):
-        """TMA descriptors of (T, H, D) tensors as (T, H * D) matrices (block (block_rows, D)), or None where TMA
-        cannot address them: a head dim that is not the (power-of-two) block, heads not side by side in a row,
-        rows that overlap (a broadcast gradient's stride 0), or a row stride or base address that is not a multiple
-        of 16 bytes. None also without R4B_VARLEN_LOADS=tma.
-        """
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
+    def _tma_ok(*tensors: Tensor, block_d: int) -> bool:
+        """Whether R4B_VARLEN_LOADS=tma is set and TMA can address every (T, H, D) tensor given: a head dim that
+        is the (power-of-two) block, a unit last stride, and a row stride, head stride and base address that are
+        multiples of 16 bytes (the kernels build one descriptor per sequence and head on the device). A tensor
+        with a row stride 0 (a broadcast gradient) takes the pointer loads too."""
         if _loads_mode() != "tma":
-            return None
-        if any(t.shape[2] != block_d or t.stride(1) != block_d or t.stride(2) != 1
-               or t.stride(0) < t.shape[1] * block_d or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16
-               for t in tensors):
-            return None
-        return tuple(TensorDescriptor(t, [t.shape[0], t.shape[1] * block_d], [t.stride(0), 1], [block_rows, block_d])
-                     for t in tensors)
+            return False
+        return all(t.shape[2] == block_d and t.stride(2) == 1 and t.stride(0) > 0
+                   and (t.stride(0) * t.element_size()) % 16 == 0 and (t.stride(1) * t.element_size()) % 16 == 0
+                   and t.data_ptr() % 16 == 0 for t in tensors)
+
+    def _descriptor_scratch(size: int, alignment: int, stream):
+        return torch.empty(size, dtype=torch.int8, device="cuda")
+
+    def _ensure_allocator() -> None:
+        """Device-built TMA descriptors need triton's global scratch allocator. Set one (torch's caching
+        allocator) when none is set: it is a context variable, so autograd's backward thread needs its own."""
+        from triton.runtime import _allocation
+
+        if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+            triton.set_allocator(_descriptor_scratch)
 
     def _interpreter_reduces() -> bool:
         """Whether this triton's interpreter runs descriptor reductions (triton 3.6's does not; the tests add it)."""
@@ -619,16 +627,17 @@ if _dispatch.triton_importable():
         lse = torch.empty((Hq, T), dtype=torch.float32, device=q.device)  # log2 units
         meta = _meta(q, k, causal)
         interp = _dispatch.triton_interpret() or q.device.type != "cuda"
-        bm, bn = _INTERP["fwd"]
-        # the autotuned TMA launch resets the descriptors' block shape per config (pre-hook)
-        descs = _row_descriptors(k, v, block_rows=bn, block_d=meta["BLOCK_D"])
-        args = (q, k, v, o, lse, cu, *(descs or (None, None)), T, n, T.bit_length(), Hq, scale * _LOG2E,
+        tma = _tma_ok(k, v, block_d=meta["BLOCK_D"])
+        args = (q, k, v, o, lse, cu, T, n, T.bit_length(), Hq, scale * _LOG2E,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1))
         if interp:
-            _fwd_kernel[(triton.cdiv(T, bm) * Hq,)](*args, BLOCK_M=bm, BLOCK_N=bn, TMA=descs is not None, **meta)
+            bm, bn = _INTERP["fwd"]
+            _fwd_kernel[(triton.cdiv(T, bm) * Hq,)](*args, BLOCK_M=bm, BLOCK_N=bn, TMA=tma, **meta)
         else:
-            tuned = _fwd_tuned if descs is None else _fwd_tma_tuned
-            tuned[lambda m: (triton.cdiv(T, m["BLOCK_M"]) * Hq,)](*args, TMA=descs is not None, **meta)
+            if tma:
+                _ensure_allocator()
+            tuned = _fwd_tma_tuned if tma else _fwd_tuned
+            tuned[lambda m: (triton.cdiv(T, m["BLOCK_M"]) * Hq,)](*args, TMA=tma, **meta)
         return o, lse
 
     def _bwd_mode() -> str:
@@ -656,37 +665,35 @@ if _dispatch.triton_importable():
         dq32_strides = (dq32.stride(0), dq32.stride(1)) if atomic else (0, 0)
         strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0),
                    do.stride(1))
-        # TMA (R4B_VARLEN_LOADS=tma): the dK/dV kernel walks Q / dO blocks, the dQ kernel K / V blocks (block
-        # rows: the interpreter's tiles here; an autotuned launch resets them per config)
-        qdo = _row_descriptors(q, do, block_rows=_INTERP["dkdv"][1], block_d=meta["BLOCK_D"])
-        # and the atomic backward adds each dQ tile with one bulk reduction into DQ32
-        dqd = None
-        if atomic and qdo is not None and (not interp or _interpreter_reduces()):
-            (dqd,) = _row_descriptors(dq32, block_rows=_INTERP["dkdv"][1], block_d=meta["BLOCK_D"])
-        kv_args = (q, k, v, do, lse, delta, dk, dv, dq32, cu, *(qdo or (None, None)), dqd, T, n, T.bit_length(), Hkv,
-                   scale * _LOG2E, scale, *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-                   *dq32_strides)
+        # TMA (R4B_VARLEN_LOADS=tma): the dK/dV kernel walks Q / dO blocks, the dQ kernel K / V blocks; the
+        # atomic backward also adds each dQ tile with one bulk reduction into DQ32
+        tma_qdo = _tma_ok(q, do, block_d=meta["BLOCK_D"])
+        tma_dq = atomic and tma_qdo and (not interp or _interpreter_reduces())
+        if tma_qdo and not interp:
+            _ensure_allocator()
+        kv_args = (q, k, v, do, lse, delta, dk, dv, dq32, cu, T, n, T.bit_length(), Hkv, scale * _LOG2E, scale,
+                   *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *dq32_strides)
+        kv_meta = dict(ATOMIC_DQ=atomic, TMA=tma_qdo, TMA_DQ=tma_dq, **meta)
         if not atomic:
             dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-            kvd = _row_descriptors(k, v, block_rows=_INTERP["dq"][1], block_d=meta["BLOCK_D"])
-            dq_args = (q, k, v, do, lse, delta, dq, cu, *(kvd or (None, None)), T, n, T.bit_length(), Hq,
-                       scale * _LOG2E, scale, *strides, dq.stride(0), dq.stride(1))
+            tma_kv = _tma_ok(k, v, block_d=meta["BLOCK_D"])
+            if tma_kv and not interp:
+                _ensure_allocator()
+            dq_args = (q, k, v, do, lse, delta, dq, cu, T, n, T.bit_length(), Hq, scale * _LOG2E, scale, *strides,
+                       dq.stride(0), dq.stride(1))
         if interp:
             if not atomic:
                 bm, bn = _INTERP["dq"]
-                _bwd_dq_kernel[(triton.cdiv(T, bm) * Hq,)](*dq_args, BLOCK_M=bm, BLOCK_N=bn, TMA=kvd is not None,
-                                                           **meta)
+                _bwd_dq_kernel[(triton.cdiv(T, bm) * Hq,)](*dq_args, BLOCK_M=bm, BLOCK_N=bn, TMA=tma_kv, **meta)
             bn, bm = _INTERP["dkdv"]
-            _bwd_dkdv_kernel[(triton.cdiv(T, bn) * Hkv,)](*kv_args, BLOCK_N=bn, BLOCK_M=bm, ATOMIC_DQ=atomic,
-                                                          TMA=qdo is not None, TMA_DQ=dqd is not None, **meta)
+            _bwd_dkdv_kernel[(triton.cdiv(T, bn) * Hkv,)](*kv_args, BLOCK_N=bn, BLOCK_M=bm, **kv_meta)
         else:
-            kv_grid = lambda m: (triton.cdiv(T, m["BLOCK_N"]) * Hkv,)
             if not atomic:
-                dq_tuned = _dq_tuned if kvd is None else _dq_tma_tuned
-                dq_tuned[lambda m: (triton.cdiv(T, m["BLOCK_M"]) * Hq,)](*dq_args, TMA=kvd is not None, **meta)
+                dq_tuned = _dq_tma_tuned if tma_kv else _dq_tuned
+                dq_tuned[lambda m: (triton.cdiv(T, m["BLOCK_M"]) * Hq,)](*dq_args, TMA=tma_kv, **meta)
             dkdv_tuned = ((_dkdv_atomic_tuned, _dkdv_atomic_tma_tuned) if atomic
-                          else (_dkdv_tuned, _dkdv_tma_tuned))[qdo is not None]
-            dkdv_tuned[kv_grid](*kv_args, ATOMIC_DQ=atomic, TMA=qdo is not None, TMA_DQ=dqd is not None, **meta)
+                          else (_dkdv_tuned, _dkdv_tma_tuned))[tma_qdo]
+            dkdv_tuned[lambda m: (triton.cdiv(T, m["BLOCK_N"]) * Hkv,)](*kv_args, **kv_meta)
         if atomic:
             dq = dq32.to(q.dtype)
         return dq, dk, dv
