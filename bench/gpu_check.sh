@@ -6,8 +6,8 @@
 #   issues: the loss and packed-sequence kernels (fused GRPO / CE / log-probs, varlen attention, norms, model):
 #           their GPU tests, then their benches;
 #   rest:   the r4b._C ops (group advantages, pack) and the peer attention backends: tests and benches
-#           (builds r4b._C first unless this machine already has it built with CUDA); the loss row kernel sweep
-#           and the fused-linear bench;
+#           (builds r4b._C first unless this machine already has it built with CUDA); the small-op bench, the
+#           loss row kernel's sweep and the fused-linear bench;
 #   all:    both (default).
 # The run keeps to R4B_CHECK_BUDGET seconds (default 540, under the device tool's 600 s per command): every
 # step's time limit is cut to what is left, minus a reserve for the summary, so the table always prints.
@@ -99,12 +99,14 @@ fi
 
 step "benches"
 # one time limit per bench (seconds, cut to what is left), so a slow one (torch.compile warm-up) cannot starve
-# the others; each bench writes its rows as it goes. Issue order: the GRPO loss and varlen attention first. The
-# row kernel's sweep (grpo_rows, 15 configs; cut at 30 s on 2026-11-26 with 8) runs in the rest phase.
+# the others; each bench writes its rows as it goes. Issue order: varlen attention (eight autotuned kernel variants
+# since 2026-11-26's second session; the GPU tests compiled them already, into triton's disk cache) and the GRPO
+# loss first; the small ops and the row kernel's sweep (15 configs; cut at 30 s with 8 on 2026-11-26) in the rest
+# phase.
 case "$PHASE" in
-  issues) specs="grpo_loss:130 varlen_attention:200 norms:45" ;;
-  rest) specs="grpo_rows:60 fused_linear:60 group_advantages:25 pack:30" ;;
-  all) specs="grpo_loss:130 varlen_attention:200 norms:45 grpo_rows:60 fused_linear:60 group_advantages:25 pack:30" ;;
+  issues) specs="varlen_attention:200 grpo_loss:130" ;;
+  rest) specs="norms:45 grpo_rows:60 fused_linear:60 group_advantages:25 pack:30" ;;
+  all) specs="varlen_attention:200 grpo_loss:130 norms:45 grpo_rows:60 fused_linear:60 group_advantages:25 pack:30" ;;
 esac
 bench_rc=0
 for spec in $specs; do
