@@ -596,8 +596,11 @@ if _dispatch.triton_importable():
         """Whether R4B_VARLEN_LOADS=tma is set and TMA can address every (T, H, D) tensor given: a head dim that
         is the (power-of-two) block, a unit last stride, and a row stride, head stride and base address that are
         multiples of 16 bytes (the kernels build one descriptor per sequence and head on the device). A tensor
-        with a row stride 0 (a broadcast gradient) takes the pointer loads too."""
+        with a row stride 0 (a broadcast gradient) takes the pointer loads too, and so do fp32 tensors on a GPU
+        (sm_90 ptxas: the fp32 TMA forward spills 32 kB; fp32 is the IEEE reference mode, not the fast path)."""
         if _loads_mode() != "tma":
+            return False
+        if any(t.device.type == "cuda" and t.element_size() > 2 for t in tensors):
             return False
         return all(t.shape[2] == block_d and t.stride(2) == 1 and t.stride(0) > 0
                    and (t.stride(0) * t.element_size()) % 16 == 0 and (t.stride(1) * t.element_size()) % 16 == 0
