@@ -384,7 +384,7 @@ if _dispatch.triton_importable():
 
     @triton.jit
     def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, k_loc, lo, hi, L,
-                    qk_scale, offs_d, dq_base, stride_dqt, kvalid, sm_scale, desc_q, desc_do, desc_dq,
+                    qk_scale, offs_d, dq_base, stride_dqt, kvalid, sm_scale, desc_q, desc_do, desc_dq, dq_row0, dq_col0,
                     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr,
                     DOT_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr, TMA: tl.constexpr, TMA_DQ: tl.constexpr):
         """Accumulate dK, dV of a key tile over query blocks [lo, hi) of one sequence and one query head
@@ -394,8 +394,9 @@ if _dispatch.triton_importable():
         atomics; the tile's keys outside the segment (kvalid False: another sequence's rows) are masked out,
         since their rows would otherwise reach dQ. TMA: the Q and dO blocks come through the sequence's tensor
         descriptors (_seq_desc: rows >= L read as zeros). TMA_DQ: the dQ tile is added by one bulk reduction
-        through desc_dq (the sequence's rows of DQ32: the hardware drops rows >= L) instead of per-element
-        atomics.
+        through desc_dq (all of DQ32 as (T, Hq * D), built once per program: a bulk reduction still in flight
+        may read its descriptor, so per-head descriptors rewritten in the head loop are not safe there; rows
+        dq_row0 + m, columns dq_col0 ..) instead of per-element atomics.
         """
         offs_m = tl.arange(0, BLOCK_M)
         for m0 in range(lo, hi, BLOCK_M):
@@ -430,9 +431,12 @@ if _dispatch.triton_importable():
             if ATOMIC_DQ:
                 dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=DOT_PREC) * sm_scale  # (BLOCK_M, BLOCK_D)
                 if TMA_DQ:
-                    # one bulk reduction of the tile (cp.reduce.async.bulk.tensor); its rows >= L lie outside the
-                    # descriptor and are dropped
-                    desc_dq.atomic_add([m0, 0], dq)
+                    # one bulk reduction of the tile (cp.reduce.async.bulk.tensor): its rows >= L are other
+                    # sequences' (or past T, dropped) and get exact zeros (a select, so not even a NaN of dP
+                    # there reaches them)
+                    if MASK > 0:
+                        dq = tl.where(qmask[:, None], dq, 0.0)
+                    desc_dq.atomic_add([dq_row0 + m0, dq_col0], dq)
                 else:
                     # int64 rows: dQ32's row stride is Hq * D, which the int32 guard on q/k/v strides does not
                     # bound; relaxed order: nothing reads dQ32 before the kernel ends (acq_rel costs fences)
@@ -463,6 +467,11 @@ if _dispatch.triton_importable():
             k = _load_rows(K + hk * stride_kh, r64, stride_kt, offs_d, in_t, D, BLOCK_D, True)  # (BLOCK_N, BLOCK_D)
             v = _load_rows(V + hk * stride_vh, r64, stride_vt, offs_d, in_t, D, BLOCK_D, True)
         t_end = tl.minimum(t0 + BLOCK_N, T)
+        if TMA_DQ:  # DQ32 is a contiguous (T, Hq, D) fp32 buffer
+            desc_dq = tl.make_tensor_descriptor(DQ32, shape=[T, n_heads * GROUP * D], strides=[stride_dq32t, 1],
+                                                block_shape=[BLOCK_M, BLOCK_D])
+        else:
+            desc_dq = DQ32
         s = _seq_of(CU, n_seqs, t0)
         t = t0
         while t < t_end:
@@ -505,23 +514,19 @@ if _dispatch.triton_importable():
                 else:
                     desc_q = q_base
                     desc_do = do_base
-                if TMA_DQ:
-                    desc_dq = _seq_desc(dq_base, L, stride_dq32t, D, BLOCK_M, BLOCK_D)
-                else:
-                    desc_dq = dq_base
                 if CAUSAL:
                     dk, dv = _dkdv_inner(dk, dv, k_s, v_s, q_base, do_base, lse_base, delta_base, stride_qt,
                                          stride_dot, k_loc, a0, a1, L, qk_scale, offs_d, dq_base, stride_dq32t, kvalid,
-                                         sm_scale, desc_q, desc_do, desc_dq, D, BLOCK_D, BLOCK_M, 2,
+                                         sm_scale, desc_q, desc_do, desc_dq, cs, h * D, D, BLOCK_D, BLOCK_M, 2,
                                          DOT_PREC, ATOMIC_DQ, TMA, TMA_DQ)
                 if TMA:
                     dk, dv = _dkdv_inner(dk, dv, k_s, v_s, q_base, do_base, lse_base, delta_base, stride_qt,
                                          stride_dot, k_loc, a1, a_full, L, qk_scale, offs_d, dq_base, stride_dq32t,
-                                         kvalid, sm_scale, desc_q, desc_do, desc_dq, D, BLOCK_D, BLOCK_M, 0,
+                                         kvalid, sm_scale, desc_q, desc_do, desc_dq, cs, h * D, D, BLOCK_D, BLOCK_M, 0,
                                          DOT_PREC, ATOMIC_DQ, TMA, TMA_DQ)
                 dk, dv = _dkdv_inner(dk, dv, k_s, v_s, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
                                      k_loc, a_full, L, L, qk_scale, offs_d, dq_base, stride_dq32t, kvalid, sm_scale,
-                                     desc_q, desc_do, desc_dq, D, BLOCK_D, BLOCK_M, 1, DOT_PREC,
+                                     desc_q, desc_do, desc_dq, cs, h * D, D, BLOCK_D, BLOCK_M, 1, DOT_PREC,
                                      ATOMIC_DQ, TMA, TMA_DQ)
             seg = ((rows >= t) & (rows < seg_hi))[:, None] & (offs_d[None, :] < D)
             tl.store(DK + hk * stride_dkh + r64[:, None] * stride_dkt + offs_d[None, :],
