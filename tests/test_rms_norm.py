@@ -128,3 +128,35 @@ def test_rms_norm_zero_rows_give_zero_weight_gradient():
     w = torch.ones(2560, requires_grad=True)
     rms_norm(x, w, backend="triton").sum().backward()
     assert torch.equal(w.grad, torch.zeros(2560)) and x.grad.shape == (0, 2560)
+
+
+def test_public_ops_switch_to_their_tensors_cuda_device(monkeypatch):
+    """r4b.kernels' public ops run with their first CUDA tensor's device current (Triton launches on the current
+    device): checked with a stand-in for torch.cuda (no GPU here); CPU tensors never touch torch.cuda."""
+    import contextlib
+
+    from r4b.kernels import _dispatch
+
+    entered = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext(entered.append(d)))
+
+    class FakeCuda(torch.Tensor):  # a CPU tensor that says it lives on cuda:1
+        is_cuda = True
+        device = torch.device("cuda", 1)
+
+    @_dispatch.on_tensor_device
+    def op(x, *, y=None):
+        """doc"""
+        return len(entered)
+
+    assert op.__name__ == "op" and op.__doc__ == "doc"
+    assert op(torch.zeros(2)) == 0 and entered == []  # CPU: nothing
+    fake = torch.zeros(2).as_subclass(FakeCuda)
+    assert op(torch.zeros(2), y=fake) == 1 and entered == [torch.device("cuda", 1)]
+    monkeypatch.setattr(FakeCuda, "device", torch.device("cuda", 0))
+    assert op(fake) == 1  # already current: no switch
+    for name in ("rms_norm", "rope", "swiglu", "varlen_attention", "fused_linear_grpo_loss",
+                 "fused_linear_cross_entropy", "fused_linear_logprobs", "group_advantages"):
+        fn = getattr(importlib.import_module("r4b.kernels"), name)
+        assert fn.__wrapped__ is not None, name  # decorated with on_tensor_device

@@ -89,6 +89,25 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def on_tensor_device(fn):
+    """Decorator of a public op: it runs with its first CUDA tensor argument's device as the current CUDA device.
+    Triton launches kernels on the current device whatever device the tensors are on, so an op called with tensors
+    on cuda:1 while cuda:0 is current would launch on the wrong GPU. (The backward needs nothing: autograd runs it
+    in a thread per device, with that device current. The C++ CUDA ops have device guards.)"""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        for a in (*args, *kwargs.values()):
+            if isinstance(a, torch.Tensor) and a.is_cuda:
+                if a.device.index is not None and a.device.index != torch.cuda.current_device():
+                    with torch.cuda.device(a.device):
+                        return fn(*args, **kwargs)
+                break
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def rows_bucket(n: int) -> int:
     """Autotune key part for a row count that changes per call: 0 below 4096 rows (launch-bound sizes such as
     decoding share one tuning), then one bucket per power of two. Keyed on the width alone, the first call's

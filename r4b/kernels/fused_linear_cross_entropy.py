@@ -55,6 +55,7 @@ def fused_linear_cross_entropy_ref(
     return _cross_entropy(hidden, weight, targets, ignore_index, reduction, bias, "torch")
 
 
+@_dispatch.on_tensor_device
 def fused_linear_cross_entropy(
     hidden: Tensor,
     weight: Tensor,

@@ -139,6 +139,7 @@ def fused_linear_grpo_loss_ref(
                  eps_high, beta, temperature, aggregation, bias, "torch")
 
 
+@_dispatch.on_tensor_device
 def fused_linear_grpo_loss(
     hidden: Tensor,
     weight: Tensor,

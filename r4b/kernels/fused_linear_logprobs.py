@@ -24,6 +24,7 @@ def fused_linear_logprobs_ref(
         return _fused_linear.torch_fwd(hidden, weight, bias, targets, temperature)[0]
 
 
+@_dispatch.on_tensor_device
 def fused_linear_logprobs(
     hidden: Tensor,
     weight: Tensor,

@@ -160,6 +160,7 @@ def triton_cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
+@_dispatch.on_tensor_device
 def group_advantages(
     rewards: Tensor,
     group_ids: Tensor,

@@ -187,6 +187,7 @@ if _dispatch.triton_importable():
             return dx.view(ctx.x_shape), dw, None
 
 
+@_dispatch.on_tensor_device
 def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, *, backend: str | None = None) -> Tensor:
     """RMSNorm over the last dimension.
 

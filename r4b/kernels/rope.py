@@ -140,6 +140,7 @@ if _dispatch.triton_importable():
             return _launch(dy, pos, inv_freq, True), None, None
 
 
+@_dispatch.on_tensor_device
 def rope(x: Tensor, position_ids: Tensor, theta: float = 1e6, *, backend: str | None = None) -> Tensor:
     """Apply RoPE to one projection.
 

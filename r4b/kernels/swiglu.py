@@ -126,6 +126,7 @@ if _dispatch.triton_importable():
             return dg.view(ctx.shape), du.view(ctx.shape)
 
 
+@_dispatch.on_tensor_device
 def swiglu(gate: Tensor, up: Tensor, *, backend: str | None = None) -> Tensor:
     """silu(gate) * up. gate, up: same shape (..., I), float, same device; strided rows are read in place
     (e.g. the two chunks of a fused gate_up projection). Returns (..., I) in the promoted dtype, contiguous.

@@ -734,6 +734,7 @@ def _check_int32_offsets(q: Tensor, k: Tensor, v: Tensor) -> None:
                          f"got T={q.shape[0]} and row stride {row_stride}; split the packed batch")
 
 
+@_dispatch.on_tensor_device
 def varlen_attention(
     q: Tensor,
     k: Tensor,
