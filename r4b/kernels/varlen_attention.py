@@ -194,13 +194,19 @@ if _dispatch.triton_importable():
         return tile * BLOCK, h
 
     @triton.jit
-    def _seq_desc(base, L, stride_t, D: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
-        """TMA descriptor of one sequence's rows of one head: L rows of D at base (stride stride_t). Built on the
-        device per segment, so the hardware zero-fills rows past the sequence's end: a block that reaches into
-        the next sequence reads zeros there, as the pointer loads' masks do (never a neighbour's values, which
-        could be inf or NaN: 0 * inf is NaN in a matrix product). At least one row, for an empty sequence."""
-        return tl.make_tensor_descriptor(base, shape=[tl.maximum(L, 1), D], strides=[stride_t, 1],
-                                         block_shape=[BLOCK_ROWS, BLOCK_D])
+    def _seq_desc(base, L, stride_t, D: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+                  TMA: tl.constexpr):
+        """With TMA, the TMA descriptor of one sequence's rows of one head: L rows of D at base (stride
+        stride_t). Built on the device per segment, so the hardware zero-fills rows past the sequence's end: a
+        block that reaches into the next sequence reads zeros there, as the pointer loads' masks do (never a
+        neighbour's values, which could be inf or NaN: 0 * inf is NaN in a matrix product). At least one row,
+        for an empty sequence. Without TMA, base itself (the pointer loads' argument; the descriptor is unused)."""
+        if TMA:
+            desc = tl.make_tensor_descriptor(base, shape=[tl.maximum(L, 1), D], strides=[stride_t, 1],
+                                             block_shape=[BLOCK_ROWS, BLOCK_D])
+        else:
+            desc = base
+        return desc
 
     # ---------------------------------------------------------------- forward
 
@@ -270,12 +276,8 @@ if _dispatch.triton_importable():
             hi1, hi2 = _key_bounds(t - cs, seg_hi - cs, L, BLOCK_N, CAUSAL)
             k_base = K + cs.to(tl.int64) * stride_kt + hk * stride_kh
             v_base = V + cs.to(tl.int64) * stride_vt + hk * stride_vh
-            if TMA:
-                desc_k = _seq_desc(k_base, L, stride_kt, D, BLOCK_N, BLOCK_D)
-                desc_v = _seq_desc(v_base, L, stride_vt, D, BLOCK_N, BLOCK_D)
-            else:
-                desc_k = k_base
-                desc_v = v_base
+            desc_k = _seq_desc(k_base, L, stride_kt, D, BLOCK_N, BLOCK_D, TMA)
+            desc_v = _seq_desc(v_base, L, stride_vt, D, BLOCK_N, BLOCK_D, TMA)
             acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
             m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
             l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -365,12 +367,8 @@ if _dispatch.triton_importable():
             hi1, hi2 = _key_bounds(t - cs, seg_hi - cs, L, BLOCK_N, CAUSAL)
             k_base = K + cs.to(tl.int64) * stride_kt + hk * stride_kh
             v_base = V + cs.to(tl.int64) * stride_vt + hk * stride_vh
-            if TMA:
-                desc_k = _seq_desc(k_base, L, stride_kt, D, BLOCK_N, BLOCK_D)
-                desc_v = _seq_desc(v_base, L, stride_vt, D, BLOCK_N, BLOCK_D)
-            else:
-                desc_k = k_base
-                desc_v = v_base
+            desc_k = _seq_desc(k_base, L, stride_kt, D, BLOCK_N, BLOCK_D, TMA)
+            desc_v = _seq_desc(v_base, L, stride_vt, D, BLOCK_N, BLOCK_D, TMA)
             dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
             dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, q_loc, 0, hi1, qk_scale,
                            offs_d, desc_k, desc_v, D, BLOCK_D, BLOCK_N, False, CAUSAL, DOT_PREC, TMA)
@@ -508,12 +506,8 @@ if _dispatch.triton_importable():
                 lse_base = LSE + h * T + cs64
                 delta_base = DELTA + h * T + cs64
                 dq_base = DQ32 + cs64 * stride_dq32t + h * stride_dq32h
-                if TMA:
-                    desc_q = _seq_desc(q_base, L, stride_qt, D, BLOCK_M, BLOCK_D)
-                    desc_do = _seq_desc(do_base, L, stride_dot, D, BLOCK_M, BLOCK_D)
-                else:
-                    desc_q = q_base
-                    desc_do = do_base
+                desc_q = _seq_desc(q_base, L, stride_qt, D, BLOCK_M, BLOCK_D, TMA)
+                desc_do = _seq_desc(do_base, L, stride_dot, D, BLOCK_M, BLOCK_D, TMA)
                 if CAUSAL:
                     dk, dv = _dkdv_inner(dk, dv, k_s, v_s, q_base, do_base, lse_base, delta_base, stride_qt,
                                          stride_dot, k_loc, a0, a1, L, qk_scale, offs_d, dq_base, stride_dq32t, kvalid,
