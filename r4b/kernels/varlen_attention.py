@@ -522,7 +522,7 @@ if _dispatch.triton_importable():
                                      k_loc, a_full, L, L, qk_scale, offs_d, dq_base, stride_dq32t, kvalid, sm_scale,
                                      desc_q, desc_do, desc_dq, cs, h * D, D, BLOCK_D, BLOCK_M, 1, DOT_PREC,
                                      ATOMIC_DQ, TMA, TMA_DQ)
-            seg = ((rows >= t) & (rows < seg_hi))[:, None] & (offs_d[None, :] < D)
+            seg = kvalid[:, None] & (offs_d[None, :] < D)
             tl.store(DK + hk * stride_dkh + r64[:, None] * stride_dkt + offs_d[None, :],
                      (dk * sm_scale).to(DK.dtype.element_ty), mask=seg)
             tl.store(DV + hk * stride_dvh + r64[:, None] * stride_dvt + offs_d[None, :],
@@ -673,16 +673,14 @@ if _dispatch.triton_importable():
         # atomic backward also adds each dQ tile with one bulk reduction into DQ32
         tma_qdo = _tma_ok(q, do, block_d=meta["BLOCK_D"])
         tma_dq = atomic and tma_qdo and (not interp or _interpreter_reduces())
-        if tma_qdo and not interp:
+        tma_kv = not atomic and _tma_ok(k, v, block_d=meta["BLOCK_D"])  # the dQ kernel's, split backward only
+        if (tma_qdo or tma_kv) and not interp:
             _ensure_allocator()
         kv_args = (q, k, v, do, lse, delta, dk, dv, dq32, cu, T, n, T.bit_length(), Hkv, scale * _LOG2E, scale,
                    *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *dq32_strides)
         kv_meta = dict(ATOMIC_DQ=atomic, TMA=tma_qdo, TMA_DQ=tma_dq, **meta)
         if not atomic:
             dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-            tma_kv = _tma_ok(k, v, block_d=meta["BLOCK_D"])
-            if tma_kv and not interp:
-                _ensure_allocator()
             dq_args = (q, k, v, do, lse, delta, dq, cu, T, n, T.bit_length(), Hq, scale * _LOG2E, scale, *strides,
                        dq.stride(0), dq.stride(1))
         if interp:
