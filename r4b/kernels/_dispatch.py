@@ -108,6 +108,12 @@ def on_tensor_device(fn):
     return wrapper
 
 
+@functools.cache
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached: the launchers size persistent grids with it)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def rows_bucket(n: int) -> int:
     """Autotune key part for a row count that changes per call: 0 below 4096 rows (launch-bound sizes such as
     decoding share one tuning), then one bucket per power of two. Keyed on the width alone, the first call's

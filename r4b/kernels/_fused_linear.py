@@ -251,7 +251,7 @@ def _config(n: int, v: int, k: int, dtype: torch.dtype, device: torch.device) ->
     if interpret:
         splits = min(2, v_blocks)
     else:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        sms = _dispatch.sm_count(device)
         # Enough programs for ~2 waves; a power of two so that few V_PER_SPLIT values get compiled.
         splits = min(v_blocks, triton.next_power_of_2(triton.cdiv(2 * sms, n_blocks)))
     v_per_split = triton.cdiv(v_blocks, splits) * bv

@@ -6,8 +6,6 @@ the autograd Function and the public function.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
@@ -127,10 +125,6 @@ if _dispatch.triton_importable():
         """Programs of the persistent backward: one resident wave, and no more than there are row blocks."""
         return min(progs_per_sm * sms, triton.cdiv(n, block_m))
 
-    @functools.cache
-    def _sm_count(device: torch.device) -> int:
-        return torch.cuda.get_device_properties(device).multi_processor_count
-
     def _rows(t: Tensor, D: int) -> Tensor:
         """(N, D) view (or copy) with unit stride along D."""
         t2 = t.reshape(-1, D)  # (N, D)
@@ -165,7 +159,7 @@ if _dispatch.triton_importable():
             dy2 = _rows(dy, D)  # (N, D)
             block_d, block_m, warps = _blocks(D)
             gpu = x2.device.type == "cuda" and not _dispatch.triton_interpret()
-            sms = _sm_count(x2.device) if gpu else 1
+            sms = _dispatch.sm_count(x2.device) if gpu else 1
             # each program writes its row of dw_part (summed below): sized for the grid of any config
             dw_part = torch.empty((min(_BWD_MAX_PER_SM * sms, n), D), dtype=torch.float32, device=x2.device)
             args = (dy2, x2, weight, rstd, dx, dw_part, n, dy2.stride(0), x2.stride(0), dx.stride(0))
