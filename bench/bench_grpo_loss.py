@@ -255,7 +255,7 @@ def aot_report() -> list[str]:
     for tname, mode, label in (("bf16", fc.MODE_GRPO, "grpo"), ("bf16", fc.MODE_COEF, "coef"),
                                ("fp32", fc.MODE_GRPO, "grpo")):
         meta = dict(V=151936, MODE=mode, HAS_OLD=True, HAS_KL=mode == fc.MODE_GRPO, BLOCK_R=br, BLOCK_V=bvr,
-                    STAGES=1)
+                    STAGES=1, RNE=False)
 
         def sig_of(n, tname=tname):
             if n == "z_ptr":

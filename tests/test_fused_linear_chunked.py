@@ -242,18 +242,18 @@ def test_cross_entropy_none_weighted_grad_output(impl):
     CE.close(wg.grad, w64.grad, what="d weight")
 
 
-@pytest.mark.parametrize("fp32_dw", [True, False], ids=["fp32-accum", "fp16-accum"])
-def test_cross_entropy_fp16_within_twice_torch_fp16_error(monkeypatch, fp32_dw):
-    """STYLE.md rule with fp16 inputs (the interpreter's bf16 is wrong), several chunks, and dweight accumulated
-    in fp32 or (as at the anchor shape) in the weight's dtype."""
+@pytest.mark.parametrize("fp32_dw", [True, False], ids=["fp32-accum", "bf16-accum"])
+def test_cross_entropy_bf16_within_twice_torch_bf16_error(monkeypatch, fp32_dw):
+    """STYLE.md rule with bf16 inputs, several chunks, and dweight accumulated in fp32 or (as at the anchor shape)
+    in the weight's dtype. The row kernel only loads bf16 (exact upcast in the interpreter) and stores it rounded
+    to nearest by its RNE step (the interpreter's own cast truncates); its maths is fp32."""
     monkeypatch.setenv(chunked.ENV_IMPL, "chunked")
     monkeypatch.setattr(chunked, "_MAX_CHUNK_ROWS", 128)
-    monkeypatch.setattr(chunked, "_FP16_TILED", False)  # fp16 stands in for bf16 here (the interpreter's is wrong)
     if not fp32_dw:
         monkeypatch.setattr(chunked, "_FP32_DW_MAX_BYTES", 0)
     hidden, weight, _, targets = CE.make(1025, 96, 4097, "some", -100, False, seed=3)
-    assert chunked.dweight_dtype(weight.half()) == (torch.float32 if fp32_dw else torch.float16)
-    CE.low_precision_rule(hidden, weight, targets, torch.float16, "triton", atol_rel=1e-6)
+    assert chunked.dweight_dtype(weight.bfloat16()) == (torch.float32 if fp32_dw else torch.bfloat16)
+    CE.low_precision_rule(hidden, weight, targets, torch.bfloat16, "triton", atol_rel=1e-6)
 
 
 def test_bad_impl_env_var_names_it(monkeypatch):
@@ -374,15 +374,14 @@ def test_fp16_takes_the_tiled_path_and_survives_loss_scaling(impl):
 
 def test_chunked_scales_by_a_non_unit_grad_output_in_fp32(monkeypatch):
     """(loss / 3).backward() scales the forward-computed gradients by exactly 1/3 (a half-precision 1/3 would bias
-    every gradient by its rounding, 2.4e-4 relative in fp16)."""
+    every gradient by its rounding, 2.6e-3 relative in bf16)."""
     monkeypatch.setenv(chunked.ENV_IMPL, "chunked")
-    monkeypatch.setattr(chunked, "_FP16_TILED", False)
     x = G.make_inputs(97, 16, 300, mask_kind="all", adv_kind="rand", old_given=True, beta=0.0, bias=False,
                       temperature=1.0, seed=11)
 
     def grad(scale):
-        h = x["hidden"].half().requires_grad_()
-        loss, _, _ = fused_linear_grpo_loss(h, x["weight"].half(), x["targets"], x["adv"], old_logprobs=x["old"],
+        h = x["hidden"].bfloat16().requires_grad_()
+        loss, _, _ = fused_linear_grpo_loss(h, x["weight"].bfloat16(), x["targets"], x["adv"], old_logprobs=x["old"],
                                             aggregation="token_mean", backend="triton")
         (loss * scale).backward()
         return h.grad.double()
@@ -435,29 +434,120 @@ def test_gpu_anchor_shape_chunked_peak_memory(monkeypatch):
     assert extra < 2.19 * 2**30, f"peak extra {extra / 2**30:.2f} GiB"
 
 
+def _rows_inputs(rows, v, scale, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z0 = torch.randn(rows, v, generator=g) * scale
+    targets = torch.randint(0, v, (rows,), generator=g)
+    targets[3] = -100
+    targets[5] = v  # outside [0, V): no target either
+    w = torch.rand(rows, generator=g)
+    adv = torch.randn(rows, generator=g)
+    old = -torch.rand(rows, generator=g) * 5 - 3
+    return z0, targets, w, adv, old
+
+
+def _run_rows(z0, targets, w, adv, old, cfg, rows_grad, temp=0.9):
+    rows = z0.shape[0]
+    z, logp, c, alpha = z0.clone(), torch.empty(rows), torch.empty(rows), torch.full((rows,), float("nan"))
+    chunked._launch_rows(z, targets, w, adv, old, None, logp, c, alpha, temp, 0.8, 1.28, 0.0, chunked.MODE_GRPO,
+                         rows_grad=rows_grad, config=cfg)
+    return z, logp, c, alpha
+
+
 @pytest.mark.parametrize("config", [(1, 128, 4), (2, 64, 4), (4, 512, 2), (1, 128, 4, 3), (2, 64, 4, 5),
                                     (4, 512, 2, 1), (1, 64, 4, 0, 3), (2, 128, 4, 4, 2)])
 def test_row_kernel_config_override(config):
     """bench/bench_grpo_rows.py sweeps the row kernel's (BLOCK_R, BLOCK_V, num_warps[, programs[, stages]]): any
     config computes what the default does (up to the summation order of the log-sum-exp), also with a capped grid
     whose programs walk several row blocks (37 rows: uneven walks, row blocks past rows_grad in the middle)."""
-    g = torch.Generator().manual_seed(0)
-    rows, v = 37, 300
-    z0 = torch.randn(rows, v, generator=g)
-    targets = torch.randint(0, v, (rows,), generator=g)
-    targets[3] = -100
-    w = torch.rand(rows, generator=g)
-    adv = torch.randn(rows, generator=g)
-    old = -torch.rand(rows, generator=g) * 5 - 3
-
-    def run(cfg):
-        z, logp, c = z0.clone(), torch.empty(rows), torch.empty(rows)
-        chunked._launch_rows(z, targets, w, adv, old, None, logp, c, 0.9, 0.8, 1.28, 0.0, chunked.MODE_GRPO,
-                             rows_grad=30, config=cfg)
-        return z, logp, c
-
-    for got, want in zip(run(config), run(None), strict=True):
+    args = _rows_inputs(37, 300, 1.0)
+    z0 = args[0]
+    for got, want in zip(_run_rows(*args, config, 30), _run_rows(*args, None, 30), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
-    z, _, _ = run(config)
+    z, _, _, _ = _run_rows(*args, config, 30)
     assert torch.equal(z[30:], z0[30:])  # rows past rows_grad keep their logits
     assert not torch.equal(z[:30], z0[:30])
+
+
+@pytest.mark.parametrize("rescale_at", [20.0, 0.25])
+@pytest.mark.parametrize("scale", [1.0, 40.0], ids=["logits~N(0,1)", "logits~N(0,1600)"])
+@pytest.mark.parametrize("config", [None, (2, 256, 4), (1, 128, 4, 3, 2)], ids=["default", "2x256", "1x128-p3-s2"])
+def test_row_kernel_one_pass_gives_dz_logp_and_untouched_rows(monkeypatch, rescale_at, scale, config):
+    """The one-pass row kernel against float64: logp = log_softmax(z / T)[t], and alpha[:, None] * P (P written
+    over z) = c (onehot - softmax(z / T)) / T for the rows given the gradient pass. Big logits (scale 40: a
+    target's probability often far below e^-20) and a threshold of 0.25 run the path that raises a row's shift
+    and rescales the P already written, many times per row over the vocabulary blocks. Rows without a target get
+    logp 0, c 0, alpha 0 and keep their logits, as do the rows past rows_grad (which get logp, c, alpha 0)."""
+    monkeypatch.setattr(chunked, "_RESCALE_AT", rescale_at)
+    rows, v, temp, rows_grad = 37, 3001, 0.9, 30
+    args = _rows_inputs(rows, v, scale, seed=1)
+    z0, targets = args[0], args[1]
+    for i in (0, 1, 2, 31):  # the target is its row's maximum but for one spike late in the row: the shift is
+        targets[i] = 7 + i  # raised mid-row, after the first blocks were written at the first shift
+        z0[i, 7 + i] = z0[i].max() + 1.0
+        z0[i, 2500 + i] = z0[i, 7 + i] + 30.0
+    z, logp, c, alpha = _run_rows(*args, config, rows_grad, temp)
+    has_t = (targets >= 0) & (targets < v)
+    u = z0.double() / temp
+    lsm = torch.log_softmax(u, -1)
+    want_logp = torch.where(has_t, lsm.gather(1, targets.clamp(0, v - 1)[:, None])[:, 0], 0.0)
+    G.close(logp, want_logp, what="logp")
+    grad_rows = has_t & (torch.arange(rows) < rows_grad)
+    onehot = F.one_hot(targets.clamp(0, v - 1), v).double()
+    want_dz = c.double()[:, None] * (onehot - lsm.exp()) / temp
+    got_dz = alpha.double()[:, None] * z.double()
+    for i in torch.nonzero(grad_rows)[:, 0].tolist():
+        G.close(got_dz[i], want_dz[i], what=f"dz row {i}")
+    assert bool((c[~has_t] == 0).all()) and bool((alpha[~grad_rows] == 0).all())
+    assert torch.equal(z[~grad_rows], z0[~grad_rows])
+    assert bool(torch.isfinite(z).all())
+    if scale > 1 or rescale_at < 1:  # the shift really moved: the largest P is far below exp(max u - u_t)
+        assert bool((z[grad_rows].max(1).values < math.exp(rescale_at) * 1.01).all())
+
+
+@pytest.mark.parametrize("case", [G.CASES[6], G.CASES[9]], ids=lambda c: "-".join(map(str, c)))
+def test_grpo_with_rescales_matches_float64_reference(monkeypatch, case):
+    """The whole chunked loss with the row kernel's rescale path taken over and over (threshold 0.25)."""
+    monkeypatch.setenv(chunked.ENV_IMPL, "chunked")
+    monkeypatch.setattr(chunked, "_MAX_CHUNK_ROWS", CHUNK)
+    monkeypatch.setattr(chunked, "_RESCALE_AT", 0.25)
+    (loss, logp, stats, grads), (w_loss, w_logp, w_stats, w_grads) = G.run_case("triton", case)
+    G.close(loss, w_loss, what="loss")
+    G.close(logp, w_logp, what="logprobs")
+    for name, got, want in zip(("d hidden", "d weight", "d bias"), grads, w_grads, strict=True):
+        if want is not None:
+            G.close(got, want, what=name)
+
+
+def test_cross_entropy_with_peaked_logits_matches_float64_reference(monkeypatch):
+    """Logits with a spread of hundreds (targets with probabilities down to e^-300 and far below): the default
+    threshold's rescales keep every stored value finite and the gradients equal float64's."""
+    monkeypatch.setenv(chunked.ENV_IMPL, "chunked")
+    monkeypatch.setattr(chunked, "_MAX_CHUNK_ROWS", CHUNK)
+    hidden, weight, _, targets = CE.make(97, 16, 4097, "some", -100, False, seed=4)
+    weight = weight * 30.0
+    hg, wg = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss = fused_linear_cross_entropy(hg, wg, targets, backend="triton")
+    loss.backward()
+    w_loss, w_dh, w_dw, _ = CE.reference64(hidden, weight, None, targets, -100, "mean")
+    spread = (hidden @ weight.T).max(1).values - (hidden @ weight.T).gather(1, targets.clamp(0)[:, None])[:, 0]
+    assert float(spread.max()) > 100  # far past the threshold of 20
+    CE.close(loss, w_loss, what="loss")
+    CE.close(hg.grad, w_dh, what="d hidden")
+    CE.close(wg.grad, w_dw, what="d weight")
+
+
+def test_row_kernel_rounds_bf16_to_nearest_under_the_interpreter():
+    """bf16 logits: P is stored rounded to the nearest bf16 value, as a GPU's cast does (the interpreter's own
+    fp32 -> bf16 cast truncates, which would double the rounding error the CPU bf16 tests see): all but a few
+    near-tie elements equal float64's exp(u - u_t) rounded by torch."""
+    rows, v = 37, 3001
+    z0, targets, w, adv, old = _rows_inputs(rows, v, 1.0, seed=2)
+    z0 = z0.bfloat16()
+    z, _, _, _ = _run_rows(z0, targets, w, adv, old, None, rows, temp=1.0)
+    has_t = (targets >= 0) & (targets < v)
+    u = z0.double()
+    want = torch.exp(u - u.gather(1, targets.clamp(0, v - 1)[:, None])).bfloat16()
+    off_t = has_t[:, None] & (torch.arange(v)[None, :] != targets[:, None])
+    same = (z == want)[off_t].double().mean().item()
+    assert same > 0.999, same

@@ -4,13 +4,16 @@ the gradient computed in the forward, no atomics.
 For each chunk of C rows:
 
 1. ``z = hidden_c @ weight.T (+ bias)`` into a [C, V] buffer of the input dtype, reused across chunks;
-2. one Triton kernel (:func:`_rows_kernel`, a program per block of rows, a loop over the vocabulary in blocks,
-   fp32 maths) reads ``z``, computes the log-sum-exp and ``logp_i = z[i, t_i] / T - lse_i``, the per-token
-   coefficient ``c_i = d loss / d logp_i`` (GRPO: from the clipped surrogate, the k3 KL and the aggregation
-   weight, with torch autograd's exact rules; otherwise a given vector), writes ``logp`` and ``c`` and
-   overwrites ``z`` in place with ``dz = c_i * (onehot(t_i) - softmax(z_i / T)) / T``;
-3. ``dhidden_c = dz @ weight`` (one GEMM) and ``dweight += dz.T @ hidden_c`` (one GEMM, ``addmm`` into an
-   accumulator), ``dbias += dz.sum(0)`` in fp32.
+2. one Triton kernel (:func:`_rows_kernel`, a program per block of rows, one pass over the vocabulary in
+   blocks, fp32 maths) reads each row of ``z`` once: it computes the log-sum-exp and ``logp_i = z[i, t_i] / T -
+   lse_i``, the per-token coefficient ``c_i = d loss / d logp_i`` (GRPO: from the clipped surrogate, the k3 KL and
+   the aggregation weight, with torch autograd's exact rules; otherwise a given vector), writes ``logp`` and
+   ``c``, and overwrites ``z`` in place, as it reads it, with ``P`` such that ``dz = c_i * (onehot(t_i) -
+   softmax(z_i / T)) / T = alpha_i * P_i`` (``P_ij = exp(z_ij / T - s_i)`` with a shift fixed before the row is
+   read, see the kernel; ``alpha_i = -c_i exp(s_i - lse_i) / T``). A row costs one read and one write of ``z``
+   (a gradient written as ``dz`` itself needs the log-sum-exp first: two reads and a write);
+3. ``dhidden_c = alpha * (P @ weight)`` (one GEMM, fp32 product, scaled rows) and ``dweight += P.T @ (alpha *
+   hidden_c)`` (one GEMM, ``addmm`` into an accumulator), ``dbias += alpha @ P`` in fp32.
 
 The backward only hands the gradients over, scaled by the incoming scalar ``grad_output`` when it is not 1.
 
@@ -26,9 +29,10 @@ dweight accumulator dtype (the memory/precision trade-off): fp32 when the weight
 once and sums the chunks in fp32); otherwise the weight's own dtype. At the anchor
 shape (V=151936, H=2560, bf16) an fp32 accumulator alone is 1.56 GB and, with the z buffer and the final
 bf16 copy, peak extra memory would pass Liger's 2.19 GiB; so there dweight accumulates in bf16: each chunk's
-``dz.T @ hidden_c`` is summed in fp32 inside cuBLAS and added to the bf16 accumulator in the fp32 epilogue,
-i.e. one bf16 rounding of the running sum per chunk (ceil(N / C) roundings; 11 for N=16384) instead of one
-for an unchunked GEMM. dhidden and dz are in the input dtype, as in an eager bf16 backward.
+``P.T @ (alpha * hidden_c)`` is summed in fp32 inside cuBLAS and added to the bf16 accumulator in the fp32
+epilogue, i.e. one bf16 rounding of the running sum per chunk (ceil(N / C) roundings; 5 for N=16384) instead of
+one for an unchunked GEMM. dhidden, P and alpha * hidden_c are in the input dtype (P and alpha * hidden_c each
+rounded once, where an eager bf16 backward rounds dz once).
 """
 
 from __future__ import annotations
@@ -57,9 +61,6 @@ _MAX_CHUNK_ROWS: int | None = None
 _FP32_DW_MAX_BYTES = 256 << 20
 # Skip the backward GEMMs of rows whose gradient is zero by construction (tests turn it off to compare).
 _SKIP_ZERO_ROWS = True
-# fp16 inputs take the tiled path (see use_chunked); tests turn this off to check the chunked path's half-precision
-# dweight accumulation with fp16 (the CPU interpreter cannot compute bf16).
-_FP16_TILED = True
 
 if _dispatch.triton_importable():
     import triton
@@ -79,10 +80,11 @@ def impl() -> str:
 
 def use_chunked(dtype: torch.dtype) -> bool:
     """Whether a loss with gradients runs the chunked implementation: $R4B_FUSED_LINEAR_IMPL says chunked and the
-    inputs are not fp16. fp16 training scales the loss (GradScaler) and the chunked path writes its gradient in
-    the forward, before that scale is known: the small softmax-tail entries of dz would underflow fp16's range
-    (bf16 has fp32's). fp16 inputs therefore take the tiled path, which applies the scale before rounding."""
-    return impl() == "chunked" and not (dtype == torch.float16 and _FP16_TILED)
+    inputs are not fp16. The chunked path stores exp(z / T - s) values up to e^20 and a row scale down to about
+    e^-32 times the loss coefficient, which needs fp32's exponent range (bf16 has it); fp16 training also scales
+    the loss (GradScaler) after the chunked path has written its gradient. fp16 inputs therefore take the tiled
+    path, which applies the scale before rounding."""
+    return impl() == "chunked" and dtype != torch.float16
 
 
 def chunk_rows(n: int, v: int, elem: int) -> int:
@@ -112,44 +114,88 @@ def dweight_dtype(weight: Tensor) -> torch.dtype:
 
 MODE_GRPO, MODE_COEF = 0, 1
 
+# Rescale threshold of the row kernel's shift (see _rows_kernel): a row's stored exp(u - s) stay below
+# e^_RESCALE_AT. Tests lower it to run the rescale path on ordinary inputs.
+_RESCALE_AT = 20.0
+
 if triton is not None:
 
     @triton.jit
+    def _rne_bf16(x, RNE: tl.constexpr):
+        """x (fp32) rounded to the nearest bf16 value (ties to even) when RNE: the CPU interpreter's fp32 -> bf16
+        cast truncates, a GPU's rounds to nearest; with RNE the cast that follows is exact."""
+        if RNE:
+            b = x.to(tl.uint32, bitcast=True)
+            b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+            x = b.to(tl.float32, bitcast=True)
+        return x
+
+    @triton.jit
     def _rows_kernel(
-        z_ptr, t_ptr, w_ptr, adv_ptr, old_ptr, ref_ptr, logp_ptr, c_ptr,
-        R, R_grad, stride_z, inv_temp, lo, hi, beta,
+        z_ptr, t_ptr, w_ptr, adv_ptr, old_ptr, ref_ptr, logp_ptr, c_ptr, a_ptr,
+        R, R_grad, stride_z, inv_temp, lo, hi, beta, rescale_at,
         V: tl.constexpr, MODE: tl.constexpr, HAS_OLD: tl.constexpr, HAS_KL: tl.constexpr,
-        BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, STAGES: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, STAGES: tl.constexpr, RNE: tl.constexpr,
     ):
-        """BLOCK_R rows of z: lse, logp, c = d loss / d logp, then z <- c (onehot - softmax(z / T)) / T for the
+        """BLOCK_R rows of z, in one pass over each row: the log-sum-exp, logp, c = d loss / d logp, and, for the
         first R_grad rows (the caller puts the rows whose gradient can be non-zero first and skips the others'
-        backward GEMMs: their z is left as it is)."""
-        # row blocks pid, pid + programs, ...: one block per program with the default grid; a grid of about one
-        # program per SM (the sweep's "p" configs) re-reads each row in pass 2 soon after pass 1 read it, while
-        # it may still be in L2. STAGES > 1 pipelines the vocabulary loops' loads (cp.async into shared memory,
-        # checked in the sm_90 PTX); 1 issues each block's loads when its iteration starts.
+        backward GEMMs: their z is left as it is), z overwritten in place with P and alpha written, such that
+        dz = c (onehot - softmax(z / T)) / T = alpha[:, None] * P.
+
+        With u = z / T and a per-row shift s: P[i, j] = exp(u_ij - s_i) for j != t_i and P[i, t_i] = -sum_{j != t_i}
+        exp(u_ij - s_i); alpha_i = -c_i / (T S_i) with S_i = sum_j exp(u_ij - s_i) = exp(lse_i - s_i). Then
+        alpha_i P_ij = -c_i p_ij / T off the target and c_i (1 - p_it) / T at it (no cancellation: 1 - p_it is the
+        sum of the other terms). Only a shift fixed before the row is read lets P be written as the row is read,
+        so s_i starts at the target's u (so the largest P is at most 1 / p_t) and is raised to a block's maximum
+        when that exceeds it by more than ``rescale_at``. A raise stops the row's stores; after the loop that row is
+        visited again and all of it written at the final shift (rare: targets with p_t < e^-rescale_at). P needs
+        fp32's exponent range (fp32 or bf16 z, not fp16). Rows without a target in [0, V) are not read at all
+        (logp 0, c 0)."""
+        # row blocks pid, pid + programs, ...: one block per program with the default grid; about one program per
+        # SM with a capped grid (the sweep's "p" configs). STAGES > 1 pipelines the vocabulary loop's loads.
         for rb in range(tl.program_id(0), tl.cdiv(R, BLOCK_R), tl.num_programs(0)):
             rows = rb * BLOCK_R + tl.arange(0, BLOCK_R)
             row_ok = rows < R
             rows64 = rows.to(tl.int64)
             tgt = tl.load(t_ptr + rows64, mask=row_ok, other=-1).to(tl.int64)
-            has_t = (tgt >= 0) & (tgt < V)
+            has_t = row_ok & (tgt >= 0) & (tgt < V)
+            write = has_t & (rows < R_grad)
             base = z_ptr + rows64[:, None] * stride_z
-            # pass 1: online max / sum-exp / target logit
-            m = tl.full([BLOCK_R], float("-inf"), tl.float32)
-            s = tl.zeros([BLOCK_R], tl.float32)
-            zt = tl.zeros([BLOCK_R], tl.float32)
-            for v0 in tl.range(0, V, BLOCK_V, num_stages=STAGES):
-                cols = v0 + tl.arange(0, BLOCK_V)
-                ok = row_ok[:, None] & (cols < V)[None, :]
-                z = tl.load(base + cols[None, :], mask=ok, other=float("-inf")).to(tl.float32) * inv_temp
-                m_new = tl.maximum(m, tl.max(z, 1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # padding rows: all -inf
-                s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), 1)
-                m = m_new
-                zt += tl.sum(tl.where(cols[None, :].to(tl.int64) == tgt[:, None], z, 0.0), 1)
-            lse = tl.where(row_ok, m + tl.log(tl.where(row_ok, s, 1.0)), 0.0)
-            logp = tl.where(has_t & row_ok, zt - lse, 0.0)
+            ut = tl.load(z_ptr + rows64 * stride_z + tgt, mask=has_t, other=0.0).to(tl.float32) * inv_temp
+            sh = ut  # the shift s
+            acc = tl.zeros([BLOCK_R], tl.float32)  # sum over j != t of exp(u_j - s)
+            stop = tl.full([BLOCK_R], V, tl.int32)  # where the row's first raise of s stopped its stores
+            if tl.max(has_t.to(tl.int32), 0) > 0:
+                for v0 in tl.range(0, V, BLOCK_V, num_stages=STAGES):
+                    cols = v0 + tl.arange(0, BLOCK_V)
+                    not_t = cols[None, :].to(tl.int64) != tgt[:, None]
+                    ok = has_t[:, None] & (cols < V)[None, :]
+                    u = tl.load(base + cols[None, :], mask=ok, other=float("-inf")).to(tl.float32) * inv_temp
+                    bmax = tl.max(u, 1)
+                    new = tl.where(has_t & (bmax > sh + rescale_at), bmax, sh)  # rare: s up to the block's max
+                    acc = acc * tl.exp(sh - new)
+                    stop = tl.where((new != sh) & (stop == V), v0, stop)
+                    sh = new
+                    e = tl.where(not_t, tl.exp(u - sh[:, None]), 0.0)
+                    acc += tl.sum(e, 1)
+                    # the target's column too (its 0 is replaced below): a per-column store mask would cost the
+                    # vector stores (sm_90 PTX: one st.global.b16 per element instead of st.global.v4)
+                    tl.store(base + cols[None, :], _rne_bf16(e, RNE).to(z_ptr.dtype.element_ty),
+                             mask=ok & (write & (stop == V))[:, None])
+                # rows whose s was raised: blocks before `stop` hold P at the first shift (rescaled here), the others
+                # still hold z (P computed here). Outside the loop above, which stays free of nested control flow.
+                fix = write & (stop < V)
+                if tl.max(fix.to(tl.int32), 0) > 0:
+                    f0 = tl.exp(ut - sh)[:, None]
+                    tl.debug_barrier()  # the loads below read back other threads' stores
+                    for v1 in range(0, V, BLOCK_V):
+                        c1 = v1 + tl.arange(0, BLOCK_V)
+                        m1 = fix[:, None] & (c1 < V)[None, :]
+                        x = tl.load(base + c1[None, :], mask=m1, other=0.0).to(tl.float32)
+                        e1 = tl.where((v1 < stop)[:, None], x * f0, tl.exp(x * inv_temp - sh[:, None]))
+                        tl.store(base + c1[None, :], _rne_bf16(e1, RNE).to(z_ptr.dtype.element_ty), mask=m1)
+            total = acc + tl.exp(ut - sh)  # S
+            logp = tl.where(has_t, ut - sh - tl.log(tl.where(has_t, total, 1.0)), 0.0)
             # per-token coefficient d loss / d logp
             w = tl.load(w_ptr + rows64, mask=row_ok, other=0.0)
             if MODE == 0:
@@ -179,18 +225,10 @@ if triton is not None:
                 c = tl.where(has_t, w, 0.0)
             tl.store(logp_ptr + rows64, logp, mask=row_ok)
             tl.store(c_ptr + rows64, c, mask=row_ok)
-            # pass 2: z <- dz = c (onehot - p) / T, in place (programs past R_grad have nothing to write)
-            scale = c * inv_temp
-            if rb * BLOCK_R < R_grad:
-                grad_ok = row_ok & (rows < R_grad)
-                for v0 in tl.range(0, V, BLOCK_V, num_stages=STAGES):
-                    cols = v0 + tl.arange(0, BLOCK_V)
-                    ok = grad_ok[:, None] & (cols < V)[None, :]
-                    z = tl.load(base + cols[None, :], mask=ok, other=0.0).to(tl.float32) * inv_temp
-                    p = tl.exp(z - lse[:, None])
-                    onehot = tl.where(cols[None, :].to(tl.int64) == tgt[:, None], 1.0, 0.0)
-                    dz = (onehot - p) * scale[:, None]
-                    tl.store(base + cols[None, :], dz.to(z_ptr.dtype.element_ty), mask=ok)
+            alpha = tl.where(write, -c * inv_temp / tl.where(write, total, 1.0), 0.0)
+            tl.store(a_ptr + rows64, alpha, mask=row_ok)
+            tl.debug_barrier()  # after every thread's store of the target's column in the loop
+            tl.store(z_ptr + rows64 * stride_z + tgt, _rne_bf16(-acc, RNE).to(z_ptr.dtype.element_ty), mask=write)
 
 
 def gpu_rows_config() -> tuple[int, int, int]:
@@ -211,13 +249,16 @@ def _rows_config(rows: int, v: int, device: torch.device) -> tuple[int, int, int
 
 
 def _launch_rows(z: Tensor, targets: Tensor, w: Tensor, adv: Tensor | None, old: Tensor | None,
-                 ref: Tensor | None, logp: Tensor, c: Tensor, temperature: float, lo: float, hi: float, beta: float,
-                 mode: int, rows_grad: int | None = None, config: tuple[int, ...] | None = None) -> None:
-    """One launch of :func:`_rows_kernel` over the rows of ``z``; ``config`` (BLOCK_R, BLOCK_V, num_warps[,
-    programs[, stages]]) overrides the default (bench/bench_grpo_rows.py sweeps it): ``programs`` > 0 caps the
-    grid, each program then walking several row blocks; ``stages`` (default 1) pipelines the vocabulary loops."""
+                 ref: Tensor | None, logp: Tensor, c: Tensor, alpha: Tensor, temperature: float, lo: float, hi: float,
+                 beta: float, mode: int, rows_grad: int | None = None, config: tuple[int, ...] | None = None) -> None:
+    """One launch of :func:`_rows_kernel` over the rows of ``z`` (fp32 or bf16); ``config`` (BLOCK_R, BLOCK_V,
+    num_warps[, programs[, stages]]) overrides the default (bench/bench_grpo_rows.py sweeps it): ``programs`` > 0
+    caps the grid, each program then walking several row blocks; ``stages`` (default 1) pipelines the vocabulary
+    loop."""
     rows, v = z.shape
     rows_grad = rows if rows_grad is None else rows_grad
+    if rows_grad > 0 and z.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"the chunked gradient needs fp32 or bf16 logits (fp32's exponent range), got {z.dtype}")
     br, bv, warps, *rest = config if config is not None else _rows_config(rows, v, z.device)
     programs = rest[0] if len(rest) > 0 else 0
     stages = rest[1] if len(rest) > 1 else 1
@@ -225,10 +266,29 @@ def _launch_rows(z: Tensor, targets: Tensor, w: Tensor, adv: Tensor | None, old:
     grid = (min(blocks, programs) if programs > 0 else blocks,)
     _rows_kernel[grid](
         z, targets, w, adv if adv is not None else w, old if old is not None else w, ref if ref is not None else w,
-        logp, c, rows, rows_grad, z.stride(0), 1.0 / temperature, lo, hi, beta,
+        logp, c, alpha, rows, rows_grad, z.stride(0), 1.0 / temperature, lo, hi, beta, _RESCALE_AT,
         V=v, MODE=mode, HAS_OLD=old is not None, HAS_KL=ref is not None and beta > 0, BLOCK_R=br, BLOCK_V=bv,
-        STAGES=stages, num_warps=warps,
+        STAGES=stages, RNE=z.dtype == torch.bfloat16 and _dispatch.triton_interpret(), num_warps=warps,
     )
+
+
+_MM_OUT_DTYPE = True  # torch.mm(..., out_dtype=torch.float32) works on this build's CUDA tensors (checked once)
+
+
+def _mm_f32(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b in fp32: cuBLAS's fp32 output of a half-precision GEMM (no rounding of the product to half) where
+    torch offers it, else the half product upcast (CUDA) or an fp32 GEMM (CPU, where only tests run half GEMMs)."""
+    global _MM_OUT_DTYPE
+    if a.dtype == torch.float32:
+        return torch.mm(a, b)
+    if not a.is_cuda:
+        return torch.mm(a.float(), b.float())
+    if _MM_OUT_DTYPE:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MM_OUT_DTYPE = False
+    return torch.mm(a, b).float()
 
 
 # ------------------------------------------------------------------------------------------- the loop
@@ -294,6 +354,7 @@ def _chunk_loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Te
     c_p = c if perm is None else torch.empty_like(c)
     step = chunk_rows(n, v, hidden.element_size())
     zbuf = torch.empty(step, v, dtype=hidden.dtype, device=dev)
+    abuf = torch.empty(step, dtype=torch.float32, device=dev)  # alpha of the chunk's rows
     wt = weight.T
     targets = targets.contiguous()
     for s in range(0, n, step):
@@ -306,22 +367,29 @@ def _chunk_loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Te
         else:
             torch.mm(hc, wt, out=z)
         _launch_rows(z, targets[s:e], w[s:e], None if adv is None else adv[s:e], None if old is None else old[s:e],
-                     None if ref is None else ref[s:e], logp_p[s:e], c_p[s:e], temperature, lo, hi, beta, mode, k)
+                     None if ref is None else ref[s:e], logp_p[s:e], c_p[s:e], abuf[: e - s], temperature, lo, hi,
+                     beta, mode, k)
         if k == 0:
             continue
-        zk, hk = z[:k], hc[:k]
-        if dh is not None:
+        # dz = alpha[:, None] * P (P in z): the row scale goes on the GEMMs' small sides
+        pk, hk, ak = z[:k], hc[:k], abuf[:k, None]
+        if dh is not None:  # dhidden = alpha * (P @ weight), the product kept in fp32 until scaled
+            dhk = _mm_f32(pk, weight).mul_(ak)
             if perm is None:
-                torch.mm(zk, weight, out=dh[s : s + k])
+                dh[s : s + k] = dhk
             else:
-                dh[perm[s : s + k]] = torch.mm(zk, weight)
-        if dw is not None:
-            if dw.dtype == z.dtype:
-                dw.addmm_(zk.T, hk)
+                dh[perm[s : s + k]] = dhk.to(dh.dtype)
+        if dw is not None:  # dweight += P.T @ (alpha * hidden)
+            ha = (hk * ak if hk.dtype == torch.float32 else (hk.float() * ak).to(hk.dtype))
+            if dw.dtype == pk.dtype:
+                dw.addmm_(pk.T, ha)
             else:  # fp32 accumulator for a half weight (small V*H only): one half rounding per chunk product
-                dw += torch.mm(zk.T, hk)
-        if db is not None:
-            db += zk.sum(0, dtype=torch.float32)
+                dw += torch.mm(pk.T, ha)
+        if db is not None:  # dbias += alpha @ P, alpha split into two half parts for a half P (fp32 exact)
+            a_hi = ak[:, 0].to(pk.dtype)
+            db += _mm_f32(a_hi[None], pk)[0]
+            if pk.dtype != torch.float32:
+                db += _mm_f32((ak[:, 0] - a_hi.float()).to(pk.dtype)[None], pk)[0]
     if perm is not None:
         logp[perm] = logp_p
         c[perm] = c_p
