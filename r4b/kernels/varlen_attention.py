@@ -550,6 +550,12 @@ if _dispatch.triton_importable():
     #   dq   128x64 w8 s3: 254, 0 | 64x64 w8 s3: 229, 0
     #   dkdv 128x16 w8 s2: 24 B | 128x64 w8 s1: 208 B (the bigger key tile at one stage)
     # The atomic-dQ variant (dkdv+dq) spills more: 0 B (32x32 w4) to 376 B (128x64 s1).
+    # dK/dV as of session 5 of 2026-11-26 (ptxas sm_90a, bf16, D=128, causal, GQA 4; spill stores/loads in B), split
+    # pointer / TMA / atomic-dQ / atomic-dQ TMA: 64x32 w8 s2 48 / 20 / 172 / 176 | 32x32 w4 s2 0 / 0 / 56 / 32 |
+    # 128x32 w8 s2 152 / 268 / 452 / 424 | 128x16 w8 s2 0 / 160 / 256 / 292 | 128x64 w8 s1 196 / 164 / 536 / 424.
+    # The hot query loop itself barely spills; the LSE and delta vectors cost the most: fewer elements than threads,
+    # Triton loads them in the MMA layout, one 4-byte cp.async per element and thread (16 per vector per iteration
+    # at 128x64), and what lives across the loop is spilled.
     # The bench records every config's time per autotune key (row field "autotune"): prune with it.
     _INTERP = {"fwd": (32, 16), "dq": (32, 16), "dkdv": (32, 16)}  # (rows of the program's tile, inner step)
 
