@@ -23,7 +23,7 @@ from bench.harness import Case, Skip, default_device, run_bench
 # (BLOCK_R, BLOCK_V, num_warps, programs per SM, stages): rows per program, vocabulary block, warps; "p" caps the
 # grid at that many programs per SM (0: one program per row block), each walking row blocks; "s" > 1 pipelines
 # the vocabulary loop's loads (cp.async in the sm_90 PTX). sm_90 ptxas of the one-pass kernel: 56-232 registers;
-# 1x4096 w4 spills 12 B, the others none. First GPU run (H100, 2026-11-26, the two-pass kernel, the first eight
+# 4x2048 w8 spills 8 B, the others none. First GPU run (H100, 2026-11-26, the two-pass kernel, the first eight
 # without p/s): 1x4096 w4 best at 92% of copy bandwidth, the default 1x4096 w8 tied; wider blocks and two rows
 # per program were slower.
 CONFIGS = [(1, 2048, 4, 0, 1), (1, 4096, 4, 0, 1), (1, 4096, 8, 0, 1), (1, 8192, 8, 0, 1), (1, 8192, 16, 0, 1),

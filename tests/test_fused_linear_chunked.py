@@ -446,6 +446,15 @@ def _rows_inputs(rows, v, scale, seed=0):
     return z0, targets, w, adv, old
 
 
+def _plant_spikes(z0, targets):
+    """Rows 0, 1, 2 and 31: the target is its row's maximum but for one spike 30 higher late in the row, so the
+    shift is raised mid-row, after the first blocks were written at the first shift."""
+    for i in (0, 1, 2, 31):
+        targets[i] = 7 + i
+        z0[i, 7 + i] = z0[i].max() + 1.0
+        z0[i, 2500 + i] = z0[i, 7 + i] + 30.0
+
+
 def _run_rows(z0, targets, w, adv, old, cfg, rows_grad, temp=0.9):
     rows = z0.shape[0]
     z, logp, c, alpha = z0.clone(), torch.empty(rows), torch.empty(rows), torch.full((rows,), float("nan"))
@@ -482,10 +491,9 @@ def test_row_kernel_one_pass_gives_dz_logp_and_untouched_rows(monkeypatch, resca
     rows, v, temp, rows_grad = 37, 3001, 0.9, 30
     args = _rows_inputs(rows, v, scale, seed=1)
     z0, targets = args[0], args[1]
-    for i in (0, 1, 2, 31):  # the target is its row's maximum but for one spike late in the row: the shift is
-        targets[i] = 7 + i  # raised mid-row, after the first blocks were written at the first shift
-        z0[i, 7 + i] = z0[i].max() + 1.0
-        z0[i, 2500 + i] = z0[i, 7 + i] + 30.0
+    _plant_spikes(z0, targets)
+    for j, i in enumerate((6, 7, 8)):  # confident targets: 1 - p_t from about 1e-2 down to 1e-8
+        z0[i, targets[i]] = z0[i].max() + 8.0 + 6.0 * j
     z, logp, c, alpha = _run_rows(*args, config, rows_grad, temp)
     has_t = (targets >= 0) & (targets < v)
     u = z0.double() / temp
@@ -498,6 +506,14 @@ def test_row_kernel_one_pass_gives_dz_logp_and_untouched_rows(monkeypatch, resca
     got_dz = alpha.double()[:, None] * z.double()
     for i in torch.nonzero(grad_rows)[:, 0].tolist():
         G.close(got_dz[i], want_dz[i], what=f"dz row {i}")
+    # the target's entry c (1 - p_t) / T relatively, also where p_t is within 1e-8 of 1 (1 - p_t as the sum of the
+    # other terms: the cancelling exp(u_t - s) - S form would lose it entirely there)
+    t = targets.clamp(0, v - 1)[:, None]
+    one_minus = -torch.expm1(lsm.gather(1, t)[:, 0])
+    want_t = c.double() * one_minus / temp
+    got_t = got_dz.gather(1, t)[:, 0]
+    assert float(one_minus[6:9].min()) < 1e-7
+    torch.testing.assert_close(got_t[grad_rows], want_t[grad_rows], rtol=1e-5, atol=0)
     assert bool((c[~has_t] == 0).all()) and bool((alpha[~grad_rows] == 0).all())
     assert torch.equal(z[~grad_rows], z0[~grad_rows])
     assert bool(torch.isfinite(z).all())
@@ -551,3 +567,61 @@ def test_row_kernel_rounds_bf16_to_nearest_under_the_interpreter():
     off_t = has_t[:, None] & (torch.arange(v)[None, :] != targets[:, None])
     same = (z == want)[off_t].double().mean().item()
     assert same > 0.999, same
+
+
+@pytest.mark.parametrize("rescale_at", [20.0, 0.25])
+def test_row_kernel_bf16_rounds_each_value_once_also_on_rescaled_rows(monkeypatch, rescale_at):
+    """bf16 logits whose shift is raised (spike rows; every row at threshold 0.25): the P stored before the raise are
+    scaled by an exact power of two in the fix-up, so every alpha * P is within one bf16 rounding (2^-8) of the
+    float64 dz, like the rows without a raise."""
+    monkeypatch.setattr(chunked, "_RESCALE_AT", rescale_at)
+    rows, v, temp, rows_grad = 37, 3001, 0.9, 30
+    z0, targets, w, adv, old = _rows_inputs(rows, v, 1.0, seed=3)
+    _plant_spikes(z0, targets)
+    z0 = z0.bfloat16()
+    z, _, c, alpha = _run_rows(z0, targets, w, adv, old, None, rows_grad, temp)
+    grad_rows = (targets >= 0) & (targets < v) & (torch.arange(rows) < rows_grad)
+    u = z0.double() / temp
+    onehot = F.one_hot(targets.clamp(0, v - 1), v).double()
+    want = (c.double()[:, None] * (onehot - torch.softmax(u, -1)) / temp)[grad_rows]
+    got = (alpha.double()[:, None] * z.double())[grad_rows]
+    big = want.abs() > 1e-30 * want.abs().amax(1, keepdim=True)  # leave out values below bf16's normal range
+    rel = ((got - want).abs() / want.abs())[big]
+    assert float(rel.max()) <= 2.0**-8 * (1 + 1e-3), float(rel.max())
+
+
+def test_row_kernel_minus_inf_target_logit():
+    """A target whose logit is -inf (e.g. a vocabulary mask as a bias) with a first vocabulary block of -inf: logp
+    -inf and finite stored values (the shift starts at 0 instead of -inf, which made exp(-inf + inf) = NaN)."""
+    rows, v = 37, 3001
+    z0, targets, w, adv, old = _rows_inputs(rows, v, 1.0, seed=4)
+    z0[1, :1024] = float("-inf")
+    targets[1] = 100
+    z, logp, c, alpha = _run_rows(z0, targets, w, adv, old, None, rows)
+    assert float(logp[1]) == float("-inf")
+    assert bool(torch.isfinite(z[1]).all()) and bool(torch.isfinite(alpha).all()) and bool(torch.isfinite(c).all())
+
+
+def test_grpo_bf16_with_bias_near_float64(monkeypatch):
+    """bf16 inputs with a bias through the chunked path (several chunks): loss, logp and all three gradients near
+    the float64 results of the same bf16 values, within bf16-sized errors (d bias goes through alpha @ P)."""
+    monkeypatch.setenv(chunked.ENV_IMPL, "chunked")
+    monkeypatch.setattr(chunked, "_MAX_CHUNK_ROWS", CHUNK)
+    x = G.make_inputs(97, 16, 3001, mask_kind="partial", adv_kind="rand", old_given=True, beta=0.04, bias=True,
+                      temperature=0.9, seed=12)
+    hb, wb, bb = (x[k].bfloat16() for k in ("hidden", "weight", "bias"))
+    hg, wg, bg = (t.clone().requires_grad_() for t in (hb, wb, bb))
+    kw = dict(old_logprobs=x["old"], ref_logprobs=x["ref"], loss_mask=x["loss_mask"], seq_ids=x["seq_ids"],
+              beta=0.04, temperature=0.9)
+    loss, logp, _ = fused_linear_grpo_loss(hg, wg, x["targets"], x["adv"], bias=bg, backend="triton", **kw)
+    loss.backward()
+    w_loss, w_logp, _, w_grads = G.reference64(hb.float(), wb.float(), bb.float(), x["targets"], x["adv"], x["old"],
+                                               x["ref"], x["loss_mask"], x["seq_ids"], 0.2, 0.2, 0.04, 0.9,
+                                               "seq_mean_token_mean")
+    # 1e-2: the gradients are rounded to bf16 on output (up to 3.9e-3) after bf16 P and alpha * hidden; measured
+    # (CPU, 2026-11-26): loss 3e-4, logp 5e-4, d hidden 4.6e-3, d weight 6.1e-3, d bias 6.6e-3
+    G.close(loss, w_loss, rtol=1e-2, what="loss")
+    G.close(logp, w_logp, rtol=1e-2, what="logprobs")
+    for name, got, want in zip(("d hidden", "d weight", "d bias"), (hg.grad, wg.grad, bg.grad), w_grads,
+                               strict=True):
+        G.close(got, want, rtol=1e-2, what=name)

@@ -25,10 +25,10 @@ Rows whose gradient is zero by construction (masked, ignored, or a zero advantag
 behind the others and skip the gradient pass and both backward GEMMs (see :func:`_chunk_loop`).
 
 dweight accumulator dtype (the memory/precision trade-off): fp32 when the weight is fp32 or when an fp32
-[V, H] buffer is small (<= ``_FP32_DW_MAX_BYTES`` = 256 MiB; a half weight then rounds each chunk's product
-once and sums the chunks in fp32); otherwise the weight's own dtype. At the anchor
-shape (V=151936, H=2560, bf16) an fp32 accumulator alone is 1.56 GB and, with the z buffer and the final
-bf16 copy, peak extra memory would pass Liger's 2.19 GiB; so there dweight accumulates in bf16: each chunk's
+[V, H] buffer is small (<= ``_FP32_DW_MAX_BYTES`` = 256 MiB; a half weight then gets each chunk's product in
+fp32 where torch has fp32-output half GEMMs, and sums the chunks in fp32); otherwise the weight's own dtype. At
+the anchor shape (V=151936, H=2560, bf16) an fp32 accumulator alone is 1.56 GB and, with the z buffer and the
+final bf16 copy, peak extra memory would pass Liger's 2.19 GiB; so there dweight accumulates in bf16: each chunk's
 ``P.T @ (alpha * hidden_c)`` is summed in fp32 inside cuBLAS and added to the bf16 accumulator in the fp32
 epilogue, i.e. one bf16 rounding of the running sum per chunk (ceil(N / C) roundings; 5 for N=16384) instead of
 one for an unchunked GEMM. dhidden, P and alpha * hidden_c are in the input dtype (P and alpha * hidden_c each
@@ -131,6 +131,11 @@ if triton is not None:
         return x
 
     @triton.jit
+    def _exp2_neg(k):
+        """2^-k exactly for integer-valued fp32 k in [0, 127]; 0 at 127."""
+        return ((127.0 - k).to(tl.int32) << 23).to(tl.float32, bitcast=True)
+
+    @triton.jit
     def _rows_kernel(
         z_ptr, t_ptr, w_ptr, adv_ptr, old_ptr, ref_ptr, logp_ptr, c_ptr, a_ptr,
         R, R_grad, stride_z, inv_temp, lo, hi, beta, rescale_at,
@@ -147,8 +152,9 @@ if triton is not None:
         alpha_i P_ij = -c_i p_ij / T off the target and c_i (1 - p_it) / T at it (no cancellation: 1 - p_it is the
         sum of the other terms). Only a shift fixed before the row is read lets P be written as the row is read,
         so s_i starts at the target's u (so the largest P is at most 1 / p_t) and is raised to a block's maximum
-        when that exceeds it by more than ``rescale_at``. A raise stops the row's stores; after the loop that row is
-        visited again and all of it written at the final shift (rare: targets with p_t < e^-rescale_at). P needs
+        when that exceeds it by more than ``rescale_at`` (to s0 + k ln 2, k whole). A raise stops the row's stores;
+        after the loop that row is visited again and all of it written at the final shift, the P stored before the
+        raise scaled by an exact 2^-k (rare: targets with p_t < e^-rescale_at). P needs
         fp32's exponent range (fp32 or bf16 z, not fp16). Rows without a target in [0, V) are not read at all
         (logp 0, c 0)."""
         # row blocks pid, pid + programs, ...: one block per program with the default grid; about one program per
@@ -162,7 +168,9 @@ if triton is not None:
             write = has_t & (rows < R_grad)
             base = z_ptr + rows64[:, None] * stride_z
             ut = tl.load(z_ptr + rows64 * stride_z + tgt, mask=has_t, other=0.0).to(tl.float32) * inv_temp
-            sh = ut  # the shift s
+            s0 = tl.where(ut == float("-inf"), 0.0, ut)  # the first shift (a -inf target: any finite one does)
+            sh = s0  # the shift s
+            kk = tl.zeros([BLOCK_R], tl.float32)  # s = s0 + kk ln 2 while kk < 127 (then s is a block maximum)
             acc = tl.zeros([BLOCK_R], tl.float32)  # sum over j != t of exp(u_j - s)
             stop = tl.full([BLOCK_R], V, tl.int32)  # where the row's first raise of s stopped its stores
             if tl.max(has_t.to(tl.int32), 0) > 0:
@@ -172,10 +180,15 @@ if triton is not None:
                     ok = has_t[:, None] & (cols < V)[None, :]
                     u = tl.load(base + cols[None, :], mask=ok, other=float("-inf")).to(tl.float32) * inv_temp
                     bmax = tl.max(u, 1)
-                    new = tl.where(has_t & (bmax > sh + rescale_at), bmax, sh)  # rare: s up to the block's max
+                    # rare: s raised to a whole number of ln 2 above s0 at or past the block's maximum, so that the
+                    # fix-up's factor exp(s0 - s) = 2^-kk is exact (P written before the raise is rounded once)
+                    up = has_t & (bmax > sh + rescale_at)
+                    k_new = tl.where(up, tl.minimum(tl.ceil((bmax - s0) * 1.4426950408889634), 127.0), kk)
+                    new = tl.where(up, tl.where(k_new < 127.0, s0 + k_new * 0.6931471805599453, bmax), sh)
                     acc = acc * tl.exp(sh - new)
-                    stop = tl.where((new != sh) & (stop == V), v0, stop)
+                    stop = tl.where(up & (stop == V), v0, stop)
                     sh = new
+                    kk = k_new
                     e = tl.where(not_t, tl.exp(u - sh[:, None]), 0.0)
                     acc += tl.sum(e, 1)
                     # the target's column too (its 0 is replaced below): a per-column store mask would cost the
@@ -186,7 +199,7 @@ if triton is not None:
                 # still hold z (P computed here). Outside the loop above, which stays free of nested control flow.
                 fix = write & (stop < V)
                 if tl.max(fix.to(tl.int32), 0) > 0:
-                    f0 = tl.exp(ut - sh)[:, None]
+                    f0 = _exp2_neg(kk)[:, None]
                     tl.debug_barrier()  # the loads below read back other threads' stores
                     for v1 in range(0, V, BLOCK_V):
                         c1 = v1 + tl.arange(0, BLOCK_V)
@@ -286,7 +299,9 @@ def _mm_f32(a: Tensor, b: Tensor) -> Tensor:
     if _MM_OUT_DTYPE:
         try:
             return torch.mm(a, b, out_dtype=torch.float32)
-        except (TypeError, RuntimeError, NotImplementedError):
+        except torch.OutOfMemoryError:
+            raise
+        except (TypeError, RuntimeError, NotImplementedError):  # no fp32-output half GEMM in this torch build
             _MM_OUT_DTYPE = False
     return torch.mm(a, b).float()
 
@@ -383,13 +398,10 @@ def _chunk_loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Te
             ha = (hk * ak if hk.dtype == torch.float32 else (hk.float() * ak).to(hk.dtype))
             if dw.dtype == pk.dtype:
                 dw.addmm_(pk.T, ha)
-            else:  # fp32 accumulator for a half weight (small V*H only): one half rounding per chunk product
-                dw += torch.mm(pk.T, ha)
-        if db is not None:  # dbias += alpha @ P, alpha split into two half parts for a half P (fp32 exact)
-            a_hi = ak[:, 0].to(pk.dtype)
-            db += _mm_f32(a_hi[None], pk)[0]
-            if pk.dtype != torch.float32:
-                db += _mm_f32((ak[:, 0] - a_hi.float()).to(pk.dtype)[None], pk)[0]
+            else:  # fp32 accumulator for a half weight (small V*H only): the chunk's product in fp32
+                dw += _mm_f32(pk.T, ha)
+        if db is not None:  # dbias += alpha @ P (alpha rounded to P's dtype; the result goes to the bias dtype)
+            db += _mm_f32(ak[:, 0].to(pk.dtype)[None], pk)[0]
     if perm is not None:
         logp[perm] = logp_p
         c[perm] = c_p
