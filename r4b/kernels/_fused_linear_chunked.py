@@ -154,9 +154,8 @@ if triton is not None:
         so s_i starts at the target's u (so the largest P is at most 1 / p_t) and is raised to a block's maximum
         when that exceeds it by more than ``rescale_at`` (to s0 + k ln 2, k whole). A raise stops the row's stores;
         after the loop that row is visited again and all of it written at the final shift, the P stored before the
-        raise scaled by an exact 2^-k (rare: targets with p_t < e^-rescale_at). P needs
-        fp32's exponent range (fp32 or bf16 z, not fp16). Rows without a target in [0, V) are not read at all
-        (logp 0, c 0)."""
+        raise scaled by an exact 2^-k (rare: targets with p_t < e^-rescale_at). P needs fp32's exponent range (fp32
+        or bf16 z, not fp16). Rows without a target in [0, V) are not read at all (logp 0, c 0)."""
         # row blocks pid, pid + programs, ...: one block per program with the default grid; about one program per
         # SM with a capped grid (the sweep's "p" configs). STAGES > 1 pipelines the vocabulary loop's loads.
         for rb in range(tl.program_id(0), tl.cdiv(R, BLOCK_R), tl.num_programs(0)):
