@@ -180,7 +180,7 @@ def aot_report(first_only: bool = False) -> None:
     ptrs = {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV"}
 
     def sig_of(n: str) -> str:
-        if n in ("LSE", "DELTA", "DQ32"):
+        if n in ("LSE", "DELTA", "LD", "DQ32"):
             return "*fp32"
         if n == "CU":
             return "*i32"

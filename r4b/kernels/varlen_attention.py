@@ -300,16 +300,21 @@ if _dispatch.triton_importable():
     # ---------------------------------------------------------------- backward
 
     @triton.jit(do_not_specialize=["T"])
-    def _bwd_delta_kernel(Out, DO, DELTA, T, stride_ot, stride_oh, stride_dot, stride_doh, D: tl.constexpr,
-                          BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-        # DELTA[h, t] = sum_d dO[t, h, d] * O[t, h, d], fp32, (Hq, T)
+    def _bwd_delta_kernel(Out, DO, LSE, DELTA, LD, T, stride_ot, stride_oh, stride_dot, stride_doh,
+                          D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+        # DELTA[h, t] = sum_d dO[t, h, d] * O[t, h, d], fp32, (Hq, T); LD[h, t] = (LSE[h, t], DELTA[h, t]),
+        # (Hq, T, 2), for the dK/dV kernel's 8-byte pair loads
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         h = tl.program_id(1)
         offs_d = tl.arange(0, BLOCK_D)
         r64 = rows.to(tl.int64)
         o = _load_rows(Out + h * stride_oh, r64, stride_ot, offs_d, rows < T, D, BLOCK_D, True).to(tl.float32)
         do = _load_rows(DO + h * stride_doh, r64, stride_dot, offs_d, rows < T, D, BLOCK_D, True).to(tl.float32)
-        tl.store(DELTA + h * T + r64, tl.sum(o * do, 1), mask=rows < T)
+        delta = tl.sum(o * do, 1)
+        tl.store(DELTA + h * T + r64, delta, mask=rows < T)
+        lse = tl.load(LSE + h * T + r64, mask=rows < T, other=0.0)
+        ld_ptrs = LD + (h * T + r64)[:, None] * 2 + tl.arange(0, 2)[None, :]
+        tl.store(ld_ptrs, tl.join(lse, delta), mask=(rows < T)[:, None])
 
     @triton.jit
     def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, q_loc, lo, hi, qk_scale,
@@ -381,10 +386,12 @@ if _dispatch.triton_importable():
             s += 1
 
     @triton.jit
-    def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, k_loc, lo, hi, L,
-                    qk_scale, offs_d, dq_base, stride_dqt, kvalid, sm_scale, desc_q, desc_do, desc_dq, dq_row0, dq_col0,
-                    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr,
-                    DOT_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr, TMA: tl.constexpr, TMA_DQ: tl.constexpr):
+    def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, ld_base, stride_qt, stride_dot, k_loc, lo,
+                    hi, L, qk_scale, offs_d, dq_base, stride_dqt, kvalid, sm_scale, desc_q, desc_do, desc_dq, dq_row0,
+                    dq_col0,
+                    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                    MASK: tl.constexpr, DOT_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr, TMA: tl.constexpr,
+                    TMA_DQ: tl.constexpr):
         """Accumulate dK, dV of a key tile over query blocks [lo, hi) of one sequence and one query head
         (transposed form: the score tile is (BLOCK_N keys, BLOCK_M queries)). MASK: 1 = queries >= L masked,
         2 = also the causal mask (diagonal blocks), 0 = whole blocks below L (no query mask; TMA only).
@@ -397,6 +404,9 @@ if _dispatch.triton_importable():
         dq_row0 + m, columns dq_col0 ..) instead of per-element atomics.
         """
         offs_m = tl.arange(0, BLOCK_M)
+        # pair loads at the tiles where sm_90 ptxas measured fewer spills with them (64x32, 128x32, 128x16, and
+        # the interpreter's 32x16; see DKDV_CONFIGS); two 4-byte loads per query elsewhere
+        PAIR: tl.constexpr = BLOCK_M < BLOCK_N and BLOCK_M <= 32
         for m0 in range(lo, hi, BLOCK_M):
             qi = m0 + offs_m
             qmask = qi < L
@@ -406,7 +416,15 @@ if _dispatch.triton_importable():
             else:
                 qT = _load_rows_t(q_base, qi, stride_qt, offs_d, qmask, D, BLOCK_D, True)  # (BLOCK_D, BLOCK_M)
                 do = _load_rows(do_base, qi, stride_dot, offs_d, qmask, D, BLOCK_D, True)  # (BLOCK_M, BLOCK_D)
-            if MASK > 0:
+            if PAIR:  # one 8-byte load of (lse, delta) per query, split by bit casts
+                pair_ptrs = ld_base.to(tl.pointer_type(tl.uint64)) + qi
+                if MASK > 0:
+                    pair = tl.load(pair_ptrs, mask=qmask, other=0)
+                else:
+                    pair = tl.load(pair_ptrs)
+                lse = pair.to(tl.uint32).to(tl.float32, bitcast=True)
+                delta = (pair >> 32).to(tl.uint32).to(tl.float32, bitcast=True)
+            elif MASK > 0:
                 lse = tl.load(lse_base + qi, mask=qmask, other=0.0)
                 delta = tl.load(delta_base + qi, mask=qmask, other=0.0)
             else:
@@ -446,7 +464,7 @@ if _dispatch.triton_importable():
         return dk, dv
 
     @triton.jit(do_not_specialize=["T", "n_seqs", "t_bucket"])
-    def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ32, CU, T, n_seqs, t_bucket, n_heads, qk_scale,
+    def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, LD, DK, DV, DQ32, CU, T, n_seqs, t_bucket, n_heads, qk_scale,
                          sm_scale,
                          stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
                          stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dq32t, stride_dq32h,
@@ -505,23 +523,24 @@ if _dispatch.triton_importable():
                 do_base = DO + cs64 * stride_dot + h * stride_doh
                 lse_base = LSE + h * T + cs64
                 delta_base = DELTA + h * T + cs64
+                ld_base = LD + (h * T + cs64) * 2
                 dq_base = DQ32 + cs64 * stride_dq32t + h * stride_dq32h
                 desc_q = _seq_desc(q_base, L, stride_qt, D, BLOCK_M, BLOCK_D, TMA)
                 desc_do = _seq_desc(do_base, L, stride_dot, D, BLOCK_M, BLOCK_D, TMA)
                 if CAUSAL:
-                    dk, dv = _dkdv_inner(dk, dv, k_s, v_s, q_base, do_base, lse_base, delta_base, stride_qt,
+                    dk, dv = _dkdv_inner(dk, dv, k_s, v_s, q_base, do_base, lse_base, delta_base, ld_base, stride_qt,
                                          stride_dot, k_loc, a0, a1, L, qk_scale, offs_d, dq_base, stride_dq32t, kvalid,
-                                         sm_scale, desc_q, desc_do, desc_dq, cs, h * D, D, BLOCK_D, BLOCK_M, 2,
+                                         sm_scale, desc_q, desc_do, desc_dq, cs, h * D, D, BLOCK_D, BLOCK_N, BLOCK_M, 2,
                                          DOT_PREC, ATOMIC_DQ, TMA, TMA_DQ)
                 if TMA:
-                    dk, dv = _dkdv_inner(dk, dv, k_s, v_s, q_base, do_base, lse_base, delta_base, stride_qt,
+                    dk, dv = _dkdv_inner(dk, dv, k_s, v_s, q_base, do_base, lse_base, delta_base, ld_base, stride_qt,
                                          stride_dot, k_loc, a1, a_full, L, qk_scale, offs_d, dq_base, stride_dq32t,
-                                         kvalid, sm_scale, desc_q, desc_do, desc_dq, cs, h * D, D, BLOCK_D, BLOCK_M, 0,
-                                         DOT_PREC, ATOMIC_DQ, TMA, TMA_DQ)
-                dk, dv = _dkdv_inner(dk, dv, k_s, v_s, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                                     k_loc, a_full, L, L, qk_scale, offs_d, dq_base, stride_dq32t, kvalid, sm_scale,
-                                     desc_q, desc_do, desc_dq, cs, h * D, D, BLOCK_D, BLOCK_M, 1, DOT_PREC,
-                                     ATOMIC_DQ, TMA, TMA_DQ)
+                                         kvalid, sm_scale, desc_q, desc_do, desc_dq, cs, h * D, D, BLOCK_D, BLOCK_N,
+                                         BLOCK_M, 0, DOT_PREC, ATOMIC_DQ, TMA, TMA_DQ)
+                dk, dv = _dkdv_inner(dk, dv, k_s, v_s, q_base, do_base, lse_base, delta_base, ld_base, stride_qt,
+                                     stride_dot, k_loc, a_full, L, L, qk_scale, offs_d, dq_base, stride_dq32t, kvalid,
+                                     sm_scale, desc_q, desc_do, desc_dq, cs, h * D, D, BLOCK_D, BLOCK_N, BLOCK_M, 1,
+                                     DOT_PREC, ATOMIC_DQ, TMA, TMA_DQ)
             seg = kvalid[:, None] & (offs_d[None, :] < D)
             tl.store(DK + hk * stride_dkh + r64[:, None] * stride_dkt + offs_d[None, :],
                      (dk * sm_scale).to(DK.dtype.element_ty), mask=seg)
@@ -555,7 +574,9 @@ if _dispatch.triton_importable():
     # 128x32 w8 s2 152 / 268 / 452 / 424 | 128x16 w8 s2 0 / 160 / 256 / 292 | 128x64 w8 s1 196 / 164 / 536 / 424.
     # The hot query loop itself barely spills; the LSE and delta vectors cost the most: fewer elements than threads,
     # Triton loads them in the MMA layout, one 4-byte cp.async per element and thread (16 per vector per iteration
-    # at 128x64), and what lives across the loop is spilled.
+    # at 128x64), and what lives across the loop is spilled. Since then the 64x32, 128x32 and 128x16 tiles load
+    # (lse, delta) as one 8-byte pair per query (LD; half the cp.async): 64x32 w8 s2 12 / 0 / 120 / 152 |
+    # 128x32 w8 s2 128 / 220 / 316 / 352 | 128x16 w8 s2 0 / 84 / 104 / 224 (the other two tiles spilled more with it).
     # The bench records every config's time per autotune key (row field "autotune"): prune with it.
     _INTERP = {"fwd": (32, 16), "dq": (32, 16), "dkdv": (32, 16)}  # (rows of the program's tile, inner step)
 
@@ -663,10 +684,11 @@ if _dispatch.triton_importable():
         meta = _meta(q, k, causal)
         interp = _dispatch.triton_interpret() or q.device.type != "cuda"
         delta = torch.empty((Hq, T), dtype=torch.float32, device=q.device)
+        ld = torch.empty((Hq, T, 2), dtype=torch.float32, device=q.device)  # (lse, delta) per row
         bm = 16 if interp else 64
         _bwd_delta_kernel[(triton.cdiv(T, bm), Hq)](
-            o, do, delta, T, o.stride(0), o.stride(1), do.stride(0), do.stride(1), D=D, BLOCK_D=meta["BLOCK_D"],
-            BLOCK_M=bm)
+            o, do, lse, delta, ld, T, o.stride(0), o.stride(1), do.stride(0), do.stride(1), D=D,
+            BLOCK_D=meta["BLOCK_D"], BLOCK_M=bm)
         atomic = _bwd_mode() == "atomic"
         dk = torch.empty_like(k, memory_format=torch.contiguous_format)
         dv = torch.empty_like(v, memory_format=torch.contiguous_format)
@@ -682,7 +704,7 @@ if _dispatch.triton_importable():
         tma_kv = not atomic and _tma_ok(k, v, block_d=meta["BLOCK_D"])  # the dQ kernel's, split backward only
         if (tma_qdo or tma_kv) and not interp:
             _ensure_allocator()
-        kv_args = (q, k, v, do, lse, delta, dk, dv, dq32, cu, T, n, T.bit_length(), Hkv, scale * _LOG2E, scale,
+        kv_args = (q, k, v, do, lse, delta, ld, dk, dv, dq32, cu, T, n, T.bit_length(), Hkv, scale * _LOG2E, scale,
                    *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *dq32_strides)
         kv_meta = dict(ATOMIC_DQ=atomic, TMA=tma_qdo, TMA_DQ=tma_dq, **meta)
         if not atomic:
