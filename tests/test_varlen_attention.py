@@ -94,6 +94,24 @@ def test_varlen_attention_matches_float64(lens, Hq, Hkv, D, causal, device, mode
         torch.testing.assert_close(a, b.float(), rtol=1e-5, atol=2e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
+@pytest.mark.parametrize("tile", [(32, 16), (16, 16)], ids=["pair-loads", "separate-loads"])
+@pytest.mark.parametrize("lens,Hq,Hkv,D,causal", [CASES[1], CASES[6]])
+def test_varlen_dkdv_lse_delta_pair_and_separate_loads(lens, Hq, Hkv, D, causal, tile, modes, monkeypatch):
+    """The dK/dV kernel reads (lse, delta) as one 8-byte pair when BLOCK_M < BLOCK_N and BLOCK_M <= 32 (where sm_90
+    ptxas spilled less with it) and as two 4-byte loads otherwise; the interpreter's default dK/dV tile (32 keys x
+    16 queries) takes the pair path, so a 16 x 16 tile checks the other one against float64 too."""
+    va = importlib.import_module("r4b.kernels.varlen_attention")
+    monkeypatch.setitem(va._INTERP, "dkdv", tile)
+    q, k, v, do = _inputs(lens, Hq, Hkv, D)
+    cu = _cu(lens, "cpu")
+    got = _grads(lambda a, b, c: varlen_attention(a, b, c, cu, max(lens), causal=causal, backend="triton"),
+                 q, k, v, do)
+    ref = _grads(lambda a, b, c: _attention64(a, b, c, lens, causal, 1.0 / math.sqrt(D)), q.double(), k.double(),
+                 v.double(), do.double())
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref, strict=True):
+        torch.testing.assert_close(a, b.float(), rtol=1e-5, atol=2e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
 def test_varlen_attention_head_major_views_and_only_q_requiring_grad(device, modes):
     """q, k, v as transposed views of (H, T, D) tensors (row stride D, head stride T*D), only q requiring grad."""
     lens, Hq, Hkv, D = [13, 1, 22], 4, 2, 64
