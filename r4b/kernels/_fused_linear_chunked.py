@@ -13,7 +13,7 @@ For each chunk of C rows:
    read, see the kernel; ``alpha_i = -c_i exp(s_i - lse_i) / T``). A row costs one read and one write of ``z``
    (a gradient written as ``dz`` itself needs the log-sum-exp first: two reads and a write);
 3. ``dhidden_c = alpha * (P @ weight)`` (one GEMM, fp32 product, scaled rows) and ``dweight += P.T @ (alpha *
-   hidden_c)`` (one GEMM, ``addmm`` into an accumulator), ``dbias += alpha @ P`` in fp32.
+   hidden_c)`` (one GEMM, ``addmm`` into an accumulator), ``dbias += alpha @ P`` (fp32 output).
 
 The backward only hands the gradients over, scaled by the incoming scalar ``grad_output`` when it is not 1.
 
@@ -410,7 +410,7 @@ def _chunk_loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Te
 def chunked_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, temperature: float
                      ) -> Tensor:
     """(N,) f32 log-probs without gradients (0 where the target is outside [0, V)): per chunk one cuBLAS GEMM and
-    the row kernel's first pass only (one read of the [C, V] buffer)."""
+    the row kernel with no row given the gradient (one read of the [C, V] buffer, no writes)."""
     n = hidden.shape[0]
     w = torch.zeros(n, dtype=torch.float32, device=hidden.device)
     logp, *_ = _chunk_loop(hidden.contiguous(), weight.contiguous(), bias, targets.contiguous(), w, None, None,
@@ -479,7 +479,7 @@ def chunked_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: T
 
 class _LogprobsChunkedBwd(torch.autograd.Function):
     """logp (N,) f32 for an arbitrary downstream (e.g. cross-entropy with reduction="none"): the chunked forward
-    (GEMM + the row kernel's first pass), and a backward that recomputes the logits with the chunk loop (4 GEMMs
+    (GEMM + the row kernel without writes), and a backward that recomputes the logits with the chunk loop (4 GEMMs
     in all, no atomics)."""
 
     @staticmethod
