@@ -65,8 +65,8 @@ def _inputs(case: Case, device: str):
 
 
 def providers(device: str) -> dict:
+    from r4b.kernels import _dispatch, available_backends
     from r4b.kernels import _fused_linear_chunked as fc
-    from r4b.kernels import available_backends
 
     def kernel(config):
         def setup(case: Case):
@@ -86,7 +86,7 @@ def providers(device: str) -> dict:
 
     provs = {"torch copy": copy, "default": kernel(None)}
     default = fc.gpu_rows_config()
-    sms = torch.cuda.get_device_properties(0).multi_processor_count if device == "cuda" else 1
+    sms = _dispatch.sm_count(torch.device("cuda", 0)) if device == "cuda" else 1
     for br, bv, warps, per_sm, stages in CONFIGS:
         if (br, bv, warps, per_sm, stages) != (*default, 0, 1):
             label = f"rows {br}x{bv} w{warps}" + (f" p{per_sm}" if per_sm else "")

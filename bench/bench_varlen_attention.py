@@ -220,13 +220,8 @@ def autotune_timings(mode: str, atomic: bool = False, tma: bool = False) -> dict
     import math
 
     va = importlib.import_module("r4b.kernels.varlen_attention")
-    if mode == "fwd":
-        kernels = {"fwd": va._fwd_tma_tuned if tma else va._fwd_tuned}
-    elif atomic:
-        kernels = {"dkdv+dq": va._dkdv_atomic_tma_tuned if tma else va._dkdv_atomic_tuned}
-    else:
-        kernels = {"dq": va._dq_tma_tuned if tma else va._dq_tuned,
-                   "dkdv": va._dkdv_tma_tuned if tma else va._dkdv_tuned}
+    names = ("fwd",) if mode == "fwd" else ("dkdv+dq",) if atomic else ("dq", "dkdv")
+    kernels = {name: va.TUNED[name, tma] for name in names}
     out = {}
     for name, tuned in kernels.items():
         timings = getattr(tuned, "configs_timings", None) or {}

@@ -569,14 +569,13 @@ if _dispatch.triton_importable():
     #   dq   128x64 w8 s3: 254, 0 | 64x64 w8 s3: 229, 0
     #   dkdv 128x16 w8 s2: 24 B | 128x64 w8 s1: 208 B (the bigger key tile at one stage)
     # The atomic-dQ variant (dkdv+dq) spills more: 0 B (32x32 w4) to 376 B (128x64 s1).
-    # dK/dV as of session 5 of 2026-11-26 (ptxas sm_90a, bf16, D=128, causal, GQA 4; spill stores/loads in B), split
-    # pointer / TMA / atomic-dQ / atomic-dQ TMA: 64x32 w8 s2 48 / 20 / 172 / 176 | 32x32 w4 s2 0 / 0 / 56 / 32 |
-    # 128x32 w8 s2 152 / 268 / 452 / 424 | 128x16 w8 s2 0 / 160 / 256 / 292 | 128x64 w8 s1 196 / 164 / 536 / 424.
-    # The hot query loop itself barely spills; the LSE and delta vectors cost the most: fewer elements than threads,
-    # Triton loads them in the MMA layout, one 4-byte cp.async per element and thread (16 per vector per iteration
-    # at 128x64), and what lives across the loop is spilled. Since then the 64x32, 128x32 and 128x16 tiles load
-    # (lse, delta) as one 8-byte pair per query (LD; half the cp.async): 64x32 w8 s2 12 / 0 / 120 / 152 |
-    # 128x32 w8 s2 128 / 220 / 316 / 352 | 128x16 w8 s2 0 / 84 / 104 / 224 (the other two tiles spilled more with it).
+    # dK/dV spill stores in B now (ptxas sm_90a, bf16, D=128, causal, GQA 4), split pointer / TMA / atomic-dQ /
+    # atomic-dQ TMA: 64x32 w8 s2 12 / 0 / 120 / 152 | 32x32 w4 s2 0 / 0 / 56 / 32 | 128x32 w8 s2 128 / 220 / 316 /
+    # 352 | 128x16 w8 s2 0 / 84 / 104 / 224 | 128x64 w8 s1 196 / 164 / 536 / 424. The hot query loop itself barely
+    # spills; the LSE and delta vectors cost the most (fewer elements than threads: Triton loads them in the MMA
+    # layout, one cp.async per element and thread), so the 64x32, 128x32 and 128x16 tiles load them as one 8-byte
+    # (lse, delta) pair per query (LD), which cut their spills from 48 / 20 / 172 / 176, 152 / 268 / 452 / 424 and
+    # 0 / 160 / 256 / 292; the other two tiles spilled more with pairs.
     # The bench records every config's time per autotune key (row field "autotune"): prune with it.
     _INTERP = {"fwd": (32, 16), "dq": (32, 16), "dkdv": (32, 16)}  # (rows of the program's tile, inner step)
 
@@ -593,19 +592,15 @@ if _dispatch.triton_importable():
     DQ_CONFIGS = [(128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (128, 64, 8, 3), (64, 64, 8, 3)]
     DKDV_CONFIGS = [(64, 32, 8, 2), (32, 32, 4, 2), (128, 32, 8, 2), (128, 16, 8, 2), (128, 64, 8, 1)]
     _KEY = ["D", "CAUSAL", "GROUP", "t_bucket"]
-    _fwd_tuned = triton.autotune(_cfgs(FWD_CONFIGS), key=_KEY)(_fwd_kernel)
-    _dq_tuned = triton.autotune(_cfgs(DQ_CONFIGS), key=_KEY)(_bwd_dq_kernel)
-    _dkdv_tuned = triton.autotune(_cfgs_kv(DKDV_CONFIGS), key=_KEY)(_bwd_dkdv_kernel)
-    # the dK/dV kernel that also adds dQ with atomics (R4B_VARLEN_BWD=atomic): DQ32 is zeroed before every
-    # config's timing run and before the real launch
-    _dkdv_atomic_tuned = triton.autotune(_cfgs_kv(DKDV_CONFIGS), key=_KEY, reset_to_zero=["DQ32"])(_bwd_dkdv_kernel)
-
-    # R4B_VARLEN_LOADS=tma: the same kernels with TMA loads of the blocks their inner loops walk
-    _fwd_tma_tuned = triton.autotune(_cfgs(FWD_CONFIGS), key=_KEY)(_fwd_kernel)
-    _dq_tma_tuned = triton.autotune(_cfgs(DQ_CONFIGS), key=_KEY)(_bwd_dq_kernel)
-    _dkdv_tma_tuned = triton.autotune(_cfgs_kv(DKDV_CONFIGS), key=_KEY)(_bwd_dkdv_kernel)
-    _dkdv_atomic_tma_tuned = triton.autotune(_cfgs_kv(DKDV_CONFIGS), key=_KEY, reset_to_zero=["DQ32"])(
-        _bwd_dkdv_kernel)
+    # TUNED[(kernel, tma)]: one autotuner per kernel and load mode (tma: R4B_VARLEN_LOADS=tma, the blocks the inner
+    # loops walk loaded through TMA; a mode is not part of the key, so each tunes on its own). "dkdv+dq": the dK/dV
+    # kernel that also adds dQ with atomics (R4B_VARLEN_BWD=atomic): DQ32 is zeroed before every config's timing
+    # run and before the real launch.
+    _KERNELS = {"fwd": (_fwd_kernel, _cfgs(FWD_CONFIGS), {}), "dq": (_bwd_dq_kernel, _cfgs(DQ_CONFIGS), {}),
+                "dkdv": (_bwd_dkdv_kernel, _cfgs_kv(DKDV_CONFIGS), {}),
+                "dkdv+dq": (_bwd_dkdv_kernel, _cfgs_kv(DKDV_CONFIGS), {"reset_to_zero": ["DQ32"]})}
+    TUNED = {(name, tma): triton.autotune(cfgs, key=_KEY, **kw)(kern)
+             for name, (kern, cfgs, kw) in _KERNELS.items() for tma in (False, True)}
 
     def _meta(q: Tensor, k: Tensor, causal: bool) -> dict:
         D = q.shape[2]
@@ -667,8 +662,7 @@ if _dispatch.triton_importable():
         else:
             if tma:
                 _ensure_allocator()
-            tuned = _fwd_tma_tuned if tma else _fwd_tuned
-            tuned[lambda m: (triton.cdiv(T, m["BLOCK_M"]) * Hq,)](*args, TMA=tma, **meta)
+            TUNED["fwd", tma][lambda m: (triton.cdiv(T, m["BLOCK_M"]) * Hq,)](*args, TMA=tma, **meta)
         return o, lse
 
     def _bwd_mode() -> str:
@@ -719,11 +713,9 @@ if _dispatch.triton_importable():
             _bwd_dkdv_kernel[(triton.cdiv(T, bn) * Hkv,)](*kv_args, BLOCK_N=bn, BLOCK_M=bm, **kv_meta)
         else:
             if not atomic:
-                dq_tuned = _dq_tma_tuned if tma_kv else _dq_tuned
-                dq_tuned[lambda m: (triton.cdiv(T, m["BLOCK_M"]) * Hq,)](*dq_args, TMA=tma_kv, **meta)
-            dkdv_tuned = ((_dkdv_atomic_tuned, _dkdv_atomic_tma_tuned) if atomic
-                          else (_dkdv_tuned, _dkdv_tma_tuned))[tma_qdo]
-            dkdv_tuned[lambda m: (triton.cdiv(T, m["BLOCK_N"]) * Hkv,)](*kv_args, **kv_meta)
+                TUNED["dq", tma_kv][lambda m: (triton.cdiv(T, m["BLOCK_M"]) * Hq,)](*dq_args, TMA=tma_kv, **meta)
+            TUNED["dkdv+dq" if atomic else "dkdv", tma_qdo][lambda m: (triton.cdiv(T, m["BLOCK_N"]) * Hkv,)](
+                *kv_args, **kv_meta)
         if atomic:
             dq = dq32.to(q.dtype)
         return dq, dk, dv
