@@ -60,22 +60,32 @@ def _timed(case: Case, fwd, q, k, v, do):
     return lambda: torch.autograd.grad(fwd(q, k, v), (q, k, v), do)
 
 
-# r4b's Triton rows: provider -> (R4B_VARLEN_BWD, R4B_VARLEN_LOADS)
-R4B_ROWS = {"r4b triton": ("split", "pointer"), "r4b triton atomic-dq": ("atomic", "pointer"),
-            "r4b triton tma": ("split", "tma"), "r4b triton tma atomic-dq": ("atomic", "tma")}
+# r4b's rows: provider -> (R4B_VARLEN_FWD, R4B_VARLEN_BWD, R4B_VARLEN_LOADS); "r4b gluon": the Gluon forward
+# (sm_90, softmax overlapping P @ V), with the default Triton backward in its fwd+bwd row
+R4B_ROWS = {"r4b triton": ("triton", "split", "pointer"), "r4b triton atomic-dq": ("triton", "atomic", "pointer"),
+            "r4b triton tma": ("triton", "split", "tma"), "r4b triton tma atomic-dq": ("triton", "atomic", "tma"),
+            "r4b gluon": ("gluon", "split", "pointer")}
 
 
 def providers(device: str, mask_ms: dict) -> dict:
-    def r4b_mode(bwd: str, loads: str):
-        """r4b's Triton kernels with the backward R4B_VARLEN_BWD=bwd ("split": dQ kernel + dK/dV kernel;
-        "atomic": the dK/dV kernel adds dQ with fp32 atomics) and the block loads R4B_VARLEN_LOADS=loads
-        ("pointer" or "tma": through TMA tensor descriptors)."""
+    def r4b_mode(fwd_kernel: str, bwd: str, loads: str):
+        """r4b's kernels with the forward R4B_VARLEN_FWD=fwd_kernel ("triton" or "gluon"), the backward
+        R4B_VARLEN_BWD=bwd ("split": dQ kernel + dK/dV kernel; "atomic": the dK/dV kernel adds dQ with fp32
+        atomics) and the block loads R4B_VARLEN_LOADS=loads ("pointer" or "tma": through TMA tensor
+        descriptors)."""
 
         def setup(case: Case):
             from r4b.kernels import available_backends, varlen_attention
 
             if "triton" not in available_backends("varlen_attention", device):
                 raise Skip(f"triton unavailable on {device} (set TRITON_INTERPRET=1 on the CPU)")
+            if fwd_kernel == "gluon":
+                if device != "cuda" or torch.cuda.get_device_capability()[0] != 9:
+                    raise Skip("the Gluon forward needs a Hopper GPU (sm_90)")
+                try:
+                    import triton.experimental.gluon  # noqa: F401
+                except ImportError as ex:
+                    raise Skip(f"this triton has no Gluon: {ex}") from None
             if bwd != "split" and case.params["mode"] == "fwd":
                 raise Skip(f"the same forward as the {loads} row with the split backward")
             q, k, v, do, cu = _inputs(case, device)
@@ -87,7 +97,8 @@ def providers(device: str, mask_ms: dict) -> dict:
             timed = _timed(case, fwd, q, k, v, do)
 
             def call():
-                with env_var("R4B_VARLEN_BWD", bwd), env_var("R4B_VARLEN_LOADS", loads):
+                with env_var("R4B_VARLEN_FWD", fwd_kernel), env_var("R4B_VARLEN_BWD", bwd), \
+                        env_var("R4B_VARLEN_LOADS", loads):
                     return timed()
 
             return call
@@ -208,9 +219,38 @@ def aot_report(first_only: bool = False) -> None:
                     **extra}
             info, smem = sm90_ptxas(kern, meta, sig_of, warps, stages)
             print(f"{kind:11s} {a}x{b} w{warps} s{stages}: smem={smem} B | {info}", flush=True)
+    gluon_report(first_only, sig_of)
 
 
-def autotune_timings(mode: str, atomic: bool = False, tma: bool = False) -> dict:
+def wgmma_waits(ptx: str) -> list[int]:
+    """The ``wgmma.wait_group N`` of a PTX listing, in order: N > 0 leaves N groups of tensor-core products in
+    flight while the code after it runs (the overlap of the softmax with P @ V)."""
+    import re
+
+    return [int(n) for n in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)]
+
+
+def gluon_report(first_only: bool, sig_of) -> None:
+    """Compile the Gluon forward (R4B_VARLEN_FWD=gluon) for sm_90 per config, both masks: registers, spills,
+    shared memory, and its wgmma waits (a 1 is the P @ V product kept in flight during the next softmax)."""
+    try:
+        from r4b.kernels import _varlen_gluon as vg
+    except ImportError as ex:  # a triton without Gluon
+        print(f"fwd-gluon   skipped: {ex}", flush=True)
+        return
+    from bench.harness import ptxas_report, sm90_compile
+
+    for bm, bn, warps, stages in vg.CONFIGS[:1] if first_only else vg.CONFIGS:
+        for causal in (True, False):
+            meta = {"GROUP": 4, "D": 128, "BLOCK_M": bm, "BLOCK_N": bn, "CAUSAL": causal, "STAGES": stages,
+                    "NUM_WARPS": warps}
+            c = sm90_compile(vg._fwd_kernel, meta, sig_of, warps, 1)
+            waits = ",".join(map(str, wgmma_waits(c.asm["ptx"])))
+            print(f"fwd-gluon   {bm}x{bn} w{warps} s{stages} causal={causal}: smem={c.metadata.shared} B | "
+                  f"{ptxas_report(c)} | wgmma waits={waits}", flush=True)
+
+
+def autotune_timings(mode: str, atomic: bool = False, tma: bool = False, gluon: bool = False) -> dict:
     """The varlen kernels' autotune results for the case just run: per kernel, the chosen config and every
     config's median ms at the last key it tuned (forward for "fwd" cases, dQ and dK/dV for "fwd+bwd", or the
     dK/dV+dQ kernel of the atomic backward); printed and stored in the row, the data to prune or extend the
@@ -222,6 +262,10 @@ def autotune_timings(mode: str, atomic: bool = False, tma: bool = False) -> dict
     va = importlib.import_module("r4b.kernels.varlen_attention")
     names = ("fwd",) if mode == "fwd" else ("dkdv+dq",) if atomic else ("dq", "dkdv")
     kernels = {name: va.TUNED[name, tma] for name in names}
+    if gluon and mode == "fwd":
+        from r4b.kernels import _varlen_gluon
+
+        kernels = {"fwd-gluon": _varlen_gluon.TUNED}
     out = {}
     for name, tuned in kernels.items():
         timings = getattr(tuned, "configs_timings", None) or {}
@@ -299,9 +343,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if row["provider"] == "flex doc mask":
             return {"mask_build_ms": mask_ms[case.label]}
         if row["provider"] in R4B_ROWS and device == "cuda":
-            bwd, loads = R4B_ROWS[row["provider"]]
+            fwd_kernel, bwd, loads = R4B_ROWS[row["provider"]]
             try:  # tuning data only: it must never stop the bench
-                return {"autotune": autotune_timings(case.params["mode"], bwd == "atomic", loads == "tma")}
+                return {"autotune": autotune_timings(case.params["mode"], bwd == "atomic", loads == "tma",
+                                                     gluon=fwd_kernel == "gluon")}
             except Exception as ex:  # noqa: BLE001
                 return {"autotune_error": f"{type(ex).__name__}: {ex}"[:200]}
         return {}

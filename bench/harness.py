@@ -406,6 +406,8 @@ def sm90_compile(kern, constexprs: dict, sig_of: Callable[[str], str], warps: in
     sig = {n: "constexpr" if n in constexprs else sig_of(n) for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
              if sig[n].startswith("*") or n.startswith("stride") or n in divisible}
+    if getattr(kern, "is_gluon", lambda: False)():  # a Gluon kernel compiles from its own source kind
+        from triton.experimental.gluon._runtime import GluonASTSource as ASTSource
     src = ASTSource(fn=kern, signature=sig, constexprs={(names.index(k),): v for k, v in constexprs.items()},
                     attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps,

@@ -213,6 +213,24 @@ def test_varlen_loads_mode_is_checked_by_name_and_tma_takes_the_layouts_it_can_a
     assert seen == [True, True, True]
 
 
+def test_varlen_forward_mode_is_checked_by_name_and_gluon_says_why_it_cannot_run(monkeypatch):
+    q, k, v, _ = _inputs([5, 3], 2, 1, 16)
+    monkeypatch.setenv("R4B_VARLEN_FWD", "cuda")
+    with pytest.raises(ValueError, match="R4B_VARLEN_FWD.*'cuda'"):
+        varlen_attention(q, k, v, _cu([5, 3], "cpu"), 5, backend="triton")
+    monkeypatch.setenv("R4B_VARLEN_FWD", "gluon")  # asked for by name: no silent fallback to the Triton forward
+    with pytest.raises(RuntimeError, match="R4B_VARLEN_FWD=gluon needs a Hopper GPU"):
+        varlen_attention(q, k, v, _cu([5, 3], "cpu"), 5, backend="triton")
+
+
+def test_gluon_forward_refuses_what_it_cannot_address():
+    pytest.importorskip("triton.experimental.gluon")
+    from r4b.kernels._varlen_gluon import supported
+
+    q, k, v, _ = _inputs([5, 3], 2, 1, 64)
+    assert "not a GPU" in supported(q, k, v)
+
+
 def test_varlen_attention_dispatch_default_matches_forced():
     lens = [5, 12]
     q, k, v, _ = _inputs(lens, 2, 1, 16)
@@ -304,6 +322,107 @@ def test_varlen_attention_kernels_compile_for_sm90():
     # loop-carried type changes, dot shapes); compile fwd, dQ and dK/dV for sm_90 with triton's own ptxas.
     out = run_aot_report("bench.bench_varlen_attention", "--aot-first")
     assert all(f"{kind} " in out for kind in ("fwd", "dq", "dkdv")), out
+    # the Gluon forward (R4B_VARLEN_FWD=gluon), both masks: its point is one wgmma group (P @ V) left in flight
+    # while the next block's softmax runs, i.e. a "wgmma.wait_group 1" in its PTX; the Triton forward has only 0s
+    gluon = [line for line in out.splitlines() if line.startswith("fwd-gluon")]
+    if pytest.importorskip("triton.experimental.gluon") is not None:
+        assert len(gluon) == 2, out
+        for line in gluon:
+            waits = [int(w) for w in line.split("wgmma waits=")[1].split(",")]
+            assert 1 in waits and waits[-1] == 0, line
+            assert "0 bytes spill stores" in line, line
+
+
+def _lse64(q, k, lens, causal, scale):
+    """float64 log-sum-exp of each query row's scaled scores, (Hq, T), in log2 units (what the kernels save)."""
+    T, Hq, _ = q.shape
+    group = Hq // k.shape[1]
+    out = torch.zeros(Hq, T, dtype=torch.float64, device=q.device)
+    start = 0
+    for L in lens:
+        sl = slice(start, start + L)
+        start += L
+        if L == 0:
+            continue
+        kh = k[sl].double()[:, torch.arange(Hq, device=q.device) // group]
+        s = torch.einsum("ihd,jhd->hij", q[sl].double(), kh) * scale
+        if causal:
+            s = s.masked_fill(torch.ones(L, L, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+        out[:, sl] = s.logsumexp(-1) / math.log(2.0)
+    return out
+
+
+# the Gluon forward's cases: length-1 and empty sequences, lengths off every tile, tiles spanning many sequences,
+# one sequence longer than a few key blocks, GQA 1 / 4 / 8, D 64 and 128, causal and not
+GLUON_CASES = [
+    ([1, 37, 1, 16, 5, 0, 300], 2, 2, 64, True),
+    ([45, 2, 1, 0, 129, 64, 1000], 8, 1, 128, True),
+    ([1, 50, 13, 513], 8, 8, 64, False),
+    ([70, 1, 3, 1, 0, 2, 9, 700], 4, 1, 128, False),
+    ([3000] + [1, 2, 3, 17, 40, 129] * 20, 8, 2, 128, True),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lens,Hq,Hkv,D,causal", GLUON_CASES)
+def test_gluon_forward_every_config_against_float64_gpu(lens, Hq, Hkv, D, causal):
+    """Each Gluon config run directly: output by STYLE.md's rule against float64 (baseline: SDPA per document in
+    bf16), and the saved LSE (the backward's input) within bf16 inputs' reach of float64."""
+    from r4b.kernels import _varlen_gluon as vg
+    from r4b.kernels.varlen_attention import _ensure_allocator
+
+    q, k, v, _ = _inputs(lens, Hq, Hkv, D, seed=5, device="cuda")
+    bf = [t.bfloat16() for t in (q, k, v)]
+    assert vg.supported(*bf) is None
+    cu = _cu(lens, "cuda")
+    scale = D**-0.5
+    want = _attention64(*(t.double() for t in bf), lens, causal, scale)
+    want_lse = _lse64(bf[0], bf[1], lens, causal, scale)
+    plain = _sdpa_bf16_per_doc(*bf, [n for n in lens if n], causal)
+    _ensure_allocator()
+    for cfg in vg.CONFIGS:
+        o = torch.full_like(bf[0], float("nan"))
+        lse = torch.full((Hq, sum(lens)), float("nan"), device="cuda")
+        vg.forward(*bf, o, lse, cu, scale / math.log(2.0), causal, config=cfg)
+        assert_within_twice_plain([o], [plain], [want], (f"out {cfg}",), atol_rel=1e-3)
+        torch.testing.assert_close(lse.double(), want_lse, rtol=0, atol=1e-3, msg=lambda m: f"lse {cfg}: {m}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [True, False])
+def test_gluon_forward_anchor_with_triton_backward_gpu(causal, monkeypatch):
+    # the anchor through the public op with R4B_VARLEN_FWD=gluon (autotuned): outputs and gradients (the Triton
+    # backward reads the Gluon forward's LSE) by STYLE.md's rule against fp32
+    monkeypatch.setenv("R4B_VARLEN_FWD", "gluon")
+    lens = [4096, 3072, 2560, 2048, 1536, 1280, 768, 512, 384, 128]
+    q, k, v, do = _inputs(lens, 32, 8, 128, device="cuda")
+    cu = _cu(lens, "cuda")
+    ref = _grads(lambda a, b, c: varlen_attention_ref(a, b, c, cu, causal), q, k, v, do)  # fp32
+    bf = [t.bfloat16() for t in (q, k, v, do)]
+    got = _grads(lambda a, b, c: varlen_attention(a, b, c, cu, 4096, causal=causal, backend="triton"), *bf)
+    base = _grads(lambda a, b, c: _sdpa_bf16_per_doc(a, b, c, lens, causal), *bf)
+    assert_within_twice_plain(got, base, ref, ("out", "dq", "dk", "dv"), atol_rel=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [True, False])
+def test_gluon_forward_no_information_crosses_a_boundary_gpu(causal, monkeypatch):
+    # sequence 1 shares 128-row query tiles with 0 and 2 and ends inside a key block: NaN / inf planted in it
+    # must leave the other sequences' outputs bit-identical (the per-sequence TMA descriptors zero-fill past it)
+    monkeypatch.setenv("R4B_VARLEN_FWD", "gluon")
+    lens, Hq, Hkv, D = [70, 100, 90], 4, 2, 128
+    cu = _cu(lens, "cuda")
+    q, k, v = (t.bfloat16() for t in _inputs(lens, Hq, Hkv, D, device="cuda")[:3])
+    fn = lambda a, b, c: varlen_attention(a, b, c, cu, 100, causal=causal, backend="triton")
+    base = fn(q, k, v)
+    q2, k2, v2 = (t.clone() for t in (q, k, v))
+    for t, bad in ((q2, float("nan")), (k2, float("inf")), (v2, float("-inf"))):
+        t[[70, 120, 169]] = bad
+    pert = fn(q2, k2, v2)
+    others = torch.ones(sum(lens), dtype=torch.bool, device="cuda")
+    others[70:170] = False
+    assert torch.equal(base[others], pert[others])
+    assert not torch.equal(base[~others], pert[~others])
 
 
 @triton.jit

@@ -41,6 +41,8 @@ from . import _checks, _dispatch
 OP = "varlen_attention"
 ENV_BWD = "R4B_VARLEN_BWD"  # the Triton backward: "split" (dQ kernel + dK/dV kernel, default) or "atomic"
 ENV_LOADS = "R4B_VARLEN_LOADS"  # the Triton kernels' block loads: "pointer" (default) or "tma" (tensor descriptors)
+# the forward kernel: "triton" (default) or "gluon" (sm_90 only, opt-in until timed on a GPU: _varlen_gluon.py)
+ENV_FWD = "R4B_VARLEN_FWD"
 _dispatch.register(OP, ("triton", "torch", "flash_attn", "xformers"), env="R4B_ATTN_BACKEND")
 
 
@@ -646,6 +648,12 @@ if _dispatch.triton_importable():
 
         return hasattr(InterpreterBuilder, "create_descriptor_reduce")
 
+    def _fwd_mode() -> str:
+        mode = os.environ.get(ENV_FWD, "triton")
+        if mode not in ("triton", "gluon"):
+            raise ValueError(f"${ENV_FWD} must be 'triton' or 'gluon', got {mode!r}")
+        return mode
+
     def _fwd(q, k, v, cu, scale, causal):
         T, Hq, _ = q.shape
         n = cu.numel() - 1
@@ -653,6 +661,17 @@ if _dispatch.triton_importable():
         lse = torch.empty((Hq, T), dtype=torch.float32, device=q.device)  # log2 units
         meta = _meta(q, k, causal)
         interp = _dispatch.triton_interpret() or q.device.type != "cuda"
+        if _fwd_mode() == "gluon":  # asked for by name: it runs or says why not (no silent fallback)
+            if interp:
+                raise RuntimeError(f"${ENV_FWD}=gluon needs a Hopper GPU: the Triton interpreter cannot run Gluon")
+            from . import _varlen_gluon
+
+            why = _varlen_gluon.supported(q, k, v)
+            if why is not None:
+                raise RuntimeError(f"${ENV_FWD}=gluon cannot run these inputs: {why}")
+            _ensure_allocator()
+            _varlen_gluon.forward(q, k, v, o, lse, cu, scale * _LOG2E, causal)
+            return o, lse
         tma = _tma_ok(k, v, block_d=meta["BLOCK_D"])
         args = (q, k, v, o, lse, cu, T, n, T.bit_length(), Hq, scale * _LOG2E,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1))
