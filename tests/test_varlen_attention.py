@@ -385,7 +385,7 @@ def test_gluon_forward_every_config_against_float64_gpu(lens, Hq, Hkv, D, causal
         lse = torch.full((Hq, sum(lens)), float("nan"), device="cuda")
         vg.forward(*bf, o, lse, cu, scale / math.log(2.0), causal, config=cfg)
         assert_within_twice_plain([o], [plain], [want], (f"out {cfg}",), atol_rel=1e-3)
-        torch.testing.assert_close(lse.double(), want_lse, rtol=0, atol=1e-3, msg=lambda m: f"lse {cfg}: {m}")
+        torch.testing.assert_close(lse.double(), want_lse, rtol=0, atol=1e-3, msg=lambda m, c=cfg: f"lse {c}: {m}")
 
 
 @pytest.mark.gpu
