@@ -61,10 +61,11 @@ def _timed(case: Case, fwd, q, k, v, do):
 
 
 # r4b's rows: provider -> (R4B_VARLEN_FWD, R4B_VARLEN_BWD, R4B_VARLEN_LOADS); "r4b gluon": the Gluon forward
-# (sm_90, softmax overlapping P @ V), with the default Triton backward in its fwd+bwd row
+# (sm_90, softmax overlapping P @ V), with the default Triton backward in its fwd+bwd row; "r4b gluon fwd+bwd":
+# the Gluon forward and the Gluon backward
 R4B_ROWS = {"r4b triton": ("triton", "split", "pointer"), "r4b triton atomic-dq": ("triton", "atomic", "pointer"),
             "r4b triton tma": ("triton", "split", "tma"), "r4b triton tma atomic-dq": ("triton", "atomic", "tma"),
-            "r4b gluon": ("gluon", "split", "pointer")}
+            "r4b gluon": ("gluon", "split", "pointer"), "r4b gluon fwd+bwd": ("gluon", "gluon", "pointer")}
 
 
 def providers(device: str, mask_ms: dict) -> dict:
@@ -87,7 +88,7 @@ def providers(device: str, mask_ms: dict) -> dict:
                 except ImportError as ex:
                     raise Skip(f"this triton has no Gluon: {ex}") from None
             if bwd != "split" and case.params["mode"] == "fwd":
-                raise Skip(f"the same forward as the {loads} row with the split backward")
+                raise Skip(f"the same forward as the {fwd_kernel} {loads} row with the split backward")
             q, k, v, do, cu = _inputs(case, device)
             m = max(case.params["lens"])
 
@@ -231,8 +232,9 @@ def wgmma_waits(ptx: str) -> list[int]:
 
 
 def gluon_report(first_only: bool, sig_of) -> None:
-    """Compile the Gluon forward (R4B_VARLEN_FWD=gluon) for sm_90 per config, both masks: registers, spills,
-    shared memory, and its wgmma waits (a 1 is the P @ V product kept in flight during the next softmax)."""
+    """Compile the Gluon kernels (R4B_VARLEN_FWD=gluon, R4B_VARLEN_BWD=gluon) for sm_90 per config, both masks:
+    registers, spills, shared memory, and their wgmma waits (a 1 leaves one product in flight while the
+    elementwise work of another runs: in the forward P @ V during the next softmax)."""
     try:
         from r4b.kernels import _varlen_gluon as vg
     except ImportError as ex:  # a triton without Gluon
@@ -240,17 +242,21 @@ def gluon_report(first_only: bool, sig_of) -> None:
         return
     from bench.harness import ptxas_report, sm90_compile
 
-    for bm, bn, warps, stages in vg.CONFIGS[:1] if first_only else vg.CONFIGS:
-        for causal in (True, False):
-            meta = {"GROUP": 4, "D": 128, "BLOCK_M": bm, "BLOCK_N": bn, "CAUSAL": causal, "STAGES": stages,
-                    "NUM_WARPS": warps}
-            c = sm90_compile(vg._fwd_kernel, meta, sig_of, warps, 1)
-            waits = ",".join(map(str, wgmma_waits(c.asm["ptx"])))
-            print(f"fwd-gluon   {bm}x{bn} w{warps} s{stages} causal={causal}: smem={c.metadata.shared} B | "
-                  f"{ptxas_report(c)} | wgmma waits={waits}", flush=True)
+    for kind, kern, cfgs, tile in (("fwd-gluon", vg._fwd_kernel, vg.CONFIGS, ("BLOCK_M", "BLOCK_N")),
+                                   ("dkdv-gluon", vg._bwd_dkdv_kernel, vg.DKDV_CONFIGS, ("BLOCK_N", "BLOCK_M")),
+                                   ("dq-gluon", vg._bwd_dq_kernel, vg.DQ_CONFIGS, ("BLOCK_M", "BLOCK_N"))):
+        for a, b, warps, stages in cfgs[:1] if first_only else cfgs:
+            for causal in (True, False):
+                meta = {"GROUP": 4, "D": 128, tile[0]: a, tile[1]: b, "CAUSAL": causal, "STAGES": stages,
+                        "NUM_WARPS": warps}
+                c = sm90_compile(kern, meta, sig_of, warps, 1)
+                waits = ",".join(map(str, wgmma_waits(c.asm["ptx"])))
+                print(f"{kind:11s} {a}x{b} w{warps} s{stages} causal={causal}: smem={c.metadata.shared} B | "
+                      f"{ptxas_report(c)} | wgmma waits={waits}", flush=True)
 
 
-def autotune_timings(mode: str, atomic: bool = False, tma: bool = False, gluon: bool = False) -> dict:
+def autotune_timings(mode: str, atomic: bool = False, tma: bool = False, gluon_fwd: bool = False,
+                     gluon_bwd: bool = False) -> dict:
     """The varlen kernels' autotune results for the case just run: per kernel, the chosen config and every
     config's median ms at the last key it tuned (forward for "fwd" cases, dQ and dK/dV for "fwd+bwd", or the
     dK/dV+dQ kernel of the atomic backward); printed and stored in the row, the data to prune or extend the
@@ -262,14 +268,19 @@ def autotune_timings(mode: str, atomic: bool = False, tma: bool = False, gluon: 
     va = importlib.import_module("r4b.kernels.varlen_attention")
     names = ("fwd",) if mode == "fwd" else ("dkdv+dq",) if atomic else ("dq", "dkdv")
     kernels = {name: va.TUNED[name, tma] for name in names}
-    if gluon and mode == "fwd":
+    if gluon_fwd and mode == "fwd":
         from r4b.kernels import _varlen_gluon
 
         kernels = {"fwd-gluon": _varlen_gluon.TUNED}
+    elif gluon_bwd and mode != "fwd":
+        from r4b.kernels import _varlen_gluon
+
+        kernels = {"dq-gluon": _varlen_gluon.TUNED_DQ, "dkdv-gluon": _varlen_gluon.TUNED_DKDV}
     out = {}
     for name, tuned in kernels.items():
         timings = getattr(tuned, "configs_timings", None) or {}
-        cfg = lambda c: f"M{c.kwargs.get('BLOCK_M')} N{c.kwargs.get('BLOCK_N')} w{c.num_warps} s{c.num_stages}"
+        cfg = lambda c: (f"M{c.kwargs.get('BLOCK_M')} N{c.kwargs.get('BLOCK_N')} w{c.num_warps} "
+                         f"s{c.kwargs.get('STAGES', c.num_stages)}")
         t = {cfg(c): (ms[0] if isinstance(ms, (list, tuple)) else ms) for c, ms in timings.items()}
         t = {k: (float(v) if math.isfinite(v) else None) for k, v in t.items()}
         best = getattr(tuned, "best_config", None)
@@ -346,7 +357,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             fwd_kernel, bwd, loads = R4B_ROWS[row["provider"]]
             try:  # tuning data only: it must never stop the bench
                 return {"autotune": autotune_timings(case.params["mode"], bwd == "atomic", loads == "tma",
-                                                     gluon=fwd_kernel == "gluon")}
+                                                     gluon_fwd=fwd_kernel == "gluon", gluon_bwd=bwd == "gluon")}
             except Exception as ex:  # noqa: BLE001
                 return {"autotune_error": f"{type(ex).__name__}: {ex}"[:200]}
         return {}

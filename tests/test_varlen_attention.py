@@ -221,6 +221,12 @@ def test_varlen_forward_mode_is_checked_by_name_and_gluon_says_why_it_cannot_run
     monkeypatch.setenv("R4B_VARLEN_FWD", "gluon")  # asked for by name: no silent fallback to the Triton forward
     with pytest.raises(RuntimeError, match="R4B_VARLEN_FWD=gluon needs a Hopper GPU"):
         varlen_attention(q, k, v, _cu([5, 3], "cpu"), 5, backend="triton")
+    monkeypatch.setenv("R4B_VARLEN_FWD", "triton")
+    monkeypatch.setenv("R4B_VARLEN_BWD", "gluon")
+    q.requires_grad_()
+    out = varlen_attention(q, k, v, _cu([5, 3], "cpu"), 5, backend="triton")
+    with pytest.raises(RuntimeError, match="R4B_VARLEN_BWD=gluon needs a Hopper GPU"):
+        out.sum().backward()
 
 
 def test_gluon_forward_refuses_what_it_cannot_address():
@@ -324,12 +330,14 @@ def test_varlen_attention_kernels_compile_for_sm90():
     assert all(f"{kind} " in out for kind in ("fwd", "dq", "dkdv")), out
     # the Gluon forward (R4B_VARLEN_FWD=gluon), both masks: its point is one wgmma group (P @ V) left in flight
     # while the next block's softmax runs, i.e. a "wgmma.wait_group 1" in its PTX; the Triton forward has only 0s
-    gluon = [line for line in out.splitlines() if line.startswith("fwd-gluon")]
-    if pytest.importorskip("triton.experimental.gluon") is not None:
-        assert len(gluon) == 2, out
-        for line in gluon:
+    # (the backward's two kernels likewise keep one product in flight during their elementwise work)
+    pytest.importorskip("triton.experimental.gluon")
+    for kind in ("fwd-gluon", "dkdv-gluon", "dq-gluon"):
+        lines = [line for line in out.splitlines() if line.startswith(kind + " ")]
+        assert len(lines) == 2, (kind, out)  # causal and not
+        for line in lines:
             waits = [int(w) for w in line.split("wgmma waits=")[1].split(",")]
-            assert 1 in waits and waits[-1] == 0, line
+            assert 1 in waits and 0 in waits, line
             assert "0 bytes spill stores" in line, line
 
 
@@ -389,6 +397,49 @@ def test_gluon_forward_every_config_against_float64_gpu(lens, Hq, Hkv, D, causal
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("lens,Hq,Hkv,D,causal", GLUON_CASES)
+def test_gluon_backward_every_config_against_float64_gpu(lens, Hq, Hkv, D, causal):
+    """Each config of the Gluon dK/dV and dQ kernels run directly, from the float64 LSE and delta: gradients by
+    STYLE.md's rule against float64 (baseline: SDPA per document in bf16); q and dO also as head-major views
+    (head stride T * D: the wrapper copies them for the dK/dV kernel's (L, GROUP * D) reads)."""
+    from r4b.kernels import _varlen_gluon as vg
+    from r4b.kernels.varlen_attention import _ensure_allocator
+
+    q, k, v, do = _inputs(lens, Hq, Hkv, D, seed=6, device="cuda")
+    bf = [t.bfloat16() for t in (q, k, v, do)]
+    cu = _cu(lens, "cuda")
+    scale = D**-0.5
+    want = _grads(lambda a, b, c: _attention64(a, b, c, lens, causal, scale), *(t.double() for t in bf))
+    plain = _grads(lambda a, b, c: _sdpa_bf16_per_doc(a, b, c, [n for n in lens if n], causal), *bf)
+    lse = _lse64(bf[0], bf[1], lens, causal, scale).float()
+    delta = (want[0] * bf[3].double()).sum(-1).transpose(0, 1).float().contiguous()  # (Hq, T)
+    _ensure_allocator()
+    head_major = [t.transpose(0, 1).contiguous().transpose(0, 1) for t in (bf[0], bf[3])]
+    for i, (kv_cfg, q_cfg) in enumerate(zip(vg.DKDV_CONFIGS, vg.DQ_CONFIGS * 2, strict=False)):
+        qq, dd = head_major if i == 1 else (bf[0], bf[3])
+        dq, dk, dv = vg.backward(dd, qq, bf[1], bf[2], lse, delta, cu, scale, causal, dkdv_config=kv_cfg,
+                                 dq_config=q_cfg)
+        assert_within_twice_plain([dq, dk, dv], plain[1:], want[1:], (f"dq {q_cfg}", f"dk {kv_cfg}", f"dv {kv_cfg}"),
+                                  atol_rel=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [True, False])
+def test_gluon_forward_and_backward_anchor_gpu(causal, monkeypatch):
+    # the anchor through the public op with both Gluon kernels (autotuned), by STYLE.md's rule against fp32
+    monkeypatch.setenv("R4B_VARLEN_FWD", "gluon")
+    monkeypatch.setenv("R4B_VARLEN_BWD", "gluon")
+    lens = [4096, 3072, 2560, 2048, 1536, 1280, 768, 512, 384, 128]
+    q, k, v, do = _inputs(lens, 32, 8, 128, device="cuda")
+    cu = _cu(lens, "cuda")
+    ref = _grads(lambda a, b, c: varlen_attention_ref(a, b, c, cu, causal), q, k, v, do)  # fp32
+    bf = [t.bfloat16() for t in (q, k, v, do)]
+    got = _grads(lambda a, b, c: varlen_attention(a, b, c, cu, 4096, causal=causal, backend="triton"), *bf)
+    base = _grads(lambda a, b, c: _sdpa_bf16_per_doc(a, b, c, lens, causal), *bf)
+    assert_within_twice_plain(got, base, ref, ("out", "dq", "dk", "dv"), atol_rel=1e-3)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("causal", [True, False])
 def test_gluon_forward_anchor_with_triton_backward_gpu(causal, monkeypatch):
     # the anchor through the public op with R4B_VARLEN_FWD=gluon (autotuned): outputs and gradients (the Triton
@@ -406,23 +457,26 @@ def test_gluon_forward_anchor_with_triton_backward_gpu(causal, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal", [True, False])
-def test_gluon_forward_no_information_crosses_a_boundary_gpu(causal, monkeypatch):
+def test_gluon_kernels_no_information_crosses_a_boundary_gpu(causal, monkeypatch):
     # sequence 1 shares 128-row query tiles with 0 and 2 and ends inside a key block: NaN / inf planted in it
     # must leave the other sequences' outputs bit-identical (the per-sequence TMA descriptors zero-fill past it)
+    # (and the Gluon backward's gradients too: dO planted as well)
     monkeypatch.setenv("R4B_VARLEN_FWD", "gluon")
+    monkeypatch.setenv("R4B_VARLEN_BWD", "gluon")
     lens, Hq, Hkv, D = [70, 100, 90], 4, 2, 128
     cu = _cu(lens, "cuda")
-    q, k, v = (t.bfloat16() for t in _inputs(lens, Hq, Hkv, D, device="cuda")[:3])
+    q, k, v, do = (t.bfloat16() for t in _inputs(lens, Hq, Hkv, D, device="cuda"))
     fn = lambda a, b, c: varlen_attention(a, b, c, cu, 100, causal=causal, backend="triton")
-    base = fn(q, k, v)
-    q2, k2, v2 = (t.clone() for t in (q, k, v))
-    for t, bad in ((q2, float("nan")), (k2, float("inf")), (v2, float("-inf"))):
+    base = _grads(fn, q, k, v, do)
+    q2, k2, v2, do2 = (t.clone() for t in (q, k, v, do))
+    for t, bad in ((q2, float("nan")), (k2, float("inf")), (v2, float("-inf")), (do2, float("nan"))):
         t[[70, 120, 169]] = bad
-    pert = fn(q2, k2, v2)
+    pert = _grads(fn, q2, k2, v2, do2)
     others = torch.ones(sum(lens), dtype=torch.bool, device="cuda")
     others[70:170] = False
-    assert torch.equal(base[others], pert[others])
-    assert not torch.equal(base[~others], pert[~others])
+    for name, a, b in zip(("out", "dq", "dk", "dv"), base, pert, strict=True):
+        assert torch.equal(a[others], b[others]), name
+        assert not torch.equal(a[~others], b[~others]), name
 
 
 @triton.jit

@@ -25,6 +25,7 @@ Supported: CUDA capability 9.x, bf16 / fp16, head dim 64 or 128, TMA-addressable
 """
 from __future__ import annotations
 
+import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -264,3 +265,333 @@ def forward(q, k, v, o, lse, cu, scale_log2: float, causal: bool, config=None) -
         bm, bn, warps, stages = config
         _fwd_kernel[(triton.cdiv(T, bm) * Hq, )](*args, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, NUM_WARPS=warps,
                                                  num_warps=warps, **meta)
+
+
+# ---------------------------------------------------------------------------------------------------- backward
+# R4B_VARLEN_BWD=gluon: the Triton delta kernel (delta = rowsum(dO * O)), then the two kernels below, the split
+# backward of the Triton path in Gluon. Both issue their two independent products of a block together and do the
+# elementwise work of one while the other runs on the tensor cores.
+# (BLOCK_N keys per program, BLOCK_M queries per step, num_warps, STAGES) for dK/dV; (BLOCK_M, BLOCK_N, ...) for dQ
+# sm_90 ptxas (bf16, D=128, GQA 4), registers causal / not, none of them spills: dkdv 128x32 w8 s2 255 / 244,
+# s3 the same, 128x16 w8 s3 234 / 216, 64x32 w4 s2 255 / 244 (128x64 w8 and 64x64 w4 spilled 48-120 B: dropped);
+# dq 128x64 w8 s2 / s3 194 / 189, 128x32 w8 s3 152 / 149, 64x64 w4 s3 186 / 184
+DKDV_CONFIGS = [(128, 32, 8, 2), (128, 32, 8, 3), (128, 16, 8, 3), (64, 32, 4, 2)]
+DQ_CONFIGS = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)]
+
+
+@gluon.jit
+def _load_qdo(q_desc, do_desc, row, col, slot, bars, q_smem, do_smem, pred, BLOCK_M: gl.constexpr,
+              D: gl.constexpr):
+    """TMA loads of one query block of Q and dO (rows [row, +BLOCK_M), columns [col, +D) of the descriptors'
+    (L, GROUP * D) view of one sequence's query heads) into ring slot ``slot``."""
+    bar = bars.index(slot)
+    mbarrier.expect(bar, 2 * BLOCK_M * D * q_desc.dtype.primitive_bitwidth // 8, pred=pred)
+    tma.async_copy_global_to_shared(q_desc, [row, col], bar, q_smem.index(slot), pred=pred)
+    tma.async_copy_global_to_shared(do_desc, [row, col], bar, do_smem.index(slot), pred=pred)
+
+
+@gluon.jit(do_not_specialize=["T", "n_seqs", "t_bucket"])
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, T, n_seqs, t_bucket, n_kv_heads, qk_scale, sm_scale,
+                     stride_qt, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot,
+                     stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+                     GROUP: gl.constexpr, D: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
+                     CAUSAL: gl.constexpr, STAGES: gl.constexpr, NUM_WARPS: gl.constexpr):
+    """dK, dV of a tile of BLOCK_N packed key rows and one KV head, summed over the GROUP query heads that share
+    it (no atomics), in the transposed form: S^T = K Q^T (BLOCK_N, BLOCK_M). Q and dO must have head stride D
+    (the descriptor reads one sequence's GROUP query heads as an (L, GROUP * D) matrix)."""
+    dtype: gl.constexpr = Q.dtype.element_ty
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                       instr_shape=[16, BLOCK_M, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                       instr_shape=[16, D, 16])
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
+    smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+
+    # program: (key tile, KV head), tile-major, tiles forwards (a causal key tile's work shrinks towards the end)
+    pid = gl.program_id(0)
+    hk = pid % n_kv_heads
+    t0 = (pid // n_kv_heads) * BLOCK_N
+
+    k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, D], smem_layout)
+    v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, D], smem_layout)
+    q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, D], smem_layout)
+    do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, D], smem_layout)
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(bars.index(i), count=1)
+    mbarrier.init(kv_bar, count=1)
+    fence_async_shared()
+
+    # the tile's keys and values (rows >= T zero-filled; rows of other sequences are computed and never stored)
+    k_desc = tma.make_tensor_descriptor(K + hk * stride_kh, shape=[T, D], strides=[stride_kt, 1],
+                                        block_shape=[BLOCK_N, D], layout=smem_layout)
+    v_desc = tma.make_tensor_descriptor(V + hk * stride_vh, shape=[T, D], strides=[stride_vt, 1],
+                                        block_shape=[BLOCK_N, D], layout=smem_layout)
+    mbarrier.expect(kv_bar, 2 * BLOCK_N * D * dtype.primitive_bitwidth // 8)
+    tma.async_copy_global_to_shared(k_desc, [t0, 0], kv_bar, k_smem)
+    tma.async_copy_global_to_shared(v_desc, [t0, 0], kv_bar, v_smem)
+
+    rows_s = t0 + gl.arange(0, BLOCK_N, layout=row_s)
+    rows_o = t0 + gl.arange(0, BLOCK_N, layout=row_o)
+    offs_m = gl.arange(0, BLOCK_M, layout=col_s)
+    offs_d = gl.arange(0, D, layout=col_o)
+    zero_s = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_layout)
+    t_end = gl.minimum(t0 + BLOCK_N, T)
+    seq = _seq_of(CU, n_seqs, t0)
+    t = t0
+    it = 0  # query blocks consumed so far: ring slot it % STAGES, phase (it // STAGES) & 1
+    mbarrier.wait(kv_bar, 0)
+    while t < t_end:  # one segment (the tile's keys of sequence seq) per iteration
+        cs = gl.load(CU + seq)
+        ce = gl.load(CU + seq + 1)
+        seg_hi = gl.minimum(ce, t_end)
+        L = ce - cs
+        k_lo = t - cs  # local keys [k_lo, k_hi) of the segment
+        k_hi = seg_hi - cs
+        if CAUSAL:
+            q_start = (k_lo // BLOCK_M) * BLOCK_M  # queries below the segment's first key see none of its keys
+        else:
+            q_start = k_lo * 0
+        nq = (L - q_start + BLOCK_M - 1) // BLOCK_M
+        total = nq * GROUP  # (query head, query block) steps, head-major
+        if total > 0:
+            gl.thread_barrier()  # every warp is done with the ring before its slots are refilled
+            base = cs.to(gl.int64) * stride_qt + hk * GROUP * D
+            q_desc = tma.make_tensor_descriptor(Q + base, shape=[L, GROUP * D], strides=[stride_qt, 1],
+                                                block_shape=[BLOCK_M, D], layout=smem_layout)
+            base_do = cs.to(gl.int64) * stride_dot + hk * GROUP * D
+            do_desc = tma.make_tensor_descriptor(DO + base_do, shape=[L, GROUP * D], strides=[stride_dot, 1],
+                                                 block_shape=[BLOCK_M, D], layout=smem_layout)
+            for i in gl.static_range(STAGES):
+                _load_qdo(q_desc, do_desc, q_start + (i % nq) * BLOCK_M, (i // nq) * D, (it + i) % STAGES, bars,
+                          q_smem, do_smem, i < total, BLOCK_M, D)
+            k_loc = rows_s - cs
+            dk = gl.zeros([BLOCK_N, D], gl.float32, o_layout)
+            dv = gl.zeros([BLOCK_N, D], gl.float32, o_layout)
+            for step in range(total):
+                g = step // nq
+                m0 = q_start + (step - g * nq) * BLOCK_M
+                cur = it + step
+                slot = cur % STAGES
+                h = hk * GROUP + g
+                qn = m0 + offs_m  # local query index
+                qmask = qn < L
+                lse = gl.load(LSE + h * T + cs + qn, mask=qmask, other=0.0)
+                delta = gl.load(DELTA + h * T + cs + qn, mask=qmask, other=0.0)
+                mbarrier.wait(bars.index(slot), (cur // STAGES) & 1)
+                # two groups in flight: S^T = K Q^T, then dP^T = V dO^T
+                sT = warpgroup_mma(k_smem, q_smem.index(slot).permute((1, 0)), zero_s, use_acc=False,
+                                   is_async=True)
+                dpT = warpgroup_mma(v_smem, do_smem.index(slot).permute((1, 0)), zero_s, use_acc=False,
+                                    is_async=True)
+                sT = warpgroup_mma_wait(num_outstanding=1, deps=(sT, ))
+                pT = gl.exp2(sT * qk_scale - gl.expand_dims(lse, 0))
+                if CAUSAL:
+                    if m0 < k_hi or m0 + BLOCK_M > L:  # the diagonal or the sequence's end in this block
+                        ok = gl.expand_dims(qmask, 0) & (gl.expand_dims(qn, 0) >= gl.expand_dims(k_loc, 1))
+                        pT = gl.where(ok, pT, 0.0)
+                else:
+                    if m0 + BLOCK_M > L:
+                        pT = gl.where(gl.expand_dims(qmask, 0), pT, 0.0)
+                pT16 = gl.convert_layout(pT.to(dtype), a_layout)
+                dv = warpgroup_mma(pT16, do_smem.index(slot), dv, is_async=True)  # in flight during dS
+                dpT = warpgroup_mma_wait(num_outstanding=1, deps=(dpT, ))
+                dsT = pT * (dpT - gl.expand_dims(delta, 0))
+                dsT16 = gl.convert_layout(dsT.to(dtype), a_layout)
+                dk = warpgroup_mma(dsT16, q_smem.index(slot), dk, is_async=True)
+                dv, dk, pT16, dsT16 = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk, pT16, dsT16))
+                # the slot is read by nothing any more, in any warp: refill it with step + STAGES
+                gl.thread_barrier()
+                nxt = step + STAGES
+                g2 = nxt // gl.maximum(nq, 1)
+                _load_qdo(q_desc, do_desc, q_start + (nxt - g2 * nq) * BLOCK_M, g2 * D, slot, bars, q_smem,
+                          do_smem, nxt < total, BLOCK_M, D)
+            it += total
+            seg_o = (rows_o >= t) & (rows_o < seg_hi)
+            r64 = gl.expand_dims(rows_o.to(gl.int64), 1)
+            smask = gl.expand_dims(seg_o, 1) & gl.expand_dims(offs_d < D, 0)
+            gl.store(DK + hk * stride_dkh + r64 * stride_dkt + gl.expand_dims(offs_d, 0), (dk * sm_scale).to(dtype),
+                     mask=smask)
+            gl.store(DV + hk * stride_dvh + r64 * stride_dvt + gl.expand_dims(offs_d, 0), dv.to(dtype), mask=smask)
+        else:  # no query sees these keys (impossible for L > 0 with causal masking, kept for safety): zeros
+            seg_o = (rows_o >= t) & (rows_o < seg_hi)
+            r64 = gl.expand_dims(rows_o.to(gl.int64), 1)
+            smask = gl.expand_dims(seg_o, 1) & gl.expand_dims(offs_d < D, 0)
+            zero_o = gl.zeros([BLOCK_N, D], dtype, o_layout)
+            gl.store(DK + hk * stride_dkh + r64 * stride_dkt + gl.expand_dims(offs_d, 0), zero_o, mask=smask)
+            gl.store(DV + hk * stride_dvh + r64 * stride_dvt + gl.expand_dims(offs_d, 0), zero_o, mask=smask)
+        t = seg_hi
+        seq += 1
+
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(bars.index(i))
+    mbarrier.invalidate(kv_bar)
+
+
+@gluon.jit(do_not_specialize=["T", "n_seqs", "t_bucket"])
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, T, n_seqs, t_bucket, n_heads, qk_scale, sm_scale,
+                   stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+                   stride_dqt, stride_dqh,
+                   GROUP: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                   CAUSAL: gl.constexpr, STAGES: gl.constexpr, NUM_WARPS: gl.constexpr):
+    """dQ of a tile of BLOCK_M packed query rows and one query head: the forward's walk over key blocks, with
+    dS = P * (dP - delta) and dQ += dS K."""
+    dtype: gl.constexpr = Q.dtype.element_ty
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                       instr_shape=[16, D, 16])
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
+    smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+
+    pid = gl.program_id(0)
+    h = pid % n_heads
+    tile = pid // n_heads
+    if CAUSAL:
+        tile = (T + BLOCK_M - 1) // BLOCK_M - 1 - tile
+    t0 = tile * BLOCK_M
+    hk = h // GROUP
+
+    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, D], smem_layout)
+    do_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, D], smem_layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], smem_layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], smem_layout)
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(bars.index(i), count=1)
+    mbarrier.init(q_bar, count=1)
+    fence_async_shared()
+
+    q_desc = tma.make_tensor_descriptor(Q + h * stride_qh, shape=[T, D], strides=[stride_qt, 1],
+                                        block_shape=[BLOCK_M, D], layout=smem_layout)
+    do_desc = tma.make_tensor_descriptor(DO + h * stride_doh, shape=[T, D], strides=[stride_dot, 1],
+                                         block_shape=[BLOCK_M, D], layout=smem_layout)
+    mbarrier.expect(q_bar, 2 * BLOCK_M * D * dtype.primitive_bitwidth // 8)
+    tma.async_copy_global_to_shared(q_desc, [t0, 0], q_bar, q_smem)
+    tma.async_copy_global_to_shared(do_desc, [t0, 0], q_bar, do_smem)
+
+    rows_s = t0 + gl.arange(0, BLOCK_M, layout=row_s)
+    rows_o = t0 + gl.arange(0, BLOCK_M, layout=row_o)
+    offs_n = gl.arange(0, BLOCK_N, layout=col_s)
+    offs_d = gl.arange(0, D, layout=col_o)
+    zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    lse = gl.load(LSE + h * T + rows_s, mask=rows_s < T, other=0.0)
+    delta = gl.load(DELTA + h * T + rows_s, mask=rows_s < T, other=0.0)
+    t_end = gl.minimum(t0 + BLOCK_M, T)
+    seq = _seq_of(CU, n_seqs, t0)
+    t = t0
+    it = 0
+    mbarrier.wait(q_bar, 0)
+    while t < t_end:
+        cs = gl.load(CU + seq)
+        ce = gl.load(CU + seq + 1)
+        seg_hi = gl.minimum(ce, t_end)
+        L = ce - cs
+        if CAUSAL:
+            kv_hi = seg_hi - cs
+            free_hi = t - cs
+        else:
+            kv_hi = L
+            free_hi = L
+        nb = (kv_hi + BLOCK_N - 1) // BLOCK_N
+        if nb > 0:
+            gl.thread_barrier()
+            k_desc = tma.make_tensor_descriptor(K + cs.to(gl.int64) * stride_kt + hk * stride_kh, shape=[L, D],
+                                                strides=[stride_kt, 1], block_shape=[BLOCK_N, D], layout=smem_layout)
+            v_desc = tma.make_tensor_descriptor(V + cs.to(gl.int64) * stride_vt + hk * stride_vh, shape=[L, D],
+                                                strides=[stride_vt, 1], block_shape=[BLOCK_N, D], layout=smem_layout)
+            for i in gl.static_range(STAGES):
+                _load_kv(k_desc, v_desc, i, (it + i) % STAGES, bars, k_smem, v_smem, i < nb, BLOCK_N, D)
+            q_loc = rows_s - cs
+            if CAUSAL:
+                lim = q_loc + 1
+            else:
+                lim = q_loc * 0 + L
+            dq = gl.zeros([BLOCK_M, D], gl.float32, o_layout)
+            for j in range(nb):
+                cur = it + j
+                slot = cur % STAGES
+                mbarrier.wait(bars.index(slot), (cur // STAGES) & 1)
+                s = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+                dp = warpgroup_mma(do_smem, v_smem.index(slot).permute((1, 0)), zero_s, use_acc=False,
+                                   is_async=True)
+                s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
+                p = gl.exp2(s * qk_scale - gl.expand_dims(lse, 1))
+                if j * BLOCK_N + BLOCK_N > free_hi:
+                    kn = j * BLOCK_N + offs_n
+                    p = gl.where(gl.expand_dims(kn, 0) < gl.expand_dims(lim, 1), p, 0.0)
+                dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp, ))
+                ds = p * (dp - gl.expand_dims(delta, 1))
+                ds16 = gl.convert_layout(ds.to(dtype), a_layout)
+                dq = warpgroup_mma(ds16, k_smem.index(slot), dq, is_async=True)
+                dq, ds16 = warpgroup_mma_wait(num_outstanding=0, deps=(dq, ds16))
+                gl.thread_barrier()
+                _load_kv(k_desc, v_desc, j + STAGES, slot, bars, k_smem, v_smem, j + STAGES < nb, BLOCK_N, D)
+            it += nb
+            seg_o = (rows_o >= t) & (rows_o < seg_hi)
+            r64 = gl.expand_dims(rows_o.to(gl.int64), 1)
+            gl.store(DQ + h * stride_dqh + r64 * stride_dqt + gl.expand_dims(offs_d, 0), (dq * sm_scale).to(dtype),
+                     mask=gl.expand_dims(seg_o, 1) & gl.expand_dims(offs_d < D, 0))
+        t = seg_hi
+        seq += 1
+
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(bars.index(i))
+    mbarrier.invalidate(q_bar)
+
+
+def _tuned(kern, cfgs, tile):
+    configs = [triton.Config({tile[0]: a, tile[1]: b, "STAGES": st, "NUM_WARPS": w}, num_warps=w)
+               for a, b, w, st in cfgs]
+    return triton.autotune(configs, key=["D", "CAUSAL", "GROUP", "t_bucket"])(kern)
+
+
+TUNED_DKDV = _tuned(_bwd_dkdv_kernel, DKDV_CONFIGS, ("BLOCK_N", "BLOCK_M"))
+TUNED_DQ = _tuned(_bwd_dq_kernel, DQ_CONFIGS, ("BLOCK_M", "BLOCK_N"))
+
+
+def backward(do, q, k, v, lse, delta, cu, scale: float, causal: bool, dkdv_config=None, dq_config=None):
+    """(dq, dk, dv) of varlen attention from the forward's lse and delta = rowsum(dO * O), both (Hq, T) fp32
+    (lse in log2 units). A config of None lets the autotuner pick. The caller checks :func:`supported` for q, k,
+    v and do and sets triton's scratch allocator. The dK/dV kernel reads one sequence's query heads of a group
+    as one (L, GROUP * D) matrix, so q and dO with another head stride than D are copied first."""
+    T, Hq, D = q.shape
+    Hkv = k.shape[1]
+    if q.stride(1) != D:
+        q = q.contiguous()
+    if do.stride(1) != D:
+        do = do.contiguous()
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    n, tb, qk_scale = cu.numel() - 1, T.bit_length(), scale * 1.4426950408889634
+    meta = dict(GROUP=Hq // Hkv, D=D, CAUSAL=causal)
+    kv_args = (q, k, v, do, lse, delta, dk, dv, cu, T, n, tb, Hkv, qk_scale, scale, q.stride(0), k.stride(0),
+               k.stride(1), v.stride(0), v.stride(1), do.stride(0), dk.stride(0), dk.stride(1), dv.stride(0),
+               dv.stride(1))
+    dq_args = (q, k, v, do, lse, delta, dq, cu, T, n, tb, Hq, qk_scale, scale, q.stride(0), q.stride(1),
+               k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1), dq.stride(0),
+               dq.stride(1))
+    if dkdv_config is None:
+        TUNED_DKDV[lambda m: (triton.cdiv(T, m["BLOCK_N"]) * Hkv, )](*kv_args, **meta)
+    else:
+        bn, bm, w, st = dkdv_config
+        _bwd_dkdv_kernel[(triton.cdiv(T, bn) * Hkv, )](*kv_args, BLOCK_N=bn, BLOCK_M=bm, STAGES=st, NUM_WARPS=w,
+                                                       num_warps=w, **meta)
+    if dq_config is None:
+        TUNED_DQ[lambda m: (triton.cdiv(T, m["BLOCK_M"]) * Hq, )](*dq_args, **meta)
+    else:
+        bm, bn, w, st = dq_config
+        _bwd_dq_kernel[(triton.cdiv(T, bm) * Hq, )](*dq_args, BLOCK_M=bm, BLOCK_N=bn, STAGES=st, NUM_WARPS=w,
+                                                    num_warps=w, **meta)
+    return dq, dk, dv

@@ -39,7 +39,9 @@ from torch import Tensor
 from . import _checks, _dispatch
 
 OP = "varlen_attention"
-ENV_BWD = "R4B_VARLEN_BWD"  # the Triton backward: "split" (dQ kernel + dK/dV kernel, default) or "atomic"
+# the backward: "split" (Triton dQ kernel + dK/dV kernel, default), "atomic" (Triton, the dK/dV kernel adds dQ)
+# or "gluon" (sm_90 only, opt-in until timed on a GPU: the split backward in Gluon, _varlen_gluon.py)
+ENV_BWD = "R4B_VARLEN_BWD"
 ENV_LOADS = "R4B_VARLEN_LOADS"  # the Triton kernels' block loads: "pointer" (default) or "tma" (tensor descriptors)
 # the forward kernel: "triton" (default) or "gluon" (sm_90 only, opt-in until timed on a GPU: _varlen_gluon.py)
 ENV_FWD = "R4B_VARLEN_FWD"
@@ -662,15 +664,7 @@ if _dispatch.triton_importable():
         meta = _meta(q, k, causal)
         interp = _dispatch.triton_interpret() or q.device.type != "cuda"
         if _fwd_mode() == "gluon":  # asked for by name: it runs or says why not (no silent fallback)
-            if interp:
-                raise RuntimeError(f"${ENV_FWD}=gluon needs a Hopper GPU: the Triton interpreter cannot run Gluon")
-            from . import _varlen_gluon
-
-            why = _varlen_gluon.supported(q, k, v)
-            if why is not None:
-                raise RuntimeError(f"${ENV_FWD}=gluon cannot run these inputs: {why}")
-            _ensure_allocator()
-            _varlen_gluon.forward(q, k, v, o, lse, cu, scale * _LOG2E, causal)
+            _gluon_module(ENV_FWD, interp, q, k, v).forward(q, k, v, o, lse, cu, scale * _LOG2E, causal)
             return o, lse
         tma = _tma_ok(k, v, block_d=meta["BLOCK_D"])
         args = (q, k, v, o, lse, cu, T, n, T.bit_length(), Hq, scale * _LOG2E,
@@ -686,9 +680,23 @@ if _dispatch.triton_importable():
 
     def _bwd_mode() -> str:
         mode = os.environ.get(ENV_BWD, "split")
-        if mode not in ("split", "atomic"):
-            raise ValueError(f"${ENV_BWD} must be 'split' or 'atomic', got {mode!r}")
+        if mode not in ("split", "atomic", "gluon"):
+            raise ValueError(f"${ENV_BWD} must be 'split', 'atomic' or 'gluon', got {mode!r}")
         return mode
+
+    def _gluon_module(env: str, interp: bool, *tensors: Tensor):
+        """r4b.kernels._varlen_gluon after checking that it can run these tensors; a clear error naming the
+        environment variable that asked for it otherwise (no silent fallback to the Triton kernels)."""
+        if interp:
+            raise RuntimeError(f"${env}=gluon needs a Hopper GPU: the Triton interpreter cannot run Gluon")
+        from . import _varlen_gluon
+
+        for t in tensors:
+            why = _varlen_gluon.supported(tensors[0], t, t)
+            if why is not None:
+                raise RuntimeError(f"${env}=gluon cannot run these inputs: {why}")
+        _ensure_allocator()
+        return _varlen_gluon
 
     def _bwd(do, q, k, v, o, lse, cu, scale, causal):
         T, Hq, D = q.shape
@@ -696,13 +704,17 @@ if _dispatch.triton_importable():
         n = cu.numel() - 1
         meta = _meta(q, k, causal)
         interp = _dispatch.triton_interpret() or q.device.type != "cuda"
+        mode = _bwd_mode()
+        gluon = _gluon_module(ENV_BWD, interp, q, k, v, do) if mode == "gluon" else None
         delta = torch.empty((Hq, T), dtype=torch.float32, device=q.device)
         ld = torch.empty((Hq, T, 2), dtype=torch.float32, device=q.device)  # (lse, delta) per row
         bm = 16 if interp else 64
         _bwd_delta_kernel[(triton.cdiv(T, bm), Hq)](
             o, do, lse, delta, ld, T, o.stride(0), o.stride(1), do.stride(0), do.stride(1), D=D,
             BLOCK_D=meta["BLOCK_D"], BLOCK_M=bm)
-        atomic = _bwd_mode() == "atomic"
+        if gluon is not None:
+            return gluon.backward(do, q, k, v, lse, delta, cu, scale, causal)
+        atomic = mode == "atomic"
         dk = torch.empty_like(k, memory_format=torch.contiguous_format)
         dv = torch.empty_like(v, memory_format=torch.contiguous_format)
         # atomic: dQ accumulates in fp32 (T, Hq, D) rows that the dK/dV kernel adds into; split: an unused stand-in
