@@ -5,7 +5,8 @@
 # Phases, so that one lease can be used as two back-to-back calls on the same warm machine:
 #   issues: the loss and packed-sequence kernels (fused GRPO / CE / log-probs, varlen attention, norms, model):
 #           their GPU tests, then their benches;
-#   rest:   the r4b._C ops (group advantages, pack) and the peer attention backends: tests and benches
+#   rest:   the Gluon attention kernels' GPU tests (first); the r4b._C ops (group advantages, pack) and the peer
+#           attention backends: tests and benches
 #           (builds r4b._C first unless this machine already has it built with CUDA); the small-op bench, the
 #           loss row kernel's sweep and the fused-linear bench;
 #   all:    both (default).
@@ -55,14 +56,6 @@ build() {
   echo "build rc=$build_rc in $(( $(date +%s) - build_start )) s"
   $PY -c "import r4b._C as C; print('cuda ops:', C.cuda_ops())" || true
 }
-if [ "$PHASE" = issues ]; then
-  echo "phase issues: r4b._C is not needed (Triton kernels only); the rest phase builds it"
-elif has_cuda_ops; then
-  echo "r4b._C with CUDA ops already built on this machine"
-else
-  build
-fi
-
 # GPU tests: no -x (every failing test is reported); --durations shows where the time goes (to size the next
 # run); a per-test timeout so one hung test cannot take the step
 per_test=""
@@ -74,11 +67,25 @@ gpu_tests() {  # gpu_tests LIMIT LOGNAME FILES...
     "$@" 2>&1 | tee "$LOGS/$log" | grep -v "PASSED\|SKIPPED" | tail -n 45
   return "${PIPESTATUS[0]}"
 }
+test_rc=0
+# The Gluon attention kernels (opt-in, never run before 2026-11-26's sixth session): their float64 tests first in
+# the rest phase (the issues phase's varlen bench already times them and checks them against SDPA)
+if [ "$PHASE" != issues ]; then
+  step "GPU tests: Gluon attention kernels (sm_90)"
+  gpu_tests 120 pytest_gpu_gluon.log tests/test_varlen_gluon.py || test_rc=$?
+fi
+if [ "$PHASE" = issues ]; then
+  echo "phase issues: r4b._C is not needed (Triton kernels only); the rest phase builds it"
+elif has_cuda_ops; then
+  echo "r4b._C with CUDA ops already built on this machine"
+else
+  build
+fi
+
 issue_tests="tests/test_fused_linear_chunked.py tests/test_fused_linear_grpo_loss.py tests/test_varlen_attention.py
              tests/test_rms_norm.py tests/test_rope.py tests/test_swiglu.py tests/test_fused_linear_cross_entropy.py
              tests/test_fused_linear_logprobs.py tests/test_model_qwen3.py"
 rest_tests="tests/test_group_advantages.py tests/test_pack.py tests/test_varlen_attention_peers.py"
-test_rc=0
 if [ "$PHASE" != rest ]; then
   step "GPU tests: loss and packed-sequence kernels, model"
   gpu_tests 170 pytest_gpu.log $issue_tests || test_rc=$?
