@@ -34,6 +34,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     mbarrier,
     tma,
     warpgroup_mma,
+    warpgroup_mma_init,
     warpgroup_mma_wait,
 )
 
@@ -279,7 +280,7 @@ def forward(q, k, v, o, lse, cu, scale_log2: float, causal: bool, config=None) -
 # s3 the same, 128x16 w8 s3 234 / 216, 64x32 w4 s2 255 / 244 (128x64 w8 and 64x64 w4 spilled 48-120 B: dropped);
 # dq 128x64 w8 s2 / s3 194 / 189, 128x32 w8 s3 152 / 149, 64x64 w4 s3 186 / 184
 DKDV_CONFIGS = [(128, 32, 8, 2), (128, 32, 8, 3), (128, 16, 8, 3), (64, 32, 4, 2)]
-DQ_CONFIGS = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)]
+DQ_CONFIGS = [(128, 64, 8, 3), (128, 32, 8, 4), (128, 32, 8, 3), (64, 64, 4, 3)]
 
 
 @gluon.jit
@@ -362,7 +363,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, T, n_seqs, t_bucket, n
             q_start = k_lo * 0
         nq = (L - q_start + BLOCK_M - 1) // BLOCK_M
         total = nq * GROUP  # (query head, query block) steps, head-major
-        if total > 0:
+        if total > 0:  # (0 only for an empty sequence, which has no key rows to store)
             gl.thread_barrier()  # every warp is done with the ring before its slots are refilled
             base = cs.to(gl.int64) * stride_qt + hk * GROUP * D
             q_desc = tma.make_tensor_descriptor(Q + base, shape=[L, GROUP * D], strides=[stride_qt, 1],
@@ -421,13 +422,6 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, T, n_seqs, t_bucket, n
             gl.store(DK + hk * stride_dkh + r64 * stride_dkt + gl.expand_dims(offs_d, 0), (dk * sm_scale).to(dtype),
                      mask=smask)
             gl.store(DV + hk * stride_dvh + r64 * stride_dvt + gl.expand_dims(offs_d, 0), dv.to(dtype), mask=smask)
-        else:  # no query sees these keys (impossible for L > 0 with causal masking, kept for safety): zeros
-            seg_o = (rows_o >= t) & (rows_o < seg_hi)
-            r64 = gl.expand_dims(rows_o.to(gl.int64), 1)
-            smask = gl.expand_dims(seg_o, 1) & gl.expand_dims(offs_d < D, 0)
-            zero_o = gl.zeros([BLOCK_N, D], dtype, o_layout)
-            gl.store(DK + hk * stride_dkh + r64 * stride_dkt + gl.expand_dims(offs_d, 0), zero_o, mask=smask)
-            gl.store(DV + hk * stride_dvh + r64 * stride_dvt + gl.expand_dims(offs_d, 0), zero_o, mask=smask)
         t = seg_hi
         seq += 1
 
@@ -520,7 +514,10 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, T, n_seqs, t_bucket, n_heads
                 lim = q_loc + 1
             else:
                 lim = q_loc * 0 + L
-            dq = gl.zeros([BLOCK_M, D], gl.float32, o_layout)
+            # dQ += dS_j K_j stays in flight into the next block, during its S and dP products (FA3's order):
+            # the accumulator is carried as an async token, P_j's registers (ds16) kept alive until it is done
+            dq = warpgroup_mma_init(gl.zeros([BLOCK_M, D], gl.float32, o_layout))
+            ds16 = gl.zeros([BLOCK_M, BLOCK_N], dtype, a_layout)
             for j in range(nb):
                 cur = it + j
                 slot = cur % STAGES
@@ -528,7 +525,12 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, T, n_seqs, t_bucket, n_heads
                 s = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), zero_s, use_acc=False, is_async=True)
                 dp = warpgroup_mma(do_smem, v_smem.index(slot).permute((1, 0)), zero_s, use_acc=False,
                                    is_async=True)
-                s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
+                # retires dQ += dS_{j-1} K_{j-1} (issued before) and S_j; dP_j may still run
+                s, dq, ds16 = warpgroup_mma_wait(num_outstanding=1, deps=(s, dq, ds16))
+                if j > 0:  # block j-1's slot is read by nothing any more, in any warp: refill it
+                    gl.thread_barrier()
+                    _load_kv(k_desc, v_desc, j - 1 + STAGES, (cur - 1) % STAGES, bars, k_smem, v_smem,
+                             j - 1 + STAGES < nb, BLOCK_N, D)
                 p = gl.exp2(s * qk_scale - gl.expand_dims(lse, 1))
                 if j * BLOCK_N + BLOCK_N > free_hi:
                     kn = j * BLOCK_N + offs_n
@@ -537,9 +539,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, T, n_seqs, t_bucket, n_heads
                 ds = p * (dp - gl.expand_dims(delta, 1))
                 ds16 = gl.convert_layout(ds.to(dtype), a_layout)
                 dq = warpgroup_mma(ds16, k_smem.index(slot), dq, is_async=True)
-                dq, ds16 = warpgroup_mma_wait(num_outstanding=0, deps=(dq, ds16))
-                gl.thread_barrier()
-                _load_kv(k_desc, v_desc, j + STAGES, slot, bars, k_smem, v_smem, j + STAGES < nb, BLOCK_N, D)
+            dq, ds16 = warpgroup_mma_wait(num_outstanding=0, deps=(dq, ds16))
             it += nb
             seg_o = (rows_o >= t) & (rows_o < seg_hi)
             r64 = gl.expand_dims(rows_o.to(gl.int64), 1)
@@ -567,21 +567,19 @@ def backward(do, q, k, v, lse, delta, cu, scale: float, causal: bool, dkdv_confi
     """(dq, dk, dv) of varlen attention from the forward's lse and delta = rowsum(dO * O), both (Hq, T) fp32
     (lse in log2 units). A config of None lets the autotuner pick. The caller checks :func:`supported` for q, k,
     v and do and sets triton's scratch allocator. The dK/dV kernel reads one sequence's query heads of a group
-    as one (L, GROUP * D) matrix, so q and dO with another head stride than D are copied first."""
+    as one (L, GROUP * D) matrix, so it gets copies of q and dO where their head stride is not D."""
     T, Hq, D = q.shape
     Hkv = k.shape[1]
-    if q.stride(1) != D:
-        q = q.contiguous()
-    if do.stride(1) != D:
-        do = do.contiguous()
+    q_kv = q if q.stride(1) == D else q.contiguous()  # for the dK/dV kernel only; dQ reads any head stride
+    do_kv = do if do.stride(1) == D else do.contiguous()
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     n, tb, qk_scale = cu.numel() - 1, T.bit_length(), scale * 1.4426950408889634
     meta = dict(GROUP=Hq // Hkv, D=D, CAUSAL=causal)
-    kv_args = (q, k, v, do, lse, delta, dk, dv, cu, T, n, tb, Hkv, qk_scale, scale, q.stride(0), k.stride(0),
-               k.stride(1), v.stride(0), v.stride(1), do.stride(0), dk.stride(0), dk.stride(1), dv.stride(0),
-               dv.stride(1))
+    kv_args = (q_kv, k, v, do_kv, lse, delta, dk, dv, cu, T, n, tb, Hkv, qk_scale, scale, q_kv.stride(0),
+               k.stride(0), k.stride(1), v.stride(0), v.stride(1), do_kv.stride(0), dk.stride(0), dk.stride(1),
+               dv.stride(0), dv.stride(1))
     dq_args = (q, k, v, do, lse, delta, dq, cu, T, n, tb, Hq, qk_scale, scale, q.stride(0), q.stride(1),
                k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1), dq.stride(0),
                dq.stride(1))

@@ -633,6 +633,10 @@ if _dispatch.triton_importable():
                    and (t.stride(0) * t.element_size()) % 16 == 0 and (t.stride(1) * t.element_size()) % 16 == 0
                    and t.data_ptr() % 16 == 0 for t in tensors)
 
+    def _tma_aligned(t: Tensor) -> bool:
+        return (t.stride(2) == 1 and t.stride(0) > 0 and (t.stride(0) * t.element_size()) % 16 == 0
+                and (t.stride(1) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0)
+
     def _descriptor_scratch(size: int, alignment: int, stream):
         return torch.empty(size, dtype=torch.int8, device="cuda")
 
@@ -705,6 +709,8 @@ if _dispatch.triton_importable():
         meta = _meta(q, k, causal)
         interp = _dispatch.triton_interpret() or q.device.type != "cuda"
         mode = _bwd_mode()
+        if mode == "gluon" and not interp and not _tma_aligned(do):
+            do = do.contiguous()  # (a broadcast or odd-strided gradient: TMA needs 16-byte rows and base)
         gluon = _gluon_module(ENV_BWD, interp, q, k, v, do) if mode == "gluon" else None
         delta = torch.empty((Hq, T), dtype=torch.float32, device=q.device)
         ld = torch.empty((Hq, T, 2), dtype=torch.float32, device=q.device)  # (lse, delta) per row
