@@ -274,12 +274,15 @@ def forward(q, k, v, o, lse, cu, scale_log2: float, causal: bool, config=None) -
 # ---------------------------------------------------------------------------------------------------- backward
 # R4B_VARLEN_BWD=gluon: the Triton delta kernel (delta = rowsum(dO * O)), then the two kernels below, the split
 # backward of the Triton path in Gluon. Both issue their two independent products of a block together and do the
-# elementwise work of one while the other runs on the tensor cores.
+# elementwise work of one while the other runs on the tensor cores; the products that accumulate (dK, dV; dQ)
+# stay in flight into the next block. A ring slot is refilled once the products of the step that read it are
+# retired, at the next step's first wait, so STAGES - 2 steps are prefetched ahead: STAGES >= 3.
 # (BLOCK_N keys per program, BLOCK_M queries per step, num_warps, STAGES) for dK/dV; (BLOCK_M, BLOCK_N, ...) for dQ
-# sm_90 ptxas (bf16, D=128, GQA 4), registers causal / not, none of them spills: dkdv 128x32 w8 s2 255 / 244,
-# s3 the same, 128x16 w8 s3 234 / 216, 64x32 w4 s2 255 / 244 (128x64 w8 and 64x64 w4 spilled 48-120 B: dropped);
-# dq 128x64 w8 s2 / s3 194 / 189, 128x32 w8 s3 152 / 149, 64x64 w4 s3 186 / 184
-DKDV_CONFIGS = [(128, 32, 8, 2), (128, 32, 8, 3), (128, 16, 8, 3), (64, 32, 4, 2)]
+# sm_90 ptxas (bf16, D=128, GQA 4), registers causal / not: dkdv 128x16 w8 s3 / s4 227 / 218, no spills;
+# 128x32 w8 s3 / s4 255 / 255, 20 B spilled (causal); 64x32 w4 s3 255, 12 B (causal) (128x64 w8 and 64x64 w4
+# spilled 48-120 B before the dK and dV products were kept in flight across steps: dropped);
+# dq 128x64 w8 s3 196 / 194, 128x32 w8 s3 / s4 155 / 153, 64x64 w4 s3 195 / 193, no spills
+DKDV_CONFIGS = [(128, 16, 8, 3), (128, 32, 8, 3), (128, 16, 8, 4), (128, 32, 8, 4), (64, 32, 4, 3)]
 DQ_CONFIGS = [(128, 64, 8, 3), (128, 32, 8, 4), (128, 32, 8, 3), (64, 64, 4, 3)]
 
 
@@ -375,8 +378,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, T, n_seqs, t_bucket, n
                 _load_qdo(q_desc, do_desc, q_start + (i % nq) * BLOCK_M, (i // nq) * D, (it + i) % STAGES, bars,
                           q_smem, do_smem, i < total, BLOCK_M, D)
             k_loc = rows_s - cs
-            dk = gl.zeros([BLOCK_N, D], gl.float32, o_layout)
-            dv = gl.zeros([BLOCK_N, D], gl.float32, o_layout)
+            # dV += P^T dO and dK += dS^T Q of a step stay in flight into the next step, during its S^T and dP^T
+            # products: carried as async tokens, with P^T's and dS^T's registers kept alive until they are done
+            dk = warpgroup_mma_init(gl.zeros([BLOCK_N, D], gl.float32, o_layout))
+            dv = warpgroup_mma_init(gl.zeros([BLOCK_N, D], gl.float32, o_layout))
+            pT16 = gl.zeros([BLOCK_N, BLOCK_M], dtype, a_layout)
+            dsT16 = gl.zeros([BLOCK_N, BLOCK_M], dtype, a_layout)
             for step in range(total):
                 g = step // nq
                 m0 = q_start + (step - g * nq) * BLOCK_M
@@ -388,12 +395,19 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, T, n_seqs, t_bucket, n
                 lse = gl.load(LSE + h * T + cs + qn, mask=qmask, other=0.0)
                 delta = gl.load(DELTA + h * T + cs + qn, mask=qmask, other=0.0)
                 mbarrier.wait(bars.index(slot), (cur // STAGES) & 1)
-                # two groups in flight: S^T = K Q^T, then dP^T = V dO^T
+                # S^T = K Q^T, then dP^T = V dO^T, behind the previous step's dV and dK
                 sT = warpgroup_mma(k_smem, q_smem.index(slot).permute((1, 0)), zero_s, use_acc=False,
                                    is_async=True)
                 dpT = warpgroup_mma(v_smem, do_smem.index(slot).permute((1, 0)), zero_s, use_acc=False,
                                     is_async=True)
-                sT = warpgroup_mma_wait(num_outstanding=1, deps=(sT, ))
+                # retires the previous step's dV and dK and this S^T; dP^T may still run
+                sT, dv, dk, pT16, dsT16 = warpgroup_mma_wait(num_outstanding=1, deps=(sT, dv, dk, pT16, dsT16))
+                if step > 0:  # the previous step's slot is read by nothing any more, in any warp: refill it
+                    gl.thread_barrier()
+                    nxt = step - 1 + STAGES
+                    g2 = nxt // nq
+                    _load_qdo(q_desc, do_desc, q_start + (nxt - g2 * nq) * BLOCK_M, g2 * D, (cur - 1) % STAGES,
+                              bars, q_smem, do_smem, nxt < total, BLOCK_M, D)
                 pT = gl.exp2(sT * qk_scale - gl.expand_dims(lse, 0))
                 if CAUSAL:
                     if m0 < k_hi or m0 + BLOCK_M > L:  # the diagonal or the sequence's end in this block
@@ -408,13 +422,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, T, n_seqs, t_bucket, n
                 dsT = pT * (dpT - gl.expand_dims(delta, 0))
                 dsT16 = gl.convert_layout(dsT.to(dtype), a_layout)
                 dk = warpgroup_mma(dsT16, q_smem.index(slot), dk, is_async=True)
-                dv, dk, pT16, dsT16 = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk, pT16, dsT16))
-                # the slot is read by nothing any more, in any warp: refill it with step + STAGES
-                gl.thread_barrier()
-                nxt = step + STAGES
-                g2 = nxt // gl.maximum(nq, 1)
-                _load_qdo(q_desc, do_desc, q_start + (nxt - g2 * nq) * BLOCK_M, g2 * D, slot, bars, q_smem,
-                          do_smem, nxt < total, BLOCK_M, D)
+            dv, dk, pT16, dsT16 = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk, pT16, dsT16))
             it += total
             seg_o = (rows_o >= t) & (rows_o < seg_hi)
             r64 = gl.expand_dims(rows_o.to(gl.int64), 1)
