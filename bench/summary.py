@@ -52,6 +52,54 @@ def table(folder: Path) -> str:
     return "\n".join(lines)
 
 
+# the issues' targets: (op, case prefix, r4b rows, peer row, metric, target); metric "tflops" is r4b / peer
+# (higher is better), "x_floor" r4b's own ratio to the matmul floor (lower is better)
+TARGETS = [
+    ("varlen_attention", "fwd T=", "r4b", "sdpa per doc", "tflops", 1.2),
+    ("varlen_attention", "fwd+bwd T=", "r4b", "flex doc mask", "tflops", 1.3),
+    ("grpo_loss", "", "r4b", None, "x_floor", 1.10),
+]
+
+
+def targets(folder: Path) -> str:
+    """One line per (target, case): r4b's best row against the peer (or the floor) and the target, so the result
+    of a GPU run reads at a glance."""
+    lines = ["targets (best r4b row per case):"]
+    for op, prefix, mine, peer, metric, want in TARGETS:
+        f = folder / f"{op}.json"
+        if not f.exists():
+            continue
+        rows = [r for r in json.loads(f.read_text())["rows"] if "skipped" not in r and r["case"].startswith(prefix)
+                and "MISMATCH" not in str(r.get("check", ""))]
+        for case in dict.fromkeys(r["case"] for r in rows):
+            rs = [r for r in rows if r["case"] == case]
+            ours = [r for r in rs if r["provider"].startswith(mine) and r.get(metric) is not None]
+            if not ours:
+                continue
+            if metric == "tflops":
+                best = max(ours, key=lambda r: r["tflops"])
+                ref = next((r for r in rs if r["provider"] == peer and r.get("tflops")), None)
+                if ref is None:
+                    continue
+                got = best["tflops"] / ref["tflops"]
+                ok = got >= want
+                lines.append(f"  {op} {case}: {best['provider']} {got:.2f}x {peer} (target >= {want}x) "
+                             f"{'MET' if ok else 'not met'}")
+            else:
+                best = min(ours, key=lambda r: r[metric])
+                got = best[metric]
+                ok = got <= want
+                mem = ""
+                lean = next((r for r in rs if r["provider"] == "liger chunked" and r.get("peak_mem_gib")), None)
+                if lean is not None and best.get("peak_mem_gib") is not None:
+                    mem_ok = best["peak_mem_gib"] <= lean["peak_mem_gib"]
+                    mem = (f"; peak {best['peak_mem_gib']:.2f} GiB vs liger chunked {lean['peak_mem_gib']:.2f} "
+                           f"(target <=) {'MET' if mem_ok else 'not met'}")
+                lines.append(f"  {op} {case}: {best['provider']} {got:.3f}x floor (target <= {want}x) "
+                             f"{'MET' if ok else 'not met'}{mem}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     copy_to = None
@@ -63,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     if folder is None or not folder.exists():
         print("no GPU results found under bench/results/")
         return 1
-    text = table(folder)
+    text = table(folder) + "\n" + targets(folder)
     print(text)
     if copy_to is not None:
         copy_to.mkdir(parents=True, exist_ok=True)

@@ -86,3 +86,21 @@ def test_loss_bench_providers_compute_the_same_loss(name, monkeypatch, tmp_path)
     assert not [r for r in rows if r.get("skipped", "").startswith("error")], rows
     assert {r["provider"] for r in ran} >= {"torch eager", "r4b torch (chunked)", "r4b triton chunked"}
     assert all(r["check"] in ("ref", "ok") for r in ran), [(r["provider"], r["err"]) for r in ran]
+
+
+def test_summary_targets_compare_the_best_r4b_row_with_the_peer_and_skip_mismatches(tmp_path):
+    from bench.summary import targets
+
+    case = "fwd T=16384,docs=10"
+    rows = [{"case": case, "provider": "sdpa per doc", "tflops": 400.0},
+            {"case": case, "provider": "r4b triton", "tflops": 420.0},
+            {"case": case, "provider": "r4b gluon", "tflops": 500.0},
+            {"case": case, "provider": "r4b fast but wrong", "tflops": 900.0, "check": "MISMATCH"}]
+    (tmp_path / "varlen_attention.json").write_text(json.dumps({"rows": rows}))
+    grpo = [{"case": "N=16384", "provider": "liger chunked", "x_floor": 16.0, "peak_mem_gib": 3.0},
+            {"case": "N=16384", "provider": "r4b triton chunked", "x_floor": 1.12, "peak_mem_gib": 1.8}]
+    (tmp_path / "grpo_loss.json").write_text(json.dumps({"rows": grpo}))
+    out = targets(tmp_path)
+    assert "r4b gluon 1.25x sdpa per doc (target >= 1.2x) MET" in out, out
+    assert "r4b triton chunked 1.120x floor (target <= 1.1x) not met; peak 1.80 GiB vs liger chunked 3.00" in out
+    assert out.rstrip().endswith("MET"), out  # the memory target
