@@ -231,10 +231,17 @@ def test_varlen_forward_mode_is_checked_by_name_and_gluon_says_why_it_cannot_run
 
 def test_gluon_forward_refuses_what_it_cannot_address():
     pytest.importorskip("triton.experimental.gluon")
-    from r4b.kernels._varlen_gluon import supported
+    from r4b.kernels._varlen_gluon import input_problem, supported
 
     q, k, v, _ = _inputs([5, 3], 2, 1, 64)
     assert "not a GPU" in supported(q, k, v)
+    # what the Triton kernels take instead (the device itself is checked separately: CPU / non-Hopper raise)
+    assert "dtype torch.float32" in input_problem(q, k, v)
+    b = [t.bfloat16() for t in (q, k, v)]
+    assert input_problem(*b) is None
+    assert "head dim 72" in input_problem(*(torch.zeros(8, 2, 72, dtype=torch.bfloat16) for _ in range(3)))
+    odd = torch.zeros(8, 2 * 64 + 1, dtype=torch.bfloat16)[:, 1:].view(8, 2, 64)  # base 2 bytes off
+    assert "tensor 2 is not TMA-addressable" in input_problem(b[0], b[1], odd)
 
 
 def test_varlen_attention_dispatch_default_matches_forced():

@@ -148,3 +148,20 @@ def test_gluon_kernels_no_information_crosses_a_boundary_gpu(causal, monkeypatch
     for name, a, b in zip(("out", "dq", "dk", "dv"), base, pert, strict=True):
         assert torch.equal(a[others], b[others]), name
         assert not torch.equal(a[~others], b[~others]), name
+
+
+@pytest.mark.gpu
+def test_gluon_variables_leave_inputs_they_do_not_take_to_the_triton_kernels_gpu(monkeypatch):
+    # a model sets R4B_VARLEN_FWD/BWD=gluon once; its SigLIP tower (head dim 72) and fp32 calls run on Triton
+    lens = [33, 1, 20]
+    cu = _cu(lens, "cuda")
+    for D, dtype in ((72, torch.bfloat16), (64, torch.float32)):
+        q, k, v, do = (t.to(dtype) for t in _inputs(lens, 4, 2, D, device="cuda"))
+        monkeypatch.delenv("R4B_VARLEN_FWD", raising=False)
+        monkeypatch.delenv("R4B_VARLEN_BWD", raising=False)
+        want = _grads(lambda a, b, c: varlen_attention(a, b, c, cu, 33, backend="triton"), q, k, v, do)
+        monkeypatch.setenv("R4B_VARLEN_FWD", "gluon")
+        monkeypatch.setenv("R4B_VARLEN_BWD", "gluon")
+        got = _grads(lambda a, b, c: varlen_attention(a, b, c, cu, 33, backend="triton"), q, k, v, do)
+        for a, b in zip(got, want, strict=True):
+            assert torch.equal(a, b), (D, dtype)

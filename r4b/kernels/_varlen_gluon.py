@@ -227,23 +227,37 @@ def _fwd_kernel(Q, K, V, Out, LSE, CU, T, n_seqs, t_bucket, n_heads, qk_scale,
     mbarrier.invalidate(q_bar)
 
 
-def supported(q, k, v) -> str | None:
-    """Why this kernel cannot run these (T, H, D) tensors, or None when it can."""
+def device_problem(device) -> str | None:
+    """Why these kernels cannot run on ``device`` at all (not a Hopper GPU), or None."""
     import torch
 
-    if q.device.type != "cuda":
-        return f"tensors on {q.device.type}, not a GPU"
-    if torch.cuda.get_device_capability(q.device)[0] != 9:
-        return f"CUDA capability {torch.cuda.get_device_capability(q.device)}, not 9.x (Hopper)"
-    if q.dtype not in (torch.bfloat16, torch.float16):
-        return f"dtype {q.dtype}, not bf16 / fp16"
-    if q.shape[2] not in HEAD_DIMS:
-        return f"head dim {q.shape[2]}, not one of {HEAD_DIMS}"
-    for name, t in (("q", q), ("k", k), ("v", v)):
+    if device.type != "cuda":
+        return f"tensors on {device.type}, not a GPU"
+    if torch.cuda.get_device_capability(device)[0] != 9:
+        return f"CUDA capability {torch.cuda.get_device_capability(device)}, not 9.x (Hopper)"
+    return None
+
+
+def input_problem(*tensors) -> str | None:
+    """Why these kernels cannot run these (T, H, D) tensors on a Hopper GPU (dtype, head dim, TMA alignment), or
+    None when they can."""
+    import torch
+
+    t0 = tensors[0]
+    if t0.dtype not in (torch.bfloat16, torch.float16):
+        return f"dtype {t0.dtype}, not bf16 / fp16"
+    if t0.shape[2] not in HEAD_DIMS:
+        return f"head dim {t0.shape[2]}, not one of {HEAD_DIMS}"
+    for i, t in enumerate(tensors):
         if t.stride(2) != 1 or t.stride(0) <= 0 or (t.stride(0) * t.element_size()) % 16 \
                 or (t.stride(1) * t.element_size()) % 16 or t.data_ptr() % 16:
-            return f"{name} is not TMA-addressable (strides {tuple(t.stride())}, 16-byte rows and base needed)"
+            return f"tensor {i} is not TMA-addressable (strides {tuple(t.stride())}, 16-byte rows and base needed)"
     return None
+
+
+def supported(q, k, v) -> str | None:
+    """Why these kernels cannot run these (T, H, D) tensors, or None when they can."""
+    return device_problem(q.device) or input_problem(q, k, v)
 
 
 def _configs():

@@ -667,8 +667,9 @@ if _dispatch.triton_importable():
         lse = torch.empty((Hq, T), dtype=torch.float32, device=q.device)  # log2 units
         meta = _meta(q, k, causal)
         interp = _dispatch.triton_interpret() or q.device.type != "cuda"
-        if _fwd_mode() == "gluon":  # asked for by name: it runs or says why not (no silent fallback)
-            _gluon_module(ENV_FWD, interp, q, k, v).forward(q, k, v, o, lse, cu, scale * _LOG2E, causal)
+        gluon = _gluon_module(ENV_FWD, interp, q, k, v) if _fwd_mode() == "gluon" else None
+        if gluon is not None:
+            gluon.forward(q, k, v, o, lse, cu, scale * _LOG2E, causal)
             return o, lse
         tma = _tma_ok(k, v, block_d=meta["BLOCK_D"])
         args = (q, k, v, o, lse, cu, T, n, T.bit_length(), Hq, scale * _LOG2E,
@@ -689,16 +690,19 @@ if _dispatch.triton_importable():
         return mode
 
     def _gluon_module(env: str, interp: bool, *tensors: Tensor):
-        """r4b.kernels._varlen_gluon after checking that it can run these tensors; a clear error naming the
-        environment variable that asked for it otherwise (no silent fallback to the Triton kernels)."""
+        """r4b.kernels._varlen_gluon when it can run these tensors; None when it cannot run these inputs (dtype,
+        head dim, alignment: the Triton kernels take them, as R4B_VARLEN_LOADS=tma leaves what TMA cannot address
+        to pointer loads, so a model can set the variable once although e.g. its vision tower's head dim is 72);
+        a RuntimeError naming the variable where no input could run (not a Hopper GPU, the interpreter)."""
         if interp:
             raise RuntimeError(f"${env}=gluon needs a Hopper GPU: the Triton interpreter cannot run Gluon")
         from . import _varlen_gluon
 
-        for t in tensors:
-            why = _varlen_gluon.supported(tensors[0], t, t)
-            if why is not None:
-                raise RuntimeError(f"${env}=gluon cannot run these inputs: {why}")
+        why = _varlen_gluon.device_problem(tensors[0].device)
+        if why is not None:
+            raise RuntimeError(f"${env}=gluon cannot run here: {why}")
+        if _varlen_gluon.input_problem(*tensors) is not None:
+            return None
         _ensure_allocator()
         return _varlen_gluon
 
