@@ -41,11 +41,14 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 # score of a masked pair: finite, so a row that is fully masked in one block never makes NaN
 _NEG = gl.constexpr(-1.0e30)
 
-# (BLOCK_M, BLOCK_N, num_warps, STAGES): 8 warps are two warpgroups of 64 query rows each. The slot of block j - 1
-# is refilled (with block j - 1 + STAGES) at the end of iteration j, so STAGES - 2 blocks are in flight ahead of
-# the one being waited for: STAGES >= 3. sm_90 ptxas (bf16, D=128), registers causal / not: 128x64 s3 and s4
-# 185 / 205, no spills, 131 / 164 kB shared memory; 128x128 s3 255, spills 48 / 20 B, 230 kB
-CONFIGS = [(128, 64, 8, 4), (128, 64, 8, 3), (128, 128, 8, 3)]
+# (BLOCK_M, BLOCK_N, num_warps, STAGES): 8 warps are two warpgroups of 64 query rows each, 4 warps one. The slot of
+# block j - 1 is refilled (with block j - 1 + STAGES) at the end of iteration j, so STAGES - 2 blocks are in
+# flight ahead of the one being waited for: STAGES >= 3. sm_90 ptxas (bf16, D=128), registers causal / not:
+# 128x64 w8 s3 and s4 185 / 200, no spills, 131 / 164 kB shared memory; 128x128 w8 s3 255, spills 44 B causal,
+# 230 kB; 64x64 w4 s3 168 / 190, no spills, 115 kB: two programs fit on one SM (2 x (115 + 1) kB of its 228 kB),
+# whose warpgroups then run unsynchronised (the barriers around the TMA ops hold both warpgroups of one program
+# together); s4 147 kB. 64x128 w4 s3 spilled 44 B: dropped.
+CONFIGS = [(128, 64, 8, 4), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 64, 4, 4)]
 HEAD_DIMS = (64, 128)
 
 
