@@ -71,9 +71,9 @@ R4B_ROWS = {"r4b triton": ("triton", "split", "pointer"), "r4b triton atomic-dq"
 def providers(device: str, mask_ms: dict) -> dict:
     def r4b_mode(fwd_kernel: str, bwd: str, loads: str):
         """r4b's kernels with the forward R4B_VARLEN_FWD=fwd_kernel ("triton" or "gluon"), the backward
-        R4B_VARLEN_BWD=bwd ("split": dQ kernel + dK/dV kernel; "atomic": the dK/dV kernel adds dQ with fp32
-        atomics) and the block loads R4B_VARLEN_LOADS=loads ("pointer" or "tma": through TMA tensor
-        descriptors)."""
+        R4B_VARLEN_BWD=bwd ("split": Triton dQ kernel + dK/dV kernel; "atomic": the Triton dK/dV kernel adds dQ
+        with fp32 atomics; "gluon": the split backward in Gluon) and the Triton kernels' block loads
+        R4B_VARLEN_LOADS=loads ("pointer" or "tma": through TMA tensor descriptors)."""
 
         def setup(case: Case):
             from r4b.kernels import available_backends, varlen_attention
@@ -84,11 +84,12 @@ def providers(device: str, mask_ms: dict) -> dict:
                 if device != "cuda" or torch.cuda.get_device_capability()[0] != 9:
                     raise Skip("the Gluon forward needs a Hopper GPU (sm_90)")
                 try:
-                    import triton.experimental.gluon  # noqa: F401
+                    import r4b.kernels._varlen_gluon  # noqa: F401
                 except ImportError as ex:
-                    raise Skip(f"this triton has no Gluon: {ex}") from None
+                    raise Skip(f"this triton has no Gluon with its Hopper API: {ex}") from None
             if bwd != "split" and case.params["mode"] == "fwd":
-                raise Skip(f"the same forward as the {fwd_kernel} {loads} row with the split backward")
+                same = next(n for n, m in R4B_ROWS.items() if m == (fwd_kernel, "split", loads))
+                raise Skip(f"the same forward as the {same} row")
             q, k, v, do, cu = _inputs(case, device)
             m = max(case.params["lens"])
 
@@ -178,7 +179,8 @@ def providers(device: str, mask_ms: dict) -> dict:
     first = ("r4b triton", "flex doc mask", "r4b gluon", "r4b gluon fwd+bwd")
     rows = {"sdpa per doc": sdpa, "flex doc mask": flex, **{name: r4b_mode(*m) for name, m in R4B_ROWS.items()},
             "flash-attn varlen": peer("flash_attn"), "xformers blockdiag": peer("xformers")}
-    return {"sdpa per doc": sdpa, **{n: rows[n] for n in first}, **{n: f for n, f in rows.items() if n not in first}}
+    head = ("sdpa per doc", *first)
+    return {**{n: rows[n] for n in head}, **{n: f for n, f in rows.items() if n not in head}}
 
 
 def aot_report(first_only: bool = False) -> None:

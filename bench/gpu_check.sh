@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # The one prepared script for a GPU machine (no internet; torch, triton, pybind11, cmake, ninja already there):
 # builds r4b._C with CUDA, runs the GPU tests, runs the benches, and prints a short summary table last.
-#   bash bench/gpu_check.sh [all|issues|rest]     (results under bench/results/<date>-<gpu>/, logs under $OUT)
-# Phases, so that one lease can be used as two back-to-back calls on the same warm machine:
+#   bash bench/gpu_check.sh [all|issues|gluon|rest]   (results under bench/results/<date>-<gpu>/, logs in $OUT)
+# Phases, so that one lease can be used as back-to-back calls on the same warm machine (most important first):
 #   issues: the loss and packed-sequence kernels (fused GRPO / CE / log-probs, varlen attention, norms, model):
-#           their GPU tests, then their benches;
-#   rest:   the Gluon attention kernels' GPU tests (first); the r4b._C ops (group advantages, pack) and the peer
-#           attention backends: tests and benches
-#           (builds r4b._C first unless this machine already has it built with CUDA); the small-op bench, the
-#           loss row kernel's sweep and the fused-linear bench;
-#   all:    both (default).
+#           their GPU tests, then the varlen attention bench (Triton and Gluon rows, each checked against SDPA)
+#           and the GRPO loss bench;
+#   gluon:  the Gluon attention kernels' float64 GPU tests (sm_90; through the op first, then every config),
+#           then the small-op bench and the loss row kernel's sweep;
+#   rest:   the r4b._C ops (group advantages, pack) and the peer attention backends: tests and benches (builds
+#           r4b._C first unless this machine already has it built with CUDA), and the fused-linear bench;
+#   all:    all three (default).
 # The run keeps to R4B_CHECK_BUDGET seconds (default 540, under the device tool's 600 s per command): every
 # step's time limit is cut to what is left, minus a reserve for the summary, so the table always prints.
 # Peers: `make gpu-wheels` (here, with internet) puts liger-kernel's wheel in .whl/; carry ".whl" to the GPU
@@ -19,7 +20,8 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 export TRITON_PRINT_AUTOTUNING=1  # each autotuned kernel prints its best config (tuning data for the next run)
 PHASE=${1:-all}
-case "$PHASE" in all|issues|rest) ;; *) echo "gpu_check.sh: phase must be all, issues or rest, got '$PHASE'"; exit 2;; esac
+case "$PHASE" in all|issues|gluon|rest) ;;
+  *) echo "gpu_check.sh: phase must be all, issues, gluon or rest, got '$PHASE'"; exit 2;; esac
 PY=${PY:-python3}
 LOGS=${OUT:-/tmp/r4b-gpu-check}
 mkdir -p "$LOGS"
@@ -40,8 +42,8 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 
-# CUDA build of r4b._C (for this GPU's architecture only: half the compile time of "80;90"), before the tests,
-# in the phases that use it (the issues phase's kernels and benches are Triton only): on 2026-11-26 (H100) a
+# CUDA build of r4b._C (for this GPU's architecture only: half the compile time of "80;90"), before its tests,
+# in the phases that use it (rest, all: the other phases' kernels are Triton / Gluon only): on 2026-11-26 (H100) a
 # build running in the background beside the GPU tests coincided with a test step that stopped making progress
 # for 150 s, and benches need the machine to themselves anyway
 build_rc=skipped
@@ -68,14 +70,14 @@ gpu_tests() {  # gpu_tests LIMIT LOGNAME FILES...
   return "${PIPESTATUS[0]}"
 }
 test_rc=0
-# The Gluon attention kernels (opt-in, never run before 2026-11-26's sixth session): their float64 tests first in
-# the rest phase (the issues phase's varlen bench already times them and checks them against SDPA)
-if [ "$PHASE" != issues ]; then
+# The Gluon attention kernels (opt-in, never run before 2026-11-26's sixth session): their float64 tests (about
+# 70 Gluon compiles on a cold machine; the issues phase's varlen bench already times them against SDPA)
+if [ "$PHASE" = gluon ] || [ "$PHASE" = all ]; then
   step "GPU tests: Gluon attention kernels (sm_90)"
-  gpu_tests 120 pytest_gpu_gluon.log tests/test_varlen_gluon.py || test_rc=$?
+  gpu_tests 240 pytest_gpu_gluon.log tests/test_varlen_gluon.py || test_rc=$?
 fi
-if [ "$PHASE" = issues ]; then
-  echo "phase issues: r4b._C is not needed (Triton kernels only); the rest phase builds it"
+if [ "$PHASE" = issues ] || [ "$PHASE" = gluon ]; then
+  echo "phase $PHASE: r4b._C is not needed (Triton / Gluon kernels only); the rest phase builds it"
 elif has_cuda_ops; then
   echo "r4b._C with CUDA ops already built on this machine"
 else
@@ -86,11 +88,11 @@ issue_tests="tests/test_fused_linear_chunked.py tests/test_fused_linear_grpo_los
              tests/test_rms_norm.py tests/test_rope.py tests/test_swiglu.py tests/test_fused_linear_cross_entropy.py
              tests/test_fused_linear_logprobs.py tests/test_model_qwen3.py"
 rest_tests="tests/test_group_advantages.py tests/test_pack.py tests/test_varlen_attention_peers.py"
-if [ "$PHASE" != rest ]; then
+if [ "$PHASE" = issues ] || [ "$PHASE" = all ]; then
   step "GPU tests: loss and packed-sequence kernels, model"
   gpu_tests 170 pytest_gpu.log $issue_tests || test_rc=$?
 fi
-if [ "$PHASE" != issues ]; then
+if [ "$PHASE" = rest ] || [ "$PHASE" = all ]; then
   step "GPU tests: r4b._C ops, peer attention backends"
   gpu_tests 90 pytest_gpu_rest.log $rest_tests || test_rc=$?
   # 2026-11-26 (H100): the CUDA unpack_padded op segfaulted on bad cu_seqlens values (the CPU op raises cleanly).
@@ -108,11 +110,12 @@ step "benches"
 # one time limit per bench (seconds, cut to what is left), so a slow one (torch.compile warm-up) cannot starve
 # the others; each bench writes its rows as it goes. Issue order: varlen attention (eight autotuned kernel variants
 # since 2026-11-26's second session; the GPU tests compiled them already, into triton's disk cache) and the GRPO
-# loss first; the small ops and the row kernel's sweep (15 configs; cut at 30 s with 8 on 2026-11-26) in the rest
+# loss first; the small ops and the row kernel's sweep (15 configs; cut at 30 s with 8 on 2026-11-26) in the gluon
 # phase.
 case "$PHASE" in
   issues) specs="varlen_attention:200 grpo_loss:130" ;;
-  rest) specs="norms:45 grpo_rows:60 fused_linear:60 group_advantages:25 pack:30" ;;
+  gluon) specs="norms:45 grpo_rows:60" ;;
+  rest) specs="fused_linear:60 group_advantages:25 pack:30" ;;
   all) specs="varlen_attention:200 grpo_loss:130 norms:45 grpo_rows:60 fused_linear:60 group_advantages:25 pack:30" ;;
 esac
 bench_rc=0

@@ -97,10 +97,20 @@ def test_summary_targets_compare_the_best_r4b_row_with_the_peer_and_skip_mismatc
             {"case": case, "provider": "r4b gluon", "tflops": 500.0},
             {"case": case, "provider": "r4b fast but wrong", "tflops": 900.0, "check": "MISMATCH"}]
     (tmp_path / "varlen_attention.json").write_text(json.dumps({"rows": rows}))
-    grpo = [{"case": "N=16384", "provider": "liger chunked", "x_floor": 16.0, "peak_mem_gib": 3.0},
-            {"case": "N=16384", "provider": "r4b triton chunked", "x_floor": 1.12, "peak_mem_gib": 1.8}]
+    grpo = [{"case": "N=16384,H=2560", "provider": "liger chunked", "x_floor": 16.0, "peak_mem_gib": 3.0},
+            {"case": "N=16384,H=2560", "provider": "r4b triton chunked", "x_floor": 1.12, "peak_mem_gib": 1.8},
+            {"case": "N=4096,H=2560", "provider": "r4b triton chunked", "x_floor": 1.3}]  # not an anchor
     (tmp_path / "grpo_loss.json").write_text(json.dumps({"rows": grpo}))
     out = targets(tmp_path)
     assert "r4b gluon 1.25x sdpa per doc (target >= 1.2x) MET" in out, out
+    assert "N=4096" not in out, out
     assert "r4b triton chunked 1.120x floor (target <= 1.1x) not met; peak 1.80 GiB vs liger chunked 3.00" in out
     assert out.rstrip().endswith("MET"), out  # the memory target
+
+
+def test_varlen_bench_rows_come_in_the_order_the_targets_need():
+    from bench.bench_varlen_attention import R4B_ROWS, providers
+
+    names = list(providers("cpu", {}))
+    assert names[:5] == ["sdpa per doc", "r4b triton", "flex doc mask", "r4b gluon", "r4b gluon fwd+bwd"], names
+    assert set(names) == {"sdpa per doc", "flex doc mask", "flash-attn varlen", "xformers blockdiag", *R4B_ROWS}

@@ -230,7 +230,7 @@ def test_varlen_forward_mode_is_checked_by_name_and_gluon_says_why_it_cannot_run
 
 
 def test_gluon_forward_refuses_what_it_cannot_address():
-    pytest.importorskip("triton.experimental.gluon")
+    pytest.importorskip("r4b.kernels._varlen_gluon")
     from r4b.kernels._varlen_gluon import input_problem, supported
 
     q, k, v, _ = _inputs([5, 3], 2, 1, 64)
@@ -242,6 +242,28 @@ def test_gluon_forward_refuses_what_it_cannot_address():
     assert "head dim 72" in input_problem(*(torch.zeros(8, 2, 72, dtype=torch.bfloat16) for _ in range(3)))
     odd = torch.zeros(8, 2 * 64 + 1, dtype=torch.bfloat16)[:, 1:].view(8, 2, 64)  # base 2 bytes off
     assert "tensor 2 is not TMA-addressable" in input_problem(b[0], b[1], odd)
+
+
+def test_gluon_refuses_a_gpu_other_than_hopper_by_name(monkeypatch):
+    pytest.importorskip("r4b.kernels._varlen_gluon")
+    from r4b.kernels._varlen_gluon import device_problem
+
+    va = importlib.import_module("r4b.kernels.varlen_attention")
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert "CUDA capability (8, 0), not 9.x (Hopper)" in device_problem(torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert device_problem(torch.device("cuda", 0)) is None
+    # and the op's check names the variable (interp=False: as on an A100 running the compiled Triton kernels)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.raises(RuntimeError, match=r"R4B_VARLEN_BWD=gluon cannot run here: CUDA capability \(8, 0\)"):
+        va._gluon_module("R4B_VARLEN_BWD", False, _OnFirstGpu())
+
+
+class _OnFirstGpu:
+    """Stands for a (T, H, D) tensor on the first GPU: only .device is read before the device check raises."""
+
+    device = torch.device("cuda", 0)
 
 
 def test_varlen_attention_dispatch_default_matches_forced():
@@ -338,7 +360,7 @@ def test_varlen_attention_kernels_compile_for_sm90():
     # the Gluon forward (R4B_VARLEN_FWD=gluon), both masks: its point is one wgmma group (P @ V) left in flight
     # while the next block's softmax runs, i.e. a "wgmma.wait_group 1" in its PTX; the Triton forward has only 0s
     # (the backward's two kernels likewise keep one product in flight during their elementwise work)
-    pytest.importorskip("triton.experimental.gluon")
+    pytest.importorskip("r4b.kernels._varlen_gluon")
     for kind in ("fwd-gluon", "dkdv-gluon", "dq-gluon"):
         lines = [line for line in out.splitlines() if line.startswith(kind + " ")]
         assert len(lines) == 2, (kind, out)  # causal and not

@@ -243,7 +243,8 @@ def device_problem(device) -> str | None:
 
 def input_problem(*tensors) -> str | None:
     """Why these kernels cannot run these (T, H, D) tensors on a Hopper GPU (dtype, head dim, TMA alignment), or
-    None when they can."""
+    None when they can. The dtype and head dim are the first tensor's: varlen_attention already requires k and v
+    to match q, and autograd gives dO q's dtype and shape."""
     import torch
 
     t0 = tensors[0]

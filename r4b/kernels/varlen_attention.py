@@ -633,10 +633,6 @@ if _dispatch.triton_importable():
                    and (t.stride(0) * t.element_size()) % 16 == 0 and (t.stride(1) * t.element_size()) % 16 == 0
                    and t.data_ptr() % 16 == 0 for t in tensors)
 
-    def _tma_aligned(t: Tensor) -> bool:
-        return (t.stride(2) == 1 and t.stride(0) > 0 and (t.stride(0) * t.element_size()) % 16 == 0
-                and (t.stride(1) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0)
-
     def _descriptor_scratch(size: int, alignment: int, stream):
         return torch.empty(size, dtype=torch.int8, device="cuda")
 
@@ -696,7 +692,10 @@ if _dispatch.triton_importable():
         a RuntimeError naming the variable where no input could run (not a Hopper GPU, the interpreter)."""
         if interp:
             raise RuntimeError(f"${env}=gluon needs a Hopper GPU: the Triton interpreter cannot run Gluon")
-        from . import _varlen_gluon
+        try:
+            from . import _varlen_gluon
+        except ImportError as ex:  # a triton without Gluon's Hopper API (r4b pins 3.6)
+            raise RuntimeError(f"${env}=gluon needs triton's Gluon with its Hopper API (triton 3.6): {ex}") from ex
 
         why = _varlen_gluon.device_problem(tensors[0].device)
         if why is not None:
@@ -713,9 +712,10 @@ if _dispatch.triton_importable():
         meta = _meta(q, k, causal)
         interp = _dispatch.triton_interpret() or q.device.type != "cuda"
         mode = _bwd_mode()
-        if mode == "gluon" and not interp and not _tma_aligned(do):
-            do = do.contiguous()  # (a broadcast or odd-strided gradient: TMA needs 16-byte rows and base)
-        gluon = _gluon_module(ENV_BWD, interp, q, k, v, do) if mode == "gluon" else None
+        gluon = _gluon_module(ENV_BWD, interp, q, k, v) if mode == "gluon" else None
+        if gluon is not None and gluon.input_problem(do) is not None:
+            # a broadcast or odd-strided (or misaligned) gradient: a fresh copy has 16-byte rows and base for TMA
+            do = do.clone(memory_format=torch.contiguous_format)
         delta = torch.empty((Hq, T), dtype=torch.float32, device=q.device)
         ld = torch.empty((Hq, T, 2), dtype=torch.float32, device=q.device)  # (lse, delta) per row
         bm = 16 if interp else 64
