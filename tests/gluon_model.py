@@ -39,9 +39,12 @@ import numpy as np
 
 np.seterr(all="ignore")
 SRC = str(Path(__file__).resolve().parents[1] / "r4b" / "kernels" / "_varlen_gluon.py")
+SRC_TRITON = str(Path(SRC).with_name("varlen_attention.py"))  # _seq_of and _tile_of, which the kernels call
 # sha256 of the transcribed @gluon.jit functions' source (kernel_sha()); the configs are read from SRC itself
-KERNEL_SHA = "6ce6243d553d09d2e5fe972b6f6a471e69366853432ef9c3dd8b76527f5826f9"
-KERNELS = ("_seq_of", "_softmax_block", "_load_kv", "_fwd_kernel", "_load_qdo", "_bwd_dkdv_kernel", "_bwd_dq_kernel")
+KERNEL_SHA = "e39d18b300813d6dcf648c012e129b5e04a3d2e83dba7ca042c4e6fc7a804c05"
+KERNELS = {SRC: ("_segment_keys", "_seq_kv_descs", "_softmax_block", "_load_kv", "_fwd_kernel", "_load_qdo",
+                 "_bwd_dkdv_kernel", "_bwd_dq_kernel"),
+           SRC_TRITON: ("_seq_of", "_tile_of")}
 NEG = -1.0e30
 LN2 = np.log(2.0)
 MUT = set()  # mutations (self-test of the checker), empty for the real runs
@@ -71,19 +74,23 @@ def read_configs():
 
 
 def kernel_sha() -> str:
-    """sha256 of the source of the Gluon functions this file transcribes (KERNELS), decorators included."""
-    src = open(SRC).read()
-    tree = ast.parse(src)
-    lines = src.splitlines(keepends=True)
-    parts = {}
-    for node in tree.body:
-        if isinstance(node, ast.FunctionDef) and node.name in KERNELS:
-            start = min([d.lineno for d in node.decorator_list] + [node.lineno]) - 1
-            parts[node.name] = "".join(lines[start:node.end_lineno])
-    missing = set(KERNELS) - set(parts)
-    if missing:
-        raise EmuError(f"functions not found in {SRC}: {sorted(missing)}")
-    return hashlib.sha256("".join(parts[n] for n in KERNELS).encode()).hexdigest()
+    """sha256 of the source of the functions this file transcribes (KERNELS: the Gluon kernels and helpers, and the
+    Triton helpers they call), decorators included."""
+    h = hashlib.sha256()
+    for path, names in KERNELS.items():
+        src = open(path).read()
+        lines = src.splitlines(keepends=True)
+        parts = {}
+        for node in ast.walk(ast.parse(src)):  # (the Triton helpers are defined inside an `if`)
+            if isinstance(node, ast.FunctionDef) and node.name in names:
+                start = min([d.lineno for d in node.decorator_list] + [node.lineno]) - 1
+                parts[node.name] = "".join(lines[start:node.end_lineno])
+        missing = set(names) - set(parts)
+        if missing:
+            raise EmuError(f"functions not found in {path}: {sorted(missing)}")
+        for n in names:
+            h.update(parts[n].encode())
+    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------ machine model
@@ -236,6 +243,22 @@ class Prog:
                 fail(f"{self.name}: barrier {n} never waited for (invalidated under a load)")
 
 
+def tile_of(pid, n_heads, T, BLOCK, heavy_last):
+    """varlen_attention._tile_of: (first packed row, head) of program pid."""
+    h = pid % n_heads
+    tile = pid // n_heads
+    if heavy_last:
+        tile = (T + BLOCK - 1) // BLOCK - 1 - tile
+    return tile * BLOCK, h
+
+
+def segment_keys(t, cs, seg_hi, L, causal):
+    """_varlen_gluon._segment_keys: (kv_hi, free_hi) of a segment."""
+    if causal:
+        return seg_hi - cs, t - cs
+    return L, L
+
+
 def tma_box(X, r0, c0, nr, nc):
     """TMA box [r0, r0+nr) x [c0, c0+nc) of the 2-D descriptor view X, zero-filled outside X's shape."""
     out = np.zeros((nr, nc))
@@ -292,11 +315,7 @@ def softmax_block(s, m_i, kn, lim, qk, MASK):
 def fwd_program(pid, q, k, v, cu, qk, causal, G, BM, BN, S, O, LSE):
     T, Hq, D = q.shape
     n_seqs = len(cu) - 1
-    h = pid % Hq
-    tile = pid // Hq
-    if causal:
-        tile = (T + BM - 1) // BM - 1 - tile
-    t0 = tile * BM
+    t0, h = tile_of(pid, Hq, T, BM, causal)
     hk = h // G
     P = Prog(S, f"fwd pid {pid}")
     P.load_single("q", tma_box(q[:, h], t0, 0, BM, D), BM * D * ESZ, BM * D * ESZ)
@@ -311,12 +330,7 @@ def fwd_program(pid, q, k, v, cu, qk, causal, G, BM, BN, S, O, LSE):
         ce = int(cu[seq + 1])
         seg_hi = min(ce, t_end)
         L = ce - cs
-        if causal:
-            kv_hi = seg_hi - cs
-            free_hi = t - cs
-        else:
-            kv_hi = L
-            free_hi = L
+        kv_hi, free_hi = segment_keys(t, cs, seg_hi, L, causal)
         nb = (kv_hi + BN - 1) // BN
         if nb > 0:
             cov(("fwd", "segment with it>0 (not the program's first)" if it else "first segment"))
@@ -424,8 +438,7 @@ def dkdv_program(pid, q, k, v, do, lse_g, delta_g, cu, qk, sm_scale, causal, G, 
     T, Hq, D = q.shape
     Hkv = k.shape[1]
     n_seqs = len(cu) - 1
-    hk = pid % Hkv
-    t0 = (pid // Hkv) * BN
+    t0, hk = tile_of(pid, Hkv, T, BN, False)
     P = Prog(S, f"dkdv pid {pid}")
     P.load_single("kv", (tma_box(k[:, hk], t0, 0, BN, D), tma_box(v[:, hk], t0, 0, BN, D)),
                   2 * BN * D * ESZ, 2 * BN * D * ESZ)
@@ -548,11 +561,7 @@ def dkdv_kernel(q, k, v, do, lse, delta, cu, scale, causal, G, cfg):
 def dq_program(pid, q, k, v, do, lse_g, delta_g, cu, qk, sm_scale, causal, G, BM, BN, S, DQ):
     T, Hq, D = q.shape
     n_seqs = len(cu) - 1
-    h = pid % Hq
-    tile = pid // Hq
-    if causal:
-        tile = (T + BM - 1) // BM - 1 - tile
-    t0 = tile * BM
+    t0, h = tile_of(pid, Hq, T, BM, causal)
     hk = h // G
     P = Prog(S, f"dq pid {pid}")
     P.load_single("qdo", (tma_box(q[:, h], t0, 0, BM, D), tma_box(do[:, h], t0, 0, BM, D)),
@@ -573,12 +582,7 @@ def dq_program(pid, q, k, v, do, lse_g, delta_g, cu, qk, sm_scale, causal, G, BM
         ce = int(cu[seq + 1])
         seg_hi = min(ce, t_end)
         L = ce - cs
-        if causal:
-            kv_hi = seg_hi - cs
-            free_hi = t - cs
-        else:
-            kv_hi = L
-            free_hi = L
+        kv_hi, free_hi = segment_keys(t, cs, seg_hi, L, causal)
         nb = (kv_hi + BN - 1) // BN
         if nb > 0:
             cov(("dq", "segment with it>0" if it else "first segment"))

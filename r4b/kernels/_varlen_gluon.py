@@ -38,6 +38,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
+from .varlen_attention import _seq_of, _tile_of  # (triton.jit helpers: Gluon calls them as its own)
+
 # score of a masked pair: finite, so a row that is fully masked in one block never makes NaN
 _NEG = gl.constexpr(-1.0e30)
 
@@ -53,19 +55,6 @@ HEAD_DIMS = (64, 128)
 
 
 @gluon.jit
-def _seq_of(CU, n_seqs, t):
-    """The sequence holding packed token t: the largest s in [0, n_seqs) with cu[s] <= t."""
-    lo = t * 0
-    hi = lo + n_seqs
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        take = gl.load(CU + mid) <= t
-        lo = gl.where(take, mid, lo)
-        hi = gl.where(take, hi, mid)
-    return lo
-
-
-@gluon.jit
 def _softmax_block(s, m_i, kn, lim, qk_scale, MASK: gl.constexpr):
     """(P, new row maximum) of one block of raw scores s, in log2 units. MASK: keys kn >= lim (per row) are cut."""
     if MASK:
@@ -77,6 +66,31 @@ def _softmax_block(s, m_i, kn, lim, qk_scale, MASK: gl.constexpr):
         m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
         p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
     return p, m_new
+
+
+@gluon.jit
+def _segment_keys(t, cs, seg_hi, L, CAUSAL: gl.constexpr):
+    """(kv_hi, free_hi) of the segment of query rows [t, seg_hi) of the sequence starting at cs, of length L (local
+    key indices): keys [0, kv_hi) are seen by some row, blocks ending at or below free_hi by every row (no mask)."""
+    if CAUSAL:
+        kv_hi = seg_hi - cs
+        free_hi = t - cs
+    else:
+        kv_hi = L
+        free_hi = L
+    return kv_hi, free_hi
+
+
+@gluon.jit
+def _seq_kv_descs(K, V, cs, L, hk, stride_kt, stride_kh, stride_vt, stride_vh, BLOCK_N: gl.constexpr,
+                  D: gl.constexpr, smem_layout: gl.constexpr):
+    """TMA descriptors of one sequence's keys and values of KV head hk (L rows of D from row cs): built on the
+    device, so rows past the sequence's end read as zeros."""
+    k_desc = tma.make_tensor_descriptor(K + cs.to(gl.int64) * stride_kt + hk * stride_kh, shape=[L, D],
+                                        strides=[stride_kt, 1], block_shape=[BLOCK_N, D], layout=smem_layout)
+    v_desc = tma.make_tensor_descriptor(V + cs.to(gl.int64) * stride_vt + hk * stride_vh, shape=[L, D],
+                                        strides=[stride_vt, 1], block_shape=[BLOCK_N, D], layout=smem_layout)
+    return k_desc, v_desc
 
 
 @gluon.jit
@@ -107,12 +121,7 @@ def _fwd_kernel(Q, K, V, Out, LSE, CU, T, n_seqs, t_bucket, n_heads, qk_scale,
     smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
 
     # program: (query tile, head), tile-major; causal walks the tiles backwards (heavy tiles first), as in Triton's
-    pid = gl.program_id(0)
-    h = pid % n_heads
-    tile = pid // n_heads
-    if CAUSAL:
-        tile = (T + BLOCK_M - 1) // BLOCK_M - 1 - tile
-    t0 = tile * BLOCK_M
+    t0, h = _tile_of(n_heads, T, BLOCK_M, CAUSAL)
     hk = h // GROUP
 
     q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, D], smem_layout)
@@ -145,20 +154,13 @@ def _fwd_kernel(Q, K, V, Out, LSE, CU, T, n_seqs, t_bucket, n_heads, qk_scale,
         ce = gl.load(CU + seq + 1)
         seg_hi = gl.minimum(ce, t_end)
         L = ce - cs
-        if CAUSAL:
-            kv_hi = seg_hi - cs  # keys any row of the segment sees
-            free_hi = t - cs  # keys below every row of the segment: blocks ending there need no mask
-        else:
-            kv_hi = L
-            free_hi = L
+        kv_hi, free_hi = _segment_keys(t, cs, seg_hi, L, CAUSAL)
         nb = (kv_hi + BLOCK_N - 1) // BLOCK_N
         if nb > 0:  # an empty sequence has no rows and nothing to do
             # every warp is done with the ring (last segment's products) before its slots are refilled
             gl.thread_barrier()
-            k_desc = tma.make_tensor_descriptor(K + cs.to(gl.int64) * stride_kt + hk * stride_kh, shape=[L, D],
-                                                strides=[stride_kt, 1], block_shape=[BLOCK_N, D], layout=smem_layout)
-            v_desc = tma.make_tensor_descriptor(V + cs.to(gl.int64) * stride_vt + hk * stride_vh, shape=[L, D],
-                                                strides=[stride_vt, 1], block_shape=[BLOCK_N, D], layout=smem_layout)
+            k_desc, v_desc = _seq_kv_descs(K, V, cs, L, hk, stride_kt, stride_kh, stride_vt, stride_vh, BLOCK_N, D,
+                                           smem_layout)
             for i in gl.static_range(STAGES):
                 _load_kv(k_desc, v_desc, i, (it + i) % STAGES, bars, k_smem, v_smem, i < nb, BLOCK_N, D)
             q_loc = rows_s - cs
@@ -338,9 +340,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, T, n_seqs, t_bucket, n
     smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
 
     # program: (key tile, KV head), tile-major, tiles forwards (a causal key tile's work shrinks towards the end)
-    pid = gl.program_id(0)
-    hk = pid % n_kv_heads
-    t0 = (pid // n_kv_heads) * BLOCK_N
+    t0, hk = _tile_of(n_kv_heads, T, BLOCK_N, False)
 
     k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, D], smem_layout)
     v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, D], smem_layout)
@@ -477,12 +477,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, T, n_seqs, t_bucket, n_heads
     col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
     smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
 
-    pid = gl.program_id(0)
-    h = pid % n_heads
-    tile = pid // n_heads
-    if CAUSAL:
-        tile = (T + BLOCK_M - 1) // BLOCK_M - 1 - tile
-    t0 = tile * BLOCK_M
+    t0, h = _tile_of(n_heads, T, BLOCK_M, CAUSAL)
     hk = h // GROUP
 
     q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, D], smem_layout)
@@ -521,19 +516,12 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, T, n_seqs, t_bucket, n_heads
         ce = gl.load(CU + seq + 1)
         seg_hi = gl.minimum(ce, t_end)
         L = ce - cs
-        if CAUSAL:
-            kv_hi = seg_hi - cs
-            free_hi = t - cs
-        else:
-            kv_hi = L
-            free_hi = L
+        kv_hi, free_hi = _segment_keys(t, cs, seg_hi, L, CAUSAL)
         nb = (kv_hi + BLOCK_N - 1) // BLOCK_N
         if nb > 0:
             gl.thread_barrier()
-            k_desc = tma.make_tensor_descriptor(K + cs.to(gl.int64) * stride_kt + hk * stride_kh, shape=[L, D],
-                                                strides=[stride_kt, 1], block_shape=[BLOCK_N, D], layout=smem_layout)
-            v_desc = tma.make_tensor_descriptor(V + cs.to(gl.int64) * stride_vt + hk * stride_vh, shape=[L, D],
-                                                strides=[stride_vt, 1], block_shape=[BLOCK_N, D], layout=smem_layout)
+            k_desc, v_desc = _seq_kv_descs(K, V, cs, L, hk, stride_kt, stride_kh, stride_vt, stride_vh, BLOCK_N, D,
+                                           smem_layout)
             for i in gl.static_range(STAGES):
                 _load_kv(k_desc, v_desc, i, (it + i) % STAGES, bars, k_smem, v_smem, i < nb, BLOCK_N, D)
             q_loc = rows_s - cs
