@@ -20,23 +20,28 @@ def _cu(lens: list[int], device="cpu") -> torch.Tensor:
     return torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
 
 
-def _attention64(q, k, v, lens, causal, scale):
-    """Independent float64 reference: explicit softmax per sequence, K/V indexed by head // group."""
-    T, Hq, D = q.shape
-    group = Hq // k.shape[1]
-    out = torch.zeros_like(q)
+def _scores(q, k, lens, causal, scale):
+    """Per non-empty sequence: (its rows, its scaled and masked scores (Hq, L, L)), K indexed by head // group."""
+    Hq = q.shape[1]
+    heads = torch.arange(Hq, device=q.device) // (Hq // k.shape[1])
     start = 0
     for L in lens:
         sl = slice(start, start + L)
         start += L
         if L == 0:
             continue
-        kh = k[sl][:, torch.arange(Hq, device=q.device) // group]  # (L, Hq, D)
-        vh = v[sl][:, torch.arange(Hq, device=q.device) // group]  # (L, Hq, D)
-        s = torch.einsum("ihd,jhd->hij", q[sl], kh) * scale  # (Hq, L, L)
+        s = torch.einsum("ihd,jhd->hij", q[sl], k[sl][:, heads]) * scale
         if causal:
             s = s.masked_fill(torch.ones(L, L, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
-        out[sl] = torch.einsum("hij,jhd->ihd", s.softmax(-1), vh)
+        yield sl, s
+
+
+def _attention64(q, k, v, lens, causal, scale):
+    """Independent float64 reference: explicit softmax per sequence, K/V indexed by head // group."""
+    heads = torch.arange(q.shape[1], device=q.device) // (q.shape[1] // k.shape[1])
+    out = torch.zeros_like(q)
+    for sl, s in _scores(q, k, lens, causal, scale):
+        out[sl] = torch.einsum("hij,jhd->ihd", s.softmax(-1), v[sl][:, heads])
     return out
 
 

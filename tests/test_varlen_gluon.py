@@ -12,7 +12,7 @@ import torch
 
 from r4b.kernels import varlen_attention, varlen_attention_ref
 from tests._lowprec import assert_within_twice_plain
-from tests.test_varlen_attention import _attention64, _cu, _grads, _inputs, _sdpa_bf16_per_doc
+from tests.test_varlen_attention import _attention64, _cu, _grads, _inputs, _scores, _sdpa_bf16_per_doc
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
@@ -117,19 +117,8 @@ def test_gluon_variables_leave_inputs_they_do_not_take_to_the_triton_kernels_gpu
 
 def _lse64(q, k, lens, causal, scale):
     """float64 log-sum-exp of each query row's scaled scores, (Hq, T), in log2 units (what the kernels save)."""
-    T, Hq, _ = q.shape
-    group = Hq // k.shape[1]
-    out = torch.zeros(Hq, T, dtype=torch.float64, device=q.device)
-    start = 0
-    for L in lens:
-        sl = slice(start, start + L)
-        start += L
-        if L == 0:
-            continue
-        kh = k[sl].double()[:, torch.arange(Hq, device=q.device) // group]
-        s = torch.einsum("ihd,jhd->hij", q[sl].double(), kh) * scale
-        if causal:
-            s = s.masked_fill(torch.ones(L, L, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    out = torch.zeros(q.shape[1], q.shape[0], dtype=torch.float64, device=q.device)
+    for sl, s in _scores(q.double(), k.double(), lens, causal, scale):
         out[:, sl] = s.logsumexp(-1) / math.log(2.0)
     return out
 
