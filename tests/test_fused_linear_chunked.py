@@ -158,8 +158,20 @@ def test_grpo_retained_graph_second_backward(impl):
             (loss * 3.0).backward()
 
 
+@pytest.fixture
+def nan_empty(monkeypatch):
+    """torch.empty fills its tensors with NaN (deterministic mode, warnings only): the chunked path allocates
+    d weight uninitialised, so a buffer that no chunk writes (nothing trained) must still come back as zeros and
+    the first chunk that writes it must not read it."""
+    was = torch.are_deterministic_algorithms_enabled()
+    monkeypatch.setattr(torch.utils.deterministic, "fill_uninitialized_memory", True)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    yield
+    torch.use_deterministic_algorithms(was)
+
+
 @pytest.mark.parametrize("kind", ["partial", "zero_adv", "zero_adv_kl", "all", "none_trained"])
-def test_chunked_skips_the_backward_of_rows_without_gradient(monkeypatch, kind):
+def test_chunked_skips_the_backward_of_rows_without_gradient(monkeypatch, nan_empty, kind):
     """Rows whose gradient is zero by construction (masked, ignored target, zero advantage without KL) are sorted
     behind the others and skip the gradient pass and the backward GEMMs: the row kernel is told how many leading
     rows of each chunk have a gradient, those add up to the rows that can have one, and everything (log-probs
@@ -243,7 +255,7 @@ def test_cross_entropy_none_weighted_grad_output(impl):
 
 
 @pytest.mark.parametrize("fp32_dw", [True, False], ids=["fp32-accum", "bf16-accum"])
-def test_cross_entropy_bf16_within_twice_torch_bf16_error(monkeypatch, fp32_dw):
+def test_cross_entropy_bf16_within_twice_torch_bf16_error(monkeypatch, nan_empty, fp32_dw):
     """STYLE.md rule with bf16 inputs, several chunks, and dweight accumulated in fp32 or (as at the anchor shape)
     in the weight's dtype. The row kernel only loads bf16 (exact upcast in the interpreter) and stores it rounded
     to nearest by its RNE step (the interpreter's own cast truncates); its maths is fp32."""

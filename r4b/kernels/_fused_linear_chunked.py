@@ -13,7 +13,8 @@ For each chunk of C rows:
    read, see the kernel; ``alpha_i = -c_i exp(s_i - lse_i) / T``). A row costs one read and one write of ``z``
    (a gradient written as ``dz`` itself needs the log-sum-exp first: two reads and a write);
 3. ``dhidden_c = alpha * (P @ weight)`` (one GEMM, fp32 product, scaled rows) and ``dweight += P.T @ (alpha *
-   hidden_c)`` (one GEMM, ``addmm`` into an accumulator), ``dbias += alpha @ P`` (fp32 output).
+   hidden_c)`` (one GEMM: the first chunk with gradient rows writes the accumulator, later ones ``addmm`` into
+   it), ``dbias += alpha @ P`` (fp32 output).
 
 The backward only hands the gradients over, scaled by the incoming scalar ``grad_output`` when it is not 1.
 
@@ -360,10 +361,13 @@ def _chunk_loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Te
             adv, old, ref = (None if x is None else x[perm] for x in (adv, old, ref))
     # dhidden rows of skipped rows are never written: zeros then, otherwise every row is written
     dh = (torch.zeros if n_grad < n else torch.empty)(n, h, dtype=hidden.dtype, device=dev) if need_dh else None
-    dw = torch.zeros(v, h, dtype=dweight_dtype(weight), device=dev) if need_dw else None
+    # dweight: the first chunk with gradient rows writes it (a plain GEMM), later ones add to it; zeroed only if
+    # no chunk does (at the anchor shape a zero-fill and the first chunk's read of it are 1.6 GB of traffic)
+    dw = torch.empty(v, h, dtype=dweight_dtype(weight), device=dev) if need_dw else None
+    dw_written = False
     db = torch.zeros(v, dtype=torch.float32, device=dev) if need_db else None
     if n == 0:
-        return logp, c, dh, dw, db
+        return logp, c, dh, None if dw is None else dw.zero_(), db
     logp_p = logp if perm is None else torch.empty_like(logp)
     c_p = c if perm is None else torch.empty_like(c)
     step = chunk_rows(n, v, hidden.element_size())
@@ -396,11 +400,20 @@ def _chunk_loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Te
         if dw is not None:  # dweight += P.T @ (alpha * hidden)
             ha = (hk * ak if hk.dtype == torch.float32 else (hk.float() * ak).to(hk.dtype))
             if dw.dtype == pk.dtype:
-                dw.addmm_(pk.T, ha)
+                if dw_written:
+                    dw.addmm_(pk.T, ha)
+                else:
+                    torch.mm(pk.T, ha, out=dw)
             else:  # fp32 accumulator for a half weight (small V*H only): the chunk's product in fp32
-                dw += _mm_f32(pk.T, ha)
+                if dw_written:
+                    dw += _mm_f32(pk.T, ha)
+                else:
+                    dw.copy_(_mm_f32(pk.T, ha))
+            dw_written = True
         if db is not None:  # dbias += alpha @ P (alpha rounded to P's dtype; the result goes to the bias dtype)
             db += _mm_f32(ak[:, 0].to(pk.dtype)[None], pk)[0]
+    if dw is not None and not dw_written:
+        dw.zero_()
     if perm is not None:
         logp[perm] = logp_p
         c[perm] = c_p
