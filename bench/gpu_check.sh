@@ -10,7 +10,11 @@
 #           then the small-op bench and the loss row kernel's sweep;
 #   rest:   the r4b._C ops (group advantages, pack) and the peer attention backends: tests and benches (builds
 #           r4b._C first unless this machine already has it built with CUDA), and the fused-linear bench;
-#   all:    all three (default).
+#   diag:   hardware counters and memory checks for the sessions without a GPU (bench/gpu_diag.py): Nsight Compute
+#           on the attention kernels (Triton default, Gluon) at the anchor and on one chunk of the GRPO loss, and
+#           compute-sanitizer (memcheck, synccheck, racecheck) on the Gluon kernels at a small size; the gluon
+#           phase ends with it too, in what time is left;
+#   all:    issues, gluon and rest (default).
 # The run keeps to R4B_CHECK_BUDGET seconds (default 540, under the device tool's 600 s per command): every
 # step's time limit is cut to what is left, minus a reserve for the summary, so the table always prints.
 # Peers: `make gpu-wheels` (here, with internet) puts liger-kernel's wheel in .whl/; carry ".whl" to the GPU
@@ -20,8 +24,8 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 export TRITON_PRINT_AUTOTUNING=1  # each autotuned kernel prints its best config (tuning data for the next run)
 PHASE=${1:-all}
-case "$PHASE" in all|issues|gluon|rest) ;;
-  *) echo "gpu_check.sh: phase must be all, issues, gluon or rest, got '$PHASE'"; exit 2;; esac
+case "$PHASE" in all|issues|gluon|rest|diag) ;;
+  *) echo "gpu_check.sh: phase must be all, issues, gluon, rest or diag, got '$PHASE'"; exit 2;; esac
 PY=${PY:-python3}
 LOGS=${OUT:-/tmp/r4b-gpu-check}
 mkdir -p "$LOGS"
@@ -76,7 +80,7 @@ if [ "$PHASE" = gluon ] || [ "$PHASE" = all ]; then
   step "GPU tests: Gluon attention kernels (sm_90)"
   gpu_tests 240 pytest_gpu_gluon.log tests/test_varlen_gluon.py || test_rc=$?
 fi
-if [ "$PHASE" = issues ] || [ "$PHASE" = gluon ]; then
+if [ "$PHASE" = issues ] || [ "$PHASE" = gluon ] || [ "$PHASE" = diag ]; then
   echo "phase $PHASE: r4b._C is not needed (Triton / Gluon kernels only); the rest phase builds it"
 elif has_cuda_ops; then
   echo "r4b._C with CUDA ops already built on this machine"
@@ -106,6 +110,34 @@ if [ "$PHASE" = rest ] || [ "$PHASE" = all ]; then
   fi
 fi
 
+# diag LIMIT: Nsight Compute and compute-sanitizer runs of bench/gpu_diag.py (each tool is looked for on the PATH,
+# then under /opt/nvidia and /usr/local/cuda); each run's output goes to $LOGS, a condensed table to the terminal
+tool() { command -v "$1" 2>/dev/null || ls -d /opt/nvidia/nsight-compute/*/"$1" /usr/local/cuda*/bin/"$1" 2>/dev/null | tail -n1; }
+diag() {
+  local end=$(( $(date +%s) + $1 )) ncu san what lim
+  left_of() { local l=$(( end - $(date +%s) )); l=$(( $1 < l ? $1 : l )); limit "$l"; }
+  ncu=$(tool ncu); san=$(tool compute-sanitizer)
+  for what in attn grpo; do
+    [ -n "$ncu" ] || { echo "diag: no ncu here"; break; }
+    lim=$(left_of 100); [ "$lim" -le 10 ] && { echo "diag: no time left for ncu $what"; continue; }
+    step "diag: Nsight Compute, $what (limit ${lim}s)"
+    timeout "$lim" "$ncu" --profile-from-start off --clock-control none --section SpeedOfLight \
+      --section WarpStateStats --section ComputeWorkloadAnalysis --section Occupancy --section LaunchStats \
+      --csv --page raw --log-file "$LOGS/ncu_$what.csv" $PY -m bench.gpu_diag "$what" >"$LOGS/ncu_${what}_run.log" 2>&1
+    echo "ncu $what rc=$?"; grep -v "^==PROF==" "$LOGS/ncu_${what}_run.log" | tail -n 4
+    grep "==ERROR==\|==WARNING==" "$LOGS/ncu_$what.csv" 2>/dev/null | head -n 5
+    $PY -m bench.gpu_diag report "$LOGS/ncu_$what.csv" | tee "$LOGS/ncu_${what}_table.txt"
+  done
+  for what in memcheck synccheck racecheck; do
+    [ -n "$san" ] || { echo "diag: no compute-sanitizer here"; break; }
+    lim=$(left_of 60); [ "$lim" -le 10 ] && { echo "diag: no time left for compute-sanitizer $what"; continue; }
+    step "diag: compute-sanitizer --tool $what, Gluon kernels at a small size (limit ${lim}s)"
+    timeout "$lim" "$san" --tool "$what" --print-limit 10 $PY -m bench.gpu_diag attn --small --gluon-only \
+      >"$LOGS/sanitizer_$what.log" 2>&1
+    echo "compute-sanitizer $what rc=$?"; grep -v "^$" "$LOGS/sanitizer_$what.log" | tail -n 8
+  done
+}
+
 step "benches"
 # one time limit per bench (seconds, cut to what is left), so a slow one (torch.compile warm-up) cannot starve
 # the others; each bench writes its rows as it goes. Issue order: varlen attention (eight autotuned kernel variants
@@ -114,14 +146,16 @@ step "benches"
 # phase.
 case "$PHASE" in
   issues) specs="varlen_attention:200 grpo_loss:130" ;;
-  gluon) specs="norms:45 grpo_rows:60" ;;
+  gluon) specs="norms:45 diag:150 grpo_rows:60" ;;
   rest) specs="fused_linear:60 group_advantages:25 pack:30" ;;
-  all) specs="varlen_attention:200 grpo_loss:130 norms:45 grpo_rows:60 fused_linear:60 group_advantages:25 pack:30" ;;
+  diag) specs="diag:400" ;;
+  all) specs="varlen_attention:200 grpo_loss:130 norms:45 diag:150 grpo_rows:60 fused_linear:60 group_advantages:25 pack:30" ;;
 esac
 bench_rc=0
 for spec in $specs; do
   name=${spec%%:*}; lim=$(limit "${spec##*:}")
   if [ "$lim" -le 5 ]; then echo "bench $name: no time left"; bench_rc=124; continue; fi
+  if [ "$name" = diag ]; then diag "$lim"; continue; fi
   timeout "$lim" $PY -m bench "$name" 2>&1 | tee -a "$LOGS/bench.log" | grep -v "^$" | tail -n 40
   rc=${PIPESTATUS[0]}
   [ "$rc" -ne 0 ] && { echo "bench $name exited $rc (124 = over its ${lim}s limit)"; bench_rc=$rc; }

@@ -1,0 +1,292 @@
+"""GPU diagnostics: the hot kernels run once each inside cudaProfilerStart / cudaProfilerStop, for Nsight Compute
+(``ncu --profile-from-start off``) and compute-sanitizer; and a condensed table of ncu's CSV. Most sessions of
+this project have no GPU: a lease's hardware counters (where each kernel's time goes, what its warps wait on)
+are what the sessions after it tune against. bench/gpu_check.sh's ``diag`` phase runs it.
+
+    python -m bench.gpu_diag attn [--small] [--gluon-only]
+        varlen attention forward + backward, bf16, causal: the default Triton kernels and, on sm_90, the Gluon
+        ones (R4B_VARLEN_FWD=gluon, R4B_VARLEN_BWD=gluon). At the issue's anchor (16384 tokens in 10 documents,
+        32 q / 8 kv heads, d 128) each variant runs twice first (autotuning, compiles) outside the profiled
+        range. --small: a few hundred tokens with empty, length-1 and tile-straddling sequences, the first
+        config of each kernel launched directly (no autotuning: for compute-sanitizer, under which every launch
+        is slow); the outputs are checked against the float64 reference of the op (exit 1 on a mismatch).
+    python -m bench.gpu_diag grpo
+        the chunked GRPO loss, forward + backward, on one chunk's worth of rows of the anchor (3328 x 2560 x
+        151936, bf16): its GEMMs (cuBLAS) and the row kernel.
+    python -m bench.gpu_diag report CSV...
+        one line per profiled kernel of ncu's ``--csv --page raw`` log(s): time, SM / memory / DRAM throughput,
+        tensor-pipe activity, registers, occupancy and the four largest warp-stall reasons.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+import sys
+from pathlib import Path
+
+ANCHOR = [4096, 3072, 2560, 2048, 1536, 1280, 768, 512, 384, 128]
+SMALL = [1, 37, 0, 130, 300, 5, 64]
+
+
+def _profiled(run, device: str = "cuda") -> None:
+    """run() between cudaProfilerStart and cudaProfilerStop (on the CPU, for the tests: just run())."""
+    import torch
+
+    if device != "cuda":
+        run()
+        return
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStart()
+    try:
+        run()
+        torch.cuda.synchronize()
+    finally:
+        torch.cuda.cudart().cudaProfilerStop()
+
+
+def _attn_inputs(lens, hq, hkv, d, device, seed=0):
+    import torch
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    T = sum(lens)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32  # (the interpreter computes bf16 wrongly)
+    q, k, v, do = (torch.randn(T, h, d, generator=g).to(device, dtype) for h in (hq, hkv, hkv, hq))
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    return q, k, v, do, cu
+
+
+def attn(small: bool, gluon_only: bool, device: str = "cuda", shape=None) -> int:
+    """shape: (lens, hq, hkv, d) instead of the anchor (tests, on the CPU)."""
+    import torch
+
+    from bench.harness import env_var
+    from r4b.kernels import varlen_attention, varlen_attention_ref
+
+    hopper = device == "cuda" and torch.cuda.get_device_capability()[0] == 9
+    variants = [] if gluon_only else [("triton", "triton", "split")]
+    if hopper:
+        variants.append(("gluon", "gluon", "gluon"))
+    if not variants:
+        print("no variant to run (--gluon-only needs a Hopper GPU)")
+        return 1
+    lens, hq, hkv, d = shape or ((SMALL, 4, 2, 128) if small else (ANCHOR, 32, 8, 128))
+    q, k, v, do, cu = _attn_inputs(lens, hq, hkv, d, device)
+    m = max(lens)
+
+    def step(fwd_kernel, bwd):
+        with env_var("R4B_VARLEN_FWD", fwd_kernel), env_var("R4B_VARLEN_BWD", bwd):
+            qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+            o = varlen_attention(qq, kk, vv, cu, m, backend="triton")
+            return (o, *torch.autograd.grad(o, (qq, kk, vv), do))
+
+    if small:
+        return _attn_small(variants, q, k, v, do, cu, lens)
+    for _, fwd_kernel, bwd in variants:  # autotuning and compiles, outside the profiled range
+        for _ in range(2):
+            step(fwd_kernel, bwd)
+    print("profiled, in launch order:", ", ".join(f"{n} fwd+bwd" for n, _, _ in variants), flush=True)
+    _profiled(lambda: [step(f, b) for _, f, b in variants], device)
+    # the same outputs as the reference (a profile of kernels computing something else would mislead)
+    want = _ref_grads(varlen_attention_ref, q, k, v, do, cu)
+    worst = max(_rel_err(step(f, b), want) for _, f, b in variants)
+    print(f"max relative error of the profiled variants against the fp32 reference: {worst:.2e}")
+    return 0 if worst < 5e-2 else 1
+
+
+def _attn_small(variants, q, k, v, do, cu, lens) -> int:
+    """The Gluon kernels' first configs launched directly (no autotuner), their outputs checked."""
+    import importlib
+
+    import torch
+
+    from r4b.kernels import varlen_attention_ref
+
+    if not any(name == "gluon" for name, _, _ in variants):
+        print("--small runs the Gluon kernels only: this GPU is not a Hopper")
+        return 1
+    va = importlib.import_module("r4b.kernels.varlen_attention")
+    vg = importlib.import_module("r4b.kernels._varlen_gluon")
+    va._ensure_allocator()
+    want = _ref_grads(varlen_attention_ref, q, k, v, do, cu)
+    T, Hq, D = q.shape
+    scale = D**-0.5
+    o = torch.empty_like(q)
+    lse = torch.empty((Hq, T), dtype=torch.float32, device=q.device)
+    grads = []
+
+    def run():
+        vg.forward(q, k, v, o, lse, cu, scale / math.log(2.0), True, config=vg.CONFIGS[0])
+        delta = (o.float() * do.float()).sum(-1).transpose(0, 1).contiguous()  # (Hq, T)
+        grads.append(vg.backward(do, q, k, v, lse, delta, cu, scale, True, dkdv_config=vg.DKDV_CONFIGS[0],
+                                 dq_config=vg.DQ_CONFIGS[0]))
+
+    _profiled(run)
+    err = _rel_err((o, *grads[0]), want)
+    print(f"gluon: first configs {vg.CONFIGS[0]} / {vg.DKDV_CONFIGS[0]} / {vg.DQ_CONFIGS[0]}, max relative error "
+          f"against the fp32 reference {err:.2e}")
+    return 0 if err < 5e-2 else 1
+
+
+def _ref_grads(ref, q, k, v, do, cu):
+    import torch
+
+    qq, kk, vv = (t.detach().float().requires_grad_() for t in (q, k, v))
+    o = ref(qq, kk, vv, cu, causal=True)
+    return (o.detach(), *torch.autograd.grad(o, (qq, kk, vv), do.float()))
+
+
+def _rel_err(got, want) -> float:
+    worst = 0.0
+    for g, w in zip(got, want, strict=True):
+        g, w = g.detach().double(), w.detach().double()
+        if not bool(g.isfinite().all()):
+            return math.inf
+        worst = max(worst, float((g - w).abs().max()) / max(float(w.abs().max()), 1e-30))
+    return worst
+
+
+def grpo(device: str = "cuda", shape=(3328, 2560, 151936)) -> int:
+    """shape (N, H, V): by default one chunk of the anchor's (_fused_linear_chunked.chunk_rows at N=16384)."""
+    import torch
+
+    from r4b.kernels import fused_linear_grpo_loss
+
+    n, h, v = shape
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    g = torch.Generator(device="cpu").manual_seed(0)
+    hidden = torch.randn(n, h, generator=g).to(device, dtype).requires_grad_()
+    weight = (torch.randn(v, h, generator=g) / h**0.5).to(device, dtype).requires_grad_()
+    targets = torch.randint(0, v, (n,), generator=g).to(device)
+    adv = torch.randn(n, generator=g).to(device)
+    old = (-torch.rand(n, generator=g) * 5 - 8).to(device)
+    mask = (torch.rand(n, generator=g) < 0.9).to(device)
+
+    def step():
+        hidden.grad = weight.grad = None
+        loss = fused_linear_grpo_loss(hidden, weight, targets, adv, old_logprobs=old, loss_mask=mask,
+                                      aggregation="token_mean", backend="triton")[0]
+        loss.backward()
+        return loss
+
+    for _ in range(2):
+        step()
+    print(f"profiled: chunked GRPO loss fwd+bwd, N={n} H={h} V={v} {dtype} (one chunk)", flush=True)
+    _profiled(step, device)
+    ok = bool(torch.isfinite(hidden.grad).all()) and bool(torch.isfinite(weight.grad).all())
+    print("gradients finite:", ok)
+    return 0 if ok else 1
+
+
+# ------------------------------------------------------------------------------------------------ ncu report
+
+_STALL = re.compile(r"^smsp__average_warps?_(?:latency_)?issue_stalled_(\w+?)(?:_per_issue_active)?\.(?:ratio|pct)$")
+_TENSOR = re.compile(r"^sm__(?:pipe_tensor|inst_executed_pipe_tensor)\w*\.(?:avg\.)?pct_of_peak_sustained_active$")
+_COLUMNS = {  # label: ncu metric (raw page) or column name
+    "time": "gpu__time_duration.sum",
+    "SM%": "sm__throughput.avg.pct_of_peak_sustained_elapsed",
+    "mem%": "gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed",
+    "dram%": "dram__throughput.avg.pct_of_peak_sustained_elapsed",
+    "occ%": "sm__warps_active.avg.pct_of_peak_sustained_active",
+    "regs": "launch__registers_per_thread",
+    "grid": "launch__grid_size",
+    "block": "launch__block_size",
+}
+_TO_US = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3, "second": 1e6,
+          "s": 1e6}
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text.replace(",", ""))
+    except (AttributeError, ValueError):
+        return None
+
+
+def parse_ncu_csv(text: str) -> list[dict]:
+    """Kernels of an ``ncu --csv --page raw`` log: one dict per profiled launch with "name", "time_us" and the
+    metrics of _COLUMNS found, "tensor%" (the largest tensor-pipe activity metric found, with its name) and
+    "stalls" (the four largest warp-stall reasons, cycles per issued instruction). Lines that are not CSV rows
+    (ncu's ==PROF== messages, the program's own output) are skipped; a metric ncu did not collect is absent."""
+    rows = [r for r in csv.reader(line for line in text.splitlines() if line.startswith('"'))]
+    header_at = next((i for i, r in enumerate(rows) if "Kernel Name" in r), None)
+    if header_at is None:
+        return []
+    header = rows[header_at]
+    units: dict[str, str] = {}
+    out = []
+    for r in rows[header_at + 1:]:
+        if len(r) != len(header) or r == header:
+            continue
+        rec = dict(zip(header, r, strict=True))
+        if not rec.get("ID", "").strip().isdigit():  # the units row follows the header
+            units = {k: v for k, v in rec.items() if v}
+            continue
+        k = {"name": rec["Kernel Name"], "id": int(rec["ID"])}
+        for label, metric in _COLUMNS.items():
+            val = _number(rec.get(metric, ""))
+            if val is None:
+                continue
+            if label == "time":
+                k["time_us"] = val * _TO_US.get(units.get(metric, "nsecond"), 1e-3)
+            else:
+                k[label] = val
+        tensor = [(float(v), m) for m, v in rec.items() if _TENSOR.match(m) and _number(v) is not None]
+        if tensor:
+            k["tensor%"], k["tensor_metric"] = max(tensor)
+        stalls = [(float(v), _STALL.match(m).group(1)) for m, v in rec.items()
+                  if _STALL.match(m) and _number(v) is not None]
+        k["stalls"] = [(name, val) for val, name in sorted(stalls, reverse=True)[:4] if val > 0]
+        out.append(k)
+    return out
+
+
+def _cell(k: dict, key: str, width: int, digits: int = 0) -> str:
+    v = k.get(key)
+    return f"{v:>{width}.{digits}f}" if isinstance(v, float) else " " * width
+
+
+def report(kernels: list[dict]) -> str:
+    """A fixed-width table of :func:`parse_ncu_csv`'s kernels, in launch order, with each one's share of the
+    total time."""
+    if not kernels:
+        return "no kernels in the ncu log (did ncu run, and see cudaProfilerStart?)"
+    total = sum(k.get("time_us", 0.0) for k in kernels) or 1.0
+    lines = [f"{'#':>3} {'kernel':<34} {'us':>9} {'%time':>6} {'SM%':>5} {'mem%':>5} {'dram%':>5} {'tens%':>5} "
+             f"{'occ%':>5} {'regs':>4} {'grid':>7} {'blk':>4}  top stalls (cycles per issue)"]
+    for i, k in enumerate(kernels):
+        name = re.sub(r"\(.*", "", k["name"])[:34]
+        stalls = ", ".join(f"{n} {v:.1f}" for n, v in k.get("stalls", []))
+        lines.append(f"{i:>3} {name:<34} {_cell(k, 'time_us', 9, 1)} {100 * k.get('time_us', 0.0) / total:>6.1f} "
+                     + " ".join(_cell(k, key, w) for key, w in (("SM%", 5), ("mem%", 5), ("dram%", 5),
+                                                                ("tensor%", 5), ("occ%", 5), ("regs", 4),
+                                                                ("grid", 7), ("block", 4)))
+                     + f"  {stalls}")
+    metric = next((k["tensor_metric"] for k in kernels if "tensor_metric" in k), None)
+    lines.append(f"total {total:.1f} us; tensor column: {metric or 'no tensor-pipe metric in the log'}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in ("attn", "grpo", "report"):
+        print(__doc__)
+        return 2
+    if argv[0] == "report":
+        kernels = []
+        for path in argv[1:]:
+            kernels += parse_ncu_csv(Path(path).read_text(errors="replace"))
+        print(report(kernels))
+        return 0 if kernels else 1
+    import torch
+
+    if not torch.cuda.is_available():
+        print("gpu_diag needs a CUDA GPU")
+        return 2
+    if argv[0] == "attn":
+        return attn("--small" in argv, "--gluon-only" in argv)
+    return grpo()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

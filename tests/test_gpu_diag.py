@@ -1,0 +1,103 @@
+"""bench/gpu_diag.py off the GPU: its ncu-log parser and table on a log in the layout of ``ncu --csv --page raw``
+(header row, units row, one row per kernel, ncu's own ==PROF== lines and the program's output in between), and the
+refusal without a GPU. Its profiled programs run on the GPU machine only (bench/gpu_check.sh's diag phase)."""
+
+import csv
+import io
+
+import pytest
+import torch
+
+from bench import gpu_diag
+
+STALL = "smsp__average_warps_issue_stalled_{}_per_issue_active.ratio"
+HEADER = ["ID", "Process ID", "Kernel Name", "Block Size", "Grid Size", "gpu__time_duration.sum",
+          "sm__throughput.avg.pct_of_peak_sustained_elapsed", "dram__throughput.avg.pct_of_peak_sustained_elapsed",
+          "launch__registers_per_thread", "launch__grid_size", "launch__block_size",
+          "sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active",
+          "sm__inst_executed_pipe_tensor_op_hmma.avg.pct_of_peak_sustained_active",
+          STALL.format("barrier"), STALL.format("long_scoreboard"), STALL.format("math_pipe_throttle"),
+          STALL.format("wait"), STALL.format("mio_throttle"), STALL.format("selected")]
+UNITS = ["", "", "", "", "", "usecond", "%", "%", "register/thread", "", "", "%", "%", "", "", "", "", "", ""]
+
+
+def _log(rows: list[list[str]]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, quoting=csv.QUOTE_ALL, lineterminator="\n")
+    w.writerow(HEADER)
+    w.writerow(UNITS)
+    buf.write("==PROF== Disconnected from process 123\n")
+    for r in rows:
+        w.writerow(r)
+    return "==PROF== Connected to process 123\nprofiled, in launch order: gluon fwd+bwd\n" + buf.getvalue()
+
+
+ROWS = [
+    ["0", "123", "_fwd_kernel", "(256, 1, 1)", "(4096, 1, 1)", "812.5", "71.2", "12.0", "200", "4096", "256",
+     "63.5", "0", "3.5", "0.5", "1.25", "0.75", "2.0", "1.0"],
+    ["1", "123", "void at::native::vectorized_elementwise_kernel<4, float>(int, float)", "(128, 1, 1)",
+     "(1,024, 1, 1)", "1,200.0", "20", "88.5", "32", "1024", "128", "n/a", "0", "0", "4.0", "0", "0", "0", "1.0"],
+]
+
+
+def test_parse_ncu_raw_csv_gives_each_kernel_its_metrics_and_top_stalls():
+    kernels = gpu_diag.parse_ncu_csv(_log(ROWS))
+    assert [k["id"] for k in kernels] == [0, 1]
+    fwd, ew = kernels
+    assert fwd["name"] == "_fwd_kernel" and fwd["time_us"] == pytest.approx(812.5)
+    assert ew["time_us"] == pytest.approx(1200.0)  # thousands separator
+    assert (fwd["SM%"], fwd["dram%"], fwd["regs"], fwd["grid"], fwd["block"]) == (71.2, 12.0, 200, 4096, 256)
+    assert "mem%" not in fwd  # not in the log: absent, not zero
+    # the largest tensor-pipe metric found, and the one it came from; "n/a" is skipped
+    assert fwd["tensor%"] == 63.5 and fwd["tensor_metric"].startswith("sm__pipe_tensor_op_gmma")
+    assert ew["tensor%"] == 0.0
+    assert fwd["stalls"] == [("barrier", 3.5), ("mio_throttle", 2.0), ("math_pipe_throttle", 1.25),
+                             ("selected", 1.0)]
+    assert ew["stalls"] == [("long_scoreboard", 4.0), ("selected", 1.0)]  # zeros left out
+
+
+def test_time_units_follow_the_units_row():
+    units = list(UNITS)
+    units[5] = "nsecond"
+    text = _log([ROWS[0]]).replace(",".join(f'"{u}"' for u in UNITS), ",".join(f'"{u}"' for u in units))
+    assert gpu_diag.parse_ncu_csv(text)[0]["time_us"] == pytest.approx(0.8125)
+
+
+def test_report_table_and_cli(tmp_path, capsys):
+    table = gpu_diag.report(gpu_diag.parse_ncu_csv(_log(ROWS)))
+    lines = table.splitlines()
+    assert len(lines) == 4 and "top stalls" in lines[0]
+    assert "_fwd_kernel" in lines[1] and "40.4" in lines[1] and "barrier 3.5" in lines[1]  # 812.5 of 2012.5 us
+    assert "void at::native::vectorized_elemen " in lines[2] and "(int" not in lines[2]  # cut at "(", 34 chars
+    assert lines[3].startswith("total 2012.5 us; tensor column: sm__pipe_tensor_op_gmma")
+    log = tmp_path / "ncu.csv"
+    log.write_text(_log(ROWS))
+    assert gpu_diag.main(["report", str(log)]) == 0
+    assert "_fwd_kernel" in capsys.readouterr().out
+    empty = tmp_path / "empty.csv"
+    empty.write_text("==PROF== ERR_NVGPUCTRPERM - no permission\n")
+    assert gpu_diag.main(["report", str(empty)]) == 1
+    assert "no kernels" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
+def test_profiled_programs_refuse_without_a_gpu(capsys):
+    assert gpu_diag.main(["attn", "--small"]) == 2
+    assert gpu_diag.main(["grpo"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().out
+    assert gpu_diag.main(["nonsense"]) == 2
+
+
+def test_profiled_programs_run_their_kernels_on_the_cpu(monkeypatch, capsys):
+    """The profiled programs' own code (inputs, variants, the check against the reference) through the Triton
+    interpreter at tiny sizes: attn runs the default Triton variant (the Gluon one needs a Hopper) and checks it
+    against the op's fp32 reference; grpo runs the chunked loss and checks its gradients are finite."""
+    monkeypatch.setenv("R4B_FUSED_LINEAR_IMPL", "chunked")
+    assert gpu_diag.attn(False, False, device="cpu", shape=([5, 1, 0, 40], 4, 2, 32)) == 0
+    out = capsys.readouterr().out
+    assert "profiled, in launch order: triton fwd+bwd" in out
+    err = float(out.split("fp32 reference: ")[1].split()[0])
+    assert err < 1e-4  # fp32 on the CPU
+    assert gpu_diag.attn(True, True, device="cpu") == 1  # --small --gluon-only: nothing to run off Hopper
+    assert gpu_diag.grpo(device="cpu", shape=(33, 16, 300)) == 0
+    assert "gradients finite: True" in capsys.readouterr().out
