@@ -361,13 +361,14 @@ def _chunk_loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Te
             adv, old, ref = (None if x is None else x[perm] for x in (adv, old, ref))
     # dhidden rows of skipped rows are never written: zeros then, otherwise every row is written
     dh = (torch.zeros if n_grad < n else torch.empty)(n, h, dtype=hidden.dtype, device=dev) if need_dh else None
-    # dweight: the first chunk with gradient rows writes it (a plain GEMM), later ones add to it; zeroed only if
-    # no chunk does (at the anchor shape a zero-fill and the first chunk's read of it are 1.6 GB of traffic)
-    dw = torch.empty(v, h, dtype=dweight_dtype(weight), device=dev) if need_dw else None
-    dw_written = False
+    # dweight: chunk 0 holds the first rows with a gradient (they are sorted first) and writes it with a plain GEMM,
+    # later chunks add to it; zeros when no row has a gradient (at the anchor shape a zero-fill and the first
+    # chunk's read of it would be 1.6 GB of traffic)
+    dw = (torch.zeros if n_grad == 0 else torch.empty)(v, h, dtype=dweight_dtype(weight), device=dev) \
+        if need_dw else None
     db = torch.zeros(v, dtype=torch.float32, device=dev) if need_db else None
     if n == 0:
-        return logp, c, dh, None if dw is None else dw.zero_(), db
+        return logp, c, dh, dw, db
     logp_p = logp if perm is None else torch.empty_like(logp)
     c_p = c if perm is None else torch.empty_like(c)
     step = chunk_rows(n, v, hidden.element_size())
@@ -400,20 +401,16 @@ def _chunk_loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Te
         if dw is not None:  # dweight += P.T @ (alpha * hidden)
             ha = (hk * ak if hk.dtype == torch.float32 else (hk.float() * ak).to(hk.dtype))
             if dw.dtype == pk.dtype:
-                if dw_written:
-                    dw.addmm_(pk.T, ha)
-                else:
+                if s == 0:
                     torch.mm(pk.T, ha, out=dw)
-            else:  # fp32 accumulator for a half weight (small V*H only): the chunk's product in fp32
-                if dw_written:
-                    dw += _mm_f32(pk.T, ha)
                 else:
-                    dw.copy_(_mm_f32(pk.T, ha))
-            dw_written = True
+                    dw.addmm_(pk.T, ha)
+            elif s == 0:  # fp32 accumulator for a half weight (small V*H only): the chunk's product in fp32
+                dw.copy_(_mm_f32(pk.T, ha))
+            else:
+                dw += _mm_f32(pk.T, ha)
         if db is not None:  # dbias += alpha @ P (alpha rounded to P's dtype; the result goes to the bias dtype)
             db += _mm_f32(ak[:, 0].to(pk.dtype)[None], pk)[0]
-    if dw is not None and not dw_written:
-        dw.zero_()
     if perm is not None:
         logp[perm] = logp_p
         c[perm] = c_p
