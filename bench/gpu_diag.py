@@ -11,7 +11,7 @@ are what the sessions after it tune against. bench/gpu_check.sh's ``diag`` phase
         config of each kernel launched directly (no autotuning: for compute-sanitizer, under which every launch
         is slow); the outputs are checked against the float64 reference of the op (exit 1 on a mismatch).
     python -m bench.gpu_diag grpo
-        the chunked GRPO loss, forward + backward, on one chunk's worth of rows of the anchor (3328 x 2560 x
+        the chunked GRPO loss, forward + backward, on one chunk's worth of rows of the anchor (3072 x 2560 x
         151936, bf16): its GEMMs (cuBLAS) and the row kernel.
     python -m bench.gpu_diag report CSV...
         one line per profiled kernel of ncu's ``--csv --page raw`` log(s): time, SM / memory / DRAM throughput,
@@ -26,7 +26,6 @@ import re
 import sys
 from pathlib import Path
 
-ANCHOR = [4096, 3072, 2560, 2048, 1536, 1280, 768, 512, 384, 128]
 SMALL = [1, 37, 0, 130, 300, 5, 64]
 
 
@@ -46,22 +45,12 @@ def _profiled(run, device: str = "cuda") -> None:
         torch.cuda.cudart().cudaProfilerStop()
 
 
-def _attn_inputs(lens, hq, hkv, d, device, seed=0):
-    import torch
-
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    T = sum(lens)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32  # (the interpreter computes bf16 wrongly)
-    q, k, v, do = (torch.randn(T, h, d, generator=g).to(device, dtype) for h in (hq, hkv, hkv, hq))
-    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
-    return q, k, v, do, cu
-
-
 def attn(small: bool, gluon_only: bool, device: str = "cuda", shape=None) -> int:
     """shape: (lens, hq, hkv, d) instead of the anchor (tests, on the CPU)."""
     import torch
 
-    from bench.harness import env_var
+    from bench import bench_varlen_attention as bva
+    from bench.harness import Case, env_var
     from r4b.kernels import varlen_attention, varlen_attention_ref
 
     hopper = device == "cuda" and torch.cuda.get_device_capability()[0] == 9
@@ -71,8 +60,9 @@ def attn(small: bool, gluon_only: bool, device: str = "cuda", shape=None) -> int
     if not variants:
         print("no variant to run (--gluon-only needs a Hopper GPU)")
         return 1
-    lens, hq, hkv, d = shape or ((SMALL, 4, 2, 128) if small else (ANCHOR, 32, 8, 128))
-    q, k, v, do, cu = _attn_inputs(lens, hq, hkv, d, device)
+    lens, hq, hkv, d = shape or ((SMALL, 4, 2, 128) if small else (bva.ANCHOR, 32, 8, 128))
+    # the varlen bench's inputs (bf16 on the GPU, fp32 on the CPU interpreter)
+    q, k, v, do, cu = bva._inputs(Case("diag", {"mode": "fwd", "lens": lens, "hq": hq, "hkv": hkv, "d": d}), device)
     m = max(lens)
 
     def step(fwd_kernel, bwd):
@@ -138,30 +128,24 @@ def _ref_grads(ref, q, k, v, do, cu):
 
 
 def _rel_err(got, want) -> float:
-    worst = 0.0
-    for g, w in zip(got, want, strict=True):
-        g, w = g.detach().double(), w.detach().double()
-        if not bool(g.isfinite().all()):
-            return math.inf
-        worst = max(worst, float((g - w).abs().max()) / max(float(w.abs().max()), 1e-30))
-    return worst
+    """The harness's max relative error, or inf where a result holds NaN / inf (which that max would skip)."""
+    from bench.harness import max_rel_err
+
+    return max_rel_err(got, want) if all(bool(g.isfinite().all()) for g in got) else math.inf
 
 
-def grpo(device: str = "cuda", shape=(3328, 2560, 151936)) -> int:
-    """shape (N, H, V): by default one chunk of the anchor's (_fused_linear_chunked.chunk_rows at N=16384)."""
+def grpo(device: str = "cuda", shape=(3072, 2560, 151936)) -> int:
+    """shape (N, H, V): by default one chunk of the anchor's (its last: _fused_linear_chunked.chunk_rows gives
+    16384 = 4 x 3328 + 3072), with the GRPO bench's inputs (N a multiple of its 1024-token sequences, or less)."""
     import torch
 
+    from bench.bench_grpo_loss import inputs
+    from bench.harness import Case
     from r4b.kernels import fused_linear_grpo_loss
 
     n, h, v = shape
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    g = torch.Generator(device="cpu").manual_seed(0)
-    hidden = torch.randn(n, h, generator=g).to(device, dtype).requires_grad_()
-    weight = (torch.randn(v, h, generator=g) / h**0.5).to(device, dtype).requires_grad_()
-    targets = torch.randint(0, v, (n,), generator=g).to(device)
-    adv = torch.randn(n, generator=g).to(device)
-    old = (-torch.rand(n, generator=g) * 5 - 8).to(device)
-    mask = (torch.rand(n, generator=g) < 0.9).to(device)
+    hidden, weight, targets, adv, old, mask = inputs(Case("diag", {"N": n, "H": h, "V": v}), device, dtype)
 
     def step():
         hidden.grad = weight.grad = None
