@@ -204,7 +204,7 @@ def aot_report(first_only: bool = False) -> None:
     # "+tma": the kernels of R4B_VARLEN_LOADS=tma (inner-loop blocks through TMA tensor descriptors);
     # "dkdv+dq": the dK/dV kernel of R4B_VARLEN_BWD=atomic, which also adds dQ with fp32 atomics
     kv_off = {"TMA": False}
-    qdo_off = {"TMA": False, "TMA_DQ": False}
+    qdo_off = {"TMA": False, "TMA_DQ": False, "WIDE_HEADS": False}
     for kind, kern, cfgs, tile, extra in (
             ("fwd", va._fwd_kernel, va.FWD_CONFIGS, ("BLOCK_M", "BLOCK_N"), kv_off),
             ("fwd+tma", va._fwd_kernel, va.FWD_CONFIGS, ("BLOCK_M", "BLOCK_N"), {"TMA": True}),
@@ -212,10 +212,10 @@ def aot_report(first_only: bool = False) -> None:
             ("dq+tma", va._bwd_dq_kernel, va.DQ_CONFIGS, ("BLOCK_M", "BLOCK_N"), {"TMA": True}),
             ("dkdv", va._bwd_dkdv_kernel, va.DKDV_CONFIGS, ("BLOCK_N", "BLOCK_M"), {"ATOMIC_DQ": False, **qdo_off}),
             ("dkdv+tma", va._bwd_dkdv_kernel, va.DKDV_CONFIGS, ("BLOCK_N", "BLOCK_M"),
-             {"ATOMIC_DQ": False, "TMA": True, "TMA_DQ": False}),
+             {"ATOMIC_DQ": False, "TMA": True, "TMA_DQ": False, "WIDE_HEADS": False}),
             ("dkdv+dq", va._bwd_dkdv_kernel, va.DKDV_CONFIGS, ("BLOCK_N", "BLOCK_M"), {"ATOMIC_DQ": True, **qdo_off}),
             ("dkdv+dq+tma", va._bwd_dkdv_kernel, va.DKDV_CONFIGS, ("BLOCK_N", "BLOCK_M"),
-             {"ATOMIC_DQ": True, "TMA": True, "TMA_DQ": True})):
+             {"ATOMIC_DQ": True, "TMA": True, "TMA_DQ": True, "WIDE_HEADS": False})):
         for a, b, warps, stages in cfgs[:1] if first_only else cfgs:
             meta = {"GROUP": 4, "D": 128, "BLOCK_D": 128, "CAUSAL": True, "DOT_PREC": "tf32", tile[0]: a, tile[1]: b,
                     **extra}

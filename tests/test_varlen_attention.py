@@ -247,6 +247,10 @@ def test_gluon_forward_refuses_what_it_cannot_address():
     assert "head dim 72" in input_problem(*(torch.zeros(8, 2, 72, dtype=torch.bfloat16) for _ in range(3)))
     odd = torch.zeros(8, 2 * 64 + 1, dtype=torch.bfloat16)[:, 1:].view(8, 2, 64)  # base 2 bytes off
     assert "tensor 2 is not TMA-addressable" in input_problem(b[0], b[1], odd)
+    # head 2 starts at element 2^31 (a reserved, untouched 4 GB storage): the Triton kernels' int64 bases take it
+    wide = torch.empty(2**31 + 8 * 64, dtype=torch.bfloat16).as_strided((8, 3, 64), (64, 2**30, 1))
+    assert "2^31" in input_problem(wide, b[1], b[2])
+    assert input_problem(wide[:, :2], b[1], b[2]) is None
 
 
 def test_gluon_refuses_a_gpu_other_than_hopper_by_name(monkeypatch):
@@ -438,3 +442,62 @@ def test_int32_offset_limit_is_refused_by_name():
     with pytest.raises(ValueError, match="2\\^31"):
         _check_int32_offsets(q, k, v)
     _check_int32_offsets(q[: T // 2], k[: T // 2], v[: T // 2])  # 2^30 elements: fine
+
+
+def test_per_head_bases_past_2_31_elements(modes):
+    """Head strides that put head 2 past 2^31 elements (the row offsets stay small, so the int32 guard lets them
+    through): the kernels' per-head bases are int64 (in int32 they wrapped and read another address; the
+    interpreter crashed). q, k, v and dO are views into one 8.6 GB fp32 storage that is reserved, not touched
+    outside their rows; output and gradients must be bit-identical to those of compact copies."""
+    T, H, D = 24, 3, 16
+    head = 2**30 + 64  # elements between heads: head 2 starts at 2^31 + 128
+    store = torch.empty(2 * head + 4 * T * D, dtype=torch.float32)
+    views = [store.as_strided((T, H, D), (D, head, 1), i * T * D) for i in range(4)]
+    compact = _inputs([5, 1, 18], H, H, D)
+    for view, t in zip(views, compact, strict=True):
+        view.copy_(t)
+    cu = _cu([5, 1, 18])
+
+    def run(q, k, v, do):
+        q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))  # detach keeps the strides
+        o = varlen_attention(q, k, v, cu, 18, backend="triton")
+        return (o.detach(), *torch.autograd.grad(o, (q, k, v), do))
+
+    for name, a, b in zip(("out", "dq", "dk", "dv"), run(*views), run(*compact), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_the_offset_guard_sees_the_layout_the_kernels_get(monkeypatch):
+    """A q with a non-unit last stride is copied before the kernels run: the int32 guard must judge the copy's
+    row stride, not the original's (whose row stride may be 1)."""
+    va = importlib.import_module("r4b.kernels.varlen_attention")  # the module: the package attribute is the op
+    seen = []
+    real = va._check_int32_offsets
+    monkeypatch.setattr(va, "_check_int32_offsets", lambda *t: (seen.append([x.stride() for x in t]), real(*t)))
+    q, k, v, _ = _inputs([7, 9], 4, 2, 16)
+    q_t = q.permute(2, 1, 0).contiguous().permute(2, 1, 0)  # (T, H, D) with strides (1, T, H * T)
+    out = varlen_attention(q_t, k, v, _cu([7, 9]), 9, backend="triton")
+    assert seen == [[(64, 16, 1), k.stride(), v.stride()]]
+    torch.testing.assert_close(out, varlen_attention(q, k, v, _cu([7, 9]), 9, backend="triton"), rtol=0, atol=0)
+
+
+def test_a_gradient_whose_rows_overflow_int32_gets_a_head_major_copy(monkeypatch):
+    """dO narrowed from a wide buffer (row stride 20480 at 131,072 tokens: 2.7e9 elements) is copied head-major
+    (row stride D) for the backward kernels; one that fits is passed as it is; T * D past 2^31 is refused by
+    name. Meta tensors: no memory. The backward passes its gradient through it."""
+    va = importlib.import_module("r4b.kernels.varlen_attention")
+    _int32_rows_grad = va._int32_rows_grad
+    seen = []
+    monkeypatch.setattr(va, "_int32_rows_grad", lambda t: (seen.append(t.shape), _int32_rows_grad(t))[1])
+    q, k, v, do = _inputs([7, 9], 4, 2, 16)
+    _grads(lambda a, b, c: varlen_attention(a, b, c, _cu([7, 9]), 9, backend="triton"), q, k, v, do)
+    assert seen == [do.shape]
+
+    T, H, D = 2**17, 32, 128
+    wide = torch.empty(T, 160, D, device="meta")[:, :H]
+    fixed = _int32_rows_grad(wide)
+    assert fixed.shape == (T, H, D) and fixed.stride() == (D, T * D, 1)
+    fits = torch.empty(T, H, D, device="meta")
+    assert _int32_rows_grad(fits) is fits
+    with pytest.raises(ValueError, match="2\\^31.*output gradient"):
+        _int32_rows_grad(torch.empty(2**24, 4, 128, device="meta")[:, :2])

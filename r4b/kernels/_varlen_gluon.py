@@ -258,6 +258,8 @@ def input_problem(*tensors) -> str | None:
         if t.stride(2) != 1 or t.stride(0) <= 0 or (t.stride(0) * t.element_size()) % 16 \
                 or (t.stride(1) * t.element_size()) % 16 or t.data_ptr() % 16:
             return f"tensor {i} is not TMA-addressable (strides {tuple(t.stride())}, 16-byte rows and base needed)"
+    if max((t.shape[1] - 1) * abs(t.stride(1)) for t in tensors) >= 2**31 or 2 * t0.shape[1] * t0.shape[0] >= 2**31:
+        return "per-head offsets (head index times head stride, or Hq * T) reach 2^31 elements: int32 head bases"
     return None
 
 

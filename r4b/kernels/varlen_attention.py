@@ -265,9 +265,10 @@ if _dispatch.triton_importable():
         # program (query tile of packed rows, query head); LSE is (Hq, T) fp32 in log2 units.
         t0, h = _tile_of(n_heads, T, BLOCK_M, CAUSAL)
         hk = h // GROUP
+        h64, hk64 = h.to(tl.int64), hk.to(tl.int64)  # per-head bases in int64: h * head stride can pass 2^31
         rows = t0 + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
-        q = _load_rows(Q + h * stride_qh, rows.to(tl.int64), stride_qt, offs_d, rows < T, D, BLOCK_D, True)
+        q = _load_rows(Q + h64 * stride_qh, rows.to(tl.int64), stride_qt, offs_d, rows < T, D, BLOCK_D, True)
         t_end = tl.minimum(t0 + BLOCK_M, T)
         s = _seq_of(CU, n_seqs, t0)
         t = t0
@@ -278,8 +279,8 @@ if _dispatch.triton_importable():
             L = ce - cs
             q_loc = rows - cs  # local query index of each tile row (meaningful inside [t, seg_hi) only)
             hi1, hi2 = _key_bounds(t - cs, seg_hi - cs, L, BLOCK_N, CAUSAL)
-            k_base = K + cs.to(tl.int64) * stride_kt + hk * stride_kh
-            v_base = V + cs.to(tl.int64) * stride_vt + hk * stride_vh
+            k_base = K + cs.to(tl.int64) * stride_kt + hk64 * stride_kh
+            v_base = V + cs.to(tl.int64) * stride_vt + hk64 * stride_vh
             desc_k = _seq_desc(k_base, L, stride_kt, D, BLOCK_N, BLOCK_D, TMA)
             desc_v = _seq_desc(v_base, L, stride_vt, D, BLOCK_N, BLOCK_D, TMA)
             acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -295,9 +296,9 @@ if _dispatch.triton_importable():
             l_i = tl.where(l_i > 0.0, l_i, 1.0)  # l_i is 0 only in an empty segment (a zero-length sequence)
             out = acc / l_i[:, None]
             r64 = rows.to(tl.int64)
-            o_ptrs = Out + h * stride_oh + r64[:, None] * stride_ot + offs_d[None, :]
+            o_ptrs = Out + h64 * stride_oh + r64[:, None] * stride_ot + offs_d[None, :]
             tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=seg[:, None] & (offs_d[None, :] < D))
-            tl.store(LSE + h * T + r64, m_i + tl.log2(l_i), mask=seg)
+            tl.store(LSE + h64 * T + r64, m_i + tl.log2(l_i), mask=seg)
             t = seg_hi
             s += 1
 
@@ -309,15 +310,15 @@ if _dispatch.triton_importable():
         # DELTA[h, t] = sum_d dO[t, h, d] * O[t, h, d], fp32, (Hq, T); LD[h, t] = (LSE[h, t], DELTA[h, t]),
         # (Hq, T, 2), for the dK/dV kernel's 8-byte pair loads
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        h = tl.program_id(1)
+        h64 = tl.program_id(1).to(tl.int64)
         offs_d = tl.arange(0, BLOCK_D)
         r64 = rows.to(tl.int64)
-        o = _load_rows(Out + h * stride_oh, r64, stride_ot, offs_d, rows < T, D, BLOCK_D, True).to(tl.float32)
-        do = _load_rows(DO + h * stride_doh, r64, stride_dot, offs_d, rows < T, D, BLOCK_D, True).to(tl.float32)
+        o = _load_rows(Out + h64 * stride_oh, r64, stride_ot, offs_d, rows < T, D, BLOCK_D, True).to(tl.float32)
+        do = _load_rows(DO + h64 * stride_doh, r64, stride_dot, offs_d, rows < T, D, BLOCK_D, True).to(tl.float32)
         delta = tl.sum(o * do, 1)
-        tl.store(DELTA + h * T + r64, delta, mask=rows < T)
-        lse = tl.load(LSE + h * T + r64, mask=rows < T, other=0.0)
-        ld_ptrs = LD + (h * T + r64)[:, None] * 2 + tl.arange(0, 2)[None, :]
+        tl.store(DELTA + h64 * T + r64, delta, mask=rows < T)
+        lse = tl.load(LSE + h64 * T + r64, mask=rows < T, other=0.0)
+        ld_ptrs = LD + (h64 * T + r64)[:, None] * 2 + tl.arange(0, 2)[None, :]
         tl.store(ld_ptrs, tl.join(lse, delta), mask=(rows < T)[:, None])
 
     @triton.jit
@@ -356,14 +357,15 @@ if _dispatch.triton_importable():
         # program (query tile of packed rows, query head): dQ = scale * sum_keys dS K
         t0, h = _tile_of(n_heads, T, BLOCK_M, CAUSAL)
         hk = h // GROUP
+        h64, hk64 = h.to(tl.int64), hk.to(tl.int64)  # per-head bases in int64: h * head stride can pass 2^31
         rows = t0 + tl.arange(0, BLOCK_M)
         r64 = rows.to(tl.int64)
         offs_d = tl.arange(0, BLOCK_D)
         in_t = rows < T
-        q = _load_rows(Q + h * stride_qh, r64, stride_qt, offs_d, in_t, D, BLOCK_D, True)
-        do = _load_rows(DO + h * stride_doh, r64, stride_dot, offs_d, in_t, D, BLOCK_D, True)
-        lse = tl.load(LSE + h * T + r64, mask=in_t, other=0.0)
-        delta = tl.load(DELTA + h * T + r64, mask=in_t, other=0.0)
+        q = _load_rows(Q + h64 * stride_qh, r64, stride_qt, offs_d, in_t, D, BLOCK_D, True)
+        do = _load_rows(DO + h64 * stride_doh, r64, stride_dot, offs_d, in_t, D, BLOCK_D, True)
+        lse = tl.load(LSE + h64 * T + r64, mask=in_t, other=0.0)
+        delta = tl.load(DELTA + h64 * T + r64, mask=in_t, other=0.0)
         t_end = tl.minimum(t0 + BLOCK_M, T)
         s = _seq_of(CU, n_seqs, t0)
         t = t0
@@ -374,8 +376,8 @@ if _dispatch.triton_importable():
             L = ce - cs
             q_loc = rows - cs
             hi1, hi2 = _key_bounds(t - cs, seg_hi - cs, L, BLOCK_N, CAUSAL)
-            k_base = K + cs.to(tl.int64) * stride_kt + hk * stride_kh
-            v_base = V + cs.to(tl.int64) * stride_vt + hk * stride_vh
+            k_base = K + cs.to(tl.int64) * stride_kt + hk64 * stride_kh
+            v_base = V + cs.to(tl.int64) * stride_vt + hk64 * stride_vh
             desc_k = _seq_desc(k_base, L, stride_kt, D, BLOCK_N, BLOCK_D, TMA)
             desc_v = _seq_desc(v_base, L, stride_vt, D, BLOCK_N, BLOCK_D, TMA)
             dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -384,7 +386,7 @@ if _dispatch.triton_importable():
             dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, q_loc, hi1, hi2, qk_scale,
                            offs_d, desc_k, desc_v, D, BLOCK_D, BLOCK_N, True, CAUSAL, DOT_PREC, TMA)
             seg = (rows >= t) & (rows < seg_hi)
-            ptrs = DQ + h * stride_dqh + r64[:, None] * stride_dqt + offs_d[None, :]
+            ptrs = DQ + h64 * stride_dqh + r64[:, None] * stride_dqt + offs_d[None, :]
             tl.store(ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=seg[:, None] & (offs_d[None, :] < D))
             t = seg_hi
             s += 1
@@ -474,18 +476,22 @@ if _dispatch.triton_importable():
                          stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dq32t, stride_dq32h,
                          GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
-                         ATOMIC_DQ: tl.constexpr, TMA: tl.constexpr, TMA_DQ: tl.constexpr):
+                         ATOMIC_DQ: tl.constexpr, TMA: tl.constexpr, TMA_DQ: tl.constexpr,
+                         WIDE_HEADS: tl.constexpr):
         # program (key tile of packed rows, KV head): sums over the GROUP query heads that share this KV head,
         # so dK/dV are written once, without atomics. ATOMIC_DQ: dQ is also formed here (fp32 atomics into DQ32,
         # zeroed by the caller), so no dQ kernel recomputes QK^T and dO V^T: 5 matrix products instead of 7.
         t0, hk = _tile_of(n_heads, T, BLOCK_N, False)
+        # WIDE_HEADS: per-head bases in int64 (a head stride times the head index, or Hq * T * 2, can pass 2^31);
+        # int32 otherwise (int64 costs this kernel spills, 12 -> 20 bytes at the default tile under sm_90 ptxas)
+        hk64 = hk.to(tl.int64) if WIDE_HEADS else hk
         rows = t0 + tl.arange(0, BLOCK_N)
         r64 = rows.to(tl.int64)
         offs_d = tl.arange(0, BLOCK_D)
         in_t = rows < T
         if not ATOMIC_DQ:  # the atomic backward loads them per segment (below)
-            k = _load_rows(K + hk * stride_kh, r64, stride_kt, offs_d, in_t, D, BLOCK_D, True)  # (BLOCK_N, BLOCK_D)
-            v = _load_rows(V + hk * stride_vh, r64, stride_vt, offs_d, in_t, D, BLOCK_D, True)
+            k = _load_rows(K + hk64 * stride_kh, r64, stride_kt, offs_d, in_t, D, BLOCK_D, True)  # (BLOCK_N, BLOCK_D)
+            v = _load_rows(V + hk64 * stride_vh, r64, stride_vt, offs_d, in_t, D, BLOCK_D, True)
         t_end = tl.minimum(t0 + BLOCK_N, T)
         if TMA_DQ:  # DQ32 is a contiguous (T, Hq, D) fp32 buffer
             desc_dq = tl.make_tensor_descriptor(DQ32, shape=[T, n_heads * GROUP * D], strides=[stride_dq32t, 1],
@@ -512,8 +518,8 @@ if _dispatch.triton_importable():
             if ATOMIC_DQ:
                 # the tile's rows of other sequences would reach this sequence's dQ through dS^T K (and dO V^T):
                 # zeros there, not their values (an inf or NaN times a zero probability is NaN)
-                k_s = _load_rows(K + hk * stride_kh, r64, stride_kt, offs_d, kvalid, D, BLOCK_D, True)
-                v_s = _load_rows(V + hk * stride_vh, r64, stride_vt, offs_d, kvalid, D, BLOCK_D, True)
+                k_s = _load_rows(K + hk64 * stride_kh, r64, stride_kt, offs_d, kvalid, D, BLOCK_D, True)
+                v_s = _load_rows(V + hk64 * stride_vh, r64, stride_vt, offs_d, kvalid, D, BLOCK_D, True)
             else:
                 k_s = k
                 v_s = v
@@ -523,12 +529,13 @@ if _dispatch.triton_importable():
             dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
             for g in range(GROUP):
                 h = hk * GROUP + g
-                q_base = Q + cs64 * stride_qt + h * stride_qh
-                do_base = DO + cs64 * stride_dot + h * stride_doh
-                lse_base = LSE + h * T + cs64
-                delta_base = DELTA + h * T + cs64
-                ld_base = LD + (h * T + cs64) * 2
-                dq_base = DQ32 + cs64 * stride_dq32t + h * stride_dq32h
+                hb = h.to(tl.int64) if WIDE_HEADS else h  # for the bases; h itself (int32) for TMA coordinates
+                q_base = Q + cs64 * stride_qt + hb * stride_qh
+                do_base = DO + cs64 * stride_dot + hb * stride_doh
+                lse_base = LSE + hb * T + cs64
+                delta_base = DELTA + hb * T + cs64
+                ld_base = LD + (hb * T + cs64) * 2
+                dq_base = DQ32 + cs64 * stride_dq32t + hb * stride_dq32h
                 desc_q = _seq_desc(q_base, L, stride_qt, D, BLOCK_M, BLOCK_D, TMA)
                 desc_do = _seq_desc(do_base, L, stride_dot, D, BLOCK_M, BLOCK_D, TMA)
                 if CAUSAL:
@@ -546,9 +553,9 @@ if _dispatch.triton_importable():
                                      sm_scale, desc_q, desc_do, desc_dq, cs, h * D, D, BLOCK_D, BLOCK_N, BLOCK_M, 1,
                                      DOT_PREC, ATOMIC_DQ, TMA, TMA_DQ)
             seg = kvalid[:, None] & (offs_d[None, :] < D)
-            tl.store(DK + hk * stride_dkh + r64[:, None] * stride_dkt + offs_d[None, :],
+            tl.store(DK + hk64 * stride_dkh + r64[:, None] * stride_dkt + offs_d[None, :],
                      (dk * sm_scale).to(DK.dtype.element_ty), mask=seg)
-            tl.store(DV + hk * stride_dvh + r64[:, None] * stride_dvt + offs_d[None, :],
+            tl.store(DV + hk64 * stride_dvh + r64[:, None] * stride_dvt + offs_d[None, :],
                      dv.to(DV.dtype.element_ty), mask=seg)
             t = seg_hi
             s += 1
@@ -741,7 +748,7 @@ if _dispatch.triton_importable():
             _ensure_allocator()
         kv_args = (q, k, v, do, lse, delta, ld, dk, dv, dq32, cu, T, n, T.bit_length(), Hkv, scale * _LOG2E, scale,
                    *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *dq32_strides)
-        kv_meta = dict(ATOMIC_DQ=atomic, TMA=tma_qdo, TMA_DQ=tma_dq, **meta)
+        kv_meta = dict(ATOMIC_DQ=atomic, TMA=tma_qdo, TMA_DQ=tma_dq, WIDE_HEADS=_wide_heads(q, k, v, do), **meta)
         if not atomic:
             dq = torch.empty_like(q, memory_format=torch.contiguous_format)
             dq_args = (q, k, v, do, lse, delta, dq, cu, T, n, T.bit_length(), Hq, scale * _LOG2E, scale, *strides,
@@ -774,17 +781,42 @@ if _dispatch.triton_importable():
         @torch.autograd.function.once_differentiable  # a double backward raises instead of dropping its terms
         def backward(ctx, do):
             q, k, v, o, lse, cu = ctx.saved_tensors
-            dq, dk, dv = _bwd(_unit_last(do), q, k, v, o, lse, cu, ctx.scale, ctx.causal)
+            dq, dk, dv = _bwd(_int32_rows_grad(_unit_last(do)), q, k, v, o, lse, cu, ctx.scale, ctx.causal)
             return dq, dk, dv, None, None, None
 
 
+def _wide_heads(*tensors: Tensor) -> bool:
+    """Whether a per-head base of the dK/dV kernel (head index times head stride of q, k, v or dO, or the (Hq, T, 2)
+    LSE/delta pairs' head * T * 2) can pass 2^31 elements: it then computes them in int64."""
+    q = tensors[0]
+    return max((t.shape[1] - 1) * abs(t.stride(1)) for t in tensors) >= 2**31 or 2 * q.shape[1] * q.shape[0] >= 2**31
+
+
+def _int32_rows_ok(t: Tensor) -> bool:
+    return t.shape[0] * abs(t.stride(0)) < 2**31
+
+
 def _check_int32_offsets(q: Tensor, k: Tensor, v: Tensor) -> None:
-    """The Triton kernels index rows inside a sequence in int32 (int64 costs the dK/dV kernel register spills):
-    refuse a packed batch where that could overflow, rather than read wrong rows."""
-    row_stride = max(abs(t.stride(0)) for t in (q, k, v))
-    if q.shape[0] * row_stride >= 2**31:
+    """The Triton kernels index rows inside a sequence in int32 (int64 costs the dK/dV kernel register spills;
+    per-head and per-sequence bases are int64): refuse a packed batch where that could overflow, rather than read
+    wrong rows. Call it on the tensors the kernels get (after _unit_last)."""
+    if not all(_int32_rows_ok(t) for t in (q, k, v)):
+        row_stride = max(abs(t.stride(0)) for t in (q, k, v))
         raise ValueError(f"varlen_attention (triton): T * row stride must be < 2^31 for int32 in-sequence offsets, "
                          f"got T={q.shape[0]} and row stride {row_stride}; split the packed batch")
+
+
+def _int32_rows_grad(do: Tensor) -> Tensor:
+    """The output's gradient as the backward kernels can index it: itself, or, when T * its row stride could
+    overflow their int32 in-sequence offsets (a gradient narrowed from a wider buffer), a head-major copy (row
+    stride D: T * D fits whenever q passed _check_int32_offsets with rows of at least D elements)."""
+    if _int32_rows_ok(do):
+        return do
+    do = do.transpose(0, 1).contiguous().transpose(0, 1)
+    if not _int32_rows_ok(do):
+        raise ValueError(f"varlen_attention (triton) backward: T * D must be < 2^31 for int32 in-sequence offsets, "
+                         f"got the output gradient's shape {tuple(do.shape)}; split the packed batch")
+    return do
 
 
 @_dispatch.on_tensor_device
@@ -838,10 +870,11 @@ def varlen_attention(
     if q.shape[0] == 0 or q.shape[1] == 0:
         return _empty_out(q, k, v)
     cu = cu_seqlens.contiguous()
+    # the kernels' layouts (unit last stride) before the offset guard: a copy's row stride is what they index
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     if chosen == "triton":
         _check_int32_offsets(q, k, v)
         return _VarlenAttentionFn.apply(q, k, v, cu, float(scale), bool(causal))
-    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     if chosen == "flash_attn":
         return _flash_attn(q, k, v, cu, int(max_seqlen), float(scale), bool(causal))
     return _xformers(q, k, v, cu, float(scale), bool(causal))
