@@ -83,3 +83,44 @@ def test_small_op_autotuning_keys_on_a_row_bucket():
     rope = importlib.import_module("r4b.kernels.rope")
     assert "rows_bucket" in swi._fwd_tuned.keys and "rows_bucket" in swi._bwd_tuned.keys
     assert "t_bucket" in rope._rope_tuned.keys
+
+
+def test_swiglu_grid_is_one_axis(monkeypatch):
+    """The launch grid has one axis (2^31 - 1 programs) holding row blocks x column blocks: a 2-D grid put the
+    column blocks on axis 1, which CUDA caps at 65,535, so a flattened input past 33.5M elements failed to launch
+    (the interpreter has no such limit; the GPU test below runs one)."""
+    import importlib
+
+    swi = importlib.import_module("r4b.kernels.swiglu")
+    grids = []
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return self.kernel[grid]
+
+    monkeypatch.setattr(swi, "_swiglu_fwd_kernel", Spy(swi._swiglu_fwd_kernel))
+    monkeypatch.setattr(swi, "_swiglu_bwd_kernel", Spy(swi._swiglu_bwd_kernel))
+    gate, up = torch.randn(12, 1030), torch.randn(12, 1030)
+    got = _run(gate, up, "triton")
+    ref = _run(gate.double(), up.double(), None)
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b.float(), rtol=1e-5, atol=1e-6)
+    bm, bn = swi._grid_blocks(1030)
+    assert grids == [(-(-12 // bm) * -(-1030 // bn),)] * 2
+
+
+@pytest.mark.gpu
+def test_swiglu_flattened_past_the_second_grid_axis_gpu():
+    """A 1-D input of 2^28 + 3 bf16 elements: past 65,535 column blocks for every config's tile (the largest is
+    4096 wide), by the bf16 rule against an fp32 reference."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    gate = torch.randn(2**28 + 3, device="cuda", generator=g)
+    up = torch.randn(2**28 + 3, device="cuda", generator=g)
+    ref = swiglu_ref(gate, up)
+    got = swiglu(gate.bfloat16(), up.bfloat16(), backend="triton").float()
+    plain = swiglu_ref(gate.bfloat16(), up.bfloat16()).float()
+    assert (got - ref).abs().max() <= 2 * (plain - ref).abs().max() + 1e-3 * ref.abs().max()

@@ -1,7 +1,7 @@
 """swiglu: silu(gate) * up, the Qwen3 MLP activation.
 
-Owns the torch reference, the Triton forward/backward kernels (2-D tiles over (rows, I), strided rows so the
-two halves of a fused gate_up projection are read in place), the autograd Function and the public function.
+Owns the torch reference, the Triton forward/backward kernels (2-D tiles over (rows, I) on a 1-D grid, strided rows
+so the two halves of a fused gate_up projection are read in place), the autograd Function and the public function.
 """
 
 from __future__ import annotations
@@ -24,14 +24,23 @@ if _dispatch.triton_importable():
     import triton
     import triton.language as tl
 
+    @triton.jit
+    def _tile(n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """(rows as int64, columns) of this program. One grid axis, column blocks fastest: a 2-D grid put the column
+        blocks on axis 1, whose 65,535 limit refused a last dimension past 33.5M (e.g. a flattened input)."""
+        n_col_blocks = tl.cdiv(n_cols, BLOCK_N)
+        pid = tl.program_id(0)
+        rows = ((pid // n_col_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        cols = (pid % n_col_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+        return rows, cols
+
     # n_cols stays specialised (Triton keys on its divisibility by 16, not its value): with it unknown, the column
     # mask could not be proven constant over 8 bf16 lanes and every load and store went element by element. On
     # an H100 (2026-11-26) the forward with n_cols unspecialised moved 2.0 TB/s where torch.compile moved 3.0.
     @triton.jit(do_not_specialize=["n_rows", "rows_bucket"])
     def _swiglu_fwd_kernel(G, U, Y, n_rows, n_cols, rows_bucket, stride_g, stride_u, stride_y, BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr):
-        rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows, cols = _tile(n_cols, BLOCK_M, BLOCK_N)
         mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
         g = tl.load(G + rows[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         u = tl.load(U + rows[:, None] * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -41,8 +50,7 @@ if _dispatch.triton_importable():
     @triton.jit(do_not_specialize=["n_rows", "rows_bucket"])
     def _swiglu_bwd_kernel(DY, G, U, DG, DU, n_rows, n_cols, rows_bucket, stride_dy, stride_g, stride_u, stride_d,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows, cols = _tile(n_cols, BLOCK_M, BLOCK_N)
         mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
         dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         g = tl.load(G + rows[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -94,10 +102,10 @@ if _dispatch.triton_importable():
         if not out.numel():
             return
         if out.device.type == "cuda" and not _dispatch.triton_interpret():
-            tuned[lambda m: (triton.cdiv(n, m["BLOCK_M"]), triton.cdiv(n_cols, m["BLOCK_N"]))](*args)
+            tuned[lambda m: (triton.cdiv(n, m["BLOCK_M"]) * triton.cdiv(n_cols, m["BLOCK_N"]),)](*args)
         else:
             bm, bn = _grid_blocks(n_cols)
-            kernel[(triton.cdiv(n, bm), triton.cdiv(n_cols, bn))](*args, BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
+            kernel[(triton.cdiv(n, bm) * triton.cdiv(n_cols, bn),)](*args, BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
 
     class _SwigluFn(torch.autograd.Function):
         @staticmethod
