@@ -637,3 +637,21 @@ def test_grpo_bf16_with_bias_near_float64(monkeypatch):
     for name, got, want in zip(("d hidden", "d weight", "d bias"), (hg.grad, wg.grad, bg.grad), w_grads,
                                strict=True):
         G.close(got, want, rtol=1e-2, what=name)
+
+
+def test_row_kernel_keeps_row_counts_unspecialised():
+    """R and R_grad (the chunk's rows, and those given a gradient) vary from chunk to chunk: specialised, each
+    value 1 or multiple of 16 would compile its own kernel (up to ~9 per run). stride_z stays specialised: its
+    divisibility by 16 is what lets the vocabulary loop load 16 bytes at a time."""
+    import ast
+    import os
+    import subprocess
+    import sys
+
+    code = ("import r4b.kernels._fused_linear_chunked as c; "
+            "print({p.name: p.do_not_specialize for p in c._rows_kernel.params})")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the compiled JITFunction's parameters
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    flags = ast.literal_eval(r.stdout)
+    assert flags["R"] and flags["R_grad"] and not flags["stride_z"]

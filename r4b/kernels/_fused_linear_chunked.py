@@ -136,7 +136,9 @@ if triton is not None:
         """2^-k exactly for integer-valued fp32 k in [0, 127]; 0 at 127."""
         return ((127.0 - k).to(tl.int32) << 23).to(tl.float32, bitcast=True)
 
-    @triton.jit
+    # the row counts are runtime values: specialised (value 1, divisibility by 16) the varying last chunk of a run
+    # compiled up to ~9 variants of the kernel (stride_z stays specialised: its divisibility keeps the 16-byte loads)
+    @triton.jit(do_not_specialize=["R", "R_grad"])
     def _rows_kernel(
         z_ptr, t_ptr, w_ptr, adv_ptr, old_ptr, ref_ptr, logp_ptr, c_ptr, a_ptr,
         R, R_grad, stride_z, inv_temp, lo, hi, beta, rescale_at,
