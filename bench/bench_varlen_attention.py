@@ -5,7 +5,8 @@ opt-in backends, ``varlen_attention(..., backend="flash_attn" | "xformers")``).
 TFLOP/s use flash-attn's accounting: forward = 4 * L^2 * Hq * D per document, halved when causal; backward =
 2.5x forward (so forward+backward = 3.5x). ``--aot`` compiles the Triton kernels for sm_90 without a GPU and
 prints registers / spills per autotune config (ptxas -v), the measurement behind the config lists
-(``--aot-first``: the first config of each list only, what tests/test_varlen_attention.py runs). ``--sched``
+(``--aot-first``: the first config of each list only, what tests/test_varlen_attention.py runs; ``--aot-ws``: the
+warp-specialised forward's configs, whether triton's Hopper pass specialised them, tests/test_varlen_ws.py). ``--sched``
 prints the list-scheduling model behind the kernels' grid order (no GPU needed).
 """
 
@@ -65,12 +66,14 @@ def _timed(case: Case, fwd, q, k, v, do):
 # the Gluon forward and the Gluon backward
 R4B_ROWS = {"r4b triton": ("triton", "split", "pointer"), "r4b triton atomic-dq": ("triton", "atomic", "pointer"),
             "r4b triton tma": ("triton", "split", "tma"), "r4b triton tma atomic-dq": ("triton", "atomic", "tma"),
-            "r4b gluon": ("gluon", "split", "pointer"), "r4b gluon fwd+bwd": ("gluon", "gluon", "pointer")}
+            "r4b gluon": ("gluon", "split", "pointer"), "r4b gluon fwd+bwd": ("gluon", "gluon", "pointer"),
+            "r4b ws": ("ws", "split", "pointer")}
 
 
 def providers(device: str, mask_ms: dict) -> dict:
     def r4b_mode(fwd_kernel: str, bwd: str, loads: str):
-        """r4b's kernels with the forward R4B_VARLEN_FWD=fwd_kernel ("triton" or "gluon"), the backward
+        """r4b's kernels with the forward R4B_VARLEN_FWD=fwd_kernel ("triton", "gluon" or "ws": warp-specialised
+        Triton), the backward
         R4B_VARLEN_BWD=bwd ("split": Triton dQ kernel + dK/dV kernel; "atomic": the Triton dK/dV kernel adds dQ
         with fp32 atomics; "gluon": the split backward in Gluon) and the Triton kernels' block loads
         R4B_VARLEN_LOADS=loads ("pointer" or "tma": through TMA tensor descriptors)."""
@@ -87,6 +90,8 @@ def providers(device: str, mask_ms: dict) -> dict:
                     import r4b.kernels._varlen_gluon  # noqa: F401
                 except ImportError as ex:
                     raise Skip(f"this triton has no Gluon with its Hopper API: {ex}") from None
+            if fwd_kernel == "ws" and device == "cuda" and torch.cuda.get_device_capability()[0] != 9:
+                raise Skip("the warp-specialised forward needs a Hopper GPU (sm_90)")
             if bwd != "split" and case.params["mode"] == "fwd":
                 same = next(n for n, m in R4B_ROWS.items() if m == (fwd_kernel, "split", loads))
                 raise Skip(f"the same forward as the {same} row")
@@ -176,7 +181,7 @@ def providers(device: str, mask_ms: dict) -> dict:
     # SDPA first: the reference of the result check (outputs, or the three gradients); then what the issue's
     # targets compare (r4b's default, Flex, the Gluon kernels), then the peers and r4b's other variants, so that a
     # bench cut at its time limit loses those last
-    first = ("r4b triton", "flex doc mask", "r4b gluon", "r4b gluon fwd+bwd")
+    first = ("r4b triton", "flex doc mask", "r4b ws", "r4b gluon", "r4b gluon fwd+bwd")
     rows = {"sdpa per doc": sdpa, "flex doc mask": flex, **{name: r4b_mode(*m) for name, m in R4B_ROWS.items()},
             "flash-attn varlen": peer("flash_attn"), "xformers blockdiag": peer("xformers")}
     head = ("sdpa per doc", *first)
@@ -221,7 +226,34 @@ def aot_report(first_only: bool = False) -> None:
                     **extra}
             info, smem = sm90_ptxas(kern, meta, sig_of, warps, stages)
             print(f"{kind:11s} {a}x{b} w{warps} s{stages}: smem={smem} B | {info}", flush=True)
+    ws_report(first_only)
     gluon_report(first_only, sig_of)
+
+
+def ws_report(first_only: bool = False) -> None:
+    """Compile the warp-specialised forward (R4B_VARLEN_FWD=ws) for sm_90 per config, both masks, D 128 and 64:
+    whether triton's Hopper pass really specialised it (``setmaxnreg`` in the PTX: the producer gives registers
+    to the consumers; 12 warps: a producer and two consumer warpgroups), registers, spills, shared memory."""
+    import re
+
+    from bench.harness import ptxas_report, sm90_compile
+    from r4b.kernels import _varlen_ws as ws
+
+    def sig(n: str) -> str:
+        if n == "LSE":
+            return "*fp32"
+        if n in ("CU", "TAB"):
+            return "*i32"
+        return "*bf16" if n in ("Q", "K", "V", "Out") else "fp32" if n == "qk_scale" else "i32"
+
+    for bn, stages in ws.CONFIGS[:1] if first_only else ws.CONFIGS:
+        for causal in (True, False):
+            for d in (128, 64):
+                meta = {"GROUP": 4, "D": d, "BLOCK_M": ws.BLOCK_M, "BLOCK_N": bn, "CAUSAL": causal, "WS": True}
+                c = sm90_compile(ws._ws_fwd_kernel, meta, sig, ws.NUM_WARPS, stages)
+                print(f"fwd-ws      {ws.BLOCK_M}x{bn} w{ws.NUM_WARPS} s{stages} D={d} causal={causal}: "
+                      f"smem={c.metadata.shared} B | {ptxas_report(c)} | warps={c.metadata.num_warps} "
+                      f"setmaxnreg={len(re.findall(r'setmaxnreg', c.asm['ptx']))}", flush=True)
 
 
 def wgmma_waits(ptx: str) -> list[int]:
@@ -257,7 +289,7 @@ def gluon_report(first_only: bool, sig_of) -> None:
 
 
 def autotune_timings(mode: str, atomic: bool = False, tma: bool = False, gluon_fwd: bool = False,
-                     gluon_bwd: bool = False) -> dict:
+                     gluon_bwd: bool = False, ws_fwd: bool = False) -> dict:
     """The varlen kernels' autotune results for the case just run: per kernel, the chosen config and every
     config's median ms at the last key it tuned (forward for "fwd" cases, dQ and dK/dV for "fwd+bwd", or the
     dK/dV+dQ kernel of the atomic backward); printed and stored in the row, the data to prune or extend the
@@ -273,6 +305,10 @@ def autotune_timings(mode: str, atomic: bool = False, tma: bool = False, gluon_f
         from r4b.kernels import _varlen_gluon
 
         kernels = {"fwd-gluon": _varlen_gluon.TUNED}
+    elif ws_fwd and mode == "fwd":
+        from r4b.kernels import _varlen_ws
+
+        kernels = {"fwd-ws": _varlen_ws.TUNED}
     elif gluon_bwd and mode != "fwd":
         from r4b.kernels import _varlen_gluon
 
@@ -341,6 +377,9 @@ def schedule_report(sms: int = 132) -> dict[str, dict[str, float]]:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     argv = argv or []
+    if "--aot-ws" in argv:  # the warp-specialised forward only, every config
+        ws_report()
+        return []
     if "--aot" in argv or "--aot-first" in argv:
         aot_report(first_only="--aot-first" in argv)
         return []
@@ -358,7 +397,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             fwd_kernel, bwd, loads = R4B_ROWS[row["provider"]]
             try:  # tuning data only: it must never stop the bench
                 return {"autotune": autotune_timings(case.params["mode"], bwd == "atomic", loads == "tma",
-                                                     gluon_fwd=fwd_kernel == "gluon", gluon_bwd=bwd == "gluon")}
+                                                     gluon_fwd=fwd_kernel == "gluon", gluon_bwd=bwd == "gluon",
+                                                     ws_fwd=fwd_kernel == "ws")}
             except Exception as ex:  # noqa: BLE001
                 return {"autotune_error": f"{type(ex).__name__}: {ex}"[:200]}
         return {}

@@ -90,7 +90,7 @@ fi
 
 issue_tests="tests/test_fused_linear_chunked.py tests/test_fused_linear_grpo_loss.py tests/test_varlen_attention.py
              tests/test_rms_norm.py tests/test_rope.py tests/test_swiglu.py tests/test_fused_linear_cross_entropy.py
-             tests/test_fused_linear_logprobs.py tests/test_model_qwen3.py"
+             tests/test_fused_linear_logprobs.py tests/test_model_qwen3.py tests/test_varlen_ws.py"
 rest_tests="tests/test_group_advantages.py tests/test_pack.py tests/test_varlen_attention_peers.py"
 if [ "$PHASE" = issues ] || [ "$PHASE" = all ]; then
   step "GPU tests: loss and packed-sequence kernels, model"

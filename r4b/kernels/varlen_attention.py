@@ -43,7 +43,8 @@ OP = "varlen_attention"
 # or "gluon" (sm_90 only, opt-in until timed on a GPU: the split backward in Gluon, _varlen_gluon.py)
 ENV_BWD = "R4B_VARLEN_BWD"
 ENV_LOADS = "R4B_VARLEN_LOADS"  # the Triton kernels' block loads: "pointer" (default) or "tma" (tensor descriptors)
-# the forward kernel: "triton" (default) or "gluon" (sm_90 only, opt-in until timed on a GPU: _varlen_gluon.py)
+# the forward kernel: "triton" (default), "gluon" (sm_90 only, opt-in until timed on a GPU: _varlen_gluon.py) or
+# "ws" (Triton with triton's Hopper warp specialisation; the interpreter or sm_90, opt-in until timed: _varlen_ws.py)
 ENV_FWD = "R4B_VARLEN_FWD"
 _dispatch.register(OP, ("triton", "torch", "flash_attn", "xformers"), env="R4B_ATTN_BACKEND")
 
@@ -659,9 +660,24 @@ if _dispatch.triton_importable():
 
     def _fwd_mode() -> str:
         mode = os.environ.get(ENV_FWD, "triton")
-        if mode not in ("triton", "gluon"):
-            raise ValueError(f"${ENV_FWD} must be 'triton' or 'gluon', got {mode!r}")
+        if mode not in ("triton", "gluon", "ws"):
+            raise ValueError(f"${ENV_FWD} must be 'triton', 'gluon' or 'ws', got {mode!r}")
         return mode
+
+    def _ws_module(interp: bool, q: Tensor, k: Tensor, v: Tensor):
+        """r4b.kernels._varlen_ws when its kernel can run these tensors; None when it cannot run these inputs (dtype,
+        head dim, alignment: the Triton kernel takes them, as with the Gluon ones); a RuntimeError naming the
+        variable where no input could run (a GPU other than Hopper)."""
+        from . import _varlen_ws
+
+        why = _varlen_ws.device_problem(q.device, interp)
+        if why is not None:
+            raise RuntimeError(f"${ENV_FWD}=ws cannot run here: {why}")
+        if _varlen_ws.input_problem(q, k, v, interp) is not None:
+            return None
+        if not interp:
+            _ensure_allocator()
+        return _varlen_ws
 
     def _fwd(q, k, v, cu, scale, causal):
         T, Hq, _ = q.shape
@@ -670,9 +686,14 @@ if _dispatch.triton_importable():
         lse = torch.empty((Hq, T), dtype=torch.float32, device=q.device)  # log2 units
         meta = _meta(q, k, causal)
         interp = _dispatch.triton_interpret() or q.device.type != "cuda"
-        gluon = _gluon_module(ENV_FWD, interp, q, k, v) if _fwd_mode() == "gluon" else None
+        mode = _fwd_mode()
+        gluon = _gluon_module(ENV_FWD, interp, q, k, v) if mode == "gluon" else None
         if gluon is not None:
             gluon.forward(q, k, v, o, lse, cu, scale * _LOG2E, causal)
+            return o, lse
+        ws = _ws_module(interp, q, k, v) if mode == "ws" else None
+        if ws is not None:
+            ws.forward(q, k, v, o, lse, cu, scale * _LOG2E, causal, interp)
             return o, lse
         tma = _tma_ok(k, v, block_d=meta["BLOCK_D"])
         args = (q, k, v, o, lse, cu, T, n, T.bit_length(), Hq, scale * _LOG2E,

@@ -1,0 +1,197 @@
+"""The warp-specialised varlen forward (R4B_VARLEN_FWD=ws, r4b/kernels/_varlen_ws.py): its tile table, its maths
+and masks against float64 (the interpreter runs the kernel with the specialisation ignored), sequence isolation,
+fp16 by STYLE.md's rule, what it refuses; the sm_90 compile (the specialisation really applied); bf16 at the
+anchor on a Hopper GPU."""
+
+import importlib
+
+import pytest
+import torch
+
+from r4b.kernels import varlen_attention, varlen_attention_ref
+from tests._aot import run_aot_report
+from tests._lowprec import assert_within_twice_plain
+from tests.test_varlen_attention import CASES, _attention64, _cu, _grads, _inputs, _sdpa_bf16_per_doc
+
+ws = importlib.import_module("r4b.kernels._varlen_ws")
+
+
+@pytest.fixture
+def ws_runs(monkeypatch):
+    """R4B_VARLEN_FWD=ws, and the list of (T, Hq, D) the warp-specialised forward ran on."""
+    monkeypatch.setenv("R4B_VARLEN_FWD", "ws")
+    ran = []
+    real = ws.forward
+    monkeypatch.setattr(ws, "forward", lambda q, *a, **kw: (ran.append(tuple(q.shape)), real(q, *a, **kw))[1])
+    return ran
+
+
+def _table64(lens: list[int], block_m: int, items: int) -> list[tuple[int, int]]:
+    """Independent reference of the tile table: every (sequence, tile) in packed order, reversed, padded."""
+    tiles = [(s, t) for s, n in enumerate(lens) for t in range(-(-n // block_m))]
+    return tiles[::-1] + [(-1, 0)] * (items - len(tiles))
+
+
+@pytest.mark.parametrize("lens,block_m", [([1, 37, 0, 1, 16, 5], 32), ([0], 16), ([300], 128), ([0, 0, 5, 0], 16),
+                                          ([3] * 40 + [129, 1, 0, 250], 16), (list(range(70)), 32)])
+def test_tile_table_lists_every_tile_heaviest_first(lens, block_m):
+    """Per work item its sequence and query tile: all tiles of every non-empty sequence once, in reversed packed
+    order (a causal sequence's last, heaviest tile first), then empty items (-1) up to cdiv(T, BLOCK_M) + n; also
+    past 16 sequences (a wider table) and with more items than one of the kernel's blocks."""
+    cu = _cu(lens)
+    T = sum(lens)
+    tab = ws.tile_table(cu, T, block_m)
+    items = -(-T // block_m) + len(lens)
+    assert tab.shape == (2, items) and tab.dtype == torch.int32
+    assert list(zip(tab[0].tolist(), tab[1].tolist(), strict=True)) == _table64(lens, block_m, items)
+
+
+@pytest.mark.parametrize("lens,Hq,Hkv,D,causal", CASES + [([1, 70, 2, 33], 4, 4, 32, True),
+                                                         ([5, 0, 64, 1], 8, 1, 16, False),
+                                                         ([100, 3, 28], 4, 2, 64, True)])
+def test_ws_forward_matches_float64(lens, Hq, Hkv, D, causal, ws_runs):
+    """Output and gradients (the default Triton backward after the warp-specialised forward, through its LSE)
+    against float64; head dims it does not take (72, 80, 96) go to the Triton forward, by the spy."""
+    q, k, v, do = _inputs(lens, Hq, Hkv, D)
+    cu = _cu(lens)
+    got = _grads(lambda a, b, c: varlen_attention(a, b, c, cu, max(lens), causal=causal, backend="triton"),
+                 q, k, v, do)
+    ref = _grads(lambda a, b, c: _attention64(a, b, c, lens, causal, D**-0.5), q.double(), k.double(), v.double(),
+                 do.double())
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref, strict=True):
+        torch.testing.assert_close(a, b.float(), rtol=1e-5, atol=2e-5, msg=lambda m, n=name: f"{n}: {m}")
+    assert ws_runs == ([(sum(lens), Hq, D)] if D in (16, 32, 64) else [])
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("change", ["finite", "inf-nan"])
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, on the planted NaNs
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")
+def test_ws_no_information_crosses_a_boundary(causal, change, ws_runs):
+    """Changing sequence 1 (finite, or inf / NaN at its first, middle and last rows) leaves sequences 0 and 2's
+    outputs and gradients bit-identical: their query tiles and key blocks reach into sequence 1's rows, which the
+    per-sequence descriptors read as zeros."""
+    lens, Hq, Hkv, D = [7, 30, 11], 4, 2, 64
+    cu = _cu(lens)
+    q, k, v, do = _inputs(lens, Hq, Hkv, D)
+    fn = lambda a, b, c: varlen_attention(a, b, c, cu, 30, causal=causal, backend="triton")
+    base = _grads(fn, q, k, v, do)
+    mid = slice(7, 37)
+    q2, k2, v2, do2 = (t.clone() for t in (q, k, v, do))
+    if change == "finite":
+        for t in (q2, k2, v2, do2):
+            t[mid] = t[mid] * 3.0 + 1.0
+    else:
+        for t, bad in ((q2, float("nan")), (k2, float("inf")), (v2, float("-inf")), (do2, float("nan"))):
+            t[[7, 20, 36]] = bad
+    pert = _grads(fn, q2, k2, v2, do2)
+    others = torch.ones(sum(lens), dtype=torch.bool)
+    others[mid] = False
+    for name, a, b in zip(("out", "dq", "dk", "dv"), base, pert, strict=True):
+        assert torch.equal(a[others], b[others]), name
+        assert not torch.equal(a[mid], b[mid]), name
+    assert len(ws_runs) == 2
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_ws_fp16_within_twice_plain_fp16_error(causal, ws_runs):
+    """STYLE.md's rule with fp16 on the CPU: against float64, the baseline PyTorch's SDPA per document in fp16."""
+    lens, Hq, Hkv, D = [33, 1, 20, 0, 9], 4, 2, 64
+    q, k, v, do = _inputs(lens, Hq, Hkv, D, seed=4)
+    cu = _cu(lens)
+    ref = _grads(lambda a, b, c: _attention64(a, b, c, lens, causal, D**-0.5), q.double(), k.double(), v.double(),
+                 do.double())
+    half = [t.half() for t in (q, k, v, do)]
+    got = _grads(lambda a, b, c: varlen_attention(a, b, c, cu, 33, causal=causal, backend="triton"), *half)
+    base = _grads(lambda a, b, c: _sdpa_bf16_per_doc(a, b, c, [n for n in lens if n], causal), *half)
+    assert_within_twice_plain(got, base, ref, ("out", "dq", "dk", "dv"), atol_rel=1e-4)
+    assert ws_runs == [(sum(lens), Hq, D)]
+
+
+def test_ws_says_what_it_cannot_run(monkeypatch):
+    """A GPU other than Hopper is refused by name (no silent fallback when asked for by name); inputs it cannot
+    address go to the Triton forward: fp32 on a GPU, other head dims, unaligned rows, per-head offsets past int32."""
+    cpu = torch.device("cpu")
+    assert ws.device_problem(cpu, interpreted=True) is None
+    assert "not a GPU" in ws.device_problem(cpu, interpreted=False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    assert "not 9.x" in ws.device_problem(torch.device("cuda"), interpreted=False)
+    q, k, v, _ = _inputs([5, 3], 2, 1, 64)
+    assert ws.input_problem(q, k, v, interpreted=True) is None
+    assert "dtype torch.float32" in ws.input_problem(q, k, v, interpreted=False)
+    b = [t.bfloat16() for t in (q, k, v)]
+    assert ws.input_problem(*b, interpreted=False) is None
+    assert "head dim 80" in ws.input_problem(*(torch.zeros(8, 2, 80, dtype=torch.bfloat16) for _ in range(3)),
+                                             interpreted=False)
+    odd = torch.zeros(8, 2 * 64 + 1, dtype=torch.bfloat16)[:, 1:].view(8, 2, 64)
+    assert "v is not TMA-addressable" in ws.input_problem(b[0], b[1], odd, interpreted=False)
+    monkeypatch.setenv("R4B_VARLEN_FWD", "warp")
+    with pytest.raises(ValueError, match="R4B_VARLEN_FWD.*'warp'"):
+        varlen_attention(q, k, v, _cu([5, 3]), 5, backend="triton")
+
+
+def test_ws_forward_is_warp_specialised_for_sm90():
+    """triton's Hopper pass really specialised every config (both masks, D 128 and 64): a producer and two
+    consumer warpgroups (12 warps) with setmaxnreg, no spills. A change to the kernel's shape (a second loop, an
+    early return, an if inside the loop) silently loses the specialisation or fails the pass: this catches both."""
+    out = run_aot_report("bench.bench_varlen_attention", "--aot-ws")
+    lines = [line for line in out.splitlines() if line.startswith("fwd-ws ")]
+    assert len(lines) == 4 * len(ws.CONFIGS), out
+    for line in lines:
+        assert "warps=12" in line and "setmaxnreg=0" not in line, line
+        assert "0 bytes spill stores" in line, line
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [True, False])
+def test_ws_bf16_anchor_gpu(causal, ws_runs):
+    # anchor: 16384 packed tokens, 10 documents 128..4096, 32 query / 8 KV heads, D 128
+    lens = [4096, 3072, 2560, 2048, 1536, 1280, 768, 512, 384, 128]
+    q, k, v, do = _inputs(lens, 32, 8, 128, device="cuda")
+    cu = _cu(lens, "cuda")
+    ref = _grads(lambda a, b, c: varlen_attention_ref(a, b, c, cu, causal), q, k, v, do)  # fp32
+    bf = [t.bfloat16() for t in (q, k, v, do)]
+    got = _grads(lambda a, b, c: varlen_attention(a, b, c, cu, 4096, causal=causal, backend="triton"), *bf)
+    base = _grads(lambda a, b, c: _sdpa_bf16_per_doc(a, b, c, lens, causal), *bf)
+    assert_within_twice_plain(got, base, ref, ("out", "dq", "dk", "dv"), atol_rel=1e-3)
+    assert ws_runs == [(16384, 32, 128)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [128, 64])
+def test_ws_many_short_and_one_long_bf16_gpu(D, ws_runs):
+    """Think/no-think packing (one long trace, hundreds of short answers; tiles and key blocks cross sequence
+    ends everywhere), bf16 by the rule against fp32, GQA 4."""
+    lens = [3000] + [1, 2, 3, 17, 40, 129] * 50
+    q, k, v, do = _inputs(lens, 8, 2, D, device="cuda")
+    cu = _cu(lens, "cuda")
+    ref = _grads(lambda a, b, c: varlen_attention_ref(a, b, c, cu, True), q, k, v, do)
+    bf = [t.bfloat16() for t in (q, k, v, do)]
+    got = _grads(lambda a, b, c: varlen_attention(a, b, c, cu, 3000, backend="triton"), *bf)
+    base = _grads(lambda a, b, c: _sdpa_bf16_per_doc(a, b, c, lens, True), *bf)
+    assert_within_twice_plain(got, base, ref, ("out", "dq", "dk", "dv"), atol_rel=1e-3)
+    assert ws_runs == [(sum(lens), 8, D)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", ws.CONFIGS)
+def test_ws_every_config_gpu(config, monkeypatch):
+    """Each config run directly (the autotuner runs only its pick): output and LSE against float64."""
+    lens = [700, 1, 129, 64, 3, 1100]
+    q, k, v, _ = _inputs(lens, 8, 2, 128, device="cuda", dtype=torch.bfloat16)
+    cu = _cu(lens, "cuda")
+    T = sum(lens)
+    o = torch.empty_like(q)
+    lse = torch.empty((8, T), dtype=torch.float32, device="cuda")
+    va = importlib.import_module("r4b.kernels.varlen_attention")
+    va._ensure_allocator()
+    ws.forward(q, k, v, o, lse, cu, 128**-0.5 * 1.4426950408889634, True, False, config=config)
+    ref = _attention64(q.double(), k.double(), v.double(), lens, True, 128**-0.5)
+    plain = _sdpa_bf16_per_doc(q, k, v, lens, True).double()
+    assert (o.double() - ref).abs().max() <= 2 * (plain - ref).abs().max() + 1e-3 * ref.abs().max()
+    s = torch.einsum("ihd,jhd->hij", q.double(), k.double().repeat_interleave(4, 1)) * 128**-0.5
+    doc = torch.repeat_interleave(torch.arange(len(lens), device="cuda"), torch.tensor(lens, device="cuda"))
+    pos = torch.arange(T, device="cuda")
+    ok = (doc[:, None] == doc[None, :]) & (pos[None, :] <= pos[:, None])
+    lse_ref = torch.logsumexp(s.masked_fill(~ok, float("-inf")), -1) * 1.4426950408889634  # (Hq, T), log2 units
+    torch.testing.assert_close(lse.double(), lse_ref, rtol=0, atol=2e-2)
