@@ -67,7 +67,7 @@ def _timed(case: Case, fwd, q, k, v, do):
 R4B_ROWS = {"r4b triton": ("triton", "split", "pointer"), "r4b triton atomic-dq": ("triton", "atomic", "pointer"),
             "r4b triton tma": ("triton", "split", "tma"), "r4b triton tma atomic-dq": ("triton", "atomic", "tma"),
             "r4b gluon": ("gluon", "split", "pointer"), "r4b gluon fwd+bwd": ("gluon", "gluon", "pointer"),
-            "r4b ws": ("ws", "split", "pointer")}
+            "r4b ws": ("ws", "split", "pointer"), "r4b ws fwd+bwd": ("ws", "ws", "pointer")}
 
 
 def providers(device: str, mask_ms: dict) -> dict:
@@ -90,8 +90,8 @@ def providers(device: str, mask_ms: dict) -> dict:
                     import r4b.kernels._varlen_gluon  # noqa: F401
                 except ImportError as ex:
                     raise Skip(f"this triton has no Gluon with its Hopper API: {ex}") from None
-            if fwd_kernel == "ws" and device == "cuda" and torch.cuda.get_device_capability()[0] != 9:
-                raise Skip("the warp-specialised forward needs a Hopper GPU (sm_90)")
+            if "ws" in (fwd_kernel, bwd) and device == "cuda" and torch.cuda.get_device_capability()[0] != 9:
+                raise Skip("the warp-specialised kernels need a Hopper GPU (sm_90)")
             if bwd != "split" and case.params["mode"] == "fwd":
                 same = next(n for n, m in R4B_ROWS.items() if m == (fwd_kernel, "split", loads))
                 raise Skip(f"the same forward as the {same} row")
@@ -181,7 +181,7 @@ def providers(device: str, mask_ms: dict) -> dict:
     # SDPA first: the reference of the result check (outputs, or the three gradients); then what the issue's
     # targets compare (r4b's default, Flex, the Gluon kernels), then the peers and r4b's other variants, so that a
     # bench cut at its time limit loses those last
-    first = ("r4b triton", "flex doc mask", "r4b ws", "r4b gluon", "r4b gluon fwd+bwd")
+    first = ("r4b triton", "flex doc mask", "r4b ws", "r4b ws fwd+bwd", "r4b gluon", "r4b gluon fwd+bwd")
     rows = {"sdpa per doc": sdpa, "flex doc mask": flex, **{name: r4b_mode(*m) for name, m in R4B_ROWS.items()},
             "flash-attn varlen": peer("flash_attn"), "xformers blockdiag": peer("xformers")}
     head = ("sdpa per doc", *first)
@@ -231,29 +231,35 @@ def aot_report(first_only: bool = False) -> None:
 
 
 def ws_report(first_only: bool = False) -> None:
-    """Compile the warp-specialised forward (R4B_VARLEN_FWD=ws) for sm_90 per config, both masks, D 128 and 64:
-    whether triton's Hopper pass really specialised it (``setmaxnreg`` in the PTX: the producer gives registers
-    to the consumers; 12 warps: a producer and two consumer warpgroups), registers, spills, shared memory."""
+    """Compile the warp-specialised kernels (R4B_VARLEN_FWD=ws, R4B_VARLEN_BWD=ws) for sm_90 per config, both
+    masks, D 128 and 64: whether triton's Hopper pass really specialised them (``setmaxnreg`` in the PTX: the
+    producer gives registers to the consumers; 12 warps: a producer and two consumer warpgroups), registers,
+    spills, shared memory."""
     import re
 
     from bench.harness import ptxas_report, sm90_compile
     from r4b.kernels import _varlen_ws as ws
 
     def sig(n: str) -> str:
-        if n == "LSE":
+        if n in ("LSE", "DELTA"):
             return "*fp32"
         if n in ("CU", "TAB"):
             return "*i32"
-        return "*bf16" if n in ("Q", "K", "V", "Out") else "fp32" if n == "qk_scale" else "i32"
+        if n in ("Q", "K", "V", "Out", "DO", "DQ", "DK", "DV"):
+            return "*bf16"
+        return "fp32" if n in ("qk_scale", "sm_scale") else "i32"
 
-    for bn, stages in ws.CONFIGS[:1] if first_only else ws.CONFIGS:
-        for causal in (True, False):
-            for d in (128, 64):
-                meta = {"GROUP": 4, "D": d, "BLOCK_M": ws.BLOCK_M, "BLOCK_N": bn, "CAUSAL": causal, "WS": True}
-                c = sm90_compile(ws._ws_fwd_kernel, meta, sig, ws.NUM_WARPS, stages)
-                print(f"fwd-ws      {ws.BLOCK_M}x{bn} w{ws.NUM_WARPS} s{stages} D={d} causal={causal}: "
-                      f"smem={c.metadata.shared} B | {ptxas_report(c)} | warps={c.metadata.num_warps} "
-                      f"setmaxnreg={len(re.findall(r'setmaxnreg', c.asm['ptx']))}", flush=True)
+    for kind, kern, cfgs, tile in (("fwd-ws", ws._ws_fwd_kernel, ws.CONFIGS, ("BLOCK_M", "BLOCK_N")),
+                                   ("dq-ws", ws._ws_dq_kernel, ws.DQ_CONFIGS, ("BLOCK_M", "BLOCK_N")),
+                                   ("dkdv-ws", ws._ws_dkdv_kernel, ws.DKDV_CONFIGS, ("BLOCK_N", "BLOCK_M"))):
+        for inner, stages in cfgs[:1] if first_only else cfgs:
+            for causal in (True, False):
+                for d in (128, 64):
+                    meta = {"GROUP": 4, "D": d, tile[0]: ws.BLOCK_M, tile[1]: inner, "CAUSAL": causal, "WS": True}
+                    c = sm90_compile(kern, meta, sig, ws.NUM_WARPS, stages)
+                    print(f"{kind:11s} {ws.BLOCK_M}x{inner} w{ws.NUM_WARPS} s{stages} D={d} causal={causal}: "
+                          f"smem={c.metadata.shared} B | {ptxas_report(c)} | warps={c.metadata.num_warps} "
+                          f"setmaxnreg={len(re.findall(r'setmaxnreg', c.asm['ptx']))}", flush=True)
 
 
 def wgmma_waits(ptx: str) -> list[int]:
@@ -289,7 +295,7 @@ def gluon_report(first_only: bool, sig_of) -> None:
 
 
 def autotune_timings(mode: str, atomic: bool = False, tma: bool = False, gluon_fwd: bool = False,
-                     gluon_bwd: bool = False, ws_fwd: bool = False) -> dict:
+                     gluon_bwd: bool = False, ws_fwd: bool = False, ws_bwd: bool = False) -> dict:
     """The varlen kernels' autotune results for the case just run: per kernel, the chosen config and every
     config's median ms at the last key it tuned (forward for "fwd" cases, dQ and dK/dV for "fwd+bwd", or the
     dK/dV+dQ kernel of the atomic backward); printed and stored in the row, the data to prune or extend the
@@ -313,6 +319,10 @@ def autotune_timings(mode: str, atomic: bool = False, tma: bool = False, gluon_f
         from r4b.kernels import _varlen_gluon
 
         kernels = {"dq-gluon": _varlen_gluon.TUNED_DQ, "dkdv-gluon": _varlen_gluon.TUNED_DKDV}
+    elif ws_bwd and mode != "fwd":
+        from r4b.kernels import _varlen_ws
+
+        kernels = {"dq-ws": _varlen_ws.TUNED_DQ, "dkdv-ws": _varlen_ws.TUNED_DKDV}
     out = {}
     for name, tuned in kernels.items():
         timings = getattr(tuned, "configs_timings", None) or {}
@@ -398,7 +408,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             try:  # tuning data only: it must never stop the bench
                 return {"autotune": autotune_timings(case.params["mode"], bwd == "atomic", loads == "tma",
                                                      gluon_fwd=fwd_kernel == "gluon", gluon_bwd=bwd == "gluon",
-                                                     ws_fwd=fwd_kernel == "ws")}
+                                                     ws_fwd=fwd_kernel == "ws", ws_bwd=bwd == "ws")}
             except Exception as ex:  # noqa: BLE001
                 return {"autotune_error": f"{type(ex).__name__}: {ex}"[:200]}
         return {}

@@ -5,7 +5,8 @@ are what the sessions after it tune against. bench/gpu_check.sh's ``diag`` phase
 
     python -m bench.gpu_diag attn [--small] [--gluon-only]
         varlen attention forward + backward, bf16, causal: the default Triton kernels and, on sm_90, the Gluon
-        ones (R4B_VARLEN_FWD=gluon, R4B_VARLEN_BWD=gluon). At the issue's anchor (16384 tokens in 10 documents,
+        ones (R4B_VARLEN_FWD=gluon, R4B_VARLEN_BWD=gluon) and the warp-specialised Triton ones (=ws; not with
+        --gluon-only or --small). At the issue's anchor (16384 tokens in 10 documents,
         32 q / 8 kv heads, d 128) each variant runs twice first (autotuning, compiles) outside the profiled
         range. --small: a few hundred tokens with empty, length-1 and tile-straddling sequences, the first
         config of each kernel launched directly (no autotuning: for compute-sanitizer, under which every launch
@@ -57,6 +58,8 @@ def attn(small: bool, gluon_only: bool, device: str = "cuda", shape=None) -> int
     variants = [] if gluon_only else [("triton", "triton", "split")]
     if hopper:
         variants.append(("gluon", "gluon", "gluon"))
+        if not gluon_only and not small:  # the warp-specialised Triton kernels (R4B_VARLEN_FWD/BWD=ws)
+            variants.append(("ws", "ws", "ws"))
     if not variants:
         print("no variant to run (--gluon-only needs a Hopper GPU)")
         return 1

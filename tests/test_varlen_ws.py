@@ -1,7 +1,7 @@
-"""The warp-specialised varlen forward (R4B_VARLEN_FWD=ws, r4b/kernels/_varlen_ws.py): its tile table, its maths
-and masks against float64 (the interpreter runs the kernel with the specialisation ignored), sequence isolation,
-fp16 by STYLE.md's rule, what it refuses; the sm_90 compile (the specialisation really applied); bf16 at the
-anchor on a Hopper GPU."""
+"""The warp-specialised varlen kernels (R4B_VARLEN_FWD=ws, R4B_VARLEN_BWD=ws; r4b/kernels/_varlen_ws.py): the tile
+table, their maths and masks against float64 (the interpreter runs the kernels with the specialisation ignored),
+each with the other or with the default Triton kernels, sequence isolation, fp16 by STYLE.md's rule, what they
+refuse; the sm_90 compile (the specialisation really applied); bf16 at the anchor on a Hopper GPU."""
 
 import importlib
 
@@ -16,14 +16,29 @@ from tests.test_varlen_attention import CASES, _attention64, _cu, _grads, _input
 ws = importlib.import_module("r4b.kernels._varlen_ws")
 
 
-@pytest.fixture
-def ws_runs(monkeypatch):
-    """R4B_VARLEN_FWD=ws, and the list of (T, Hq, D) the warp-specialised forward ran on."""
-    monkeypatch.setenv("R4B_VARLEN_FWD", "ws")
+def _spy(monkeypatch, name: str, arg: int) -> list:
+    """The (T, H, D) shapes of argument ``arg`` of each call of ws.<name>."""
     ran = []
-    real = ws.forward
-    monkeypatch.setattr(ws, "forward", lambda q, *a, **kw: (ran.append(tuple(q.shape)), real(q, *a, **kw))[1])
+    real = getattr(ws, name)
+    monkeypatch.setattr(ws, name, lambda *a, **kw: (ran.append(tuple(a[arg].shape)), real(*a, **kw))[1])
     return ran
+
+
+@pytest.fixture(params=[("ws", "split"), ("ws", "ws"), ("triton", "ws")], ids=lambda p: "fwd-{}-bwd-{}".format(*p))
+def ws_runs(request, monkeypatch):
+    """R4B_VARLEN_FWD / R4B_VARLEN_BWD as the parameter says, and what ran: {"fwd": [(T, Hq, D) of each
+    warp-specialised forward], "bwd": [... backward], "modes": the parameter}."""
+    monkeypatch.setenv("R4B_VARLEN_FWD", request.param[0])
+    monkeypatch.setenv("R4B_VARLEN_BWD", request.param[1])
+    return {"fwd": _spy(monkeypatch, "forward", 0), "bwd": _spy(monkeypatch, "backward", 1), "modes": request.param}
+
+
+def _expect(ws_runs, shape, calls: int = 1, takes: bool = True) -> None:
+    """The warp-specialised kernels ran ``calls`` times on ``shape`` where the modes asked for them (and
+    ``takes``: the inputs are ones they take), never elsewhere."""
+    fwd, bwd = ws_runs["modes"]
+    assert ws_runs["fwd"] == ([shape] * calls if fwd == "ws" and takes else [])
+    assert ws_runs["bwd"] == ([shape] * calls if bwd == "ws" and takes else [])
 
 
 def _table64(lens: list[int], block_m: int, items: int) -> list[tuple[int, int]]:
@@ -60,7 +75,7 @@ def test_ws_forward_matches_float64(lens, Hq, Hkv, D, causal, ws_runs):
                  do.double())
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref, strict=True):
         torch.testing.assert_close(a, b.float(), rtol=1e-5, atol=2e-5, msg=lambda m, n=name: f"{n}: {m}")
-    assert ws_runs == ([(sum(lens), Hq, D)] if D in (16, 32, 64) else [])
+    _expect(ws_runs, (sum(lens), Hq, D), takes=D in (16, 32, 64))
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -90,7 +105,7 @@ def test_ws_no_information_crosses_a_boundary(causal, change, ws_runs):
     for name, a, b in zip(("out", "dq", "dk", "dv"), base, pert, strict=True):
         assert torch.equal(a[others], b[others]), name
         assert not torch.equal(a[mid], b[mid]), name
-    assert len(ws_runs) == 2
+    _expect(ws_runs, (sum(lens), Hq, D), calls=2)
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -105,7 +120,7 @@ def test_ws_fp16_within_twice_plain_fp16_error(causal, ws_runs):
     got = _grads(lambda a, b, c: varlen_attention(a, b, c, cu, 33, causal=causal, backend="triton"), *half)
     base = _grads(lambda a, b, c: _sdpa_bf16_per_doc(a, b, c, [n for n in lens if n], causal), *half)
     assert_within_twice_plain(got, base, ref, ("out", "dq", "dk", "dv"), atol_rel=1e-4)
-    assert ws_runs == [(sum(lens), Hq, D)]
+    _expect(ws_runs, (sum(lens), Hq, D))
 
 
 def test_ws_says_what_it_cannot_run(monkeypatch):
@@ -128,18 +143,47 @@ def test_ws_says_what_it_cannot_run(monkeypatch):
     monkeypatch.setenv("R4B_VARLEN_FWD", "warp")
     with pytest.raises(ValueError, match="R4B_VARLEN_FWD.*'warp'"):
         varlen_attention(q, k, v, _cu([5, 3]), 5, backend="triton")
+    assert ws.bwd_input_problem(q, q) is None
+    assert "q has head stride" in ws.bwd_input_problem(q.transpose(0, 1).contiguous().transpose(0, 1), q)
 
 
-def test_ws_forward_is_warp_specialised_for_sm90():
-    """triton's Hopper pass really specialised every config (both masks, D 128 and 64): a producer and two
-    consumer warpgroups (12 warps) with setmaxnreg, no spills. A change to the kernel's shape (a second loop, an
-    early return, an if inside the loop) silently loses the specialisation or fails the pass: this catches both."""
+@pytest.mark.parametrize("layout", ["head-major q", "broadcast dO", "narrowed dO"])
+def test_ws_backward_layouts(layout, monkeypatch):
+    """A q whose head stride is not D goes to the Triton backward (the dK/dV kernel reads Q as (L, Hq * D));
+    a dO it cannot read (broadcast rows, a narrowed buffer) is copied; the gradients match float64 either way."""
+    monkeypatch.setenv("R4B_VARLEN_BWD", "ws")
+    ran = _spy(monkeypatch, "backward", 1)
+    lens, Hq, Hkv, D = [9, 1, 22], 4, 2, 32
+    q, k, v, do = _inputs(lens, Hq, Hkv, D)
+    if layout == "head-major q":
+        q = q.transpose(0, 1).contiguous().transpose(0, 1)
+    elif layout == "broadcast dO":
+        do = do[:1].expand_as(do)
+    else:
+        do = torch.cat([do, do], 1)[:, :Hq]  # head stride D, row stride 2 * Hq * D
+    cu = _cu(lens)
+    got = _grads(lambda a, b, c: varlen_attention(a, b, c, cu, 22, backend="triton"), q, k, v, do)
+    ref = _grads(lambda a, b, c: _attention64(a, b, c, lens, True, D**-0.5), q.double(), k.double(), v.double(),
+                 do.double())
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref, strict=True):
+        torch.testing.assert_close(a, b.float(), rtol=1e-5, atol=2e-5, msg=lambda m, n=name: f"{n}: {m}")
+    assert ran == ([] if layout == "head-major q" else [(sum(lens), Hq, D)])
+
+
+def test_ws_kernels_are_warp_specialised_for_sm90():
+    """triton's Hopper pass really specialised every config of the three kernels (both masks, D 128 and 64): a
+    producer and two consumer warpgroups (12 warps) with setmaxnreg; the first config of each list (the
+    autotuners' first guess) spills nothing. A change to a kernel's shape (a second loop, an early return, an if
+    inside the loop, a pointer load before the loop that the loop reads) silently loses the specialisation or
+    fails the pass: this catches both."""
     out = run_aot_report("bench.bench_varlen_attention", "--aot-ws")
-    lines = [line for line in out.splitlines() if line.startswith("fwd-ws ")]
-    assert len(lines) == 4 * len(ws.CONFIGS), out
-    for line in lines:
-        assert "warps=12" in line and "setmaxnreg=0" not in line, line
-        assert "0 bytes spill stores" in line, line
+    for kind, cfgs in (("fwd-ws", ws.CONFIGS), ("dq-ws", ws.DQ_CONFIGS), ("dkdv-ws", ws.DKDV_CONFIGS)):
+        lines = [line for line in out.splitlines() if line.startswith(kind + " ")]
+        assert len(lines) == 4 * len(cfgs), (kind, out)
+        for i, line in enumerate(lines):
+            assert "warps=12" in line and "setmaxnreg=0" not in line, line
+            if i < 4:
+                assert "0 bytes spill stores" in line, line
 
 
 @pytest.mark.gpu
@@ -154,7 +198,7 @@ def test_ws_bf16_anchor_gpu(causal, ws_runs):
     got = _grads(lambda a, b, c: varlen_attention(a, b, c, cu, 4096, causal=causal, backend="triton"), *bf)
     base = _grads(lambda a, b, c: _sdpa_bf16_per_doc(a, b, c, lens, causal), *bf)
     assert_within_twice_plain(got, base, ref, ("out", "dq", "dk", "dv"), atol_rel=1e-3)
-    assert ws_runs == [(16384, 32, 128)]
+    _expect(ws_runs, (16384, 32, 128))
 
 
 @pytest.mark.gpu
@@ -170,7 +214,7 @@ def test_ws_many_short_and_one_long_bf16_gpu(D, ws_runs):
     got = _grads(lambda a, b, c: varlen_attention(a, b, c, cu, 3000, backend="triton"), *bf)
     base = _grads(lambda a, b, c: _sdpa_bf16_per_doc(a, b, c, lens, True), *bf)
     assert_within_twice_plain(got, base, ref, ("out", "dq", "dk", "dv"), atol_rel=1e-3)
-    assert ws_runs == [(sum(lens), 8, D)]
+    _expect(ws_runs, (sum(lens), 8, D))
 
 
 @pytest.mark.gpu
@@ -195,3 +239,30 @@ def test_ws_every_config_gpu(config, monkeypatch):
     ok = (doc[:, None] == doc[None, :]) & (pos[None, :] <= pos[:, None])
     lse_ref = torch.logsumexp(s.masked_fill(~ok, float("-inf")), -1) * 1.4426950408889634  # (Hq, T), log2 units
     torch.testing.assert_close(lse.double(), lse_ref, rtol=0, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("which", ["dq", "dkdv"])
+def test_ws_backward_every_config_gpu(which):
+    """Each dQ / dK/dV config run directly (the autotuners run only their pick), bf16, against float64 by the rule,
+    on lengths whose total is not a multiple of 4 (the padded LSE / delta rows of the dQ kernel's TMA loads)."""
+    lens = [700, 1, 129, 64, 3, 1100]
+    q, k, v, do = _inputs(lens, 8, 2, 128, device="cuda")
+    cu = _cu(lens, "cuda")
+    scale = 128**-0.5
+    ref = _grads(lambda a, b, c: _attention64(a, b, c, lens, True, scale), q.double(), k.double(), v.double(),
+                 do.double())
+    bf = [t.bfloat16() for t in (q, k, v, do)]
+    base = _grads(lambda a, b, c: _sdpa_bf16_per_doc(a, b, c, lens, True), *bf)
+    va = importlib.import_module("r4b.kernels.varlen_attention")
+    va._ensure_allocator()
+    qb, kb, vb, dob = bf
+    T = sum(lens)
+    o = torch.empty_like(qb)
+    lse = torch.empty((8, T), dtype=torch.float32, device="cuda")
+    ws.forward(qb, kb, vb, o, lse, cu, scale * 1.4426950408889634, True, False)
+    delta = (o.float() * dob.float()).sum(-1).transpose(0, 1).contiguous()  # (Hq, T)
+    for cfg in ws.DQ_CONFIGS if which == "dq" else ws.DKDV_CONFIGS:
+        kw = {"dq_config": cfg} if which == "dq" else {"dkdv_config": cfg}
+        got = ws.backward(dob, qb, kb, vb, lse, delta, cu, scale, True, False, **kw)
+        assert_within_twice_plain(got, base[1:], ref[1:], ("dq", "dk", "dv"), atol_rel=1e-3)

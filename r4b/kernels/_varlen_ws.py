@@ -1,4 +1,4 @@
-"""Warp-specialised forward of varlen attention for Hopper (opt-in: ``R4B_VARLEN_FWD=ws``).
+"""Warp-specialised varlen attention kernels for Hopper (opt-in: ``R4B_VARLEN_FWD=ws``, ``R4B_VARLEN_BWD=ws``).
 
 Why it exists: the default Triton forward (varlen_attention._fwd_kernel) runs each program's two warpgroups in
 lockstep: every wgmma is followed by ``wgmma.wait_group 0`` and the softmax, so the tensor cores idle while the
@@ -23,9 +23,10 @@ the specialisation off. Hence this kernel's shape:
 - Q, K and V of the (sequence, head) come through TMA descriptors built on the device over that sequence's rows
   only, so a block reaching past its end reads zeros, never a neighbour; O and the LSE are stored with masks.
 
-The LSE is the default forward's ((Hq, T) fp32, log2 units), so either backward follows. The interpreter runs
-the same kernel with the specialisation ignored (the CPU tests check its maths and masks, in fp32 / fp16); the
-sm_90 compile test checks that the pass really specialised it (``setmaxnreg`` in the PTX, 12 warps).
+The LSE is the default forward's ((Hq, T) fp32, log2 units), so either backward follows either forward. The
+backward (below) has the same shape. The interpreter runs the same kernels with the specialisation ignored (the
+CPU tests check their maths and masks, in fp32 / fp16); the sm_90 compile test checks that the pass really
+specialised every config (``setmaxnreg`` in the PTX, 12 warps).
 Supported on a GPU: CUDA capability 9.x, bf16 / fp16, head dim 64 or 128, TMA-addressable (T, H, D) tensors.
 """
 from __future__ import annotations
@@ -45,10 +46,13 @@ _INTERP_BLOCK = (32, 16)  # (BLOCK_M, BLOCK_N) under the interpreter: tiles and 
 
 
 @triton.jit(do_not_specialize=["n_seqs", "n_items"])
-def _tile_table_kernel(CU, TAB, n_seqs, n_items, BLOCK_M: tl.constexpr, NP: tl.constexpr, BLOCK: tl.constexpr):
-    """TAB[0, i] = the sequence of work item i and TAB[1, i] its query tile, for i < n_items; items past the
-    real tile count get sequence -1. Item i is tile j = total - 1 - i in packed order (sequence-major, tiles
-    ascending), so a causal sequence's heaviest (last) tile starts first. One program; NP >= n_seqs."""
+def _tile_table_kernel(CU, TAB, n_seqs, n_items, BLOCK_M: tl.constexpr, NP: tl.constexpr, BLOCK: tl.constexpr,
+                       REVERSE: tl.constexpr):
+    """TAB[0, i] = the sequence of work item i and TAB[1, i] its tile (of BLOCK_M rows), for i < n_items; items
+    past the real tile count get sequence -1. REVERSE: item i is tile j = total - 1 - i in packed order
+    (sequence-major, tiles ascending), so a causal sequence's heaviest query tile (its last) starts first;
+    otherwise j = i, for key tiles (a causal sequence's first key tile sees the most queries). One program;
+    NP >= n_seqs."""
     seqs = tl.arange(0, NP)
     lo = tl.load(CU + seqs, mask=seqs < n_seqs, other=0)
     hi = tl.load(CU + seqs + 1, mask=seqs < n_seqs, other=0)
@@ -57,7 +61,10 @@ def _tile_table_kernel(CU, TAB, n_seqs, n_items, BLOCK_M: tl.constexpr, NP: tl.c
     total = tl.sum(tiles, 0)
     for i0 in range(0, n_items, BLOCK):
         i = i0 + tl.arange(0, BLOCK)
-        j = total - 1 - i
+        if REVERSE:
+            j = total - 1 - i
+        else:
+            j = tl.where(i < total, i, -1)
         before = ends[None, :] <= j[:, None]  # (BLOCK, NP): sequences wholly before tile j
         seq = tl.sum(before.to(tl.int32), 1)
         first = tl.sum(tl.where(before, tiles[None, :], 0), 1)  # tile index of seq's first tile
@@ -164,14 +171,16 @@ def input_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, interpreted
     return None
 
 
-def tile_table(cu: torch.Tensor, T: int, block_m: int) -> torch.Tensor:
-    """(2, cdiv(T, block_m) + n_seqs) int32 on cu's device: per work item its sequence (-1: none) and query
-    tile. One launch, no host synchronisation (the item count is the bound the lengths cannot pass)."""
+def tile_table(cu: torch.Tensor, T: int, block_m: int, heavy_last: bool = True) -> torch.Tensor:
+    """(2, cdiv(T, block_m) + n_seqs) int32 on cu's device: per work item its sequence (-1: none) and tile;
+    heavy_last: in reversed packed order (query tiles), else in packed order (key tiles). One launch, no host
+    synchronisation (the item count is the bound the lengths cannot pass)."""
     n = cu.numel() - 1
     items = triton.cdiv(T, block_m) + n
     tab = torch.empty((2, items), dtype=torch.int32, device=cu.device)
     np2 = max(16, triton.next_power_of_2(n))
-    _tile_table_kernel[(1,)](cu, tab, n, items, BLOCK_M=block_m, NP=np2, BLOCK=max(16, 4096 // np2))
+    _tile_table_kernel[(1,)](cu, tab, n, items, BLOCK_M=block_m, NP=np2, BLOCK=max(16, 4096 // np2),
+                             REVERSE=heavy_last)
     return tab
 
 
@@ -194,3 +203,216 @@ def forward(q, k, v, o, lse, cu, scale_log2: float, causal: bool, interpreted: b
     else:
         bn, stages = config
         _ws_fwd_kernel[grid](*args, BLOCK_N=bn, num_warps=NUM_WARPS, num_stages=stages, **meta)
+
+
+# ---------------------------------------------------------------------------------------------------- backward
+# R4B_VARLEN_BWD=ws: the Triton delta kernel (delta = rowsum(dO * O)), then a dQ kernel and a dK/dV kernel in the
+# forward's shape (one warp-specialised loop at the top level, a device-built tile table). The dK/dV kernel sums
+# the GQA group of its KV head without atomics: its one loop walks (query head of the group, query block) pairs,
+# reading Q and dO through descriptors over the sequence's (L, Hq * D) rows, so q and dO need a head stride of D
+# (the op's own dO is contiguous; q may be a slice of a fused projection). sm_90 ptxas (bf16, D=128, GQA 4,
+# causal): every config specialised (12 warps, setmaxnreg); dK/dV 128x32 s3 / s2 no spills, 132 / 115 kB, 128x64
+# s2 36 B spilled; dQ 128x64 s3 / s2 no spills, 182 / 149 kB, 128x128 s2 8 B spilled.
+DQ_CONFIGS = [(64, 3), (128, 2), (64, 2)]  # (BLOCK_N, STAGES), BLOCK_M 128
+DKDV_CONFIGS = [(32, 3), (64, 2), (32, 2)]  # (BLOCK_M, STAGES), BLOCK_N 128
+_INTERP_BWD = {"dq": (32, 16), "dkdv": (32, 16)}  # (rows of the program's tile, inner step) under the interpreter
+
+
+@triton.jit(do_not_specialize=["T", "n_items", "t_bucket"])
+def _ws_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, TAB, T, n_items, t_bucket, n_heads, qk_scale, sm_scale,
+                  stride_l, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+                  stride_dqt, stride_dqh,
+                  GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  CAUSAL: tl.constexpr, WS: tl.constexpr):
+    # program (query tile of one sequence, query head): dQ = scale * sum over key blocks of dS K. LSE and DELTA
+    # are (Hq, T) with row stride stride_l (a multiple of 4: 16-byte rows), read through TMA: the pass fails on a
+    # pointer load before the loop whose result the loop uses (as the rows' LSE would be)
+    pid = tl.program_id(0)
+    h = pid % n_heads
+    item = pid // n_heads
+    s = tl.load(TAB + item)
+    tile = tl.load(TAB + n_items + item)
+    real = s >= 0
+    s = tl.maximum(s, 0)
+    cs = tl.load(CU + s)
+    L = tl.where(real, tl.load(CU + s + 1) - cs, 0)
+    m0 = tile * BLOCK_M
+    h64 = h.to(tl.int64)
+    hk64 = (h // GROUP).to(tl.int64)
+    cs64 = cs.to(tl.int64)
+    rows_d = tl.maximum(L, 1)
+    q_desc = tl.make_tensor_descriptor(Q + cs64 * stride_qt + h64 * stride_qh, shape=[rows_d, D],
+                                       strides=[stride_qt, 1], block_shape=[BLOCK_M, D])
+    do_desc = tl.make_tensor_descriptor(DO + cs64 * stride_dot + h64 * stride_doh, shape=[rows_d, D],
+                                        strides=[stride_dot, 1], block_shape=[BLOCK_M, D])
+    k_desc = tl.make_tensor_descriptor(K + cs64 * stride_kt + hk64 * stride_kh, shape=[rows_d, D],
+                                       strides=[stride_kt, 1], block_shape=[BLOCK_N, D])
+    v_desc = tl.make_tensor_descriptor(V + cs64 * stride_vt + hk64 * stride_vh, shape=[rows_d, D],
+                                       strides=[stride_vt, 1], block_shape=[BLOCK_N, D])
+    q = q_desc.load([m0, 0])
+    do = do_desc.load([m0, 0])
+    q_loc = m0 + tl.arange(0, BLOCK_M)
+    keep = q_loc < L
+    rows = cs64 + q_loc.to(tl.int64)
+    if WS:
+        lse_desc = tl.make_tensor_descriptor(LSE, shape=[n_heads, T], strides=[stride_l, 1],
+                                             block_shape=[1, BLOCK_M])
+        delta_desc = tl.make_tensor_descriptor(DELTA, shape=[n_heads, T], strides=[stride_l, 1],
+                                               block_shape=[1, BLOCK_M])
+        lse = tl.reshape(lse_desc.load([h, cs + m0]), [BLOCK_M])  # rows past L: another sequence's (not stored)
+        delta = tl.reshape(delta_desc.load([h, cs + m0]), [BLOCK_M])
+    else:  # the interpreter (its descriptor emulation wants 16-byte aligned column offsets; the hardware does not)
+        lse = tl.load(LSE + h64 * stride_l + rows, mask=keep, other=0.0)
+        delta = tl.load(DELTA + h64 * stride_l + rows, mask=keep, other=0.0)
+    offs_n = tl.arange(0, BLOCK_N)
+    if CAUSAL:
+        hi = tl.minimum(m0 + BLOCK_M, L)
+    else:
+        hi = L
+    dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    for n0 in tl.range(0, hi, BLOCK_N, warp_specialize=WS):
+        k = k_desc.load([n0, 0])
+        v = v_desc.load([n0, 0])
+        kn = n0 + offs_n
+        if CAUSAL:  # valid rows have q_loc < L: this also cuts the zero-filled keys past L
+            ok = kn[None, :] <= q_loc[:, None]
+        else:
+            ok = (kn < L)[None, :]
+        p = tl.where(ok, tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq)
+    offs_d = tl.arange(0, D)
+    tl.store(DQ + h64 * stride_dqh + rows[:, None] * stride_dqt + offs_d[None, :],
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=keep[:, None])
+
+
+@triton.jit(do_not_specialize=["T", "n_items", "t_bucket"])
+def _ws_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, TAB, T, n_items, t_bucket, n_kv_heads, qk_scale, sm_scale,
+                    stride_l, stride_qt, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_dkt, stride_dkh,
+                    stride_dvt, stride_dvh,
+                    GROUP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                    CAUSAL: tl.constexpr, WS: tl.constexpr):
+    # program (key tile of one sequence, KV head): dK, dV summed over the GROUP query heads sharing the KV head
+    pid = tl.program_id(0)
+    hk = pid % n_kv_heads
+    item = pid // n_kv_heads
+    s = tl.load(TAB + item)
+    tile = tl.load(TAB + n_items + item)
+    real = s >= 0
+    s = tl.maximum(s, 0)
+    cs = tl.load(CU + s)
+    L = tl.where(real, tl.load(CU + s + 1) - cs, 0)
+    n0 = tile * BLOCK_N
+    hk64 = hk.to(tl.int64)
+    cs64 = cs.to(tl.int64)
+    rows_d = tl.maximum(L, 1)
+    k_desc = tl.make_tensor_descriptor(K + cs64 * stride_kt + hk64 * stride_kh, shape=[rows_d, D],
+                                       strides=[stride_kt, 1], block_shape=[BLOCK_N, D])
+    v_desc = tl.make_tensor_descriptor(V + cs64 * stride_vt + hk64 * stride_vh, shape=[rows_d, D],
+                                       strides=[stride_vt, 1], block_shape=[BLOCK_N, D])
+    # the sequence's rows of all query heads, (L, Hq * D): a block at column h * D is head h's (head stride D)
+    width = n_kv_heads * GROUP * D
+    q_desc = tl.make_tensor_descriptor(Q + cs64 * stride_qt, shape=[rows_d, width], strides=[stride_qt, 1],
+                                       block_shape=[BLOCK_M, D])
+    do_desc = tl.make_tensor_descriptor(DO + cs64 * stride_dot, shape=[rows_d, width], strides=[stride_dot, 1],
+                                        block_shape=[BLOCK_M, D])
+    k = k_desc.load([n0, 0])  # zeros past L: those rows' dK / dV are not stored
+    v = v_desc.load([n0, 0])
+    kn = n0 + tl.arange(0, BLOCK_N)
+    if CAUSAL:
+        lo = (n0 // BLOCK_M) * BLOCK_M  # the first query block that sees a key of the tile
+    else:
+        lo = n0 * 0
+    nb = tl.where(L > lo, (L - lo + BLOCK_M - 1) // BLOCK_M, 0)  # query blocks per head
+    offs_m = tl.arange(0, BLOCK_M)
+    dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
+    for i in tl.range(0, GROUP * nb, warp_specialize=WS):  # (query head of the group, query block) pairs
+        g = i // nb
+        m0 = lo + (i - g * nb) * BLOCK_M
+        h = hk * GROUP + g
+        q = q_desc.load([m0, h * D])  # (BLOCK_M, D), zeros past L
+        do = do_desc.load([m0, h * D])
+        qi = m0 + offs_m
+        qmask = qi < L
+        rows = cs64 + qi.to(tl.int64)
+        lse = tl.load(LSE + h.to(tl.int64) * stride_l + rows, mask=qmask, other=0.0)
+        delta = tl.load(DELTA + h.to(tl.int64) * stride_l + rows, mask=qmask, other=0.0)
+        if CAUSAL:
+            ok = qmask[None, :] & (qi[None, :] >= kn[:, None])
+        else:
+            ok = qmask[None, :]
+        pT = tl.where(ok, tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :]), 0.0)  # (BLOCK_N, BLOCK_M)
+        dv = tl.dot(pT.to(do.dtype), do, dv)
+        dpT = tl.dot(v, tl.trans(do))
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(q.dtype), q, dk)
+    keep = kn < L
+    r = cs64 + kn.to(tl.int64)
+    offs_d = tl.arange(0, D)
+    tl.store(DK + hk64 * stride_dkh + r[:, None] * stride_dkt + offs_d[None, :],
+             (dk * sm_scale).to(DK.dtype.element_ty), mask=keep[:, None])
+    tl.store(DV + hk64 * stride_dvh + r[:, None] * stride_dvt + offs_d[None, :], dv.to(DV.dtype.element_ty),
+             mask=keep[:, None])
+
+
+TUNED_DQ = triton.autotune([triton.Config({"BLOCK_N": n}, num_warps=NUM_WARPS, num_stages=st) for n, st in DQ_CONFIGS],
+                           key=["D", "CAUSAL", "GROUP", "t_bucket"])(_ws_dq_kernel)
+TUNED_DKDV = triton.autotune([triton.Config({"BLOCK_M": m}, num_warps=NUM_WARPS, num_stages=st)
+                              for m, st in DKDV_CONFIGS], key=["D", "CAUSAL", "GROUP", "t_bucket"])(_ws_dkdv_kernel)
+
+
+def bwd_input_problem(q: torch.Tensor, do: torch.Tensor) -> str | None:
+    """Why the dK/dV kernel cannot read q and dO through its (L, Hq * D) descriptors (a head stride other than
+    D), or None."""
+    for name, t in (("q", q), ("the output gradient", do)):
+        if t.stride(1) != t.shape[2]:
+            return f"{name} has head stride {t.stride(1)}, not the head dim {t.shape[2]}"
+    return None
+
+
+def backward(do, q, k, v, lse, delta, cu, scale: float, causal: bool, interpreted: bool, dq_config=None,
+             dkdv_config=None):
+    """(dq, dk, dv) from the output gradient, the forward's LSE (log2 units) and delta = rowsum(dO * O), both
+    (Hq, T) fp32. Configs: one of DQ_CONFIGS / DKDV_CONFIGS, or None for the autotuners. The caller checks
+    :func:`input_problem` (q, k, v, dO) and :func:`bwd_input_problem`, and sets triton's scratch allocator."""
+    T, Hq, D = q.shape
+    Hkv = k.shape[1]
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    meta = dict(GROUP=Hq // Hkv, D=D, CAUSAL=causal, WS=not interpreted)
+    bm = _INTERP_BWD["dq"][0] if interpreted else BLOCK_M
+    bn = _INTERP_BWD["dkdv"][0] if interpreted else BLOCK_M
+    qtab = tile_table(cu, T, bm, heavy_last=True)
+    ktab = tile_table(cu, T, bn, heavy_last=False)
+    if T % 4:  # 16-byte rows for the dQ kernel's TMA loads of LSE and delta
+        pad = torch.zeros((2, Hq, T + 4 - T % 4), dtype=torch.float32, device=q.device)
+        pad[0, :, :T] = lse
+        pad[1, :, :T] = delta
+        lse, delta = pad[0], pad[1]
+    common = (q, k, v, do, lse, delta)
+    dq_args = (*common, dq, cu, qtab, T, qtab.shape[1], T.bit_length(), Hq, scale * 1.4426950408889634, scale,
+               lse.stride(0), q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+               do.stride(0), do.stride(1), dq.stride(0), dq.stride(1))
+    kv_args = (*common, dk, dv, cu, ktab, T, ktab.shape[1], T.bit_length(), Hkv, scale * 1.4426950408889634, scale,
+               lse.stride(0), q.stride(0), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0),
+               dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1))
+    dq_grid = (qtab.shape[1] * Hq,)
+    kv_grid = (ktab.shape[1] * Hkv,)
+    if interpreted:
+        _ws_dq_kernel[dq_grid](*dq_args, BLOCK_M=bm, BLOCK_N=_INTERP_BWD["dq"][1], **meta)
+        _ws_dkdv_kernel[kv_grid](*kv_args, BLOCK_N=bn, BLOCK_M=_INTERP_BWD["dkdv"][1], **meta)
+        return dq, dk, dv
+    if dq_config is None:
+        TUNED_DQ[dq_grid](*dq_args, BLOCK_M=bm, **meta)
+    else:
+        _ws_dq_kernel[dq_grid](*dq_args, BLOCK_M=bm, BLOCK_N=dq_config[0], num_warps=NUM_WARPS,
+                               num_stages=dq_config[1], **meta)
+    if dkdv_config is None:
+        TUNED_DKDV[kv_grid](*kv_args, BLOCK_N=bn, **meta)
+    else:
+        _ws_dkdv_kernel[kv_grid](*kv_args, BLOCK_N=bn, BLOCK_M=dkdv_config[0], num_warps=NUM_WARPS,
+                                 num_stages=dkdv_config[1], **meta)
+    return dq, dk, dv

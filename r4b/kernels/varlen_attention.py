@@ -39,8 +39,9 @@ from torch import Tensor
 from . import _checks, _dispatch
 
 OP = "varlen_attention"
-# the backward: "split" (Triton dQ kernel + dK/dV kernel, default), "atomic" (Triton, the dK/dV kernel adds dQ)
-# or "gluon" (sm_90 only, opt-in until timed on a GPU: the split backward in Gluon, _varlen_gluon.py)
+# the backward: "split" (Triton dQ kernel + dK/dV kernel, default), "atomic" (Triton, the dK/dV kernel adds dQ),
+# "gluon" (sm_90 only, opt-in until timed on a GPU: the split backward in Gluon, _varlen_gluon.py) or "ws" (the
+# split backward warp-specialised by triton's Hopper pass; the interpreter or sm_90, opt-in: _varlen_ws.py)
 ENV_BWD = "R4B_VARLEN_BWD"
 ENV_LOADS = "R4B_VARLEN_LOADS"  # the Triton kernels' block loads: "pointer" (default) or "tma" (tensor descriptors)
 # the forward kernel: "triton" (default), "gluon" (sm_90 only, opt-in until timed on a GPU: _varlen_gluon.py) or
@@ -664,7 +665,7 @@ if _dispatch.triton_importable():
             raise ValueError(f"${ENV_FWD} must be 'triton', 'gluon' or 'ws', got {mode!r}")
         return mode
 
-    def _ws_module(interp: bool, q: Tensor, k: Tensor, v: Tensor):
+    def _ws_module(interp: bool, q: Tensor, k: Tensor, v: Tensor, env: str = ENV_FWD):
         """r4b.kernels._varlen_ws when its kernel can run these tensors; None when it cannot run these inputs (dtype,
         head dim, alignment: the Triton kernel takes them, as with the Gluon ones); a RuntimeError naming the
         variable where no input could run (a GPU other than Hopper)."""
@@ -672,7 +673,7 @@ if _dispatch.triton_importable():
 
         why = _varlen_ws.device_problem(q.device, interp)
         if why is not None:
-            raise RuntimeError(f"${ENV_FWD}=ws cannot run here: {why}")
+            raise RuntimeError(f"${env}=ws cannot run here: {why}")
         if _varlen_ws.input_problem(q, k, v, interp) is not None:
             return None
         if not interp:
@@ -709,8 +710,8 @@ if _dispatch.triton_importable():
 
     def _bwd_mode() -> str:
         mode = os.environ.get(ENV_BWD, "split")
-        if mode not in ("split", "atomic", "gluon"):
-            raise ValueError(f"${ENV_BWD} must be 'split', 'atomic' or 'gluon', got {mode!r}")
+        if mode not in ("split", "atomic", "gluon", "ws"):
+            raise ValueError(f"${ENV_BWD} must be 'split', 'atomic', 'gluon' or 'ws', got {mode!r}")
         return mode
 
     def _gluon_module(env: str, interp: bool, *tensors: Tensor):
@@ -744,6 +745,12 @@ if _dispatch.triton_importable():
         if gluon is not None and gluon.input_problem(do) is not None:
             # a broadcast or odd-strided (or misaligned) gradient: a fresh copy has 16-byte rows and base for TMA
             do = do.clone(memory_format=torch.contiguous_format)
+        ws = _ws_module(interp, q, k, v, env=ENV_BWD) if mode == "ws" else None
+        if ws is not None and q.stride(1) != D:
+            ws = None  # q's head stride is not D (the dK/dV kernel's (L, Hq * D) view): the Triton kernels
+        if ws is not None and (ws.input_problem(do, k, v, interp) is not None
+                               or ws.bwd_input_problem(q, do) is not None):
+            do = do.clone(memory_format=torch.contiguous_format)  # broadcast, odd-strided or misaligned
         delta = torch.empty((Hq, T), dtype=torch.float32, device=q.device)
         ld = torch.empty((Hq, T, 2), dtype=torch.float32, device=q.device)  # (lse, delta) per row
         bm = 16 if interp else 64
@@ -752,6 +759,8 @@ if _dispatch.triton_importable():
             BLOCK_D=meta["BLOCK_D"], BLOCK_M=bm)
         if gluon is not None:
             return gluon.backward(do, q, k, v, lse, delta, cu, scale, causal)
+        if ws is not None:
+            return ws.backward(do, q, k, v, lse, delta, cu, scale, causal, interp)
         atomic = mode == "atomic"
         dk = torch.empty_like(k, memory_format=torch.contiguous_format)
         dv = torch.empty_like(v, memory_format=torch.contiguous_format)
