@@ -41,24 +41,29 @@ def _expect(ws_runs, shape, calls: int = 1, takes: bool = True) -> None:
     assert ws_runs["bwd"] == ([shape] * calls if bwd == "ws" and takes else [])
 
 
-def _table64(lens: list[int], block_m: int, items: int) -> list[tuple[int, int]]:
-    """Independent reference of the tile table: every (sequence, tile) in packed order, reversed, padded."""
+def _table64(lens: list[int], block_m: int, items: int, reverse: bool) -> list[tuple[int, int]]:
+    """Independent reference of the tile table: every (sequence, tile) in packed order (reversed), padded."""
     tiles = [(s, t) for s, n in enumerate(lens) for t in range(-(-n // block_m))]
-    return tiles[::-1] + [(-1, 0)] * (items - len(tiles))
+    return (tiles[::-1] if reverse else tiles) + [(-1, 0)] * (items - len(tiles))
 
 
 @pytest.mark.parametrize("lens,block_m", [([1, 37, 0, 1, 16, 5], 32), ([0], 16), ([300], 128), ([0, 0, 5, 0], 16),
                                           ([3] * 40 + [129, 1, 0, 250], 16), (list(range(70)), 32)])
-def test_tile_table_lists_every_tile_heaviest_first(lens, block_m):
-    """Per work item its sequence and query tile: all tiles of every non-empty sequence once, in reversed packed
-    order (a causal sequence's last, heaviest tile first), then empty items (-1) up to cdiv(T, BLOCK_M) + n; also
-    past 16 sequences (a wider table) and with more items than one of the kernel's blocks."""
+@pytest.mark.parametrize("heavy_last", [True, False], ids=["query-tiles", "key-tiles"])
+@pytest.mark.parametrize("impl", ["kernel", "torch"])
+def test_tile_table_lists_every_tile_once(lens, block_m, heavy_last, impl, monkeypatch):
+    """Per work item its sequence and tile: all tiles of every non-empty sequence once, in reversed packed order
+    for query tiles (a causal sequence's last, heaviest tile first) or in packed order for key tiles (its first,
+    heaviest), then empty items (-1) up to cdiv(T, BLOCK_M) + n; also past 16 sequences (a wider table) and with
+    more items than one of the kernel's blocks. impl "torch": the path of batches with more than 1024 sequences."""
+    if impl == "torch":
+        monkeypatch.setattr(ws, "_TABLE_KERNEL_MAX_SEQS", 0)
     cu = _cu(lens)
     T = sum(lens)
-    tab = ws.tile_table(cu, T, block_m)
+    tab = ws.tile_table(cu, T, block_m, heavy_last)
     items = -(-T // block_m) + len(lens)
     assert tab.shape == (2, items) and tab.dtype == torch.int32
-    assert list(zip(tab[0].tolist(), tab[1].tolist(), strict=True)) == _table64(lens, block_m, items)
+    assert list(zip(tab[0].tolist(), tab[1].tolist(), strict=True)) == _table64(lens, block_m, items, heavy_last)
 
 
 @pytest.mark.parametrize("lens,Hq,Hkv,D,causal", CASES + [([1, 70, 2, 33], 4, 4, 32, True),

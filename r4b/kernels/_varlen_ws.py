@@ -177,11 +177,31 @@ def tile_table(cu: torch.Tensor, T: int, block_m: int, heavy_last: bool = True) 
     synchronisation (the item count is the bound the lengths cannot pass)."""
     n = cu.numel() - 1
     items = triton.cdiv(T, block_m) + n
+    if n > _TABLE_KERNEL_MAX_SEQS:  # the kernel holds every sequence in registers: torch ops past that
+        return _tile_table_torch(cu, items, block_m, heavy_last)
     tab = torch.empty((2, items), dtype=torch.int32, device=cu.device)
     np2 = max(16, triton.next_power_of_2(n))
     _tile_table_kernel[(1,)](cu, tab, n, items, BLOCK_M=block_m, NP=np2, BLOCK=max(16, 4096 // np2),
                              REVERSE=heavy_last)
     return tab
+
+
+_TABLE_KERNEL_MAX_SEQS = 1024
+
+
+def _tile_table_torch(cu: torch.Tensor, items: int, block_m: int, heavy_last: bool) -> torch.Tensor:
+    """:func:`tile_table` with torch ops (about ten small launches, still no host synchronisation), for batches
+    of more sequences than the one-program kernel holds."""
+    cu = cu.long()
+    tiles = (cu[1:] - cu[:-1] + block_m - 1) // block_m
+    ends = tiles.cumsum(0)
+    total = ends[-1:]
+    i = torch.arange(items, device=cu.device)
+    j = total - 1 - i if heavy_last else torch.where(i < total, i, -1)
+    ok = j >= 0
+    seq = torch.searchsorted(ends, j.clamp(min=0), right=True).clamp(max=tiles.numel() - 1)
+    first = ends[seq] - tiles[seq]
+    return torch.stack([torch.where(ok, seq, -1), torch.where(ok, j - first, 0)]).to(torch.int32)
 
 
 def forward(q, k, v, o, lse, cu, scale_log2: float, causal: bool, interpreted: bool, config=None) -> None:
