@@ -337,6 +337,10 @@ def _ws_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, TAB, T, n_items, t_buck
                                        block_shape=[BLOCK_M, D])
     do_desc = tl.make_tensor_descriptor(DO + cs64 * stride_dot, shape=[rows_d, width], strides=[stride_dot, 1],
                                         block_shape=[BLOCK_M, D])
+    lse_desc = tl.make_tensor_descriptor(LSE, shape=[n_kv_heads * GROUP, T], strides=[stride_l, 1],
+                                         block_shape=[1, BLOCK_M])
+    delta_desc = tl.make_tensor_descriptor(DELTA, shape=[n_kv_heads * GROUP, T], strides=[stride_l, 1],
+                                           block_shape=[1, BLOCK_M])
     k = k_desc.load([n0, 0])  # zeros past L: those rows' dK / dV are not stored
     v = v_desc.load([n0, 0])
     kn = n0 + tl.arange(0, BLOCK_N)
@@ -357,8 +361,15 @@ def _ws_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, TAB, T, n_items, t_buck
         qi = m0 + offs_m
         qmask = qi < L
         rows = cs64 + qi.to(tl.int64)
-        lse = tl.load(LSE + h.to(tl.int64) * stride_l + rows, mask=qmask, other=0.0)
-        delta = tl.load(DELTA + h.to(tl.int64) * stride_l + rows, mask=qmask, other=0.0)
+        if WS:  # through the producer's TMA (as pointer loads they sat in the consumers' loop)
+            lse = tl.reshape(lse_desc.load([h, cs + m0]), [BLOCK_M])
+            delta = tl.reshape(delta_desc.load([h, cs + m0]), [BLOCK_M])
+            # rows past L are the next sequence's: a NaN delta there would reach dK through 0 * NaN
+            lse = tl.where(qmask, lse, 0.0)
+            delta = tl.where(qmask, delta, 0.0)
+        else:  # the interpreter (its descriptor emulation wants 16-byte aligned column offsets)
+            lse = tl.load(LSE + h.to(tl.int64) * stride_l + rows, mask=qmask, other=0.0)
+            delta = tl.load(DELTA + h.to(tl.int64) * stride_l + rows, mask=qmask, other=0.0)
         if CAUSAL:
             ok = qmask[None, :] & (qi[None, :] >= kn[:, None])
         else:
