@@ -4,10 +4,11 @@
 #   bash bench/gpu_check.sh [all|issues|gluon|rest]   (results under bench/results/<date>-<gpu>/, logs in $OUT)
 # Phases, so that one lease can be used as back-to-back calls on the same warm machine (most important first):
 #   issues: the loss and packed-sequence kernels (fused GRPO / CE / log-probs, varlen attention, norms, model):
-#           their GPU tests, then the varlen attention bench (Triton and Gluon rows, each checked against SDPA)
-#           and the GRPO loss bench;
-#   gluon:  the Gluon attention kernels' float64 GPU tests (sm_90; through the op first, then every config),
-#           then the small-op bench and the loss row kernel's sweep;
+#           their GPU tests, then the varlen attention bench (Triton, warp-specialised and Gluon rows, each checked
+#           against SDPA) and the GRPO loss bench;
+#   gluon:  the opt-in attention kernels' GPU tests (sm_90): the warp-specialised Triton ones (R4B_VARLEN_*=ws),
+#           then the Gluon ones (through the op first, then every config), then the small-op bench and the loss
+#           row kernel's sweep;
 #   rest:   the r4b._C ops (group advantages, pack) and the peer attention backends: tests and benches (builds
 #           r4b._C first unless this machine already has it built with CUDA), and the fused-linear bench;
 #   diag:   hardware counters and memory checks for the sessions without a GPU (bench/gpu_diag.py): Nsight Compute
@@ -77,6 +78,9 @@ test_rc=0
 # The Gluon attention kernels (opt-in, never run before 2026-11-26's sixth session): their float64 tests (about
 # 70 Gluon compiles on a cold machine; the issues phase's varlen bench already times them against SDPA)
 if [ "$PHASE" = gluon ] || [ "$PHASE" = all ]; then
+  # (the warp-specialised kernels, written 2026-11-27, never run on a GPU either: bf16 rule, isolation, configs)
+  step "GPU tests: warp-specialised Triton attention kernels (sm_90)"
+  gpu_tests 150 pytest_gpu_ws.log tests/test_varlen_ws.py || test_rc=$?
   step "GPU tests: Gluon attention kernels (sm_90)"
   gpu_tests 240 pytest_gpu_gluon.log tests/test_varlen_gluon.py || test_rc=$?
 fi
@@ -90,7 +94,7 @@ fi
 
 issue_tests="tests/test_fused_linear_chunked.py tests/test_fused_linear_grpo_loss.py tests/test_varlen_attention.py
              tests/test_rms_norm.py tests/test_rope.py tests/test_swiglu.py tests/test_fused_linear_cross_entropy.py
-             tests/test_fused_linear_logprobs.py tests/test_model_qwen3.py tests/test_varlen_ws.py"
+             tests/test_fused_linear_logprobs.py tests/test_model_qwen3.py"
 rest_tests="tests/test_group_advantages.py tests/test_pack.py tests/test_varlen_attention_peers.py"
 if [ "$PHASE" = issues ] || [ "$PHASE" = all ]; then
   step "GPU tests: loss and packed-sequence kernels, model"
