@@ -90,8 +90,12 @@ def providers(device: str, mask_ms: dict) -> dict:
                     import r4b.kernels._varlen_gluon  # noqa: F401
                 except ImportError as ex:
                     raise Skip(f"this triton has no Gluon with its Hopper API: {ex}") from None
-            if "ws" in (fwd_kernel, bwd) and device == "cuda" and torch.cuda.get_device_capability()[0] != 9:
-                raise Skip("the warp-specialised kernels need a Hopper GPU (sm_90)")
+            if "ws" in (fwd_kernel, bwd) and device == "cuda":
+                from r4b.kernels import _varlen_ws
+
+                why = _varlen_ws.device_problem(torch.device("cuda"), False)
+                if why is not None:
+                    raise Skip(f"the warp-specialised kernels: {why}")
             if bwd != "split" and case.params["mode"] == "fwd":
                 same = next(n for n, m in R4B_ROWS.items() if m == (fwd_kernel, "split", loads))
                 raise Skip(f"the same forward as the {same} row")

@@ -58,7 +58,10 @@ def attn(small: bool, gluon_only: bool, device: str = "cuda", shape=None) -> int
     variants = [] if gluon_only else [("triton", "triton", "split")]
     if hopper:
         variants.append(("gluon", "gluon", "gluon"))
-        if not gluon_only and not small:  # the warp-specialised Triton kernels (R4B_VARLEN_FWD/BWD=ws)
+        from r4b.kernels import _varlen_ws
+
+        # the warp-specialised Triton kernels (R4B_VARLEN_FWD/BWD=ws), once the GPU no longer refuses them
+        if not gluon_only and not small and _varlen_ws.GPU_BROKEN is None:
             variants.append(("ws", "ws", "ws"))
     if not variants:
         print("no variant to run (--gluon-only needs a Hopper GPU)")

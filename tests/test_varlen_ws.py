@@ -14,6 +14,9 @@ from tests._lowprec import assert_within_twice_plain
 from tests.test_varlen_attention import CASES, _attention64, _cu, _grads, _inputs, _sdpa_bf16_per_doc
 
 ws = importlib.import_module("r4b.kernels._varlen_ws")
+# the GPU refuses the ws kernels while their warp-specialised compiles are known wrong (ws.GPU_BROKEN): these tests
+# are what lifting it must pass
+_gpu_broken = pytest.mark.skipif(ws.GPU_BROKEN is not None, reason=f"ws.GPU_BROKEN: {ws.GPU_BROKEN}")
 
 
 def _spy(monkeypatch, name: str, arg: int) -> list:
@@ -120,6 +123,7 @@ def test_ws_no_information_crosses_a_boundary(causal, change, ws_runs):
 
 
 @pytest.mark.gpu
+@_gpu_broken
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("change", ["finite", "inf-nan"])
 def test_ws_no_information_crosses_a_boundary_gpu(causal, change, ws_runs):
@@ -151,6 +155,8 @@ def test_ws_says_what_it_cannot_run(monkeypatch):
     assert "not a GPU" in ws.device_problem(cpu, interpreted=False)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
     assert "not 9.x" in ws.device_problem(torch.device("cuda"), interpreted=False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    assert ws.device_problem(torch.device("cuda"), interpreted=False) == ws.GPU_BROKEN  # refused on Hopper too
     q, k, v, _ = _inputs([5, 3], 2, 1, 64)
     assert ws.input_problem(q, k, v, interpreted=True) is None
     assert "dtype torch.float32" in ws.input_problem(q, k, v, interpreted=False)
@@ -207,6 +213,7 @@ def test_ws_kernels_are_warp_specialised_for_sm90():
 
 
 @pytest.mark.gpu
+@_gpu_broken
 @pytest.mark.parametrize("causal", [True, False])
 def test_ws_bf16_anchor_gpu(causal, ws_runs):
     # anchor: 16384 packed tokens, 10 documents 128..4096, 32 query / 8 KV heads, D 128
@@ -222,6 +229,7 @@ def test_ws_bf16_anchor_gpu(causal, ws_runs):
 
 
 @pytest.mark.gpu
+@_gpu_broken
 @pytest.mark.parametrize("D", [128, 64])
 def test_ws_many_short_and_one_long_bf16_gpu(D, ws_runs):
     """Think/no-think packing (one long trace, hundreds of short answers; tiles and key blocks cross sequence
@@ -238,6 +246,7 @@ def test_ws_many_short_and_one_long_bf16_gpu(D, ws_runs):
 
 
 @pytest.mark.gpu
+@_gpu_broken
 @pytest.mark.parametrize("config", ws.CONFIGS)
 def test_ws_every_config_gpu(config, monkeypatch):
     """Each config run directly (the autotuner runs only its pick): output and LSE against float64."""
@@ -262,6 +271,7 @@ def test_ws_every_config_gpu(config, monkeypatch):
 
 
 @pytest.mark.gpu
+@_gpu_broken
 @pytest.mark.parametrize("which", ["dq", "dkdv"])
 def test_ws_backward_every_config_gpu(which):
     """Each dQ / dK/dV config run directly (the autotuners run only their pick), bf16, against float64 by the rule,

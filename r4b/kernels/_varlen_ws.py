@@ -15,8 +15,9 @@ search over cu_seqlens) or an early ``return`` each make the pass fail; an ``if`
 the specialisation off. Hence this kernel's shape:
 
 - a program is one (query tile of one sequence, query head). The tiles come from a small table built on the
-  device by :func:`_tile_table_kernel` from cu_seqlens (no host sync): item i -> (sequence, tile index), the heavy
-  tiles first (the last tile of a causal sequence has the most keys); the grid is its upper bound
+  device by :func:`_tile_table_kernel` from cu_seqlens (no host sync): item i -> (sequence, tile index), within each
+  sequence its heavy tiles first (the last query tile of a causal sequence has the most keys; across sequences the
+  packed order is only reversed, so the first sequence's tiles start last: a tail to fix); the grid is its upper bound
   cdiv(T, BLOCK_M) + n_seqs items times the heads, the few items past the real count are empty programs;
 - one loop over the key blocks [0, hi) with the causal mask (or the key-length mask) applied in every block
   (one compare and select per score: the masked-diagonal split of the default forward would need a second loop);
@@ -50,7 +51,7 @@ def _tile_table_kernel(CU, TAB, n_seqs, n_items, BLOCK_M: tl.constexpr, NP: tl.c
                        REVERSE: tl.constexpr):
     """TAB[0, i] = the sequence of work item i and TAB[1, i] its tile (of BLOCK_M rows), for i < n_items; items
     past the real tile count get sequence -1. REVERSE: item i is tile j = total - 1 - i in packed order
-    (sequence-major, tiles ascending), so a causal sequence's heaviest query tile (its last) starts first;
+    (sequence-major, tiles ascending), so a causal sequence's heaviest query tile (its last) starts before its others;
     otherwise j = i, for key tiles (a causal sequence's first key tile sees the most queries). One program;
     NP >= n_seqs."""
     seqs = tl.arange(0, NP)
@@ -143,19 +144,33 @@ def _configs():
 TUNED = triton.autotune(_configs(), key=["D", "CAUSAL", "GROUP", "t_bucket"])(_ws_fwd_kernel)
 
 
+# First GPU run (an H200, triton 3.6, 2026-11-27, by a review helper): the warp-specialised compiles give wrong
+# results, while the same kernels compiled with WS=False are right (so the maths, masks and descriptors of Q, K, V
+# and dO are). Forward: rows 64-127 of every 128-row tile wrong (the second consumer warpgroup; cause not found).
+# dQ: the pass splits the [1, BLOCK_M] LSE / delta loads along the wrong dimension (head coordinate + 64, 256-byte
+# slots for 512-byte boxes) and overwrites shared memory: launch failure. dK/dV: NaN or 0.1-0.4 relative error, and
+# an illegal instruction when a sequence starts at a row that is not a multiple of 4 (the LSE / delta TMA column
+# offset is then not 16-byte aligned: the hardware does require it). Fix path: LSE / delta as a (Hq, T, 4) fp32
+# buffer read per sequence through [BLOCK_M, 4] blocks (rows on dim 0), then bisect the forward. Until then the
+# GPU refuses the ws kernels by name; the interpreter still runs them (their maths stay tested).
+GPU_BROKEN = ("the warp-specialised compiles gave wrong results on an H200 (triton 3.6, 2026-11-27): see "
+              "r4b/kernels/_varlen_ws.py")
+
+
 def device_problem(device: torch.device, interpreted: bool) -> str | None:
-    """Why this kernel cannot run on ``device`` (not a Hopper GPU, and not the interpreter), or None."""
+    """Why these kernels cannot run on ``device`` (not a Hopper GPU, and not the interpreter; on any GPU while
+    GPU_BROKEN is set), or None."""
     if interpreted:
         return None
     if device.type != "cuda":
         return f"tensors on {device.type}, not a GPU"
     if torch.cuda.get_device_capability(device)[0] != 9:
         return f"CUDA capability {torch.cuda.get_device_capability(device)}, not 9.x (Hopper)"
-    return None
+    return GPU_BROKEN
 
 
 def input_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, interpreted: bool) -> str | None:
-    """Why this kernel cannot run these (T, H, D) tensors (dtype, head dim, TMA alignment, int32 head offsets),
+    """Why this kernel cannot run these (T, H, D) tensors (dtype, head dim, TMA alignment, int32 coordinates),
     or None. The interpreter also takes fp32 (the CPU tests' precision)."""
     dtypes = (torch.bfloat16, torch.float16, torch.float32) if interpreted else (torch.bfloat16, torch.float16)
     if q.dtype not in dtypes:
@@ -281,7 +296,7 @@ def _ws_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, TAB, T, n_items, t_bucket, n_
                                                block_shape=[1, BLOCK_M])
         lse = tl.reshape(lse_desc.load([h, cs + m0]), [BLOCK_M])  # rows past L: another sequence's (not stored)
         delta = tl.reshape(delta_desc.load([h, cs + m0]), [BLOCK_M])
-    else:  # the interpreter (its descriptor emulation wants 16-byte aligned column offsets; the hardware does not)
+    else:  # the interpreter (its descriptor emulation wants 16-byte aligned column offsets; so does the hardware)
         lse = tl.load(LSE + h64 * stride_l + rows, mask=keep, other=0.0)
         delta = tl.load(DELTA + h64 * stride_l + rows, mask=keep, other=0.0)
     offs_n = tl.arange(0, BLOCK_N)
