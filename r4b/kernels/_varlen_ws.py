@@ -74,6 +74,19 @@ def _tile_table_kernel(CU, TAB, n_seqs, n_items, BLOCK_M: tl.constexpr, NP: tl.c
         tl.store(TAB + n_items + i, tl.where(ok, j - first, 0), mask=i < n_items)
 
 
+@triton.jit
+def _work_item(TAB, CU, item, n_items):
+    """(tile, first row, length) of work item ``item`` of a tile table; an empty item (sequence -1) has length 0
+    (no key block, every store masked) and reads sequence 0's start."""
+    s = tl.load(TAB + item)
+    tile = tl.load(TAB + n_items + item)
+    real = s >= 0
+    s = tl.maximum(s, 0)
+    cs = tl.load(CU + s)
+    L = tl.where(real, tl.load(CU + s + 1) - cs, 0)
+    return tile, cs, L
+
+
 @triton.jit(do_not_specialize=["T", "n_items", "t_bucket"])
 def _ws_fwd_kernel(Q, K, V, Out, LSE, CU, TAB, T, n_items, t_bucket, n_heads, qk_scale,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
@@ -83,12 +96,7 @@ def _ws_fwd_kernel(Q, K, V, Out, LSE, CU, TAB, T, n_items, t_bucket, n_heads, qk
     pid = tl.program_id(0)
     h = pid % n_heads
     item = pid // n_heads
-    s = tl.load(TAB + item)
-    tile = tl.load(TAB + n_items + item)
-    real = s >= 0
-    s = tl.maximum(s, 0)
-    cs = tl.load(CU + s)
-    L = tl.where(real, tl.load(CU + s + 1) - cs, 0)  # 0: an empty item (no key block, every store masked)
+    tile, cs, L = _work_item(TAB, CU, item, n_items)
     m0 = tile * BLOCK_M
     h64 = h.to(tl.int64)
     hk64 = (h // GROUP).to(tl.int64)
@@ -265,12 +273,7 @@ def _ws_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, TAB, T, n_items, t_bucket, n_
     pid = tl.program_id(0)
     h = pid % n_heads
     item = pid // n_heads
-    s = tl.load(TAB + item)
-    tile = tl.load(TAB + n_items + item)
-    real = s >= 0
-    s = tl.maximum(s, 0)
-    cs = tl.load(CU + s)
-    L = tl.where(real, tl.load(CU + s + 1) - cs, 0)
+    tile, cs, L = _work_item(TAB, CU, item, n_items)
     m0 = tile * BLOCK_M
     h64 = h.to(tl.int64)
     hk64 = (h // GROUP).to(tl.int64)
@@ -332,12 +335,7 @@ def _ws_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, TAB, T, n_items, t_buck
     pid = tl.program_id(0)
     hk = pid % n_kv_heads
     item = pid // n_kv_heads
-    s = tl.load(TAB + item)
-    tile = tl.load(TAB + n_items + item)
-    real = s >= 0
-    s = tl.maximum(s, 0)
-    cs = tl.load(CU + s)
-    L = tl.where(real, tl.load(CU + s + 1) - cs, 0)
+    tile, cs, L = _work_item(TAB, CU, item, n_items)
     n0 = tile * BLOCK_N
     hk64 = hk.to(tl.int64)
     cs64 = cs.to(tl.int64)
