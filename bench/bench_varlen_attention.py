@@ -13,6 +13,7 @@ prints the list-scheduling model behind the kernels' grid order (no GPU needed).
 from __future__ import annotations
 
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -230,6 +231,20 @@ def aot_report(first_only: bool = False) -> None:
                     **extra}
             info, smem = sm90_ptxas(kern, meta, sig_of, warps, stages)
             print(f"{kind:11s} {a}x{b} w{warps} s{stages}: smem={smem} B | {info}", flush=True)
+    # fp32 on a GPU (IEEE products as FMAs): one fixed config per kernel (va.F32_CONFIGS), never autotuned
+    f32_sig = lambda n: "*fp32" if sig_of(n) == "*bf16" else sig_of(n)  # noqa: E731
+    for name, kern, tile, extra in (
+            ("fwd", va._fwd_kernel, ("BLOCK_M", "BLOCK_N"), kv_off),
+            ("dq", va._bwd_dq_kernel, ("BLOCK_M", "BLOCK_N"), kv_off),
+            ("dkdv", va._bwd_dkdv_kernel, ("BLOCK_N", "BLOCK_M"), {"ATOMIC_DQ": False, **qdo_off}),
+            ("dkdv+dq", va._bwd_dkdv_kernel, ("BLOCK_N", "BLOCK_M"), {"ATOMIC_DQ": True, **qdo_off})):
+        a, b, warps, stages = va.F32_CONFIGS[name]
+        meta = {"GROUP": 4, "D": 128, "BLOCK_D": 128, "CAUSAL": True, "DOT_PREC": "ieee", tile[0]: a, tile[1]: b,
+                **extra}
+        t0 = time.perf_counter()
+        info, smem = sm90_ptxas(kern, meta, f32_sig, warps, stages)
+        print(f"{name + '-f32':11s} {a}x{b} w{warps} s{stages}: smem={smem} B | {info} | "
+              f"compiled in {time.perf_counter() - t0:.1f} s", flush=True)
     ws_report(first_only)
     gluon_report(first_only, sig_of)
 

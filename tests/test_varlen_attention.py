@@ -366,6 +366,12 @@ def test_varlen_attention_kernels_compile_for_sm90():
     # loop-carried type changes, dot shapes); compile fwd, dQ and dK/dV for sm_90 with triton's own ptxas.
     out = run_aot_report("bench.bench_varlen_attention", "--aot-first")
     assert all(f"{kind} " in out for kind in ("fwd", "dq", "dkdv")), out
+    # fp32 on a GPU runs one fixed config per kernel (an fp32 autotune compiled for minutes on an H200): each fits
+    # in shared memory and spills at most a few registers' worth
+    for kind in ("fwd-f32", "dq-f32", "dkdv-f32", "dkdv+dq-f32"):
+        [line] = [line for line in out.splitlines() if line.startswith(kind + " ")]
+        assert int(line.split("smem=")[1].split()[0]) <= 232448, line
+        assert int(line.split(" bytes spill stores")[0].rsplit(maxsplit=1)[1]) <= 64, line
     # the Gluon forward (R4B_VARLEN_FWD=gluon), both masks: its point is one wgmma group (P @ V) left in flight
     # while the next block's softmax runs, i.e. a "wgmma.wait_group 1" in its PTX; the Triton forward has only 0s
     # (the backward's two kernels likewise keep one product in flight during their elementwise work)

@@ -614,6 +614,19 @@ if _dispatch.triton_importable():
                 "dkdv+dq": (_bwd_dkdv_kernel, _cfgs_kv(DKDV_CONFIGS), {"reset_to_zero": ["DQ32"]})}
     TUNED = {(name, tma): triton.autotune(cfgs, key=_KEY, **kw)(kern)
              for name, (kern, cfgs, kw) in _KERNELS.items() for tma in (False, True)}
+    # fp32 on a GPU (the IEEE reference mode: products as fp32 FMAs, not tensor cores) runs one fixed config per
+    # kernel, never the lists above: their fp32 compiles take 4-60 s each (sm_90 ptxas on 2 cores: the forward's
+    # eight 220 s, 128x128 alone 60 s) and three of them do not fit in shared memory, so autotuning a first fp32
+    # call stalled for minutes (H200, 2026-11-27: a GPU test cut at its step's 170 s limit). These 8-warp tiles
+    # compile in 4-7 s each with at most 56 B of spills (fp32, D=128, causal; 4 warps spill 1.4-42 kB).
+    F32_CONFIGS = {"fwd": (64, 32, 8, 2), "dq": (64, 32, 8, 2), "dkdv": (32, 32, 8, 2), "dkdv+dq": (32, 32, 8, 2)}
+    TUNED_F32 = {name: triton.autotune((_cfgs_kv if name.startswith("dkdv") else _cfgs)([F32_CONFIGS[name]]),
+                                       key=_KEY, **kw)(kern)
+                 for name, (kern, _, kw) in _KERNELS.items()}
+
+    def _tuned(name: str, tma: bool, dtype: torch.dtype):
+        """The launcher of one kernel: the autotuned one, or for fp32 (never TMA) the fixed fp32 config."""
+        return TUNED_F32[name] if dtype == torch.float32 else TUNED[name, tma]
 
     def _meta(q: Tensor, k: Tensor, causal: bool) -> dict:
         D = q.shape[2]
@@ -705,7 +718,7 @@ if _dispatch.triton_importable():
         else:
             if tma:
                 _ensure_allocator()
-            TUNED["fwd", tma][lambda m: (triton.cdiv(T, m["BLOCK_M"]) * Hq,)](*args, TMA=tma, **meta)
+            _tuned("fwd", tma, q.dtype)[lambda m: (triton.cdiv(T, m["BLOCK_M"]) * Hq,)](*args, TMA=tma, **meta)
         return o, lse
 
     def _bwd_mode() -> str:
@@ -791,8 +804,8 @@ if _dispatch.triton_importable():
             _bwd_dkdv_kernel[(triton.cdiv(T, bn) * Hkv,)](*kv_args, BLOCK_N=bn, BLOCK_M=bm, **kv_meta)
         else:
             if not atomic:
-                TUNED["dq", tma_kv][lambda m: (triton.cdiv(T, m["BLOCK_M"]) * Hq,)](*dq_args, TMA=tma_kv, **meta)
-            TUNED["dkdv+dq" if atomic else "dkdv", tma_qdo][lambda m: (triton.cdiv(T, m["BLOCK_N"]) * Hkv,)](
+                _tuned("dq", tma_kv, q.dtype)[lambda m: (triton.cdiv(T, m["BLOCK_M"]) * Hq,)](*dq_args, TMA=tma_kv, **meta)
+            _tuned("dkdv+dq" if atomic else "dkdv", tma_qdo, q.dtype)[lambda m: (triton.cdiv(T, m["BLOCK_N"]) * Hkv,)](
                 *kv_args, **kv_meta)
         if atomic:
             dq = dq32.to(q.dtype)
