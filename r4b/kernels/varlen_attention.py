@@ -755,6 +755,8 @@ if _dispatch.triton_importable():
         interp = _dispatch.triton_interpret() or q.device.type != "cuda"
         mode = _bwd_mode()
         gluon = _gluon_module(ENV_BWD, interp, q, k, v) if mode == "gluon" else None
+        if gluon is not None and gluon.bwd_problem(q) is not None:
+            gluon = None  # a head dim the Gluon backward is not verified at: the Triton kernels
         if gluon is not None and gluon.input_problem(do) is not None:
             # a broadcast or odd-strided (or misaligned) gradient: a fresh copy has 16-byte rows and base for TMA
             do = do.clone(memory_format=torch.contiguous_format)
@@ -804,7 +806,8 @@ if _dispatch.triton_importable():
             _bwd_dkdv_kernel[(triton.cdiv(T, bn) * Hkv,)](*kv_args, BLOCK_N=bn, BLOCK_M=bm, **kv_meta)
         else:
             if not atomic:
-                _tuned("dq", tma_kv, q.dtype)[lambda m: (triton.cdiv(T, m["BLOCK_M"]) * Hq,)](*dq_args, TMA=tma_kv, **meta)
+                _tuned("dq", tma_kv, q.dtype)[lambda m: (triton.cdiv(T, m["BLOCK_M"]) * Hq,)](*dq_args, TMA=tma_kv,
+                                                                                            **meta)
             _tuned("dkdv+dq" if atomic else "dkdv", tma_qdo, q.dtype)[lambda m: (triton.cdiv(T, m["BLOCK_N"]) * Hkv,)](
                 *kv_args, **kv_meta)
         if atomic:
