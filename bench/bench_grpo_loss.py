@@ -25,8 +25,11 @@ from bench.harness import (
     backend_provider,
     default_device,
     env_var,
+    global_memory_ops,
     matmul_floor_columns,
+    ptxas_report,
     run_bench,
+    sm90_compile,
     sm90_ptxas,
 )
 from r4b.kernels import fused_linear_grpo_loss
@@ -267,6 +270,19 @@ def aot_report() -> list[str]:
             return "i32" if n in ("R", "R_grad", "stride_z") else "fp32"
 
         report(f"rows {tname} {label} tiles={br}x{bvr}", fc._rows_kernel, meta, sig_of, warps_r, 1)
+
+    # the backward's row-scale kernel (H=2560): d hidden (fp32 product scattered to the sorted rows' places) and
+    # alpha * hidden (bf16 in, bf16 out); its global accesses, to show the 16-byte vectors
+    br, bh, warps_s = fc.gpu_scale_rows_config(2560)
+    for xname, idx in (("fp32", True), ("bf16", False)):
+        sig = {"x_ptr": f"*{xname}", "a_ptr": "*fp32", "idx_ptr": "*i64", "out_ptr": "*bf16"}
+        meta = dict(HAS_IDX=idx, BLOCK_R=br, BLOCK_H=bh, RNE=False)
+        compiled = sm90_compile(fc._scale_rows_kernel, meta, lambda n, sig=sig: sig.get(n, "i32"), warps_s, 3,
+                                divisible=("H",))
+        line = (f"scale_rows {xname}->bf16 idx={idx} tiles={br}x{bh} warps={warps_s}: {ptxas_report(compiled)}; "
+                f"global ops {global_memory_ops(compiled.asm['ptx'])}")
+        print(line, flush=True)
+        lines.append(line)
     return lines
 
 

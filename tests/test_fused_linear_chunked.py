@@ -655,3 +655,26 @@ def test_row_kernel_keeps_row_counts_unspecialised():
     assert r.returncode == 0, r.stderr[-2000:]
     flags = ast.literal_eval(r.stdout)
     assert flags["R"] and flags["R_grad"] and not flags["stride_z"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scatter", [False, True])
+def test_scale_rows_kernel_rounds_once_to_nearest_and_scatters(dtype, scatter):
+    """The backward's row-scale kernel: out[idx[i]] = x[i] * alpha[i] in fp32, rounded once (to nearest, also under
+    the interpreter, whose own bf16 cast truncates) into out's dtype, bit-identical to torch's fp32 product and
+    cast; rows past a program's block and a width past the column block; rows outside idx untouched."""
+    g = torch.Generator().manual_seed(3)
+    k, h = 131, 1100
+    x = torch.randn(k, h, generator=g, dtype=torch.float32)
+    alpha = torch.randn(k, generator=g) * 1e-3
+    for xin in (x, x.to(dtype)):
+        out = torch.full((k + 9, h), 7.0, dtype=dtype)
+        idx = torch.randperm(k + 9, generator=g)[:k] if scatter else None
+        chunked._scale_rows(xin, alpha, out if scatter else out[3 : 3 + k], idx)
+        want = torch.full((k + 9, h), 7.0, dtype=dtype)
+        y = (xin.float() * alpha[:, None]).to(dtype)
+        if scatter:
+            want[idx] = y
+        else:
+            want[3 : 3 + k] = y
+        assert torch.equal(out, want), (xin.dtype, dtype)

@@ -246,6 +246,44 @@ if triton is not None:
             tl.store(z_ptr + rows64 * stride_z + tgt, _rne_bf16(-acc, RNE).to(z_ptr.dtype.element_ty), mask=write)
 
 
+    @triton.jit(do_not_specialize=["K"])
+    def _scale_rows_kernel(x_ptr, a_ptr, idx_ptr, out_ptr, K, H, stride_x, stride_o, HAS_IDX: tl.constexpr,
+                           BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, RNE: tl.constexpr):
+        """out[idx[i] (or i), :] = (x[i, :] * a[i]) rounded once to out's dtype, for the K rows of x (fp32 maths):
+        the backward's row scale alpha on a GEMM's small side, one read and one write instead of torch's upcast,
+        scale, downcast and scatter passes."""
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        ok = rows < K
+        r64 = rows.to(tl.int64)
+        a = tl.load(a_ptr + r64, mask=ok, other=0.0)
+        dst = tl.load(idx_ptr + r64, mask=ok, other=0) if HAS_IDX else r64
+        for h0 in range(0, H, BLOCK_H):
+            cols = h0 + tl.arange(0, BLOCK_H)
+            m = ok[:, None] & (cols < H)[None, :]
+            x = tl.load(x_ptr + r64[:, None] * stride_x + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            y = _rne_bf16(x * a[:, None], RNE)
+            tl.store(out_ptr + dst[:, None] * stride_o + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=m)
+
+
+def gpu_scale_rows_config(h: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_H, num_warps) of the row-scale kernel on a GPU: a row per program, up to 2048 columns a
+    step (16-byte accesses when H is a multiple of 16)."""
+    return 1, min(2048, triton.next_power_of_2(h)), 4
+
+
+def _scale_rows(x: Tensor, alpha: Tensor, out: Tensor, idx: Tensor | None = None) -> Tensor:
+    """out[idx[i] (or i)] = (x[i] * alpha[i]) in fp32, rounded once to out's dtype; x (K, H) with unit last
+    stride, alpha (K,) fp32, idx (K,) int64 rows of out (the chunk loop's Triton kernel)."""
+    k, h = x.shape
+    if k == 0:
+        return out
+    br, bh, warps = (64, min(1024, triton.next_power_of_2(h)), 4) if not x.is_cuda else gpu_scale_rows_config(h)
+    _scale_rows_kernel[(triton.cdiv(k, br),)](
+        x, alpha, idx if idx is not None else alpha, out, k, h, x.stride(0), out.stride(0), HAS_IDX=idx is not None,
+        BLOCK_R=br, BLOCK_H=bh, RNE=out.dtype == torch.bfloat16 and _dispatch.triton_interpret(), num_warps=warps)
+    return out
+
+
 def gpu_rows_config() -> tuple[int, int, int]:
     """(BLOCK_R, BLOCK_V, num_warps) of the row kernel on a GPU: one row per program, 4096-wide vocabulary blocks
     (16 fp32 values per thread at 8 warps). A first guess for a memory-bound loop; needs GPU tuning."""
@@ -395,13 +433,12 @@ def _chunk_loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Te
         # dz = alpha[:, None] * P (P in z): the row scale goes on the GEMMs' small sides
         pk, hk, ak = z[:k], hc[:k], abuf[:k, None]
         if dh is not None:  # dhidden = alpha * (P @ weight), the product kept in fp32 until scaled
-            dhk = _mm_f32(pk, weight).mul_(ak)
             if perm is None:
-                dh[s : s + k] = dhk
+                _scale_rows(_mm_f32(pk, weight), abuf[:k], dh[s : s + k])
             else:
-                dh[perm[s : s + k]] = dhk.to(dh.dtype)
+                _scale_rows(_mm_f32(pk, weight), abuf[:k], dh, perm[s : s + k])
         if dw is not None:  # dweight += P.T @ (alpha * hidden)
-            ha = (hk * ak if hk.dtype == torch.float32 else (hk.float() * ak).to(hk.dtype))
+            ha = _scale_rows(hk, abuf[:k], torch.empty_like(hk))
             if dw.dtype == pk.dtype:
                 if s == 0:
                     torch.mm(pk.T, ha, out=dw)
