@@ -85,6 +85,40 @@ def test_small_op_autotuning_keys_on_a_row_bucket():
     assert "t_bucket" in rope._rope_tuned.keys
 
 
+def test_small_op_launchers_find_the_autotuners_choice(monkeypatch):
+    """On a GPU the launchers look up the config their autotuner chose (its cache, keyed on the key values then
+    every tensor argument's dtype) and launch it directly. Here each autotuner chooses (timings faked, launches
+    no-ops) for arguments as the launcher passes them, and the launcher's lookup must find that choice: a key
+    built differently would miss on every call and fall back to the autotuner, losing the saving."""
+    import importlib
+
+    swi = importlib.import_module("r4b.kernels.swiglu")
+    rope = importlib.import_module("r4b.kernels.rope")
+    rms = importlib.import_module("r4b.kernels.rms_norm")
+    n, i = 5000, 96
+    g, u, y = torch.zeros(n, i), torch.zeros(n, i, dtype=torch.bfloat16), torch.zeros(n, i)
+    dy, dg, du = torch.zeros(n, i), torch.zeros(n, i), torch.zeros(n, i, dtype=torch.bfloat16)
+    x, pos, inv = torch.zeros(7, 3, 64, dtype=torch.bfloat16), torch.zeros(7, dtype=torch.int64), torch.zeros(32)
+    yr = torch.zeros(7, 3, 64, dtype=torch.bfloat16)
+    w, rstd, part = torch.zeros(i, dtype=torch.bfloat16), torch.zeros(n), torch.zeros(4, i)
+    cases = [  # (module, autotuner, args, kwargs, the launcher's key values, its tensor arguments)
+        (swi, swi._fwd_tuned, (g, u, y, n, i, 1, i, i, i), {}, (i, 1), (g, u, y)),
+        (swi, swi._bwd_tuned, (dy, g, u, dg, du, n, i, 1, i, i, i, i), {}, (i, 1), (dy, g, u, dg, du)),
+        (rope, rope._rope_tuned, (x, pos, inv, yr, 7, 3, 0, 192, 64, 192, 64),
+         {"HALF": 32, "BLOCK_HALF": 32, "INVERSE": False}, (3, 32, 0), (x, pos, inv, yr)),
+        (rms, rms._bwd_tuned, (y, g, w, rstd, dg, part, n, i, i, i), {"D": i, "BLOCK_D": 128}, (i,),
+         (y, g, w, rstd, dg, part)),
+    ]
+    for mod, tuned, args, kwargs, key, tensors in cases:
+        monkeypatch.setattr(tuned, "cache", {})
+        monkeypatch.setattr(tuned, "_bench", lambda *a, config, **k: [float(config.num_warps)] * 3)
+        monkeypatch.setattr(tuned.fn, "run", lambda *a, **k: None)
+        assert mod._tuned_config(tuned, key, tensors) is None
+        tuned[lambda m: (1,)](*args, **kwargs)
+        assert len(tuned.cache) == 1
+        assert mod._tuned_config(tuned, key, tensors) is next(iter(tuned.cache.values()))
+
+
 def test_swiglu_grid_is_one_axis(monkeypatch):
     """The launch grid has one axis (2^31 - 1 programs) holding row blocks x column blocks: a 2-D grid put the
     column blocks on axis 1, which CUDA caps at 65,535, so a flattened input past 33.5M elements failed to launch

@@ -6,6 +6,8 @@ in-kernel from the positions), the autograd Function and the public function.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -38,7 +40,7 @@ def rope_ref(x: Tensor, position_ids: Tensor, theta: float = 1e6) -> Tensor:
 
 def _inv_freq(head_dim: int, theta: float, device: torch.device) -> Tensor:
     """(head_dim/2,) fp32, bit-identical to the inv_freq of rope_cos_sin."""
-    key = (head_dim, float(theta), str(device))
+    key = (head_dim, float(theta), device)  # a tensor's device: cuda devices carry their index
     t = _INV_FREQ.get(key)
     if t is None:
         t = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
@@ -86,12 +88,18 @@ if _dispatch.triton_importable():
             xp += stride_xh
             yp += stride_yh
 
-    def _blocks(D: int) -> tuple[int, int]:
+    @functools.lru_cache(maxsize=256)
+    def _gpu_blocks(D: int) -> tuple[int, int]:
+        """(BLOCK_HALF, BLOCK_T) of the first GPU config: about 1k element pairs per head step (cached: a pure
+        function of D, in plain Python, as triton.next_power_of_2 costs microseconds a call)."""
+        block_half = 1 << (D // 2 - 1).bit_length()  # triton.next_power_of_2(D // 2), D >= 2
+        return block_half, max(1, min(64, 1024 // block_half))
+
+    def _blocks(D: int, interpret: bool) -> tuple[int, int]:
         """(BLOCK_HALF, BLOCK_T) of the interpreter and of the first GPU config: about 1k element pairs per head
-        step."""
-        block_half = triton.next_power_of_2(D // 2)
-        block_t = max(1, min(64, 1024 // block_half))
-        if _dispatch.triton_interpret():
+        step (``interpret``: _dispatch.triton_interpret(), read once by the caller)."""
+        block_half, block_t = _gpu_blocks(D)
+        if interpret:
             block_t = min(block_t, 4)
         return block_half, block_t
 
@@ -115,16 +123,29 @@ if _dispatch.triton_importable():
         y = torch.empty((T, H, D), dtype=x.dtype, device=x.device)
         if T * H == 0:
             return y
-        block_half, block_t = _blocks(D)
-        args = (x, pos, inv_freq, y, T, H, _dispatch.rows_bucket(T), x.stride(0), x.stride(1), y.stride(0),
-                y.stride(1))
-        if x.device.type == "cuda" and not _dispatch.triton_interpret():
-            _rope_tuned[lambda m: (triton.cdiv(T, m["BLOCK_T"]),)](*args, HALF=D // 2, BLOCK_HALF=block_half,
-                                                                    INVERSE=inverse)
+        interpret = _dispatch.triton_interpret()
+        block_half, block_t = _blocks(D, interpret)
+        stride_xt, stride_xh, _ = x.stride()
+        stride_yt, stride_yh, _ = y.stride()
+        args = (x, pos, inv_freq, y, T, H, _dispatch.rows_bucket(T), stride_xt, stride_xh, stride_yt, stride_yh)
+        if x.is_cuda and not interpret:
+            # a config chosen before for this key and these dtypes is launched directly (_tuned_config)
+            cfg = _tuned_config(_rope_tuned, (H, D // 2, args[6]), args[:4])
+            if cfg is not None:
+                _rope_kernel[(-(-T // cfg.kwargs["BLOCK_T"]),)](*args, HALF=D // 2, BLOCK_HALF=block_half,
+                                                                INVERSE=inverse, **cfg.all_kwargs())
+            else:
+                _rope_tuned[lambda m: (-(-T // m["BLOCK_T"]),)](*args, HALF=D // 2, BLOCK_HALF=block_half,
+                                                                INVERSE=inverse)
         else:
-            _rope_kernel[(triton.cdiv(T, block_t),)](*args, HALF=D // 2, BLOCK_HALF=block_half, BLOCK_T=block_t,
-                                                     INVERSE=inverse, num_warps=4)
+            _rope_kernel[(-(-T // block_t),)](*args, HALF=D // 2, BLOCK_HALF=block_half, BLOCK_T=block_t,
+                                              INVERSE=inverse, num_warps=4)
         return y
+
+    def _tuned_config(tuned, key: tuple, tensors: tuple):
+        """The config ``tuned`` already chose for these key values and tensor arguments, or None (as
+        rms_norm._tuned_config)."""
+        return tuned.cache.get((*key, *[str(t.dtype) for t in tensors]))
 
     class _RopeFn(torch.autograd.Function):
         @staticmethod

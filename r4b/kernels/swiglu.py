@@ -6,6 +6,8 @@ so the two halves of a fused gate_up projection are read in place), the autograd
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -65,14 +67,23 @@ if _dispatch.triton_importable():
         tl.store(DU + off, du.to(DU.dtype.element_ty), mask=mask)
 
     def _rows(t: Tensor, n_cols: int) -> Tensor:
-        t2 = t.reshape(-1, n_cols)  # (N, I): a view for contiguous tensors and for chunks of a fused gate_up
+        # (N, I): a view for contiguous tensors and for chunks of a fused gate_up (a 2-D t itself: reshape would
+        # return a view of it)
+        t2 = t if t.dim() == 2 else t.reshape(-1, n_cols)
         return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
-    def _grid_blocks(n_cols: int) -> tuple[int, int]:
-        """(BLOCK_M, BLOCK_N) of the interpreter and of the first GPU config: 4k elements per program."""
-        block_n = min(1024, triton.next_power_of_2(n_cols))
-        block_m = max(1, 4096 // block_n)
-        if _dispatch.triton_interpret():
+    @functools.lru_cache(maxsize=256)
+    def _gpu_blocks(n_cols: int) -> tuple[int, int]:
+        """(BLOCK_M, BLOCK_N) of the first GPU config: 4k elements per program (cached: a pure function of n_cols,
+        in plain Python, as triton.next_power_of_2 costs microseconds a call)."""
+        block_n = min(1024, 1 << (n_cols - 1).bit_length())  # triton.next_power_of_2(n_cols), n_cols >= 1
+        return max(1, 4096 // block_n), block_n
+
+    def _grid_blocks(n_cols: int, interpret: bool | None = None) -> tuple[int, int]:
+        """(BLOCK_M, BLOCK_N) of the interpreter and of the first GPU config: 4k elements per program
+        (``interpret``: _dispatch.triton_interpret(), read here when not given)."""
+        block_m, block_n = _gpu_blocks(n_cols)
+        if _dispatch.triton_interpret() if interpret is None else interpret:
             block_m = min(block_m, 8)
         return block_m, block_n
 
@@ -94,18 +105,29 @@ if _dispatch.triton_importable():
     _bwd_tuned = triton.autotune(_cfgs, key=["n_cols", "rows_bucket"], prune_configs_by={"early_config_prune": _prune})(
         _swiglu_bwd_kernel)
 
-    def _launch(tuned, kernel, out: Tensor, args: tuple) -> None:
-        """Run the forward or backward kernel over out's (n, n_cols) elements: autotuned on a GPU, the fixed
-        tile under the interpreter. args start with the pointers and hold n, n_cols, rows_bucket where the kernels take
-        them."""
+    def _tuned_config(tuned, key: tuple, tensors: tuple):
+        """The config ``tuned`` already chose for these key values and tensor arguments, or None (as
+        rms_norm._tuned_config)."""
+        return tuned.cache.get((*key, *[str(t.dtype) for t in tensors]))
+
+    def _launch(tuned, kernel, out: Tensor, args: tuple, n_tensors: int) -> None:
+        """Run the forward or backward kernel over out's (n, n_cols) elements: autotuned on a GPU (a config chosen
+        before for the key and these dtypes launched directly), the fixed tile under the interpreter. args start
+        with the n_tensors pointers, then n, n_cols, rows_bucket."""
         n, n_cols = out.shape
         if not out.numel():
             return
-        if out.device.type == "cuda" and not _dispatch.triton_interpret():
-            tuned[lambda m: (triton.cdiv(n, m["BLOCK_M"]) * triton.cdiv(n_cols, m["BLOCK_N"]),)](*args)
+        interpret = _dispatch.triton_interpret()
+        if out.is_cuda and not interpret:
+            cfg = _tuned_config(tuned, (n_cols, args[n_tensors + 2]), args[:n_tensors])
+            if cfg is not None:
+                bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+                kernel[(-(-n // bm) * -(-n_cols // bn),)](*args, **cfg.all_kwargs())
+            else:
+                tuned[lambda m: (-(-n // m["BLOCK_M"]) * -(-n_cols // m["BLOCK_N"]),)](*args)
         else:
-            bm, bn = _grid_blocks(n_cols)
-            kernel[(triton.cdiv(n, bm) * triton.cdiv(n_cols, bn),)](*args, BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
+            bm, bn = _grid_blocks(n_cols, interpret)
+            kernel[(-(-n // bm) * -(-n_cols // bn),)](*args, BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
 
     class _SwigluFn(torch.autograd.Function):
         @staticmethod
@@ -115,10 +137,10 @@ if _dispatch.triton_importable():
             n = g2.shape[0]
             y = torch.empty((n, n_cols), dtype=torch.promote_types(gate.dtype, up.dtype), device=gate.device)
             _launch(_fwd_tuned, _swiglu_fwd_kernel, y,
-                    (g2, u2, y, n, n_cols, _dispatch.rows_bucket(n), g2.stride(0), u2.stride(0), y.stride(0)))
+                    (g2, u2, y, n, n_cols, _dispatch.rows_bucket(n), g2.stride(0), u2.stride(0), y.stride(0)), 3)
             ctx.save_for_backward(g2, u2)
             ctx.shape = gate.shape
-            return y.view(gate.shape)
+            return y if gate.dim() == 2 else y.view(gate.shape)
 
         @staticmethod
         @torch.autograd.function.once_differentiable  # a double backward raises instead of dropping terms
@@ -130,7 +152,9 @@ if _dispatch.triton_importable():
             du = torch.empty((n, n_cols), dtype=u2.dtype, device=u2.device)
             _launch(_bwd_tuned, _swiglu_bwd_kernel, dg,
                     (dy2, g2, u2, dg, du, n, n_cols, _dispatch.rows_bucket(n), dy2.stride(0), g2.stride(0),
-                     u2.stride(0), dg.stride(0)))
+                     u2.stride(0), dg.stride(0)), 5)
+            if len(ctx.shape) == 2:
+                return dg, du
             return dg.view(ctx.shape), du.view(ctx.shape)
 
 
