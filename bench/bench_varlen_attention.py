@@ -276,9 +276,58 @@ def ws_report(first_only: bool = False) -> None:
                 for d in (128, 64):
                     meta = {"GROUP": 4, "D": d, tile[0]: ws.BLOCK_M, tile[1]: inner, "CAUSAL": causal, "WS": True}
                     c = sm90_compile(kern, meta, sig, ws.NUM_WARPS, stages)
+                    problems = ws_ir_problems(c.asm["ttgir"])
                     print(f"{kind:11s} {ws.BLOCK_M}x{inner} w{ws.NUM_WARPS} s{stages} D={d} causal={causal}: "
                           f"smem={c.metadata.shared} B | {ptxas_report(c)} | warps={c.metadata.num_warps} "
-                          f"setmaxnreg={len(re.findall(r'setmaxnreg', c.asm['ptx']))}", flush=True)
+                          f"setmaxnreg={len(re.findall(r'setmaxnreg', c.asm['ptx']))} | "
+                          f"ir problems={len(problems)}{': ' + '; '.join(problems) if problems else ''}",
+                          flush=True)
+
+
+def ws_ir_problems(ttgir: str) -> list[str]:
+    """The two miscompilations of triton 3.6's Hopper warp specialisation that the first H200 run of the ws kernels
+    met (2026-11-27), looked for in the TTGIR after the pass:
+
+    * a TMA copy whose shared-memory destination is not the size of its descriptor's block (the pass split a
+      [1, BLOCK_M] block along its first dimension into slots half its size: a launch failure);
+    * a consumer partition whose rows are offset twice: ``splat(x) + make_range(S, ...)`` with x defined in that
+      partition as ``y + S`` (the pass remaps the value used as a TMA row coordinate, and every other use of it,
+      to coordinate + S for the consumer that starts at row S; when the same value also builds the row indices,
+      those move by 2 S: the forward's rows 64-127 were wrong)."""
+    import math
+    import re
+
+    problems = []
+    for m in re.finditer(r"async_tma_copy_global_to_local .*?tensordesc<tensor<([0-9x]+)x(\w+)[,>].*?"
+                         r"-> !ttg\.memdesc<([0-9x]+)x(\w+),", ttgir):
+        if math.prod(map(int, m.group(1).split("x"))) != math.prod(map(int, m.group(3).split("x"))) \
+                or m.group(2) != m.group(4):
+            problems.append(f"TMA copy of a {m.group(1)}x{m.group(2)} block into a {m.group(3)}x{m.group(4)} slot")
+    for part in re.split(r"\n\s*partition\d+\(", ttgir)[1:]:
+        defs = {}
+        for line in part.splitlines():
+            d = re.match(r"\s*(%[\w.]+)(?::\d+)? = (.*)", line)
+            if d:
+                defs[d.group(1)] = d.group(2)
+        def constant(v: str, defs=defs) -> int | None:  # an i32 constant's value (%c64_i32 or a named one)
+            c = re.match(r"%c(\d+)_i32", v) or re.match(r"arith\.constant .*?(\d+) : i32", defs.get(v, ""))
+            return int(c.group(1)) if c else None
+
+        ranges = {name: int(re.search(r"start = (\d+)", rhs).group(1)) for name, rhs in defs.items()
+                  if rhs.startswith("tt.make_range") and int(re.search(r"start = (\d+)", rhs).group(1)) > 0}
+        for name, rhs in defs.items():
+            a = re.match(r"arith\.addi (%[\w.]+), (%[\w.]+)", rhs)
+            if not a:
+                continue
+            for x, r in ((a.group(1), a.group(2)), (a.group(2), a.group(1))):
+                if r not in ranges or not defs.get(x, "").startswith("tt.splat"):
+                    continue
+                base = re.match(r"tt\.splat (%[\w.]+)", defs[x]).group(1)
+                b = re.match(r"arith\.addi (%[\w.]+), (%[\w.]+)", defs.get(base, ""))
+                if b and ranges[r] in (constant(b.group(1)), constant(b.group(2))):
+                    problems.append(f"rows offset twice: {name} = splat({base}) + range from {ranges[r]}, "
+                                    f"{base} = {defs[base].split(' {')[0]}")
+    return problems
 
 
 def wgmma_waits(ptx: str) -> list[int]:
@@ -432,8 +481,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 return {"autotune_error": f"{type(ex).__name__}: {ex}"[:200]}
         return {}
 
-    return run_bench("varlen_attention", cases(quick), providers(device, mask_ms), device=device, quick=quick,
-                     extra_columns=extra, check_tol=CHECK_TOL[device])
+    # --providers a,b,...: those rows only (the first, the reference, should stay "sdpa per doc"); --anchor: the 16k
+    # anchor only. A subset writes varlen_attention_subset.json, never over the full bench's results.
+    provs = providers(device, mask_ms)
+    name, todo = "varlen_attention", cases(quick)
+    if "--providers" in argv:
+        wanted = argv[argv.index("--providers") + 1].split(",")
+        unknown = [w for w in wanted if w not in provs]
+        if unknown:
+            raise SystemExit(f"--providers: unknown {unknown}; known: {list(provs)}")
+        provs, name = {n: provs[n] for n in wanted}, "varlen_attention_subset"
+    if "--anchor" in argv:
+        todo, name = todo[:2], "varlen_attention_subset"
+    return run_bench(name, todo, provs, device=device, quick=quick, extra_columns=extra, check_tol=CHECK_TOL[device])
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ Supported on a GPU: CUDA capability 9.x, bf16 / fp16, head dim 64 or 128, TMA-ad
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -76,15 +78,22 @@ def _tile_table_kernel(CU, TAB, n_seqs, n_items, BLOCK_M: tl.constexpr, NP: tl.c
 
 @triton.jit
 def _work_item(TAB, CU, item, n_items):
-    """(tile, first row, length) of work item ``item`` of a tile table; an empty item (sequence -1) has length 0
-    (no key block, every store masked) and reads sequence 0's start."""
+    """(tile, first row, length, sequence) of work item ``item`` of a tile table; an empty item (sequence -1) has
+    length 0 (no key block, every store masked) and reads sequence 0's start."""
     s = tl.load(TAB + item)
     tile = tl.load(TAB + n_items + item)
     real = s >= 0
     s = tl.maximum(s, 0)
     cs = tl.load(CU + s)
     L = tl.where(real, tl.load(CU + s + 1) - cs, 0)
-    return tile, cs, L
+    return tile, cs, L, s
+
+
+@triton.jit
+def _padded_start(cs, s):
+    """Where sequence s (first packed row cs) starts in the backward's padded LSE / delta rows: a multiple of 4
+    (16 bytes, as TMA coordinates must be), 4 * ceil(cs / 4) + 4 * s (see padded_rows)."""
+    return (cs + 3) // 4 * 4 + 4 * s
 
 
 @triton.jit(do_not_specialize=["T", "n_items", "t_bucket"])
@@ -96,7 +105,7 @@ def _ws_fwd_kernel(Q, K, V, Out, LSE, CU, TAB, T, n_items, t_bucket, n_heads, qk
     pid = tl.program_id(0)
     h = pid % n_heads
     item = pid // n_heads
-    tile, cs, L = _work_item(TAB, CU, item, n_items)
+    tile, cs, L, _ = _work_item(TAB, CU, item, n_items)
     m0 = tile * BLOCK_M
     h64 = h.to(tl.int64)
     hk64 = (h // GROUP).to(tl.int64)
@@ -108,7 +117,14 @@ def _ws_fwd_kernel(Q, K, V, Out, LSE, CU, TAB, T, n_items, t_bucket, n_heads, qk
                                        strides=[stride_kt, 1], block_shape=[BLOCK_N, D])
     v_desc = tl.make_tensor_descriptor(V + cs64 * stride_vt + hk64 * stride_vh, shape=[rows_d, D],
                                        strides=[stride_vt, 1], block_shape=[BLOCK_N, D])
-    q = q_desc.load([m0, 0])  # rows past L read as zeros
+    # The Q tile's row coordinate is its own SSA value (m0 + 0 that the compiler cannot fold): triton 3.6's data
+    # partitioning (two consumer warpgroups of BLOCK_M / 2 rows) gives the second consumer the coordinate plus
+    # BLOCK_M / 2 by remapping that value in all of the consumer's code. With m0 itself as the coordinate, its
+    # q_loc = m0 + arange(BLOCK_M / 2, BLOCK_M) was offset twice (causal mask and stores 64 rows off: rows 64-127
+    # of every tile wrong on an H200, 2026-11-27); with the constant 0 (a descriptor from the tile's first row),
+    # the column coordinate, the same constant, moved to 64. (TTGIR checked by tests/test_varlen_ws.py.)
+    q_row = m0 + tl.minimum(L, 0)
+    q = q_desc.load([q_row, 0])  # rows past L read as zeros
     q_loc = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     if CAUSAL:
@@ -152,29 +168,40 @@ def _configs():
 TUNED = triton.autotune(_configs(), key=["D", "CAUSAL", "GROUP", "t_bucket"])(_ws_fwd_kernel)
 
 
-# First GPU run (an H200, triton 3.6, 2026-11-27, by a review helper): the warp-specialised compiles give wrong
-# results, while the same kernels compiled with WS=False are right (so the maths, masks and descriptors of Q, K, V
-# and dO are). Forward: rows 64-127 of every 128-row tile wrong (the second consumer warpgroup; cause not found).
-# dQ: the pass splits the [1, BLOCK_M] LSE / delta loads along the wrong dimension (head coordinate + 64, 256-byte
-# slots for 512-byte boxes) and overwrites shared memory: launch failure. dK/dV: NaN or 0.1-0.4 relative error, and
-# an illegal instruction when a sequence starts at a row that is not a multiple of 4 (the LSE / delta TMA column
-# offset is then not 16-byte aligned: the hardware does require it). Fix path: LSE / delta as a (Hq, T, 4) fp32
-# buffer read per sequence through [BLOCK_M, 4] blocks (rows on dim 0), then bisect the forward. Until then the
-# GPU refuses the ws kernels by name; the interpreter still runs them (their maths stay tested).
+# First GPU run (an H200, triton 3.6, 2026-11-27, by a review helper): the warp-specialised compiles gave wrong
+# results, while the same kernels compiled with WS=False were right. Forward: rows 64-127 of every 128-row tile
+# wrong. dQ: a launch failure. dK/dV: NaN or 0.1-0.4 relative error, and an illegal instruction when a sequence
+# starts at a row that is not a multiple of 4. Causes, found the same day in the pass's TTGIR (sm_90 compiles, no
+# GPU): (1) the pass's data partitioning gives the second consumer warpgroup a TMA block's row coordinate plus
+# BLOCK / 2 by remapping that SSA value in all of the consumer's code, so where the coordinate was the tile's first
+# row m0 (or n0), the consumer's row indices m0 + arange(BLOCK / 2, BLOCK) were offset twice (forward and dQ: the
+# causal mask and the stores 64 rows off; dK/dV: kn and the first query block too); (2) the [1, BLOCK_M] LSE /
+# delta blocks were split along their first (head) dimension into slots half their size (dQ's launch failure);
+# (3) their TMA column offset cs + m0 was not 16-byte aligned for such sequence starts (the illegal instruction).
+# Fixed: each row coordinate is its own value (m0 + min(L, 0)); LSE / delta are 1-D blocks of padded rows in which
+# every sequence starts at a multiple of 4 (padded_rows). bench.bench_varlen_attention.ws_ir_problems looks for
+# (1) and (2) in every config's TTGIR (tests/test_varlen_ws.py). Not yet run on a GPU: until the GPU tests pass
+# there, GPUs refuse these kernels by name (R4B_VARLEN_WS_UNVERIFIED=1 runs them, for that check); the
+# interpreter runs them, TMA loads of the padded rows included.
 GPU_BROKEN = ("the warp-specialised compiles gave wrong results on an H200 (triton 3.6, 2026-11-27): see "
               "r4b/kernels/_varlen_ws.py")
 
 
+# R4B_VARLEN_WS_UNVERIFIED=1 lets a GPU run them while GPU_BROKEN is set: for the GPU check that verifies a fix
+# (bench/gpu_check.sh), never for training
+ENV_UNVERIFIED = "R4B_VARLEN_WS_UNVERIFIED"
+
+
 def device_problem(device: torch.device, interpreted: bool) -> str | None:
     """Why these kernels cannot run on ``device`` (not a Hopper GPU, and not the interpreter; on any GPU while
-    GPU_BROKEN is set), or None."""
+    GPU_BROKEN is set, unless $R4B_VARLEN_WS_UNVERIFIED is 1), or None."""
     if interpreted:
         return None
     if device.type != "cuda":
         return f"tensors on {device.type}, not a GPU"
     if torch.cuda.get_device_capability(device)[0] != 9:
         return f"CUDA capability {torch.cuda.get_device_capability(device)}, not 9.x (Hopper)"
-    return GPU_BROKEN
+    return None if os.environ.get(ENV_UNVERIFIED) == "1" else GPU_BROKEN
 
 
 def input_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, interpreted: bool) -> str | None:
@@ -263,17 +290,18 @@ _INTERP_BWD = {"dq": (32, 16), "dkdv": (32, 16)}  # (rows of the program's tile,
 
 @triton.jit(do_not_specialize=["T", "n_items", "t_bucket"])
 def _ws_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, TAB, T, n_items, t_bucket, n_heads, qk_scale, sm_scale,
-                  stride_l, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+                  Tp, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
                   stride_dqt, stride_dqh,
                   GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   CAUSAL: tl.constexpr, WS: tl.constexpr):
     # program (query tile of one sequence, query head): dQ = scale * sum over key blocks of dS K. LSE and DELTA
-    # are (Hq, T) with row stride stride_l (a multiple of 4: 16-byte rows), read through TMA: the pass fails on a
-    # pointer load before the loop whose result the loop uses (as the rows' LSE would be)
+    # are (Hq, Tp) in padded rows (padded_rows: each sequence starts at a multiple of 4), read through TMA as
+    # [BLOCK_M] blocks: the pass fails on a pointer load before the loop whose result the loop uses (as the rows'
+    # LSE would be)
     pid = tl.program_id(0)
     h = pid % n_heads
     item = pid // n_heads
-    tile, cs, L = _work_item(TAB, CU, item, n_items)
+    tile, cs, L, s = _work_item(TAB, CU, item, n_items)
     m0 = tile * BLOCK_M
     h64 = h.to(tl.int64)
     hk64 = (h // GROUP).to(tl.int64)
@@ -287,21 +315,20 @@ def _ws_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, TAB, T, n_items, t_bucket, n_
                                        strides=[stride_kt, 1], block_shape=[BLOCK_N, D])
     v_desc = tl.make_tensor_descriptor(V + cs64 * stride_vt + hk64 * stride_vh, shape=[rows_d, D],
                                        strides=[stride_vt, 1], block_shape=[BLOCK_N, D])
-    q = q_desc.load([m0, 0])
-    do = do_desc.load([m0, 0])
+    q_row = m0 + tl.minimum(L, 0)  # the tile's row coordinate as its own value (see _ws_fwd_kernel)
+    q = q_desc.load([q_row, 0])
+    do = do_desc.load([q_row, 0])
     q_loc = m0 + tl.arange(0, BLOCK_M)
     keep = q_loc < L
     rows = cs64 + q_loc.to(tl.int64)
-    if WS:
-        lse_desc = tl.make_tensor_descriptor(LSE, shape=[n_heads, T], strides=[stride_l, 1],
-                                             block_shape=[1, BLOCK_M])
-        delta_desc = tl.make_tensor_descriptor(DELTA, shape=[n_heads, T], strides=[stride_l, 1],
-                                               block_shape=[1, BLOCK_M])
-        lse = tl.reshape(lse_desc.load([h, cs + m0]), [BLOCK_M])  # rows past L: another sequence's (not stored)
-        delta = tl.reshape(delta_desc.load([h, cs + m0]), [BLOCK_M])
-    else:  # the interpreter (its descriptor emulation wants 16-byte aligned column offsets; so does the hardware)
-        lse = tl.load(LSE + h64 * stride_l + rows, mask=keep, other=0.0)
-        delta = tl.load(DELTA + h64 * stride_l + rows, mask=keep, other=0.0)
+    # 1-D blocks: the pass splits them between the consumers along their one dimension (a [1, BLOCK_M] block of
+    # (Hq, T) rows was split along the head coordinate into slots half its size: a launch failure on an H200,
+    # 2026-11-27); rows past L: another sequence's or head's (not stored)
+    lse_desc = tl.make_tensor_descriptor(LSE, shape=[n_heads * Tp], strides=[1], block_shape=[BLOCK_M])
+    delta_desc = tl.make_tensor_descriptor(DELTA, shape=[n_heads * Tp], strides=[1], block_shape=[BLOCK_M])
+    lrow = h * Tp + _padded_start(cs, s) + m0
+    lse = lse_desc.load([lrow])
+    delta = delta_desc.load([lrow])
     offs_n = tl.arange(0, BLOCK_N)
     if CAUSAL:
         hi = tl.minimum(m0 + BLOCK_M, L)
@@ -327,7 +354,7 @@ def _ws_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, TAB, T, n_items, t_bucket, n_
 
 @triton.jit(do_not_specialize=["T", "n_items", "t_bucket"])
 def _ws_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, TAB, T, n_items, t_bucket, n_kv_heads, qk_scale, sm_scale,
-                    stride_l, stride_qt, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_dkt, stride_dkh,
+                    Tp, stride_qt, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_dkt, stride_dkh,
                     stride_dvt, stride_dvh,
                     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
                     CAUSAL: tl.constexpr, WS: tl.constexpr):
@@ -335,7 +362,7 @@ def _ws_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, TAB, T, n_items, t_buck
     pid = tl.program_id(0)
     hk = pid % n_kv_heads
     item = pid // n_kv_heads
-    tile, cs, L = _work_item(TAB, CU, item, n_items)
+    tile, cs, L, s = _work_item(TAB, CU, item, n_items)
     n0 = tile * BLOCK_N
     hk64 = hk.to(tl.int64)
     cs64 = cs.to(tl.int64)
@@ -350,12 +377,15 @@ def _ws_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, TAB, T, n_items, t_buck
                                        block_shape=[BLOCK_M, D])
     do_desc = tl.make_tensor_descriptor(DO + cs64 * stride_dot, shape=[rows_d, width], strides=[stride_dot, 1],
                                         block_shape=[BLOCK_M, D])
-    lse_desc = tl.make_tensor_descriptor(LSE, shape=[n_kv_heads * GROUP, T], strides=[stride_l, 1],
-                                         block_shape=[1, BLOCK_M])
-    delta_desc = tl.make_tensor_descriptor(DELTA, shape=[n_kv_heads * GROUP, T], strides=[stride_l, 1],
-                                           block_shape=[1, BLOCK_M])
-    k = k_desc.load([n0, 0])  # zeros past L: those rows' dK / dV are not stored
-    v = v_desc.load([n0, 0])
+    lse_desc = tl.make_tensor_descriptor(LSE, shape=[n_kv_heads * GROUP * Tp], strides=[1], block_shape=[BLOCK_M])
+    delta_desc = tl.make_tensor_descriptor(DELTA, shape=[n_kv_heads * GROUP * Tp], strides=[1],
+                                           block_shape=[BLOCK_M])
+    ps = _padded_start(cs, s)
+    # the key tile's row coordinate as its own value (see _ws_fwd_kernel: with n0 itself the second consumer's n0
+    # would move by BLOCK_N / 2 everywhere, in kn and in the first query block lo too)
+    k_row = n0 + tl.minimum(L, 0)
+    k = k_desc.load([k_row, 0])  # zeros past L: those rows' dK / dV are not stored
+    v = v_desc.load([k_row, 0])
     kn = n0 + tl.arange(0, BLOCK_N)
     if CAUSAL:
         lo = (n0 // BLOCK_M) * BLOCK_M  # the first query block that sees a key of the tile
@@ -373,16 +403,13 @@ def _ws_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, TAB, T, n_items, t_buck
         do = do_desc.load([m0, h * D])
         qi = m0 + offs_m
         qmask = qi < L
-        rows = cs64 + qi.to(tl.int64)
-        if WS:  # through the producer's TMA (as pointer loads they sat in the consumers' loop)
-            lse = tl.reshape(lse_desc.load([h, cs + m0]), [BLOCK_M])
-            delta = tl.reshape(delta_desc.load([h, cs + m0]), [BLOCK_M])
-            # rows past L are the next sequence's: a NaN delta there would reach dK through 0 * NaN
-            lse = tl.where(qmask, lse, 0.0)
-            delta = tl.where(qmask, delta, 0.0)
-        else:  # the interpreter (its descriptor emulation wants 16-byte aligned column offsets)
-            lse = tl.load(LSE + h.to(tl.int64) * stride_l + rows, mask=qmask, other=0.0)
-            delta = tl.load(DELTA + h.to(tl.int64) * stride_l + rows, mask=qmask, other=0.0)
+        # through the producer's TMA (as pointer loads they sat in the consumers' loop)
+        lrow = h * Tp + ps + m0
+        lse = lse_desc.load([lrow])
+        delta = delta_desc.load([lrow])
+        # rows past L are another sequence's or head's: a NaN delta there would reach dK through 0 * NaN
+        lse = tl.where(qmask, lse, 0.0)
+        delta = tl.where(qmask, delta, 0.0)
         if CAUSAL:
             ok = qmask[None, :] & (qi[None, :] >= kn[:, None])
         else:
@@ -416,6 +443,21 @@ def bwd_input_problem(q: torch.Tensor, do: torch.Tensor) -> str | None:
     return None
 
 
+def padded_rows(x: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
+    """x (..., T) per packed row -> (..., Tp), zeros but for sequence s's rows, which start at 4 * ceil(cs / 4) + 4 * s
+    (cs its first packed row; Tp = 4 * ceil(T / 4) + 4 * (n_seqs + 1), a multiple of 4): the backward kernels read
+    a sequence's LSE / delta as 1-D TMA blocks, whose coordinates must be 16-byte aligned. No host sync."""
+    T = x.shape[-1]
+    n = cu.numel() - 1
+    cu = cu.long()
+    starts = (cu[:-1] + 3) // 4 * 4 + 4 * torch.arange(n, device=cu.device)
+    pos = torch.arange(T, device=cu.device) + torch.repeat_interleave(starts - cu[:-1], cu[1:] - cu[:-1],
+                                                                      output_size=T)
+    out = x.new_zeros((*x.shape[:-1], -(-T // 4) * 4 + 4 * (n + 1)))
+    out[..., pos] = x
+    return out
+
+
 def backward(do, q, k, v, lse, delta, cu, scale: float, causal: bool, interpreted: bool, dq_config=None,
              dkdv_config=None):
     """(dq, dk, dv) from the output gradient, the forward's LSE (log2 units) and delta = rowsum(dO * O), both
@@ -431,17 +473,14 @@ def backward(do, q, k, v, lse, delta, cu, scale: float, causal: bool, interprete
     bn = _INTERP_BWD["dkdv"][0] if interpreted else BLOCK_M
     qtab = tile_table(cu, T, bm, heavy_last=True)
     ktab = tile_table(cu, T, bn, heavy_last=False)
-    if T % 4:  # 16-byte rows for the dQ kernel's TMA loads of LSE and delta
-        pad = torch.zeros((2, Hq, T + 4 - T % 4), dtype=torch.float32, device=q.device)
-        pad[0, :, :T] = lse
-        pad[1, :, :T] = delta
-        lse, delta = pad[0], pad[1]
-    common = (q, k, v, do, lse, delta)
+    lse_p, delta_p = padded_rows(torch.stack([lse, delta]), cu)
+    Tp = lse_p.shape[1]
+    common = (q, k, v, do, lse_p, delta_p)
     dq_args = (*common, dq, cu, qtab, T, qtab.shape[1], T.bit_length(), Hq, scale * 1.4426950408889634, scale,
-               lse.stride(0), q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+               Tp, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                do.stride(0), do.stride(1), dq.stride(0), dq.stride(1))
     kv_args = (*common, dk, dv, cu, ktab, T, ktab.shape[1], T.bit_length(), Hkv, scale * 1.4426950408889634, scale,
-               lse.stride(0), q.stride(0), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0),
+               Tp, q.stride(0), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0),
                dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1))
     dq_grid = (qtab.shape[1] * Hq,)
     kv_grid = (ktab.shape[1] * Hkv,)
