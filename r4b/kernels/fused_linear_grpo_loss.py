@@ -85,16 +85,18 @@ def _grpo(hidden: Tensor, weight: Tensor, targets: Tensor, advantages: Tensor, o
     sur_args = (mask, advantages, old_logprobs, ref_logprobs, eps_low, eps_high, beta)
     if backend == "triton" and _needs_grad(hidden, weight, bias) and _fused_linear_chunked.use_chunked(hidden.dtype):
         # 3 GEMMs, gradient computed in the forward (see _fused_linear_chunked.py)
+        sur: list = []  # the surrogate's (per_token, ratio, adv, kl) of the loss, reused by the stats below
+
         def loss_fn(lp: Tensor) -> Tensor:
-            return _aggregate(_surrogate(lp, *sur_args)[0], mask, seq_ids, aggregation)
+            sur[:] = _surrogate(lp, *sur_args)
+            return _aggregate(sur[0], mask, seq_ids, aggregation)
 
         w = _token_weights(mask, seq_ids, aggregation)
         loss, logp = _fused_linear_chunked.chunked_loss(
             hidden, weight, bias, targets, w, loss_fn, adv=advantages, old=old_logprobs,
             ref=ref_logprobs if beta > 0 else None, temperature=temperature, eps_low=eps_low, eps_high=eps_high,
             beta=beta, mode=_fused_linear_chunked.MODE_GRPO)
-        with torch.no_grad():
-            _, ratio, adv, kl = _surrogate(logp, *sur_args)
+        _, ratio, adv, kl = sur  # of the same log-probs (no second pass of small kernels)
     else:
         logp = _fused_linear.linear_logprobs(hidden, weight, bias, targets, temperature, backend)  # (N,) f32
         per_token, ratio, adv, kl = _surrogate(logp, *sur_args)
