@@ -317,11 +317,14 @@ def _sdpa_bf16_per_doc(q, k, v, lens, causal):
     return torch.cat(outs)
 
 
-@pytest.mark.parametrize("causal", [True, False])
-def test_varlen_attention_fp16_within_twice_plain_fp16_error(causal):
+FP16_CASE = ([33, 1, 20, 0, 9], 4, 2, 64)  # (lens, Hq, Hkv, D) of the fp16 rule check
+
+
+def check_fp16_within_twice_plain(causal: bool) -> None:
     """STYLE.md's low-precision rule on the CPU with fp16 (the interpreter computes bf16 wrongly): outputs and
-    gradients against float64, the baseline being PyTorch's own SDPA per document in fp16."""
-    lens, Hq, Hkv, D = [33, 1, 20, 0, 9], 4, 2, 64
+    gradients of varlen_attention (whatever kernels the R4B_VARLEN_* variables choose) against float64, the
+    baseline being PyTorch's own SDPA per document in fp16. Also used by test_varlen_ws.py."""
+    lens, Hq, Hkv, D = FP16_CASE
     q, k, v, do = _inputs(lens, Hq, Hkv, D, seed=4)
     cu = _cu(lens)
     ref = _grads(lambda a, b, c: _attention64(a, b, c, lens, causal, D**-0.5), q.double(), k.double(), v.double(),
@@ -331,6 +334,11 @@ def test_varlen_attention_fp16_within_twice_plain_fp16_error(causal):
     base = _grads(lambda a, b, c: _sdpa_bf16_per_doc(a, b, c, [n for n in lens if n], causal), *half)
     assert all(g.dtype == torch.float16 for g in got)
     assert_within_twice_plain(got, base, ref, ("out", "dq", "dk", "dv"), atol_rel=1e-4)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_varlen_attention_fp16_within_twice_plain_fp16_error(causal):
+    check_fp16_within_twice_plain(causal)
 
 
 @pytest.mark.gpu

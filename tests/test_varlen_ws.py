@@ -12,7 +12,16 @@ import torch
 from r4b.kernels import varlen_attention, varlen_attention_ref
 from tests._aot import run_aot_report
 from tests._lowprec import assert_within_twice_plain
-from tests.test_varlen_attention import CASES, _attention64, _cu, _grads, _inputs, _sdpa_bf16_per_doc
+from tests.test_varlen_attention import (
+    CASES,
+    FP16_CASE,
+    _attention64,
+    _cu,
+    _grads,
+    _inputs,
+    _sdpa_bf16_per_doc,
+    check_fp16_within_twice_plain,
+)
 
 ws = importlib.import_module("r4b.kernels._varlen_ws")
 # the GPU refuses the ws kernels while their warp-specialised compiles are known wrong (ws.GPU_BROKEN): these tests
@@ -138,15 +147,8 @@ def test_ws_no_information_crosses_a_boundary_gpu(causal, change, ws_runs):
 @pytest.mark.parametrize("causal", [True, False])
 def test_ws_fp16_within_twice_plain_fp16_error(causal, ws_runs):
     """STYLE.md's rule with fp16 on the CPU: against float64, the baseline PyTorch's SDPA per document in fp16."""
-    lens, Hq, Hkv, D = [33, 1, 20, 0, 9], 4, 2, 64
-    q, k, v, do = _inputs(lens, Hq, Hkv, D, seed=4)
-    cu = _cu(lens)
-    ref = _grads(lambda a, b, c: _attention64(a, b, c, lens, causal, D**-0.5), q.double(), k.double(), v.double(),
-                 do.double())
-    half = [t.half() for t in (q, k, v, do)]
-    got = _grads(lambda a, b, c: varlen_attention(a, b, c, cu, 33, causal=causal, backend="triton"), *half)
-    base = _grads(lambda a, b, c: _sdpa_bf16_per_doc(a, b, c, [n for n in lens if n], causal), *half)
-    assert_within_twice_plain(got, base, ref, ("out", "dq", "dk", "dv"), atol_rel=1e-4)
+    check_fp16_within_twice_plain(causal)
+    lens, Hq, _, D = FP16_CASE
     _expect(ws_runs, (sum(lens), Hq, D))
 
 
