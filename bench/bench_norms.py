@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from bench.harness import Case, Skip, copy_bandwidth_gbps, default_device, run_bench
+from bench.harness import Case, Skip, copy_bandwidth_gbps, default_device, run_bench, same_size_copy_gbps
 
 # outputs / gradients against eager torch's before timing (harness check_tol), bf16 on the GPU, fp32 on the CPU
 CHECK_TOL = {"cuda": 5e-2, "cpu": 1e-4}
@@ -186,6 +186,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         out = {"copy_gbps": copy, "pct_of_copy": 100 * row["gbps"] / copy}
         if row.get("graph_gbps"):
             out["pct_of_copy_graph"] = 100 * row["graph_gbps"] / copy
+        # and of a copy of the same bytes (the small-op's own ceiling: launch and last-wave costs included)
+        if case.bytes and row["provider"] == "r4b triton":
+            same = same_size_copy_gbps(case.bytes, device, graph=False)
+            out.update(same_copy_gbps=same, pct_of_same_copy=100 * row["gbps"] / same)
+            if row.get("graph_gbps"):
+                same_g = same_size_copy_gbps(case.bytes, device, graph=True)
+                out.update(same_copy_graph_gbps=same_g, pct_of_same_copy_graph=100 * row["graph_gbps"] / same_g)
         return out
 
     # two passes: every case's r4b row first (the target: % of copy bandwidth), then torch.compile's rows, whose

@@ -183,6 +183,24 @@ def copy_bandwidth_gbps(device: str, nbytes: int = 2 * 2**30) -> float | None:
     return 2 * nbytes / ms / 1e6
 
 
+_SAME_SIZE_COPY: dict[tuple[int, bool], float] = {}
+
+
+def same_size_copy_gbps(nbytes: int, device: str, graph: bool) -> float | None:
+    """GB/s (read + write) of a device copy moving ``nbytes`` in all (nbytes / 2 read, nbytes / 2 written), timed
+    as launched from Python or (``graph``) replayed in a CUDA graph: the ceiling for a small op moving the same
+    bytes, whose fixed costs (launch, a partial last wave) a 2 GiB copy hides. Cached per size and mode."""
+    if device != "cuda" or nbytes < 8:
+        return None
+    key = (nbytes, graph)
+    if key not in _SAME_SIZE_COPY:
+        x = torch.empty(nbytes // 8, dtype=torch.float32, device=device)
+        y = torch.empty_like(x)
+        ms = graph_time_ms(lambda: y.copy_(x)) if graph else time_fn(lambda: y.copy_(x), device)[0]
+        _SAME_SIZE_COPY[key] = 2 * x.numel() * 4 / ms / 1e6
+    return _SAME_SIZE_COPY[key]
+
+
 def results_dir(device: str) -> Path:
     slug = re.sub(r"[^A-Za-z0-9]+", "-", device_name(device)).strip("-").lower() or device
     if device != "cuda":

@@ -105,7 +105,20 @@ def test_summary_targets_compare_the_best_r4b_row_with_the_peer_and_skip_mismatc
     assert "r4b gluon 1.25x sdpa per doc (target >= 1.2x) MET" in out, out
     assert "N=4096" not in out, out
     assert "r4b triton chunked 1.120x floor (target <= 1.1x) not met; peak 1.80 GiB vs liger chunked 3.00" in out
-    assert out.rstrip().endswith("MET"), out  # the memory target
+    assert "liger chunked 3.00 (target <=) MET" in out, out  # the memory target
+    # the small ops: % of the copy bandwidth, launched and in a CUDA graph, and of a same-size copy
+    norms = [{"case": "rms fwd", "provider": "r4b triton", "pct_of_copy": 90.0, "pct_of_copy_graph": 95.0},
+             {"case": "rope fwd", "provider": "r4b triton", "pct_of_copy": 40.0, "pct_of_copy_graph": 86.0,
+              "pct_of_same_copy": 60.0, "pct_of_same_copy_graph": 97.0},
+             {"case": "rope bwd", "provider": "r4b triton", "pct_of_copy": 40.0, "pct_of_copy_graph": 70.0},
+             {"case": "rope bwd", "provider": "torch eager", "pct_of_copy": 99.0}]
+    (tmp_path / "norms.json").write_text(json.dumps({"rows": norms}))
+    out = targets(tmp_path).splitlines()
+    assert out[-3:] == [
+        "  norms rms fwd: 90% of copy launched / 95% in a graph (target >= 85%) MET",
+        "  norms rope fwd: 40% of copy launched / 86% in a graph; of a same-size copy 60% / 97% (target >= 85%) "
+        "MET in a graph",
+        "  norms rope bwd: 40% of copy launched / 70% in a graph (target >= 85%) not met"], out
 
 
 def test_varlen_bench_rows_come_in_the_order_the_targets_need():
