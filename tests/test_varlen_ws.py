@@ -350,3 +350,26 @@ def test_ws_backward_every_config_gpu(which):
         kw = {"dq_config": cfg} if which == "dq" else {"dkdv_config": cfg}
         got = ws.backward(dob, qb, kb, vb, lse, delta, cu, scale, True, False, **kw)
         assert_within_twice_plain(got, base[1:], ref[1:], ("dq", "dk", "dv"), atol_rel=1e-3)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_ws_kernels_at_the_gpu_tiles_match_float64(causal, monkeypatch):
+    """The interpreter with the GPU's tiles (forward 128 x 64, dQ 128 x 64, dK/dV 128 x 32) instead of its small
+    ones: 128-row tiles spanning several sequences and ending past T, LSE / delta read from the padded rows at
+    tile offsets of 128, sequences starting off a multiple of 4; ws forward and backward against float64."""
+    monkeypatch.setenv("R4B_VARLEN_FWD", "ws")
+    monkeypatch.setenv("R4B_VARLEN_BWD", "ws")
+    monkeypatch.setattr(ws, "_INTERP_BLOCK", (ws.BLOCK_M, ws.CONFIGS[0][0]))
+    monkeypatch.setattr(ws, "_INTERP_BWD", {"dq": (ws.BLOCK_M, ws.DQ_CONFIGS[0][0]),
+                                            "dkdv": (ws.BLOCK_M, ws.DKDV_CONFIGS[0][0])})
+    ran = {"fwd": _spy(monkeypatch, "forward", 0), "bwd": _spy(monkeypatch, "backward", 1)}
+    lens, Hq, Hkv, D = [131, 1, 3, 200, 0, 70], 4, 2, 16
+    q, k, v, do = _inputs(lens, Hq, Hkv, D, seed=9)
+    cu = _cu(lens)
+    got = _grads(lambda a, b, c: varlen_attention(a, b, c, cu, max(lens), causal=causal, backend="triton"),
+                 q, k, v, do)
+    ref = _grads(lambda a, b, c: _attention64(a, b, c, lens, causal, D**-0.5), q.double(), k.double(), v.double(),
+                 do.double())
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref, strict=True):
+        torch.testing.assert_close(a, b.float(), rtol=1e-5, atol=2e-5, msg=lambda m, n=name: f"{n}: {m}")
+    assert ran == {"fwd": [(sum(lens), Hq, D)], "bwd": [(sum(lens), Hq, D)]}, ran
