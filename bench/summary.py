@@ -61,6 +61,9 @@ def table(folder: Path) -> str:
 TARGETS = [  # at the issues' anchor shapes (docs/ANCHORS.md): 16384 packed tokens, N=16384
     ("varlen_attention", "fwd T=16384,", "r4b", "sdpa per doc", "tflops", 1.2),
     ("varlen_attention", "fwd+bwd T=16384,", "r4b", "flex doc mask", "tflops", 1.3),
+    # the same from a subset run (bench_varlen_attention --anchor --providers ...: e.g. the ws rows), its own peers
+    ("varlen_attention_subset", "fwd T=16384,", "r4b", "sdpa per doc", "tflops", 1.2),
+    ("varlen_attention_subset", "fwd+bwd T=16384,", "r4b", "flex doc mask", "tflops", 1.3),
     ("grpo_loss", "N=16384,", "r4b", None, "x_floor", 1.10),
 ]
 
