@@ -678,3 +678,27 @@ def test_scale_rows_kernel_rounds_once_to_nearest_and_scatters(dtype, scatter):
         else:
             want[3 : 3 + k] = y
         assert torch.equal(out, want), (xin.dtype, dtype)
+
+
+def test_chunked_grpo_sorts_the_sequence_ids_once(monkeypatch):
+    """The seq_mean aggregations' dense sequence index (a sort and a host sync) is computed once, before the chunks:
+    recomputed for the loss after them, its sync would wait for every chunk's GEMMs and idle the GPU while the host
+    launched the rest. The loss still equals the float64 reference."""
+    import importlib
+
+    grpo_mod = importlib.import_module("r4b.kernels.fused_linear_grpo_loss")
+    monkeypatch.setenv(chunked.ENV_IMPL, "chunked")
+    calls = []
+    real = grpo_mod._dense_seq
+    monkeypatch.setattr(grpo_mod, "_dense_seq", lambda s: (calls.append(1), real(s))[1])
+    x = G.make_inputs(97, 16, 300, mask_kind="partial", adv_kind="rand", old_given=True, beta=0.0, bias=False,
+                      temperature=1.0, seed=5)
+    hidden = x["hidden"].clone().requires_grad_()
+    loss, _, _ = fused_linear_grpo_loss(hidden, x["weight"], x["targets"], x["adv"], old_logprobs=x["old"],
+                                        loss_mask=x["loss_mask"], seq_ids=x["seq_ids"],
+                                        aggregation="seq_mean_token_mean", backend="triton")
+    loss.backward()
+    assert len(calls) == 1
+    w_loss, *_ = G.reference64(x["hidden"], x["weight"], None, x["targets"], x["adv"], x["old"], None,
+                               x["loss_mask"], x["seq_ids"], 0.2, 0.2, 0.0, 1.0, "seq_mean_token_mean")
+    G.close(loss, w_loss, what="loss")

@@ -20,12 +20,19 @@ AGGREGATIONS = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum")
 STAT_KEYS = ("clip_frac", "clip_frac_low", "clip_frac_high", "ratio_mean", "ratio_max", "kl_mean")
 
 
-def _aggregate(per_token: Tensor, mask: Tensor, seq_ids: Tensor | None, aggregation: str) -> Tensor:
-    """Scalar loss from (N,) per-token losses; masked tokens are already 0 in ``per_token``."""
+def _dense_seq(seq_ids: Tensor) -> tuple[Tensor, int]:
+    """((N,) dense sequence index, number of sequences) of seq_ids (one host sync)."""
+    _, seq = torch.unique(seq_ids, return_inverse=True)
+    return seq, int(seq.max()) + 1 if seq.numel() else 0
+
+
+def _aggregate(per_token: Tensor, mask: Tensor, seq_ids: Tensor | None, aggregation: str,
+               dense: tuple[Tensor, int] | None = None) -> Tensor:
+    """Scalar loss from (N,) per-token losses; masked tokens are already 0 in ``per_token``. ``dense``:
+    :func:`_dense_seq` of seq_ids when already computed (no second sort and host sync)."""
     if aggregation == "token_mean":
         return per_token.sum() / mask.sum().clamp(min=1)
-    _, seq = torch.unique(seq_ids, return_inverse=True)  # (N,) dense sequence index
-    n_seq = int(seq.max()) + 1 if seq.numel() else 0
+    seq, n_seq = dense if dense is not None else _dense_seq(seq_ids)
     count = torch.zeros(n_seq, dtype=torch.float32, device=mask.device).index_add_(0, seq, mask.float())
     total = torch.zeros(n_seq, dtype=per_token.dtype, device=mask.device).index_add(0, seq, per_token)
     if aggregation == "seq_mean_token_mean":
@@ -34,13 +41,13 @@ def _aggregate(per_token: Tensor, mask: Tensor, seq_ids: Tensor | None, aggregat
     return total.sum() / active
 
 
-def _token_weights(mask: Tensor, seq_ids: Tensor | None, aggregation: str) -> Tensor:
+def _token_weights(mask: Tensor, seq_ids: Tensor | None, aggregation: str,
+                   dense: tuple[Tensor, int] | None = None) -> Tensor:
     """(N,) f32 d loss / d per_token[i] of :func:`_aggregate` (0 at untrained tokens), computed up front."""
     m = mask.float()
     if aggregation == "token_mean":
         return m / mask.sum().clamp(min=1).float()
-    _, seq = torch.unique(seq_ids, return_inverse=True)
-    n_seq = int(seq.max()) + 1 if seq.numel() else 0
+    seq, n_seq = dense if dense is not None else _dense_seq(seq_ids)
     count = torch.zeros(n_seq, dtype=torch.float32, device=mask.device).index_add_(0, seq, m)
     active = (count > 0).sum().clamp(min=1).float()
     if aggregation == "seq_mean_token_mean":
@@ -86,12 +93,15 @@ def _grpo(hidden: Tensor, weight: Tensor, targets: Tensor, advantages: Tensor, o
     if backend == "triton" and _needs_grad(hidden, weight, bias) and _fused_linear_chunked.use_chunked(hidden.dtype):
         # 3 GEMMs, gradient computed in the forward (see _fused_linear_chunked.py)
         sur: list = []  # the surrogate's (per_token, ratio, adv, kl) of the loss, reused by the stats below
+        # the dense sequence index once, up front: recomputed in the loss (after the chunks) its host sync would
+        # wait for every chunk's GEMMs, and the GPU would idle while the host launched the rest
+        dense = _dense_seq(seq_ids) if aggregation != "token_mean" else None
 
         def loss_fn(lp: Tensor) -> Tensor:
             sur[:] = _surrogate(lp, *sur_args)
-            return _aggregate(sur[0], mask, seq_ids, aggregation)
+            return _aggregate(sur[0], mask, seq_ids, aggregation, dense)
 
-        w = _token_weights(mask, seq_ids, aggregation)
+        w = _token_weights(mask, seq_ids, aggregation, dense)
         loss, logp = _fused_linear_chunked.chunked_loss(
             hidden, weight, bias, targets, w, loss_fn, adv=advantages, old=old_logprobs,
             ref=ref_logprobs if beta > 0 else None, temperature=temperature, eps_low=eps_low, eps_high=eps_high,
