@@ -67,10 +67,12 @@ build() {
 # run); a per-test timeout so one hung test cannot take the step
 per_test=""
 $PY -c "import pytest_timeout" 2>/dev/null && per_test="--timeout=90"
+# (timeout -k 10: a process blocked in a CUDA call, e.g. on a kernel that never finishes, gets a KILL 10 s after the
+# TERM; its context, and the kernel, go with it)
 gpu_tests() {  # gpu_tests LIMIT LOGNAME FILES...
   local lim=$1 log=$2; shift 2
   # -v: one line per test, so a step cut at its limit shows where it stopped
-  timeout "$(limit "$lim")" $PY -m pytest -v --tb=short -m gpu -rfE --durations=12 -p no:cacheprovider $per_test \
+  timeout -k 10 "$(limit "$lim")" $PY -m pytest -v --tb=short -m gpu -rfE --durations=12 -p no:cacheprovider $per_test \
     "$@" 2>&1 | tee "$LOGS/$log" | grep -v "PASSED\|SKIPPED" | tail -n 45
   return "${PIPESTATUS[0]}"
 }
@@ -178,12 +180,12 @@ for spec in $specs; do
   if [ "$name" = ws_subset ]; then  # the ws rows at the anchor beside SDPA, Flex and the default, if ws passed
     if [ "$ws_rc" != 0 ]; then echo "bench ws_subset: skipped (ws GPU tests rc=$ws_rc)"; continue; fi
     step "bench: warp-specialised rows at the anchor (R4B_VARLEN_WS_UNVERIFIED=1)"
-    R4B_VARLEN_WS_UNVERIFIED=1 timeout "$lim" $PY -m bench.bench_varlen_attention --anchor --providers \
+    R4B_VARLEN_WS_UNVERIFIED=1 timeout -k 10 "$lim" $PY -m bench.bench_varlen_attention --anchor --providers \
       "sdpa per doc,flex doc mask,r4b triton,r4b ws,r4b ws fwd+bwd,r4b gluon" 2>&1 | tee -a "$LOGS/bench.log" \
       | grep -v "^$" | tail -n 20
     continue
   fi
-  timeout "$lim" $PY -m bench "$name" 2>&1 | tee -a "$LOGS/bench.log" | grep -v "^$" | tail -n 40
+  timeout -k 10 "$lim" $PY -m bench "$name" 2>&1 | tee -a "$LOGS/bench.log" | grep -v "^$" | tail -n 40
   rc=${PIPESTATUS[0]}
   [ "$rc" -ne 0 ] && { echo "bench $name exited $rc (124 = over its ${lim}s limit)"; bench_rc=$rc; }
 done
