@@ -141,7 +141,8 @@ diag() {
     [ -n "$ncu" ] || { echo "diag: no ncu here"; break; }
     lim=$(left_of 100); [ "$lim" -le 10 ] && { echo "diag: no time left for ncu $what"; continue; }
     step "diag: Nsight Compute, $what (limit ${lim}s)"
-    timeout "$lim" "$ncu" --profile-from-start off --clock-control none --section SpeedOfLight \
+    WS_OK=$([ "$ws_rc" = 0 ] && echo 1 || echo 0)  # profile the ws kernels too when their GPU tests passed
+    R4B_VARLEN_WS_UNVERIFIED=$WS_OK timeout -k 10 "$lim" "$ncu" --profile-from-start off --clock-control none --section SpeedOfLight \
       --section WarpStateStats --section ComputeWorkloadAnalysis --section Occupancy --section LaunchStats \
       --csv --page raw --log-file "$LOGS/ncu_$what.csv" $PY -m bench.gpu_diag "$what" >"$LOGS/ncu_${what}_run.log" 2>&1
     echo "ncu $what rc=$?"; grep -v "^==PROF==" "$LOGS/ncu_${what}_run.log" | tail -n 4
