@@ -184,6 +184,8 @@ for spec in $specs; do
     R4B_VARLEN_WS_UNVERIFIED=1 timeout -k 10 "$lim" $PY -m bench.bench_varlen_attention --anchor --providers \
       "sdpa per doc,flex doc mask,r4b triton,r4b ws,r4b ws fwd+bwd,r4b gluon" 2>&1 | tee -a "$LOGS/bench.log" \
       | grep -v "^$" | tail -n 20
+    rc=${PIPESTATUS[0]}
+    [ "$rc" -ne 0 ] && { echo "bench ws_subset exited $rc (124 = over its ${lim}s limit)"; bench_rc=$rc; }
     continue
   fi
   timeout -k 10 "$lim" $PY -m bench "$name" 2>&1 | tee -a "$LOGS/bench.log" | grep -v "^$" | tail -n 40

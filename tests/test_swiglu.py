@@ -88,8 +88,9 @@ def test_small_op_autotuning_keys_on_a_row_bucket():
 def test_small_op_launchers_find_the_autotuners_choice(monkeypatch):
     """On a GPU the launchers look up the config their autotuner chose (its cache, keyed on the key values then
     every tensor argument's dtype) and launch it directly. Here each autotuner chooses (timings faked, launches
-    no-ops) for arguments as the launcher passes them, and the launcher's lookup must find that choice: a key
-    built differently would miss on every call and fall back to the autotuner, losing the saving."""
+    no-ops) for arguments laid out as the launchers pass them, and _tuned_config with the key values and tensors
+    the launchers pick from those arguments must find that choice: a key built differently would miss on every
+    call and fall back to the autotuner, losing the saving. (The launchers' GPU branch itself cannot run here.)"""
     import importlib
 
     swi = importlib.import_module("r4b.kernels.swiglu")

@@ -120,8 +120,12 @@ def test_gluon_variables_leave_inputs_they_do_not_take_to_the_triton_kernels_gpu
     monkeypatch.setenv("R4B_VARLEN_BWD", "gluon")
     got = _grads(lambda a, b, c: varlen_attention(a, b, c, cu, 33, backend="triton"), q, k, v, do)
     assert gluon_calls == {"forward": 2, "backward": 0}
-    for a, b in zip(got[1:], want[1:], strict=True):
+    for a, b in zip(got[1:], want[1:], strict=True):  # exactly the explicit split backward
         assert torch.equal(a, b)
+    # and right: the Gluon forward's output and LSE through the Triton backward, by STYLE.md's rule vs float64
+    ref = _grads(lambda a, b, c: _attention64(a, b, c, lens, True, 64**-0.5), *(t.double() for t in (q, k, v, do)))
+    base = _grads(lambda a, b, c: _sdpa_bf16_per_doc(a, b, c, lens, True), q, k, v, do)
+    assert_within_twice_plain(got, base, ref, ("out", "dq", "dk", "dv"), atol_rel=1e-3)
 
 
 def _lse64(q, k, lens, causal, scale):

@@ -373,3 +373,29 @@ def test_ws_kernels_at_the_gpu_tiles_match_float64(causal, monkeypatch):
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref, strict=True):
         torch.testing.assert_close(a, b.float(), rtol=1e-5, atol=2e-5, msg=lambda m, n=name: f"{n}: {m}")
     assert ran == {"fwd": [(sum(lens), Hq, D)], "bwd": [(sum(lens), Hq, D)]}, ran
+
+
+def test_ws_backward_leaves_padded_rows_past_int32_to_the_triton_kernels(monkeypatch):
+    """The padded LSE / delta rows add up to 4 per sequence: where Hq times them would pass int32 offsets (many
+    short sequences in a huge batch) the backward runs on the Triton kernels, with the same gradients."""
+    assert ws.padded_problem(1000, 32, 300) is None
+    # T = 2^25 - 4 passes input_problem (2 * Hq * T < 2^31); 2^23 sequences pad it to 2^26 rows: 32 * 2^26 = 2^31
+    assert "2^31" in ws.padded_problem(2**25 - 4, 32, 2**23)
+    assert ws.padded_problem(2**25 - 4, 32, 2**23 - 2) is None
+    lens, Hq, Hkv, D = [7, 30, 11], 4, 2, 16
+    q, k, v, do = _inputs(lens, Hq, Hkv, D)
+    cu = _cu(lens)
+    fn = lambda a, b, c: varlen_attention(a, b, c, cu, 30, backend="triton")  # noqa: E731
+    monkeypatch.setenv("R4B_VARLEN_BWD", "ws")
+    ran = _spy(monkeypatch, "backward", 1)
+    want = _grads(fn, q, k, v, do)
+    assert ran == [(sum(lens), Hq, D)]
+    monkeypatch.setattr(ws, "padded_problem", lambda T, h, n: "past int32")
+    got = _grads(fn, q, k, v, do)
+    assert ran == [(sum(lens), Hq, D)]  # not run again
+    monkeypatch.setenv("R4B_VARLEN_BWD", "split")
+    split = _grads(fn, q, k, v, do)
+    for a, b in zip(got, split, strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(got[1:], want[1:], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)

@@ -443,6 +443,13 @@ def bwd_input_problem(q: torch.Tensor, do: torch.Tensor) -> str | None:
     return None
 
 
+def padded_problem(T: int, n_heads: int, n_seqs: int) -> str | None:
+    """Why the backward's padded LSE / delta rows (padded_rows: up to 4 more per sequence) would pass the
+    kernels' int32 offsets (n_heads * Tp >= 2^31: many short sequences in a huge batch), or None."""
+    rows = n_heads * (-(-T // 4) * 4 + 4 * (n_seqs + 1))
+    return f"Hq * padded rows = {rows} reaches 2^31 (int32 LSE / delta offsets)" if rows >= 2**31 else None
+
+
 def padded_rows(x: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
     """x (..., T) per packed row -> (..., Tp), zeros but for sequence s's rows, which start at 4 * ceil(cs / 4) + 4 * s
     (cs its first packed row; Tp = 4 * ceil(T / 4) + 4 * (n_seqs + 1), a multiple of 4): the backward kernels read

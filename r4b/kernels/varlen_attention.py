@@ -763,6 +763,8 @@ if _dispatch.triton_importable():
         ws = _ws_module(interp, q, k, v, env=ENV_BWD) if mode == "ws" else None
         if ws is not None and q.stride(1) != D:
             ws = None  # q's head stride is not D (the dK/dV kernel's (L, Hq * D) view): the Triton kernels
+        if ws is not None and ws.padded_problem(T, Hq, n) is not None:
+            ws = None  # the padded LSE / delta rows would pass int32 offsets: the Triton kernels
         if ws is not None and (ws.input_problem(do, k, v, interp) is not None
                                or ws.bwd_input_problem(q, do) is not None):
             do = do.clone(memory_format=torch.contiguous_format)  # broadcast, odd-strided or misaligned
