@@ -88,10 +88,12 @@ def test_small_op_autotuning_keys_on_a_row_bucket():
 def test_small_op_launchers_find_the_autotuners_choice(monkeypatch):
     """On a GPU the launchers look up the config their autotuner chose (its cache, keyed on the key values then
     every tensor argument's dtype) and launch it directly. Here each autotuner chooses (timings faked, launches
-    no-ops) for arguments laid out as the launchers pass them, and _tuned_config with the key values and tensors
-    the launchers pick from those arguments must find that choice: a key built differently would miss on every
-    call and fall back to the autotuner, losing the saving. (The launchers' GPU branch itself cannot run here.)"""
+    no-ops) for arguments laid out as the launchers pass them, and _dispatch.tuned_config with the key values and
+    tensors the launchers pick from those arguments must find that choice: a key built differently would miss on
+    every call and fall back to the autotuner, losing the saving. (The launchers' GPU branch cannot run here.)"""
     import importlib
+
+    from r4b.kernels import _dispatch
 
     swi = importlib.import_module("r4b.kernels.swiglu")
     rope = importlib.import_module("r4b.kernels.rope")
@@ -102,22 +104,22 @@ def test_small_op_launchers_find_the_autotuners_choice(monkeypatch):
     x, pos, inv = torch.zeros(7, 3, 64, dtype=torch.bfloat16), torch.zeros(7, dtype=torch.int64), torch.zeros(32)
     yr = torch.zeros(7, 3, 64, dtype=torch.bfloat16)
     w, rstd, part = torch.zeros(i, dtype=torch.bfloat16), torch.zeros(n), torch.zeros(4, i)
-    cases = [  # (module, autotuner, args, kwargs, the launcher's key values, its tensor arguments)
-        (swi, swi._fwd_tuned, (g, u, y, n, i, 1, i, i, i), {}, (i, 1), (g, u, y)),
-        (swi, swi._bwd_tuned, (dy, g, u, dg, du, n, i, 1, i, i, i, i), {}, (i, 1), (dy, g, u, dg, du)),
-        (rope, rope._rope_tuned, (x, pos, inv, yr, 7, 3, 0, 192, 64, 192, 64),
+    cases = [  # (autotuner, args, kwargs, the launcher's key values, its tensor arguments)
+        (swi._fwd_tuned, (g, u, y, n, i, 1, i, i, i), {}, (i, 1), (g, u, y)),
+        (swi._bwd_tuned, (dy, g, u, dg, du, n, i, 1, i, i, i, i), {}, (i, 1), (dy, g, u, dg, du)),
+        (rope._rope_tuned, (x, pos, inv, yr, 7, 3, 0, 192, 64, 192, 64),
          {"HALF": 32, "BLOCK_HALF": 32, "INVERSE": False}, (3, 32, 0), (x, pos, inv, yr)),
-        (rms, rms._bwd_tuned, (y, g, w, rstd, dg, part, n, i, i, i), {"D": i, "BLOCK_D": 128}, (i,),
+        (rms._bwd_tuned, (y, g, w, rstd, dg, part, n, i, i, i), {"D": i, "BLOCK_D": 128}, (i,),
          (y, g, w, rstd, dg, part)),
     ]
-    for mod, tuned, args, kwargs, key, tensors in cases:
+    for tuned, args, kwargs, key, tensors in cases:
         monkeypatch.setattr(tuned, "cache", {})
         monkeypatch.setattr(tuned, "_bench", lambda *a, config, **k: [float(config.num_warps)] * 3)
         monkeypatch.setattr(tuned.fn, "run", lambda *a, **k: None)
-        assert mod._tuned_config(tuned, key, tensors) is None
+        assert _dispatch.tuned_config(tuned, key, tensors) is None
         tuned[lambda m: (1,)](*args, **kwargs)
         assert len(tuned.cache) == 1
-        assert mod._tuned_config(tuned, key, tensors) is next(iter(tuned.cache.values()))
+        assert _dispatch.tuned_config(tuned, key, tensors) is next(iter(tuned.cache.values()))
 
 
 def test_swiglu_grid_is_one_axis(monkeypatch):

@@ -121,6 +121,15 @@ def rows_bucket(n: int) -> int:
     return max(0, n.bit_length() - 12)
 
 
+def tuned_config(tuned, key: tuple, tensors: tuple):
+    """The config ``tuned`` (a triton Autotuner) already chose for these key values and tensor arguments (in the
+    kernel's argument order), or None. Its cache is keyed on the key values then every tensor argument's dtype
+    string; a key built differently only misses (the autotuner then runs as before), never hits another's entry. A
+    hit lets a launcher start the kernel with the config directly: the same launch as the autotuner's (when no
+    config has a pre_hook), without its per-call key and argument dicts."""
+    return tuned.cache.get((*key, *[str(t.dtype) for t in tensors]))
+
+
 def extension_has(op: str, device: str) -> bool:
     """True when r4b._C registers ``op`` with a kernel for ``device`` ("cpu" or "cuda")."""
     ext = _extension()

@@ -135,13 +135,6 @@ if _dispatch.triton_importable():
         t2 = t if t.dim() == 2 else t.reshape(-1, D)  # (N, D)
         return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
-    def _tuned_config(tuned, key: tuple, tensors: tuple):
-        """The config ``tuned`` (a triton Autotuner) already chose for these key values and tensor arguments (in
-        the kernel's argument order), or None. Its cache is keyed on the key values then every tensor argument's
-        dtype string; a key built differently only misses (the autotuner then runs as before), never hits another's
-        entry. A hit launches the kernel with the config directly: the same launch as the autotuner's (no config
-        has a pre_hook), without its per-call key and argument dicts."""
-        return tuned.cache.get((*key, *[str(t.dtype) for t in tensors]))
 
     class _RMSNormFn(torch.autograd.Function):
         @staticmethod
@@ -179,7 +172,7 @@ if _dispatch.triton_importable():
             dw_part = torch.empty((min(_BWD_MAX_PER_SM * sms, n), D), dtype=torch.float32, device=x2.device)
             args = (dy2, x2, weight, rstd, dx, dw_part, n, dy2.stride(0), x2.stride(0), dx.stride(0))
             if gpu:
-                cfg = _tuned_config(_bwd_tuned, (D,), args[:6])
+                cfg = _dispatch.tuned_config(_bwd_tuned, (D,), args[:6])
                 if cfg is not None:  # chosen before for this D and these dtypes: launch it directly
                     kw = cfg.kwargs
                     nprog = _bwd_grid(n, kw["BLOCK_M"], kw["PROGS_PER_SM"], sms)

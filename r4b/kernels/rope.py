@@ -129,8 +129,8 @@ if _dispatch.triton_importable():
         stride_yt, stride_yh, _ = y.stride()
         args = (x, pos, inv_freq, y, T, H, _dispatch.rows_bucket(T), stride_xt, stride_xh, stride_yt, stride_yh)
         if x.is_cuda and not interpret:
-            # a config chosen before for this key and these dtypes is launched directly (_tuned_config)
-            cfg = _tuned_config(_rope_tuned, (H, D // 2, args[6]), args[:4])
+            # a config chosen before for this key and these dtypes is launched directly (_dispatch.tuned_config)
+            cfg = _dispatch.tuned_config(_rope_tuned, (H, D // 2, args[6]), args[:4])
             if cfg is not None:
                 _rope_kernel[(-(-T // cfg.kwargs["BLOCK_T"]),)](*args, HALF=D // 2, BLOCK_HALF=block_half,
                                                                 INVERSE=inverse, **cfg.all_kwargs())
@@ -142,10 +142,6 @@ if _dispatch.triton_importable():
                                               INVERSE=inverse, num_warps=4)
         return y
 
-    def _tuned_config(tuned, key: tuple, tensors: tuple):
-        """The config ``tuned`` already chose for these key values and tensor arguments, or None (as
-        rms_norm._tuned_config)."""
-        return tuned.cache.get((*key, *[str(t.dtype) for t in tensors]))
 
     class _RopeFn(torch.autograd.Function):
         @staticmethod

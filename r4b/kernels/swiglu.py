@@ -105,10 +105,6 @@ if _dispatch.triton_importable():
     _bwd_tuned = triton.autotune(_cfgs, key=["n_cols", "rows_bucket"], prune_configs_by={"early_config_prune": _prune})(
         _swiglu_bwd_kernel)
 
-    def _tuned_config(tuned, key: tuple, tensors: tuple):
-        """The config ``tuned`` already chose for these key values and tensor arguments, or None (as
-        rms_norm._tuned_config)."""
-        return tuned.cache.get((*key, *[str(t.dtype) for t in tensors]))
 
     def _launch(tuned, kernel, out: Tensor, args: tuple, n_tensors: int) -> None:
         """Run the forward or backward kernel over out's (n, n_cols) elements: autotuned on a GPU (a config chosen
@@ -119,7 +115,7 @@ if _dispatch.triton_importable():
             return
         interpret = _dispatch.triton_interpret()
         if out.is_cuda and not interpret:
-            cfg = _tuned_config(tuned, (n_cols, args[n_tensors + 2]), args[:n_tensors])
+            cfg = _dispatch.tuned_config(tuned, (n_cols, args[n_tensors + 2]), args[:n_tensors])
             if cfg is not None:
                 bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
                 kernel[(-(-n // bm) * -(-n_cols // bn),)](*args, **cfg.all_kwargs())
