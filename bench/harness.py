@@ -177,10 +177,15 @@ def copy_bandwidth_gbps(device: str, nbytes: int = 2 * 2**30) -> float | None:
     """Achieved GB/s (read + write) of a large device copy (the bandwidth ceiling measured in this run)."""
     if device != "cuda":
         return None
-    x = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+    return _copy_gbps(2 * nbytes, device, graph=False)
+
+
+def _copy_gbps(moved: int, device: str, graph: bool) -> float:
+    """GB/s of one device copy reading moved / 2 bytes and writing as many, launched or replayed in a CUDA graph."""
+    x = torch.empty(moved // 8, dtype=torch.float32, device=device)
     y = torch.empty_like(x)
-    ms, _, _ = time_fn(lambda: y.copy_(x), device)
-    return 2 * nbytes / ms / 1e6
+    ms = graph_time_ms(lambda: y.copy_(x)) if graph else time_fn(lambda: y.copy_(x), device)[0]
+    return 2 * x.numel() * 4 / ms / 1e6
 
 
 _SAME_SIZE_COPY: dict[tuple[int, bool], float] = {}
@@ -194,10 +199,7 @@ def same_size_copy_gbps(nbytes: int, device: str, graph: bool) -> float | None:
         return None
     key = (nbytes, graph)
     if key not in _SAME_SIZE_COPY:
-        x = torch.empty(nbytes // 8, dtype=torch.float32, device=device)
-        y = torch.empty_like(x)
-        ms = graph_time_ms(lambda: y.copy_(x)) if graph else time_fn(lambda: y.copy_(x), device)[0]
-        _SAME_SIZE_COPY[key] = 2 * x.numel() * 4 / ms / 1e6
+        _SAME_SIZE_COPY[key] = _copy_gbps(nbytes, device, graph)
     return _SAME_SIZE_COPY[key]
 
 
