@@ -443,10 +443,15 @@ def bwd_input_problem(q: torch.Tensor, do: torch.Tensor) -> str | None:
     return None
 
 
+def _padded_len(T: int, n_seqs: int) -> int:
+    """Tp, the length of the padded LSE / delta rows of T packed rows in n_seqs sequences (padded_rows)."""
+    return -(-T // 4) * 4 + 4 * (n_seqs + 1)
+
+
 def padded_problem(T: int, n_heads: int, n_seqs: int) -> str | None:
     """Why the backward's padded LSE / delta rows (padded_rows: up to 4 more per sequence) would pass the
     kernels' int32 offsets (n_heads * Tp >= 2^31: many short sequences in a huge batch), or None."""
-    rows = n_heads * (-(-T // 4) * 4 + 4 * (n_seqs + 1))
+    rows = n_heads * _padded_len(T, n_seqs)
     return f"Hq * padded rows = {rows} reaches 2^31 (int32 LSE / delta offsets)" if rows >= 2**31 else None
 
 
@@ -460,7 +465,7 @@ def padded_rows(x: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
     starts = (cu[:-1] + 3) // 4 * 4 + 4 * torch.arange(n, device=cu.device)
     pos = torch.arange(T, device=cu.device) + torch.repeat_interleave(starts - cu[:-1], cu[1:] - cu[:-1],
                                                                       output_size=T)
-    out = x.new_zeros((*x.shape[:-1], -(-T // 4) * 4 + 4 * (n + 1)))
+    out = x.new_zeros((*x.shape[:-1], _padded_len(T, n)))
     out[..., pos] = x
     return out
 
