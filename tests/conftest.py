@@ -50,3 +50,24 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+_FAILURES_NOW = os.environ.get("R4B_FAILURES_NOW") == "1"
+_config = None
+
+
+def pytest_configure(config):
+    global _config
+    _config = config
+
+
+def pytest_runtest_logreport(report):
+    """R4B_FAILURES_NOW=1 (bench/gpu_check.sh): print a failure's report as soon as it happens. pytest prints them
+    in its final summary, which a run killed at its time limit never reaches."""
+    terminal = _config.pluginmanager.get_plugin("terminalreporter") if _config is not None else None
+    if _FAILURES_NOW and report.failed and terminal is not None:
+        text = report.longreprtext
+        if len(text) > 4000:
+            text = text[:1500] + "\n...\n" + text[-2500:]
+        terminal.write_line(f"\n-- FAILED NOW: {report.nodeid} ({report.when})\n{text}\n-- end of {report.nodeid}",
+                            flush=True)

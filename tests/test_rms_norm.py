@@ -98,15 +98,24 @@ def test_rms_norm_backward_kernel_row_walks(device, n, block_m, nprog):
 @pytest.mark.parametrize("D", [2560, 128])
 def test_rms_norm_gpu_row_counts_match_float64(D):
     """The autotuned GPU backward (its grid a wave of programs an SM, capped at the row blocks) at row counts
-    around that grid: fewer rows than programs, a few rows past one or 64 blocks a program; fp32 vs float64."""
+    around that grid: fewer rows than programs, a few rows past one or 64 blocks a program; fp32 vs float64.
+
+    y and dx (one row's D terms each) within 1e-5. dw sums n rows in fp32, whose rounding grows with n: at
+    n = 33,797, D = 2560 torch's own fp32 autograd misses rtol = atol = 1e-5 on 9 of 2560 elements (max abs error
+    1.03e-4 on the CPU, 2026-11-27) and the kernel on 19 (1.07e-4, H200): so dw is judged by STYLE.md's rule,
+    max error <= 2x torch fp32's on the same device + 1e-5."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for n in (1, 7, 4 * sms + 3, 64 * 4 * sms + 5):
         g = torch.Generator().manual_seed(n)
         x, w = torch.randn(n, D, generator=g) * 3, torch.randn(D, generator=g)
-        got = _run(x.cuda(), w.cuda(), 1e-6, "triton")
-        ref = _run(x.double(), w.double(), 1e-6, None)
-        for a, b in zip(got, ref, strict=True):
-            torch.testing.assert_close(a.cpu(), b.float(), rtol=1e-5, atol=1e-5)
+        y, dx, dw = _run(x.cuda(), w.cuda(), 1e-6, "triton")
+        y64, dx64, dw64 = _run(x.double(), w.double(), 1e-6, None)
+        torch.testing.assert_close(y.cpu(), y64.float(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(dx.cpu(), dx64.float(), rtol=1e-5, atol=1e-5)
+        dw_plain = _run(x.cuda(), w.cuda(), 1e-6, None)[2]
+        err = (dw.cpu().double() - dw64).abs().max().item()
+        err_plain = (dw_plain.cpu().double() - dw64).abs().max().item()
+        assert err <= 2 * err_plain + 1e-5, (n, err, err_plain)
 
 
 def test_double_backward_raises_and_zero_width_is_refused():
