@@ -111,6 +111,9 @@ def _isolation(causal, change, ws_runs, device="cpu", lens=(7, 30, 11), D=64, dt
     q, k, v, do = _inputs(lens, Hq, Hkv, D, device=device, dtype=dtype)
     fn = lambda a, b, c: varlen_attention(a, b, c, cu, max(lens), causal=causal, backend="triton")
     base = _grads(fn, q, k, v, do)
+    again = _grads(fn, q, k, v, do)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), base, again, strict=True):
+        assert torch.equal(a, b), f"{name} differs between two runs on the same inputs: {_where(a, b, lens)}"
     s0, s1 = lens[0], lens[0] + lens[1]
     mid = slice(s0, s1)
     q2, k2, v2, do2 = (t.clone() for t in (q, k, v, do))
@@ -124,9 +127,25 @@ def _isolation(causal, change, ws_runs, device="cpu", lens=(7, 30, 11), D=64, dt
     others = torch.ones(sum(lens), dtype=torch.bool, device=device)
     others[mid] = False
     for name, a, b in zip(("out", "dq", "dk", "dv"), base, pert, strict=True):
-        assert torch.equal(a[others], b[others]), name
+        assert torch.equal(a[others], b[others]), f"{name} of the other sequences changed: {_where(a, b, lens)}"
         assert not torch.equal(a[mid], b[mid]), name
-    _expect(ws_runs, (sum(lens), Hq, D), calls=2)
+    _expect(ws_runs, (sum(lens), Hq, D), calls=3)
+
+
+def _where(a: torch.Tensor, b: torch.Tensor, lens: list[int]) -> str:
+    """Where two (T, H, D) results differ: per sequence, the differing rows (first and last, count), the heads and
+    the largest difference (what a GPU failure needs to be read without the GPU)."""
+    diff = (a.double() - b.double()).abs().nan_to_num(float("inf")) + (a.isnan() ^ b.isnan()).double()
+    parts, start = [], 0
+    for s, n in enumerate(lens):
+        d = diff[start:start + n]
+        rows = d.flatten(1).amax(1).nonzero().flatten()
+        if rows.numel():
+            heads = d.amax((0, 2)).nonzero().flatten().tolist()
+            parts.append(f"sequence {s} (rows {start}..{start + n - 1}): {rows.numel()} rows differ, local "
+                         f"{rows[0].item()}..{rows[-1].item()}, heads {heads}, max diff {d.max().item():.3g}")
+        start += n
+    return "; ".join(parts) or "no difference"
 
 
 @pytest.mark.parametrize("causal", [True, False])
