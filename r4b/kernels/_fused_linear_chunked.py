@@ -285,9 +285,11 @@ def _scale_rows(x: Tensor, alpha: Tensor, out: Tensor, idx: Tensor | None = None
 
 
 def gpu_rows_config() -> tuple[int, int, int]:
-    """(BLOCK_R, BLOCK_V, num_warps) of the row kernel on a GPU: one row per program, 4096-wide vocabulary blocks
-    (16 fp32 values per thread at 8 warps). A first guess for a memory-bound loop; needs GPU tuning."""
-    return 1, 4096, 8
+    """(BLOCK_R, BLOCK_V, num_warps) of the row kernel on a GPU: one row per program, 4096-wide vocabulary blocks,
+    4 warps (32 fp32 values per thread). bench grpo_rows on one 3328-row chunk of the anchor: H100 (2026-11-26)
+    92% of copy, tied with 8 warps; H200 (2026-11-27) 0.601 ms = 80% of a same-size copy vs 8 warps' 0.652 ms (74%),
+    the best of the eight configs that run reached."""
+    return 1, 4096, 4
 
 
 def _rows_config(rows: int, v: int, device: torch.device) -> tuple[int, int, int]:
