@@ -152,6 +152,45 @@ def providers(device: str) -> dict:
 
         return _timed(loss, hidden, weight)
 
+    def gemms_only(case: Case):
+        """The chunked loss's three GEMMs and nothing else, in its chunks, shapes and dtypes: z = hidden_c @ W.T
+        into the reused [C, V] buffer; for the rows with a gradient (the unmasked ones, which the loss sorts
+        first), the fp32 product P @ W and dW (+)= P.T @ hidden_c. r4b's time over this row is what its row
+        kernel, small ops and host work add to its GEMMs; this row's x_floor is cuBLAS's rate on these shapes
+        against the 8192^3 matmul's."""
+        from r4b.kernels import _fused_linear_chunked as fc
+
+        hidden, weight, _, _, _, mask = inputs(case, device, dtype)
+        hidden, weight = hidden.detach(), weight.detach()
+        n, v = hidden.shape[0], weight.shape[0]
+        n_grad = int(mask.sum().item())  # setup (the loss counts them on the device, without a host sync)
+        step = fc.chunk_rows(n, v, hidden.element_size())
+        zbuf = torch.empty(step, v, dtype=dtype, device=device)
+        dw = torch.empty_like(weight, dtype=fc.dweight_dtype(weight))
+        wt = weight.T
+
+        def gemms():
+            for s in range(0, n, step):
+                e = min(n, s + step)
+                k = min(e, max(n_grad, s)) - s
+                z = zbuf[: e - s]
+                torch.mm(hidden[s:e], wt, out=z)
+                if k == 0:
+                    continue
+                fc._mm_f32(z[:k], weight)
+                if dw.dtype != z.dtype:  # the fp32 accumulator of a small half weight
+                    if s == 0:
+                        dw.copy_(fc._mm_f32(z[:k].T, hidden[s : s + k]))
+                    else:
+                        dw.add_(fc._mm_f32(z[:k].T, hidden[s : s + k]))
+                elif s == 0:
+                    torch.mm(z[:k].T, hidden[s : s + k], out=dw)
+                else:
+                    dw.addmm_(z[:k].T, hidden[s : s + k])
+
+        gemms.unchecked = True
+        return gemms
+
     def r4b(backend: str, impl: str | None = None, max_n: int | None = None, **knobs):
         def make(case: Case):
             if max_n is not None and case.params["N"] > max_n and device == "cuda":
@@ -173,6 +212,9 @@ def providers(device: str) -> dict:
     return {
         "torch eager": eager,
         "r4b triton chunked": r4b("triton", "chunked"),
+        # its GEMMs alone (session 10: the floor read 795 TFLOP/s on a cool card and 686 under load, so x_floor
+        # moved 1.10 -> 1.18 for the same kernel; this row splits r4b's time into GEMMs and the rest)
+        "cublas gemms only": gemms_only,
         # the same with other chunk sizes (tuning data), and without skipping the backward GEMMs of the masked
         # rows (the 10% of rows no provider trains: the row a peer computing every row compares with)
         # 2026-11-26 H100: 1 GiB (default) 57.3 ms / 1.84 GiB, 512 MiB 59.0 / 1.32, 256 MiB 63.9 / 1.10: does a

@@ -252,7 +252,9 @@ def run_bench(
     with that of the first provider that ran for the case (the reference, e.g. eager torch): the row gets
     ``err`` (:func:`max_rel_err`) and ``check`` ("ref", "ok" or "MISMATCH" when ``err > check_tol``). This
     flags a provider that computes something else (other inputs, another loss), so that no row compares
-    unlike work; it is a guard of the bench, not the kernels' correctness test (tests/ do that).
+    unlike work; it is a guard of the bench, not the kernels' correctness test (tests/ do that). A callable with
+    the attribute ``unchecked = True`` (a part of the work, timed to split another row's time) gets ``check``
+    "n/a" and is not run before timing.
 
     ``prior_rows`` (rows of an earlier pass of the same op) come first in the returned rows and the files.
 
@@ -268,7 +270,9 @@ def run_bench(
             row.update({f"p_{k}": v for k, v in case.params.items()})
             try:
                 fn = setup(case)
-                if check_tol is not None:
+                if check_tol is not None and getattr(fn, "unchecked", False):
+                    row["check"] = "n/a"  # a partial-work row (e.g. a loss's GEMMs alone): nothing to compare
+                elif check_tol is not None:
                     out = fn()
                     if ref_out is None:
                         ref_out, row["err"], row["check"] = out, 0.0, "ref"

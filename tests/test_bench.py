@@ -85,7 +85,10 @@ def test_loss_bench_providers_compute_the_same_loss(name, monkeypatch, tmp_path)
     ran = [r for r in rows if "skipped" not in r]
     assert not [r for r in rows if r.get("skipped", "").startswith("error")], rows
     assert {r["provider"] for r in ran} >= {"torch eager", "r4b torch (chunked)", "r4b triton chunked"}
-    assert all(r["check"] in ("ref", "ok") for r in ran), [(r["provider"], r["err"]) for r in ran]
+    partial = [r for r in ran if r["check"] == "n/a"]  # a part of the work (the GRPO loss's GEMMs alone)
+    assert [r["provider"] for r in partial] == (["cublas gemms only"] if name == "grpo_loss" else [])
+    assert all(r["check"] in ("ref", "ok") for r in ran if r not in partial), \
+        [(r["provider"], r.get("err")) for r in ran]
 
 
 def test_summary_targets_compare_the_best_r4b_row_with_the_peer_and_skip_mismatches(tmp_path):
@@ -101,7 +104,12 @@ def test_summary_targets_compare_the_best_r4b_row_with_the_peer_and_skip_mismatc
             {"case": "N=16384,H=2560", "provider": "r4b triton chunked", "x_floor": 1.12, "peak_mem_gib": 1.8},
             {"case": "N=4096,H=2560", "provider": "r4b triton chunked", "x_floor": 1.3}]  # not an anchor
     (tmp_path / "grpo_loss.json").write_text(json.dumps({"rows": grpo}))
+    assert "GEMMs alone" not in targets(tmp_path)
+    grpo[1]["ms"] = 56.0
+    grpo.append({"case": "N=16384,H=2560", "provider": "cublas gemms only", "ms": 50.0, "x_floor": 1.0})
+    (tmp_path / "grpo_loss.json").write_text(json.dumps({"rows": grpo}))
     out = targets(tmp_path)
+    assert "MET; 1.120x its GEMMs alone (which are 1.000x floor)" in out, out
     assert "r4b gluon 1.25x sdpa per doc (target >= 1.2x) MET" in out, out
     assert "N=4096" not in out, out
     assert "r4b triton chunked 1.120x floor (target <= 1.1x) not met; peak 1.80 GiB vs liger chunked 3.00" in out
@@ -128,3 +136,36 @@ def test_varlen_bench_rows_come_in_the_order_the_targets_need():
     assert names[:7] == ["sdpa per doc", "r4b triton", "flex doc mask", "r4b ws", "r4b ws fwd+bwd", "r4b gluon",
                          "r4b gluon fwd+bwd"], names
     assert set(names) == {"sdpa per doc", "flex doc mask", "flash-attn varlen", "xformers blockdiag", *R4B_ROWS}
+
+
+def test_grpo_gemms_only_row_runs_the_chunked_loss_gemms(monkeypatch):
+    """bench grpo_loss's "cublas gemms only" row times the same matrix products (ops and operand shapes, over
+    several chunks, masked rows skipped) as the chunked r4b loss it splits, on the CPU with small chunks."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from bench import bench_grpo_loss as bgl
+    from r4b.kernels import _fused_linear_chunked as fc
+
+    monkeypatch.setattr(fc, "_CHUNK_BYTES", 96 * 1000 * 4)  # 96 rows of V=1000 fp32: three chunks of N=256
+    mm = {torch.ops.aten.mm.default, torch.ops.aten.mm.out, torch.ops.aten.addmm.default,
+          torch.ops.aten.addmm.out, torch.ops.aten.addmm_.default}
+
+    class Products(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in mm:
+                self.seen.append(tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor)))
+            return func(*args, **(kwargs or {}))
+
+    case = bgl.cases(True)[0]
+    provs = bgl.providers("cpu")
+    gemms, loss = provs["cublas gemms only"](case), provs["r4b triton chunked"](case)
+    with Products() as g:
+        gemms()
+    with Products() as r:
+        loss()
+    assert len(g.seen) >= 9  # three chunks, three products each
+    assert sorted(g.seen) == sorted(r.seen)
