@@ -105,8 +105,11 @@ def targets(folder: Path) -> str:
                            f"(target <=) {'MET' if mem_ok else 'not met'}")
                 gemms = next((r for r in rs if r["provider"] == "cublas gemms only" and r.get("ms")), None)
                 split = ""
+                if best.get("matmul_tflops") and best.get("floor_tflops"):  # the card's rate right after the row
+                    split = (f"; {got * best['matmul_tflops'] / best['floor_tflops']:.3f}x the matmul rate read "
+                             f"right after it ({best['matmul_tflops']:.0f} vs {best['floor_tflops']:.0f} TFLOP/s)")
                 if gemms is not None:  # r4b's time over its GEMMs alone, and those GEMMs' own x floor
-                    split = (f"; {best['ms'] / gemms['ms']:.3f}x its GEMMs alone (which are "
+                    split += (f"; {best['ms'] / gemms['ms']:.3f}x its GEMMs alone (which are "
                              f"{gemms[metric]:.3f}x floor)")
                 lines.append(f"  {op} {case}: {best['provider']} {got:.3f}x floor (target <= {want}x) "
                              f"{'MET' if ok else 'not met'}{mem}{split}")

@@ -105,11 +105,12 @@ def test_summary_targets_compare_the_best_r4b_row_with_the_peer_and_skip_mismatc
             {"case": "N=4096,H=2560", "provider": "r4b triton chunked", "x_floor": 1.3}]  # not an anchor
     (tmp_path / "grpo_loss.json").write_text(json.dumps({"rows": grpo}))
     assert "GEMMs alone" not in targets(tmp_path)
-    grpo[1]["ms"] = 56.0
+    grpo[1].update(ms=56.0, floor_tflops=800.0, matmul_tflops=700.0)
     grpo.append({"case": "N=16384,H=2560", "provider": "cublas gemms only", "ms": 50.0, "x_floor": 1.0})
     (tmp_path / "grpo_loss.json").write_text(json.dumps({"rows": grpo}))
     out = targets(tmp_path)
-    assert "MET; 1.120x its GEMMs alone (which are 1.000x floor)" in out, out
+    assert ("MET; 0.980x the matmul rate read right after it (700 vs 800 TFLOP/s); 1.120x its GEMMs alone "
+            "(which are 1.000x floor)") in out, out
     assert "r4b gluon 1.25x sdpa per doc (target >= 1.2x) MET" in out, out
     assert "N=4096" not in out, out
     assert "r4b triton chunked 1.120x floor (target <= 1.1x) not met; peak 1.80 GiB vs liger chunked 3.00" in out
