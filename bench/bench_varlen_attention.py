@@ -94,7 +94,9 @@ def providers(device: str, mask_ms: dict) -> dict:
             if "ws" in (fwd_kernel, bwd) and device == "cuda":
                 from r4b.kernels import _varlen_ws
 
-                why = _varlen_ws.device_problem(torch.device("cuda"), False)
+                parts = [p for p, mode in (("fwd", fwd_kernel), ("bwd", bwd)) if mode == "ws"]
+                why = next(filter(None, (_varlen_ws.device_problem(torch.device("cuda"), False, p) for p in parts)),
+                           None)
                 if why is not None:
                     raise Skip(f"the warp-specialised kernels: {why}")
             if bwd != "split" and case.params["mode"] == "fwd":

@@ -62,7 +62,8 @@ def attn(small: bool, gluon_only: bool, device: str = "cuda", shape=None) -> int
 
         # the warp-specialised Triton kernels (R4B_VARLEN_FWD/BWD=ws), once the GPU no longer refuses them (or
         # while it does, with R4B_VARLEN_WS_UNVERIFIED=1: gpu_check sets it when their GPU tests passed)
-        if not gluon_only and not small and _varlen_ws.device_problem(torch.device(device), False) is None:
+        if not gluon_only and not small and all(_varlen_ws.device_problem(torch.device(device), False, part) is None
+                                                 for part in ("fwd", "bwd")):
             variants.append(("ws", "ws", "ws"))
     if not variants:
         print("no variant to run (--gluon-only needs a Hopper GPU)")

@@ -24,11 +24,12 @@ from tests.test_varlen_attention import (
 )
 
 ws = importlib.import_module("r4b.kernels._varlen_ws")
-# the GPU refuses the ws kernels while their warp-specialised compiles are known wrong (ws.GPU_BROKEN): these tests
-# are what lifting it must pass
+# the GPU refuses the ws kernels while their warp-specialised compiles are known wrong (ws.GPU_BROKEN_FWD / _BWD):
+# these tests are what lifting them must pass
 # ($R4B_VARLEN_WS_UNVERIFIED=1, as bench/gpu_check.sh sets it for their step, runs them anyway)
-_gpu_broken = pytest.mark.skipif(ws.GPU_BROKEN is not None and os.environ.get(ws.ENV_UNVERIFIED) != "1",
-                                 reason=f"ws.GPU_BROKEN: {ws.GPU_BROKEN}")
+_gpu_broken = pytest.mark.skipif(
+    (ws.GPU_BROKEN_FWD is not None or ws.GPU_BROKEN_BWD is not None) and os.environ.get(ws.ENV_UNVERIFIED) != "1",
+    reason=f"ws.GPU_BROKEN_FWD / _BWD: {ws.GPU_BROKEN_FWD} / {ws.GPU_BROKEN_BWD}")
 
 
 def _spy(monkeypatch, name: str, arg: int) -> list:
@@ -187,11 +188,21 @@ def test_ws_says_what_it_cannot_run(monkeypatch):
     assert "not 9.x" in ws.device_problem(torch.device("cuda"), interpreted=False)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
     monkeypatch.delenv(ws.ENV_UNVERIFIED, raising=False)
-    assert ws.device_problem(torch.device("cuda"), interpreted=False) == ws.GPU_BROKEN  # refused on Hopper too
+    gpu = torch.device("cuda")
+    # refused on Hopper too, each direction by its own reason (lifted one at a time as its GPU tests pass)
+    monkeypatch.setattr(ws, "GPU_BROKEN_FWD", "fwd reason")
+    monkeypatch.setattr(ws, "GPU_BROKEN_BWD", "bwd reason")
+    assert ws.device_problem(gpu, interpreted=False) == "fwd reason"
+    assert ws.device_problem(gpu, interpreted=False, part="bwd") == "bwd reason"
+    monkeypatch.setattr(ws, "GPU_BROKEN_FWD", None)
+    assert ws.device_problem(gpu, interpreted=False, part="fwd") is None
+    assert ws.device_problem(gpu, interpreted=False, part="bwd") == "bwd reason"
+    with pytest.raises(ValueError, match="part must be one of.*'both'"):
+        ws.device_problem(gpu, interpreted=False, part="both")
     monkeypatch.setenv(ws.ENV_UNVERIFIED, "1")  # unless a GPU check asks for them to verify a fix
-    assert ws.device_problem(torch.device("cuda"), interpreted=False) is None
+    assert ws.device_problem(gpu, interpreted=False, part="bwd") is None
     monkeypatch.setenv(ws.ENV_UNVERIFIED, "0")
-    assert ws.device_problem(torch.device("cuda"), interpreted=False) == ws.GPU_BROKEN
+    assert ws.device_problem(gpu, interpreted=False, part="bwd") == "bwd reason"
     q, k, v, _ = _inputs([5, 3], 2, 1, 64)
     assert ws.input_problem(q, k, v, interpreted=True) is None
     assert "dtype torch.float32" in ws.input_problem(q, k, v, interpreted=False)
@@ -206,6 +217,25 @@ def test_ws_says_what_it_cannot_run(monkeypatch):
         varlen_attention(q, k, v, _cu([5, 3]), 5, backend="triton")
     assert ws.bwd_input_problem(q, q) is None
     assert "q has head stride" in ws.bwd_input_problem(q.transpose(0, 1).contiguous().transpose(0, 1), q)
+
+
+def test_ws_each_direction_asks_for_its_own_refusal(monkeypatch):
+    """R4B_VARLEN_FWD=ws asks device_problem about the forward, R4B_VARLEN_BWD=ws about the backward: so lifting
+    one direction's GPU_BROKEN_* leaves the other refused."""
+    asked = []
+    real = ws.device_problem
+    monkeypatch.setattr(ws, "device_problem", lambda dev, interp, part="fwd": (asked.append(part), real(dev, interp,
+                                                                                                      part))[1])
+    monkeypatch.setenv("R4B_VARLEN_FWD", "ws")
+    monkeypatch.setenv("R4B_VARLEN_BWD", "split")
+    q, k, v, _ = _inputs([5, 3], 2, 1, 16)
+    q.requires_grad_(True)
+    varlen_attention(q, k, v, _cu([5, 3]), 5, backend="triton").sum().backward()
+    assert asked == ["fwd"]
+    monkeypatch.setenv("R4B_VARLEN_FWD", "triton")
+    monkeypatch.setenv("R4B_VARLEN_BWD", "ws")
+    varlen_attention(q, k, v, _cu([5, 3]), 5, backend="triton").sum().backward()
+    assert asked == ["fwd", "bwd"]
 
 
 @pytest.mark.parametrize("layout", ["head-major q", "broadcast dO", "narrowed dO"])

@@ -684,7 +684,7 @@ if _dispatch.triton_importable():
         variable where no input could run (a GPU other than Hopper)."""
         from . import _varlen_ws
 
-        why = _varlen_ws.device_problem(q.device, interp)
+        why = _varlen_ws.device_problem(q.device, interp, "fwd" if env == ENV_FWD else "bwd")
         if why is not None:
             raise RuntimeError(f"${env}=ws cannot run here: {why}")
         if _varlen_ws.input_problem(q, k, v, interp) is not None:
