@@ -112,9 +112,11 @@ def _isolation(causal, change, ws_runs, device="cpu", lens=(7, 30, 11), D=64, dt
     q, k, v, do = _inputs(lens, Hq, Hkv, D, device=device, dtype=dtype)
     fn = lambda a, b, c: varlen_attention(a, b, c, cu, max(lens), causal=causal, backend="triton")
     base = _grads(fn, q, k, v, do)
+    for name, a in zip(("out", "dq", "dk", "dv"), base, strict=True):  # (a NaN would also fail the comparisons)
+        assert a.isfinite().all(), f"{name} not finite on finite inputs: {_where(a, a.nan_to_num(0.0), lens)}"
     again = _grads(fn, q, k, v, do)
     for name, a, b in zip(("out", "dq", "dk", "dv"), base, again, strict=True):
-        assert torch.equal(a, b), f"{name} differs between two runs on the same inputs: {_where(a, b, lens)}"
+        assert _same_bits(a, b), f"{name} differs between two runs on the same inputs: {_where(a, b, lens)}"
     s0, s1 = lens[0], lens[0] + lens[1]
     mid = slice(s0, s1)
     q2, k2, v2, do2 = (t.clone() for t in (q, k, v, do))
@@ -128,9 +130,15 @@ def _isolation(causal, change, ws_runs, device="cpu", lens=(7, 30, 11), D=64, dt
     others = torch.ones(sum(lens), dtype=torch.bool, device=device)
     others[mid] = False
     for name, a, b in zip(("out", "dq", "dk", "dv"), base, pert, strict=True):
-        assert torch.equal(a[others], b[others]), f"{name} of the other sequences changed: {_where(a, b, lens)}"
-        assert not torch.equal(a[mid], b[mid]), name
+        assert _same_bits(a[others], b[others]), f"{name} of the other sequences changed: {_where(a, b, lens)}"
+        assert not _same_bits(a[mid], b[mid]), name
     _expect(ws_runs, (sum(lens), Hq, D), calls=3)
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-identical (NaN equal to the same NaN, unlike torch.equal)."""
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return a.dtype == b.dtype and torch.equal(a.contiguous().view(ints), b.contiguous().view(ints))
 
 
 def _where(a: torch.Tensor, b: torch.Tensor, lens: list[int]) -> str:
@@ -381,29 +389,31 @@ def test_ws_every_config_gpu(config, monkeypatch):
 
 @pytest.mark.gpu
 @_gpu_broken
+@pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("which", ["dq", "dkdv"])
-def test_ws_backward_every_config_gpu(which):
-    """Each dQ / dK/dV config run directly (the autotuners run only their pick), bf16, against float64 by the rule,
-    on lengths whose total is not a multiple of 4 (the padded LSE / delta rows of the dQ kernel's TMA loads)."""
+def test_ws_backward_every_config_gpu(which, causal):
+    """Each dQ / dK/dV config run directly (the autotuners run only their pick, which may differ between causal
+    and not), bf16, against float64 by the rule, on lengths whose total is not a multiple of 4 (the padded LSE /
+    delta rows of the dQ kernel's TMA loads)."""
     lens = [700, 1, 129, 64, 3, 1100]
     q, k, v, do = _inputs(lens, 8, 2, 128, device="cuda")
     cu = _cu(lens, "cuda")
     scale = 128**-0.5
-    ref = _grads(lambda a, b, c: _attention64(a, b, c, lens, True, scale), q.double(), k.double(), v.double(),
+    ref = _grads(lambda a, b, c: _attention64(a, b, c, lens, causal, scale), q.double(), k.double(), v.double(),
                  do.double())
     bf = [t.bfloat16() for t in (q, k, v, do)]
-    base = _grads(lambda a, b, c: _sdpa_bf16_per_doc(a, b, c, lens, True), *bf)
+    base = _grads(lambda a, b, c: _sdpa_bf16_per_doc(a, b, c, lens, causal), *bf)
     va = importlib.import_module("r4b.kernels.varlen_attention")
     va._ensure_allocator()
     qb, kb, vb, dob = bf
     T = sum(lens)
     o = torch.empty_like(qb)
     lse = torch.empty((8, T), dtype=torch.float32, device="cuda")
-    ws.forward(qb, kb, vb, o, lse, cu, scale * 1.4426950408889634, True, False)
+    ws.forward(qb, kb, vb, o, lse, cu, scale * 1.4426950408889634, causal, False)
     delta = (o.float() * dob.float()).sum(-1).transpose(0, 1).contiguous()  # (Hq, T)
     for cfg in ws.DQ_CONFIGS if which == "dq" else ws.DKDV_CONFIGS:
         kw = {"dq_config": cfg} if which == "dq" else {"dkdv_config": cfg}
-        got = ws.backward(dob, qb, kb, vb, lse, delta, cu, scale, True, False, **kw)
+        got = ws.backward(dob, qb, kb, vb, lse, delta, cu, scale, causal, False, **kw)
         assert_within_twice_plain(got, base[1:], ref[1:], ("dq", "dk", "dv"), atol_rel=1e-3)
 
 

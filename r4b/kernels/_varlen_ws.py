@@ -345,6 +345,10 @@ def _ws_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, TAB, T, n_items, t_bucket, n_
     lrow = h * Tp + _padded_start(cs, s) + m0
     lse = lse_desc.load([lrow])
     delta = delta_desc.load([lrow])
+    # rows past L are another sequence's (or head's) padded rows: zeroed, so no neighbour's value (nor a NaN or an
+    # inf of it: exp2(0 - lse) overflows for lse < -128) enters any arithmetic of this program, stored or not
+    lse = tl.where(keep, lse, 0.0)
+    delta = tl.where(keep, delta, 0.0)
     offs_n = tl.arange(0, BLOCK_N)
     if CAUSAL:
         hi = tl.minimum(m0 + BLOCK_M, L)
@@ -428,8 +432,8 @@ def _ws_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, TAB, T, n_items, t_buck
         delta = tl.where(qmask, delta, 0.0)
         if CAUSAL:
             ok = qmask[None, :] & (qi[None, :] >= kn[:, None])
-        else:
-            ok = qmask[None, :]
+        else:  # keys past L too (zeros, not stored), as the causal mask cuts them: pT exactly 0 there
+            ok = qmask[None, :] & (kn < L)[:, None]
         pT = tl.where(ok, tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :]), 0.0)  # (BLOCK_N, BLOCK_M)
         dv = tl.dot(pT.to(do.dtype), do, dv)
         dpT = tl.dot(v, tl.trans(do))
