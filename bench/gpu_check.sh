@@ -16,6 +16,8 @@
 #           compute-sanitizer (memcheck, synccheck, racecheck) on the Gluon kernels at a small size; the gluon
 #           phase ends with it too, in what time is left;
 #   all:    issues, gluon and rest (default).
+# R4B_CHECK_SKIP_TESTS=1 skips the issues phase's GPU tests (for a call that only re-measures its benches);
+# R4B_CHECK_BENCHES="name:seconds ..." replaces the phase's bench list (e.g. "grpo_loss:150 varlen_attention:120").
 # The run keeps to R4B_CHECK_BUDGET seconds (default 540, under the device tool's 600 s per command): every
 # step's time limit is cut to what is left, minus a reserve for the summary, so the table always prints.
 # Peers: `make gpu-wheels` (here, with internet) puts liger-kernel's wheel in .whl/; carry ".whl" to the GPU
@@ -119,7 +121,9 @@ loss_tests="tests/test_fused_linear_chunked.py tests/test_fused_linear_grpo_loss
 small_tests="tests/test_rms_norm.py tests/test_rope.py tests/test_swiglu.py tests/test_model_qwen3.py"
 attn_tests="tests/test_varlen_attention.py"
 rest_tests="tests/test_group_advantages.py tests/test_pack.py tests/test_varlen_attention_peers.py"
-if [ "$PHASE" = issues ] || [ "$PHASE" = all ]; then
+SKIP_TESTS=${R4B_CHECK_SKIP_TESTS:-0}
+[ "$SKIP_TESTS" = 1 ] && echo "R4B_CHECK_SKIP_TESTS=1: the issues phase's GPU tests are skipped"
+if { [ "$PHASE" = issues ] || [ "$PHASE" = all ]; } && [ "$SKIP_TESTS" != 1 ]; then
   step "GPU tests: fused-linear loss kernels"
   gpu_tests 40 pytest_gpu_loss.log $loss_tests || test_rc=$?
   step "GPU tests: rms_norm, rope, swiglu, model"
@@ -183,6 +187,7 @@ case "$PHASE" in
   diag) specs="diag:400" ;;
   all) specs="varlen_attention:200 grpo_loss:130 ws_subset:70 norms:45 grpo_rows:60 gluon_tests:200 diag:150 fused_linear:60 group_advantages:25 pack:30" ;;
 esac
+specs=${R4B_CHECK_BENCHES:-$specs}
 bench_rc=0
 for spec in $specs; do
   name=${spec%%:*}; lim=$(limit "${spec##*:}")
