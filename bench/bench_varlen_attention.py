@@ -195,6 +195,17 @@ def providers(device: str, mask_ms: dict) -> dict:
     return {**{n: rows[n] for n in head}, **{n: f for n, f in rows.items() if n not in head}}
 
 
+def _attn_sig(n: str) -> str:
+    """The sm_90 compile signature of an attention kernel's argument ``n`` (bf16 tensors; every kernel's names)."""
+    if n in ("LSE", "DELTA", "LD", "DQ32"):
+        return "*fp32"
+    if n in ("CU", "TAB"):
+        return "*i32"
+    if n in ("Q", "K", "V", "Out", "DO", "DQ", "DK", "DV"):
+        return "*bf16"
+    return "fp32" if n in ("qk_scale", "sm_scale") else "i32"
+
+
 def aot_report(first_only: bool = False) -> None:
     """Compile the three attention kernels for sm_90 (bf16, D=128, causal, GQA 4) per autotune config (or the
     first of each list); print registers and spills from ptxas. Needs no GPU (triton's bundled ptxas), and no
@@ -202,16 +213,6 @@ def aot_report(first_only: bool = False) -> None:
     import importlib
 
     va = importlib.import_module("r4b.kernels.varlen_attention")
-    ptrs = {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV"}
-
-    def sig_of(n: str) -> str:
-        if n in ("LSE", "DELTA", "LD", "DQ32"):
-            return "*fp32"
-        if n == "CU":
-            return "*i32"
-        if n in ptrs:
-            return "*bf16"
-        return "fp32" if n in ("qk_scale", "sm_scale") else "i32"
 
     # "+tma": the kernels of R4B_VARLEN_LOADS=tma (inner-loop blocks through TMA tensor descriptors);
     # "dkdv+dq": the dK/dV kernel of R4B_VARLEN_BWD=atomic, which also adds dQ with fp32 atomics
@@ -231,10 +232,10 @@ def aot_report(first_only: bool = False) -> None:
         for a, b, warps, stages in cfgs[:1] if first_only else cfgs:
             meta = {"GROUP": 4, "D": 128, "BLOCK_D": 128, "CAUSAL": True, "DOT_PREC": "tf32", tile[0]: a, tile[1]: b,
                     **extra}
-            info, smem = sm90_ptxas(kern, meta, sig_of, warps, stages)
+            info, smem = sm90_ptxas(kern, meta, _attn_sig, warps, stages)
             print(f"{kind:11s} {a}x{b} w{warps} s{stages}: smem={smem} B | {info}", flush=True)
     # fp32 on a GPU (IEEE products as FMAs): one fixed config per kernel (va.F32_CONFIGS), never autotuned
-    f32_sig = lambda n: "*fp32" if sig_of(n) == "*bf16" else sig_of(n)  # noqa: E731
+    f32_sig = lambda n: "*fp32" if _attn_sig(n) == "*bf16" else _attn_sig(n)  # noqa: E731
     for name, kern, tile, extra in (
             ("fwd", va._fwd_kernel, ("BLOCK_M", "BLOCK_N"), kv_off),
             ("dq", va._bwd_dq_kernel, ("BLOCK_M", "BLOCK_N"), kv_off),
@@ -248,7 +249,7 @@ def aot_report(first_only: bool = False) -> None:
         print(f"{name + '-f32':11s} {a}x{b} w{warps} s{stages}: smem={smem} B | {info} | "
               f"compiled in {time.perf_counter() - t0:.1f} s", flush=True)
     ws_report(first_only)
-    gluon_report(first_only, sig_of)
+    gluon_report(first_only)
 
 
 def ws_report(first_only: bool = False) -> None:
@@ -261,15 +262,6 @@ def ws_report(first_only: bool = False) -> None:
     from bench.harness import ptxas_report, sm90_compile
     from r4b.kernels import _varlen_ws as ws
 
-    def sig(n: str) -> str:
-        if n in ("LSE", "DELTA"):
-            return "*fp32"
-        if n in ("CU", "TAB"):
-            return "*i32"
-        if n in ("Q", "K", "V", "Out", "DO", "DQ", "DK", "DV"):
-            return "*bf16"
-        return "fp32" if n in ("qk_scale", "sm_scale") else "i32"
-
     for kind, kern, cfgs, tile in (("fwd-ws", ws._ws_fwd_kernel, ws.CONFIGS, ("BLOCK_M", "BLOCK_N")),
                                    ("dq-ws", ws._ws_dq_kernel, ws.DQ_CONFIGS, ("BLOCK_M", "BLOCK_N")),
                                    ("dkdv-ws", ws._ws_dkdv_kernel, ws.DKDV_CONFIGS, ("BLOCK_N", "BLOCK_M"))):
@@ -277,7 +269,7 @@ def ws_report(first_only: bool = False) -> None:
             for causal in (True, False):
                 for d in (128, 64):
                     meta = {"GROUP": 4, "D": d, tile[0]: ws.BLOCK_M, tile[1]: inner, "CAUSAL": causal, "WS": True}
-                    c = sm90_compile(kern, meta, sig, ws.NUM_WARPS, stages)
+                    c = sm90_compile(kern, meta, _attn_sig, ws.NUM_WARPS, stages)
                     problems = ws_ir_problems(c.asm["ttgir"])
                     print(f"{kind:11s} {ws.BLOCK_M}x{inner} w{ws.NUM_WARPS} s{stages} D={d} causal={causal}: "
                           f"smem={c.metadata.shared} B | {ptxas_report(c)} | warps={c.metadata.num_warps} "
@@ -340,7 +332,7 @@ def wgmma_waits(ptx: str) -> list[int]:
     return [int(n) for n in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)]
 
 
-def gluon_report(first_only: bool, sig_of) -> None:
+def gluon_report(first_only: bool) -> None:
     """Compile the Gluon kernels (R4B_VARLEN_FWD=gluon, R4B_VARLEN_BWD=gluon) for sm_90 per config, both masks:
     registers, spills, shared memory, and their wgmma waits (a 1 leaves one product in flight while the
     elementwise work of another runs: in the forward P @ V during the next softmax)."""
@@ -358,7 +350,7 @@ def gluon_report(first_only: bool, sig_of) -> None:
             for causal in (True, False):
                 meta = {"GROUP": 4, "D": 128, tile[0]: a, tile[1]: b, "CAUSAL": causal, "STAGES": stages,
                         "NUM_WARPS": warps}
-                c = sm90_compile(kern, meta, sig_of, warps, 1)
+                c = sm90_compile(kern, meta, _attn_sig, warps, 1)
                 waits = ",".join(map(str, wgmma_waits(c.asm["ptx"])))
                 print(f"{kind:11s} {a}x{b} w{warps} s{stages} causal={causal}: smem={c.metadata.shared} B | "
                       f"{ptxas_report(c)} | wgmma waits={waits}", flush=True)
