@@ -93,10 +93,10 @@ if [ "$PHASE" = gluon ] || [ "$PHASE" = all ]; then
   # boundary tests, and one 150 s run reached 18 of 29): the forward's tests (ws forward + split backward, every
   # forward config), then the backward's; the bench rows follow for the kernels whose tests passed
   step "GPU tests: warp-specialised Triton attention forward (sm_90, R4B_VARLEN_WS_UNVERIFIED=1)"
-  R4B_VARLEN_WS_UNVERIFIED=1 gpu_tests 110 pytest_gpu_ws_fwd.log tests/test_varlen_ws.py \
+  R4B_VARLEN_WS_UNVERIFIED=1 gpu_tests 120 pytest_gpu_ws_fwd.log tests/test_varlen_ws.py \
     -k "bwd-split or test_ws_every_config_gpu"; ws_rc=$?
   step "GPU tests: warp-specialised Triton attention backward (sm_90, R4B_VARLEN_WS_UNVERIFIED=1)"
-  R4B_VARLEN_WS_UNVERIFIED=1 gpu_tests 130 pytest_gpu_ws_bwd.log tests/test_varlen_ws.py \
+  R4B_VARLEN_WS_UNVERIFIED=1 gpu_tests 150 pytest_gpu_ws_bwd.log tests/test_varlen_ws.py \
     -k "not bwd-split and not test_ws_every_config_gpu"; ws_bwd_rc=$?
   [ "$ws_rc" -ne 0 ] && test_rc=$ws_rc
   [ "$ws_bwd_rc" -ne 0 ] && test_rc=$ws_bwd_rc

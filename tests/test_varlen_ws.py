@@ -364,9 +364,11 @@ def test_ws_many_short_and_one_long_bf16_gpu(D, ws_runs):
 
 @pytest.mark.gpu
 @_gpu_broken
+@pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("config", ws.CONFIGS)
-def test_ws_every_config_gpu(config, monkeypatch):
-    """Each config run directly (the autotuner runs only its pick): output and LSE against float64."""
+def test_ws_every_config_gpu(config, causal, monkeypatch):
+    """Each config run directly (the autotuner runs only its pick, which may differ between causal and not): output
+    and LSE against float64."""
     lens = [700, 1, 129, 64, 3, 1100]
     q, k, v, _ = _inputs(lens, 8, 2, 128, device="cuda", dtype=torch.bfloat16)
     cu = _cu(lens, "cuda")
@@ -375,14 +377,14 @@ def test_ws_every_config_gpu(config, monkeypatch):
     lse = torch.empty((8, T), dtype=torch.float32, device="cuda")
     va = importlib.import_module("r4b.kernels.varlen_attention")
     va._ensure_allocator()
-    ws.forward(q, k, v, o, lse, cu, 128**-0.5 * 1.4426950408889634, True, False, config=config)
-    ref = _attention64(q.double(), k.double(), v.double(), lens, True, 128**-0.5)
-    plain = _sdpa_bf16_per_doc(q, k, v, lens, True).double()
+    ws.forward(q, k, v, o, lse, cu, 128**-0.5 * 1.4426950408889634, causal, False, config=config)
+    ref = _attention64(q.double(), k.double(), v.double(), lens, causal, 128**-0.5)
+    plain = _sdpa_bf16_per_doc(q, k, v, lens, causal).double()
     assert (o.double() - ref).abs().max() <= 2 * (plain - ref).abs().max() + 1e-3 * ref.abs().max()
     s = torch.einsum("ihd,jhd->hij", q.double(), k.double().repeat_interleave(4, 1)) * 128**-0.5
     doc = torch.repeat_interleave(torch.arange(len(lens), device="cuda"), torch.tensor(lens, device="cuda"))
     pos = torch.arange(T, device="cuda")
-    ok = (doc[:, None] == doc[None, :]) & (pos[None, :] <= pos[:, None])
+    ok = (doc[:, None] == doc[None, :]) & ((pos[None, :] <= pos[:, None]) | (not causal))
     lse_ref = torch.logsumexp(s.masked_fill(~ok, float("-inf")), -1) * 1.4426950408889634  # (Hq, T), log2 units
     torch.testing.assert_close(lse.double(), lse_ref, rtol=0, atol=2e-2)
 
