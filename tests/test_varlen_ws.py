@@ -190,17 +190,17 @@ def test_ws_says_what_it_cannot_run(monkeypatch):
     """A GPU other than Hopper is refused by name (no silent fallback when asked for by name); inputs it cannot
     address go to the Triton forward: fp32 on a GPU, other head dims, unaligned rows, per-head offsets past int32."""
     cpu = torch.device("cpu")
-    assert ws.device_problem(cpu, interpreted=True) is None
-    assert "not a GPU" in ws.device_problem(cpu, interpreted=False)
+    assert ws.device_problem(cpu, interpreted=True, part="fwd") is None
+    assert "not a GPU" in ws.device_problem(cpu, interpreted=False, part="bwd")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
-    assert "not 9.x" in ws.device_problem(torch.device("cuda"), interpreted=False)
+    assert "not 9.x" in ws.device_problem(torch.device("cuda"), interpreted=False, part="fwd")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
     monkeypatch.delenv(ws.ENV_UNVERIFIED, raising=False)
     gpu = torch.device("cuda")
     # refused on Hopper too, each direction by its own reason (lifted one at a time as its GPU tests pass)
     monkeypatch.setattr(ws, "GPU_BROKEN_FWD", "fwd reason")
     monkeypatch.setattr(ws, "GPU_BROKEN_BWD", "bwd reason")
-    assert ws.device_problem(gpu, interpreted=False) == "fwd reason"
+    assert ws.device_problem(gpu, interpreted=False, part="fwd") == "fwd reason"
     assert ws.device_problem(gpu, interpreted=False, part="bwd") == "bwd reason"
     monkeypatch.setattr(ws, "GPU_BROKEN_FWD", None)
     assert ws.device_problem(gpu, interpreted=False, part="fwd") is None
@@ -232,8 +232,8 @@ def test_ws_each_direction_asks_for_its_own_refusal(monkeypatch):
     one direction's GPU_BROKEN_* leaves the other refused."""
     asked = []
     real = ws.device_problem
-    monkeypatch.setattr(ws, "device_problem", lambda dev, interp, part="fwd": (asked.append(part), real(dev, interp,
-                                                                                                      part))[1])
+    monkeypatch.setattr(ws, "device_problem", lambda dev, interp, part: (asked.append(part), real(dev, interp,
+                                                                                              part))[1])
     monkeypatch.setenv("R4B_VARLEN_FWD", "ws")
     monkeypatch.setenv("R4B_VARLEN_BWD", "split")
     q, k, v, _ = _inputs([5, 3], 2, 1, 16)

@@ -207,7 +207,7 @@ def gpu_broken(part: str) -> str | None:
     return globals()[PARTS[part]]
 
 
-def device_problem(device: torch.device, interpreted: bool, part: str = "fwd") -> str | None:
+def device_problem(device: torch.device, interpreted: bool, part: str) -> str | None:
     """Why the ``part`` ("fwd" or "bwd") kernels cannot run on ``device`` (not a Hopper GPU, and not the
     interpreter; on any GPU while their GPU_BROKEN_* is set, unless $R4B_VARLEN_WS_UNVERIFIED is 1), or None."""
     broken = gpu_broken(part)
