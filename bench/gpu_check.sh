@@ -13,8 +13,8 @@
 #           r4b._C first unless this machine already has it built with CUDA), and the fused-linear bench;
 #   diag:   hardware counters and memory checks for the sessions without a GPU (bench/gpu_diag.py): Nsight Compute
 #           on the attention kernels (Triton default, Gluon) at the anchor and on one chunk of the GRPO loss, and
-#           compute-sanitizer (memcheck, synccheck, racecheck) on the Gluon kernels at a small size; the gluon
-#           phase ends with it too, in what time is left;
+#           compute-sanitizer (memcheck, synccheck, racecheck) on the Gluon kernels at a small size, and on the
+#           ws kernels when their backward's GPU tests failed; the gluon phase ends with it too, in what time is left;
 #   all:    issues, gluon and rest (default).
 # R4B_CHECK_SKIP_TESTS=1 skips the issues phase's GPU tests (for a call that only re-measures its benches);
 # R4B_CHECK_BENCHES="name:seconds ..." replaces the phase's bench list (e.g. "grpo_loss:150 varlen_attention:120").
@@ -152,6 +152,17 @@ diag() {
   local end=$(( $(date +%s) + $1 )) ncu san what lim
   left_of() { local l=$(( end - $(date +%s) )); l=$(( $1 < l ? $1 : l )); limit "$l"; }
   ncu=$(tool ncu); san=$(tool compute-sanitizer)
+  # first, the ws backward while its GPU tests fail (it failed its non-causal boundary test on 2026-11-27): races
+  # and barrier errors in its warp-specialised compile, at the boundary test's size (bench/gpu_diag.py ws)
+  if [ "${ws_bwd_rc:-skipped}" != 0 ] && [ "${ws_bwd_rc:-skipped}" != skipped ] && [ -n "$san" ]; then
+    for what in racecheck synccheck memcheck; do
+      lim=$(left_of 60); [ "$lim" -le 10 ] && { echo "diag: no time left for compute-sanitizer $what (ws)"; continue; }
+      step "diag: compute-sanitizer --tool $what, ws kernels, not causal (limit ${lim}s)"
+      R4B_VARLEN_WS_UNVERIFIED=1 timeout "$lim" "$san" --tool "$what" --print-limit 10 $PY -m bench.gpu_diag ws \
+        >"$LOGS/sanitizer_ws_$what.log" 2>&1
+      echo "compute-sanitizer $what (ws) rc=$?"; grep -v "^$" "$LOGS/sanitizer_ws_$what.log" | tail -n 8
+    done
+  fi
   for what in attn grpo; do
     [ -n "$ncu" ] || { echo "diag: no ncu here"; break; }
     lim=$(left_of 100); [ "$lim" -le 10 ] && { echo "diag: no time left for ncu $what"; continue; }

@@ -11,6 +11,13 @@ are what the sessions after it tune against. bench/gpu_check.sh's ``diag`` phase
         range. --small: a few hundred tokens with empty, length-1 and tile-straddling sequences, the first
         config of each kernel launched directly (no autotuning: for compute-sanitizer, under which every launch
         is slow); the outputs are checked against the float64 reference of the op (exit 1 on a mismatch).
+    python -m bench.gpu_diag ws [--causal]
+        the warp-specialised kernels (R4B_VARLEN_FWD/BWD=ws; on a GPU refused unless R4B_VARLEN_WS_UNVERIFIED=1)
+        at the boundary test's size (documents of 100, 300 and 77 tokens, 4 q / 2 kv heads, d 128, bf16), not
+        causal unless --causal, each kernel's first config launched directly, twice: for compute-sanitizer
+        (racecheck, synccheck, memcheck) on the backward that failed its non-causal boundary test on an H200
+        (2026-11-27). Prints whether the two runs gave the same bits and the error against the fp32 reference
+        (exit 1 if either is wrong).
     python -m bench.gpu_diag grpo
         the chunked GRPO loss, forward + backward, on one chunk's worth of rows of the anchor (3072 x 2560 x
         151936, bf16): its GEMMs (cuBLAS) and the row kernel.
@@ -127,11 +134,57 @@ def _attn_small(variants, q, k, v, do, cu, lens) -> int:
     return 0 if err < 5e-2 else 1
 
 
-def _ref_grads(ref, q, k, v, do, cu):
+def ws(causal: bool, device: str = "cuda", d: int = 128) -> int:
+    """The ws kernels' first configs, directly, twice, at the boundary test's size; same bits twice and the error
+    against the fp32 reference (d: 16 for the CPU test)."""
+    import importlib
+
+    import torch
+
+    from r4b.kernels import varlen_attention_ref
+
+    va = importlib.import_module("r4b.kernels.varlen_attention")
+    wsk = importlib.import_module("r4b.kernels._varlen_ws")
+    interp = device != "cuda"
+    why = next(filter(None, (wsk.device_problem(torch.device(device), interp, p) for p in ("fwd", "bwd"))), None)
+    if why is not None:
+        print(f"ws: {why} (R4B_VARLEN_WS_UNVERIFIED=1 runs them)")
+        return 1
+    lens = [100, 300, 77]
+    g = torch.Generator().manual_seed(0)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    T, hq, hkv = sum(lens), 4, 2
+    q, k, v, do = (torch.randn(T, h, d, generator=g).to(device, dtype) for h in (hq, hkv, hkv, hq))
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    if not interp:
+        va._ensure_allocator()
+    scale = d**-0.5
+    cfg = {} if interp else {"config": wsk.CONFIGS[0]}
+    bcfg = {} if interp else {"dq_config": wsk.DQ_CONFIGS[0], "dkdv_config": wsk.DKDV_CONFIGS[0]}
+    runs = []
+
+    def run():
+        o = torch.empty_like(q)
+        lse = torch.empty((hq, T), dtype=torch.float32, device=device)
+        wsk.forward(q, k, v, o, lse, cu, scale / math.log(2.0), causal, interp, **cfg)
+        delta = (o.float() * do.float()).sum(-1).transpose(0, 1).contiguous()  # (Hq, T)
+        runs.append((o, *wsk.backward(do, q, k, v, lse, delta, cu, scale, causal, interp, **bcfg)))
+
+    _profiled(lambda: (run(), run()), device)
+    same = all(torch.equal(a.view(torch.int16 if a.element_size() == 2 else torch.int32),
+                           b.view(torch.int16 if b.element_size() == 2 else torch.int32))
+               for a, b in zip(*runs, strict=True))
+    err = _rel_err(runs[0], _ref_grads(varlen_attention_ref, q, k, v, do, cu, causal))
+    print(f"ws ({'causal' if causal else 'not causal'}): first configs; two runs the same bits: {same}; max relative "
+          f"error against the fp32 reference {err:.2e}")
+    return 0 if same and err < 5e-2 else 1
+
+
+def _ref_grads(ref, q, k, v, do, cu, causal: bool = True):
     import torch
 
     qq, kk, vv = (t.detach().float().requires_grad_() for t in (q, k, v))
-    o = ref(qq, kk, vv, cu, causal=True)
+    o = ref(qq, kk, vv, cu, causal=causal)
     return (o.detach(), *torch.autograd.grad(o, (qq, kk, vv), do.float()))
 
 
@@ -261,7 +314,7 @@ def report(kernels: list[dict]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("attn", "grpo", "report"):
+    if not argv or argv[0] not in ("attn", "ws", "grpo", "report"):
         print(__doc__)
         return 2
     if argv[0] == "report":
@@ -277,6 +330,8 @@ def main(argv: list[str]) -> int:
         return 2
     if argv[0] == "attn":
         return attn("--small" in argv, "--gluon-only" in argv)
+    if argv[0] == "ws":
+        return ws("--causal" in argv)
     return grpo()
 
 

@@ -84,6 +84,7 @@ def test_report_table_and_cli(tmp_path, capsys):
 def test_profiled_programs_refuse_without_a_gpu(capsys):
     assert gpu_diag.main(["attn", "--small"]) == 2
     assert gpu_diag.main(["grpo"]) == 2
+    assert gpu_diag.main(["ws"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().out
     assert gpu_diag.main(["nonsense"]) == 2
 
@@ -101,3 +102,7 @@ def test_profiled_programs_run_their_kernels_on_the_cpu(monkeypatch, capsys):
     assert gpu_diag.attn(True, True, device="cpu") == 1  # --small --gluon-only: nothing to run off Hopper
     assert gpu_diag.grpo(device="cpu", shape=(33, 16, 300)) == 0
     assert "gradients finite: True" in capsys.readouterr().out
+    for causal in (False, True):  # the ws program (compute-sanitizer's, on a GPU) under the interpreter
+        assert gpu_diag.ws(causal, device="cpu", d=16) == 0
+        out = capsys.readouterr().out
+        assert "two runs the same bits: True" in out and float(out.split("reference ")[1].split()[0]) < 1e-4
