@@ -64,11 +64,14 @@ def _timed(case: Case, fwd, q, k, v, do):
 
 # r4b's rows: provider -> (R4B_VARLEN_FWD, R4B_VARLEN_BWD, R4B_VARLEN_LOADS); "r4b gluon": the Gluon forward
 # (sm_90, softmax overlapping P @ V), with the default Triton backward in its fwd+bwd row; "r4b gluon fwd+bwd":
-# the Gluon forward and the Gluon backward
+# the Gluon forward and the Gluon backward; "... gluon-dkdv": the Triton dQ kernel with the Gluon dK/dV kernel
+# (R4B_VARLEN_BWD=gluon-dkdv: each the faster of its pair in the 2026-11-27 H200 autotune logs)
 R4B_ROWS = {"r4b triton": ("triton", "split", "pointer"), "r4b triton atomic-dq": ("triton", "atomic", "pointer"),
             "r4b triton tma": ("triton", "split", "tma"), "r4b triton tma atomic-dq": ("triton", "atomic", "tma"),
             "r4b gluon": ("gluon", "split", "pointer"), "r4b gluon fwd+bwd": ("gluon", "gluon", "pointer"),
-            "r4b ws": ("ws", "split", "pointer"), "r4b ws fwd+bwd": ("ws", "ws", "pointer")}
+            "r4b ws": ("ws", "split", "pointer"), "r4b ws fwd+bwd": ("ws", "ws", "pointer"),
+            "r4b triton gluon-dkdv": ("triton", "gluon-dkdv", "pointer"),
+            "r4b ws gluon-dkdv": ("ws", "gluon-dkdv", "pointer")}
 
 
 def providers(device: str, mask_ms: dict) -> dict:
@@ -76,7 +79,8 @@ def providers(device: str, mask_ms: dict) -> dict:
         """r4b's kernels with the forward R4B_VARLEN_FWD=fwd_kernel ("triton", "gluon" or "ws": warp-specialised
         Triton), the backward
         R4B_VARLEN_BWD=bwd ("split": Triton dQ kernel + dK/dV kernel; "atomic": the Triton dK/dV kernel adds dQ
-        with fp32 atomics; "gluon": the split backward in Gluon) and the Triton kernels' block loads
+        with fp32 atomics; "gluon": the split backward in Gluon; "gluon-dkdv": the Triton dQ kernel + the Gluon
+        dK/dV kernel; "ws": warp-specialised Triton) and the Triton kernels' block loads
         R4B_VARLEN_LOADS=loads ("pointer" or "tma": through TMA tensor descriptors)."""
 
         def setup(case: Case):
@@ -84,9 +88,9 @@ def providers(device: str, mask_ms: dict) -> dict:
 
             if "triton" not in available_backends("varlen_attention", device):
                 raise Skip(f"triton unavailable on {device} (set TRITON_INTERPRET=1 on the CPU)")
-            if fwd_kernel == "gluon":
+            if fwd_kernel == "gluon" or bwd.startswith("gluon"):
                 if device != "cuda" or torch.cuda.get_device_capability()[0] != 9:
-                    raise Skip("the Gluon forward needs a Hopper GPU (sm_90)")
+                    raise Skip("the Gluon kernels need a Hopper GPU (sm_90)")
                 try:
                     import r4b.kernels._varlen_gluon  # noqa: F401
                 except ImportError as ex:
@@ -188,7 +192,8 @@ def providers(device: str, mask_ms: dict) -> dict:
     # SDPA first: the reference of the result check (outputs, or the three gradients); then what the issue's
     # targets compare (r4b's default, Flex, the Gluon kernels), then the peers and r4b's other variants, so that a
     # bench cut at its time limit loses those last
-    first = ("r4b triton", "flex doc mask", "r4b ws", "r4b ws fwd+bwd", "r4b gluon", "r4b gluon fwd+bwd")
+    first = ("r4b triton", "flex doc mask", "r4b ws", "r4b ws fwd+bwd", "r4b gluon", "r4b gluon fwd+bwd",
+             "r4b triton gluon-dkdv", "r4b ws gluon-dkdv")
     rows = {"sdpa per doc": sdpa, "flex doc mask": flex, **{name: r4b_mode(*m) for name, m in R4B_ROWS.items()},
             "flash-attn varlen": peer("flash_attn"), "xformers blockdiag": peer("xformers")}
     head = ("sdpa per doc", *first)

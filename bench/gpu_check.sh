@@ -207,11 +207,12 @@ for spec in $specs; do
   if [ "$name" = gluon_tests ]; then gluon_tests "$lim"; continue; fi
   if [ "$name" = ws_subset ]; then  # the ws rows at the anchor beside SDPA, Flex and the default, if ws passed
     if [ "$ws_rc" != 0 ]; then echo "bench ws_subset: skipped (ws forward GPU tests rc=$ws_rc)"; continue; fi
-    ws_rows="r4b ws"  # the ws forward (+ the split backward); the all-ws row only if the backward's tests passed
-    [ "$ws_bwd_rc" = 0 ] && ws_rows="r4b ws,r4b ws fwd+bwd"
+    # the ws forward (+ the split backward, + the Triton dQ / Gluon dK/dV pair); all-ws only if its backward passed
+    ws_rows="r4b ws,r4b ws gluon-dkdv"
+    [ "$ws_bwd_rc" = 0 ] && ws_rows="$ws_rows,r4b ws fwd+bwd"
     step "bench: warp-specialised rows at the anchor (R4B_VARLEN_WS_UNVERIFIED=1): $ws_rows"
     R4B_VARLEN_WS_UNVERIFIED=1 timeout -k 10 "$lim" $PY -m bench.bench_varlen_attention --anchor --providers \
-      "sdpa per doc,flex doc mask,r4b triton,$ws_rows,r4b gluon" 2>&1 | tee -a "$LOGS/bench.log" \
+      "sdpa per doc,flex doc mask,r4b triton,$ws_rows,r4b gluon,r4b triton gluon-dkdv" 2>&1 | tee -a "$LOGS/bench.log" \
       | grep -v "^$" | tail -n 20
     rc=${PIPESTATUS[0]}
     [ "$rc" -ne 0 ] && { echo "bench ws_subset exited $rc (124 = over its ${lim}s limit)"; bench_rc=$rc; }

@@ -134,8 +134,8 @@ def test_varlen_bench_rows_come_in_the_order_the_targets_need():
     from bench.bench_varlen_attention import R4B_ROWS, providers
 
     names = list(providers("cpu", {}))
-    assert names[:7] == ["sdpa per doc", "r4b triton", "flex doc mask", "r4b ws", "r4b ws fwd+bwd", "r4b gluon",
-                         "r4b gluon fwd+bwd"], names
+    assert names[:9] == ["sdpa per doc", "r4b triton", "flex doc mask", "r4b ws", "r4b ws fwd+bwd", "r4b gluon",
+                         "r4b gluon fwd+bwd", "r4b triton gluon-dkdv", "r4b ws gluon-dkdv"], names
     assert set(names) == {"sdpa per doc", "flex doc mask", "flash-attn varlen", "xformers blockdiag", *R4B_ROWS}
 
 

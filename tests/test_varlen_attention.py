@@ -232,6 +232,77 @@ def test_varlen_forward_mode_is_checked_by_name_and_gluon_says_why_it_cannot_run
     out = varlen_attention(q, k, v, _cu([5, 3], "cpu"), 5, backend="triton")
     with pytest.raises(RuntimeError, match="R4B_VARLEN_BWD=gluon needs a Hopper GPU"):
         out.sum().backward()
+    monkeypatch.setenv("R4B_VARLEN_BWD", "gluon-dkdv")
+    out = varlen_attention(q, k, v, _cu([5, 3], "cpu"), 5, backend="triton")
+    with pytest.raises(RuntimeError, match="R4B_VARLEN_BWD=gluon-dkdv needs a Hopper GPU"):
+        out.sum().backward()
+    monkeypatch.setenv("R4B_VARLEN_BWD", "gluon_dkdv")
+    out = varlen_attention(q, k, v, _cu([5, 3], "cpu"), 5, backend="triton")
+    with pytest.raises(ValueError, match="R4B_VARLEN_BWD must be one of .*'gluon-dkdv'.*got 'gluon_dkdv'"):
+        out.sum().backward()
+
+
+def test_gluon_dkdv_mode_pairs_the_triton_dq_kernel_with_the_gluon_dkdv_kernel(monkeypatch):
+    """R4B_VARLEN_BWD=gluon-dkdv: dQ from the Triton dQ kernel, dK / dV from the Gluon dK/dV kernel alone
+    (with_dq=False), never the Triton dK/dV kernel. Under the interpreter, which cannot run Gluon, a stand-in
+    module gives the Gluon dK / dV from the float64 reference; the op's four results must match float64."""
+    va = importlib.import_module("r4b.kernels.varlen_attention")
+    lens, scale = [5, 17, 1, 9], 16**-0.5
+    q, k, v, do = _inputs(lens, 4, 2, 16)
+    cu = _cu(lens)
+    want = _grads(lambda a, b, c: _attention64(a, b, c, lens, True, scale), q.double(), k.double(), v.double(),
+                  do.double())
+    asked = []
+
+    class StandIn:
+        @staticmethod
+        def bwd_problem(q):
+            return None
+
+        @staticmethod
+        def input_problem(*tensors):
+            return None
+
+        @staticmethod
+        def backward(do_, q_, k_, v_, lse, delta, cu_, scale_, causal, with_dq=True):
+            asked.append((with_dq, scale_, causal))
+            return None, want[2].to(k_.dtype), want[3].to(v_.dtype)
+
+    monkeypatch.setattr(va, "_gluon_module", lambda env, interp, *t: StandIn)
+    monkeypatch.setattr(va, "_bwd_dkdv_kernel", None)  # the Triton dK/dV kernel must not be launched
+    monkeypatch.setenv("R4B_VARLEN_BWD", "gluon-dkdv")
+    got = _grads(lambda a, b, c: varlen_attention(a, b, c, cu, max(lens), backend="triton"), q, k, v, do)
+    assert asked == [(False, scale, True)]
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
+        torch.testing.assert_close(g, w.float(), rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_gluon_backward_without_dq_launches_its_dkdv_kernel_only(monkeypatch):
+    """_varlen_gluon.backward(with_dq=False) launches the dK/dV kernel (autotuned or a given config) and not the dQ
+    kernel, and returns (None, dk, dv); with_dq=True launches both (launches recorded, not run: Gluon needs sm_90)."""
+    vg = pytest.importorskip("r4b.kernels._varlen_gluon")
+    launched = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *a, **kw: launched.append(self.name)
+
+    for attr in ("TUNED_DKDV", "TUNED_DQ", "_bwd_dkdv_kernel", "_bwd_dq_kernel"):
+        monkeypatch.setattr(vg, attr, Recorder(attr))
+    q, k, v, do = (t.bfloat16() for t in _inputs([40, 24], 4, 2, 128))
+    lse = delta = torch.zeros(4, 64)
+    cu = _cu([40, 24])
+    dq, dk, dv = vg.backward(do, q, k, v, lse, delta, cu, 0.1, True, with_dq=False)
+    assert dq is None and dk.shape == k.shape and dv.shape == v.shape and launched == ["TUNED_DKDV"]
+    launched.clear()
+    vg.backward(do, q, k, v, lse, delta, cu, 0.1, True, dkdv_config=vg.DKDV_CONFIGS[0], with_dq=False)
+    assert launched == ["_bwd_dkdv_kernel"]
+    launched.clear()
+    dq, _, _ = vg.backward(do, q, k, v, lse, delta, cu, 0.1, True)
+    assert dq.shape == q.shape and launched == ["TUNED_DKDV", "TUNED_DQ"]
 
 
 def test_gluon_forward_refuses_what_it_cannot_address():

@@ -38,7 +38,8 @@ def gluon_calls(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fwd,bwd", [("gluon", "gluon"), ("gluon", "split"), ("triton", "gluon")])
+@pytest.mark.parametrize("fwd,bwd", [("gluon", "gluon"), ("gluon", "split"), ("triton", "gluon"),
+                                     ("triton", "gluon-dkdv")])
 @pytest.mark.parametrize("causal", [True, False])
 def test_gluon_kernels_through_the_op_at_the_anchor_gpu(fwd, bwd, causal, monkeypatch, gluon_calls):
     # the anchor (16384 tokens, 10 documents, 32 q / 8 kv heads, D 128) through the public op, autotuned, each
@@ -51,19 +52,20 @@ def test_gluon_kernels_through_the_op_at_the_anchor_gpu(fwd, bwd, causal, monkey
     ref = _grads(lambda a, b, c: varlen_attention_ref(a, b, c, cu, causal), q, k, v, do)  # fp32
     bf = [t.bfloat16() for t in (q, k, v, do)]
     got = _grads(lambda a, b, c: varlen_attention(a, b, c, cu, 4096, causal=causal, backend="triton"), *bf)
-    assert gluon_calls == {"forward": int(fwd == "gluon"), "backward": int(bwd == "gluon")}
+    assert gluon_calls == {"forward": int(fwd == "gluon"), "backward": int(bwd.startswith("gluon"))}
     base = _grads(lambda a, b, c: _sdpa_bf16_per_doc(a, b, c, ANCHOR, causal), *bf)
     assert_within_twice_plain(got, base, ref, ("out", "dq", "dk", "dv"), atol_rel=1e-3)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("bwd", ["gluon", "gluon-dkdv"])
 @pytest.mark.parametrize("causal", [True, False])
-def test_gluon_kernels_no_information_crosses_a_boundary_gpu(causal, monkeypatch, gluon_calls):
+def test_gluon_kernels_no_information_crosses_a_boundary_gpu(causal, bwd, monkeypatch, gluon_calls):
     # sequence 1 shares 128-row query tiles with 0 and 2 and ends inside a key block: NaN / inf planted in its
     # q, k, v and dO must leave the other sequences' outputs and gradients bit-identical (the per-sequence TMA
     # descriptors zero-fill past it). GQA 4, D 128: the anchor's kernels.
     monkeypatch.setenv("R4B_VARLEN_FWD", "gluon")
-    monkeypatch.setenv("R4B_VARLEN_BWD", "gluon")
+    monkeypatch.setenv("R4B_VARLEN_BWD", bwd)
     lens, Hq, Hkv, D = [70, 100, 90], 8, 2, 128
     cu = _cu(lens, "cuda")
     q, k, v, do = (t.bfloat16() for t in _inputs(lens, Hq, Hkv, D, device="cuda"))

@@ -594,16 +594,18 @@ TUNED_DKDV = _tuned(_bwd_dkdv_kernel, DKDV_CONFIGS, ("BLOCK_N", "BLOCK_M"))
 TUNED_DQ = _tuned(_bwd_dq_kernel, DQ_CONFIGS, ("BLOCK_M", "BLOCK_N"))
 
 
-def backward(do, q, k, v, lse, delta, cu, scale: float, causal: bool, dkdv_config=None, dq_config=None):
+def backward(do, q, k, v, lse, delta, cu, scale: float, causal: bool, dkdv_config=None, dq_config=None,
+             with_dq: bool = True):
     """(dq, dk, dv) of varlen attention from the forward's lse and delta = rowsum(dO * O), both (Hq, T) fp32
-    (lse in log2 units). A config of None lets the autotuner pick. The caller checks :func:`supported` for q, k,
+    (lse in log2 units); with_dq=False: (None, dk, dv), the dK/dV kernel only (R4B_VARLEN_BWD=gluon-dkdv, beside
+    the Triton dQ kernel). A config of None lets the autotuner pick. The caller checks :func:`supported` for q, k,
     v and do and sets triton's scratch allocator. The dK/dV kernel reads one sequence's query heads of a group
     as one (L, GROUP * D) matrix, so it gets copies of q and dO where their head stride is not D."""
     T, Hq, D = q.shape
     Hkv = k.shape[1]
     q_kv = q if q.stride(1) == D else q.contiguous()  # for the dK/dV kernel only; dQ reads any head stride
     do_kv = do if do.stride(1) == D else do.contiguous()
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format) if with_dq else None
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     n, tb, qk_scale = cu.numel() - 1, T.bit_length(), scale * 1.4426950408889634
@@ -611,15 +613,17 @@ def backward(do, q, k, v, lse, delta, cu, scale: float, causal: bool, dkdv_confi
     kv_args = (q_kv, k, v, do_kv, lse, delta, dk, dv, cu, T, n, tb, Hkv, qk_scale, scale, q_kv.stride(0),
                k.stride(0), k.stride(1), v.stride(0), v.stride(1), do_kv.stride(0), dk.stride(0), dk.stride(1),
                dv.stride(0), dv.stride(1))
-    dq_args = (q, k, v, do, lse, delta, dq, cu, T, n, tb, Hq, qk_scale, scale, q.stride(0), q.stride(1),
-               k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1), dq.stride(0),
-               dq.stride(1))
     if dkdv_config is None:
         TUNED_DKDV[lambda m: (triton.cdiv(T, m["BLOCK_N"]) * Hkv, )](*kv_args, **meta)
     else:
         bn, bm, w, st = dkdv_config
         _bwd_dkdv_kernel[(triton.cdiv(T, bn) * Hkv, )](*kv_args, BLOCK_N=bn, BLOCK_M=bm, STAGES=st, NUM_WARPS=w,
                                                        num_warps=w, **meta)
+    if not with_dq:
+        return None, dk, dv
+    dq_args = (q, k, v, do, lse, delta, dq, cu, T, n, tb, Hq, qk_scale, scale, q.stride(0), q.stride(1),
+               k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1), dq.stride(0),
+               dq.stride(1))
     if dq_config is None:
         TUNED_DQ[lambda m: (triton.cdiv(T, m["BLOCK_M"]) * Hq, )](*dq_args, **meta)
     else:

@@ -40,9 +40,12 @@ from . import _checks, _dispatch
 
 OP = "varlen_attention"
 # the backward: "split" (Triton dQ kernel + dK/dV kernel, default), "atomic" (Triton, the dK/dV kernel adds dQ),
-# "gluon" (sm_90 only, opt-in until timed on a GPU: the split backward in Gluon, _varlen_gluon.py) or "ws" (the
-# split backward warp-specialised by triton's Hopper pass; the interpreter or sm_90, opt-in: _varlen_ws.py)
+# "gluon" (sm_90 only, opt-in until timed on a GPU: the split backward in Gluon, _varlen_gluon.py), "gluon-dkdv"
+# (sm_90: the Triton dQ kernel and the Gluon dK/dV kernel, each the faster of its pair at the 16k anchor on an
+# H200, 2026-11-27: dQ 0.96 vs 1.08 ms, dK/dV 1.45 vs 1.57 ms) or "ws" (the split backward warp-specialised by
+# triton's Hopper pass; the interpreter or sm_90, opt-in: _varlen_ws.py)
 ENV_BWD = "R4B_VARLEN_BWD"
+BWD_MODES = ("split", "atomic", "gluon", "gluon-dkdv", "ws")
 ENV_LOADS = "R4B_VARLEN_LOADS"  # the Triton kernels' block loads: "pointer" (default) or "tma" (tensor descriptors)
 # the forward kernel: "triton" (default), "gluon" (sm_90 only, opt-in until timed on a GPU: _varlen_gluon.py) or
 # "ws" (Triton with triton's Hopper warp specialisation; the interpreter or sm_90, opt-in until timed: _varlen_ws.py)
@@ -723,8 +726,8 @@ if _dispatch.triton_importable():
 
     def _bwd_mode() -> str:
         mode = os.environ.get(ENV_BWD, "split")
-        if mode not in ("split", "atomic", "gluon", "ws"):
-            raise ValueError(f"${ENV_BWD} must be 'split', 'atomic', 'gluon' or 'ws', got {mode!r}")
+        if mode not in BWD_MODES:
+            raise ValueError(f"${ENV_BWD} must be one of {', '.join(repr(m) for m in BWD_MODES)}, got {mode!r}")
         return mode
 
     def _gluon_module(env: str, interp: bool, *tensors: Tensor):
@@ -732,16 +735,17 @@ if _dispatch.triton_importable():
         head dim, alignment: the Triton kernels take them, as R4B_VARLEN_LOADS=tma leaves what TMA cannot address
         to pointer loads, so a model can set the variable once although e.g. its vision tower's head dim is 72);
         a RuntimeError naming the variable where no input could run (not a Hopper GPU, the interpreter)."""
+        name = os.environ.get(env, "gluon")
         if interp:
-            raise RuntimeError(f"${env}=gluon needs a Hopper GPU: the Triton interpreter cannot run Gluon")
+            raise RuntimeError(f"${env}={name} needs a Hopper GPU: the Triton interpreter cannot run Gluon")
         try:
             from . import _varlen_gluon
         except ImportError as ex:  # a triton without Gluon's Hopper API (r4b pins 3.6)
-            raise RuntimeError(f"${env}=gluon needs triton's Gluon with its Hopper API (triton 3.6): {ex}") from ex
+            raise RuntimeError(f"${env}={name} needs triton's Gluon with its Hopper API (triton 3.6): {ex}") from ex
 
         why = _varlen_gluon.device_problem(tensors[0].device)
         if why is not None:
-            raise RuntimeError(f"${env}=gluon cannot run here: {why}")
+            raise RuntimeError(f"${env}={name} cannot run here: {why}")
         if _varlen_gluon.input_problem(*tensors) is not None:
             return None
         _ensure_allocator()
@@ -754,7 +758,7 @@ if _dispatch.triton_importable():
         meta = _meta(q, k, causal)
         interp = _dispatch.triton_interpret() or q.device.type != "cuda"
         mode = _bwd_mode()
-        gluon = _gluon_module(ENV_BWD, interp, q, k, v) if mode == "gluon" else None
+        gluon = _gluon_module(ENV_BWD, interp, q, k, v) if mode in ("gluon", "gluon-dkdv") else None
         if gluon is not None and gluon.bwd_problem(q) is not None:
             gluon = None  # a head dim the Gluon backward is not verified at: the Triton kernels
         if gluon is not None and gluon.input_problem(do) is not None:
@@ -774,7 +778,7 @@ if _dispatch.triton_importable():
         _bwd_delta_kernel[(triton.cdiv(T, bm), Hq)](
             o, do, lse, delta, ld, T, o.stride(0), o.stride(1), do.stride(0), do.stride(1), D=D,
             BLOCK_D=meta["BLOCK_D"], BLOCK_M=bm)
-        if gluon is not None:
+        if gluon is not None and mode == "gluon":
             return gluon.backward(do, q, k, v, lse, delta, cu, scale, causal)
         if ws is not None:
             return ws.backward(do, q, k, v, lse, delta, cu, scale, causal, interp)
@@ -800,18 +804,23 @@ if _dispatch.triton_importable():
             dq = torch.empty_like(q, memory_format=torch.contiguous_format)
             dq_args = (q, k, v, do, lse, delta, dq, cu, T, n, T.bit_length(), Hq, scale * _LOG2E, scale, *strides,
                        dq.stride(0), dq.stride(1))
+        gluon_dkdv = gluon if mode == "gluon-dkdv" else None  # the Triton dQ kernel, the Gluon dK/dV kernel
         if interp:
             if not atomic:
                 bm, bn = _INTERP["dq"]
                 _bwd_dq_kernel[(triton.cdiv(T, bm) * Hq,)](*dq_args, BLOCK_M=bm, BLOCK_N=bn, TMA=tma_kv, **meta)
-            bn, bm = _INTERP["dkdv"]
-            _bwd_dkdv_kernel[(triton.cdiv(T, bn) * Hkv,)](*kv_args, BLOCK_N=bn, BLOCK_M=bm, **kv_meta)
+            if gluon_dkdv is None:
+                bn, bm = _INTERP["dkdv"]
+                _bwd_dkdv_kernel[(triton.cdiv(T, bn) * Hkv,)](*kv_args, BLOCK_N=bn, BLOCK_M=bm, **kv_meta)
         else:
             if not atomic:
                 _tuned("dq", tma_kv, q.dtype)[lambda m: (triton.cdiv(T, m["BLOCK_M"]) * Hq,)](*dq_args, TMA=tma_kv,
                                                                                             **meta)
-            _tuned("dkdv+dq" if atomic else "dkdv", tma_qdo, q.dtype)[lambda m: (triton.cdiv(T, m["BLOCK_N"]) * Hkv,)](
-                *kv_args, **kv_meta)
+            if gluon_dkdv is None:
+                _tuned("dkdv+dq" if atomic else "dkdv", tma_qdo, q.dtype)[
+                    lambda m: (triton.cdiv(T, m["BLOCK_N"]) * Hkv,)](*kv_args, **kv_meta)
+        if gluon_dkdv is not None:
+            _, dk, dv = gluon_dkdv.backward(do, q, k, v, lse, delta, cu, scale, causal, with_dq=False)
         if atomic:
             dq = dq32.to(q.dtype)
         return dq, dk, dv
