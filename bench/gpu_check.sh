@@ -7,8 +7,10 @@
 #           their GPU tests, then the varlen attention bench (Triton, warp-specialised and Gluon rows, each checked
 #           against SDPA) and the GRPO loss bench;
 #   gluon:  the opt-in attention kernels (sm_90): the warp-specialised Triton ones' GPU tests (R4B_VARLEN_*=ws,
-#           run although refused, to verify their fix) and, if those pass, their bench rows at the anchor; the
-#           small-op bench and the loss row kernel's sweep; the Gluon kernels' GPU tests; then diag;
+#           run although refused, to verify their fix: forward, then backward) and, if the forward's pass, their
+#           bench rows at the anchor (with the gluon-dkdv pairing's); compute-sanitizer on a failing ws backward;
+#           the gluon-dkdv GPU tests, the Gluon kernels' GPU tests; the small-op bench and the loss row kernel's
+#           sweep; then diag;
 #   rest:   the r4b._C ops (group advantages, pack) and the peer attention backends: tests and benches (builds
 #           r4b._C first unless this machine already has it built with CUDA), and the fused-linear bench;
 #   diag:   hardware counters and memory checks for the sessions without a GPU (bench/gpu_diag.py): Nsight Compute
@@ -96,7 +98,7 @@ if [ "$PHASE" = gluon ] || [ "$PHASE" = all ]; then
   R4B_VARLEN_WS_UNVERIFIED=1 gpu_tests 120 pytest_gpu_ws_fwd.log tests/test_varlen_ws.py \
     -k "bwd-split or test_ws_every_config_gpu"; ws_rc=$?
   step "GPU tests: warp-specialised Triton attention backward (sm_90, R4B_VARLEN_WS_UNVERIFIED=1)"
-  R4B_VARLEN_WS_UNVERIFIED=1 gpu_tests 150 pytest_gpu_ws_bwd.log tests/test_varlen_ws.py \
+  R4B_VARLEN_WS_UNVERIFIED=1 gpu_tests 120 pytest_gpu_ws_bwd.log tests/test_varlen_ws.py \
     -k "not bwd-split and not test_ws_every_config_gpu"; ws_bwd_rc=$?
   [ "$ws_rc" -ne 0 ] && test_rc=$ws_rc
   [ "$ws_bwd_rc" -ne 0 ] && test_rc=$ws_bwd_rc
@@ -148,21 +150,29 @@ fi
 # diag LIMIT: Nsight Compute and compute-sanitizer runs of bench/gpu_diag.py (each tool is looked for on the PATH,
 # then under /opt/nvidia and /usr/local/cuda); each run's output goes to $LOGS, a condensed table to the terminal
 tool() { command -v "$1" 2>/dev/null || ls -d /opt/nvidia/nsight-compute/*/"$1" /usr/local/cuda*/bin/"$1" 2>/dev/null | tail -n1; }
+# diag_ws LIMIT: compute-sanitizer (racecheck, synccheck, memcheck) on the ws kernels at the boundary test's size
+# (bench/gpu_diag.py ws), when the ws backward's GPU tests failed (its non-causal boundary test did on 2026-11-27):
+# races and barrier errors in its warp-specialised compile
+diag_ws() {
+  local end=$(( $(date +%s) + $1 )) san what lim
+  left_of() { local l=$(( end - $(date +%s) )); l=$(( $1 < l ? $1 : l )); limit "$l"; }
+  san=$(tool compute-sanitizer)
+  if [ "${ws_bwd_rc:-skipped}" = 0 ] || [ "${ws_bwd_rc:-skipped}" = skipped ]; then
+    echo "diag_ws: skipped (ws backward GPU tests rc=${ws_bwd_rc:-skipped})"; return
+  fi
+  [ -n "$san" ] || { echo "diag_ws: no compute-sanitizer here"; return; }
+  for what in racecheck synccheck memcheck; do
+    lim=$(left_of 60); [ "$lim" -le 10 ] && { echo "diag_ws: no time left for compute-sanitizer $what"; continue; }
+    step "diag: compute-sanitizer --tool $what, ws kernels, not causal (limit ${lim}s)"
+    R4B_VARLEN_WS_UNVERIFIED=1 timeout "$lim" "$san" --tool "$what" --print-limit 10 $PY -m bench.gpu_diag ws \
+      >"$LOGS/sanitizer_ws_$what.log" 2>&1
+    echo "compute-sanitizer $what (ws) rc=$?"; grep -v "^$" "$LOGS/sanitizer_ws_$what.log" | tail -n 8
+  done
+}
 diag() {
   local end=$(( $(date +%s) + $1 )) ncu san what lim
   left_of() { local l=$(( end - $(date +%s) )); l=$(( $1 < l ? $1 : l )); limit "$l"; }
   ncu=$(tool ncu); san=$(tool compute-sanitizer)
-  # first, the ws backward while its GPU tests fail (it failed its non-causal boundary test on 2026-11-27): races
-  # and barrier errors in its warp-specialised compile, at the boundary test's size (bench/gpu_diag.py ws)
-  if [ "${ws_bwd_rc:-skipped}" != 0 ] && [ "${ws_bwd_rc:-skipped}" != skipped ] && [ -n "$san" ]; then
-    for what in racecheck synccheck memcheck; do
-      lim=$(left_of 60); [ "$lim" -le 10 ] && { echo "diag: no time left for compute-sanitizer $what (ws)"; continue; }
-      step "diag: compute-sanitizer --tool $what, ws kernels, not causal (limit ${lim}s)"
-      R4B_VARLEN_WS_UNVERIFIED=1 timeout "$lim" "$san" --tool "$what" --print-limit 10 $PY -m bench.gpu_diag ws \
-        >"$LOGS/sanitizer_ws_$what.log" 2>&1
-      echo "compute-sanitizer $what (ws) rc=$?"; grep -v "^$" "$LOGS/sanitizer_ws_$what.log" | tail -n 8
-    done
-  fi
   for what in attn grpo; do
     [ -n "$ncu" ] || { echo "diag: no ncu here"; break; }
     lim=$(left_of 100); [ "$lim" -le 10 ] && { echo "diag: no time left for ncu $what"; continue; }
@@ -193,10 +203,12 @@ step "benches"
 # phase.
 case "$PHASE" in
   issues) specs="varlen_attention:200 grpo_loss:120" ;;
-  gluon) specs="ws_subset:70 norms:45 grpo_rows:60 gluon_tests:200 diag:150" ;;
+  # gluon: after the ws tests, what decides issue 5 first (ws and gluon-dkdv rows at the anchor, the sanitizer on
+  # a failing ws backward, the gluon-dkdv pairing's GPU tests); the small ops and the row sweep ran on 2026-11-27
+  gluon) specs="ws_subset:100 diag_ws:90 gluon_dkdv_tests:60 gluon_tests:150 norms:45 grpo_rows:60 diag:150" ;;
   rest) specs="fused_linear:60 group_advantages:25 pack:30" ;;
   diag) specs="diag:400" ;;
-  all) specs="varlen_attention:200 grpo_loss:130 ws_subset:70 norms:45 grpo_rows:60 gluon_tests:200 diag:150 fused_linear:60 group_advantages:25 pack:30" ;;
+  all) specs="varlen_attention:200 grpo_loss:130 ws_subset:100 diag_ws:90 gluon_dkdv_tests:60 gluon_tests:150 norms:45 grpo_rows:60 diag:150 fused_linear:60 group_advantages:25 pack:30" ;;
 esac
 specs=${R4B_CHECK_BENCHES:-$specs}
 bench_rc=0
@@ -205,6 +217,12 @@ for spec in $specs; do
   if [ "$lim" -le 5 ]; then echo "bench $name: no time left"; bench_rc=124; continue; fi
   if [ "$name" = diag ]; then diag "$lim"; continue; fi
   if [ "$name" = gluon_tests ]; then gluon_tests "$lim"; continue; fi
+  if [ "$name" = diag_ws ]; then diag_ws "$lim"; continue; fi
+  if [ "$name" = gluon_dkdv_tests ]; then  # R4B_VARLEN_BWD=gluon-dkdv through the op (anchor, boundaries)
+    step "GPU tests: the Triton dQ + Gluon dK/dV pairing (R4B_VARLEN_BWD=gluon-dkdv)"
+    gpu_tests "$lim" pytest_gpu_gluon_dkdv.log tests/test_varlen_gluon.py -k "gluon-dkdv" || test_rc=$?
+    continue
+  fi
   if [ "$name" = ws_subset ]; then  # the ws rows at the anchor beside SDPA, Flex and the default, if ws passed
     if [ "$ws_rc" != 0 ]; then echo "bench ws_subset: skipped (ws forward GPU tests rc=$ws_rc)"; continue; fi
     # the ws forward (+ the split backward, + the Triton dQ / Gluon dK/dV pair); all-ws only if its backward passed
