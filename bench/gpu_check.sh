@@ -223,14 +223,15 @@ for spec in $specs; do
     gpu_tests "$lim" pytest_gpu_gluon_dkdv.log tests/test_varlen_gluon.py -k "gluon-dkdv" || test_rc=$?
     continue
   fi
-  if [ "$name" = ws_subset ]; then  # the ws rows at the anchor beside SDPA, Flex and the default, if ws passed
-    if [ "$ws_rc" != 0 ]; then echo "bench ws_subset: skipped (ws forward GPU tests rc=$ws_rc)"; continue; fi
-    # the ws forward (+ the split backward, + the Triton dQ / Gluon dK/dV pair); all-ws only if its backward passed
-    ws_rows="r4b ws,r4b ws gluon-dkdv"
-    [ "$ws_bwd_rc" = 0 ] && ws_rows="$ws_rows,r4b ws fwd+bwd"
-    step "bench: warp-specialised rows at the anchor (R4B_VARLEN_WS_UNVERIFIED=1): $ws_rows"
+  if [ "$name" = ws_subset ]; then  # the opt-in rows at the anchor beside SDPA, Flex and the default
+    # the ws forward (+ the split backward, + the Triton dQ / Gluon dK/dV pair) if its tests passed; all-ws only if
+    # its backward's passed too; the Gluon rows whatever the ws tests gave
+    ws_rows=""
+    [ "$ws_rc" = 0 ] && ws_rows="r4b ws,r4b ws gluon-dkdv,"
+    [ "$ws_rc" = 0 ] && [ "$ws_bwd_rc" = 0 ] && ws_rows="${ws_rows}r4b ws fwd+bwd,"
+    step "bench: opt-in rows at the anchor (R4B_VARLEN_WS_UNVERIFIED=1; ws forward tests rc=$ws_rc, backward rc=$ws_bwd_rc)"
     R4B_VARLEN_WS_UNVERIFIED=1 timeout -k 10 "$lim" $PY -m bench.bench_varlen_attention --anchor --providers \
-      "sdpa per doc,flex doc mask,r4b triton,$ws_rows,r4b gluon,r4b triton gluon-dkdv" 2>&1 | tee -a "$LOGS/bench.log" \
+      "sdpa per doc,flex doc mask,r4b triton,${ws_rows}r4b gluon,r4b triton gluon-dkdv" 2>&1 | tee -a "$LOGS/bench.log" \
       | grep -v "^$" | tail -n 20
     rc=${PIPESTATUS[0]}
     [ "$rc" -ne 0 ] && { echo "bench ws_subset exited $rc (124 = over its ${lim}s limit)"; bench_rc=$rc; }
