@@ -99,8 +99,7 @@ def providers(device: str, mask_ms: dict) -> dict:
                 from r4b.kernels import _varlen_ws
 
                 parts = [p for p, mode in (("fwd", fwd_kernel), ("bwd", bwd)) if mode == "ws"]
-                why = next(filter(None, (_varlen_ws.device_problem(torch.device("cuda"), False, p) for p in parts)),
-                           None)
+                why = _varlen_ws.parts_problem(torch.device("cuda"), False, parts)
                 if why is not None:
                     raise Skip(f"the warp-specialised kernels: {why}")
             if bwd != "split" and case.params["mode"] == "fwd":

@@ -69,8 +69,8 @@ def attn(small: bool, gluon_only: bool, device: str = "cuda", shape=None) -> int
 
         # the warp-specialised Triton kernels (R4B_VARLEN_FWD/BWD=ws), once the GPU no longer refuses them (or
         # while it does, with R4B_VARLEN_WS_UNVERIFIED=1: gpu_check sets it when their GPU tests passed)
-        if not gluon_only and not small and all(_varlen_ws.device_problem(torch.device(device), False, part) is None
-                                                 for part in ("fwd", "bwd")):
+        ws_refused = _varlen_ws.parts_problem(torch.device(device), False, ("fwd", "bwd"))
+        if not gluon_only and not small and ws_refused is None:
             variants.append(("ws", "ws", "ws"))
     if not variants:
         print("no variant to run (--gluon-only needs a Hopper GPU)")
@@ -141,21 +141,21 @@ def ws(causal: bool, device: str = "cuda", d: int = 128) -> int:
 
     import torch
 
+    from bench import bench_varlen_attention as bva
+    from bench.harness import Case, same_bits
     from r4b.kernels import varlen_attention_ref
 
     va = importlib.import_module("r4b.kernels.varlen_attention")
     wsk = importlib.import_module("r4b.kernels._varlen_ws")
     interp = device != "cuda"
-    why = next(filter(None, (wsk.device_problem(torch.device(device), interp, p) for p in ("fwd", "bwd"))), None)
+    why = wsk.parts_problem(torch.device(device), interp, ("fwd", "bwd"))
     if why is not None:
         print(f"ws: {why} (R4B_VARLEN_WS_UNVERIFIED=1 runs them)")
         return 1
-    lens = [100, 300, 77]
-    g = torch.Generator().manual_seed(0)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    T, hq, hkv = sum(lens), 4, 2
-    q, k, v, do = (torch.randn(T, h, d, generator=g).to(device, dtype) for h in (hq, hkv, hkv, hq))
-    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    lens, hq = [100, 300, 77], 4
+    T = sum(lens)
+    # the varlen bench's inputs (bf16 on the GPU, fp32 on the CPU interpreter), as attn() uses
+    q, k, v, do, cu = bva._inputs(Case("diag", {"mode": "fwd", "lens": lens, "hq": hq, "hkv": 2, "d": d}), device)
     if not interp:
         va._ensure_allocator()
     scale = d**-0.5
@@ -171,9 +171,7 @@ def ws(causal: bool, device: str = "cuda", d: int = 128) -> int:
         runs.append((o, *wsk.backward(do, q, k, v, lse, delta, cu, scale, causal, interp, **bcfg)))
 
     _profiled(lambda: (run(), run()), device)
-    same = all(torch.equal(a.view(torch.int16 if a.element_size() == 2 else torch.int32),
-                           b.view(torch.int16 if b.element_size() == 2 else torch.int32))
-               for a, b in zip(*runs, strict=True))
+    same = all(same_bits(a, b) for a, b in zip(*runs, strict=True))
     err = _rel_err(runs[0], _ref_grads(varlen_attention_ref, q, k, v, do, cu, causal))
     print(f"ws ({'causal' if causal else 'not causal'}): first configs; two runs the same bits: {same}; max relative "
           f"error against the fp32 reference {err:.2e}")

@@ -212,6 +212,12 @@ def results_dir(device: str) -> Path:
     return out
 
 
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-identical tensors (a NaN equal to the same NaN, unlike torch.equal): same dtype and the same bits."""
+    ints = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return a.dtype == b.dtype and torch.equal(a.contiguous().view(ints), b.contiguous().view(ints))
+
+
 def max_rel_err(out: object, ref: object) -> float:
     """Largest ``max|out - ref| / max|ref|`` over the paired tensors of two (nested tuple/list of) tensors,
     in float64; ``inf`` when their structure or shapes differ."""

@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 
+from bench.harness import same_bits
 from r4b.kernels import varlen_attention, varlen_attention_ref
 from tests._aot import run_aot_report
 from tests._lowprec import assert_within_twice_plain
@@ -116,7 +117,7 @@ def _isolation(causal, change, ws_runs, device="cpu", lens=(7, 30, 11), D=64, dt
         assert a.isfinite().all(), f"{name} not finite on finite inputs: {_where(a, a.nan_to_num(0.0), lens)}"
     again = _grads(fn, q, k, v, do)
     for name, a, b in zip(("out", "dq", "dk", "dv"), base, again, strict=True):
-        assert _same_bits(a, b), f"{name} differs between two runs on the same inputs: {_where(a, b, lens)}"
+        assert same_bits(a, b), f"{name} differs between two runs on the same inputs: {_where(a, b, lens)}"
     s0, s1 = lens[0], lens[0] + lens[1]
     mid = slice(s0, s1)
     q2, k2, v2, do2 = (t.clone() for t in (q, k, v, do))
@@ -130,15 +131,9 @@ def _isolation(causal, change, ws_runs, device="cpu", lens=(7, 30, 11), D=64, dt
     others = torch.ones(sum(lens), dtype=torch.bool, device=device)
     others[mid] = False
     for name, a, b in zip(("out", "dq", "dk", "dv"), base, pert, strict=True):
-        assert _same_bits(a[others], b[others]), f"{name} of the other sequences changed: {_where(a, b, lens)}"
-        assert not _same_bits(a[mid], b[mid]), name
+        assert same_bits(a[others], b[others]), f"{name} of the other sequences changed: {_where(a, b, lens)}"
+        assert not same_bits(a[mid], b[mid]), name
     _expect(ws_runs, (sum(lens), Hq, D), calls=3)
-
-
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Bit-identical (NaN equal to the same NaN, unlike torch.equal)."""
-    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
-    return a.dtype == b.dtype and torch.equal(a.contiguous().view(ints), b.contiguous().view(ints))
 
 
 def _where(a: torch.Tensor, b: torch.Tensor, lens: list[int]) -> str:
@@ -202,8 +197,11 @@ def test_ws_says_what_it_cannot_run(monkeypatch):
     monkeypatch.setattr(ws, "GPU_BROKEN_BWD", "bwd reason")
     assert ws.device_problem(gpu, interpreted=False, part="fwd") == "fwd reason"
     assert ws.device_problem(gpu, interpreted=False, part="bwd") == "bwd reason"
+    assert ws.parts_problem(gpu, False, ("bwd", "fwd")) == "bwd reason"  # the first refused, in the given order
     monkeypatch.setattr(ws, "GPU_BROKEN_FWD", None)
     assert ws.device_problem(gpu, interpreted=False, part="fwd") is None
+    assert ws.parts_problem(gpu, False, ("fwd",)) is None
+    assert ws.parts_problem(gpu, False, ("fwd", "bwd")) == "bwd reason"
     assert ws.device_problem(gpu, interpreted=False, part="bwd") == "bwd reason"
     with pytest.raises(ValueError, match="part must be one of.*'both'"):
         ws.device_problem(gpu, interpreted=False, part="both")

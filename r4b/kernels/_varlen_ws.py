@@ -220,6 +220,11 @@ def device_problem(device: torch.device, interpreted: bool, part: str) -> str | 
     return None if os.environ.get(ENV_UNVERIFIED) == "1" else broken
 
 
+def parts_problem(device: torch.device, interpreted: bool, parts) -> str | None:
+    """The first of :func:`device_problem`'s reasons for the directions in ``parts`` ("fwd", "bwd"), or None."""
+    return next(filter(None, (device_problem(device, interpreted, part) for part in parts)), None)
+
+
 def input_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, interpreted: bool) -> str | None:
     """Why this kernel cannot run these (T, H, D) tensors (dtype, head dim, TMA alignment, int32 coordinates),
     or None. The interpreter also takes fp32 (the CPU tests' precision)."""
