@@ -130,6 +130,21 @@ def test_summary_targets_compare_the_best_r4b_row_with_the_peer_and_skip_mismatc
         "  norms rope bwd: 40% of copy launched / 70% in a graph (target >= 85%) not met"], out
 
 
+def test_summary_table_prints_checked_reference_and_unchecked_rows(tmp_path):
+    """The table prints each row's check with its error where there is one: a reference row and an unchecked
+    ("n/a", a part of the work) row have none (2026-11-27, H200: an "n/a" row without "err" stopped the table)."""
+    from bench.summary import table
+
+    rows = [{"op": "grpo_loss", "case": "N=16384", "provider": "torch eager", "ms": 80.0, "check": "ref"},
+            {"op": "grpo_loss", "case": "N=16384", "provider": "r4b triton chunked", "ms": 56.0, "check": "ok",
+             "err": 6.7e-3},
+            {"op": "grpo_loss", "case": "N=16384", "provider": "cublas gemms only", "ms": 52.0, "check": "n/a"}]
+    (tmp_path / "grpo_loss.json").write_text(json.dumps({"rows": rows, "env": {"device_name": "H200"}}))
+    lines = table(tmp_path).splitlines()
+    assert lines[2].endswith(" ref") and lines[3].endswith(" ok 6.7e-03") and lines[4].endswith(" n/a"), lines
+    assert "cublas gemms only" in lines[4] and "0.929" in lines[4], lines  # 52 / 56 of r4b's best
+
+
 def test_varlen_bench_rows_come_in_the_order_the_targets_need():
     from bench.bench_varlen_attention import R4B_ROWS, providers
 
