@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one prepared script for a GPU machine (no internet; torch, triton, pybind11, cmake, ninja already there):
 # builds r4b._C with CUDA, runs the GPU tests, runs the benches, and prints a short summary table last.
-#   bash bench/gpu_check.sh [all|issues|gluon|rest]   (results under bench/results/<date>-<gpu>/, logs in $OUT)
+#   bash bench/gpu_check.sh [all|issues|gluon|rest]   (results under bench/results/<date>-<gpu>/; in $OUT:
+#   logs.tar.gz, results.tar.gz, summary.txt)
 # Phases, so that one lease can be used as back-to-back calls on the same warm machine (most important first):
 #   issues: the loss and packed-sequence kernels (fused GRPO / CE / log-probs, varlen attention, norms, model):
 #           their GPU tests, then the varlen attention bench (Triton, warp-specialised and Gluon rows, each checked
@@ -32,8 +33,14 @@ PHASE=${1:-all}
 case "$PHASE" in all|issues|gluon|rest|diag) ;;
   *) echo "gpu_check.sh: phase must be all, issues, gluon, rest or diag, got '$PHASE'"; exit 2;; esac
 PY=${PY:-python3}
-LOGS=${OUT:-/tmp/r4b-gpu-check}
+# the device tool returns at most 8 files from $OUT (2026-11-27: three logs did not come back): every step's log
+# goes to $OUT/logs, packed into $OUT/logs.tar.gz when the script exits; the caller's own tee'd log, the bench
+# results (results.tar.gz) and the summary table (summary.txt) sit beside it: four files in all
+OUT_DIR=${OUT:-/tmp/r4b-gpu-check}
+LOGS=$OUT_DIR/logs
 mkdir -p "$LOGS"
+pack_logs() { tar czf "$OUT_DIR/logs.tar.gz" -C "$OUT_DIR" logs && rm -rf "$LOGS"; }
+trap pack_logs EXIT
 START=$(date +%s)
 BUDGET=${R4B_CHECK_BUDGET:-540}
 RESERVE=20  # seconds kept for the summary
@@ -129,9 +136,11 @@ if { [ "$PHASE" = issues ] || [ "$PHASE" = all ]; } && [ "$SKIP_TESTS" != 1 ]; t
   step "GPU tests: fused-linear loss kernels"
   gpu_tests 40 pytest_gpu_loss.log $loss_tests || test_rc=$?
   step "GPU tests: rms_norm, rope, swiglu, model"
-  gpu_tests 80 pytest_gpu_small.log $small_tests || test_rc=$?
+  # (2026-11-27, H200: 80 s took every small-op test and left the model's training step, which autotunes every
+  # kernel at its own shapes, running at the limit; 100 s took 7 of the 8 attention variants)
+  gpu_tests 150 pytest_gpu_small.log $small_tests || test_rc=$?
   step "GPU tests: varlen attention"
-  gpu_tests 100 pytest_gpu_attn.log $attn_tests || test_rc=$?
+  gpu_tests 130 pytest_gpu_attn.log $attn_tests || test_rc=$?
 fi
 if [ "$PHASE" = rest ] || [ "$PHASE" = all ]; then
   step "GPU tests: r4b._C ops, peer attention backends"
@@ -243,5 +252,5 @@ for spec in $specs; do
 done
 
 step "summary"
-$PY -m bench.summary --latest --copy-to "$LOGS"
+$PY -m bench.summary --latest --copy-to "$OUT_DIR"
 echo "phase $PHASE: build rc=$build_rc  gpu tests rc=$test_rc  benches rc=$bench_rc  total $(( $(date +%s) - START )) s"
