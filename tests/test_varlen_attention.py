@@ -3,6 +3,8 @@ input errors; bf16 on the anchor shape on a GPU (STYLE.md: error <= 2x plain PyT
 
 import importlib
 import math
+import sys
+import types
 
 import pytest
 import torch
@@ -242,8 +244,10 @@ def test_varlen_forward_mode_is_checked_by_name_and_gluon_says_why_it_cannot_run
         out.sum().backward()
 
 
-def test_gluon_dkdv_mode_pairs_the_triton_dq_kernel_with_the_gluon_dkdv_kernel(monkeypatch):
-    """R4B_VARLEN_BWD=gluon-dkdv: dQ from the Triton dQ kernel, dK / dV from the Gluon dK/dV kernel alone
+@pytest.mark.parametrize("how", ["env", "default"])
+def test_gluon_dkdv_mode_pairs_the_triton_dq_kernel_with_the_gluon_dkdv_kernel(how, monkeypatch):
+    """R4B_VARLEN_BWD=gluon-dkdv, or the variable unset where the default takes the Gluon dK/dV kernel (a Hopper
+    GPU, bf16, head dim 128): dQ from the Triton dQ kernel, dK / dV from the Gluon dK/dV kernel alone
     (with_dq=False), never the Triton dK/dV kernel. Under the interpreter, which cannot run Gluon, a stand-in
     module gives the Gluon dK / dV from the float64 reference; the op's four results must match float64."""
     va = importlib.import_module("r4b.kernels.varlen_attention")
@@ -268,13 +272,68 @@ def test_gluon_dkdv_mode_pairs_the_triton_dq_kernel_with_the_gluon_dkdv_kernel(m
             asked.append((with_dq, scale_, causal))
             return None, want[2].to(k_.dtype), want[3].to(v_.dtype)
 
-    monkeypatch.setattr(va, "_gluon_module", lambda env, interp, *t: StandIn)
+    if how == "env":
+        monkeypatch.setattr(va, "_gluon_module", lambda env, interp, *t: StandIn)
+        monkeypatch.setenv("R4B_VARLEN_BWD", "gluon-dkdv")
+    else:
+        monkeypatch.setattr(va, "_default_gluon_dkdv", lambda interp, *t: StandIn)
+        monkeypatch.delenv("R4B_VARLEN_BWD", raising=False)
     monkeypatch.setattr(va, "_bwd_dkdv_kernel", None)  # the Triton dK/dV kernel must not be launched
-    monkeypatch.setenv("R4B_VARLEN_BWD", "gluon-dkdv")
     got = _grads(lambda a, b, c: varlen_attention(a, b, c, cu, max(lens), backend="triton"), q, k, v, do)
     assert asked == [(False, scale, True)]
     for name, g, w in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
         torch.testing.assert_close(g, w.float(), rtol=1e-5, atol=1e-5, msg=name)
+
+
+class _Gpu:
+    """Stands for a (T, H, D) tensor on a GPU: what the default backward's choice reads before the Gluon checks."""
+
+    def __init__(self, dtype=torch.bfloat16):
+        self.device, self.dtype = torch.device("cuda", 0), dtype
+
+
+def test_default_backward_takes_the_gluon_dkdv_kernel_only_where_it_was_verified(monkeypatch):
+    """With $R4B_VARLEN_BWD unset, the Gluon dK/dV kernel runs only on a GPU that the Gluon module accepts, for bf16
+    inputs it can address at a head dim its backward is verified at; anything else (the interpreter, a CPU tensor,
+    fp16 / fp32, a refusal of any of the three checks, a triton without Gluon) runs the Triton kernels, without
+    an error. An explicit R4B_VARLEN_BWD=split never asks."""
+    va = importlib.import_module("r4b.kernels.varlen_attention")
+    vg = types.ModuleType("r4b.kernels._varlen_gluon")
+    why = {"device_problem": None, "input_problem": None, "bwd_problem": None}
+    for name in why:
+        setattr(vg, name, lambda *a, _n=name: why[_n])
+    pkg = importlib.import_module("r4b.kernels")
+    monkeypatch.setitem(sys.modules, "r4b.kernels._varlen_gluon", vg)
+    monkeypatch.setattr(pkg, "_varlen_gluon", vg, raising=False)  # `from . import` reads the package's attribute
+    monkeypatch.setattr(va, "_ensure_allocator", lambda: None)
+    g = _Gpu()
+    assert va._default_gluon_dkdv(False, g, g, g) is vg
+    assert va._default_gluon_dkdv(True, g, g, g) is None  # the interpreter
+    cpu = torch.zeros(4, 2, 128, dtype=torch.bfloat16)
+    assert va._default_gluon_dkdv(False, cpu, cpu, cpu) is None
+    for dtype in (torch.float16, torch.float32):
+        assert va._default_gluon_dkdv(False, _Gpu(dtype), g, g) is None
+    for name in why:
+        why[name] = "refused"
+        assert va._default_gluon_dkdv(False, g, g, g) is None, name
+        why[name] = None
+    monkeypatch.delattr(pkg, "_varlen_gluon")
+    monkeypatch.setitem(sys.modules, "r4b.kernels._varlen_gluon", None)  # the import fails
+    assert va._default_gluon_dkdv(False, g, g, g) is None
+    # through the op on the CPU, variable unset: the Triton dK/dV kernel runs (it is launched, so it is looked up)
+    launched = []
+    real = va._bwd_dkdv_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return real[grid]
+
+    monkeypatch.delenv("R4B_VARLEN_BWD", raising=False)
+    monkeypatch.setattr(va, "_bwd_dkdv_kernel", Spy())
+    q, k, v, do = _inputs([5, 3], 2, 1, 16)
+    _grads(lambda a, b, c: varlen_attention(a, b, c, _cu([5, 3]), 5, backend="triton"), q, k, v, do)
+    assert len(launched) == 1
 
 
 def test_gluon_backward_without_dq_launches_its_dkdv_kernel_only(monkeypatch):

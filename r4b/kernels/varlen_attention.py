@@ -7,7 +7,9 @@ query blocks and over the query heads of its KV group, and a dQ kernel that loop
 the autograd Function and the public function. ``R4B_VARLEN_BWD=atomic`` selects the other backward: the dK/dV
 kernel also adds dQ into an fp32 buffer with atomics, so that no dQ kernel recomputes the scores (5 matrix
 products instead of 7; which is faster is measured by bench/bench_varlen_attention.py's "r4b triton atomic-dq"
-row; "split", the default, is deterministic). ``R4B_VARLEN_LOADS=tma`` loads the blocks the kernels' inner loops
+row; "split", the default off Hopper, is deterministic; on a Hopper GPU the default for bf16 at head dim 128 is
+"gluon-dkdv": this dQ kernel with the Gluon dK/dV kernel of _varlen_gluon.py, also without atomics).
+``R4B_VARLEN_LOADS=tma`` loads the blocks the kernels' inner loops
 walk (K/V in the forward and dQ kernels, Q/dO in the dK/dV kernel) through TMA tensor descriptors built on the
 device, one per sequence and head, so the hardware reads zeros past a sequence's end (sm_90: cp.async.bulk.tensor;
 the forward's first autotune config takes 206 registers instead of 254), and the atomic backward adds each dQ tile
@@ -39,11 +41,13 @@ from torch import Tensor
 from . import _checks, _dispatch
 
 OP = "varlen_attention"
-# the backward: "split" (Triton dQ kernel + dK/dV kernel, default), "atomic" (Triton, the dK/dV kernel adds dQ),
-# "gluon" (sm_90 only, opt-in until timed on a GPU: the split backward in Gluon, _varlen_gluon.py), "gluon-dkdv"
-# (sm_90: the Triton dQ kernel and the Gluon dK/dV kernel, each the faster of its pair at the 16k anchor on an
-# H200, 2026-11-27: dQ 0.96 vs 1.08 ms, dK/dV 1.45 vs 1.57 ms) or "ws" (the split backward warp-specialised by
-# triton's Hopper pass; the interpreter or sm_90, opt-in: _varlen_ws.py)
+# the backward: "split" (Triton dQ kernel + dK/dV kernel), "atomic" (Triton, the dK/dV kernel adds dQ),
+# "gluon" (sm_90 only, opt-in: the split backward in Gluon, _varlen_gluon.py), "gluon-dkdv" (sm_90: the Triton dQ
+# kernel and the Gluon dK/dV kernel, each the faster of its pair at the 16k anchor on an H200, 2026-11-27: dQ 0.96
+# vs 1.08 ms, dK/dV 1.45 vs 1.57 ms; forward + backward 3.38 vs split's 3.42 ms in the same run, its GPU tests
+# passed) or "ws" (the split backward warp-specialised by triton's Hopper pass; the interpreter or sm_90, opt-in:
+# _varlen_ws.py). Unset: "gluon-dkdv" where the Gluon dK/dV kernel takes the call (a Hopper GPU, bf16, head dim
+# 128, TMA-addressable; what its GPU tests verified), "split" everywhere else (_default_gluon_dkdv).
 ENV_BWD = "R4B_VARLEN_BWD"
 BWD_MODES = ("split", "atomic", "gluon", "gluon-dkdv", "ws")
 ENV_LOADS = "R4B_VARLEN_LOADS"  # the Triton kernels' block loads: "pointer" (default) or "tma" (tensor descriptors)
@@ -725,7 +729,10 @@ if _dispatch.triton_importable():
         return o, lse
 
     def _bwd_mode() -> str:
-        mode = os.environ.get(ENV_BWD, "split")
+        """$R4B_VARLEN_BWD, or "auto" when it is not set (see ENV_BWD)."""
+        mode = os.environ.get(ENV_BWD)
+        if mode is None:
+            return "auto"
         if mode not in BWD_MODES:
             raise ValueError(f"${ENV_BWD} must be one of {', '.join(repr(m) for m in BWD_MODES)}, got {mode!r}")
         return mode
@@ -751,6 +758,22 @@ if _dispatch.triton_importable():
         _ensure_allocator()
         return _varlen_gluon
 
+    def _default_gluon_dkdv(interp: bool, q: Tensor, k: Tensor, v: Tensor):
+        """The Gluon module when the unset $R4B_VARLEN_BWD takes the Gluon dK/dV kernel for this call (a Hopper
+        GPU, a triton with Gluon's Hopper API, bf16, a head dim its backward is verified at, TMA-addressable
+        q / k / v), else None: no error, the Triton kernels run."""
+        if interp or q.device.type != "cuda" or q.dtype != torch.bfloat16:
+            return None
+        try:
+            from . import _varlen_gluon
+        except ImportError:
+            return None
+        if (_varlen_gluon.device_problem(q.device) or _varlen_gluon.input_problem(q, k, v)
+                or _varlen_gluon.bwd_problem(q)) is not None:
+            return None
+        _ensure_allocator()
+        return _varlen_gluon
+
     def _bwd(do, q, k, v, o, lse, cu, scale, causal):
         T, Hq, D = q.shape
         Hkv = k.shape[1]
@@ -758,7 +781,11 @@ if _dispatch.triton_importable():
         meta = _meta(q, k, causal)
         interp = _dispatch.triton_interpret() or q.device.type != "cuda"
         mode = _bwd_mode()
-        gluon = _gluon_module(ENV_BWD, interp, q, k, v) if mode in ("gluon", "gluon-dkdv") else None
+        if mode == "auto":
+            gluon = _default_gluon_dkdv(interp, q, k, v)
+            mode = "split" if gluon is None else "gluon-dkdv"
+        else:
+            gluon = _gluon_module(ENV_BWD, interp, q, k, v) if mode in ("gluon", "gluon-dkdv") else None
         if gluon is not None and gluon.bwd_problem(q) is not None:
             gluon = None  # a head dim the Gluon backward is not verified at: the Triton kernels
         if gluon is not None and gluon.input_problem(do) is not None:
@@ -783,8 +810,10 @@ if _dispatch.triton_importable():
         if ws is not None:
             return ws.backward(do, q, k, v, lse, delta, cu, scale, causal, interp)
         atomic = mode == "atomic"
-        dk = torch.empty_like(k, memory_format=torch.contiguous_format)
-        dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+        gluon_dkdv = gluon if mode == "gluon-dkdv" else None  # the Triton dQ kernel, the Gluon dK/dV kernel
+        # dk / dv of the Triton dK/dV kernel (the Gluon one allocates its own)
+        dk = None if gluon_dkdv is not None else torch.empty_like(k, memory_format=torch.contiguous_format)
+        dv = None if gluon_dkdv is not None else torch.empty_like(v, memory_format=torch.contiguous_format)
         # atomic: dQ accumulates in fp32 (T, Hq, D) rows that the dK/dV kernel adds into; split: an unused stand-in
         dq32 = torch.zeros((T, Hq, D), dtype=torch.float32, device=q.device) if atomic else delta
         dq32_strides = (dq32.stride(0), dq32.stride(1)) if atomic else (0, 0)
@@ -797,14 +826,14 @@ if _dispatch.triton_importable():
         tma_kv = not atomic and _tma_ok(k, v, block_d=meta["BLOCK_D"])  # the dQ kernel's, split backward only
         if (tma_qdo or tma_kv) and not interp:
             _ensure_allocator()
-        kv_args = (q, k, v, do, lse, delta, ld, dk, dv, dq32, cu, T, n, T.bit_length(), Hkv, scale * _LOG2E, scale,
-                   *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *dq32_strides)
-        kv_meta = dict(ATOMIC_DQ=atomic, TMA=tma_qdo, TMA_DQ=tma_dq, WIDE_HEADS=_wide_heads(q, k, v, do), **meta)
+        if gluon_dkdv is None:
+            kv_args = (q, k, v, do, lse, delta, ld, dk, dv, dq32, cu, T, n, T.bit_length(), Hkv, scale * _LOG2E,
+                       scale, *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *dq32_strides)
+            kv_meta = dict(ATOMIC_DQ=atomic, TMA=tma_qdo, TMA_DQ=tma_dq, WIDE_HEADS=_wide_heads(q, k, v, do), **meta)
         if not atomic:
             dq = torch.empty_like(q, memory_format=torch.contiguous_format)
             dq_args = (q, k, v, do, lse, delta, dq, cu, T, n, T.bit_length(), Hq, scale * _LOG2E, scale, *strides,
                        dq.stride(0), dq.stride(1))
-        gluon_dkdv = gluon if mode == "gluon-dkdv" else None  # the Triton dQ kernel, the Gluon dK/dV kernel
         if interp:
             if not atomic:
                 bm, bn = _INTERP["dq"]
