@@ -275,10 +275,12 @@ def ws_report(first_only: bool = False) -> None:
                     meta = {"GROUP": 4, "D": d, tile[0]: ws.BLOCK_M, tile[1]: inner, "CAUSAL": causal, "WS": True}
                     c = sm90_compile(kern, meta, _attn_sig, ws.NUM_WARPS, stages)
                     problems = ws_ir_problems(c.asm["ttgir"])
+                    smem = ws_smem_problems(sm90_alloc_ir(c.asm["ttgir"]))
                     print(f"{kind:11s} {ws.BLOCK_M}x{inner} w{ws.NUM_WARPS} s{stages} D={d} causal={causal}: "
                           f"smem={c.metadata.shared} B | {ptxas_report(c)} | warps={c.metadata.num_warps} "
                           f"setmaxnreg={len(re.findall(r'setmaxnreg', c.asm['ptx']))} | "
-                          f"ir problems={len(problems)}{': ' + '; '.join(problems) if problems else ''}",
+                          f"ir problems={len(problems)}{': ' + '; '.join(problems) if problems else ''} | "
+                          f"smem overlaps={len(smem)}{': ' + '; '.join(smem) if smem else ''}",
                           flush=True)
 
 
@@ -326,6 +328,111 @@ def ws_ir_problems(ttgir: str) -> list[str]:
                     problems.append(f"rows offset twice: {name} = splat({base}) + range from {ranges[r]}, "
                                     f"{base} = {defs[base].split(' {')[0]}")
     return problems
+
+
+def sm90_alloc_ir(ttgir: str) -> str:
+    """The module after triton's shared-memory allocation for sm_90 (the first passes of the NVIDIA backend's
+    make_llir, as triton 3.6 runs them, on a compile's TTGIR text): every ``ttg.local_alloc`` and every op with
+    scratch (``ttg.convert_layout``, ``ttng.tensormap_create``, ``ttg.warp_specialize``, the function: the
+    warp-specialised dispatch state) carries its ``allocation.offset``; the module its ``ttg.shared`` bytes. Needs
+    TRITON_INTERPRET unset (sm90_compile's TTGIR)."""
+    import os
+    import tempfile
+
+    from triton._C.libtriton import ir, nvidia, passes
+
+    ctx = ir.context()
+    ir.load_dialects(ctx)
+    nvidia.load_dialects(ctx)
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.ttgir")
+        with open(path, "w") as f:
+            f.write(ttgir)
+        mod = ir.parse_mlir_module(path, ctx)
+    mod.context = ctx
+    pm = ir.pass_manager(ctx)
+    passes.ttgpuir.add_combine_tensor_select_and_if(pm)
+    passes.ttgpuir.add_allocate_warp_groups(pm)
+    passes.convert.add_scf_to_cf(pm)
+    passes.gluon.add_inliner(pm)
+    nvidia.passes.ttgpuir.add_allocate_shared_memory_nv(pm, 90, 86)
+    pm.run(mod, "sm90_alloc_ir")
+    return mod.str()
+
+
+_ELEM_BYTES = {"i1": 1, "i8": 1, "f8E4M3FN": 1, "f8E5M2": 1, "bf16": 2, "f16": 2, "i16": 2, "f32": 4, "i32": 4,
+               "f64": 8, "i64": 8}
+
+
+def ws_smem_problems(alloc_ir: str) -> list[str]:
+    """Shared-memory overlaps in a warp-specialised kernel after allocation (:func:`sm90_alloc_ir`), the
+    hypothesis for the ws forward's NaN / racecheck hazards on an H200 (2026-11-27, third run). The buffers that
+    ``ttg.warp_specialize`` captures (TMA destinations: Q halves, K / V rings; mbarriers) are live in every
+    partition for the whole region, so each must have bytes of its own:
+
+    * two captured buffers overlap;
+    * a scratch offset inside the region (a partition's ``convert_layout`` scratch: the epilogue's O / LSE
+      stores; the producer's ``tensormap_create``; an allocation inside a partition) falls in a captured buffer;
+    * two partitions' scratch starts at the same offset (one consumer's epilogue over the other's);
+    * the dispatch state (the function's ``allocation.offset`` to ``ttg.shared``) overlaps a captured buffer;
+    * an allocation made before the region shares bytes with a captured buffer and is used in the region.
+
+    Allocations made before the region and used only there (the pass's unused partner mbarrier arrays, which
+    get offset 0, inside the K ring's first stage, initialised and never invalidated) are not reported."""
+    import math
+    import re
+
+    text = re.sub(r" loc\((?:[^()]|\([^()]*\))*\)", "", alloc_ir)
+    ws_at = text.find("ttg.warp_specialize(")
+    if ws_at < 0:
+        return ["no ttg.warp_specialize in the module"]
+    allocs = {}  # name -> (start, end, position of the definition)
+    for m in re.finditer(r"(%[\w.]+) = ttg\.local_alloc(?: %[\w.]+)? \{allocation\.offset = (\d+) : i32\} : "
+                         r"\([^)]*\) -> "
+                         r"!ttg\.memdesc<([0-9x]+)x(\w+),", text):
+        size = math.prod(map(int, m.group(3).split("x"))) * _ELEM_BYTES[m.group(4)]
+        allocs[m.group(1)] = (int(m.group(2)), int(m.group(2)) + size, m.start())
+    head = re.match(r"ttg\.warp_specialize\(([^)]*)\)", text[ws_at:])
+    captured = {n.strip(): allocs[n.strip()] for n in head.group(1).split(",") if n.strip() in allocs}
+    region = text[ws_at + head.end():]
+    parts = re.split(r"\n\s*(?=partition\d+\()", region)  # the default region (the producer), partition0, ...
+
+    def hit(a: int, b: int, c: int, d: int) -> bool:
+        return a < d and c < b
+
+    problems = []
+    names = sorted(captured)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            if hit(*captured[a][:2], *captured[b][:2]):
+                problems.append(f"captured buffers {a} {captured[a][:2]} and {b} {captured[b][:2]} overlap")
+    for name, (s, e, pos) in allocs.items():
+        if name in captured or pos > ws_at:
+            continue
+        over = [c for c in names if hit(s, e, *captured[c][:2])]
+        if over and re.search(re.escape(name) + r"\b", parts[0]):  # partitions see only captures
+            problems.append(f"{name} [{s}, {e}) shares bytes with captured {', '.join(over)} and is used in the "
+                            "warp-specialised region")
+    starts = {}
+    for k, part in enumerate(parts):
+        offs = [int(o) for o in re.findall(r"allocation\.offset = (\d+) : i32", part)]
+        for o in offs:
+            for c in names:
+                if captured[c][0] <= o < captured[c][1]:
+                    problems.append(f"scratch at {o} in {'default' if k == 0 else f'partition{k - 1}'} lies in "
+                                    f"captured {c} {captured[c][:2]}")
+        if k > 0 and offs:
+            starts.setdefault(min(offs), []).append(f"partition{k - 1}")
+    for o, who in starts.items():
+        if len(who) > 1:
+            problems.append(f"{' and '.join(who)} both put scratch at {o}")
+    fn = re.search(r"tt\.func public @\w+\(.*\) attributes \{allocation\.offset = (\d+) : i32", text)
+    total = re.search(r"ttg\.shared = (\d+) : i32", text)
+    if fn and total:
+        for c in names:
+            if hit(int(fn.group(1)), int(total.group(1)), *captured[c][:2]):
+                problems.append(f"dispatch state [{fn.group(1)}, {total.group(1)}) overlaps captured {c}")
+    return list(dict.fromkeys(problems))  # one line per overlap (two ops may share a scratch offset)
 
 
 def wgmma_waits(ptx: str) -> list[int]:

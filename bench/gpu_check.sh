@@ -19,7 +19,8 @@
 #           compute-sanitizer (memcheck, synccheck, racecheck) on the Gluon kernels at a small size, and on the
 #           ws kernels when their backward's GPU tests failed; the gluon phase ends with it too, in what time is left;
 #   all:    issues, gluon and rest (default).
-# R4B_CHECK_SKIP_TESTS=1 skips the issues phase's GPU tests (for a call that only re-measures its benches);
+# R4B_CHECK_TESTS="ws_fwd small attn ..." picks the GPU test steps (loss, small, attn, rest, ws_fwd, ws_bwd; empty:
+# none) in place of the phase's; R4B_CHECK_SKIP_TESTS=1 drops the issues phase's (a call that re-measures only);
 # R4B_CHECK_BENCHES="name:seconds ..." replaces the phase's bench list (e.g. "grpo_loss:150 varlen_attention:120").
 # The run keeps to R4B_CHECK_BUDGET seconds (default 540, under the device tool's 600 s per command): every
 # step's time limit is cut to what is left, minus a reserve for the summary, so the table always prints.
@@ -92,9 +93,29 @@ gpu_tests() {  # gpu_tests LIMIT LOGNAME FILES...
 test_rc=0
 # The Gluon attention kernels (opt-in, never run before 2026-11-26's sixth session): their float64 tests (about
 # 70 Gluon compiles on a cold machine; the issues phase's varlen bench already times them against SDPA)
+# the GPU test steps, per phase; R4B_CHECK_TESTS="ws_fwd small ..." replaces the list (empty: none), so that one
+# call can take the steps of several phases; R4B_CHECK_SKIP_TESTS=1 drops the issues phase's (loss small attn)
+case "$PHASE" in
+  issues) tests="loss small attn" ;;
+  gluon) tests="ws_fwd ws_bwd" ;;
+  rest) tests="rest" ;;
+  diag) tests="" ;;
+  all) tests="ws_fwd ws_bwd loss small attn rest" ;;
+esac
+if [ "${R4B_CHECK_SKIP_TESTS:-0}" = 1 ]; then
+  echo "R4B_CHECK_SKIP_TESTS=1: the issues phase's GPU tests are skipped"
+  tests=$(echo " $tests " | sed 's/ loss / /; s/ small / /; s/ attn / /')
+fi
+tests=${R4B_CHECK_TESTS-$tests}
+for t in $tests; do
+  case "$t" in loss|small|attn|rest|ws_fwd|ws_bwd) ;;
+    *) echo "gpu_check.sh: R4B_CHECK_TESTS takes loss, small, attn, rest, ws_fwd, ws_bwd; got '$t'"; exit 2;; esac
+done
+echo "GPU test steps: ${tests:-none}"
+has_test() { case " $tests " in *" $1 "*) return 0;; esac; return 1; }
 ws_rc=skipped
 ws_bwd_rc=skipped
-if [ "$PHASE" = gluon ] || [ "$PHASE" = all ]; then
+if has_test ws_fwd; then
   # the warp-specialised kernels: refused on GPUs since their wrong first run (2026-11-27); the two
   # miscompilations found then are avoided since (their TTGIR is checked for both), and
   # R4B_VARLEN_WS_UNVERIFIED=1 lets these tests run them to verify that; their bench rows follow if they pass
@@ -104,17 +125,19 @@ if [ "$PHASE" = gluon ] || [ "$PHASE" = all ]; then
   step "GPU tests: warp-specialised Triton attention forward (sm_90, R4B_VARLEN_WS_UNVERIFIED=1)"
   R4B_VARLEN_WS_UNVERIFIED=1 gpu_tests 120 pytest_gpu_ws_fwd.log tests/test_varlen_ws.py \
     -k "bwd-split or test_ws_every_config_gpu"; ws_rc=$?
+  [ "$ws_rc" -ne 0 ] && test_rc=$ws_rc
+fi
+if has_test ws_bwd; then
   step "GPU tests: warp-specialised Triton attention backward (sm_90, R4B_VARLEN_WS_UNVERIFIED=1)"
   R4B_VARLEN_WS_UNVERIFIED=1 gpu_tests 120 pytest_gpu_ws_bwd.log tests/test_varlen_ws.py \
     -k "not bwd-split and not test_ws_every_config_gpu"; ws_bwd_rc=$?
-  [ "$ws_rc" -ne 0 ] && test_rc=$ws_rc
   [ "$ws_bwd_rc" -ne 0 ] && test_rc=$ws_bwd_rc
 fi
 gluon_tests() {  # the Gluon kernels' GPU tests, in the benches' loop (after the benches that decide more)
   step "GPU tests: Gluon attention kernels (sm_90)"
   gpu_tests "$1" pytest_gpu_gluon.log tests/test_varlen_gluon.py || test_rc=$?
 }
-if [ "$PHASE" = issues ] || [ "$PHASE" = gluon ] || [ "$PHASE" = diag ]; then
+if ! has_test rest && { [ "$PHASE" = issues ] || [ "$PHASE" = gluon ] || [ "$PHASE" = diag ]; }; then
   echo "phase $PHASE: r4b._C is not needed (Triton / Gluon kernels only); the rest phase builds it"
 elif has_cuda_ops; then
   echo "r4b._C with CUDA ops already built on this machine"
@@ -130,19 +153,21 @@ loss_tests="tests/test_fused_linear_chunked.py tests/test_fused_linear_grpo_loss
 small_tests="tests/test_rms_norm.py tests/test_rope.py tests/test_swiglu.py tests/test_model_qwen3.py"
 attn_tests="tests/test_varlen_attention.py"
 rest_tests="tests/test_group_advantages.py tests/test_pack.py tests/test_varlen_attention_peers.py"
-SKIP_TESTS=${R4B_CHECK_SKIP_TESTS:-0}
-[ "$SKIP_TESTS" = 1 ] && echo "R4B_CHECK_SKIP_TESTS=1: the issues phase's GPU tests are skipped"
-if { [ "$PHASE" = issues ] || [ "$PHASE" = all ]; } && [ "$SKIP_TESTS" != 1 ]; then
+if has_test loss; then
   step "GPU tests: fused-linear loss kernels"
   gpu_tests 40 pytest_gpu_loss.log $loss_tests || test_rc=$?
+fi
+if has_test small; then
   step "GPU tests: rms_norm, rope, swiglu, model"
   # (2026-11-27, H200: 80 s took every small-op test and left the model's training step, which autotunes every
   # kernel at its own shapes, running at the limit; 100 s took 7 of the 8 attention variants)
   gpu_tests 150 pytest_gpu_small.log $small_tests || test_rc=$?
+fi
+if has_test attn; then
   step "GPU tests: varlen attention"
   gpu_tests 130 pytest_gpu_attn.log $attn_tests || test_rc=$?
 fi
-if [ "$PHASE" = rest ] || [ "$PHASE" = all ]; then
+if has_test rest; then
   step "GPU tests: r4b._C ops, peer attention backends"
   gpu_tests 90 pytest_gpu_rest.log $rest_tests || test_rc=$?
   # 2026-11-26 (H100): the CUDA unpack_padded op segfaulted on bad cu_seqlens values (the CPU op raises cleanly).

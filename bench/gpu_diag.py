@@ -11,13 +11,16 @@ are what the sessions after it tune against. bench/gpu_check.sh's ``diag`` phase
         range. --small: a few hundred tokens with empty, length-1 and tile-straddling sequences, the first
         config of each kernel launched directly (no autotuning: for compute-sanitizer, under which every launch
         is slow); the outputs are checked against the float64 reference of the op (exit 1 on a mismatch).
-    python -m bench.gpu_diag ws [--causal]
+    python -m bench.gpu_diag ws [--causal] [--all-configs]
         the warp-specialised kernels (R4B_VARLEN_FWD/BWD=ws; on a GPU refused unless R4B_VARLEN_WS_UNVERIFIED=1)
         at the boundary test's size (documents of 100, 300 and 77 tokens, 4 q / 2 kv heads, d 128, bf16), not
         causal unless --causal, each kernel's first config launched directly, twice: for compute-sanitizer
         (racecheck, synccheck, memcheck) on the backward that failed its non-causal boundary test on an H200
         (2026-11-27). Prints whether the two runs gave the same bits and the error against the fp32 reference
-        (exit 1 if either is wrong).
+        (exit 1 if either is wrong). --all-configs: the forward alone, every config of _varlen_ws.CONFIGS and of
+        DROPPED_CONFIGS (dropped after NaN on an H200, 2026-11-27) launched directly, twice each; one line per
+        config: the same bits twice, NaN in O / LSE, the max relative error of O against the fp32 reference (exit 1
+        if a kept config fails; a dropped config's line is information).
     python -m bench.gpu_diag grpo
         the chunked GRPO loss, forward + backward, on one chunk's worth of rows of the anchor (3072 x 2560 x
         151936, bf16): its GEMMs (cuBLAS) and the row kernel.
@@ -134,9 +137,10 @@ def _attn_small(variants, q, k, v, do, cu, lens) -> int:
     return 0 if err < 5e-2 else 1
 
 
-def ws(causal: bool, device: str = "cuda", d: int = 128) -> int:
+def ws(causal: bool, device: str = "cuda", d: int = 128, all_configs: bool = False) -> int:
     """The ws kernels' first configs, directly, twice, at the boundary test's size; same bits twice and the error
-    against the fp32 reference (d: 16 for the CPU test)."""
+    against the fp32 reference (d: 16 for the CPU test). all_configs: the forward alone, per config
+    (:func:`ws_forward_configs`)."""
     import importlib
 
     import torch
@@ -148,7 +152,7 @@ def ws(causal: bool, device: str = "cuda", d: int = 128) -> int:
     va = importlib.import_module("r4b.kernels.varlen_attention")
     wsk = importlib.import_module("r4b.kernels._varlen_ws")
     interp = device != "cuda"
-    why = wsk.parts_problem(torch.device(device), interp, ("fwd", "bwd"))
+    why = wsk.parts_problem(torch.device(device), interp, ("fwd",) if all_configs else ("fwd", "bwd"))
     if why is not None:
         print(f"ws: {why} (R4B_VARLEN_WS_UNVERIFIED=1 runs them)")
         return 1
@@ -159,6 +163,8 @@ def ws(causal: bool, device: str = "cuda", d: int = 128) -> int:
     if not interp:
         va._ensure_allocator()
     scale = d**-0.5
+    if all_configs:
+        return ws_forward_configs(wsk, q, k, v, do, cu, scale, causal, interp)
     cfg = {} if interp else {"config": wsk.CONFIGS[0]}
     bcfg = {} if interp else {"dq_config": wsk.DQ_CONFIGS[0], "dkdv_config": wsk.DKDV_CONFIGS[0]}
     runs = []
@@ -176,6 +182,41 @@ def ws(causal: bool, device: str = "cuda", d: int = 128) -> int:
     print(f"ws ({'causal' if causal else 'not causal'}): first configs; two runs the same bits: {same}; max relative "
           f"error against the fp32 reference {err:.2e}")
     return 0 if same and err < 5e-2 else 1
+
+
+def ws_forward_configs(wsk, q, k, v, do, cu, scale: float, causal: bool, interp: bool) -> int:
+    """The ws forward per config of wsk.CONFIGS and wsk.DROPPED_CONFIGS, launched directly, twice each: one line per
+    config (the same bits twice; NaN in O / LSE; O's max relative error against the fp32 reference). 1 if a kept
+    config is not the same bits twice, has a NaN or an error of 5e-2 or more; dropped configs only print. (The
+    interpreter ignores the config: every line runs its small tiles.)"""
+    import torch
+
+    from bench.harness import same_bits
+    from r4b.kernels import varlen_attention_ref
+
+    T, hq, _ = q.shape
+    want = _ref_grads(varlen_attention_ref, q, k, v, do, cu, causal)[0]
+    failed = 0
+    for config in [*wsk.CONFIGS, *wsk.DROPPED_CONFIGS]:
+        runs = []
+        for _ in range(2):
+            o = torch.full_like(q, float("nan"))  # a row the kernel never writes shows as NaN
+            lse = torch.full((hq, T), float("nan"), dtype=torch.float32, device=q.device)
+            cfg = None if interp else config
+            _profiled(lambda o=o, lse=lse, cfg=cfg: wsk.forward(q, k, v, o, lse, cu, scale / math.log(2.0), causal,
+                                                                interp, config=cfg), q.device.type)
+            runs.append((o, lse))
+        same = all(same_bits(a, b) for a, b in zip(*runs, strict=True))
+        nan = [f"{name} run {i}: {int(t.isnan().sum())}" for i, r in enumerate(runs)
+               for name, t in zip(("O", "LSE"), r, strict=True) if bool(t.isnan().any())]
+        err = _rel_err((runs[0][0],), (want,))
+        ok = not nan and err < 5e-2
+        dropped = config in wsk.DROPPED_CONFIGS
+        failed += not ok and not dropped
+        print(f"ws forward {'dropped ' if dropped else ''}config {config} ({'causal' if causal else 'not causal'}): "
+              f"two runs the same bits: {same}; NaN: {'; '.join(nan) or 'none'}; max relative error against the "
+              f"fp32 reference {err:.2e}: {'ok' if ok else 'FAILED'}")
+    return 1 if failed else 0
 
 
 def _ref_grads(ref, q, k, v, do, cu, causal: bool = True):
@@ -329,7 +370,7 @@ def main(argv: list[str]) -> int:
     if argv[0] == "attn":
         return attn("--small" in argv, "--gluon-only" in argv)
     if argv[0] == "ws":
-        return ws("--causal" in argv)
+        return ws("--causal" in argv, all_configs="--all-configs" in argv)
     return grpo()
 
 

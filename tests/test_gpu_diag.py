@@ -106,3 +106,48 @@ def test_profiled_programs_run_their_kernels_on_the_cpu(monkeypatch, capsys):
         assert gpu_diag.ws(causal, device="cpu", d=16) == 0
         out = capsys.readouterr().out
         assert "two runs the same bits: True" in out and float(out.split("reference ")[1].split()[0]) < 1e-4
+
+
+def test_ws_all_configs_reports_each_forward_config(monkeypatch, capsys):
+    """gpu_diag ws --all-configs under the interpreter: one line per forward config, the kept ones (CONFIGS) then
+    the dropped ones (DROPPED_CONFIGS), each the same bits twice, no NaN and close to the fp32 reference; a kept
+    config whose second run differs, or whose O has a row never written (NaN), fails the program; a dropped
+    config's failure is printed, not counted."""
+    import math
+
+    from r4b.kernels import _varlen_ws as wsk
+
+    configs = [*wsk.CONFIGS, *wsk.DROPPED_CONFIGS]
+    assert wsk.DROPPED_CONFIGS and not set(wsk.DROPPED_CONFIGS) & set(wsk.CONFIGS)
+    assert gpu_diag.ws(False, device="cpu", d=16, all_configs=True) == 0
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("ws forward")]
+    assert len(lines) == len(configs), lines
+    for line, config in zip(lines, configs, strict=True):
+        assert f"config {config} " in line and ("dropped" in line) == (config in wsk.DROPPED_CONFIGS), line
+        assert "two runs the same bits: True; NaN: none;" in line and line.endswith(": ok"), line
+        assert float(line.split("reference ")[1].split(":")[0]) < 1e-4, line
+
+    real = wsk.forward
+
+    def broken(which: int, how: str):
+        calls = []
+
+        def forward(q, k, v, o, lse, *a, **kw):
+            real(q, k, v, o, lse, *a, **kw)
+            calls.append(1)
+            if len(calls) in (2 * which + 1, 2 * which + 2) and how == "unwritten row":
+                o[5] = math.nan
+            if len(calls) == 2 * which + 2 and how == "second run differs":
+                o[3, 1, 0] += 1.0
+            if len(calls) == 2 * which + 1 and how == "lse nan":
+                lse[2, 7] = math.nan
+        return forward
+
+    for which, how, rc, want in ((1, "second run differs", 1, "two runs the same bits: False"),
+                                 (0, "unwritten row", 1, "NaN: O run 0: 64; O run 1: 64"),
+                                 (len(configs) - 1, "lse nan", 0, "NaN: LSE run 0: 1;")):
+        monkeypatch.setattr(wsk, "forward", broken(which, how))
+        assert gpu_diag.ws(False, device="cpu", d=16, all_configs=True) == rc, how
+        lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("ws forward")]
+        assert [i for i, x in enumerate(lines) if x.endswith("FAILED")] == [which], (how, lines)
+        assert want in lines[which], (how, lines[which])
