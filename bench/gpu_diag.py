@@ -15,8 +15,8 @@ are what the sessions after it tune against. bench/gpu_check.sh's ``diag`` phase
         the warp-specialised kernels (R4B_VARLEN_FWD/BWD=ws; on a GPU refused unless R4B_VARLEN_WS_UNVERIFIED=1)
         at the boundary test's size (documents of 100, 300 and 77 tokens, 4 q / 2 kv heads, d 128, bf16), not
         causal unless --causal, each kernel's first config launched directly, twice: for compute-sanitizer
-        (racecheck, synccheck, memcheck) on the backward that failed its non-causal boundary test on an H200
-        (2026-11-27). Prints whether the two runs gave the same bits and the error against the fp32 reference
+        (racecheck, synccheck, memcheck) on the kernels whose non-causal boundary test failed on an H200
+        (2026-11-27: the forward's, it turned out). Prints whether the two runs gave the same bits and the error against the fp32 reference
         (exit 1 if either is wrong). --all-configs: the forward alone, every config of _varlen_ws.CONFIGS and of
         DROPPED_CONFIGS (dropped after NaN on an H200, 2026-11-27) launched directly, twice each; one line per
         config: the same bits twice, NaN in O / LSE, the max relative error of O against the fp32 reference (exit 1

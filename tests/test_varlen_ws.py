@@ -106,6 +106,13 @@ def _close_to_float64(lens, Hq, Hkv, D, causal, seed=0):
         torch.testing.assert_close(a, b.float(), rtol=1e-5, atol=2e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
+def _tuned_picks() -> str:
+    """The ws autotuners' picks so far (key -> config), for a GPU failure's message: which config ran (on
+    2026-11-27 a non-causal run differed between two runs and the pick was not known)."""
+    return "; ".join(f"{name}: {dict((k, str(c)) for k, c in getattr(ws, name).cache.items())}"
+                     for name in ("TUNED", "TUNED_DQ", "TUNED_DKDV"))
+
+
 def _isolation(causal, change, ws_runs, device="cpu", lens=(7, 30, 11), D=64, dtype=torch.float32):
     lens = list(lens)
     Hq, Hkv = 4, 2
@@ -117,7 +124,8 @@ def _isolation(causal, change, ws_runs, device="cpu", lens=(7, 30, 11), D=64, dt
         assert a.isfinite().all(), f"{name} not finite on finite inputs: {_where(a, a.nan_to_num(0.0), lens)}"
     again = _grads(fn, q, k, v, do)
     for name, a, b in zip(("out", "dq", "dk", "dv"), base, again, strict=True):
-        assert same_bits(a, b), f"{name} differs between two runs on the same inputs: {_where(a, b, lens)}"
+        assert same_bits(a, b), (f"{name} differs between two runs on the same inputs: {_where(a, b, lens)}; "
+                                 f"{_tuned_picks()}")
     s0, s1 = lens[0], lens[0] + lens[1]
     mid = slice(s0, s1)
     q2, k2, v2, do2 = (t.clone() for t in (q, k, v, do))

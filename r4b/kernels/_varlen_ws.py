@@ -218,8 +218,9 @@ TUNED = triton.autotune(_configs(), key=["D", "CAUSAL", "GROUP", "t_bucket"])(_w
 # dropped ones included.
 GPU_BROKEN_FWD = ("the warp-specialised forward has not passed all its GPU tests yet (H200, triton 3.6, "
                   "2026-11-27: passed those that ran): see r4b/kernels/_varlen_ws.py")
-GPU_BROKEN_BWD = ("the warp-specialised backward failed its non-causal boundary test on an H200 (triton 3.6, "
-                  "2026-11-27): see r4b/kernels/_varlen_ws.py")
+GPU_BROKEN_BWD = ("the warp-specialised backward has not passed all its GPU tests yet (H200, triton 3.6, "
+                  "2026-11-27: after the Triton forward it passed those that ran; its every-config tests have not "
+                  "run): see r4b/kernels/_varlen_ws.py")
 PARTS = {"fwd": "GPU_BROKEN_FWD", "bwd": "GPU_BROKEN_BWD"}
 
 
