@@ -184,24 +184,31 @@ fi
 # diag LIMIT: Nsight Compute and compute-sanitizer runs of bench/gpu_diag.py (each tool is looked for on the PATH,
 # then under /opt/nvidia and /usr/local/cuda); each run's output goes to $LOGS, a condensed table to the terminal
 tool() { command -v "$1" 2>/dev/null || ls -d /opt/nvidia/nsight-compute/*/"$1" /usr/local/cuda*/bin/"$1" 2>/dev/null | tail -n1; }
-# diag_ws LIMIT: compute-sanitizer (racecheck, synccheck, memcheck) on the ws kernels at the boundary test's size
-# (bench/gpu_diag.py ws), when the ws backward's GPU tests failed (its non-causal boundary test did on 2026-11-27):
-# races and barrier errors in its warp-specialised compile
+# diag_ws LIMIT: when the ws kernels' GPU tests failed: bench/gpu_diag.py ws --all-configs (every forward config,
+# the dropped ones included, launched directly twice: same bits, NaN, error), not causal and causal, then
+# compute-sanitizer racecheck on the non-causal one (2026-11-27: config (64, 3) gave NaN, a non-causal run differed
+# from the next; racecheck's two hazards then were the warp-specialise dispatch state, present in every config)
 diag_ws() {
-  local end=$(( $(date +%s) + $1 )) san what lim
+  local end=$(( $(date +%s) + $1 )) san lim mode
   left_of() { local l=$(( end - $(date +%s) )); l=$(( $1 < l ? $1 : l )); limit "$l"; }
-  san=$(tool compute-sanitizer)
-  if [ "${ws_bwd_rc:-skipped}" = 0 ] || [ "${ws_bwd_rc:-skipped}" = skipped ]; then
-    echo "diag_ws: skipped (ws backward GPU tests rc=${ws_bwd_rc:-skipped})"; return
+  failed() { [ "$1" != 0 ] && [ "$1" != skipped ]; }
+  if ! failed "${ws_rc:-skipped}" && ! failed "${ws_bwd_rc:-skipped}"; then
+    echo "diag_ws: skipped (ws GPU tests rc: forward ${ws_rc:-skipped}, backward ${ws_bwd_rc:-skipped})"; return
   fi
-  [ -n "$san" ] || { echo "diag_ws: no compute-sanitizer here"; return; }
-  for what in racecheck synccheck memcheck; do
-    lim=$(left_of 60); [ "$lim" -le 10 ] && { echo "diag_ws: no time left for compute-sanitizer $what"; continue; }
-    step "diag: compute-sanitizer --tool $what, ws kernels, not causal (limit ${lim}s)"
-    R4B_VARLEN_WS_UNVERIFIED=1 timeout "$lim" "$san" --tool "$what" --print-limit 10 $PY -m bench.gpu_diag ws \
-      >"$LOGS/sanitizer_ws_$what.log" 2>&1
-    echo "compute-sanitizer $what (ws) rc=$?"; grep -v "^$" "$LOGS/sanitizer_ws_$what.log" | tail -n 8
+  for mode in "" --causal; do
+    lim=$(left_of 45); [ "$lim" -le 10 ] && { echo "diag_ws: no time left for gpu_diag ws --all-configs $mode"; continue; }
+    step "diag: gpu_diag ws --all-configs $mode (limit ${lim}s)"
+    R4B_VARLEN_WS_UNVERIFIED=1 timeout -k 10 "$lim" $PY -m bench.gpu_diag ws --all-configs $mode \
+      >"$LOGS/diag_ws_all${mode:+_causal}.log" 2>&1
+    echo "gpu_diag ws --all-configs $mode rc=$?"; grep -v "^$" "$LOGS/diag_ws_all${mode:+_causal}.log" | tail -n 8
   done
+  san=$(tool compute-sanitizer)
+  [ -n "$san" ] || { echo "diag_ws: no compute-sanitizer here"; return; }
+  lim=$(left_of 60); [ "$lim" -le 10 ] && { echo "diag_ws: no time left for compute-sanitizer racecheck"; return; }
+  step "diag: compute-sanitizer --tool racecheck, ws forward, every config, not causal (limit ${lim}s)"
+  R4B_VARLEN_WS_UNVERIFIED=1 timeout "$lim" "$san" --tool racecheck --print-limit 20 $PY -m bench.gpu_diag ws \
+    --all-configs >"$LOGS/sanitizer_ws_racecheck.log" 2>&1
+  echo "compute-sanitizer racecheck (ws) rc=$?"; grep -v "^$" "$LOGS/sanitizer_ws_racecheck.log" | tail -n 12
 }
 diag() {
   local end=$(( $(date +%s) + $1 )) ncu san what lim
