@@ -12,15 +12,15 @@ are what the sessions after it tune against. bench/gpu_check.sh's ``diag`` phase
         config of each kernel launched directly (no autotuning: for compute-sanitizer, under which every launch
         is slow); the outputs are checked against the float64 reference of the op (exit 1 on a mismatch).
     python -m bench.gpu_diag ws [--causal] [--all-configs]
-        the warp-specialised kernels (R4B_VARLEN_FWD/BWD=ws; on a GPU refused unless R4B_VARLEN_WS_UNVERIFIED=1)
-        at the boundary test's size (documents of 100, 300 and 77 tokens, 4 q / 2 kv heads, d 128, bf16), not
-        causal unless --causal, each kernel's first config launched directly, twice: for compute-sanitizer
-        (racecheck, synccheck, memcheck) on the kernels whose non-causal boundary test failed on an H200
-        (2026-11-27: the forward's, it turned out). Prints whether the two runs gave the same bits and the error against the fp32 reference
-        (exit 1 if either is wrong). --all-configs: the forward alone, every config of _varlen_ws.CONFIGS and of
-        DROPPED_CONFIGS (dropped after NaN on an H200, 2026-11-27) launched directly, twice each; one line per
-        config: the same bits twice, NaN in O / LSE, the max relative error of O against the fp32 reference (exit 1
-        if a kept config fails; a dropped config's line is information).
+        the warp-specialised kernels (R4B_VARLEN_FWD/BWD=ws; on a GPU refused unless R4B_VARLEN_WS_UNVERIFIED=1) at
+        the boundary test's size (documents of 100, 300 and 77 tokens, 4 q / 2 kv heads, d 128, bf16), not causal
+        unless --causal, each kernel's first config launched directly, twice: for compute-sanitizer (racecheck,
+        synccheck, memcheck) on the kernels whose non-causal boundary test failed on an H200 (2026-11-27: the
+        forward's, it turned out). Prints whether the two runs gave the same bits and the error against the fp32
+        reference (exit 1 if either is wrong). --all-configs: the forward alone, every config of _varlen_ws.CONFIGS
+        and of DROPPED_CONFIGS (dropped after NaN on an H200, 2026-11-27) launched directly, twice each; one line
+        per config: the same bits twice, NaN in O / LSE, the max relative error of O against the fp32 reference
+        (exit 1 if a kept config fails; a dropped config's line is information).
     python -m bench.gpu_diag grpo
         the chunked GRPO loss, forward + backward, on one chunk's worth of rows of the anchor (3072 x 2560 x
         151936, bf16): its GEMMs (cuBLAS) and the row kernel.

@@ -38,7 +38,7 @@ def table(folder: Path) -> str:
                 fmt = lambda v, p: f"{v:>{p}.3g}" if isinstance(v, (int, float)) else " " * p
                 ratio = r["ms"] / best if best else None
                 check = r.get("check", "")
-                if r.get("err") is not None:  # not on the reference nor on an unchecked ("n/a") row
+                if check != "ref" and r.get("err") is not None:  # none on an unchecked ("n/a") row
                     check += f" {r['err']:.1e}"
                 # % of the copy bandwidth (small ops), "launched/graph-replayed" when the bench timed a CUDA graph
                 pct = r.get("pct_of_copy", r.get("pct_copy"))

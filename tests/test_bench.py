@@ -135,7 +135,7 @@ def test_summary_table_prints_checked_reference_and_unchecked_rows(tmp_path):
     ("n/a", a part of the work) row have none (2026-11-27, H200: an "n/a" row without "err" stopped the table)."""
     from bench.summary import table
 
-    rows = [{"op": "grpo_loss", "case": "N=16384", "provider": "torch eager", "ms": 80.0, "check": "ref"},
+    rows = [{"op": "grpo_loss", "case": "N=16384", "provider": "torch eager", "ms": 80.0, "check": "ref", "err": 0.0},
             {"op": "grpo_loss", "case": "N=16384", "provider": "r4b triton chunked", "ms": 56.0, "check": "ok",
              "err": 6.7e-3},
             {"op": "grpo_loss", "case": "N=16384", "provider": "cublas gemms only", "ms": 52.0, "check": "n/a"}]
