@@ -6,7 +6,8 @@ TFLOP/s use flash-attn's accounting: forward = 4 * L^2 * Hq * D per document, ha
 2.5x forward (so forward+backward = 3.5x). ``--aot`` compiles the Triton kernels for sm_90 without a GPU and
 prints registers / spills per autotune config (ptxas -v), the measurement behind the config lists
 (``--aot-first``: the first config of each list only, what tests/test_varlen_attention.py runs; ``--aot-ws``: the
-warp-specialised forward's configs, whether triton's Hopper pass specialised them, tests/test_varlen_ws.py). ``--sched``
+warp-specialised forward's configs, whether triton's Hopper pass specialised them, tests/test_varlen_ws.py;
+``--aot-gluon-ws``: the warp-specialised Gluon forward's partitions, tests/test_varlen_gluon_ws.py). ``--sched``
 prints the list-scheduling model behind the kernels' grid order (no GPU needed).
 """
 
@@ -65,19 +66,23 @@ def _timed(case: Case, fwd, q, k, v, do):
 # r4b's rows: provider -> (R4B_VARLEN_FWD, R4B_VARLEN_BWD, R4B_VARLEN_LOADS); "r4b gluon": the Gluon forward
 # (sm_90, softmax overlapping P @ V), with the default Triton backward in its fwd+bwd row; "r4b gluon fwd+bwd":
 # the Gluon forward and the Gluon backward; "... gluon-dkdv": the Triton dQ kernel with the Gluon dK/dV kernel
-# (R4B_VARLEN_BWD=gluon-dkdv: each the faster of its pair in the 2026-11-27 H200 autotune logs)
+# (R4B_VARLEN_BWD=gluon-dkdv: each the faster of its pair in the 2026-11-27 H200 autotune logs); "r4b gluon-ws":
+# the warp-specialised Gluon forward (a producer warp, two consumer warpgroups; refused on GPUs until its GPU tests
+# pass, R4B_VARLEN_WS_UNVERIFIED=1 runs it)
 R4B_ROWS = {"r4b triton": ("triton", "split", "pointer"), "r4b triton atomic-dq": ("triton", "atomic", "pointer"),
             "r4b triton tma": ("triton", "split", "tma"), "r4b triton tma atomic-dq": ("triton", "atomic", "tma"),
             "r4b gluon": ("gluon", "split", "pointer"), "r4b gluon fwd+bwd": ("gluon", "gluon", "pointer"),
             "r4b ws": ("ws", "split", "pointer"), "r4b ws fwd+bwd": ("ws", "ws", "pointer"),
             "r4b triton gluon-dkdv": ("triton", "gluon-dkdv", "pointer"),
-            "r4b ws gluon-dkdv": ("ws", "gluon-dkdv", "pointer")}
+            "r4b ws gluon-dkdv": ("ws", "gluon-dkdv", "pointer"),
+            "r4b gluon-ws": ("gluon-ws", "split", "pointer"),
+            "r4b gluon-ws gluon-dkdv": ("gluon-ws", "gluon-dkdv", "pointer")}
 
 
 def providers(device: str, mask_ms: dict) -> dict:
     def r4b_mode(fwd_kernel: str, bwd: str, loads: str):
-        """r4b's kernels with the forward R4B_VARLEN_FWD=fwd_kernel ("triton", "gluon" or "ws": warp-specialised
-        Triton), the backward
+        """r4b's kernels with the forward R4B_VARLEN_FWD=fwd_kernel ("triton", "gluon", "gluon-ws": warp-specialised
+        Gluon, or "ws": warp-specialised Triton), the backward
         R4B_VARLEN_BWD=bwd ("split": Triton dQ kernel + dK/dV kernel; "atomic": the Triton dK/dV kernel adds dQ
         with fp32 atomics; "gluon": the split backward in Gluon; "gluon-dkdv": the Triton dQ kernel + the Gluon
         dK/dV kernel; "ws": warp-specialised Triton) and the Triton kernels' block loads
@@ -88,13 +93,19 @@ def providers(device: str, mask_ms: dict) -> dict:
 
             if "triton" not in available_backends("varlen_attention", device):
                 raise Skip(f"triton unavailable on {device} (set TRITON_INTERPRET=1 on the CPU)")
-            if fwd_kernel == "gluon" or bwd.startswith("gluon"):
+            if fwd_kernel.startswith("gluon") or bwd.startswith("gluon"):
                 if device != "cuda" or torch.cuda.get_device_capability()[0] != 9:
                     raise Skip("the Gluon kernels need a Hopper GPU (sm_90)")
                 try:
                     import r4b.kernels._varlen_gluon  # noqa: F401
                 except ImportError as ex:
                     raise Skip(f"this triton has no Gluon with its Hopper API: {ex}") from None
+            if fwd_kernel == "gluon-ws":
+                from r4b.kernels import _varlen_gluon_ws
+
+                why = _varlen_gluon_ws.device_problem(torch.device("cuda"))
+                if why is not None:
+                    raise Skip(f"the warp-specialised Gluon forward: {why}")
             if "ws" in (fwd_kernel, bwd) and device == "cuda":
                 from r4b.kernels import _varlen_ws
 
@@ -558,8 +569,38 @@ def schedule_report(sms: int = 132) -> dict[str, dict[str, float]]:
     return out
 
 
+def gluon_ws_report() -> None:
+    """Compile the warp-specialised Gluon forward (R4B_VARLEN_FWD=gluon-ws) for sm_90 per config, both masks, head
+    dims 64 and 128 (bf16, GQA 4): one line each with the launch's threads, the setmaxnreg values, the wgmma
+    wait depths, the count of mbarrier arrives, the named barriers of 128 threads, ptxas's spills and the shared
+    memory. Needs no GPU; TRITON_INTERPRET unset."""
+    import re
+
+    from bench.harness import ptxas_report, sm90_compile
+    from r4b.kernels import _varlen_gluon_ws as gws
+
+    for D in (64, 128):
+        for n, stages in gws.CONFIGS:
+            for causal in (True, False):
+                kern = sm90_compile(gws._fwd_kernel, dict(GROUP=4, D=D, BLOCK_N=n, CAUSAL=causal, STAGES=stages),
+                                    _attn_sig, 4, 1)
+                ptx = kern.asm["ptx"]
+                threads = re.search(r"\.reqntid (\d+)", ptx).group(1)
+                regs = sorted({int(r) for r in re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+);", ptx)})
+                waits = sorted(set(re.findall(r"wgmma\.wait_group\.sync\.aligned (\d);", ptx)))
+                arrives = len(re.findall(r"mbarrier\.arrive\.shared::cta\.b64", ptx))
+                bars = sorted(set(re.findall(r"bar\.sync \t?(\d+), 128;", ptx)))
+                spill = re.search(r"(\d+) bytes spill stores", ptxas_report(kern)).group(1)
+                print(f"gluon-ws D={D} N={n} s{stages} {'causal' if causal else 'full'}: threads={threads} "
+                      f"setmaxnreg={','.join(map(str, regs))} wait_group={','.join(waits)} arrives={arrives} "
+                      f"bar128={','.join(bars)} spill={spill} smem={kern.metadata.shared}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     argv = argv or []
+    if "--aot-gluon-ws" in argv:  # the warp-specialised Gluon forward, every config
+        gluon_ws_report()
+        return []
     if "--aot-ws" in argv:  # the warp-specialised forward only, every config
         ws_report()
         return []

@@ -51,9 +51,12 @@ OP = "varlen_attention"
 ENV_BWD = "R4B_VARLEN_BWD"
 BWD_MODES = ("split", "atomic", "gluon", "gluon-dkdv", "ws")
 ENV_LOADS = "R4B_VARLEN_LOADS"  # the Triton kernels' block loads: "pointer" (default) or "tma" (tensor descriptors)
-# the forward kernel: "triton" (default), "gluon" (sm_90 only, opt-in until timed on a GPU: _varlen_gluon.py) or
-# "ws" (Triton with triton's Hopper warp specialisation; the interpreter or sm_90, opt-in until timed: _varlen_ws.py)
+# the forward kernel: "triton" (default), "gluon" (sm_90 only, opt-in: _varlen_gluon.py), "gluon-ws" (sm_90 only,
+# Gluon with explicit warp specialisation, a producer warp and two consumer warpgroups; refused on GPUs until its
+# GPU tests pass: _varlen_gluon_ws.py) or "ws" (Triton with triton's Hopper warp specialisation; the interpreter or
+# sm_90, opt-in until timed: _varlen_ws.py)
 ENV_FWD = "R4B_VARLEN_FWD"
+FWD_MODES = ("triton", "gluon", "gluon-ws", "ws")
 _dispatch.register(OP, ("triton", "torch", "flash_attn", "xformers"), env="R4B_ATTN_BACKEND")
 
 
@@ -681,8 +684,8 @@ if _dispatch.triton_importable():
 
     def _fwd_mode() -> str:
         mode = os.environ.get(ENV_FWD, "triton")
-        if mode not in ("triton", "gluon", "ws"):
-            raise ValueError(f"${ENV_FWD} must be 'triton', 'gluon' or 'ws', got {mode!r}")
+        if mode not in FWD_MODES:
+            raise ValueError(f"${ENV_FWD} must be one of {', '.join(repr(m) for m in FWD_MODES)}, got {mode!r}")
         return mode
 
     def _ws_module(interp: bool, q: Tensor, k: Tensor, v: Tensor, env: str = ENV_FWD):
@@ -708,7 +711,15 @@ if _dispatch.triton_importable():
         meta = _meta(q, k, causal)
         interp = _dispatch.triton_interpret() or q.device.type != "cuda"
         mode = _fwd_mode()
-        gluon = _gluon_module(ENV_FWD, interp, q, k, v) if mode == "gluon" else None
+        gluon = _gluon_module(ENV_FWD, interp, q, k, v) if mode in ("gluon", "gluon-ws") else None
+        if gluon is not None and mode == "gluon-ws":
+            from . import _varlen_gluon_ws
+
+            why = _varlen_gluon_ws.device_problem(q.device)
+            if why is not None:
+                raise RuntimeError(f"${ENV_FWD}=gluon-ws cannot run here: {why}")
+            _varlen_gluon_ws.forward(q, k, v, o, lse, cu, scale * _LOG2E, causal)
+            return o, lse
         if gluon is not None:
             gluon.forward(q, k, v, o, lse, cu, scale * _LOG2E, causal)
             return o, lse

@@ -1,0 +1,316 @@
+"""The warp-specialised Gluon forward (R4B_VARLEN_FWD=gluon-ws, r4b/kernels/_varlen_gluon_ws.py): never run on a GPU
+yet, so here it is (1) compiled for sm_90 (partitions, register split, pipelined products, no spills), (2) its
+index and ring logic transcribed into a float64 emulation (the producer's block order, each consumer's segments,
+the blocks it computes or only releases, its masks and stores) and checked against float64 attention on varlen
+batches, (3) refused on GPUs by name until its GPU tests (below, -m gpu) pass. The transcription pins the kernel
+source's sha256: a change to the kernel fails the pin until the emulation is transcribed again."""
+
+import hashlib
+import inspect
+import random
+
+import numpy as np
+import pytest
+import torch
+
+gws = pytest.importorskip("r4b.kernels._varlen_gluon_ws")
+
+from bench.harness import same_bits  # noqa: E402
+from r4b.kernels import varlen_attention  # noqa: E402
+from tests._aot import run_aot_report  # noqa: E402
+from tests._lowprec import assert_within_twice_plain  # noqa: E402
+from tests.test_varlen_attention import (  # noqa: E402
+    _attention64,
+    _cu,
+    _grads,
+    _inputs,
+    _sdpa_bf16_per_doc,
+)
+
+# sha256 of the source of the three @gluon.jit functions transcribed below
+KERNEL_SHA = "536b11989d337a03905635284aca7aed0efa818cc120b01d96624149ad2c7d83"
+NEG = -1.0e30
+LOG2E = 1.4426950408889634
+
+
+def kernel_sha() -> str:
+    h = hashlib.sha256()
+    for fn in (gws._producer, gws._consumer, gws._fwd_kernel):
+        h.update(inspect.getsource(fn.fn).encode())
+    return h.hexdigest()
+
+
+def test_the_emulation_is_transcribed_from_the_current_kernel():
+    assert kernel_sha() == KERNEL_SHA, ("r4b/kernels/_varlen_gluon_ws.py's kernels changed: transcribe the change into "
+                                        f"emulate() below, then set KERNEL_SHA = {kernel_sha()!r}")
+
+
+def _segments(cu, n_seqs, t0, T):
+    """The segments of the tile from t0 (the kernels' walk: _seq_of, then one sequence at a time)."""
+    t_end = min(t0 + gws.BLOCK_M.value, T)
+    seq = max(s for s in range(n_seqs) if cu[s] <= t0)
+    t = t0
+    while t < t_end:
+        cs, ce = cu[seq], cu[seq + 1]
+        seg_hi = min(ce, t_end)
+        yield t, cs, ce, seg_hi
+        t = seg_hi
+        seq += 1
+
+
+def emulate(q, k, v, lens, causal, scale, block_n):
+    """float64 transcription of _fwd_kernel's three partitions for every (tile, head): the producer's block list,
+    each consumer's waits / releases of it (checked in order, each block released once by each consumer), the
+    blocks a consumer computes (masked or not, exactly as written), its stores; every (row, head) must be stored
+    exactly once. Returns (out (T, Hq, D), lse (Hq, T) in log2 units)."""
+    T, Hq, D = q.shape
+    group = Hq // k.shape[1]
+    half = gws.HALF.value
+    cu = [0]
+    for n in lens:
+        cu.append(cu[-1] + n)
+    n_seqs = len(lens)
+    qk_scale = scale * LOG2E
+    out = np.full((T, Hq, D), np.nan)
+    lse = np.full((Hq, T), np.nan)
+    stores = np.zeros((T, Hq), dtype=int)
+    for t0 in range(0, T, gws.BLOCK_M.value):
+        for h in range(Hq):
+            hk = h // group
+            # the producer's loads, in order: (sequence start, block index); its waits for the loads in flight before it
+            # rebuilds the descriptors of a new segment change no order
+            blocks = []
+            for _t, cs, ce, seg_hi in _segments(cu, n_seqs, t0, T):
+                L = ce - cs
+                kv_hi = seg_hi - cs if causal else L
+                nb = (kv_hi + block_n - 1) // block_n
+                blocks += [(cs, j) for j in range(nb)]
+            for c in range(2):
+                r0 = t0 + c * half
+                my_end = min(r0 + half, T)
+                rows = r0 + np.arange(half)
+                qc = np.zeros((half, D))
+                ok_rows = rows < T
+                qc[ok_rows] = q[rows[ok_rows], h]  # TMA zero-fill past T
+                it = 0
+                released = []
+                for t, cs, ce, seg_hi in _segments(cu, n_seqs, t0, T):
+                    L = ce - cs
+                    kv_hi, free_hi = (seg_hi - cs, t - cs) if causal else (L, L)
+                    nb = (kv_hi + block_n - 1) // block_n
+                    lo, hi = max(t, r0), min(seg_hi, my_end)
+                    if causal:
+                        mine = min((hi - cs + block_n - 1) // block_n, nb)
+                        free = lo - cs
+                    else:
+                        mine, free = nb, free_hi
+                    mine = mine if hi > lo else 0
+                    if mine > 0:
+                        q_loc = rows - cs
+                        lim = q_loc + 1 if causal else q_loc * 0 + L
+                        m_i = np.full(half, -np.inf)
+                        acc = np.zeros((half, D))
+                        l_i = np.zeros(half)
+                        for j in range(mine):
+                            assert blocks[it + j] == (cs, j), (blocks[it + j], (cs, j))
+                            keys = np.zeros((block_n, D))
+                            vals = np.zeros((block_n, D))
+                            kr = j * block_n + np.arange(block_n)
+                            inside = kr < L  # the sequence's descriptor zero-fills past L
+                            keys[inside] = k[cs + kr[inside], hk]
+                            vals[inside] = v[cs + kr[inside], hk]
+                            s = qc @ keys.T
+                            kn = kr
+                            if j * block_n + block_n > free:
+                                s = np.where(kn[None, :] < lim[:, None], s * qk_scale, NEG)
+                                m_new = np.maximum(m_i, s.max(1))
+                                p = np.exp2(s - m_new[:, None])
+                            else:
+                                m_new = np.maximum(m_i, s.max(1) * qk_scale)
+                                p = np.exp2(s * qk_scale - m_new[:, None])
+                            alpha = np.exp2(m_i - m_new) if j > 0 else np.zeros(half)
+                            l_i = l_i * alpha + p.sum(1) if j > 0 else p.sum(1)
+                            acc = acc * alpha[:, None] + p @ vals if j > 0 else p @ vals
+                            m_i = m_new
+                            released.append(it + j)
+                        seg = (rows >= lo) & (rows < hi)
+                        out[rows[seg], h] = acc[seg] / l_i[seg, None]
+                        lse[h, rows[seg]] = m_i[seg] + np.log2(l_i[seg])
+                        stores[rows[seg], h] += 1
+                    released += [it + j for j in range(mine, nb)]  # waited for and released, not computed
+                    it += nb
+                assert released == list(range(len(blocks))), (t0, h, c, released, len(blocks))
+    assert (stores == 1).all(), np.argwhere(stores != 1)[:5]
+    return out, lse
+
+
+def _reference(q, k, v, lens, causal, scale):
+    o = _attention64(torch.from_numpy(q), torch.from_numpy(k), torch.from_numpy(v), lens, causal, scale).numpy()
+    T, Hq, D = q.shape
+    group = Hq // k.shape[1]
+    lse = np.full((Hq, T), np.nan)
+    s0 = 0
+    for n in lens:
+        for h in range(Hq if n else 0):
+            s = q[s0:s0 + n, h] @ k[s0:s0 + n, h // group].T * scale
+            if causal:
+                s = np.where(np.tril(np.ones((n, n), dtype=bool)), s, -np.inf)
+            m = s.max(1, keepdims=True)
+            lse[h, s0:s0 + n] = (np.log(np.exp(s - m).sum(1)) + m[:, 0]) * LOG2E
+        s0 += n
+    return o, lse
+
+
+CASES = [([1, 63, 64, 65, 128, 200, 1, 300], 4, 1, 64), ([700, 3, 129], 2, 2, 32), ([130, 0, 126, 5], 2, 1, 16),
+         ([64] * 5 + [1] * 7 + [190], 4, 2, 16)]
+
+
+@pytest.mark.parametrize("block_n", sorted({n for n, _ in gws.CONFIGS}))
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("lens,Hq,Hkv,D", CASES)
+def test_emulated_kernel_matches_float64(lens, Hq, Hkv, D, causal, block_n):
+    """Tiles spanning several sequences (and an empty one), sequences of 1, tiles whose second consumer has no
+    rows or no rows in a segment, causal blocks above a consumer's last row, partial tiles at T."""
+    rng = np.random.default_rng(len(lens) * 7 + Hq)
+    T = sum(lens)
+    q, k, v = (rng.standard_normal((T, H, D)) for H in (Hq, Hkv, Hkv))
+    scale = D**-0.5
+    out, lse = emulate(q, k, v, lens, causal, scale, block_n)
+    ref_o, ref_lse = _reference(q, k, v, lens, causal, scale)
+    np.testing.assert_allclose(out, ref_o, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(lse, ref_lse, rtol=1e-10, atol=1e-10)
+
+
+def test_random_batches_match_float64():
+    rnd = random.Random(5)
+    for trial in range(6):
+        lens = [rnd.choice([0, 1, 2, 17, 63, 64, 65, 127, 128, 129, 255]) for _ in range(rnd.randint(1, 9))]
+        if sum(lens) == 0:
+            lens.append(3)
+        causal = trial % 2 == 0
+        rng = np.random.default_rng(trial)
+        T = sum(lens)
+        q, k, v = (rng.standard_normal((T, H, 16)) for H in (2, 1, 1))
+        out, lse = emulate(q, k, v, lens, causal, 0.25, 64)
+        ref_o, ref_lse = _reference(q, k, v, lens, causal, 0.25)
+        np.testing.assert_allclose(out, ref_o, rtol=1e-10, atol=1e-12, err_msg=str(lens))
+        np.testing.assert_allclose(lse, ref_lse, rtol=1e-10, atol=1e-10, err_msg=str(lens))
+
+
+def test_kernel_compiles_for_sm90_as_three_partitions_without_spills():
+    """Every config, both masks, head dims 64 and 128: two consumer warpgroups and a producer warp (384 threads with
+    the padding), the register split (consumers 232, producer 40), the consumers' S and P V products in flight
+    together (a wgmma.wait_group 1), the ring's releases (mbarrier.arrive), each consumer on its own named barrier
+    of 128 threads, no spills, shared memory under the 227 kB an SM gives a block."""
+    out = run_aot_report("bench.bench_varlen_attention", "--aot-gluon-ws")
+    lines = [line for line in out.splitlines() if line.startswith("gluon-ws ")]
+    assert len(lines) == 2 * 2 * len(gws.CONFIGS), out
+    for line in lines:
+        f = dict(kv.split("=") for kv in line.split(": ", 1)[1].split())
+        assert f["threads"] == "384", line
+        assert {"232", "40"} <= set(f["setmaxnreg"].split(",")), line
+        assert f["wait_group"] == "0,1", line
+        assert int(f["arrives"]) >= 6, line
+        assert f["bar128"] == "0,2", line
+        assert f["spill"] == "0", line
+        assert int(f["smem"]) <= 232448, line
+
+
+def test_op_refuses_gluon_ws_where_it_cannot_run(monkeypatch):
+    """On the CPU (interpreter) the variable names the need for a Hopper GPU; on a Hopper GPU the kernel is refused
+    by name until its GPU tests pass, unless R4B_VARLEN_WS_UNVERIFIED=1; other GPUs are refused as not Hopper."""
+    q, k, v, _ = _inputs([5, 3], 2, 1, 64)
+    monkeypatch.setenv("R4B_VARLEN_FWD", "gluon-ws")
+    with pytest.raises(RuntimeError, match="R4B_VARLEN_FWD=gluon-ws needs a Hopper GPU"):
+        varlen_attention(q, k, v, _cu([5, 3]), 5, backend="triton")
+    monkeypatch.setenv("R4B_VARLEN_FWD", "gluon_ws")
+    with pytest.raises(ValueError, match="R4B_VARLEN_FWD must be one of .*'gluon-ws'.*got 'gluon_ws'"):
+        varlen_attention(q, k, v, _cu([5, 3]), 5, backend="triton")
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.delenv(gws.ENV_UNVERIFIED, raising=False)
+    assert gws.device_problem(gpu) == gws.GPU_BROKEN
+    monkeypatch.setenv(gws.ENV_UNVERIFIED, "1")
+    assert gws.device_problem(gpu) is None
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert "not 9.x (Hopper)" in gws.device_problem(gpu)
+
+
+# ------------------------------------------------------------------------------------------------ GPU tests
+ANCHOR = [4096, 3072, 2560, 2048, 1536, 1280, 768, 512, 384, 128]
+
+
+@pytest.fixture
+def unverified(monkeypatch):
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon kernels run on Hopper (sm_90) only")
+    monkeypatch.setenv(gws.ENV_UNVERIFIED, "1")
+    monkeypatch.setenv("R4B_VARLEN_FWD", "gluon-ws")
+    monkeypatch.setenv("R4B_VARLEN_BWD", "split")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [True, False])
+def test_gluon_ws_anchor_gpu(causal, unverified):
+    """The anchor through the op (the gluon-ws forward, the Triton split backward), autotuned: output and gradients
+    by STYLE.md's rule against fp32; two runs give the same bits."""
+    q, k, v, do = _inputs(ANCHOR, 32, 8, 128, device="cuda")
+    cu = _cu(ANCHOR, "cuda")
+    ref = _grads(lambda a, b, c: _attention64(a.double(), b.double(), c.double(), ANCHOR, causal, 128**-0.5),
+                 q, k, v, do)
+    bf = [t.bfloat16() for t in (q, k, v, do)]
+    fn = lambda a, b, c: varlen_attention(a, b, c, cu, 4096, causal=causal, backend="triton")
+    got = _grads(fn, *bf)
+    assert all(g.isfinite().all() for g in got)
+    again = _grads(fn, *bf)
+    assert all(same_bits(a, b) for a, b in zip(got, again, strict=True))
+    base = _grads(lambda a, b, c: _sdpa_bf16_per_doc(a, b, c, ANCHOR, causal), *bf)
+    assert_within_twice_plain(got, base, [r.float() for r in ref], ("out", "dq", "dk", "dv"), atol_rel=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", gws.CONFIGS)
+@pytest.mark.parametrize("causal", [True, False])
+def test_gluon_ws_every_config_gpu(config, causal, unverified):
+    """Each config launched directly, twice (NaN-filled outputs first): finite, the same bits, then output and LSE
+    against float64, on tiles spanning sequences of 1 to 1100 rows (GQA 4, D 128)."""
+    from r4b.kernels.varlen_attention import _ensure_allocator
+
+    lens = [700, 1, 129, 64, 3, 1100, 0, 65]
+    q, k, v, _ = _inputs(lens, 8, 2, 128, device="cuda", dtype=torch.bfloat16)
+    cu = _cu(lens, "cuda")
+    T = sum(lens)
+    _ensure_allocator()
+    runs = []
+    for _ in range(2):
+        o = torch.full_like(q, float("nan"))
+        lse = torch.full((8, T), float("nan"), dtype=torch.float32, device="cuda")
+        gws.forward(q, k, v, o, lse, cu, 128**-0.5 * LOG2E, causal, config=config)
+        runs.append((o, lse))
+    (o, lse), (o2, lse2) = runs
+    assert o.isfinite().all() and lse.isfinite().all(), "rows left unwritten or non-finite"
+    assert same_bits(o, o2) and same_bits(lse, lse2), "two runs differ"
+    ref = _attention64(q.double(), k.double(), v.double(), lens, causal, 128**-0.5)
+    plain = _sdpa_bf16_per_doc(q, k, v, lens, causal).double()
+    assert (o.double() - ref).abs().max() <= 2 * (plain - ref).abs().max() + 1e-3 * ref.abs().max()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [True, False])
+def test_gluon_ws_no_information_crosses_a_boundary_gpu(causal, unverified):
+    """NaN / inf planted in sequence 1 (sharing 128-row tiles and both consumers' halves with its neighbours) leave
+    the other sequences' outputs bit-identical."""
+    lens = [70, 100, 90]
+    cu = _cu(lens, "cuda")
+    q, k, v, _ = (t.bfloat16() for t in _inputs(lens, 8, 2, 128, device="cuda"))
+    fn = lambda a, b, c: varlen_attention(a, b, c, cu, 100, causal=causal, backend="triton")
+    base = fn(q, k, v)
+    q2, k2, v2 = (t.clone() for t in (q, k, v))
+    for t, bad in ((q2, float("nan")), (k2, float("inf")), (v2, float("-inf"))):
+        t[[70, 120, 169]] = bad
+    pert = fn(q2, k2, v2)
+    others = torch.ones(sum(lens), dtype=torch.bool, device="cuda")
+    others[70:170] = False
+    assert base.isfinite().all()
+    assert same_bits(base[others], pert[others])
+    assert not same_bits(base[~others], pert[~others])
