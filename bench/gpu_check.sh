@@ -19,7 +19,7 @@
 #           compute-sanitizer (memcheck, synccheck, racecheck) on the Gluon kernels at a small size, and on the
 #           ws kernels when their backward's GPU tests failed; the gluon phase ends with it too, in what time is left;
 #   all:    issues, gluon and rest (default).
-# R4B_CHECK_TESTS="ws_fwd small attn ..." picks the GPU test steps (loss, small, attn, rest, ws_fwd, ws_bwd; empty:
+# R4B_CHECK_TESTS="ws_fwd small attn ..." picks the GPU test steps (loss, small, attn, rest, ws_fwd, ws_bwd, gluon_ws; empty:
 # none) in place of the phase's; R4B_CHECK_SKIP_TESTS=1 drops the issues phase's (a call that re-measures only);
 # R4B_CHECK_BENCHES="name:seconds ..." replaces the phase's bench list (e.g. "grpo_loss:150 varlen_attention:120").
 # The run keeps to R4B_CHECK_BUDGET seconds (default 540, under the device tool's 600 s per command): every
@@ -97,10 +97,10 @@ test_rc=0
 # call can take the steps of several phases; R4B_CHECK_SKIP_TESTS=1 drops the issues phase's (loss small attn)
 case "$PHASE" in
   issues) tests="loss small attn" ;;
-  gluon) tests="ws_fwd ws_bwd" ;;
+  gluon) tests="ws_fwd ws_bwd gluon_ws" ;;
   rest) tests="rest" ;;
   diag) tests="" ;;
-  all) tests="ws_fwd ws_bwd loss small attn rest" ;;
+  all) tests="ws_fwd ws_bwd gluon_ws loss small attn rest" ;;
 esac
 if [ "${R4B_CHECK_SKIP_TESTS:-0}" = 1 ]; then
   echo "R4B_CHECK_SKIP_TESTS=1: the issues phase's GPU tests are skipped"
@@ -108,13 +108,22 @@ if [ "${R4B_CHECK_SKIP_TESTS:-0}" = 1 ]; then
 fi
 tests=${R4B_CHECK_TESTS-$tests}
 for t in $tests; do
-  case "$t" in loss|small|attn|rest|ws_fwd|ws_bwd) ;;
-    *) echo "gpu_check.sh: R4B_CHECK_TESTS takes loss, small, attn, rest, ws_fwd, ws_bwd; got '$t'"; exit 2;; esac
+  case "$t" in loss|small|attn|rest|ws_fwd|ws_bwd|gluon_ws) ;;
+    *) echo "gpu_check.sh: R4B_CHECK_TESTS takes loss, small, attn, rest, ws_fwd, ws_bwd, gluon_ws; got '$t'"
+       exit 2;; esac
 done
 echo "GPU test steps: ${tests:-none}"
 has_test() { case " $tests " in *" $1 "*) return 0;; esac; return 1; }
 ws_rc=skipped
 ws_bwd_rc=skipped
+gws_rc=skipped
+if has_test gluon_ws; then
+  # the warp-specialised Gluon forward (R4B_VARLEN_FWD=gluon-ws; written 2026-11-27, session 11, never run on a GPU):
+  # every config directly (twice: finite, same bits, float64), the anchor through the op, boundary isolation
+  step "GPU tests: warp-specialised Gluon attention forward (sm_90, R4B_VARLEN_WS_UNVERIFIED=1)"
+  R4B_VARLEN_WS_UNVERIFIED=1 gpu_tests 90 pytest_gpu_gluon_ws.log tests/test_varlen_gluon_ws.py; gws_rc=$?
+  [ "$gws_rc" -ne 0 ] && test_rc=$gws_rc
+fi
 if has_test ws_fwd; then
   # the warp-specialised kernels: refused on GPUs since their wrong first run (2026-11-27); the two
   # miscompilations found then are avoided since (their TTGIR is checked for both), and
@@ -270,7 +279,8 @@ for spec in $specs; do
     ws_rows=""
     [ "$ws_rc" = 0 ] && ws_rows="r4b ws,r4b ws gluon-dkdv,"
     [ "$ws_rc" = 0 ] && [ "$ws_bwd_rc" = 0 ] && ws_rows="${ws_rows}r4b ws fwd+bwd,"
-    step "bench: opt-in rows at the anchor (R4B_VARLEN_WS_UNVERIFIED=1; ws forward tests rc=$ws_rc, backward rc=$ws_bwd_rc)"
+    [ "$gws_rc" = 0 ] && ws_rows="${ws_rows}r4b gluon-ws,r4b gluon-ws gluon-dkdv,"
+    step "bench: opt-in rows at the anchor (R4B_VARLEN_WS_UNVERIFIED=1; ws forward tests rc=$ws_rc, backward rc=$ws_bwd_rc, gluon-ws rc=$gws_rc)"
     R4B_VARLEN_WS_UNVERIFIED=1 timeout -k 10 "$lim" $PY -m bench.bench_varlen_attention --anchor --providers \
       "sdpa per doc,flex doc mask,r4b triton,${ws_rows}r4b gluon,r4b triton gluon-dkdv" 2>&1 | tee -a "$LOGS/bench.log" \
       | grep -v "^$" | tail -n 20
