@@ -27,15 +27,15 @@ from tests.test_varlen_attention import (  # noqa: E402
     _sdpa_bf16_per_doc,
 )
 
-# sha256 of the source of the three @gluon.jit functions transcribed below
-KERNEL_SHA = "536b11989d337a03905635284aca7aed0efa818cc120b01d96624149ad2c7d83"
+# sha256 of the source of the four @gluon.jit functions transcribed below
+KERNEL_SHA = "1ea78901a272abc70b5ac90a7e3dd32d3f3f72cba6e20516c15ed3d5ecab357f"
 NEG = -1.0e30
 LOG2E = 1.4426950408889634
 
 
 def kernel_sha() -> str:
     h = hashlib.sha256()
-    for fn in (gws._producer, gws._consumer, gws._fwd_kernel):
+    for fn in (gws._segment, gws._producer, gws._consumer, gws._fwd_kernel):
         h.update(inspect.getsource(fn.fn).encode())
     return h.hexdigest()
 
@@ -105,6 +105,9 @@ def emulate(q, k, v, lens, causal, scale, block_n):
                     else:
                         mine, free = nb, free_hi
                     mine = mine if hi > lo else 0
+                    # a consumer whose rows all lie past T gets no Q load and does not wait for one: it computes
+                    # nothing
+                    assert r0 < T or mine == 0, (t0, c)
                     if mine > 0:
                         q_loc = rows - cs
                         lim = q_loc + 1 if causal else q_loc * 0 + L
@@ -242,11 +245,22 @@ ANCHOR = [4096, 3072, 2560, 2048, 1536, 1280, 768, 512, 384, 128]
 
 @pytest.fixture
 def unverified(monkeypatch):
+    """The kernel allowed on this GPU, R4B_VARLEN_FWD=gluon-ws; returns the count of its forward launches through
+    the op (inputs it does not take would silently run the Triton forward)."""
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon kernels run on Hopper (sm_90) only")
     monkeypatch.setenv(gws.ENV_UNVERIFIED, "1")
     monkeypatch.setenv("R4B_VARLEN_FWD", "gluon-ws")
     monkeypatch.setenv("R4B_VARLEN_BWD", "split")
+    calls = {"forward": 0}
+    real = gws.forward
+
+    def spy(*a, **kw):
+        calls["forward"] += 1
+        return real(*a, **kw)
+
+    monkeypatch.setattr(gws, "forward", spy)
+    return calls
 
 
 @pytest.mark.gpu
@@ -261,6 +275,7 @@ def test_gluon_ws_anchor_gpu(causal, unverified):
     bf = [t.bfloat16() for t in (q, k, v, do)]
     fn = lambda a, b, c: varlen_attention(a, b, c, cu, 4096, causal=causal, backend="triton")
     got = _grads(fn, *bf)
+    assert unverified["forward"] == 1
     assert all(g.isfinite().all() for g in got)
     again = _grads(fn, *bf)
     assert all(same_bits(a, b) for a, b in zip(got, again, strict=True))
@@ -293,6 +308,8 @@ def test_gluon_ws_every_config_gpu(config, causal, unverified):
     ref = _attention64(q.double(), k.double(), v.double(), lens, causal, 128**-0.5)
     plain = _sdpa_bf16_per_doc(q, k, v, lens, causal).double()
     assert (o.double() - ref).abs().max() <= 2 * (plain - ref).abs().max() + 1e-3 * ref.abs().max()
+    _, ref_lse = _reference(*(t.double().cpu().numpy() for t in (q, k, v)), lens, causal, 128**-0.5)
+    torch.testing.assert_close(lse.double().cpu(), torch.from_numpy(ref_lse), rtol=0, atol=2e-2)  # log2 units
 
 
 @pytest.mark.gpu
@@ -305,6 +322,7 @@ def test_gluon_ws_no_information_crosses_a_boundary_gpu(causal, unverified):
     q, k, v, _ = (t.bfloat16() for t in _inputs(lens, 8, 2, 128, device="cuda"))
     fn = lambda a, b, c: varlen_attention(a, b, c, cu, 100, causal=causal, backend="triton")
     base = fn(q, k, v)
+    assert unverified["forward"] == 1
     q2, k2, v2 = (t.clone() for t in (q, k, v))
     for t, bad in ((q2, float("nan")), (k2, float("inf")), (v2, float("-inf"))):
         t[[70, 120, 169]] = bad

@@ -62,6 +62,18 @@ ENV_UNVERIFIED = "R4B_VARLEN_WS_UNVERIFIED"
 
 
 @gluon.jit
+def _segment(CU, seq, t, t_end, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+    """(first row cs, length L, end seg_hi, free_hi, key blocks nb) of the segment of sequence seq from row t in a
+    tile ending at t_end: the producer and both consumers walk the same segments and blocks."""
+    cs = gl.load(CU + seq)
+    ce = gl.load(CU + seq + 1)
+    seg_hi = gl.minimum(ce, t_end)
+    L = ce - cs
+    kv_hi, free_hi = _segment_keys(t, cs, seg_hi, L, CAUSAL)
+    return cs, L, seg_hi, free_hi, (kv_hi + BLOCK_N - 1) // BLOCK_N
+
+
+@gluon.jit
 def _producer(Q, K, V, CU, T, n_seqs, t0, h, hk, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
               q_smem, k_smem, v_smem, full, empty, q_bar, D: gl.constexpr, BLOCK_N: gl.constexpr,
               CAUSAL: gl.constexpr, STAGES: gl.constexpr):
@@ -71,19 +83,16 @@ def _producer(Q, K, V, CU, T, n_seqs, t0, h, hk, stride_qt, stride_qh, stride_kt
     q_desc = tma.make_tensor_descriptor(Q + h * stride_qh, shape=[T, D], strides=[stride_qt, 1],
                                         block_shape=[HALF, D], layout=smem_layout)
     for c in gl.static_range(2):
-        mbarrier.expect(q_bar.index(c), HALF * D * dtype.primitive_bitwidth // 8)
-        tma.async_copy_global_to_shared(q_desc, [t0 + c * HALF, 0], q_bar.index(c), q_smem.index(c))
+        # none for a half wholly past T (the last tile's second half): its consumer has no rows and does not wait
+        has_rows = t0 + c * HALF < T
+        mbarrier.expect(q_bar.index(c), HALF * D * dtype.primitive_bitwidth // 8, pred=has_rows)
+        tma.async_copy_global_to_shared(q_desc, [t0 + c * HALF, 0], q_bar.index(c), q_smem.index(c), pred=has_rows)
     t_end = gl.minimum(t0 + BLOCK_M, T)
     seq = _seq_of(CU, n_seqs, t0)
     t = t0
     it = 0
     while t < t_end:
-        cs = gl.load(CU + seq)
-        ce = gl.load(CU + seq + 1)
-        seg_hi = gl.minimum(ce, t_end)
-        L = ce - cs
-        kv_hi, free_hi = _segment_keys(t, cs, seg_hi, L, CAUSAL)
-        nb = (kv_hi + BLOCK_N - 1) // BLOCK_N
+        cs, L, seg_hi, free_hi, nb = _segment(CU, seq, t, t_end, BLOCK_N, CAUSAL)
         if nb > 0:
             # the descriptors are rebuilt in place (each is one tensormap in the program's global scratch): the
             # loads that read the last segment's must have landed first. Only the newest STAGES blocks can be in
@@ -132,14 +141,9 @@ def _consumer(C: gl.constexpr, Out, LSE, CU, T, n_seqs, t0, h, qk_scale, stride_
     seq = _seq_of(CU, n_seqs, t0)
     t = t0
     it = 0
-    mbarrier.wait(q_bar.index(C), 0)
+    mbarrier.wait(q_bar.index(C), 0, pred=r0 < T)  # (no rows at all: no Q load, and nothing computed below)
     while t < t_end:
-        cs = gl.load(CU + seq)
-        ce = gl.load(CU + seq + 1)
-        seg_hi = gl.minimum(ce, t_end)
-        L = ce - cs
-        kv_hi, free_hi = _segment_keys(t, cs, seg_hi, L, CAUSAL)
-        nb = (kv_hi + BLOCK_N - 1) // BLOCK_N  # blocks the producer loads for this segment
+        cs, L, seg_hi, free_hi, nb = _segment(CU, seq, t, t_end, BLOCK_N, CAUSAL)  # nb: blocks the producer loads
         # this consumer's rows of the segment: [lo, hi); the blocks it computes: those its last row sees
         lo = gl.maximum(t, r0)
         hi = gl.minimum(seg_hi, my_end)
