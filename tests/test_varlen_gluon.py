@@ -88,6 +88,25 @@ def test_gluon_kernels_no_information_crosses_a_boundary_gpu(causal, bwd, monkey
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("D", [128, 64])
+def test_default_gluon_dkdv_backward_many_short_and_one_long_bf16_gpu(D, monkeypatch, gluon_calls):
+    # think / no-think packing (one long trace, hundreds of short answers) through the defaults: on Hopper the
+    # backward is the Triton dQ kernel with the Gluon dK/dV kernel at D 128 (Gluon called once) and the Triton
+    # kernels at D 64 (not called); bf16 gradients by STYLE.md's rule against float64
+    monkeypatch.delenv("R4B_VARLEN_FWD", raising=False)
+    monkeypatch.delenv("R4B_VARLEN_BWD", raising=False)
+    lens = [3000] + [1, 2, 3, 17, 40, 129] * 50
+    cu = _cu(lens, "cuda")
+    q, k, v, do = _inputs(lens, 8, 2, D, device="cuda")
+    ref = _grads(lambda a, b, c: _attention64(a, b, c, lens, True, D**-0.5), *(t.double() for t in (q, k, v, do)))
+    bf = [t.bfloat16() for t in (q, k, v, do)]
+    got = _grads(lambda a, b, c: varlen_attention(a, b, c, cu, 3000, backend="triton"), *bf)
+    assert gluon_calls == {"forward": 0, "backward": int(D == 128)}
+    base = _grads(lambda a, b, c: _sdpa_bf16_per_doc(a, b, c, lens, True), *bf)
+    assert_within_twice_plain(got, base, ref, ("out", "dq", "dk", "dv"), atol_rel=1e-3)
+
+
+@pytest.mark.gpu
 def test_gluon_backward_takes_a_broadcast_gradient_gpu(monkeypatch, gluon_calls):
     # dO = a broadcast (row stride 0, as the gradient of a sum over tokens is): copied for TMA, same result
     monkeypatch.setenv("R4B_VARLEN_BWD", "gluon")
