@@ -16,7 +16,7 @@ import torch
 gws = pytest.importorskip("r4b.kernels._varlen_gluon_ws")
 
 from bench.harness import same_bits  # noqa: E402
-from r4b.kernels import varlen_attention  # noqa: E402
+from r4b.kernels import varlen_attention, varlen_attention_ref  # noqa: E402
 from tests._aot import run_aot_report  # noqa: E402
 from tests._lowprec import assert_within_twice_plain  # noqa: E402
 from tests.test_varlen_attention import (  # noqa: E402
@@ -267,11 +267,10 @@ def unverified(monkeypatch):
 @pytest.mark.parametrize("causal", [True, False])
 def test_gluon_ws_anchor_gpu(causal, unverified):
     """The anchor through the op (the gluon-ws forward, the Triton split backward), autotuned: output and gradients
-    by STYLE.md's rule against fp32; two runs give the same bits."""
+    by STYLE.md's rule against the fp32 reference; two runs give the same bits."""
     q, k, v, do = _inputs(ANCHOR, 32, 8, 128, device="cuda")
     cu = _cu(ANCHOR, "cuda")
-    ref = _grads(lambda a, b, c: _attention64(a.double(), b.double(), c.double(), ANCHOR, causal, 128**-0.5),
-                 q, k, v, do)
+    ref = _grads(lambda a, b, c: varlen_attention_ref(a, b, c, cu, causal), q, k, v, do)  # fp32, as the others
     bf = [t.bfloat16() for t in (q, k, v, do)]
     fn = lambda a, b, c: varlen_attention(a, b, c, cu, 4096, causal=causal, backend="triton")
     got = _grads(fn, *bf)
@@ -280,7 +279,7 @@ def test_gluon_ws_anchor_gpu(causal, unverified):
     again = _grads(fn, *bf)
     assert all(same_bits(a, b) for a, b in zip(got, again, strict=True))
     base = _grads(lambda a, b, c: _sdpa_bf16_per_doc(a, b, c, ANCHOR, causal), *bf)
-    assert_within_twice_plain(got, base, [r.float() for r in ref], ("out", "dq", "dk", "dv"), atol_rel=1e-3)
+    assert_within_twice_plain(got, base, ref, ("out", "dq", "dk", "dv"), atol_rel=1e-3)
 
 
 @pytest.mark.gpu
