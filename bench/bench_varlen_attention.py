@@ -68,7 +68,8 @@ def _timed(case: Case, fwd, q, k, v, do):
 # the Gluon forward and the Gluon backward; "... gluon-dkdv": the Triton dQ kernel with the Gluon dK/dV kernel
 # (R4B_VARLEN_BWD=gluon-dkdv: each the faster of its pair in the 2026-11-27 H200 autotune logs); "r4b gluon-ws":
 # the warp-specialised Gluon forward (a producer warp, two consumer warpgroups; refused on GPUs until its GPU tests
-# pass, R4B_VARLEN_WS_UNVERIFIED=1 runs it)
+# pass, R4B_VARLEN_WS_UNVERIFIED=1 runs it); "r4b triton ws-bwd": the Triton forward with the warp-specialised Triton
+# backward (it passed its boundary tests after the Triton forward on an H200, 2026-11-27, and was never timed)
 R4B_ROWS = {"r4b triton": ("triton", "split", "pointer"), "r4b triton atomic-dq": ("triton", "atomic", "pointer"),
             "r4b triton tma": ("triton", "split", "tma"), "r4b triton tma atomic-dq": ("triton", "atomic", "tma"),
             "r4b gluon": ("gluon", "split", "pointer"), "r4b gluon fwd+bwd": ("gluon", "gluon", "pointer"),
@@ -76,7 +77,8 @@ R4B_ROWS = {"r4b triton": ("triton", "split", "pointer"), "r4b triton atomic-dq"
             "r4b triton gluon-dkdv": ("triton", "gluon-dkdv", "pointer"),
             "r4b ws gluon-dkdv": ("ws", "gluon-dkdv", "pointer"),
             "r4b gluon-ws": ("gluon-ws", "split", "pointer"),
-            "r4b gluon-ws gluon-dkdv": ("gluon-ws", "gluon-dkdv", "pointer")}
+            "r4b gluon-ws gluon-dkdv": ("gluon-ws", "gluon-dkdv", "pointer"),
+            "r4b triton ws-bwd": ("triton", "ws", "pointer")}
 
 
 def providers(device: str, mask_ms: dict) -> dict:

@@ -279,6 +279,7 @@ for spec in $specs; do
     ws_rows=""
     [ "$ws_rc" = 0 ] && ws_rows="r4b ws,r4b ws gluon-dkdv,"
     [ "$ws_rc" = 0 ] && [ "$ws_bwd_rc" = 0 ] && ws_rows="${ws_rows}r4b ws fwd+bwd,"
+    [ "$ws_bwd_rc" = 0 ] && ws_rows="${ws_rows}r4b triton ws-bwd,"
     [ "$gws_rc" = 0 ] && ws_rows="${ws_rows}r4b gluon-ws,r4b gluon-ws gluon-dkdv,"
     step "bench: opt-in rows at the anchor (R4B_VARLEN_WS_UNVERIFIED=1; ws forward tests rc=$ws_rc, backward rc=$ws_bwd_rc, gluon-ws rc=$gws_rc)"
     R4B_VARLEN_WS_UNVERIFIED=1 timeout -k 10 "$lim" $PY -m bench.bench_varlen_attention --anchor --providers \
