@@ -128,18 +128,19 @@ if has_test ws_fwd; then
   # the warp-specialised kernels: refused on GPUs since their wrong first run (2026-11-27); the two
   # miscompilations found then are avoided since (their TTGIR is checked for both), and
   # R4B_VARLEN_WS_UNVERIFIED=1 lets these tests run them to verify that; their bench rows follow if they pass
-  # Two runs (2026-11-27, session 10: the forward passed every test that ran, the backward failed its non-causal
-  # boundary tests, and one 150 s run reached 18 of 29): the forward's tests (ws forward + split backward, every
-  # forward config), then the backward's; the bench rows follow for the kernels whose tests passed
+  # Two runs: the forward's tests (every test with the ws forward, with either backward, and every forward config),
+  # then the backward's alone (after the plain Triton forward, and every dQ / dK/dV config): on 2026-11-27 (third
+  # run) a failure that looked like the backward's was the forward's. The bench rows follow for the kernels whose
+  # tests passed.
   step "GPU tests: warp-specialised Triton attention forward (sm_90, R4B_VARLEN_WS_UNVERIFIED=1)"
   R4B_VARLEN_WS_UNVERIFIED=1 gpu_tests 120 pytest_gpu_ws_fwd.log tests/test_varlen_ws.py \
-    -k "bwd-split or test_ws_every_config_gpu"; ws_rc=$?
+    -k "fwd-ws or test_ws_every_config_gpu"; ws_rc=$?
   [ "$ws_rc" -ne 0 ] && test_rc=$ws_rc
 fi
 if has_test ws_bwd; then
   step "GPU tests: warp-specialised Triton attention backward (sm_90, R4B_VARLEN_WS_UNVERIFIED=1)"
   R4B_VARLEN_WS_UNVERIFIED=1 gpu_tests 120 pytest_gpu_ws_bwd.log tests/test_varlen_ws.py \
-    -k "not bwd-split and not test_ws_every_config_gpu"; ws_bwd_rc=$?
+    -k "fwd-triton-bwd-ws or test_ws_backward_every_config_gpu"; ws_bwd_rc=$?
   [ "$ws_bwd_rc" -ne 0 ] && test_rc=$ws_bwd_rc
 fi
 gluon_tests() {  # the Gluon kernels' GPU tests, in the benches' loop (after the benches that decide more)
