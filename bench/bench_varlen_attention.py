@@ -69,8 +69,7 @@ def _timed(case: Case, fwd, q, k, v, do):
 # (R4B_VARLEN_BWD=gluon-dkdv: each the faster of its pair in the 2026-11-27 H200 autotune logs); "r4b gluon-ws":
 # the warp-specialised Gluon forward (a producer warp, two consumer warpgroups; refused on GPUs until its GPU tests
 # pass, R4B_VARLEN_WS_UNVERIFIED=1 runs it); "r4b triton ws-bwd": the Triton forward with the warp-specialised Triton
-# backward (it passed its boundary tests after the Triton forward on an H200, 2026-11-27, and was never timed);
-# "... gluon-ws-bwd" / "r4b gluon-ws fwd+bwd": the warp-specialised Gluon dK/dV kernel beside the Triton dQ kernel
+# backward (it passed its boundary tests after the Triton forward on an H200, 2026-11-27, and was never timed)
 R4B_ROWS = {"r4b triton": ("triton", "split", "pointer"), "r4b triton atomic-dq": ("triton", "atomic", "pointer"),
             "r4b triton tma": ("triton", "split", "tma"), "r4b triton tma atomic-dq": ("triton", "atomic", "tma"),
             "r4b gluon": ("gluon", "split", "pointer"), "r4b gluon fwd+bwd": ("gluon", "gluon", "pointer"),
@@ -79,9 +78,7 @@ R4B_ROWS = {"r4b triton": ("triton", "split", "pointer"), "r4b triton atomic-dq"
             "r4b ws gluon-dkdv": ("ws", "gluon-dkdv", "pointer"),
             "r4b gluon-ws": ("gluon-ws", "split", "pointer"),
             "r4b gluon-ws gluon-dkdv": ("gluon-ws", "gluon-dkdv", "pointer"),
-            "r4b triton ws-bwd": ("triton", "ws", "pointer"),
-            "r4b triton gluon-ws-bwd": ("triton", "gluon-ws", "pointer"),
-            "r4b gluon-ws fwd+bwd": ("gluon-ws", "gluon-ws", "pointer")}
+            "r4b triton ws-bwd": ("triton", "ws", "pointer")}
 
 
 def providers(device: str, mask_ms: dict) -> dict:
@@ -105,13 +102,12 @@ def providers(device: str, mask_ms: dict) -> dict:
                     import r4b.kernels._varlen_gluon  # noqa: F401
                 except ImportError as ex:
                     raise Skip(f"this triton has no Gluon with its Hopper API: {ex}") from None
-            for part, mode in (("fwd", fwd_kernel), ("bwd", bwd)):
-                if mode == "gluon-ws":
-                    from r4b.kernels import _varlen_gluon_ws
+            if fwd_kernel == "gluon-ws":
+                from r4b.kernels import _varlen_gluon_ws
 
-                    why = _varlen_gluon_ws.device_problem(torch.device("cuda"), part)
-                    if why is not None:
-                        raise Skip(f"the warp-specialised Gluon kernels: {why}")
+                why = _varlen_gluon_ws.device_problem(torch.device("cuda"))
+                if why is not None:
+                    raise Skip(f"the warp-specialised Gluon forward: {why}")
             if "ws" in (fwd_kernel, bwd) and device == "cuda":
                 from r4b.kernels import _varlen_ws
 
@@ -576,31 +572,30 @@ def schedule_report(sms: int = 132) -> dict[str, dict[str, float]]:
 
 
 def gluon_ws_report() -> None:
-    """Compile the warp-specialised Gluon forward (R4B_VARLEN_FWD=gluon-ws) and dK/dV kernel
-    (R4B_VARLEN_BWD=gluon-ws) for sm_90 per config, both masks, head dims 64 and 128 (bf16, GQA 4): one line each
-    with the launch's threads, the setmaxnreg values, the wgmma wait depths, the count of mbarrier arrives, the
-    named barriers of 128 threads, ptxas's spills and the shared memory. Needs no GPU; TRITON_INTERPRET unset."""
+    """Compile the warp-specialised Gluon forward (R4B_VARLEN_FWD=gluon-ws) for sm_90 per config, both masks, head
+    dims 64 and 128 (bf16, GQA 4): one line each with the launch's threads, the setmaxnreg values, the wgmma
+    wait depths, the count of mbarrier arrives, the named barriers of 128 threads, ptxas's spills and the shared
+    memory. Needs no GPU; TRITON_INTERPRET unset."""
     import re
 
     from bench.harness import ptxas_report, sm90_compile
     from r4b.kernels import _varlen_gluon_ws as gws
 
-    kernels = [("gluon-ws", gws._fwd_kernel, "BLOCK_N", gws.CONFIGS),
-               ("gluon-ws-dkdv", gws._bwd_dkdv_kernel, "BLOCK_M", gws.DKDV_CONFIGS)]
-    for kind, kernel, block, configs in kernels:
-        for D, (n, stages), causal in ((D, c, causal) for D in (64, 128) for c in configs for causal in (True, False)):
-            kern = sm90_compile(kernel, {"GROUP": 4, "D": D, block: n, "CAUSAL": causal, "STAGES": stages},
-                                _attn_sig, 4, 1)
-            ptx = kern.asm["ptx"]
-            threads = re.search(r"\.reqntid (\d+)", ptx).group(1)
-            regs = sorted({int(r) for r in re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+);", ptx)})
-            waits = sorted(set(re.findall(r"wgmma\.wait_group\.sync\.aligned (\d);", ptx)))
-            arrives = len(re.findall(r"mbarrier\.arrive\.shared::cta\.b64", ptx))
-            bars = sorted(set(re.findall(r"bar\.sync \t?(\d+), 128;", ptx)))
-            spill = re.search(r"(\d+) bytes spill stores", ptxas_report(kern)).group(1)
-            print(f"{kind} D={D} {block[-1]}={n} s{stages} {'causal' if causal else 'full'}: threads={threads} "
-                  f"setmaxnreg={','.join(map(str, regs))} wait_group={','.join(waits)} arrives={arrives} "
-                  f"bar128={','.join(bars)} spill={spill} smem={kern.metadata.shared}", flush=True)
+    for D in (64, 128):
+        for n, stages in gws.CONFIGS:
+            for causal in (True, False):
+                kern = sm90_compile(gws._fwd_kernel, dict(GROUP=4, D=D, BLOCK_N=n, CAUSAL=causal, STAGES=stages),
+                                    _attn_sig, 4, 1)
+                ptx = kern.asm["ptx"]
+                threads = re.search(r"\.reqntid (\d+)", ptx).group(1)
+                regs = sorted({int(r) for r in re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+);", ptx)})
+                waits = sorted(set(re.findall(r"wgmma\.wait_group\.sync\.aligned (\d);", ptx)))
+                arrives = len(re.findall(r"mbarrier\.arrive\.shared::cta\.b64", ptx))
+                bars = sorted(set(re.findall(r"bar\.sync \t?(\d+), 128;", ptx)))
+                spill = re.search(r"(\d+) bytes spill stores", ptxas_report(kern)).group(1)
+                print(f"gluon-ws D={D} N={n} s{stages} {'causal' if causal else 'full'}: threads={threads} "
+                      f"setmaxnreg={','.join(map(str, regs))} wait_group={','.join(waits)} arrives={arrives} "
+                      f"bar128={','.join(bars)} spill={spill} smem={kern.metadata.shared}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

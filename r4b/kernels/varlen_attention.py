@@ -46,12 +46,10 @@ OP = "varlen_attention"
 # kernel and the Gluon dK/dV kernel, each the faster of its pair at the 16k anchor on an H200, 2026-11-27: dQ 0.96
 # vs 1.08 ms, dK/dV 1.45 vs 1.57 ms; forward + backward 3.38 vs split's 3.42 ms in the same run, its GPU tests
 # passed) or "ws" (the split backward warp-specialised by triton's Hopper pass; the interpreter or sm_90, opt-in:
-# _varlen_ws.py), or "gluon-ws" (sm_90: the Triton dQ kernel with the warp-specialised Gluon dK/dV kernel of
-# _varlen_gluon_ws.py; refused on GPUs until its GPU tests pass). Unset: "gluon-dkdv" where the Gluon dK/dV kernel
-# takes the call (a Hopper GPU, bf16, head dim 128, TMA-addressable; what its GPU tests verified), "split"
-# everywhere else (_default_gluon_dkdv).
+# _varlen_ws.py). Unset: "gluon-dkdv" where the Gluon dK/dV kernel takes the call (a Hopper GPU, bf16, head dim
+# 128, TMA-addressable; what its GPU tests verified), "split" everywhere else (_default_gluon_dkdv).
 ENV_BWD = "R4B_VARLEN_BWD"
-BWD_MODES = ("split", "atomic", "gluon", "gluon-dkdv", "gluon-ws", "ws")
+BWD_MODES = ("split", "atomic", "gluon", "gluon-dkdv", "ws")
 ENV_LOADS = "R4B_VARLEN_LOADS"  # the Triton kernels' block loads: "pointer" (default) or "tma" (tensor descriptors)
 # the forward kernel: "triton" (default), "gluon" (sm_90 only, opt-in: _varlen_gluon.py), "gluon-ws" (sm_90 only,
 # Gluon with explicit warp specialisation, a producer warp and two consumer warpgroups; refused on GPUs until its
@@ -798,15 +796,9 @@ if _dispatch.triton_importable():
             gluon = _default_gluon_dkdv(interp, q, k, v)
             mode = "split" if gluon is None else "gluon-dkdv"
         else:
-            gluon = _gluon_module(ENV_BWD, interp, q, k, v) if mode in ("gluon", "gluon-dkdv", "gluon-ws") else None
+            gluon = _gluon_module(ENV_BWD, interp, q, k, v) if mode in ("gluon", "gluon-dkdv") else None
         if gluon is not None and gluon.bwd_problem(q) is not None:
             gluon = None  # a head dim the Gluon backward is not verified at: the Triton kernels
-        if gluon is not None and mode == "gluon-ws":  # refused by name before any kernel runs
-            from . import _varlen_gluon_ws
-
-            why = _varlen_gluon_ws.device_problem(q.device, "bwd")
-            if why is not None:
-                raise RuntimeError(f"${ENV_BWD}=gluon-ws cannot run here: {why}")
         if gluon is not None and gluon.input_problem(do) is not None:
             # a broadcast or odd-strided (or misaligned) gradient: a fresh copy has 16-byte rows and base for TMA
             do = do.clone(memory_format=torch.contiguous_format)
@@ -829,7 +821,7 @@ if _dispatch.triton_importable():
         if ws is not None:
             return ws.backward(do, q, k, v, lse, delta, cu, scale, causal, interp)
         atomic = mode == "atomic"
-        gluon_dkdv = gluon if mode in ("gluon-dkdv", "gluon-ws") else None  # Triton dQ, a Gluon dK/dV kernel
+        gluon_dkdv = gluon if mode == "gluon-dkdv" else None  # the Triton dQ kernel, the Gluon dK/dV kernel
         # dk / dv of the Triton dK/dV kernel (the Gluon one allocates its own)
         dk = None if gluon_dkdv is not None else torch.empty_like(k, memory_format=torch.contiguous_format)
         dv = None if gluon_dkdv is not None else torch.empty_like(v, memory_format=torch.contiguous_format)
@@ -867,11 +859,7 @@ if _dispatch.triton_importable():
             if gluon_dkdv is None:
                 _tuned("dkdv+dq" if atomic else "dkdv", tma_qdo, q.dtype)[
                     lambda m: (triton.cdiv(T, m["BLOCK_N"]) * Hkv,)](*kv_args, **kv_meta)
-        if gluon_dkdv is not None and mode == "gluon-ws":
-            from . import _varlen_gluon_ws
-
-            dk, dv = _varlen_gluon_ws.backward_dkdv(do, q, k, v, lse, delta, cu, scale, causal)
-        elif gluon_dkdv is not None:
+        if gluon_dkdv is not None:
             _, dk, dv = gluon_dkdv.backward(do, q, k, v, lse, delta, cu, scale, causal, with_dq=False)
         if atomic:
             dq = dq32.to(q.dtype)
