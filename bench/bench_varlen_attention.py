@@ -574,11 +574,12 @@ def schedule_report(sms: int = 132) -> dict[str, dict[str, float]]:
 def gluon_ws_report() -> None:
     """Compile the warp-specialised Gluon forward (R4B_VARLEN_FWD=gluon-ws) for sm_90 per config, both masks, head
     dims 64 and 128 (bf16, GQA 4): one line each with the launch's threads, the setmaxnreg values, the wgmma
-    wait depths, the count of mbarrier arrives, the named barriers of 128 threads, ptxas's spills and the shared
-    memory. Needs no GPU; TRITON_INTERPRET unset."""
+    wait depths, the count of mbarrier arrives, the named barriers of 128 threads, ptxas's spills, its warnings of
+    serialised wgmma (the products waited for one by one) and the shared memory. Needs no GPU; TRITON_INTERPRET
+    unset."""
     import re
 
-    from bench.harness import ptxas_report, sm90_compile
+    from bench.harness import ptxas_report, ptxas_serialised_wgmma, sm90_compile
     from r4b.kernels import _varlen_gluon_ws as gws
 
     for D in (64, 128):
@@ -593,9 +594,11 @@ def gluon_ws_report() -> None:
                 arrives = len(re.findall(r"mbarrier\.arrive\.shared::cta\.b64", ptx))
                 bars = sorted(set(re.findall(r"bar\.sync \t?(\d+), 128;", ptx)))
                 spill = re.search(r"(\d+) bytes spill stores", ptxas_report(kern)).group(1)
+                serial = len(ptxas_serialised_wgmma(kern))
                 print(f"gluon-ws D={D} N={n} s{stages} {'causal' if causal else 'full'}: threads={threads} "
                       f"setmaxnreg={','.join(map(str, regs))} wait_group={','.join(waits)} arrives={arrives} "
-                      f"bar128={','.join(bars)} spill={spill} smem={kern.metadata.shared}", flush=True)
+                      f"bar128={','.join(bars)} spill={spill} serialised={serial} smem={kern.metadata.shared}",
+                      flush=True)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
