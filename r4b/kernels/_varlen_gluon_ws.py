@@ -29,6 +29,11 @@ R4B_VARLEN_WS_UNVERIFIED=1 runs it for that check): it has never run on a GPU. W
 for sm_90, checks the compiled partitions and a float64 transcription of its logic
 (tests/test_varlen_gluon_ws.py).
 Supported: CUDA capability 9.x, bf16 / fp16, head dim 64 or 128, TMA-addressable (T, H, D) tensors.
+
+A dK/dV kernel of the same layout (commit 5ec2822: two consumer warpgroups of 64 keys with dV and dK in flight
+across steps, the producer streaming the GQA group's Q / dO blocks) was withdrawn the same day: ptxas serialised
+every one of its products (C7512, "insufficient register resources") under the 232 / 232 / 40 register split, so
+it could only be slower than _varlen_gluon's; this forward's compile is checked for that warning.
 """
 from __future__ import annotations
 
