@@ -215,16 +215,18 @@ def providers(device: str) -> dict:
         # its GEMMs alone (session 10: the floor read 795 TFLOP/s on a cool card and 686 under load, so x_floor
         # moved 1.10 -> 1.18 for the same kernel; this row splits r4b's time into GEMMs and the rest)
         "cublas gemms only": gemms_only,
-        # the same with other chunk sizes (tuning data), and without skipping the backward GEMMs of the masked
-        # rows (the 10% of rows no provider trains: the row a peer computing every row compares with)
-        # 2026-11-26 H100: 1 GiB (default) 57.3 ms / 1.84 GiB, 512 MiB 59.0 / 1.32, 256 MiB 63.9 / 1.10: does a
-        # 1664 MiB chunk (3 chunks of 5632 rows at the anchor, about 2.5 GiB peak: under Liger's 2.99) gain more?
+        # the peers before the tuning rows: a call cut at its time limit (2026-11-27, H200: after the Liger chunked
+        # row, the Liger Triton one lost) keeps the comparisons the targets read
+        "liger triton": liger_triton,
+        "liger chunked": liger_chunked,
+        # without skipping the backward GEMMs of the masked rows (the 10% of rows no provider trains: the row a
+        # peer computing every row compares with), then other chunk sizes (tuning data; 2026-11-26 H100 and three
+        # H200 runs of 2026-11-27: 1664 MiB within noise of the 1 GiB default at 0.7 GiB more, 512 / 256 MiB
+        # slower)
+        "r4b chunked no-skip": r4b("triton", "chunked", skip_zero_rows=False),
         "r4b chunked 1664MiB": r4b("triton", "chunked", chunk_bytes=1664 << 20),
         "r4b chunked 512MiB": r4b("triton", "chunked", chunk_bytes=512 << 20),
         "r4b chunked 256MiB": r4b("triton", "chunked", chunk_bytes=256 << 20),
-        "r4b chunked no-skip": r4b("triton", "chunked", skip_zero_rows=False),
-        "liger chunked": liger_chunked,
-        "liger triton": liger_triton,
         # 0.8 s and 1.6 s per call at the anchor shape on an H100 (14x and 28x the chunked path): timed at the
         # N=4096 shape only, so that one GPU run has time for the cases after the anchor
         "r4b triton tiled": r4b("triton", "tiled", max_n=4096),
