@@ -7,8 +7,8 @@ TFLOP/s use flash-attn's accounting: forward = 4 * L^2 * Hq * D per document, ha
 prints registers / spills per autotune config (ptxas -v), the measurement behind the config lists
 (``--aot-first``: the first config of each list only, what tests/test_varlen_attention.py runs; ``--aot-ws``: the
 warp-specialised forward's configs, whether triton's Hopper pass specialised them, tests/test_varlen_ws.py;
-``--aot-gluon-ws``: the warp-specialised Gluon forward's partitions, tests/test_varlen_gluon_ws.py;
-``--aot-serialised[-all]``: ptxas's serialised-wgmma warnings per kernel, the first config or all). ``--sched``
+``--aot-gluon-ws``: the warp-specialised Gluon forward's partitions, tests/test_varlen_gluon_ws.py; every report
+carries ptxas's "Potential Performance Loss" warnings, e.g. serialised wgmma). ``--sched``
 prints the list-scheduling model behind the kernels' grid order (no GPU needed).
 """
 
@@ -572,50 +572,6 @@ def schedule_report(sms: int = 132) -> dict[str, dict[str, float]]:
     return out
 
 
-def serialised_report(first_only: bool = True) -> None:
-    """For every attention kernel family (Triton fwd / dQ / dK/dV, Gluon fwd / dK/dV / dQ, ws fwd / dQ / dK/dV; bf16,
-    D 128, causal, GQA 4), the first config (or every config) compiled for sm_90, one line each: the count of
-    ptxas's serialised-wgmma warnings (C7512-style: every tensor-core product then waits for the one before, which
-    the PTX's wait depths do not show). A withdrawn Gluon dK/dV kernel had them (2026-11-27). Needs no GPU."""
-    import importlib
-
-    from bench.harness import ptxas_serialised_wgmma, sm90_compile
-
-    va = importlib.import_module("r4b.kernels.varlen_attention")
-    qdo_off = {"TMA": False, "TMA_DQ": False, "WIDE_HEADS": False}
-    base = {"GROUP": 4, "D": 128, "CAUSAL": True}
-    jobs = []
-    for kind, kern, cfgs, tile, extra in (
-            ("fwd", va._fwd_kernel, va.FWD_CONFIGS, ("BLOCK_M", "BLOCK_N"), {"TMA": False}),
-            ("dq", va._bwd_dq_kernel, va.DQ_CONFIGS, ("BLOCK_M", "BLOCK_N"), {"TMA": False}),
-            ("dkdv", va._bwd_dkdv_kernel, va.DKDV_CONFIGS, ("BLOCK_N", "BLOCK_M"), {"ATOMIC_DQ": False, **qdo_off})):
-        for a, b, warps, stages in cfgs[:1] if first_only else cfgs:
-            meta = {**base, "BLOCK_D": 128, "DOT_PREC": "tf32", tile[0]: a, tile[1]: b, **extra}
-            jobs.append((f"{kind} {a}x{b} w{warps} s{stages}", kern, meta, warps, stages))
-    try:
-        vg = importlib.import_module("r4b.kernels._varlen_gluon")
-        ws = importlib.import_module("r4b.kernels._varlen_ws")
-    except ImportError:  # a triton without Gluon's Hopper API
-        vg = ws = None
-    if vg is not None:
-        for kind, kern, cfgs, tile in (("fwd-gluon", vg._fwd_kernel, vg.CONFIGS, ("BLOCK_M", "BLOCK_N")),
-                                       ("dkdv-gluon", vg._bwd_dkdv_kernel, vg.DKDV_CONFIGS, ("BLOCK_N", "BLOCK_M")),
-                                       ("dq-gluon", vg._bwd_dq_kernel, vg.DQ_CONFIGS, ("BLOCK_M", "BLOCK_N"))):
-            for a, b, warps, stages in cfgs[:1] if first_only else cfgs:
-                meta = {**base, tile[0]: a, tile[1]: b, "STAGES": stages, "NUM_WARPS": warps}
-                jobs.append((f"{kind} {a}x{b} w{warps} s{stages}", kern, meta, warps, 1))
-        for kind, kern, cfgs, tile in (("fwd-ws", ws._ws_fwd_kernel, ws.CONFIGS, ("BLOCK_M", "BLOCK_N")),
-                                       ("dq-ws", ws._ws_dq_kernel, ws.DQ_CONFIGS, ("BLOCK_M", "BLOCK_N")),
-                                       ("dkdv-ws", ws._ws_dkdv_kernel, ws.DKDV_CONFIGS, ("BLOCK_N", "BLOCK_M"))):
-            for inner, stages in cfgs[:1] if first_only else cfgs:
-                meta = {**base, tile[0]: ws.BLOCK_M, tile[1]: inner, "WS": True}
-                jobs.append((f"{kind} {ws.BLOCK_M}x{inner} w{ws.NUM_WARPS} s{stages}", kern, meta, ws.NUM_WARPS,
-                             stages))
-    for label, kern, meta, warps, stages in jobs:
-        found = ptxas_serialised_wgmma(sm90_compile(kern, meta, _attn_sig, warps, stages))
-        print(f"serialised {label}: {len(found)}{': ' + found[0] if found else ''}", flush=True)
-
-
 def gluon_ws_report() -> None:
     """Compile the warp-specialised Gluon forward (R4B_VARLEN_FWD=gluon-ws) for sm_90 per config, both masks, head
     dims 64 and 128 (bf16, GQA 4): one line each with the launch's threads, the setmaxnreg values, the wgmma
@@ -624,7 +580,7 @@ def gluon_ws_report() -> None:
     unset."""
     import re
 
-    from bench.harness import ptxas_report, ptxas_serialised_wgmma, sm90_compile
+    from bench.harness import ptxas_report, sm90_compile
     from r4b.kernels import _varlen_gluon_ws as gws
 
     for D in (64, 128):
@@ -638,8 +594,9 @@ def gluon_ws_report() -> None:
                 waits = sorted(set(re.findall(r"wgmma\.wait_group\.sync\.aligned (\d);", ptx)))
                 arrives = len(re.findall(r"mbarrier\.arrive\.shared::cta\.b64", ptx))
                 bars = sorted(set(re.findall(r"bar\.sync \t?(\d+), 128;", ptx)))
-                spill = re.search(r"(\d+) bytes spill stores", ptxas_report(kern)).group(1)
-                serial = len(ptxas_serialised_wgmma(kern))
+                report = ptxas_report(kern)
+                spill = re.search(r"(\d+) bytes spill stores", report).group(1)
+                serial = report.count("Potential Performance Loss")
                 print(f"gluon-ws D={D} N={n} s{stages} {'causal' if causal else 'full'}: threads={threads} "
                       f"setmaxnreg={','.join(map(str, regs))} wait_group={','.join(waits)} arrives={arrives} "
                       f"bar128={','.join(bars)} spill={spill} serialised={serial} smem={kern.metadata.shared}",
@@ -648,9 +605,6 @@ def gluon_ws_report() -> None:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     argv = argv or []
-    if "--aot-serialised" in argv or "--aot-serialised-all" in argv:  # ptxas's serialised-wgmma warnings
-        serialised_report(first_only="--aot-serialised" in argv)
-        return []
     if "--aot-gluon-ws" in argv:  # the warp-specialised Gluon forward, every config
         gluon_ws_report()
         return []

@@ -453,8 +453,11 @@ def global_memory_ops(ptx: str) -> dict[str, int]:
     return counts
 
 
-def _ptxas_stderr(compiled) -> str:
-    """ptxas -v's output (triton's bundled ptxas, sm_90a) for a kernel from :func:`sm90_compile`."""
+def ptxas_report(compiled) -> str:
+    """ptxas's register / spill report (triton's bundled ptxas, sm_90a) of a kernel from :func:`sm90_compile`, with
+    its "Potential Performance Loss" warnings when it gives any (C7510-C7515: wgmma.mma_async serialised, e.g. for
+    insufficient register resources: every tensor-core product then waits for the one before, whatever the PTX's
+    wgmma.wait_group depths say; a withdrawn warp-specialised Gluon dK/dV kernel had it, 2026-11-27)."""
     import subprocess
     import tempfile
 
@@ -468,20 +471,8 @@ def _ptxas_stderr(compiled) -> str:
                            check=True)
     finally:
         os.unlink(f.name)
-    return r.stderr
-
-
-def ptxas_report(compiled) -> str:
-    """ptxas's register / spill report (triton's bundled ptxas, sm_90a) of a kernel from :func:`sm90_compile`."""
-    return "; ".join(line.split(":", 1)[-1].strip() for line in _ptxas_stderr(compiled).splitlines()
-                     if "registers" in line or "spill" in line)
-
-
-def ptxas_serialised_wgmma(compiled) -> list[str]:
-    """ptxas's "Potential Performance Loss" warnings of a kernel (C7510-C7515: wgmma.mma_async serialised, e.g.
-    for insufficient register resources: then every product waits for the one before it, whatever the PTX's
-    wgmma.wait_group depths say). Empty when ptxas keeps the products asynchronous."""
-    return [line.strip() for line in _ptxas_stderr(compiled).splitlines() if "Potential Performance Loss" in line]
+    return "; ".join(line.split(":", 1)[-1].strip() for line in r.stderr.splitlines()
+                     if "registers" in line or "spill" in line or "Potential Performance Loss" in line)
 
 
 def sm90_ptxas(kern, constexprs: dict, sig_of: Callable[[str], str], warps: int, stages: int) -> tuple[str, int]:

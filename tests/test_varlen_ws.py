@@ -295,6 +295,7 @@ def test_ws_kernels_are_warp_specialised_for_sm90():
             # no shared-memory overlap between buffers the partitions use at once (ws_smem_problems: the
             # hypothesis for the third H200 run's NaN and racecheck hazards, found absent in every config)
             assert "smem overlaps=0" in line, line
+            assert "Potential Performance Loss" not in line, line  # ptxas did not serialise its wgmma
 
 
 def test_ws_ir_check_finds_the_first_gpu_runs_miscompilations():
