@@ -775,15 +775,11 @@ if _dispatch.triton_importable():
         q / k / v), else None: no error, the Triton kernels run."""
         if interp or q.device.type != "cuda" or q.dtype != torch.bfloat16:
             return None
-        try:
-            from . import _varlen_gluon
-        except ImportError:
+        try:  # the checks of the variable asked for by name, whose refusals here mean "not this call"
+            gluon = _gluon_module(ENV_BWD, interp, q, k, v)
+        except RuntimeError:
             return None
-        if (_varlen_gluon.device_problem(q.device) or _varlen_gluon.input_problem(q, k, v)
-                or _varlen_gluon.bwd_problem(q)) is not None:
-            return None
-        _ensure_allocator()
-        return _varlen_gluon
+        return None if gluon is None or gluon.bwd_problem(q) is not None else gluon
 
     def _bwd(do, q, k, v, o, lse, cu, scale, causal):
         T, Hq, D = q.shape
