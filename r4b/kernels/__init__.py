@@ -9,6 +9,7 @@ from .fused_linear_grpo_loss import fused_linear_grpo_loss, fused_linear_grpo_lo
 from .fused_linear_logprobs import fused_linear_logprobs, fused_linear_logprobs_ref
 from .group_advantages import group_advantages, group_advantages_ref
 from .pack import Packed, pack_sequences, unpack, unpack_padded
+from .qk_norm_rope import qk_norm_rope, qk_norm_rope_ref
 from .rms_norm import rms_norm, rms_norm_ref
 from .rope import rope, rope_ref
 from .swiglu import swiglu, swiglu_ref
@@ -29,6 +30,8 @@ __all__ = [
     "fused_linear_grpo_loss_ref",
     "fused_linear_logprobs",
     "fused_linear_logprobs_ref",
+    "qk_norm_rope",
+    "qk_norm_rope_ref",
     "rms_norm",
     "rms_norm_ref",
     "rope",

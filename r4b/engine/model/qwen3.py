@@ -46,8 +46,9 @@ class Qwen3Attention(nn.Module):
         q = self.q_proj(x).view(T, self.num_heads, self.head_dim)  # (T, Hq, D)
         k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
         v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
-        q = kernels.rope(self.q_norm(q), position_ids, self.rope_theta)
-        k = kernels.rope(self.k_norm(k), position_ids, self.rope_theta)
+        # q_norm, k_norm and RoPE in one fused op (one kernel each way on the Triton backend)
+        q, k = kernels.qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, position_ids, self.q_norm.eps,
+                                    self.rope_theta)
         return q, k, v
 
     def forward(self, x: Tensor, position_ids: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
