@@ -27,6 +27,8 @@ def cases(quick: bool) -> list[Case]:
         ("rope", f"q T={T},H={hq},D={d}", (T, hq, d), 2, 4),
         ("rope", f"k T={T},H={hkv},D={d}", (T, hkv, d), 2, 4),
         ("swiglu", f"T={T},I={inter}", (T, inter), 3, 8),  # fwd: gate, up -> y; bwd: dy, gate, up -> dg, du
+        # q and k together: (T, Hq + Hkv, D) elements; fwd: read q, k, write them; bwd: dy, x -> dx
+        ("qk_norm_rope", f"q+k T={T},Hq={hq},Hkv={hkv},D={d}", (T, hq + hkv, d), 2, 5),
     ]
     out = []
     for op, label, shape, fwd_io, all_io in shapes:
@@ -34,13 +36,19 @@ def cases(quick: bool) -> list[Case]:
         for s in shape:
             n *= s
         for mode, io in (("fwd", fwd_io), ("fwd+bwd", all_io)):
-            out.append(Case(f"{op} {mode} {label}", {"op": op, "mode": mode, "shape": shape}, bytes=io * n * el))
+            params = {"op": op, "mode": mode, "shape": shape}
+            if op == "qk_norm_rope":
+                params["q_heads"] = hq
+            out.append(Case(f"{op} {mode} {label}", params, bytes=io * n * el))
     return out
 
 
 def _fns(op: str):
-    from r4b.kernels import rms_norm, rms_norm_ref, rope, rope_ref, swiglu, swiglu_ref
+    from r4b.kernels import qk_norm_rope, qk_norm_rope_ref, rms_norm, rms_norm_ref, rope, rope_ref, swiglu, swiglu_ref
 
+    if op == "qk_norm_rope":  # other: (k, q_weight, k_weight, position_ids)
+        return (lambda q, o, backend: qk_norm_rope(q, o[0], o[1], o[2], o[3], backend=backend)), \
+            (lambda q, o: qk_norm_rope_ref(q, *o))
     if op == "rms_norm":
         return (lambda x, w, backend: rms_norm(x, w, backend=backend)), rms_norm_ref
     if op == "rope":
@@ -53,6 +61,15 @@ def _inputs(case: Case, device: str):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     gen = torch.Generator(device=device).manual_seed(0)
     grad = p["mode"] != "fwd"
+    if p["op"] == "qk_norm_rope":
+        T, heads, D = p["shape"]
+        hq = p["q_heads"]
+        q = torch.randn((T, hq, D), device=device, dtype=dtype, generator=gen).requires_grad_(grad)
+        k = torch.randn((T, heads - hq, D), device=device, dtype=dtype, generator=gen).requires_grad_(grad)
+        wq, wk = (torch.rand(D, device=device, dtype=dtype, generator=gen).requires_grad_(grad) for _ in range(2))
+        pos = (torch.arange(T, device=device) % 4096).long()
+        dys = tuple(torch.randn(t.shape, device=device, dtype=dtype, generator=gen) for t in (q, k))
+        return q, (k, wq, wk, pos), (q, k, wq, wk), dys
     x = torch.randn(p["shape"], device=device, dtype=dtype, generator=gen).requires_grad_(grad)
     if p["op"] == "rms_norm":
         other = torch.rand(p["shape"][-1], device=device, dtype=dtype, generator=gen).requires_grad_(grad)
@@ -84,6 +101,22 @@ def providers(device: str) -> dict:
         x, other, wrt, dy = _inputs(case, device)
         return _timed(case, lambda a, b: public(a, b, "triton"), x, other, wrt, dy)
 
+    def unfused(case: Case):  # what qk_norm_rope replaces: rope(rms_norm(x)) for q and for k, 4 Triton kernels
+        from r4b.kernels import available_backends, rms_norm, rope
+
+        if case.params["op"] != "qk_norm_rope":
+            raise Skip("the unfused provider is the qk_norm_rope cases' baseline")
+        if "triton" not in available_backends("rope", device):
+            raise Skip(f"triton unavailable on {device} (set TRITON_INTERPRET=1 on the CPU)")
+
+        def fn(q, o):
+            k, wq, wk, pos = o
+            return (rope(rms_norm(q, wq, backend="triton"), pos, backend="triton"),
+                    rope(rms_norm(k, wk, backend="triton"), pos, backend="triton"))
+
+        x, other, wrt, dy = _inputs(case, device)
+        return _timed(case, fn, x, other, wrt, dy)
+
     def eager(case: Case):
         _, ref = _fns(case.params["op"])
         x, other, wrt, dy = _inputs(case, device)
@@ -97,7 +130,7 @@ def providers(device: str) -> dict:
         return _timed(case, torch.compile(ref, dynamic=False), x, other, wrt, dy)
 
     # eager first: the reference of the result check; torch.compile in a second pass (see main)
-    return {"torch eager": eager, "r4b triton": r4b, "torch.compile": compiled}
+    return {"torch eager": eager, "r4b triton": r4b, "r4b triton unfused": unfused, "torch.compile": compiled}
 
 
 def _cp_async_ops(ptx: str) -> dict[str, int]:
@@ -153,6 +186,15 @@ def aot_report() -> list[str]:
             continue
         meta = {"HALF": 64, "BLOCK_HALF": 64, "BLOCK_T": t, "INVERSE": False}
         jobs.append((f"rope D=128 T{t}", rope._rope_kernel, meta, sig(("X", "Y"), ("INV_FREQ",), ("POS",)), w, ()))
+    # the fused q/k norm + RoPE, both directions, every config its pruning keeps at D=128
+    qkr = importlib.import_module("r4b.kernels.qk_norm_rope")
+    qsig = sig(("Q", "K", "WQ", "WK", "YQ", "YK", "DYQ", "DYK", "DXQ", "DXK"), ("INV_FREQ", "DW_PART"), ("POS",))
+    for t, w in qkr.CONFIGS:
+        if t * 64 > 4096:
+            continue
+        meta = {"HALF": 64, "BLOCK_HALF": 64, "BLOCK_T": t}
+        jobs.append((f"qk_norm_rope fwd D=128 T{t}", qkr._fwd_kernel, meta, qsig, w, ()))
+        jobs.append((f"qk_norm_rope bwd D=128 T{t}", qkr._bwd_kernel, meta, qsig, w, ()))
     ssig = sig(("G", "U", "Y", "DY", "DG", "DU"))
     # integer arguments the launchers leave specialised get the runtime's divisibility-by-16 hint at these shapes
     for bm, bn, w in swi.CONFIGS:
@@ -200,8 +242,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     # (torch.compile of the eager reference is not result-checked)
     provs = providers(device)
     first = {k: provs[k] for k in ("torch eager", "r4b triton")}
-    rows = run_bench("norms", cases(quick), first, device=device, quick=quick, extra_columns=extra,
-                     check_tol=CHECK_TOL[device], graph=True)
+    # the qk_norm_rope cases first (the newest kernel: a time limit cuts the last rows), with the four unfused
+    # kernels that the fused op replaces as a third provider
+    qk = [c for c in cases(quick) if c.params["op"] == "qk_norm_rope"]
+    rows = run_bench("norms", qk, {**first, "r4b triton unfused": provs["r4b triton unfused"]}, device=device,
+                     quick=quick, extra_columns=extra, check_tol=CHECK_TOL[device], graph=True)
+    rows = run_bench("norms", [c for c in cases(quick) if c not in qk], first, device=device, quick=quick,
+                     extra_columns=extra, check_tol=CHECK_TOL[device], graph=True, prior_rows=rows)
     return run_bench("norms", cases(quick), {"torch.compile": provs["torch.compile"]}, device=device, quick=quick,
                      extra_columns=extra, prior_rows=rows)
 

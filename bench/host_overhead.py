@@ -44,7 +44,7 @@ def main() -> None:
 
     from triton.runtime.interpreter import InterpretedFunction
 
-    from r4b.kernels import rms_norm, rope, swiglu
+    from r4b.kernels import qk_norm_rope, rms_norm, rope, swiglu
 
     InterpretedFunction.run = _noop_run
     # outputs are left as torch.empty made them: the weight gradient's sum may meet denormals
@@ -58,7 +58,9 @@ def main() -> None:
     pos = torch.arange(64)
     g, u = torch.randn(64, 512), torch.randn(64, 512)
     gg, ug = g.clone().requires_grad_(), u.clone().requires_grad_()
-    dy_x, dy_q, dy_g = torch.ones_like(x), torch.ones_like(q), torch.ones_like(g)
+    k, wh = torch.randn(64, 2, 128), torch.randn(128)
+    kg, whg, wkg = k.clone().requires_grad_(), wh.clone().requires_grad_(), wh.clone().requires_grad_()
+    dy_x, dy_q, dy_g, dy_k = torch.ones_like(x), torch.ones_like(q), torch.ones_like(g), torch.ones_like(k)
 
     def fwd_bwd(out, dy, *leaves):
         torch.autograd.backward(out, dy)
@@ -72,6 +74,12 @@ def main() -> None:
         "rope fwd+bwd": lambda: fwd_bwd(rope(qg, pos), dy_q, qg),
         "swiglu fwd": lambda: swiglu(g, u),
         "swiglu fwd+bwd": lambda: fwd_bwd(swiglu(gg, ug), dy_g, gg, ug),
+        # the attention input's q/k norm + RoPE: fused, and the four ops it replaces
+        "qk_norm_rope fwd": lambda: qk_norm_rope(q, k, wh, wh, pos),
+        "qk_norm_rope fwd+bwd": lambda: fwd_bwd(qk_norm_rope(qg, kg, whg, wkg, pos), (dy_q, dy_k), qg, kg, whg, wkg),
+        "unfused q/k norm + rope fwd": lambda: (rope(rms_norm(q, wh), pos), rope(rms_norm(k, wh), pos)),
+        "unfused q/k norm + rope fwd+bwd": lambda: fwd_bwd((rope(rms_norm(qg, whg), pos), rope(rms_norm(kg, wkg), pos)),
+                                                           (dy_q, dy_k), qg, kg, whg, wkg),
     }
     ref = {"torch.empty_like (reference)": lambda: torch.empty_like(x)}
     for name, fn in {**ref, **rows}.items():

@@ -143,6 +143,16 @@ def _small_op_targets(folder: Path) -> list[str]:
         g = f" / {graph:.0f}% in a graph" if graph is not None else ""
         out.append(f"  norms {r['case']}: {launched:.0f}% of copy launched{g}{same} (target >= "
                    f"{SMALL_OP_TARGET:.0f}%) {status}")
+    # a fused op against the unfused kernels it replaces (qk_norm_rope), in the same run
+    by = {(r.get("case"), r.get("provider")): r for r in json.loads(f.read_text())["rows"] if r.get("ms")}
+    for (case, prov), r in by.items():
+        u = by.get((case, "r4b triton unfused"))
+        if prov != "r4b triton" or u is None:
+            continue
+        line = f"  norms {case}: fused {r['ms']:.3f} ms vs unfused {u['ms']:.3f} ms launched ({u['ms'] / r['ms']:.2f}x)"
+        if r.get("graph_ms") and u.get("graph_ms"):
+            line += f", {r['graph_ms']:.3f} vs {u['graph_ms']:.3f} in a graph ({u['graph_ms'] / r['graph_ms']:.2f}x)"
+        out.append(line)
     return out
 
 

@@ -128,6 +128,13 @@ def test_summary_targets_compare_the_best_r4b_row_with_the_peer_and_skip_mismatc
         "  norms rope fwd: 40% of copy launched / 86% in a graph; of a same-size copy 60% / 97% (target >= 85%) "
         "MET in a graph",
         "  norms rope bwd: 40% of copy launched / 70% in a graph (target >= 85%) not met"], out
+    # a fused op against the unfused kernels it replaces, timed in the same run
+    norms += [{"case": "qk fwd", "provider": "r4b triton", "ms": 0.1, "graph_ms": 0.08},
+              {"case": "qk fwd", "provider": "r4b triton unfused", "ms": 0.3, "graph_ms": 0.12},
+              {"case": "qk fwd", "provider": "torch eager", "ms": 1.0}]
+    (tmp_path / "norms.json").write_text(json.dumps({"rows": norms}))
+    assert targets(tmp_path).splitlines()[-1] == (
+        "  norms qk fwd: fused 0.100 ms vs unfused 0.300 ms launched (3.00x), 0.080 vs 0.120 in a graph (1.50x)")
 
 
 def test_summary_table_prints_checked_reference_and_unchecked_rows(tmp_path):

@@ -165,7 +165,7 @@ def test_public_ops_switch_to_their_tensors_cuda_device(monkeypatch):
     assert op(torch.zeros(2), y=fake) == 1 and entered == [torch.device("cuda", 1)]
     monkeypatch.setattr(FakeCuda, "device", torch.device("cuda", 0))
     assert op(fake) == 1  # already current: no switch
-    for name in ("rms_norm", "rope", "swiglu", "varlen_attention", "fused_linear_grpo_loss",
+    for name in ("rms_norm", "rope", "qk_norm_rope", "swiglu", "varlen_attention", "fused_linear_grpo_loss",
                  "fused_linear_cross_entropy", "fused_linear_logprobs", "group_advantages"):
         fn = getattr(importlib.import_module("r4b.kernels"), name)
         assert fn.__wrapped__ is not None, name  # decorated with on_tensor_device

@@ -1,7 +1,7 @@
-"""The small memory-bound ops' Triton kernels (rms_norm, rope, swiglu) compiled for sm_90 without a GPU, at the
-bench shapes with the launchers' own blocks and warps: no register spills, and tiles read and written in 16-byte
-vectors. (swiglu with its column count unspecialised read bf16 element by element: 64 ld.global.b16 a thread, and
-moved 2.0 TB/s on an H100 where torch.compile moved 3.0.)"""
+"""The small memory-bound ops' Triton kernels (rms_norm, rope, swiglu, qk_norm_rope) compiled for sm_90 without a
+GPU, at the bench shapes with the launchers' own blocks and warps: no register spills, and tiles read and written in
+16-byte vectors. (swiglu with its column count unspecialised read bf16 element by element: 64 ld.global.b16 a
+thread, and moved 2.0 TB/s on an H100 where torch.compile moved 3.0.)"""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from tests._aot import run_aot_report
 
 ROPE_CONFIGS = importlib.import_module("r4b.kernels.rope").CONFIGS
 SWIGLU_CONFIGS = importlib.import_module("r4b.kernels.swiglu").CONFIGS
+QKR_CONFIGS = importlib.import_module("r4b.kernels.qk_norm_rope").CONFIGS
 
 
 def test_small_ops_compile_for_sm90_vectorised_without_spills():
@@ -28,6 +29,8 @@ def test_small_ops_compile_for_sm90_vectorised_without_spills():
         assert sum(x.startswith(f"rms_norm bwd D={D} ") for x in labels) == len(kept) >= 1, out
     assert sum(x.startswith("rope D=128 T") for x in labels) == len(ROPE_CONFIGS), out
     assert sum(x.startswith("swiglu fwd I=9728 ") for x in labels) == len(SWIGLU_CONFIGS), out
+    for direction in ("fwd", "bwd"):
+        assert sum(x.startswith(f"qk_norm_rope {direction} D=128 T") for x in labels) == len(QKR_CONFIGS), out
     assert sum(x.startswith("swiglu bwd I=9728 ") for x in labels) == len(SWIGLU_CONFIGS), out
     for line in lines:
         assert "0 bytes spill stores" in line, line

@@ -71,13 +71,16 @@ if _dispatch.triton_importable():
         return toks.to(tl.int64)[:, None], cols, cmask, tmask[:, None] & cmask[None, :], tl.cos(ang), tl.sin(ang)
 
     @triton.jit(do_not_specialize=["T", "HQ", "HK", "t_bucket"])
-    def _fwd_kernel(Q, K, WQ, WK, POS, INV_FREQ, YQ, YK, T, HQ, HK, t_bucket, sqt, sqh, skt, skh, syqt, syqh, sykt,
-                    sykh, eps, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_T: tl.constexpr):
+    def _fwd_kernel(Q, K, WQ, WK, POS, INV_FREQ, YQ, YK, T, HQ, HK, t_bucket, stride_qt, stride_qh, stride_kt,
+                    stride_kh, stride_yqt, stride_yqh, stride_ykt, stride_ykh, eps, HALF: tl.constexpr,
+                    BLOCK_HALF: tl.constexpr, BLOCK_T: tl.constexpr):
         # One program: BLOCK_T tokens, all their q heads then all their k heads; cos / sin formed once for both.
         # t_bucket is only the autotune key's row bucket.
         t64, cols, cmask, mask, c32, s32 = _angles(POS, INV_FREQ, T, BLOCK_T, BLOCK_HALF, HALF)
-        _fwd_heads(Q, WQ, YQ, HQ, sqt, sqh, syqt, syqh, t64, cols, cmask, mask, c32, s32, eps, HALF)
-        _fwd_heads(K, WK, YK, HK, skt, skh, sykt, sykh, t64, cols, cmask, mask, c32, s32, eps, HALF)
+        _fwd_heads(Q, WQ, YQ, HQ, stride_qt, stride_qh, stride_yqt, stride_yqh, t64, cols, cmask, mask, c32, s32, eps,
+                   HALF)
+        _fwd_heads(K, WK, YK, HK, stride_kt, stride_kh, stride_ykt, stride_ykh, t64, cols, cmask, mask, c32, s32, eps,
+                   HALF)
 
     @triton.jit
     def _bwd_heads(DY, X, W, DX, DW_PART, H, stride_dyt, stride_dyh, stride_xt, stride_xh, stride_dxt, stride_dxh,
@@ -119,17 +122,18 @@ if _dispatch.triton_importable():
         tl.store(DW_PART + HALF + cols, tl.sum(dw2, 0), mask=cmask)
 
     @triton.jit(do_not_specialize=["T", "HQ", "HK", "t_bucket"])
-    def _bwd_kernel(DYQ, DYK, Q, K, WQ, WK, POS, INV_FREQ, DXQ, DXK, DW_PART, T, HQ, HK, t_bucket, sdyqt, sdyqh,
-                    sdykt, sdykh, sqt, sqh, skt, skh, sdxqt, sdxqh, sdxkt, sdxkh, eps, HALF: tl.constexpr,
-                    BLOCK_HALF: tl.constexpr, BLOCK_T: tl.constexpr):
+    def _bwd_kernel(DYQ, DYK, Q, K, WQ, WK, POS, INV_FREQ, DXQ, DXK, DW_PART, T, HQ, HK, t_bucket, stride_dyqt,
+                    stride_dyqh, stride_dykt, stride_dykh, stride_qt, stride_qh, stride_kt, stride_kh, stride_dxqt,
+                    stride_dxqh, stride_dxkt, stride_dxkh, eps, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                    BLOCK_T: tl.constexpr):
         # One program: BLOCK_T tokens' q heads then k heads; its weight-gradient partials go to row pid of the
         # (programs, 2, 2 HALF) DW_PART (q's at [pid, 0], k's at [pid, 1]), summed over programs by the caller.
         t64, cols, cmask, mask, c32, s32 = _angles(POS, INV_FREQ, T, BLOCK_T, BLOCK_HALF, HALF)
         part = DW_PART + tl.program_id(0).to(tl.int64) * (4 * HALF)
-        _bwd_heads(DYQ, Q, WQ, DXQ, part, HQ, sdyqt, sdyqh, sqt, sqh, sdxqt, sdxqh, t64, cols, cmask, mask, c32, s32,
-                   eps, HALF)
-        _bwd_heads(DYK, K, WK, DXK, part + 2 * HALF, HK, sdykt, sdykh, skt, skh, sdxkt, sdxkh, t64, cols, cmask,
-                   mask, c32, s32, eps, HALF)
+        _bwd_heads(DYQ, Q, WQ, DXQ, part, HQ, stride_dyqt, stride_dyqh, stride_qt, stride_qh, stride_dxqt,
+                   stride_dxqh, t64, cols, cmask, mask, c32, s32, eps, HALF)
+        _bwd_heads(DYK, K, WK, DXK, part + 2 * HALF, HK, stride_dykt, stride_dykh, stride_kt, stride_kh, stride_dxkt,
+                   stride_dxkh, t64, cols, cmask, mask, c32, s32, eps, HALF)
 
     @functools.lru_cache(maxsize=256)
     def _gpu_blocks(D: int) -> tuple[int, int]:
@@ -145,7 +149,7 @@ if _dispatch.triton_importable():
     # GPU: each direction autotuned once per (q heads, k heads, half head dim, bucket of T) over (BLOCK_T, warps),
     # tiles over 4k element pairs pruned (registers: the backward holds x, dy, their products and the dw sums).
     # The first is _gpu_blocks' choice at D=128.
-    CONFIGS = [(16, 4), (8, 4), (32, 4), (16, 2), (8, 2)]
+    CONFIGS = [(16, 4), (8, 4), (32, 4), (32, 8), (64, 8)]
 
     def _prune(configs, named_args, **kwargs):
         kept = [c for c in configs if c.kwargs["BLOCK_T"] * kwargs["BLOCK_HALF"] <= 4096]
@@ -153,7 +157,8 @@ if _dispatch.triton_importable():
 
     def _tuned(kernel):
         return triton.autotune([triton.Config({"BLOCK_T": t}, num_warps=w) for t, w in CONFIGS],
-                               key=["HQ", "HK", "HALF", "t_bucket"], prune_configs_by={"early_config_prune": _prune})(kernel)
+                               key=["HQ", "HK", "HALF", "t_bucket"],
+                               prune_configs_by={"early_config_prune": _prune})(kernel)
 
     _fwd_tuned = _tuned(_fwd_kernel)
     _bwd_tuned = _tuned(_bwd_kernel)
