@@ -10,8 +10,8 @@
 #   gluon:  the opt-in attention kernels (sm_90): the warp-specialised Triton ones' GPU tests (R4B_VARLEN_*=ws,
 #           run although refused, to verify their fix: forward, then backward) and, if the forward's pass, their
 #           bench rows at the anchor (with the gluon-dkdv pairing's); compute-sanitizer on a failing ws backward;
-#           the gluon-dkdv GPU tests, the Gluon kernels' GPU tests; the small-op bench and the loss row kernel's
-#           sweep; then diag;
+#           the gluon-dkdv GPU tests, the Gluon kernels' GPU tests; the small-op bench, the small ops' host-time
+#           split (gpu_diag host) and the loss row kernel's sweep; then diag;
 #   rest:   the r4b._C ops (group advantages, pack) and the peer attention backends: tests and benches (builds
 #           r4b._C first unless this machine already has it built with CUDA), and the fused-linear bench;
 #   diag:   hardware counters and memory checks for the sessions without a GPU (bench/gpu_diag.py): Nsight Compute
@@ -257,10 +257,10 @@ case "$PHASE" in
   issues) specs="varlen_attention:200 grpo_loss:120" ;;
   # gluon: after the ws tests, what decides issue 5 first (ws and gluon-dkdv rows at the anchor, the sanitizer on
   # a failing ws backward, the gluon-dkdv pairing's GPU tests); the small ops and the row sweep ran on 2026-11-27
-  gluon) specs="ws_subset:100 diag_ws:90 gluon_dkdv_tests:60 gluon_tests:150 norms:45 grpo_rows:60 diag:150" ;;
+  gluon) specs="ws_subset:100 diag_ws:90 gluon_dkdv_tests:60 gluon_tests:150 norms:45 host:20 grpo_rows:60 diag:150" ;;
   rest) specs="fused_linear:60 group_advantages:25 pack:30" ;;
   diag) specs="diag:400" ;;
-  all) specs="varlen_attention:200 grpo_loss:130 ws_subset:100 diag_ws:90 gluon_dkdv_tests:60 gluon_tests:150 norms:45 grpo_rows:60 diag:150 fused_linear:60 group_advantages:25 pack:30" ;;
+  all) specs="varlen_attention:200 grpo_loss:130 ws_subset:100 diag_ws:90 gluon_dkdv_tests:60 gluon_tests:150 norms:45 host:20 grpo_rows:60 diag:150 fused_linear:60 group_advantages:25 pack:30" ;;
 esac
 specs=${R4B_CHECK_BENCHES:-$specs}
 bench_rc=0
@@ -273,6 +273,13 @@ for spec in $specs; do
   if [ "$name" = gluon_dkdv_tests ]; then  # R4B_VARLEN_BWD=gluon-dkdv through the op (anchor, boundaries)
     step "GPU tests: the Triton dQ + Gluon dK/dV pairing (R4B_VARLEN_BWD=gluon-dkdv, and the Hopper default)"
     gpu_tests "$lim" pytest_gpu_gluon_dkdv.log tests/test_varlen_gluon.py -k "gluon-dkdv or gluon_dkdv" || test_rc=$?
+    continue
+  fi
+  if [ "$name" = host ]; then  # where a launched small op's forward + backward spends its time (host vs GPU)
+    step "diag: host time of the small ops' forward and backward (limit ${lim}s)"
+    timeout -k 10 "$lim" $PY -m bench.gpu_diag host 2>&1 | tee "$LOGS/diag_host.log" | tail -n 12
+    rc=${PIPESTATUS[0]}
+    [ "$rc" -ne 0 ] && { echo "diag host exited $rc (124 = over its ${lim}s limit)"; bench_rc=$rc; }
     continue
   fi
   if [ "$name" = ws_subset ]; then  # the opt-in rows at the anchor beside SDPA, Flex and the default

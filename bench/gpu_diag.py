@@ -24,6 +24,13 @@ are what the sessions after it tune against. bench/gpu_check.sh's ``diag`` phase
     python -m bench.gpu_diag grpo
         the chunked GRPO loss, forward + backward, on one chunk's worth of rows of the anchor (3072 x 2560 x
         151936, bf16): its GEMMs (cuBLAS) and the row kernel.
+    python -m bench.gpu_diag host [--n N]
+        where a launched small op's forward + backward spends its time (bench norms: rms_norm's at 14% of copy
+        launched and 81% in a CUDA graph, and torch.compile's launched too, H200 2026-11-27): per callable, the host
+        time of the forward and of ``torch.autograd.grad`` (each from an idle GPU, synchronised before), and the
+        CUDA-event time of the pair. Baselines: one built-in op each way, and a custom autograd.Function doing one
+        copy each way (the autograd engine's own cost on the GPU's worker thread), then r4b's rms_norm (hidden),
+        qk_norm_rope and the unfused q/k ops it replaces, at the bench shapes.
     python -m bench.gpu_diag report CSV...
         one line per profiled kernel of ncu's ``--csv --page raw`` log(s): time, SM / memory / DRAM throughput,
         tensor-pipe activity, registers, occupancy and the four largest warp-stall reasons.
@@ -352,8 +359,83 @@ def report(kernels: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def host_split(fns: dict, device: str = "cuda", n: int = 50) -> list[dict]:
+    """For each name -> (forward callable, inputs to differentiate, output gradients): the median over n calls of
+    the forward's host time, the backward's (torch.autograd.grad) host time, and the device time of the pair
+    (CUDA events; on the CPU the wall time), each call started with the device idle."""
+    import statistics
+    import time
+
+    import torch
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    rows = []
+    for name, (fwd, wrt, dys) in fns.items():
+        f_us, b_us, dev_ms = [], [], []
+        for i in range(n + 3):  # 3 warm-up calls (autotuning, compiles)
+            sync()
+            if device == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+            t0 = time.perf_counter()
+            out = fwd()
+            t1 = time.perf_counter()
+            torch.autograd.grad(out, wrt, dys)
+            t2 = time.perf_counter()
+            if device == "cuda":
+                end.record()
+            sync()
+            if i >= 3:
+                f_us.append((t1 - t0) * 1e6)
+                b_us.append((t2 - t1) * 1e6)
+                dev_ms.append(start.elapsed_time(end) if device == "cuda" else (time.perf_counter() - t0) * 1e3)
+            del out
+        rows.append({"name": name, "fwd_host_us": statistics.median(f_us), "bwd_host_us": statistics.median(b_us),
+                     "pair_ms": statistics.median(dev_ms)})
+    return rows
+
+
+def host(device: str = "cuda", n: int = 50, shapes=None) -> int:
+    """shapes: (T, hidden, q heads, kv heads, head dim) instead of the bench's (tests, on the CPU)."""
+    import torch
+
+    from r4b.kernels import qk_norm_rope, rms_norm, rope
+
+    T, hidden, hq, hkv, d = shapes or (16384, 2560, 32, 8, 128)
+    dt = torch.bfloat16 if device == "cuda" else torch.float32
+    g = torch.Generator(device=device).manual_seed(0)
+    rnd = lambda *shape: torch.randn(shape, device=device, dtype=dt, generator=g).requires_grad_(True)  # noqa: E731
+    x, w = rnd(T, hidden), rnd(hidden)
+    q, k, wq, wk = rnd(T, hq, d), rnd(T, hkv, d), rnd(d), rnd(d)
+    pos = torch.arange(T, device=device) % 4096
+    dy, dq, dk = (torch.randn_like(t) for t in (x, q, k))
+
+    class Copy(torch.autograd.Function):  # one copy kernel each way: the engine's cost for a custom Function
+        @staticmethod
+        def forward(ctx, a):
+            return a.clone()
+
+        @staticmethod
+        def backward(ctx, da):
+            return da.clone()
+
+    unfused = lambda: (rope(rms_norm(q, wq), pos), rope(rms_norm(k, wk), pos))  # noqa: E731
+    fns = {
+        "built-in op (x * 2), hidden": (lambda: x * 2, (x,), dy),
+        "custom Function (a copy each way), hidden": (lambda: Copy.apply(x), (x,), dy),
+        "r4b rms_norm, hidden": (lambda: rms_norm(x, w), (x, w), dy),
+        "r4b qk_norm_rope": (lambda: qk_norm_rope(q, k, wq, wk, pos), (q, k, wq, wk), (dq, dk)),
+        "r4b rms_norm + rope, q and k (unfused)": (unfused, (q, k, wq, wk), (dq, dk)),
+    }
+    rows = host_split(fns, device, n)
+    print(f"{'callable':44s} {'fwd host us':>12s} {'grad host us':>13s} {'fwd+grad ms':>12s}")
+    for r in rows:
+        print(f"{r['name']:44s} {r['fwd_host_us']:12.1f} {r['bwd_host_us']:13.1f} {r['pair_ms']:12.3f}")
+    return 0
+
+
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("attn", "ws", "grpo", "report"):
+    if not argv or argv[0] not in ("attn", "ws", "grpo", "host", "report"):
         print(__doc__)
         return 2
     if argv[0] == "report":
@@ -371,6 +453,8 @@ def main(argv: list[str]) -> int:
         return attn("--small" in argv, "--gluon-only" in argv)
     if argv[0] == "ws":
         return ws("--causal" in argv, all_configs="--all-configs" in argv)
+    if argv[0] == "host":
+        return host(n=int(argv[argv.index("--n") + 1]) if "--n" in argv else 50)
     return grpo()
 
 

@@ -85,6 +85,7 @@ def test_profiled_programs_refuse_without_a_gpu(capsys):
     assert gpu_diag.main(["attn", "--small"]) == 2
     assert gpu_diag.main(["grpo"]) == 2
     assert gpu_diag.main(["ws"]) == 2
+    assert gpu_diag.main(["host"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().out
     assert gpu_diag.main(["nonsense"]) == 2
 
@@ -151,3 +152,16 @@ def test_ws_all_configs_reports_each_forward_config(monkeypatch, capsys):
         lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("ws forward")]
         assert [i for i, x in enumerate(lines) if x.endswith("FAILED")] == [which], (how, lines)
         assert want in lines[which], (how, lines[which])
+
+
+def test_host_split_runs_every_callable_on_the_cpu(capsys):
+    """gpu_diag host's program under the interpreter at tiny shapes: one line per callable with its forward's and
+    gradient's host times and the pair's time, all measured (positive), the pair's at least the two host times."""
+    assert gpu_diag.host(device="cpu", n=2, shapes=(8, 32, 2, 1, 16)) == 0
+    lines = capsys.readouterr().out.splitlines()
+    names = ["built-in op (x * 2), hidden", "custom Function (a copy each way), hidden", "r4b rms_norm, hidden",
+             "r4b qk_norm_rope", "r4b rms_norm + rope, q and k (unfused)"]
+    assert [line[:44].rstrip() for line in lines[1:]] == names, lines
+    for line in lines[1:]:
+        f_us, b_us, pair_ms = map(float, line[44:].split())
+        assert f_us > 0 and b_us > 0 and pair_ms * 1e3 >= f_us + b_us, line
