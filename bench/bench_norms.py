@@ -189,12 +189,12 @@ def aot_report() -> list[str]:
     # the fused q/k norm + RoPE, both directions, every config its pruning keeps at D=128
     qkr = importlib.import_module("r4b.kernels.qk_norm_rope")
     qsig = sig(("Q", "K", "WQ", "WK", "YQ", "YK", "DYQ", "DYK", "DXQ", "DXK"), ("INV_FREQ", "DW_PART"), ("POS",))
-    for t, w in qkr.CONFIGS:
+    for t, w, st in qkr.CONFIGS:
         if t * 64 > 4096:
             continue
-        meta = {"HALF": 64, "BLOCK_HALF": 64, "BLOCK_T": t}
-        jobs.append((f"qk_norm_rope fwd D=128 T{t}", qkr._fwd_kernel, meta, qsig, w, ()))
-        jobs.append((f"qk_norm_rope bwd D=128 T{t}", qkr._bwd_kernel, meta, qsig, w, ()))
+        meta = {"HALF": 64, "BLOCK_HALF": 64, "BLOCK_T": t, "STAGES": st}
+        jobs.append((f"qk_norm_rope fwd D=128 T{t} S{st}", qkr._fwd_kernel, meta, qsig, w, ()))
+        jobs.append((f"qk_norm_rope bwd D=128 T{t} S{st}", qkr._bwd_kernel, meta, qsig, w, ()))
     ssig = sig(("G", "U", "Y", "DY", "DG", "DU"))
     # integer arguments the launchers leave specialised get the runtime's divisibility-by-16 hint at these shapes
     for bm, bn, w in swi.CONFIGS:

@@ -31,6 +31,11 @@ def test_small_ops_compile_for_sm90_vectorised_without_spills():
     assert sum(x.startswith("swiglu fwd I=9728 ") for x in labels) == len(SWIGLU_CONFIGS), out
     for direction in ("fwd", "bwd"):
         assert sum(x.startswith(f"qk_norm_rope {direction} D=128 T") for x in labels) == len(QKR_CONFIGS), out
+        # the pipelined configs load through cp.async (8 or 16 bytes a copy, checked below)
+        for line in lines:
+            m = re.match(rf"qk_norm_rope {direction} D=128 T(\d+) S(\d+) warps=\d+:", line)
+            if m and int(m.group(2)) > 1:
+                assert "cp.async" in line, line
     assert sum(x.startswith("swiglu bwd I=9728 ") for x in labels) == len(SWIGLU_CONFIGS), out
     for line in lines:
         assert "0 bytes spill stores" in line, line

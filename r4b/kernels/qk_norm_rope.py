@@ -37,7 +37,7 @@ if _dispatch.triton_importable():
 
     @triton.jit
     def _fwd_heads(X, W, Y, H, stride_xt, stride_xh, stride_yt, stride_yh, t64, cols, cmask, mask, c32, s32, eps,
-                   HALF: tl.constexpr):
+                   HALF: tl.constexpr, STAGES: tl.constexpr):
         """The H heads of one projection for a block of tokens: each head's two halves x1 = x[:HALF], x2 =
         x[HALF:] are normalised (rms over both), rounded to x's dtype, scaled by the weight's halves and rounded to
         y's dtype (rms_norm), then rotated by cos / sin rounded to y's dtype (rope, fp32 products, one rounding)."""
@@ -47,7 +47,7 @@ if _dispatch.triton_importable():
         w2 = tl.load(W + HALF + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
         xp = X + t64 * stride_xt + cols[None, :]  # head 0's first halves; pointers step by a head stride
         yp = Y + t64 * stride_yt + cols[None, :]
-        for _ in range(H):
+        for _ in tl.range(H, num_stages=STAGES):
             x1 = tl.load(xp, mask=mask, other=0.0).to(tl.float32)
             x2 = tl.load(xp + HALF, mask=mask, other=0.0).to(tl.float32)
             rstd = (1.0 / tl.sqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps))[:, None]
@@ -73,18 +73,18 @@ if _dispatch.triton_importable():
     @triton.jit(do_not_specialize=["T", "HQ", "HK", "t_bucket"])
     def _fwd_kernel(Q, K, WQ, WK, POS, INV_FREQ, YQ, YK, T, HQ, HK, t_bucket, stride_qt, stride_qh, stride_kt,
                     stride_kh, stride_yqt, stride_yqh, stride_ykt, stride_ykh, eps, HALF: tl.constexpr,
-                    BLOCK_HALF: tl.constexpr, BLOCK_T: tl.constexpr):
+                    BLOCK_HALF: tl.constexpr, BLOCK_T: tl.constexpr, STAGES: tl.constexpr):
         # One program: BLOCK_T tokens, all their q heads then all their k heads; cos / sin formed once for both.
         # t_bucket is only the autotune key's row bucket.
         t64, cols, cmask, mask, c32, s32 = _angles(POS, INV_FREQ, T, BLOCK_T, BLOCK_HALF, HALF)
         _fwd_heads(Q, WQ, YQ, HQ, stride_qt, stride_qh, stride_yqt, stride_yqh, t64, cols, cmask, mask, c32, s32, eps,
-                   HALF)
+                   HALF, STAGES)
         _fwd_heads(K, WK, YK, HK, stride_kt, stride_kh, stride_ykt, stride_ykh, t64, cols, cmask, mask, c32, s32, eps,
-                   HALF)
+                   HALF, STAGES)
 
     @triton.jit
     def _bwd_heads(DY, X, W, DX, DW_PART, H, stride_dyt, stride_dyh, stride_xt, stride_xh, stride_dxt, stride_dxh,
-                   t64, cols, cmask, mask, c32, s32, eps, HALF: tl.constexpr):
+                   t64, cols, cmask, mask, c32, s32, eps, HALF: tl.constexpr, STAGES: tl.constexpr):
         """Backward of _fwd_heads for H heads: dn = the inverse rotation of dy (cos / sin rounded to dy's dtype,
         as rope's backward), then rms_norm's backward with rstd recomputed from x: dw += sum dn * xhat, dx = rstd
         (g - xhat mean(g xhat)) with g = dn * w. The weight-gradient halves of this program's tokens and heads go
@@ -98,7 +98,7 @@ if _dispatch.triton_importable():
         dyp = DY + t64 * stride_dyt + cols[None, :]
         xp = X + t64 * stride_xt + cols[None, :]
         dxp = DX + t64 * stride_dxt + cols[None, :]
-        for _ in range(H):
+        for _ in tl.range(H, num_stages=STAGES):
             dy1 = tl.load(dyp, mask=mask, other=0.0).to(tl.float32)
             dy2 = tl.load(dyp + HALF, mask=mask, other=0.0).to(tl.float32)
             x1 = tl.load(xp, mask=mask, other=0.0).to(tl.float32)
@@ -125,15 +125,15 @@ if _dispatch.triton_importable():
     def _bwd_kernel(DYQ, DYK, Q, K, WQ, WK, POS, INV_FREQ, DXQ, DXK, DW_PART, T, HQ, HK, t_bucket, stride_dyqt,
                     stride_dyqh, stride_dykt, stride_dykh, stride_qt, stride_qh, stride_kt, stride_kh, stride_dxqt,
                     stride_dxqh, stride_dxkt, stride_dxkh, eps, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                    BLOCK_T: tl.constexpr):
+                    BLOCK_T: tl.constexpr, STAGES: tl.constexpr):
         # One program: BLOCK_T tokens' q heads then k heads; its weight-gradient partials go to row pid of the
         # (programs, 2, 2 HALF) DW_PART (q's at [pid, 0], k's at [pid, 1]), summed over programs by the caller.
         t64, cols, cmask, mask, c32, s32 = _angles(POS, INV_FREQ, T, BLOCK_T, BLOCK_HALF, HALF)
         part = DW_PART + tl.program_id(0).to(tl.int64) * (4 * HALF)
         _bwd_heads(DYQ, Q, WQ, DXQ, part, HQ, stride_dyqt, stride_dyqh, stride_qt, stride_qh, stride_dxqt,
-                   stride_dxqh, t64, cols, cmask, mask, c32, s32, eps, HALF)
+                   stride_dxqh, t64, cols, cmask, mask, c32, s32, eps, HALF, STAGES)
         _bwd_heads(DYK, K, WK, DXK, part + 2 * HALF, HK, stride_dykt, stride_dykh, stride_kt, stride_kh, stride_dxkt,
-                   stride_dxkh, t64, cols, cmask, mask, c32, s32, eps, HALF)
+                   stride_dxkh, t64, cols, cmask, mask, c32, s32, eps, HALF, STAGES)
 
     @functools.lru_cache(maxsize=256)
     def _gpu_blocks(D: int) -> tuple[int, int]:
@@ -146,17 +146,18 @@ if _dispatch.triton_importable():
         block_half, block_t = _gpu_blocks(D)
         return block_half, (min(block_t, 4) if interpret else block_t)
 
-    # GPU: each direction autotuned once per (q heads, k heads, half head dim, bucket of T) over (BLOCK_T, warps),
-    # tiles over 4k element pairs pruned (registers: the backward holds x, dy, their products and the dw sums).
-    # The first is _gpu_blocks' choice at D=128.
-    CONFIGS = [(16, 4), (8, 4), (32, 4), (32, 8), (64, 8)]
+    # GPU: each direction autotuned once per (q heads, k heads, half head dim, bucket of T) over (BLOCK_T, warps,
+    # STAGES: the head loop's loads pipelined through shared memory when > 1), tiles over 4k element pairs pruned
+    # (registers: the backward holds x, dy, their products and the dw sums). The first is _gpu_blocks' choice at
+    # D=128, unpipelined. (2-warp tiles spilled in the backward under ptxas, sm_90: left out.)
+    CONFIGS = [(16, 4, 1), (16, 4, 3), (8, 4, 3), (32, 4, 1), (32, 8, 3), (64, 8, 3)]
 
     def _prune(configs, named_args, **kwargs):
         kept = [c for c in configs if c.kwargs["BLOCK_T"] * kwargs["BLOCK_HALF"] <= 4096]
         return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_T"])]
 
     def _tuned(kernel):
-        return triton.autotune([triton.Config({"BLOCK_T": t}, num_warps=w) for t, w in CONFIGS],
+        return triton.autotune([triton.Config({"BLOCK_T": t, "STAGES": st}, num_warps=w) for t, w, st in CONFIGS],
                                key=["HQ", "HK", "HALF", "t_bucket"],
                                prune_configs_by={"early_config_prune": _prune})(kernel)
 
@@ -192,7 +193,7 @@ if _dispatch.triton_importable():
             g = _grid_of(T, block_t)
             if on_grid:
                 on_grid(g)
-            kernel[(g,)](*args, **meta, BLOCK_T=block_t, num_warps=4)
+            kernel[(g,)](*args, **meta, BLOCK_T=block_t, STAGES=1, num_warps=4)
 
     def _unit(t: Tensor) -> Tensor:
         return t if t.stride(-1) == 1 else t.contiguous()
@@ -228,7 +229,7 @@ if _dispatch.triton_importable():
                 return dxq, dxk, torch.zeros_like(wq), torch.zeros_like(wk), None, None, None
             interpret = _dispatch.triton_interpret()
             # each program writes its (2, D) partial; sized for the grid of the smallest BLOCK_T any config has
-            min_t = min(t for t, _ in CONFIGS) if q.is_cuda and not interpret else _blocks(D, interpret)[1]
+            min_t = min(t for t, _, _ in CONFIGS) if q.is_cuda and not interpret else _blocks(D, interpret)[1]
             part = torch.empty((_grid_of(T, min_t), 2, D), dtype=torch.float32, device=q.device)
             grids: list[int] = []
             args = (dyq, dyk, q, k, wq, wk, pos, inv_freq, dxq, dxk, part, T, HQ, HK, _dispatch.rows_bucket(T),
