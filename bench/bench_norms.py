@@ -12,6 +12,8 @@ import torch
 
 from bench.harness import Case, Skip, copy_bandwidth_gbps, default_device, run_bench, same_size_copy_gbps
 
+# the fused ops, timed against the unfused kernels they replace ("r4b triton unfused")
+FUSED = ("add_rms_norm", "qk_norm_rope")
 # outputs / gradients against eager torch's before timing (harness check_tol), bf16 on the GPU, fp32 on the CPU
 CHECK_TOL = {"cuda": 5e-2, "cpu": 1e-4}
 
@@ -27,6 +29,8 @@ def cases(quick: bool) -> list[Case]:
         ("rope", f"q T={T},H={hq},D={d}", (T, hq, d), 2, 4),
         ("rope", f"k T={T},H={hkv},D={d}", (T, hkv, d), 2, 4),
         ("swiglu", f"T={T},I={inter}", (T, inter), 3, 8),  # fwd: gate, up -> y; bwd: dy, gate, up -> dg, du
+        # the residual add + norm: fwd: x, residual -> sum, normed; bwd: d normed, d sum, sum -> dx
+        ("add_rms_norm", f"hidden T={T},D={hidden}", (T, hidden), 4, 8),
         # q and k together: (T, Hq + Hkv, D) elements; fwd: read q, k, write them; bwd: dy, x -> dx
         ("qk_norm_rope", f"q+k T={T},Hq={hq},Hkv={hkv},D={d}", (T, hq + hkv, d), 2, 5),
     ]
@@ -44,7 +48,22 @@ def cases(quick: bool) -> list[Case]:
 
 
 def _fns(op: str):
-    from r4b.kernels import qk_norm_rope, qk_norm_rope_ref, rms_norm, rms_norm_ref, rope, rope_ref, swiglu, swiglu_ref
+    from r4b.kernels import (
+        add_rms_norm,
+        add_rms_norm_ref,
+        qk_norm_rope,
+        qk_norm_rope_ref,
+        rms_norm,
+        rms_norm_ref,
+        rope,
+        rope_ref,
+        swiglu,
+        swiglu_ref,
+    )
+
+    if op == "add_rms_norm":  # other: (residual, weight)
+        return (lambda x, o, backend: add_rms_norm(x, o[0], o[1], backend=backend)), \
+            (lambda x, o: add_rms_norm_ref(x, *o))
 
     if op == "qk_norm_rope":  # other: (k, q_weight, k_weight, position_ids)
         return (lambda q, o, backend: qk_norm_rope(q, o[0], o[1], o[2], o[3], backend=backend)), \
@@ -70,6 +89,12 @@ def _inputs(case: Case, device: str):
         pos = (torch.arange(T, device=device) % 4096).long()
         dys = tuple(torch.randn(t.shape, device=device, dtype=dtype, generator=gen) for t in (q, k))
         return q, (k, wq, wk, pos), (q, k, wq, wk), dys
+    if p["op"] == "add_rms_norm":
+        x, r = (torch.randn(p["shape"], device=device, dtype=dtype, generator=gen).requires_grad_(grad)
+                for _ in range(2))
+        w = torch.rand(p["shape"][-1], device=device, dtype=dtype, generator=gen).requires_grad_(grad)
+        dys = tuple(torch.randn(p["shape"], device=device, dtype=dtype, generator=gen) for _ in range(2))
+        return x, (r, w), (x, r, w), dys  # both outputs differentiated, as in the model
     x = torch.randn(p["shape"], device=device, dtype=dtype, generator=gen).requires_grad_(grad)
     if p["op"] == "rms_norm":
         other = torch.rand(p["shape"][-1], device=device, dtype=dtype, generator=gen).requires_grad_(grad)
@@ -101,15 +126,20 @@ def providers(device: str) -> dict:
         x, other, wrt, dy = _inputs(case, device)
         return _timed(case, lambda a, b: public(a, b, "triton"), x, other, wrt, dy)
 
-    def unfused(case: Case):  # what qk_norm_rope replaces: rope(rms_norm(x)) for q and for k, 4 Triton kernels
+    def unfused(case: Case):
+        """What a fused op replaces: qk_norm_rope's rope(rms_norm(x)) for q and for k (4 Triton kernels each way);
+        add_rms_norm's eager add then the Triton rms_norm."""
         from r4b.kernels import available_backends, rms_norm, rope
 
-        if case.params["op"] != "qk_norm_rope":
-            raise Skip("the unfused provider is the qk_norm_rope cases' baseline")
+        if case.params["op"] not in FUSED:
+            raise Skip("the unfused provider is the fused ops' baseline")
         if "triton" not in available_backends("rope", device):
             raise Skip(f"triton unavailable on {device} (set TRITON_INTERPRET=1 on the CPU)")
 
         def fn(q, o):
+            if case.params["op"] == "add_rms_norm":
+                s = q + o[0]
+                return rms_norm(s, o[1], backend="triton"), s
             k, wq, wk, pos = o
             return (rope(rms_norm(q, wq, backend="triton"), pos, backend="triton"),
                     rope(rms_norm(k, wk, backend="triton"), pos, backend="triton"))
@@ -171,14 +201,19 @@ def aot_report() -> list[str]:
     for D in (2560, 128):
         bd, bm, w = rms._blocks(D)
         meta = {"D": D, "BLOCK_D": bd, "BLOCK_M": bm}
-        rsig = sig(("X", "W", "Y", "DY", "DX"), ("RSTD", "DW_PART"))
-        jobs.append((f"rms_norm fwd D={D}", rms._rms_fwd_kernel, meta, rsig, w, ()))
-        # the GPU backward (always autotuned): every config that its pruning keeps at this D, as rows a step,
-        # pipeline stages and programs an SM
-        for c in rms._bwd_prune(rms._bwd_tuned.configs, {}, D=D, BLOCK_D=bd):
-            m, st, p = (c.kwargs[k] for k in ("BLOCK_M", "STAGES", "PROGS_PER_SM"))
-            jobs.append((f"rms_norm bwd D={D} M{m} S{st} P{p}", rms._rms_bwd_kernel, {**meta, **c.kwargs}, rsig,
-                         c.num_warps, ()))
+        rsig = sig(("X", "W", "Y", "DY", "DX", "R", "S", "DS"), ("RSTD", "DW_PART"))
+        # rms_norm's kernels at both widths; with the residual add switched on (add_rms_norm) at the hidden size
+        for name, add in (("rms_norm", False), ("add_rms_norm", True)):
+            if add and D != 2560:
+                continue
+            jobs.append((f"{name} fwd D={D}", rms._rms_fwd_kernel, {**meta, "ADD": add}, rsig, w, ()))
+            # the GPU backward (always autotuned): every config that its pruning keeps at this D, as rows a step,
+            # pipeline stages and programs an SM
+            tuned, prune = (rms._bwd_add_tuned, rms._bwd_add_prune) if add else (rms._bwd_tuned, rms._bwd_prune)
+            for c in prune(tuned.configs, {}, D=D, BLOCK_D=bd):
+                m, st, p = (c.kwargs[k] for k in ("BLOCK_M", "STAGES", "PROGS_PER_SM"))
+                jobs.append((f"{name} bwd D={D} M{m} S{st} P{p}", rms._rms_bwd_kernel,
+                             {**meta, **c.kwargs, "ADD_DS": add}, rsig, c.num_warps, ()))
     # every GPU autotune config of rope and swiglu that survives its pruning at the bench shapes (the first one is
     # the interpreter's fixed tile)
     for t, w in rope.CONFIGS:
@@ -242,9 +277,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     # (torch.compile of the eager reference is not result-checked)
     provs = providers(device)
     first = {k: provs[k] for k in ("torch eager", "r4b triton")}
-    # the qk_norm_rope cases first (the newest kernel: a time limit cuts the last rows), with the four unfused
-    # kernels that the fused op replaces as a third provider
-    qk = [c for c in cases(quick) if c.params["op"] == "qk_norm_rope"]
+    # the fused ops' cases first (the newest kernels: a time limit cuts the last rows), with the unfused kernels
+    # that each replaces as a third provider
+    qk = [c for c in cases(quick) if c.params["op"] in FUSED]
     rows = run_bench("norms", qk, {**first, "r4b triton unfused": provs["r4b triton unfused"]}, device=device,
                      quick=quick, extra_columns=extra, check_tol=CHECK_TOL[device], graph=True)
     rows = run_bench("norms", [c for c in cases(quick) if c not in qk], first, device=device, quick=quick,

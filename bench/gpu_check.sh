@@ -160,7 +160,7 @@ fi
 # model's tests after it never ran
 loss_tests="tests/test_fused_linear_chunked.py tests/test_fused_linear_grpo_loss.py
             tests/test_fused_linear_cross_entropy.py tests/test_fused_linear_logprobs.py"
-small_tests="tests/test_rms_norm.py tests/test_rope.py tests/test_qk_norm_rope.py tests/test_swiglu.py tests/test_model_qwen3.py"
+small_tests="tests/test_rms_norm.py tests/test_add_rms_norm.py tests/test_rope.py tests/test_qk_norm_rope.py tests/test_swiglu.py tests/test_model_qwen3.py"
 attn_tests="tests/test_varlen_attention.py"
 rest_tests="tests/test_group_advantages.py tests/test_pack.py tests/test_varlen_attention_peers.py"
 if has_test loss; then

@@ -44,7 +44,7 @@ def main() -> None:
 
     from triton.runtime.interpreter import InterpretedFunction
 
-    from r4b.kernels import qk_norm_rope, rms_norm, rope, swiglu
+    from r4b.kernels import add_rms_norm, qk_norm_rope, rms_norm, rope, swiglu
 
     InterpretedFunction.run = _noop_run
     # outputs are left as torch.empty made them: the weight gradient's sum may meet denormals
@@ -59,6 +59,13 @@ def main() -> None:
     g, u = torch.randn(64, 512), torch.randn(64, 512)
     gg, ug = g.clone().requires_grad_(), u.clone().requires_grad_()
     k, wh = torch.randn(64, 2, 128), torch.randn(128)
+    r = torch.randn(64, 256)
+    rg = r.clone().requires_grad_()
+
+    def _unfused_add(a, b, wt):
+        s = a + b
+        return rms_norm(s, wt), s
+
     kg, whg, wkg = k.clone().requires_grad_(), wh.clone().requires_grad_(), wh.clone().requires_grad_()
     dy_x, dy_q, dy_g, dy_k = torch.ones_like(x), torch.ones_like(q), torch.ones_like(g), torch.ones_like(k)
 
@@ -74,6 +81,11 @@ def main() -> None:
         "rope fwd+bwd": lambda: fwd_bwd(rope(qg, pos), dy_q, qg),
         "swiglu fwd": lambda: swiglu(g, u),
         "swiglu fwd+bwd": lambda: fwd_bwd(swiglu(gg, ug), dy_g, gg, ug),
+        # the decoder's residual add + norm: fused, and the add and norm it replaces
+        "add_rms_norm fwd": lambda: add_rms_norm(x, r, w),
+        "add_rms_norm fwd+bwd": lambda: fwd_bwd(add_rms_norm(xg, rg, wg), (dy_x, dy_x), xg, rg, wg),
+        "unfused add + rms_norm fwd": lambda: (rms_norm(x + r, w), x + r),
+        "unfused add + rms_norm fwd+bwd": lambda: fwd_bwd(_unfused_add(xg, rg, wg), (dy_x, dy_x), xg, rg, wg),
         # the attention input's q/k norm + RoPE: fused, and the four ops it replaces
         "qk_norm_rope fwd": lambda: qk_norm_rope(q, k, wh, wh, pos),
         "qk_norm_rope fwd+bwd": lambda: fwd_bwd(qk_norm_rope(qg, kg, whg, wkg, pos), (dy_q, dy_k), qg, kg, whg, wkg),

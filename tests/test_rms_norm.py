@@ -84,14 +84,20 @@ def test_rms_norm_backward_kernel_row_walks(device, n, block_m, nprog):
     rstd = torch.rsqrt(x64.detach().pow(2).mean(-1) + 1e-6).float()
     x = base.to(device)[:, 1]  # (n, D), row stride 2 * D
     w, dy, rstd = w.to(device), dy.to(device), rstd.to(device)
-    dx = torch.full((n, D), float("nan"), device=device)
-    dw_part = torch.full((nprog, D), float("nan"), device=device)
-    rms._rms_bwd_kernel[(nprog,)](dy, x, w, rstd, dx, dw_part, n, dy.stride(0), x.stride(0), dx.stride(0), D=D,
-                                  BLOCK_D=64, BLOCK_M=block_m, STAGES=3, PROGS_PER_SM=nprog, num_warps=4)
-    torch.testing.assert_close(dx.cpu(), x64.grad.float(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(dw_part.sum(0).cpu(), w64.grad.float(), rtol=1e-5, atol=1e-5)
-    idle = dw_part[-(-n // block_m):]
-    assert torch.equal(idle, torch.zeros_like(idle))
+    # ADD_DS (add_rms_norm's backward): dx also gets ds, read with its own row stride
+    ds = torch.randn(n, 3, D, generator=g)[:, 2]
+    for add in (False, True):
+        dx = torch.full((n, D), float("nan"), device=device)
+        dw_part = torch.full((nprog, D), float("nan"), device=device)
+        dd = ds.to(device) if add else dy
+        rms._rms_bwd_kernel[(nprog,)](dy, x, w, rstd, dx, dw_part, dd, n, dy.stride(0), x.stride(0), dx.stride(0),
+                                      dd.stride(0), D=D, BLOCK_D=64, BLOCK_M=block_m, STAGES=3, PROGS_PER_SM=nprog,
+                                      ADD_DS=add, num_warps=4)
+        want = x64.grad.float() + (ds if add else 0)
+        torch.testing.assert_close(dx.cpu(), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(dw_part.sum(0).cpu(), w64.grad.float(), rtol=1e-5, atol=1e-5)
+        idle = dw_part[-(-n // block_m):]
+        assert torch.equal(idle, torch.zeros_like(idle))
 
 
 @pytest.mark.gpu
@@ -165,7 +171,7 @@ def test_public_ops_switch_to_their_tensors_cuda_device(monkeypatch):
     assert op(torch.zeros(2), y=fake) == 1 and entered == [torch.device("cuda", 1)]
     monkeypatch.setattr(FakeCuda, "device", torch.device("cuda", 0))
     assert op(fake) == 1  # already current: no switch
-    for name in ("rms_norm", "rope", "qk_norm_rope", "swiglu", "varlen_attention", "fused_linear_grpo_loss",
-                 "fused_linear_cross_entropy", "fused_linear_logprobs", "group_advantages"):
+    for name in ("rms_norm", "add_rms_norm", "rope", "qk_norm_rope", "swiglu", "varlen_attention",
+                 "fused_linear_grpo_loss", "fused_linear_cross_entropy", "fused_linear_logprobs", "group_advantages"):
         fn = getattr(importlib.import_module("r4b.kernels"), name)
         assert fn.__wrapped__ is not None, name  # decorated with on_tensor_device

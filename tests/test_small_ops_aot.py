@@ -1,7 +1,7 @@
-"""The small memory-bound ops' Triton kernels (rms_norm, rope, swiglu, qk_norm_rope) compiled for sm_90 without a
-GPU, at the bench shapes with the launchers' own blocks and warps: no register spills, and tiles read and written in
-16-byte vectors. (swiglu with its column count unspecialised read bf16 element by element: 64 ld.global.b16 a
-thread, and moved 2.0 TB/s on an H100 where torch.compile moved 3.0.)"""
+"""The small memory-bound ops' Triton kernels (rms_norm, add_rms_norm, rope, swiglu, qk_norm_rope) compiled for
+sm_90 without a GPU, at the bench shapes with the launchers' own blocks and warps: no register spills, and tiles read
+and written in 16-byte vectors. (swiglu with its column count unspecialised read bf16 element by element: 64
+ld.global.b16 a thread, and moved 2.0 TB/s on an H100 where torch.compile moved 3.0.)"""
 
 from __future__ import annotations
 
@@ -23,10 +23,12 @@ def test_small_ops_compile_for_sm90_vectorised_without_spills():
     rms = importlib.import_module("r4b.kernels.rms_norm")
     # rms_norm's forward at both widths and every backward autotune config that its pruning keeps there (the
     # GPU backward is always autotuned); every rope and swiglu autotune config that its pruning keeps
-    assert {"rms_norm fwd D=2560", "rms_norm fwd D=128"} <= set(labels)
-    for D in (2560, 128):
-        kept = rms._bwd_prune(rms._bwd_tuned.configs, {}, D=D, BLOCK_D=1 << (D - 1).bit_length())
-        assert sum(x.startswith(f"rms_norm bwd D={D} ") for x in labels) == len(kept) >= 1, out
+    assert {"rms_norm fwd D=2560", "rms_norm fwd D=128", "add_rms_norm fwd D=2560"} <= set(labels)
+    for name, D in (("rms_norm", 2560), ("rms_norm", 128), ("add_rms_norm", 2560)):
+        tuned, prune = (rms._bwd_add_tuned, rms._bwd_add_prune) if name == "add_rms_norm" else (rms._bwd_tuned,
+                                                                                                  rms._bwd_prune)
+        kept = prune(tuned.configs, {}, D=D, BLOCK_D=1 << (D - 1).bit_length())
+        assert sum(x.startswith(f"{name} bwd D={D} ") for x in labels) == len(kept) >= 1, out
     assert sum(x.startswith("rope D=128 T") for x in labels) == len(ROPE_CONFIGS), out
     assert sum(x.startswith("swiglu fwd I=9728 ") for x in labels) == len(SWIGLU_CONFIGS), out
     for direction in ("fwd", "bwd"):
@@ -51,7 +53,7 @@ def test_small_ops_compile_for_sm90_vectorised_without_spills():
         assert ops.get("ld.global.b16", 0) <= 1 and ops.get("st.global.b16", 0) == 0 and 2 not in cp, line
         regs = re.search(r"Used (\d+) registers", line)
         assert regs, line
-        m = re.match(r"rms_norm bwd D=\d+ M\d+ S(\d+) P(\d+) warps=(\d+):", line)
+        m = re.match(r"(?:add_)?rms_norm bwd D=\d+ M\d+ S(\d+) P(\d+) warps=(\d+):", line)
         if m:
             stages, per_sm, warps = map(int, m.groups())
             # the row loop is pipelined through cp.async, x and dy in 16-byte copies
@@ -91,5 +93,11 @@ def test_rms_norm_backward_autotune_pruning():
                          (64, 8, 3, 1)}
     assert kept(5120) == {(1, 8, 3, 2), (1, 8, 3, 1)} and kept(1024) >= {(2, 4, 3, 4), (4, 4, 3, 3)}
     assert kept(16) == {(64, 4, 3, 4)} and kept(16384) == {(1, 8, 3, 1)}
+    # add_rms_norm's (ADD_DS): two programs an SM at most where a 4-warp program holds ~196 registers
+    kept_add = {(c.kwargs["BLOCK_M"], c.num_warps, c.kwargs["STAGES"], c.kwargs["PROGS_PER_SM"])
+                for c in rms._bwd_add_prune(rms._bwd_add_tuned.configs, {}, D=2560, BLOCK_D=4096)}
+    assert kept_add == {(1, 4, 3, 2), (1, 4, 4, 2), (1, 16, 3, 2), (1, 16, 4, 2)}
+    assert {c.kwargs["PROGS_PER_SM"] for c in rms._bwd_add_prune(rms._bwd_add_tuned.configs, {}, D=16,
+                                                                   BLOCK_D=16)} == {2}
     # the persistent grid: one wave of programs, never more than there are row blocks
     assert rms._bwd_grid(16384, 1, 4, 132) == 528 and rms._bwd_grid(40, 32, 4, 132) == 2

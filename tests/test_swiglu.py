@@ -98,19 +98,28 @@ def test_small_op_launchers_find_the_autotuners_choice(monkeypatch):
     swi = importlib.import_module("r4b.kernels.swiglu")
     rope = importlib.import_module("r4b.kernels.rope")
     rms = importlib.import_module("r4b.kernels.rms_norm")
+    qkr = importlib.import_module("r4b.kernels.qk_norm_rope")
     n, i = 5000, 96
     g, u, y = torch.zeros(n, i), torch.zeros(n, i, dtype=torch.bfloat16), torch.zeros(n, i)
     dy, dg, du = torch.zeros(n, i), torch.zeros(n, i), torch.zeros(n, i, dtype=torch.bfloat16)
     x, pos, inv = torch.zeros(7, 3, 64, dtype=torch.bfloat16), torch.zeros(7, dtype=torch.int64), torch.zeros(32)
     yr = torch.zeros(7, 3, 64, dtype=torch.bfloat16)
     w, rstd, part = torch.zeros(i, dtype=torch.bfloat16), torch.zeros(n), torch.zeros(4, i)
+    w64 = torch.zeros(64, dtype=torch.bfloat16)
     cases = [  # (autotuner, args, kwargs, the launcher's key values, its tensor arguments)
         (swi._fwd_tuned, (g, u, y, n, i, 1, i, i, i), {}, (i, 1), (g, u, y)),
         (swi._bwd_tuned, (dy, g, u, dg, du, n, i, 1, i, i, i, i), {}, (i, 1), (dy, g, u, dg, du)),
         (rope._rope_tuned, (x, pos, inv, yr, 7, 3, 0, 192, 64, 192, 64),
          {"HALF": 32, "BLOCK_HALF": 32, "INVERSE": False}, (3, 32, 0), (x, pos, inv, yr)),
-        (rms._bwd_tuned, (y, g, w, rstd, dg, part, n, i, i, i), {"D": i, "BLOCK_D": 128}, (i,),
-         (y, g, w, rstd, dg, part)),
+        (rms._bwd_tuned, (y, g, w, rstd, dg, part, y, n, i, i, i, i), {"D": i, "BLOCK_D": 128, "ADD_DS": False},
+         (i,), (y, g, w, rstd, dg, part, y)),
+        (rms._bwd_add_tuned, (y, g, w, rstd, dg, part, dy, n, i, i, i, i), {"D": i, "BLOCK_D": 128, "ADD_DS": True},
+         (i,), (y, g, w, rstd, dg, part, dy)),
+        # qk_norm_rope: forward (8 tensors) and backward (11), keyed on heads, half dim and the row bucket
+        (qkr._fwd_tuned, (x, x, w64, w64, pos, inv, yr, yr, 7, 3, 3, 0, 192, 64, 192, 64, 192, 64, 192, 64, 1e-6),
+         {"HALF": 32, "BLOCK_HALF": 32}, (3, 3, 32, 0), (x, x, w64, w64, pos, inv, yr, yr)),
+        (qkr._bwd_tuned, (yr, yr, x, x, w64, w64, pos, inv, yr, yr, part, 7, 3, 3, 0, *[192, 64] * 6, 1e-6),
+         {"HALF": 32, "BLOCK_HALF": 32}, (3, 3, 32, 0), (yr, yr, x, x, w64, w64, pos, inv, yr, yr, part)),
     ]
     for tuned, args, kwargs, key, tensors in cases:
         monkeypatch.setattr(tuned, "cache", {})

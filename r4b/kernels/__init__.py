@@ -4,6 +4,7 @@ Dispatch order and the R4B_BACKEND override are described in r4b/kernels/_dispat
 """
 
 from ._dispatch import available_backends, registered_ops
+from .add_rms_norm import add_rms_norm, add_rms_norm_ref
 from .fused_linear_cross_entropy import fused_linear_cross_entropy, fused_linear_cross_entropy_ref
 from .fused_linear_grpo_loss import fused_linear_grpo_loss, fused_linear_grpo_loss_ref
 from .fused_linear_logprobs import fused_linear_logprobs, fused_linear_logprobs_ref
@@ -17,6 +18,8 @@ from .varlen_attention import varlen_attention, varlen_attention_ref
 
 __all__ = [
     "Packed",
+    "add_rms_norm",
+    "add_rms_norm_ref",
     "available_backends",
     "group_advantages",
     "group_advantages_ref",

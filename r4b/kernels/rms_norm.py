@@ -29,15 +29,21 @@ if _dispatch.triton_importable():
     import triton.language as tl
 
     @triton.jit(do_not_specialize=["n_rows"])
-    def _rms_fwd_kernel(X, W, Y, RSTD, n_rows, stride_x, stride_y, eps, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                        BLOCK_M: tl.constexpr):
-        # One program normalises BLOCK_M rows; x is (n_rows, D) with row stride stride_x.
+    def _rms_fwd_kernel(X, W, Y, RSTD, R, S, n_rows, stride_x, stride_y, stride_r, stride_s, eps, D: tl.constexpr,
+                        BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, ADD: tl.constexpr):
+        # One program normalises BLOCK_M rows; x is (n_rows, D) with row stride stride_x. ADD (add_rms_norm): the
+        # rows normalised are s = x + r, rounded to x's dtype (the eager add) and stored to S.
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK_D)
         rmask = rows < n_rows
         mask = rmask[:, None] & (cols[None, :] < D)
         rows64 = rows.to(tl.int64)
         x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if ADD:
+            r = tl.load(R + rows64[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            x = (x + r).to(X.dtype.element_ty)
+            tl.store(S + rows64[:, None] * stride_s + cols[None, :], x, mask=mask)
+            x = x.to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
         # Round the normalised value to x's dtype before the weight product, as the reference does.
         h = (x * rstd[:, None]).to(X.dtype.element_ty).to(tl.float32)
@@ -46,16 +52,17 @@ if _dispatch.triton_importable():
         tl.store(RSTD + rows, rstd, mask=rmask)
 
     @triton.jit(do_not_specialize=["n_rows"])
-    def _rms_bwd_kernel(DY, X, W, RSTD, DX, DW_PART, n_rows, stride_dy, stride_x, stride_dx, D: tl.constexpr,
-                        BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, STAGES: tl.constexpr,
-                        PROGS_PER_SM: tl.constexpr):
+    def _rms_bwd_kernel(DY, X, W, RSTD, DX, DW_PART, DS, n_rows, stride_dy, stride_x, stride_dx, stride_ds,
+                        D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, STAGES: tl.constexpr,
+                        PROGS_PER_SM: tl.constexpr, ADD_DS: tl.constexpr):
         # A persistent program walks row blocks pid, pid + nprog, ...; its dweight partial sum goes to row pid of
         # the (nprog, D) DW_PART (written by every program, also one without rows). The row loop is software
         # pipelined (cp.async into shared memory on sm_80+): triton issues block i + STAGES - 1's x / dy / rstd
         # loads after block i's store, so STAGES - 2 blocks' loads stay in flight through each block's reductions
         # and store. The serial load -> wait -> reduce -> store loop ran fwd+bwd at 38% of copy bandwidth at
         # D=2560 (H100, 2026-11-26). PROGS_PER_SM only sizes the launcher's grid (an autotuned value reaches the
-        # grid through the kernel's arguments).
+        # grid through the kernel's arguments). ADD_DS (add_rms_norm): dx also gets the gradient ds that reached
+        # the sum itself, read from DS.
         pid = tl.program_id(0)
         row_step = tl.num_programs(0) * BLOCK_M
         cols = tl.arange(0, BLOCK_D)
@@ -75,6 +82,8 @@ if _dispatch.triton_importable():
             g = dy * w[None, :]
             # d/dx of x * rstd: rstd * (g - xhat * mean(g * xhat))
             dx = rstd[:, None] * (g - xhat * (tl.sum(g * xhat, axis=1) / D)[:, None])
+            if ADD_DS:
+                dx += tl.load(DS + rows64[:, None] * stride_ds + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             tl.store(DX + rows64[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
         tl.store(DW_PART + pid * D + cols, dw, mask=cmask)
 
@@ -105,24 +114,44 @@ if _dispatch.triton_importable():
     # almost nothing.
     BWD_TILES = [(4096, 4, 3, 4), (4096, 4, 3, 3), (4096, 16, 3, 2), (4096, 16, 4, 2), (2048, 4, 3, 4),
                  (8192, 8, 3, 2), (8192, 8, 3, 1)]
-    # (BLOCK_M, warps, STAGES, PROGS_PER_SM): every tile's options at every row count, the first D=2560's tile
-    BWD_CONFIGS = [(bm, w, s, p) for bm in (1, 2, 4, 8, 16, 32, 64)
-                   for w, s, p in dict.fromkeys((w, s, p) for _, w, s, p in BWD_TILES)]
+    # add_rms_norm's backward (ADD_DS: ds read too) holds more registers: 196 a thread at D=2560, 4 warps, 3
+    # stages (ptxas, sm_90), so two such programs an SM where rms_norm's runs four
+    ADD_BWD_TILES = [(4096, 4, 3, 2), (4096, 4, 4, 2), (4096, 16, 3, 2), (4096, 16, 4, 2), (2048, 4, 3, 3),
+                     (8192, 8, 3, 1)]
 
-    def _bwd_prune(configs, named_args, **kwargs):
-        block_d = kwargs["BLOCK_D"]
-        kept = [c for c in configs if (c.kwargs["BLOCK_M"] == 1 or block_d < 4096) and (
-            c.kwargs["BLOCK_M"] * block_d, c.num_warps, c.kwargs["STAGES"], c.kwargs["PROGS_PER_SM"]) in BWD_TILES]
-        if not kept:  # very narrow or very wide rows: the fixed tile (255 registers at 16k wide: one program an SM)
-            _, bm, w = _gpu_blocks(kwargs["D"])
-            kept = [triton.Config({"BLOCK_M": bm, "STAGES": 3, "PROGS_PER_SM": 1 if block_d > 8192 else 4},
-                                  num_warps=w, num_stages=1)]
-        return kept
+    def _configs(tiles) -> list[tuple[int, int, int, int]]:
+        """(BLOCK_M, warps, STAGES, PROGS_PER_SM): every tile's options at every row count, the first tile first."""
+        return [(bm, w, s, p) for bm in (1, 2, 4, 8, 16, 32, 64) for w, s, p in dict.fromkeys(
+            (w, s, p) for _, w, s, p in tiles)]
 
-    # num_stages=1: the kernel's one loop is pipelined by its own STAGES
-    _bwd_tuned = triton.autotune([triton.Config({"BLOCK_M": bm, "STAGES": s, "PROGS_PER_SM": p}, num_warps=w,
-                                                num_stages=1) for bm, w, s, p in BWD_CONFIGS],
-                                 key=["D"], prune_configs_by={"early_config_prune": _bwd_prune})(_rms_bwd_kernel)
+    BWD_CONFIGS = _configs(BWD_TILES)
+
+    def _make_prune(tiles, max_per_sm: int):
+        def prune(configs, named_args, **kwargs):
+            block_d = kwargs["BLOCK_D"]
+            kept = [c for c in configs if (c.kwargs["BLOCK_M"] == 1 or block_d < 4096) and (
+                c.kwargs["BLOCK_M"] * block_d, c.num_warps, c.kwargs["STAGES"], c.kwargs["PROGS_PER_SM"]) in tiles]
+            if not kept:  # very narrow or very wide rows: the fixed tile (255 registers at 16k wide: one an SM)
+                _, bm, w = _gpu_blocks(kwargs["D"])
+                kept = [triton.Config({"BLOCK_M": bm, "STAGES": 3,
+                                       "PROGS_PER_SM": 1 if block_d > 8192 else max_per_sm}, num_warps=w,
+                                      num_stages=1)]
+            return kept
+
+        return prune
+
+    _bwd_prune = _make_prune(BWD_TILES, 4)
+    _bwd_add_prune = _make_prune(ADD_BWD_TILES, 2)
+
+    def _autotuned(configs, prune):
+        # num_stages=1: the kernel's one loop is pipelined by its own STAGES
+        return triton.autotune([triton.Config({"BLOCK_M": bm, "STAGES": s, "PROGS_PER_SM": p}, num_warps=w,
+                                              num_stages=1) for bm, w, s, p in configs],
+                               key=["D"], prune_configs_by={"early_config_prune": prune})(_rms_bwd_kernel)
+
+    _bwd_tuned = _autotuned(BWD_CONFIGS, _bwd_prune)
+    # the same kernel with ADD_DS (add_rms_norm's backward): its own tiles, choices and cache
+    _bwd_add_tuned = _autotuned(_configs(ADD_BWD_TILES), _bwd_add_prune)
 
     _BWD_MAX_PER_SM = max(p for *_, p in BWD_TILES)  # >= the fallback's and the interpreter's 4
 
@@ -136,19 +165,66 @@ if _dispatch.triton_importable():
         return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
+    def _forward(x2: Tensor, weight: Tensor, eps: float, r2: Tensor | None = None):
+        """(y, rstd, s) of the (N, D) rows x2 (+ r2: s = x2 + r2 normalised and returned; else s is None)."""
+        n, D = x2.shape
+        y = torch.empty((n, D), dtype=torch.promote_types(x2.dtype, weight.dtype), device=x2.device)
+        rstd = torch.empty(n, dtype=torch.float32, device=x2.device)
+        s = torch.empty((n, D), dtype=x2.dtype, device=x2.device) if r2 is not None else None
+        if n > 0:
+            block_d, block_m, warps = _blocks(D, _dispatch.triton_interpret())
+            rr, ss = (r2, s) if r2 is not None else (x2, y)  # unused without ADD
+            _rms_fwd_kernel[(-(-n // block_m),)](
+                x2, weight, y, rstd, rr, ss, n, x2.stride(0), y.stride(0), rr.stride(0), ss.stride(0), eps, D=D,
+                BLOCK_D=block_d, BLOCK_M=block_m, ADD=r2 is not None, num_warps=warps)
+        return y, rstd, s
+
+    def _backward(dy2: Tensor, x2: Tensor, weight: Tensor, rstd: Tensor, ds2: Tensor | None = None):
+        """(dx, dweight) of rms_norm's (N, D) rows x2 for the output gradient dy2, plus ds2 added into dx when given
+        (add_rms_norm: the gradient that reached the sum itself)."""
+        n, D = x2.shape
+        dx = torch.empty((n, D), dtype=x2.dtype, device=x2.device)
+        if n == 0:  # nothing to launch: the weight gradient is exactly 0
+            return dx, torch.zeros_like(weight)
+        interpret = _dispatch.triton_interpret()
+        block_d, block_m, warps = _blocks(D, interpret)
+        gpu = x2.is_cuda and not interpret
+        sms = _dispatch.sm_count(x2.device) if gpu else 1
+        # each program writes its row of dw_part (summed below): sized for the grid of any config
+        dw_part = torch.empty((min(_BWD_MAX_PER_SM * sms, n), D), dtype=torch.float32, device=x2.device)
+        add = ds2 is not None
+        dd = ds2 if add else dy2  # unused without ADD_DS
+        args = (dy2, x2, weight, rstd, dx, dw_part, dd, n, dy2.stride(0), x2.stride(0), dx.stride(0), dd.stride(0))
+        if gpu:
+            tuned = _bwd_add_tuned if add else _bwd_tuned
+            cfg = _dispatch.tuned_config(tuned, (D,), args[:7])
+            if cfg is not None:  # chosen before for this D and these dtypes: launch it directly
+                kw = cfg.kwargs
+                nprog = _bwd_grid(n, kw["BLOCK_M"], kw["PROGS_PER_SM"], sms)
+                _rms_bwd_kernel[(nprog,)](*args, D=D, BLOCK_D=block_d, ADD_DS=add, **cfg.all_kwargs())
+            else:
+                # programs of each launch, in order: the last is the launch whose partials are summed (an
+                # autotuning call first times every config; a local list, not the autotuner's shared
+                # best_config, which another device's backward thread may be changing)
+                grids: list[int] = []
+
+                def grid(m):
+                    grids.append(_bwd_grid(n, m["BLOCK_M"], m["PROGS_PER_SM"], sms))
+                    return (grids[-1],)
+
+                tuned[grid](*args, D=D, BLOCK_D=block_d, ADD_DS=add)
+                nprog = grids[-1]
+        else:  # the interpreter: one "SM" of 4 programs, so that the tests' rows walk several blocks a program
+            nprog = _bwd_grid(n, block_m, 4, sms)
+            _rms_bwd_kernel[(nprog,)](*args, D=D, BLOCK_D=block_d, BLOCK_M=block_m, STAGES=3, PROGS_PER_SM=4,
+                                      ADD_DS=add, num_warps=warps)
+        return dx, dw_part[:nprog].sum(0).to(weight.dtype)  # (D,)
+
     class _RMSNormFn(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
-            D = x.shape[-1]
-            x2 = _rows(x, D)  # (N, D)
-            n = x2.shape[0]
-            y = torch.empty((n, D), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
-            rstd = torch.empty(n, dtype=torch.float32, device=x.device)
-            if n > 0:
-                block_d, block_m, warps = _blocks(D, _dispatch.triton_interpret())
-                _rms_fwd_kernel[(-(-n // block_m),)](
-                    x2, weight, y, rstd, n, x2.stride(0), y.stride(0), eps, D=D, BLOCK_D=block_d, BLOCK_M=block_m,
-                    num_warps=warps)
+            x2 = _rows(x, x.shape[-1])  # (N, D)
+            y, rstd, _ = _forward(x2, weight, eps)
             ctx.save_for_backward(x2, weight, rstd)
             ctx.x_shape = x.shape
             return y if x2 is x else y.view(x.shape)
@@ -157,44 +233,8 @@ if _dispatch.triton_importable():
         @torch.autograd.function.once_differentiable  # a double backward raises instead of dropping terms
         def backward(ctx, dy: Tensor):
             x2, weight, rstd = ctx.saved_tensors
-            n, D = x2.shape
-            x_shape = ctx.x_shape
-            dx = torch.empty((n, D), dtype=x2.dtype, device=x2.device)
-            dx_out = dx if len(x_shape) == 2 else dx.view(x_shape)
-            if n == 0:  # nothing to launch: the weight gradient is exactly 0
-                return dx_out, torch.zeros_like(weight), None
-            dy2 = _rows(dy, D)  # (N, D)
-            interpret = _dispatch.triton_interpret()
-            block_d, block_m, warps = _blocks(D, interpret)
-            gpu = x2.is_cuda and not interpret
-            sms = _dispatch.sm_count(x2.device) if gpu else 1
-            # each program writes its row of dw_part (summed below): sized for the grid of any config
-            dw_part = torch.empty((min(_BWD_MAX_PER_SM * sms, n), D), dtype=torch.float32, device=x2.device)
-            args = (dy2, x2, weight, rstd, dx, dw_part, n, dy2.stride(0), x2.stride(0), dx.stride(0))
-            if gpu:
-                cfg = _dispatch.tuned_config(_bwd_tuned, (D,), args[:6])
-                if cfg is not None:  # chosen before for this D and these dtypes: launch it directly
-                    kw = cfg.kwargs
-                    nprog = _bwd_grid(n, kw["BLOCK_M"], kw["PROGS_PER_SM"], sms)
-                    _rms_bwd_kernel[(nprog,)](*args, D=D, BLOCK_D=block_d, **cfg.all_kwargs())
-                else:
-                    # programs of each launch, in order: the last is the launch whose partials are summed (an
-                    # autotuning call first times every config; a local list, not the autotuner's shared
-                    # best_config, which another device's backward thread may be changing)
-                    grids: list[int] = []
-
-                    def grid(m):
-                        grids.append(_bwd_grid(n, m["BLOCK_M"], m["PROGS_PER_SM"], sms))
-                        return (grids[-1],)
-
-                    _bwd_tuned[grid](*args, D=D, BLOCK_D=block_d)
-                    nprog = grids[-1]
-            else:  # the interpreter: one "SM" of 4 programs, so that the tests' rows walk several blocks a program
-                nprog = _bwd_grid(n, block_m, 4, sms)
-                _rms_bwd_kernel[(nprog,)](
-                    *args, D=D, BLOCK_D=block_d, BLOCK_M=block_m, STAGES=3, PROGS_PER_SM=4, num_warps=warps)
-            dw = dw_part[:nprog].sum(0).to(weight.dtype)  # (D,)
-            return dx_out, dw, None
+            dx, dw = _backward(_rows(dy, x2.shape[1]), x2, weight, rstd)
+            return (dx if len(ctx.x_shape) == 2 else dx.view(ctx.x_shape)), dw, None
 
 
 @_dispatch.on_tensor_device

@@ -21,8 +21,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: Tensor) -> Tensor:
-        return kernels.rms_norm(x, self.weight, self.eps)
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """rms_norm(x); with a residual, (rms_norm(x + residual), x + residual) from one fused op."""
+        if residual is None:
+            return kernels.rms_norm(x, self.weight, self.eps)
+        return kernels.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class Qwen3Attention(nn.Module):
@@ -76,9 +79,17 @@ class Qwen3DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = Qwen3MLP(cfg)
 
-    def forward(self, x: Tensor, position_ids: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), position_ids, cu_seqlens, max_seqlen)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: Tensor, position_ids: Tensor, cu_seqlens: Tensor, max_seqlen: int,
+                residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The layer's output as the pair (mlp_out, residual), whose sum is the hidden state after the layer (the
+        next norm adds them in its fused op, add_rms_norm). residual None: x is the hidden state itself (the first
+        layer's embeddings); else the hidden state is x + residual (the previous layer's pair)."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h, residual = self.post_attention_layernorm(self.self_attn(h, position_ids, cu_seqlens, max_seqlen), residual)
+        return self.mlp(h), residual
 
 
 def check_packed(input_len: int, position_ids: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> None:
@@ -105,10 +116,10 @@ class Qwen3Model(nn.Module):
 
     def forward(self, inputs_embeds: Tensor, position_ids: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
         """inputs_embeds: (T, H); returns hidden states (T, H) after the final norm."""
-        h = inputs_embeds
+        h, residual = inputs_embeds, None
         for layer in self.layers:
-            h = layer(h, position_ids, cu_seqlens, max_seqlen)
-        return self.norm(h)
+            h, residual = layer(h, position_ids, cu_seqlens, max_seqlen, residual)
+        return self.norm(h) if residual is None else self.norm(h, residual)[0]
 
 
 class Qwen3ForCausalLM(nn.Module):

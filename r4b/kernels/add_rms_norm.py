@@ -1,0 +1,86 @@
+"""add_rms_norm: the decoder's residual add followed by RMSNorm, in one kernel each way.
+
+``normed, summed = add_rms_norm(x, residual, w)`` equals ``summed = x + residual; normed = rms_norm(summed, w)``.
+Unfused, a decoder layer's residual add and the next norm read and write the hidden states five times forward
+(the add: two reads, a write; the norm: a read, a write) and six times backward (the norm's backward, and the add
+that accumulates the residual branch's gradient); fused, four and four. The kernels are rms_norm's (its forward
+and backward with the add switched on: r4b/kernels/rms_norm.py).
+
+Owns the torch reference, the autograd Function and the public function.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _checks, _dispatch
+from .rms_norm import rms_norm_ref
+
+OP = "add_rms_norm"
+_dispatch.register(OP, ("triton", "torch"))
+
+
+def add_rms_norm_ref(x: Tensor, residual: Tensor, weight: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """(rms_norm_ref(x + residual, weight, eps), x + residual), the sum in x's dtype as eager torch adds."""
+    summed = x + residual
+    return rms_norm_ref(summed, weight, eps), summed
+
+
+if _dispatch.triton_importable():
+    from .rms_norm import _backward, _forward, _rows
+
+    class _AddRMSNormFn(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x: Tensor, residual: Tensor, weight: Tensor, eps: float):
+            D = x.shape[-1]
+            x2, r2 = _rows(x, D), _rows(residual, D)  # (N, D)
+            y, rstd, s = _forward(x2, weight, eps, r2)
+            ctx.save_for_backward(s, weight, rstd)
+            ctx.x_shape = x.shape
+            # a sum nobody differentiates (the final norm's) gets None, not a materialised zero gradient to read
+            ctx.set_materialize_grads(False)
+            return y.view(x.shape), s.view(x.shape)
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable  # a double backward raises instead of dropping terms
+        def backward(ctx, dy: Tensor | None, ds: Tensor | None):
+            s, weight, rstd = ctx.saved_tensors
+            D = s.shape[1]
+            if dy is None:  # only the sum reached the loss: it passes its gradient to both inputs
+                dx = ds if ds is not None else torch.zeros(ctx.x_shape, dtype=s.dtype, device=s.device)
+                return dx, dx, torch.zeros_like(weight), None
+            dx, dw = _backward(_rows(dy, D), s, weight, rstd, _rows(ds, D) if ds is not None else None)
+            dx = dx.view(ctx.x_shape)
+            # x and residual get the same gradient (the same tensor, as torch's add backward returns it)
+            return dx, dx, dw, None
+
+
+@_dispatch.on_tensor_device
+def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float = 1e-6, *,
+                 backend: str | None = None) -> tuple[Tensor, Tensor]:
+    """Residual add then RMSNorm over the last dimension: returns ``(rms_norm(x + residual, weight, eps), x +
+    residual)``.
+
+    x, residual: (..., D) float, same shape and dtype; weight: (D,) float; all on one device. The sum is rounded
+    to x's dtype (as eager torch adds) and normalised from that rounded value, so the Triton path gives the same
+    values as ``rms_norm(x + residual, weight)``; the normalised output follows rms_norm's dtype rule (the
+    promotion of x's and weight's dtypes). Both outputs are differentiable; x and residual get the same gradient.
+    """
+    _checks.tensor("x", x, dtypes=_checks.FLOAT_DTYPES)
+    _checks.tensor("residual", residual, dtypes=_checks.FLOAT_DTYPES)
+    _checks.tensor("weight", weight, dtypes=_checks.FLOAT_DTYPES, ndim=1)
+    _checks.same_device(x=x, residual=residual, weight=weight)
+    if residual.shape != x.shape or residual.dtype != x.dtype:
+        raise ValueError(f"residual must have x's shape and dtype, got residual {tuple(residual.shape)} "
+                         f"{str(residual.dtype).replace('torch.', '')} and x {tuple(x.shape)} "
+                         f"{str(x.dtype).replace('torch.', '')}")
+    if x.dim() == 0 or x.shape[-1] != weight.shape[0]:
+        raise ValueError(f"x's last dimension must equal weight's size {weight.shape[0]}, got x.shape={tuple(x.shape)}")
+    if x.shape[-1] == 0:
+        raise ValueError(f"x's last dimension (the normalised one) must be >= 1, got x.shape={tuple(x.shape)}")
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    if _dispatch.pick(OP, backend, x) == "triton":
+        return _AddRMSNormFn.apply(x, residual, weight.contiguous(), float(eps))
+    return add_rms_norm_ref(x, residual, weight, eps)
