@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _checks, _dispatch
-from .rms_norm import rms_norm_ref
+from . import _dispatch
+from .rms_norm import check_args, rms_norm_ref
 
 OP = "add_rms_norm"
 _dispatch.register(OP, ("triton", "torch"))
@@ -67,20 +67,11 @@ def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float = 1e-6,
     values as ``rms_norm(x + residual, weight)``; the normalised output follows rms_norm's dtype rule (the
     promotion of x's and weight's dtypes). Both outputs are differentiable; x and residual get the same gradient.
     """
-    _checks.tensor("x", x, dtypes=_checks.FLOAT_DTYPES)
-    _checks.tensor("residual", residual, dtypes=_checks.FLOAT_DTYPES)
-    _checks.tensor("weight", weight, dtypes=_checks.FLOAT_DTYPES, ndim=1)
-    _checks.same_device(x=x, residual=residual, weight=weight)
+    check_args(x, weight, eps, residual=residual)
     if residual.shape != x.shape or residual.dtype != x.dtype:
         raise ValueError(f"residual must have x's shape and dtype, got residual {tuple(residual.shape)} "
                          f"{str(residual.dtype).replace('torch.', '')} and x {tuple(x.shape)} "
                          f"{str(x.dtype).replace('torch.', '')}")
-    if x.dim() == 0 or x.shape[-1] != weight.shape[0]:
-        raise ValueError(f"x's last dimension must equal weight's size {weight.shape[0]}, got x.shape={tuple(x.shape)}")
-    if x.shape[-1] == 0:
-        raise ValueError(f"x's last dimension (the normalised one) must be >= 1, got x.shape={tuple(x.shape)}")
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
     if _dispatch.pick(OP, backend, x) == "triton":
         return _AddRMSNormFn.apply(x, residual, weight.contiguous(), float(eps))
     return add_rms_norm_ref(x, residual, weight, eps)

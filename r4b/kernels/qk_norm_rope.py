@@ -35,6 +35,8 @@ if _dispatch.triton_importable():
     import triton
     import triton.language as tl
 
+    from .rope import angles
+
     @triton.jit
     def _fwd_heads(X, W, Y, H, stride_xt, stride_xh, stride_yt, stride_yh, t64, cols, cmask, mask, c32, s32, eps,
                    HALF: tl.constexpr, STAGES: tl.constexpr):
@@ -58,25 +60,13 @@ if _dispatch.triton_importable():
             xp += stride_xh
             yp += stride_yh
 
-    @triton.jit
-    def _angles(POS, INV_FREQ, T, BLOCK_T: tl.constexpr, BLOCK_HALF: tl.constexpr, HALF: tl.constexpr):
-        """This program's tokens and the fp32 cos / sin of their angles pos * inv_freq, (BLOCK_T, BLOCK_HALF)."""
-        toks = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-        cols = tl.arange(0, BLOCK_HALF)
-        tmask = toks < T
-        cmask = cols < HALF
-        pos = tl.load(POS + toks, mask=tmask, other=0).to(tl.float32)
-        inv = tl.load(INV_FREQ + cols, mask=cmask, other=0.0)
-        ang = pos[:, None] * inv[None, :]  # fp32 product, as position_ids.float() * inv_freq
-        return toks.to(tl.int64)[:, None], cols, cmask, tmask[:, None] & cmask[None, :], tl.cos(ang), tl.sin(ang)
-
     @triton.jit(do_not_specialize=["T", "HQ", "HK", "t_bucket"])
     def _fwd_kernel(Q, K, WQ, WK, POS, INV_FREQ, YQ, YK, T, HQ, HK, t_bucket, stride_qt, stride_qh, stride_kt,
                     stride_kh, stride_yqt, stride_yqh, stride_ykt, stride_ykh, eps, HALF: tl.constexpr,
                     BLOCK_HALF: tl.constexpr, BLOCK_T: tl.constexpr, STAGES: tl.constexpr):
         # One program: BLOCK_T tokens, all their q heads then all their k heads; cos / sin formed once for both.
         # t_bucket is only the autotune key's row bucket.
-        t64, cols, cmask, mask, c32, s32 = _angles(POS, INV_FREQ, T, BLOCK_T, BLOCK_HALF, HALF)
+        t64, cols, cmask, mask, c32, s32 = angles(POS, INV_FREQ, T, BLOCK_T, BLOCK_HALF, HALF)
         _fwd_heads(Q, WQ, YQ, HQ, stride_qt, stride_qh, stride_yqt, stride_yqh, t64, cols, cmask, mask, c32, s32, eps,
                    HALF, STAGES)
         _fwd_heads(K, WK, YK, HK, stride_kt, stride_kh, stride_ykt, stride_ykh, t64, cols, cmask, mask, c32, s32, eps,
@@ -128,7 +118,7 @@ if _dispatch.triton_importable():
                     BLOCK_T: tl.constexpr, STAGES: tl.constexpr):
         # One program: BLOCK_T tokens' q heads then k heads; its weight-gradient partials go to row pid of the
         # (programs, 2, 2 HALF) DW_PART (q's at [pid, 0], k's at [pid, 1]), summed over programs by the caller.
-        t64, cols, cmask, mask, c32, s32 = _angles(POS, INV_FREQ, T, BLOCK_T, BLOCK_HALF, HALF)
+        t64, cols, cmask, mask, c32, s32 = angles(POS, INV_FREQ, T, BLOCK_T, BLOCK_HALF, HALF)
         part = DW_PART + tl.program_id(0).to(tl.int64) * (4 * HALF)
         _bwd_heads(DYQ, Q, WQ, DXQ, part, HQ, stride_dyqt, stride_dyqh, stride_qt, stride_qh, stride_dxqt,
                    stride_dxqh, t64, cols, cmask, mask, c32, s32, eps, HALF, STAGES)

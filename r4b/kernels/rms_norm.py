@@ -237,6 +237,21 @@ if _dispatch.triton_importable():
             return (dx if len(ctx.x_shape) == 2 else dx.view(ctx.x_shape)), dw, None
 
 
+def check_args(x: Tensor, weight: Tensor, eps: float, **more: Tensor) -> None:
+    """The checks of rms_norm's arguments (and of ``more`` tensors that go with x: same device, float)."""
+    _checks.tensor("x", x, dtypes=_checks.FLOAT_DTYPES)
+    for name, t in more.items():
+        _checks.tensor(name, t, dtypes=_checks.FLOAT_DTYPES)
+    _checks.tensor("weight", weight, dtypes=_checks.FLOAT_DTYPES, ndim=1)
+    _checks.same_device(x=x, **more, weight=weight)
+    if x.dim() == 0 or x.shape[-1] != weight.shape[0]:
+        raise ValueError(f"x's last dimension must equal weight's size {weight.shape[0]}, got x.shape={tuple(x.shape)}")
+    if x.shape[-1] == 0:
+        raise ValueError(f"x's last dimension (the normalised one) must be >= 1, got x.shape={tuple(x.shape)}")
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+
+
 @_dispatch.on_tensor_device
 def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, *, backend: str | None = None) -> Tensor:
     """RMSNorm over the last dimension.
@@ -245,15 +260,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, *, backend: str | Non
     weight follows torch type promotion, as in transformers). The Triton path keeps the normalised value's
     rounding to x.dtype and rounds the product once (eager torch rounds identically for one dtype).
     """
-    _checks.tensor("x", x, dtypes=_checks.FLOAT_DTYPES)
-    _checks.tensor("weight", weight, dtypes=_checks.FLOAT_DTYPES, ndim=1)
-    _checks.same_device(x=x, weight=weight)
-    if x.dim() == 0 or x.shape[-1] != weight.shape[0]:
-        raise ValueError(f"x's last dimension must equal weight's size {weight.shape[0]}, got x.shape={tuple(x.shape)}")
-    if x.shape[-1] == 0:
-        raise ValueError(f"x's last dimension (the normalised one) must be >= 1, got x.shape={tuple(x.shape)}")
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
+    check_args(x, weight, eps)
     if _dispatch.pick(OP, backend, x) == "triton":
         return _RMSNormFn.apply(x, weight.contiguous(), float(eps))
     return rms_norm_ref(x, weight, eps)

@@ -56,6 +56,20 @@ if _dispatch.triton_importable():
     import triton
     import triton.language as tl
 
+    @triton.jit
+    def angles(POS, INV_FREQ, T, BLOCK_T: tl.constexpr, BLOCK_HALF: tl.constexpr, HALF: tl.constexpr):
+        """This program's tokens (int64, (BLOCK_T, 1)), frequency columns and their mask, the (token, column) mask,
+        and the fp32 cos / sin of the angles pos * inv_freq, (BLOCK_T, BLOCK_HALF) (the product in fp32, as
+        position_ids.float() * inv_freq)."""
+        toks = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        cols = tl.arange(0, BLOCK_HALF)
+        tmask = toks < T
+        cmask = cols < HALF
+        pos = tl.load(POS + toks, mask=tmask, other=0).to(tl.float32)
+        inv = tl.load(INV_FREQ + cols, mask=cmask, other=0.0)
+        ang = pos[:, None] * inv[None, :]
+        return toks.to(tl.int64)[:, None], cols, cmask, tmask[:, None] & cmask[None, :], tl.cos(ang), tl.sin(ang)
+
     @triton.jit(do_not_specialize=["T", "H", "t_bucket"])
     def _rope_kernel(X, POS, INV_FREQ, Y, T, H, t_bucket, stride_xt, stride_xh, stride_yt, stride_yh,
                      HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_T: tl.constexpr, INVERSE: tl.constexpr):
@@ -64,20 +78,12 @@ if _dispatch.triton_importable():
         # 32 times the trigonometry for q; on an H100, 2026-11-26, it moved 1.7 TB/s for q and 1.5 for k where a
         # copy moves 3.0. A 3-D (tokens, heads, frequencies) tile computed them in a layout that repeats them
         # across thread groups, and grew with the head count.)
-        toks = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-        cols = tl.arange(0, BLOCK_HALF)
-        tmask = toks < T
-        cmask = cols < HALF
-        pos = tl.load(POS + toks, mask=tmask, other=0).to(tl.float32)
-        inv = tl.load(INV_FREQ + cols, mask=cmask, other=0.0)
-        ang = pos[:, None] * inv[None, :]  # (BLOCK_T, BLOCK_HALF): fp32 product, as position_ids.float() * inv_freq
+        t64, cols, _, mask, c32, s32 = angles(POS, INV_FREQ, T, BLOCK_T, BLOCK_HALF, HALF)
         # cos/sin rounded to x's dtype first, as the reference does.
-        c = tl.cos(ang).to(X.dtype.element_ty).to(tl.float32)
-        s = tl.sin(ang).to(X.dtype.element_ty).to(tl.float32)
+        c = c32.to(X.dtype.element_ty).to(tl.float32)
+        s = s32.to(X.dtype.element_ty).to(tl.float32)
         if INVERSE:
             s = -s
-        mask = tmask[:, None] & cmask[None, :]
-        t64 = toks.to(tl.int64)[:, None]
         xp = X + t64 * stride_xt + cols[None, :]  # head 0's rows; pointers step by a head stride (64-bit sums)
         yp = Y + t64 * stride_yt + cols[None, :]
         for _ in range(H):
