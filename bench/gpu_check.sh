@@ -13,7 +13,8 @@
 #           the gluon-dkdv GPU tests, the Gluon kernels' GPU tests; the small-op bench, the small ops' host-time
 #           split (gpu_diag host) and the loss row kernel's sweep; then diag;
 #   rest:   the r4b._C ops (group advantages, pack) and the peer attention backends: tests and benches (builds
-#           r4b._C first unless this machine already has it built with CUDA), and the fused-linear bench;
+#           r4b._C first unless this machine already has it built with CUDA), the fused-linear bench and the
+#           end-to-end training step (bench_model_step: r4b vs its unfused small ops vs transformers);
 #   diag:   hardware counters and memory checks for the sessions without a GPU (bench/gpu_diag.py): Nsight Compute
 #           on the attention kernels (Triton default, Gluon) at the anchor and on one chunk of the GRPO loss, and
 #           compute-sanitizer (memcheck, synccheck, racecheck) on the Gluon kernels at a small size, and on the
@@ -258,9 +259,9 @@ case "$PHASE" in
   # gluon: after the ws tests, what decides issue 5 first (ws and gluon-dkdv rows at the anchor, the sanitizer on
   # a failing ws backward, the gluon-dkdv pairing's GPU tests); the small ops and the row sweep ran on 2026-11-27
   gluon) specs="ws_subset:100 diag_ws:90 gluon_dkdv_tests:60 gluon_tests:150 norms:45 host:20 grpo_rows:60 diag:150" ;;
-  rest) specs="fused_linear:60 group_advantages:25 pack:30" ;;
+  rest) specs="fused_linear:60 group_advantages:25 pack:30 model_step:120" ;;
   diag) specs="diag:400" ;;
-  all) specs="varlen_attention:200 grpo_loss:130 ws_subset:100 diag_ws:90 gluon_dkdv_tests:60 gluon_tests:150 norms:45 host:20 grpo_rows:60 diag:150 fused_linear:60 group_advantages:25 pack:30" ;;
+  all) specs="varlen_attention:200 grpo_loss:130 ws_subset:100 diag_ws:90 gluon_dkdv_tests:60 gluon_tests:150 norms:45 host:20 grpo_rows:60 diag:150 fused_linear:60 group_advantages:25 pack:30 model_step:120" ;;
 esac
 specs=${R4B_CHECK_BENCHES:-$specs}
 bench_rc=0

@@ -47,7 +47,8 @@ def test_backend_provider_skips_unavailable_backend():
 
 
 def test_bench_registry():
-    assert {"group_advantages", "pack", "grpo_loss", "fused_linear", "varlen_attention", "norms"} <= set(names())
+    assert {"group_advantages", "pack", "grpo_loss", "fused_linear", "varlen_attention", "norms",
+            "model_step"} <= set(names())
     assert bench_main(["--list"]) == 0
     assert bench_main(["nope"]) == 2
 
@@ -89,6 +90,30 @@ def test_loss_bench_providers_compute_the_same_loss(name, monkeypatch, tmp_path)
     assert [r["provider"] for r in partial] == (["cublas gemms only"] if name == "grpo_loss" else [])
     assert all(r["check"] in ("ref", "ok") for r in ran if r not in partial), \
         [(r["provider"], r.get("err")) for r in ran]
+
+
+def test_model_step_bench_providers_compute_the_same_loss(monkeypatch, tmp_path):
+    """The end-to-end bench at its --quick size (2 layers, 4 documents) under the interpreter: r4b's step, r4b's with
+    the unfused small ops (the fused ops really swapped out for the call, and back after it) and transformers'
+    padded-batch step give the same loss (fp32: the bench's own check at 1e-4)."""
+    pytest.importorskip("transformers")
+    import r4b.kernels as K
+    from bench import bench_model_step as mod
+
+    monkeypatch.setattr(harness, "results_dir", lambda device: tmp_path)
+    monkeypatch.setattr(harness, "time_fn", lambda fn, device, quick=False: (1.0, 1.0, 1.0))  # no timing here
+    monkeypatch.setattr(harness, "peak_memory_gib", lambda fn, device: None)
+    calls = []
+    real = K.add_rms_norm
+    monkeypatch.setattr(K, "add_rms_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fused = K.add_rms_norm
+    rows = mod.main(["--quick"])
+    assert [(r["provider"], r["check"]) for r in rows] == [
+        ("r4b (default)", "ref"), ("r4b unfused small ops", "ok"), ("transformers (sdpa, padded)", "ok")], rows
+    # the default step called the fused op for every norm but the first (2 layers: 3 of 4 norms + the final one);
+    # the unfused one did not, and restored it
+    assert len(calls) == 4 and K.add_rms_norm is fused
+    assert all(r["tokens_per_s"] > 0 and r["tflops"] > 0 for r in rows)
 
 
 def test_summary_targets_compare_the_best_r4b_row_with_the_peer_and_skip_mismatches(tmp_path):
