@@ -161,7 +161,9 @@ fi
 # model's tests after it never ran
 loss_tests="tests/test_fused_linear_chunked.py tests/test_fused_linear_grpo_loss.py
             tests/test_fused_linear_cross_entropy.py tests/test_fused_linear_logprobs.py"
-small_tests="tests/test_rms_norm.py tests/test_add_rms_norm.py tests/test_rope.py tests/test_qk_norm_rope.py tests/test_swiglu.py tests/test_model_qwen3.py"
+# the fused ops first (never run on a GPU yet), then the model's step that uses them, then the ops that passed
+small_tests="tests/test_qk_norm_rope.py tests/test_add_rms_norm.py tests/test_model_qwen3.py tests/test_rms_norm.py
+             tests/test_rope.py tests/test_swiglu.py"
 attn_tests="tests/test_varlen_attention.py"
 rest_tests="tests/test_group_advantages.py tests/test_pack.py tests/test_varlen_attention_peers.py"
 if has_test loss; then
@@ -169,7 +171,7 @@ if has_test loss; then
   gpu_tests 40 pytest_gpu_loss.log $loss_tests || test_rc=$?
 fi
 if has_test small; then
-  step "GPU tests: rms_norm, rope, swiglu, model"
+  step "GPU tests: qk_norm_rope, add_rms_norm, model, rms_norm, rope, swiglu"
   # (2026-11-27, H200: 80 s took every small-op test and left the model's training step, which autotunes every
   # kernel at its own shapes, running at the limit; 100 s took 7 of the 8 attention variants. The model test has
   # its own 240 s pytest-timeout, over the step's 90 s per test)
@@ -258,10 +260,10 @@ case "$PHASE" in
   issues) specs="varlen_attention:200 grpo_loss:120" ;;
   # gluon: after the ws tests, what decides issue 5 first (ws and gluon-dkdv rows at the anchor, the sanitizer on
   # a failing ws backward, the gluon-dkdv pairing's GPU tests); the small ops and the row sweep ran on 2026-11-27
-  gluon) specs="ws_subset:100 diag_ws:90 gluon_dkdv_tests:60 gluon_tests:150 norms:45 host:20 grpo_rows:60 diag:150" ;;
-  rest) specs="fused_linear:60 group_advantages:25 pack:30 model_step:120" ;;
+  gluon) specs="ws_subset:100 diag_ws:90 gluon_dkdv_tests:60 gluon_tests:150 norms:45 host:30 grpo_rows:60 diag:150" ;;
+  rest) specs="model_step:150 fused_linear:60 group_advantages:25 pack:30" ;;
   diag) specs="diag:400" ;;
-  all) specs="varlen_attention:200 grpo_loss:130 ws_subset:100 diag_ws:90 gluon_dkdv_tests:60 gluon_tests:150 norms:45 host:20 grpo_rows:60 diag:150 fused_linear:60 group_advantages:25 pack:30 model_step:120" ;;
+  all) specs="varlen_attention:200 grpo_loss:130 ws_subset:100 diag_ws:90 gluon_dkdv_tests:60 gluon_tests:150 norms:45 host:30 grpo_rows:60 diag:150 fused_linear:60 group_advantages:25 pack:30 model_step:120" ;;
 esac
 specs=${R4B_CHECK_BENCHES:-$specs}
 bench_rc=0

@@ -359,10 +359,11 @@ def report(kernels: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def host_split(fns: dict, device: str = "cuda", n: int = 50) -> list[dict]:
+def host_split(fns: dict, device: str = "cuda", n: int = 50, on_row=None) -> list[dict]:
     """For each name -> (forward callable, inputs to differentiate, output gradients): the median over n calls of
     the forward's host time, the backward's (torch.autograd.grad) host time, and the device time of the pair
-    (CUDA events; on the CPU the wall time), each call started with the device idle."""
+    (CUDA events; on the CPU the wall time), each call started with the device idle. ``on_row(row)`` gets each
+    row as soon as it is measured (so a time limit keeps the rows measured before it)."""
     import statistics
     import time
 
@@ -392,6 +393,8 @@ def host_split(fns: dict, device: str = "cuda", n: int = 50) -> list[dict]:
             del out
         rows.append({"name": name, "fwd_host_us": statistics.median(f_us), "bwd_host_us": statistics.median(b_us),
                      "pair_ms": statistics.median(dev_ms)})
+        if on_row is not None:
+            on_row(rows[-1])
     return rows
 
 
@@ -427,10 +430,9 @@ def host(device: str = "cuda", n: int = 50, shapes=None) -> int:
         "r4b qk_norm_rope": (lambda: qk_norm_rope(q, k, wq, wk, pos), (q, k, wq, wk), (dq, dk)),
         "r4b rms_norm + rope, q and k (unfused)": (unfused, (q, k, wq, wk), (dq, dk)),
     }
-    rows = host_split(fns, device, n)
-    print(f"{'callable':44s} {'fwd host us':>12s} {'grad host us':>13s} {'fwd+grad ms':>12s}")
-    for r in rows:
-        print(f"{r['name']:44s} {r['fwd_host_us']:12.1f} {r['bwd_host_us']:13.1f} {r['pair_ms']:12.3f}")
+    print(f"{'callable':44s} {'fwd host us':>12s} {'grad host us':>13s} {'fwd+grad ms':>12s}", flush=True)
+    host_split(fns, device, n, on_row=lambda r: print(
+        f"{r['name']:44s} {r['fwd_host_us']:12.1f} {r['bwd_host_us']:13.1f} {r['pair_ms']:12.3f}", flush=True))
     return 0
 
 

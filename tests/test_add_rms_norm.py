@@ -142,3 +142,25 @@ def test_bf16_hidden_gpu_within_twice_plain():
     ours = _run(lambda *a: add_rms_norm(*a, backend="triton"), *bf)
     assert all(o.dtype == torch.bfloat16 for o in ours)
     assert_within_twice_plain(ours, plain, want, NAMES, atol_rel=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(37, 2560), (16389, 2560), (1000, 128)])
+def test_every_backward_config_gpu(shape, monkeypatch):
+    """Every backward config that add_rms_norm's autotuner keeps at this width (ADD_DS, two programs an SM, up to
+    4 pipeline stages) through the direct-launch path (the autotuner's choice faked), fp32 on the GPU against
+    float64, at row counts under and past one wave. The bf16 test above runs only the autotuner's pick."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    import importlib
+
+    from r4b.kernels import _dispatch
+
+    rms = importlib.import_module("r4b.kernels.rms_norm")
+    D = shape[-1]
+    kept = rms._bwd_add_prune(rms._bwd_add_tuned.configs, {}, D=D, BLOCK_D=1 << (D - 1).bit_length())
+    assert kept
+    x, r, w = (t.cuda() for t in _inputs(shape, seed=5))
+    for cfg in kept:
+        monkeypatch.setattr(_dispatch, "tuned_config", lambda *a, cfg=cfg: cfg)
+        _assert_matches_float64(_run(_fused, x, r, w), x, r, w)

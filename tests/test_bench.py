@@ -160,6 +160,9 @@ def test_summary_targets_compare_the_best_r4b_row_with_the_peer_and_skip_mismatc
     (tmp_path / "norms.json").write_text(json.dumps({"rows": norms}))
     assert targets(tmp_path).splitlines()[-1] == (
         "  norms qk fwd: fused 0.100 ms vs unfused 0.300 ms launched (3.00x), 0.080 vs 0.120 in a graph (1.50x)")
+    norms[-3]["check"] = "MISMATCH"  # a fused op computing something else is no speed-up
+    (tmp_path / "norms.json").write_text(json.dumps({"rows": norms}))
+    assert "qk fwd: fused" not in targets(tmp_path)
 
 
 def test_summary_table_prints_checked_reference_and_unchecked_rows(tmp_path):
@@ -175,6 +178,12 @@ def test_summary_table_prints_checked_reference_and_unchecked_rows(tmp_path):
     lines = table(tmp_path).splitlines()
     assert lines[2].endswith(" ref") and lines[3].endswith(" ok 6.7e-03") and lines[4].endswith(" n/a"), lines
     assert "cublas gemms only" in lines[4] and "0.929" in lines[4], lines  # 52 / 56 of r4b's best
+    # an unfused baseline row (what a fused op replaces) is not one of r4b's rows: it never sets "x r4b"'s base
+    rows.append({"op": "grpo_loss", "case": "N=16384", "provider": "r4b triton unfused", "ms": 28.0, "check": "ok",
+                 "err": 1e-3})
+    (tmp_path / "grpo_loss.json").write_text(json.dumps({"rows": rows, "env": {"device_name": "H200"}}))
+    lines = table(tmp_path).splitlines()
+    assert "0.929" in lines[4] and " 0.5 " in lines[5], lines  # 28 / 56
 
 
 def test_varlen_bench_rows_come_in_the_order_the_targets_need():

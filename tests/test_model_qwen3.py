@@ -103,6 +103,20 @@ def test_tied_head_shares_storage(pair):
     assert tied == ref.config.tie_word_embeddings
 
 
+def test_norm_with_residual_promotes_mixed_dtypes_as_the_add_would():
+    """The decoder's fused add + norm gets a layer's output and the residual stream; with different dtypes (bf16
+    outputs onto fp32 embeddings) they are promoted as ``x + residual`` promotes them, not refused."""
+    from r4b.engine.model.qwen3 import RMSNorm
+
+    norm = RMSNorm(16, 1e-6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x, r = torch.randn(5, 16).bfloat16(), torch.randn(5, 16)
+    y, s = norm(x, r)
+    assert s.dtype == torch.float32 and torch.equal(s, x + r)
+    assert torch.equal(y, norm(x + r))
+
+
 def test_bad_packed_inputs_raise(pair):
     _, model = pair
     _, batch = packed([3, 2], model.config.vocab_size)

@@ -193,3 +193,25 @@ def test_bf16_anchor_gpu_within_twice_plain():
     ours = _run(lambda *a: qk_norm_rope(*a, backend="triton"), *bf, pos)
     assert all(o.dtype == torch.bfloat16 for o in ours)
     assert_within_twice_plain(ours, plain, want, NAMES, atol_rel=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,HK", [(37, 8), (16389, 0), (16389, 8)])
+def test_every_config_gpu(T, HK, monkeypatch):
+    """Every (BLOCK_T, warps, STAGES) of CONFIGS through the op's direct-launch path (the autotuner's choice faked),
+    forward and backward, fp32 on the GPU against float64: a ragged last token block, the pipelined configs'
+    masked tail loads, no k heads (a loop of zero trips). The bf16 test above runs only the autotuner's pick."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    import importlib
+
+    import triton
+
+    from r4b.kernels import _dispatch
+
+    qkr = importlib.import_module("r4b.kernels.qk_norm_rope")
+    q, k, wq, wk, pos = (t.cuda() for t in _inputs(T, 32, HK, 128, seed=9))
+    for t, w, st in qkr.CONFIGS:
+        cfg = triton.Config({"BLOCK_T": t, "STAGES": st}, num_warps=w)
+        monkeypatch.setattr(_dispatch, "tuned_config", lambda *a, cfg=cfg: cfg)
+        _assert_matches_float64(_run(_fused, q, k, wq, wk, pos), q, k, wq, wk, pos)

@@ -25,6 +25,9 @@ class RMSNorm(nn.Module):
         """rms_norm(x); with a residual, (rms_norm(x + residual), x + residual) from one fused op."""
         if residual is None:
             return kernels.rms_norm(x, self.weight, self.eps)
+        if x.dtype != residual.dtype:  # as x + residual would promote (e.g. bf16 outputs onto fp32 embeddings)
+            dt = torch.promote_types(x.dtype, residual.dtype)
+            x, residual = x.to(dt), residual.to(dt)
         return kernels.add_rms_norm(x, residual, self.weight, self.eps)
 
 
