@@ -238,10 +238,11 @@ def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, posit
 
     q: (T, Hq, D), k: (T, Hkv, D) float with a unit last stride (head slices of a fused qkv projection work);
     q_weight, k_weight: (D,) float; position_ids: (T,) int64 or int32; all on one device; D even. Returns q and k
-    rotated, contiguous, each in the promotion of its input's and weight's dtypes: the same values as
+    rotated, contiguous, each in the promotion of its input's and weight's dtypes: the values of
     ``rope(rms_norm(q, q_weight, eps), position_ids, theta)`` and the same for k (the Triton path keeps
-    rms_norm's two roundings and rope's one; the normalised value is not written in between, and the backward
-    keeps the rotated gradient in fp32 where the unfused path rounds it).
+    rms_norm's two roundings and rope's one, so the results differ from the unfused ops' only where the sum of
+    squares, taken here over a head's two halves, rounds differently; the normalised value is not written in
+    between, and the backward keeps the rotated gradient in fp32 where the unfused path rounds it).
     """
     _checks.tensor("q", q, dtypes=_checks.FLOAT_DTYPES, ndim=3)
     _checks.tensor("k", k, dtypes=_checks.FLOAT_DTYPES, ndim=3)
