@@ -116,7 +116,9 @@ if _dispatch.triton_importable():
                  (8192, 8, 3, 2), (8192, 8, 3, 1)]
     # add_rms_norm's backward (ADD_DS: ds read too) holds more registers: 196 a thread at D=2560, 4 warps, 3
     # stages (ptxas, sm_90), so two such programs an SM where rms_norm's runs four; at 8 warps 80 (3 stages: three
-    # programs an SM, 24 warps) or 102 (4 stages: two)
+    # programs an SM, 24 warps) or 102 (4 stages: two). Those counts are D=2560's (one row a step, the model's
+    # hidden size); a tile of narrow rows (BLOCK_M > 1) can need more, and a grid the registers cannot hold runs a
+    # second partial wave, which the autotuner's timing then sees.
     ADD_BWD_TILES = [(4096, 8, 3, 3), (4096, 8, 4, 2), (4096, 4, 3, 2), (4096, 4, 4, 2), (4096, 16, 3, 2),
                      (4096, 16, 4, 2), (2048, 4, 3, 3), (8192, 8, 3, 1)]
 
