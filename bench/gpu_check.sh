@@ -11,7 +11,8 @@
 #           run although refused, to verify their fix: forward, then backward) and, if the forward's pass, their
 #           bench rows at the anchor (with the gluon-dkdv pairing's); compute-sanitizer on a failing ws backward;
 #           the gluon-dkdv GPU tests, the Gluon kernels' GPU tests; the small-op bench, the small ops' host-time
-#           split (gpu_diag host) and the loss row kernel's sweep; then diag;
+#           split (gpu_diag host), the attention rule's baseline (tests.rule_check) and the loss row kernel's
+#           sweep; then diag;
 #   rest:   the r4b._C ops (group advantages, pack) and the peer attention backends: tests and benches (builds
 #           r4b._C first unless this machine already has it built with CUDA), the fused-linear bench and the
 #           end-to-end training step (bench_model_step: r4b vs its unfused small ops vs transformers);
@@ -260,10 +261,10 @@ case "$PHASE" in
   issues) specs="varlen_attention:200 grpo_loss:120" ;;
   # gluon: after the ws tests, what decides issue 5 first (ws and gluon-dkdv rows at the anchor, the sanitizer on
   # a failing ws backward, the gluon-dkdv pairing's GPU tests); the small ops and the row sweep ran on 2026-11-27
-  gluon) specs="ws_subset:100 diag_ws:90 gluon_dkdv_tests:60 gluon_tests:150 norms:45 host:30 grpo_rows:60 diag:150" ;;
+  gluon) specs="ws_subset:100 diag_ws:90 gluon_dkdv_tests:60 gluon_tests:150 norms:45 host:30 rule:40 grpo_rows:60 diag:150" ;;
   rest) specs="model_step:150 fused_linear:60 group_advantages:25 pack:30" ;;
   diag) specs="diag:400" ;;
-  all) specs="varlen_attention:200 grpo_loss:130 ws_subset:100 diag_ws:90 gluon_dkdv_tests:60 gluon_tests:150 norms:45 host:30 grpo_rows:60 diag:150 fused_linear:60 group_advantages:25 pack:30 model_step:120" ;;
+  all) specs="varlen_attention:200 grpo_loss:130 ws_subset:100 diag_ws:90 gluon_dkdv_tests:60 gluon_tests:150 norms:45 host:30 rule:40 grpo_rows:60 diag:150 fused_linear:60 group_advantages:25 pack:30 model_step:120" ;;
 esac
 specs=${R4B_CHECK_BENCHES:-$specs}
 bench_rc=0
@@ -283,6 +284,13 @@ for spec in $specs; do
     timeout -k 10 "$lim" $PY -m bench.gpu_diag host 2>&1 | tee "$LOGS/diag_host.log" | tail -n 12
     rc=${PIPESTATUS[0]}
     [ "$rc" -ne 0 ] && { echo "diag host exited $rc (124 = over its ${lim}s limit)"; bench_rc=$rc; }
+    continue
+  fi
+  if [ "$name" = rule ]; then  # the attention tests' bf16 rule: its baseline (3-D vs 4-D SDPA) against the kernels
+    step "diag: the attention rule's baseline (tests.rule_check, limit ${lim}s)"
+    timeout -k 10 "$lim" $PY -m tests.rule_check 2>&1 | tee "$LOGS/diag_rule.log" | tail -n 30
+    rc=${PIPESTATUS[0]}
+    [ "$rc" -ne 0 ] && { echo "diag rule exited $rc (124 = over its ${lim}s limit)"; bench_rc=$rc; }
     continue
   fi
   if [ "$name" = ws_subset ]; then  # the opt-in rows at the anchor beside SDPA, Flex and the default
