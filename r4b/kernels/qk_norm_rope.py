@@ -10,8 +10,6 @@ Owns the torch reference, the Triton forward / backward kernels, the autograd Fu
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
@@ -35,7 +33,7 @@ if _dispatch.triton_importable():
     import triton
     import triton.language as tl
 
-    from .rope import angles
+    from .rope import _blocks, _prune, angles
 
     @triton.jit
     def _fwd_heads(X, W, Y, H, stride_xt, stride_xh, stride_yt, stride_yh, t64, cols, cmask, mask, c32, s32, eps,
@@ -125,26 +123,11 @@ if _dispatch.triton_importable():
         _bwd_heads(DYK, K, WK, DXK, part + 2 * HALF, HK, stride_dykt, stride_dykh, stride_kt, stride_kh, stride_dxkt,
                    stride_dxkh, t64, cols, cmask, mask, c32, s32, eps, HALF, STAGES)
 
-    @functools.lru_cache(maxsize=256)
-    def _gpu_blocks(D: int) -> tuple[int, int]:
-        """(BLOCK_HALF, BLOCK_T) of the first GPU config: about 1k element pairs per head step."""
-        block_half = 1 << (D // 2 - 1).bit_length()  # triton.next_power_of_2(D // 2), D >= 2
-        return block_half, max(1, min(64, 1024 // block_half))
-
-    def _blocks(D: int, interpret: bool) -> tuple[int, int]:
-        """(BLOCK_HALF, BLOCK_T): the first GPU config's, at most 4 tokens under the interpreter."""
-        block_half, block_t = _gpu_blocks(D)
-        return block_half, (min(block_t, 4) if interpret else block_t)
-
     # GPU: each direction autotuned once per (q heads, k heads, half head dim, bucket of T) over (BLOCK_T, warps,
     # STAGES: the head loop's loads pipelined through shared memory when > 1), tiles over 4k element pairs pruned
-    # (registers: the backward holds x, dy, their products and the dw sums). The first is _gpu_blocks' choice at
-    # D=128, unpipelined. (2-warp tiles spilled in the backward under ptxas, sm_90: left out.)
+    # (rope's _prune; registers: the backward holds x, dy, their products and the dw sums). The first is rope's
+    # _blocks choice at D=128, unpipelined. (2-warp tiles spilled in the backward under ptxas, sm_90: left out.)
     CONFIGS = [(16, 4, 1), (16, 4, 3), (8, 4, 3), (32, 4, 1), (32, 8, 3), (64, 8, 3)]
-
-    def _prune(configs, named_args, **kwargs):
-        kept = [c for c in configs if c.kwargs["BLOCK_T"] * kwargs["BLOCK_HALF"] <= 4096]
-        return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_T"])]
 
     def _tuned(kernel):
         return triton.autotune([triton.Config({"BLOCK_T": t, "STAGES": st}, num_warps=w) for t, w, st in CONFIGS],
@@ -164,26 +147,21 @@ if _dispatch.triton_importable():
         interpret = _dispatch.triton_interpret()
         block_half, block_t = _blocks(D, interpret)
         meta = dict(HALF=D // 2, BLOCK_HALF=block_half)
+
+        def grid(m):
+            g = _grid_of(T, m["BLOCK_T"])
+            if on_grid:
+                on_grid(g)
+            return (g,)
+
         if args[0].is_cuda and not interpret:
             cfg = _dispatch.tuned_config(tuned, (HQ, HK, D // 2, _dispatch.rows_bucket(T)), args[:n_tensors])
             if cfg is not None:
-                g = _grid_of(T, cfg.kwargs["BLOCK_T"])
-                if on_grid:
-                    on_grid(g)
-                kernel[(g,)](*args, **meta, **cfg.all_kwargs())
+                kernel[grid(cfg.kwargs)](*args, **meta, **cfg.all_kwargs())
             else:
-                def grid(m):
-                    g = _grid_of(T, m["BLOCK_T"])
-                    if on_grid:
-                        on_grid(g)
-                    return (g,)
-
                 tuned[grid](*args, **meta)
         else:
-            g = _grid_of(T, block_t)
-            if on_grid:
-                on_grid(g)
-            kernel[(g,)](*args, **meta, BLOCK_T=block_t, STAGES=1, num_warps=4)
+            kernel[grid({"BLOCK_T": block_t})](*args, **meta, BLOCK_T=block_t, STAGES=1, num_warps=4)
 
     def _unit(t: Tensor) -> Tensor:
         return t if t.stride(-1) == 1 else t.contiguous()
