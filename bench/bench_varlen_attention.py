@@ -576,11 +576,12 @@ def gluon_ws_report() -> None:
     """Compile the warp-specialised Gluon forward (R4B_VARLEN_FWD=gluon-ws) for sm_90 per config, both masks, head
     dims 64 and 128 (bf16, GQA 4): one line each with the launch's threads, the setmaxnreg values, the wgmma
     wait depths, the count of mbarrier arrives, the named barriers of 128 threads, ptxas's spills, its warnings of
-    serialised wgmma (the products waited for one by one) and the shared memory. Needs no GPU; TRITON_INTERPRET
-    unset."""
+    serialised wgmma (the products waited for one by one), the shared memory, and in the SASS the innermost loops
+    of tensor-core products (one key loop per consumer) with the local memory (spill) instructions inside them.
+    Needs no GPU; TRITON_INTERPRET unset."""
     import re
 
-    from bench.harness import ptxas_report, sm90_compile
+    from bench.harness import mma_loop_local_ops, ptxas_report, sass, sm90_compile
     from r4b.kernels import _varlen_gluon_ws as gws
 
     for D in (64, 128):
@@ -597,10 +598,11 @@ def gluon_ws_report() -> None:
                 report = ptxas_report(kern)
                 spill = re.search(r"(\d+) bytes spill stores", report).group(1)
                 serial = report.count("Potential Performance Loss")
+                loops, local = mma_loop_local_ops(sass(kern))
                 print(f"gluon-ws D={D} N={n} s{stages} {'causal' if causal else 'full'}: threads={threads} "
                       f"setmaxnreg={','.join(map(str, regs))} wait_group={','.join(waits)} arrives={arrives} "
-                      f"bar128={','.join(bars)} spill={spill} serialised={serial} smem={kern.metadata.shared}",
-                      flush=True)
+                      f"bar128={','.join(bars)} spill={spill} serialised={serial} smem={kern.metadata.shared} "
+                      f"mma_loops={loops} loop_local={local}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -420,12 +420,13 @@ def backend_provider(op: str, backend: str, device: str, make: Callable[[Case], 
 
 
 def sm90_compile(kern, constexprs: dict, sig_of: Callable[[str], str], warps: int, stages: int,
-                 divisible: tuple[str, ...] = ()):
+                 divisible: tuple[str, ...] = (), maxnreg: int | None = None):
     """Compile the Triton JIT function ``kern`` for sm_90 without a GPU and return triton's compiled kernel (its
     ``asm["ptx"]``, ``metadata``). ``constexprs`` fixes the constexpr arguments, ``sig_of(name)`` gives each other
     argument's type ("*bf16", "i32", ...); pointers and strides get the divisibility-by-16 hint the runtime gives
     them, and so do the integers named in ``divisible`` (specialised arguments whose value at the shape of
-    interest is a multiple of 16); other integers none. Needs TRITON_INTERPRET unset."""
+    interest is a multiple of 16); other integers none. ``maxnreg``: ptxas's register cap per thread (triton's
+    option; None: ptxas's own choice). Needs TRITON_INTERPRET unset."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -440,8 +441,10 @@ def sm90_compile(kern, constexprs: dict, sig_of: Callable[[str], str], warps: in
         from triton.experimental.gluon._runtime import GluonASTSource as ASTSource
     src = ASTSource(fn=kern, signature=sig, constexprs={(names.index(k),): v for k, v in constexprs.items()},
                     attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps,
-                                                                          "num_stages": stages})
+    options = {"num_warps": warps, "num_stages": stages}
+    if maxnreg is not None:
+        options["maxnreg"] = maxnreg
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def global_memory_ops(ptx: str) -> dict[str, int]:
@@ -473,6 +476,53 @@ def ptxas_report(compiled) -> str:
         os.unlink(f.name)
     return "; ".join(line.split(":", 1)[-1].strip() for line in r.stderr.splitlines()
                      if "registers" in line or "spill" in line or "Potential Performance Loss" in line)
+
+
+def sass(compiled) -> str:
+    """The SASS of a kernel from :func:`sm90_compile` (its cubin through triton's bundled nvdisasm)."""
+    import subprocess
+    import tempfile
+
+    import triton
+
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
+        f.write(compiled.asm["cubin"])
+    try:
+        return subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(f.name)
+
+
+def mma_loop_local_ops(sass_text: str) -> tuple[int, int]:
+    """(loops, local memory ops) of the innermost loops that run tensor-core products: a loop is the address range
+    from the target of a conditional backward branch to the branch (the retry loops of mbarrier waits hold no
+    HGMMA, the unconditional jumps back from out-of-line code are not loops); of those holding an HGMMA, the ones
+    holding no other such loop; and the LDL / STL instructions inside them (spill traffic in the hot loop; ptxas's
+    spill bytes also count stores before and after it, once per tile or segment)."""
+    at: dict[str, int] = {}
+    pending: list[str] = []
+    ins: list[tuple[int, str]] = []
+    for line in sass_text.splitlines():
+        label = re.match(r"^(\.L_x_\d+):", line.strip())
+        if label:
+            pending.append(label.group(1))
+            continue
+        m = re.search(r"/\*([0-9a-f]{4,})\*/\s+(.*)", line)
+        if m:
+            addr = int(m.group(1), 16)
+            at.update((name, addr) for name in pending)
+            pending = []
+            ins.append((addr, m.group(2)))
+    back = []
+    for addr, text in ins:
+        m = re.match(r"@!?U?P\w+\s+BRA\s+`\((\.L_x_\d+)\)", text)
+        if m and at[m.group(1)] <= addr:
+            back.append((at[m.group(1)], addr))
+    mma = {(s, e) for s, e in back if any(s <= a <= e and re.match(r"(@!?U?P\w+\s+)?HGMMA", text) for a, text in ins)}
+    inner = [(s, e) for s, e in mma if not any(o != (s, e) and s <= o[0] and o[1] <= e for o in mma)]
+    local = sum(1 for s, e in inner for a, text in ins if s <= a <= e and re.match(r"(@!?U?P\w+\s+)?(LDL|STL)\b", text))
+    return len(inner), local
 
 
 def sm90_ptxas(kern, constexprs: dict, sig_of: Callable[[str], str], warps: int, stages: int) -> tuple[str, int]:

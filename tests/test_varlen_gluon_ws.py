@@ -17,7 +17,7 @@ gws = pytest.importorskip("r4b.kernels._varlen_gluon_ws")
 
 from bench.harness import same_bits  # noqa: E402
 from r4b.kernels import varlen_attention, varlen_attention_ref  # noqa: E402
-from tests._aot import run_aot_report  # noqa: E402
+from tests._aot import run_aot_code, run_aot_report  # noqa: E402
 from tests._lowprec import assert_within_twice_plain  # noqa: E402
 from tests.test_varlen_attention import (  # noqa: E402
     _attention64,
@@ -200,11 +200,13 @@ def test_random_batches_match_float64():
         np.testing.assert_allclose(lse, ref_lse, rtol=1e-10, atol=1e-10, err_msg=str(lens))
 
 
-def test_kernel_compiles_for_sm90_as_three_partitions_without_spills():
+def test_kernel_compiles_for_sm90_as_three_partitions_without_spills_in_its_key_loops():
     """Every config, both masks, head dims 64 and 128: two consumer warpgroups and a producer warp (384 threads with
     the padding), the register split (consumers 232, producer 40), the consumers' S and P V products in flight
     together (a wgmma.wait_group 1), the ring's releases (mbarrier.arrive), each consumer on its own named barrier
-    of 128 threads, no spills, shared memory under the 227 kB an SM gives a block."""
+    of 128 threads, shared memory under the 227 kB an SM gives a block, and in the SASS one key loop per consumer
+    with no local memory access in it. No spills at all, except 128-key blocks at D 128: at most 128 B, stored
+    and loaded around the key loops (once per segment; the module's CONFIGS comment)."""
     out = run_aot_report("bench.bench_varlen_attention", "--aot-gluon-ws")
     lines = [line for line in out.splitlines() if line.startswith("gluon-ws ")]
     assert len(lines) == 2 * 2 * len(gws.CONFIGS), out
@@ -215,9 +217,30 @@ def test_kernel_compiles_for_sm90_as_three_partitions_without_spills():
         assert f["wait_group"] == "0,1", line
         assert int(f["arrives"]) >= 6, line
         assert f["bar128"] == "0,2", line
-        assert f["spill"] == "0", line
+        assert f["mma_loops"] == "2" and f["loop_local"] == "0", line
+        if line.startswith("gluon-ws D=128 N=128 "):
+            assert int(f["spill"]) <= 128, line
+        else:
+            assert f["spill"] == "0", line
         assert f["serialised"] == "0", line  # ptxas keeps the products asynchronous (no C7512-style warning)
         assert int(f["smem"]) <= 232448, line
+
+
+def test_the_key_loop_spill_check_sees_spills():
+    """bench.harness.mma_loop_local_ops (the loop_local field above) on a kernel that does spill in its key loop:
+    the plain Gluon forward capped at 128 registers a thread finds its one key loop and local memory accesses in
+    it; uncapped, the same loop and none. (sm_90 compile, no GPU.)"""
+    code = ("from bench.harness import sm90_compile, sass, mma_loop_local_ops\n"
+            "from bench.bench_varlen_attention import _attn_sig\n"
+            "from r4b.kernels import _varlen_gluon as g\n"
+            "c = dict(GROUP=4, D=128, BLOCK_M=128, BLOCK_N=64, CAUSAL=True, STAGES=3, NUM_WARPS=8)\n"
+            "for cap in (128, None):\n"
+            "    k = sm90_compile(g._fwd_kernel, c, _attn_sig, 8, 1, maxnreg=cap)\n"
+            "    print(*mma_loop_local_ops(sass(k)))\n")
+    out = run_aot_code(code)
+    capped, free = [tuple(map(int, line.split())) for line in out.splitlines() if line.strip()]
+    assert capped[0] == 1 and capped[1] > 0, out
+    assert free == (1, 0), out
 
 
 def test_op_refuses_gluon_ws_where_it_cannot_run(monkeypatch):

@@ -55,8 +55,13 @@ from .varlen_attention import _seq_of, _tile_of
 
 BLOCK_M = gl.constexpr(128)  # query rows of a program: two consumers of HALF rows
 HALF = gl.constexpr(64)
-# (BLOCK_N, STAGES): shared memory = Q (2 x 64 x D) + STAGES x (K + V) blocks of BLOCK_N x D
-CONFIGS = [(64, 3), (64, 4), (64, 2)]
+# (BLOCK_N, STAGES): shared memory = Q (2 x 64 x D) + STAGES x (K + V) blocks of BLOCK_N x D. BLOCK_N 128 is
+# FlashAttention-3's key block at D 128: S = Q K^T takes both operands from shared memory, and at 64 keys a
+# 64 x 64 x 16 product reads as many operand bytes (4 kB) as the tensor cores take cycles to multiply them at
+# 128 B of shared memory a cycle, where 64 x 128 x 16 reads 6 kB for twice the work. sm_90 ptxas (D 128): the
+# 128-key configs spill 112 B causal / 32 B not, all of it in the segment's prologue and epilogue (the SASS's key
+# loops hold no local memory access: the report's loop_local); 128 x 3 stages uses 229.7 of the 227 kB (232448 B).
+CONFIGS = [(64, 3), (64, 4), (64, 2), (128, 2), (128, 3)]
 # registers per thread of each worker partition: consumer 1 as many as consumer 0 may take, the producer few
 CONSUMER_REGS = gl.constexpr(232)
 PRODUCER_REGS = gl.constexpr(40)
