@@ -27,22 +27,30 @@ from tests.test_varlen_attention import (  # noqa: E402
     _sdpa_bf16_per_doc,
 )
 
-# sha256 of the source of the four @gluon.jit functions transcribed below
-KERNEL_SHA = "1ea78901a272abc70b5ac90a7e3dd32d3f3f72cba6e20516c15ed3d5ecab357f"
+# sha256 of the source of the seven @gluon.jit functions of the forward, transcribed into emulate() below
+KERNEL_SHA = "c5c7a31ab78668530aaaacde5d4eae0111b9a3c5e8925debac6af72ef83b4355"
 NEG = -1.0e30
 LOG2E = 1.4426950408889634
 
 
-def kernel_sha() -> str:
+FWD_FNS = ("_segment", "_producer", "_produce_kv", "_my_blocks", "_release_rest", "_consumer", "_fwd_kernel")
+# and of the seven of the dQ kernel, transcribed into emulate_dq()
+DQ_SHA = "b7570ba58469ca2ac311f8670b3861e1c2efae5b289b6f3c606520d6120fe741"
+DQ_FNS = ("_segment", "_dq_producer", "_produce_kv", "_my_blocks", "_release_rest", "_dq_consumer", "_bwd_dq_kernel")
+
+
+def kernel_sha(names=FWD_FNS) -> str:
     h = hashlib.sha256()
-    for fn in (gws._segment, gws._producer, gws._consumer, gws._fwd_kernel):
-        h.update(inspect.getsource(fn.fn).encode())
+    for name in names:
+        h.update(inspect.getsource(getattr(gws, name).fn).encode())
     return h.hexdigest()
 
 
 def test_the_emulation_is_transcribed_from_the_current_kernel():
     assert kernel_sha() == KERNEL_SHA, ("r4b/kernels/_varlen_gluon_ws.py's kernels changed: transcribe the change into "
                                         f"emulate() below, then set KERNEL_SHA = {kernel_sha()!r}")
+    assert kernel_sha(DQ_FNS) == DQ_SHA, ("r4b/kernels/_varlen_gluon_ws.py's dQ kernel changed: transcribe the change "
+                                          f"into emulate_dq() below, then set DQ_SHA = {kernel_sha(DQ_FNS)!r}")
 
 
 def _segments(cu, n_seqs, t0, T):
@@ -147,6 +155,95 @@ def emulate(q, k, v, lens, causal, scale, block_n):
     return out, lse
 
 
+def emulate_dq(q, k, v, do, lse, delta, lens, causal, scale, block_n):
+    """float64 transcription of _bwd_dq_kernel's three partitions for every (tile, head): the producer's block
+    list (the forward's ring), each consumer's blocks (computed or only released, each released once, in order),
+    per computed block S, P = exp2(S scale log2e - lse) with the mask exactly as written, dP, dS = P (dP - delta),
+    dQ += dS K, and its stores; every (row, head) stored exactly once. lse (Hq, T) in log2 units and delta (Hq, T)
+    are inputs, as in the kernel. Returns dq (T, Hq, D)."""
+    T, Hq, D = q.shape
+    group = Hq // k.shape[1]
+    half = gws.HALF.value
+    cu = [0]
+    for n in lens:
+        cu.append(cu[-1] + n)
+    n_seqs = len(lens)
+    qk_scale = scale * LOG2E
+    dq_out = np.full((T, Hq, D), np.nan)
+    stores = np.zeros((T, Hq), dtype=int)
+    for t0 in range(0, T, gws.BLOCK_M.value):
+        for h in range(Hq):
+            hk = h // group
+            blocks = []
+            for _t, cs, ce, seg_hi in _segments(cu, n_seqs, t0, T):
+                L = ce - cs
+                kv_hi = seg_hi - cs if causal else L
+                blocks += [(cs, j) for j in range((kv_hi + block_n - 1) // block_n)]
+            for c in range(2):
+                r0 = t0 + c * half
+                my_end = min(r0 + half, T)
+                rows = r0 + np.arange(half)
+                ok_rows = rows < T
+                qc, doc = np.zeros((half, D)), np.zeros((half, D))
+                qc[ok_rows] = q[rows[ok_rows], h]  # TMA zero-fill past T
+                doc[ok_rows] = do[rows[ok_rows], h]
+                lse_c, delta_c = np.zeros(half), np.zeros(half)  # masked loads: 0 past T
+                lse_c[ok_rows] = lse[h, rows[ok_rows]]
+                delta_c[ok_rows] = delta[h, rows[ok_rows]]
+                it = 0
+                released = []
+                for t, cs, ce, seg_hi in _segments(cu, n_seqs, t0, T):
+                    L = ce - cs
+                    kv_hi, free_hi = (seg_hi - cs, t - cs) if causal else (L, L)
+                    nb = (kv_hi + block_n - 1) // block_n
+                    # _my_blocks
+                    lo, hi = max(t, r0), min(seg_hi, my_end)
+                    if causal:
+                        mine = min((hi - cs + block_n - 1) // block_n, nb)
+                        free = lo - cs
+                    else:
+                        mine, free = nb, free_hi
+                    mine = mine if hi > lo else 0
+                    assert r0 < T or mine == 0, (t0, c)
+                    if mine > 0:
+                        q_loc = rows - cs
+                        lim = q_loc + 1 if causal else q_loc * 0 + L
+                        dq = np.zeros((half, D))
+                        for j in range(mine):
+                            assert blocks[it + j] == (cs, j), (blocks[it + j], (cs, j))
+                            keys, vals = np.zeros((block_n, D)), np.zeros((block_n, D))
+                            kr = j * block_n + np.arange(block_n)
+                            inside = kr < L  # the sequence's descriptor zero-fills past L
+                            keys[inside] = k[cs + kr[inside], hk]
+                            vals[inside] = v[cs + kr[inside], hk]
+                            s = qc @ keys.T
+                            dp = doc @ vals.T
+                            p = np.exp2(s * qk_scale - lse_c[:, None])
+                            if j * block_n + block_n > free:
+                                p = np.where(kr[None, :] < lim[:, None], p, 0.0)
+                            ds = p * (dp - delta_c[:, None])
+                            dq = dq + ds @ keys
+                            released.append(it + j)
+                        seg = (rows >= lo) & (rows < hi)
+                        dq_out[rows[seg], h] = dq[seg] * scale
+                        stores[rows[seg], h] += 1
+                    released += [it + j for j in range(mine, nb)]  # _release_rest
+                    it += nb
+                assert released == list(range(len(blocks))), (t0, h, c, released, len(blocks))
+    assert (stores == 1).all(), np.argwhere(stores != 1)[:5]
+    return dq_out
+
+
+def _reference_dq(q, k, v, do, lens, causal, scale):
+    """(dq, lse in log2 units, delta = rowsum(dO * O)) of float64 attention (torch autograd)."""
+    qt, kt, vt = (torch.from_numpy(x).requires_grad_() for x in (q, k, v))
+    o = _attention64(qt, kt, vt, lens, causal, scale)
+    o.backward(torch.from_numpy(do))
+    _, lse = _reference(q, k, v, lens, causal, scale)
+    delta = (torch.from_numpy(do) * o.detach()).sum(-1).T.numpy()  # (Hq, T)
+    return qt.grad.numpy(), lse, delta
+
+
 def _reference(q, k, v, lens, causal, scale):
     o = _attention64(torch.from_numpy(q), torch.from_numpy(k), torch.from_numpy(v), lens, causal, scale).numpy()
     T, Hq, D = q.shape
@@ -184,6 +281,21 @@ def test_emulated_kernel_matches_float64(lens, Hq, Hkv, D, causal, block_n):
     np.testing.assert_allclose(lse, ref_lse, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("block_n", sorted({n for n, _ in gws.DQ_CONFIGS}))
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("lens,Hq,Hkv,D", CASES)
+def test_emulated_dq_kernel_matches_float64(lens, Hq, Hkv, D, causal, block_n):
+    """The dQ kernel's transcription against float64 autograd on the forward's cases."""
+    rng = np.random.default_rng(len(lens) * 11 + Hq)
+    T = sum(lens)
+    q, k, v, do = (rng.standard_normal((T, H, D)) for H in (Hq, Hkv, Hkv, Hq))
+    scale = D**-0.5
+    ref_dq, lse, delta = _reference_dq(q, k, v, do, lens, causal, scale)
+    lse = np.where(np.isnan(lse), 0.0, lse)  # rows of empty sequences: none
+    got = emulate_dq(q, k, v, do, lse, delta, lens, causal, scale, block_n)
+    np.testing.assert_allclose(got, ref_dq, rtol=1e-9, atol=1e-11)
+
+
 def test_random_batches_match_float64():
     rnd = random.Random(5)
     for trial in range(6):
@@ -201,21 +313,25 @@ def test_random_batches_match_float64():
 
 
 def test_kernel_compiles_for_sm90_as_three_partitions_without_spills_in_its_key_loops():
-    """Every config, both masks, head dims 64 and 128: two consumer warpgroups and a producer warp (384 threads with
-    the padding), the register split (consumers 232, producer 40), the consumers' S and P V products in flight
-    together (a wgmma.wait_group 1), the ring's releases (mbarrier.arrive), each consumer on its own named barrier
-    of 128 threads, shared memory under the 227 kB an SM gives a block, and in the SASS one key loop per consumer
-    with no local memory access in it. No spills at all, except 128-key blocks at D 128: at most 128 B, stored
-    and loaded around the key loops (once per segment; the module's CONFIGS comment)."""
+    """Every config of the forward and of the dQ kernel, both masks, head dims 64 and 128: two consumer warpgroups
+    and a producer warp (384 threads with the padding), the register split (consumers 232, producer 40), products
+    in flight together (a wgmma.wait_group 1: the forward's S and P V, the dQ kernel's S and dP), the ring's
+    releases (mbarrier.arrive), each consumer on its own named barrier of 128 threads, shared memory under the
+    227 kB an SM gives a block, and in the SASS one key loop per consumer with no local memory access in it. No
+    spills at all, except the forward's 128-key blocks at D 128: at most 128 B, stored and loaded around the key
+    loops (once per segment; the module's CONFIGS comment)."""
     out = run_aot_report("bench.bench_varlen_attention", "--aot-gluon-ws")
-    lines = [line for line in out.splitlines() if line.startswith("gluon-ws ")]
-    assert len(lines) == 2 * 2 * len(gws.CONFIGS), out
+    lines = [line for line in out.splitlines() if line.startswith("gluon-ws")]
+    assert sum(line.startswith("gluon-ws ") for line in lines) == 2 * 2 * len(gws.CONFIGS), out
+    assert sum(line.startswith("gluon-ws-dq ") for line in lines) == 2 * 2 * len(gws.DQ_CONFIGS), out
     for line in lines:
         f = dict(kv.split("=") for kv in line.split(": ", 1)[1].split())
         assert f["threads"] == "384", line
         assert {"232", "40"} <= set(f["setmaxnreg"].split(",")), line
         assert f["wait_group"] == "0,1", line
-        assert int(f["arrives"]) >= 6, line
+        # releases per consumer: the forward's in its loop, after it and in _release_rest; the dQ kernel's in its
+        # loop and in _release_rest
+        assert int(f["arrives"]) >= (4 if line.startswith("gluon-ws-dq ") else 6), line
         assert f["bar128"] == "0,2", line
         assert f["mma_loops"] == "2" and f["loop_local"] == "0", line
         if line.startswith("gluon-ws D=128 N=128 "):
@@ -253,14 +369,23 @@ def test_op_refuses_gluon_ws_where_it_cannot_run(monkeypatch):
     monkeypatch.setenv("R4B_VARLEN_FWD", "gluon_ws")
     with pytest.raises(ValueError, match="R4B_VARLEN_FWD must be one of .*'gluon-ws'.*got 'gluon_ws'"):
         varlen_attention(q, k, v, _cu([5, 3]), 5, backend="triton")
+    # the dQ kernel (R4B_VARLEN_BWD=gluon-ws): the forward runs (Triton), the backward names the variable
+    monkeypatch.setenv("R4B_VARLEN_FWD", "triton")
+    monkeypatch.setenv("R4B_VARLEN_BWD", "gluon-ws")
+    qg = q.clone().requires_grad_()
+    out = varlen_attention(qg, k, v, _cu([5, 3]), 5, backend="triton")
+    with pytest.raises(RuntimeError, match="R4B_VARLEN_BWD=gluon-ws needs a Hopper GPU"):
+        out.sum().backward()
     gpu = torch.device("cuda", 0)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.delenv(gws.ENV_UNVERIFIED, raising=False)
     assert gws.device_problem(gpu) == gws.GPU_BROKEN
+    assert gws.device_problem(gpu, "dq") == gws.GPU_BROKEN_DQ
     monkeypatch.setenv(gws.ENV_UNVERIFIED, "1")
-    assert gws.device_problem(gpu) is None
+    assert gws.device_problem(gpu) is None and gws.device_problem(gpu, "dq") is None
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     assert "not 9.x (Hopper)" in gws.device_problem(gpu)
+    assert "not 9.x (Hopper)" in gws.device_problem(gpu, "dq")
 
 
 # ------------------------------------------------------------------------------------------------ GPU tests
@@ -355,3 +480,110 @@ def test_gluon_ws_no_information_crosses_a_boundary_gpu(causal, unverified):
     assert base.isfinite().all()
     assert same_bits(base[others], pert[others])
     assert not same_bits(base[~others], pert[~others])
+
+
+# ---------------------------------------------------------------------------- GPU tests of the dQ kernel
+@pytest.fixture
+def unverified_dq(monkeypatch):
+    """The kernels allowed on this GPU, R4B_VARLEN_BWD=gluon-ws; returns the count of the dQ kernel's launches
+    through the op (inputs the Gluon kernels do not take would silently run the Triton backward)."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon kernels run on Hopper (sm_90) only")
+    monkeypatch.setenv(gws.ENV_UNVERIFIED, "1")
+    monkeypatch.setenv("R4B_VARLEN_BWD", "gluon-ws")
+    calls = {"dq": 0}
+    real = gws.backward_dq
+
+    def spy(*a, **kw):
+        calls["dq"] += 1
+        return real(*a, **kw)
+
+    monkeypatch.setattr(gws, "backward_dq", spy)
+    return calls
+
+
+# every dQ config run directly: length-1 and empty sequences, lengths off every tile, tiles spanning many
+# sequences, one sequence of many key blocks, GQA 2 / 4, D 64 and 128, causal and not
+DQ_GPU_CASES = [([1, 37, 1, 16, 5, 0, 300], 2, 1, 64, True), ([70, 1, 3, 1, 0, 2, 9, 700], 4, 1, 128, False),
+                ([3000] + [1, 2, 3, 17, 40, 129] * 20, 8, 2, 128, True), ([700, 1, 129, 64, 3, 1100, 0, 65], 8, 2,
+                                                                         128, False)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lens,Hq,Hkv,D,causal", DQ_GPU_CASES)
+def test_gluon_ws_dq_every_config_gpu(lens, Hq, Hkv, D, causal, unverified_dq):
+    """Each dQ config launched directly, twice (NaN-filled outputs first), from the float64 LSE and delta: finite,
+    the same bits, and dQ by STYLE.md's rule against float64 (baseline: SDPA per document in bf16). Every config is
+    judged before the test fails."""
+    from r4b.kernels.varlen_attention import _ensure_allocator
+
+    q, k, v, do = _inputs(lens, Hq, Hkv, D, seed=7, device="cuda")
+    bf = [t.bfloat16() for t in (q, k, v, do)]
+    cu = _cu(lens, "cuda")
+    scale = D**-0.5
+    want = _grads(lambda a, b, c: _attention64(a, b, c, lens, causal, scale), *(t.double() for t in bf))
+    plain = _grads(lambda a, b, c: _sdpa_bf16_per_doc(a, b, c, [n for n in lens if n], causal), *bf)
+    _, lse = _reference(*(t.double().cpu().numpy() for t in bf[:3]), lens, causal, scale)
+    lse = torch.from_numpy(lse).float().cuda()  # (Hq, T), log2 units (every row of a non-empty sequence is set)
+    delta = (want[0] * bf[3].double()).sum(-1).transpose(0, 1).float().contiguous()  # (Hq, T)
+    _ensure_allocator()
+    failures = []
+    for cfg in gws.DQ_CONFIGS:
+        runs = []
+        for _ in range(2):
+            dq = torch.full_like(bf[0], float("nan"))
+            gws.backward_dq(bf[3], *bf[:3], lse, delta, dq, cu, scale, causal, config=cfg)
+            runs.append(dq)
+        if not runs[0].isfinite().all():
+            failures.append(f"{cfg}: rows left unwritten or non-finite")
+            continue
+        if not same_bits(*runs):
+            failures.append(f"{cfg}: two runs differ")
+        try:
+            assert_within_twice_plain([runs[0]], [plain[1]], [want[1]], [f"dq {cfg}"], atol_rel=1e-3)
+        except AssertionError as ex:
+            failures.append(str(ex))
+    assert not failures, failures
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fwd", ["triton", "gluon-ws"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_gluon_ws_dq_anchor_gpu(fwd, causal, unverified_dq, monkeypatch):
+    """The anchor through the op with R4B_VARLEN_BWD=gluon-ws (after the Triton or the gluon-ws forward),
+    autotuned: output and gradients by STYLE.md's rule against the fp32 reference; two runs give the same bits."""
+    monkeypatch.setenv("R4B_VARLEN_FWD", fwd)
+    q, k, v, do = _inputs(ANCHOR, 32, 8, 128, device="cuda")
+    cu = _cu(ANCHOR, "cuda")
+    ref = _grads(lambda a, b, c: varlen_attention_ref(a, b, c, cu, causal), q, k, v, do)
+    bf = [t.bfloat16() for t in (q, k, v, do)]
+    fn = lambda a, b, c: varlen_attention(a, b, c, cu, 4096, causal=causal, backend="triton")
+    got = _grads(fn, *bf)
+    assert unverified_dq["dq"] == 1
+    assert all(g.isfinite().all() for g in got)
+    again = _grads(fn, *bf)
+    assert all(same_bits(a, b) for a, b in zip(got, again, strict=True))
+    base = _grads(lambda a, b, c: _sdpa_bf16_per_doc(a, b, c, ANCHOR, causal), *bf)
+    assert_within_twice_plain(got, base, ref, ("out", "dq", "dk", "dv"), atol_rel=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [True, False])
+def test_gluon_ws_dq_no_information_crosses_a_boundary_gpu(causal, unverified_dq):
+    """NaN / inf planted in sequence 1's q, k, v and dO (sharing 128-row tiles and both consumers' halves with its
+    neighbours) leave the other sequences' gradients bit-identical."""
+    lens = [70, 100, 90]
+    cu = _cu(lens, "cuda")
+    q, k, v, do = (t.bfloat16() for t in _inputs(lens, 8, 2, 128, device="cuda"))
+    fn = lambda a, b, c: varlen_attention(a, b, c, cu, 100, causal=causal, backend="triton")
+    base = _grads(fn, q, k, v, do)
+    assert unverified_dq["dq"] == 1
+    q2, k2, v2, do2 = (t.clone() for t in (q, k, v, do))
+    for t, bad in ((q2, float("nan")), (k2, float("inf")), (v2, float("-inf")), (do2, float("nan"))):
+        t[[70, 120, 169]] = bad
+    pert = _grads(fn, q2, k2, v2, do2)
+    others = torch.ones(sum(lens), dtype=torch.bool, device="cuda")
+    others[70:170] = False
+    for name, a, b in zip(("out", "dq", "dk", "dv"), base, pert, strict=True):
+        assert a.isfinite().all(), name
+        assert same_bits(a[others], b[others]), name

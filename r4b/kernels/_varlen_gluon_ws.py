@@ -30,6 +30,12 @@ for sm_90, checks the compiled partitions and a float64 transcription of its log
 (tests/test_varlen_gluon_ws.py).
 Supported: CUDA capability 9.x, bf16 / fp16, head dim 64 or 128, TMA-addressable (T, H, D) tensors.
 
+The backward's dQ kernel (``_bwd_dq_kernel``, ``R4B_VARLEN_BWD=gluon-ws`` with _varlen_gluon's dK/dV kernel; session
+13) has the same layout: the producer loads each half's Q and dO, then the same key / value ring; each consumer
+computes S and dP per block, dS = P (dP - delta) from the forward's LSE, and dQ += dS K, releasing the block once
+that product retired. Refused on GPUs like the forward (``GPU_BROKEN_DQ``) until its GPU tests pass, checked the
+same ways without one.
+
 A dK/dV kernel of the same layout (commit 5ec2822: two consumer warpgroups of 64 keys with dV and dK in flight
 across steps, the producer streaming the GQA group's Q / dO blocks) was withdrawn the same day: ptxas serialised
 every one of its products (C7512, "insufficient register resources") under the 232 / 232 / 40 register split, so
@@ -62,12 +68,16 @@ HALF = gl.constexpr(64)
 # 128-key configs spill 112 B causal / 32 B not, all of it in the segment's prologue and epilogue (the SASS's key
 # loops hold no local memory access: the report's loop_local); 128 x 3 stages uses 229.7 of the 227 kB (232448 B).
 CONFIGS = [(64, 3), (64, 4), (64, 2), (128, 2), (128, 3)]
+# the dQ kernel's (BLOCK_N, STAGES): shared memory = Q and dO (2 x 2 x 64 x D) + STAGES x (K + V) blocks
+DQ_CONFIGS = [(64, 3), (64, 2), (64, 4), (128, 2)]
 # registers per thread of each worker partition: consumer 1 as many as consumer 0 may take, the producer few
 CONSUMER_REGS = gl.constexpr(232)
 PRODUCER_REGS = gl.constexpr(40)
 
 GPU_BROKEN = ("the warp-specialised Gluon forward (R4B_VARLEN_FWD=gluon-ws) has never run on a GPU: refused until "
               "its GPU tests pass (R4B_VARLEN_WS_UNVERIFIED=1 runs it for that check)")
+GPU_BROKEN_DQ = ("the warp-specialised Gluon dQ kernel (R4B_VARLEN_BWD=gluon-ws) has never run on a GPU: refused "
+                 "until its GPU tests pass (R4B_VARLEN_WS_UNVERIFIED=1 runs it for that check)")
 ENV_UNVERIFIED = "R4B_VARLEN_WS_UNVERIFIED"
 
 
@@ -97,6 +107,17 @@ def _producer(Q, K, V, CU, T, n_seqs, t0, h, hk, stride_qt, stride_qh, stride_kt
         has_rows = t0 + c * HALF < T
         mbarrier.expect(q_bar.index(c), HALF * D * dtype.primitive_bitwidth // 8, pred=has_rows)
         tma.async_copy_global_to_shared(q_desc, [t0 + c * HALF, 0], q_bar.index(c), q_smem.index(c), pred=has_rows)
+    _produce_kv(K, V, CU, T, n_seqs, t0, hk, stride_kt, stride_kh, stride_vt, stride_vh, k_smem, v_smem, full, empty,
+                D, BLOCK_N, CAUSAL, STAGES)
+
+
+@gluon.jit
+def _produce_kv(K, V, CU, T, n_seqs, t0, hk, stride_kt, stride_kh, stride_vt, stride_vh, k_smem, v_smem, full, empty,
+                D: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr):
+    """The producer's ring: the key / value blocks of every segment of the tile from t0, in order (block i of the
+    program into slot i % STAGES once both consumers released its previous use)."""
+    dtype: gl.constexpr = K.dtype.element_ty
+    smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     t_end = gl.minimum(t0 + BLOCK_M, T)
     seq = _seq_of(CU, n_seqs, t0)
     t = t0
@@ -154,16 +175,7 @@ def _consumer(C: gl.constexpr, Out, LSE, CU, T, n_seqs, t0, h, qk_scale, stride_
     mbarrier.wait(q_bar.index(C), 0, pred=r0 < T)  # (no rows at all: no Q load, and nothing computed below)
     while t < t_end:
         cs, L, seg_hi, free_hi, nb = _segment(CU, seq, t, t_end, BLOCK_N, CAUSAL)  # nb: blocks the producer loads
-        # this consumer's rows of the segment: [lo, hi); the blocks it computes: those its last row sees
-        lo = gl.maximum(t, r0)
-        hi = gl.minimum(seg_hi, my_end)
-        if CAUSAL:
-            mine = gl.minimum((hi - cs + BLOCK_N - 1) // BLOCK_N, nb)
-            free = lo - cs  # blocks ending at or below it are unmasked for every row of this consumer
-        else:
-            mine = nb
-            free = free_hi
-        mine = gl.where(hi > lo, mine, 0)
+        lo, hi, mine, free = _my_blocks(t, cs, seg_hi, free_hi, nb, r0, my_end, BLOCK_N, CAUSAL)
         if mine > 0:
             q_loc = rows_s - cs
             if CAUSAL:
@@ -214,16 +226,38 @@ def _consumer(C: gl.constexpr, Out, LSE, CU, T, n_seqs, t0, h, qk_scale, stride_
             gl.store(o_ptrs, out.to(dtype), mask=gl.expand_dims(seg_o, 1) & gl.expand_dims(offs_d < D, 0))
             seg_s = (rows_s >= lo) & (rows_s < hi)
             gl.store(LSE + h * T + rows_s.to(gl.int64), m_i + gl.log2(l_i), mask=seg_s)
-        # the segment's blocks this consumer does not compute (none of its rows, or causal blocks above its last
-        # row): wait for each and release it, so the ring's phases stay those of the producer
-        for j in range(mine, nb):
-            cur = it + j
-            slot = cur % STAGES
-            mbarrier.wait(full.index(slot), (cur // STAGES) & 1)
-            mbarrier.arrive(empty.index(slot))
+        _release_rest(full, empty, it, mine, nb, STAGES)
         it += nb
         t = seg_hi
         seq += 1
+
+
+@gluon.jit
+def _my_blocks(t, cs, seg_hi, free_hi, nb, r0, my_end, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+    """(lo, hi, mine, free) of a consumer with rows [r0, my_end) in the segment [t, seg_hi) of the sequence from cs
+    (nb blocks loaded): its rows of the segment [lo, hi), the blocks it computes [0, mine) (those its last row
+    sees; none without rows), and free: blocks ending at or below it are unmasked for every row of the consumer."""
+    lo = gl.maximum(t, r0)
+    hi = gl.minimum(seg_hi, my_end)
+    if CAUSAL:
+        mine = gl.minimum((hi - cs + BLOCK_N - 1) // BLOCK_N, nb)
+        free = lo - cs
+    else:
+        mine = nb
+        free = free_hi
+    mine = gl.where(hi > lo, mine, 0)
+    return lo, hi, mine, free
+
+
+@gluon.jit
+def _release_rest(full, empty, it, mine, nb, STAGES: gl.constexpr):
+    """The segment's blocks [mine, nb) a consumer does not compute (none of its rows, or causal blocks above its
+    last row): wait for each and release it, so that the ring's phases stay the producer's."""
+    for j in range(mine, nb):
+        cur = it + j
+        slot = cur % STAGES
+        mbarrier.wait(full.index(slot), (cur // STAGES) & 1)
+        mbarrier.arrive(empty.index(slot))
 
 
 @gluon.jit(do_not_specialize=["T", "n_seqs", "t_bucket"])
@@ -262,22 +296,164 @@ def _fwd_kernel(Q, K, V, Out, LSE, CU, T, n_seqs, t_bucket, n_heads, qk_scale,
         mbarrier.invalidate(q_bar.index(c))
 
 
-def _configs():
-    return [triton.Config({"BLOCK_N": n, "STAGES": st}, num_warps=4) for n, st in CONFIGS]
+# ---------------------------------------------------------------- dQ (the backward's query side)
+
+
+@gluon.jit
+def _dq_producer(Q, K, V, DO, CU, T, n_seqs, t0, h, hk, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
+                 stride_vh, stride_dot, stride_doh, q_smem, do_smem, k_smem, v_smem, full, empty, q_bar,
+                 D: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr):
+    """The forward's producer with dO: each half of the tile's query rows and of its output gradient (one barrier
+    per half), then the same key / value ring."""
+    dtype: gl.constexpr = Q.dtype.element_ty
+    smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    q_desc = tma.make_tensor_descriptor(Q + h * stride_qh, shape=[T, D], strides=[stride_qt, 1],
+                                        block_shape=[HALF, D], layout=smem_layout)
+    do_desc = tma.make_tensor_descriptor(DO + h * stride_doh, shape=[T, D], strides=[stride_dot, 1],
+                                         block_shape=[HALF, D], layout=smem_layout)
+    for c in gl.static_range(2):
+        has_rows = t0 + c * HALF < T
+        mbarrier.expect(q_bar.index(c), 2 * HALF * D * dtype.primitive_bitwidth // 8, pred=has_rows)
+        tma.async_copy_global_to_shared(q_desc, [t0 + c * HALF, 0], q_bar.index(c), q_smem.index(c), pred=has_rows)
+        tma.async_copy_global_to_shared(do_desc, [t0 + c * HALF, 0], q_bar.index(c), do_smem.index(c),
+                                        pred=has_rows)
+    _produce_kv(K, V, CU, T, n_seqs, t0, hk, stride_kt, stride_kh, stride_vt, stride_vh, k_smem, v_smem, full, empty,
+                D, BLOCK_N, CAUSAL, STAGES)
+
+
+@gluon.jit
+def _dq_consumer(C: gl.constexpr, DQ, LSE, DELTA, CU, T, n_seqs, t0, h, qk_scale, sm_scale, stride_dqt, stride_dqh,
+                 q_smem, do_smem, k_smem, v_smem, full, empty, q_bar, D: gl.constexpr, BLOCK_N: gl.constexpr,
+                 CAUSAL: gl.constexpr, STAGES: gl.constexpr):
+    """dQ of this consumer's 64 query rows: per key block S = Q K^T and dP = dO V^T (in flight together; dP
+    during P's exponentials), P = exp2(S scale - lse), dS = P (dP - delta), dQ += dS K, and the block's slot is
+    released once that product retired. The dS K product is waited for inside the block: kept in flight into the
+    next block's S and dP (as _varlen_gluon._bwd_dq_kernel does), sm_90 ptxas serialised every product of the
+    kernel (C7512, insufficient registers under the 232-register split); the other consumer's products fill the
+    tensor cores meanwhile."""
+    dtype: gl.constexpr = DQ.dtype.element_ty
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, D, 16])
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
+
+    r0 = t0 + C * HALF
+    q = q_smem.index(C)
+    do = do_smem.index(C)
+    rows_s = r0 + gl.arange(0, HALF, layout=row_s)
+    rows_o = r0 + gl.arange(0, HALF, layout=row_o)
+    offs_n = gl.arange(0, BLOCK_N, layout=col_s)
+    offs_d = gl.arange(0, D, layout=col_o)
+    zero_s = gl.zeros([HALF, BLOCK_N], gl.float32, s_layout)
+    lse = gl.load(LSE + h * T + rows_s, mask=rows_s < T, other=0.0)
+    delta = gl.load(DELTA + h * T + rows_s, mask=rows_s < T, other=0.0)
+    t_end = gl.minimum(t0 + BLOCK_M, T)
+    my_end = gl.minimum(r0 + HALF, T)
+    seq = _seq_of(CU, n_seqs, t0)
+    t = t0
+    it = 0
+    mbarrier.wait(q_bar.index(C), 0, pred=r0 < T)
+    while t < t_end:
+        cs, L, seg_hi, free_hi, nb = _segment(CU, seq, t, t_end, BLOCK_N, CAUSAL)
+        lo, hi, mine, free = _my_blocks(t, cs, seg_hi, free_hi, nb, r0, my_end, BLOCK_N, CAUSAL)
+        if mine > 0:
+            q_loc = rows_s - cs
+            if CAUSAL:
+                lim = q_loc + 1
+            else:
+                lim = q_loc * 0 + L
+            dq = gl.zeros([HALF, D], gl.float32, o_layout)
+            for j in range(mine):
+                cur = it + j
+                slot = cur % STAGES
+                mbarrier.wait(full.index(slot), (cur // STAGES) & 1)
+                s = warpgroup_mma(q, k_smem.index(slot).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+                dp = warpgroup_mma(do, v_smem.index(slot).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+                s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))  # S_j is done; dP_j may still run
+                p = gl.exp2(s * qk_scale - gl.expand_dims(lse, 1))
+                if j * BLOCK_N + BLOCK_N > free:
+                    kn = j * BLOCK_N + offs_n
+                    p = gl.where(gl.expand_dims(kn, 0) < gl.expand_dims(lim, 1), p, 0.0)
+                dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp, ))
+                ds = p * (dp - gl.expand_dims(delta, 1))
+                ds16 = gl.convert_layout(ds.to(dtype), a_layout)
+                dq = warpgroup_mma(ds16, k_smem.index(slot), dq, is_async=True)
+                dq, ds16 = warpgroup_mma_wait(num_outstanding=0, deps=(dq, ds16))
+                mbarrier.arrive(empty.index(slot))  # block j is read by nothing this consumer issued any more
+            seg_o = (rows_o >= lo) & (rows_o < hi)
+            r64 = gl.expand_dims(rows_o.to(gl.int64), 1)
+            gl.store(DQ + h * stride_dqh + r64 * stride_dqt + gl.expand_dims(offs_d, 0), (dq * sm_scale).to(dtype),
+                     mask=gl.expand_dims(seg_o, 1) & gl.expand_dims(offs_d < D, 0))
+        _release_rest(full, empty, it, mine, nb, STAGES)
+        it += nb
+        t = seg_hi
+        seq += 1
+
+
+@gluon.jit(do_not_specialize=["T", "n_seqs", "t_bucket"])
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, T, n_seqs, t_bucket, n_heads, qk_scale, sm_scale,
+                   stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+                   stride_dqt, stride_dqh,
+                   GROUP: gl.constexpr, D: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
+                   STAGES: gl.constexpr):
+    """dQ of a tile of 128 packed query rows and one query head, in the forward's layout (two consumers of 64 rows,
+    a producer warp): lse (log2 units) and delta = rowsum(dO * O) are (Hq, T) fp32."""
+    dtype: gl.constexpr = Q.dtype.element_ty
+    smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    t0, h = _tile_of(n_heads, T, BLOCK_M, CAUSAL)
+    hk = h // GROUP
+    q_smem = gl.allocate_shared_memory(dtype, [2, HALF, D], smem_layout)
+    do_smem = gl.allocate_shared_memory(dtype, [2, HALF, D], smem_layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], smem_layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], smem_layout)
+    full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(full.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)
+    for c in gl.static_range(2):
+        mbarrier.init(q_bar.index(c), count=1)
+    fence_async_shared()
+    gl.warp_specialize([
+        (_dq_consumer, (0, DQ, LSE, DELTA, CU, T, n_seqs, t0, h, qk_scale, sm_scale, stride_dqt, stride_dqh, q_smem,
+                        do_smem, k_smem, v_smem, full, empty, q_bar, D, BLOCK_N, CAUSAL, STAGES)),
+        (_dq_consumer, (1, DQ, LSE, DELTA, CU, T, n_seqs, t0, h, qk_scale, sm_scale, stride_dqt, stride_dqh, q_smem,
+                        do_smem, k_smem, v_smem, full, empty, q_bar, D, BLOCK_N, CAUSAL, STAGES)),
+        (_dq_producer, (Q, K, V, DO, CU, T, n_seqs, t0, h, hk, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
+                        stride_vh, stride_dot, stride_doh, q_smem, do_smem, k_smem, v_smem, full, empty, q_bar, D,
+                        BLOCK_N, CAUSAL, STAGES)),
+    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(full.index(i))
+        mbarrier.invalidate(empty.index(i))
+    for c in gl.static_range(2):
+        mbarrier.invalidate(q_bar.index(c))
+
+
+def _configs(cfgs=None):
+    return [triton.Config({"BLOCK_N": n, "STAGES": st}, num_warps=4) for n, st in (cfgs or CONFIGS)]
 
 
 TUNED = triton.autotune(_configs(), key=["D", "CAUSAL", "GROUP", "t_bucket"])(_fwd_kernel)
+TUNED_DQ = triton.autotune(_configs(DQ_CONFIGS), key=["D", "CAUSAL", "GROUP", "t_bucket"])(_bwd_dq_kernel)
 
 
-def device_problem(device) -> str | None:
-    """Why this kernel cannot run on ``device`` (not a Hopper GPU; any GPU while GPU_BROKEN is set, unless
-    $R4B_VARLEN_WS_UNVERIFIED is 1), or None."""
+def device_problem(device, kernel: str = "fwd") -> str | None:
+    """Why the forward (kernel "fwd") or the dQ kernel ("dq") cannot run on ``device`` (not a Hopper GPU; any GPU
+    while its GPU_BROKEN / GPU_BROKEN_DQ is set, unless $R4B_VARLEN_WS_UNVERIFIED is 1), or None."""
     from ._varlen_gluon import device_problem as hopper_problem
 
     why = hopper_problem(device)
     if why is not None:
         return why
-    return None if os.environ.get(ENV_UNVERIFIED) == "1" else GPU_BROKEN
+    broken = {"fwd": GPU_BROKEN, "dq": GPU_BROKEN_DQ}[kernel]
+    return None if broken is None or os.environ.get(ENV_UNVERIFIED) == "1" else broken
 
 
 def forward(q, k, v, o, lse, cu, scale_log2: float, causal: bool, config=None) -> None:
@@ -296,3 +472,22 @@ def forward(q, k, v, o, lse, cu, scale_log2: float, causal: bool, config=None) -
     else:
         n, stages = config
         _fwd_kernel[grid](*args, BLOCK_N=n, STAGES=stages, num_warps=4, **meta)
+
+
+def backward_dq(do, q, k, v, lse, delta, dq, cu, scale: float, causal: bool, config=None) -> None:
+    """Write dq (T, Hq, D) of varlen attention from the forward's lse (log2 units) and delta = rowsum(dO * O), both
+    (Hq, T) fp32. config: one of DQ_CONFIGS, or None to let the autotuner pick. The caller checks
+    :func:`device_problem` and _varlen_gluon.input_problem for q, k, v and do, and sets triton's scratch allocator."""
+    T, Hq, D = q.shape
+    if D not in HEAD_DIMS:
+        raise ValueError(f"head dim {D} is not one of {HEAD_DIMS}")
+    args = (q, k, v, do, lse, delta, dq, cu, T, cu.numel() - 1, T.bit_length(), Hq, scale * 1.4426950408889634, scale,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
+            dq.stride(0), dq.stride(1))
+    meta = dict(GROUP=Hq // k.shape[1], D=D, CAUSAL=causal)
+    grid = (triton.cdiv(T, BLOCK_M) * Hq, )
+    if config is None:
+        TUNED_DQ[grid](*args, **meta)
+    else:
+        n, stages = config
+        _bwd_dq_kernel[grid](*args, BLOCK_N=n, STAGES=stages, num_warps=4, **meta)

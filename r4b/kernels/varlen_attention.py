@@ -46,10 +46,12 @@ OP = "varlen_attention"
 # kernel and the Gluon dK/dV kernel, each the faster of its pair at the 16k anchor on an H200, 2026-11-27: dQ 0.96
 # vs 1.08 ms, dK/dV 1.45 vs 1.57 ms; forward + backward 3.38 vs split's 3.42 ms in the same run, its GPU tests
 # passed) or "ws" (the split backward warp-specialised by triton's Hopper pass; the interpreter or sm_90, opt-in:
-# _varlen_ws.py). Unset: "gluon-dkdv" where the Gluon dK/dV kernel takes the call (a Hopper GPU, bf16, head dim
-# 128, TMA-addressable; what its GPU tests verified), "split" everywhere else (_default_gluon_dkdv).
+# _varlen_ws.py) or "gluon-ws" (sm_90: the warp-specialised Gluon dQ kernel of _varlen_gluon_ws.py and the Gluon
+# dK/dV kernel; refused on GPUs until its GPU tests pass). Unset: "gluon-dkdv" where the Gluon dK/dV kernel takes
+# the call (a Hopper GPU, bf16, head dim 128, TMA-addressable; what its GPU tests verified), "split" everywhere
+# else (_default_gluon_dkdv).
 ENV_BWD = "R4B_VARLEN_BWD"
-BWD_MODES = ("split", "atomic", "gluon", "gluon-dkdv", "ws")
+BWD_MODES = ("split", "atomic", "gluon", "gluon-dkdv", "ws", "gluon-ws")
 ENV_LOADS = "R4B_VARLEN_LOADS"  # the Triton kernels' block loads: "pointer" (default) or "tma" (tensor descriptors)
 # the forward kernel: "triton" (default), "gluon" (sm_90 only, opt-in: _varlen_gluon.py), "gluon-ws" (sm_90 only,
 # Gluon with explicit warp specialisation, a producer warp and two consumer warpgroups; refused on GPUs until its
@@ -715,7 +717,7 @@ if _dispatch.triton_importable():
         if gluon is not None and mode == "gluon-ws":
             from . import _varlen_gluon_ws
 
-            why = _varlen_gluon_ws.device_problem(q.device)
+            why = _varlen_gluon_ws.device_problem(q.device, "fwd")
             if why is not None:
                 raise RuntimeError(f"${ENV_FWD}=gluon-ws cannot run here: {why}")
             _varlen_gluon_ws.forward(q, k, v, o, lse, cu, scale * _LOG2E, causal)
@@ -792,9 +794,15 @@ if _dispatch.triton_importable():
             gluon = _default_gluon_dkdv(interp, q, k, v)
             mode = "split" if gluon is None else "gluon-dkdv"
         else:
-            gluon = _gluon_module(ENV_BWD, interp, q, k, v) if mode in ("gluon", "gluon-dkdv") else None
+            gluon = _gluon_module(ENV_BWD, interp, q, k, v) if mode in ("gluon", "gluon-dkdv", "gluon-ws") else None
         if gluon is not None and gluon.bwd_problem(q) is not None:
             gluon = None  # a head dim the Gluon backward is not verified at: the Triton kernels
+        if gluon is not None and mode == "gluon-ws":
+            from . import _varlen_gluon_ws
+
+            why = _varlen_gluon_ws.device_problem(q.device, "dq")
+            if why is not None:
+                raise RuntimeError(f"${ENV_BWD}=gluon-ws cannot run here: {why}")
         if gluon is not None and gluon.input_problem(do) is not None:
             # a broadcast or odd-strided (or misaligned) gradient: a fresh copy has 16-byte rows and base for TMA
             do = do.clone(memory_format=torch.contiguous_format)
@@ -814,6 +822,11 @@ if _dispatch.triton_importable():
             BLOCK_D=meta["BLOCK_D"], BLOCK_M=bm)
         if gluon is not None and mode == "gluon":
             return gluon.backward(do, q, k, v, lse, delta, cu, scale, causal)
+        if gluon is not None and mode == "gluon-ws":  # the warp-specialised dQ kernel, the Gluon dK/dV kernel
+            dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+            _varlen_gluon_ws.backward_dq(do, q, k, v, lse, delta, dq, cu, scale, causal)
+            _, dk, dv = gluon.backward(do, q, k, v, lse, delta, cu, scale, causal, with_dq=False)
+            return dq, dk, dv
         if ws is not None:
             return ws.backward(do, q, k, v, lse, delta, cu, scale, causal, interp)
         atomic = mode == "atomic"
