@@ -71,8 +71,9 @@ def _timed(case: Case, fwd, q, k, v, do):
 # the warp-specialised Gluon forward (a producer warp, two consumer warpgroups; refused on GPUs until its GPU tests
 # pass, R4B_VARLEN_WS_UNVERIFIED=1 runs it); "r4b triton ws-bwd": the Triton forward with the warp-specialised Triton
 # backward (it passed its boundary tests after the Triton forward on an H200, 2026-11-27, and was never timed);
-# "... gluon-ws-dq": the backward R4B_VARLEN_BWD=gluon-ws (the warp-specialised Gluon dQ kernel with the Gluon dK/dV
-# kernel; refused like the gluon-ws forward until its GPU tests pass)
+# "... gluon-ws-dq" / "... gluon-ws-dkdv" / "... gluon-ws-bwd": R4B_VARLEN_BWD=gluon-ws-dq (the warp-specialised
+# Gluon dQ kernel with the Gluon dK/dV kernel), gluon-ws-dkdv (the Triton dQ kernel with the warp-specialised Gluon
+# dK/dV kernel), gluon-ws (both warp-specialised); each refused like the gluon-ws forward until its GPU tests pass
 R4B_ROWS = {"r4b triton": ("triton", "split", "pointer"), "r4b triton atomic-dq": ("triton", "atomic", "pointer"),
             "r4b triton tma": ("triton", "split", "tma"), "r4b triton tma atomic-dq": ("triton", "atomic", "tma"),
             "r4b gluon": ("gluon", "split", "pointer"), "r4b gluon fwd+bwd": ("gluon", "gluon", "pointer"),
@@ -82,8 +83,12 @@ R4B_ROWS = {"r4b triton": ("triton", "split", "pointer"), "r4b triton atomic-dq"
             "r4b gluon-ws": ("gluon-ws", "split", "pointer"),
             "r4b gluon-ws gluon-dkdv": ("gluon-ws", "gluon-dkdv", "pointer"),
             "r4b triton ws-bwd": ("triton", "ws", "pointer"),
-            "r4b triton gluon-ws-dq": ("triton", "gluon-ws", "pointer"),
-            "r4b gluon-ws gluon-ws-dq": ("gluon-ws", "gluon-ws", "pointer")}
+            "r4b triton gluon-ws-dq": ("triton", "gluon-ws-dq", "pointer"),
+            "r4b triton gluon-ws-dkdv": ("triton", "gluon-ws-dkdv", "pointer"),
+            "r4b triton gluon-ws-bwd": ("triton", "gluon-ws", "pointer"),
+            "r4b gluon-ws gluon-ws-bwd": ("gluon-ws", "gluon-ws", "pointer")}
+# the warp-specialised Gluon kernels each R4B_VARLEN_BWD mode runs (their refusals are checked by name)
+WS_BWD_KERNELS = {"gluon-ws": ("dq", "dkdv"), "gluon-ws-dq": ("dq",), "gluon-ws-dkdv": ("dkdv",)}
 
 
 def providers(device: str, mask_ms: dict) -> dict:
@@ -92,8 +97,8 @@ def providers(device: str, mask_ms: dict) -> dict:
         Gluon, or "ws": warp-specialised Triton), the backward
         R4B_VARLEN_BWD=bwd ("split": Triton dQ kernel + dK/dV kernel; "atomic": the Triton dK/dV kernel adds dQ
         with fp32 atomics; "gluon": the split backward in Gluon; "gluon-dkdv": the Triton dQ kernel + the Gluon
-        dK/dV kernel; "ws": warp-specialised Triton; "gluon-ws": the warp-specialised Gluon dQ kernel + the Gluon
-        dK/dV kernel) and the Triton kernels' block loads
+        dK/dV kernel; "ws": warp-specialised Triton; "gluon-ws", "gluon-ws-dq", "gluon-ws-dkdv": warp-specialised
+        Gluon kernels, WS_BWD_KERNELS) and the Triton kernels' block loads
         R4B_VARLEN_LOADS=loads ("pointer" or "tma": through TMA tensor descriptors)."""
 
         def setup(case: Case):
@@ -108,13 +113,13 @@ def providers(device: str, mask_ms: dict) -> dict:
                     import r4b.kernels._varlen_gluon  # noqa: F401
                 except ImportError as ex:
                     raise Skip(f"this triton has no Gluon with its Hopper API: {ex}") from None
-            for part, mode in (("fwd", fwd_kernel), ("dq", bwd)):
-                if mode == "gluon-ws":
-                    from r4b.kernels import _varlen_gluon_ws
+            parts = (("fwd",) if fwd_kernel == "gluon-ws" else ()) + WS_BWD_KERNELS.get(bwd, ())
+            for part in parts:
+                from r4b.kernels import _varlen_gluon_ws
 
-                    why = _varlen_gluon_ws.device_problem(torch.device("cuda"), part)
-                    if why is not None:
-                        raise Skip(f"the warp-specialised Gluon kernels: {why}")
+                why = _varlen_gluon_ws.device_problem(torch.device("cuda"), part)
+                if why is not None:
+                    raise Skip(f"the warp-specialised Gluon kernels: {why}")
             if "ws" in (fwd_kernel, bwd) and device == "cuda":
                 from r4b.kernels import _varlen_ws
 
@@ -579,8 +584,8 @@ def schedule_report(sms: int = 132) -> dict[str, dict[str, float]]:
 
 
 def gluon_ws_report() -> None:
-    """Compile the warp-specialised Gluon forward (R4B_VARLEN_FWD=gluon-ws) and dQ kernel (R4B_VARLEN_BWD=gluon-ws)
-    for sm_90 per config, both masks, head
+    """Compile the warp-specialised Gluon forward (R4B_VARLEN_FWD=gluon-ws), dQ and dK/dV kernels (R4B_VARLEN_BWD=
+    gluon-ws) for sm_90 per config, both masks, head
     dims 64 and 128 (bf16, GQA 4): one line each with the launch's threads, the setmaxnreg values, the wgmma
     wait depths, the count of mbarrier arrives, the named barriers of 128 threads, ptxas's spills, its warnings of
     serialised wgmma (the products waited for one by one), the shared memory, and in the SASS the innermost loops
@@ -591,11 +596,14 @@ def gluon_ws_report() -> None:
     from bench.harness import mma_loop_local_ops, ptxas_report, sass, sm90_compile
     from r4b.kernels import _varlen_gluon_ws as gws
 
-    kernels = (("gluon-ws", gws._fwd_kernel, gws.CONFIGS), ("gluon-ws-dq", gws._bwd_dq_kernel, gws.DQ_CONFIGS))
-    cases = [(name, fn, D, cfg, causal) for name, fn, configs in kernels for D in (64, 128) for cfg in configs
-             for causal in (True, False)]
-    for name, fn, D, (n, stages), causal in cases:
-        kern = sm90_compile(fn, dict(GROUP=4, D=D, BLOCK_N=n, CAUSAL=causal, STAGES=stages), _attn_sig, 4, 1)
+    # (name, kernel, configs, its block's constexpr: keys a step of the query kernels, queries of the key one)
+    kernels = (("gluon-ws", gws._fwd_kernel, gws.CONFIGS, "BLOCK_N"),
+               ("gluon-ws-dq", gws._bwd_dq_kernel, gws.DQ_CONFIGS, "BLOCK_N"),
+               ("gluon-ws-dkdv", gws._bwd_dkdv_kernel, gws.DKDV_CONFIGS, "BLOCK_M"))
+    cases = [(name, fn, block, D, cfg, causal) for name, fn, configs, block in kernels for D in (64, 128)
+             for cfg in configs for causal in (True, False)]
+    for name, fn, block, D, (n, stages), causal in cases:
+        kern = sm90_compile(fn, {"GROUP": 4, "D": D, block: n, "CAUSAL": causal, "STAGES": stages}, _attn_sig, 4, 1)
         ptx = kern.asm["ptx"]
         threads = re.search(r"\.reqntid (\d+)", ptx).group(1)
         regs = sorted({int(r) for r in re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+);", ptx)})
@@ -606,7 +614,7 @@ def gluon_ws_report() -> None:
         spill = re.search(r"(\d+) bytes spill stores", report).group(1)
         serial = report.count("Potential Performance Loss")
         loops, local = mma_loop_local_ops(sass(kern))
-        print(f"{name} D={D} N={n} s{stages} {'causal' if causal else 'full'}: threads={threads} "
+        print(f"{name} D={D} {block[-1]}={n} s{stages} {'causal' if causal else 'full'}: threads={threads} "
               f"setmaxnreg={','.join(map(str, regs))} wait_group={','.join(waits)} arrives={arrives} "
               f"bar128={','.join(bars)} spill={spill} serialised={serial} smem={kern.metadata.shared} "
               f"mma_loops={loops} loop_local={local}", flush=True)

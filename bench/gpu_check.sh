@@ -10,7 +10,7 @@
 #   gluon:  the opt-in attention kernels (sm_90): the warp-specialised Gluon forward's and dQ kernel's GPU tests
 #           (R4B_VARLEN_FWD / _BWD=gluon-ws, run although refused, to verify them; the warp-specialised Triton
 #           kernels' by name, ws_fwd / ws_bwd) and, for those that pass, their bench rows at the anchor (with the
-#           gluon-dkdv pairing's); compute-sanitizer on a failing ws backward;
+#           gluon-dkdv pairing's); compute-sanitizer on a failing ws (Triton) backward when its tests ran;
 #           the gluon-dkdv GPU tests, the Gluon kernels' GPU tests; the small-op bench, the small ops' host-time
 #           split (gpu_diag host), the attention rule's baseline (tests.rule_check) and the loss row kernel's
 #           sweep; then diag;
@@ -23,7 +23,7 @@
 #           ws kernels when their backward's GPU tests failed; the gluon phase ends with it too, in what time is left;
 #   all:    issues, gluon and rest (default).
 # R4B_CHECK_TESTS="ws_fwd small attn ..." picks the GPU test steps (loss, small, attn, rest, ws_fwd, ws_bwd, gluon_ws,
-# gluon_ws_dq; empty:
+# gluon_ws_dq, gluon_ws_dkdv; empty:
 # none) in place of the phase's; R4B_CHECK_SKIP_TESTS=1 drops the issues phase's (a call that re-measures only);
 # R4B_CHECK_BENCHES="name:seconds ..." replaces the phase's bench list (e.g. "grpo_loss:150 varlen_attention:120").
 # The run keeps to R4B_CHECK_BUDGET seconds (default 540, under the device tool's 600 s per command): every
@@ -102,10 +102,10 @@ test_rc=0
 case "$PHASE" in
   issues) tests="loss small attn" ;;
   # (the Triton ws kernels' tests, ws_fwd / ws_bwd, by name: their kernels have not changed since they failed)
-  gluon) tests="gluon_ws gluon_ws_dq" ;;
+  gluon) tests="gluon_ws gluon_ws_dq gluon_ws_dkdv" ;;
   rest) tests="rest" ;;
   diag) tests="" ;;
-  all) tests="gluon_ws gluon_ws_dq ws_fwd ws_bwd loss small attn rest" ;;
+  all) tests="gluon_ws gluon_ws_dq gluon_ws_dkdv ws_fwd ws_bwd loss small attn rest" ;;
 esac
 if [ "${R4B_CHECK_SKIP_TESTS:-0}" = 1 ]; then
   echo "R4B_CHECK_SKIP_TESTS=1: the issues phase's GPU tests are skipped"
@@ -113,8 +113,9 @@ if [ "${R4B_CHECK_SKIP_TESTS:-0}" = 1 ]; then
 fi
 tests=${R4B_CHECK_TESTS-$tests}
 for t in $tests; do
-  case "$t" in loss|small|attn|rest|ws_fwd|ws_bwd|gluon_ws|gluon_ws_dq) ;;
-    *) echo "gpu_check.sh: R4B_CHECK_TESTS takes loss, small, attn, rest, ws_fwd, ws_bwd, gluon_ws, gluon_ws_dq; got '$t'"
+  case "$t" in loss|small|attn|rest|ws_fwd|ws_bwd|gluon_ws|gluon_ws_dq|gluon_ws_dkdv) ;;
+    *) echo "gpu_check.sh: R4B_CHECK_TESTS takes loss, small, attn, rest, ws_fwd, ws_bwd, gluon_ws, gluon_ws_dq," \
+            "gluon_ws_dkdv; got '$t'"
        exit 2;; esac
 done
 echo "GPU test steps: ${tests:-none}"
@@ -123,12 +124,14 @@ ws_rc=skipped
 ws_bwd_rc=skipped
 gws_rc=skipped
 gws_dq_rc=skipped
+gws_dkdv_rc=skipped
+gws_bwd_rc=skipped  # both kernels through the op: run once each passed its own tests
 if has_test gluon_ws; then
   # the warp-specialised Gluon forward (R4B_VARLEN_FWD=gluon-ws; written 2026-11-27, session 11, never run on a GPU):
   # every config directly (twice: finite, same bits, float64), the anchor through the op, boundary isolation
   # (120 s: five configs since session 13, ten sm_90 compiles of about 4 s before the anchor's autotuning)
   step "GPU tests: warp-specialised Gluon attention forward (sm_90, R4B_VARLEN_WS_UNVERIFIED=1)"
-  R4B_VARLEN_WS_UNVERIFIED=1 gpu_tests 120 pytest_gpu_gluon_ws.log tests/test_varlen_gluon_ws.py -k "not dq"
+  R4B_VARLEN_WS_UNVERIFIED=1 gpu_tests 120 pytest_gpu_gluon_ws.log tests/test_varlen_gluon_ws.py -k "not dq and not dkdv"
   gws_rc=$?
   [ "$gws_rc" -ne 0 ] && test_rc=$gws_rc
 fi
@@ -137,9 +140,29 @@ if has_test gluon_ws_dq; then
   # GPU): every config directly (twice, float64), the anchor through the op (after the Triton and the gluon-ws
   # forward), boundary isolation
   step "GPU tests: warp-specialised Gluon attention dQ (sm_90, R4B_VARLEN_WS_UNVERIFIED=1)"
-  R4B_VARLEN_WS_UNVERIFIED=1 gpu_tests 120 pytest_gpu_gluon_ws_dq.log tests/test_varlen_gluon_ws.py -k "dq"
+  R4B_VARLEN_WS_UNVERIFIED=1 gpu_tests 120 pytest_gpu_gluon_ws_dq.log tests/test_varlen_gluon_ws.py \
+    -k "dq_every or dq-only"
   gws_dq_rc=$?
   [ "$gws_dq_rc" -ne 0 ] && test_rc=$gws_dq_rc
+fi
+if has_test gluon_ws_dkdv; then
+  # the warp-specialised Gluon dK/dV kernel (R4B_VARLEN_BWD=gluon-ws-dkdv / gluon-ws; withdrawn in session 11 for
+  # ptxas's serialised products, rewritten in session 13 with each step's products waited for; never run on a GPU)
+  step "GPU tests: warp-specialised Gluon attention dK/dV (sm_90, R4B_VARLEN_WS_UNVERIFIED=1)"
+  R4B_VARLEN_WS_UNVERIFIED=1 gpu_tests 120 pytest_gpu_gluon_ws_dkdv.log tests/test_varlen_gluon_ws.py \
+    -k "dkdv_every or dkdv-only"
+  gws_dkdv_rc=$?
+  [ "$gws_dkdv_rc" -ne 0 ] && test_rc=$gws_dkdv_rc
+fi
+if has_test gluon_ws_dq && has_test gluon_ws_dkdv && [ "$gws_dq_rc" = 0 ] && [ "$gws_dkdv_rc" = 0 ]; then
+  # after the Triton forward, and after the gluon-ws forward only if its own tests passed (so that a wrong forward
+  # does not drop the backward's rows)
+  both="dq-and-dkdv and not fwd-dq"
+  [ "$gws_rc" = 0 ] && both="dq-and-dkdv"
+  step "GPU tests: the warp-specialised Gluon backward, both kernels (R4B_VARLEN_BWD=gluon-ws)"
+  R4B_VARLEN_WS_UNVERIFIED=1 gpu_tests 90 pytest_gpu_gluon_ws_bwd.log tests/test_varlen_gluon_ws.py -k "$both"
+  gws_bwd_rc=$?
+  [ "$gws_bwd_rc" -ne 0 ] && test_rc=$gws_bwd_rc
 fi
 if has_test ws_fwd; then
   # the warp-specialised kernels: refused on GPUs since their wrong first run (2026-11-27); the two
@@ -317,8 +340,10 @@ for spec in $specs; do
     [ "$ws_bwd_rc" = 0 ] && ws_rows="${ws_rows}r4b triton ws-bwd,"
     [ "$gws_rc" = 0 ] && ws_rows="${ws_rows}r4b gluon-ws,r4b gluon-ws gluon-dkdv,"
     [ "$gws_dq_rc" = 0 ] && ws_rows="${ws_rows}r4b triton gluon-ws-dq,"
-    [ "$gws_rc" = 0 ] && [ "$gws_dq_rc" = 0 ] && ws_rows="${ws_rows}r4b gluon-ws gluon-ws-dq,"
-    step "bench: opt-in rows at the anchor (R4B_VARLEN_WS_UNVERIFIED=1; ws forward tests rc=$ws_rc, backward rc=$ws_bwd_rc, gluon-ws rc=$gws_rc, gluon-ws dQ rc=$gws_dq_rc)"
+    [ "$gws_dkdv_rc" = 0 ] && ws_rows="${ws_rows}r4b triton gluon-ws-dkdv,"
+    [ "$gws_bwd_rc" = 0 ] && ws_rows="${ws_rows}r4b triton gluon-ws-bwd,"
+    [ "$gws_rc" = 0 ] && [ "$gws_bwd_rc" = 0 ] && ws_rows="${ws_rows}r4b gluon-ws gluon-ws-bwd,"
+    step "bench: opt-in rows at the anchor (R4B_VARLEN_WS_UNVERIFIED=1; ws forward tests rc=$ws_rc, backward rc=$ws_bwd_rc, gluon-ws rc=$gws_rc, dQ rc=$gws_dq_rc, dK/dV rc=$gws_dkdv_rc, both rc=$gws_bwd_rc)"
     R4B_VARLEN_WS_UNVERIFIED=1 timeout -k 10 "$lim" $PY -m bench.bench_varlen_attention --anchor --providers \
       "sdpa per doc,flex doc mask,r4b triton,${ws_rows}r4b gluon,r4b triton gluon-dkdv" 2>&1 | tee -a "$LOGS/bench.log" \
       | grep -v "^$" | tail -n 20

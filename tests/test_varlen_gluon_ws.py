@@ -1,9 +1,10 @@
-"""The warp-specialised Gluon forward (R4B_VARLEN_FWD=gluon-ws, r4b/kernels/_varlen_gluon_ws.py): never run on a GPU
-yet, so here it is (1) compiled for sm_90 (partitions, register split, pipelined products, no spills), (2) its
-index and ring logic transcribed into a float64 emulation (the producer's block order, each consumer's segments,
-the blocks it computes or only releases, its masks and stores) and checked against float64 attention on varlen
-batches, (3) refused on GPUs by name until its GPU tests (below, -m gpu) pass. The transcription pins the kernel
-source's sha256: a change to the kernel fails the pin until the emulation is transcribed again."""
+"""The warp-specialised Gluon kernels (R4B_VARLEN_FWD=gluon-ws, R4B_VARLEN_BWD=gluon-ws / gluon-ws-dq / gluon-ws-dkdv,
+r4b/kernels/_varlen_gluon_ws.py; the forward is described here, the dQ and dK/dV kernels are checked the same ways):
+never run on a GPU yet, so here it is (1) compiled for sm_90 (partitions, register split, pipelined products, no
+spills), (2) its index and ring logic transcribed into a float64 emulation (the producer's block order, each
+consumer's segments, the blocks it computes or only releases, its masks and stores) and checked against float64
+attention on varlen batches, (3) refused on GPUs by name until its GPU tests (below, -m gpu) pass. The transcription
+pins the kernel source's sha256: a change to the kernel fails the pin until the emulation is transcribed again."""
 
 import hashlib
 import inspect
@@ -37,6 +38,9 @@ FWD_FNS = ("_segment", "_producer", "_produce_kv", "_my_blocks", "_release_rest"
 # and of the seven of the dQ kernel, transcribed into emulate_dq()
 DQ_SHA = "b7570ba58469ca2ac311f8670b3861e1c2efae5b289b6f3c606520d6120fe741"
 DQ_FNS = ("_segment", "_dq_producer", "_produce_kv", "_my_blocks", "_release_rest", "_dq_consumer", "_bwd_dq_kernel")
+# and of the four of the dK/dV kernel, transcribed into emulate_dkdv()
+DKDV_SHA = "1de458eb7a4e98e7fb98dce132e63d7fd849a26ae4653fe9254dc255c25ce8dc"
+DKDV_FNS = ("_dkdv_segment", "_dkdv_producer", "_dkdv_consumer", "_bwd_dkdv_kernel")
 
 
 def kernel_sha(names=FWD_FNS) -> str:
@@ -51,6 +55,9 @@ def test_the_emulation_is_transcribed_from_the_current_kernel():
                                         f"emulate() below, then set KERNEL_SHA = {kernel_sha()!r}")
     assert kernel_sha(DQ_FNS) == DQ_SHA, ("r4b/kernels/_varlen_gluon_ws.py's dQ kernel changed: transcribe the change "
                                           f"into emulate_dq() below, then set DQ_SHA = {kernel_sha(DQ_FNS)!r}")
+    assert kernel_sha(DKDV_FNS) == DKDV_SHA, ("r4b/kernels/_varlen_gluon_ws.py's dK/dV kernel changed: transcribe the "
+                                              "change into emulate_dkdv() below, then set "
+                                              f"DKDV_SHA = {kernel_sha(DKDV_FNS)!r}")
 
 
 def _segments(cu, n_seqs, t0, T):
@@ -312,10 +319,129 @@ def test_random_batches_match_float64():
         np.testing.assert_allclose(lse, ref_lse, rtol=1e-10, atol=1e-10, err_msg=str(lens))
 
 
+def emulate_dkdv(q, k, v, do, lse, delta, lens, causal, scale, block_m):
+    """float64 transcription of _bwd_dkdv_kernel's three partitions for every (key tile, KV head): the producer's
+    (Q, dO) block list (head-major steps per segment), each consumer's waits / releases (in order, each once), the
+    steps it computes (the masks as written), its stores; every (key row, KV head) stored exactly once. lse (Hq, T)
+    in log2 units, delta (Hq, T). Returns (dk, dv)."""
+    T, Hq, D = q.shape
+    Hkv = k.shape[1]
+    group = Hq // Hkv
+    half = gws.HALF.value
+    tile = gws.BLOCK_M_KV.value
+    cu = [0]
+    for n in lens:
+        cu.append(cu[-1] + n)
+    qk_scale = scale * LOG2E
+    dk = np.full((T, Hkv, D), np.nan)
+    dv = np.full((T, Hkv, D), np.nan)
+    stores = np.zeros((T, Hkv), dtype=int)
+
+    def segments(t0):
+        t_end = min(t0 + tile, T)
+        seq = max(s for s in range(len(lens)) if cu[s] <= t0)
+        t = t0
+        while t < t_end:
+            cs, ce = cu[seq], cu[seq + 1]
+            seg_hi = min(ce, t_end)
+            L = ce - cs
+            q_start = (t - cs) // block_m * block_m if causal else 0
+            nq = (L - q_start + block_m - 1) // block_m
+            yield t, cs, L, seg_hi, q_start, nq, nq * group
+            t = seg_hi
+            seq += 1
+
+    for t0 in range(0, T, tile):
+        for hk in range(Hkv):
+            blocks = []  # the producer's loads: (sequence start, row, query head); waits before rebuilding: no order
+            for _t, cs, _L, _seg_hi, q_start, nq, total in segments(t0):
+                for step in range(total):
+                    g = step // nq
+                    blocks.append((cs, q_start + (step - g * nq) * block_m, hk * group + g))
+            for c in range(2):
+                r0 = t0 + c * half
+                my_end = min(r0 + half, T)
+                rows = r0 + np.arange(half)
+                keys = np.zeros((half, D))
+                vals = np.zeros((half, D))
+                ok_rows = rows < T
+                keys[ok_rows] = k[rows[ok_rows], hk]  # TMA zero-fill past T
+                vals[ok_rows] = v[rows[ok_rows], hk]
+                it = 0
+                released = []
+                for t, cs, L, seg_hi, q_start, nq, total in segments(t0):
+                    lo, hi = max(t, r0), min(seg_hi, my_end)
+                    assert r0 < T or not hi > lo, (t0, c)  # no keys: no K / V load waited for
+                    if hi > lo:
+                        k_loc = rows - cs
+                        k_hi = hi - cs
+                        acc_k = np.zeros((half, D))
+                        acc_v = np.zeros((half, D))
+                        for step in range(total):
+                            g = step // nq
+                            m0 = q_start + (step - g * nq) * block_m
+                            h = hk * group + g
+                            assert blocks[it + step] == (cs, m0, h), (blocks[it + step], (cs, m0, h))
+                            qn = m0 + np.arange(block_m)
+                            qmask = qn < L
+                            qb = np.zeros((block_m, D))  # the (L, GROUP * D) descriptor zero-fills past L
+                            dob = np.zeros((block_m, D))
+                            qb[qmask] = q[cs + qn[qmask], h]
+                            dob[qmask] = do[cs + qn[qmask], h]
+                            lse_b = np.where(qmask, lse[h, np.minimum(cs + qn, T - 1)], 0.0)
+                            delta_b = np.where(qmask, delta[h, np.minimum(cs + qn, T - 1)], 0.0)
+                            sT = keys @ qb.T
+                            dpT = vals @ dob.T
+                            with np.errstate(over="ignore"):
+                                pT = np.exp2(sT * qk_scale - lse_b[None, :])
+                            if causal:
+                                if m0 < k_hi or m0 + block_m > L:
+                                    ok = qmask[None, :] & (qn[None, :] >= k_loc[:, None])
+                                    pT = np.where(ok, pT, 0.0)
+                            elif m0 + block_m > L:
+                                pT = np.where(qmask[None, :], pT, 0.0)
+                            acc_v = acc_v + pT @ dob
+                            dsT = pT * (dpT - delta_b[None, :])
+                            acc_k = acc_k + dsT @ qb
+                            released.append(it + step)
+                        seg = (rows >= lo) & (rows < hi)
+                        dk[rows[seg], hk] = acc_k[seg] * scale
+                        dv[rows[seg], hk] = acc_v[seg]
+                        stores[rows[seg], hk] += 1
+                    else:
+                        released += [it + step for step in range(total)]
+                    it += total
+                assert released == list(range(len(blocks))), (t0, hk, c)
+    assert (stores == 1).all(), np.argwhere(stores != 1)[:5]
+    return dk, dv
+
+
+@pytest.mark.parametrize("block_m", sorted({m for m, _ in gws.DKDV_CONFIGS}))
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("lens,Hq,Hkv,D", CASES)
+def test_emulated_dkdv_kernel_matches_float64(lens, Hq, Hkv, D, causal, block_m):
+    """dK, dV of the transcribed kernel against float64 autograd of attention, from the float64 LSE (log2 units)
+    and delta = rowsum(dO * O): key tiles spanning several sequences (and an empty one), consumers without keys in
+    a segment or past T, causal query blocks below a consumer's first key, partial query blocks at a sequence end."""
+    rng = np.random.default_rng(len(lens) * 11 + Hkv)
+    T = sum(lens)
+    q, k, v, do = (rng.standard_normal((T, H, D)) for H in (Hq, Hkv, Hkv, Hq))
+    scale = D**-0.5
+    qt, kt, vt = (torch.from_numpy(x).requires_grad_() for x in (q, k, v))
+    o = _attention64(qt, kt, vt, lens, causal, scale)
+    o.backward(torch.from_numpy(do))
+    _, lse = _reference(q, k, v, lens, causal, scale)
+    delta = (o.detach().numpy() * do).sum(-1).T  # (Hq, T)
+    dk, dv = emulate_dkdv(q, k, v, do, lse, delta, lens, causal, scale, block_m)
+    np.testing.assert_allclose(dk, kt.grad.numpy(), rtol=1e-9, atol=1e-11)
+    np.testing.assert_allclose(dv, vt.grad.numpy(), rtol=1e-9, atol=1e-11)
+
+
 def test_kernel_compiles_for_sm90_as_three_partitions_without_spills_in_its_key_loops():
-    """Every config of the forward and of the dQ kernel, both masks, head dims 64 and 128: two consumer warpgroups
-    and a producer warp (384 threads with the padding), the register split (consumers 232, producer 40), products
-    in flight together (a wgmma.wait_group 1: the forward's S and P V, the dQ kernel's S and dP), the ring's
+    """Every config of the forward, the dQ and the dK/dV kernels, both masks, head dims 64 and 128: two consumer
+    warpgroups and a producer warp (384 threads with the padding), the register split (consumers 232, producer 40),
+    products in flight together (a wgmma.wait_group 1: the forward's S and P V, the dQ kernel's S and dP, the dK/dV
+    kernel's S^T and dP^T, then dP^T and dV), the ring's
     releases (mbarrier.arrive), each consumer on its own named barrier of 128 threads, shared memory under the
     227 kB an SM gives a block, and in the SASS one key loop per consumer with no local memory access in it. No
     spills at all, except the forward's 128-key blocks at D 128: at most 128 B, stored and loaded around the key
@@ -324,14 +450,15 @@ def test_kernel_compiles_for_sm90_as_three_partitions_without_spills_in_its_key_
     lines = [line for line in out.splitlines() if line.startswith("gluon-ws")]
     assert sum(line.startswith("gluon-ws ") for line in lines) == 2 * 2 * len(gws.CONFIGS), out
     assert sum(line.startswith("gluon-ws-dq ") for line in lines) == 2 * 2 * len(gws.DQ_CONFIGS), out
+    assert sum(line.startswith("gluon-ws-dkdv ") for line in lines) == 2 * 2 * len(gws.DKDV_CONFIGS), out
     for line in lines:
         f = dict(kv.split("=") for kv in line.split(": ", 1)[1].split())
         assert f["threads"] == "384", line
         assert {"232", "40"} <= set(f["setmaxnreg"].split(",")), line
         assert f["wait_group"] == "0,1", line
-        # releases per consumer: the forward's in its loop, after it and in _release_rest; the dQ kernel's in its
-        # loop and in _release_rest
-        assert int(f["arrives"]) >= (4 if line.startswith("gluon-ws-dq ") else 6), line
+        # releases per consumer: the forward's in its loop, after it and in _release_rest; the dQ and dK/dV
+        # kernels' in their loop and in their release-only loop
+        assert int(f["arrives"]) >= (6 if line.startswith("gluon-ws ") else 4), line
         assert f["bar128"] == "0,2", line
         assert f["mma_loops"] == "2" and f["loop_local"] == "0", line
         if line.startswith("gluon-ws D=128 N=128 "):
@@ -386,6 +513,63 @@ def test_op_refuses_gluon_ws_where_it_cannot_run(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     assert "not 9.x (Hopper)" in gws.device_problem(gpu)
     assert "not 9.x (Hopper)" in gws.device_problem(gpu, "dq")
+
+
+@pytest.mark.parametrize("mode", ["gluon-ws", "gluon-ws-dq", "gluon-ws-dkdv"])
+def test_gluon_ws_backward_modes_route_each_gradient(mode, monkeypatch):
+    """R4B_VARLEN_BWD=gluon-ws / gluon-ws-dq / gluon-ws-dkdv: dQ from the warp-specialised dQ kernel (or the Triton
+    one for gluon-ws-dkdv), dK / dV from the warp-specialised dK/dV kernel (or the Gluon one for gluon-ws-dq), after
+    the refusal checks of exactly the kernels used; the Triton kernels a mode replaces are not launched. Under the
+    interpreter, which cannot run Gluon, stand-ins give the Gluon checks' answers and the float64 reference's
+    gradients; the op's four results must match float64."""
+    import importlib
+
+    va = importlib.import_module("r4b.kernels.varlen_attention")
+    lens, scale = [5, 17, 1, 9], 16**-0.5
+    q, k, v, do = _inputs(lens, 4, 2, 16)
+    cu = _cu(lens)
+    want = _grads(lambda a, b, c: _attention64(a, b, c, lens, True, scale), q.double(), k.double(), v.double(),
+                  do.double())
+    asked = []
+
+    class GluonStandIn:
+        @staticmethod
+        def bwd_problem(q):
+            return None
+
+        @staticmethod
+        def input_problem(*tensors):
+            return None
+
+        @staticmethod
+        def backward(do_, q_, k_, v_, lse, delta, cu_, scale_, causal, with_dq=True):
+            asked.append(("gluon dkdv", with_dq))
+            return None, want[2].to(k_.dtype), want[3].to(v_.dtype)
+
+    def ws_dq(do_, q_, k_, v_, lse, delta, dq, cu_, scale_, causal, config=None):
+        asked.append(("ws dq", scale_, causal))
+        dq.copy_(want[1])
+
+    def ws_dkdv(do_, q_, k_, v_, lse, delta, cu_, scale_, causal, config=None):
+        asked.append(("ws dkdv", scale_, causal))
+        return want[2].to(k_.dtype), want[3].to(v_.dtype)
+
+    monkeypatch.setattr(va, "_gluon_module", lambda env, interp, *t: GluonStandIn)
+    monkeypatch.setattr(gws, "device_problem", lambda device, kernel="fwd": asked.append(kernel))
+    monkeypatch.setattr(gws, "backward_dq", ws_dq)
+    monkeypatch.setattr(gws, "backward_dkdv", ws_dkdv)
+    monkeypatch.setattr(va, "_bwd_dkdv_kernel", None)  # no mode here launches the Triton dK/dV kernel
+    if mode != "gluon-ws-dkdv":
+        monkeypatch.setattr(va, "_bwd_dq_kernel", None)  # nor the Triton dQ kernel
+    monkeypatch.setenv("R4B_VARLEN_FWD", "triton")
+    monkeypatch.setenv("R4B_VARLEN_BWD", mode)
+    got = _grads(lambda a, b, c: varlen_attention(a, b, c, cu, max(lens), backend="triton"), q, k, v, do)
+    expect = {"gluon-ws": ["dq", "dkdv", ("ws dq", scale, True), ("ws dkdv", scale, True)],
+              "gluon-ws-dq": ["dq", ("ws dq", scale, True), ("gluon dkdv", False)],
+              "gluon-ws-dkdv": ["dkdv", ("ws dkdv", scale, True)]}[mode]
+    assert asked == expect
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
+        torch.testing.assert_close(g, w.float(), rtol=1e-5, atol=1e-5, msg=name)
 
 
 # ------------------------------------------------------------------------------------------------ GPU tests
@@ -482,57 +666,67 @@ def test_gluon_ws_no_information_crosses_a_boundary_gpu(causal, unverified):
     assert not same_bits(base[~others], pert[~others])
 
 
-# ---------------------------------------------------------------------------- GPU tests of the dQ kernel
+# ------------------------------------------------------------------- GPU tests of the dQ and dK/dV kernels
 @pytest.fixture
-def unverified_dq(monkeypatch):
-    """The kernels allowed on this GPU, R4B_VARLEN_BWD=gluon-ws; returns the count of the dQ kernel's launches
-    through the op (inputs the Gluon kernels do not take would silently run the Triton backward)."""
+def ws_bwd_calls(monkeypatch):
+    """The kernels allowed on this GPU (R4B_VARLEN_WS_UNVERIFIED=1); returns the count of the warp-specialised dQ and
+    dK/dV kernels' launches through the op (inputs the Gluon kernels do not take would silently run the Triton
+    backward)."""
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon kernels run on Hopper (sm_90) only")
     monkeypatch.setenv(gws.ENV_UNVERIFIED, "1")
-    monkeypatch.setenv("R4B_VARLEN_BWD", "gluon-ws")
-    calls = {"dq": 0}
-    real = gws.backward_dq
+    calls = {"dq": 0, "dkdv": 0}
+    for name in calls:
+        real = getattr(gws, f"backward_{name}")
 
-    def spy(*a, **kw):
-        calls["dq"] += 1
-        return real(*a, **kw)
+        def spy(*a, _real=real, _name=name, **kw):
+            calls[_name] += 1
+            return _real(*a, **kw)
 
-    monkeypatch.setattr(gws, "backward_dq", spy)
+        monkeypatch.setattr(gws, f"backward_{name}", spy)
     return calls
 
 
-# every dQ config run directly: length-1 and empty sequences, lengths off every tile, tiles spanning many
-# sequences, one sequence of many key blocks, GQA 2 / 4, D 64 and 128, causal and not
-DQ_GPU_CASES = [([1, 37, 1, 16, 5, 0, 300], 2, 1, 64, True), ([70, 1, 3, 1, 0, 2, 9, 700], 4, 1, 128, False),
-                ([3000] + [1, 2, 3, 17, 40, 129] * 20, 8, 2, 128, True), ([700, 1, 129, 64, 3, 1100, 0, 65], 8, 2,
-                                                                         128, False)]
+# every config run directly: length-1 and empty sequences, lengths off every tile, tiles spanning many sequences,
+# one sequence of many blocks, GQA 2 / 4, D 64 and 128, causal and not
+# (D 128 only: the op sends only D 128 to the Gluon backwards, and at D 64 the rule's baseline itself is in question,
+# see _varlen_gluon.BWD_HEAD_DIMS)
+BWD_GPU_CASES = [([1, 37, 1, 16, 5, 0, 300], 2, 1, 128, True), ([70, 1, 3, 1, 0, 2, 9, 700], 4, 1, 128, False),
+                 ([3000] + [1, 2, 3, 17, 40, 129] * 20, 8, 2, 128, True),
+                 ([700, 1, 129, 64, 3, 1100, 0, 65], 8, 2, 128, False)]
+
+
+def _bwd_inputs(lens, Hq, Hkv, D, causal):
+    """bf16 q, k, v, dO on the GPU, the float64 gradients, SDPA's bf16 ones (the rule's baseline), and the float64
+    LSE (log2 units) and delta = rowsum(dO * O) as (Hq, T) fp32."""
+    q, k, v, do = _inputs(lens, Hq, Hkv, D, seed=7, device="cuda")
+    bf = [t.bfloat16() for t in (q, k, v, do)]
+    scale = D**-0.5
+    want = _grads(lambda a, b, c: _attention64(a, b, c, lens, causal, scale), *(t.double() for t in bf))
+    plain = _grads(lambda a, b, c: _sdpa_bf16_per_doc(a, b, c, [n for n in lens if n], causal), *bf)
+    _, lse = _reference(*(t.double().cpu().numpy() for t in bf[:3]), lens, causal, scale)
+    lse = torch.from_numpy(lse).float().cuda()  # every row of a non-empty sequence is set
+    delta = (want[0] * bf[3].double()).sum(-1).transpose(0, 1).float().contiguous()
+    return bf, want, plain, lse, delta
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("lens,Hq,Hkv,D,causal", DQ_GPU_CASES)
-def test_gluon_ws_dq_every_config_gpu(lens, Hq, Hkv, D, causal, unverified_dq):
+@pytest.mark.parametrize("lens,Hq,Hkv,D,causal", BWD_GPU_CASES)
+def test_gluon_ws_dq_every_config_gpu(lens, Hq, Hkv, D, causal, ws_bwd_calls):
     """Each dQ config launched directly, twice (NaN-filled outputs first), from the float64 LSE and delta: finite,
     the same bits, and dQ by STYLE.md's rule against float64 (baseline: SDPA per document in bf16). Every config is
     judged before the test fails."""
     from r4b.kernels.varlen_attention import _ensure_allocator
 
-    q, k, v, do = _inputs(lens, Hq, Hkv, D, seed=7, device="cuda")
-    bf = [t.bfloat16() for t in (q, k, v, do)]
+    bf, want, plain, lse, delta = _bwd_inputs(lens, Hq, Hkv, D, causal)
     cu = _cu(lens, "cuda")
-    scale = D**-0.5
-    want = _grads(lambda a, b, c: _attention64(a, b, c, lens, causal, scale), *(t.double() for t in bf))
-    plain = _grads(lambda a, b, c: _sdpa_bf16_per_doc(a, b, c, [n for n in lens if n], causal), *bf)
-    _, lse = _reference(*(t.double().cpu().numpy() for t in bf[:3]), lens, causal, scale)
-    lse = torch.from_numpy(lse).float().cuda()  # (Hq, T), log2 units (every row of a non-empty sequence is set)
-    delta = (want[0] * bf[3].double()).sum(-1).transpose(0, 1).float().contiguous()  # (Hq, T)
     _ensure_allocator()
     failures = []
     for cfg in gws.DQ_CONFIGS:
         runs = []
         for _ in range(2):
             dq = torch.full_like(bf[0], float("nan"))
-            gws.backward_dq(bf[3], *bf[:3], lse, delta, dq, cu, scale, causal, config=cfg)
+            gws.backward_dq(bf[3], *bf[:3], lse, delta, dq, cu, D**-0.5, causal, config=cfg)
             runs.append(dq)
         if not runs[0].isfinite().all():
             failures.append(f"{cfg}: rows left unwritten or non-finite")
@@ -547,19 +741,60 @@ def test_gluon_ws_dq_every_config_gpu(lens, Hq, Hkv, D, causal, unverified_dq):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fwd", ["triton", "gluon-ws"])
+@pytest.mark.parametrize("lens,Hq,Hkv,D,causal", BWD_GPU_CASES)
+def test_gluon_ws_dkdv_every_config_gpu(lens, Hq, Hkv, D, causal, ws_bwd_calls):
+    """Each dK/dV config launched directly, twice, from the float64 LSE and delta: finite, the same bits, and dK,
+    dV by STYLE.md's rule against float64; q and dO also as head-major views in one config (the wrapper copies them
+    for the kernel's (L, GROUP * D) reads). Every config is judged before the test fails."""
+    from r4b.kernels.varlen_attention import _ensure_allocator
+
+    bf, want, plain, lse, delta = _bwd_inputs(lens, Hq, Hkv, D, causal)
+    cu = _cu(lens, "cuda")
+    _ensure_allocator()
+    head_major = [t.transpose(0, 1).contiguous().transpose(0, 1) for t in (bf[0], bf[3])]
+    failures = []
+    for i, cfg in enumerate(gws.DKDV_CONFIGS):
+        qq, dd = head_major if i == 1 else (bf[0], bf[3])
+        runs = [gws.backward_dkdv(dd, qq, bf[1], bf[2], lse, delta, cu, D**-0.5, causal, config=cfg)
+                for _ in range(2)]
+        (dk, dv), (dk2, dv2) = runs
+        if not (dk.isfinite().all() and dv.isfinite().all()):
+            failures.append(f"{cfg}: non-finite dK / dV")
+            continue
+        if not (same_bits(dk, dk2) and same_bits(dv, dv2)):
+            failures.append(f"{cfg}: two runs differ")
+        try:
+            assert_within_twice_plain([dk, dv], plain[2:], want[2:], [f"dk {cfg}", f"dv {cfg}"], atol_rel=1e-3)
+        except AssertionError as ex:
+            failures.append(str(ex))
+    assert not failures, failures
+
+
+# (R4B_VARLEN_FWD, R4B_VARLEN_BWD) through the op, with ids for bench/gpu_check.sh's steps (pytest -k): "dq-only",
+# "dkdv-only", then the two kernels together ("dq-and-dkdv"), also after the gluon-ws forward
+WS_BWD_MODES = [pytest.param("triton", "gluon-ws-dq", id="dq-only"),
+                pytest.param("triton", "gluon-ws-dkdv", id="dkdv-only"),
+                pytest.param("triton", "gluon-ws", id="dq-and-dkdv"),
+                pytest.param("gluon-ws", "gluon-ws", id="fwd-dq-and-dkdv")]
+_WS_KERNELS = {"gluon-ws": {"dq": 1, "dkdv": 1}, "gluon-ws-dq": {"dq": 1, "dkdv": 0},
+               "gluon-ws-dkdv": {"dq": 0, "dkdv": 1}}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fwd,bwd", WS_BWD_MODES)
 @pytest.mark.parametrize("causal", [True, False])
-def test_gluon_ws_dq_anchor_gpu(fwd, causal, unverified_dq, monkeypatch):
-    """The anchor through the op with R4B_VARLEN_BWD=gluon-ws (after the Triton or the gluon-ws forward),
+def test_gluon_ws_bwd_anchor_gpu(fwd, bwd, causal, ws_bwd_calls, monkeypatch):
+    """The anchor through the op with each warp-specialised backward (after the Triton or the gluon-ws forward),
     autotuned: output and gradients by STYLE.md's rule against the fp32 reference; two runs give the same bits."""
     monkeypatch.setenv("R4B_VARLEN_FWD", fwd)
+    monkeypatch.setenv("R4B_VARLEN_BWD", bwd)
     q, k, v, do = _inputs(ANCHOR, 32, 8, 128, device="cuda")
     cu = _cu(ANCHOR, "cuda")
     ref = _grads(lambda a, b, c: varlen_attention_ref(a, b, c, cu, causal), q, k, v, do)
     bf = [t.bfloat16() for t in (q, k, v, do)]
     fn = lambda a, b, c: varlen_attention(a, b, c, cu, 4096, causal=causal, backend="triton")
     got = _grads(fn, *bf)
-    assert unverified_dq["dq"] == 1
+    assert ws_bwd_calls == _WS_KERNELS[bwd]
     assert all(g.isfinite().all() for g in got)
     again = _grads(fn, *bf)
     assert all(same_bits(a, b) for a, b in zip(got, again, strict=True))
@@ -568,16 +803,19 @@ def test_gluon_ws_dq_anchor_gpu(fwd, causal, unverified_dq, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fwd,bwd", WS_BWD_MODES[:3])
 @pytest.mark.parametrize("causal", [True, False])
-def test_gluon_ws_dq_no_information_crosses_a_boundary_gpu(causal, unverified_dq):
+def test_gluon_ws_bwd_no_information_crosses_a_boundary_gpu(fwd, bwd, causal, ws_bwd_calls, monkeypatch):
     """NaN / inf planted in sequence 1's q, k, v and dO (sharing 128-row tiles and both consumers' halves with its
     neighbours) leave the other sequences' gradients bit-identical."""
+    monkeypatch.setenv("R4B_VARLEN_FWD", fwd)
+    monkeypatch.setenv("R4B_VARLEN_BWD", bwd)
     lens = [70, 100, 90]
     cu = _cu(lens, "cuda")
     q, k, v, do = (t.bfloat16() for t in _inputs(lens, 8, 2, 128, device="cuda"))
     fn = lambda a, b, c: varlen_attention(a, b, c, cu, 100, causal=causal, backend="triton")
     base = _grads(fn, q, k, v, do)
-    assert unverified_dq["dq"] == 1
+    assert ws_bwd_calls == _WS_KERNELS[bwd]
     q2, k2, v2, do2 = (t.clone() for t in (q, k, v, do))
     for t, bad in ((q2, float("nan")), (k2, float("inf")), (v2, float("-inf")), (do2, float("nan"))):
         t[[70, 120, 169]] = bad
@@ -587,3 +825,4 @@ def test_gluon_ws_dq_no_information_crosses_a_boundary_gpu(causal, unverified_dq
     for name, a, b in zip(("out", "dq", "dk", "dv"), base, pert, strict=True):
         assert a.isfinite().all(), name
         assert same_bits(a[others], b[others]), name
+        assert not same_bits(a[~others], b[~others]), name  # the planted values did reach sequence 1's

@@ -1,8 +1,8 @@
-"""Hopper (sm_90) forward of varlen attention in Gluon with explicit warp specialisation (FlashAttention-3's
-layout): a producer warp issues every TMA load, two consumer warpgroups of 64 query rows each run the products
-and the softmax, so loads, tensor-core products and softmax of the two warpgroups overlap without any
-``thread_barrier`` holding the warpgroups together (the plain Gluon forward, _varlen_gluon._fwd_kernel, is one
-instruction stream that waits for its own loads and refills).
+"""Hopper (sm_90) forward, dQ and dK/dV kernels of varlen attention in Gluon with explicit warp specialisation
+(FlashAttention-3's layout). The forward: a producer warp issues every TMA load, two consumer warpgroups of 64 query
+rows each run the products and the softmax, so loads, tensor-core products and softmax of the two warpgroups overlap
+without any ``thread_barrier`` holding the warpgroups together (the plain Gluon forward, _varlen_gluon._fwd_kernel,
+is one instruction stream that waits for its own loads and refills).
 
 A program is (tile of 128 packed query rows, query head), tile-major with the heavy causal tiles first, as in the
 other forwards. Partitions (``gl.warp_specialize``):
@@ -30,11 +30,15 @@ for sm_90, checks the compiled partitions and a float64 transcription of its log
 (tests/test_varlen_gluon_ws.py).
 Supported: CUDA capability 9.x, bf16 / fp16, head dim 64 or 128, TMA-addressable (T, H, D) tensors.
 
-The backward's dQ kernel (``_bwd_dq_kernel``, ``R4B_VARLEN_BWD=gluon-ws`` with _varlen_gluon's dK/dV kernel; session
-13) has the same layout: the producer loads each half's Q and dO, then the same key / value ring; each consumer
-computes S and dP per block, dS = P (dP - delta) from the forward's LSE, and dQ += dS K, releasing the block once
-that product retired. Refused on GPUs like the forward (``GPU_BROKEN_DQ``) until its GPU tests pass, checked the
-same ways without one.
+The backward (session 13; ``R4B_VARLEN_BWD=gluon-ws``: both kernels below, ``gluon-ws-dq``: the dQ kernel with
+_varlen_gluon's dK/dV kernel, ``gluon-ws-dkdv``: the Triton dQ kernel with the dK/dV kernel below). The dQ kernel
+(``_bwd_dq_kernel``) has the forward's layout: the producer loads each half's Q and dO, then the same key / value
+ring; each consumer computes S and dP per block, dS = P (dP - delta) from the forward's LSE, and dQ += dS K,
+releasing the block once that product retired. The dK/dV kernel (``_bwd_dkdv_kernel``, described above its code) is
+its mirror over key tiles. Each is refused on GPUs like the forward (``GPU_BROKEN_DQ``, ``GPU_BROKEN_DKDV``) until
+its GPU tests pass, and checked the same ways without one. In both, a block's products are waited for inside the
+block: accumulators kept in flight into the next block (as the plain kernels keep them) made ptxas serialise every
+product of the kernel (C7512, insufficient registers under the 232-register split).
 
 A dK/dV kernel of the same layout (commit 5ec2822: two consumer warpgroups of 64 keys with dV and dK in flight
 across steps, the producer streaming the GQA group's Q / dO blocks) was withdrawn the same day: ptxas serialised
@@ -45,6 +49,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -59,6 +64,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from ._varlen_gluon import HEAD_DIMS, _segment_keys, _seq_kv_descs, _softmax_block
 from .varlen_attention import _seq_of, _tile_of
 
+_LOG2E = 1.4426950408889634
 BLOCK_M = gl.constexpr(128)  # query rows of a program: two consumers of HALF rows
 HALF = gl.constexpr(64)
 # (BLOCK_N, STAGES): shared memory = Q (2 x 64 x D) + STAGES x (K + V) blocks of BLOCK_N x D. BLOCK_N 128 is
@@ -76,8 +82,10 @@ PRODUCER_REGS = gl.constexpr(40)
 
 GPU_BROKEN = ("the warp-specialised Gluon forward (R4B_VARLEN_FWD=gluon-ws) has never run on a GPU: refused until "
               "its GPU tests pass (R4B_VARLEN_WS_UNVERIFIED=1 runs it for that check)")
-GPU_BROKEN_DQ = ("the warp-specialised Gluon dQ kernel (R4B_VARLEN_BWD=gluon-ws) has never run on a GPU: refused "
-                 "until its GPU tests pass (R4B_VARLEN_WS_UNVERIFIED=1 runs it for that check)")
+GPU_BROKEN_DQ = ("the warp-specialised Gluon dQ kernel (R4B_VARLEN_BWD=gluon-ws / gluon-ws-dq) has never run on a "
+                 "GPU: refused until its GPU tests pass (R4B_VARLEN_WS_UNVERIFIED=1 runs it for that check)")
+GPU_BROKEN_DKDV = ("the warp-specialised Gluon dK/dV kernel (R4B_VARLEN_BWD=gluon-ws / gluon-ws-dkdv) has never run "
+                   "on a GPU: refused until its GPU tests pass (R4B_VARLEN_WS_UNVERIFIED=1 runs it for that check)")
 ENV_UNVERIFIED = "R4B_VARLEN_WS_UNVERIFIED"
 
 
@@ -436,23 +444,228 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, T, n_seqs, t_bucket, n_heads
         mbarrier.invalidate(q_bar.index(c))
 
 
+# ---------------------------------------------------------------- dK, dV (the backward's key side)
+# The warp-specialised form of _varlen_gluon._bwd_dkdv_kernel (whose 8 warps are two warpgroups of 64 keys held in
+# step by the thread_barrier before each refill): a program is (tile of 128 packed key rows, KV head); the producer
+# warp loads the tile's K / V halves once, then for every segment (the tile's keys of one sequence) the Q and dO
+# blocks of the GROUP query heads, head-major, into the ring; consumer c (4 warps) owns keys [t0 + 64 c, +64) and
+# runs the transposed products S^T = K Q^T, dP^T = V dO^T, dV += P^T dO (in flight during dS), dK += dS^T Q. A
+# consumer with no keys in a segment only waits for and releases its blocks. First written with dV and dK in flight
+# into the next step, as the plain kernel keeps them (commit 5ec2822): ptxas then serialised every product (C7512),
+# and it was withdrawn; waited for inside each step (session 13), it compiles with its products asynchronous.
+BLOCK_M_KV = gl.constexpr(128)  # key rows of a dK/dV program: two consumers of HALF rows
+# (BLOCK_M query rows per step, STAGES): shared memory = K and V (2 x 2 x 64 x D) + STAGES x (Q + dO) blocks
+DKDV_CONFIGS = [(16, 3), (16, 4), (32, 3), (32, 2)]
+
+
+@gluon.jit
+def _dkdv_segment(CU, seq, t, t_end, BLOCK_M: gl.constexpr, GROUP: gl.constexpr, CAUSAL: gl.constexpr):
+    """(first row cs, length L, end seg_hi, first query block q_start, query blocks nq, steps total) of the segment
+    of sequence seq from key row t in a key tile ending at t_end: the producer and both consumers walk these."""
+    cs = gl.load(CU + seq)
+    ce = gl.load(CU + seq + 1)
+    seg_hi = gl.minimum(ce, t_end)
+    L = ce - cs
+    if CAUSAL:
+        q_start = ((t - cs) // BLOCK_M) * BLOCK_M  # queries below the segment's first key see none of its keys
+    else:
+        q_start = (t - cs) * 0
+    nq = (L - q_start + BLOCK_M - 1) // BLOCK_M
+    return cs, L, seg_hi, q_start, nq, nq * GROUP
+
+
+@gluon.jit
+def _dkdv_producer(Q, K, V, DO, CU, T, n_seqs, t0, hk, stride_qt, stride_kt, stride_kh, stride_vt, stride_vh,
+                   stride_dot, k_smem, v_smem, q_smem, do_smem, full, empty, kv_bar, GROUP: gl.constexpr,
+                   D: gl.constexpr, BLOCK_M: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr):
+    dtype: gl.constexpr = Q.dtype.element_ty
+    smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    # the tile's two halves of keys and values (rows >= T read as zeros; none for a half wholly past T)
+    k_desc = tma.make_tensor_descriptor(K + hk * stride_kh, shape=[T, D], strides=[stride_kt, 1],
+                                        block_shape=[HALF, D], layout=smem_layout)
+    v_desc = tma.make_tensor_descriptor(V + hk * stride_vh, shape=[T, D], strides=[stride_vt, 1],
+                                        block_shape=[HALF, D], layout=smem_layout)
+    for c in gl.static_range(2):
+        has_rows = t0 + c * HALF < T
+        mbarrier.expect(kv_bar.index(c), 2 * HALF * D * dtype.primitive_bitwidth // 8, pred=has_rows)
+        tma.async_copy_global_to_shared(k_desc, [t0 + c * HALF, 0], kv_bar.index(c), k_smem.index(c), pred=has_rows)
+        tma.async_copy_global_to_shared(v_desc, [t0 + c * HALF, 0], kv_bar.index(c), v_smem.index(c), pred=has_rows)
+    t_end = gl.minimum(t0 + BLOCK_M_KV, T)
+    seq = _seq_of(CU, n_seqs, t0)
+    t = t0
+    it = 0
+    while t < t_end:
+        cs, L, seg_hi, q_start, nq, total = _dkdv_segment(CU, seq, t, t_end, BLOCK_M, GROUP, CAUSAL)
+        if total > 0:
+            # the Q / dO descriptors are rebuilt in place: the loads that read the last segment's landed first
+            for i in range(gl.maximum(it - STAGES, 0), it):
+                mbarrier.wait(full.index(i % STAGES), (i // STAGES) & 1)
+            q_desc = tma.make_tensor_descriptor(Q + cs.to(gl.int64) * stride_qt + hk * GROUP * D,
+                                                shape=[L, GROUP * D], strides=[stride_qt, 1],
+                                                block_shape=[BLOCK_M, D], layout=smem_layout)
+            do_desc = tma.make_tensor_descriptor(DO + cs.to(gl.int64) * stride_dot + hk * GROUP * D,
+                                                 shape=[L, GROUP * D], strides=[stride_dot, 1],
+                                                 block_shape=[BLOCK_M, D], layout=smem_layout)
+            for step in range(total):
+                g = step // nq
+                slot = it % STAGES
+                mbarrier.wait(empty.index(slot), ((it // STAGES) & 1) ^ 1)
+                bar = full.index(slot)
+                mbarrier.expect(bar, 2 * BLOCK_M * D * dtype.primitive_bitwidth // 8)
+                row = q_start + (step - g * nq) * BLOCK_M
+                tma.async_copy_global_to_shared(q_desc, [row, g * D], bar, q_smem.index(slot))
+                tma.async_copy_global_to_shared(do_desc, [row, g * D], bar, do_smem.index(slot))
+                it += 1
+        t = seg_hi
+        seq += 1
+
+
+@gluon.jit
+def _dkdv_consumer(C: gl.constexpr, LSE, DELTA, DK, DV, CU, T, n_seqs, t0, hk, qk_scale, sm_scale, stride_dkt,
+                   stride_dkh, stride_dvt, stride_dvh, k_smem, v_smem, q_smem, do_smem, full, empty, kv_bar,
+                   GROUP: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr, CAUSAL: gl.constexpr,
+                   STAGES: gl.constexpr):
+    dtype: gl.constexpr = DK.dtype.element_ty
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_M, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, D, 16])
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
+
+    r0 = t0 + C * HALF  # this consumer's first key row
+    k_c = k_smem.index(C)
+    v_c = v_smem.index(C)
+    rows_s = r0 + gl.arange(0, HALF, layout=row_s)
+    rows_o = r0 + gl.arange(0, HALF, layout=row_o)
+    offs_m = gl.arange(0, BLOCK_M, layout=col_s)
+    offs_d = gl.arange(0, D, layout=col_o)
+    zero_s = gl.zeros([HALF, BLOCK_M], gl.float32, s_layout)
+    t_end = gl.minimum(t0 + BLOCK_M_KV, T)
+    my_end = gl.minimum(r0 + HALF, T)
+    seq = _seq_of(CU, n_seqs, t0)
+    t = t0
+    it = 0
+    mbarrier.wait(kv_bar.index(C), 0, pred=r0 < T)  # (no keys at all: no K / V load, nothing computed below)
+    while t < t_end:
+        cs, L, seg_hi, q_start, nq, total = _dkdv_segment(CU, seq, t, t_end, BLOCK_M, GROUP, CAUSAL)
+        lo = gl.maximum(t, r0)  # this consumer's keys of the segment: [lo, hi)
+        hi = gl.minimum(seg_hi, my_end)
+        if hi > lo:
+            k_loc = rows_s - cs
+            k_hi = hi - cs
+            dk = gl.zeros([HALF, D], gl.float32, o_layout)
+            dv = gl.zeros([HALF, D], gl.float32, o_layout)
+            for step in range(total):
+                g = step // nq
+                m0 = q_start + (step - g * nq) * BLOCK_M
+                cur = it + step
+                slot = cur % STAGES
+                h = hk * GROUP + g
+                qn = m0 + offs_m  # local query index
+                qmask = qn < L
+                lse = gl.load(LSE + h * T + cs + qn, mask=qmask, other=0.0)
+                delta = gl.load(DELTA + h * T + cs + qn, mask=qmask, other=0.0)
+                mbarrier.wait(full.index(slot), (cur // STAGES) & 1)
+                sT = warpgroup_mma(k_c, q_smem.index(slot).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+                dpT = warpgroup_mma(v_c, do_smem.index(slot).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+                sT = warpgroup_mma_wait(num_outstanding=1, deps=(sT, ))  # S^T is done; dP^T may still run
+                pT = gl.exp2(sT * qk_scale - gl.expand_dims(lse, 0))
+                if CAUSAL:
+                    if m0 < k_hi or m0 + BLOCK_M > L:  # a key above a query, or the sequence's end, in this block
+                        ok = gl.expand_dims(qmask, 0) & (gl.expand_dims(qn, 0) >= gl.expand_dims(k_loc, 1))
+                        pT = gl.where(ok, pT, 0.0)
+                else:
+                    if m0 + BLOCK_M > L:
+                        pT = gl.where(gl.expand_dims(qmask, 0), pT, 0.0)
+                pT16 = gl.convert_layout(pT.to(dtype), a_layout)
+                dv = warpgroup_mma(pT16, do_smem.index(slot), dv, is_async=True)  # in flight during dS
+                dpT = warpgroup_mma_wait(num_outstanding=1, deps=(dpT, ))
+                dsT = pT * (dpT - gl.expand_dims(delta, 0))
+                dsT16 = gl.convert_layout(dsT.to(dtype), a_layout)
+                dk = warpgroup_mma(dsT16, q_smem.index(slot), dk, is_async=True)
+                dv, dk, pT16, dsT16 = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk, pT16, dsT16))
+                mbarrier.arrive(empty.index(slot))  # this step's Q / dO are read by nothing it issued any more
+            seg_o = (rows_o >= lo) & (rows_o < hi)
+            r64 = gl.expand_dims(rows_o.to(gl.int64), 1)
+            smask = gl.expand_dims(seg_o, 1) & gl.expand_dims(offs_d < D, 0)
+            gl.store(DK + hk * stride_dkh + r64 * stride_dkt + gl.expand_dims(offs_d, 0), (dk * sm_scale).to(dtype),
+                     mask=smask)
+            gl.store(DV + hk * stride_dvh + r64 * stride_dvt + gl.expand_dims(offs_d, 0), dv.to(dtype), mask=smask)
+        else:  # none of this consumer's keys in the segment: wait for its blocks and release them
+            for step in range(total):
+                cur = it + step
+                mbarrier.wait(full.index(cur % STAGES), (cur // STAGES) & 1)
+                mbarrier.arrive(empty.index(cur % STAGES))
+        it += total
+        t = seg_hi
+        seq += 1
+
+
+@gluon.jit(do_not_specialize=["T", "n_seqs", "t_bucket"])
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, T, n_seqs, t_bucket, n_kv_heads, qk_scale, sm_scale,
+                     stride_qt, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot,
+                     stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+                     GROUP: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr, CAUSAL: gl.constexpr,
+                     STAGES: gl.constexpr):
+    dtype: gl.constexpr = Q.dtype.element_ty
+    smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    # program: (key tile, KV head), tile-major, tiles forwards (a causal key tile's work shrinks towards the end)
+    t0, hk = _tile_of(n_kv_heads, T, BLOCK_M_KV, False)
+    k_smem = gl.allocate_shared_memory(dtype, [2, HALF, D], smem_layout)
+    v_smem = gl.allocate_shared_memory(dtype, [2, HALF, D], smem_layout)
+    q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, D], smem_layout)
+    do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, D], smem_layout)
+    full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    kv_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(full.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)
+    for c in gl.static_range(2):
+        mbarrier.init(kv_bar.index(c), count=1)
+    fence_async_shared()
+    gl.warp_specialize([
+        (_dkdv_consumer, (0, LSE, DELTA, DK, DV, CU, T, n_seqs, t0, hk, qk_scale, sm_scale, stride_dkt, stride_dkh,
+                          stride_dvt, stride_dvh, k_smem, v_smem, q_smem, do_smem, full, empty, kv_bar, GROUP, D,
+                          BLOCK_M, CAUSAL, STAGES)),
+        (_dkdv_consumer, (1, LSE, DELTA, DK, DV, CU, T, n_seqs, t0, hk, qk_scale, sm_scale, stride_dkt, stride_dkh,
+                          stride_dvt, stride_dvh, k_smem, v_smem, q_smem, do_smem, full, empty, kv_bar, GROUP, D,
+                          BLOCK_M, CAUSAL, STAGES)),
+        (_dkdv_producer, (Q, K, V, DO, CU, T, n_seqs, t0, hk, stride_qt, stride_kt, stride_kh, stride_vt, stride_vh,
+                          stride_dot, k_smem, v_smem, q_smem, do_smem, full, empty, kv_bar, GROUP, D, BLOCK_M,
+                          CAUSAL, STAGES)),
+    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(full.index(i))
+        mbarrier.invalidate(empty.index(i))
+    for c in gl.static_range(2):
+        mbarrier.invalidate(kv_bar.index(c))
+
+
 def _configs(cfgs=None):
     return [triton.Config({"BLOCK_N": n, "STAGES": st}, num_warps=4) for n, st in (cfgs or CONFIGS)]
 
 
 TUNED = triton.autotune(_configs(), key=["D", "CAUSAL", "GROUP", "t_bucket"])(_fwd_kernel)
 TUNED_DQ = triton.autotune(_configs(DQ_CONFIGS), key=["D", "CAUSAL", "GROUP", "t_bucket"])(_bwd_dq_kernel)
+TUNED_DKDV = triton.autotune([triton.Config({"BLOCK_M": m, "STAGES": st}, num_warps=4) for m, st in DKDV_CONFIGS],
+                             key=["D", "CAUSAL", "GROUP", "t_bucket"])(_bwd_dkdv_kernel)
 
 
 def device_problem(device, kernel: str = "fwd") -> str | None:
-    """Why the forward (kernel "fwd") or the dQ kernel ("dq") cannot run on ``device`` (not a Hopper GPU; any GPU
-    while its GPU_BROKEN / GPU_BROKEN_DQ is set, unless $R4B_VARLEN_WS_UNVERIFIED is 1), or None."""
+    """Why the forward (kernel "fwd"), the dQ kernel ("dq") or the dK/dV kernel ("dkdv") cannot run on ``device``
+    (not a Hopper GPU; any GPU while its GPU_BROKEN / GPU_BROKEN_DQ / GPU_BROKEN_DKDV is set, unless
+    $R4B_VARLEN_WS_UNVERIFIED is 1), or None."""
     from ._varlen_gluon import device_problem as hopper_problem
 
     why = hopper_problem(device)
     if why is not None:
         return why
-    broken = {"fwd": GPU_BROKEN, "dq": GPU_BROKEN_DQ}[kernel]
+    broken = {"fwd": GPU_BROKEN, "dq": GPU_BROKEN_DQ, "dkdv": GPU_BROKEN_DKDV}[kernel]
     return None if broken is None or os.environ.get(ENV_UNVERIFIED) == "1" else broken
 
 
@@ -481,7 +694,7 @@ def backward_dq(do, q, k, v, lse, delta, dq, cu, scale: float, causal: bool, con
     T, Hq, D = q.shape
     if D not in HEAD_DIMS:
         raise ValueError(f"head dim {D} is not one of {HEAD_DIMS}")
-    args = (q, k, v, do, lse, delta, dq, cu, T, cu.numel() - 1, T.bit_length(), Hq, scale * 1.4426950408889634, scale,
+    args = (q, k, v, do, lse, delta, dq, cu, T, cu.numel() - 1, T.bit_length(), Hq, scale * _LOG2E, scale,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
             dq.stride(0), dq.stride(1))
     meta = dict(GROUP=Hq // k.shape[1], D=D, CAUSAL=causal)
@@ -491,3 +704,30 @@ def backward_dq(do, q, k, v, lse, delta, dq, cu, scale: float, causal: bool, con
     else:
         n, stages = config
         _bwd_dq_kernel[grid](*args, BLOCK_N=n, STAGES=stages, num_warps=4, **meta)
+
+
+def backward_dkdv(do, q, k, v, lse, delta, cu, scale: float, causal: bool, config=None):
+    """(dk, dv) of varlen attention from the forward's lse and delta = rowsum(dO * O), both (Hq, T) fp32 (lse in
+    log2 units). config: one of DKDV_CONFIGS, or None to let the autotuner pick. The caller checks
+    :func:`device_problem` (kernel "dkdv") and _varlen_gluon.input_problem / bwd_problem and sets triton's scratch
+    allocator. The kernel reads one sequence's query heads of a group as one (L, GROUP * D) matrix, so it gets
+    copies of q and dO where their head stride is not D."""
+    T, Hq, D = q.shape
+    Hkv = k.shape[1]
+    if D not in HEAD_DIMS:
+        raise ValueError(f"head dim {D} is not one of {HEAD_DIMS}")
+    q_kv = q if q.stride(1) == D else q.contiguous()
+    do_kv = do if do.stride(1) == D else do.contiguous()
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    args = (q_kv, k, v, do_kv, lse, delta, dk, dv, cu, T, cu.numel() - 1, T.bit_length(), Hkv,
+            scale * _LOG2E, scale, q_kv.stride(0), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            do_kv.stride(0), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1))
+    meta = dict(GROUP=Hq // Hkv, D=D, CAUSAL=causal)
+    grid = (triton.cdiv(T, BLOCK_M_KV) * Hkv, )
+    if config is None:
+        TUNED_DKDV[grid](*args, **meta)
+    else:
+        m, stages = config
+        _bwd_dkdv_kernel[grid](*args, BLOCK_M=m, STAGES=stages, num_warps=4, **meta)
+    return dk, dv

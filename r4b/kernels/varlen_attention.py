@@ -46,12 +46,15 @@ OP = "varlen_attention"
 # kernel and the Gluon dK/dV kernel, each the faster of its pair at the 16k anchor on an H200, 2026-11-27: dQ 0.96
 # vs 1.08 ms, dK/dV 1.45 vs 1.57 ms; forward + backward 3.38 vs split's 3.42 ms in the same run, its GPU tests
 # passed) or "ws" (the split backward warp-specialised by triton's Hopper pass; the interpreter or sm_90, opt-in:
-# _varlen_ws.py) or "gluon-ws" (sm_90: the warp-specialised Gluon dQ kernel of _varlen_gluon_ws.py and the Gluon
-# dK/dV kernel; refused on GPUs until its GPU tests pass). Unset: "gluon-dkdv" where the Gluon dK/dV kernel takes
+# _varlen_ws.py), or the warp-specialised Gluon kernels of _varlen_gluon_ws.py (sm_90; each refused on GPUs until its
+# GPU tests pass): "gluon-ws" (its dQ and dK/dV kernels), "gluon-ws-dq" (its dQ kernel, the Gluon dK/dV kernel),
+# "gluon-ws-dkdv" (the Triton dQ kernel, its dK/dV kernel). Unset: "gluon-dkdv" where the Gluon dK/dV kernel takes
 # the call (a Hopper GPU, bf16, head dim 128, TMA-addressable; what its GPU tests verified), "split" everywhere
 # else (_default_gluon_dkdv).
 ENV_BWD = "R4B_VARLEN_BWD"
-BWD_MODES = ("split", "atomic", "gluon", "gluon-dkdv", "ws", "gluon-ws")
+BWD_MODES = ("split", "atomic", "gluon", "gluon-dkdv", "ws", "gluon-ws", "gluon-ws-dq", "gluon-ws-dkdv")
+# the backward modes that take the Gluon kernels (the unset default may too): (ws dQ kernel?, ws dK/dV kernel?)
+_GLUON_WS_BWD = {"gluon-ws": (True, True), "gluon-ws-dq": (True, False), "gluon-ws-dkdv": (False, True)}
 ENV_LOADS = "R4B_VARLEN_LOADS"  # the Triton kernels' block loads: "pointer" (default) or "tma" (tensor descriptors)
 # the forward kernel: "triton" (default), "gluon" (sm_90 only, opt-in: _varlen_gluon.py), "gluon-ws" (sm_90 only,
 # Gluon with explicit warp specialisation, a producer warp and two consumer warpgroups; refused on GPUs until its
@@ -794,15 +797,18 @@ if _dispatch.triton_importable():
             gluon = _default_gluon_dkdv(interp, q, k, v)
             mode = "split" if gluon is None else "gluon-dkdv"
         else:
-            gluon = _gluon_module(ENV_BWD, interp, q, k, v) if mode in ("gluon", "gluon-dkdv", "gluon-ws") else None
+            takes = mode in ("gluon", "gluon-dkdv") or mode in _GLUON_WS_BWD
+            gluon = _gluon_module(ENV_BWD, interp, q, k, v) if takes else None
         if gluon is not None and gluon.bwd_problem(q) is not None:
             gluon = None  # a head dim the Gluon backward is not verified at: the Triton kernels
-        if gluon is not None and mode == "gluon-ws":
+        ws_dq, ws_dkdv = _GLUON_WS_BWD.get(mode, (False, False)) if gluon is not None else (False, False)
+        if ws_dq or ws_dkdv:  # refused by name before any kernel runs
             from . import _varlen_gluon_ws
 
-            why = _varlen_gluon_ws.device_problem(q.device, "dq")
-            if why is not None:
-                raise RuntimeError(f"${ENV_BWD}=gluon-ws cannot run here: {why}")
+            for kernel, used in (("dq", ws_dq), ("dkdv", ws_dkdv)):
+                why = _varlen_gluon_ws.device_problem(q.device, kernel) if used else None
+                if why is not None:
+                    raise RuntimeError(f"${ENV_BWD}={mode} cannot run here: {why}")
         if gluon is not None and gluon.input_problem(do) is not None:
             # a broadcast or odd-strided (or misaligned) gradient: a fresh copy has 16-byte rows and base for TMA
             do = do.clone(memory_format=torch.contiguous_format)
@@ -822,15 +828,19 @@ if _dispatch.triton_importable():
             BLOCK_D=meta["BLOCK_D"], BLOCK_M=bm)
         if gluon is not None and mode == "gluon":
             return gluon.backward(do, q, k, v, lse, delta, cu, scale, causal)
-        if gluon is not None and mode == "gluon-ws":  # the warp-specialised dQ kernel, the Gluon dK/dV kernel
+        if ws_dq:  # the warp-specialised dQ kernel, with its dK/dV kernel or the Gluon one
             dq = torch.empty_like(q, memory_format=torch.contiguous_format)
             _varlen_gluon_ws.backward_dq(do, q, k, v, lse, delta, dq, cu, scale, causal)
-            _, dk, dv = gluon.backward(do, q, k, v, lse, delta, cu, scale, causal, with_dq=False)
+            if ws_dkdv:
+                dk, dv = _varlen_gluon_ws.backward_dkdv(do, q, k, v, lse, delta, cu, scale, causal)
+            else:
+                _, dk, dv = gluon.backward(do, q, k, v, lse, delta, cu, scale, causal, with_dq=False)
             return dq, dk, dv
         if ws is not None:
             return ws.backward(do, q, k, v, lse, delta, cu, scale, causal, interp)
         atomic = mode == "atomic"
-        gluon_dkdv = gluon if mode == "gluon-dkdv" else None  # the Triton dQ kernel, the Gluon dK/dV kernel
+        # the Triton dQ kernel with the Gluon dK/dV kernel (gluon-dkdv) or the warp-specialised one (gluon-ws-dkdv)
+        gluon_dkdv = gluon if mode in ("gluon-dkdv", "gluon-ws-dkdv") else None
         # dk / dv of the Triton dK/dV kernel (the Gluon one allocates its own)
         dk = None if gluon_dkdv is not None else torch.empty_like(k, memory_format=torch.contiguous_format)
         dv = None if gluon_dkdv is not None else torch.empty_like(v, memory_format=torch.contiguous_format)
@@ -868,7 +878,9 @@ if _dispatch.triton_importable():
             if gluon_dkdv is None:
                 _tuned("dkdv+dq" if atomic else "dkdv", tma_qdo, q.dtype)[
                     lambda m: (triton.cdiv(T, m["BLOCK_N"]) * Hkv,)](*kv_args, **kv_meta)
-        if gluon_dkdv is not None:
+        if gluon_dkdv is not None and ws_dkdv:
+            dk, dv = _varlen_gluon_ws.backward_dkdv(do, q, k, v, lse, delta, cu, scale, causal)
+        elif gluon_dkdv is not None:
             _, dk, dv = gluon_dkdv.backward(do, q, k, v, lse, delta, cu, scale, causal, with_dq=False)
         if atomic:
             dq = dq32.to(q.dtype)
