@@ -35,12 +35,14 @@ LOG2E = 1.4426950408889634
 
 
 FWD_FNS = ("_segment", "_producer", "_produce_kv", "_my_blocks", "_release_rest", "_consumer", "_fwd_kernel")
-# and of the seven of the dQ kernel, transcribed into emulate_dq()
-DQ_SHA = "b7570ba58469ca2ac311f8670b3861e1c2efae5b289b6f3c606520d6120fe741"
-DQ_FNS = ("_segment", "_dq_producer", "_produce_kv", "_my_blocks", "_release_rest", "_dq_consumer", "_bwd_dq_kernel")
-# and of the four of the dK/dV kernel, transcribed into emulate_dkdv()
-DKDV_SHA = "1de458eb7a4e98e7fb98dce132e63d7fd849a26ae4653fe9254dc255c25ce8dc"
-DKDV_FNS = ("_dkdv_segment", "_dkdv_producer", "_dkdv_consumer", "_bwd_dkdv_kernel")
+# and of the nine of the dQ kernel, transcribed into emulate_dq()
+DQ_SHA = "869bd10d2d710855301c7043e5fbf1ccef973208c4c11f6c8144cf26cf7f48bb"
+DQ_FNS = ("_segment", "_dq_producer", "_produce_kv", "_my_blocks", "_release_rest", "_dq_consumer", "_bwd_dq_kernel",
+          "_ring_barriers", "_load_halves")
+# and of the six of the dK/dV kernel, transcribed into emulate_dkdv()
+DKDV_SHA = "c2554fa1bf434bdbfa9a96b35417cfa69de5cb240f9d9b88c96deec22f551ee4"
+DKDV_FNS = ("_dkdv_segment", "_dkdv_producer", "_dkdv_consumer", "_bwd_dkdv_kernel", "_ring_barriers",
+            "_load_halves")
 
 
 def kernel_sha(names=FWD_FNS) -> str:
@@ -743,9 +745,9 @@ def test_gluon_ws_dq_every_config_gpu(lens, Hq, Hkv, D, causal, ws_bwd_calls):
 @pytest.mark.gpu
 @pytest.mark.parametrize("lens,Hq,Hkv,D,causal", BWD_GPU_CASES)
 def test_gluon_ws_dkdv_every_config_gpu(lens, Hq, Hkv, D, causal, ws_bwd_calls):
-    """Each dK/dV config launched directly, twice, from the float64 LSE and delta: finite, the same bits, and dK,
-    dV by STYLE.md's rule against float64; q and dO also as head-major views in one config (the wrapper copies them
-    for the kernel's (L, GROUP * D) reads). Every config is judged before the test fails."""
+    """Each dK/dV config launched directly, twice (NaN-filled outputs), from the float64 LSE and delta: finite, the
+    same bits, and dK, dV by STYLE.md's rule against float64; q and dO also as head-major views in one config (the
+    wrapper copies them for the kernel's (L, GROUP * D) reads). Every config is judged before the test fails."""
     from r4b.kernels.varlen_attention import _ensure_allocator
 
     bf, want, plain, lse, delta = _bwd_inputs(lens, Hq, Hkv, D, causal)
@@ -755,8 +757,9 @@ def test_gluon_ws_dkdv_every_config_gpu(lens, Hq, Hkv, D, causal, ws_bwd_calls):
     failures = []
     for i, cfg in enumerate(gws.DKDV_CONFIGS):
         qq, dd = head_major if i == 1 else (bf[0], bf[3])
-        runs = [gws.backward_dkdv(dd, qq, bf[1], bf[2], lse, delta, cu, D**-0.5, causal, config=cfg)
-                for _ in range(2)]
+        runs = [gws.backward_dkdv(dd, qq, bf[1], bf[2], lse, delta, cu, D**-0.5, causal, config=cfg,
+                                  out=(torch.full_like(bf[1], float("nan")), torch.full_like(bf[2], float("nan"))))
+                for _ in range(2)]  # NaN-filled: a row left unwritten fails the finiteness check
         (dk, dv), (dk2, dv2) = runs
         if not (dk.isfinite().all() and dv.isfinite().all()):
             failures.append(f"{cfg}: non-finite dK / dV")

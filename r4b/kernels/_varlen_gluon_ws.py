@@ -308,23 +308,54 @@ def _fwd_kernel(Q, K, V, Out, LSE, CU, T, n_seqs, t_bucket, n_heads, qk_scale,
 
 
 @gluon.jit
+def _ring_barriers(STAGES: gl.constexpr):
+    """The backward kernels' mbarriers, initialised: the ring's full (count 1: the producer's expect-tx) and empty
+    (count 2: one release per consumer) per slot, and one per consumer half for the tile's own blocks (count 1)."""
+    full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    half_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(full.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)
+    for c in gl.static_range(2):
+        mbarrier.init(half_bar.index(c), count=1)
+    fence_async_shared()
+    return full, empty, half_bar
+
+
+@gluon.jit
+def _load_halves(A, B, stride_a, stride_b, T, t0, half_bar, a_smem, b_smem, D: gl.constexpr):
+    """The TMA loads of the tile's two halves of rows of A and B ((T, D) rows of stride stride_a / stride_b from the
+    given bases), both halves c into a_smem / b_smem slot c on half_bar c (rows >= T read as zeros; none for a half
+    wholly past T: its consumer has no rows and does not wait)."""
+    smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    a_desc = tma.make_tensor_descriptor(A, shape=[T, D], strides=[stride_a, 1], block_shape=[HALF, D],
+                                        layout=smem_layout)
+    b_desc = tma.make_tensor_descriptor(B, shape=[T, D], strides=[stride_b, 1], block_shape=[HALF, D],
+                                        layout=smem_layout)
+    for c in gl.static_range(2):
+        has_rows = t0 + c * HALF < T
+        mbarrier.expect(half_bar.index(c), 2 * HALF * D * A.dtype.element_ty.primitive_bitwidth // 8, pred=has_rows)
+        tma.async_copy_global_to_shared(a_desc, [t0 + c * HALF, 0], half_bar.index(c), a_smem.index(c), pred=has_rows)
+        tma.async_copy_global_to_shared(b_desc, [t0 + c * HALF, 0], half_bar.index(c), b_smem.index(c), pred=has_rows)
+
+
+@gluon.jit
+def _invalidate_barriers(full, empty, half_bar, STAGES: gl.constexpr):
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(full.index(i))
+        mbarrier.invalidate(empty.index(i))
+    for c in gl.static_range(2):
+        mbarrier.invalidate(half_bar.index(c))
+
+
+@gluon.jit
 def _dq_producer(Q, K, V, DO, CU, T, n_seqs, t0, h, hk, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
                  stride_vh, stride_dot, stride_doh, q_smem, do_smem, k_smem, v_smem, full, empty, q_bar,
                  D: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr):
     """The forward's producer with dO: each half of the tile's query rows and of its output gradient (one barrier
     per half), then the same key / value ring."""
-    dtype: gl.constexpr = Q.dtype.element_ty
-    smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-    q_desc = tma.make_tensor_descriptor(Q + h * stride_qh, shape=[T, D], strides=[stride_qt, 1],
-                                        block_shape=[HALF, D], layout=smem_layout)
-    do_desc = tma.make_tensor_descriptor(DO + h * stride_doh, shape=[T, D], strides=[stride_dot, 1],
-                                         block_shape=[HALF, D], layout=smem_layout)
-    for c in gl.static_range(2):
-        has_rows = t0 + c * HALF < T
-        mbarrier.expect(q_bar.index(c), 2 * HALF * D * dtype.primitive_bitwidth // 8, pred=has_rows)
-        tma.async_copy_global_to_shared(q_desc, [t0 + c * HALF, 0], q_bar.index(c), q_smem.index(c), pred=has_rows)
-        tma.async_copy_global_to_shared(do_desc, [t0 + c * HALF, 0], q_bar.index(c), do_smem.index(c),
-                                        pred=has_rows)
+    _load_halves(Q + h * stride_qh, DO + h * stride_doh, stride_qt, stride_dot, T, t0, q_bar, q_smem, do_smem, D)
     _produce_kv(K, V, CU, T, n_seqs, t0, hk, stride_kt, stride_kh, stride_vt, stride_vh, k_smem, v_smem, full, empty,
                 D, BLOCK_N, CAUSAL, STAGES)
 
@@ -419,15 +450,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, T, n_seqs, t_bucket, n_heads
     do_smem = gl.allocate_shared_memory(dtype, [2, HALF, D], smem_layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], smem_layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], smem_layout)
-    full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(full.index(i), count=1)
-        mbarrier.init(empty.index(i), count=2)
-    for c in gl.static_range(2):
-        mbarrier.init(q_bar.index(c), count=1)
-    fence_async_shared()
+    full, empty, q_bar = _ring_barriers(STAGES)
     gl.warp_specialize([
         (_dq_consumer, (0, DQ, LSE, DELTA, CU, T, n_seqs, t0, h, qk_scale, sm_scale, stride_dqt, stride_dqh, q_smem,
                         do_smem, k_smem, v_smem, full, empty, q_bar, D, BLOCK_N, CAUSAL, STAGES)),
@@ -437,11 +460,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, T, n_seqs, t_bucket, n_heads
                         stride_vh, stride_dot, stride_doh, q_smem, do_smem, k_smem, v_smem, full, empty, q_bar, D,
                         BLOCK_N, CAUSAL, STAGES)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(full.index(i))
-        mbarrier.invalidate(empty.index(i))
-    for c in gl.static_range(2):
-        mbarrier.invalidate(q_bar.index(c))
+    _invalidate_barriers(full, empty, q_bar, STAGES)
 
 
 # ---------------------------------------------------------------- dK, dV (the backward's key side)
@@ -480,16 +499,7 @@ def _dkdv_producer(Q, K, V, DO, CU, T, n_seqs, t0, hk, stride_qt, stride_kt, str
                    D: gl.constexpr, BLOCK_M: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr):
     dtype: gl.constexpr = Q.dtype.element_ty
     smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-    # the tile's two halves of keys and values (rows >= T read as zeros; none for a half wholly past T)
-    k_desc = tma.make_tensor_descriptor(K + hk * stride_kh, shape=[T, D], strides=[stride_kt, 1],
-                                        block_shape=[HALF, D], layout=smem_layout)
-    v_desc = tma.make_tensor_descriptor(V + hk * stride_vh, shape=[T, D], strides=[stride_vt, 1],
-                                        block_shape=[HALF, D], layout=smem_layout)
-    for c in gl.static_range(2):
-        has_rows = t0 + c * HALF < T
-        mbarrier.expect(kv_bar.index(c), 2 * HALF * D * dtype.primitive_bitwidth // 8, pred=has_rows)
-        tma.async_copy_global_to_shared(k_desc, [t0 + c * HALF, 0], kv_bar.index(c), k_smem.index(c), pred=has_rows)
-        tma.async_copy_global_to_shared(v_desc, [t0 + c * HALF, 0], kv_bar.index(c), v_smem.index(c), pred=has_rows)
+    _load_halves(K + hk * stride_kh, V + hk * stride_vh, stride_kt, stride_vt, T, t0, kv_bar, k_smem, v_smem, D)
     t_end = gl.minimum(t0 + BLOCK_M_KV, T)
     seq = _seq_of(CU, n_seqs, t0)
     t = t0
@@ -619,15 +629,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, T, n_seqs, t_bucket, n
     v_smem = gl.allocate_shared_memory(dtype, [2, HALF, D], smem_layout)
     q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, D], smem_layout)
     do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, D], smem_layout)
-    full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    kv_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(full.index(i), count=1)
-        mbarrier.init(empty.index(i), count=2)
-    for c in gl.static_range(2):
-        mbarrier.init(kv_bar.index(c), count=1)
-    fence_async_shared()
+    full, empty, kv_bar = _ring_barriers(STAGES)
     gl.warp_specialize([
         (_dkdv_consumer, (0, LSE, DELTA, DK, DV, CU, T, n_seqs, t0, hk, qk_scale, sm_scale, stride_dkt, stride_dkh,
                           stride_dvt, stride_dvh, k_smem, v_smem, q_smem, do_smem, full, empty, kv_bar, GROUP, D,
@@ -639,11 +641,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, T, n_seqs, t_bucket, n
                           stride_dot, k_smem, v_smem, q_smem, do_smem, full, empty, kv_bar, GROUP, D, BLOCK_M,
                           CAUSAL, STAGES)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(full.index(i))
-        mbarrier.invalidate(empty.index(i))
-    for c in gl.static_range(2):
-        mbarrier.invalidate(kv_bar.index(c))
+    _invalidate_barriers(full, empty, kv_bar, STAGES)
 
 
 def _configs(cfgs=None):
@@ -706,9 +704,10 @@ def backward_dq(do, q, k, v, lse, delta, dq, cu, scale: float, causal: bool, con
         _bwd_dq_kernel[grid](*args, BLOCK_N=n, STAGES=stages, num_warps=4, **meta)
 
 
-def backward_dkdv(do, q, k, v, lse, delta, cu, scale: float, causal: bool, config=None):
+def backward_dkdv(do, q, k, v, lse, delta, cu, scale: float, causal: bool, config=None, out=None):
     """(dk, dv) of varlen attention from the forward's lse and delta = rowsum(dO * O), both (Hq, T) fp32 (lse in
-    log2 units). config: one of DKDV_CONFIGS, or None to let the autotuner pick. The caller checks
+    log2 units). config: one of DKDV_CONFIGS, or None to let the autotuner pick. out: (dk, dv) to write, contiguous
+    like k and v (the GPU tests pass NaN-filled ones, so that a row left unwritten shows), else new. The caller checks
     :func:`device_problem` (kernel "dkdv") and _varlen_gluon.input_problem / bwd_problem and sets triton's scratch
     allocator. The kernel reads one sequence's query heads of a group as one (L, GROUP * D) matrix, so it gets
     copies of q and dO where their head stride is not D."""
@@ -718,8 +717,11 @@ def backward_dkdv(do, q, k, v, lse, delta, cu, scale: float, causal: bool, confi
         raise ValueError(f"head dim {D} is not one of {HEAD_DIMS}")
     q_kv = q if q.stride(1) == D else q.contiguous()
     do_kv = do if do.stride(1) == D else do.contiguous()
-    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
-    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    if out is None:
+        dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+        dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    else:
+        dk, dv = out
     args = (q_kv, k, v, do_kv, lse, delta, dk, dv, cu, T, cu.numel() - 1, T.bit_length(), Hkv,
             scale * _LOG2E, scale, q_kv.stride(0), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             do_kv.stride(0), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1))
