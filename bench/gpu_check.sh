@@ -7,8 +7,9 @@
 #   issues: the loss and packed-sequence kernels (fused GRPO / CE / log-probs, varlen attention, norms, model):
 #           their GPU tests, then the varlen attention bench (Triton, warp-specialised and Gluon rows, each checked
 #           against SDPA) and the GRPO loss bench;
-#   gluon:  the opt-in attention kernels (sm_90): the warp-specialised Gluon forward's and dQ kernel's GPU tests
-#           (R4B_VARLEN_FWD / _BWD=gluon-ws, run although refused, to verify them; the warp-specialised Triton
+#   gluon:  the opt-in attention kernels (sm_90): the warp-specialised Gluon forward's, dQ and dK/dV kernels' GPU
+#           tests, each kernel alone, then both backward kernels together (R4B_VARLEN_FWD / _BWD=gluon-ws*, run
+#           although refused, to verify them; the warp-specialised Triton
 #           kernels' by name, ws_fwd / ws_bwd) and, for those that pass, their bench rows at the anchor (with the
 #           gluon-dkdv pairing's); compute-sanitizer on a failing ws (Triton) backward when its tests ran;
 #           the gluon-dkdv GPU tests, the Gluon kernels' GPU tests; the small-op bench, the small ops' host-time
@@ -129,9 +130,10 @@ gws_bwd_rc=skipped  # both kernels through the op: run once each passed its own 
 if has_test gluon_ws; then
   # the warp-specialised Gluon forward (R4B_VARLEN_FWD=gluon-ws; written 2026-11-27, session 11, never run on a GPU):
   # every config directly (twice: finite, same bits, float64), the anchor through the op, boundary isolation
-  # (120 s: five configs since session 13, ten sm_90 compiles of about 4 s before the anchor's autotuning)
+  # (five configs since session 13: ten sm_90 compiles of 1-4 s before the anchor's autotuning. The four gluon-ws
+  # steps' limits, 110 + 100 + 100 + 70 s, leave the rest of a 540 s call to the anchor's bench rows)
   step "GPU tests: warp-specialised Gluon attention forward (sm_90, R4B_VARLEN_WS_UNVERIFIED=1)"
-  R4B_VARLEN_WS_UNVERIFIED=1 gpu_tests 120 pytest_gpu_gluon_ws.log tests/test_varlen_gluon_ws.py -k "not dq and not dkdv"
+  R4B_VARLEN_WS_UNVERIFIED=1 gpu_tests 110 pytest_gpu_gluon_ws.log tests/test_varlen_gluon_ws.py -k "not dq and not dkdv"
   gws_rc=$?
   [ "$gws_rc" -ne 0 ] && test_rc=$gws_rc
 fi
@@ -140,7 +142,7 @@ if has_test gluon_ws_dq; then
   # GPU): every config directly (twice, float64), the anchor through the op (after the Triton and the gluon-ws
   # forward), boundary isolation
   step "GPU tests: warp-specialised Gluon attention dQ (sm_90, R4B_VARLEN_WS_UNVERIFIED=1)"
-  R4B_VARLEN_WS_UNVERIFIED=1 gpu_tests 120 pytest_gpu_gluon_ws_dq.log tests/test_varlen_gluon_ws.py \
+  R4B_VARLEN_WS_UNVERIFIED=1 gpu_tests 100 pytest_gpu_gluon_ws_dq.log tests/test_varlen_gluon_ws.py \
     -k "dq_every or dq-only"
   gws_dq_rc=$?
   [ "$gws_dq_rc" -ne 0 ] && test_rc=$gws_dq_rc
@@ -149,7 +151,7 @@ if has_test gluon_ws_dkdv; then
   # the warp-specialised Gluon dK/dV kernel (R4B_VARLEN_BWD=gluon-ws-dkdv / gluon-ws; withdrawn in session 11 for
   # ptxas's serialised products, rewritten in session 13 with each step's products waited for; never run on a GPU)
   step "GPU tests: warp-specialised Gluon attention dK/dV (sm_90, R4B_VARLEN_WS_UNVERIFIED=1)"
-  R4B_VARLEN_WS_UNVERIFIED=1 gpu_tests 120 pytest_gpu_gluon_ws_dkdv.log tests/test_varlen_gluon_ws.py \
+  R4B_VARLEN_WS_UNVERIFIED=1 gpu_tests 100 pytest_gpu_gluon_ws_dkdv.log tests/test_varlen_gluon_ws.py \
     -k "dkdv_every or dkdv-only"
   gws_dkdv_rc=$?
   [ "$gws_dkdv_rc" -ne 0 ] && test_rc=$gws_dkdv_rc
@@ -160,7 +162,7 @@ if has_test gluon_ws_dq && has_test gluon_ws_dkdv && [ "$gws_dq_rc" = 0 ] && [ "
   both="dq-and-dkdv and not fwd-dq"
   [ "$gws_rc" = 0 ] && both="dq-and-dkdv"
   step "GPU tests: the warp-specialised Gluon backward, both kernels (R4B_VARLEN_BWD=gluon-ws)"
-  R4B_VARLEN_WS_UNVERIFIED=1 gpu_tests 90 pytest_gpu_gluon_ws_bwd.log tests/test_varlen_gluon_ws.py -k "$both"
+  R4B_VARLEN_WS_UNVERIFIED=1 gpu_tests 70 pytest_gpu_gluon_ws_bwd.log tests/test_varlen_gluon_ws.py -k "$both"
   gws_bwd_rc=$?
   [ "$gws_bwd_rc" -ne 0 ] && test_rc=$gws_bwd_rc
 fi

@@ -508,22 +508,23 @@ def test_op_refuses_gluon_ws_where_it_cannot_run(monkeypatch):
     gpu = torch.device("cuda", 0)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.delenv(gws.ENV_UNVERIFIED, raising=False)
-    assert gws.device_problem(gpu) == gws.GPU_BROKEN
-    assert gws.device_problem(gpu, "dq") == gws.GPU_BROKEN_DQ
+    kernels = {"fwd": gws.GPU_BROKEN, "dq": gws.GPU_BROKEN_DQ, "dkdv": gws.GPU_BROKEN_DKDV}
+    for kernel, broken in kernels.items():
+        assert gws.device_problem(gpu, kernel) == broken
     monkeypatch.setenv(gws.ENV_UNVERIFIED, "1")
-    assert gws.device_problem(gpu) is None and gws.device_problem(gpu, "dq") is None
+    assert all(gws.device_problem(gpu, kernel) is None for kernel in kernels)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
-    assert "not 9.x (Hopper)" in gws.device_problem(gpu)
-    assert "not 9.x (Hopper)" in gws.device_problem(gpu, "dq")
+    assert all("not 9.x (Hopper)" in gws.device_problem(gpu, kernel) for kernel in kernels)
 
 
 @pytest.mark.parametrize("mode", ["gluon-ws", "gluon-ws-dq", "gluon-ws-dkdv"])
 def test_gluon_ws_backward_modes_route_each_gradient(mode, monkeypatch):
     """R4B_VARLEN_BWD=gluon-ws / gluon-ws-dq / gluon-ws-dkdv: dQ from the warp-specialised dQ kernel (or the Triton
-    one for gluon-ws-dkdv), dK / dV from the warp-specialised dK/dV kernel (or the Gluon one for gluon-ws-dq), after
-    the refusal checks of exactly the kernels used; the Triton kernels a mode replaces are not launched. Under the
-    interpreter, which cannot run Gluon, stand-ins give the Gluon checks' answers and the float64 reference's
-    gradients; the op's four results must match float64."""
+    one for gluon-ws-dkdv), dK / dV from the warp-specialised dK/dV kernel (or the Gluon one for gluon-ws-dq), given
+    the op's own inputs, after the refusal checks of exactly the kernels used; the Triton kernels a mode replaces
+    are not launched. Under the interpreter, which cannot run Gluon, stand-ins give the Gluon checks' answers and
+    the float64 reference's gradients; the op's four results must match float64. Then: each kernel the mode uses,
+    refused, stops the backward with its reason; a head dim the Gluon backward refuses runs the Triton kernels."""
     import importlib
 
     va = importlib.import_module("r4b.kernels.varlen_attention")
@@ -545,14 +546,22 @@ def test_gluon_ws_backward_modes_route_each_gradient(mode, monkeypatch):
 
         @staticmethod
         def backward(do_, q_, k_, v_, lse, delta, cu_, scale_, causal, with_dq=True):
+            same_inputs(do_, q_, k_, v_, lse, delta, cu_)
             asked.append(("gluon dkdv", with_dq))
             return None, want[2].to(k_.dtype), want[3].to(v_.dtype)
 
+    def same_inputs(do_, q_, k_, v_, lse, delta, cu_):
+        T, Hq = q.shape[:2]
+        assert all(torch.equal(a, b) for a, b in ((do_, do), (q_, q), (k_, k), (v_, v), (cu_, cu)))
+        assert lse.shape == delta.shape == (Hq, T) and lse.dtype == delta.dtype == torch.float32
+
     def ws_dq(do_, q_, k_, v_, lse, delta, dq, cu_, scale_, causal, config=None):
+        same_inputs(do_, q_, k_, v_, lse, delta, cu_)
         asked.append(("ws dq", scale_, causal))
         dq.copy_(want[1])
 
     def ws_dkdv(do_, q_, k_, v_, lse, delta, cu_, scale_, causal, config=None):
+        same_inputs(do_, q_, k_, v_, lse, delta, cu_)
         asked.append(("ws dkdv", scale_, causal))
         return want[2].to(k_.dtype), want[3].to(v_.dtype)
 
@@ -570,6 +579,27 @@ def test_gluon_ws_backward_modes_route_each_gradient(mode, monkeypatch):
               "gluon-ws-dq": ["dq", ("ws dq", scale, True), ("gluon dkdv", False)],
               "gluon-ws-dkdv": ["dkdv", ("ws dkdv", scale, True)]}[mode]
     assert asked == expect
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
+        torch.testing.assert_close(g, w.float(), rtol=1e-5, atol=1e-5, msg=name)
+    # each kernel the mode uses is refused by name (the variable, the mode, that kernel's reason)
+    for kernel in {"gluon-ws": ("dq", "dkdv"), "gluon-ws-dq": ("dq",), "gluon-ws-dkdv": ("dkdv",)}[mode]:
+        monkeypatch.setattr(gws, "device_problem", lambda device, k_="fwd", _bad=kernel: f"no {k_}" if k_ == _bad
+                            else None)
+        qq = q.clone().requires_grad_()
+        out = varlen_attention(qq, k, v, cu, max(lens), backend="triton")
+        with pytest.raises(RuntimeError, match=f"R4B_VARLEN_BWD={mode} cannot run here: no {kernel}$"):
+            out.backward(do)
+    # a head dim the Gluon backward is not verified at (bwd_problem): the Triton split backward, no Gluon kernel
+    monkeypatch.undo()  # the Triton kernels back, then the stand-ins again
+    monkeypatch.setattr(va, "_gluon_module", lambda env, interp, *t: GluonStandIn)
+    monkeypatch.setattr(GluonStandIn, "bwd_problem", staticmethod(lambda q_: "not this head dim"))
+    monkeypatch.setattr(gws, "backward_dq", ws_dq)
+    monkeypatch.setattr(gws, "backward_dkdv", ws_dkdv)
+    monkeypatch.setenv("R4B_VARLEN_FWD", "triton")
+    monkeypatch.setenv("R4B_VARLEN_BWD", mode)
+    asked.clear()
+    got = _grads(lambda a, b, c: varlen_attention(a, b, c, cu, max(lens), backend="triton"), q, k, v, do)
+    assert asked == []
     for name, g, w in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
         torch.testing.assert_close(g, w.float(), rtol=1e-5, atol=1e-5, msg=name)
 
