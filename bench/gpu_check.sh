@@ -239,6 +239,31 @@ fi
 # diag LIMIT: Nsight Compute and compute-sanitizer runs of bench/gpu_diag.py (each tool is looked for on the PATH,
 # then under /opt/nvidia and /usr/local/cuda); each run's output goes to $LOGS, a condensed table to the terminal
 tool() { command -v "$1" 2>/dev/null || ls -d /opt/nvidia/nsight-compute/*/"$1" /usr/local/cuda*/bin/"$1" 2>/dev/null | tail -n1; }
+# diag_gluon_ws LIMIT: when a warp-specialised Gluon kernel's GPU tests failed: bench/gpu_diag.py gluon-ws (every
+# config of the three kernels, twice, NaN-filled outputs) plainly, then under compute-sanitizer's racecheck and
+# synccheck, in what the limit leaves
+diag_gluon_ws() {
+  local end=$(( $(date +%s) + $1 )) san lim tool_name
+  left_of() { local l=$(( end - $(date +%s) )); l=$(( $1 < l ? $1 : l )); limit "$l"; }
+  failed() { [ "$1" != 0 ] && [ "$1" != skipped ]; }
+  if ! failed "$gws_rc" && ! failed "$gws_dq_rc" && ! failed "$gws_dkdv_rc"; then
+    echo "diag_gluon_ws: skipped (gluon-ws GPU tests rc: forward $gws_rc, dQ $gws_dq_rc, dK/dV $gws_dkdv_rc)"; return
+  fi
+  lim=$(left_of 40)
+  step "diag: gpu_diag gluon-ws, not causal (limit ${lim}s)"
+  R4B_VARLEN_WS_UNVERIFIED=1 timeout -k 10 "$lim" $PY -m bench.gpu_diag gluon-ws >"$LOGS/diag_gluon_ws.log" 2>&1
+  echo "gpu_diag gluon-ws rc=$?"; grep -v "^$" "$LOGS/diag_gluon_ws.log" | tail -n 14
+  san=$(tool compute-sanitizer)
+  [ -n "$san" ] || { echo "diag_gluon_ws: no compute-sanitizer here"; return; }
+  for tool_name in racecheck synccheck; do
+    lim=$(left_of 60); [ "$lim" -le 10 ] && { echo "diag_gluon_ws: no time left for $tool_name"; continue; }
+    step "diag: compute-sanitizer --tool $tool_name, gluon-ws kernels, every config, not causal (limit ${lim}s)"
+    R4B_VARLEN_WS_UNVERIFIED=1 timeout "$lim" "$san" --tool "$tool_name" --print-limit 20 $PY -m bench.gpu_diag \
+      gluon-ws >"$LOGS/sanitizer_gluon_ws_$tool_name.log" 2>&1
+    echo "compute-sanitizer $tool_name (gluon-ws) rc=$?"; grep -v "^$" "$LOGS/sanitizer_gluon_ws_$tool_name.log" | tail -n 12
+  done
+}
+
 # diag_ws LIMIT: when the ws kernels' GPU tests failed: bench/gpu_diag.py ws --all-configs (every forward config,
 # the dropped ones included, launched directly twice: same bits, NaN, error), not causal and causal, then
 # compute-sanitizer racecheck on the non-causal one (2026-11-27: config (64, 3) gave NaN, a non-causal run differed
@@ -301,10 +326,10 @@ case "$PHASE" in
   issues) specs="varlen_attention:200 grpo_loss:120" ;;
   # gluon: after the ws tests, what decides issue 5 first (ws and gluon-dkdv rows at the anchor, the sanitizer on
   # a failing ws backward, the gluon-dkdv pairing's GPU tests); the small ops and the row sweep ran on 2026-11-27
-  gluon) specs="ws_subset:100 diag_ws:90 gluon_dkdv_tests:60 gluon_tests:150 norms:45 host:30 rule:40 grpo_rows:60 diag:150" ;;
+  gluon) specs="ws_subset:100 diag_gluon_ws:90 diag_ws:90 gluon_dkdv_tests:60 gluon_tests:150 norms:45 host:30 rule:40 grpo_rows:60 diag:150" ;;
   rest) specs="model_step:150 fused_linear:60 group_advantages:25 pack:30" ;;
   diag) specs="diag:400" ;;
-  all) specs="varlen_attention:200 grpo_loss:130 ws_subset:100 diag_ws:90 gluon_dkdv_tests:60 gluon_tests:150 norms:45 host:30 rule:40 grpo_rows:60 diag:150 fused_linear:60 group_advantages:25 pack:30 model_step:120" ;;
+  all) specs="varlen_attention:200 grpo_loss:130 ws_subset:100 diag_gluon_ws:90 diag_ws:90 gluon_dkdv_tests:60 gluon_tests:150 norms:45 host:30 rule:40 grpo_rows:60 diag:150 fused_linear:60 group_advantages:25 pack:30 model_step:120" ;;
 esac
 specs=${R4B_CHECK_BENCHES:-$specs}
 bench_rc=0
@@ -314,6 +339,7 @@ for spec in $specs; do
   if [ "$name" = diag ]; then diag "$lim"; continue; fi
   if [ "$name" = gluon_tests ]; then gluon_tests "$lim"; continue; fi
   if [ "$name" = diag_ws ]; then diag_ws "$lim"; continue; fi
+  if [ "$name" = diag_gluon_ws ]; then diag_gluon_ws "$lim"; continue; fi
   if [ "$name" = gluon_dkdv_tests ]; then  # R4B_VARLEN_BWD=gluon-dkdv through the op (anchor, boundaries)
     step "GPU tests: the Triton dQ + Gluon dK/dV pairing (R4B_VARLEN_BWD=gluon-dkdv, and the Hopper default)"
     gpu_tests "$lim" pytest_gpu_gluon_dkdv.log tests/test_varlen_gluon.py -k "gluon-dkdv or gluon_dkdv" || test_rc=$?

@@ -21,6 +21,11 @@ are what the sessions after it tune against. bench/gpu_check.sh's ``diag`` phase
         and of DROPPED_CONFIGS (dropped after NaN on an H200, 2026-11-27) launched directly, twice each; one line
         per config: the same bits twice, NaN in O / LSE, the max relative error of O against the fp32 reference
         (exit 1 if a kept config fails; a dropped config's line is information).
+    python -m bench.gpu_diag gluon-ws [--causal]
+        the warp-specialised Gluon kernels (forward, dQ, dK/dV; R4B_VARLEN_WS_UNVERIFIED=1 on a GPU) at the same size,
+        every config launched directly, twice, into NaN-filled outputs, the backward kernels from the fp32
+        reference's LSE and delta: one line per kernel and config (same bits, NaN, error against fp32); for
+        compute-sanitizer when their GPU tests fail (bench/gpu_check.sh's diag_gluon_ws).
     python -m bench.gpu_diag grpo
         the chunked GRPO loss, forward + backward, on one chunk's worth of rows of the anchor (3072 x 2560 x
         151936, bf16): its GEMMs (cuBLAS) and the row kernel.
@@ -223,6 +228,81 @@ def ws_forward_configs(wsk, q, k, v, do, cu, scale: float, causal: bool, interp:
         print(f"ws forward {'dropped ' if dropped else ''}config {config} ({'causal' if causal else 'not causal'}): "
               f"two runs the same bits: {same}; NaN: {'; '.join(nan) or 'none'}; max relative error against the "
               f"fp32 reference {err:.2e}: {'ok' if ok else 'FAILED'}")
+    return 1 if failed else 0
+
+
+def gluon_ws(causal: bool, device: str = "cuda", d: int = 128) -> int:
+    """The warp-specialised Gluon kernels (R4B_VARLEN_FWD / _BWD=gluon-ws*; refused on GPUs unless
+    R4B_VARLEN_WS_UNVERIFIED=1) at the boundary test's size, every config of each launched directly, twice, into
+    NaN-filled outputs (a row never written shows): one line per kernel and config with the same bits twice, the
+    NaN counts and the max relative error against the fp32 reference. The backward kernels take the fp32
+    reference's LSE and delta, so each is judged alone. For compute-sanitizer (racecheck, synccheck) when their GPU
+    tests fail; 1 if any config fails. (d, device: the CPU test's, with stand-ins for the kernels.)"""
+    import importlib
+
+    import torch
+
+    from bench import bench_varlen_attention as bva
+    from bench.harness import Case, same_bits
+    from r4b.kernels import varlen_attention_ref
+
+    va = importlib.import_module("r4b.kernels.varlen_attention")
+    gws = importlib.import_module("r4b.kernels._varlen_gluon_ws")
+    for kernel in ("fwd", "dq", "dkdv"):
+        why = gws.device_problem(torch.device(device), kernel)
+        if why is not None:
+            print(f"gluon-ws: {why}")
+            return 1
+    lens, hq = [100, 300, 77], 4
+    T = sum(lens)
+    q, k, v, do, cu = bva._inputs(Case("diag", {"mode": "fwd", "lens": lens, "hq": hq, "hkv": 2, "d": d}), device)
+    if device == "cuda":
+        va._ensure_allocator()
+    scale = d**-0.5
+    want = _ref_grads(varlen_attention_ref, q, k, v, do, cu, causal)
+    # the fp32 reference's LSE (log2 units) and delta = rowsum(dO * O), (Hq, T)
+    lse = torch.zeros(hq, T, device=device)
+    bounds = cu.tolist()
+    for s0, e0 in zip(bounds[:-1], bounds[1:], strict=True):
+        sc = torch.einsum("ihd,jhd->hij", q[s0:e0].float(), k[s0:e0].float().repeat_interleave(hq // 2, 1)) * scale
+        if causal:
+            sc = sc.masked_fill(~torch.ones(e0 - s0, e0 - s0, dtype=torch.bool, device=device).tril(), -math.inf)
+        lse[:, s0:e0] = sc.logsumexp(-1) / math.log(2.0)
+    delta = (want[0] * do.float()).sum(-1).transpose(0, 1).contiguous()
+
+    def nan_like(t):
+        return torch.full_like(t, float("nan"))
+
+    def fwd(cfg):
+        o, l2 = nan_like(q), torch.full((hq, T), float("nan"), device=device)
+        gws.forward(q, k, v, o, l2, cu, scale / math.log(2.0), causal, config=cfg)
+        return (o,), (want[0],)
+
+    def dq(cfg):
+        out = nan_like(q)
+        gws.backward_dq(do, q, k, v, lse, delta, out, cu, scale, causal, config=cfg)
+        return (out,), (want[1],)
+
+    def dkdv(cfg):
+        out = (nan_like(k), nan_like(v))
+        gws.backward_dkdv(do, q, k, v, lse, delta, cu, scale, causal, config=cfg, out=out)
+        return out, want[2:]
+
+    failed = 0
+    for name, fn, configs in (("forward", fwd, gws.CONFIGS), ("dQ", dq, gws.DQ_CONFIGS),
+                              ("dK/dV", dkdv, gws.DKDV_CONFIGS)):
+        for cfg in configs:
+            runs = []
+            _profiled(lambda cfg=cfg, fn=fn, runs=runs: runs.extend([fn(cfg), fn(cfg)]), device)
+            (got, ref), (again, _) = runs
+            same = all(same_bits(a, b) for a, b in zip(got, again, strict=True))
+            nan = sum(int(t.isnan().sum()) for t in (*got, *again))
+            err = _rel_err(got, ref)
+            ok = same and not nan and err < 5e-2
+            failed += not ok
+            print(f"gluon-ws {name} config {cfg} ({'causal' if causal else 'not causal'}): two runs the same bits: "
+                  f"{same}; NaN: {nan}; max relative error against the fp32 reference {err:.2e}: "
+                  f"{'ok' if ok else 'FAILED'}", flush=True)
     return 1 if failed else 0
 
 
@@ -437,7 +517,7 @@ def host(device: str = "cuda", n: int = 50, shapes=None) -> int:
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("attn", "ws", "grpo", "host", "report"):
+    if not argv or argv[0] not in ("attn", "ws", "gluon-ws", "grpo", "host", "report"):
         print(__doc__)
         return 2
     if argv[0] == "report":
@@ -455,6 +535,8 @@ def main(argv: list[str]) -> int:
         return attn("--small" in argv, "--gluon-only" in argv)
     if argv[0] == "ws":
         return ws("--causal" in argv, all_configs="--all-configs" in argv)
+    if argv[0] == "gluon-ws":
+        return gluon_ws("--causal" in argv)
     if argv[0] == "host":
         return host(n=int(argv[argv.index("--n") + 1]) if "--n" in argv else 50)
     return grpo()

@@ -4,6 +4,7 @@ refusal without a GPU. Its profiled programs run on the GPU machine only (bench/
 
 import csv
 import io
+import math
 
 import pytest
 import torch
@@ -85,6 +86,7 @@ def test_profiled_programs_refuse_without_a_gpu(capsys):
     assert gpu_diag.main(["attn", "--small"]) == 2
     assert gpu_diag.main(["grpo"]) == 2
     assert gpu_diag.main(["ws"]) == 2
+    assert gpu_diag.main(["gluon-ws"]) == 2
     assert gpu_diag.main(["host"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().out
     assert gpu_diag.main(["nonsense"]) == 2
@@ -152,6 +154,77 @@ def test_ws_all_configs_reports_each_forward_config(monkeypatch, capsys):
         lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("ws forward")]
         assert [i for i, x in enumerate(lines) if x.endswith("FAILED")] == [which], (how, lines)
         assert want in lines[which], (how, lines[which])
+
+
+def _grads_from_lse(q, k, v, do, lse, delta, cu, scale, causal):
+    """float64 dq, dk, dv of attention from a given LSE (log2 units) and delta, (Hq, T): the backward's formula."""
+    import torch
+
+    q, k, v, do, lse, delta = (t.double() for t in (q, k, v, do, lse, delta))
+    group = q.shape[1] // k.shape[1]
+    kk, vv = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(kk), torch.zeros_like(vv)
+    bounds = cu.tolist()
+    for s0, e0 in zip(bounds[:-1], bounds[1:], strict=True):
+        sl = slice(s0, e0)
+        s = torch.einsum("ihd,jhd->hij", q[sl], kk[sl]) * scale
+        p = torch.exp2(s / math.log(2.0) - lse[:, sl, None])
+        if causal:
+            p = p * torch.ones(e0 - s0, e0 - s0, dtype=torch.float64).tril()
+        dp = torch.einsum("ihd,jhd->hij", do[sl], vv[sl])
+        ds = p * (dp - delta[:, sl, None])
+        dq[sl] = torch.einsum("hij,jhd->ihd", ds, kk[sl]) * scale
+        dk[sl] = torch.einsum("hij,ihd->jhd", ds, q[sl]) * scale
+        dv[sl] = torch.einsum("hij,ihd->jhd", p, do[sl])
+    fold = lambda t: t.view(t.shape[0], -1, group, t.shape[2]).sum(2)  # noqa: E731
+    return dq, fold(dk), fold(dv)
+
+
+def test_gluon_ws_program_reports_each_kernel_config(monkeypatch, capsys):
+    """gpu_diag gluon-ws (compute-sanitizer's program for the warp-specialised Gluon kernels) on the CPU, the kernels
+    replaced by float64 stand-ins that take the program's LSE and delta as the kernels do (so its own LSE / delta
+    are checked too): one "ok" line per config of each kernel, causal and not; a stand-in that leaves a row
+    unwritten, or whose second run differs, fails its config and the program."""
+
+    from r4b.kernels import _varlen_gluon_ws as gws
+    from r4b.kernels import varlen_attention_ref
+
+    state = {"calls": 0, "break": None}
+
+    def forward(q, k, v, o, lse, cu, scale_log2, causal, config=None):
+        o.copy_(varlen_attention_ref(q, k, v, cu, causal=causal))
+
+    def backward_dq(do, q, k, v, lse, delta, dq, cu, scale, causal, config=None):
+        state["calls"] += 1
+        dq.copy_(_grads_from_lse(q, k, v, do, lse, delta, cu, scale, causal)[0])
+        if state["break"] == "unwritten row":
+            dq[7] = float("nan")
+        if state["break"] == "second run differs" and state["calls"] % 2 == 0:
+            dq[3, 1, 0] += 1.0
+
+    def backward_dkdv(do, q, k, v, lse, delta, cu, scale, causal, config=None, out=None):
+        _, dk, dv = _grads_from_lse(q, k, v, do, lse, delta, cu, scale, causal)
+        out[0].copy_(dk)
+        out[1].copy_(dv)
+        return out
+
+    monkeypatch.setattr(gws, "device_problem", lambda device, kernel="fwd": None)
+    for name, fn in (("forward", forward), ("backward_dq", backward_dq), ("backward_dkdv", backward_dkdv)):
+        monkeypatch.setattr(gws, name, fn)
+    n = len(gws.CONFIGS) + len(gws.DQ_CONFIGS) + len(gws.DKDV_CONFIGS)
+    for causal in (False, True):
+        assert gpu_diag.gluon_ws(causal, device="cpu", d=16) == 0
+        lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("gluon-ws ")]
+        assert len(lines) == n, lines
+        for line in lines:
+            assert "two runs the same bits: True; NaN: 0;" in line and line.endswith(": ok"), line
+            assert float(line.split("reference ")[1].split(":")[0]) < 1e-5, line
+    for how, want in (("unwritten row", "NaN: 128;"), ("second run differs", "two runs the same bits: False")):
+        state["break"] = how
+        assert gpu_diag.gluon_ws(False, device="cpu", d=16) == 1, how
+        lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("gluon-ws ")]
+        failed = [x for x in lines if x.endswith("FAILED")]
+        assert len(failed) == len(gws.DQ_CONFIGS) and all("dQ" in x and want in x for x in failed), (how, failed)
 
 
 def test_host_split_runs_every_callable_on_the_cpu(capsys):
