@@ -597,13 +597,16 @@ def gluon_ws_report() -> None:
     from r4b.kernels import _varlen_gluon_ws as gws
 
     # (name, kernel, configs, its block's constexpr: keys a step of the query kernels, queries of the key one)
-    kernels = (("gluon-ws", gws._fwd_kernel, gws.CONFIGS, "BLOCK_N"),
+    kernels = (("gluon-ws", gws._fwd_kernel, [(*c, False) for c in gws.CONFIGS], "BLOCK_N"),
+               ("gluon-ws-pingpong", gws._fwd_kernel, gws.PINGPONG_CONFIGS, "BLOCK_N"),
                ("gluon-ws-dq", gws._bwd_dq_kernel, gws.DQ_CONFIGS, "BLOCK_N"),
                ("gluon-ws-dkdv", gws._bwd_dkdv_kernel, gws.DKDV_CONFIGS, "BLOCK_M"))
     cases = [(name, fn, block, D, cfg, causal) for name, fn, configs, block in kernels for D in (64, 128)
              for cfg in configs for causal in (True, False)]
-    for name, fn, block, D, (n, stages), causal in cases:
-        kern = sm90_compile(fn, {"GROUP": 4, "D": D, block: n, "CAUSAL": causal, "STAGES": stages}, _attn_sig, 4, 1)
+    for name, fn, block, D, (n, stages, *pingpong), causal in cases:
+        extra = {"PINGPONG": pingpong[0]} if pingpong else {}
+        kern = sm90_compile(fn, {"GROUP": 4, "D": D, block: n, "CAUSAL": causal, "STAGES": stages, **extra},
+                            _attn_sig, 4, 1)
         ptx = kern.asm["ptx"]
         threads = re.search(r"\.reqntid (\d+)", ptx).group(1)
         regs = sorted({int(r) for r in re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+);", ptx)})

@@ -289,7 +289,7 @@ def gluon_ws(causal: bool, device: str = "cuda", d: int = 128) -> int:
         return out, want[2:]
 
     failed = 0
-    for name, fn, configs in (("forward", fwd, gws.CONFIGS), ("dQ", dq, gws.DQ_CONFIGS),
+    for name, fn, configs in (("forward", fwd, gws.CONFIGS + gws.PINGPONG_CONFIGS), ("dQ", dq, gws.DQ_CONFIGS),
                               ("dK/dV", dkdv, gws.DKDV_CONFIGS)):
         for cfg in configs:
             runs = []

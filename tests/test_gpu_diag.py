@@ -211,7 +211,7 @@ def test_gluon_ws_program_reports_each_kernel_config(monkeypatch, capsys):
     monkeypatch.setattr(gws, "device_problem", lambda device, kernel="fwd": None)
     for name, fn in (("forward", forward), ("backward_dq", backward_dq), ("backward_dkdv", backward_dkdv)):
         monkeypatch.setattr(gws, name, fn)
-    n = len(gws.CONFIGS) + len(gws.DQ_CONFIGS) + len(gws.DKDV_CONFIGS)
+    n = len(gws.CONFIGS) + len(gws.PINGPONG_CONFIGS) + len(gws.DQ_CONFIGS) + len(gws.DKDV_CONFIGS)
     for causal in (False, True):
         assert gpu_diag.gluon_ws(causal, device="cpu", d=16) == 0
         lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("gluon-ws ")]

@@ -28,15 +28,15 @@ from tests.test_varlen_attention import (  # noqa: E402
     _sdpa_bf16_per_doc,
 )
 
-# sha256 of the source of the seven @gluon.jit functions of the forward, transcribed into emulate() below
-KERNEL_SHA = "c5c7a31ab78668530aaaacde5d4eae0111b9a3c5e8925debac6af72ef83b4355"
+# sha256 of the source of the eight @gluon.jit functions of the forward, transcribed into emulate() below
+KERNEL_SHA = "4eda2f23e9ba791bf53ad249ba69680868bf1175325030a0fa3f62ca339ff91d"
 NEG = -1.0e30
 LOG2E = 1.4426950408889634
 
 
-FWD_FNS = ("_segment", "_producer", "_produce_kv", "_my_blocks", "_release_rest", "_consumer", "_fwd_kernel")
+FWD_FNS = ("_segment", "_producer", "_produce_kv", "_my_blocks", "_release_rest", "_consumer", "_fwd_kernel", "_turn")
 # and of the nine of the dQ kernel, transcribed into emulate_dq()
-DQ_SHA = "869bd10d2d710855301c7043e5fbf1ccef973208c4c11f6c8144cf26cf7f48bb"
+DQ_SHA = "9daecf6f47e6d2f88057731b77e7c7df45ed4ff8954fc589aa352f0a8535166d"
 DQ_FNS = ("_segment", "_dq_producer", "_produce_kv", "_my_blocks", "_release_rest", "_dq_consumer", "_bwd_dq_kernel",
           "_ring_barriers", "_load_halves")
 # and of the six of the dK/dV kernel, transcribed into emulate_dkdv()
@@ -451,6 +451,7 @@ def test_kernel_compiles_for_sm90_as_three_partitions_without_spills_in_its_key_
     out = run_aot_report("bench.bench_varlen_attention", "--aot-gluon-ws")
     lines = [line for line in out.splitlines() if line.startswith("gluon-ws")]
     assert sum(line.startswith("gluon-ws ") for line in lines) == 2 * 2 * len(gws.CONFIGS), out
+    assert sum(line.startswith("gluon-ws-pingpong ") for line in lines) == 2 * 2 * len(gws.PINGPONG_CONFIGS), out
     assert sum(line.startswith("gluon-ws-dq ") for line in lines) == 2 * 2 * len(gws.DQ_CONFIGS), out
     assert sum(line.startswith("gluon-ws-dkdv ") for line in lines) == 2 * 2 * len(gws.DKDV_CONFIGS), out
     for line in lines:
@@ -458,12 +459,14 @@ def test_kernel_compiles_for_sm90_as_three_partitions_without_spills_in_its_key_
         assert f["threads"] == "384", line
         assert {"232", "40"} <= set(f["setmaxnreg"].split(",")), line
         assert f["wait_group"] == "0,1", line
-        # releases per consumer: the forward's in its loop, after it and in _release_rest; the dQ and dK/dV
-        # kernels' in their loop and in their release-only loop
-        assert int(f["arrives"]) >= (6 if line.startswith("gluon-ws ") else 4), line
+        # releases per consumer: the forward's in its loop, after it and in _release_rest (with PINGPONG also the
+        # turns passed on: before its loop, in it and in _release_rest); the dQ and dK/dV kernels' in their loop
+        # and in their release-only loop
+        arrives = 12 if line.startswith("gluon-ws-pingpong ") else 6 if line.startswith("gluon-ws ") else 4
+        assert int(f["arrives"]) >= arrives, line
         assert f["bar128"] == "0,2", line
         assert f["mma_loops"] == "2" and f["loop_local"] == "0", line
-        if line.startswith("gluon-ws D=128 N=128 "):
+        if line.startswith(("gluon-ws D=128 N=128 ", "gluon-ws-pingpong D=128 N=128 ")):
             assert int(f["spill"]) <= 128, line
         else:
             assert f["spill"] == "0", line
@@ -648,7 +651,7 @@ def test_gluon_ws_anchor_gpu(causal, unverified):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", gws.CONFIGS)
+@pytest.mark.parametrize("config", gws.CONFIGS + gws.PINGPONG_CONFIGS)
 @pytest.mark.parametrize("causal", [True, False])
 def test_gluon_ws_every_config_gpu(config, causal, unverified):
     """Each config launched directly, twice (NaN-filled outputs first): finite, the same bits, then output and LSE

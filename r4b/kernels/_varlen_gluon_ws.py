@@ -20,6 +20,12 @@ so the first round does not wait). Every block is waited for and released by bot
 that has no rows in the block's segment or for which a causal block lies wholly above its rows: those only wait
 and release (no products), so each consumer does the work of its own rows only.
 
+With ``PINGPONG`` (the configs of ``PINGPONG_CONFIGS``, autotuned beside the others) the consumers take turns to
+issue their products, FlashAttention-3's inter-warpgroup schedule: consumer 0 issues a block's products, passes the
+turn, and runs its softmax while consumer 1's products run (``_turn``; one turn per ring block, released-only
+blocks included, so both take as many). Without it the two consumers, waiting on the same ring, tend to run their
+products and their softmax at the same times.
+
 The producer rebuilds the K / V descriptors for each segment in place, after the last segment's loads landed (it
 waits for their full barriers too). Inside a consumer the products are pipelined as in the plain Gluon forward:
 S_j = Q K_j^T and O += P_{j-1} V_{j-1} are in flight together, the softmax of S_j runs while P_{j-1} V_{j-1} does.
@@ -74,6 +80,9 @@ HALF = gl.constexpr(64)
 # 128-key configs spill 112 B causal / 32 B not, all of it in the segment's prologue and epilogue (the SASS's key
 # loops hold no local memory access: the report's loop_local); 128 x 3 stages uses 229.7 of the 227 kB (232448 B).
 CONFIGS = [(64, 3), (64, 4), (64, 2), (128, 2), (128, 3)]
+# the forward's configs that also run with PINGPONG (the consumers take turns to issue their products,
+# FlashAttention-3's inter-warpgroup schedule; _turn): (BLOCK_N, STAGES, True)
+PINGPONG_CONFIGS = [(64, 3, True), (128, 2, True)]
 # the dQ kernel's (BLOCK_N, STAGES): shared memory = Q and dO (2 x 2 x 64 x D) + STAGES x (K + V) blocks
 DQ_CONFIGS = [(64, 3), (64, 2), (64, 4), (128, 2)]
 # registers per thread of each worker partition: consumer 1 as many as consumer 0 may take, the producer few
@@ -155,8 +164,8 @@ def _produce_kv(K, V, CU, T, n_seqs, t0, hk, stride_kt, stride_kh, stride_vt, st
 
 @gluon.jit
 def _consumer(C: gl.constexpr, Out, LSE, CU, T, n_seqs, t0, h, qk_scale, stride_ot, stride_oh,
-              q_smem, k_smem, v_smem, full, empty, q_bar, D: gl.constexpr, BLOCK_N: gl.constexpr,
-              CAUSAL: gl.constexpr, STAGES: gl.constexpr):
+              q_smem, k_smem, v_smem, full, empty, q_bar, turn, D: gl.constexpr, BLOCK_N: gl.constexpr,
+              CAUSAL: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr):
     dtype: gl.constexpr = Out.dtype.element_ty
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -192,7 +201,13 @@ def _consumer(C: gl.constexpr, Out, LSE, CU, T, n_seqs, t0, h, qk_scale, stride_
                 lim = q_loc * 0 + L
             slot = it % STAGES
             mbarrier.wait(full.index(slot), (it // STAGES) & 1)
-            sc = warpgroup_mma(q, k_smem.index(slot).permute((1, 0)), zero_s, use_acc=False)
+            if PINGPONG:  # this consumer's turn to issue products (_turn), passed on once they are issued
+                _turn(turn, C, it)
+                sc = warpgroup_mma(q, k_smem.index(slot).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+                mbarrier.arrive(turn.index(1 - C))
+                sc = warpgroup_mma_wait(num_outstanding=0, deps=(sc, ))
+            else:
+                sc = warpgroup_mma(q, k_smem.index(slot).permute((1, 0)), zero_s, use_acc=False)
             m_i = gl.full([HALF], float("-inf"), gl.float32, row_s)
             if BLOCK_N > free:
                 p, m_i = _softmax_block(sc, m_i, offs_n, lim, qk_scale, True)
@@ -206,8 +221,12 @@ def _consumer(C: gl.constexpr, Out, LSE, CU, T, n_seqs, t0, h, qk_scale, stride_
                 slot = cur % STAGES
                 prev = (cur - 1) % STAGES
                 mbarrier.wait(full.index(slot), (cur // STAGES) & 1)
+                if PINGPONG:
+                    _turn(turn, C, cur)
                 sc = warpgroup_mma(q, k_smem.index(slot).permute((1, 0)), zero_s, use_acc=False, is_async=True)
                 acc = warpgroup_mma(p16, v_smem.index(prev), acc, is_async=True)
+                if PINGPONG:
+                    mbarrier.arrive(turn.index(1 - C))
                 sc = warpgroup_mma_wait(num_outstanding=1, deps=(sc, ))
                 if j * BLOCK_N + BLOCK_N > free:
                     p, m_new = _softmax_block(sc, m_i, j * BLOCK_N + offs_n, lim, qk_scale, True)
@@ -234,10 +253,20 @@ def _consumer(C: gl.constexpr, Out, LSE, CU, T, n_seqs, t0, h, qk_scale, stride_
             gl.store(o_ptrs, out.to(dtype), mask=gl.expand_dims(seg_o, 1) & gl.expand_dims(offs_d < D, 0))
             seg_s = (rows_s >= lo) & (rows_s < hi)
             gl.store(LSE + h * T + rows_s.to(gl.int64), m_i + gl.log2(l_i), mask=seg_s)
-        _release_rest(full, empty, it, mine, nb, STAGES)
+        _release_rest(full, empty, it, mine, nb, STAGES, turn, C, PINGPONG)
         it += nb
         t = seg_hi
         seq += 1
+
+
+@gluon.jit
+def _turn(turn, C: gl.constexpr, block):
+    """Wait for this consumer's turn to issue the products of ring block ``block`` (PINGPONG, FlashAttention-3's
+    inter-warpgroup schedule): the consumers take turns, consumer 0 first, one turn per block of the ring, every
+    block (computed or only released) of every segment, so both take the same number. Consumer 0's turn at block b
+    needs consumer 1's b arrivals on turn[0], consumer 1's needs consumer 0's b + 1 on turn[1]; the two can be at
+    most one turn apart, so the parity of the completed phases decides."""
+    mbarrier.wait(turn.index(C), (block & 1) ^ (1 - C))
 
 
 @gluon.jit
@@ -258,13 +287,17 @@ def _my_blocks(t, cs, seg_hi, free_hi, nb, r0, my_end, BLOCK_N: gl.constexpr, CA
 
 
 @gluon.jit
-def _release_rest(full, empty, it, mine, nb, STAGES: gl.constexpr):
+def _release_rest(full, empty, it, mine, nb, STAGES: gl.constexpr, turn, C: gl.constexpr, PINGPONG: gl.constexpr):
     """The segment's blocks [mine, nb) a consumer does not compute (none of its rows, or causal blocks above its
-    last row): wait for each and release it, so that the ring's phases stay the producer's."""
+    last row): wait for each and release it, so that the ring's phases stay the producer's; with PINGPONG (the
+    forward's) take and pass on the block's turn too."""
     for j in range(mine, nb):
         cur = it + j
         slot = cur % STAGES
         mbarrier.wait(full.index(slot), (cur // STAGES) & 1)
+        if PINGPONG:
+            _turn(turn, C, cur)
+            mbarrier.arrive(turn.index(1 - C))
         mbarrier.arrive(empty.index(slot))
 
 
@@ -272,7 +305,7 @@ def _release_rest(full, empty, it, mine, nb, STAGES: gl.constexpr):
 def _fwd_kernel(Q, K, V, Out, LSE, CU, T, n_seqs, t_bucket, n_heads, qk_scale,
                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                 GROUP: gl.constexpr, D: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
-                STAGES: gl.constexpr):
+                STAGES: gl.constexpr, PINGPONG: gl.constexpr):
     dtype: gl.constexpr = Q.dtype.element_ty
     smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     t0, h = _tile_of(n_heads, T, BLOCK_M, CAUSAL)
@@ -288,12 +321,18 @@ def _fwd_kernel(Q, K, V, Out, LSE, CU, T, n_seqs, t_bucket, n_heads, qk_scale,
         mbarrier.init(empty.index(i), count=2)
     for c in gl.static_range(2):
         mbarrier.init(q_bar.index(c), count=1)
+    if PINGPONG:  # the consumers' turns (_turn): one arrival each (the other consumer's)
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for c in gl.static_range(2):
+            mbarrier.init(turn.index(c), count=1)
+    else:
+        turn = q_bar  # unused
     fence_async_shared()
     gl.warp_specialize([
         (_consumer, (0, Out, LSE, CU, T, n_seqs, t0, h, qk_scale, stride_ot, stride_oh, q_smem, k_smem, v_smem,
-                     full, empty, q_bar, D, BLOCK_N, CAUSAL, STAGES)),
+                     full, empty, q_bar, turn, D, BLOCK_N, CAUSAL, STAGES, PINGPONG)),
         (_consumer, (1, Out, LSE, CU, T, n_seqs, t0, h, qk_scale, stride_ot, stride_oh, q_smem, k_smem, v_smem,
-                     full, empty, q_bar, D, BLOCK_N, CAUSAL, STAGES)),
+                     full, empty, q_bar, turn, D, BLOCK_N, CAUSAL, STAGES, PINGPONG)),
         (_producer, (Q, K, V, CU, T, n_seqs, t0, h, hk, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
                      stride_vh, q_smem, k_smem, v_smem, full, empty, q_bar, D, BLOCK_N, CAUSAL, STAGES)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
@@ -302,6 +341,8 @@ def _fwd_kernel(Q, K, V, Out, LSE, CU, T, n_seqs, t_bucket, n_heads, qk_scale,
         mbarrier.invalidate(empty.index(i))
     for c in gl.static_range(2):
         mbarrier.invalidate(q_bar.index(c))
+        if PINGPONG:
+            mbarrier.invalidate(turn.index(c))
 
 
 # ---------------------------------------------------------------- dQ (the backward's query side)
@@ -428,7 +469,7 @@ def _dq_consumer(C: gl.constexpr, DQ, LSE, DELTA, CU, T, n_seqs, t0, h, qk_scale
             r64 = gl.expand_dims(rows_o.to(gl.int64), 1)
             gl.store(DQ + h * stride_dqh + r64 * stride_dqt + gl.expand_dims(offs_d, 0), (dq * sm_scale).to(dtype),
                      mask=gl.expand_dims(seg_o, 1) & gl.expand_dims(offs_d < D, 0))
-        _release_rest(full, empty, it, mine, nb, STAGES)
+        _release_rest(full, empty, it, mine, nb, STAGES, full, 0, False)
         it += nb
         t = seg_hi
         seq += 1
@@ -648,7 +689,9 @@ def _configs(cfgs=None):
     return [triton.Config({"BLOCK_N": n, "STAGES": st}, num_warps=4) for n, st in (cfgs or CONFIGS)]
 
 
-TUNED = triton.autotune(_configs(), key=["D", "CAUSAL", "GROUP", "t_bucket"])(_fwd_kernel)
+TUNED = triton.autotune([triton.Config({"BLOCK_N": n, "STAGES": st, "PINGPONG": pp}, num_warps=4)
+                         for n, st, pp in [(*c, False) for c in CONFIGS] + PINGPONG_CONFIGS],
+                        key=["D", "CAUSAL", "GROUP", "t_bucket"])(_fwd_kernel)
 TUNED_DQ = triton.autotune(_configs(DQ_CONFIGS), key=["D", "CAUSAL", "GROUP", "t_bucket"])(_bwd_dq_kernel)
 TUNED_DKDV = triton.autotune([triton.Config({"BLOCK_M": m, "STAGES": st}, num_warps=4) for m, st in DKDV_CONFIGS],
                              key=["D", "CAUSAL", "GROUP", "t_bucket"])(_bwd_dkdv_kernel)
@@ -668,9 +711,10 @@ def device_problem(device, kernel: str = "fwd") -> str | None:
 
 
 def forward(q, k, v, o, lse, cu, scale_log2: float, causal: bool, config=None) -> None:
-    """Write o (T, Hq, D) and lse (Hq, T, log2 units) of varlen attention. config: one of CONFIGS, or None to
-    let the autotuner pick. The caller checks :func:`device_problem` and _varlen_gluon.input_problem and sets
-    triton's scratch allocator (the kernel builds TMA descriptors on the device)."""
+    """Write o (T, Hq, D) and lse (Hq, T, log2 units) of varlen attention. config: one of CONFIGS or
+    PINGPONG_CONFIGS, or None to let the autotuner pick. The caller checks :func:`device_problem` and
+    _varlen_gluon.input_problem and sets triton's scratch allocator (the kernel builds TMA descriptors on the
+    device)."""
     T, Hq, D = q.shape
     if D not in HEAD_DIMS:
         raise ValueError(f"head dim {D} is not one of {HEAD_DIMS}")
@@ -681,8 +725,9 @@ def forward(q, k, v, o, lse, cu, scale_log2: float, causal: bool, config=None) -
     if config is None:
         TUNED[grid](*args, **meta)
     else:
-        n, stages = config
-        _fwd_kernel[grid](*args, BLOCK_N=n, STAGES=stages, num_warps=4, **meta)
+        n, stages, *pingpong = config
+        _fwd_kernel[grid](*args, BLOCK_N=n, STAGES=stages, PINGPONG=bool(pingpong and pingpong[0]), num_warps=4,
+                          **meta)
 
 
 def backward_dq(do, q, k, v, lse, delta, dq, cu, scale: float, causal: bool, config=None) -> None:
