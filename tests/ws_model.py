@@ -13,7 +13,9 @@ program order:
                                                   consumer's code expects in the buffers that barrier guards
   ("arrive", bar)                                 mbarrier.arrive (one arrival per partition: the lowering
                                                   predicates it on the partition's thread 0)
-  ("mma", label, reads, sync)                     warpgroup_mma: one wgmma group reading (buffer, tag) pairs
+  ("mma", label, reads, sync[, block])            warpgroup_mma: one wgmma group reading (buffer, tag) pairs;
+                                                  a forward product names the ring block whose turn (PINGPONG)
+                                                  it is issued in, or "last": P V of the last block, after turns
   ("mma_wait", n)                                 warpgroup_mma_wait(num_outstanding=n)
   ("use", label)                                  the newest group's result read (after its wait)
   ("store", out, seq, lo, hi, head)               gl.store of rows [lo, hi) of one head (the store mask)
@@ -29,6 +31,12 @@ random in-flight TMA load (loads land in random order, at random later times). T
     unit may read the tensormap late), lands later: the buffer then holds its tag (tensor, descriptor base row,
     row, head) and the barrier's tx drops by the box's full bytes (box rows x D x 2: out-of-bounds rows are
     zero-filled and counted, as the hardware does).
+  * the barriers each kernel initialises (_fwd_kernel, _ring_barriers): full (count 1) and empty (count 2) per
+    ring slot, one per consumer half (count 1), and with the forward's PINGPONG the turn barriers turn[0..1]
+    (count 1: _turn); the kernels invalidate them after the partitions, so every one must end in a whole phase.
+  * PINGPONG turns (the forward's, FlashAttention-3's inter-warpgroup schedule): a consumer takes a turn when its
+    wait on turn[C] passes and passes it on with its arrival on turn[1 - C]; the model keeps the one holder and the
+    next turn due: (block 0, consumer 0), (0, 1), (1, 0), (1, 1), ... over every ring block of the program.
   * wgmma: per consumer a FIFO of groups; warpgroup_mma_wait(n) retires all but the newest n; a synchronous
     warpgroup_mma (is_async=False) is issue + wait(0). Shared memory operands are taken to be read until the
     group retires.
@@ -41,12 +49,16 @@ Checks (each a ModelError naming kernel, config, batch, tile, head, partition, e
   overwrite   a TMA load into a buffer while a load into it is in flight, while an unretired wgmma of either
               consumer reads it, or before each consumer waited for and released its previous content (a
               single-shot buffer loaded twice);
+  turn        (PINGPONG) a turn taken out of the order (block 0 consumer 0, block 0 consumer 1, block 1 consumer 0,
+              ...) or while the other consumer holds its turn, a turn passed on by a consumer not holding one, a
+              product of ring block b issued by a consumer not holding its turn for b (P V of the last block, after
+              the loop, is outside the turns);
   release     mbarrier.arrive on empty[slot] while this consumer has an unretired wgmma reading the slot, or for a
               slot it does not hold;
   barrier     an arrival on a phase with no pending arrival, or a consumer arriving twice on one phase of
               empty[slot]; expect-tx bytes not equal to the bytes loaded in the phase (a load its phase's
               expect-tx does not cover, a phase completing with a load of it in flight, a load landing in a later
-              phase, tx below zero);
+              phase, tx below zero); an arrival on turn[c] by any partition but consumer 1 - c;
   half        a consumer with no rows (its half at or past T) reaches a pred=True wait on its per-half barrier
               (q_bar / kv_bar; its pass is checked by "stale");
   retire      a wgmma result used before its group retired (the wait depths), a partition ending with a wgmma in
@@ -56,7 +68,8 @@ Checks (each a ModelError naming kernel, config, batch, tile, head, partition, e
               the consumer read every key (query) block those rows need;
   end         at the end: a partition unfinished, a load in flight, a partial barrier phase, per slot the
               producer's loads != each consumer's waits != its releases != the full / empty phases completed, a
-              consumer still holding a slot, a (row, head) of the tile below T not stored exactly once.
+              consumer still holding a slot, a (row, head) of the tile below T not stored exactly once; with
+              PINGPONG a turn still held, or not both consumers' turns taken and passed for every ring block.
 
 The planted bugs of selftest() are flags of the transcription functions (``bugs``), not copies of them.
 KERNEL_SHA pins the transcribed kernel source (sha256 over inspect.getsource(fn.fn) of every transcribed function):
@@ -85,11 +98,11 @@ KERNELS = ("fwd", "dq", "dkdv")
 
 # every function the transcription mirrors: (module, name)
 FNS = ((gws, "_segment"), (gws, "_producer"), (gws, "_produce_kv"), (gws, "_consumer"), (gws, "_my_blocks"),
-       (gws, "_release_rest"), (gws, "_fwd_kernel"), (gws, "_ring_barriers"), (gws, "_load_halves"),
+       (gws, "_release_rest"), (gws, "_turn"), (gws, "_fwd_kernel"), (gws, "_ring_barriers"), (gws, "_load_halves"),
        (gws, "_invalidate_barriers"), (gws, "_dq_producer"), (gws, "_dq_consumer"), (gws, "_bwd_dq_kernel"),
        (gws, "_dkdv_segment"), (gws, "_dkdv_producer"), (gws, "_dkdv_consumer"), (gws, "_bwd_dkdv_kernel"),
        (_gl_plain, "_segment_keys"), (_gl_plain, "_seq_kv_descs"), (_va, "_seq_of"))
-KERNEL_SHA = "67ae8d6dd732453b3857aab5c7db6d0dc31301a4d3977e0121dfffe34eb0a24e"
+KERNEL_SHA = "1db4556208a6f6c92f37400cc737384ec6be13afb1a32f824d977ad1b53b2208"
 
 # planted protocol bugs (selftest): name -> (kernels it applies to, checks that may catch it)
 BUGS = {
@@ -110,7 +123,13 @@ BUGS = {
     "it_mine": (("fwd", "dq"), {"stale", "deadlock", "end"}),  # consumer: it += mine (not nb) after a segment
     "store_from_t": (KERNELS, {"store", "end"}),  # consumer: stores rows [t, hi), not [lo, hi)
     "mine_short": (("fwd", "dq"), {"store"}),  # consumer: computes one block fewer than it needs (releases it)
+    # PINGPONG (the forward's PINGPONG_CONFIGS only): _release_rest neither waits for nor passes on its turns
+    "turn_skip_release": (("fwd",), {"deadlock", "turn", "end"}),
+    "turn_parity_c1": (("fwd",), {"turn", "deadlock"}),  # _turn: consumer 1 waits on the flipped parity
+    "turn_own_arrive": (("fwd",), {"barrier", "turn", "deadlock"}),  # consumer: arrive(turn[C]), not turn[1 - C]
+    "turn_count2": (("fwd",), {"deadlock", "end"}),  # _fwd_kernel: mbarrier.init(turn[c], count=2)
 }
+PINGPONG_BUGS = {bug for bug in BUGS if bug.startswith("turn_")}
 
 
 class ModelError(AssertionError):
@@ -186,11 +205,13 @@ def _dkdv_segment(cu, seq, t, t_end, BLOCK_M, GROUP, causal):
 
 class Prog:
     """One program: kernel, batch (cu), tile t0, head (query head for fwd / dQ, KV head for dK/dV), GQA group,
-    block (BLOCK_N, or the dK/dV kernel's BLOCK_M), STAGES, causal, planted bugs."""
+    block (BLOCK_N, or the dK/dV kernel's BLOCK_M), STAGES, causal, planted bugs, PINGPONG (the forward's)."""
 
-    def __init__(self, kernel, cu, t0, head, group, block, stages, causal, bugs=frozenset()):
+    def __init__(self, kernel, cu, t0, head, group, block, stages, causal, bugs=frozenset(), pingpong=False):
+        assert not pingpong or kernel == "fwd"
         self.kernel, self.cu, self.t0, self.head, self.group = kernel, cu, t0, head, group
         self.block, self.S, self.causal, self.bugs = block, stages, causal, frozenset(bugs)
+        self.pingpong = pingpong
         self.T = cu[-1]
         self.n_seqs = len(cu) - 1
 
@@ -284,7 +305,13 @@ def _consumer(C, p):
             slot = it % S
             kv = _kv_want(slot, cs, 0, BLOCK_N, hk)
             yield ("wait", ("full", slot), _full_parity(it, S, bugs), True, kv)
-            yield ("mma", "s", (q, kv[0]), True)
+            if p.pingpong:  # this consumer's turn to issue products (_turn), passed on once they are issued
+                yield from _turn(p, C, it)
+                yield ("mma", "s", (q, kv[0]), False, it)
+                yield ("arrive", ("turn", _other(C, bugs)))
+                yield ("mma_wait", 0)
+            else:
+                yield ("mma", "s", (q, kv[0]), True, it)
             yield ("use", "s")
             for j in range(1, mine):
                 cur = it + j
@@ -293,8 +320,12 @@ def _consumer(C, p):
                 kv = _kv_want(slot, cs, j, BLOCK_N, hk)
                 kv_prev = _kv_want(prev, cs, j - 1, BLOCK_N, hk)
                 yield ("wait", ("full", slot), _full_parity(cur, S, bugs), True, kv)
-                yield ("mma", "s", (q, kv[0]), False)
-                yield ("mma", "acc", (kv_prev[1], ), False)
+                if p.pingpong:
+                    yield from _turn(p, C, cur)
+                yield ("mma", "s", (q, kv[0]), False, cur)
+                yield ("mma", "acc", (kv_prev[1], ), False, cur)
+                if p.pingpong:
+                    yield ("arrive", ("turn", _other(C, bugs)))
                 yield ("mma_wait", 2 if "shallow_wait" in bugs else 1)
                 yield ("use", "s")
                 if "early_release" in bugs:
@@ -306,7 +337,7 @@ def _consumer(C, p):
                     yield ("arrive", ("empty", prev))
                 yield ("use", "acc")  # acc * alpha
             last = (it + mine - 1) % S
-            yield ("mma", "acc", (_kv_want(last, cs, mine - 1, BLOCK_N, hk)[1], ), False)
+            yield ("mma", "acc", (_kv_want(last, cs, mine - 1, BLOCK_N, hk)[1], ), False, "last")
             if "early_release" in bugs:
                 yield ("arrive", ("empty", last))
             yield ("mma_wait", 0)
@@ -317,19 +348,37 @@ def _consumer(C, p):
             yield ("use", "acc")  # acc / l
             yield ("store", "O", seq, lo, hi, h)
             yield ("store", "LSE", seq, lo, hi, h)
-        yield from _release_rest(p, it, mine, nb, lambda j, slot, cs=cs: _kv_want(slot, cs, j, BLOCK_N, hk))
+        yield from _release_rest(p, it, mine, nb, lambda j, slot, cs=cs: _kv_want(slot, cs, j, BLOCK_N, hk), C,
+                                 p.pingpong)
         it += mine if "it_mine" in bugs else nb
         t = seg_hi
         seq += 1
 
 
-def _release_rest(p, it, mine, nb, want):
-    """_release_rest: blocks [mine, nb) of the segment waited for and released (want(j, slot): their tags)."""
+def _turn(p, C, block):
+    """_turn: wait for consumer C's turn to issue the products of ring block ``block``."""
+    parity = (block & 1) ^ (1 - C)
+    if "turn_parity_c1" in p.bugs and C == 1:
+        parity ^= 1
+    yield ("wait", ("turn", C), parity, True, None)
+
+
+def _other(C, bugs):
+    """turn.index(1 - C): the other consumer's turn barrier, on which this one passes on its turn."""
+    return C if "turn_own_arrive" in bugs else 1 - C
+
+
+def _release_rest(p, it, mine, nb, want, C, pingpong):
+    """_release_rest: blocks [mine, nb) of the segment waited for and released (want(j, slot): their tags); with
+    PINGPONG each block's turn taken and passed on."""
     S, bugs = p.S, p.bugs
     for j in range(mine, nb):
         cur = it + j
         slot = cur % S
         yield ("wait", ("full", slot), _full_parity(cur, S, bugs), True, want(j, slot))
+        if pingpong and "turn_skip_release" not in bugs:
+            yield from _turn(p, C, cur)
+            yield ("arrive", ("turn", _other(C, bugs)))
         if "skip_release" not in bugs:
             yield ("arrive", ("empty", slot))
 
@@ -398,7 +447,8 @@ def _dq_consumer(C, p):
                 if "early_release" not in bugs:
                     yield ("arrive", ("empty", slot))
             yield ("store", "DQ", seq, lo, hi, h)
-        yield from _release_rest(p, it, mine, nb, lambda j, slot, cs=cs: _kv_want(slot, cs, j, BLOCK_N, hk))
+        yield from _release_rest(p, it, mine, nb, lambda j, slot, cs=cs: _kv_want(slot, cs, j, BLOCK_N, hk), 0,
+                                 False)
         it += mine if "it_mine" in bugs else nb
         t = seg_hi
         seq += 1
@@ -498,6 +548,37 @@ def _dkdv_consumer(C, p):
         seq += 1
 
 
+def _fwd_kernel(p):
+    """_fwd_kernel's mbarriers as it initialises them, {key: count} (it invalidates them all after the partitions:
+    the end check's whole phases): full / empty per ring slot, q_bar per half, and with PINGPONG the turns."""
+    bars = {}
+    for i in range(p.S):
+        bars[("full", i)] = 1
+        bars[("empty", i)] = 2
+    for c in range(2):
+        bars[("q_bar", c)] = 1
+    if p.pingpong:  # the consumers' turns (_turn): one arrival each (the other consumer's)
+        for c in range(2):
+            bars[("turn", c)] = 2 if "turn_count2" in p.bugs else 1
+    return bars
+
+
+def _ring_barriers(p, half_bar):
+    """_ring_barriers (the backward kernels'): full / empty per ring slot, one per consumer half."""
+    bars = {}
+    for i in range(p.S):
+        bars[("full", i)] = 1
+        bars[("empty", i)] = 2
+    for c in range(2):
+        bars[(half_bar, c)] = 1
+    return bars
+
+
+BARRIERS = {
+    "fwd": _fwd_kernel,
+    "dq": lambda p: _ring_barriers(p, "q_bar"),
+    "dkdv": lambda p: _ring_barriers(p, "kv_bar"),
+}
 PARTITIONS = {  # gl.warp_specialize's list: the default partition (consumer 0), then the workers
     "fwd": (lambda p: _consumer(0, p), lambda p: _consumer(1, p), _producer),
     "dq": (lambda p: _dq_consumer(0, p), lambda p: _dq_consumer(1, p), _dq_producer),
@@ -532,7 +613,7 @@ class Load:
 
 
 class Part:
-    __slots__ = ("idx", "name", "gen", "ev", "done", "fifo", "waits", "arrives", "held", "reads", "weight")
+    __slots__ = ("idx", "name", "gen", "ev", "done", "fifo", "waits", "arrives", "held", "reads", "weight", "turns")
 
     def __init__(self, idx, gen, S, weight):
         self.idx, self.name, self.gen, self.weight = idx, NAMES[idx], gen, weight
@@ -543,6 +624,7 @@ class Part:
         self.arrives = [0] * S
         self.held = set()  # buffers waited for and not yet released
         self.reads = set()  # data tags read by wgmma since the last store
+        self.turns = 0  # PINGPONG turns taken
 
 
 class Sim:
@@ -551,12 +633,9 @@ class Sim:
     def __init__(self, p, rng, where):
         self.p, self.rng, self.where = p, rng, where
         S = p.S
-        self.bars = {}
-        for i in range(S):
-            self.bars[("full", i)] = Bar(1)
-            self.bars[("empty", i)] = Bar(2)
-        for c in range(2):
-            self.bars[(HALF_BAR[p.kernel], c)] = Bar(1)
+        self.bars = {key: Bar(count) for key, count in BARRIERS[p.kernel](p).items()}
+        self.turn_next = (0, 0)  # PINGPONG: the next turn due, (ring block, consumer)
+        self.turn_holder = None  # (ring block, consumer) holding its turn, products issued in it
         self.bufs = {}  # buffer -> [newest landed tag, load in flight or None, loads issued]
         self.descs = {}  # call site -> (tensor, base, rows, head)
         self.inflight = []
@@ -691,6 +770,9 @@ class Sim:
             bar = self.bars[key]
             if part.idx == 2:
                 return  # the producer's waits guard no data it reads
+            if key[0] == "turn":
+                self._take_turn(part, key)
+                return
             for buf, tag in want:
                 st = self.bufs.get(buf)
                 if st is None or st[1] is not None or st[0] != tag:
@@ -706,6 +788,9 @@ class Sim:
             key = ev[1]
             bar = self.bars[key]
             slot = key[1]
+            if key[0] == "turn" and part.idx < 2:
+                self._pass_turn(part, key, bar)
+                return
             if part.idx == 2 or key[0] != "empty":
                 self.fail("barrier", "arrival by a partition that does not release ring slots")
             bufs = {(name, slot) for name in self.ring}
@@ -786,7 +871,17 @@ class Sim:
             self.descs[site] = (tensor, base, rows, head)
             return
         if kind == "mma":
-            _, label, reads, sync = ev
+            label, reads, sync = ev[1:4]
+            if self.p.pingpong:
+                block = ev[4]
+                if block == "last":
+                    self.cov["product outside the turns"] += 1
+                elif self.turn_holder is None or tuple(self.turn_holder[:2]) != (block, part.idx):
+                    held = (f"no turn is held ({self.turn_next} due)" if self.turn_holder is None else
+                            f"the turn held is {tuple(self.turn_holder[:2])}")
+                    self.fail("turn", f"issues a product of ring block {block} while {held} (block, consumer)")
+                else:
+                    self.turn_holder[2] += 1
             for buf, tag in reads:
                 st = self.bufs.get(buf)
                 if st is None or st[1] is not None or st[0] != tag or buf not in part.held:
@@ -812,6 +907,33 @@ class Sim:
             self._store(part, ev)
             return
         raise AssertionError(ev)
+
+    def _take_turn(self, part, key):
+        """Consumer part passes its wait on turn[C]: its part.turns-th turn (ring block part.turns)."""
+        if key[1] != part.idx:
+            self.fail("turn", f"waits on {key}, the other consumer's turn barrier")
+        mine = (part.turns, part.idx)
+        if self.turn_holder is not None:
+            self.fail("turn", f"takes its turn {mine} (block, consumer) while {tuple(self.turn_holder[:2])} is held")
+        if mine != self.turn_next:
+            self.fail("turn", f"takes its turn {mine} (block, consumer) out of order: {self.turn_next} is due")
+        self.turn_holder = [part.turns, part.idx, 0]
+        part.turns += 1
+
+    def _pass_turn(self, part, key, bar):
+        """Consumer part arrives on a turn barrier: it passes on the turn it holds."""
+        if key[1] != 1 - part.idx:
+            self.fail("barrier", f"arrives on {key}: only consumer {1 - key[1]} arrives there (count {bar.count})")
+        if self.turn_holder is None or self.turn_holder[1] != part.idx:
+            self.fail("turn", f"passes on a turn it does not hold (held: "
+                              f"{None if self.turn_holder is None else tuple(self.turn_holder[:2])})")
+        b, c, products = self.turn_holder
+        if products == 0:
+            self.cov["turn passed without products"] += 1
+        self.turn_holder = None
+        self.turn_next = (b, 1) if c == 0 else (b + 1, 0)
+        bar.arrivals[part.idx] += 1
+        self._arrive(bar, key)
 
     def _mma_wait(self, part, n):
         live = [g for g in part.fifo if not g[2]]
@@ -862,6 +984,13 @@ class Sim:
             if got != (loads, ) * 6:
                 self.fail("end", f"slot {s}: producer loads {loads}, (full phases, waits c0, c1, releases c0, c1, "
                                  f"empty phases) {got}")
+        if p.pingpong:
+            blocks = sum(self.bufs.get((self.ring[0], s), [None, None, 0])[2] for s in range(p.S))
+            got = (self.turn_holder, self.turn_next, c0.turns, c1.turns, self.bars[("turn", 0)].completed,
+                   self.bars[("turn", 1)].completed)
+            if got != (None, (blocks, 0), blocks, blocks, blocks, blocks):
+                self.fail("end", f"{blocks} ring blocks: (turn held, next turn due, turns taken c0, c1, turn[0] "
+                                 f"phases, turn[1] phases) {got}")
         for key, bar in self.bars.items():
             if bar.pending != bar.count or bar.tx != 0:
                 self.fail("end", f"{key} ends in a partial phase (pending {bar.pending} of {bar.count}, tx {bar.tx})")
@@ -886,7 +1015,12 @@ class Sim:
 
 # ---------------------------------------------------------------------------------------------- driver
 def configs(kernel):
-    return {"fwd": gws.CONFIGS, "dq": gws.DQ_CONFIGS, "dkdv": gws.DKDV_CONFIGS}[kernel]
+    """The kernel's configs: the forward's CONFIGS (PINGPONG False) and PINGPONG_CONFIGS (3-tuples)."""
+    return {"fwd": gws.CONFIGS + gws.PINGPONG_CONFIGS, "dq": gws.DQ_CONFIGS, "dkdv": gws.DKDV_CONFIGS}[kernel]
+
+
+def config_id(config):
+    return "x".join(map(str, config[:2])) + ("-pingpong" if config[2:] and config[2] else "")
 
 
 def cu_of(lens):
@@ -903,7 +1037,8 @@ def run(kernel, lens, Hq, Hkv, config, causal, seed=0, n_orders=3, bugs=frozense
     cu = cu_of(lens)
     T = cu[-1]
     group = Hq // Hkv
-    block, stages = config
+    block, stages, *pingpong = config  # forward()'s config
+    pingpong = bool(pingpong and pingpong[0])
     heads = Hkv if kernel == "dkdv" else Hq
     tile = BLOCK_M_KV if kernel == "dkdv" else BLOCK_M
     rng = random.Random(f"{kernel} {lens} {Hq} {Hkv} {config} {causal} {seed}")
@@ -911,7 +1046,7 @@ def run(kernel, lens, Hq, Hkv, config, causal, seed=0, n_orders=3, bugs=frozense
     n = 0
     for t0 in range(0, T, tile):
         for head in range(heads):
-            p = Prog(kernel, cu, t0, head, group, block, stages, causal, bugs)
+            p = Prog(kernel, cu, t0, head, group, block, stages, causal, bugs, pingpong)
             for order in range(n_orders):
                 where = (f"{kernel} config {config} causal={causal} lens={lens} Hq={Hq} Hkv={Hkv} seed={seed}: "
                          f"tile t0={t0} head {head} order {order}")
@@ -945,13 +1080,15 @@ CASES = [
 
 def selftest(verbose=False, n_orders=4):
     """Each planted bug (BUGS) must be caught by one of its checks on some case of some config of each kernel it
-    applies to; the unplanted transcription passes the same cases. Returns {(bug, kernel): message}."""
+    applies to (PINGPONG_BUGS: of the forward's PINGPONG_CONFIGS); the unplanted transcription passes the same
+    cases. Returns {(bug, kernel): message}."""
     found = {}
     for bug, (kernels, checks) in BUGS.items():
         for kernel in kernels:
             msg = None
+            cfgs = gws.PINGPONG_CONFIGS if bug in PINGPONG_BUGS else configs(kernel)
             for lens, Hq, Hkv in CASES:
-                for config in configs(kernel):
+                for config in cfgs:
                     for causal in (True, False):
                         try:
                             run(kernel, lens, Hq, Hkv, config, causal, seed=1, n_orders=n_orders, bugs={bug})
