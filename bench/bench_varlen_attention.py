@@ -86,7 +86,9 @@ R4B_ROWS = {"r4b triton": ("triton", "split", "pointer"), "r4b triton atomic-dq"
             "r4b triton gluon-ws-dq": ("triton", "gluon-ws-dq", "pointer"),
             "r4b triton gluon-ws-dkdv": ("triton", "gluon-ws-dkdv", "pointer"),
             "r4b triton gluon-ws-bwd": ("triton", "gluon-ws", "pointer"),
-            "r4b gluon-ws gluon-ws-bwd": ("gluon-ws", "gluon-ws", "pointer")}
+            "r4b gluon-ws gluon-ws-bwd": ("gluon-ws", "gluon-ws", "pointer"),
+            "r4b gluon-ws pingpong": ("gluon-ws+pingpong", "split", "pointer")}
+# "+pingpong": R4B_VARLEN_WS_PINGPONG=1 (the gluon-ws forward's autotuner also takes its PINGPONG configs)
 # the warp-specialised Gluon kernels each R4B_VARLEN_BWD mode runs (their refusals are checked by name)
 WS_BWD_KERNELS = {"gluon-ws": ("dq", "dkdv"), "gluon-ws-dq": ("dq",), "gluon-ws-dkdv": ("dkdv",)}
 
@@ -113,7 +115,7 @@ def providers(device: str, mask_ms: dict) -> dict:
                     import r4b.kernels._varlen_gluon  # noqa: F401
                 except ImportError as ex:
                     raise Skip(f"this triton has no Gluon with its Hopper API: {ex}") from None
-            parts = (("fwd",) if fwd_kernel == "gluon-ws" else ()) + WS_BWD_KERNELS.get(bwd, ())
+            parts = (("fwd",) if fwd_kernel.startswith("gluon-ws") else ()) + WS_BWD_KERNELS.get(bwd, ())
             for part in parts:
                 from r4b.kernels import _varlen_gluon_ws
 
@@ -138,9 +140,11 @@ def providers(device: str, mask_ms: dict) -> dict:
 
             timed = _timed(case, fwd, q, k, v, do)
 
+            fwd_mode, _, pingpong = fwd_kernel.partition("+")
+
             def call():
-                with env_var("R4B_VARLEN_FWD", fwd_kernel), env_var("R4B_VARLEN_BWD", bwd), \
-                        env_var("R4B_VARLEN_LOADS", loads):
+                with env_var("R4B_VARLEN_FWD", fwd_mode), env_var("R4B_VARLEN_BWD", bwd), \
+                        env_var("R4B_VARLEN_LOADS", loads), env_var("R4B_VARLEN_WS_PINGPONG", "1" if pingpong else "0"):
                     return timed()
 
             return call

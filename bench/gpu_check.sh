@@ -124,18 +124,26 @@ has_test() { case " $tests " in *" $1 "*) return 0;; esac; return 1; }
 ws_rc=skipped
 ws_bwd_rc=skipped
 gws_rc=skipped
+gws_pp_rc=skipped
 gws_dq_rc=skipped
 gws_dkdv_rc=skipped
 gws_bwd_rc=skipped  # both kernels through the op: run once each passed its own tests
 if has_test gluon_ws; then
   # the warp-specialised Gluon forward (R4B_VARLEN_FWD=gluon-ws; written 2026-11-27, session 11, never run on a GPU):
   # every config directly (twice: finite, same bits, float64), the anchor through the op, boundary isolation
-  # (five configs since session 13: ten sm_90 compiles of 1-4 s before the anchor's autotuning. The four gluon-ws
-  # steps' limits, 110 + 100 + 100 + 70 s, leave the rest of a 540 s call to the anchor's bench rows)
+  # (five configs since session 13: ten sm_90 compiles of 1-4 s before the anchor's autotuning. The five gluon-ws
+  # steps' limits, 100 + 60 + 100 + 100 + 70 s, leave the rest of a 540 s call to the anchor's bench rows)
   step "GPU tests: warp-specialised Gluon attention forward (sm_90, R4B_VARLEN_WS_UNVERIFIED=1)"
-  R4B_VARLEN_WS_UNVERIFIED=1 gpu_tests 110 pytest_gpu_gluon_ws.log tests/test_varlen_gluon_ws.py -k "not dq and not dkdv"
+  R4B_VARLEN_WS_UNVERIFIED=1 gpu_tests 100 pytest_gpu_gluon_ws.log tests/test_varlen_gluon_ws.py \
+    -k "not dq and not dkdv and not pingpong"
   gws_rc=$?
   [ "$gws_rc" -ne 0 ] && test_rc=$gws_rc
+  if [ "$gws_rc" = 0 ]; then  # its PINGPONG configs (R4B_VARLEN_WS_PINGPONG=1), judged on their own
+    step "GPU tests: the gluon-ws forward's PINGPONG configs"
+    R4B_VARLEN_WS_UNVERIFIED=1 gpu_tests 60 pytest_gpu_gluon_ws_pp.log tests/test_varlen_gluon_ws.py -k "pingpong"
+    gws_pp_rc=$?
+    [ "$gws_pp_rc" -ne 0 ] && test_rc=$gws_pp_rc
+  fi
 fi
 if has_test gluon_ws_dq; then
   # the warp-specialised Gluon dQ kernel (R4B_VARLEN_BWD=gluon-ws; written 2026-11-27, session 13, never run on a
@@ -367,11 +375,12 @@ for spec in $specs; do
     [ "$ws_rc" = 0 ] && [ "$ws_bwd_rc" = 0 ] && ws_rows="${ws_rows}r4b ws fwd+bwd,"
     [ "$ws_bwd_rc" = 0 ] && ws_rows="${ws_rows}r4b triton ws-bwd,"
     [ "$gws_rc" = 0 ] && ws_rows="${ws_rows}r4b gluon-ws,r4b gluon-ws gluon-dkdv,"
+    [ "$gws_pp_rc" = 0 ] && ws_rows="${ws_rows}r4b gluon-ws pingpong,"
     [ "$gws_dq_rc" = 0 ] && ws_rows="${ws_rows}r4b triton gluon-ws-dq,"
     [ "$gws_dkdv_rc" = 0 ] && ws_rows="${ws_rows}r4b triton gluon-ws-dkdv,"
     [ "$gws_bwd_rc" = 0 ] && ws_rows="${ws_rows}r4b triton gluon-ws-bwd,"
     [ "$gws_rc" = 0 ] && [ "$gws_bwd_rc" = 0 ] && ws_rows="${ws_rows}r4b gluon-ws gluon-ws-bwd,"
-    step "bench: opt-in rows at the anchor (R4B_VARLEN_WS_UNVERIFIED=1; ws forward tests rc=$ws_rc, backward rc=$ws_bwd_rc, gluon-ws rc=$gws_rc, dQ rc=$gws_dq_rc, dK/dV rc=$gws_dkdv_rc, both rc=$gws_bwd_rc)"
+    step "bench: opt-in rows at the anchor (R4B_VARLEN_WS_UNVERIFIED=1; ws forward tests rc=$ws_rc, backward rc=$ws_bwd_rc, gluon-ws rc=$gws_rc, pingpong rc=$gws_pp_rc, dQ rc=$gws_dq_rc, dK/dV rc=$gws_dkdv_rc, both rc=$gws_bwd_rc)"
     R4B_VARLEN_WS_UNVERIFIED=1 timeout -k 10 "$lim" $PY -m bench.bench_varlen_attention --anchor --providers \
       "sdpa per doc,flex doc mask,r4b triton,${ws_rows}r4b gluon,r4b triton gluon-dkdv" 2>&1 | tee -a "$LOGS/bench.log" \
       | grep -v "^$" | tail -n 20

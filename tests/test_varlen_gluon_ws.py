@@ -520,6 +520,35 @@ def test_op_refuses_gluon_ws_where_it_cannot_run(monkeypatch):
     assert all("not 9.x (Hopper)" in gws.device_problem(gpu, kernel) for kernel in kernels)
 
 
+def test_gluon_ws_forward_autotunes_pingpong_configs_only_when_asked(monkeypatch):
+    """forward(config=None) launches the autotuner over CONFIGS, or with R4B_VARLEN_WS_PINGPONG=1 over CONFIGS and
+    PINGPONG_CONFIGS (whose every config is PINGPONG); a config given runs it directly with its PINGPONG flag."""
+    launched = []
+
+    class Launcher:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *a, **kw: launched.append((self.name, kw.get("PINGPONG")))
+
+    assert [c.kwargs["PINGPONG"] for c in gws.TUNED.configs] == [False] * len(gws.CONFIGS)
+    assert [c.kwargs["PINGPONG"] for c in gws.TUNED_PINGPONG.configs] == [False] * len(gws.CONFIGS) + [True] * len(
+        gws.PINGPONG_CONFIGS)
+    monkeypatch.setattr(gws, "TUNED", Launcher("plain"))
+    monkeypatch.setattr(gws, "TUNED_PINGPONG", Launcher("pingpong"))
+    monkeypatch.setattr(gws, "_fwd_kernel", Launcher("direct"))
+    q, k, v, _ = _inputs([5, 3], 4, 2, 64)
+    args = (q, k, v, torch.empty_like(q), torch.empty(4, 8), _cu([5, 3]), 0.1, True)
+    monkeypatch.delenv(gws.ENV_PINGPONG, raising=False)
+    gws.forward(*args)
+    monkeypatch.setenv(gws.ENV_PINGPONG, "1")
+    gws.forward(*args)
+    gws.forward(*args, config=gws.CONFIGS[0])
+    gws.forward(*args, config=gws.PINGPONG_CONFIGS[0])
+    assert launched == [("plain", None), ("pingpong", None), ("direct", False), ("direct", True)]
+
+
 @pytest.mark.parametrize("mode", ["gluon-ws", "gluon-ws-dq", "gluon-ws-dkdv"])
 def test_gluon_ws_backward_modes_route_each_gradient(mode, monkeypatch):
     """R4B_VARLEN_BWD=gluon-ws / gluon-ws-dq / gluon-ws-dkdv: dQ from the warp-specialised dQ kernel (or the Triton
@@ -636,6 +665,18 @@ def unverified(monkeypatch):
 def test_gluon_ws_anchor_gpu(causal, unverified):
     """The anchor through the op (the gluon-ws forward, the Triton split backward), autotuned: output and gradients
     by STYLE.md's rule against the fp32 reference; two runs give the same bits."""
+    _anchor_through_the_op(causal, unverified)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [True, False])
+def test_gluon_ws_pingpong_anchor_gpu(causal, unverified, monkeypatch):
+    """The same with R4B_VARLEN_WS_PINGPONG=1: the autotuner also times the PINGPONG configs."""
+    monkeypatch.setenv(gws.ENV_PINGPONG, "1")
+    _anchor_through_the_op(causal, unverified)
+
+
+def _anchor_through_the_op(causal, unverified):
     q, k, v, do = _inputs(ANCHOR, 32, 8, 128, device="cuda")
     cu = _cu(ANCHOR, "cuda")
     ref = _grads(lambda a, b, c: varlen_attention_ref(a, b, c, cu, causal), q, k, v, do)  # fp32, as the others
@@ -651,11 +692,23 @@ def test_gluon_ws_anchor_gpu(causal, unverified):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", gws.CONFIGS + gws.PINGPONG_CONFIGS)
+@pytest.mark.parametrize("config", gws.CONFIGS)
 @pytest.mark.parametrize("causal", [True, False])
 def test_gluon_ws_every_config_gpu(config, causal, unverified):
     """Each config launched directly, twice (NaN-filled outputs first): finite, the same bits, then output and LSE
     against float64, on tiles spanning sequences of 1 to 1100 rows (GQA 4, D 128)."""
+    _every_config(config, causal)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", gws.PINGPONG_CONFIGS)
+@pytest.mark.parametrize("causal", [True, False])
+def test_gluon_ws_pingpong_every_config_gpu(config, causal, unverified):
+    """The same for the PINGPONG configs."""
+    _every_config(config, causal)
+
+
+def _every_config(config, causal):
     from r4b.kernels.varlen_attention import _ensure_allocator
 
     lens = [700, 1, 129, 64, 3, 1100, 0, 65]
