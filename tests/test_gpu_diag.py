@@ -192,7 +192,17 @@ def test_gluon_ws_program_reports_each_kernel_config(monkeypatch, capsys):
     state = {"calls": 0, "break": None}
 
     def forward(q, k, v, o, lse, cu, scale_log2, causal, config=None):
-        o.copy_(varlen_attention_ref(q, k, v, cu, causal=causal))
+        o.copy_(varlen_attention_ref(q, k, v, cu, causal=causal, softmax_scale=scale_log2 * math.log(2.0)))
+        group = q.shape[1] // k.shape[1]
+        bounds = cu.tolist()
+        for s0, e0 in zip(bounds[:-1], bounds[1:], strict=True):  # the LSE in log2 units, from the scale given
+            s = torch.einsum("ihd,jhd->hij", q[s0:e0].double(), k[s0:e0].double().repeat_interleave(group, 1))
+            s = s * scale_log2 * math.log(2.0)
+            if causal:
+                s = s.masked_fill(~torch.ones(e0 - s0, e0 - s0, dtype=torch.bool).tril(), -math.inf)
+            lse[:, s0:e0] = s.logsumexp(-1) / math.log(2.0)
+        if state["break"] == "lse row":
+            lse[1, 9] = float("nan")
 
     def backward_dq(do, q, k, v, lse, delta, dq, cu, scale, causal, config=None):
         state["calls"] += 1
@@ -225,6 +235,10 @@ def test_gluon_ws_program_reports_each_kernel_config(monkeypatch, capsys):
         lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("gluon-ws ")]
         failed = [x for x in lines if x.endswith("FAILED")]
         assert len(failed) == len(gws.DQ_CONFIGS) and all("dQ" in x and want in x for x in failed), (how, failed)
+    state["break"] = "lse row"  # the forward's LSE is judged too
+    assert gpu_diag.gluon_ws(False, device="cpu", d=16) == 1
+    failed = [x for x in capsys.readouterr().out.splitlines() if x.endswith("FAILED")]
+    assert len(failed) == len(gws.CONFIGS) + len(gws.PINGPONG_CONFIGS) and all("forward" in x for x in failed), failed
 
 
 def test_host_split_runs_every_callable_on_the_cpu(capsys):

@@ -521,8 +521,8 @@ def test_op_refuses_gluon_ws_where_it_cannot_run(monkeypatch):
 
 
 def test_gluon_ws_forward_autotunes_pingpong_configs_only_when_asked(monkeypatch):
-    """forward(config=None) launches the autotuner over CONFIGS, or with R4B_VARLEN_WS_PINGPONG=1 over CONFIGS and
-    PINGPONG_CONFIGS (whose every config is PINGPONG); a config given runs it directly with its PINGPONG flag."""
+    """forward(config=None) launches the autotuner over CONFIGS, or with R4B_VARLEN_WS_PINGPONG=1 over
+    PINGPONG_CONFIGS alone (each PINGPONG); a config given runs it directly with its PINGPONG flag."""
     launched = []
 
     class Launcher:
@@ -533,8 +533,7 @@ def test_gluon_ws_forward_autotunes_pingpong_configs_only_when_asked(monkeypatch
             return lambda *a, **kw: launched.append((self.name, kw.get("PINGPONG")))
 
     assert [c.kwargs["PINGPONG"] for c in gws.TUNED.configs] == [False] * len(gws.CONFIGS)
-    assert [c.kwargs["PINGPONG"] for c in gws.TUNED_PINGPONG.configs] == [False] * len(gws.CONFIGS) + [True] * len(
-        gws.PINGPONG_CONFIGS)
+    assert [c.kwargs["PINGPONG"] for c in gws.TUNED_PINGPONG.configs] == [True] * len(gws.PINGPONG_CONFIGS)
     monkeypatch.setattr(gws, "TUNED", Launcher("plain"))
     monkeypatch.setattr(gws, "TUNED_PINGPONG", Launcher("pingpong"))
     monkeypatch.setattr(gws, "_fwd_kernel", Launcher("direct"))
@@ -649,6 +648,7 @@ def unverified(monkeypatch):
     monkeypatch.setenv(gws.ENV_UNVERIFIED, "1")
     monkeypatch.setenv("R4B_VARLEN_FWD", "gluon-ws")
     monkeypatch.setenv("R4B_VARLEN_BWD", "split")
+    monkeypatch.delenv(gws.ENV_PINGPONG, raising=False)  # the plain configs unless a test asks
     calls = {"forward": 0}
     real = gws.forward
 
@@ -671,7 +671,7 @@ def test_gluon_ws_anchor_gpu(causal, unverified):
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal", [True, False])
 def test_gluon_ws_pingpong_anchor_gpu(causal, unverified, monkeypatch):
-    """The same with R4B_VARLEN_WS_PINGPONG=1: the autotuner also times the PINGPONG configs."""
+    """The same with R4B_VARLEN_WS_PINGPONG=1: the autotuner picks among the PINGPONG configs."""
     monkeypatch.setenv(gws.ENV_PINGPONG, "1")
     _anchor_through_the_op(causal, unverified)
 
@@ -730,6 +730,14 @@ def _every_config(config, causal):
     assert (o.double() - ref).abs().max() <= 2 * (plain - ref).abs().max() + 1e-3 * ref.abs().max()
     _, ref_lse = _reference(*(t.double().cpu().numpy() for t in (q, k, v)), lens, causal, 128**-0.5)
     torch.testing.assert_close(lse.double().cpu(), torch.from_numpy(ref_lse), rtol=0, atol=2e-2)  # log2 units
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [True, False])
+def test_gluon_ws_pingpong_no_information_crosses_a_boundary_gpu(causal, unverified, monkeypatch):
+    """The boundary test below with R4B_VARLEN_WS_PINGPONG=1 (the PINGPONG configs)."""
+    monkeypatch.setenv(gws.ENV_PINGPONG, "1")
+    test_gluon_ws_no_information_crosses_a_boundary_gpu(causal, unverified)
 
 
 @pytest.mark.gpu

@@ -20,8 +20,8 @@ so the first round does not wait). Every block is waited for and released by bot
 that has no rows in the block's segment or for which a causal block lies wholly above its rows: those only wait
 and release (no products), so each consumer does the work of its own rows only.
 
-With ``PINGPONG`` (the configs of ``PINGPONG_CONFIGS``, autotuned beside the others with R4B_VARLEN_WS_PINGPONG=1)
-the consumers take turns to
+With ``PINGPONG`` (the configs of ``PINGPONG_CONFIGS``, autotuned in place of the others with
+R4B_VARLEN_WS_PINGPONG=1) the consumers take turns to
 issue their products, FlashAttention-3's inter-warpgroup schedule: consumer 0 issues a block's products, passes the
 turn, and runs its softmax while consumer 1's products run (``_turn``; one turn per ring block, released-only
 blocks included, so both take as many). Without it the two consumers, waiting on the same ring, tend to run their
@@ -81,10 +81,10 @@ HALF = gl.constexpr(64)
 # 128-key configs spill 112 B causal / 32 B not, all of it in the segment's prologue and epilogue (the SASS's key
 # loops hold no local memory access: the report's loop_local); 128 x 3 stages uses 229.7 of the 227 kB (232448 B).
 CONFIGS = [(64, 3), (64, 4), (64, 2), (128, 2), (128, 3)]
-# the forward's configs that also run with PINGPONG (the consumers take turns to issue their products,
-# FlashAttention-3's inter-warpgroup schedule; _turn): (BLOCK_N, STAGES, True). Autotuned beside CONFIGS only with
-# R4B_VARLEN_WS_PINGPONG=1 until their own GPU tests pass (so that a wrong one cannot be picked, nor fail the
-# plain configs' verdict)
+# the forward's configs that run with PINGPONG (the consumers take turns to issue their products, FlashAttention-3's
+# inter-warpgroup schedule; _turn): (BLOCK_N, STAGES, True). Autotuned (alone, so that they are what runs and can be
+# timed against CONFIGS) only with R4B_VARLEN_WS_PINGPONG=1 until their own GPU tests pass: a wrong one can neither
+# be picked by default nor fail the plain configs' verdict
 PINGPONG_CONFIGS = [(64, 3, True), (128, 2, True)]
 ENV_PINGPONG = "R4B_VARLEN_WS_PINGPONG"
 # the dQ kernel's (BLOCK_N, STAGES): shared memory = Q and dO (2 x 2 x 64 x D) + STAGES x (K + V) blocks
@@ -699,7 +699,7 @@ def _fwd_tuned(cfgs):
 
 
 TUNED = _fwd_tuned([(*c, False) for c in CONFIGS])
-TUNED_PINGPONG = _fwd_tuned([(*c, False) for c in CONFIGS] + PINGPONG_CONFIGS)  # R4B_VARLEN_WS_PINGPONG=1
+TUNED_PINGPONG = _fwd_tuned(PINGPONG_CONFIGS)  # R4B_VARLEN_WS_PINGPONG=1: the PINGPONG configs alone
 TUNED_DQ = triton.autotune(_configs(DQ_CONFIGS), key=["D", "CAUSAL", "GROUP", "t_bucket"])(_bwd_dq_kernel)
 TUNED_DKDV = triton.autotune([triton.Config({"BLOCK_M": m, "STAGES": st}, num_warps=4) for m, st in DKDV_CONFIGS],
                              key=["D", "CAUSAL", "GROUP", "t_bucket"])(_bwd_dkdv_kernel)
@@ -720,7 +720,7 @@ def device_problem(device, kernel: str = "fwd") -> str | None:
 
 def forward(q, k, v, o, lse, cu, scale_log2: float, causal: bool, config=None) -> None:
     """Write o (T, Hq, D) and lse (Hq, T, log2 units) of varlen attention. config: one of CONFIGS or
-    PINGPONG_CONFIGS, or None to let the autotuner pick (among CONFIGS; with R4B_VARLEN_WS_PINGPONG=1 also
+    PINGPONG_CONFIGS, or None to let the autotuner pick (among CONFIGS; with R4B_VARLEN_WS_PINGPONG=1 among
     PINGPONG_CONFIGS). The caller checks :func:`device_problem` and
     _varlen_gluon.input_problem and sets triton's scratch allocator (the kernel builds TMA descriptors on the
     device)."""
