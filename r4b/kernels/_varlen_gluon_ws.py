@@ -689,20 +689,18 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, T, n_seqs, t_bucket, n
     _invalidate_barriers(full, empty, kv_bar, STAGES)
 
 
-def _configs(cfgs=None):
-    return [triton.Config({"BLOCK_N": n, "STAGES": st}, num_warps=4) for n, st in (cfgs or CONFIGS)]
+def _tuned(kern, cfgs, block: str, **fixed):
+    """The autotuner of ``kern`` over ``cfgs`` ((``block`` size, STAGES) pairs, 4 warps), each with the constexprs
+    ``fixed``; one cache per (head dim, mask, GQA group, token-count bucket)."""
+    return triton.autotune([triton.Config({block: n, "STAGES": st, **fixed}, num_warps=4) for n, st in cfgs],
+                           key=["D", "CAUSAL", "GROUP", "t_bucket"])(kern)
 
 
-def _fwd_tuned(cfgs):
-    return triton.autotune([triton.Config({"BLOCK_N": n, "STAGES": st, "PINGPONG": pp}, num_warps=4)
-                            for n, st, pp in cfgs], key=["D", "CAUSAL", "GROUP", "t_bucket"])(_fwd_kernel)
-
-
-TUNED = _fwd_tuned([(*c, False) for c in CONFIGS])
-TUNED_PINGPONG = _fwd_tuned(PINGPONG_CONFIGS)  # R4B_VARLEN_WS_PINGPONG=1: the PINGPONG configs alone
-TUNED_DQ = triton.autotune(_configs(DQ_CONFIGS), key=["D", "CAUSAL", "GROUP", "t_bucket"])(_bwd_dq_kernel)
-TUNED_DKDV = triton.autotune([triton.Config({"BLOCK_M": m, "STAGES": st}, num_warps=4) for m, st in DKDV_CONFIGS],
-                             key=["D", "CAUSAL", "GROUP", "t_bucket"])(_bwd_dkdv_kernel)
+TUNED = _tuned(_fwd_kernel, CONFIGS, "BLOCK_N", PINGPONG=False)
+# R4B_VARLEN_WS_PINGPONG=1: the PINGPONG configs alone
+TUNED_PINGPONG = _tuned(_fwd_kernel, [c[:2] for c in PINGPONG_CONFIGS], "BLOCK_N", PINGPONG=True)
+TUNED_DQ = _tuned(_bwd_dq_kernel, DQ_CONFIGS, "BLOCK_N")
+TUNED_DKDV = _tuned(_bwd_dkdv_kernel, DKDV_CONFIGS, "BLOCK_M")
 
 
 def device_problem(device, kernel: str = "fwd") -> str | None:
