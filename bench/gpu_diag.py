@@ -157,23 +157,17 @@ def ws(causal: bool, device: str = "cuda", d: int = 128, all_configs: bool = Fal
 
     import torch
 
-    from bench import bench_varlen_attention as bva
-    from bench.harness import Case, same_bits
+    from bench.harness import same_bits
     from r4b.kernels import varlen_attention_ref
 
-    va = importlib.import_module("r4b.kernels.varlen_attention")
     wsk = importlib.import_module("r4b.kernels._varlen_ws")
     interp = device != "cuda"
     why = wsk.parts_problem(torch.device(device), interp, ("fwd",) if all_configs else ("fwd", "bwd"))
     if why is not None:
         print(f"ws: {why} (R4B_VARLEN_WS_UNVERIFIED=1 runs them)")
         return 1
-    lens, hq = [100, 300, 77], 4
-    T = sum(lens)
-    # the varlen bench's inputs (bf16 on the GPU, fp32 on the CPU interpreter), as attn() uses
-    q, k, v, do, cu = bva._inputs(Case("diag", {"mode": "fwd", "lens": lens, "hq": hq, "hkv": 2, "d": d}), device)
-    if not interp:
-        va._ensure_allocator()
+    q, k, v, do, cu = _boundary_inputs(device, d)
+    T, hq, _ = q.shape
     scale = d**-0.5
     if all_configs:
         return ws_forward_configs(wsk, q, k, v, do, cu, scale, causal, interp)
@@ -242,22 +236,17 @@ def gluon_ws(causal: bool, device: str = "cuda", d: int = 128) -> int:
 
     import torch
 
-    from bench import bench_varlen_attention as bva
-    from bench.harness import Case, same_bits
+    from bench.harness import same_bits
     from r4b.kernels import varlen_attention_ref
 
-    va = importlib.import_module("r4b.kernels.varlen_attention")
     gws = importlib.import_module("r4b.kernels._varlen_gluon_ws")
     for kernel in ("fwd", "dq", "dkdv"):
         why = gws.device_problem(torch.device(device), kernel)
         if why is not None:
             print(f"gluon-ws: {why}")
             return 1
-    lens, hq = [100, 300, 77], 4
-    T = sum(lens)
-    q, k, v, do, cu = bva._inputs(Case("diag", {"mode": "fwd", "lens": lens, "hq": hq, "hkv": 2, "d": d}), device)
-    if device == "cuda":
-        va._ensure_allocator()
+    q, k, v, do, cu = _boundary_inputs(device, d)
+    T, hq, _ = q.shape
     scale = d**-0.5
     want = _ref_grads(varlen_attention_ref, q, k, v, do, cu, causal)
     # the fp32 reference's LSE (log2 units) and delta = rowsum(dO * O), (Hq, T)
@@ -306,6 +295,22 @@ def gluon_ws(causal: bool, device: str = "cuda", d: int = 128) -> int:
                   f"{same}; NaN: {nan}; max relative error against the fp32 reference {err:.2e}: "
                   f"{'ok' if ok else 'FAILED'}", flush=True)
     return 1 if failed else 0
+
+
+def _boundary_inputs(device: str, d: int):
+    """(q, k, v, do, cu) at the boundary test's size (documents of 100, 300 and 77 tokens, 4 q / 2 kv heads, head
+    dim d): the varlen bench's inputs (bf16 on the GPU, fp32 on the CPU interpreter), as attn() uses; on a GPU
+    triton's scratch allocator set (the ws and Gluon kernels build TMA descriptors on the device)."""
+    import importlib
+
+    from bench import bench_varlen_attention as bva
+    from bench.harness import Case
+
+    q, k, v, do, cu = bva._inputs(Case("diag", {"mode": "fwd", "lens": [100, 300, 77], "hq": 4, "hkv": 2, "d": d}),
+                                  device)
+    if device == "cuda":
+        importlib.import_module("r4b.kernels.varlen_attention")._ensure_allocator()
+    return q, k, v, do, cu
 
 
 def _ref_grads(ref, q, k, v, do, cu, causal: bool = True):
