@@ -244,6 +244,16 @@ def test_varlen_forward_mode_is_checked_by_name_and_gluon_says_why_it_cannot_run
         out.sum().backward()
 
 
+def _routing_case():
+    """The small causal case (GQA 2, D 16) of the tests that route a backward's gradients to stand-ins of kernels
+    the interpreter cannot run: (lens, scale, q, k, v, do, cu, the float64 (out, dq, dk, dv))."""
+    lens, scale = [5, 17, 1, 9], 16**-0.5
+    q, k, v, do = _inputs(lens, 4, 2, 16)
+    want = _grads(lambda a, b, c: _attention64(a, b, c, lens, True, scale), q.double(), k.double(), v.double(),
+                  do.double())
+    return lens, scale, q, k, v, do, _cu(lens), want
+
+
 @pytest.mark.parametrize("how", ["env", "default"])
 def test_gluon_dkdv_mode_pairs_the_triton_dq_kernel_with_the_gluon_dkdv_kernel(how, monkeypatch):
     """R4B_VARLEN_BWD=gluon-dkdv, or the variable unset where the default takes the Gluon dK/dV kernel (a Hopper
@@ -251,11 +261,7 @@ def test_gluon_dkdv_mode_pairs_the_triton_dq_kernel_with_the_gluon_dkdv_kernel(h
     (with_dq=False), never the Triton dK/dV kernel. Under the interpreter, which cannot run Gluon, a stand-in
     module gives the Gluon dK / dV from the float64 reference; the op's four results must match float64."""
     va = importlib.import_module("r4b.kernels.varlen_attention")
-    lens, scale = [5, 17, 1, 9], 16**-0.5
-    q, k, v, do = _inputs(lens, 4, 2, 16)
-    cu = _cu(lens)
-    want = _grads(lambda a, b, c: _attention64(a, b, c, lens, True, scale), q.double(), k.double(), v.double(),
-                  do.double())
+    lens, scale, q, k, v, do, cu, want = _routing_case()
     asked = []
 
     class StandIn:

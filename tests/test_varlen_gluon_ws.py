@@ -25,6 +25,7 @@ from tests.test_varlen_attention import (  # noqa: E402
     _cu,
     _grads,
     _inputs,
+    _routing_case,
     _sdpa_bf16_per_doc,
 )
 
@@ -75,6 +76,33 @@ def _segments(cu, n_seqs, t0, T):
         seq += 1
 
 
+def _kv_blocks(cu, n_seqs, t0, T, causal, block_n):
+    """_produce_kv's loads, in order: (sequence start, block index) of every segment of the tile (its waits for the
+    loads in flight before it rebuilds the descriptors of a new segment change no order)."""
+    blocks = []
+    for _t, cs, ce, seg_hi in _segments(cu, n_seqs, t0, T):
+        kv_hi = seg_hi - cs if causal else ce - cs
+        blocks += [(cs, j) for j in range((kv_hi + block_n - 1) // block_n)]
+    return blocks
+
+
+def _consumer_segments(cu, n_seqs, t0, T, r0, causal, block_n):
+    """Per segment of the tile, as a consumer with rows from r0 walks it (_segment, then _my_blocks): (t, cs, L,
+    nb, lo, hi, mine, free)."""
+    my_end = min(r0 + gws.HALF.value, T)
+    for t, cs, ce, seg_hi in _segments(cu, n_seqs, t0, T):
+        L = ce - cs
+        kv_hi, free_hi = (seg_hi - cs, t - cs) if causal else (L, L)
+        nb = (kv_hi + block_n - 1) // block_n
+        lo, hi = max(t, r0), min(seg_hi, my_end)
+        if causal:
+            mine = min((hi - cs + block_n - 1) // block_n, nb)
+            free = lo - cs
+        else:
+            mine, free = nb, free_hi
+        yield t, cs, L, nb, lo, hi, (mine if hi > lo else 0), free
+
+
 def emulate(q, k, v, lens, causal, scale, block_n):
     """float64 transcription of _fwd_kernel's three partitions for every (tile, head): the producer's block list,
     each consumer's waits / releases of it (checked in order, each block released once by each consumer), the
@@ -94,34 +122,16 @@ def emulate(q, k, v, lens, causal, scale, block_n):
     for t0 in range(0, T, gws.BLOCK_M.value):
         for h in range(Hq):
             hk = h // group
-            # the producer's loads, in order: (sequence start, block index); its waits for the loads in flight before it
-            # rebuilds the descriptors of a new segment change no order
-            blocks = []
-            for _t, cs, ce, seg_hi in _segments(cu, n_seqs, t0, T):
-                L = ce - cs
-                kv_hi = seg_hi - cs if causal else L
-                nb = (kv_hi + block_n - 1) // block_n
-                blocks += [(cs, j) for j in range(nb)]
+            blocks = _kv_blocks(cu, n_seqs, t0, T, causal, block_n)
             for c in range(2):
                 r0 = t0 + c * half
-                my_end = min(r0 + half, T)
                 rows = r0 + np.arange(half)
                 qc = np.zeros((half, D))
                 ok_rows = rows < T
                 qc[ok_rows] = q[rows[ok_rows], h]  # TMA zero-fill past T
                 it = 0
                 released = []
-                for t, cs, ce, seg_hi in _segments(cu, n_seqs, t0, T):
-                    L = ce - cs
-                    kv_hi, free_hi = (seg_hi - cs, t - cs) if causal else (L, L)
-                    nb = (kv_hi + block_n - 1) // block_n
-                    lo, hi = max(t, r0), min(seg_hi, my_end)
-                    if causal:
-                        mine = min((hi - cs + block_n - 1) // block_n, nb)
-                        free = lo - cs
-                    else:
-                        mine, free = nb, free_hi
-                    mine = mine if hi > lo else 0
+                for _t, cs, L, nb, lo, hi, mine, free in _consumer_segments(cu, n_seqs, t0, T, r0, causal, block_n):
                     # a consumer whose rows all lie past T gets no Q load and does not wait for one: it computes
                     # nothing
                     assert r0 < T or mine == 0, (t0, c)
@@ -183,14 +193,9 @@ def emulate_dq(q, k, v, do, lse, delta, lens, causal, scale, block_n):
     for t0 in range(0, T, gws.BLOCK_M.value):
         for h in range(Hq):
             hk = h // group
-            blocks = []
-            for _t, cs, ce, seg_hi in _segments(cu, n_seqs, t0, T):
-                L = ce - cs
-                kv_hi = seg_hi - cs if causal else L
-                blocks += [(cs, j) for j in range((kv_hi + block_n - 1) // block_n)]
+            blocks = _kv_blocks(cu, n_seqs, t0, T, causal, block_n)
             for c in range(2):
                 r0 = t0 + c * half
-                my_end = min(r0 + half, T)
                 rows = r0 + np.arange(half)
                 ok_rows = rows < T
                 qc, doc = np.zeros((half, D)), np.zeros((half, D))
@@ -201,18 +206,7 @@ def emulate_dq(q, k, v, do, lse, delta, lens, causal, scale, block_n):
                 delta_c[ok_rows] = delta[h, rows[ok_rows]]
                 it = 0
                 released = []
-                for t, cs, ce, seg_hi in _segments(cu, n_seqs, t0, T):
-                    L = ce - cs
-                    kv_hi, free_hi = (seg_hi - cs, t - cs) if causal else (L, L)
-                    nb = (kv_hi + block_n - 1) // block_n
-                    # _my_blocks
-                    lo, hi = max(t, r0), min(seg_hi, my_end)
-                    if causal:
-                        mine = min((hi - cs + block_n - 1) // block_n, nb)
-                        free = lo - cs
-                    else:
-                        mine, free = nb, free_hi
-                    mine = mine if hi > lo else 0
+                for _t, cs, L, nb, lo, hi, mine, free in _consumer_segments(cu, n_seqs, t0, T, r0, causal, block_n):
                     assert r0 < T or mine == 0, (t0, c)
                     if mine > 0:
                         q_loc = rows - cs
@@ -559,11 +553,7 @@ def test_gluon_ws_backward_modes_route_each_gradient(mode, monkeypatch):
     import importlib
 
     va = importlib.import_module("r4b.kernels.varlen_attention")
-    lens, scale = [5, 17, 1, 9], 16**-0.5
-    q, k, v, do = _inputs(lens, 4, 2, 16)
-    cu = _cu(lens)
-    want = _grads(lambda a, b, c: _attention64(a, b, c, lens, True, scale), q.double(), k.double(), v.double(),
-                  do.double())
+    lens, scale, q, k, v, do, cu, want = _routing_case()
     asked = []
 
     class GluonStandIn:
