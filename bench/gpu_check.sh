@@ -128,21 +128,24 @@ gws_pp_rc=skipped
 gws_dq_rc=skipped
 gws_dkdv_rc=skipped
 gws_bwd_rc=skipped  # both kernels through the op: run once each passed its own tests
+# gws_tests LIMIT LOG KEXPR: tests/test_varlen_gluon_ws.py's GPU tests selected by -k KEXPR, run although the kernels
+# are refused (to verify them); its rc in gws_last (and in test_rc when it failed)
+gws_tests() {
+  R4B_VARLEN_WS_UNVERIFIED=1 gpu_tests "$1" "$2" tests/test_varlen_gluon_ws.py -k "$3"
+  gws_last=$?
+  [ "$gws_last" -ne 0 ] && test_rc=$gws_last
+  return 0
+}
 if has_test gluon_ws; then
   # the warp-specialised Gluon forward (R4B_VARLEN_FWD=gluon-ws; written 2026-11-27, session 11, never run on a GPU):
   # every config directly (twice: finite, same bits, float64), the anchor through the op, boundary isolation
   # (five configs since session 13: ten sm_90 compiles of 1-4 s before the anchor's autotuning. The five gluon-ws
   # steps' limits, 90 + 50 + 90 + 90 + 60 = 380 s, leave the rest of a 540 s call to the anchor's bench rows)
   step "GPU tests: warp-specialised Gluon attention forward (sm_90, R4B_VARLEN_WS_UNVERIFIED=1)"
-  R4B_VARLEN_WS_UNVERIFIED=1 gpu_tests 90 pytest_gpu_gluon_ws.log tests/test_varlen_gluon_ws.py \
-    -k "not dq and not dkdv and not pingpong"
-  gws_rc=$?
-  [ "$gws_rc" -ne 0 ] && test_rc=$gws_rc
+  gws_tests 90 pytest_gpu_gluon_ws.log "not dq and not dkdv and not pingpong"; gws_rc=$gws_last
   if [ "$gws_rc" = 0 ]; then  # its PINGPONG configs (R4B_VARLEN_WS_PINGPONG=1), judged on their own
     step "GPU tests: the gluon-ws forward's PINGPONG configs"
-    R4B_VARLEN_WS_UNVERIFIED=1 gpu_tests 50 pytest_gpu_gluon_ws_pp.log tests/test_varlen_gluon_ws.py -k "pingpong"
-    gws_pp_rc=$?
-    [ "$gws_pp_rc" -ne 0 ] && test_rc=$gws_pp_rc
+    gws_tests 50 pytest_gpu_gluon_ws_pp.log "pingpong"; gws_pp_rc=$gws_last
   fi
 fi
 if has_test gluon_ws_dq; then
@@ -150,19 +153,13 @@ if has_test gluon_ws_dq; then
   # GPU): every config directly (twice, float64), the anchor through the op (after the Triton and the gluon-ws
   # forward), boundary isolation
   step "GPU tests: warp-specialised Gluon attention dQ (sm_90, R4B_VARLEN_WS_UNVERIFIED=1)"
-  R4B_VARLEN_WS_UNVERIFIED=1 gpu_tests 90 pytest_gpu_gluon_ws_dq.log tests/test_varlen_gluon_ws.py \
-    -k "dq_every or dq-only"
-  gws_dq_rc=$?
-  [ "$gws_dq_rc" -ne 0 ] && test_rc=$gws_dq_rc
+  gws_tests 90 pytest_gpu_gluon_ws_dq.log "dq_every or dq-only"; gws_dq_rc=$gws_last
 fi
 if has_test gluon_ws_dkdv; then
   # the warp-specialised Gluon dK/dV kernel (R4B_VARLEN_BWD=gluon-ws-dkdv / gluon-ws; withdrawn in session 11 for
   # ptxas's serialised products, rewritten in session 13 with each step's products waited for; never run on a GPU)
   step "GPU tests: warp-specialised Gluon attention dK/dV (sm_90, R4B_VARLEN_WS_UNVERIFIED=1)"
-  R4B_VARLEN_WS_UNVERIFIED=1 gpu_tests 90 pytest_gpu_gluon_ws_dkdv.log tests/test_varlen_gluon_ws.py \
-    -k "dkdv_every or dkdv-only"
-  gws_dkdv_rc=$?
-  [ "$gws_dkdv_rc" -ne 0 ] && test_rc=$gws_dkdv_rc
+  gws_tests 90 pytest_gpu_gluon_ws_dkdv.log "dkdv_every or dkdv-only"; gws_dkdv_rc=$gws_last
 fi
 if has_test gluon_ws_dq && has_test gluon_ws_dkdv && [ "$gws_dq_rc" = 0 ] && [ "$gws_dkdv_rc" = 0 ]; then
   # after the Triton forward, and after the gluon-ws forward only if its own tests passed (so that a wrong forward
@@ -170,9 +167,7 @@ if has_test gluon_ws_dq && has_test gluon_ws_dkdv && [ "$gws_dq_rc" = 0 ] && [ "
   both="dq-and-dkdv and not fwd-dq"
   [ "$gws_rc" = 0 ] && both="dq-and-dkdv"
   step "GPU tests: the warp-specialised Gluon backward, both kernels (R4B_VARLEN_BWD=gluon-ws)"
-  R4B_VARLEN_WS_UNVERIFIED=1 gpu_tests 60 pytest_gpu_gluon_ws_bwd.log tests/test_varlen_gluon_ws.py -k "$both"
-  gws_bwd_rc=$?
-  [ "$gws_bwd_rc" -ne 0 ] && test_rc=$gws_bwd_rc
+  gws_tests 60 pytest_gpu_gluon_ws_bwd.log "$both"; gws_bwd_rc=$gws_last
 fi
 if has_test ws_fwd; then
   # the warp-specialised kernels: refused on GPUs since their wrong first run (2026-11-27); the two
