@@ -207,7 +207,7 @@ loss_tests="tests/test_fused_linear_chunked.py tests/test_fused_linear_grpo_loss
             tests/test_fused_linear_cross_entropy.py tests/test_fused_linear_logprobs.py"
 # the fused ops first (never run on a GPU yet), then the model's step that uses them, then the ops that passed
 small_tests="tests/test_qk_norm_rope.py tests/test_add_rms_norm.py tests/test_model_qwen3.py tests/test_rms_norm.py
-             tests/test_rope.py tests/test_swiglu.py"
+             tests/test_rope.py tests/test_swiglu.py tests/test_compile.py"
 attn_tests="tests/test_varlen_attention.py"
 rest_tests="tests/test_group_advantages.py tests/test_pack.py tests/test_varlen_attention_peers.py"
 if has_test loss; then

@@ -55,13 +55,14 @@ def cu_seqlens(name: str, cu: torch.Tensor, total: int | None = None, values: bo
     """Check a cu_seqlens tensor: 1-D int32, starts at 0, non-decreasing, ends at ``total`` when given.
 
     The value checks read the tensor on the host; by default (``values=None``) they run only for CPU tensors,
-    so a GPU hot path (one call per layer) does not synchronise. Pass ``values=True`` to force them.
+    so a GPU hot path (one call per layer) does not synchronise, and not under torch.compile (values read on the
+    host would break the graph). Pass ``values=True`` to force them.
     """
     tensor(name, cu, dtypes=(torch.int32,), ndim=1)
     if cu.numel() < 1:
         raise ValueError(f"{name} must hold at least one entry (0), got an empty tensor")
     if values is None:
-        values = cu.device.type == "cpu"
+        values = cu.device.type == "cpu" and not torch.compiler.is_compiling()
     if not values:
         return cu
     c = cu.detach().to("cpu", torch.int64)

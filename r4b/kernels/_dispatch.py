@@ -76,13 +76,21 @@ def _extension():
     return _ext.load()
 
 
-@functools.cache
+_TRITON_IMPORTABLE: bool | None = None
+
+
 def triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
+    """Whether triton imports (tried once; a module global rather than functools.cache, which dynamo warns of
+    when it traces a public op's dispatch under torch.compile)."""
+    global _TRITON_IMPORTABLE
+    if _TRITON_IMPORTABLE is None:
+        try:
+            import triton  # noqa: F401
+        except Exception:
+            _TRITON_IMPORTABLE = False
+        else:
+            _TRITON_IMPORTABLE = True
+    return _TRITON_IMPORTABLE
 
 
 def triton_interpret() -> bool:
@@ -93,10 +101,13 @@ def on_tensor_device(fn):
     """Decorator of a public op: it runs with its first CUDA tensor argument's device as the current CUDA device.
     Triton launches kernels on the current device whatever device the tensors are on, so an op called with tensors
     on cuda:1 while cuda:0 is current would launch on the wrong GPU. (The backward needs nothing: autograd runs it
-    in a thread per device, with that device current. The C++ CUDA ops have device guards.)"""
+    in a thread per device, with that device current. The C++ CUDA ops have device guards.) A call traced by
+    torch.compile passes through: the custom ops it calls (r4b/kernels/_compile.py) carry this guard themselves."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        if torch.compiler.is_compiling():  # traced: the custom ops the function calls guard the device at run time
+            return fn(*args, **kwargs)
         for a in (*args, *kwargs.values()):
             if isinstance(a, torch.Tensor) and a.is_cuda:
                 if a.device.index is not None and a.device.index != torch.cuda.current_device():

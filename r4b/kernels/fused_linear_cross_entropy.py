@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _checks, _dispatch, _fused_linear, _fused_linear_chunked
+from . import _checks, _compile, _dispatch, _fused_linear, _fused_linear_chunked
 
 OP = "fused_linear_cross_entropy"
 _dispatch.register(OP, ("triton", "torch"))
@@ -55,6 +55,7 @@ def fused_linear_cross_entropy_ref(
     return _cross_entropy(hidden, weight, targets, ignore_index, reduction, bias, "torch")
 
 
+@_compile.eager  # under torch.compile: runs eagerly (r4b/kernels/_compile.py)
 @_dispatch.on_tensor_device
 def fused_linear_cross_entropy(
     hidden: Tensor,

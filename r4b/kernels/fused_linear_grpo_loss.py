@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _checks, _dispatch, _fused_linear, _fused_linear_chunked
+from . import _checks, _compile, _dispatch, _fused_linear, _fused_linear_chunked
 
 OP = "fused_linear_grpo_loss"
 _dispatch.register(OP, ("triton", "torch"))
@@ -151,6 +151,7 @@ def fused_linear_grpo_loss_ref(
                  eps_high, beta, temperature, aggregation, bias, "torch")
 
 
+@_compile.eager  # under torch.compile: runs eagerly (r4b/kernels/_compile.py)
 @_dispatch.on_tensor_device
 def fused_linear_grpo_loss(
     hidden: Tensor,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _dispatch, _fused_linear
+from . import _compile, _dispatch, _fused_linear
 
 OP = "fused_linear_logprobs"
 _dispatch.register(OP, ("triton", "torch"))
@@ -24,6 +24,7 @@ def fused_linear_logprobs_ref(
         return _fused_linear.torch_fwd(hidden, weight, bias, targets, temperature)[0]
 
 
+@_compile.eager  # under torch.compile: runs eagerly (r4b/kernels/_compile.py)
 @_dispatch.on_tensor_device
 def fused_linear_logprobs(
     hidden: Tensor,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _checks, _dispatch
+from . import _checks, _compile, _dispatch
 from .rms_norm import rms_norm_ref
 from .rope import _inv_freq, rope_ref
 
@@ -166,19 +166,49 @@ if _dispatch.triton_importable():
     def _unit(t: Tensor) -> Tensor:
         return t if t.stride(-1) == 1 else t.contiguous()
 
+    def _fn_forward(q: Tensor, k: Tensor, wq: Tensor, wk: Tensor, pos: Tensor, eps: float,
+                    theta: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(yq, yk, the q and k read (unit last stride), inv_freq): the forward of the Function and the custom op."""
+        q, k = _unit(q), _unit(k)
+        T, HQ, D = q.shape
+        HK = k.shape[1]
+        inv_freq = _inv_freq(D, theta, q.device)
+        yq = torch.empty((T, HQ, D), dtype=torch.promote_types(q.dtype, wq.dtype), device=q.device)
+        yk = torch.empty((T, HK, D), dtype=torch.promote_types(k.dtype, wk.dtype), device=k.device)
+        if T > 0 and HQ + HK > 0:
+            args = (q, k, wq, wk, pos, inv_freq, yq, yk, T, HQ, HK, _dispatch.rows_bucket(T), *q.stride()[:2],
+                    *k.stride()[:2], *yq.stride()[:2], *yk.stride()[:2], eps)
+            _launch(_fwd_kernel, _fwd_tuned, args, 8, T, HQ, HK, D)
+        return yq, yk, q, k, inv_freq
+
+    def _fn_backward(dyq: Tensor, dyk: Tensor, q: Tensor, k: Tensor, wq: Tensor, wk: Tensor, pos: Tensor,
+                     inv_freq: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(dq, dk, dq_weight, dk_weight) for the q, k and inv_freq of _fn_forward."""
+        T, HQ, D = q.shape
+        HK = k.shape[1]
+        dyq, dyk = _unit(dyq), _unit(dyk)
+        dxq = torch.empty((T, HQ, D), dtype=q.dtype, device=q.device)
+        dxk = torch.empty((T, HK, D), dtype=k.dtype, device=k.device)
+        if T == 0 or HQ + HK == 0:  # nothing to launch: the weight gradients are exactly 0
+            return dxq, dxk, torch.zeros_like(wq), torch.zeros_like(wk)
+        interpret = _dispatch.triton_interpret()
+        # each program writes its (2, D) partial; sized for the grid of the smallest BLOCK_T any config has
+        min_t = min(t for t, _, _ in CONFIGS) if q.is_cuda and not interpret else _blocks(D, interpret)[1]
+        part = torch.empty((_grid_of(T, min_t), 2, D), dtype=torch.float32, device=q.device)
+        grids: list[int] = []
+        args = (dyq, dyk, q, k, wq, wk, pos, inv_freq, dxq, dxk, part, T, HQ, HK, _dispatch.rows_bucket(T),
+                *dyq.stride()[:2], *dyk.stride()[:2], *q.stride()[:2], *k.stride()[:2], *dxq.stride()[:2],
+                *dxk.stride()[:2], eps)
+        # the last launch's grid is the one whose partials count (an autotuning call times every config first)
+        _launch(_bwd_kernel, _bwd_tuned, args, 11, T, HQ, HK, D, on_grid=grids.append)
+        dw = part[:grids[-1]].sum(0)  # (2, D) fp32
+        # (copies even when the weights are fp32: two views of one tensor would alias the custom op's outputs)
+        return dxq, dxk, dw[0].to(wq.dtype, copy=True), dw[1].to(wk.dtype, copy=True)
+
     class _QKNormRopeFn(torch.autograd.Function):
         @staticmethod
         def forward(ctx, q: Tensor, k: Tensor, wq: Tensor, wk: Tensor, pos: Tensor, eps: float, theta: float):
-            q, k = _unit(q), _unit(k)
-            T, HQ, D = q.shape
-            HK = k.shape[1]
-            inv_freq = _inv_freq(D, theta, q.device)
-            yq = torch.empty((T, HQ, D), dtype=torch.promote_types(q.dtype, wq.dtype), device=q.device)
-            yk = torch.empty((T, HK, D), dtype=torch.promote_types(k.dtype, wk.dtype), device=k.device)
-            if T > 0 and HQ + HK > 0:
-                args = (q, k, wq, wk, pos, inv_freq, yq, yk, T, HQ, HK, _dispatch.rows_bucket(T), *q.stride()[:2],
-                        *k.stride()[:2], *yq.stride()[:2], *yk.stride()[:2], eps)
-                _launch(_fwd_kernel, _fwd_tuned, args, 8, T, HQ, HK, D)
+            yq, yk, q, k, inv_freq = _fn_forward(q, k, wq, wk, pos, eps, theta)
             ctx.save_for_backward(q, k, wq, wk, pos, inv_freq)
             ctx.eps = eps
             return yq, yk
@@ -186,27 +216,38 @@ if _dispatch.triton_importable():
         @staticmethod
         @torch.autograd.function.once_differentiable  # a double backward raises instead of dropping terms
         def backward(ctx, dyq: Tensor, dyk: Tensor):
-            q, k, wq, wk, pos, inv_freq = ctx.saved_tensors
-            T, HQ, D = q.shape
-            HK = k.shape[1]
             # (an output that did not reach the loss gets a zero gradient: autograd materialises it)
-            dyq, dyk = _unit(dyq), _unit(dyk)
-            dxq = torch.empty((T, HQ, D), dtype=q.dtype, device=q.device)
-            dxk = torch.empty((T, HK, D), dtype=k.dtype, device=k.device)
-            if T == 0 or HQ + HK == 0:  # nothing to launch: the weight gradients are exactly 0
-                return dxq, dxk, torch.zeros_like(wq), torch.zeros_like(wk), None, None, None
-            interpret = _dispatch.triton_interpret()
-            # each program writes its (2, D) partial; sized for the grid of the smallest BLOCK_T any config has
-            min_t = min(t for t, _, _ in CONFIGS) if q.is_cuda and not interpret else _blocks(D, interpret)[1]
-            part = torch.empty((_grid_of(T, min_t), 2, D), dtype=torch.float32, device=q.device)
-            grids: list[int] = []
-            args = (dyq, dyk, q, k, wq, wk, pos, inv_freq, dxq, dxk, part, T, HQ, HK, _dispatch.rows_bucket(T),
-                    *dyq.stride()[:2], *dyk.stride()[:2], *q.stride()[:2], *k.stride()[:2], *dxq.stride()[:2],
-                    *dxk.stride()[:2], ctx.eps)
-            # the last launch's grid is the one whose partials count (an autotuning call times every config first)
-            _launch(_bwd_kernel, _bwd_tuned, args, 11, T, HQ, HK, D, on_grid=grids.append)
-            dw = part[:grids[-1]].sum(0)  # (2, D) fp32
-            return dxq, dxk, dw[0].to(wq.dtype), dw[1].to(wk.dtype), None, None, None
+            return (*_fn_backward(dyq, dyk, *ctx.saved_tensors, ctx.eps), None, None, None)
+
+    # under torch.compile (r4b/kernels/_compile.py): the same forward and backward as custom ops
+    @_compile.custom_op("qk_norm_rope")
+    def _qk_norm_rope_op(q: Tensor, k: Tensor, wq: Tensor, wk: Tensor, pos: Tensor, eps: float,
+                         theta: float) -> tuple[Tensor, Tensor]:
+        return _fn_forward(q, k, wq, wk, pos, eps, theta)[:2]
+
+    @_qk_norm_rope_op.register_fake
+    def _(q, k, wq, wk, pos, eps, theta):
+        return (q.new_empty(q.shape, dtype=torch.promote_types(q.dtype, wq.dtype)),
+                k.new_empty(k.shape, dtype=torch.promote_types(k.dtype, wk.dtype)))
+
+    @_compile.custom_op("qk_norm_rope_backward")
+    def _qk_norm_rope_backward_op(dyq: Tensor, dyk: Tensor, q: Tensor, k: Tensor, wq: Tensor, wk: Tensor,
+                                  pos: Tensor, eps: float, theta: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return _fn_backward(dyq, dyk, _unit(q), _unit(k), wq, wk, pos, _inv_freq(q.shape[-1], theta, q.device), eps)
+
+    @_qk_norm_rope_backward_op.register_fake
+    def _(dyq, dyk, q, k, wq, wk, pos, eps, theta):
+        return (q.new_empty(q.shape), k.new_empty(k.shape), wq.new_empty(wq.shape), wk.new_empty(wk.shape))
+
+    def _qk_norm_rope_setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:5])
+        ctx.eps, ctx.theta = inputs[5], inputs[6]
+
+    def _qk_norm_rope_grads(ctx, dyq, dyk):
+        grads = _qk_norm_rope_backward_op(dyq, dyk, *ctx.saved_tensors, ctx.eps, ctx.theta)
+        return (*grads, None, None, None)
+
+    _qk_norm_rope_op.register_autograd(_qk_norm_rope_grads, setup_context=_qk_norm_rope_setup)
 
 
 @_dispatch.on_tensor_device
@@ -243,6 +284,7 @@ def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, posit
     if not theta > 0:
         raise ValueError(f"theta must be > 0, got {theta}")
     if _dispatch.pick(OP, backend, q) == "triton":
-        return _QKNormRopeFn.apply(q, k, q_weight.contiguous(), k_weight.contiguous(), position_ids.contiguous(),
-                                   float(eps), float(theta))
+        fn = _qk_norm_rope_op if _compile.compiling() else _QKNormRopeFn.apply
+        return fn(q, k, q_weight.contiguous(), k_weight.contiguous(), position_ids.contiguous(), float(eps),
+                  float(theta))
     return qk_norm_rope_ref(q, k, q_weight, k_weight, position_ids, eps, theta)

@@ -11,7 +11,7 @@ import functools
 import torch
 from torch import Tensor
 
-from . import _checks, _dispatch
+from . import _checks, _compile, _dispatch
 
 OP = "rms_norm"
 _dispatch.register(OP, ("triton", "torch"))
@@ -223,21 +223,62 @@ if _dispatch.triton_importable():
                                       ADD_DS=add, num_warps=warps)
         return dx, dw_part[:nprog].sum(0).to(weight.dtype)  # (D,)
 
+    def _fn_forward(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+        """(y shaped as x, the (N, D) rows x2 normalised, rstd): the forward of the Function and the custom op."""
+        x2 = _rows(x, x.shape[-1])  # (N, D)
+        y, rstd, _ = _forward(x2, weight, eps)
+        return (y if x2 is x else y.view(x.shape)), x2, rstd
+
+    def _fn_backward(dy: Tensor, x2: Tensor, weight: Tensor, rstd: Tensor, shape) -> tuple[Tensor, Tensor]:
+        """(dx shaped ``shape``, dweight) of the rows x2 (see _fn_forward) for the output gradient dy."""
+        dx, dw = _backward(_rows(dy, x2.shape[1]), x2, weight, rstd)
+        return (dx if len(shape) == 2 else dx.view(shape)), dw
+
     class _RMSNormFn(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
-            x2 = _rows(x, x.shape[-1])  # (N, D)
-            y, rstd, _ = _forward(x2, weight, eps)
+            y, x2, rstd = _fn_forward(x, weight, eps)
             ctx.save_for_backward(x2, weight, rstd)
             ctx.x_shape = x.shape
-            return y if x2 is x else y.view(x.shape)
+            return y
 
         @staticmethod
         @torch.autograd.function.once_differentiable  # a double backward raises instead of dropping terms
         def backward(ctx, dy: Tensor):
             x2, weight, rstd = ctx.saved_tensors
-            dx, dw = _backward(_rows(dy, x2.shape[1]), x2, weight, rstd)
-            return (dx if len(ctx.x_shape) == 2 else dx.view(ctx.x_shape)), dw, None
+            dx, dw = _fn_backward(dy, x2, weight, rstd, ctx.x_shape)
+            return dx, dw, None
+
+    # under torch.compile (r4b/kernels/_compile.py): the same forward and backward as custom ops
+    @_compile.custom_op("rms_norm")
+    def _rms_norm_op(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+        y, _, rstd = _fn_forward(x, weight, eps)
+        return _compile.contiguous(y, rstd)
+
+    @_rms_norm_op.register_fake
+    def _(x, weight, eps):
+        return (x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype)),
+                x.new_empty((x.numel() // x.shape[-1],), dtype=torch.float32))
+
+    @_compile.custom_op("rms_norm_backward")
+    def _rms_norm_backward_op(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
+        return _compile.contiguous(*_fn_backward(dy, _rows(x, x.shape[-1]), weight, rstd, x.shape))
+
+    @_rms_norm_backward_op.register_fake
+    def _(dy, x, weight, rstd):
+        return x.new_empty(x.shape), weight.new_empty(weight.shape)
+
+    def _rms_norm_setup(ctx, inputs, output):
+        x, weight, _ = inputs
+        ctx.save_for_backward(x, weight, output[1])
+        ctx.mark_non_differentiable(output[1])
+
+    def _rms_norm_grads(ctx, dy, _drstd):
+        x, weight, rstd = ctx.saved_tensors
+        dx, dw = _rms_norm_backward_op(dy, x, weight, rstd)
+        return dx, dw, None
+
+    _rms_norm_op.register_autograd(_rms_norm_grads, setup_context=_rms_norm_setup)
 
 
 def check_args(x: Tensor, weight: Tensor, eps: float, **more: Tensor) -> None:
@@ -265,5 +306,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, *, backend: str | Non
     """
     check_args(x, weight, eps)
     if _dispatch.pick(OP, backend, x) == "triton":
+        if _compile.compiling():
+            return _rms_norm_op(x, weight.contiguous(), float(eps))[0]
         return _RMSNormFn.apply(x, weight.contiguous(), float(eps))
     return rms_norm_ref(x, weight, eps)

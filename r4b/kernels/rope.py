@@ -11,7 +11,7 @@ import functools
 import torch
 from torch import Tensor
 
-from . import _checks, _dispatch
+from . import _checks, _compile, _dispatch
 
 OP = "rope"
 _dispatch.register(OP, ("triton", "torch"))
@@ -162,6 +162,25 @@ if _dispatch.triton_importable():
             pos, inv_freq = ctx.saved_tensors
             return _launch(dy, pos, inv_freq, True), None, None
 
+    # under torch.compile (r4b/kernels/_compile.py): the same rotations as custom ops (the backward rotates back)
+    @_compile.custom_op("rope")
+    def _rope_op(x: Tensor, pos: Tensor, theta: float, inverse: bool) -> Tensor:
+        return _launch(x, pos, _inv_freq(x.shape[-1], theta, x.device), inverse)
+
+    @_rope_op.register_fake
+    def _(x, pos, theta, inverse):
+        return x.new_empty(x.shape)
+
+    def _rope_setup(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])
+        ctx.theta, ctx.inverse = inputs[2], inputs[3]
+
+    def _rope_grads(ctx, dy):
+        (pos,) = ctx.saved_tensors
+        return _rope_op(dy, pos, ctx.theta, not ctx.inverse), None, None, None
+
+    _rope_op.register_autograd(_rope_grads, setup_context=_rope_setup)
+
 
 @_dispatch.on_tensor_device
 def rope(x: Tensor, position_ids: Tensor, theta: float = 1e6, *, backend: str | None = None) -> Tensor:
@@ -180,5 +199,7 @@ def rope(x: Tensor, position_ids: Tensor, theta: float = 1e6, *, backend: str | 
     if not theta > 0:
         raise ValueError(f"theta must be > 0, got {theta}")
     if _dispatch.pick(OP, backend, x) == "triton":
+        if _compile.compiling():
+            return _rope_op(x, position_ids.contiguous(), float(theta), False)
         return _RopeFn.apply(x, position_ids.contiguous(), float(theta))
     return rope_ref(x, position_ids, theta)

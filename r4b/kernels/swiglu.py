@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _checks, _dispatch
+from . import _checks, _compile, _dispatch
 
 OP = "swiglu"
 _dispatch.register(OP, ("triton", "torch"))
@@ -125,33 +125,68 @@ if _dispatch.triton_importable():
             bm, bn = _grid_blocks(n_cols, interpret)
             kernel[(-(-n // bm) * -(-n_cols // bn),)](*args, BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
 
+    def _fn_forward(gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(y shaped as gate, the (N, I) rows of gate and up): the forward of the Function and the custom op."""
+        n_cols = gate.shape[-1]
+        g2, u2 = _rows(gate, n_cols), _rows(up, n_cols)  # (N, I)
+        n = g2.shape[0]
+        y = torch.empty((n, n_cols), dtype=torch.promote_types(gate.dtype, up.dtype), device=gate.device)
+        _launch(_fwd_tuned, _swiglu_fwd_kernel, y,
+                (g2, u2, y, n, n_cols, _dispatch.rows_bucket(n), g2.stride(0), u2.stride(0), y.stride(0)), 3)
+        return (y if gate.dim() == 2 else y.view(gate.shape)), g2, u2
+
+    def _fn_backward(dy: Tensor, g2: Tensor, u2: Tensor, shape) -> tuple[Tensor, Tensor]:
+        """(dgate, dup) shaped ``shape`` from the (N, I) rows g2, u2 (see _fn_forward)."""
+        n, n_cols = g2.shape
+        dy2 = _rows(dy, n_cols)  # (N, I)
+        dg = torch.empty((n, n_cols), dtype=g2.dtype, device=g2.device)
+        du = torch.empty((n, n_cols), dtype=u2.dtype, device=u2.device)
+        _launch(_bwd_tuned, _swiglu_bwd_kernel, dg,
+                (dy2, g2, u2, dg, du, n, n_cols, _dispatch.rows_bucket(n), dy2.stride(0), g2.stride(0),
+                 u2.stride(0), dg.stride(0)), 5)
+        if len(shape) == 2:
+            return dg, du
+        return dg.view(shape), du.view(shape)
+
     class _SwigluFn(torch.autograd.Function):
         @staticmethod
         def forward(ctx, gate: Tensor, up: Tensor) -> Tensor:
-            n_cols = gate.shape[-1]
-            g2, u2 = _rows(gate, n_cols), _rows(up, n_cols)  # (N, I)
-            n = g2.shape[0]
-            y = torch.empty((n, n_cols), dtype=torch.promote_types(gate.dtype, up.dtype), device=gate.device)
-            _launch(_fwd_tuned, _swiglu_fwd_kernel, y,
-                    (g2, u2, y, n, n_cols, _dispatch.rows_bucket(n), g2.stride(0), u2.stride(0), y.stride(0)), 3)
+            y, g2, u2 = _fn_forward(gate, up)
             ctx.save_for_backward(g2, u2)
             ctx.shape = gate.shape
-            return y if gate.dim() == 2 else y.view(gate.shape)
+            return y
 
         @staticmethod
         @torch.autograd.function.once_differentiable  # a double backward raises instead of dropping terms
         def backward(ctx, dy: Tensor):
             g2, u2 = ctx.saved_tensors
-            n, n_cols = g2.shape
-            dy2 = _rows(dy, n_cols)  # (N, I)
-            dg = torch.empty((n, n_cols), dtype=g2.dtype, device=g2.device)
-            du = torch.empty((n, n_cols), dtype=u2.dtype, device=u2.device)
-            _launch(_bwd_tuned, _swiglu_bwd_kernel, dg,
-                    (dy2, g2, u2, dg, du, n, n_cols, _dispatch.rows_bucket(n), dy2.stride(0), g2.stride(0),
-                     u2.stride(0), dg.stride(0)), 5)
-            if len(ctx.shape) == 2:
-                return dg, du
-            return dg.view(ctx.shape), du.view(ctx.shape)
+            return _fn_backward(dy, g2, u2, ctx.shape)
+
+    # under torch.compile (r4b/kernels/_compile.py): the same forward and backward as custom ops
+    @_compile.custom_op("swiglu")
+    def _swiglu_op(gate: Tensor, up: Tensor) -> Tensor:
+        return _fn_forward(gate, up)[0].contiguous()
+
+    @_swiglu_op.register_fake
+    def _(gate, up):
+        return gate.new_empty(gate.shape, dtype=torch.promote_types(gate.dtype, up.dtype))
+
+    @_compile.custom_op("swiglu_backward")
+    def _swiglu_backward_op(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+        n_cols = gate.shape[-1]
+        return _compile.contiguous(*_fn_backward(dy, _rows(gate, n_cols), _rows(up, n_cols), gate.shape))
+
+    @_swiglu_backward_op.register_fake
+    def _(dy, gate, up):
+        return gate.new_empty(gate.shape), up.new_empty(up.shape)
+
+    def _swiglu_setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def _swiglu_grads(ctx, dy):
+        return _swiglu_backward_op(dy, *ctx.saved_tensors)
+
+    _swiglu_op.register_autograd(_swiglu_grads, setup_context=_swiglu_setup)
 
 
 @_dispatch.on_tensor_device
@@ -167,7 +202,8 @@ def swiglu(gate: Tensor, up: Tensor, *, backend: str | None = None) -> Tensor:
     if gate.dim() > 0 and gate.shape[-1] == 0:
         raise ValueError(f"gate and up must have a last dimension >= 1, got gate={tuple(gate.shape)}")
     if _dispatch.pick(OP, backend, gate) == "triton":
+        fn = _swiglu_op if _compile.compiling() else _SwigluFn.apply
         if gate.dim() == 0:
-            return _SwigluFn.apply(gate.reshape(1), up.reshape(1)).reshape(())
-        return _SwigluFn.apply(gate, up)
+            return fn(gate.reshape(1), up.reshape(1)).reshape(())
+        return fn(gate, up)
     return swiglu_ref(gate, up)

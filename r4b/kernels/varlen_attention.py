@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _checks, _dispatch
+from . import _checks, _compile, _dispatch
 
 OP = "varlen_attention"
 # the backward: "split" (Triton dQ kernel + dK/dV kernel), "atomic" (Triton, the dK/dV kernel adds dQ),
@@ -902,6 +902,37 @@ if _dispatch.triton_importable():
             dq, dk, dv = _bwd(_int32_rows_grad(_unit_last(do)), q, k, v, o, lse, cu, ctx.scale, ctx.causal)
             return dq, dk, dv, None, None, None
 
+    # under torch.compile (r4b/kernels/_compile.py): the same forward and backward as custom ops
+    @_compile.custom_op("varlen_attention")
+    def _varlen_attention_op(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, scale: float,
+                             causal: bool) -> tuple[Tensor, Tensor]:
+        return _compile.contiguous(*_fwd(_unit_last(q), _unit_last(k), _unit_last(v), cu, scale, causal))
+
+    @_varlen_attention_op.register_fake
+    def _(q, k, v, cu, scale, causal):
+        return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+    @_compile.custom_op("varlen_attention_backward")
+    def _varlen_attention_backward_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, cu: Tensor,
+                                      scale: float, causal: bool) -> tuple[Tensor, Tensor, Tensor]:
+        return _compile.contiguous(*_bwd(_int32_rows_grad(_unit_last(do)), _unit_last(q), _unit_last(k),
+                                         _unit_last(v), o, lse, cu, scale, causal))
+
+    @_varlen_attention_backward_op.register_fake
+    def _(do, q, k, v, o, lse, cu, scale, causal):
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+    def _varlen_attention_setup(ctx, inputs, output):
+        q, k, v, cu, ctx.scale, ctx.causal = inputs
+        ctx.save_for_backward(q, k, v, *output, cu)
+        ctx.mark_non_differentiable(output[1])
+
+    def _varlen_attention_grads(ctx, do, _dlse):
+        dq, dk, dv = _varlen_attention_backward_op(do, *ctx.saved_tensors, ctx.scale, ctx.causal)
+        return dq, dk, dv, None, None, None
+
+    _varlen_attention_op.register_autograd(_varlen_attention_grads, setup_context=_varlen_attention_setup)
+
 
 def _wide_heads(*tensors: Tensor) -> bool:
     """Whether a per-head base of the dK/dV kernel (head index times head stride of q, k, v or dO, or the (Hq, T, 2)
@@ -975,7 +1006,7 @@ def varlen_attention(
     _checks.cu_seqlens("cu_seqlens", cu_seqlens, total=q.shape[0])
     if max_seqlen < 0:
         raise ValueError(f"max_seqlen must be >= 0, got {max_seqlen}")
-    if cu_seqlens.device.type == "cpu" and cu_seqlens.numel() > 1:
+    if cu_seqlens.device.type == "cpu" and cu_seqlens.numel() > 1 and not _compile.compiling():
         longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         if longest > max_seqlen:
             raise ValueError(f"max_seqlen must be >= the longest sequence in cu_seqlens ({longest}), got {max_seqlen}")
@@ -992,6 +1023,8 @@ def varlen_attention(
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     if chosen == "triton":
         _check_int32_offsets(q, k, v)
+        if _compile.compiling():
+            return _varlen_attention_op(q, k, v, cu, float(scale), bool(causal))[0]
         return _VarlenAttentionFn.apply(q, k, v, cu, float(scale), bool(causal))
     if chosen == "flash_attn":
         return _flash_attn(q, k, v, cu, int(max_seqlen), float(scale), bool(causal))

@@ -1,0 +1,59 @@
+"""torch.compile support of the ops' Triton paths.
+
+Eagerly, an op's Triton path is a ``torch.autograd.Function`` (the cheapest call from Python: a custom op costs
+about 50 us more per forward + backward on the host). Under torch.compile, dynamo would trace into that Function's
+Python (autotuner caches, launch grids, the Triton interpreter on the CPU) and break the graph or fail. So while
+compiling, the public functions call the same forward and backward as ``torch.library`` custom ops instead
+(namespace ``r4b_triton``: ``torch.ops.r4b_triton.rms_norm`` and ``rms_norm_backward``, ...), which dynamo and
+AOTAutograd treat as opaque calls with fake (shape-only) implementations: a model built from the ops compiles with
+``fullgraph=True``, and its compiled graph calls the very kernels the eager path calls (same results, bit for bit).
+
+Every custom op here returns fresh contiguous tensors (as its fake says: inductor plans the graph around the fake's
+strides), and its backward op has no autograd of its own, so a double backward raises, as the eager Functions'
+``once_differentiable`` does. The backend is picked when the public function is traced (``backend=``, the
+R4B_* variables and the tensors' device, as eagerly); changing a variable afterwards does not retrace.
+
+The fused-linear losses are not custom ops: their chunked implementation computes the gradients in the forward
+and reads a row count on the host (one sync). Their public functions run eagerly under torch.compile (a graph
+break: :func:`eager`), so a compiled model or training step can call them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NAMESPACE = "r4b_triton"
+
+
+def name(op: str) -> str:
+    """The qualified name of one of the custom ops (``r4b_triton::<op>``)."""
+    return f"{NAMESPACE}::{op}"
+
+
+def custom_op(op: str):
+    """Decorator: the function as the custom op ``r4b_triton::<op>`` (no mutated arguments; schema from its
+    annotations), run with its first CUDA tensor's device current (``_dispatch.on_tensor_device``: Triton launches
+    on the current device)."""
+    from . import _dispatch
+
+    def wrap(fn):
+        schema = torch.library.infer_schema(fn, mutates_args=())
+        return torch.library.custom_op(name(op), _dispatch.on_tensor_device(fn), mutates_args=(), schema=schema)
+
+    return wrap
+
+
+def compiling() -> bool:
+    """True while dynamo traces the caller (torch.compile), False when it runs eagerly."""
+    return torch.compiler.is_compiling()
+
+
+def contiguous(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors as a custom op must return them: contiguous, as its fake says (no copy when they are)."""
+    return tuple(t.contiguous() for t in tensors)
+
+
+def eager(fn):
+    """Run the public function ``fn`` eagerly under torch.compile (dynamo breaks the graph around the call and
+    resumes after it); a plain call when not compiling."""
+    return torch.compiler.disable(fn, recursive=True)

@@ -1,0 +1,241 @@
+"""torch.compile of the ops (r4b/kernels/_compile.py): under dynamo the Triton paths run as torch.library custom ops,
+so a function or model built from them compiles with ``fullgraph=True`` and its compiled graph calls the kernels
+the eager path calls: outputs and gradients bit-identical to eager (the CPU runs the Triton interpreter), and the
+compiled graph holds the custom ops (not a trace of the kernels' Python). The fused-linear losses run eagerly
+inside a compiled function (a graph break) with eager's results."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from r4b import kernels
+from r4b.kernels import _compile
+
+pytestmark = pytest.mark.skipif(kernels.available_backends("rms_norm", "cpu" if not torch.cuda.is_available()
+                                                           else "cuda")[0] != "triton",
+                                reason="the Triton backend cannot run here")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _graph_ops(fn, *args) -> set[str]:
+    """The custom ops (namespace r4b_triton) in the forward graph dynamo captures for fn(*args), fullgraph."""
+    seen: set[str] = set()
+
+    def backend(gm, example_inputs):
+        for node in gm.graph.nodes:
+            target = str(node.target)
+            if node.op == "call_function" and _compile.NAMESPACE in target:
+                seen.add(target.split(".")[-2] if target.count(".") >= 2 else target)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    return seen
+
+
+def _check_compiled(fn, inputs: tuple, grads_of: tuple, *, backend: str = "aot_eager") -> None:
+    """fn compiled (fullgraph) gives eager's outputs and input gradients bit for bit."""
+    torch._dynamo.reset()
+    eager = fn(*inputs)
+    eager = eager if isinstance(eager, tuple) else (eager,)
+    gen = torch.Generator(device=DEVICE).manual_seed(1)
+    dys = tuple(torch.randn(o.shape, dtype=o.dtype, device=DEVICE, generator=gen) for o in eager)
+    g_eager = torch.autograd.grad(eager, grads_of, dys)
+    out = torch.compile(fn, backend=backend, fullgraph=True)(*inputs)
+    out = out if isinstance(out, tuple) else (out,)
+    g_out = torch.autograd.grad(out, grads_of, dys)
+    for a, b in zip(out + g_out, eager + g_eager, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(a, b), (a - b).abs().max()
+
+
+def _t(*shape, grad=True, dtype=torch.float32, seed=0):
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    return torch.randn(shape, dtype=dtype, device=DEVICE, generator=gen).requires_grad_(grad)
+
+
+def test_rms_norm_compiles_to_custom_ops():
+    x, w = _t(2, 5, 32), _t(32, seed=1)
+    fn = lambda x, w: kernels.rms_norm(x, w, 1e-5)  # noqa: E731
+    assert _graph_ops(fn, x, w) == {"rms_norm"}
+    _check_compiled(fn, (x, w), (x, w))
+    # strided rows (a view), and inductor around the op
+    xs = _t(6, 64)[:, :32]
+    _check_compiled(lambda x, w: kernels.rms_norm(x * 2, w) + 1, (xs, w), (w,), backend="inductor")
+
+
+def test_add_rms_norm_compiles_to_custom_ops():
+    x, r, w = _t(3, 4, 32), _t(3, 4, 32, seed=1), _t(32, seed=2)
+    fn = lambda x, r, w: kernels.add_rms_norm(x, r, w)  # noqa: E731
+    assert _graph_ops(fn, x, r, w) == {"add_rms_norm"}
+    _check_compiled(fn, (x, r, w), (x, r, w))
+    # only the normalised output used (the model's final norm): the sum's gradient is a zero one
+    _check_compiled(lambda x, r, w: kernels.add_rms_norm(x, r, w)[0], (x, r, w), (x, r, w))
+
+
+def test_rope_and_swiglu_compile_to_custom_ops():
+    x, pos = _t(7, 3, 16), torch.tensor([0, 1, 2, 0, 1, 5, 9], device=DEVICE)
+    fn = lambda x, p: kernels.rope(x, p, 1e4)  # noqa: E731
+    assert _graph_ops(fn, x, pos) == {"rope"}
+    _check_compiled(fn, (x, pos), (x,))
+    g, u = _t(4, 5, 24), _t(4, 5, 24, seed=1)
+    assert _graph_ops(kernels.swiglu, g, u) == {"swiglu"}
+    _check_compiled(kernels.swiglu, (g, u), (g, u))
+    # the halves of a fused gate_up projection (strided rows), and a 0-dim pair
+    gu = _t(6, 48)
+    _check_compiled(lambda t: kernels.swiglu(t[:, :24], t[:, 24:]), (gu,), (gu,))
+    g0, u0 = _t(), _t(seed=1)
+    _check_compiled(kernels.swiglu, (g0, u0), (g0, u0))
+
+
+def test_qk_norm_rope_compiles_to_custom_ops():
+    q, k = _t(9, 4, 16), _t(9, 2, 16, seed=1)
+    wq, wk = _t(16, seed=2), _t(16, seed=3)
+    pos = torch.arange(9, device=DEVICE) % 5
+    fn = lambda q, k, wq, wk, p: kernels.qk_norm_rope(q, k, wq, wk, p, 1e-6, 1e4)  # noqa: E731
+    assert _graph_ops(fn, q, k, wq, wk, pos) == {"qk_norm_rope"}
+    _check_compiled(fn, (q, k, wq, wk, pos), (q, k, wq, wk))
+    # head slices of one fused projection (strided rows)
+    qkv = _t(9, 8, 16)
+    _check_compiled(lambda t, wq, wk, p: kernels.qk_norm_rope(t[:, :4], t[:, 4:6], wq, wk, p),
+                    (qkv, wq, wk, pos), (qkv, wq, wk))
+
+
+def _packed(lengths, hq=4, hkv=2, d=16, seed=0):
+    T = sum(lengths)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    return (_t(T, hq, d, seed=seed), _t(T, hkv, d, seed=seed + 1), _t(T, hkv, d, seed=seed + 2), cu,
+            max(lengths))
+
+
+def test_varlen_attention_compiles_to_custom_ops():
+    q, k, v, cu, mx = _packed([5, 1, 17, 9])
+    fn = lambda q, k, v, cu, mx: kernels.varlen_attention(q, k, v, cu, mx)  # noqa: E731
+    assert _graph_ops(fn, q, k, v, cu, mx) == {"varlen_attention"}
+    _check_compiled(fn, (q, k, v, cu, mx), (q, k, v))
+    # non-causal with a scale, q a strided head slice
+    qq = _t(32, 6, 16)
+    _check_compiled(lambda q, k, v, cu: kernels.varlen_attention(q[:, :4], k, v, cu, 17, causal=False,
+                                                                 softmax_scale=0.3),
+                    (qq, k, v, cu), (qq, k, v))
+
+
+def _tiny_qwen3(seed: int = 0):
+    from tiny_models import qwen3_hf_config, randomize
+
+    from r4b.engine.model import Qwen3Config, Qwen3ForCausalLM
+
+    cfg = Qwen3Config.from_hf(qwen3_hf_config(tie=False).to_dict())
+    return randomize(Qwen3ForCausalLM(cfg), seed).to(DEVICE)
+
+
+def _grads(model) -> list[torch.Tensor]:
+    """Every parameter's gradient (an empty tensor for one the loss does not reach, e.g. the hidden-state forward's
+    lm_head)."""
+    return [p.grad.clone() if p.grad is not None else torch.empty(0) for p in model.parameters()]
+
+
+def test_qwen3_forward_compiles_fullgraph_and_matches_eager():
+    from tiny_models import packed
+
+    model = _tiny_qwen3()
+    _, batch = packed([5, 1, 9, 3], model.config.vocab_size)
+    batch = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    ops = _graph_ops(lambda b: model(**b), batch)
+    assert ops == {"rms_norm", "add_rms_norm", "qk_norm_rope", "swiglu", "varlen_attention"}
+    gen = torch.Generator(device=DEVICE).manual_seed(3)
+    dy = torch.randn(18, model.config.hidden_size, device=DEVICE, generator=gen)
+
+    def step(fn):
+        model.zero_grad(set_to_none=True)
+        hidden = fn(**batch)
+        (hidden * dy).sum().backward()
+        return [hidden.detach()] + _grads(model)
+
+    want = step(model)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    got = step(compiled)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b), (a - b).abs().max()
+    # other packings (token counts, lengths, max_seqlen): one recompile with dynamic sizes, then none
+    for lengths in ([7, 2, 4], [3, 3, 3, 3, 3], [10, 8]):
+        _, other = packed(lengths, model.config.vocab_size, seed=len(lengths))
+        other = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in other.items()}
+        with torch.no_grad():
+            assert torch.equal(compiled(**other), model(**other))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2
+
+
+def test_compiled_training_step_runs_the_fused_loss_eagerly():
+    from tiny_models import packed
+
+    model = _tiny_qwen3(seed=1)
+    _, batch = packed([7, 4, 6], model.config.vocab_size, seed=1)
+    batch = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    targets = torch.roll(batch["input_ids"], -1)
+    targets[torch.tensor([6, 10, 16])] = -100  # each sequence's last token has no next token
+
+    def step(model, batch, targets):
+        hidden = model(**batch)
+        ce = kernels.fused_linear_cross_entropy(hidden, model.lm_head.weight, targets)
+        lp = kernels.fused_linear_logprobs(hidden.detach(), model.lm_head.weight.detach(), targets)
+        adv = torch.linspace(-1, 1, hidden.shape[0], device=hidden.device)
+        seq_ids = torch.repeat_interleave(torch.arange(3, device=hidden.device), torch.tensor([7, 4, 6],
+                                                                                              device=hidden.device))
+        grpo, _, _ = kernels.fused_linear_grpo_loss(hidden, model.lm_head.weight, targets, adv,
+                                                    old_logprobs=lp + 0.01, seq_ids=seq_ids)
+        return ce + grpo, lp
+
+    def run(fn):
+        model.zero_grad(set_to_none=True)
+        loss, lp = fn(model, batch, targets)
+        loss.backward()
+        return [loss.detach(), lp] + _grads(model)
+
+    want = run(step)
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="aot_eager")
+    got = run(compiled)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b), (a - b).abs().max()
+    # the losses ran eagerly: dynamo broke the graph around each of them, and did not fall over
+    expl = torch._dynamo.explain(step)(model, batch, targets)
+    assert expl.graph_break_count >= 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["aot_eager", "inductor", "reduce-overhead"])
+def test_qwen3_step_compiled_on_gpu(mode):
+    """The tiny Qwen3's forward + backward compiled on a GPU, fp32: with aot_eager bit for bit eager's (the same
+    kernels, now with the custom ops' device guards and CUDA launches); with inductor, and with its CUDA graphs
+    (reduce-overhead, replayed on a second call), within 1e-5 of eager (inductor generates the code around the ops)."""
+    from tiny_models import packed, rel_err
+
+    model = _tiny_qwen3(seed=2)
+    _, batch = packed([6, 2, 11, 5], model.config.vocab_size, seed=2)
+    batch = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    dy = torch.randn(24, model.config.hidden_size, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(4))
+
+    def step(fn):
+        model.zero_grad(set_to_none=True)
+        hidden = fn(**batch)
+        (hidden * dy).sum().backward()
+        return [hidden.detach().clone()] + _grads(model)
+
+    want = step(model)
+    torch._dynamo.reset()
+    if mode == "aot_eager":
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    else:
+        compiled = torch.compile(model, fullgraph=True, mode=None if mode == "inductor" else mode)
+    for _ in range(3):  # reduce-overhead: warm-up, record, replay
+        got = step(compiled)
+    for a, b in zip(got, want, strict=True):
+        if mode == "aot_eager":
+            assert torch.equal(a, b), (a - b).abs().max()
+        elif b.numel():
+            assert rel_err(a, b) <= 1e-5
