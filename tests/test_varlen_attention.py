@@ -654,3 +654,40 @@ def test_a_gradient_whose_rows_overflow_int32_gets_a_head_major_copy(monkeypatch
     assert _int32_rows_grad(fits) is fits
     with pytest.raises(ValueError, match="2\\^31.*output gradient"):
         _int32_rows_grad(torch.empty(2**24, 4, 128, device="meta")[:, :2])
+
+
+def test_varlen_kernels_do_not_recompile_per_batch():
+    """Lengths are runtime values (issue 5): every attention kernel (Triton and Gluon, forward and backward, every
+    opt-in mode) takes the batch's token count, sequence count and work-item count unspecialised (a specialised int
+    compiles a variant for 1, for multiples of 16 and for the rest), and every autotuner is keyed on the head dim,
+    causality, GQA group and T's power-of-two bucket only: never a per-batch length. Read from the compiled
+    kernels' parameters (a process without TRITON_INTERPRET)."""
+    import ast
+    import os
+    import subprocess
+
+    code = """
+import importlib, triton
+mods = [importlib.import_module(m) for m in ("r4b.kernels.varlen_attention", "r4b.kernels._varlen_gluon",
+                                             "r4b.kernels._varlen_gluon_ws", "r4b.kernels._varlen_ws")]
+kernels, keys = {}, set()
+for mod in mods:
+    for name, obj in vars(mod).items():
+        if name.endswith("_kernel") and hasattr(obj, "params"):
+            kernels[mod.__name__ + "." + name] = ({p.name for p in obj.params},
+                                                  {p.name for p in obj.params if p.do_not_specialize})
+        for tuner in (obj.values() if isinstance(obj, dict) else [obj]):
+            if isinstance(tuner, triton.runtime.Autotuner):
+                keys.add(tuple(tuner.keys))
+print(repr((kernels, keys)))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    kernels, keys = ast.literal_eval(r.stdout.strip().splitlines()[-1])
+    assert len(kernels) >= 12 and keys  # the forward and backward kernels of the four modules, their autotuners
+    for name, (params, unspecialised) in kernels.items():
+        varying = params & {"T", "n_seqs", "n_items", "max_seqlen"}
+        assert "max_seqlen" not in params, name
+        assert varying and varying <= unspecialised, (name, varying - unspecialised)
+    assert keys == {("D", "CAUSAL", "GROUP", "t_bucket")}
