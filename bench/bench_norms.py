@@ -18,6 +18,9 @@ FUSED = ("add_rms_norm", "qk_norm_rope")
 CHECK_TOL = {"cuda": 5e-2, "cpu": 1e-4}
 
 
+COMPILED = "r4b compiled reduce-overhead"  # the provider of r4b's ops under torch.compile with CUDA graphs
+
+
 def cases(quick: bool) -> list[Case]:
     # Qwen3-4B on a 16k-token packed row: hidden 2560, 32 q / 8 kv heads of 128, intermediate 9728
     T = 64 if quick else 16384
@@ -159,8 +162,20 @@ def providers(device: str) -> dict:
         x, other, wrt, dy = _inputs(case, device)
         return _timed(case, torch.compile(ref, dynamic=False), x, other, wrt, dy)
 
+    def r4b_compiled(case: Case):
+        """r4b's op under torch.compile with inductor's CUDA graphs (mode="reduce-overhead"; the op is a custom op
+        there, r4b/kernels/_compile.py): launched from Python as a compiled training step would launch it, the
+        forward and backward each one graph replay."""
+        if device != "cuda":
+            raise Skip("measured on the GPU only (inductor's CUDA graphs)")
+        public, _ = _fns(case.params["op"])
+        x, other, wrt, dy = _inputs(case, device)
+        fn = torch.compile(lambda a, b: public(a, b, "triton"), mode="reduce-overhead", dynamic=False)
+        return _timed(case, fn, x, other, wrt, dy)
+
     # eager first: the reference of the result check; torch.compile in a second pass (see main)
-    return {"torch eager": eager, "r4b triton": r4b, "r4b triton unfused": unfused, "torch.compile": compiled}
+    return {"torch eager": eager, "r4b triton": r4b, "r4b triton unfused": unfused, "torch.compile": compiled,
+            COMPILED: r4b_compiled}
 
 
 def _cp_async_ops(ptx: str) -> dict[str, int]:
@@ -272,9 +287,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 out.update(same_copy_graph_gbps=same_g, pct_of_same_copy_graph=100 * row["graph_gbps"] / same_g)
         return out
 
-    # two passes: every case's r4b row first (the target: % of copy bandwidth), then torch.compile's rows, whose
-    # compile time would otherwise hold up the r4b rows of the later cases when a time limit cuts the run
-    # (torch.compile of the eager reference is not result-checked)
+    # two passes: every case's r4b row first (the target: % of copy bandwidth), then the compiled rows (r4b's ops
+    # under torch.compile with CUDA graphs, and torch.compile of the eager reference), whose compile time would
+    # otherwise hold up the r4b rows of the later cases when a time limit cuts the run (not result-checked: the
+    # compiled ops' results are tests/test_compile.py's)
     provs = providers(device)
     first = {k: provs[k] for k in ("torch eager", "r4b triton")}
     # the fused ops' cases first (the newest kernels: a time limit cuts the last rows), with the unfused kernels
@@ -284,8 +300,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                      quick=quick, extra_columns=extra, check_tol=CHECK_TOL[device], graph=True)
     rows = run_bench("norms", [c for c in cases(quick) if c not in qk], first, device=device, quick=quick,
                      extra_columns=extra, check_tol=CHECK_TOL[device], graph=True, prior_rows=rows)
-    return run_bench("norms", cases(quick), {"torch.compile": provs["torch.compile"]}, device=device, quick=quick,
-                     extra_columns=extra, prior_rows=rows)
+    return run_bench("norms", cases(quick), {COMPILED: provs[COMPILED], "torch.compile": provs["torch.compile"]},
+                     device=device, quick=quick, extra_columns=extra, prior_rows=rows)
 
 
 if __name__ == "__main__":
