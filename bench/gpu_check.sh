@@ -351,7 +351,7 @@ for spec in $specs; do
   fi
   if [ "$name" = host ]; then  # where a launched small op's forward + backward spends its time (host vs GPU)
     step "diag: host time of the small ops' forward and backward (limit ${lim}s)"
-    timeout -k 10 "$lim" $PY -m bench.gpu_diag host 2>&1 | tee "$LOGS/diag_host.log" | tail -n 12
+    timeout -k 10 "$lim" $PY -m bench.gpu_diag host 2>&1 | tee "$LOGS/diag_host.log" | tail -n 30
     rc=${PIPESTATUS[0]}
     [ "$rc" -ne 0 ] && { echo "diag host exited $rc (124 = over its ${lim}s limit)"; bench_rc=$rc; }
     continue

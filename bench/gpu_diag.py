@@ -518,9 +518,37 @@ def host(device: str = "cuda", n: int = 50, shapes=None) -> int:
         "r4b rms_norm + rope, q and k (unfused)": (unfused, (q, k, wq, wk), (dq, dk)),
     }
     print(f"{'callable':44s} {'fwd host us':>12s} {'grad host us':>13s} {'fwd+grad ms':>12s}", flush=True)
-    host_split(fns, device, n, on_row=lambda r: print(
-        f"{r['name']:44s} {r['fwd_host_us']:12.1f} {r['bwd_host_us']:13.1f} {r['pair_ms']:12.3f}", flush=True))
+    row = lambda r: print(  # noqa: E731
+        f"{r['name'][:44]:44s} {r['fwd_host_us']:12.1f} {r['bwd_host_us']:13.1f} {r['pair_ms']:12.3f}", flush=True)
+    host_split(fns, device, n, on_row=row)
+    # where the host time of the eager call goes: the Python functions of rms_norm's forward + grad (the backward
+    # runs in the autograd engine's device thread on a GPU, which cProfile does not see: the grad's line is its wait)
+    print(profile_lines(lambda: torch.autograd.grad(rms_norm(x, w), (x, w), dy), n), flush=True)
+    if device == "cuda":  # last (inductor compiles): as a compiled step calls it, a custom op in CUDA graphs
+        compiled = torch.compile(lambda: rms_norm(x, w), mode="reduce-overhead")
+        host_split({"r4b rms_norm, hidden, compiled reduce-overhead": (compiled, (x, w), dy)}, device, n,
+                   on_row=row)
     return 0
+
+
+def profile_lines(fn, n: int, top: int = 18) -> str:
+    """cProfile of n calls of fn (after 3 warm-up calls): the ``top`` functions by own time, microseconds a call."""
+    import cProfile
+    import pstats
+
+    for _ in range(3):
+        fn()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(n):
+        fn()
+    prof.disable()
+    stats = pstats.Stats(prof).stats
+    rows = sorted(((tt, ct, nc, f"{Path(f).name}:{line}({name})") for (f, line, name), (_, nc, tt, ct, _) in
+                   stats.items()), reverse=True)[:top]
+    lines = [f"host profile of {n} calls of r4b rms_norm (hidden) forward + grad: us a call, own / with callees"]
+    lines += [f"  {tt / n * 1e6:8.1f} {ct / n * 1e6:8.1f}  x{nc / n:<4.3g} {where}" for tt, ct, nc, where in rows]
+    return "\n".join(lines)
 
 
 def main(argv: list[str]) -> int:

@@ -248,7 +248,27 @@ def test_host_split_runs_every_callable_on_the_cpu(capsys):
     lines = capsys.readouterr().out.splitlines()
     names = ["built-in op (x * 2), hidden", "custom Function (a copy each way), hidden", "r4b rms_norm, hidden",
              "r4b qk_norm_rope", "r4b rms_norm + rope, q and k (unfused)"]
-    assert [line[:44].rstrip() for line in lines[1:]] == names, lines
-    for line in lines[1:]:
+    assert [line[:44].rstrip() for line in lines[1:6]] == names, lines
+    # then the profile of rms_norm's forward + grad (under the interpreter the kernels' own Python dominates it)
+    assert lines[6].startswith("host profile of 2 calls of r4b rms_norm") and len(lines) == 7 + 18, lines
+    for line in lines[1:6]:
         f_us, b_us, pair_ms = map(float, line[44:].split())
         assert f_us > 0 and b_us > 0 and pair_ms * 1e3 >= f_us + b_us, line
+
+
+def test_profile_lines_report_each_function_per_call():
+    """gpu_diag's host profile: a function's own time and calls per call of the profiled callable."""
+    import time
+
+    def slow():
+        time.sleep(0.002)
+
+    def fn():
+        slow()
+        slow()
+        sum(range(10))
+
+    lines = gpu_diag.profile_lines(fn, 5, top=3).splitlines()
+    assert lines[0].startswith("host profile of 5 calls") and len(lines) == 4, lines
+    own, total, calls, where = lines[1].split(maxsplit=3)
+    assert "sleep" in where and calls == "x2" and 4000 <= float(own) <= 40000, lines  # two 2 ms sleeps a call
