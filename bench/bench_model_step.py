@@ -7,6 +7,8 @@ Providers:
   fused loss on their Triton kernels; the Hopper attention backward on the Gluon dK/dV kernel);
 - "r4b unfused small ops": the same model with qk_norm_rope and add_rms_norm replaced by the unfused ops they
   fuse (rms_norm and rope on their Triton kernels, an eager add): what the two fusions save in a whole step;
+- "r4b torch.compile (model)": the default model under ``torch.compile(model, fullgraph=True)`` (inductor; r4b's
+  ops are custom ops there, r4b/kernels/_compile.py; the loss runs eagerly after it), GPU only;
 - "transformers (sdpa, padded)": transformers' Qwen3ForCausalLM with the same weights on the documents as a
   padded batch (its SDPA attention with a padding mask; transformers packs sequences only with flash-attn, which
   is not installed), its LM head and an fp32 loss on the rows that have a next token: what a user gets without
@@ -110,14 +112,17 @@ def _models(case: Case, device: str):
 
 
 def providers(device: str) -> dict:
-    def r4b(fused: bool):
+    def r4b(fused: bool, compiled: bool = False):
         def make(case: Case):
             from r4b.kernels import fused_linear_cross_entropy
 
+            if compiled and device != "cuda":
+                raise Skip("measured on the GPU only (inductor)")
             try:
                 _, model = _models(case, device)
             except ImportError as ex:  # the weights come from transformers' initialisation
                 raise Skip(f"transformers is not installed ({ex})") from ex
+            forward = torch.compile(model, fullgraph=True) if compiled else model
             _, p, targets = _batch(case, device)
             batch = dict(input_ids=p.flat.to(device), position_ids=p.position_ids.to(device),
                          cu_seqlens=p.cu_seqlens.to(device), max_seqlen=p.max_seqlen)
@@ -125,7 +130,8 @@ def providers(device: str) -> dict:
             def step():
                 with contextlib.nullcontext() if fused else _unfused_small_ops():
                     model.zero_grad(set_to_none=True)
-                    loss = fused_linear_cross_entropy(model(**batch), model.lm_head.weight, targets, reduction="sum")
+                    loss = fused_linear_cross_entropy(forward(**batch), model.lm_head.weight, targets,
+                                                      reduction="sum")
                     loss.backward()
                 return loss.detach().float()
 
@@ -164,7 +170,8 @@ def providers(device: str) -> dict:
 
         return step
 
-    return {"r4b (default)": r4b(True), "r4b unfused small ops": r4b(False), "transformers (sdpa, padded)": hf}
+    return {"r4b (default)": r4b(True), "r4b unfused small ops": r4b(False),
+            "r4b torch.compile (model)": r4b(True, compiled=True), "transformers (sdpa, padded)": hf}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
