@@ -202,8 +202,7 @@ if _dispatch.triton_importable():
         # the last launch's grid is the one whose partials count (an autotuning call times every config first)
         _launch(_bwd_kernel, _bwd_tuned, args, 11, T, HQ, HK, D, on_grid=grids.append)
         dw = part[:grids[-1]].sum(0)  # (2, D) fp32
-        # (copies even when the weights are fp32: two views of one tensor would alias the custom op's outputs)
-        return dxq, dxk, dw[0].to(wq.dtype, copy=True), dw[1].to(wk.dtype, copy=True)
+        return dxq, dxk, dw[0].to(wq.dtype), dw[1].to(wk.dtype)
 
     class _QKNormRopeFn(torch.autograd.Function):
         @staticmethod
@@ -233,7 +232,10 @@ if _dispatch.triton_importable():
     @_compile.custom_op("qk_norm_rope_backward")
     def _qk_norm_rope_backward_op(dyq: Tensor, dyk: Tensor, q: Tensor, k: Tensor, wq: Tensor, wk: Tensor,
                                   pos: Tensor, eps: float, theta: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return _fn_backward(dyq, dyk, _unit(q), _unit(k), wq, wk, pos, _inv_freq(q.shape[-1], theta, q.device), eps)
+        dxq, dxk, dwq, dwk = _fn_backward(dyq, dyk, _unit(q), _unit(k), wq, wk, pos,
+                                          _inv_freq(q.shape[-1], theta, q.device), eps)
+        # fp32 weights: dwq and dwk are two rows of one (2, D) sum, which the op's outputs must not share
+        return dxq, dxk, dwq.clone() if dwq._base is not None else dwq, dwk.clone() if dwk._base is not None else dwk
 
     @_qk_norm_rope_backward_op.register_fake
     def _(dyq, dyk, q, k, wq, wk, pos, eps, theta):
