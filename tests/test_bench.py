@@ -166,13 +166,14 @@ def test_summary_targets_compare_the_best_r4b_row_with_the_peer_and_skip_mismatc
     norms[-3]["check"] = "MISMATCH"  # a fused op computing something else is no speed-up
     (tmp_path / "norms.json").write_text(json.dumps({"rows": norms}))
     assert "qk fwd: fused" not in targets(tmp_path)
-    # launched under torch.compile with CUDA graphs (the op as a custom op): its own column and verdict
+    # launched under torch.compile with CUDA graphs (the op as a custom op): shown, not a verdict (its fwd+bwd rows
+    # also time the graph's copy of the output gradient)
     norms += [{"case": "rope bwd", "provider": "r4b compiled reduce-overhead", "pct_of_copy": 88.0},
               {"case": "rms fwd", "provider": "r4b compiled reduce-overhead", "pct_of_copy": 70.0}]
     (tmp_path / "norms.json").write_text(json.dumps({"rows": norms}))
     out = targets(tmp_path)
     assert ("norms rope bwd: 40% of copy launched / 70% in a graph / 88% compiled (reduce-overhead) (target >= 85%) "
-            "MET compiled") in out, out
+            "not met") in out, out
     assert ("norms rms fwd: 90% of copy launched / 95% in a graph / 70% compiled (reduce-overhead) (target >= 85%) "
             "MET\n") in out + "\n", out
 

@@ -9,8 +9,10 @@ AOTAutograd treat as opaque calls with fake (shape-only) implementations: a mode
 ``fullgraph=True``, and its compiled graph calls the very kernels the eager path calls (same results, bit for bit).
 
 Every custom op here returns fresh contiguous tensors (as its fake says: inductor plans the graph around the fake's
-strides), and its backward op has no autograd of its own, so a double backward raises, as the eager Functions'
-``once_differentiable`` does. The backend is picked when the public function is traced (``backend=``, the
+strides) and keeps no tensor beyond the call (with inductor's CUDA graphs, a tensor first allocated during a
+graph's warm-up lives in the graph's memory pool). The backward ops have no autograd of their own (rope's backward
+is the rope op rotating back), and AOTAutograd refuses a double backward through a compiled graph, as the eager
+Functions' ``once_differentiable`` does. The backend is picked when the public function is traced (``backend=``, the
 R4B_* variables and the tensors' device, as eagerly); changing a variable afterwards does not retrace.
 
 The fused-linear losses are not custom ops: their chunked implementation computes the gradients in the forward

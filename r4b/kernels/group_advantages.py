@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _checks, _dispatch
+from . import _checks, _compile, _dispatch
 
 OP = "group_advantages"
 SCALES = ("group", "batch", "none")
@@ -160,6 +160,7 @@ def triton_cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
+@_compile.eager  # under torch.compile: runs eagerly (it reads values on the host; r4b/kernels/_compile.py)
 @_dispatch.on_tensor_device
 def group_advantages(
     rewards: Tensor,

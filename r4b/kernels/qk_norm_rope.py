@@ -166,13 +166,14 @@ if _dispatch.triton_importable():
     def _unit(t: Tensor) -> Tensor:
         return t if t.stride(-1) == 1 else t.contiguous()
 
-    def _fn_forward(q: Tensor, k: Tensor, wq: Tensor, wk: Tensor, pos: Tensor, eps: float,
-                    theta: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """(yq, yk, the q and k read (unit last stride), inv_freq): the forward of the Function and the custom op."""
+    def _fn_forward(q: Tensor, k: Tensor, wq: Tensor, wk: Tensor, pos: Tensor, eps: float, theta: float,
+                    cached: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(yq, yk, the q and k read (unit last stride), inv_freq): the forward of the Function and (``cached``
+        False: see rope._inv_freq) the custom op."""
         q, k = _unit(q), _unit(k)
         T, HQ, D = q.shape
         HK = k.shape[1]
-        inv_freq = _inv_freq(D, theta, q.device)
+        inv_freq = _inv_freq(D, theta, q.device, cached)
         yq = torch.empty((T, HQ, D), dtype=torch.promote_types(q.dtype, wq.dtype), device=q.device)
         yk = torch.empty((T, HK, D), dtype=torch.promote_types(k.dtype, wk.dtype), device=k.device)
         if T > 0 and HQ + HK > 0:
@@ -222,7 +223,7 @@ if _dispatch.triton_importable():
     @_compile.custom_op("qk_norm_rope")
     def _qk_norm_rope_op(q: Tensor, k: Tensor, wq: Tensor, wk: Tensor, pos: Tensor, eps: float,
                          theta: float) -> tuple[Tensor, Tensor]:
-        return _fn_forward(q, k, wq, wk, pos, eps, theta)[:2]
+        return _fn_forward(q, k, wq, wk, pos, eps, theta, cached=False)[:2]
 
     @_qk_norm_rope_op.register_fake
     def _(q, k, wq, wk, pos, eps, theta):
@@ -233,7 +234,7 @@ if _dispatch.triton_importable():
     def _qk_norm_rope_backward_op(dyq: Tensor, dyk: Tensor, q: Tensor, k: Tensor, wq: Tensor, wk: Tensor,
                                   pos: Tensor, eps: float, theta: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         dxq, dxk, dwq, dwk = _fn_backward(dyq, dyk, _unit(q), _unit(k), wq, wk, pos,
-                                          _inv_freq(q.shape[-1], theta, q.device), eps)
+                                          _inv_freq(q.shape[-1], theta, q.device, cached=False), eps)
         # fp32 weights: dwq and dwk are two rows of one (2, D) sum, which the op's outputs must not share
         return dxq, dxk, dwq.clone() if dwq._base is not None else dwq, dwk.clone() if dwk._base is not None else dwk
 

@@ -38,12 +38,16 @@ def rope_ref(x: Tensor, position_ids: Tensor, theta: float = 1e6) -> Tensor:
     return x * cos + _rotate_half(x) * sin
 
 
-def _inv_freq(head_dim: int, theta: float, device: torch.device) -> Tensor:
-    """(head_dim/2,) fp32, bit-identical to the inv_freq of rope_cos_sin."""
+def _inv_freq(head_dim: int, theta: float, device: torch.device, cached: bool = True) -> Tensor:
+    """(head_dim/2,) fp32, bit-identical to the inv_freq of rope_cos_sin. ``cached=False`` (the custom ops of
+    torch.compile, r4b/kernels/_compile.py): computed for the call, never kept, as a tensor first allocated while
+    inductor warms up a CUDA graph lives in the graph's memory pool, which the graph manager may hand out again."""
+    if not cached:
+        return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
     key = (head_dim, float(theta), device)  # a tensor's device: cuda devices carry their index
     t = _INV_FREQ.get(key)
     if t is None:
-        t = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+        t = _inv_freq(head_dim, theta, device, cached=False)
         if len(_INV_FREQ) > 16:
             _INV_FREQ.clear()
         _INV_FREQ[key] = t
@@ -165,7 +169,7 @@ if _dispatch.triton_importable():
     # under torch.compile (r4b/kernels/_compile.py): the same rotations as custom ops (the backward rotates back)
     @_compile.custom_op("rope")
     def _rope_op(x: Tensor, pos: Tensor, theta: float, inverse: bool) -> Tensor:
-        return _launch(x, pos, _inv_freq(x.shape[-1], theta, x.device), inverse)
+        return _launch(x, pos, _inv_freq(x.shape[-1], theta, x.device, cached=False), inverse)
 
     @_rope_op.register_fake
     def _(x, pos, theta, inverse):
