@@ -364,3 +364,26 @@ def test_group_advantages_runs_eagerly_under_compile():
     torch._dynamo.reset()
     assert torch.equal(torch.compile(fn, backend="aot_eager")(rewards, groups), want)
     assert torch._dynamo.explain(fn)(rewards, groups).graph_break_count == 1
+
+
+def test_siglip_tower_compiles_fullgraph_and_matches_eager():
+    """The vision tower (its attention is varlen_attention, one sequence per tile) compiled fullgraph: eager's
+    features and gradients bit for bit (aot_eager)."""
+    from tiny_models import randomize, siglip_hf_config
+
+    from r4b.engine.model import SiglipConfig, SiglipVisionModel
+
+    model = randomize(SiglipVisionModel(SiglipConfig.from_hf(siglip_hf_config(layers=2).to_dict())), 3).to(DEVICE)
+    px = torch.randn(2, 3, 28, 28, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(0))
+    assert "varlen_attention" in _graph_ops(model, px)
+
+    def step(fn):
+        model.zero_grad(set_to_none=True)
+        out = fn(px)
+        out.square().sum().backward()
+        return [out.detach()] + _grads(model)
+
+    want = step(model)
+    torch._dynamo.reset()
+    for a, b in zip(step(torch.compile(model, backend="aot_eager", fullgraph=True)), want, strict=True):
+        assert torch.equal(a, b), (a - b).abs().max()
