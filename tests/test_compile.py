@@ -387,3 +387,20 @@ def test_siglip_tower_compiles_fullgraph_and_matches_eager():
     torch._dynamo.reset()
     for a, b in zip(step(torch.compile(model, backend="aot_eager", fullgraph=True)), want, strict=True):
         assert torch.equal(a, b), (a - b).abs().max()
+
+
+def test_importing_the_ops_does_not_import_dynamo():
+    """The custom ops and the eager-under-compile wrappers are registered without importing torch._dynamo (about a
+    second of import time), and an eager call of a wrapped loss does not import it either."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\n"
+            "import r4b.kernels as K\n"
+            "before = 'torch._dynamo' in sys.modules\n"
+            "h, w = torch.randn(4, 8, requires_grad=True), torch.randn(16, 8, requires_grad=True)\n"
+            "K.fused_linear_cross_entropy(h, w, torch.tensor([1, 2, -100, 3]), backend='torch').backward()\n"
+            "print(before, 'torch._dynamo' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["False", "False"], r.stdout
