@@ -236,6 +236,12 @@ def test_qwen3_forward_compiles_fullgraph_and_matches_eager():
         with torch.no_grad():
             assert torch.equal(compiled(**other), model(**other))
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2
+    # with activation checkpointing (each layer recomputed in the backward): fullgraph too, the same results
+    model.gradient_checkpointing_enable()
+    torch._dynamo.reset()
+    for a, b in zip(step(torch.compile(model, backend="aot_eager", fullgraph=True)), want, strict=True):
+        assert torch.equal(a, b), (a - b).abs().max()
+    model.gradient_checkpointing_enable(False)
 
 
 def test_compiled_training_step_runs_the_fused_loss_eagerly():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from r4b import kernels
 
@@ -108,7 +109,11 @@ def check_packed(input_len: int, position_ids: Tensor, cu_seqlens: Tensor, max_s
 
 
 class Qwen3Model(nn.Module):
-    """Embeddings, decoder layers and the final norm: tokens (or embeddings) in, hidden states out."""
+    """Embeddings, decoder layers and the final norm: tokens (or embeddings) in, hidden states out.
+
+    ``gradient_checkpointing`` (False; set by ``gradient_checkpointing_enable()`` of the top-level models): while
+    gradients are recorded, each decoder layer keeps only its inputs and runs its forward again in the backward
+    (torch.utils.checkpoint, non-reentrant), so a long packed row's activations are one layer's, not all layers'."""
 
     def __init__(self, cfg: Qwen3Config) -> None:
         super().__init__()
@@ -116,12 +121,17 @@ class Qwen3Model(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Qwen3DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.gradient_checkpointing = False
 
     def forward(self, inputs_embeds: Tensor, position_ids: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
         """inputs_embeds: (T, H); returns hidden states (T, H) after the final norm."""
         h, residual = inputs_embeds, None
+        recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         for layer in self.layers:
-            h, residual = layer(h, position_ids, cu_seqlens, max_seqlen, residual)
+            if recompute:
+                h, residual = checkpoint(layer, h, position_ids, cu_seqlens, max_seqlen, residual, use_reentrant=False)
+            else:
+                h, residual = layer(h, position_ids, cu_seqlens, max_seqlen, residual)
         return self.norm(h) if residual is None else self.norm(h, residual)[0]
 
 
@@ -138,6 +148,11 @@ class Qwen3ForCausalLM(nn.Module):
 
     def tie_weights(self) -> None:
         self.lm_head.weight = self.model.embed_tokens.weight
+
+    def gradient_checkpointing_enable(self, enabled: bool = True) -> None:
+        """Recompute each decoder layer's forward in the backward instead of keeping its activations (see
+        Qwen3Model); ``False`` turns it off."""
+        self.model.gradient_checkpointing = bool(enabled)
 
     @property
     def language_model(self) -> Qwen3Model:

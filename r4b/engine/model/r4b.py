@@ -51,6 +51,12 @@ class R4BForConditionalGeneration(nn.Module):
     def tie_weights(self) -> None:
         self.lm_head.weight = self.model.language_model.embed_tokens.weight
 
+    def gradient_checkpointing_enable(self, enabled: bool = True) -> None:
+        """Recompute each decoder and vision encoder layer's forward in the backward instead of keeping its
+        activations (see Qwen3Model); ``False`` turns it off."""
+        self.model.language_model.gradient_checkpointing = bool(enabled)
+        self.model.vision_tower.gradient_checkpointing = bool(enabled)
+
     @property
     def language_model(self) -> Qwen3Model:
         """The decoder stack (same attribute on Qwen3ForCausalLM, for the runtime)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from r4b import kernels
 
@@ -78,11 +79,12 @@ class SiglipEncoder(nn.Module):
 
 class SiglipVisionModel(nn.Module):
     """The vision tower. ``post_layernorm=False`` builds it without the final norm (LLaVA-style feature
-    extraction never uses it)."""
+    extraction never uses it). ``gradient_checkpointing``: as Qwen3Model's, per encoder layer."""
 
     def __init__(self, cfg: SiglipConfig, *, post_layernorm: bool = True) -> None:
         super().__init__()
         self.config = cfg
+        self.gradient_checkpointing = False
         self.embeddings = SiglipEmbeddings(cfg)
         self.encoder = SiglipEncoder(cfg)
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if post_layernorm else None
@@ -106,8 +108,9 @@ class SiglipVisionModel(nn.Module):
         cu = torch.arange(0, (N + 1) * P, P, dtype=torch.int32, device=x.device)  # one sequence per tile
         h = x.reshape(N * P, E)  # (N*P, E)
         out = {0: h}
+        recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         for i, layer in enumerate(self.encoder.layers[: max(want)], start=1):
-            h = layer(h, cu, P)
+            h = checkpoint(layer, h, cu, P, use_reentrant=False) if recompute else layer(h, cu, P)
             out[i] = h
         return [out[i].view(N, P, E) for i in want]  # (N, P, E) each
 
