@@ -148,3 +148,31 @@ def test_multi_layer_features_match_transformers(patched_projector, tmp_path):
         (got,) = model.image_features([pix], [size])
         want = ref.model.get_image_features(pix[None], torch.tensor([size])).pooler_output[0]
     assert rel_err(got, want) <= 1e-5
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(model):
+    """R-4B's gradient_checkpointing_enable() recomputes both the vision encoder's and the decoder's layers: a
+    multimodal step's loss and every gradient are those without it, bit for bit."""
+    proc = ImageProcessor.from_config(model.config, MEAN, STD)
+    pix, size = proc(image(40, 70, 5))
+    seq = prompt(num_image_tokens(*size, model.config), 6)
+    T = len(seq)
+    batch = dict(input_ids=seq, position_ids=torch.arange(T), cu_seqlens=torch.tensor([0, T], dtype=torch.int32),
+                 max_seqlen=T, pixel_values=[pix], image_sizes=[size])
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        loss = model.compute_logits(model(**batch)).square().mean()
+        loss.backward()
+        return [loss.detach()] + [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    want = step()
+    model.gradient_checkpointing_enable()
+    assert model.language_model.gradient_checkpointing and model.model.vision_tower.gradient_checkpointing
+    try:
+        got = step()
+    finally:
+        model.gradient_checkpointing_enable(False)
+    assert len(got) == len(want) > 10
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b), (a - b).abs().max()
