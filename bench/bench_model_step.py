@@ -7,6 +7,8 @@ Providers:
   fused loss on their Triton kernels; the Hopper attention backward on the Gluon dK/dV kernel);
 - "r4b unfused small ops": the same model with qk_norm_rope and add_rms_norm replaced by the unfused ops they
   fuse (rms_norm and rope on their Triton kernels, an eager add): what the two fusions save in a whole step;
+- "r4b gradient checkpointing": the default model with ``gradient_checkpointing_enable()`` (each layer's forward
+  recomputed in the backward): the time it costs and the activation memory it saves;
 - "r4b torch.compile (model)": the default model under ``torch.compile(model, fullgraph=True)`` (inductor; r4b's
   ops are custom ops there, r4b/kernels/_compile.py; the loss runs eagerly after it), GPU only;
 - "transformers (sdpa, padded)": transformers' Qwen3ForCausalLM with the same weights on the documents as a
@@ -112,7 +114,7 @@ def _models(case: Case, device: str):
 
 
 def providers(device: str) -> dict:
-    def r4b(fused: bool, compiled: bool = False):
+    def r4b(fused: bool, compiled: bool = False, recompute: bool = False):
         def make(case: Case):
             from r4b.kernels import fused_linear_cross_entropy
 
@@ -130,9 +132,13 @@ def providers(device: str) -> dict:
             def step():
                 with contextlib.nullcontext() if fused else _unfused_small_ops():
                     model.zero_grad(set_to_none=True)
-                    loss = fused_linear_cross_entropy(forward(**batch), model.lm_head.weight, targets,
-                                                      reduction="sum")
-                    loss.backward()
+                    model.gradient_checkpointing_enable(recompute)  # the model is shared by the providers
+                    try:
+                        loss = fused_linear_cross_entropy(forward(**batch), model.lm_head.weight, targets,
+                                                          reduction="sum")
+                        loss.backward()
+                    finally:
+                        model.gradient_checkpointing_enable(False)
                 return loss.detach().float()
 
             return step
@@ -171,7 +177,8 @@ def providers(device: str) -> dict:
         return step
 
     # the compiled model last: inductor's compile (a minute or so) must not hold up the other rows under a limit
-    return {"r4b (default)": r4b(True), "r4b unfused small ops": r4b(False), "transformers (sdpa, padded)": hf,
+    return {"r4b (default)": r4b(True), "r4b unfused small ops": r4b(False),
+            "r4b gradient checkpointing": r4b(True, recompute=True), "transformers (sdpa, padded)": hf,
             "r4b torch.compile (model)": r4b(True, compiled=True)}
 
 
