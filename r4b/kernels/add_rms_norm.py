@@ -34,6 +34,8 @@ if _dispatch.triton_importable():
         """(y, sum, both shaped as x; the (N, D) sum rows s; rstd): the forward of the Function and the custom op."""
         D = x.shape[-1]
         y, rstd, s = _forward(_rows(x, D), weight, eps, _rows(residual, D))
+        if x.dim() == 2:  # the model's (T, H) rows: the tensors themselves, not views (FSDP2 warns of views)
+            return y, s, s, rstd
         return y.view(x.shape), s.view(x.shape), s, rstd
 
     def _fn_backward(dy: Tensor | None, ds: Tensor | None, s: Tensor, weight: Tensor, rstd: Tensor,
