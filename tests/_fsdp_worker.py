@@ -5,11 +5,13 @@ gradients of the mean of both ranks' losses."""
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import sys
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, os.path.dirname(__file__))
+faulthandler.enable()  # an abort (SIGABRT) prints where each thread was
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -50,10 +52,14 @@ def main() -> None:
         (sum(loss_of(ref, r) for r in range(world)) / world).backward()
         worst = max(float((grads[n] - p.grad).abs().max() / p.grad.abs().max()) for n, p in ref.named_parameters())
         print(f"FSDP2 gradients vs one process: max relative difference {worst}", flush=True)
-    # the ranks leave together: rank 1 tearing down while rank 0 still computed the reference aborted now and
-    # then ("terminate called without an active exception", 1 run in 3 under pytest on 2026-11-27)
+    # the ranks leave together, and without the interpreter's teardown: a rank aborted in it now and then
+    # ("terminate called without an active exception", a C++ thread destroyed at exit; about 1 run in 3 under
+    # pytest, 1 in 30 with the barrier alone, 2026-11-27), which fails the run after its result is printed
     dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
