@@ -15,16 +15,16 @@ faulthandler.enable()  # an abort (SIGABRT) prints where each thread was
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from tiny_models import packed, qwen3_hf_config, randomize  # noqa: E402
+from tiny_models import packed, tiny_qwen3  # noqa: E402
 
-from r4b.engine.model import Qwen3Config, Qwen3ForCausalLM  # noqa: E402
+from r4b.engine.model import Qwen3ForCausalLM  # noqa: E402
 from r4b.kernels import fused_linear_cross_entropy  # noqa: E402
 
 ROWS = ([5, 1, 9, 3], [7, 4, 6])  # each rank's packed documents
 
 
 def build(checkpointing: bool) -> Qwen3ForCausalLM:
-    model = randomize(Qwen3ForCausalLM(Qwen3Config.from_hf(qwen3_hf_config(tie=False).to_dict())), 0)
+    model = tiny_qwen3()
     model.gradient_checkpointing_enable(checkpointing)
     return model
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import grads, packed, randomize, rel_err, siglip_hf_config, tiny_qwen3
 
 from r4b import kernels
 from r4b.kernels import _compile
@@ -190,38 +191,30 @@ def test_custom_ops_pass_opcheck(name):
                                                  "test_aot_dispatch_dynamic"))
 
 
-def _tiny_qwen3(seed: int = 0):
-    from tiny_models import qwen3_hf_config, randomize
-
-    from r4b.engine.model import Qwen3Config, Qwen3ForCausalLM
-
-    cfg = Qwen3Config.from_hf(qwen3_hf_config(tie=False).to_dict())
-    return randomize(Qwen3ForCausalLM(cfg), seed).to(DEVICE)
+def _on_device(batch: dict) -> dict:
+    """A packed batch (tiny_models.packed) with its tensors on DEVICE."""
+    return {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
-def _grads(model) -> list[torch.Tensor]:
-    """Every parameter's gradient (an empty tensor for one the loss does not reach, e.g. the hidden-state forward's
-    lm_head)."""
-    return [p.grad.clone() if p.grad is not None else torch.empty(0) for p in model.parameters()]
-
-
-def test_qwen3_forward_compiles_fullgraph_and_matches_eager():
-    from tiny_models import packed
-
-    model = _tiny_qwen3()
-    _, batch = packed([5, 1, 9, 3], model.config.vocab_size)
-    batch = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-    ops = _graph_ops(lambda b: model(**b), batch)
-    assert ops == {"rms_norm", "add_rms_norm", "qk_norm_rope", "swiglu", "varlen_attention"}
-    gen = torch.Generator(device=DEVICE).manual_seed(3)
-    dy = torch.randn(18, model.config.hidden_size, device=DEVICE, generator=gen)
-
+def _qwen3_step(model, batch, dy):
+    """step(fn): zeroed gradients, hidden = fn(**batch), backward of sum(hidden * dy); [hidden] + the gradients."""
     def step(fn):
         model.zero_grad(set_to_none=True)
         hidden = fn(**batch)
         (hidden * dy).sum().backward()
-        return [hidden.detach()] + _grads(model)
+        return [hidden.detach().clone()] + grads(model)
 
+    return step
+
+
+def test_qwen3_forward_compiles_fullgraph_and_matches_eager():
+    model = tiny_qwen3().to(DEVICE)
+    batch = _on_device(packed([5, 1, 9, 3], model.config.vocab_size)[1])
+    ops = _graph_ops(lambda b: model(**b), batch)
+    assert ops == {"rms_norm", "add_rms_norm", "qk_norm_rope", "swiglu", "varlen_attention"}
+    gen = torch.Generator(device=DEVICE).manual_seed(3)
+    dy = torch.randn(18, model.config.hidden_size, device=DEVICE, generator=gen)
+    step = _qwen3_step(model, batch, dy)
     want = step(model)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
@@ -231,8 +224,7 @@ def test_qwen3_forward_compiles_fullgraph_and_matches_eager():
         assert torch.equal(a, b), (a - b).abs().max()
     # other packings (token counts, lengths, max_seqlen): one recompile with dynamic sizes, then none
     for lengths in ([7, 2, 4], [3, 3, 3, 3, 3], [10, 8]):
-        _, other = packed(lengths, model.config.vocab_size, seed=len(lengths))
-        other = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in other.items()}
+        other = _on_device(packed(lengths, model.config.vocab_size, seed=len(lengths))[1])
         with torch.no_grad():
             assert torch.equal(compiled(**other), model(**other))
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2
@@ -245,11 +237,8 @@ def test_qwen3_forward_compiles_fullgraph_and_matches_eager():
 
 
 def test_compiled_training_step_runs_the_fused_loss_eagerly():
-    from tiny_models import packed
-
-    model = _tiny_qwen3(seed=1)
-    _, batch = packed([7, 4, 6], model.config.vocab_size, seed=1)
-    batch = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    model = tiny_qwen3(seed=1).to(DEVICE)
+    batch = _on_device(packed([7, 4, 6], model.config.vocab_size, seed=1)[1])
     targets = torch.roll(batch["input_ids"], -1)
     targets[torch.tensor([6, 10, 16])] = -100  # each sequence's last token has no next token
 
@@ -268,7 +257,7 @@ def test_compiled_training_step_runs_the_fused_loss_eagerly():
         model.zero_grad(set_to_none=True)
         loss, lp = fn(model, batch, targets)
         loss.backward()
-        return [loss.detach(), lp] + _grads(model)
+        return [loss.detach(), lp] + grads(model)
 
     want = run(step)
     torch._dynamo.reset()
@@ -281,26 +270,9 @@ def test_compiled_training_step_runs_the_fused_loss_eagerly():
     assert expl.graph_break_count >= 1
 
 
-def _qwen3_step(model, batch, dy):
-    def step(fn):
-        model.zero_grad(set_to_none=True)
-        hidden = fn(**batch)
-        (hidden * dy).sum().backward()
-        return [hidden.detach().clone()] + _grads(model)
-
-    return step
-
-
 def _gpu_case(seed: int, lengths: list[int], head_dim: int = 16):
-    from tiny_models import packed, qwen3_hf_config, randomize
-
-    from r4b.engine.model import Qwen3Config, Qwen3ForCausalLM
-
-    hf = qwen3_hf_config(tie=False).to_dict()
-    hf.update(head_dim=head_dim, hidden_size=4 * head_dim)
-    model = randomize(Qwen3ForCausalLM(Qwen3Config.from_hf(hf)), seed).to(DEVICE)
-    _, batch = packed(lengths, model.config.vocab_size, seed=seed)
-    batch = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    model = tiny_qwen3(seed=seed, head_dim=head_dim, hidden_size=4 * head_dim).to(DEVICE)
+    batch = _on_device(packed(lengths, model.config.vocab_size, seed=seed)[1])
     dy = torch.randn(sum(lengths), model.config.hidden_size, device=DEVICE,
                      generator=torch.Generator(DEVICE).manual_seed(seed))
     return model, batch, dy
@@ -313,8 +285,6 @@ def _compiled(model, mode: str):
 
 
 def _same(got, want, exact: bool) -> None:
-    from tiny_models import rel_err
-
     for a, b in zip(got, want, strict=True):
         if exact:
             assert torch.equal(a, b), (a - b).abs().max()
@@ -375,8 +345,6 @@ def test_group_advantages_runs_eagerly_under_compile():
 def test_siglip_tower_compiles_fullgraph_and_matches_eager():
     """The vision tower (its attention is varlen_attention, one sequence per tile) compiled fullgraph: eager's
     features and gradients bit for bit (aot_eager)."""
-    from tiny_models import randomize, siglip_hf_config
-
     from r4b.engine.model import SiglipConfig, SiglipVisionModel
 
     model = randomize(SiglipVisionModel(SiglipConfig.from_hf(siglip_hf_config(layers=2).to_dict())), 3).to(DEVICE)
@@ -387,7 +355,7 @@ def test_siglip_tower_compiles_fullgraph_and_matches_eager():
         model.zero_grad(set_to_none=True)
         out = fn(px)
         out.square().sum().backward()
-        return [out.detach()] + _grads(model)
+        return [out.detach()] + grads(model)
 
     want = step(model)
     torch._dynamo.reset()

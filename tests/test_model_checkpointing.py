@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import packed, qwen3_hf_config, randomize, siglip_hf_config
+from tiny_models import grads, packed, randomize, siglip_hf_config, tiny_qwen3
 
-from r4b.engine.model import Qwen3Config, Qwen3ForCausalLM, SiglipConfig, SiglipVisionModel
+from r4b.engine.model import SiglipConfig, SiglipVisionModel
 
 pytest.importorskip("transformers")
 
@@ -31,15 +31,12 @@ def _step(model, fn, grad_of):
         t.grad = None
     out, saved = _saved_bytes(fn)
     out.square().sum().backward()
-    return [out.detach()] + [p.grad.clone() if p.grad is not None else torch.empty(0) for p in model.parameters()] \
-        + [t.grad.clone() for t in grad_of], saved
+    return [out.detach()] + grads(model) + [t.grad.clone() for t in grad_of], saved
 
 
 def test_qwen3_checkpointing_same_gradients_fewer_saved_bytes():
-    model = randomize(Qwen3ForCausalLM(Qwen3Config.from_hf(qwen3_hf_config(tie=False).to_dict())), 4)
     # 4 layers: what checkpointing keeps per layer (its inputs) shrinks against what a layer saves
-    model.model.layers.extend(randomize(Qwen3ForCausalLM(Qwen3Config.from_hf(qwen3_hf_config(tie=False).to_dict())),
-                                        5).model.layers)
+    model = tiny_qwen3(seed=4, num_hidden_layers=4)
     _, batch = packed([7, 1, 12, 4], model.config.vocab_size, seed=2)
     emb = model.embed(batch["input_ids"]).detach().requires_grad_(True)
 

@@ -21,6 +21,7 @@ from tiny_models import (
     qwen3_hf_config,
     randomize,
     rel_err,
+    tiny_qwen3,
     torch_kernels_on_cpu,  # noqa: F401  (fixture)
 )
 
@@ -28,7 +29,6 @@ from r4b.engine.model import (
     CheckpointError,
     ImageProcessor,
     Qwen3Config,
-    Qwen3ForCausalLM,
     R4BConfig,
     R4BForConditionalGeneration,
     SiglipConfig,
@@ -49,10 +49,6 @@ def tiny_r4b(tie: bool = False, seed: int = 0) -> R4BForConditionalGeneration:
     cfg.projector_pre_norm = True
     torch.manual_seed(seed)
     return randomize(R4BForConditionalGeneration(cfg).eval(), seed)
-
-
-def tiny_qwen3(tie: bool) -> Qwen3ForCausalLM:
-    return randomize(Qwen3ForCausalLM(Qwen3Config.from_hf(qwen3_hf_config(tie).to_dict())).eval())
 
 
 def multimodal_inputs(model):
@@ -106,7 +102,7 @@ def test_failed_overwrite_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     from r4b.engine.model import weights as w
 
     path = tmp_path / "ckpt"
-    first = tiny_qwen3(False)
+    first = tiny_qwen3(False).eval()
     save_pretrained(first, path)
     before = sorted(p.name for p in path.iterdir())
     real_rename = os.rename
@@ -118,7 +114,7 @@ def test_failed_overwrite_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(w.os, "rename", failing_rename)
     with pytest.raises(OSError, match="simulated"):
-        save_pretrained(tiny_qwen3(True), path)
+        save_pretrained(tiny_qwen3(True).eval(), path)
     monkeypatch.setattr(w.os, "rename", real_rename)
     assert sorted(p.name for p in path.iterdir()) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
@@ -128,7 +124,7 @@ def test_failed_overwrite_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
 def test_qwen3_round_trip_through_transformers(tmp_path, tie):
-    model = tiny_qwen3(tie)
+    model = tiny_qwen3(tie).eval()
     save_pretrained(model, tmp_path)
     ref = transformers.Qwen3ForCausalLM.from_pretrained(tmp_path).eval()
     seqs, batch = packed([6, 2], model.config.vocab_size)
@@ -163,7 +159,7 @@ def test_plain_llava_projector_without_pre_norm_loads(tmp_path):
 
 @pytest.fixture
 def qwen3_ckpt(tmp_path):
-    save_pretrained(tiny_qwen3(tie=False), tmp_path)
+    save_pretrained(tiny_qwen3(tie=False).eval(), tmp_path)
     return tmp_path
 
 
@@ -231,7 +227,7 @@ def test_tied_config_with_different_lm_head(qwen3_ckpt):
 
 
 def test_index_names_missing_shard(tmp_path):
-    save_pretrained(tiny_qwen3(tie=True), tmp_path, max_shard_bytes=20_000)
+    save_pretrained(tiny_qwen3(tie=True).eval(), tmp_path, max_shard_bytes=20_000)
     shard = sorted(tmp_path.glob("model-*.safetensors"))[-1]
     shard.unlink()
     with pytest.raises(CheckpointError, match=f"shard files that do not exist: \\['{shard.name}'\\]"):

@@ -67,6 +67,19 @@ def qwen3_hf_config(tie: bool, vocab: int = 97):
                        max_position_embeddings=256, tie_word_embeddings=tie)
 
 
+def tiny_qwen3(tie: bool = False, seed: int = 0, **config):
+    """r4b's Qwen3ForCausalLM at qwen3_hf_config's size (``config``: config.json fields to change), random weights."""
+    from r4b.engine.model import Qwen3Config, Qwen3ForCausalLM
+
+    return randomize(Qwen3ForCausalLM(Qwen3Config.from_hf({**qwen3_hf_config(tie).to_dict(), **config})), seed)
+
+
+def grads(model: nn.Module) -> list[Tensor]:
+    """Every parameter's gradient, cloned (an empty tensor for one the loss does not reach, e.g. the hidden-state
+    forward's lm_head)."""
+    return [p.grad.clone() if p.grad is not None else torch.empty(0) for p in model.parameters()]
+
+
 def siglip_hf_config(image_size: int = 28, layers: int = 2):
     from transformers import SiglipVisionConfig
 
