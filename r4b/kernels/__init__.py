@@ -10,9 +10,11 @@ from .fused_linear_grpo_loss import fused_linear_grpo_loss, fused_linear_grpo_lo
 from .fused_linear_logprobs import fused_linear_logprobs, fused_linear_logprobs_ref
 from .group_advantages import group_advantages, group_advantages_ref
 from .pack import Packed, pack_sequences, unpack, unpack_padded
+from .paged_decode_attention import paged_decode_attention, paged_decode_attention_ref
 from .qk_norm_rope import qk_norm_rope, qk_norm_rope_ref
 from .rms_norm import rms_norm, rms_norm_ref
 from .rope import rope, rope_ref
+from .store_kv import store_kv, store_kv_ref
 from .swiglu import swiglu, swiglu_ref
 from .varlen_attention import varlen_attention, varlen_attention_ref
 
@@ -24,6 +26,8 @@ __all__ = [
     "group_advantages",
     "group_advantages_ref",
     "pack_sequences",
+    "paged_decode_attention",
+    "paged_decode_attention_ref",
     "unpack",
     "unpack_padded",
     "registered_ops",
@@ -39,6 +43,8 @@ __all__ = [
     "rms_norm_ref",
     "rope",
     "rope_ref",
+    "store_kv",
+    "store_kv_ref",
     "swiglu",
     "swiglu_ref",
     "varlen_attention",
