@@ -26,7 +26,9 @@
 # R4B_CHECK_TESTS="ws_fwd small attn ..." picks the GPU test steps (loss, small, attn, rest, ws_fwd, ws_bwd, gluon_ws,
 # gluon_ws_dq, gluon_ws_dkdv; empty:
 # none) in place of the phase's; R4B_CHECK_SKIP_TESTS=1 drops the issues phase's (a call that re-measures only);
-# R4B_CHECK_BENCHES="name:seconds ..." replaces the phase's bench list (e.g. "grpo_loss:150 varlen_attention:120").
+# R4B_CHECK_BENCHES="name:seconds ..." replaces the phase's bench list (e.g. "grpo_loss:150 varlen_attention:120";
+# any bench/bench_<name>.py, e.g. "paged_attention:90": paged decode attention and store_kv, in no phase's default
+# list yet; their "r4b cuda" rows need r4b._C built with CUDA, which the rest phase (or a "rest" test step) builds).
 # The run keeps to R4B_CHECK_BUDGET seconds (default 540, under the device tool's 600 s per command): every
 # step's time limit is cut to what is left, minus a reserve for the summary, so the table always prints.
 # Peers: `make gpu-wheels` (here, with internet) puts liger-kernel's wheel in .whl/; carry ".whl" to the GPU
@@ -205,17 +207,23 @@ fi
 # model's tests after it never ran
 loss_tests="tests/test_fused_linear_chunked.py tests/test_fused_linear_grpo_loss.py
             tests/test_fused_linear_cross_entropy.py tests/test_fused_linear_logprobs.py"
-# the fused ops first (never run on a GPU yet), then the model's step that uses them, then the ops that passed
-small_tests="tests/test_qk_norm_rope.py tests/test_add_rms_norm.py tests/test_model_qwen3.py tests/test_rms_norm.py
-             tests/test_rope.py tests/test_swiglu.py tests/test_compile.py"
+# the paged KV cache's inference ops. Their CUDA kernels are r4b._C's, tested only where it is built with CUDA: the
+# all and rest phases build it before the tests; the issues phase tests their Triton kernels (the CUDA ones skip). So
+# the small step runs them, and the rest step when the small step does not run (the rest phase)
+paged_tests=" tests/test_store_kv.py tests/test_paged_decode_attention.py"
+# the fused ops and the paged ops first (never run on a GPU yet), then the model's step that uses the fused ops, then
+# the ops that passed
+small_tests="tests/test_qk_norm_rope.py tests/test_add_rms_norm.py$paged_tests tests/test_model_qwen3.py
+             tests/test_rms_norm.py tests/test_rope.py tests/test_swiglu.py tests/test_compile.py"
 attn_tests="tests/test_varlen_attention.py"
 rest_tests="tests/test_group_advantages.py tests/test_pack.py tests/test_varlen_attention_peers.py"
+has_test small || rest_tests="$rest_tests$paged_tests"
 if has_test loss; then
   step "GPU tests: fused-linear loss kernels"
   gpu_tests 40 pytest_gpu_loss.log $loss_tests || test_rc=$?
 fi
 if has_test small; then
-  step "GPU tests: qk_norm_rope, add_rms_norm, model, rms_norm, rope, swiglu"
+  step "GPU tests: qk_norm_rope, add_rms_norm, store_kv, paged decode attention, model, rms_norm, rope, swiglu"
   # (2026-11-27, H200: 80 s took every small-op test and left the model's training step, which autotunes every
   # kernel at its own shapes, running at the limit; 100 s took 7 of the 8 attention variants. The model test has
   # its own 240 s pytest-timeout, over the step's 90 s per test)
@@ -226,7 +234,7 @@ if has_test attn; then
   gpu_tests 130 pytest_gpu_attn.log $attn_tests || test_rc=$?
 fi
 if has_test rest; then
-  step "GPU tests: r4b._C ops, peer attention backends"
+  step "GPU tests: r4b._C ops, peer attention backends (and the paged ops when the small step does not run)"
   gpu_tests 90 pytest_gpu_rest.log $rest_tests || test_rc=$?
   # 2026-11-26 (H100): the CUDA unpack_padded op segfaulted on bad cu_seqlens values (the CPU op raises cleanly).
   # While its test fails, take a host backtrace of the crash with cuda-gdb (it debugs host code too).

@@ -48,7 +48,7 @@ def test_backend_provider_skips_unavailable_backend():
 
 def test_bench_registry():
     assert {"group_advantages", "pack", "grpo_loss", "fused_linear", "varlen_attention", "norms",
-            "model_step"} <= set(names())
+            "model_step", "paged_attention"} <= set(names())
     assert bench_main(["--list"]) == 0
     assert bench_main(["nope"]) == 2
 
@@ -241,3 +241,71 @@ def test_grpo_gemms_only_row_runs_the_chunked_loss_gemms(monkeypatch):
         loss()
     assert len(g.seen) >= 9  # three chunks, three products each
     assert sorted(g.seen) == sorted(r.seen)
+
+
+def test_paged_attention_bench_providers_match_the_reference(monkeypatch, tmp_path):
+    """bench paged_attention at its --quick shapes under the interpreter (fp32): every decode provider that runs here
+    (SDPA on contiguous K/V, ragged contexts through a key mask included; the torch gather of the pages; r4b's Triton
+    split-K) and every store_kv provider matches the fp32 torch reference before timing; the GPU-only rows skip
+    with their reason, none with an error."""
+    from bench import bench_paged_attention as mod
+
+    if torch.cuda.is_available():  # there the bench runs bf16 on the GPU, its rows bench/gpu_check.sh's
+        pytest.skip("the CPU smoke run of the bench (TRITON_INTERPRET=1, fp32)")
+    monkeypatch.setattr(harness, "results_dir", lambda device: tmp_path)
+    monkeypatch.setattr(harness, "time_fn", lambda fn, device, quick=False: (1.0, 1.0, 1.0))  # no timing here
+    monkeypatch.setattr(harness, "peak_memory_gib", lambda fn, device: None)
+    rows = mod.main(["--quick"])
+    assert not [r for r in rows if r.get("skipped", "").startswith("error")], rows
+    ran = {(r["case"], r["provider"]): r for r in rows if "skipped" not in r}
+    decode = [c.label for c in mod.decode_cases(True, "cpu")]
+    store = [c.label for c in mod.store_cases(True, "cpu")]
+    assert any("rand" in c for c in decode)  # the ragged batch
+    want = {(c, p) for c in decode for p in ("SDPA contiguous KV", "torch gather + SDPA", "r4b triton")}
+    want |= {(c, p) for c in store for p in ("torch index_put", "r4b triton")}
+    assert set(ran) == want, sorted(set(ran) ^ want)
+    assert all(r["check"] == "ok" and r["err"] <= 1e-4 and r["gbps"] > 0 for r in ran.values()), ran
+    skipped = {r["provider"]: r["skipped"] for r in rows if "skipped" in r}
+    assert "cuda backend unavailable" in skipped["r4b cuda"] and "GPU" in skipped["flash-attn kvcache"], skipped
+    assert json.loads((tmp_path / "paged_attention.json").read_text())["rows"] == json.loads(json.dumps(rows))
+
+
+def test_paged_attention_bench_bytes_are_the_contexts_kv():
+    """Decode GB/s count K and V of every context once (+ q and the output); store_kv's read k, v and write them."""
+    from bench.bench_paged_attention import decode_cases, store_cases
+
+    anchor, ragged, latency, big = decode_cases(False)
+    assert anchor.label == "decode B=32,ctx=4096" and latency.params["lens"] == [4096]
+    assert anchor.bytes == 2 * 32 * 4096 * 8 * 128 * 2 + 2 * 32 * 32 * 128 * 2  # 0.54 GB of KV: the anchor's
+    assert ragged.bytes == 2 * sum(ragged.params["lens"]) * 8 * 128 * 2 + 2 * 32 * 32 * 128 * 2
+    assert len(ragged.params["lens"]) == 32 and min(ragged.params["lens"]) >= 1 and max(ragged.params["lens"]) <= 4096
+    assert big.params["B"] == 128 and big.params["lens"] == [1024] * 128
+    prefill, step = store_cases(False)
+    assert prefill.bytes == 4 * 16384 * 8 * 128 * 2 + 8 * 16384 and step.params["T"] == 32
+
+
+def test_summary_judges_paged_decode_against_copy_bandwidth_and_sdpa(tmp_path):
+    """The paged decode lines: r4b's best checked row against 85% of the copy bandwidth (launched, else in a CUDA
+    graph) and the SDPA contiguous-KV peer's GB/s, marked informational; store_kv shown against its peer."""
+    from bench.summary import targets
+
+    case = "decode B=32,ctx=4096"
+    rows = [{"case": case, "provider": "SDPA contiguous KV", "gbps": 3800.0, "pct_of_copy": 90.0,
+             "graph_gbps": 3900.0},
+            {"case": case, "provider": "r4b triton", "gbps": 3000.0, "pct_of_copy": 71.0, "pct_of_copy_graph": 88.0,
+             "graph_gbps": 3950.0, "check": "ok"},
+            {"case": case, "provider": "r4b cuda", "gbps": 9000.0, "check": "MISMATCH"},  # wrong: never the best
+            {"case": case, "provider": "flash-attn kvcache", "skipped": "flash_attn does not import"},
+            {"case": "store_kv decode T=32", "provider": "torch index_put", "gbps": 10.0},
+            {"case": "store_kv decode T=32", "provider": "r4b triton", "gbps": 25.0, "pct_of_copy": 0.6}]
+    (tmp_path / "paged_attention.json").write_text(json.dumps({"rows": rows}))
+    out = targets(tmp_path).splitlines()
+    assert out[-2:] == [
+        "  paged_attention decode B=32,ctx=4096: r4b triton 3000 GB/s, 71% of copy launched / 88% in a graph "
+        "(target >= 85%) MET in a graph; 0.79x SDPA contiguous KV's GB/s / 1.01x in a graph (target >= 1x) "
+        "MET in a graph [informational: no issue yet]",
+        "  paged_attention store_kv decode T=32: r4b triton 25 GB/s, 1% of copy launched; 2.50x torch index_put's "
+        "GB/s [informational: no issue yet]"], out
+    rows[0]["check"] = "MISMATCH"  # no peer to compare with
+    (tmp_path / "paged_attention.json").write_text(json.dumps({"rows": rows}))
+    assert "SDPA contiguous KV missing (skipped, cut or MISMATCH): no ratio" in targets(tmp_path)
