@@ -30,9 +30,11 @@ def _nvcc() -> str | None:
 def test_extension_is_built_with_cpu_kernels():
     from r4b import _C
 
-    assert {"group_advantages", "pack", "unpack_padded"} <= set(_C.cpu_ops())
+    ops = {"group_advantages", "pack", "unpack_padded", "store_kv", "paged_decode_attention"}
+    assert ops <= set(_C.cpu_ops())
     assert _C.built_with_cuda == bool(_C.cuda_ops())
-    assert hasattr(torch.ops.r4b, "group_advantages")
+    assert not _C.cuda_ops() or ops <= set(_C.cuda_ops())
+    assert all(hasattr(torch.ops.r4b, op) for op in ops)
 
 
 def test_extension_imports_before_torch():

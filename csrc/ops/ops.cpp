@@ -52,6 +52,37 @@ at::Tensor unpack_padded_cpu(const at::Tensor& flat_in, const at::Tensor& cu_in,
   return out;
 }
 
+void store_kv_cpu(const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& k_cache,
+                  const at::Tensor& v_cache, const at::Tensor& slot_mapping) {
+  check_store_kv(k_in, v_in, k_cache, v_cache, slot_mapping);
+  const int64_t T = k_in.size(0);
+  if (T == 0) return;
+  const auto k = unit_last_stride(k_in);
+  const auto v = unit_last_stride(v_in);
+  const auto slots = slot_mapping.contiguous();
+  r4b::cpu::store_kv(k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1), v.stride(0), v.stride(1), T, k.size(1),
+                     k.size(2), k.element_size(), slots.data_ptr<int64_t>(), k_cache.size(0) * k_cache.size(1),
+                     k_cache.data_ptr(), v_cache.data_ptr());
+}
+
+at::Tensor paged_decode_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                      const at::Tensor& block_tables_in, const at::Tensor& context_lens_in,
+                                      double softmax_scale, int64_t num_splits) {
+  check_paged_decode(q_in, k_cache, v_cache, block_tables_in, context_lens_in, softmax_scale, num_splits);
+  const int64_t B = q_in.size(0), Hq = q_in.size(1), D = q_in.size(2), max_blocks = block_tables_in.size(1);
+  auto out = at::empty({B, Hq, D}, q_in.options());
+  if (B == 0) return out;
+  if (max_blocks == 0) return out.zero_();
+  const auto q = unit_last_stride(q_in);
+  const auto bt = unit_last_stride(block_tables_in);
+  const auto cl = context_lens_in.contiguous();
+  r4b::cpu::paged_decode_attention(q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr(),
+                                   bt.data_ptr<int32_t>(), bt.stride(0), cl.data_ptr<int32_t>(), B, Hq,
+                                   k_cache.size(2), D, k_cache.size(0), k_cache.size(1), max_blocks,
+                                   static_cast<float>(softmax_scale), num_splits, float_type_code(q), out.data_ptr());
+  return out;
+}
+
 }  // namespace
 }  // namespace r4b::ops
 
@@ -59,12 +90,18 @@ TORCH_LIBRARY(r4b, m) {
   m.def("group_advantages(Tensor rewards, Tensor group_ids, str scale='group', float eps=1e-6) -> Tensor");
   m.def("pack(Tensor[] seqs) -> (Tensor flat, Tensor cu_seqlens, Tensor position_ids, Tensor seq_ids)");
   m.def("unpack_padded(Tensor flat, Tensor cu_seqlens, int max_seqlen, Scalar pad_value=0) -> Tensor");
+  m.def("store_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
+  m.def(
+      "paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, "
+      "float softmax_scale, int num_splits) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(r4b, CPU, m) {
   m.impl("group_advantages", &r4b::ops::group_advantages_cpu);
   m.impl("pack", &r4b::ops::pack_cpu);
   m.impl("unpack_padded", &r4b::ops::unpack_padded_cpu);
+  m.impl("store_kv", &r4b::ops::store_kv_cpu);
+  m.impl("paged_decode_attention", &r4b::ops::paged_decode_attention_cpu);
 }
 
 namespace r4b::ops {
@@ -77,8 +114,13 @@ std::vector<std::string> r4b::ops::cuda_op_names() { return {}; }
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "r4b compiled ops; importing registers torch.ops.r4b.*";
-  m.def("cpu_ops", []() { return std::vector<std::string>{"group_advantages", "pack", "unpack_padded"}; },
-        "ops with a C++ CPU kernel in this build");
+  m.def(
+      "cpu_ops",
+      []() {
+        return std::vector<std::string>{"group_advantages", "pack", "unpack_padded", "store_kv",
+                                        "paged_decode_attention"};
+      },
+      "ops with a C++ CPU kernel in this build");
   m.def("cuda_ops", &r4b::ops::cuda_op_names, "ops with a CUDA kernel in this build (empty without CUDA)");
 #ifdef R4B_WITH_CUDA
   m.attr("built_with_cuda") = true;

@@ -6,7 +6,12 @@
 #include <torch/library.h>
 
 #include "common.h"
+#include "r4b/cpu_kernels.h"
 #include "r4b/cuda_launchers.h"
+
+static_assert(r4b::cuda::kFloat32 == r4b::cpu::kFloat32 && r4b::cuda::kFloat16 == r4b::cpu::kFloat16 &&
+                  r4b::cuda::kBFloat16 == r4b::cpu::kBFloat16,
+              "the paged-KV element type codes of the CPU and CUDA kernels (and float_type_code) agree");
 
 namespace r4b::ops {
 namespace {
@@ -100,9 +105,80 @@ at::Tensor unpack_padded_cuda(const at::Tensor& flat_in, const at::Tensor& cu_in
   return out;
 }
 
+void store_kv_cuda(const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& k_cache,
+                   const at::Tensor& v_cache, const at::Tensor& slot_mapping) {
+  check_store_kv(k_in, v_in, k_cache, v_cache, slot_mapping);
+  const int64_t T = k_in.size(0);
+  if (T == 0) return;
+  const c10::cuda::CUDAGuard guard(k_cache.device());
+  const auto k = unit_last_stride(k_in);
+  const auto v = unit_last_stride(v_in);
+  const auto slots = slot_mapping.contiguous();
+  const int64_t Hkv = k.size(1), D = k.size(2), e = k.element_size();
+  TORCH_CHECK_VALUE(Hkv * D * e <= int64_t{2147483647}, "store_kv: a cache slot of Hkv=", Hkv, " x D=", D,
+                    " elements is too large (2^31 bytes at most)");
+  // the copy word divides every row, stride and address (a view of a fused projection may be only 2-aligned)
+  int word = 16;
+  const std::vector<uintptr_t> addrs{
+      reinterpret_cast<uintptr_t>(k.data_ptr()), reinterpret_cast<uintptr_t>(v.data_ptr()),
+      reinterpret_cast<uintptr_t>(k_cache.data_ptr()), reinterpret_cast<uintptr_t>(v_cache.data_ptr())};
+  const int64_t sizes[] = {D * e, k.stride(0) * e, k.stride(1) * e, v.stride(0) * e, v.stride(1) * e};
+  const auto fits = [&](int w) {
+    for (auto a : addrs) {
+      if (a % w != 0) return false;
+    }
+    for (auto n : sizes) {
+      if (n % w != 0) return false;
+    }
+    return true;
+  };
+  while (word > 1 && !fits(word)) word /= 2;
+  check_launch(r4b::cuda::store_kv(k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1), v.stride(0), v.stride(1), T,
+                                   Hkv, D, static_cast<int>(e), word, slots.data_ptr<int64_t>(),
+                                   k_cache.size(0) * k_cache.size(1), k_cache.data_ptr(), v_cache.data_ptr(),
+                                   c10::cuda::getCurrentCUDAStream()),
+               "r4b store_kv kernel");
+}
+
+at::Tensor paged_decode_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                       const at::Tensor& block_tables_in, const at::Tensor& context_lens_in,
+                                       double softmax_scale, int64_t num_splits) {
+  check_paged_decode(q_in, k_cache, v_cache, block_tables_in, context_lens_in, softmax_scale, num_splits);
+  const int64_t B = q_in.size(0), Hq = q_in.size(1), D = q_in.size(2), max_blocks = block_tables_in.size(1);
+  TORCH_CHECK_VALUE(D <= r4b::cuda::kMaxDecodeHeadDim, "paged_decode_attention's CUDA kernel takes head dims up to ",
+                    r4b::cuda::kMaxDecodeHeadDim, ", got D=", D);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  auto out = at::empty({B, Hq, D}, q_in.options());
+  if (B == 0) return out;
+  if (max_blocks == 0) return out.zero_();
+  const int64_t block_size = k_cache.size(1);
+  const int64_t splits = r4b::cuda::decode_splits(num_splits, max_blocks * block_size);
+  TORCH_CHECK_VALUE(B * Hq * splits <= r4b::cuda::kMaxGridX, "paged_decode_attention: B=", B, " x Hq=", Hq,
+                    " x num_splits=", splits, " exceeds the kernel's grid (2^31 - 1 blocks)");
+  const auto q = unit_last_stride(q_in);
+  const auto bt = unit_last_stride(block_tables_in);
+  const auto cl = context_lens_in.contiguous();
+  at::Tensor partial_out, partial_lse;  // fp32 workspace of the split-K partials (no sync: sized from the shapes)
+  if (splits > 1) {
+    partial_out = at::empty({B * Hq * splits * D}, q.options().dtype(at::kFloat));
+    partial_lse = at::empty({B * Hq * splits}, q.options().dtype(at::kFloat));
+  }
+  check_launch(r4b::cuda::paged_decode_attention(
+                   q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr(),
+                   bt.data_ptr<int32_t>(), bt.stride(0), cl.data_ptr<int32_t>(), B, Hq, k_cache.size(2), D,
+                   k_cache.size(0), block_size, max_blocks, static_cast<float>(softmax_scale), num_splits,
+                   float_type_code(q), splits > 1 ? partial_out.data_ptr<float>() : nullptr,
+                   splits > 1 ? partial_lse.data_ptr<float>() : nullptr, out.data_ptr(),
+                   c10::cuda::getCurrentCUDAStream()),
+               "r4b paged_decode_attention kernel");
+  return out;
+}
+
 }  // namespace
 
-std::vector<std::string> cuda_op_names() { return {"group_advantages", "pack", "unpack_padded"}; }
+std::vector<std::string> cuda_op_names() {
+  return {"group_advantages", "pack", "unpack_padded", "store_kv", "paged_decode_attention"};
+}
 
 }  // namespace r4b::ops
 
@@ -110,4 +186,6 @@ TORCH_LIBRARY_IMPL(r4b, CUDA, m) {
   m.impl("group_advantages", &r4b::ops::group_advantages_cuda);
   m.impl("pack", &r4b::ops::pack_cuda);
   m.impl("unpack_padded", &r4b::ops::unpack_padded_cuda);
+  m.impl("store_kv", &r4b::ops::store_kv_cuda);
+  m.impl("paged_decode_attention", &r4b::ops::paged_decode_attention_cuda);
 }

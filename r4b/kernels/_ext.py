@@ -35,3 +35,11 @@ def _register_fakes() -> None:
     @torch.library.register_fake("r4b::unpack_padded")
     def _(flat, cu_seqlens, max_seqlen, pad_value=0):
         return flat.new_empty((cu_seqlens.shape[0] - 1, max_seqlen, *flat.shape[1:]))
+
+    @torch.library.register_fake("r4b::store_kv")
+    def _(k, v, k_cache, v_cache, slot_mapping):
+        return None  # writes k_cache and v_cache in place
+
+    @torch.library.register_fake("r4b::paged_decode_attention")
+    def _(q, k_cache, v_cache, block_tables, context_lens, softmax_scale, num_splits):
+        return q.new_empty(q.shape)  # contiguous, q's dtype
