@@ -165,6 +165,9 @@ def test_argument_errors_name_the_argument():
         paged_decode_attention(q[:, :3], kc, vc, bt, cl)
     with pytest.raises(ValueError, match="D=16"):
         paged_decode_attention(q[..., :8], kc, vc, bt, cl)
+    wide = make([5, 9], 4, 2, 264, 4, seed=10)
+    with pytest.raises(ValueError, match=r"head dim must be <= 256, got q=\(2, 4, 264\)"):
+        paged_decode_attention(*wide)
     with pytest.raises(TypeError, match="block_tables must have dtype"):
         paged_decode_attention(q, kc, vc, bt.long(), cl)
     with pytest.raises(TypeError, match="context_lens must have dtype"):

@@ -24,10 +24,11 @@ def reference(k, v, k_cache, v_cache, slots):
 
 def make(T, Hkv, D, num_blocks, bs, dtype, seed, strided=False, skip=()):
     gen = torch.Generator().manual_seed(seed)
-    if strided:  # k and v as views of a fused (T, Hq + 2 Hkv, D) projection, as the attention layer has them
+    if strided:  # k as a view of a fused (T, Hq + 2 Hkv, D) projection; v of another width: strides of its own
         qkv = torch.randn(T, 3 * Hkv + 2, D, generator=gen).to(dtype)
-        k, v = qkv[:, 2 : 2 + Hkv], qkv[:, 2 + Hkv : 2 + 2 * Hkv]
-        assert not k.is_contiguous()
+        k = qkv[:, 2 : 2 + Hkv]
+        v = torch.randn(T, 2 * Hkv + 1, D, generator=gen).to(dtype)[:, 1 : 1 + Hkv]
+        assert not k.is_contiguous() and k.stride(0) != v.stride(0)
     else:
         k = torch.randn(T, Hkv, D, generator=gen).to(dtype)
         v = torch.randn(T, Hkv, D, generator=gen).to(dtype)

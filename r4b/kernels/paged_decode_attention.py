@@ -29,6 +29,7 @@ OP = "paged_decode_attention"
 _dispatch.register(OP, ("cuda", "triton", "cpp", "torch"))
 
 _LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 256
 
 
 def paged_decode_attention_ref(
@@ -211,7 +212,7 @@ def paged_decode_attention(
     """Decode attention over the paged KV cache (no gradient: an inference op).
 
     q: (B, Hq, D), one query token per sequence, unit last stride; k_cache, v_cache: (num_blocks, block_size,
-    Hkv, D) contiguous, q's dtype, Hq % Hkv == 0; block_tables: (B, max_blocks) int32, sequence b's blocks in
+    Hkv, D) contiguous, q's dtype, Hq % Hkv == 0, D <= 256; block_tables: (B, max_blocks) int32, sequence b's blocks in
     order; context_lens: (B,) int32, 0 <= context_lens[b] <= max_blocks * block_size (entries of block_tables
     past a sequence's context are never read). Values are checked when block_tables and context_lens are on the
     CPU (a GPU call does not synchronise to read them). softmax_scale defaults to 1/sqrt(D). A sequence with an
@@ -230,6 +231,8 @@ def paged_decode_attention(
     if D != Dc or Hq == 0 or Hq % Hkv:
         raise ValueError(f"q must be (B, Hq, D) with the caches' D={Dc} and Hq a multiple of their Hkv={Hkv}, "
                          f"got q={tuple(q.shape)}")
+    if D > MAX_HEAD_DIM:  # the CUDA kernel's largest tile (flash-attn's limit too); every backend keeps to it
+        raise ValueError(f"the head dim must be <= {MAX_HEAD_DIM}, got q={tuple(q.shape)}")
     _checks.same_len(B, "q", block_tables=block_tables, context_lens=context_lens)
     if num_splits is not None and not (isinstance(num_splits, int) and num_splits >= 1):
         raise ValueError(f"num_splits must be None or an int >= 1, got {num_splits!r}")
