@@ -28,7 +28,8 @@
 # none) in place of the phase's; R4B_CHECK_SKIP_TESTS=1 drops the issues phase's (a call that re-measures only);
 # R4B_CHECK_BENCHES="name:seconds ..." replaces the phase's bench list (e.g. "grpo_loss:150 varlen_attention:120";
 # any bench/bench_<name>.py, e.g. "paged_attention:90": paged decode attention and store_kv, in no phase's default
-# list yet; their "r4b cuda" rows need r4b._C built with CUDA, which the rest phase (or a "rest" test step) builds).
+# list yet; their "r4b cuda" rows need r4b._C built with CUDA, which the rest phase (or a "rest" test step) builds;
+# "diag_paged:60" times the decode kernels' launch options, bench/gpu_diag.py paged).
 # The run keeps to R4B_CHECK_BUDGET seconds (default 540, under the device tool's 600 s per command): every
 # step's time limit is cut to what is left, minus a reserve for the summary, so the table always prints.
 # Peers: `make gpu-wheels` (here, with internet) puts liger-kernel's wheel in .whl/; carry ".whl" to the GPU
@@ -362,6 +363,13 @@ for spec in $specs; do
     timeout -k 10 "$lim" $PY -m bench.gpu_diag host 2>&1 | tee "$LOGS/diag_host.log" | tail -n 30
     rc=${PIPESTATUS[0]}
     [ "$rc" -ne 0 ] && { echo "diag host exited $rc (124 = over its ${lim}s limit)"; bench_rc=$rc; }
+    continue
+  fi
+  if [ "$name" = diag_paged ]; then  # the decode kernels' launch options at the decode anchor, in CUDA graphs
+    step "diag: paged decode launch options (gpu_diag paged, limit ${lim}s)"
+    timeout -k 10 "$lim" $PY -m bench.gpu_diag paged 2>&1 | tee "$LOGS/diag_paged.log" | tail -n 20
+    rc=${PIPESTATUS[0]}
+    [ "$rc" -ne 0 ] && { echo "diag paged exited $rc (124 = over its ${lim}s limit)"; bench_rc=$rc; }
     continue
   fi
   if [ "$name" = rule ]; then  # the attention tests' bf16 rule: its baseline (3-D vs 4-D SDPA) against the kernels

@@ -36,6 +36,12 @@ are what the sessions after it tune against. bench/gpu_check.sh's ``diag`` phase
         CUDA-event time of the pair. Baselines: one built-in op each way, and a custom autograd.Function doing one
         copy each way (the autograd engine's own cost on the GPU's worker thread), then r4b's rms_norm (hidden),
         qk_norm_rope and the unfused q/k ops it replaces, at the bench shapes.
+    python -m bench.gpu_diag paged [--tiny]
+        the decode kernels at the decode anchor (32 sequences x 4096 tokens, 32 q / 8 kv heads, d 128, bf16, blocks
+        of 16 scattered over the cache), in CUDA graphs: the Triton split-K launch over (BLOCK_N, num_stages) x
+        num_splits (its GPU_TILE chosen from compiling for sm_90, not yet timed) and the CUDA kernel over num_splits,
+        each line with its KV GB/s and error against the fp32 reference. --tiny: a few hundred tokens in fp32 on the
+        CPU interpreter (the errors only).
     python -m bench.gpu_diag report CSV...
         one line per profiled kernel of ncu's ``--csv --page raw`` log(s): time, SM / memory / DRAM throughput,
         tensor-pipe activity, registers, occupancy and the four largest warp-stall reasons.
@@ -553,8 +559,54 @@ def profile_lines(fn, n: int, top: int = 18) -> str:
     return "\n".join(lines)
 
 
+def paged(tiny: bool) -> int:
+    """Time the decode kernels' launch options at the decode anchor (see the module docstring)."""
+    import torch
+
+    from r4b.kernels.paged_decode_attention import (
+        _paged_decode_triton,
+        paged_decode_attention,
+        paged_decode_attention_ref,
+    )
+
+    dev, dt = ("cpu", torch.float32) if tiny else ("cuda", torch.bfloat16)
+    B, L, Hq, Hkv, D, bs = (3, 208, 8, 2, 32, 16) if tiny else (32, 4096, 32, 8, 128, 16)
+    nb = B * L // bs
+    g = torch.Generator().manual_seed(0)
+    bt = torch.randperm(nb, generator=g).view(B, L // bs).to(torch.int32).to(dev)
+    kc = torch.randn(nb, bs, Hkv, D, generator=g).to(dt).to(dev)
+    vc = torch.randn_like(kc)
+    q = torch.randn(B, Hq, D, generator=g).to(dt).to(dev)
+    cl = torch.full((B,), L, dtype=torch.int32, device=dev)
+    ref = paged_decode_attention_ref(q.float(), kc, vc, bt, cl)
+    kv_bytes = 2 * B * L * Hkv * D * kc.element_size()
+    scale = D**-0.5
+    runs = [(f"triton BLOCK_N={bn} stages={st} splits={ns}",
+             lambda bn=bn, st=st, ns=ns: _paged_decode_triton(q, kc, vc, bt, cl, scale, ns, (bn, st, 4)))
+            for bn in (32, 64) for st in (3, 5) for ns in (1, 2, 4)]
+    if not tiny:
+        runs += [(f"cuda splits={ns}", lambda ns=ns: paged_decode_attention(q, kc, vc, bt, cl, num_splits=ns,
+                                                                            backend="cuda")) for ns in (1, 2, 4, 8)]
+    bad = 0
+    for name, fn in runs:
+        try:
+            err = ((fn().float() - ref).abs().max() / ref.abs().max()).item()
+        except Exception as ex:  # e.g. r4b._C without CUDA kernels: the line says so, the others still run
+            print(f"{name:40s} {type(ex).__name__}: {str(ex)[:160]}", flush=True)
+            continue
+        bad += not err < 2e-2
+        if tiny:
+            print(f"{name:40s} rel err {err:.1e}", flush=True)
+            continue
+        from bench.harness import graph_time_ms
+
+        ms = graph_time_ms(fn)
+        print(f"{name:40s} {ms * 1e3:8.1f} us {kv_bytes / ms / 1e6:7.0f} GB/s  rel err {err:.1e}", flush=True)
+    return 1 if bad else 0
+
+
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("attn", "ws", "gluon-ws", "grpo", "host", "report"):
+    if not argv or argv[0] not in ("attn", "ws", "gluon-ws", "grpo", "host", "paged", "report"):
         print(__doc__)
         return 2
     if argv[0] == "report":
@@ -565,6 +617,8 @@ def main(argv: list[str]) -> int:
         return 0 if kernels else 1
     import torch
 
+    if argv[0] == "paged" and "--tiny" in argv:
+        return paged(tiny=True)
     if not torch.cuda.is_available():
         print("gpu_diag needs a CUDA GPU")
         return 2
@@ -574,6 +628,8 @@ def main(argv: list[str]) -> int:
         return ws("--causal" in argv, all_configs="--all-configs" in argv)
     if argv[0] == "gluon-ws":
         return gluon_ws("--causal" in argv)
+    if argv[0] == "paged":
+        return paged(tiny=False)
     if argv[0] == "host":
         return host(n=int(argv[argv.index("--n") + 1]) if "--n" in argv else 50)
     return grpo()

@@ -272,3 +272,11 @@ def test_profile_lines_report_each_function_per_call():
     assert lines[0].startswith("host profile of 5 calls") and len(lines) == 4, lines
     own, total, calls, where = lines[1].split(maxsplit=3)
     assert "sleep" in where and calls == "x2" and 4000 <= float(own) <= 40000, lines  # two 2 ms sleeps a call
+
+
+def test_paged_sweep_runs_every_launch_option_on_the_cpu(capsys):
+    # the decode sweep's tiny run: each (BLOCK_N, stages, splits) launch through the launcher's tile override,
+    # checked against the fp32 reference (exit 1 on an error past 2e-2)
+    assert gpu_diag.main(["paged", "--tiny"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("triton")]
+    assert len(lines) == 12 and all(float(ln.split("rel err")[1]) < 1e-5 for ln in lines), lines

@@ -150,6 +150,38 @@ def test_fp16_within_twice_plain_fp16_error(backend):
     assert_within_twice_plain([got], [torch.stack(base)], [want], ["out"], atol_rel=1e-4)
 
 
+def _kernel_paths():
+    """The kernels without the public function's host checks (what a GPU call runs with unchecked values)."""
+    from r4b.kernels import available_backends
+    from r4b.kernels.paged_decode_attention import _paged_decode_triton
+
+    paths = []
+    if "triton" in available_backends("paged_decode_attention"):
+        paths.append(pytest.param(lambda *a: _paged_decode_triton(*a), id="triton"))
+    if "cpp" in available_backends("paged_decode_attention"):
+        paths.append(pytest.param(lambda *a: torch.ops.r4b.paged_decode_attention(*a), id="cpp"))
+    return paths
+
+
+@pytest.mark.parametrize("kernel", _kernel_paths())
+def test_unchecked_values_never_read_outside_the_cache(kernel):
+    # context_lens past the table's capacity is clamped to it; a block id outside the cache leaves its tokens out
+    q, kc, vc, bt, cl = make([10, 12, 7], 4, 2, 16, 4, seed=15, spare_blocks=0)  # 3 blocks of 4 a table, 9 blocks
+    bt[1, 1] = 10**6
+    bt[2, 0] = -5
+    cl = torch.tensor([10**6, 12, 7], dtype=torch.int32)
+    got = kernel(q, kc, vc, bt, cl, 0.25, 2)
+    keep = [[0, 1, 2], [0, 2], [1]]  # the table positions of the blocks each sequence can read
+    for b in range(3):
+        n = 12 if b == 0 else int(cl[b])
+        rows = [int(bt[b, j // 4]) * 4 + j % 4 for j in range(n) if j // 4 in keep[b]]
+        k = kc.reshape(-1, 2, 16)[rows].double()
+        v = vc.reshape(-1, 2, 16)[rows].double()
+        for h in range(4):
+            p = torch.softmax(k[:, h // 2] @ q[b, h].double() * 0.25, 0)
+            torch.testing.assert_close(got[b, h].double(), p @ v[:, h // 2], rtol=2e-5, atol=2e-5)
+
+
 def test_auto_num_splits():
     assert auto_num_splits(1, 8, 4096, sms=132) == 16  # one sequence: 33 programs per KV head wanted, 16 ranges
     assert auto_num_splits(32, 8, 4096, sms=132) == 2  # 256 programs already: two splits fill 2 waves
@@ -214,6 +246,19 @@ def test_gpu_bf16_anchor_within_twice_plain(backend, ragged):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", backend_params("paged_decode_attention", "cuda"))
+def test_gpu_fp32_anchor_geometry_against_float64(backend):
+    # the anchor's heads and blocks with long contexts (many tiles, split boundaries), fp32 (IEEE products)
+    lens = [4096, 4095, 2049, 1]
+    q, kc, vc, bt, cl = make(lens, 32, 8, 128, 16, seed=16)
+    want = reference(q, kc, vc, bt, cl, 128**-0.5)
+    for ns in (None, 2, 7):
+        got = paged_decode_attention(q.cuda(), kc.cuda(), vc.cuda(), bt.cuda(), cl.cuda(), num_splits=ns,
+                                     backend=backend)
+        torch.testing.assert_close(got.cpu().double(), want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", backend_params("paged_decode_attention", "cuda"))
 def test_gpu_fp32_many_shapes_and_cuda_graph(backend):
     for case in CASES:
         lens, Hq, Hkv, D, bs = case
@@ -223,12 +268,15 @@ def test_gpu_fp32_many_shapes_and_cuda_graph(backend):
             got = paged_decode_attention(q.cuda(), kc.cuda(), vc.cuda(), bt.cuda(), cl.cuda(), num_splits=ns,
                                          backend=backend)
             torch.testing.assert_close(got.cpu().double(), want, rtol=2e-5, atol=2e-5)
-    # a decode step captured in a CUDA graph and replayed with new context lengths (no host read of them)
+    if backend == "torch":  # the reference reads the lengths on the host: it cannot be captured
+        return
+    # a decode step captured in a CUDA graph (split-K and its merge) and replayed with new context lengths (no host
+    # read of them)
     q, kc, vc, bt, cl = (t.cuda() for t in make([64, 100], 8, 2, 64, 16, seed=14))
-    paged_decode_attention(q, kc, vc, bt, cl, backend=backend)  # warm-up (compiles outside the capture)
+    paged_decode_attention(q, kc, vc, bt, cl, num_splits=3, backend=backend)  # warm-up: compiles outside the capture
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        out = paged_decode_attention(q, kc, vc, bt, cl, backend=backend)
+        out = paged_decode_attention(q, kc, vc, bt, cl, num_splits=3, backend=backend)
     cl.copy_(torch.tensor([3, 97], dtype=torch.int32))
     g.replay()
     want = reference(q.cpu(), kc.cpu(), vc.cpu(), bt.cpu(), cl.cpu(), 64**-0.5)

@@ -76,15 +76,17 @@ def _triton_kernels():
     import triton.language as tl
 
     @triton.jit
-    def decode_split_kernel(Q, KC, VC, BT, CL, Out, PO, PLSE, qk_scale, part, num_splits, n_heads, stride_qb, stride_qh,
-                            stride_ob, stride_oh, stride_bt, stride_slot, stride_kh,
+    def decode_split_kernel(Q, KC, VC, BT, CL, Out, PO, PLSE, qk_scale, part, num_splits, n_heads, capacity,
+                            num_blocks, stride_qb, stride_qh, stride_ob, stride_oh, stride_bt, stride_slot, stride_kh,
                             BS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr,
                             BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
                             DOT_PREC: tl.constexpr):
         b = tl.program_id(0)
         h = tl.program_id(1)
         s = tl.program_id(2)
-        ctx = tl.load(CL + b)
+        # a GPU call's values are not checked on the host: a length is clamped to the table's capacity, and a token
+        # whose block id is outside the cache is left out (as the CUDA kernel does), so nothing is read out of bounds
+        ctx = tl.minimum(tl.maximum(tl.load(CL + b), 0), capacity)
         lo = s * part
         hi = tl.minimum(lo + part, ctx)
         offs_g = tl.arange(0, BLOCK_G)
@@ -101,8 +103,8 @@ def _triton_kernels():
         kv_head = h * stride_kh
         for n0 in range(lo, hi, BLOCK_N):
             j = n0 + tl.arange(0, BLOCK_N)
-            jm = j < hi
-            blk = tl.load(BT + b64 * stride_bt + j // BS, mask=jm, other=0)
+            blk = tl.load(BT + b64 * stride_bt + j // BS, mask=j < hi, other=0)
+            jm = (j < hi) & (blk >= 0) & (blk < num_blocks)
             row = (blk.to(tl.int64) * BS + j % BS) * stride_slot + kv_head  # (BLOCK_N,) slot rows
             kvm = jm[:, None] & dmask[None, :]
             k = tl.load(KC + row[:, None] + offs_d[None, :], mask=kvm, other=0.0)
@@ -155,6 +157,13 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+# The GPU launch's (BLOCK_N, num_stages, num_warps): from compiling for sm_90 (2026-11-27, not yet timed): at the
+# anchor (bf16, D 128, GQA 4) BLOCK_N 32 with 5 stages double-buffers the K/V tiles in 38 KB of shared memory at 96
+# registers (5 programs an SM), where 64 with 3 stages single-buffers them (122 registers, 4 an SM) and 64 with 5
+# needs 72 KB (3 an SM). `python -m bench.gpu_diag paged` times the alternatives on a GPU.
+GPU_TILE = (32, 5, 4)
+_INTERPRET_TILE = (16, 1, 4)  # the CPU interpreter: small tiles, so the tests walk several a split
+
 # Programs aimed at per SM when choosing splits (a guess until tuned on a GPU; the interpreter counts one "SM").
 _PROGS_PER_SM = 2
 _MIN_PART = 256  # tokens a split reads at least: below that the merge costs more than the parallelism gains
@@ -168,15 +177,17 @@ def auto_num_splits(batch: int, kv_heads: int, max_context: int, sms: int) -> in
 
 
 def _paged_decode_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, context_lens: Tensor,
-                         scale: float, num_splits: int) -> Tensor:
+                         scale: float, num_splits: int, tile: tuple[int, int, int] | None = None) -> Tensor:
+    """The split-K launch; ``tile`` = (BLOCK_N, num_stages, num_warps) overrides GPU_TILE (gpu_diag's sweep)."""
     split_k, merge_k = _triton_kernels()
     B, Hq, D = q.shape
     bs, Hkv = k_cache.shape[1], k_cache.shape[2]
     group = Hq // Hkv
     block_d = max(16, _pow2(D))
     block_g = max(16, _pow2(group))
-    block_n = 16 if _dispatch.triton_interpret() else 64
+    block_n, stages, warps = tile or (_INTERPRET_TILE if _dispatch.triton_interpret() else GPU_TILE)
     capacity = block_tables.shape[1] * bs
+    num_splits = min(num_splits, -(-capacity // block_n))  # more would only add empty splits (and grid z <= 65535)
     per_split = -(-capacity // num_splits)
     part = -(-per_split // block_n) * block_n  # tokens per split, a multiple of BLOCK_N
     out = torch.empty_like(q)
@@ -188,9 +199,9 @@ def _paged_decode_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tabl
         po = plse = out  # unused
     split_k[(B, Hkv, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, po, plse, scale * _LOG2E, part, num_splits, Hq,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), k_cache.stride(1),
+        capacity, k_cache.shape[0], q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), k_cache.stride(1),
         k_cache.stride(2), BS=bs, GROUP=group, D=D, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n, SPLIT=split,
-        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4)
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=stages)
     if split:
         merge_k[(B, Hq)](po, plse, out, num_splits, out.stride(0), out.stride(1), Hq, D=D, BLOCK_D=block_d,
                          BLOCK_S=max(2, _pow2(num_splits)))
