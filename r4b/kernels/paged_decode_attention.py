@@ -199,9 +199,10 @@ def _paged_decode_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tabl
         po = plse = out  # unused
     split_k[(B, Hkv, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, po, plse, scale * _LOG2E, part, num_splits, Hq,
-        capacity, k_cache.shape[0], q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), k_cache.stride(1),
-        k_cache.stride(2), BS=bs, GROUP=group, D=D, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n, SPLIT=split,
-        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=stages)
+        capacity, k_cache.shape[0], q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        k_cache.stride(1), k_cache.stride(2), BS=bs, GROUP=group, D=D, BLOCK_G=block_g, BLOCK_D=block_d,
+        BLOCK_N=block_n, SPLIT=split, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=warps,
+        num_stages=stages)
     if split:
         merge_k[(B, Hq)](po, plse, out, num_splits, out.stride(0), out.stride(1), Hq, D=D, BLOCK_D=block_d,
                          BLOCK_S=max(2, _pow2(num_splits)))
