@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from bench.harness import Case, Skip, copy_bandwidth_gbps, default_device, run_bench, same_size_copy_gbps
+from bench.harness import Case, Skip, copy_bandwidth_gbps, copy_columns, default_device, run_bench
 
 # the fused ops, timed against the unfused kernels they replace ("r4b triton unfused")
 FUSED = ("add_rms_norm", "qk_norm_rope")
@@ -277,19 +277,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     quick = "--quick" in argv or device == "cpu"
     copy = copy_bandwidth_gbps(device)  # the ceiling, measured in this run
     def extra(case, row):  # % of the copy bandwidth, also for the CUDA-graph replay time (no launch cost)
-        if not copy:
-            return {}
-        out = {"copy_gbps": copy, "pct_of_copy": 100 * row["gbps"] / copy}
-        if row.get("graph_gbps"):
-            out["pct_of_copy_graph"] = 100 * row["graph_gbps"] / copy
-        # and of a copy of the same bytes (the small-op's own ceiling: launch and last-wave costs included)
-        if case.bytes and row["provider"] == "r4b triton":
-            same = same_size_copy_gbps(case.bytes, device, graph=False)
-            out.update(same_copy_gbps=same, pct_of_same_copy=100 * row["gbps"] / same)
-            if row.get("graph_gbps"):
-                same_g = same_size_copy_gbps(case.bytes, device, graph=True)
-                out.update(same_copy_graph_gbps=same_g, pct_of_same_copy_graph=100 * row["graph_gbps"] / same_g)
-        return out
+        return copy_columns(case, row, device, copy, own=row["provider"] == "r4b triton")
 
     # two passes: every case's r4b row first (the target: % of copy bandwidth), then the compiled rows (r4b's ops
     # under torch.compile with CUDA graphs, and torch.compile of the eager reference), whose compile time would

@@ -35,10 +35,10 @@ from bench.harness import (
     Case,
     Skip,
     copy_bandwidth_gbps,
+    copy_columns,
     default_device,
     max_rel_err,
     run_bench,
-    same_size_copy_gbps,
 )
 
 NAME = "paged_attention"  # the results' name (bench/results/<date>-<gpu>/paged_attention.json)
@@ -335,19 +335,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         err = _ERRORS.pop((case.label, row["provider"]), None)
         if err is not None:
             out.update(err=err, check="ok" if err <= CHECK_TOL[device] else "MISMATCH")
-        if not copy or not row.get("gbps"):
-            return out
-        out.update(copy_gbps=copy, pct_of_copy=100 * row["gbps"] / copy)
-        if row.get("graph_gbps"):
-            out["pct_of_copy_graph"] = 100 * row["graph_gbps"] / copy
-        # and of a copy of the same bytes (half read, half written): the ceiling with launch and last-wave costs
-        if case.bytes and row["provider"] in R4B:
-            same = same_size_copy_gbps(case.bytes, device, graph=False)
-            out.update(same_copy_gbps=same, pct_of_same_copy=100 * row["gbps"] / same)
-            if row.get("graph_gbps"):
-                same_g = same_size_copy_gbps(case.bytes, device, graph=True)
-                out.update(same_copy_graph_gbps=same_g, pct_of_same_copy_graph=100 * row["graph_gbps"] / same_g)
-        return out
+        return out | copy_columns(case, row, device, copy, own=row["provider"] in R4B)
 
     try:
         rows = run_bench(NAME, decode_cases(quick, device), _checked(decode_providers(device)), device=device,

@@ -203,6 +203,24 @@ def same_size_copy_gbps(nbytes: int, device: str, graph: bool) -> float | None:
     return _SAME_SIZE_COPY[key]
 
 
+def copy_columns(case, row: dict, device: str, copy: float | None, own: bool) -> dict:
+    """A memory-bound row's GB/s as a % of the device copy bandwidth ``copy`` measured in the run, launched and (when
+    timed) replayed in a CUDA graph; for r4b's own rows (``own``) also of a copy of the same bytes (half read, half
+    written): the op's own ceiling, launch and last-wave costs included. Empty without a copy reading or GB/s."""
+    if not copy or not row.get("gbps"):
+        return {}
+    out = {"copy_gbps": copy, "pct_of_copy": 100 * row["gbps"] / copy}
+    if row.get("graph_gbps"):
+        out["pct_of_copy_graph"] = 100 * row["graph_gbps"] / copy
+    if case.bytes and own:
+        same = same_size_copy_gbps(case.bytes, device, graph=False)
+        out.update(same_copy_gbps=same, pct_of_same_copy=100 * row["gbps"] / same)
+        if row.get("graph_gbps"):
+            same_g = same_size_copy_gbps(case.bytes, device, graph=True)
+            out.update(same_copy_graph_gbps=same_g, pct_of_same_copy_graph=100 * row["graph_gbps"] / same_g)
+    return out
+
+
 def results_dir(device: str) -> Path:
     slug = re.sub(r"[^A-Za-z0-9]+", "-", device_name(device)).strip("-").lower() or device
     if device != "cuda":

@@ -309,3 +309,13 @@ def test_summary_judges_paged_decode_against_copy_bandwidth_and_sdpa(tmp_path):
     rows[0]["check"] = "MISMATCH"  # no peer to compare with
     (tmp_path / "paged_attention.json").write_text(json.dumps({"rows": rows}))
     assert "SDPA contiguous KV missing (skipped, cut or MISMATCH): no ratio" in targets(tmp_path)
+
+
+def test_copy_columns_give_percent_of_the_copy_bandwidth():
+    from bench.harness import Case, copy_columns
+
+    case = Case("x", {}, bytes=100)
+    assert copy_columns(case, {"gbps": 50.0, "graph_gbps": 80.0}, "cpu", 200.0, own=False) == {
+        "copy_gbps": 200.0, "pct_of_copy": 25.0, "pct_of_copy_graph": 40.0}
+    assert copy_columns(case, {"gbps": 50.0}, "cpu", None, own=True) == {}  # no copy reading (the CPU)
+    assert copy_columns(case, {"gbps": None}, "cpu", 200.0, own=True) == {}  # a row without GB/s
