@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from bench.harness import (
     Case,
     Skip,
+    backend_provider,
     copy_bandwidth_gbps,
     copy_columns,
     default_device,
@@ -152,18 +153,6 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cl: torch.Tensor | 
     return out.reshape(B, hq, d)
 
 
-def _backend_why_not(op: str, backend: str, device: str) -> str | None:
-    """Why r4b's ``backend`` of ``op`` cannot run here (None: it can), naming a built extension without the op."""
-    from r4b.kernels import _dispatch
-
-    why = _dispatch.why_unavailable(op, backend, device)
-    if why is not None and backend == "cuda" and device == "cuda":
-        ext = _dispatch._extension()
-        if ext is not None and ext.cuda_ops() and not _dispatch.extension_has(op, "cuda"):
-            why = f"r4b._C has CUDA kernels ({', '.join(ext.cuda_ops())}) but none for {op} (built before it?)"
-    return why
-
-
 def _no_graph(fn, why: str):
     """``fn``, refusing to be captured in a CUDA graph (it synchronises with the host): the row's graph_error says
     why, and nothing reaches the stream while it captures."""
@@ -205,18 +194,14 @@ def decode_providers(device: str) -> dict:
         return fn
 
     def r4b(backend: str):
-        def setup(case: Case):
-            from r4b.kernels.paged_decode_attention import OP
+        def make(case: Case):
             from r4b.kernels.paged_decode_attention import paged_decode_attention as decode
 
-            why = _backend_why_not(OP, backend, device)
-            if why is not None:
-                raise Skip(f"{backend} backend unavailable: {why}")
             x = _shared(case, device, _make_decode)
             q, kc, vc, bt, cl = x["q"], x["kc"], x["vc"], x["bt"], x["cl"]
             return lambda: decode(q, kc, vc, bt, cl, backend=backend)
 
-        return setup
+        return backend_provider("paged_decode_attention", backend, device, make)
 
     def flash(case: Case):
         if device != "cuda":
@@ -283,12 +268,8 @@ def _make_store(case: Case, device: str) -> dict:
 def store_providers(device: str) -> dict:
     def make(backend: str | None):
         def setup(case: Case):
-            from r4b.kernels.store_kv import OP, store_kv, store_kv_ref
+            from r4b.kernels.store_kv import store_kv, store_kv_ref
 
-            if backend is not None:
-                why = _backend_why_not(OP, backend, device)
-                if why is not None:
-                    raise Skip(f"{backend} backend unavailable: {why}")
             x = _shared(case, device, _make_store)
             k, v, slots = x["k"], x["v"], x["slots"]
             kc, vc = torch.zeros_like(x["ref"][0]), torch.zeros_like(x["ref"][1])
@@ -299,7 +280,8 @@ def store_providers(device: str) -> dict:
 
         return setup
 
-    return {"torch index_put": make(None), "r4b triton": make("triton"), "r4b cuda": make("cuda")}
+    return {"torch index_put": make(None), **{f"r4b {b}": backend_provider("store_kv", b, device, make(b))
+                                               for b in ("triton", "cuda")}}
 
 
 # (case label, provider) -> max relative error against the reference, filled before each row is timed

@@ -427,11 +427,12 @@ def default_device() -> str:
 def backend_provider(op: str, backend: str, device: str, make: Callable[[Case], Callable[[], object]]):
     """A provider running r4b's ``backend`` of ``op``: skips with the reason when that backend cannot run here,
     otherwise ``make(case)`` builds the inputs and returns the call to time."""
-    from r4b.kernels import available_backends
+    from r4b.kernels._dispatch import why_unavailable
 
     def setup(case: Case) -> Callable[[], object]:
-        if backend not in available_backends(op, device):
-            raise Skip(f"{backend} backend unavailable for {op} on {device}")
+        why = why_unavailable(op, backend, device)
+        if why is not None:
+            raise Skip(f"{backend} backend unavailable for {op} on {device}: {why}")
         return make(case)
 
     return setup

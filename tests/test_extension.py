@@ -185,3 +185,22 @@ def test_triton_needs_interpreter_on_cpu(monkeypatch):
 def test_unknown_op():
     with pytest.raises(KeyError, match="unknown op 'nope'"):
         available_backends("nope")
+
+
+def test_cuda_reason_names_an_extension_built_before_the_op(monkeypatch):
+    from r4b.kernels import _dispatch
+
+    class Ext:  # a CUDA build of r4b._C from before the op existed, and one without CUDA
+        def __init__(self, cuda):
+            self.cuda = cuda
+
+        def cuda_ops(self):
+            return self.cuda
+
+        def cpu_ops(self):
+            return []
+
+    monkeypatch.setattr(_dispatch, "_extension", lambda: Ext(["pack"]))
+    assert "none for 'store_kv' (built before it" in _dispatch.why_unavailable("store_kv", "cuda", "cuda")
+    monkeypatch.setattr(_dispatch, "_extension", lambda: Ext([]))
+    assert "built without CUDA" in _dispatch.why_unavailable("store_kv", "cuda", "cuda")

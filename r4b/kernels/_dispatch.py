@@ -186,6 +186,9 @@ def _why_not(op: str, backend: str, device: str, dtype: torch.dtype | None = Non
         if _extension() is None:
             return "the compiled extension r4b._C is not built (pip install -e . --no-build-isolation)"
         if not extension_has(op, "cuda"):
+            if _extension().cuda_ops():
+                return (f"r4b._C has CUDA kernels but none for {op!r} (built before it: rebuild with "
+                        "pip install -e . --no-build-isolation)")
             return "r4b._C was built without CUDA (R4B_BUILD_CUDA=1 and nvcc + a CUDA torch are needed)"
         return None
     # triton
