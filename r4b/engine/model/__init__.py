@@ -2,7 +2,7 @@
 
 from .config import ModelConfig, Qwen3Config, R4BConfig, SiglipConfig, config_from_hf, load_config
 from .image import ImageProcessor, num_image_tokens
-from .qwen3 import Qwen3ForCausalLM, Qwen3Model, last_rows
+from .qwen3 import PagedKV, Qwen3ForCausalLM, Qwen3Model, last_rows
 from .r4b import R4BForConditionalGeneration, R4BProjector
 from .siglip import SiglipVisionModel
 from .weights import CheckpointError, from_pretrained, save_pretrained
@@ -11,6 +11,7 @@ __all__ = [
     "CheckpointError",
     "ImageProcessor",
     "ModelConfig",
+    "PagedKV",
     "Qwen3Config",
     "Qwen3ForCausalLM",
     "Qwen3Model",

@@ -7,6 +7,8 @@ state dict maps one to one.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -32,9 +34,31 @@ class RMSNorm(nn.Module):
         return kernels.add_rms_norm(x, residual, self.weight, self.eps)
 
 
+@dataclass
+class PagedKV:
+    """One inference step's view of the paged KV cache (r4b.engine.llm builds it; see docs/DESIGN.md).
+
+    Every attention layer first writes the step's keys and values into its caches (``store_kv`` at
+    ``slot_mapping``), then attends:
+    - ``block_tables`` None (a prefill of sequences with nothing cached yet): each packed sequence attends to
+      itself (``varlen_attention`` over cu_seqlens);
+    - else every row attends through the cache (``paged_decode_attention``): row t reads its sequence's blocks
+      ``block_tables[t]`` up to ``context_lens[t]`` (its position + 1), the tokens this step wrote included. This
+      serves decode steps (one row per sequence) and rows that extend a cached context (a chunk of a long prompt,
+      the mode suffix after a shared prompt).
+    """
+
+    k_caches: list[Tensor]  # per layer (num_blocks, block_size, Hkv, D)
+    v_caches: list[Tensor]
+    slot_mapping: Tensor  # (T,) int64: cache slot of each row's key/value (-1: not stored)
+    block_tables: Tensor | None = None  # (T, max_blocks) int32
+    context_lens: Tensor | None = None  # (T,) int32
+
+
 class Qwen3Attention(nn.Module):
-    def __init__(self, cfg: Qwen3Config) -> None:
+    def __init__(self, cfg: Qwen3Config, layer_idx: int = 0) -> None:
         super().__init__()
+        self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
         self.rope_theta = cfg.rope_theta
@@ -58,9 +82,19 @@ class Qwen3Attention(nn.Module):
                                     self.rope_theta)
         return q, k, v
 
-    def forward(self, x: Tensor, position_ids: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
+    def forward(self, x: Tensor, position_ids: Tensor, cu_seqlens: Tensor, max_seqlen: int,
+                kv: PagedKV | None = None) -> Tensor:
         q, k, v = self.qkv(x, position_ids)
-        o = kernels.varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True)  # (T, Hq, D)
+        if kv is None:
+            o = kernels.varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True)  # (T, Hq, D)
+        else:
+            k_cache, v_cache = kv.k_caches[self.layer_idx], kv.v_caches[self.layer_idx]
+            kernels.store_kv(k, v, k_cache, v_cache, kv.slot_mapping)
+            if kv.block_tables is None:
+                o = kernels.varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True)
+            else:
+                o = kernels.paged_decode_attention(q, k_cache, v_cache, kv.block_tables, kv.context_lens,
+                                                   softmax_scale=self.head_dim**-0.5)
         return self.o_proj(o.reshape(x.shape[0], self.num_heads * self.head_dim))  # (T, Hq*D) -> (T, H)
 
 
@@ -76,15 +110,15 @@ class Qwen3MLP(nn.Module):
 
 
 class Qwen3DecoderLayer(nn.Module):
-    def __init__(self, cfg: Qwen3Config) -> None:
+    def __init__(self, cfg: Qwen3Config, layer_idx: int = 0) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Qwen3Attention(cfg)
+        self.self_attn = Qwen3Attention(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = Qwen3MLP(cfg)
 
     def forward(self, x: Tensor, position_ids: Tensor, cu_seqlens: Tensor, max_seqlen: int,
-                residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                residual: Tensor | None = None, kv: PagedKV | None = None) -> tuple[Tensor, Tensor]:
         """The layer's output as the pair (mlp_out, residual), whose sum is the hidden state after the layer (the
         next norm adds them in its fused op, add_rms_norm). residual None: x is the hidden state itself (the first
         layer's embeddings); else the hidden state is x + residual (the previous layer's pair)."""
@@ -92,7 +126,8 @@ class Qwen3DecoderLayer(nn.Module):
             h, residual = self.input_layernorm(x), x
         else:
             h, residual = self.input_layernorm(x, residual)
-        h, residual = self.post_attention_layernorm(self.self_attn(h, position_ids, cu_seqlens, max_seqlen), residual)
+        h, residual = self.post_attention_layernorm(self.self_attn(h, position_ids, cu_seqlens, max_seqlen, kv),
+                                                    residual)
         return self.mlp(h), residual
 
 
@@ -119,19 +154,21 @@ class Qwen3Model(nn.Module):
         super().__init__()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Qwen3DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(Qwen3DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.gradient_checkpointing = False
 
-    def forward(self, inputs_embeds: Tensor, position_ids: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
-        """inputs_embeds: (T, H); returns hidden states (T, H) after the final norm."""
+    def forward(self, inputs_embeds: Tensor, position_ids: Tensor, cu_seqlens: Tensor, max_seqlen: int,
+                kv: PagedKV | None = None) -> Tensor:
+        """inputs_embeds: (T, H); returns hidden states (T, H) after the final norm. ``kv``: the inference
+        engine's paged KV cache for this step (see :class:`PagedKV`); None for training and plain forwards."""
         h, residual = inputs_embeds, None
-        recompute = self.gradient_checkpointing and torch.is_grad_enabled()
+        recompute = self.gradient_checkpointing and torch.is_grad_enabled() and kv is None
         for layer in self.layers:
             if recompute:
                 h, residual = checkpoint(layer, h, position_ids, cu_seqlens, max_seqlen, residual, use_reentrant=False)
             else:
-                h, residual = layer(h, position_ids, cu_seqlens, max_seqlen, residual)
+                h, residual = layer(h, position_ids, cu_seqlens, max_seqlen, residual, kv)
         return self.norm(h) if residual is None else self.norm(h, residual)[0]
 
 

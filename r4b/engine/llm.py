@@ -1,0 +1,598 @@
+"""The inference engine: ``LLM(model, tokenizer).generate(requests, SamplingParams(...), thinking_mode=...)``.
+
+Rollouts for BPO and serving share it. What it does (docs/DESIGN.md, "Inference engine"):
+- **Paged KV cache.** Per layer ``(num_blocks, block_size, Hkv, D)`` keys and values; a BlockManager hands out
+  blocks. Every model step writes its rows' keys/values with ``store_kv``.
+- **Shared prompts, one KV for all thinking modes.** A chat request is rendered once up to
+  ``<|im_start|>assistant\\n``; that prompt (its images included) is prefilled once, then forked into its
+  n x len(modes) completions, which share its blocks by reference count (copy-on-write of the last partial
+  block). Each completion then feeds its mode suffix (``<think>`` / ``<think>\\n`` /
+  ``<think>\\n\\n</think>\\n\\n``, see r4b.engine.chat) through the cache and samples on.
+- **Continuous batching.** Each step is either a prefill (new sequences, packed, ``varlen_attention``) or an
+  extend/decode step of the running sequences (every row attends through the cache, ``paged_decode_attention``;
+  a long prompt's later chunks go this way too: chunked prefill). Up to ``max_num_seqs`` sequences and
+  ``max_num_batched_tokens`` rows a step; when the cache runs out of blocks the latest sequence is preempted
+  (its blocks freed) and recomputed later from its tokens, so its output does not change.
+- **Thinking modes.** ``thinking_mode`` "auto" (the model decides), "long" (forced thinking), "short" (forced
+  non-thinking), or several at once (BPO's ("long", "short")). ``max_thinking_tokens``: a thought that reaches
+  the budget gets ``\\n</think>\\n\\n`` forced, and the answer follows.
+- A request that cannot run (empty, unknown token ids, longer than the model or the cache) is reported in its
+  output's ``error`` and skipped; the others go on.
+Logits are computed only for the rows that sample (the model returns hidden states).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from itertools import count
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .block_manager import BlockManager
+from .chat import MODE_SUFFIX, ChatTokenizer, check_mode, parse_response
+from .model.qwen3 import PagedKV
+from .sampling import SamplingParams, make_generator, sample
+
+log = logging.getLogger(__name__)
+
+FORCED_END_OF_THOUGHT = "\n</think>\n\n"
+CPU_KV_CACHE_BYTES = 512 * 2**20  # the default cache on a CPU (num_kv_blocks= to choose)
+
+
+@dataclass
+class CompletionOutput:
+    index: int  # within its request: mode-major, then sample (modes ("long", "short"), n=2: L0 L1 S0 S1)
+    text: str  # the generated text (the mode suffix is the prompt's; cut before a stop string)
+    thinking: str  # the thought ("" for a direct answer)
+    answer: str  # the text after </think>
+    token_ids: list[int]  # generated tokens (a forced end of thought included)
+    logprobs: list[float]  # log-prob of each generated token (SamplingParams' docstring says which)
+    thinking_mode: str | None  # the prompt's mode suffix ("auto" / "long" / "short"; None: the prompt as given)
+    mode: str  # what the output did: "think" (a non-empty or unfinished thought) or "no_think"
+    num_thinking_tokens: int  # generated tokens before </think> (all of them when the thought never closed)
+    finish_reason: str  # "stop" (end of turn, a stop token or string), "length" (max_tokens / model length)
+    top_logprobs: list[dict[int, float]] | None = None  # with SamplingParams.logprobs=k
+
+
+@dataclass
+class RequestOutput:
+    request_index: int
+    prompt_token_ids: list[int]  # the shared prompt (without the mode suffixes)
+    outputs: list[CompletionOutput] = field(default_factory=list)
+    error: str | None = None  # why the request did not run (then outputs is empty)
+
+
+@dataclass
+class StreamEvent:
+    request_index: int
+    index: int  # completion index within the request
+    token_id: int
+    text: str  # the text this token adds (may be "" while a multi-byte character is incomplete)
+    finished: bool
+    finish_reason: str | None
+
+
+class _Request:
+    def __init__(self, index: int, prompt: list[int], params: SamplingParams, modes: list[str | None],
+                 pixel_values: list[Tensor], image_sizes: list) -> None:
+        self.index, self.prompt, self.params, self.modes = index, prompt, params, modes
+        self.pixel_values, self.image_sizes = pixel_values, image_sizes
+        self.image_embeds: Tensor | None = None  # computed at the first prefill that needs it
+        self.seqs: list[_Seq] = []
+        self.unfinished = 0
+        self.error: str | None = None
+
+
+class _Seq:
+    def __init__(self, sid: int, req: _Request, tokens: list[int], *, index: int = -1, mode: str | None = None,
+                 num_prompt: int = 0, generator: torch.Generator | None = None) -> None:
+        self.id, self.req, self.tokens, self.index, self.mode = sid, req, tokens, index, mode
+        self.num_prompt = num_prompt or len(tokens)
+        self.num_cached = 0
+        self.generator = generator
+        self.children: list[_Seq] = []  # a shared-prompt parent's completions (parents never sample)
+        self.forced: deque[int] = deque()
+        self.logprobs: list[float] = []
+        self.top: list[dict[int, float]] = []
+        self.thought_open_at_start = False
+        self.thought_open = False
+        self.finish_reason: str | None = None
+        self.text_sent = ""  # streamed so far
+
+    @property
+    def is_parent(self) -> bool:
+        return bool(self.children)
+
+    @property
+    def generated(self) -> list[int]:
+        return self.tokens[self.num_prompt :]
+
+    @property
+    def seats(self) -> int:
+        return len(self.children) if self.children else 1
+
+
+def _is_token_list(x: Any) -> bool:
+    if isinstance(x, Tensor):
+        return x.dim() == 1 and not x.is_floating_point()
+    return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(t, int) for t in x)
+
+
+class LLM:
+    """The engine over a model (Qwen3ForCausalLM or R4BForConditionalGeneration), used in place (no weight copy:
+    the trainer's model generates its own rollouts).
+
+    tokenizer: a ChatTokenizer (needed for text and chat requests, stop strings and the thinking modes; token-id
+    requests work without one); device / dtype: where and in what the model runs (None: where it is; the model is
+    moved in place when they differ); max_num_seqs / max_num_batched_tokens: a step's sequences and rows at most;
+    block_size: tokens per KV block; kv_cache_fraction: on a GPU, the share of the free memory the cache takes;
+    num_kv_blocks: the cache's size in blocks (overrides the fraction; on a CPU the default is 512 MiB);
+    max_model_len: the longest sequence (the config's max_position_embeddings by default); eos_token_ids: the
+    end-of-turn tokens (the tokenizer's by default).
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: ChatTokenizer | None = None, *,
+                 device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                 max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, block_size: int = 16,
+                 kv_cache_fraction: float = 0.5, num_kv_blocks: int | None = None, max_model_len: int | None = None,
+                 eos_token_ids: Sequence[int] | None = None) -> None:
+        for name, val in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens),
+                          ("block_size", block_size)):
+            if not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {val!r}")
+        if not 0 < kv_cache_fraction <= 1:
+            raise ValueError(f"kv_cache_fraction must be in (0, 1], got {kv_cache_fraction!r}")
+        if not hasattr(model, "language_model") or not hasattr(model, "compute_logits"):
+            raise ValueError(f"model must be a Qwen3ForCausalLM or R4BForConditionalGeneration, got "
+                             f"{type(model).__name__}")
+        param = next(model.parameters())
+        device = torch.device(device) if device is not None else param.device
+        dtype = dtype or param.dtype
+        if param.device != device or param.dtype != dtype:
+            model.to(device=device, dtype=dtype)
+        self.model, self.tokenizer, self.device, self.dtype = model, tokenizer, device, dtype
+        self.lm = model.language_model
+        cfg = self.lm.config
+        self.vocab_size = cfg.vocab_size
+        self.max_model_len = max_model_len or cfg.max_position_embeddings
+        self.image_token = getattr(model.config, "image_token_index", None)
+        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        if eos_token_ids is None:
+            eos_token_ids = tokenizer.eos_ids if tokenizer is not None else ()
+        self.eos_ids = frozenset(int(t) for t in eos_token_ids)
+
+        L, Hkv, D = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+        block_bytes = 2 * L * block_size * Hkv * D * torch.empty((), dtype=dtype).element_size()
+        if num_kv_blocks is None:
+            if device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(device)
+                num_kv_blocks = int(free * kv_cache_fraction) // block_bytes
+            else:
+                num_kv_blocks = CPU_KV_CACHE_BYTES // block_bytes
+        if not isinstance(num_kv_blocks, int) or num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be an int >= 1, got {num_kv_blocks!r} (a block of {block_size} "
+                             f"tokens takes {block_bytes} bytes)")
+        shape = (num_kv_blocks, block_size, Hkv, D)
+        self.k_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(L)]
+        self.v_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(L)]
+        self.blocks = BlockManager(num_kv_blocks, block_size)
+        self.block_size = block_size
+        self._ids = count()
+        self.waiting: deque[_Seq] = deque()
+        self.running: list[_Seq] = []
+        self._budget: int | None = None  # max_thinking_tokens of the running generate
+        self.stats = {"steps": 0, "prefill_steps": 0, "preemptions": 0, "prompt_tokens_computed": 0}
+        if tokenizer is not None:
+            self._end_of_thought = tokenizer.encode(FORCED_END_OF_THOUGHT)
+            self._suffix_ids = {m: tokenizer.encode(s) for m, s in MODE_SUFFIX.items()}
+
+    # ------------------------------------------------------------------ requests
+    def _prompt(self, request: Any, i: int) -> tuple[list[int], list[Tensor], list, bool]:
+        """(token ids, pixel values, image sizes, is_chat) of one request; the chat prompt ends before the mode
+        suffix."""
+        if _is_token_list(request) or (isinstance(request, (list, tuple)) and not request):
+            ids = request.tolist() if isinstance(request, Tensor) else list(request)
+            return ids, [], [], False
+        if isinstance(request, str):
+            request = [{"role": "user", "content": request}]
+        if not isinstance(request, list) or not request or not isinstance(request[0], dict):
+            raise ValueError(f"requests[{i}] must be a str, a list of chat messages or a list of token ids, got "
+                             f"{type(request).__name__}")
+        if self.tokenizer is None:
+            raise ValueError(f"requests[{i}] is a chat: LLM needs tokenizer= to render it")
+        enc = self.tokenizer.encode_chat(request, thinking_mode="auto")
+        ids = enc.input_ids.tolist()
+        if not ids or ids[-1] != self.tokenizer.think_id:  # the "auto" suffix is exactly <think>
+            raise RuntimeError("the chat template's auto suffix is not the <think> token")
+        return ids[:-1], enc.pixel_values, enc.image_sizes, True
+
+    def _add(self, index: int, request: Any, params: SamplingParams, modes: tuple[str | None, ...]) -> _Request:
+        try:
+            ids, pix, sizes, is_chat = self._prompt(request, index)
+        except (ValueError, TypeError, KeyError) as e:  # a bad request is reported and skipped
+            req = _Request(index, [], params, [], [], [])
+            req.error = f"{type(e).__name__}: {e}"
+            log.warning("request %d skipped: %s", index, req.error)
+            return req
+        modes_here = [m if (m is not None or not is_chat) else "auto" for m in modes]
+        req = _Request(index, ids, params, modes_here, pix, sizes)
+        suffixes = [self._suffix_ids[m] if m is not None else [] for m in modes_here]
+        longest = len(ids) + max(len(s) for s in suffixes)
+        if not ids:
+            req.error = "the prompt is empty"
+        elif any(not 0 <= t < self.vocab_size for t in ids):
+            bad = next(t for t in ids if not 0 <= t < self.vocab_size)
+            req.error = f"the prompt holds token id {bad}, outside the vocabulary [0, {self.vocab_size})"
+        elif longest >= self.max_model_len:
+            req.error = f"the prompt ({longest} tokens with its mode suffix) leaves no room in max_model_len=" \
+                        f"{self.max_model_len}"
+        elif self.blocks.blocks_needed(longest + 1) > self.blocks.num_blocks:
+            req.error = f"the prompt ({longest} tokens) needs more KV blocks than the cache holds " \
+                        f"({self.blocks.num_blocks} of {self.block_size} tokens)"
+        if req.error is not None:
+            log.warning("request %d skipped: %s", index, req.error)
+            return req
+        children = []
+        for j, (m, suffix) in enumerate((m, s) for m, s in zip(modes_here, suffixes, strict=True)
+                                        for _ in range(params.n)):
+            tokens = ids + suffix
+            seq = _Seq(next(self._ids), req, tokens, index=j, mode=m,
+                       generator=make_generator(params.seed, j, self.device))
+            seq.thought_open = seq.thought_open_at_start = self._thought_open(tokens)
+            children.append(seq)
+        req.seqs, req.unfinished = children, len(children)
+        if len(children) > 1 and len(ids) > 1:  # prefill the shared prompt once (all but its last token:
+            parent = _Seq(next(self._ids), req, ids[:-1])  # each completion feeds that one with its suffix)
+            parent.children = children
+            self.waiting.append(parent)
+        else:
+            self.waiting.extend(children)
+        return req
+
+    def _thought_open(self, tokens: list[int]) -> bool:
+        if self.tokenizer is None:
+            return False
+        for t in reversed(tokens):
+            if t == self.tokenizer.think_id:
+                return True
+            if t == self.tokenizer.end_think_id:
+                return False
+        return False
+
+    # ------------------------------------------------------------------ scheduling
+    def _preempt(self, seq: _Seq) -> None:
+        self.blocks.free(seq.id)
+        seq.num_cached = 0
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+        self.stats["preemptions"] += 1
+
+    def _finish(self, seq: _Seq, reason: str) -> None:
+        seq.finish_reason = reason
+        self.blocks.free(seq.id)
+        if seq in self.running:
+            self.running.remove(seq)
+        seq.req.unfinished -= 1
+
+    def _drop(self, seq: _Seq, tokens: int) -> None:
+        """A sequence the KV cache cannot hold even alone. A completion ends there ("length", as at the model's
+        length); a shared prompt that cannot be prefilled fails its request."""
+        why = (f"a sequence of {tokens} tokens does not fit the KV cache ({self.blocks.num_blocks} blocks of "
+               f"{self.block_size} tokens)")
+        log.warning("request %d: %s", seq.req.index, why)
+        if not seq.is_parent:
+            self._finish(seq, "length")
+            return
+        self.blocks.free(seq.id)
+        if seq in self.running:
+            self.running.remove(seq)
+        seq.req.error, seq.req.unfinished = why, 0
+        for child in seq.children:
+            child.finish_reason = "error"
+
+    def _schedule(self) -> tuple[list[tuple[_Seq, int]], list[tuple[int, int]], bool]:
+        """The next step: [(sequence, rows)], copy-on-write pairs, and whether it is a prefill (nothing cached)."""
+        batch: list[tuple[_Seq, int]] = []
+        pairs: list[tuple[int, int]] = []
+        budget = self.max_num_batched_tokens
+        seats = sum(s.seats for s in self.running)
+        while self.waiting and budget > 0:  # admit new (or preempted) sequences: a prefill step
+            seq = self.waiting[0]
+            if seats + seq.seats > self.max_num_seqs and (self.running or batch):
+                break
+            n = min(len(seq.tokens), budget)
+            # keep a block free for each running sequence's growth, so that admitting does not just preempt
+            reserve = len(self.running)
+            if self.blocks.blocks_needed(n) + reserve > self.blocks.num_free_blocks:
+                if self.running:
+                    break
+                self.waiting.popleft()
+                self._drop(seq, len(seq.tokens))
+                continue
+            self.blocks.ensure(seq.id, n, 0)
+            self.waiting.popleft()
+            self.running.append(seq)
+            batch.append((seq, n))
+            budget -= n
+            seats += seq.seats
+        if batch:
+            return batch, pairs, True
+        for seq in list(self.running):  # extend / decode the running sequences
+            if budget == 0:
+                break
+            if seq not in self.running:  # preempted for an earlier one
+                continue
+            n = min(len(seq.tokens) - seq.num_cached, budget)
+            while (got := self.blocks.ensure(seq.id, seq.num_cached + n, seq.num_cached)) is None:
+                victim = self.running[-1]
+                if victim is seq and len(self.running) == 1 and not batch:
+                    self._drop(seq, seq.num_cached + n)
+                    break
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if got is None:
+                continue
+            pairs += got
+            batch.append((seq, n))
+            budget -= n
+        return batch, pairs, False
+
+    # ------------------------------------------------------------------ running
+    def _embed(self, batch: list[tuple[_Seq, int]], input_ids: Tensor) -> Tensor:
+        lm = self.lm
+        if self.image_token is None or not any(s.req.pixel_values for s, _ in batch):
+            return lm.embed_tokens(input_ids)
+        parts = []
+        for seq, n in batch:
+            c = seq.num_cached
+            ids = torch.tensor(seq.tokens[c : c + n], dtype=torch.int64, device=self.device)
+            pos = torch.arange(c, c + n, device=self.device)
+            mask = (ids == self.image_token) & (pos < len(seq.req.prompt))
+            x = lm.embed_tokens(ids.masked_fill(mask, 0))
+            if bool(mask.any()):
+                req = seq.req
+                if req.image_embeds is None:
+                    req.image_embeds = torch.cat(self.model.image_features(req.pixel_values, req.image_sizes), 0)
+                first = sum(1 for t in seq.tokens[:c] if t == self.image_token)
+                x[mask] = req.image_embeds[first : first + int(mask.sum())].to(x.dtype)
+            parts.append(x)
+        return torch.cat(parts, 0)
+
+    @torch.inference_mode()
+    def _run(self, batch: list[tuple[_Seq, int]], pairs: list[tuple[int, int]], prefill: bool) -> Tensor | None:
+        """One model step; returns the logits of the sequences that sample (rows in batch order), or None."""
+        for src, dst in pairs:
+            for cache in (*self.k_caches, *self.v_caches):
+                cache[dst] = cache[src]
+        ids, pos, slots, lens, tables = [], [], [], [], []
+        for seq, n in batch:
+            c = seq.num_cached
+            ids += seq.tokens[c : c + n]
+            pos += range(c, c + n)
+            slots += [self.blocks.slot(seq.id, p) for p in range(c, c + n)]
+            lens.append(n)
+            if not prefill:
+                tables += [self.blocks.table(seq.id)] * n
+        dev = self.device
+        input_ids = torch.tensor(ids, dtype=torch.int64, device=dev)
+        position_ids = torch.tensor(pos, dtype=torch.int64, device=dev)
+        cu = torch.tensor([0, *lens], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(dev)
+        kv = PagedKV(self.k_caches, self.v_caches, torch.tensor(slots, dtype=torch.int64, device=dev))
+        if not prefill:
+            width = max(len(t) for t in tables)
+            bt = torch.zeros((len(tables), width), dtype=torch.int32)
+            for r, t in enumerate(tables):
+                bt[r, : len(t)] = torch.tensor(t, dtype=torch.int32)
+            kv.block_tables = bt.to(dev)
+            kv.context_lens = (position_ids + 1).to(torch.int32)
+        hidden = self.lm(self._embed(batch, input_ids), position_ids, cu, max(lens), kv)
+        last, row = [], 0
+        for seq, n in batch:
+            row += n
+            if seq.num_cached + n == len(seq.tokens) and not seq.is_parent:
+                last.append(row - 1)
+        self.stats["steps"] += 1
+        self.stats["prefill_steps"] += prefill
+        self.stats["prompt_tokens_computed"] += sum(min(n, max(0, s.num_prompt - s.num_cached)) for s, n in batch)
+        if not last:
+            return None
+        return self.model.compute_logits(hidden, torch.tensor(last, device=dev))
+
+    def _step(self) -> list[tuple[_Seq, int]]:
+        """Schedule and run one step; returns (sequence, new token) for every sequence that sampled."""
+        batch, pairs, prefill = self._schedule()
+        if not batch:
+            return []
+        logits = self._run(batch, pairs, prefill)
+        samplers = []
+        for seq, n in batch:
+            seq.num_cached += n
+            if seq.is_parent and seq.num_cached == len(seq.tokens):  # the shared prompt is in: fork
+                i = self.running.index(seq)
+                for child in seq.children:
+                    self.blocks.fork(seq.id, child.id)
+                    child.num_cached = seq.num_cached
+                self.running[i : i + 1] = seq.children
+                self.blocks.free(seq.id)
+            elif seq.num_cached == len(seq.tokens) and not seq.is_parent:
+                samplers.append(seq)
+        if not samplers:
+            return []
+        forced = [s.forced.popleft() if s.forced else None for s in samplers]
+        tokens, logps, top = sample(logits, [s.req.params for s in samplers], [s.generator for s in samplers],
+                                    forced)
+        out = []
+        for i, seq in enumerate(samplers):
+            self._append(seq, tokens[i], logps[i], top[i] if top is not None else None)
+            out.append((seq, tokens[i]))
+        return out
+
+    def _append(self, seq: _Seq, token: int, logp: float, top: dict[int, float] | None) -> None:
+        p = seq.req.params
+        seq.tokens.append(token)
+        seq.logprobs.append(logp)
+        if top is not None:
+            seq.top.append(top)
+        tok = self.tokenizer
+        reason = None
+        if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            reason = "stop"
+        elif p.stop and tok is not None and self._hits_stop(seq):
+            reason = "stop"
+        elif len(seq.generated) >= p.max_tokens or len(seq.tokens) >= self.max_model_len:
+            reason = "length"
+        elif tok is not None and seq.thought_open:
+            if token == tok.end_think_id:
+                seq.thought_open = False
+            elif (self._budget is not None and not seq.forced
+                  and len(seq.generated) >= self._budget):
+                seq.forced.extend(self._end_of_thought)
+                seq.thought_open = False  # the forced tokens close it
+        if reason is not None:
+            self._finish(seq, reason)
+
+    def _hits_stop(self, seq: _Seq) -> bool:
+        gen = seq.generated
+        longest = max(len(s) for s in seq.req.params.stop)
+        tail = self.tokenizer.decode(gen[-(longest + 8) :])
+        return any(s in tail for s in seq.req.params.stop)
+
+    # ------------------------------------------------------------------ outputs
+    def _text(self, seq: _Seq) -> str:
+        if self.tokenizer is None:
+            return ""
+        text = self.tokenizer.decode(seq.generated)
+        for s in seq.req.params.stop:
+            cut = text.find(s)
+            if cut >= 0:
+                text = text[:cut]
+        return text
+
+    def _output(self, req: _Request) -> RequestOutput:
+        out = RequestOutput(req.index, req.prompt, error=req.error)
+        if req.error is not None:
+            return out
+        tok = self.tokenizer
+        for seq in req.seqs:
+            text = self._text(seq)
+            gen = seq.generated
+            if seq.thought_open_at_start:
+                end = tok.end_think_id
+                n_think = gen.index(end) if end in gen else len(gen)
+                parsed = parse_response(text, thinking_mode="long")
+            else:
+                n_think = 0
+                parsed = parse_response(text, thinking_mode=None)
+            out.outputs.append(CompletionOutput(
+                index=seq.index, text=text, thinking=parsed.thinking, answer=parsed.answer, token_ids=list(gen),
+                logprobs=list(seq.logprobs), thinking_mode=seq.mode, mode=parsed.mode, num_thinking_tokens=n_think,
+                finish_reason=seq.finish_reason or "error",
+                top_logprobs=list(seq.top) if seq.req.params.logprobs else None))
+        return out
+
+    # ------------------------------------------------------------------ public
+    def _start(self, requests: Sequence[Any], params: SamplingParams | Sequence[SamplingParams] | None,
+               thinking_mode: str | Sequence[str] | None, max_thinking_tokens: int | None) -> list[_Request]:
+        if self.waiting or self.running:
+            raise RuntimeError("LLM is already generating (one generate / stream at a time)")
+        if isinstance(requests, (str, Tensor)) or _is_token_list(requests) or (
+                isinstance(requests, list) and requests and isinstance(requests[0], dict)):
+            raise ValueError("requests must be a list of requests (wrap a single prompt or chat in a list)")
+        requests = list(requests)
+        params = params if params is not None else SamplingParams()
+        plist = [params] * len(requests) if isinstance(params, SamplingParams) else list(params)
+        if len(plist) != len(requests) or not all(isinstance(p, SamplingParams) for p in plist):
+            raise ValueError(f"params must be a SamplingParams or one per request ({len(requests)}), got "
+                             f"{len(plist)} items")
+        if thinking_mode is None or isinstance(thinking_mode, str):
+            modes: tuple[str | None, ...] = (thinking_mode,)
+        else:
+            modes = tuple(thinking_mode)
+            if not modes:
+                raise ValueError("thinking_mode must be a mode or a non-empty list of modes")
+        for m in modes:
+            if m is not None:
+                check_mode(m)
+                if self.tokenizer is None:
+                    raise ValueError(f"thinking_mode={m!r} needs the LLM's tokenizer (for the mode suffix)")
+        if max_thinking_tokens is not None:
+            if not isinstance(max_thinking_tokens, int) or max_thinking_tokens < 0:
+                raise ValueError(f"max_thinking_tokens must be None or an int >= 0, got {max_thinking_tokens!r}")
+            if self.tokenizer is None:
+                raise ValueError("max_thinking_tokens needs the LLM's tokenizer")
+        self._budget = max_thinking_tokens
+        reqs = [self._add(i, r, p, modes) for i, (r, p) in enumerate(zip(requests, plist, strict=True))]
+        if max_thinking_tokens == 0:  # a zero budget closes the thought before the first sampled token
+            for req in reqs:
+                for seq in req.seqs:
+                    if seq.thought_open:
+                        seq.forced.extend(self._end_of_thought)
+                        seq.thought_open = False
+        return reqs
+
+    def _loop(self, reqs: list[_Request]) -> Iterator[tuple[_Seq, int]]:
+        try:
+            while self.waiting or self.running:
+                yield from self._step()
+        finally:  # an interrupted stream leaves a clean engine
+            for seq in [*self.running, *self.waiting]:
+                self.blocks.free(seq.id)
+            self.running.clear()
+            self.waiting.clear()
+
+    def generate(self, requests: Sequence[Any], params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+                 thinking_mode: str | Sequence[str] | None = None, max_thinking_tokens: int | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Complete every request; one RequestOutput per request, in order.
+
+        requests: each a str (one user message), a list of chat messages (``{"role", "content"}``; image parts
+        need a tokenizer made with the model's config), or a list / 1-D tensor of token ids (taken as given).
+        thinking_mode: "auto" / "long" / "short", or a list of them (each request then gets n completions in
+        each mode, all from one prefill of the shared prompt); None: "auto" for chats, token-id prompts as given.
+        max_thinking_tokens: force ``\\n</think>\\n\\n`` once a thought holds that many generated tokens.
+        """
+        reqs = self._start(requests, params, thinking_mode, max_thinking_tokens)
+        total = sum(len(r.seqs) for r in reqs)
+        bar = None
+        if use_tqdm and total:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, desc="generate", unit="seq", dynamic_ncols=True)
+        for seq, _ in self._loop(reqs):
+            if bar is not None and seq.finish_reason is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        return [self._output(r) for r in reqs]
+
+    def stream(self, requests: Sequence[Any], params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+               thinking_mode: str | Sequence[str] | None = None,
+               max_thinking_tokens: int | None = None) -> Iterator[StreamEvent | RequestOutput]:
+        """Like :meth:`generate`, as it happens: a StreamEvent for every generated token, and each request's
+        RequestOutput as soon as all its completions are done (a skipped request's at once)."""
+        reqs = self._start(requests, params, thinking_mode, max_thinking_tokens)
+        for req in reqs:
+            if req.error is not None:
+                yield self._output(req)
+        done = {r.index for r in reqs if r.error is not None}
+        for seq, token in self._loop(reqs):
+            text = self._text(seq)
+            delta = text[len(seq.text_sent):] if text.startswith(seq.text_sent) else text
+            if not text.endswith("\ufffd"):  # hold back an incomplete multi-byte character
+                seq.text_sent = text
+            else:
+                delta = ""
+            yield StreamEvent(seq.req.index, seq.index, token, delta, seq.finish_reason is not None,
+                              seq.finish_reason)
+            if seq.req.unfinished == 0 and seq.req.index not in done:
+                done.add(seq.req.index)
+                yield self._output(seq.req)
+        for req in reqs:  # requests that failed while running
+            if req.index not in done:
+                yield self._output(req)

@@ -1,0 +1,418 @@
+"""The inference engine (r4b.engine.llm) against a naive full-recompute loop on the same model: greedy and seeded
+outputs through every scheduling path (prefill, paged decode, chunked prefill, preemption, shared-prompt forks
+with copy-on-write), the thinking modes and budget, stop conditions, log-probs (equal to the training op
+fused_linear_logprobs), streaming, multimodal prompts, transformers' own greedy generate, and bad requests.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import randomize, torch_kernels_on_cpu  # noqa: F401  (fixture)
+
+from r4b.engine.chat import ChatTokenizer
+from r4b.engine.llm import LLM, RequestOutput, StreamEvent
+from r4b.engine.model import Qwen3Config, Qwen3ForCausalLM, last_rows
+from r4b.engine.sampling import SamplingParams, make_generator
+from r4b.kernels import fused_linear_logprobs, pack_sequences
+
+TOK = ChatTokenizer.demo()
+GREEDY = SamplingParams(temperature=0, max_tokens=12)
+
+
+def tiny_model(seed: int = 0, **kw) -> Qwen3ForCausalLM:
+    cfg = dict(vocab_size=TOK.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512)
+    torch.manual_seed(seed)
+    return randomize(Qwen3ForCausalLM(Qwen3Config(**{**cfg, **kw})), seed).eval()
+
+
+@pytest.fixture(scope="module")
+def model() -> Qwen3ForCausalLM:
+    return tiny_model()
+
+
+@torch.no_grad()
+def full_logits(model, ids: list[int]) -> torch.Tensor:
+    """Logits (len(ids), V) of one sequence from a plain forward (no cache)."""
+    b = pack_sequences([torch.tensor(ids, dtype=torch.int64)])
+    return model.compute_logits(model(b.flat, b.position_ids, b.cu_seqlens, b.max_seqlen))
+
+
+def naive(model, prompt: list[int], max_new: int, *, temperature: float = 0.0, seed: int | None = None,
+          index: int = 0, forced_after: dict[int, list[int]] | None = None, stop_ids=TOK.eos_ids) -> list[int]:
+    """Generate by recomputing the whole sequence for every token; ``forced_after[k]``: tokens forced once k
+    tokens were generated."""
+    gen = make_generator(seed, index, torch.device("cpu"))
+    ids, out, forced = list(prompt), [], []
+    while len(out) < max_new:
+        if forced_after and len(out) in forced_after and not forced:
+            forced = list(forced_after[len(out)])
+        logits = full_logits(model, ids)[-1].float()
+        if forced:
+            t = forced.pop(0)
+        elif temperature == 0:
+            t = int(logits.argmax())
+        else:
+            t = int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=gen)[0])
+        out.append(t)
+        ids.append(t)
+        if t in stop_ids:
+            break
+    return out
+
+
+def prompts_of(lengths, seed=0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(10, TOK.vocab_size, (n,), generator=g).tolist() for n in lengths]
+
+
+def chat_ids(text: str, mode: str) -> list[int]:
+    return TOK.encode_chat([{"role": "user", "content": text}], thinking_mode=mode).input_ids.tolist()
+
+
+def no_leak(llm: LLM) -> None:
+    assert llm.blocks.num_free_blocks == llm.blocks.num_blocks
+    assert not llm.running and not llm.waiting
+
+
+pytestmark = pytest.mark.usefixtures("torch_kernels_on_cpu")
+
+
+# ---------------------------------------------------------------------------------------------- scheduling paths
+@pytest.mark.parametrize("block_size,blocks,batched,expect", [
+    (16, 64, 4096, "plain"),  # one prefill step, then paged decode
+    (1, 200, 4096, "plain"),  # a block per token
+    (4, 64, 7, "chunked"),  # prompts longer than a step: later chunks through the cache
+    (4, 14, 4096, "preempted"),  # too few blocks for all: sequences are preempted and recomputed
+])
+def test_greedy_matches_full_recompute(model, block_size, blocks, batched, expect):
+    prompts = prompts_of([1, 3, 9, 17, 30])
+    llm = LLM(model, TOK, block_size=block_size, num_kv_blocks=blocks, max_num_batched_tokens=batched)
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), use_tqdm=False)
+    for p, o in zip(prompts, outs, strict=True):
+        assert o.error is None and o.prompt_token_ids == p
+        assert o.outputs[0].token_ids == naive(model, p, 10, stop_ids=())
+        assert o.outputs[0].finish_reason == "length"
+    no_leak(llm)
+    if expect == "chunked":
+        assert llm.stats["prefill_steps"] < llm.stats["steps"] - 10  # prompt chunks ran as extend steps
+        assert llm.stats["prompt_tokens_computed"] == sum(map(len, prompts))
+    if expect == "preempted":
+        assert llm.stats["preemptions"] > 0
+    else:
+        assert llm.stats["preemptions"] == 0
+
+
+def test_max_num_seqs_limits_a_step(model):
+    prompts = prompts_of([5] * 6)
+    llm = LLM(model, TOK, num_kv_blocks=64, block_size=4, max_num_seqs=2)
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [naive(model, p, 3, stop_ids=()) for p in prompts]
+    assert llm.stats["prefill_steps"] == 3  # two sequences admitted at a time
+
+
+def test_seeded_sampling_matches_naive_and_ignores_the_batch(model):
+    p = prompts_of([6])[0]
+    params = SamplingParams(temperature=0.8, max_tokens=8, seed=1234, n=3, ignore_eos=True)
+    llm = LLM(model, TOK, num_kv_blocks=64, block_size=4)
+    alone = llm.generate([p], params, use_tqdm=False)[0]
+    crowd = llm.generate([prompts_of([9], 1)[0], p, prompts_of([4], 2)[0]],
+                         [SamplingParams(temperature=1.0, max_tokens=5), params, SamplingParams(temperature=0)],
+                         use_tqdm=False)[1]
+    got = [o.token_ids for o in alone.outputs]
+    assert got == [o.token_ids for o in crowd.outputs]
+    assert got == [naive(model, p, 8, temperature=0.8, seed=1234, index=j, stop_ids=()) for j in range(3)]
+    assert len({tuple(t) for t in got}) == 3  # n completions are different draws
+
+
+# ---------------------------------------------------------------------------------------------- thinking modes
+def test_modes_share_one_prefill_and_match_their_own_prompts(model):
+    text = "What is 3 + 4? Think about it."
+    llm = LLM(model, TOK, num_kv_blocks=64, block_size=4)
+    out = llm.generate([text], SamplingParams(temperature=0, max_tokens=10, n=2), thinking_mode=("long", "short"),
+                       use_tqdm=False)[0]
+    base = chat_ids(text, "auto")[:-1]  # the prompt up to <|im_start|>assistant\n
+    assert out.prompt_token_ids == base
+    assert [o.thinking_mode for o in out.outputs] == ["long", "long", "short", "short"]
+    for o in out.outputs:
+        full = chat_ids(text, o.thinking_mode)
+        assert full[: len(base)] == base
+        assert o.token_ids == naive(model, full, 10)
+    # the shared prompt ran once (all but its last token), then each completion fed its last token + suffix
+    suffixes = sum(len(chat_ids(text, o.thinking_mode)) - len(base) + 1 for o in out.outputs)
+    assert llm.stats["prompt_tokens_computed"] == len(base) - 1 + suffixes
+    assert llm.stats["prefill_steps"] == 1
+    no_leak(llm)
+
+
+def test_forked_prompt_shares_blocks_and_copies_the_partial_one(model):
+    """A 10-token shared prompt in blocks of 4 (9 tokens prefilled: its third block partly filled) forked into 4
+    completions: each takes a private copy of that block before writing, so they all match the naive loop."""
+    p = prompts_of([10])[0]
+    llm = LLM(model, TOK, num_kv_blocks=40, block_size=4)
+    seen = []
+    ensure = llm.blocks.ensure
+
+    def spy(seq_id, num_tokens, num_cached):
+        pairs = ensure(seq_id, num_tokens, num_cached)
+        seen.extend(pairs or [])
+        return pairs
+
+    llm.blocks.ensure = spy
+    out = llm.generate([p], SamplingParams(temperature=0.7, max_tokens=6, n=4, seed=7, ignore_eos=True),
+                       use_tqdm=False)[0]
+    assert len(seen) == 3  # the first three writers copy the shared block; the last one owns it by then
+    assert len({src for src, _ in seen}) == 1
+    for j, o in enumerate(out.outputs):
+        assert o.token_ids == naive(model, p, 6, temperature=0.7, seed=7, index=j, stop_ids=())
+    no_leak(llm)
+
+
+def test_auto_mode_is_the_default_for_chats_and_raw_ids_run_as_given(model):
+    llm = LLM(model, TOK, num_kv_blocks=64, block_size=8)
+    chat = llm.generate(["hello"], GREEDY, use_tqdm=False)[0].outputs[0]
+    assert chat.thinking_mode == "auto" and chat.token_ids == naive(model, chat_ids("hello", "auto"), 12)
+    raw = chat_ids("hello", "short")
+    out = llm.generate([raw], GREEDY, use_tqdm=False)[0].outputs[0]
+    assert out.thinking_mode is None and out.token_ids == naive(model, raw, 12)
+    forced = llm.generate([raw], GREEDY, thinking_mode="long", use_tqdm=False)[0].outputs[0]
+    assert forced.token_ids == naive(model, raw + TOK.encode("<think>\n"), 12)
+
+
+@pytest.mark.parametrize("budget", [0, 3])
+def test_max_thinking_tokens_forces_the_end_of_the_thought(model, budget):
+    text = "Why is the sky blue?"
+    end = TOK.encode("\n</think>\n\n")
+    llm = LLM(model, TOK, num_kv_blocks=64, block_size=4)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    out = llm.generate([text], params, thinking_mode="long", max_thinking_tokens=budget, use_tqdm=False)[0]
+    o = out.outputs[0]
+    full = chat_ids(text, "long")
+    ref = naive(model, full, 12, forced_after={budget: end}, stop_ids=())
+    assert TOK.end_think_id not in ref[:budget]  # (else the model closed the thought itself: pick another text)
+    assert o.token_ids == ref and o.token_ids[budget : budget + len(end)] == end
+    assert o.num_thinking_tokens == budget + end.index(TOK.end_think_id)
+    assert o.mode == ("think" if budget else "no_think")  # a zero budget leaves an empty thought
+    assert o.answer == TOK.decode(ref[budget + len(end) :]).strip()
+    # the short mode has no open thought: the budget does not apply
+    short = llm.generate([text], params, thinking_mode="short", max_thinking_tokens=budget, use_tqdm=False)[0]
+    assert short.outputs[0].token_ids == naive(model, chat_ids(text, "short"), 12, stop_ids=())
+    assert short.outputs[0].num_thinking_tokens == 0
+
+
+def test_outputs_parse_thinking_and_answer():
+    """Forced tokens (the path max_thinking_tokens takes) steer a completion to a known thought, </think>, an
+    answer and <|im_end|>: the output's fields split it as the chat template does."""
+    model = tiny_model(1)
+    script = TOK.encode("ok") + [TOK.end_think_id] + TOK.encode("\n\n42") + [TOK.im_end_id]
+    llm = LLM(model, TOK, num_kv_blocks=64, block_size=4)
+    reqs = llm._start(["Q"], GREEDY, "long", None)
+    seq = reqs[0].seqs[0]
+    seq.forced.extend(script)
+    for _ in llm._loop(reqs):
+        pass
+    o = llm._output(reqs[0]).outputs[0]
+    assert o.token_ids == script and o.finish_reason == "stop"
+    assert (o.thinking, o.answer, o.mode, o.num_thinking_tokens) == ("ok", "42", "think", len(TOK.encode("ok")))
+    assert o.text == "ok</think>\n\n42<|im_end|>"
+    no_leak(llm)
+
+
+# ---------------------------------------------------------------------------------------------- stops, log-probs
+def test_stop_conditions(model):
+    p = prompts_of([7])[0]
+    ref = naive(model, p, 12, stop_ids=())
+    llm = LLM(model, TOK, num_kv_blocks=64, block_size=4)
+    o = llm.generate([p], SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[ref[4]]),
+                     use_tqdm=False)[0].outputs[0]
+    first = ref.index(ref[4])
+    assert o.token_ids == ref[: first + 1] and o.finish_reason == "stop"
+    # a stop string: the text is cut before it, generation ends once it appears
+    full_text = TOK.decode(ref)
+    stop = full_text[len(full_text) // 2 : len(full_text) // 2 + 2]
+    o = llm.generate([p], SamplingParams(temperature=0, max_tokens=12, stop=stop), use_tqdm=False)[0].outputs[0]
+    assert o.finish_reason == "stop" and o.text == full_text[: full_text.find(stop)]
+    assert TOK.decode(o.token_ids).find(stop) >= 0 and stop not in TOK.decode(o.token_ids[:-1])
+    # end of turn: <|im_end|> stops unless ignore_eos
+    eos_model = LLM(model, TOK, num_kv_blocks=64, block_size=4, eos_token_ids=[ref[2]])
+    o = eos_model.generate([p], GREEDY, use_tqdm=False)[0].outputs[0]
+    assert o.token_ids == ref[: ref.index(ref[2]) + 1] and o.finish_reason == "stop"
+    o = eos_model.generate([p], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+                           use_tqdm=False)[0].outputs[0]
+    assert o.token_ids == ref and o.finish_reason == "length"
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_logprobs_are_the_training_ops_logprobs(model, temperature):
+    """The engine's per-token log-probs equal fused_linear_logprobs over the finished sequence's hidden states at
+    the sampling temperature (1 when greedy): the BPO trainer's old log-probs."""
+    p = prompts_of([11])[0]
+    llm = LLM(model, TOK, num_kv_blocks=64, block_size=4)
+    params = SamplingParams(temperature=temperature, max_tokens=9, seed=3, logprobs=3, ignore_eos=True)
+    o = llm.generate([p], params, use_tqdm=False)[0].outputs[0]
+    ids = p + o.token_ids
+    b = pack_sequences([torch.tensor(ids)])
+    with torch.no_grad():
+        hidden = model(b.flat, b.position_ids, b.cu_seqlens, b.max_seqlen)
+    targets = torch.tensor(ids[1:] + [-100])
+    lp = fused_linear_logprobs(hidden, model.lm_head.weight, targets, temperature=temperature or 1.0)
+    ref = lp[len(p) - 1 : -1]
+    assert torch.allclose(torch.tensor(o.logprobs, dtype=torch.float64), ref.double(), atol=2e-5, rtol=0)
+    t = temperature or 1.0
+    logits = full_logits(model, ids).double()[len(p) - 1 : -1] / t
+    ref64 = torch.log_softmax(logits, -1)
+    for step, top in enumerate(o.top_logprobs):
+        vals, idx = ref64[step].topk(3)
+        assert list(top) == idx.tolist()
+        assert torch.allclose(torch.tensor(list(top.values()), dtype=torch.float64), vals, atol=2e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------- streaming
+def test_stream_yields_every_token_and_the_outputs(model):
+    prompts = ["hi", "What is 2 + 2?"]
+    llm = LLM(model, TOK, num_kv_blocks=64, block_size=4)
+    params = SamplingParams(temperature=0, max_tokens=8, n=2)
+    ref = llm.generate(prompts, params, thinking_mode=("long", "short"), use_tqdm=False)
+    events = list(llm.stream(prompts, params, thinking_mode=("long", "short")))
+    outputs = [e for e in events if isinstance(e, RequestOutput)]
+    tokens = [e for e in events if isinstance(e, StreamEvent)]
+    assert sorted(o.request_index for o in outputs) == [0, 1]
+    assert sorted(outputs, key=lambda o: o.request_index) == ref
+    for r in ref:
+        for o in r.outputs:
+            mine = [e for e in tokens if (e.request_index, e.index) == (r.request_index, o.index)]
+            assert [e.token_id for e in mine] == o.token_ids
+            assert "".join(e.text for e in mine) == o.text
+            assert [e.finished for e in mine] == [False] * (len(mine) - 1) + [True]
+            assert mine[-1].finish_reason == o.finish_reason
+    no_leak(llm)
+
+
+def test_an_abandoned_stream_leaves_the_engine_clean(model):
+    llm = LLM(model, TOK, num_kv_blocks=64, block_size=4)
+    it = llm.stream(prompts_of([5, 6]), SamplingParams(temperature=0, max_tokens=8))
+    next(it)
+    it.close()
+    no_leak(llm)
+    p = prompts_of([5])[0]
+    assert llm.generate([p], GREEDY, use_tqdm=False)[0].outputs[0].token_ids == naive(model, p, 12)
+
+
+# ---------------------------------------------------------------------------------------------- errors
+def test_bad_requests_are_reported_and_skipped(model, caplog):
+    good = prompts_of([5])[0]
+    llm = LLM(model, TOK, num_kv_blocks=8, block_size=4, max_model_len=40)
+    reqs = [[], good, [0, TOK.vocab_size + 3], list(range(10, 50)), [{"role": "robot", "content": "x"}],
+            list(range(10, 42))]
+    outs = llm.generate(reqs, GREEDY, use_tqdm=False)
+    assert outs[1].error is None and outs[1].outputs[0].token_ids == naive(model, good, 12)
+    assert "empty" in outs[0].error
+    assert f"token id {TOK.vocab_size + 3}" in outs[2].error
+    assert "max_model_len=40" in outs[3].error
+    assert "messages[0].role" in outs[4].error
+    assert "KV blocks" in outs[5].error  # 32 tokens + the next one need 9 blocks of 4: more than 8
+    assert all(not o.outputs for i, o in enumerate(outs) if i != 1)
+    assert caplog.text.count("skipped") == 5
+    no_leak(llm)
+
+
+def test_a_completion_that_outgrows_the_cache_ends_with_length(model):
+    p = prompts_of([6])[0]
+    llm = LLM(model, TOK, num_kv_blocks=3, block_size=4)  # 12 tokens at most
+    o = llm.generate([p], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False)[0]
+    assert o.error is None and o.outputs[0].finish_reason == "length"
+    assert o.outputs[0].token_ids == naive(model, p, 7, stop_ids=())  # 6 + 6 cached, the 7th sampled from them
+    no_leak(llm)
+
+
+def test_argument_errors(model):
+    with pytest.raises(ValueError, match="block_size must be an int >= 1, got 0"):
+        LLM(model, TOK, block_size=0)
+    with pytest.raises(ValueError, match="num_kv_blocks must be an int >= 1, got 0"):
+        LLM(model, TOK, num_kv_blocks=0)
+    with pytest.raises(ValueError, match="kv_cache_fraction"):
+        LLM(model, TOK, kv_cache_fraction=1.5)
+    with pytest.raises(ValueError, match="model must be a Qwen3ForCausalLM"):
+        LLM(torch.nn.Linear(2, 2), TOK)
+    llm = LLM(model, TOK, num_kv_blocks=16)
+    with pytest.raises(ValueError, match="requests must be a list"):
+        llm.generate("hello")
+    with pytest.raises(ValueError, match="thinking_mode must be one of"):
+        llm.generate(["hi"], thinking_mode="medium")
+    with pytest.raises(ValueError, match="max_thinking_tokens must be None or an int >= 0, got -1"):
+        llm.generate(["hi"], max_thinking_tokens=-1)
+    with pytest.raises(ValueError, match=r"one per request \(2\), got 1"):
+        llm.generate(["a", "b"], [GREEDY])
+    with pytest.raises(ValueError, match="needs the LLM's tokenizer"):
+        LLM(model, None, num_kv_blocks=16).generate([[5, 6]], thinking_mode="long")
+    no_leak(llm)
+
+
+# ---------------------------------------------------------------------------------------------- other backends
+def test_default_backends_give_the_same_tokens(model, monkeypatch):
+    """The fixture runs the torch references; the default dispatch (the Triton interpreter or the C++ twins here,
+    Triton / CUDA on a GPU) must generate the same greedy tokens through prefill, fork and decode."""
+    prompts = ["What is 3 + 4?"]
+    params = SamplingParams(temperature=0, max_tokens=6, n=2)
+    ref = LLM(model, TOK, num_kv_blocks=32, block_size=4).generate(prompts, params, thinking_mode=("long", "short"),
+                                                                    use_tqdm=False)
+    monkeypatch.delenv("R4B_BACKEND", raising=False)
+    got = LLM(model, TOK, num_kv_blocks=32, block_size=4).generate(prompts, params, thinking_mode=("long", "short"),
+                                                                    use_tqdm=False)
+    assert [o.token_ids for o in got[0].outputs] == [o.token_ids for o in ref[0].outputs]
+    assert torch.allclose(torch.tensor([o.logprobs for o in got[0].outputs]),
+                          torch.tensor([o.logprobs for o in ref[0].outputs]), atol=1e-4, rtol=0)
+
+
+def test_greedy_matches_transformers_generate():
+    """transformers' Qwen3ForCausalLM (random weights, fp32) greedy generate vs the engine on the same weights."""
+    transformers = pytest.importorskip("transformers")
+    from tiny_models import qwen3_hf_config
+
+    from r4b.engine.model import from_pretrained
+
+    torch.manual_seed(0)
+    ref = randomize(transformers.Qwen3ForCausalLM(qwen3_hf_config(tie=False, vocab=TOK.vocab_size)), 3).eval()
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        ref.save_pretrained(d)
+        model = from_pretrained(d)
+    prompts = prompts_of([4, 13, 21], 5)
+    llm = LLM(model, TOK, num_kv_blocks=32, block_size=4)
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), use_tqdm=False)
+    for p, o in zip(prompts, outs, strict=True):
+        with torch.no_grad():
+            hf = ref.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)
+        assert o.outputs[0].token_ids == hf[0, len(p) :].tolist()
+
+
+# ---------------------------------------------------------------------------------------------- multimodal
+def test_image_prompt_matches_the_full_multimodal_forward():
+    from test_chat import _tiny_r4b_config
+
+    from r4b.engine.model import R4BForConditionalGeneration
+
+    cfg = _tiny_r4b_config()
+    torch.manual_seed(0)
+    model = randomize(R4BForConditionalGeneration(cfg), 2).eval()
+    tok = ChatTokenizer.demo(model_config=cfg)
+    img = torch.randint(0, 256, (3, 40, 70), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    msgs = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "What?"}]}]
+    # small steps: the prompt's image tokens are split across chunks; few blocks: a completion is preempted
+    llm = LLM(model, tok, num_kv_blocks=40, block_size=4, max_num_batched_tokens=40)
+    out = llm.generate([msgs], SamplingParams(temperature=0, max_tokens=8, n=2, ignore_eos=True),
+                       thinking_mode=("long", "short"), use_tqdm=False)[0]
+    for o in out.outputs:
+        enc = tok.encode_chat(msgs, thinking_mode=o.thinking_mode)
+        ids, gen = enc.input_ids.tolist(), []
+        for _ in range(8):
+            b = pack_sequences([torch.tensor(ids + gen)])
+            with torch.no_grad():
+                h = model(b.flat, b.position_ids, b.cu_seqlens, b.max_seqlen, enc.pixel_values, enc.image_sizes)
+                gen.append(int(model.compute_logits(h, last_rows(b.cu_seqlens))[0].argmax()))
+        assert o.token_ids == gen
+    assert llm.stats["preemptions"] > 0
+    no_leak(llm)
