@@ -2,6 +2,7 @@
 
     r4b info                      what this install has: extension, CUDA, backends of every op
     r4b bench <op ...>|all        run benchmarks (from a source checkout: python -m bench)
+    r4b generate MODEL_DIR -p "..." generate with a checkpoint (HF layout + tokenizer.json) in a thinking mode
     r4b demo                      the CPU demo of the first milestone (same as `make demo`)
 """
 
@@ -46,6 +47,90 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return subprocess.call([sys.executable, "-m", "bench", *args.names], cwd=root)
 
 
+def _requests(args: argparse.Namespace) -> list:
+    import json
+
+    reqs: list = list(args.prompt or [])
+    if args.file:
+        with open(args.file, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise SystemExit(f"{args.file}:{n}: not JSON ({e})") from None
+                if isinstance(row, dict) and isinstance(row.get("messages"), list):
+                    reqs.append(row["messages"])
+                elif isinstance(row, dict) and isinstance(row.get("prompt"), str):
+                    reqs.append(row["prompt"])
+                else:
+                    raise SystemExit(f"{args.file}:{n}: expected {{\"prompt\": str}} or {{\"messages\": [...]}}")
+    if not reqs:
+        raise SystemExit("r4b generate: give --prompt (repeatable) or --file")
+    return reqs
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import asdict
+    from pathlib import Path
+
+    import torch
+
+    from r4b.engine.chat import ChatTokenizer
+    from r4b.engine.llm import LLM, RequestOutput, StreamEvent
+    from r4b.engine.model import R4BConfig, from_pretrained
+    from r4b.engine.sampling import SamplingParams
+
+    reqs = _requests(args)
+    path = Path(args.model)
+    tok_file = Path(args.tokenizer) if args.tokenizer else path / "tokenizer.json"
+    if not tok_file.is_file():
+        raise SystemExit(f"r4b generate: no tokenizer at {tok_file} (pass --tokenizer)")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    model = from_pretrained(path, dtype=dtype, device=device).eval()
+    tok = ChatTokenizer(tok_file, model_config=model.config if isinstance(model.config, R4BConfig) else None)
+    llm = LLM(model, tok, max_num_seqs=args.max_num_seqs)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            max_tokens=args.max_tokens, seed=args.seed, n=args.n)
+    kw = dict(thinking_mode=args.thinking_mode, max_thinking_tokens=args.max_thinking_tokens)
+    if args.stream:
+        for ev in llm.stream(reqs, params, **kw):
+            if isinstance(ev, StreamEvent) and len(reqs) * args.n == 1:
+                print(ev.text, end="", flush=True)
+            elif isinstance(ev, RequestOutput) and len(reqs) * args.n == 1:
+                print(f"\n[{ev.outputs[0].finish_reason if ev.outputs else 'error: ' + str(ev.error)}]")
+            elif isinstance(ev, RequestOutput):
+                _print_output(ev, args.json)
+        return 0
+    outs = llm.generate(reqs, params, **kw)
+    for out in outs:
+        if args.json:
+            print(json.dumps(asdict(out), ensure_ascii=False))
+        else:
+            _print_output(out, False)
+    return 0 if all(o.error is None for o in outs) else 1
+
+
+def _print_output(out, as_json: bool) -> None:
+    import json
+    from dataclasses import asdict
+
+    if as_json:
+        print(json.dumps(asdict(out), ensure_ascii=False))
+        return
+    if out.error is not None:
+        print(f"[request {out.request_index}] error: {out.error}")
+    for c in out.outputs:
+        print(f"[request {out.request_index} #{c.index} {c.thinking_mode} -> {c.mode}, "
+              f"{len(c.token_ids)} tokens, {c.num_thinking_tokens} thinking, {c.finish_reason}]")
+        if c.thinking:
+            print(f"<think>\n{c.thinking}\n</think>")
+        print(c.answer)
+
+
 def cmd_demo(_: argparse.Namespace) -> int:
     from r4b import demo
 
@@ -60,6 +145,25 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("names", nargs="+", help="bench names or 'all' (add --quick for tiny shapes)")
     b.set_defaults(fn=cmd_bench)
     sub.add_parser("demo", help="run the CPU demo").set_defaults(fn=cmd_demo)
+    g = sub.add_parser("generate", help="generate with a checkpoint in a thinking mode")
+    g.add_argument("model", help="checkpoint directory (HF layout: config.json + *.safetensors)")
+    g.add_argument("-p", "--prompt", action="append", help="a user message (repeatable)")
+    g.add_argument("--file", help='JSONL of {"prompt": str} or {"messages": [...]} rows')
+    g.add_argument("--tokenizer", help="tokenizer.json (default: the one in the checkpoint directory)")
+    g.add_argument("--thinking-mode", default="auto", choices=("auto", "long", "short"))
+    g.add_argument("--max-thinking-tokens", type=int, default=None)
+    g.add_argument("--max-tokens", type=int, default=1024)
+    g.add_argument("--temperature", type=float, default=0.6)
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--top-k", type=int, default=20)
+    g.add_argument("-n", type=int, default=1, help="completions per prompt")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+    g.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
+    g.add_argument("--max-num-seqs", type=int, default=256)
+    g.add_argument("--stream", action="store_true", help="print tokens as they come (one prompt, n=1)")
+    g.add_argument("--json", action="store_true", help="one JSON line per request")
+    g.set_defaults(fn=cmd_generate)
     args, rest = parser.parse_known_args(argv)
     if args.cmd == "bench":
         args.names += rest
