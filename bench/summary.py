@@ -117,10 +117,35 @@ def targets(folder: Path) -> str:
                              f"{'MET' if ok else 'not met'}{mem}{split}")
     lines += _small_op_targets(folder)
     lines += _paged_targets(folder)
+    lines += _generate_lines(folder)
     return "\n".join(lines)
 
 
 SMALL_OP_TARGET = 85.0  # % of the copy bandwidth (issue 5's small ops)
+
+
+def _generate_lines(folder: Path) -> list[str]:
+    """Per case of bench_generate: r4b's new tokens/s against transformers' generate in the same run, and at batch
+    1 its time a step over the weight-read floor. Informational (no issue asks for the engine yet)."""
+    f = folder / "generate.json"
+    if not f.exists():
+        return []
+    rows = [r for r in json.loads(f.read_text())["rows"] if "skipped" not in r and r.get("tokens_per_s")]
+    out = []
+    for case in dict.fromkeys(r["case"] for r in rows):
+        mine = next((r for r in rows if r["case"] == case and r["provider"].startswith("r4b")), None)
+        peer = next((r for r in rows if r["case"] == case and r["provider"].startswith("transformers")), None)
+        if mine is None:
+            continue
+        line = f"  generate {case}: r4b {mine['tokens_per_s']:.4g} tok/s"
+        line += (f", {mine['tokens_per_s'] / peer['tokens_per_s']:.2f}x transformers' {peer['tokens_per_s']:.4g}"
+                 if peer is not None else "; transformers missing: no ratio")
+        if mine.get("x_floor"):
+            line += f"; {mine['x_floor']:.2f}x the weight-read floor a step"
+        if mine.get("same"):
+            line += f"; greedy tokens equal to transformers' in {mine['same']} sequences"
+        out.append(line + " (informational: no issue yet)")
+    return out
 
 
 def _small_op_targets(folder: Path) -> list[str]:

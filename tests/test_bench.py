@@ -48,7 +48,7 @@ def test_backend_provider_skips_unavailable_backend():
 
 def test_bench_registry():
     assert {"group_advantages", "pack", "grpo_loss", "fused_linear", "varlen_attention", "norms",
-            "model_step", "paged_attention"} <= set(names())
+            "model_step", "paged_attention", "generate"} <= set(names())
     assert bench_main(["--list"]) == 0
     assert bench_main(["nope"]) == 2
 
@@ -319,3 +319,35 @@ def test_copy_columns_give_percent_of_the_copy_bandwidth():
         "copy_gbps": 200.0, "pct_of_copy": 25.0, "pct_of_copy_graph": 40.0}
     assert copy_columns(case, {"gbps": 50.0}, "cpu", None, own=True) == {}  # no copy reading (the CPU)
     assert copy_columns(case, {"gbps": None}, "cpu", 200.0, own=True) == {}  # a row without GB/s
+
+
+def test_generate_bench_runs_quick_and_matches_transformers(monkeypatch, tmp_path):
+    """The generate bench on its tiny CPU shapes: both providers time, and r4b's greedy tokens equal transformers'
+    (fp32) in every sequence."""
+    pytest.importorskip("transformers")
+    from bench import bench_generate
+
+    monkeypatch.setattr(harness, "results_dir", lambda device: tmp_path)
+    monkeypatch.setenv("R4B_BACKEND", "torch")
+    rows = bench_generate.main(["--quick"])
+    assert [(r["case"].split()[0], r["provider"]) for r in rows] == [
+        ("bs1", "r4b LLM.generate"), ("bs1", "transformers generate"),
+        ("bs4", "r4b LLM.generate"), ("bs4", "transformers generate")]
+    assert all(r["tokens_per_s"] > 0 for r in rows)
+    assert [r.get("same") for r in rows] == ["1/1", None, "4/4", None]
+    assert (tmp_path / "generate.json").exists() and (tmp_path / "generate.md").exists()
+
+
+def test_summary_reports_generate_against_transformers(tmp_path):
+    from bench.summary import targets
+
+    rows = [{"case": "bs1 x", "provider": "r4b LLM.generate", "tokens_per_s": 300.0, "x_floor": 1.8, "same": "1/1"},
+            {"case": "bs1 x", "provider": "transformers generate", "tokens_per_s": 20.0},
+            {"case": "bs32 x", "provider": "r4b LLM.generate", "tokens_per_s": 900.0},
+            {"case": "bs32 x", "provider": "transformers generate", "skipped": "out of memory"}]
+    (tmp_path / "generate.json").write_text(json.dumps({"rows": rows}))
+    out = targets(tmp_path).splitlines()
+    assert out[-2:] == [
+        "  generate bs1 x: r4b 300 tok/s, 15.00x transformers' 20; 1.80x the weight-read floor a step; greedy tokens "
+        "equal to transformers' in 1/1 sequences (informational: no issue yet)",
+        "  generate bs32 x: r4b 900 tok/s; transformers missing: no ratio (informational: no issue yet)"], out
