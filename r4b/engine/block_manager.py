@@ -49,34 +49,36 @@ class BlockManager:
 
     def ensure(self, seq_id: Hashable, num_tokens: int, num_cached: int) -> list[tuple[int, int]] | None:
         """Make the sequence's table hold ``num_tokens`` tokens, of which ``[num_cached, num_tokens)`` are about
-        to be written. Returns the copy-on-write pairs (src, dst) to copy before writing (the block holding token
-        ``num_cached`` when it is shared and already holds earlier tokens), or None when the free blocks do not
-        suffice; then nothing changed."""
+        to be written. Every block of that range that someone else also holds is replaced by a private one; the
+        returned copy-on-write pairs (src, dst) are those to copy before writing (a replaced block that holds
+        earlier tokens of the sequence: the one token ``num_cached`` falls in, when it is not a block's first).
+        Returns None when the free blocks do not suffice; then nothing changed."""
         if not 0 <= num_cached <= num_tokens:
             raise ValueError(f"need 0 <= num_cached <= num_tokens, got num_cached={num_cached} "
                              f"num_tokens={num_tokens}")
-        table = self._tables.setdefault(seq_id, [])
+        table = self._tables.get(seq_id, [])
         if num_cached > len(table) * self.block_size:
             raise ValueError(f"sequence {seq_id!r} has {num_cached} cached tokens but holds only {len(table)} "
                              f"blocks of {self.block_size}")
-        new = max(0, self.blocks_needed(num_tokens) - len(table))
-        first = num_cached // self.block_size  # the block the first written token goes into
-        cow = first < len(table) and num_cached < num_tokens and self._refs[table[first]] > 1
-        # (a shared block the write starts in is copied only when it holds earlier tokens; else just replaced)
-        if new + cow > len(self._free):
+        needed = self.blocks_needed(num_tokens)
+        new = max(0, needed - len(table))
+        written = range(num_cached // self.block_size, min(len(table), needed)) if num_cached < num_tokens else ()
+        shared = [i for i in written if self._refs[table[i]] > 1]
+        if new + len(shared) > len(self._free):
             return None
         pairs = []
-        if cow:
-            src, dst = table[first], self._free.pop()
+        for i in shared:
+            src, dst = table[i], self._free.pop()
             self._refs[src] -= 1
             self._refs[dst] = 1
-            table[first] = dst
-            if num_cached % self.block_size:
+            table[i] = dst
+            if i * self.block_size < num_cached:  # it holds tokens before the write
                 pairs.append((src, dst))
         for _ in range(new):
             b = self._free.pop()
             self._refs[b] = 1
             table.append(b)
+        self._tables[seq_id] = table
         return pairs
 
     def fork(self, parent_id: Hashable, child_id: Hashable) -> None:

@@ -131,7 +131,8 @@ def _filtered_probs(scaled: Tensor, params: list[SamplingParams]) -> Tensor:
         drop = ranks >= torch.tensor(top_k, device=scaled.device)[:, None]
         probs = torch.softmax(sorted_logits.masked_fill(drop, -math.inf), dim=-1)
         before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above each one
-        drop |= before >= torch.tensor(top_p, device=scaled.device)[:, None]  # the top token is always kept
+        p = torch.tensor(top_p, device=scaled.device)[:, None]
+        drop |= (before >= p) & (p < 1)  # the top token is always kept; top_p=1 keeps all (cumsum rounds to 1)
         sorted_logits = sorted_logits.masked_fill(drop, -math.inf)
         scaled = torch.full_like(scaled, -math.inf).scatter(1, order, sorted_logits)
     return torch.softmax(scaled, dim=-1)
