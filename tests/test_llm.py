@@ -210,7 +210,7 @@ def test_outputs_parse_thinking_and_answer():
     reqs = llm._start(["Q"], GREEDY, "long", None)
     seq = reqs[0].seqs[0]
     seq.forced.extend(script)
-    for _ in llm._loop(reqs):
+    for _ in llm._loop():
         pass
     o = llm._output(reqs[0]).outputs[0]
     assert o.token_ids == script and o.finish_reason == "stop"
@@ -295,8 +295,63 @@ def test_an_abandoned_stream_leaves_the_engine_clean(model):
     next(it)
     it.close()
     no_leak(llm)
+    it = llm.stream([[], prompts_of([5])[0]], GREEDY)  # closed after the skipped request's output, before a step
+    assert next(it).error is not None
+    it.close()
+    no_leak(llm)
     p = prompts_of([5])[0]
     assert llm.generate([p], GREEDY, use_tqdm=False)[0].outputs[0].token_ids == naive(model, p, 12)
+
+
+def forced_run(llm: LLM, script: list[int], params: SamplingParams, stream: bool = False):
+    """Run one "long" completion of "Q" whose tokens are all forced to ``script`` (the path max_thinking_tokens
+    takes): the output for a known text. With ``stream``, also the joined text of its stream events."""
+    reqs = llm._start(["Q"], params, "long", None)
+    reqs[0].seqs[0].forced.extend(script)
+    text = "".join(llm._delta(seq) for seq, _ in llm._loop()) if stream else None
+    return llm._output(reqs[0]).outputs[0], text
+
+
+def test_a_multibyte_stop_string_is_found_and_the_stream_never_resends(model):
+    """A stop string of 8 CJK characters is 24 byte-level tokens: the stop check's window counts bytes. The stream
+    holds back a possible start of the stop string and sends exactly the final (cut) text."""
+    llm = LLM(model, TOK, num_kv_blocks=64, block_size=4)
+    stop = "你好世界再见朋友"
+    script = TOK.encode("ab 你好世界 " + stop + " cd")
+    assert len(TOK.encode(stop)) > len(stop) + 8  # more tokens than a window of its characters + 8
+    o, streamed = forced_run(llm, script, SamplingParams(temperature=0, max_tokens=80, stop=stop), stream=True)
+    assert o.finish_reason == "stop" and o.text == "ab 你好世界 "
+    assert TOK.decode(o.token_ids).endswith(stop)  # generation ended where the stop string completed
+    assert streamed == o.text
+    o, streamed = forced_run(llm, script, SamplingParams(temperature=0, max_tokens=80, stop=["K me", "你好世界再"]),
+                             stream=True)
+    assert o.text == "ab 你好世界 " and streamed == o.text  # the 2nd 你好世界 was held back, never sent
+    no_leak(llm)
+
+
+def test_a_stream_reports_a_completion_the_cache_cannot_hold(model):
+    p = prompts_of([6])[0]
+    llm = LLM(model, TOK, num_kv_blocks=3, block_size=4)
+    events = list(llm.stream([p], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)))
+    last, out = events[-2], events[-1]
+    assert isinstance(out, RequestOutput) and out.outputs[0].finish_reason == "length"
+    assert (last.token_id, last.finished, last.finish_reason) == (None, True, "length")
+    assert [e.token_id for e in events[:-2]] == out.outputs[0].token_ids
+    no_leak(llm)
+
+
+def test_sampling_logits_are_fp32_for_a_bf16_model():
+    """A bf16 model's sampling rows get fp32 logits (bf16 inputs, fp32 products), the values fused_linear_logprobs
+    uses in training; a plain bf16 lm_head would round them (checked to differ, so this test can fail)."""
+    model = tiny_model(3).to(torch.bfloat16)
+    llm = LLM(model, TOK, num_kv_blocks=8, block_size=4)
+    g = torch.Generator().manual_seed(0)
+    rows = (torch.randn(5, 64, generator=g) * 4).to(torch.bfloat16)
+    ref = rows.double() @ model.lm_head.weight.double().t()
+    got = llm._logits(rows)
+    assert got.dtype == torch.float32
+    assert (got.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert (model.lm_head(rows).double() - ref).abs().max() > 1e-3 * ref.abs().max()
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -346,6 +401,8 @@ def test_argument_errors(model):
         llm.generate(["a", "b"], [GREEDY])
     with pytest.raises(ValueError, match="needs the LLM's tokenizer"):
         LLM(model, None, num_kv_blocks=16).generate([[5, 6]], thinking_mode="long")
+    with pytest.raises(ValueError, match=r"SamplingParams.stop \(strings\) needs the LLM's tokenizer"):
+        LLM(model, None, num_kv_blocks=16).generate([[5, 6]], SamplingParams(stop="x"))
     no_leak(llm)
 
 
@@ -415,4 +472,10 @@ def test_image_prompt_matches_the_full_multimodal_forward():
                 gen.append(int(model.compute_logits(h, last_rows(b.cu_seqlens))[0].argmax()))
         assert o.token_ids == gen
     assert llm.stats["preemptions"] > 0
+    no_leak(llm)
+    # a bad image (any exception while preparing a request) and image tokens without images: reported, skipped
+    bad = [{"role": "user", "content": [{"type": "image", "image": "cat.png"}, {"type": "text", "text": "?"}]}]
+    outs = llm.generate([bad, [7, tok.image_id, 8], "hi"], GREEDY, use_tqdm=False)
+    assert outs[0].error is not None and "image tokens (id 5) but no images" in outs[1].error
+    assert outs[2].error is None and len(outs[2].outputs[0].token_ids) == 12
     no_leak(llm)

@@ -71,8 +71,8 @@ class RequestOutput:
 class StreamEvent:
     request_index: int
     index: int  # completion index within the request
-    token_id: int
-    text: str  # the text this token adds (may be "" while a multi-byte character is incomplete)
+    token_id: int | None  # None: the completion ended without a new token (the KV cache could not hold it)
+    text: str  # the text this event adds ("" while a multi-byte character or a possible stop string is held back)
     finished: bool
     finish_reason: str | None
 
@@ -186,6 +186,7 @@ class LLM:
         self.waiting: deque[_Seq] = deque()
         self.running: list[_Seq] = []
         self._budget: int | None = None  # max_thinking_tokens of the running generate
+        self._events: list[tuple[_Seq, int | None]] = []
         self.stats = {"steps": 0, "prefill_steps": 0, "preemptions": 0, "prompt_tokens_computed": 0}
         if tokenizer is not None:
             self._end_of_thought = tokenizer.encode(FORCED_END_OF_THOUGHT)
@@ -214,7 +215,7 @@ class LLM:
     def _add(self, index: int, request: Any, params: SamplingParams, modes: tuple[str | None, ...]) -> _Request:
         try:
             ids, pix, sizes, is_chat = self._prompt(request, index)
-        except (ValueError, TypeError, KeyError) as e:  # a bad request is reported and skipped
+        except Exception as e:  # noqa: BLE001 - a bad request (or its image) is reported and skipped
             req = _Request(index, [], params, [], [], [])
             req.error = f"{type(e).__name__}: {e}"
             log.warning("request %d skipped: %s", index, req.error)
@@ -228,6 +229,9 @@ class LLM:
         elif any(not 0 <= t < self.vocab_size for t in ids):
             bad = next(t for t in ids if not 0 <= t < self.vocab_size)
             req.error = f"the prompt holds token id {bad}, outside the vocabulary [0, {self.vocab_size})"
+        elif self.image_token is not None and not pix and self.image_token in ids:
+            req.error = f"the prompt holds image tokens (id {self.image_token}) but no images: pass a chat with " \
+                        f"image parts"
         elif longest >= self.max_model_len:
             req.error = f"the prompt ({longest} tokens with its mode suffix) leaves no room in max_model_len=" \
                         f"{self.max_model_len}"
@@ -287,6 +291,7 @@ class LLM:
         log.warning("request %d: %s", seq.req.index, why)
         if not seq.is_parent:
             self._finish(seq, "length")
+            self._events.append((seq, None))
             return
         self.blocks.free(seq.id)
         if seq in self.running:
@@ -294,6 +299,7 @@ class LLM:
         seq.req.error, seq.req.unfinished = why, 0
         for child in seq.children:
             child.finish_reason = "error"
+            self._events.append((child, None))
 
     def _schedule(self) -> tuple[list[tuple[_Seq, int]], list[tuple[int, int]], bool]:
         """The next step: [(sequence, rows)], copy-on-write pairs, and whether it is a prefill (nothing cached)."""
@@ -346,7 +352,8 @@ class LLM:
     # ------------------------------------------------------------------ running
     def _embed(self, batch: list[tuple[_Seq, int]], input_ids: Tensor) -> Tensor:
         lm = self.lm
-        if self.image_token is None or not any(s.req.pixel_values for s, _ in batch):
+        if self.image_token is None or not any(s.req.pixel_values and s.num_cached < len(s.req.prompt)
+                                               for s, _ in batch):  # image features enter prompt rows only
             return lm.embed_tokens(input_ids)
         parts = []
         for seq, n in batch:
@@ -358,7 +365,8 @@ class LLM:
             if bool(mask.any()):
                 req = seq.req
                 if req.image_embeds is None:
-                    req.image_embeds = torch.cat(self.model.image_features(req.pixel_values, req.image_sizes), 0)
+                    pixels = [p.to(self.device) for p in req.pixel_values]
+                    req.image_embeds = torch.cat(self.model.image_features(pixels, req.image_sizes), 0)
                 first = sum(1 for t in seq.tokens[:c] if t == self.image_token)
                 x[mask] = req.image_embeds[first : first + int(mask.sum())].to(x.dtype)
             parts.append(x)
@@ -370,26 +378,23 @@ class LLM:
         for src, dst in pairs:
             for cache in (*self.k_caches, *self.v_caches):
                 cache[dst] = cache[src]
-        ids, pos, slots, lens, tables = [], [], [], [], []
+        ids, pos, slots, lens = [], [], [], []
         for seq, n in batch:
             c = seq.num_cached
             ids += seq.tokens[c : c + n]
             pos += range(c, c + n)
             slots += [self.blocks.slot(seq.id, p) for p in range(c, c + n)]
             lens.append(n)
-            if not prefill:
-                tables += [self.blocks.table(seq.id)] * n
         dev = self.device
         input_ids = torch.tensor(ids, dtype=torch.int64, device=dev)
         position_ids = torch.tensor(pos, dtype=torch.int64, device=dev)
         cu = torch.tensor([0, *lens], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(dev)
         kv = PagedKV(self.k_caches, self.v_caches, torch.tensor(slots, dtype=torch.int64, device=dev))
-        if not prefill:
+        if not prefill:  # every row reads its sequence's table
+            tables = [self.blocks.table(seq.id) for seq, _ in batch]
             width = max(len(t) for t in tables)
-            bt = torch.zeros((len(tables), width), dtype=torch.int32)
-            for r, t in enumerate(tables):
-                bt[r, : len(t)] = torch.tensor(t, dtype=torch.int32)
-            kv.block_tables = bt.to(dev)
+            bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=dev)
+            kv.block_tables = bt if max(lens) == 1 else bt.repeat_interleave(torch.tensor(lens, device=dev), dim=0)
             kv.context_lens = (position_ids + 1).to(torch.int32)
         hidden = self.lm(self._embed(batch, input_ids), position_ids, cu, max(lens), kv)
         last, row = [], 0
@@ -402,13 +407,29 @@ class LLM:
         self.stats["prompt_tokens_computed"] += sum(min(n, max(0, s.num_prompt - s.num_cached)) for s, n in batch)
         if not last:
             return None
-        return self.model.compute_logits(hidden, torch.tensor(last, device=dev))
+        return self._logits(hidden[torch.tensor(last, device=dev)])
 
-    def _step(self) -> list[tuple[_Seq, int]]:
-        """Schedule and run one step; returns (sequence, new token) for every sequence that sampled."""
+    def _logits(self, rows: Tensor) -> Tensor:
+        """fp32 logits of the sampling rows: a bf16 / fp16 model's hidden states times its lm_head with fp32
+        output (what fused_linear_logprobs computes in training; a bf16 logit near 20 would be off by up to 0.06)."""
+        head = self.model.lm_head
+        if rows.dtype not in (torch.bfloat16, torch.float16):
+            return head(rows)
+        if rows.is_cuda and head.bias is None:
+            try:  # cuBLAS with an fp32 output: no fp32 copy of the weight
+                return torch.mm(rows, head.weight.t(), out_dtype=torch.float32)
+            except (RuntimeError, TypeError):  # a torch without mm's out_dtype
+                pass
+        bias = head.bias.float() if head.bias is not None else None
+        return torch.nn.functional.linear(rows.float(), head.weight.float(), bias)
+
+    def _step(self) -> list[tuple[_Seq, int | None]]:
+        """Schedule and run one step; returns (sequence, new token) for every sequence that sampled, and
+        (sequence, None) for one that ended without a token (the cache could not hold it)."""
+        self._events: list[tuple[_Seq, int | None]] = []
         batch, pairs, prefill = self._schedule()
         if not batch:
-            return []
+            return self._events
         logits = self._run(batch, pairs, prefill)
         samplers = []
         for seq, n in batch:
@@ -423,11 +444,11 @@ class LLM:
             elif seq.num_cached == len(seq.tokens) and not seq.is_parent:
                 samplers.append(seq)
         if not samplers:
-            return []
+            return self._events
         forced = [s.forced.popleft() if s.forced else None for s in samplers]
         tokens, logps, top = sample(logits, [s.req.params for s in samplers], [s.generator for s in samplers],
                                     forced)
-        out = []
+        out = self._events
         for i, seq in enumerate(samplers):
             self._append(seq, tokens[i], logps[i], top[i] if top is not None else None)
             out.append((seq, tokens[i]))
@@ -459,7 +480,7 @@ class LLM:
 
     def _hits_stop(self, seq: _Seq) -> bool:
         gen = seq.generated
-        longest = max(len(s) for s in seq.req.params.stop)
+        longest = max(len(s.encode("utf-8")) for s in seq.req.params.stop)  # a byte-level token may be one byte
         tail = self.tokenizer.decode(gen[-(longest + 8) :])
         return any(s in tail for s in seq.req.params.stop)
 
@@ -510,6 +531,8 @@ class LLM:
         if len(plist) != len(requests) or not all(isinstance(p, SamplingParams) for p in plist):
             raise ValueError(f"params must be a SamplingParams or one per request ({len(requests)}), got "
                              f"{len(plist)} items")
+        if self.tokenizer is None and any(p.stop for p in plist):
+            raise ValueError("SamplingParams.stop (strings) needs the LLM's tokenizer; use stop_token_ids")
         if thinking_mode is None or isinstance(thinking_mode, str):
             modes: tuple[str | None, ...] = (thinking_mode,)
         else:
@@ -527,7 +550,11 @@ class LLM:
             if self.tokenizer is None:
                 raise ValueError("max_thinking_tokens needs the LLM's tokenizer")
         self._budget = max_thinking_tokens
-        reqs = [self._add(i, r, p, modes) for i, (r, p) in enumerate(zip(requests, plist, strict=True))]
+        try:
+            reqs = [self._add(i, r, p, modes) for i, (r, p) in enumerate(zip(requests, plist, strict=True))]
+        except BaseException:
+            self._reset()
+            raise
         if max_thinking_tokens == 0:  # a zero budget closes the thought before the first sampled token
             for req in reqs:
                 for seq in req.seqs:
@@ -536,15 +563,19 @@ class LLM:
                         seq.thought_open = False
         return reqs
 
-    def _loop(self, reqs: list[_Request]) -> Iterator[tuple[_Seq, int]]:
+    def _reset(self) -> None:
+        """Drop every queued and running sequence and its blocks (after an interrupted or failed generate)."""
+        for seq in [*self.running, *self.waiting]:
+            self.blocks.free(seq.id)
+        self.running.clear()
+        self.waiting.clear()
+
+    def _loop(self) -> Iterator[tuple[_Seq, int | None]]:
         try:
             while self.waiting or self.running:
                 yield from self._step()
-        finally:  # an interrupted stream leaves a clean engine
-            for seq in [*self.running, *self.waiting]:
-                self.blocks.free(seq.id)
-            self.running.clear()
-            self.waiting.clear()
+        finally:  # an interrupted stream or a failing step leaves a clean engine
+            self._reset()
 
     def generate(self, requests: Sequence[Any], params: SamplingParams | Sequence[SamplingParams] | None = None, *,
                  thinking_mode: str | Sequence[str] | None = None, max_thinking_tokens: int | None = None,
@@ -564,7 +595,7 @@ class LLM:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=total, desc="generate", unit="seq", dynamic_ncols=True)
-        for seq, _ in self._loop(reqs):
+        for seq, _ in self._loop():
             if bar is not None and seq.finish_reason is not None:
                 bar.update(1)
         if bar is not None:
@@ -577,22 +608,34 @@ class LLM:
         """Like :meth:`generate`, as it happens: a StreamEvent for every generated token, and each request's
         RequestOutput as soon as all its completions are done (a skipped request's at once)."""
         reqs = self._start(requests, params, thinking_mode, max_thinking_tokens)
-        for req in reqs:
-            if req.error is not None:
-                yield self._output(req)
-        done = {r.index for r in reqs if r.error is not None}
-        for seq, token in self._loop(reqs):
-            text = self._text(seq)
-            delta = text[len(seq.text_sent):] if text.startswith(seq.text_sent) else text
-            if not text.endswith("\ufffd"):  # hold back an incomplete multi-byte character
-                seq.text_sent = text
-            else:
-                delta = ""
-            yield StreamEvent(seq.req.index, seq.index, token, delta, seq.finish_reason is not None,
-                              seq.finish_reason)
-            if seq.req.unfinished == 0 and seq.req.index not in done:
-                done.add(seq.req.index)
-                yield self._output(seq.req)
-        for req in reqs:  # requests that failed while running
-            if req.index not in done:
-                yield self._output(req)
+        try:
+            done = set()
+            for req in reqs:
+                if req.error is not None:
+                    done.add(req.index)
+                    yield self._output(req)
+            for seq, token in self._loop():
+                yield StreamEvent(seq.req.index, seq.index, token, self._delta(seq), seq.finish_reason is not None,
+                                  seq.finish_reason)
+                if seq.req.unfinished == 0 and seq.req.index not in done:
+                    done.add(seq.req.index)
+                    yield self._output(seq.req)
+        finally:  # closed before the loop started (a skipped request's output was the last item taken)
+            self._reset()
+
+    def _delta(self, seq: _Seq) -> str:
+        """The text a stream has not sent yet. While the completion runs, an incomplete multi-byte character and
+        an ending that may grow into a stop string are held back; its last event sends the rest."""
+        text = self._text(seq)
+        if seq.finish_reason is None:
+            keep = len(text.rstrip("\ufffd"))
+            for stop in seq.req.params.stop:
+                for k in range(min(len(stop) - 1, keep), 0, -1):
+                    if text[:keep].endswith(stop[:k]):
+                        keep -= k
+                        break
+            text = text[:keep]
+        if not text.startswith(seq.text_sent):  # cannot happen with the hold-back above; never re-send
+            return ""
+        delta, seq.text_sent = text[len(seq.text_sent):], text
+        return delta
