@@ -17,6 +17,7 @@ from r4b.engine.sampling import SamplingParams, make_generator
 from r4b.kernels import fused_linear_logprobs, pack_sequences
 
 TOK = ChatTokenizer.demo()
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the GPU tests below, dry-run on the CPU by hand
 GREEDY = SamplingParams(temperature=0, max_tokens=12)
 
 
@@ -479,3 +480,66 @@ def test_image_prompt_matches_the_full_multimodal_forward():
     assert outs[0].error is not None and "image tokens (id 5) but no images" in outs[1].error
     assert outs[2].error is None and len(outs[2].outputs[0].token_ids) == 12
     no_leak(llm)
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+def test_gpu_engine_on_the_default_kernels_matches_the_torch_references(monkeypatch):
+    """On a GPU in fp32 (TF32 off): the default dispatch (Triton / CUDA store_kv and paged decode, Triton varlen
+    attention and small ops) generates the tokens of the torch references, through forks, chunks and preemption,
+    and leaves no block behind."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    model = tiny_model(4).cuda()
+    prompts = ["What is 3 + 4?", prompts_of([37])[0], prompts_of([3], 1)[0]]
+    params = SamplingParams(temperature=0, max_tokens=24, n=2, ignore_eos=True)
+
+    def run():
+        llm = LLM(model, TOK, num_kv_blocks=40, block_size=4, max_num_batched_tokens=32)
+        outs = llm.generate(prompts, params, thinking_mode=("long", "short"), use_tqdm=False)
+        no_leak(llm)
+        return outs, llm.stats["preemptions"]
+
+    got, preempted = run()
+    monkeypatch.setenv("R4B_BACKEND", "torch")
+    ref, _ = run()
+    assert preempted > 0
+    for g, r in zip(got, ref, strict=True):
+        assert [o.token_ids for o in g.outputs] == [o.token_ids for o in r.outputs]
+        for a, b in zip(g.outputs, r.outputs, strict=True):
+            assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=0)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_engine_logprobs_by_the_low_precision_rule(monkeypatch):
+    """A bf16 model on the GPU (default kernels): each completion's log-probs against the fp32 model's (a plain
+    forward of the finished sequence, fused_linear_logprobs in fp32) are within STYLE.md's rule: at most twice the
+    error of plain PyTorch in bf16 (the torch references' forward of the same sequence) plus 1e-2 of the largest."""
+    from _lowprec import assert_within_twice_plain
+
+    model32 = tiny_model(5).to(DEV)
+    model = tiny_model(5).to(DEV).to(torch.bfloat16)
+    llm = LLM(model, TOK, num_kv_blocks=64, block_size=16)
+    texts = ["What is 3 + 4?", "hi"]
+    outs = llm.generate(texts, SamplingParams(temperature=1.0, max_tokens=16, n=2, seed=0),
+                        thinking_mode=("long", "short"), use_tqdm=False)
+    no_leak(llm)
+
+    def logprobs(m, ids, n_prompt):
+        b = pack_sequences([torch.tensor(ids, device=DEV)])
+        with torch.no_grad():
+            hidden = m(b.flat, b.position_ids, b.cu_seqlens, b.max_seqlen)
+        targets = torch.tensor(ids[1:] + [-100], device=DEV)
+        return fused_linear_logprobs(hidden, m.lm_head.weight, targets)[n_prompt - 1 : -1]
+
+    for out in outs:
+        for o in out.outputs:
+            prompt = chat_ids(texts[out.request_index], o.thinking_mode)
+            ids = prompt + o.token_ids
+            want = logprobs(model32, ids, len(prompt))
+            with monkeypatch.context() as mp:
+                mp.setenv("R4B_BACKEND", "torch")
+                plain = logprobs(model, ids, len(prompt))
+            ours = torch.tensor(o.logprobs, device=DEV)
+            assert torch.isfinite(ours).all()
+            assert_within_twice_plain([ours], [plain], [want], ["logprobs"], 1e-2)
