@@ -4,11 +4,12 @@ tokens, 64 new tokens each, greedy, end-of-turn ignored, batch 1 and 32. The wei
 (every weight read once, at the copy bandwidth measured in this run) bounds batch 1: ANCHORS gives 535 tok/s on
 an H200, HF 17 tok/s at bs1 and 648 tok/s at bs32.
 
-Columns: ms for the whole batch (prompt prefill included), new tokens/s, x_floor (the floor's ms over the row's ms
-per step, batch 1 only: 1 = at the floor) and ``same`` (how many of r4b's sequences equal transformers' greedy
-tokens: bf16 rounding may make a long greedy run part ways, so it is reported, not asserted; tests/test_llm.py
-checks the engine in fp32). Each provider runs once warm and is timed ``reps`` times (median): a full-size HF
-call takes seconds."""
+Providers: r4b (decode steps replayed from CUDA graphs on a GPU), r4b with eager decode steps (GPU only: what
+the graphs save; its tokens must equal the graphs'), transformers. Columns: ms for the whole batch (prompt prefill
+included), new tokens/s, x_floor (batch 1: the row's ms a step over the floor's; 1 = at the floor) and ``same``
+(how many of r4b's sequences equal transformers' greedy tokens: bf16 rounding may make a long greedy run part
+ways, so it is reported, not asserted; tests/test_llm.py checks the engine in fp32). Each provider runs once warm
+and is timed ``reps`` times (median): a full-size HF call takes seconds."""
 
 from __future__ import annotations
 
@@ -67,8 +68,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
     copy = copy_bandwidth_gbps(device)
     floor_step_ms = weight_bytes / copy / 1e6 if copy else None  # HBM moves about as many bytes reading alone
-    llm = LLM(ours, None, max_num_seqs=max(batches), max_num_batched_tokens=max(batches) * prompt_len,
-              num_kv_blocks=max(batches) * (prompt_len + new) // 16 + 8, block_size=16)
+    kw = dict(max_num_seqs=max(batches), max_num_batched_tokens=max(batches) * prompt_len,
+              num_kv_blocks=max(batches) * (prompt_len + new) // 16 + 8, block_size=16, max_model_len=4096)
+    llm = LLM(ours, None, **kw)  # CUDA graphs for the decode steps on a GPU
+    eager = LLM(ours, None, cuda_graphs=False, **kw) if device == "cuda" else None
     rows: list[dict] = []
     g = torch.Generator().manual_seed(0)
     for bs in batches:
@@ -77,6 +80,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
         runs = {"r4b LLM.generate": lambda p=prompts, sp=params: [o.outputs[0].token_ids for o in llm.generate(
             list(p), sp, use_tqdm=False)]}
+        if eager is not None:
+            runs["r4b eager decode"] = lambda p=prompts, sp=params: [o.outputs[0].token_ids for o in eager.generate(
+                list(p), sp, use_tqdm=False)]
         if hf is not None:
             ids = prompts.to(device)
 
@@ -103,6 +109,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         mine, theirs = outs.get("r4b LLM.generate"), outs.get("transformers generate")
         if mine is not None and theirs is not None:
             rows[-len(runs)]["same"] = f"{sum(a == b for a, b in zip(mine, theirs, strict=True))}/{bs}"
+        if mine is not None and outs.get("r4b eager decode") is not None and outs["r4b eager decode"] != mine:
+            rows[-len(runs) + 1]["check"] = "MISMATCH (eager decode gave other tokens than the graphs)"
         for row in rows[-len(runs):]:
             print(format_row(row) + (f" tok/s={row['tokens_per_s']:.4g}" if "tokens_per_s" in row else "")
                   + (f" same={row['same']}" if "same" in row else ""), flush=True)

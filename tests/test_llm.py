@@ -105,6 +105,44 @@ def test_greedy_matches_full_recompute(model, block_size, blocks, batched, expec
         assert llm.stats["preemptions"] == 0
 
 
+@pytest.mark.parametrize("block_size,blocks,batched", [(4, 64, 4096), (4, 14, 4096), (2, 40, 9)])
+def test_padded_decode_steps_give_the_same_tokens(model, block_size, blocks, batched):
+    """Decode steps through DecodeGraphs' padded buffers (what the CUDA graphs replay; run eagerly here): batches
+    of 1..7 sequences padded to buckets 1/2/4/8, whose padding rows must write no slot and read no context, give
+    the tokens and log-probs of the unpadded steps, with forks, preemption and chunked prefill around them."""
+    prompts = ["What is 3 + 4?", *prompts_of([1, 9, 17, 30, 5])]
+    params = SamplingParams(temperature=0.9, max_tokens=10, n=2, seed=11, ignore_eos=True)
+
+    def run(padded: bool):
+        llm = LLM(model, TOK, block_size=block_size, num_kv_blocks=blocks, max_num_batched_tokens=batched,
+                  max_num_seqs=7)
+        if padded:
+            llm._padded_decode(capture=False)
+        outs = llm.generate(prompts, params, thinking_mode=("long", "short"), use_tqdm=False)
+        no_leak(llm)
+        return outs, llm.stats
+
+    ref, ref_stats = run(False)
+    got, stats = run(True)
+    assert stats["graph_steps"] > 0 and ref_stats["graph_steps"] == 0
+    assert stats["prompt_tokens_computed"] == ref_stats["prompt_tokens_computed"]
+    for g, r in zip(got, ref, strict=True):
+        assert [o.token_ids for o in g.outputs] == [o.token_ids for o in r.outputs]
+        for a, b in zip(g.outputs, r.outputs, strict=True):
+            assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
+
+
+def test_decode_graph_buckets():
+    from r4b.engine.graphs import buckets
+
+    assert buckets(1) == [1]
+    assert buckets(7) == [1, 2, 4, 7]
+    assert buckets(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
+    assert buckets(200)[-3:] == [160, 192, 200]
+    with pytest.raises(ValueError, match="cuda_graphs=True needs a CUDA device"):
+        LLM(tiny_model(), TOK, num_kv_blocks=4, cuda_graphs=True, device="cpu")
+
+
 def test_max_num_seqs_limits_a_step(model):
     prompts = prompts_of([5] * 6)
     llm = LLM(model, TOK, num_kv_blocks=64, block_size=4, max_num_seqs=2)
@@ -543,3 +581,27 @@ def test_gpu_bf16_engine_logprobs_by_the_low_precision_rule(monkeypatch):
             ours = torch.tensor(o.logprobs, device=DEV)
             assert torch.isfinite(ours).all()
             assert_within_twice_plain([ours], [plain], [want], ["logprobs"], 1e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_decode_matches_eager(monkeypatch):
+    """On a GPU in fp32: decode steps replayed from CUDA graphs (captured per bucket at first use) give the eager
+    engine's tokens and log-probs, across batch sizes that change from step to step as sequences finish."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    model = tiny_model(6).cuda()
+    prompts = ["What is 3 + 4?", *prompts_of([1, 9, 17, 30, 5])]
+    params = [SamplingParams(temperature=0.9, max_tokens=4 + 3 * i, n=2, seed=i, ignore_eos=True) for i in range(6)]
+
+    def run(graphs: bool):
+        llm = LLM(model, TOK, num_kv_blocks=200, block_size=4, max_num_seqs=16, cuda_graphs=graphs)
+        outs = llm.generate(prompts, params, thinking_mode=("long", "short"), use_tqdm=False)
+        no_leak(llm)
+        return outs, llm
+
+    ref, _ = run(False)
+    got, llm = run(True)
+    assert llm.stats["graph_steps"] > 0 and len(llm._graphs.graphs) >= 3
+    for g, r in zip(got, ref, strict=True):
+        assert [o.token_ids for o in g.outputs] == [o.token_ids for o in r.outputs]
+        for a, b in zip(g.outputs, r.outputs, strict=True):
+            assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=0)

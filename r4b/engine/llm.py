@@ -33,8 +33,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .block_manager import BlockManager
+from .block_manager import BlockManager, cdiv
 from .chat import MODE_SUFFIX, ChatTokenizer, check_mode, parse_response
+from .graphs import DecodeGraphs
 from .model.qwen3 import PagedKV
 from .sampling import SamplingParams, make_generator, sample
 
@@ -133,14 +134,15 @@ class LLM:
     block_size: tokens per KV block; kv_cache_fraction: on a GPU, the share of the free memory the cache takes;
     num_kv_blocks: the cache's size in blocks (overrides the fraction; on a CPU the default is 512 MiB);
     max_model_len: the longest sequence (the config's max_position_embeddings by default); eos_token_ids: the
-    end-of-turn tokens (the tokenizer's by default).
+    end-of-turn tokens (the tokenizer's by default); cuda_graphs: replay decode steps as CUDA graphs (one per
+    batch-size bucket, captured at first use; r4b/engine/graphs.py), on by default on a GPU.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: ChatTokenizer | None = None, *,
                  device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, block_size: int = 16,
                  kv_cache_fraction: float = 0.5, num_kv_blocks: int | None = None, max_model_len: int | None = None,
-                 eos_token_ids: Sequence[int] | None = None) -> None:
+                 eos_token_ids: Sequence[int] | None = None, cuda_graphs: bool | None = None) -> None:
         for name, val in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens),
                           ("block_size", block_size)):
             if not isinstance(val, int) or val < 1:
@@ -187,10 +189,37 @@ class LLM:
         self.running: list[_Seq] = []
         self._budget: int | None = None  # max_thinking_tokens of the running generate
         self._events: list[tuple[_Seq, int | None]] = []
-        self.stats = {"steps": 0, "prefill_steps": 0, "preemptions": 0, "prompt_tokens_computed": 0}
+        self.stats = {"steps": 0, "prefill_steps": 0, "graph_steps": 0, "preemptions": 0,
+                      "prompt_tokens_computed": 0}
+        if cuda_graphs is None:
+            cuda_graphs = device.type == "cuda"
+        if cuda_graphs and device.type != "cuda":
+            raise ValueError(f"cuda_graphs=True needs a CUDA device, got device={device}")
+        self._graphs: DecodeGraphs | None = None
+        if cuda_graphs and self._graph_safe_backends():
+            self._padded_decode(capture=True)
         if tokenizer is not None:
             self._end_of_thought = tokenizer.encode(FORCED_END_OF_THOUGHT)
             self._suffix_ids = {m: tokenizer.encode(s) for m, s in MODE_SUFFIX.items()}
+
+    def _graph_safe_backends(self) -> bool:
+        """The paged ops' torch references read lengths and masks on the host, which a CUDA graph cannot capture:
+        decode steps run eagerly when either op dispatches to them here (e.g. R4B_BACKEND=torch)."""
+        from r4b.kernels import _dispatch
+
+        probe = self.k_caches[0][:1]
+        picked = {op: _dispatch.pick(op, None, probe) for op in ("store_kv", "paged_decode_attention")}
+        if "torch" in picked.values():
+            log.warning("decode steps run without CUDA graphs: %s", picked)
+            return False
+        return True
+
+    def _padded_decode(self, capture: bool) -> None:
+        """Decode steps through DecodeGraphs (``capture=False``: the same padded step run eagerly, for tests)."""
+        self._graphs = DecodeGraphs(self.lm, self._logits, self.k_caches, self.v_caches,
+                                    max_batch=min(self.max_num_seqs, 512),
+                                    max_blocks=cdiv(self.max_model_len, self.block_size), device=self.device,
+                                    capture=capture)
 
     # ------------------------------------------------------------------ requests
     def _prompt(self, request: Any, i: int) -> tuple[list[int], list[Tensor], list, bool]:
@@ -378,6 +407,8 @@ class LLM:
         for src, dst in pairs:
             for cache in (*self.k_caches, *self.v_caches):
                 cache[dst] = cache[src]
+        if self._graphs is not None and not prefill and self._graph_step(batch):
+            return self._graph_run(batch)
         ids, pos, slots, lens = [], [], [], []
         for seq, n in batch:
             c = seq.num_cached
@@ -408,6 +439,25 @@ class LLM:
         if not last:
             return None
         return self._logits(hidden[torch.tensor(last, device=dev)])
+
+    def _graph_step(self, batch: list[tuple[_Seq, int]]) -> bool:
+        """A decode step the graphs can take: one row a sequence, no image rows, tables within the graph's width."""
+        if any(n != 1 or (s.req.pixel_values and s.num_cached < len(s.req.prompt)) for s, n in batch):
+            return False
+        return self._graphs.fits(len(batch), max(len(self.blocks.table(s.id)) for s, _ in batch))
+
+    def _graph_run(self, batch: list[tuple[_Seq, int]]) -> Tensor | None:
+        seqs = [s for s, _ in batch]
+        logits = self._graphs.run([s.tokens[s.num_cached] for s in seqs], [s.num_cached for s in seqs],
+                                  [self.blocks.slot(s.id, s.num_cached) for s in seqs],
+                                  [self.blocks.table(s.id) for s in seqs])
+        self.stats["steps"] += 1
+        self.stats["graph_steps"] += 1
+        self.stats["prompt_tokens_computed"] += sum(s.num_cached < s.num_prompt for s in seqs)
+        last = [i for i, s in enumerate(seqs) if s.num_cached + 1 == len(s.tokens) and not s.is_parent]
+        if not last:
+            return None
+        return logits if len(last) == len(seqs) else logits[torch.tensor(last, device=self.device)]
 
     def _logits(self, rows: Tensor) -> Tensor:
         """fp32 logits of the sampling rows: a bf16 / fp16 model's hidden states times its lm_head with fp32
