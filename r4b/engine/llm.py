@@ -421,12 +421,16 @@ class LLM:
         position_ids = torch.tensor(pos, dtype=torch.int64, device=dev)
         cu = torch.tensor([0, *lens], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(dev)
         kv = PagedKV(self.k_caches, self.v_caches, torch.tensor(slots, dtype=torch.int64, device=dev))
-        if not prefill:  # every row reads its sequence's table
+        if not prefill:  # the rows read their sequences' tables
             tables = [self.blocks.table(seq.id) for seq, _ in batch]
             width = max(len(t) for t in tables)
             bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=dev)
-            kv.block_tables = bt if max(lens) == 1 else bt.repeat_interleave(torch.tensor(lens, device=dev), dim=0)
-            kv.context_lens = (position_ids + 1).to(torch.int32)
+            if max(lens) == 1:  # a decode step: one row a sequence
+                kv.block_tables, kv.context_lens = bt, (position_ids + 1).to(torch.int32)
+            else:  # an extend step: chunks after cached contexts
+                kv.seq_block_tables = bt
+                kv.seq_context_lens = torch.tensor([s.num_cached + n for s, n in batch], dtype=torch.int32,
+                                                   device=dev)
         hidden = self.lm(self._embed(batch, input_ids), position_ids, cu, max(lens), kv)
         last, row = [], 0
         for seq, n in batch:

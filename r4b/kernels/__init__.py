@@ -11,6 +11,7 @@ from .fused_linear_logprobs import fused_linear_logprobs, fused_linear_logprobs_
 from .group_advantages import group_advantages, group_advantages_ref
 from .pack import Packed, pack_sequences, unpack, unpack_padded
 from .paged_decode_attention import paged_decode_attention, paged_decode_attention_ref
+from .paged_prefill_attention import paged_prefill_attention, paged_prefill_attention_ref
 from .qk_norm_rope import qk_norm_rope, qk_norm_rope_ref
 from .rms_norm import rms_norm, rms_norm_ref
 from .rope import rope, rope_ref
@@ -28,6 +29,8 @@ __all__ = [
     "pack_sequences",
     "paged_decode_attention",
     "paged_decode_attention_ref",
+    "paged_prefill_attention",
+    "paged_prefill_attention_ref",
     "unpack",
     "unpack_padded",
     "registered_ops",

@@ -42,10 +42,13 @@ class PagedKV:
     ``slot_mapping``), then attends:
     - ``block_tables`` None (a prefill of sequences with nothing cached yet): each packed sequence attends to
       itself (``varlen_attention`` over cu_seqlens);
-    - else every row attends through the cache (``paged_decode_attention``): row t reads its sequence's blocks
-      ``block_tables[t]`` up to ``context_lens[t]`` (its position + 1), the tokens this step wrote included. This
-      serves decode steps (one row per sequence) and rows that extend a cached context (a chunk of a long prompt,
-      the mode suffix after a shared prompt).
+    - ``block_tables`` per row (a decode step: one row per sequence): row t attends through the cache
+      (``paged_decode_attention``) to its sequence's blocks ``block_tables[t]`` up to ``context_lens[t]`` (its
+      position + 1), the token this step wrote included;
+    - ``seq_block_tables`` per sequence (an extend step: chunks that follow a cached context, e.g. a long
+      prompt's later chunks or the mode suffix after a shared prompt): each packed sequence's rows attend causally
+      to its whole cached context, ``seq_context_lens`` tokens with the chunk at the end
+      (``paged_prefill_attention``).
     """
 
     k_caches: list[Tensor]  # per layer (num_blocks, block_size, Hkv, D)
@@ -53,6 +56,8 @@ class PagedKV:
     slot_mapping: Tensor  # (T,) int64: cache slot of each row's key/value (-1: not stored)
     block_tables: Tensor | None = None  # (T, max_blocks) int32
     context_lens: Tensor | None = None  # (T,) int32
+    seq_block_tables: Tensor | None = None  # (n, max_blocks) int32
+    seq_context_lens: Tensor | None = None  # (n,) int32
 
 
 class Qwen3Attention(nn.Module):
@@ -90,11 +95,15 @@ class Qwen3Attention(nn.Module):
         else:
             k_cache, v_cache = kv.k_caches[self.layer_idx], kv.v_caches[self.layer_idx]
             kernels.store_kv(k, v, k_cache, v_cache, kv.slot_mapping)
-            if kv.block_tables is None:
-                o = kernels.varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True)
-            else:
+            if kv.block_tables is not None:
                 o = kernels.paged_decode_attention(q, k_cache, v_cache, kv.block_tables, kv.context_lens,
                                                    softmax_scale=self.head_dim**-0.5)
+            elif kv.seq_block_tables is not None:
+                o = kernels.paged_prefill_attention(q, k_cache, v_cache, kv.seq_block_tables, cu_seqlens,
+                                                    kv.seq_context_lens, max_seqlen,
+                                                    softmax_scale=self.head_dim**-0.5)
+            else:
+                o = kernels.varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True)
         return self.o_proj(o.reshape(x.shape[0], self.num_heads * self.head_dim))  # (T, Hq*D) -> (T, H)
 
 
