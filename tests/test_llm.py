@@ -132,6 +132,34 @@ def test_padded_decode_steps_give_the_same_tokens(model, block_size, blocks, bat
             assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
 
 
+def test_a_failed_capture_falls_back_to_eager_steps(model, monkeypatch, caplog):
+    """A capture that raises (here: any capture, faked on the CPU) is logged once and the decode steps run eagerly
+    with the same tokens; replaced weights mark the graphs stale, and the next generate drops them."""
+    from r4b.engine.graphs import DecodeGraphs
+
+    calls = []
+
+    def broken(self, b):
+        calls.append(b)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(DecodeGraphs, "_capture", broken)
+    p = prompts_of([5])[0]
+    llm = LLM(model, TOK, num_kv_blocks=64, block_size=4)
+    llm._padded_decode(capture=True)
+    out = llm.generate([p], GREEDY, use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == naive(model, p, 12) and llm.stats["graph_steps"] > 0
+    assert calls == [1] and "decode steps run eagerly" in caplog.text and not llm._graphs.capture
+    graphs = llm._graphs
+    graphs._params = tuple(q.data_ptr() for q in model.language_model.parameters())
+    assert not graphs.stale()
+    graphs.graphs[1] = "a captured graph"
+    graphs._params = (0,) + graphs._params[1:]  # as if a weight had been replaced
+    assert graphs.stale()
+    llm.generate([p], GREEDY, use_tqdm=False)
+    assert graphs.graphs == {} and graphs._params is None
+
+
 def test_decode_graph_buckets():
     from r4b.engine.graphs import buckets
 
@@ -581,6 +609,25 @@ def test_gpu_bf16_engine_logprobs_by_the_low_precision_rule(monkeypatch):
             ours = torch.tensor(o.logprobs, device=DEV)
             assert torch.isfinite(ours).all()
             assert_within_twice_plain([ours], [plain], [want], ["logprobs"], 1e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_cuda_graph_decode_matches_eager():
+    """bf16 on the GPU (the fp32-output logits GEMM outside the graph, the Triton / CUDA kernels inside): greedy
+    decoding replayed from graphs gives the eager engine's tokens (short runs: a long bf16 greedy run may part ways
+    where two logits nearly tie) and log-probs within bf16 noise."""
+    model = tiny_model(7).cuda().to(torch.bfloat16)
+    prompts = prompts_of([3, 11, 25], 4)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    outs = []
+    for graphs in (False, True):
+        llm = LLM(model, TOK, num_kv_blocks=64, block_size=16, cuda_graphs=graphs)
+        outs.append(llm.generate(prompts, params, use_tqdm=False))
+        no_leak(llm)
+    assert llm.stats["graph_steps"] > 0
+    for a, b in zip(*outs, strict=True):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert torch.allclose(torch.tensor(a.outputs[0].logprobs), torch.tensor(b.outputs[0].logprobs), atol=5e-2)
 
 
 @pytest.mark.gpu

@@ -216,8 +216,7 @@ class LLM:
 
     def _padded_decode(self, capture: bool) -> None:
         """Decode steps through DecodeGraphs (``capture=False``: the same padded step run eagerly, for tests)."""
-        self._graphs = DecodeGraphs(self.lm, self._logits, self.k_caches, self.v_caches,
-                                    max_batch=min(self.max_num_seqs, 512),
+        self._graphs = DecodeGraphs(self.lm, self.k_caches, self.v_caches, max_batch=min(self.max_num_seqs, 512),
                                     max_blocks=cdiv(self.max_model_len, self.block_size), device=self.device,
                                     capture=capture)
 
@@ -452,7 +451,7 @@ class LLM:
 
     def _graph_run(self, batch: list[tuple[_Seq, int]]) -> Tensor | None:
         seqs = [s for s, _ in batch]
-        logits = self._graphs.run([s.tokens[s.num_cached] for s in seqs], [s.num_cached for s in seqs],
+        hidden = self._graphs.run([s.tokens[s.num_cached] for s in seqs], [s.num_cached for s in seqs],
                                   [self.blocks.slot(s.id, s.num_cached) for s in seqs],
                                   [self.blocks.table(s.id) for s in seqs])
         self.stats["steps"] += 1
@@ -461,7 +460,7 @@ class LLM:
         last = [i for i, s in enumerate(seqs) if s.num_cached + 1 == len(s.tokens) and not s.is_parent]
         if not last:
             return None
-        return logits if len(last) == len(seqs) else logits[torch.tensor(last, device=self.device)]
+        return self._logits(hidden if len(last) == len(seqs) else hidden[torch.tensor(last, device=self.device)])
 
     def _logits(self, rows: Tensor) -> Tensor:
         """fp32 logits of the sampling rows: a bf16 / fp16 model's hidden states times its lm_head with fp32
@@ -604,6 +603,9 @@ class LLM:
             if self.tokenizer is None:
                 raise ValueError("max_thinking_tokens needs the LLM's tokenizer")
         self._budget = max_thinking_tokens
+        if self._graphs is not None and self._graphs.stale():  # weights replaced since the capture: capture again
+            log.info("the model's parameters moved since the decode graphs were captured: capturing them again")
+            self._graphs.reset()
         try:
             reqs = [self._add(i, r, p, modes) for i, (r, p) in enumerate(zip(requests, plist, strict=True))]
         except BaseException:

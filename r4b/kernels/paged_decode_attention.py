@@ -8,7 +8,9 @@ store_kv writes them; sequence b's token j lives in block block_tables[b, j // b
 j % block_size, for j < context_lens[b]. The decode step stores its own key and value first (store_kv), so the
 context includes the query's token; no causal mask is needed.
 
-Split-K: the context of each (sequence, KV head) is cut into num_splits ranges of `part` tokens; a program
+Split-K: the context of each (sequence, KV head) is cut into num_splits ranges of whole BLOCK_N tiles, sized by
+that sequence's own length (a short context in a wide table, as in a CUDA graph's static one, still spreads over
+the splits; the splits past its end are empty and skipped by the merge); a program
 per (sequence, KV head, split) runs an online softmax over its range for all the query heads of its KV head
 (GQA: K/V are read once per group), and writes its normalised partial output and log-sum-exp; a second kernel
 merges the splits. With one split the first kernel writes the output itself. num_splits depends only on the
@@ -76,7 +78,7 @@ def _triton_kernels():
     import triton.language as tl
 
     @triton.jit
-    def decode_split_kernel(Q, KC, VC, BT, CL, Out, PO, PLSE, qk_scale, part, num_splits, n_heads, capacity,
+    def decode_split_kernel(Q, KC, VC, BT, CL, Out, PO, PLSE, qk_scale, num_splits, n_heads, capacity,
                             num_blocks, stride_qb, stride_qh, stride_ob, stride_oh, stride_bt, stride_slot, stride_kh,
                             BS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr,
                             BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
@@ -87,6 +89,9 @@ def _triton_kernels():
         # a GPU call's values are not checked on the host: a length is clamped to the table's capacity, and a token
         # whose block id is outside the cache is left out (as the CUDA kernel does), so nothing is read out of bounds
         ctx = tl.minimum(tl.maximum(tl.load(CL + b), 0), capacity)
+        # this sequence's context in num_splits ranges of whole BLOCK_N tiles (a short context leaves the last
+        # splits empty, which the merge skips): the split of each row follows its own length, not the table's width
+        part = tl.cdiv(tl.cdiv(ctx, num_splits), BLOCK_N) * BLOCK_N
         lo = s * part
         hi = tl.minimum(lo + part, ctx)
         offs_g = tl.arange(0, BLOCK_G)
@@ -188,8 +193,6 @@ def _paged_decode_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tabl
     block_n, stages, warps = tile or (_INTERPRET_TILE if _dispatch.triton_interpret() else GPU_TILE)
     capacity = block_tables.shape[1] * bs
     num_splits = min(num_splits, -(-capacity // block_n))  # more would only add empty splits (and grid z <= 65535)
-    per_split = -(-capacity // num_splits)
-    part = -(-per_split // block_n) * block_n  # tokens per split, a multiple of BLOCK_N
     out = torch.empty_like(q)
     split = num_splits > 1
     if split:
@@ -198,7 +201,7 @@ def _paged_decode_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tabl
     else:
         po = plse = out  # unused
     split_k[(B, Hkv, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, out, po, plse, scale * _LOG2E, part, num_splits, Hq,
+        q, k_cache, v_cache, block_tables, context_lens, out, po, plse, scale * _LOG2E, num_splits, Hq,
         capacity, k_cache.shape[0], q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(1), k_cache.stride(2), BS=bs, GROUP=group, D=D, BLOCK_G=block_g, BLOCK_D=block_d,
         BLOCK_N=block_n, SPLIT=split, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=warps,
