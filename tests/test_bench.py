@@ -48,7 +48,7 @@ def test_backend_provider_skips_unavailable_backend():
 
 def test_bench_registry():
     assert {"group_advantages", "pack", "grpo_loss", "fused_linear", "varlen_attention", "norms",
-            "model_step", "paged_attention", "generate"} <= set(names())
+            "model_step", "paged_attention", "generate", "paged_prefill"} <= set(names())
     assert bench_main(["--list"]) == 0
     assert bench_main(["nope"]) == 2
 
@@ -351,3 +351,15 @@ def test_summary_reports_generate_against_transformers(tmp_path):
         "  generate bs1 x: r4b 300 tok/s, 15.00x transformers' 20; 1.80x the weight-read floor a step; greedy tokens "
         "equal to transformers' in 1/1 sequences (informational: no issue yet)",
         "  generate bs32 x: r4b 900 tok/s; transformers missing: no ratio (informational: no issue yet)"], out
+
+
+def test_paged_prefill_bench_checks_every_provider(monkeypatch, tmp_path):
+    """The extend-step bench at its --quick shapes: every provider (r4b's flash kernel, the decode-rows way, SDPA on
+    contiguous K/V) computes the fp32 reference's output."""
+    from bench import bench_paged_prefill
+
+    monkeypatch.setattr(harness, "results_dir", lambda device: tmp_path)
+    monkeypatch.setattr(harness, "time_fn", lambda fn, device, quick=False: (1.0, 1.0, 1.0))  # no timing here
+    rows = bench_paged_prefill.main(["--quick"])
+    assert [r["provider"] for r in rows] == ["SDPA contiguous KV", "r4b triton", "r4b decode rows"] * 2
+    assert all(r["check"] == "ok" and r["err"] < 1e-5 for r in rows), rows
