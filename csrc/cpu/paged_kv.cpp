@@ -147,10 +147,10 @@ void decode(const DecodeArgs& a) {
   auto* out = static_cast<Raw*>(a.out);
   const int64_t D = a.D, group = a.Hq / a.Hkv;
   const int64_t capacity = a.max_blocks * a.block_size;
-  // more splits than tokens of capacity: ceil(capacity / S) is 1 either way, and the splits past the capacity
-  // are empty, so using S = capacity gives the same ranges (and bounds the partials' memory)
+  // each sequence's context in S ranges sized by its own length, as the CUDA kernel cuts it (there in whole tiles:
+  // the same sums in another grouping); more splits than tokens of capacity only add empty ones, so S is capped
+  // there (which bounds the partials' memory)
   const int64_t S = std::min(a.num_splits, capacity);
-  const int64_t part = (capacity + S - 1) / S;
   const float qk_scale = a.softmax_scale * kLog2e;
   // per (sequence, KV head): the group's queries, then per split its partial outputs [S, group, D] and
   // log2-sum-exps [S, group], then the merge of the splits per query head
@@ -163,7 +163,8 @@ void decode(const DecodeArgs& a) {
         for (int64_t d = 0; d < D; ++d) qf[g * D + d] = E::load(qrow[d]);
       }
       for (int64_t s = 0; s < S; ++s) {
-        const int64_t lo = std::min(s * part, capacity), hi = std::min(lo + part, ctx);
+        const int64_t part = (ctx + S - 1) / S;
+        const int64_t lo = std::min(s * part, ctx), hi = std::min(lo + part, ctx);
         decode_split<E>(a, b, h, lo, hi, qf.data(), group, qk_scale, po.data() + s * group * D, D,
                         lse.data() + s * group, 1);
       }

@@ -133,7 +133,7 @@ struct DecodeParams {
   int64_t Hq, Hkv, D, num_blocks, block_size, capacity;
   int64_t group;        // Hq / Hkv
   int64_t head_chunks;  // ceil(group / GT)
-  int64_t num_splits, part;
+  int64_t num_splits;
   float qk_scale;  // softmax_scale * log2(e)
   int vec;         // 1: K/V rows are 16-byte aligned (D * sizeof(T) % 16 == 0 and aligned caches)
   float* partial_out;
@@ -181,8 +181,11 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodePara
 
   int64_t ctx = p.context_lens[b];
   ctx = ctx < 0 ? 0 : (ctx > p.capacity ? p.capacity : ctx);
-  const int64_t lo = s * p.part;
-  const int64_t hi = lo + p.part < ctx ? lo + p.part : ctx;  // lo >= hi: an empty split
+  // this sequence's context in num_splits ranges of whole tiles, sized by its own length (a short context in a
+  // wide table, as in a CUDA graph's, still spreads over the splits; the splits past its end are empty)
+  const int64_t part = ((ctx + p.num_splits - 1) / p.num_splits + TN - 1) / TN * TN;
+  const int64_t lo = s * part;
+  const int64_t hi = lo + part < ctx ? lo + part : ctx;  // lo >= hi: an empty split
 
   const T* kc = static_cast<const T*>(p.k_cache);
   const T* vc = static_cast<const T*>(p.v_cache);
@@ -484,7 +487,6 @@ cudaError_t paged_decode_attention(const void* q, int64_t stride_qb, int64_t str
   while (gt < p.group && gt < 8) gt *= 2;
   p.head_chunks = (p.group + gt - 1) / gt;
   p.num_splits = decode_splits(num_splits, p.capacity);
-  p.part = (p.capacity + p.num_splits - 1) / p.num_splits;
   p.qk_scale = softmax_scale * kLog2e;
   const int64_t elem = float_type == kFloat32 ? 4 : 2;
   p.vec = (D * elem) % 16 == 0 && reinterpret_cast<uintptr_t>(k_cache) % 16 == 0 &&
