@@ -171,6 +171,39 @@ def test_decode_graph_buckets():
         LLM(tiny_model(), TOK, num_kv_blocks=4, cuda_graphs=True, device="cpu")
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_random_schedules_give_the_roomy_engines_outputs(model, seed):
+    """Random tight engines (block size, cache, step budget, max_num_seqs, padded decode) on random requests
+    (n, modes, thinking budget, top-k / top-p, seeds) give exactly the outputs of an engine with room for
+    everything, which the tests above check against the full-recompute loop; no block leaks."""
+    import random
+
+    rng = random.Random(seed)
+    texts = ["What is 3 + 4?", "hi", "Name a prime.", *prompts_of([rng.randint(1, 40) for _ in range(2)], seed)]
+    reqs = rng.sample(texts, rng.randint(2, len(texts)))
+    params = [SamplingParams(temperature=rng.choice([0, 0.7, 1.0]), top_k=rng.choice([0, 5]),
+                             top_p=rng.choice([1.0, 0.9]), max_tokens=rng.randint(3, 14), n=rng.randint(1, 3),
+                             seed=rng.randint(0, 99), ignore_eos=rng.random() < 0.5) for _ in reqs]
+    modes = rng.choice([None, "short", ("long", "short"), ("auto", "long", "short")])
+    budget = rng.choice([None, 0, 2, 5])
+    roomy = LLM(model, TOK, num_kv_blocks=512, block_size=16)
+    want = roomy.generate(reqs, params, thinking_mode=modes, max_thinking_tokens=budget, use_tqdm=False)
+    bs = rng.choice([1, 2, 4, 8])
+    longest = max(len(chat_ids(r, "short")) if isinstance(r, str) else len(r) for r in reqs) + 20
+    tight = LLM(model, TOK, block_size=bs, num_kv_blocks=-(-longest // bs) + rng.randint(1, 6),
+                max_num_batched_tokens=rng.randint(4, 64), max_num_seqs=rng.randint(1, 6))
+    if rng.random() < 0.5:
+        tight._padded_decode(capture=False)
+    got = tight.generate(reqs, params, thinking_mode=modes, max_thinking_tokens=budget, use_tqdm=False)
+    no_leak(tight)
+    for g, w in zip(got, want, strict=True):
+        assert g.error == w.error
+        assert [(o.token_ids, o.finish_reason, o.text) for o in g.outputs] == \
+            [(o.token_ids, o.finish_reason, o.text) for o in w.outputs]
+        for a, b in zip(g.outputs, w.outputs, strict=True):
+            assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
+
+
 def test_max_num_seqs_limits_a_step(model):
     prompts = prompts_of([5] * 6)
     llm = LLM(model, TOK, num_kv_blocks=64, block_size=4, max_num_seqs=2)
