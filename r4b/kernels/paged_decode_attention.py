@@ -242,12 +242,8 @@ def paged_decode_attention(
     _checks.tensor("context_lens", context_lens, dtypes=(torch.int32,), ndim=1)
     _checks.same_device(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables, context_lens=context_lens)
     B, Hq, D = q.shape
-    num_blocks, bs, Hkv, Dc = k_cache.shape
-    if D != Dc or Hq == 0 or Hq % Hkv:
-        raise ValueError(f"q must be (B, Hq, D) with the caches' D={Dc} and Hq a multiple of their Hkv={Hkv}, "
-                         f"got q={tuple(q.shape)}")
-    if D > MAX_HEAD_DIM:  # the CUDA kernel's largest tile (flash-attn's limit too); every backend keeps to it
-        raise ValueError(f"the head dim must be <= {MAX_HEAD_DIM}, got q={tuple(q.shape)}")
+    num_blocks, bs, Hkv, _ = k_cache.shape
+    check_heads(q, k_cache, "(B, Hq, D)")
     _checks.same_len(B, "q", block_tables=block_tables, context_lens=context_lens)
     if num_splits is not None and not (isinstance(num_splits, int) and num_splits >= 1):
         raise ValueError(f"num_splits must be None or an int >= 1, got {num_splits!r}")
@@ -282,9 +278,25 @@ def _check_values(block_tables: Tensor, context_lens: Tensor, num_blocks: int, b
         i = int(torch.nonzero(bad)[0, 0])
         raise ValueError(f"context_lens values must be in [0, {capacity}] (block_tables' {block_tables.shape[1]} "
                          f"blocks of {block_size}), got context_lens[{i}]={int(context_lens[i])}")
+    check_block_ids(block_tables, context_lens, num_blocks, block_size)
+
+
+def check_block_ids(block_tables: Tensor, context_lens: Tensor, num_blocks: int, block_size: int) -> None:
+    """The entries of block_tables (one row per context) that context_lens uses are in [0, num_blocks)."""
     used = torch.arange(block_tables.shape[1]) * block_size < context_lens[:, None].to(torch.int64)
     badb = used & ((block_tables < 0) | (block_tables >= num_blocks))
     if bool(badb.any()):
         b, j = (int(x) for x in torch.nonzero(badb)[0])
         raise ValueError(f"block_tables values a context uses must be in [0, {num_blocks}) (the caches' "
                          f"num_blocks), got block_tables[{b}, {j}]={int(block_tables[b, j])}")
+
+
+def check_heads(q: Tensor, k_cache: Tensor, layout: str) -> None:
+    """q's heads and head dim against the caches': (.., Hq, D) with the caches' D <= MAX_HEAD_DIM, Hq % Hkv == 0."""
+    Hq, D = q.shape[-2:]
+    Hkv, Dc = k_cache.shape[2:]
+    if D != Dc or Hq == 0 or Hq % Hkv:
+        raise ValueError(f"q must be {layout} with the caches' D={Dc} and Hq a multiple of their Hkv={Hkv}, "
+                         f"got q={tuple(q.shape)}")
+    if D > MAX_HEAD_DIM:  # the CUDA kernel's largest tile (flash-attn's limit too); every backend keeps to it
+        raise ValueError(f"the head dim must be <= {MAX_HEAD_DIM}, got q={tuple(q.shape)}")

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from . import _checks, _dispatch
-from .paged_decode_attention import MAX_HEAD_DIM
+from .paged_decode_attention import check_block_ids, check_heads
 from .store_kv import check_caches
 
 OP = "paged_prefill_attention"
@@ -177,12 +177,8 @@ def paged_prefill_attention(
     _checks.same_device(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables,
                         cu_seqlens_q=cu_seqlens_q, context_lens=context_lens)
     T, Hq, D = q.shape
-    num_blocks, bs, Hkv, Dc = k_cache.shape
-    if D != Dc or Hq == 0 or Hq % Hkv:
-        raise ValueError(f"q must be (T, Hq, D) with the caches' D={Dc} and Hq a multiple of their Hkv={Hkv}, "
-                         f"got q={tuple(q.shape)}")
-    if D > MAX_HEAD_DIM:
-        raise ValueError(f"the head dim must be <= {MAX_HEAD_DIM}, got q={tuple(q.shape)}")
+    num_blocks, bs = k_cache.shape[:2]
+    check_heads(q, k_cache, "(T, Hq, D)")
     n = context_lens.shape[0]
     if cu_seqlens_q.shape[0] != n + 1 or block_tables.shape[0] != n:
         raise ValueError(f"cu_seqlens_q must be (n + 1,) and block_tables (n, max_blocks) for n = "
@@ -221,9 +217,4 @@ def _check_values(block_tables: Tensor, cu: Tensor, context_lens: Tensor, T: int
         raise ValueError(f"context_lens values must be in [chunk length, {capacity}] (block_tables' "
                          f"{block_tables.shape[1]} blocks of {block_size}), got context_lens[{i}]="
                          f"{int(context_lens[i])} for a chunk of {int(lens[i])}")
-    used = torch.arange(block_tables.shape[1]) * block_size < context_lens[:, None].to(torch.int64)
-    badb = used & ((block_tables < 0) | (block_tables >= num_blocks))
-    if bool(badb.any()):
-        b, j = (int(x) for x in torch.nonzero(badb)[0])
-        raise ValueError(f"block_tables values a context uses must be in [0, {num_blocks}) (the caches' "
-                         f"num_blocks), got block_tables[{b}, {j}]={int(block_tables[b, j])}")
+    check_block_ids(block_tables, context_lens, num_blocks, block_size)
