@@ -104,6 +104,7 @@ class _Seq:
         self.thought_open = False
         self.finish_reason: str | None = None
         self.text_sent = ""  # streamed so far
+        self.decoded = ("", 0)  # (text, tokens): the generated tokens decoded so far, ending on a whole character
 
     @property
     def is_parent(self) -> bool:
@@ -538,10 +539,21 @@ class LLM:
         return any(s in tail for s in seq.req.params.stop)
 
     # ------------------------------------------------------------------ outputs
-    def _text(self, seq: _Seq) -> str:
+    def _text(self, seq: _Seq, incremental: bool = False) -> str:
+        """The completion's text, cut before a stop string. ``incremental`` (streaming): decode only the tokens
+        after the last whole character decoded before (byte-level tokens decode piece by piece), so a stream of n
+        tokens costs O(n) decoding, not O(n^2); the finished output decodes everything once."""
         if self.tokenizer is None:
             return ""
-        text = self.tokenizer.decode(seq.generated)
+        gen = seq.generated
+        if incremental:
+            done, upto = seq.decoded
+            tail = self.tokenizer.decode(gen[upto:])
+            text = done + tail
+            if not tail.endswith("\ufffd"):
+                seq.decoded = (text, len(gen))
+        else:
+            text = self.tokenizer.decode(gen)
         for s in seq.req.params.stop:
             cut = text.find(s)
             if cut >= 0:
@@ -682,7 +694,7 @@ class LLM:
     def _delta(self, seq: _Seq) -> str:
         """The text a stream has not sent yet. While the completion runs, an incomplete multi-byte character and
         an ending that may grow into a stop string are held back; its last event sends the rest."""
-        text = self._text(seq)
+        text = self._text(seq, incremental=True)
         if seq.finish_reason is None:
             keep = len(text.rstrip("\ufffd"))
             for stop in seq.req.params.stop:
