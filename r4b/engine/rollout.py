@@ -1,0 +1,181 @@
+"""BPO rollouts: prompts -> the engine's completions in both forced modes -> rewards -> mixed-group advantages ->
+one packed training batch for ``fused_linear_grpo_loss`` (docs/DESIGN.md, "BPO, as r4b implements it").
+
+Per prompt, g completions in forced thinking mode ("long": ``<think>\\n``) and g in forced non-thinking mode
+("short": ``<think>\\n\\n</think>\\n\\n``) come from ONE prefill of the prompt (LLM.generate with thinking_mode=
+("long", "short")). Their rewards are normalised together, over the mixed group of 2g (group_advantages,
+scale="group"): all-equal rewards give zero advantages. ``rollout_mode="auto"`` samples all 2g in auto mode
+instead (vanilla GRPO, the paper's baseline).
+
+The batch packs prompt + mode suffix + completion per completion. Its loss mask covers the completion's tokens and,
+with ``train_mode_tokens`` (the default), the mode tokens after ``<think>``: training them is what teaches the
+auto-mode decision (the first token after ``<think>``). A reward function that raises, or returns something that is
+not a finite number, gives 0 for that completion and is counted (``stats["reward_errors"]``); a prompt the engine
+cannot run is skipped and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from r4b.kernels import group_advantages, pack_sequences
+
+from .chat import MODE_SUFFIX
+from .llm import LLM, CompletionOutput
+from .rewards import get_reward, safe_reward
+from .sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+RewardFn = Callable[[str, Any], float]
+
+
+@dataclass
+class RolloutBatch:
+    """A packed batch of 2g completions per prompt (prompt-major, then "long" before "short", as generated)."""
+
+    input_ids: Tensor  # (T,) int64: prompt + mode suffix + completion, per completion
+    position_ids: Tensor  # (T,) int64
+    cu_seqlens: Tensor  # (n + 1,) int32
+    max_seqlen: int
+    targets: Tensor  # (T,) int64: the next token (-100 at a sequence's last position)
+    loss_mask: Tensor  # (T,) bool: positions whose target is trained (mode tokens after <think>, completion)
+    seq_ids: Tensor  # (T,) int32
+    advantages: Tensor  # (T,) f32: each token's sequence's advantage
+    rollout_logprobs: Tensor  # (T,) f32: the engine's log-prob of each generated target (NaN elsewhere)
+    rewards: Tensor  # (n,) f32
+    group_ids: Tensor  # (n,) int64: the prompt each completion came from
+    modes: list[str]  # (n,) the forced mode of each completion ("long" / "short"; "auto" for vanilla GRPO)
+    outputs: list[CompletionOutput]
+    pixel_values: list[Tensor] = field(default_factory=list)  # the images of all sequences, in order
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)
+    stats: dict[str, float] = field(default_factory=dict)
+
+    def model_inputs(self) -> dict:
+        """Keyword arguments of the model's forward (images only when there are any)."""
+        out = dict(input_ids=self.input_ids, position_ids=self.position_ids, cu_seqlens=self.cu_seqlens,
+                   max_seqlen=self.max_seqlen)
+        if self.pixel_values:
+            out.update(pixel_values=self.pixel_values, image_sizes=self.image_sizes)
+        return out
+
+
+def bpo_rollouts(
+    llm: LLM,
+    prompts: Sequence[Any],
+    references: Sequence[Any],
+    reward: str | RewardFn,
+    *,
+    g: int,
+    params: SamplingParams | None = None,
+    rollout_mode: str = "bpo",
+    train_mode_tokens: bool = True,
+    max_thinking_tokens: int | None = None,
+    device: str | torch.device | None = None,
+) -> RolloutBatch:
+    """Roll out every prompt (a str or a chat) 2g times and pack the training batch.
+
+    references: one per prompt, given to the reward with each completion's answer (the text after ``</think>``);
+    reward: "math" / "exact" / "choice" (r4b.engine.rewards) or a function (answer, reference) -> float;
+    params: sampling of every completion (its ``n`` is replaced by g; seed: completion j of a prompt draws from its
+    own generator); rollout_mode: "bpo" (g long + g short) or "auto" (2g in auto mode); device: where the batch's
+    tensors go (the engine's by default).
+    """
+    if not isinstance(g, int) or g < 1:
+        raise ValueError(f"g must be an int >= 1, got {g!r}")
+    if rollout_mode not in ("bpo", "auto"):
+        raise ValueError(f"rollout_mode must be 'bpo' or 'auto', got {rollout_mode!r}")
+    if len(references) != len(prompts):
+        raise ValueError(f"references must hold one per prompt ({len(prompts)}), got {len(references)}")
+    if llm.tokenizer is None:
+        raise ValueError("bpo_rollouts needs the LLM's tokenizer (chat template, mode suffixes, answers)")
+    fn = get_reward(reward) if isinstance(reward, str) else reward
+    if not callable(fn):
+        raise ValueError(f"reward must be a reward name or a callable, got {reward!r}")
+    tok = llm.tokenizer
+    params = params or SamplingParams()
+    modes = ("long", "short") if rollout_mode == "bpo" else ("auto",)
+    n = g if rollout_mode == "bpo" else 2 * g
+    outs = llm.generate(list(prompts), replace(params, n=n), thinking_mode=modes,
+                        max_thinking_tokens=max_thinking_tokens, use_tqdm=False)
+    suffix_ids = {m: tok.encode(MODE_SUFFIX[m]) for m in modes}
+    seqs, rewards, groups, mode_of, outputs, starts, gen_starts = [], [], [], [], [], [], []
+    pixel_values, image_sizes = [], []
+    errors, skipped = 0, 0
+    for q, out in enumerate(outs):
+        if out.error is not None:
+            skipped += 1
+            log.warning("rollout prompt %d skipped: %s", q, out.error)
+            continue
+        images = _images(tok, prompts[q])
+        for c in out.outputs:
+            suffix = suffix_ids[c.thinking_mode]
+            value, err = safe_reward(fn, c.answer, references[q])
+            if err is not None:
+                errors += 1
+                log.warning("reward of prompt %d completion %d failed, counted as 0: %s", q, c.index, err)
+            seqs.append(out.prompt_token_ids + suffix + c.token_ids)
+            # trained targets start after <think> (the mode tokens) or after the whole suffix
+            starts.append(len(out.prompt_token_ids) + (1 if train_mode_tokens else len(suffix)))
+            gen_starts.append(len(out.prompt_token_ids) + len(suffix))
+            rewards.append(value)
+            groups.append(q)
+            mode_of.append(c.thinking_mode)
+            outputs.append(c)
+            pixel_values += images[0]
+            image_sizes += images[1]
+    if not seqs:
+        raise ValueError(f"no prompt could be rolled out ({skipped} skipped): see the warnings")
+    dev = torch.device(device) if device is not None else llm.device
+    batch = pack_sequences([torch.tensor(s, dtype=torch.int64) for s in seqs])
+    T = batch.flat.shape[0]
+    targets = torch.full((T,), -100, dtype=torch.int64)
+    mask = torch.zeros(T, dtype=torch.bool)
+    rollout_lp = torch.full((T,), float("nan"))
+    cu = batch.cu_seqlens.tolist()
+    for i, (s, e) in enumerate(zip(cu[:-1], cu[1:], strict=True)):
+        targets[s : e - 1] = batch.flat[s + 1 : e]
+        mask[s + starts[i] - 1 : e - 1] = True  # position p predicts token p + 1
+        lp = outputs[i].logprobs
+        rollout_lp[s + gen_starts[i] - 1 : s + gen_starts[i] - 1 + len(lp)] = torch.tensor(lp, dtype=torch.float32)
+    r = torch.tensor(rewards, dtype=torch.float32)
+    gid = torch.tensor(groups, dtype=torch.int64)
+    adv = group_advantages(r, gid, scale="group")
+    seq_ids = batch.seq_ids
+    stats = _stats(r, mode_of, outputs, errors, skipped, T)
+    return RolloutBatch(
+        input_ids=batch.flat.to(dev), position_ids=batch.position_ids.to(dev), cu_seqlens=batch.cu_seqlens.to(dev),
+        max_seqlen=batch.max_seqlen, targets=targets.to(dev), loss_mask=mask.to(dev), seq_ids=seq_ids.to(dev),
+        advantages=adv[seq_ids.long()].to(dev), rollout_logprobs=rollout_lp.to(dev), rewards=r, group_ids=gid,
+        modes=mode_of, outputs=outputs, pixel_values=[p.to(dev) for p in pixel_values], image_sizes=image_sizes,
+        stats=stats)
+
+
+def _images(tok, prompt: Any) -> tuple[list[Tensor], list]:
+    """The preprocessed images of a chat prompt (none for a str or token ids)."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+        enc = tok.encode_chat(prompt, thinking_mode="auto")
+        return list(enc.pixel_values), list(enc.image_sizes)
+    return [], []
+
+
+def _stats(r: Tensor, modes: list[str], outputs: list[CompletionOutput], errors: int, skipped: int,
+           tokens: int) -> dict[str, float]:
+    """Per forced mode: mean reward, share solved (reward >= 1), mean completion tokens, share that thought
+    (for auto mode: its think-rate); and the counts."""
+    out: dict[str, float] = {"sequences": float(len(modes)), "tokens": float(tokens),
+                             "reward_errors": float(errors), "skipped_prompts": float(skipped),
+                             "reward_mean": float(r.mean())}
+    for m in dict.fromkeys(modes):
+        idx = [i for i, x in enumerate(modes) if x == m]
+        out[f"reward_{m}"] = float(r[idx].mean())
+        out[f"solved_{m}"] = float((r[idx] >= 1).float().mean())
+        out[f"tokens_{m}"] = sum(len(outputs[i].token_ids) for i in idx) / len(idx)
+        out[f"think_rate_{m}"] = sum(outputs[i].mode == "think" for i in idx) / len(idx)
+    return out
