@@ -17,7 +17,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from bench.harness import Case, default_device, run_bench
+from bench.harness import Case, backend_provider, default_device, run_bench
 
 CHECK_TOL = {"cuda": 2e-2, "cpu": 1e-4}
 
@@ -71,7 +71,8 @@ def providers(device: str) -> dict:
     def r4b(case: Case):
         x = _inputs(case, device)
         L = case.params["L"]
-        return lambda: paged_prefill_attention(x["q"], x["kc"], x["vc"], x["bt"], x["cu"], x["cl"], L)
+        return lambda: paged_prefill_attention(x["q"], x["kc"], x["vc"], x["bt"], x["cu"], x["cl"], L,
+                                               backend="triton")
 
     def decode_rows(case: Case):
         x = _inputs(case, device)
@@ -95,7 +96,8 @@ def providers(device: str) -> dict:
 
         return call
 
-    return {"SDPA contiguous KV": sdpa, "r4b triton": r4b, "r4b decode rows": decode_rows}
+    triton = backend_provider("paged_prefill_attention", "triton", device, r4b)
+    return {"SDPA contiguous KV": sdpa, "r4b triton": triton, "r4b decode rows": decode_rows}
 
 
 _ERRORS: dict[tuple[str, str], float] = {}
