@@ -8,9 +8,10 @@ cu_seqlens_q[s+1] - 1, the last L_s tokens of its context_lens[s] cached tokens,
 context_lens[s] - L_s + i) attends to cache positions 0 .. that position. Cache layout as in store_kv /
 paged_decode_attention: token j of sequence s in block block_tables[s, j // block_size] at offset j % block_size.
 
-Triton kernel: a program per (block of BLOCK_M rows of one sequence's chunk, sequence, query head) runs a flash
+Triton kernel: a program per (block of BLOCK_M rows of one sequence's chunk, sequence, KV head) runs a flash
 attention forward (fp32 online softmax in log2 units) over the K/V tiles of its context up to its last row's
-position, gathered through the block table. No gradient (an inference op).
+position, gathered through the block table. Its rows are (token, query head) pairs of the KV head's group, so GQA
+reads each K/V tile once per group. No gradient (an inference op).
 """
 
 from __future__ import annotations
@@ -78,27 +79,32 @@ def _triton_kernel():
                        DOT_PREC: tl.constexpr):
         pid_m = tl.program_id(0)
         s = tl.program_id(1)
-        h = tl.program_id(2)
+        kvh = tl.program_id(2)
         start = tl.load(CU + s)
         L = tl.load(CU + s + 1) - start
-        if pid_m * BLOCK_M < L:
+        if pid_m * BLOCK_M < L * GROUP:
             # lengths are not checked on the host for GPU tensors: clamp to the table's capacity (and to the chunk)
             ctx = tl.maximum(tl.minimum(tl.load(CL + s), capacity), L)
             first = ctx - L  # position of the chunk's row 0
-            rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            # GQA: the block's rows are (token, query head of this KV head) pairs, token-major, so the GROUP query
+            # heads that share a K/V tile read it once
+            m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            rows = m // GROUP  # the chunk's token of each row
+            head = kvh * GROUP + m % GROUP
             rmask = rows < L
             offs_d = tl.arange(0, BLOCK_D)
             dmask = offs_d < D
             s64 = s.to(tl.int64)
             qrow = (start + rows).to(tl.int64)
-            q = tl.load(Q + qrow[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+            q = tl.load(Q + qrow[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
                         mask=rmask[:, None] & dmask[None, :], other=0.0)
             pos = first + rows  # (BLOCK_M,)
-            hi = tl.minimum(first + pid_m * BLOCK_M + BLOCK_M, ctx)  # past the block's last row's position
+            # past the position of the block's last token
+            hi = tl.minimum(first + (pid_m * BLOCK_M + BLOCK_M - 1) // GROUP + 1, ctx)
             m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
             l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
             acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-            kv_head = (h // GROUP) * stride_kh
+            kv_head = kvh * stride_kh
             for n0 in range(0, hi, BLOCK_N):
                 j = n0 + tl.arange(0, BLOCK_N)
                 blk = tl.load(BT + s64 * stride_bt + j // BS, mask=j < hi, other=0)
@@ -117,8 +123,8 @@ def _triton_kernel():
                 acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
                 m_i = m_new
             out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-            tl.store(Out + qrow[:, None] * stride_ot + h * stride_oh + offs_d[None, :], out.to(Out.dtype.element_ty),
-                     mask=rmask[:, None] & dmask[None, :])
+            tl.store(Out + qrow[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+                     out.to(Out.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
 
     _kernel = prefill_kernel
     return _kernel
@@ -137,7 +143,7 @@ def _prefill_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: T
     block_m, block_n, warps, stages = _INTERPRET_TILE if _dispatch.triton_interpret() else GPU_TILE
     block_d = max(16, 1 << (D - 1).bit_length())
     out = torch.empty_like(q)
-    grid = (-(-max_seqlen_q // block_m), context_lens.shape[0], Hq)
+    grid = (-(-max_seqlen_q * (Hq // Hkv) // block_m), context_lens.shape[0], Hkv)
     kernel[grid](q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, out, scale * _LOG2E,
                  block_tables.shape[1] * bs, k_cache.shape[0], q.stride(0), q.stride(1), out.stride(0), out.stride(1),
                  block_tables.stride(0), k_cache.stride(1), k_cache.stride(2), BS=bs, GROUP=Hq // Hkv, D=D,
