@@ -118,10 +118,33 @@ def targets(folder: Path) -> str:
     lines += _small_op_targets(folder)
     lines += _paged_targets(folder)
     lines += _generate_lines(folder)
+    lines += _prefill_lines(folder)
     return "\n".join(lines)
 
 
 SMALL_OP_TARGET = 85.0  # % of the copy bandwidth (issue 5's small ops)
+
+
+def _prefill_lines(folder: Path) -> list[str]:
+    """Per case of bench_paged_prefill: r4b's flash kernel against SDPA on contiguous K/V and against the decode-rows
+    way, by time (checked rows only). Informational (no issue asks for the engine yet)."""
+    f = folder / "paged_prefill.json"
+    if not f.exists():
+        return []
+    rows = [r for r in json.loads(f.read_text())["rows"] if "skipped" not in r and r.get("ms")
+            and r.get("check") == "ok"]
+    out = []
+    for case in dict.fromkeys(r["case"] for r in rows):
+        by = {r["provider"]: r for r in rows if r["case"] == case}
+        mine = by.get("r4b triton")
+        if mine is None:
+            continue
+        line = f"  paged_prefill {case}: r4b triton {mine['ms']:.4g} ms"
+        for peer in ("SDPA contiguous KV", "r4b decode rows"):
+            if peer in by:
+                line += f"; {by[peer]['ms'] / mine['ms']:.2f}x as fast as {peer}"
+        out.append(line + " (informational: no issue yet)")
+    return out
 
 
 def _generate_lines(folder: Path) -> list[str]:

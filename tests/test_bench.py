@@ -363,3 +363,18 @@ def test_paged_prefill_bench_checks_every_provider(monkeypatch, tmp_path):
     rows = bench_paged_prefill.main(["--quick"])
     assert [r["provider"] for r in rows] == ["SDPA contiguous KV", "r4b triton", "r4b decode rows"] * 2
     assert all(r["check"] == "ok" and r["err"] < 1e-5 for r in rows), rows
+
+
+def test_summary_reports_paged_prefill_against_sdpa_and_decode_rows(tmp_path):
+    from bench.summary import targets
+
+    case = "chunk B=8 L=512 ctx=4096"
+    rows = [{"case": case, "provider": "SDPA contiguous KV", "ms": 2.0, "check": "ok"},
+            {"case": case, "provider": "r4b triton", "ms": 1.6, "check": "ok"},
+            {"case": case, "provider": "r4b decode rows", "ms": 8.0, "check": "ok"},
+            {"case": "suffix", "provider": "r4b triton", "ms": 1.0, "check": "MISMATCH"}]  # wrong: no line
+    (tmp_path / "paged_prefill.json").write_text(json.dumps({"rows": rows}))
+    out = targets(tmp_path).splitlines()
+    assert out[-1] == ("  paged_prefill chunk B=8 L=512 ctx=4096: r4b triton 1.6 ms; 1.25x as fast as SDPA contiguous "
+                       "KV; 5.00x as fast as r4b decode rows (informational: no issue yet)"), out
+    assert not any("paged_prefill suffix" in line for line in out)
