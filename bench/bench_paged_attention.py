@@ -38,7 +38,6 @@ from bench.harness import (
     copy_bandwidth_gbps,
     copy_columns,
     default_device,
-    max_rel_err,
     run_bench,
 )
 
@@ -285,25 +284,6 @@ def store_providers(device: str) -> dict:
 
 
 # (case label, provider) -> max relative error against the reference, filled before each row is timed
-_ERRORS: dict[tuple[str, str], float] = {}
-
-
-def _checked(providers: dict) -> dict:
-    """Each provider's setup, then one call compared with the case's reference (before the harness times it)."""
-
-    def wrap(name: str, setup):
-        def checked_setup(case: Case):
-            fn = setup(case)
-            out = fn()
-            _ERRORS[case.label, name] = max_rel_err(out, _CURRENT["value"]["ref"])
-            del out
-            return fn
-
-        return checked_setup
-
-    return {name: wrap(name, setup) for name, setup in providers.items()}
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
     argv = argv or []
     device = default_device()
@@ -313,20 +293,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"copy bandwidth: {copy:.0f} GB/s (read + write)", flush=True)
 
     def extra(case: Case, row: dict) -> dict:
-        out = {}
-        err = _ERRORS.pop((case.label, row["provider"]), None)
-        if err is not None:
-            out.update(err=err, check="ok" if err <= CHECK_TOL[device] else "MISMATCH")
-        return out | copy_columns(case, row, device, copy, own=row["provider"] in R4B)
+        return copy_columns(case, row, device, copy, own=row["provider"] in R4B)
 
+    # every row against the fp32 reference built with the case's inputs (by its providers' setup, _shared)
+    check = dict(check_tol=CHECK_TOL[device], reference=lambda case: _CURRENT["value"]["ref"])
     try:
-        rows = run_bench(NAME, decode_cases(quick, device), _checked(decode_providers(device)), device=device,
-                         quick=quick, extra_columns=extra, graph=True)
-        return run_bench(NAME, store_cases(quick, device), _checked(store_providers(device)), device=device,
-                         quick=quick, extra_columns=extra, graph=True, prior_rows=rows)
+        rows = run_bench(NAME, decode_cases(quick, device), decode_providers(device), device=device, quick=quick,
+                         extra_columns=extra, graph=True, **check)
+        return run_bench(NAME, store_cases(quick, device), store_providers(device), device=device, quick=quick,
+                         extra_columns=extra, graph=True, prior_rows=rows, **check)
     finally:
         _CURRENT.clear()
-        _ERRORS.clear()
 
 
 if __name__ == "__main__":

@@ -100,38 +100,16 @@ def providers(device: str) -> dict:
     return {"SDPA contiguous KV": sdpa, "r4b triton": triton, "r4b decode rows": decode_rows}
 
 
-_ERRORS: dict[tuple[str, str], float] = {}
-
-
-def _checked(provs: dict, device: str) -> dict:
-    """Each provider's output, once before timing, against the case's fp32 reference (max |diff| / max |ref|)."""
-    def wrap(name, setup):
-        def make(case: Case):
-            fn = setup(case)
-            ref = _inputs(case, device)["ref"]
-            _ERRORS[(case.label, name)] = float((fn().float() - ref).abs().max() / ref.abs().max())
-            return fn
-
-        return make
-
-    return {name: wrap(name, setup) for name, setup in provs.items()}
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
     argv = argv or []
     device = default_device()
     quick = "--quick" in argv or device == "cpu"
 
-    def extra(case: Case, row: dict) -> dict:
-        err = _ERRORS.pop((case.label, row["provider"]), None)
-        return {} if err is None else {"err": err, "check": "ok" if err <= CHECK_TOL[device] else "MISMATCH"}
-
     try:
-        return run_bench("paged_prefill", cases(quick), _checked(providers(device), device), device=device,
-                         quick=quick, extra_columns=extra)
+        return run_bench("paged_prefill", cases(quick), providers(device), device=device, quick=quick,
+                         check_tol=CHECK_TOL[device], reference=lambda case: _inputs(case, device)["ref"])
     finally:
         _CURRENT.clear()
-        _ERRORS.clear()
 
 
 if __name__ == "__main__":

@@ -266,6 +266,7 @@ def run_bench(
     quick: bool = False,
     extra_columns: Callable[[Case, dict], dict] | None = None,
     check_tol: float | None = None,
+    reference: Callable[[Case], object] | None = None,
     write: bool = True,
     prior_rows: list[dict] | None = None,
     graph: bool = False,
@@ -278,7 +279,9 @@ def run_bench(
     flags a provider that computes something else (other inputs, another loss), so that no row compares
     unlike work; it is a guard of the bench, not the kernels' correctness test (tests/ do that). A callable with
     the attribute ``unchecked = True`` (a part of the work, timed to split another row's time) gets ``check``
-    "n/a" and is not run before timing.
+    "n/a" and is not run before timing. With ``reference`` as well, every provider is compared with
+    ``reference(case)`` instead (e.g. an fp32 reference output built with the case's inputs; called after the first
+    provider's setup, so it may read inputs that setup built), and no row is "ref".
 
     ``prior_rows`` (rows of an earlier pass of the same op) come first in the returned rows and the files.
 
@@ -298,6 +301,8 @@ def run_bench(
                     row["check"] = "n/a"  # a partial-work row (e.g. a loss's GEMMs alone): nothing to compare
                 elif check_tol is not None:
                     out = fn()
+                    if ref_out is None and reference is not None:
+                        ref_out = reference(case)
                     if ref_out is None:
                         ref_out, row["err"], row["check"] = out, 0.0, "ref"
                     else:

@@ -72,6 +72,12 @@ def test_run_bench_check_flags_a_provider_that_computes_something_else(monkeypat
     assert by["ref"]["check"] == "ref" and by["same"]["check"] == "ok"
     assert by["other"]["check"] == "MISMATCH" and abs(by["other"]["err"] - 0.05) < 1e-6
     assert "MISMATCH" in harness.format_row(by["other"])
+    # with a reference output, every provider (the first too) is compared with it, and no row is "ref"
+    rows = harness.run_bench("toy", cases, provs, device="cpu", quick=True, check_tol=1e-6,
+                             reference=lambda case: x * 2.1)
+    by = {r["provider"]: r for r in rows}
+    assert by["ref"]["check"] == by["same"]["check"] == "MISMATCH" and by["other"]["check"] == "ok"
+    assert abs(by["ref"]["err"] - 0.1 / 2.1) < 1e-6
 
 
 @pytest.mark.parametrize("name", ["grpo_loss", "fused_linear"])
