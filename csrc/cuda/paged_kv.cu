@@ -434,26 +434,17 @@ cudaError_t store_kv(const void* k, const void* v, int64_t stride_kt, int64_t st
   const int64_t e = elem_bytes;
   const int64_t row_bytes = D * e;
   const unsigned grid = static_cast<unsigned>(T < (int64_t{1} << 20) ? T : (int64_t{1} << 20));
+  // word_bytes: the widest copy word every address allows (the glue picks it); one launch, typed by that word
+  const auto launch = [&](auto word) {
+    launch_store_kv<decltype(word)>(k, v, stride_kt * e, stride_kh * e, stride_vt * e, stride_vh * e, slot_mapping,
+                                    T, num_slots, Hkv, row_bytes, k_cache, v_cache, grid, stream);
+  };
   switch (word_bytes) {
-    case 16:
-      launch_store_kv<uint4>(k, v, stride_kt * e, stride_kh * e, stride_vt * e, stride_vh * e, slot_mapping, T,
-                             num_slots, Hkv, row_bytes, k_cache, v_cache, grid, stream);
-      break;
-    case 8:
-      launch_store_kv<uint2>(k, v, stride_kt * e, stride_kh * e, stride_vt * e, stride_vh * e, slot_mapping, T,
-                             num_slots, Hkv, row_bytes, k_cache, v_cache, grid, stream);
-      break;
-    case 4:
-      launch_store_kv<uint32_t>(k, v, stride_kt * e, stride_kh * e, stride_vt * e, stride_vh * e, slot_mapping, T,
-                                num_slots, Hkv, row_bytes, k_cache, v_cache, grid, stream);
-      break;
-    case 2:
-      launch_store_kv<uint16_t>(k, v, stride_kt * e, stride_kh * e, stride_vt * e, stride_vh * e, slot_mapping, T,
-                                num_slots, Hkv, row_bytes, k_cache, v_cache, grid, stream);
-      break;
-    default:
-      launch_store_kv<uint8_t>(k, v, stride_kt * e, stride_kh * e, stride_vt * e, stride_vh * e, slot_mapping, T,
-                               num_slots, Hkv, row_bytes, k_cache, v_cache, grid, stream);
+    case 16: launch(uint4{}); break;
+    case 8: launch(uint2{}); break;
+    case 4: launch(uint32_t{}); break;
+    case 2: launch(uint16_t{}); break;
+    default: launch(uint8_t{});
   }
   return cudaGetLastError();
 }
