@@ -72,8 +72,6 @@ def _requests(args: argparse.Namespace) -> list:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import json
-    from dataclasses import asdict
     from pathlib import Path
 
     import torch
@@ -107,10 +105,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return 0
     outs = llm.generate(reqs, params, **kw)
     for out in outs:
-        if args.json:
-            print(json.dumps(asdict(out), ensure_ascii=False))
-        else:
-            _print_output(out, False)
+        _print_output(out, args.json)
     return 0 if all(o.error is None for o in outs) else 1
 
 
@@ -118,8 +113,9 @@ def _print_output(out, as_json: bool) -> None:
     import json
     from dataclasses import asdict
 
-    if as_json:
-        print(json.dumps(asdict(out), ensure_ascii=False))
+    if as_json:  # the images (tensors) stay out of the JSON
+        row = {k: v for k, v in asdict(out).items() if k not in ("pixel_values", "image_sizes")}
+        print(json.dumps(row, ensure_ascii=False))
         return
     if out.error is not None:
         print(f"[request {out.request_index}] error: {out.error}")

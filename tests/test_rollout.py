@@ -111,3 +111,30 @@ def test_auto_mode_is_vanilla_grpo_and_reward_names_resolve(model):
         bpo_rollouts(llm, PROMPTS[:1], [], digits, g=1)
     with pytest.raises(ValueError, match="no prompt could be rolled out"):
         bpo_rollouts(llm, [[]], [None], digits, g=1)
+
+
+def test_image_prompts_carry_the_engines_preprocessed_images():
+    """An R-4B image prompt: the batch holds the images the engine fed (once per completion, in order), and the
+    model's forward of the batch with them gives the engine's log-probs."""
+    from test_chat import _tiny_r4b_config
+    from tiny_models import randomize
+
+    from r4b.engine.chat import ChatTokenizer
+    from r4b.engine.model import R4BForConditionalGeneration
+
+    cfg = _tiny_r4b_config()
+    torch.manual_seed(0)
+    model = randomize(R4BForConditionalGeneration(cfg), 2).eval()
+    tok = ChatTokenizer.demo(model_config=cfg)
+    img = torch.randint(0, 256, (3, 40, 70), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    msgs = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "What?"}]}]
+    llm = LLM(model, tok, num_kv_blocks=128, block_size=8)
+    b = bpo_rollouts(llm, [msgs, "hi"], [None, None], digits, g=1, params=PARAMS)
+    enc = tok.encode_chat(msgs)
+    assert len(b.pixel_values) == 2 and b.image_sizes == enc.image_sizes * 2  # the image prompt's 2 completions
+    assert all(torch.equal(p, enc.pixel_values[0]) for p in b.pixel_values)
+    with torch.no_grad():
+        hidden = model(**b.model_inputs())
+    old = fused_linear_logprobs(hidden, model.lm_head.weight, b.targets)
+    known = ~torch.isnan(b.rollout_logprobs)
+    assert torch.allclose(b.rollout_logprobs[known], old[known], atol=2e-5, rtol=0)

@@ -66,6 +66,9 @@ class RequestOutput:
     prompt_token_ids: list[int]  # the shared prompt (without the mode suffixes)
     outputs: list[CompletionOutput] = field(default_factory=list)
     error: str | None = None  # why the request did not run (then outputs is empty)
+    # the prompt's preprocessed images, as the engine fed them (a trainer's forward of the completions takes them)
+    pixel_values: list[Tensor] = field(default_factory=list, repr=False, compare=False)
+    image_sizes: list[tuple[int, int]] = field(default_factory=list, repr=False, compare=False)
 
 
 @dataclass
@@ -202,6 +205,13 @@ class LLM:
         if tokenizer is not None:
             self._end_of_thought = tokenizer.encode(FORCED_END_OF_THOUGHT)
             self._suffix_ids = {m: tokenizer.encode(s) for m, s in MODE_SUFFIX.items()}
+
+    def mode_suffix_ids(self, mode: str) -> list[int]:
+        """The token ids a thinking mode appends after ``<|im_start|>assistant\\n`` (r4b.engine.chat.MODE_SUFFIX)."""
+        check_mode(mode)
+        if self.tokenizer is None:
+            raise ValueError("mode suffixes need the LLM's tokenizer")
+        return list(self._suffix_ids[mode])
 
     def _graph_safe_backends(self) -> bool:
         """The paged ops' torch references read lengths and masks on the host, which a CUDA graph cannot capture:
@@ -561,7 +571,8 @@ class LLM:
         return text
 
     def _output(self, req: _Request) -> RequestOutput:
-        out = RequestOutput(req.index, req.prompt, error=req.error)
+        out = RequestOutput(req.index, req.prompt, error=req.error, pixel_values=list(req.pixel_values),
+                            image_sizes=list(req.image_sizes))
         if req.error is not None:
             return out
         tok = self.tokenizer

@@ -26,7 +26,6 @@ from torch import Tensor
 
 from r4b.kernels import group_advantages, pack_sequences
 
-from .chat import MODE_SUFFIX
 from .llm import LLM, CompletionOutput
 from .rewards import get_reward, safe_reward
 from .sampling import SamplingParams
@@ -98,13 +97,12 @@ def bpo_rollouts(
     fn = get_reward(reward) if isinstance(reward, str) else reward
     if not callable(fn):
         raise ValueError(f"reward must be a reward name or a callable, got {reward!r}")
-    tok = llm.tokenizer
     params = params or SamplingParams()
     modes = ("long", "short") if rollout_mode == "bpo" else ("auto",)
     n = g if rollout_mode == "bpo" else 2 * g
     outs = llm.generate(list(prompts), replace(params, n=n), thinking_mode=modes,
                         max_thinking_tokens=max_thinking_tokens, use_tqdm=False)
-    suffix_ids = {m: tok.encode(MODE_SUFFIX[m]) for m in modes}
+    suffix_ids = {m: llm.mode_suffix_ids(m) for m in modes}
     seqs, rewards, groups, mode_of, outputs, starts, gen_starts = [], [], [], [], [], [], []
     pixel_values, image_sizes = [], []
     errors, skipped = 0, 0
@@ -113,7 +111,6 @@ def bpo_rollouts(
             skipped += 1
             log.warning("rollout prompt %d skipped: %s", q, out.error)
             continue
-        images = _images(tok, prompts[q])
         for c in out.outputs:
             suffix = suffix_ids[c.thinking_mode]
             value, err = safe_reward(fn, c.answer, references[q])
@@ -128,8 +125,8 @@ def bpo_rollouts(
             groups.append(q)
             mode_of.append(c.thinking_mode)
             outputs.append(c)
-            pixel_values += images[0]
-            image_sizes += images[1]
+            pixel_values += out.pixel_values  # the prompt's images, as the engine preprocessed them
+            image_sizes += out.image_sizes
     if not seqs:
         raise ValueError(f"no prompt could be rolled out ({skipped} skipped): see the warnings")
     dev = torch.device(device) if device is not None else llm.device
@@ -155,14 +152,6 @@ def bpo_rollouts(
         advantages=adv[seq_ids.long()].to(dev), rollout_logprobs=rollout_lp.to(dev), rewards=r, group_ids=gid,
         modes=mode_of, outputs=outputs, pixel_values=[p.to(dev) for p in pixel_values], image_sizes=image_sizes,
         stats=stats)
-
-
-def _images(tok, prompt: Any) -> tuple[list[Tensor], list]:
-    """The preprocessed images of a chat prompt (none for a str or token ids)."""
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
-        enc = tok.encode_chat(prompt, thinking_mode="auto")
-        return list(enc.pixel_values), list(enc.image_sizes)
-    return [], []
 
 
 def _stats(r: Tensor, modes: list[str], outputs: list[CompletionOutput], errors: int, skipped: int,
