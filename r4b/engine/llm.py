@@ -308,18 +308,21 @@ class LLM:
         return False
 
     # ------------------------------------------------------------------ scheduling
-    def _preempt(self, seq: _Seq) -> None:
+    def _release(self, seq: _Seq) -> None:
+        """Free the sequence's blocks and take it off the running list (if it is there)."""
         self.blocks.free(seq.id)
+        if seq in self.running:
+            self.running.remove(seq)
+
+    def _preempt(self, seq: _Seq) -> None:
+        self._release(seq)
         seq.num_cached = 0
-        self.running.remove(seq)
         self.waiting.appendleft(seq)
         self.stats["preemptions"] += 1
 
     def _finish(self, seq: _Seq, reason: str) -> None:
         seq.finish_reason = reason
-        self.blocks.free(seq.id)
-        if seq in self.running:
-            self.running.remove(seq)
+        self._release(seq)
         seq.req.unfinished -= 1
 
     def _drop(self, seq: _Seq, tokens: int) -> None:
@@ -332,9 +335,7 @@ class LLM:
             self._finish(seq, "length")
             self._events.append((seq, None))
             return
-        self.blocks.free(seq.id)
-        if seq in self.running:
-            self.running.remove(seq)
+        self._release(seq)
         seq.req.error, seq.req.unfinished = why, 0
         for child in seq.children:
             child.finish_reason = "error"
