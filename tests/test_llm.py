@@ -547,7 +547,8 @@ def test_greedy_matches_transformers_generate():
 
 
 # ---------------------------------------------------------------------------------------------- multimodal
-def test_image_prompt_matches_the_full_multimodal_forward():
+def tiny_r4b_chat():
+    """A one-layer R-4B with random weights, its demo tokenizer and a chat holding one 40 x 70 image."""
     from test_chat import _tiny_r4b_config
 
     from r4b.engine.model import R4BForConditionalGeneration
@@ -558,6 +559,11 @@ def test_image_prompt_matches_the_full_multimodal_forward():
     tok = ChatTokenizer.demo(model_config=cfg)
     img = torch.randint(0, 256, (3, 40, 70), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     msgs = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "What?"}]}]
+    return model, tok, msgs
+
+
+def test_image_prompt_matches_the_full_multimodal_forward():
+    model, tok, msgs = tiny_r4b_chat()
     # small steps: the prompt's image tokens are split across chunks; few blocks: a completion is preempted
     llm = LLM(model, tok, num_kv_blocks=40, block_size=4, max_num_batched_tokens=40)
     out = llm.generate([msgs], SamplingParams(temperature=0, max_tokens=8, n=2, ignore_eos=True),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_llm import TOK, chat_ids, tiny_model
+from test_llm import TOK, chat_ids, tiny_model, tiny_r4b_chat
 from tiny_models import torch_kernels_on_cpu  # noqa: F401  (fixture)
 
 from r4b.engine.llm import LLM
@@ -116,18 +116,7 @@ def test_auto_mode_is_vanilla_grpo_and_reward_names_resolve(model):
 def test_image_prompts_carry_the_engines_preprocessed_images():
     """An R-4B image prompt: the batch holds the images the engine fed (once per completion, in order), and the
     model's forward of the batch with them gives the engine's log-probs."""
-    from test_chat import _tiny_r4b_config
-    from tiny_models import randomize
-
-    from r4b.engine.chat import ChatTokenizer
-    from r4b.engine.model import R4BForConditionalGeneration
-
-    cfg = _tiny_r4b_config()
-    torch.manual_seed(0)
-    model = randomize(R4BForConditionalGeneration(cfg), 2).eval()
-    tok = ChatTokenizer.demo(model_config=cfg)
-    img = torch.randint(0, 256, (3, 40, 70), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-    msgs = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "What?"}]}]
+    model, tok, msgs = tiny_r4b_chat()
     llm = LLM(model, tok, num_kv_blocks=128, block_size=8)
     b = bpo_rollouts(llm, [msgs, "hi"], [None, None], digits, g=1, params=PARAMS)
     enc = tok.encode_chat(msgs)
