@@ -141,7 +141,10 @@ class ChatTokenizer:
                 raise ValueError(f"{where}.content[{j}] must be {{'type': 'text'|'image', ...}}, got {part!r}")
         return "".join(out)
 
-    def _render(self, messages: list[dict], thinking_mode: str, add_generation_prompt: bool) -> tuple[str, list]:
+    def _render(self, messages: list[dict], thinking_mode: str,
+                add_generation_prompt: bool) -> tuple[str, list, list[tuple[int, int, int]]]:
+        """(text, images, spans): spans holds (message index, start, end) character offsets of each assistant
+        turn's content, from after ``<|im_start|>assistant\\n`` to after its ``<|im_end|>``."""
         check_mode(thinking_mode)
         if not isinstance(messages, list) or not messages:
             raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
@@ -153,7 +156,7 @@ class ChatTokenizer:
             turns.append((role, self._render_content(m.get("content", ""), f"messages[{i}]", images)))
         # Qwen3: thoughts are kept only in assistant turns after the last user query
         last_query = next((i for i in reversed(range(len(turns))) if _is_query(*turns[i])), len(turns) - 1)
-        parts = []
+        parts, spans, pos = [], [], 0
         for i, (role, text) in enumerate(turns):
             if role == "assistant":
                 reasoning = messages[i].get("reasoning_content")
@@ -163,10 +166,14 @@ class ChatTokenizer:
                         reasoning, text = _split_thought(text)
                 if i > last_query and (i == len(turns) - 1 or reasoning):
                     text = THINK + "\n" + reasoning.strip("\n") + "\n" + END_THINK + "\n\n" + text.lstrip("\n")
-            parts.append(f"{IM_START}{role}\n{text}{IM_END}\n")
+            head, piece = f"{IM_START}{role}\n", f"{IM_START}{role}\n{text}{IM_END}\n"
+            if role == "assistant":
+                spans.append((i, pos + len(head), pos + len(piece) - 1))
+            parts.append(piece)
+            pos += len(piece)
         if add_generation_prompt:
             parts.append(f"{IM_START}assistant\n{MODE_SUFFIX[thinking_mode]}")
-        return "".join(parts), images
+        return "".join(parts), images, spans
 
     def apply_chat_template(self, messages: list[dict], thinking_mode: str = "auto",
                             add_generation_prompt: bool = True) -> str:
@@ -176,7 +183,7 @@ class ChatTokenizer:
     def encode_chat(self, messages: list[dict], thinking_mode: str = "auto",
                     add_generation_prompt: bool = True) -> ChatEncoding:
         """Token ids of the prompt, with the preprocessed images (in order) when there are any."""
-        text, images = self._render(messages, thinking_mode, add_generation_prompt)
+        text, images, _ = self._render(messages, thinking_mode, add_generation_prompt)
         enc = ChatEncoding(torch.tensor(self.encode(text), dtype=torch.int64))
         for k, img in enumerate(images):
             if img is None or self.image_processor is None:
@@ -186,6 +193,38 @@ class ChatTokenizer:
             enc.pixel_values.append(pix)
             enc.image_sizes.append(size)
         return enc
+
+    def encode_chat_for_training(self, messages: list[dict], *, train_on: str = "all") -> tuple[ChatEncoding, Tensor]:
+        """A whole conversation (ending with an assistant turn) as training tokens: (encoding, labels).
+
+        The text is ``apply_chat_template(messages, add_generation_prompt=False)``, encoded once; labels (L,) bool
+        marks the tokens of the trained assistant turns' content, from the first token after
+        ``<|im_start|>assistant\\n`` through that turn's ``<|im_end|>`` (a token is in a turn when any of its
+        characters is). train_on: "all" (every assistant turn) or "last" (the final one). The last turn has the
+        template's ``<think>`` block, so a turn without a thought trains ``<think>\\n\\n</think>\\n\\n{answer}``.
+        """
+        if train_on not in ("all", "last"):
+            raise ValueError(f"train_on must be 'all' or 'last', got {train_on!r}")
+        text, images, spans = self._render(messages, "auto", False)
+        last_role = messages[-1].get("role") if isinstance(messages[-1], dict) else None
+        if last_role != "assistant":
+            raise ValueError(f"messages[-1] must be the assistant turn to train on, got role {last_role!r}")
+        if train_on == "last":
+            spans = spans[-1:]
+        enc_text = self.tokenizer.encode(text, add_special_tokens=False)
+        offsets = torch.tensor(enc_text.offsets, dtype=torch.int64).view(-1, 2)  # (L, 2) character [start, end)
+        labels = torch.zeros(len(enc_text.ids), dtype=torch.bool)
+        for _, a, b in spans:
+            labels |= (offsets[:, 0] < b) & (offsets[:, 1] > a)
+        enc = ChatEncoding(torch.tensor(enc_text.ids, dtype=torch.int64))
+        for k, img in enumerate(images):
+            if img is None or self.image_processor is None:
+                raise ValueError(f"image {k}: encode_chat_for_training needs the image object and a model_config "
+                                 "(to preprocess it and count its tokens)")
+            pix, size = self.image_processor(img)
+            enc.pixel_values.append(pix)
+            enc.image_sizes.append(size)
+        return enc, labels
 
 
 def parse_response(output: str | list[int] | Tensor, *, thinking_mode: str | None = "auto",

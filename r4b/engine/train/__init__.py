@@ -1,0 +1,1 @@
+"""Training: data (packing, loaders), SFT and BPO trainers, checkpoints, parallelism."""
