@@ -3,6 +3,8 @@
     r4b info                      what this install has: extension, CUDA, backends of every op
     r4b bench <op ...>|all        run benchmarks (from a source checkout: python -m bench)
     r4b generate MODEL_DIR -p "..." generate with a checkpoint (HF layout + tokenizer.json) in a thinking mode
+    r4b sft --model M --data D --output-dir O ...   stage 1 training (bi-mode annealing); torchrun for many GPUs
+    r4b bpo --model M --data D --output-dir O ...   stage 2 training (BPO)
     r4b demo                      the CPU demo of the first milestone (same as `make demo`)
 """
 
@@ -127,6 +129,85 @@ def _print_output(out, as_json: bool) -> None:
         print(c.answer)
 
 
+_TYPES = {"int": int, "float": float, "str": str}
+
+
+def _bool_or_auto(text: str) -> bool | None:
+    t = text.lower()
+    if t in ("true", "1", "yes", "on"):
+        return True
+    if t in ("false", "0", "no", "off"):
+        return False
+    if t in ("auto", "none"):
+        return None
+    raise argparse.ArgumentTypeError(f"expected true / false / auto, got {text!r}")
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One --flag per field of the config dataclass ``cls`` (its docstring says what they mean). Flags given on the
+    command line override the --config JSON file, which overrides the defaults."""
+    import dataclasses
+
+    parser.add_argument("--config", help="a JSON file of config fields (flags given here override it)")
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        kind = str(f.type).replace(" ", "")
+        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=f"(default: {f.default!r})")
+        if kind == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif kind == "bool|None":
+            parser.add_argument(flag, type=_bool_or_auto, metavar="{true,false,auto}", **kw)
+        else:
+            base = kind.removesuffix("|None")
+            if base not in _TYPES:
+                raise TypeError(f"{cls.__name__}.{f.name}: no command-line type for {f.type!r}")
+            parser.add_argument(flag, type=_TYPES[base], **kw)
+
+
+def config_from_args(cls: type, args: argparse.Namespace):
+    import dataclasses
+    import json
+
+    values: dict = {}
+    if getattr(args, "config", None):
+        with open(args.config, encoding="utf-8") as f:
+            values = json.load(f)
+        if not isinstance(values, dict):
+            raise SystemExit(f"{args.config}: expected a JSON object of config fields")
+    values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
+    try:
+        return cls.from_dict(values)
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"r4b {args.cmd}: {e}") from None
+
+
+def _train(args: argparse.Namespace) -> int:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.cmd == "sft":
+        from r4b.engine.train.sft import SFTConfig, train_sft
+
+        cfg = config_from_args(SFTConfig, args)
+        try:
+            cfg.validate()
+        except ValueError as e:
+            raise SystemExit(f"r4b sft: {e}") from None
+        metrics = train_sft(cfg)
+    else:
+        from r4b.engine.train.bpo import BPOConfig, train_bpo
+
+        cfg = config_from_args(BPOConfig, args)
+        try:
+            cfg.validate()
+        except ValueError as e:
+            raise SystemExit(f"r4b bpo: {e}") from None
+        metrics = train_bpo(cfg)
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k in ("loss", "reward_mean", "grad_norm"))
+    print(f"r4b {args.cmd}: done, {cfg.output_dir} ({shown})")
+    return 0
+
+
 def cmd_demo(_: argparse.Namespace) -> int:
     from r4b import demo
 
@@ -160,6 +241,16 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--stream", action="store_true", help="print tokens as they come (one prompt, n=1)")
     g.add_argument("--json", action="store_true", help="one JSON line per request")
     g.set_defaults(fn=cmd_generate)
+    from r4b.engine.train.bpo import BPOConfig
+    from r4b.engine.train.common import TrainConfig
+    from r4b.engine.train.sft import SFTConfig
+
+    for name, cls, what in (("sft", SFTConfig, "stage 1: bi-mode annealing SFT on thinking and non-thinking answers"),
+                            ("bpo", BPOConfig, "stage 2: BPO, GRPO with rollouts in both forced modes")):
+        t = sub.add_parser(name, help=what + " (torchrun for several GPUs)", description=(cls.__doc__ or "") +
+                           "\n\n" + (TrainConfig.__doc__ or ""), formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_config_args(t, cls)
+        t.set_defaults(fn=_train)
     args, rest = parser.parse_known_args(argv)
     if args.cmd == "bench":
         args.names += rest

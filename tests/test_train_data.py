@@ -194,12 +194,33 @@ def test_packed_loader_epochs_and_state_checks(sft):
     assert loader.epoch == 0
     second = _key(loader.next_step(1))
     assert loader.epoch == 1 and second != first
-    with pytest.raises(ValueError, match=r"state\['world_size'\]=2 does not match"):
-        loader.load_state_dict({**loader.state_dict(), "world_size": 2})
+    with pytest.raises(ValueError, match=r"state\['max_tokens'\]=100 does not match"):
+        loader.load_state_dict({**loader.state_dict(), "max_tokens": 100})
     with pytest.raises(ValueError, match="max_tokens=10 is shorter than the longest example"):
         PackedLoader(sft, max_tokens=10)
     with pytest.raises(ValueError, match=r"rank must be an int in \[0, world_size=2\), got 2"):
         PackedLoader(sft, max_tokens=200, rank=2, world_size=2)
+
+
+def test_loaders_resume_on_another_world_size(sft):
+    """A 2-rank run resumed on 1 rank goes on after every row (prompt) the two ranks took, and back again."""
+    plan = plan_batches(sft.lengths, 200, seed=4, epoch=0)
+    two = [PackedLoader(sft, max_tokens=200, seed=4, rank=r, world_size=2) for r in (0, 1)]
+    for loader in two:
+        loader.next_step(1)
+    one = PackedLoader(sft, max_tokens=200, seed=4)
+    one.load_state_dict(two[0].state_dict())
+    assert _key(one.next_step(1)) == _key([collate([sft[i] for i in plan[2]])])  # rows 0 and 1 were taken
+    back = PackedLoader(sft, max_tokens=200, seed=4, rank=1, world_size=2)
+    back.load_state_dict(one.state_dict())  # 3 rows taken: rank 1 goes on at global row 2 * 2 + 1
+    assert _key(back.next_step(1)) == _key([collate([sft[i] for i in plan[5]])])
+    prompts = PromptDataset([{"prompt": f"q{i}", "answer": i} for i in range(12)])
+    a = PromptLoader(prompts, prompts_per_step=2, seed=1, rank=0, world_size=2)
+    a.next_prompts()
+    b = PromptLoader(prompts, prompts_per_step=3, seed=1)
+    b.load_state_dict(a.state_dict())  # 4 prompts taken: a step of 3 goes on after 6
+    perm = PromptLoader(prompts, prompts_per_step=12, seed=1).next_prompts()[1]  # the epoch order
+    assert b.next_prompts()[1] == perm[6:9]
 
 
 def test_packed_loader_two_ranks(sft):

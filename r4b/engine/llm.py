@@ -122,6 +122,14 @@ class _Seq:
         return len(self.children) if self.children else 1
 
 
+def _is_fsdp(model: torch.nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return isinstance(model, FSDPModule)
+
+
 def _is_token_list(x: Any) -> bool:
     if isinstance(x, Tensor):
         return x.dim() == 1 and not x.is_floating_point()
@@ -160,6 +168,10 @@ class LLM:
         device = torch.device(device) if device is not None else param.device
         dtype = dtype or param.dtype
         if param.device != device or param.dtype != dtype:
+            if _is_fsdp(model):  # moving it would break the shards: the trainer gathers it first (parallel.gathered)
+                raise ValueError(f"model is sharded with FSDP2 and its parameters are {param.dtype} on {param.device}, "
+                                 f"not {dtype} on {device}: build the LLM inside r4b.engine.train.parallel.gathered"
+                                 f"(model), with its compute dtype")
             model.to(device=device, dtype=dtype)
         self.model, self.tokenizer, self.device, self.dtype = model, tokenizer, device, dtype
         self.lm = model.language_model

@@ -55,6 +55,7 @@ class RolloutBatch:
     pixel_values: list[Tensor] = field(default_factory=list)  # the images of all sequences, in order
     image_sizes: list[tuple[int, int]] = field(default_factory=list)
     stats: dict[str, float] = field(default_factory=dict)
+    images_per_seq: list[int] = field(default_factory=list)  # (n,) how many of the images each sequence holds
 
     def model_inputs(self) -> dict:
         """Keyword arguments of the model's forward (images only when there are any)."""
@@ -62,6 +63,53 @@ class RolloutBatch:
                    max_seqlen=self.max_seqlen)
         if self.pixel_values:
             out.update(pixel_values=self.pixel_values, image_sizes=self.image_sizes)
+        return out
+
+    @property
+    def num_sequences(self) -> int:
+        return self.cu_seqlens.numel() - 1
+
+    def select(self, start: int, end: int) -> RolloutBatch:
+        """Sequences ``start:end`` as a batch of their own (tokens, images, rewards and outputs; advantages and
+        log-probs as they are: they were computed over the whole batch)."""
+        n = self.num_sequences
+        if not 0 <= start < end <= n:
+            raise ValueError(f"select needs 0 <= start < end <= {n}, got start={start}, end={end}")
+        cu = self.cu_seqlens.tolist()
+        a, b = cu[start], cu[end]
+        tok = slice(a, b)
+        lens = [cu[i + 1] - cu[i] for i in range(start, end)]
+        counts = self.images_per_seq or [0] * n
+        first, last = sum(counts[:start]), sum(counts[:end])
+        return replace(
+            self, input_ids=self.input_ids[tok], position_ids=self.position_ids[tok],
+            cu_seqlens=self.cu_seqlens[start : end + 1] - a, max_seqlen=max(lens), targets=self.targets[tok],
+            loss_mask=self.loss_mask[tok], seq_ids=self.seq_ids[tok] - start, advantages=self.advantages[tok],
+            rollout_logprobs=self.rollout_logprobs[tok], rewards=self.rewards[start:end],
+            group_ids=self.group_ids[start:end], modes=self.modes[start:end], outputs=self.outputs[start:end],
+            pixel_values=self.pixel_values[first:last], image_sizes=self.image_sizes[first:last],
+            images_per_seq=counts[start:end], stats={})
+
+    def split(self, max_tokens: int, parts: int = 1) -> list[list[tuple[int, int]]]:
+        """Sequence ranges for training: the sequences cut into ``parts`` consecutive mini-batches of (nearly)
+        equal sequence counts (one optimizer step each), each cut into micro-batches of at most ``max_tokens``
+        tokens (a longer sequence is a micro-batch alone). Returns, per mini-batch, its (start, end) ranges."""
+        n = self.num_sequences
+        if not isinstance(parts, int) or not 1 <= parts <= n:
+            raise ValueError(f"parts must be an int in [1, {n}] (the batch's sequences), got {parts!r}")
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ValueError(f"max_tokens must be an int >= 1, got {max_tokens!r}")
+        cu = self.cu_seqlens.tolist()
+        out = []
+        for p in range(parts):
+            lo, hi = p * n // parts, (p + 1) * n // parts
+            ranges, s = [], lo
+            for i in range(lo, hi):
+                if i > s and cu[i + 1] - cu[s] > max_tokens:
+                    ranges.append((s, i))
+                    s = i
+            ranges.append((s, hi))
+            out.append(ranges)
         return out
 
 
@@ -104,7 +152,7 @@ def bpo_rollouts(
                         max_thinking_tokens=max_thinking_tokens, use_tqdm=False)
     suffix_ids = {m: llm.mode_suffix_ids(m) for m in modes}
     seqs, rewards, groups, mode_of, outputs, starts, gen_starts = [], [], [], [], [], [], []
-    pixel_values, image_sizes = [], []
+    pixel_values, image_sizes, images_per_seq = [], [], []
     errors, skipped = 0, 0
     for q, out in enumerate(outs):
         if out.error is not None:
@@ -127,6 +175,7 @@ def bpo_rollouts(
             outputs.append(c)
             pixel_values += out.pixel_values  # the prompt's images, as the engine preprocessed them
             image_sizes += out.image_sizes
+            images_per_seq.append(len(out.pixel_values))
     if not seqs:
         raise ValueError(f"no prompt could be rolled out ({skipped} skipped): see the warnings")
     dev = torch.device(device) if device is not None else llm.device
@@ -151,7 +200,7 @@ def bpo_rollouts(
         max_seqlen=batch.max_seqlen, targets=targets.to(dev), loss_mask=mask.to(dev), seq_ids=seq_ids.to(dev),
         advantages=adv[seq_ids.long()].to(dev), rollout_logprobs=rollout_lp.to(dev), rewards=r, group_ids=gid,
         modes=mode_of, outputs=outputs, pixel_values=[p.to(dev) for p in pixel_values], image_sizes=image_sizes,
-        stats=stats)
+        stats=stats, images_per_seq=images_per_seq)
 
 
 def _stats(r: Tensor, modes: list[str], outputs: list[CompletionOutput], errors: int, skipped: int,

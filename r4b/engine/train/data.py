@@ -428,10 +428,13 @@ class PackedLoader:
                 "max_tokens": self.max_tokens, "shuffle": self.shuffle, "num_examples": len(self.dataset)}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from ``state``; its world_size, max_tokens, shuffle and dataset size must match this loader's."""
-        _check_state(state, {"world_size": self.world_size, "max_tokens": self.max_tokens, "shuffle": self.shuffle,
+        """Continue from ``state``; its max_tokens, shuffle and dataset size must match this loader's. With the same
+        world_size the batches continue exactly; with another (a run resumed on more or fewer ranks) the epoch
+        continues after the rows already taken (rounded up to whole rows per rank), with a warning."""
+        _check_state(state, {"max_tokens": self.max_tokens, "shuffle": self.shuffle,
                              "num_examples": len(self.dataset)})
         self.seed, self._epoch, self._pos = int(state["seed"]), int(state["epoch"]), int(state["position"])
+        self._pos = _rescale_position(self._pos, state, self.world_size, 1, "rows")
 
 
 def _check_state(state: dict, expected: dict) -> None:
@@ -553,7 +556,26 @@ class PromptLoader:
                 "prompts_per_step": self.prompts_per_step, "shuffle": self.shuffle, "num_prompts": len(self.dataset)}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from ``state``; its world_size, prompts_per_step, shuffle and dataset size must match."""
-        _check_state(state, {"world_size": self.world_size, "prompts_per_step": self.prompts_per_step,
-                             "shuffle": self.shuffle, "num_prompts": len(self.dataset)})
+        """Continue from ``state``; its shuffle and dataset size must match. With the same world_size and
+        prompts_per_step the prompts continue exactly; with others (a run resumed on more or fewer ranks) the epoch
+        continues after the prompts already taken (rounded up to a whole step), with a warning."""
+        _check_state(state, {"shuffle": self.shuffle, "num_prompts": len(self.dataset)})
+        _check_int("state['prompts_per_step']", state.get("prompts_per_step"), 1)
         self.seed, self._epoch, self._pos = int(state["seed"]), int(state["epoch"]), int(state["position"])
+        self._pos = _rescale_position(self._pos * state["prompts_per_step"], state, self.world_size,
+                                      self.prompts_per_step, "prompts")
+
+
+def _rescale_position(taken: int, state: dict, world_size: int, per_step: int, what: str) -> int:
+    """The position (in units of ``per_step`` items per rank) of a loader of ``world_size`` ranks that continues
+    after the ``taken`` items per rank of ``state``'s world: ceil(taken * old_world / (new_world * per_step))."""
+    old_world = state.get("world_size")
+    _check_int("state['world_size']", old_world, 1)
+    total = taken * old_world  # items of the epoch already taken by all ranks
+    unit = world_size * per_step
+    pos = -(-total // unit)
+    if pos * unit != total or old_world != world_size:
+        log.warning("loader resumed on %d ranks from a state of %d ranks: epoch %d continues after %d of its %s, "
+                    "from %s %d (the exact order needs the same world size)", world_size, old_world,
+                    int(state["epoch"]), total, what, what, pos * unit)
+    return pos
