@@ -220,7 +220,7 @@ paged_tests=" tests/test_store_kv.py tests/test_paged_decode_attention.py tests/
 small_tests="tests/test_qk_norm_rope.py tests/test_add_rms_norm.py$paged_tests tests/test_model_qwen3.py
              tests/test_rms_norm.py tests/test_rope.py tests/test_swiglu.py tests/test_compile.py"
 attn_tests="tests/test_varlen_attention.py"
-rest_tests="tests/test_group_advantages.py tests/test_pack.py tests/test_varlen_attention_peers.py"
+rest_tests="tests/test_group_advantages.py tests/test_pack.py tests/test_varlen_attention_peers.py tests/test_train_gpu.py"
 has_test small || rest_tests="$rest_tests$paged_tests"
 if has_test loss; then
   step "GPU tests: fused-linear loss kernels"
