@@ -75,3 +75,53 @@ def test_generate_reads_jsonl_and_streams(checkpoint, tmp_path, capsys):
         cli.main(["generate", str(checkpoint)])
     with pytest.raises(SystemExit, match="no tokenizer at"):
         cli.main(["generate", str(checkpoint), "-p", "x", "--tokenizer", str(tmp_path / "none.json")])
+
+
+def test_train_flags_cover_every_config_field_and_override_the_config_file(tmp_path):
+    """Every SFTConfig / BPOConfig field has a flag (bools as --x / --no-x, optional bools take auto); flags
+    override the --config file, which overrides the defaults."""
+    import argparse
+    import dataclasses
+    import json
+
+    from r4b.engine.train.bpo import BPOConfig
+    from r4b.engine.train.sft import SFTConfig
+
+    for cls in (SFTConfig, BPOConfig):
+        p = argparse.ArgumentParser()
+        cli.add_config_args(p, cls)
+        flags = {a.dest for a in p._actions}
+        assert {f.name for f in dataclasses.fields(cls)} <= flags
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"model": "m", "data": "d", "output_dir": "o", "lr": 0.5, "progress": True,
+                             "cuda_graphs": True}))
+    p = argparse.ArgumentParser()
+    cli.add_config_args(p, BPOConfig)
+    args = p.parse_args(["--config", str(f), "--lr", "0.25", "--no-progress", "--cuda-graphs", "auto",
+                         "--max-thinking-tokens", "7", "--tokenizer", "t.json"])
+    args.cmd = "bpo"
+    cfg = cli.config_from_args(BPOConfig, args)
+    assert (cfg.model, cfg.lr, cfg.progress, cfg.cuda_graphs, cfg.max_thinking_tokens, cfg.tokenizer) == \
+        ("m", 0.25, False, None, 7, "t.json")
+    assert cfg.g == BPOConfig.g  # untouched fields keep their defaults
+    f.write_text(json.dumps({"model": "m", "learning_rate": 1}))
+    with pytest.raises(SystemExit, match="learning_rate"):
+        cli.config_from_args(BPOConfig, argparse.Namespace(config=str(f), cmd="bpo"))
+
+
+def test_sft_command_trains_and_rejects_bad_values(checkpoint, tmp_path, capsys, monkeypatch):
+    import json
+
+    from r4b.engine.train.metrics import read_metrics
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i}?", "response": str(i)}) + "\n" for i in range(8)))
+    base = ["sft", "--model", str(checkpoint), "--data", str(data), "--output-dir", str(tmp_path / "run"),
+            "--max-seq-len", "48", "--max-tokens", "64", "--device", "cpu", "--no-progress", "--no-tensorboard"]
+    with pytest.raises(SystemExit, match="SFTConfig.max_seq_len"):
+        cli.main(base + ["--max-seq-len", "100"])  # the last value of a flag wins: 100 > max_tokens 64
+    assert cli.main(base + ["--steps", "2", "--save-every", "0"]) == 0
+    assert "r4b sft: done" in capsys.readouterr().out
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
+    assert (tmp_path / "run" / "final" / "tokenizer.json").is_file()

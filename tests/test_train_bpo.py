@@ -208,3 +208,16 @@ def test_rollout_batch_select_and_split(run):
             assert torch.allclose(part, ref, rtol=1e-5, atol=1e-7) and full.isfinite()
     finally:
         t.close()
+
+
+def test_engine_refuses_to_move_a_sharded_model(run):
+    """LLM would cast a model to its dtype in place, which breaks FSDP2's shards: it says to gather it instead."""
+    from r4b.engine.llm import LLM
+
+    tmp, model, data, _ = run
+    t = BPOTrainer(config(tmp, model, data, "guard"))
+    try:
+        with pytest.raises(ValueError, match="gathered"):
+            LLM(t.model, t.tokenizer, dtype=torch.bfloat16)
+    finally:
+        t.close()
