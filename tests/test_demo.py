@@ -1,4 +1,5 @@
-"""The demo that `make demo` runs: the milestone's pieces end to end (save/load, chat, BPO steps)."""
+"""The demo that `make demo` runs: both training stages end to end through the real trainers (SFT, then BPO), the
+auto-mode check between them, on the CPU backends."""
 
 from __future__ import annotations
 
@@ -7,12 +8,19 @@ import re
 from r4b import demo
 
 
-def test_demo_runs_bpo_steps(monkeypatch, capsys):
+def test_demo_runs_both_stages(monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU backends: the interpreter would take minutes here
-    assert demo.main(steps=2) == 0
+    assert demo.main(sft_steps=60, bpo_steps=2, out_dir=str(tmp_path)) == 0
     out = capsys.readouterr().out
-    assert "saved as an HF checkpoint and loaded back" in out
+    assert "saved as an HF checkpoint" in out
     assert "<think>\\n\\n</think>\\n\\n" in out  # the non-thinking suffix, shown repr()'d
-    steps = re.findall(r"step (\d+): reward think ([\d.]+) no-think ([\d.]+)  loss \S+  grad norm ([\d.]+)", out)
-    assert [s[0] for s in steps] == ["0", "1"]
-    assert all(float(s[3]) > 0 for s in steps)  # the GRPO loss produced gradients
+    sft = [float(x) for x in re.findall(r"step +\d+: loss ([\d.]+)  think", out)]
+    assert len(sft) >= 3 and sft[-1] < 0.5 * sft[0]  # 2026-11-28: 6.20 -> 1.02
+    # the bi-mode SFT taught the auto-mode decision: think on the sums, answer the repeats directly
+    rate = re.search(r"think-rate hard ([\d.]+), easy ([\d.]+)", out)
+    assert rate and float(rate.group(1)) >= 0.75 and float(rate.group(2)) <= 0.25, rate
+    bpo = re.findall(r"step (\d+): reward think ([\d.]+) no-think ([\d.]+) .* grad norm ([\d.]+)", out)
+    assert [s[0] for s in bpo] == ["1", "2"]
+    assert all(float(s[3]) > 0 for s in bpo)  # the GRPO loss produced gradients
+    assert (tmp_path / "bpo" / "final" / "model.safetensors").is_file()
+    assert (tmp_path / "sft" / "metrics.jsonl").is_file() and (tmp_path / "bpo" / "metrics.png").is_file()
