@@ -221,3 +221,33 @@ def test_engine_refuses_to_move_a_sharded_model(run):
             LLM(t.model, t.tokenizer, dtype=torch.bfloat16)
     finally:
         t.close()
+
+
+@pytest.mark.parametrize("beta,mini_batches", [(0.0, 1), (0.05, 2)])
+def test_bpo_two_ranks_when_one_rank_gets_no_batch(run, tmp_path, beta, mini_batches):
+    """Rank 1's rollouts give no batch, rank 0's do; the run neither hangs nor desynchronises, and the failed prompts
+    are counted. Before the fixes (2026-11-28): plain, a hang from FSDP2's backward prefetch order recorded during
+    the rollout's forwards (rank 1 ran none); with a reference (beta > 0) and old log-probs, a hang in the
+    reference's all-gather, which rank 1 skipped."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    tmp, model, data, _ = run
+    cfg = config(tmp, model, data, "fail", steps=4, mini_batches=mini_batches, beta=beta, save_every=2,
+                 reward="exact", g=2, prompts_per_step=2)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    worker = os.path.join(os.path.dirname(__file__), "_train_bpo_worker.py")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                        "127.0.0.1", "--master_port", str(port), worker, json.dumps(cfg.__dict__)],
+                       capture_output=True, text=True, timeout=240,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "0"})
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    done = sorted(x for x in r.stdout.splitlines() if " done: " in x)
+    assert len(done) == 2 and all("steps 4" in x for x in done), r.stdout[-2000:]
+    rows = read_metrics(Path(cfg.output_dir) / "metrics.jsonl")
+    assert [x["step"] for x in rows] == [1, 2, 3, 4]
+    assert rows[0]["rollout_skipped_prompts"] == 2 and rows[0]["rollout_sequences"] == 2 * 2 * 2

@@ -75,3 +75,29 @@ def test_sft_and_bpo_train_the_vision_tower(r4b_run):
     assert all(r["logprob_gap"] < 1e-4 for r in log)  # the trainer's forward saw the engine's images
     after_bpo = vision_params(tmp / "bpo" / "final")
     assert any(not torch.equal(after_sft[k], after_bpo[k]) for k in after_sft)
+
+
+@pytest.mark.parametrize("keepalive", [True, False], ids=["keepalive", "without"])
+def test_two_ranks_one_without_images(r4b_run, keepalive):
+    """Rank 0 trains an image chat, rank 1 a text chat: with the keepalive the step runs and its gradient norm is
+    one process's; without it the ranks' collectives differ (the failure the keepalive exists for)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    worker = os.path.join(os.path.dirname(__file__), "_train_vision_worker.py")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                        "127.0.0.1", "--master_port", str(port), worker, str(r4b_run)]
+                       + ([] if keepalive else ["--no-keepalive"]),
+                       capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if not keepalive:
+        assert r.returncode != 0
+        return
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    line = [x for x in r.stdout.splitlines() if x.startswith("grad norm")]
+    got, want = float(line[0].split()[2]), float(line[0].split()[-1])
+    assert abs(got - want) <= 1e-5 * want, line

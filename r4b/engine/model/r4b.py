@@ -115,8 +115,12 @@ class R4BForConditionalGeneration(nn.Module):
             out.append(self._pack(feats, int(h), int(w)))
         return out
 
-    def embed(self, input_ids: Tensor, pixel_values=None, image_sizes=None) -> Tensor:
-        """Token embeddings (T, H) with image features scattered into the ``<image>`` positions."""
+    def embed(self, input_ids: Tensor, pixel_values=None, image_sizes=None, vision_keepalive: bool = False) -> Tensor:
+        """Token embeddings (T, H) with image features scattered into the ``<image>`` positions.
+
+        vision_keepalive: without images, still run one blank tile through the vision tower and the projector and
+        add 0 x their output, so every vision parameter takes part in the forward and backward (data-parallel
+        training: under FSDP2 a rank without images would otherwise skip the tower's collectives)."""
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 1 or input_ids.dtype != torch.int64:
             got = (input_ids.dtype, tuple(input_ids.shape)) if isinstance(input_ids, Tensor) else type(input_ids)
             raise ValueError(f"input_ids must be a 1-D int64 tensor (T,), got {got}")
@@ -126,6 +130,12 @@ class R4BForConditionalGeneration(nn.Module):
         if pixel_values is None:
             if n_tok:
                 raise ValueError(f"input_ids hold {n_tok} image tokens but no pixel_values were given")
+            if vision_keepalive:
+                s = self.config.vision_config.image_size
+                blank = x.new_zeros((1, 3, s, s))
+                hs = self.model.vision_tower.hidden_states(blank, self.config.feature_layers)
+                feats = self.model.multi_modal_projector(torch.cat(hs, dim=-1) if len(hs) > 1 else hs[0])
+                x = x + 0.0 * (feats.sum() + self.model.image_newline.sum()).to(x.dtype)
             return x
         if image_sizes is None:
             raise ValueError("image_sizes is required with pixel_values")
@@ -143,9 +153,11 @@ class R4BForConditionalGeneration(nn.Module):
         max_seqlen: int,
         pixel_values: Tensor | list[Tensor] | None = None,
         image_sizes: list | Tensor | None = None,
+        vision_keepalive: bool = False,
     ) -> Tensor:
-        """Packed batch (DESIGN.md) plus the images of all its sequences in order. Returns hidden (T, H)."""
-        x = self.embed(input_ids, pixel_values, image_sizes)
+        """Packed batch (DESIGN.md) plus the images of all its sequences in order. Returns hidden (T, H).
+        vision_keepalive: see :meth:`embed` (the trainers set it when several ranks train)."""
+        x = self.embed(input_ids, pixel_values, image_sizes, vision_keepalive)
         check_packed(x.shape[0], position_ids, cu_seqlens, max_seqlen)
         return self.model.language_model(x, position_ids, cu_seqlens, max_seqlen)
 

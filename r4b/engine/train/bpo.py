@@ -200,6 +200,7 @@ class BPOTrainer(Trainer):
         params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                                 max_tokens=cfg.max_new_tokens, seed=self._seed())
         metrics: dict[str, float] = {}
+        failed = 0.0  # prompts of a rollout that gave no batch at all (bpo_rollouts raised)
         with parallel.gathered(self.model), torch.no_grad():
             llm = self._engine()
             try:
@@ -209,6 +210,7 @@ class BPOTrainer(Trainer):
             except ValueError as e:  # every prompt of this rank failed: reported, this rank trains nothing
                 log.warning("rank %d: rollout %d gave no batch: %s", self.dist.rank, self.rollouts, e)
                 batch = None
+                failed = float(len(prompts))
             if self.probe is not None and self.step >= self.next_probe:
                 metrics.update(self.run_probe(llm))
                 self.next_probe = self.step + cfg.probe_every
@@ -219,12 +221,12 @@ class BPOTrainer(Trainer):
                 if batch is not None else []
             self.old = self._logprobs(self.model, batch) if batch is not None and cfg.mini_batches > 1 else None
         self.ref_lp = None
-        if self.ref is not None and batch is not None:
+        if self.ref is not None:  # every rank gathers (collective), also one without a batch
             with parallel.gathered(self.ref), torch.no_grad():
-                self.ref_lp = self._logprobs(self.ref, batch)
+                self.ref_lp = self._logprobs(self.ref, batch) if batch is not None else None
         # every rank trains mini_batches steps per rollout (a rank with fewer sequences pads with empty ones)
         self.pending += [[] for _ in range(cfg.mini_batches - len(self.pending))]
-        metrics.update(self._rollout_stats(batch))
+        metrics.update(self._rollout_stats(batch, failed))
         metrics["rollout_time_s"] = rollout_time
         metrics["logprob_time_s"] = time.perf_counter() - t0 - rollout_time
         self.rollout_metrics = metrics
@@ -243,12 +245,13 @@ class BPOTrainer(Trainer):
                 out[cu[s] + rows] = lp
         return out
 
-    def _rollout_stats(self, batch: RolloutBatch | None) -> dict[str, float]:
-        """The rollout's per-mode stats as means over the ranks (each rank's value weighted by its sequences)."""
+    def _rollout_stats(self, batch: RolloutBatch | None, failed: float = 0.0) -> dict[str, float]:
+        """The rollout's per-mode stats as means over the ranks (each rank's value weighted by its sequences);
+        ``failed``: this rank's prompts that gave no batch (counted as skipped)."""
         modes = ("long", "short") if self.cfg.rollout_mode == "bpo" else ("auto",)
         keys = ["reward_mean"] + [f"{k}_{m}" for m in modes for k in ("reward", "solved", "tokens", "think_rate")]
         counts = ["sequences", "tokens", "reward_errors", "skipped_prompts"]
-        st = batch.stats if batch is not None else {}
+        st = batch.stats if batch is not None else {"skipped_prompts": failed}
         n = st.get("sequences", 0.0)
         local = torch.tensor([n] + [st.get(k, 0.0) * n for k in keys] + [st.get(k, 0.0) for k in counts[1:]],
                              dtype=torch.float64)
@@ -315,7 +318,7 @@ class BPOTrainer(Trainer):
             sub, r = subs[i], rows[i]
             s, e = ranges[i]
             tok = slice(int(batch.cu_seqlens[s]), int(batch.cu_seqlens[e]))
-            hidden = self.model(**sub.model_inputs())
+            hidden = self.forward(sub.model_inputs())
             weight = self.model.lm_head.weight
             old = self.old[tok][r] if self.old is not None else None
             ref = self.ref_lp[tok][r] if self.ref_lp is not None else None
@@ -360,8 +363,8 @@ class BPOTrainer(Trainer):
     def _zero_backward(self) -> None:
         """A one-token forward with a zero loss: a rank with less to train still joins FSDP2's collectives."""
         ids = torch.zeros(1, dtype=torch.int64, device=self.device)
-        hidden = self.model(input_ids=ids, position_ids=ids, cu_seqlens=torch.tensor([0, 1], dtype=torch.int32,
-                                                                                    device=self.device), max_seqlen=1)
+        cu = torch.tensor([0, 1], dtype=torch.int32, device=self.device)
+        hidden = self.forward(dict(input_ids=ids, position_ids=ids, cu_seqlens=cu, max_seqlen=1))
         (hidden.sum() * 0.0 + self.model.lm_head.weight.sum() * 0.0).backward()
 
 

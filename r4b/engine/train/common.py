@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from ..chat import ChatTokenizer
-from ..model import R4BConfig, from_pretrained
+from ..model import R4BConfig, R4BForConditionalGeneration, from_pretrained
 from . import checkpoint as ckpt
 from . import parallel
 from .metrics import MetricsLogger, plot_metrics
@@ -99,6 +99,12 @@ class TrainConfig:
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise bad(name, "in [0, 1)")
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if str(f.type).replace(" ", "") == "bool" and not isinstance(v, bool):
+                raise bad(f.name, "true or false")
+            if str(f.type).replace(" ", "") == "bool|None" and v is not None and not isinstance(v, bool):
+                raise bad(f.name, "true, false or null")
         if self.compute_dtype not in ("auto", *DTYPES):
             raise bad("compute_dtype", f"one of {('auto', *DTYPES)}")
 
@@ -145,11 +151,6 @@ class Trainer:
         self.dist = parallel.init_distributed(cfg.device)
         self.device = self.dist.device
         self.out = Path(cfg.output_dir)
-        if self.dist.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            tmp = self.out / "config.json.tmp"
-            tmp.write_text(json.dumps({"trainer": self.name, **asdict(cfg)}, indent=2) + "\n", encoding="utf-8")
-            tmp.replace(self.out / "config.json")
         torch.manual_seed(cfg.seed)  # the same on every rank: the ranks' data differ by their loaders
         tok_file = Path(cfg.tokenizer) if cfg.tokenizer else Path(cfg.model) / "tokenizer.json"
         if not tok_file.is_file():
@@ -159,6 +160,8 @@ class Trainer:
         self.model = from_pretrained(cfg.model, dtype=torch.float32, device=self.device)
         mcfg = self.model.config
         self.tokenizer = ChatTokenizer(tok_file, model_config=mcfg if isinstance(mcfg, R4BConfig) else None)
+        # several ranks: batches without images still run the vision tower (every rank joins its collectives)
+        self.vision_keepalive = self.dist.world_size > 1 and isinstance(self.model, R4BForConditionalGeneration)
         self.model.gradient_checkpointing_enable(cfg.gradient_checkpointing)
         self.model.train()
         self.compute_dtype = self._compute_dtype()
@@ -176,6 +179,12 @@ class Trainer:
         if self.cfg.compute_dtype == "auto":
             return torch.bfloat16 if self.device.type == "cuda" else torch.float32
         return DTYPES[self.cfg.compute_dtype]
+
+    def forward(self, inputs: dict) -> torch.Tensor:
+        """The training forward of a packed batch's ``model_inputs()``: hidden states (T, H)."""
+        if self.vision_keepalive and "pixel_values" not in inputs:
+            inputs = {**inputs, "vision_keepalive": True}
+        return self.model(**inputs)
 
     # -- subclass hooks ----------------------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
@@ -228,7 +237,12 @@ class Trainer:
     def train(self) -> dict[str, float]:
         """Run to ``cfg.steps`` (resuming when a checkpoint exists); returns the last step's metrics."""
         cfg = self.cfg
-        resumed = self.resume()
+        resumed = self.resume()  # first: a run pointed at another trainer's folder stops before writing into it
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            tmp = self.out / "config.json.tmp"
+            tmp.write_text(json.dumps({"trainer": self.name, **asdict(cfg)}, indent=2) + "\n", encoding="utf-8")
+            tmp.replace(self.out / "config.json")
         logger = MetricsLogger(self.out, enabled=self.dist.is_main, tensorboard=cfg.tensorboard,
                                resume_step=self.step if resumed else None)
         bar = None

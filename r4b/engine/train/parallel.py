@@ -219,6 +219,25 @@ def gathered(model: nn.Module) -> Iterator[nn.Module]:
             m.reshard()
             for g, info in zip(m._get_fsdp_state()._fsdp_param_groups, infos, strict=True):
                 g.post_forward_mesh_info = info
+        _forget_forward_order(modules)
+
+
+def _forget_forward_order(modules: list[nn.Module]) -> None:
+    """Drop the forward order FSDP2 recorded inside the block. Its backward prefetches, for each module, the one
+    that ran before it in the last forwards; the block's no-grad forwards (which differ between ranks: a rank whose
+    rollout failed ran none) would make the first backward after it prefetch a stale module on some ranks only, and
+    the ranks' collectives drift apart (a hang; seen with 2 gloo ranks, 2026-11-28). Private FSDP2 state, as
+    nothing public resets it; checked by tests/test_train_bpo.py's two-rank failure test."""
+    for m in modules:
+        state = m._get_fsdp_state()
+        ctx = getattr(state, "_comm_ctx", None)
+        order = getattr(ctx, "post_forward_order", None)
+        if order is None:
+            raise RuntimeError("this torch's FSDP2 has no _comm_ctx.post_forward_order: parallel.gathered cannot "
+                               "reset the backward prefetch order (update r4b/engine/train/parallel.py)")
+        order.clear()
+        for g in state._fsdp_param_groups:
+            g._post_forward_indices.clear()
 
 
 def reshard(model: nn.Module) -> None:

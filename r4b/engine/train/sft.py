@@ -58,10 +58,15 @@ def lm_head_weight(model: torch.nn.Module) -> torch.Tensor:
     return model.lm_head.weight
 
 
-def sft_loss_sums(model: torch.nn.Module, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sft_loss_sums(model: torch.nn.Module, batch: PackedBatch, *, vision_keepalive: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward one packed row: (sum of the trained tokens' cross-entropy (differentiable), the sums over thinking /
-    non-thinking sequences (detached, (2,) f32), their token counts ((2,) f32))."""
-    hidden = model(**batch.model_inputs())  # (T, H)
+    non-thinking sequences (detached, (2,) f32), their token counts ((2,) f32)). vision_keepalive: an R-4B batch
+    without images still runs the vision tower (see R4BForConditionalGeneration.embed; several ranks)."""
+    inputs = batch.model_inputs()
+    if vision_keepalive and "pixel_values" not in inputs:
+        inputs["vision_keepalive"] = True
+    hidden = model(**inputs)  # (T, H)
     weight = lm_head_weight(model)
     rows = batch.loss_mask.nonzero().squeeze(1)
     if rows.numel() == 0:  # nothing trained here: a zero loss that still runs the backward (FSDP's collectives)
@@ -104,7 +109,7 @@ class SFTTrainer(Trainer):
         sums = torch.zeros(2, device=self.device)
         counts = torch.zeros(2, device=self.device)
         for b in batches:
-            loss_sum, s, c = sft_loss_sums(self.model, b.to(self.device))
+            loss_sum, s, c = sft_loss_sums(self.model, b.to(self.device), vision_keepalive=self.vision_keepalive)
             (loss_sum * scale).backward()
             sums += s
             counts += c
