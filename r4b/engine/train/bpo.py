@@ -232,10 +232,11 @@ class BPOTrainer(Trainer):
         self.rollout_metrics = metrics
 
     def _logprobs(self, model: torch.nn.Module, batch: RolloutBatch) -> torch.Tensor:
-        """(T,) f32 log-probs of every trained target under ``model`` (NaN elsewhere), micro-batch by micro-batch."""
+        """(T,) f32 log-probs of every trained target under ``model`` (NaN elsewhere), over the same micro-batches
+        as the training steps (the same packing: in bf16 the first update's ratio then starts at 1)."""
         out = torch.full((batch.input_ids.numel(),), float("nan"), device=self.device)
         cu = batch.cu_seqlens.tolist()
-        for mini in batch.split(self.cfg.micro_batch_tokens):
+        for mini in self.pending:
             for s, e in mini:
                 sub = batch.select(s, e)
                 rows = _rows(sub.loss_mask)
