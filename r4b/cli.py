@@ -186,23 +186,17 @@ def _train(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.cmd == "sft":
-        from r4b.engine.train.sft import SFTConfig, train_sft
-
-        cfg = config_from_args(SFTConfig, args)
-        try:
-            cfg.validate()
-        except ValueError as e:
-            raise SystemExit(f"r4b sft: {e}") from None
-        metrics = train_sft(cfg)
+        from r4b.engine.train.sft import SFTConfig as cls
+        from r4b.engine.train.sft import train_sft as run
     else:
-        from r4b.engine.train.bpo import BPOConfig, train_bpo
-
-        cfg = config_from_args(BPOConfig, args)
-        try:
-            cfg.validate()
-        except ValueError as e:
-            raise SystemExit(f"r4b bpo: {e}") from None
-        metrics = train_bpo(cfg)
+        from r4b.engine.train.bpo import BPOConfig as cls
+        from r4b.engine.train.bpo import train_bpo as run
+    cfg = config_from_args(cls, args)
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise SystemExit(f"r4b {args.cmd}: {e}") from None
+    metrics = run(cfg)
     shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k in ("loss", "reward_mean", "grad_norm"))
     print(f"r4b {args.cmd}: done, {cfg.output_dir} ({shown})")
     return 0

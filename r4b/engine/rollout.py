@@ -35,6 +35,16 @@ log = logging.getLogger(__name__)
 RewardFn = Callable[[str, Any], float]
 
 
+def model_inputs(batch: Any) -> dict:
+    """The model's forward keyword arguments of a packed batch (DESIGN.md's fields; the images only when there are
+    any): ``input_ids``, ``position_ids``, ``cu_seqlens``, ``max_seqlen``, ``pixel_values``, ``image_sizes``."""
+    out = dict(input_ids=batch.input_ids, position_ids=batch.position_ids, cu_seqlens=batch.cu_seqlens,
+               max_seqlen=batch.max_seqlen)
+    if batch.pixel_values:
+        out.update(pixel_values=batch.pixel_values, image_sizes=batch.image_sizes)
+    return out
+
+
 @dataclass
 class RolloutBatch:
     """A packed batch of 2g completions per prompt (prompt-major, then "long" before "short", as generated)."""
@@ -59,11 +69,7 @@ class RolloutBatch:
 
     def model_inputs(self) -> dict:
         """Keyword arguments of the model's forward (images only when there are any)."""
-        out = dict(input_ids=self.input_ids, position_ids=self.position_ids, cu_seqlens=self.cu_seqlens,
-                   max_seqlen=self.max_seqlen)
-        if self.pixel_values:
-            out.update(pixel_values=self.pixel_values, image_sizes=self.image_sizes)
-        return out
+        return model_inputs(self)
 
     @property
     def num_sequences(self) -> int:

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from r4b.kernels import pack_sequences
 
 from ..chat import ChatTokenizer, parse_response
+from ..rollout import model_inputs
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +209,23 @@ def encode_sft_row(tok: ChatTokenizer, row: Any, *, where: str, max_seq_len: int
     return Example(enc.input_ids, labels, enc.pixel_values, enc.image_sizes, thinking, where)
 
 
+def _encode_rows(rows: Any, skipped: list[tuple[str, str]], what: str, encode: Any) -> list:
+    """``encode(row, where)`` of every (where, row); a row that raises ValueError is reported and skipped. Raises
+    when nothing is left."""
+    out = []
+    for where, row in rows:
+        try:
+            out.append(encode(row, where))
+        except ValueError as e:
+            _skip(skipped, where, e)
+    if not out:
+        first = f" (first: {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
+        raise ValueError(f"source has no usable {what} row: {len(skipped)} skipped{first}")
+    if skipped:
+        log.warning("%s data: %d row(s) skipped, %d kept", what, len(skipped), len(out))
+    return out
+
+
 def _skip(skipped: list[tuple[str, str]], where: str, err: Exception) -> None:
     msg = str(err)
     reason = msg[len(where) + 2:] if msg.startswith(where + ": ") else msg
@@ -229,18 +247,9 @@ class SFTDataset:
             raise ValueError(f"train_on must be 'all' or 'last', got {train_on!r}")
         self.skipped: list[tuple[str, str]] = []
         rows, root = _source_rows(source, image_root, self.skipped)
-        self.examples: list[Example] = []
-        for where, row in tqdm(rows, desc="encoding SFT rows", unit="row", disable=not progress):
-            try:
-                self.examples.append(encode_sft_row(tok, row, where=where, max_seq_len=max_seq_len,
-                                                    train_on=train_on, image_root=root))
-            except ValueError as e:
-                _skip(self.skipped, where, e)
-        if not self.examples:
-            first = f" (first: {self.skipped[0][0]}: {self.skipped[0][1]})" if self.skipped else ""
-            raise ValueError(f"source has no usable SFT row: {len(self.skipped)} skipped{first}")
-        if self.skipped:
-            log.warning("SFT data: %d row(s) skipped, %d kept", len(self.skipped), len(self.examples))
+        rows = tqdm(rows, desc="encoding SFT rows", unit="row", disable=not progress)
+        self.examples: list[Example] = _encode_rows(rows, self.skipped, "SFT", lambda row, where: encode_sft_row(
+            tok, row, where=where, max_seq_len=max_seq_len, train_on=train_on, image_root=root))
         self.lengths: list[int] = [e.input_ids.numel() for e in self.examples]
 
     def __len__(self) -> int:
@@ -278,11 +287,7 @@ class PackedBatch:
 
     def model_inputs(self) -> dict:
         """Keyword arguments of the model's forward (images only when there are any)."""
-        out = dict(input_ids=self.input_ids, position_ids=self.position_ids, cu_seqlens=self.cu_seqlens,
-                   max_seqlen=self.max_seqlen)
-        if self.pixel_values:
-            out.update(pixel_values=self.pixel_values, image_sizes=self.image_sizes)
-        return out
+        return model_inputs(self)
 
     def to(self, device: str | torch.device) -> PackedBatch:
         """A copy with every tensor on ``device``."""
@@ -489,17 +494,9 @@ class PromptDataset:
                  image_root: str | Path | None = None) -> None:
         self.skipped: list[tuple[str, str]] = []
         rows, root = _source_rows(source, image_root, self.skipped)
-        self.items: list[tuple[str | list[dict], Any]] = []
-        for where, row in rows:
-            try:
-                self.items.append(encode_prompt_row(row, where=where, tok=tok, image_root=root))
-            except ValueError as e:
-                _skip(self.skipped, where, e)
-        if not self.items:
-            first = f" (first: {self.skipped[0][0]}: {self.skipped[0][1]})" if self.skipped else ""
-            raise ValueError(f"source has no usable prompt row: {len(self.skipped)} skipped{first}")
-        if self.skipped:
-            log.warning("prompt data: %d row(s) skipped, %d kept", len(self.skipped), len(self.items))
+        self.items: list[tuple[str | list[dict], Any]] = _encode_rows(
+            rows, self.skipped, "prompt", lambda row, where: encode_prompt_row(row, where=where, tok=tok,
+                                                                              image_root=root))
 
     def __len__(self) -> int:
         return len(self.items)
