@@ -184,10 +184,14 @@ class ChatTokenizer:
                     add_generation_prompt: bool = True) -> ChatEncoding:
         """Token ids of the prompt, with the preprocessed images (in order) when there are any."""
         text, images, _ = self._render(messages, thinking_mode, add_generation_prompt)
-        enc = ChatEncoding(torch.tensor(self.encode(text), dtype=torch.int64))
+        return self._with_images(ChatEncoding(torch.tensor(self.encode(text), dtype=torch.int64)), images,
+                                 "encode_chat")
+
+    def _with_images(self, enc: ChatEncoding, images: list, caller: str) -> ChatEncoding:
+        """``enc`` with its images preprocessed (in order)."""
         for k, img in enumerate(images):
             if img is None or self.image_processor is None:
-                raise ValueError(f"image {k}: encode_chat needs the image object and a model_config "
+                raise ValueError(f"image {k}: {caller} needs the image object and a model_config "
                                  "(to preprocess it and count its tokens)")
             pix, size = self.image_processor(img)
             enc.pixel_values.append(pix)
@@ -216,14 +220,8 @@ class ChatTokenizer:
         labels = torch.zeros(len(enc_text.ids), dtype=torch.bool)
         for _, a, b in spans:
             labels |= (offsets[:, 0] < b) & (offsets[:, 1] > a)
-        enc = ChatEncoding(torch.tensor(enc_text.ids, dtype=torch.int64))
-        for k, img in enumerate(images):
-            if img is None or self.image_processor is None:
-                raise ValueError(f"image {k}: encode_chat_for_training needs the image object and a model_config "
-                                 "(to preprocess it and count its tokens)")
-            pix, size = self.image_processor(img)
-            enc.pixel_values.append(pix)
-            enc.image_sizes.append(size)
+        enc = self._with_images(ChatEncoding(torch.tensor(enc_text.ids, dtype=torch.int64)), images,
+                                "encode_chat_for_training")
         return enc, labels
 
 
