@@ -248,3 +248,23 @@ def test_two_processes_then_resume_at_world_one(tmp_path, monkeypatch):
         assert torch.equal(torch.get_rng_state(), saved["torch_rng"])  # rank 0's
     finally:
         parallel.shutdown_distributed()
+
+
+def test_shutdown_leaves_a_group_it_did_not_create(tmp_path):
+    """A training script that initialised torch.distributed itself keeps its group after a trainer closes."""
+    import torch.distributed as dist
+
+    from r4b.engine.train import parallel
+
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        info = parallel.init_distributed("cpu")
+        assert (info.rank, info.world_size) == (0, 1)
+        parallel.shutdown_distributed()
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
+    info = parallel.init_distributed("cpu")  # r4b's own world of one: destroyed by its shutdown
+    parallel.shutdown_distributed()
+    assert not dist.is_initialized()

@@ -66,6 +66,9 @@ def _pick_device(device: str | None, local_rank: int) -> torch.device:
     return dev
 
 
+_external: set[int] = set()  # ids of default groups r4b found initialised (not its own to destroy)
+
+
 def init_distributed(device: str | None = None) -> DistInfo:
     """Initialise the default process group and return this process's :class:`DistInfo`.
 
@@ -78,6 +81,7 @@ def init_distributed(device: str | None = None) -> DistInfo:
     global _info, _store_file
     if dist.is_available() and dist.is_initialized():
         if _info is None:
+            _external.add(id(dist.group.WORLD))
             local_rank = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
             backend = dist.get_backend()
             dev = _pick_device(device or ("cuda" if "nccl" in backend else "cpu"), local_rank)
@@ -106,8 +110,13 @@ def init_distributed(device: str | None = None) -> DistInfo:
 
 
 def shutdown_distributed() -> None:
-    """Barrier, then destroy the default process group (and a world of one's FileStore). Safe to call twice."""
+    """Barrier, then destroy the default process group (and a world of one's FileStore). Safe to call twice. A group
+    that someone else initialised (init_distributed found it) is left to them."""
     global _info, _store_file
+    if dist.is_available() and dist.is_initialized() and id(dist.group.WORLD) in _external:
+        _external.discard(id(dist.group.WORLD))  # init_distributed finds it again if it is still there
+        _info = None
+        return
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
