@@ -32,8 +32,12 @@ def main() -> None:
         last = trainer.train()
     finally:
         trainer.close()
-    print(f"rank {trainer.dist.rank} done: steps {trainer.step} skipped {last.get('rollout_skipped_prompts')} "
-          f"sequences {last.get('rollout_sequences')}", flush=True)
+    # one os.write of a short line: atomic on a pipe, so the two ranks' lines never run together (print's separate
+    # writes of the text and the newline did, once in CI: "...sequences 8.0rank 1 done: ...")
+    line = (f"rank {trainer.dist.rank} done: steps {trainer.step} skipped {last.get('rollout_skipped_prompts')} "
+            f"sequences {last.get('rollout_sequences')}\n")
+    sys.stdout.flush()
+    os.write(1, line.encode())
     faulthandler.cancel_dump_traceback_later()
 
 

@@ -5,6 +5,7 @@ whole batch, the probe, the reference KL, resuming to the same curve, and two to
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -246,8 +247,8 @@ def test_bpo_two_ranks_when_one_rank_gets_no_batch(run, tmp_path, beta, mini_bat
                        capture_output=True, text=True, timeout=240,
                        env={**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "0"})
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-    done = sorted(x for x in r.stdout.splitlines() if " done: " in x)
-    assert len(done) == 2 and all("steps 4" in x for x in done), r.stdout[-2000:]
+    done = sorted(re.findall(r"rank (\d) done: steps (\d+)", r.stdout))
+    assert done == [("0", "4"), ("1", "4")], r.stdout[-2000:]
     rows = read_metrics(Path(cfg.output_dir) / "metrics.jsonl")
     assert [x["step"] for x in rows] == [1, 2, 3, 4]
     assert rows[0]["rollout_skipped_prompts"] == 2 and rows[0]["rollout_sequences"] == 2 * 2 * 2
