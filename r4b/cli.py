@@ -5,6 +5,7 @@
     r4b generate MODEL_DIR -p "..." generate with a checkpoint (HF layout + tokenizer.json) in a thinking mode
     r4b sft --model M --data D --output-dir O ...   stage 1 training (bi-mode annealing); torchrun for many GPUs
     r4b bpo --model M --data D --output-dir O ...   stage 2 training (BPO)
+    r4b eval --model M --data D --output-dir O ...  accuracy / tokens / think-rate per thinking mode
     r4b demo                      the CPU demo of the first milestone (same as `make demo`)
 """
 
@@ -202,6 +203,22 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    import logging
+
+    from r4b.engine.evaluate import EvalConfig, format_summary, run_eval
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = config_from_args(EvalConfig, args)
+    try:
+        summary = run_eval(cfg)
+    except ValueError as e:
+        raise SystemExit(f"r4b eval: {e}") from None
+    print(format_summary(summary, cfg.mode_list))
+    print(f"r4b eval: {cfg.output_dir}/summary.json, summary.md, samples.jsonl" + (", eval.png" if cfg.plot else ""))
+    return 0 if summary["prompts"] else 1
+
+
 def cmd_demo(_: argparse.Namespace) -> int:
     from r4b import demo
 
@@ -245,6 +262,12 @@ def main(argv: list[str] | None = None) -> int:
                            "\n\n" + (TrainConfig.__doc__ or ""), formatter_class=argparse.RawDescriptionHelpFormatter)
         add_config_args(t, cls)
         t.set_defaults(fn=_train)
+    from r4b.engine.evaluate import EvalConfig
+
+    e = sub.add_parser("eval", help="accuracy, tokens and think-rate in each thinking mode, and auto mode's choices",
+                       description=EvalConfig.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(e, EvalConfig)
+    e.set_defaults(fn=cmd_eval)
     args, rest = parser.parse_known_args(argv)
     if args.cmd == "bench":
         args.names += rest

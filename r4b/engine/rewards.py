@@ -12,6 +12,7 @@ not both plain numbers.
 
 from __future__ import annotations
 
+import importlib
 import math
 import re
 from collections.abc import Callable
@@ -571,6 +572,20 @@ def get_reward(name: str) -> RewardFn:
         return REWARDS[name]
     except (KeyError, TypeError):
         raise ValueError(f"unknown reward {name!r}; valid: {', '.join(sorted(REWARDS))}") from None
+
+
+def resolve_reward(spec: str) -> RewardFn:
+    """A reward by name (:data:`REWARDS`) or ``"package.module:function"`` (ValueError naming the spec)."""
+    if not isinstance(spec, str) or ":" not in spec:
+        return get_reward(spec)
+    module, _, name = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"reward {spec!r} cannot be imported: {e}") from e
+    if not callable(fn):
+        raise ValueError(f"reward {spec!r} is not callable")
+    return fn
 
 
 _REWARD_BOUND = 1e6

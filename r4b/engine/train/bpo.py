@@ -23,10 +23,8 @@ reward on a held-out probe set (what BPO is meant to move: think on hard prompts
 
 from __future__ import annotations
 
-import importlib
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +34,7 @@ from r4b.kernels import fused_linear_grpo_loss, fused_linear_logprobs
 
 from ..llm import LLM
 from ..model import from_pretrained
-from ..rewards import REWARDS, get_reward, safe_reward
+from ..rewards import REWARDS, resolve_reward, safe_reward
 from ..rollout import RolloutBatch, bpo_rollouts
 from ..sampling import SamplingParams
 from . import parallel
@@ -122,20 +120,6 @@ class BPOConfig(TrainConfig):
             raise bad("save_every", f"a multiple of mini_batches ({self.mini_batches})")
         if ":" not in self.reward and self.reward not in REWARDS:
             raise bad("reward", f"one of {tuple(REWARDS)} or 'package.module:function'")
-
-
-def resolve_reward(spec: str) -> Callable:
-    """A reward by name (r4b.engine.rewards) or "package.module:function"."""
-    if ":" not in spec:
-        return get_reward(spec)
-    module, _, name = spec.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"reward {spec!r} cannot be imported: {e}") from e
-    if not callable(fn):
-        raise ValueError(f"reward {spec!r} is not callable")
-    return fn
 
 
 def _rows(mask: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,266 @@
+"""Evaluation in the thinking modes (r4b.engine.evaluate, ``r4b eval``): the summary's statistics against a hand
+computation, the samples against direct engine calls, failing rewards / rows / requests, the files, resuming an
+interrupted run to the same samples, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from test_llm import TOK, tiny_model
+from test_train_sft import make_model_dir, write_jsonl
+from tiny_models import torch_kernels_on_cpu  # noqa: F401  (fixture)
+
+from r4b.cli import main as cli_main
+from r4b.engine.evaluate import (
+    EvalConfig,
+    evaluate,
+    format_summary,
+    parse_modes,
+    prompt_seed,
+    read_samples,
+    run_eval,
+    score_prompts,
+    summarize,
+)
+from r4b.engine.llm import LLM
+from r4b.engine.sampling import SamplingParams
+
+pytestmark = pytest.mark.usefixtures("torch_kernels_on_cpu")
+
+PROMPTS = ["What is 3 + 4?", "Name a prime number.", "hi", "Repeat 7."]
+
+
+def digits(answer: str, reference) -> float:
+    """A toy reward with spread: the share of digits in the answer."""
+    return sum(ch.isdigit() for ch in answer) / max(1, len(answer))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(3)
+
+
+def _row(pid, mode, reward, think, tokens, thinking=0, finish="stop", sample=0, err=None):
+    return {"id": pid, "mode": mode, "sample": sample, "reward": reward, "reward_error": err, "think": think,
+            "tokens": tokens, "thinking_tokens": thinking, "finish_reason": finish}
+
+
+# ------------------------------------------------------------------------------------------------------ summarize
+
+
+def test_summary_statistics_by_hand():
+    """Three prompts, n=2: thinking helps prompt 0, hurts prompt 1, changes nothing on prompt 2."""
+    rows = [
+        _row(0, "short", 0.0, False, 4), _row(0, "short", 0.0, False, 6, sample=1),
+        _row(0, "long", 1.0, True, 20, 15), _row(0, "long", 0.0, True, 30, 25, finish="length", sample=1),
+        _row(0, "auto", 1.0, True, 22, 18), _row(0, "auto", 0.0, False, 5, sample=1),
+        _row(1, "short", 1.0, False, 3), _row(1, "short", 1.0, False, 3, sample=1),
+        _row(1, "long", 0.0, True, 40, 35), _row(1, "long", 1.0, True, 10, 6, sample=1),
+        _row(1, "auto", 1.0, False, 3), _row(1, "auto", 1.0, False, 3, sample=1),
+        _row(2, "short", 1.0, False, 2), _row(2, "short", 1.0, False, 2, sample=1),
+        _row(2, "long", 1.0, True, 8, 5), _row(2, "long", 1.0, True, 8, 5, sample=1),
+        _row(2, "auto", 0.0, True, 9, 6, err="ValueError: x"), _row(2, "auto", 1.0, True, 9, 6, sample=1),
+        {"id": 3, "prompt": "too long", "error": "prompt longer than the cache"},
+        {"id": 4, "where": "d.jsonl:5", "skipped": "no reference"},
+        _row(5, "short", 1.0, False, 2),  # an incomplete prompt (no long / auto samples): left out
+    ]
+    s = summarize(rows)
+    assert (s["prompts"], s["failed_prompts"], s["skipped_rows"], s["incomplete_prompts"]) == (3, 1, 1, 1)
+    short, long_, auto = s["modes"]["short"], s["modes"]["long"], s["modes"]["auto"]
+    assert short["completions"] == long_["completions"] == auto["completions"] == 6
+    assert short["accuracy"] == pytest.approx(4 / 6) and long_["accuracy"] == pytest.approx(4 / 6)
+    assert auto["accuracy"] == pytest.approx(4 / 6)
+    # stderr over the per-prompt accuracies (0, 1, 1) of short: sample std sqrt(1/3), over sqrt(3)
+    assert short["accuracy_stderr"] == pytest.approx(math.sqrt(1 / 3) / math.sqrt(3))
+    assert long_["accuracy_stderr"] == pytest.approx(math.sqrt(((0.5 - 2 / 3) ** 2 * 2 + (1 / 3) ** 2) / 2 / 3))
+    assert auto["think_rate"] == pytest.approx(3 / 6) and long_["think_rate"] == 1.0 and short["think_rate"] == 0
+    assert long_["tokens_mean"] == pytest.approx((20 + 30 + 40 + 10 + 8 + 8) / 6)
+    assert long_["thinking_tokens_mean"] == pytest.approx((15 + 25 + 35 + 6 + 5 + 5) / 6)
+    assert long_["answer_tokens_mean"] == pytest.approx((5 + 5 + 5 + 4 + 3 + 3) / 6)
+    assert long_["truncated_rate"] == pytest.approx(1 / 6) and auto["reward_errors"] == 1
+    assert s["thinking_gain"] == {"helps": 1, "hurts": 1, "no_change": 1, "mean": pytest.approx((0.5 - 0.5 + 0) / 3)}
+    # oracle: long for prompt 0 (0.5, 25 tokens), short for 1 (1.0, 3) and 2 (a tie goes short: 1.0, 2)
+    assert s["oracle"]["accuracy"] == pytest.approx((0.5 + 1 + 1) / 3)
+    assert s["oracle"]["tokens_mean"] == pytest.approx((25 + 3 + 2) / 3)
+    d = s["auto_decision"]
+    assert d["think_rate_when_thinking_helps"] == 0.5 and d["think_rate_when_thinking_hurts"] == 0.0
+    assert d["think_rate_when_no_change"] == 1.0
+    assert d["decision_accuracy"] == pytest.approx((0.5 + 1.0) / 2)
+    assert d["auto_minus_oracle_accuracy"] == pytest.approx(4 / 6 - 2.5 / 3)
+    table = format_summary(s)
+    assert "| auto | 66.7 |" in table and "oracle" in table and "1 completions scored 0" in table
+
+
+def test_summary_with_one_mode_and_nothing():
+    s = summarize([_row(0, "auto", 1.0, True, 5)], ["auto"])
+    assert s["modes"]["auto"]["accuracy"] == 1.0 and s["modes"]["auto"]["accuracy_stderr"] is None
+    assert "oracle" not in s and "auto_decision" not in s
+    empty = summarize([], ["short", "long"])
+    assert empty["prompts"] == 0 and empty["modes"]["short"]["accuracy"] is None
+    assert empty["oracle"]["accuracy"] is None
+    format_summary(empty, ["short", "long"])  # renders "-" for the empty means
+
+
+def test_modes_and_config_errors(tmp_path):
+    assert parse_modes("short, long") == ("short", "long") and parse_modes(["auto"]) == ("auto",)
+    for bad in ("", "short,bogus", "short,short", ["long", 3]):
+        with pytest.raises(ValueError, match="mode"):
+            parse_modes(bad)
+    ok = dict(model="m", data="d.jsonl", output_dir=str(tmp_path))
+    for field, value in (("n", 0), ("batch_size", 0), ("limit", -1), ("dtype", "int8"), ("temperature", -1.0),
+                         ("modes", "auto,think"), ("max_thinking_tokens", -2), ("resume", "yes"), ("model", "")):
+        with pytest.raises(ValueError, match=field):
+            EvalConfig(**{**ok, field: value}).validate()
+    with pytest.raises(ValueError, match="unknown EvalConfig keys"):
+        EvalConfig.from_dict({**ok, "modez": "auto"})
+    assert prompt_seed(0, 1) != prompt_seed(0, 2) and prompt_seed(5, 1) == prompt_seed(5, 1)
+
+
+# ------------------------------------------------------------------------------------------------------ the engine
+
+
+def test_samples_are_the_engines_completions_scored(model):
+    """Each row is one completion of a direct LLM.generate call in that mode with the prompt's own seed; the
+    reward is the reward of its answer."""
+    llm = LLM(model, TOK, num_kv_blocks=256, block_size=8)
+    params = SamplingParams(temperature=1.0, max_tokens=8, n=2, seed=11)
+    rows = score_prompts(llm, PROMPTS[:3], ["7", "2", None], [10, 11, 12], digits, modes="short,auto,long",
+                         params=params)
+    assert len(rows) == 3 * 3 * 2
+    for pid, prompt in zip((10, 11, 12), PROMPTS, strict=False):
+        outs = llm.generate([prompt], SamplingParams(temperature=1.0, max_tokens=8, n=2, seed=prompt_seed(11, pid)),
+                            thinking_mode=["short", "auto", "long"], use_tqdm=False)[0].outputs
+        for mode in ("short", "auto", "long"):
+            want = [c for c in outs if c.thinking_mode == mode]
+            got = sorted((r for r in rows if r["id"] == pid and r["mode"] == mode), key=lambda r: r["sample"])
+            assert [r["sample"] for r in got] == [0, 1]
+            for r, c in zip(got, want, strict=True):
+                assert r["tokens"] == len(c.token_ids) and r["answer"] == c.answer and r["thinking"] == c.thinking
+                assert r["think"] == (c.mode == "think") and r["thinking_tokens"] == c.num_thinking_tokens
+                assert r["finish_reason"] == c.finish_reason and r["reward"] == digits(c.answer, None)
+                assert r["prompt"] == prompt
+    # a prompt's samples do not depend on its batch: alone, id 11 draws the same completions
+    alone = score_prompts(llm, [PROMPTS[1]], ["2"], [11], digits, modes="short,auto,long", params=params)
+    assert alone == [r for r in rows if r["id"] == 11]
+
+
+def test_failing_reward_and_refused_request_are_recorded_not_fatal(model):
+    llm = LLM(model, TOK, num_kv_blocks=16, block_size=4)  # 64 cache slots: a 200-token prompt cannot run
+
+    def flaky(answer, reference):
+        if reference == "boom":
+            raise RuntimeError("reward crashed")
+        return 1.0
+
+    items = [(PROMPTS[0], "boom"), ("word " * 60, "x"), (PROMPTS[2], "ok")]
+    s, rows = evaluate(llm, items, flaky, modes=["short", "long"], params=SamplingParams(temperature=0, max_tokens=3))
+    assert s["prompts"] == 2 and s["failed_prompts"] == 1
+    err = [r for r in rows if "error" in r]
+    assert [r["id"] for r in err] == [1] and err[0]["error"]
+    assert s["modes"]["short"]["reward_errors"] == 1 and s["modes"]["short"]["accuracy"] == 0.5
+    bad = [r for r in rows if r.get("reward_error")]
+    assert {r["id"] for r in bad} == {0} and all("RuntimeError: reward crashed" in r["reward_error"] for r in bad)
+    assert llm.blocks.num_free_blocks == llm.blocks.num_blocks  # the engine is clean afterwards
+
+
+def test_evaluate_in_memory_matches_score_prompts_and_batches_do_not_matter(model):
+    llm = LLM(model, TOK, num_kv_blocks=256, block_size=8)
+    items = [(p, "7") for p in PROMPTS]
+    params = SamplingParams(temperature=1.0, max_tokens=6, seed=3)
+    s1, rows1 = evaluate(llm, items, "exact", params=params, batch_size=1)
+    s3, rows3 = evaluate(llm, items, "exact", params=params, batch_size=3)
+    assert rows1 == rows3 and s1 == s3 and s1["prompts"] == 4
+    with pytest.raises(ValueError, match="batch_size"):
+        evaluate(llm, items, "exact", batch_size=0)
+    with pytest.raises(ValueError, match="unknown reward"):
+        evaluate(llm, items, "nope")
+
+
+# ------------------------------------------------------------------------------------------------------ files, CLI
+
+
+def eval_rows() -> list:
+    return [{"prompt": "What is 3 + 4?", "answer": "7"}, {"prompt": "Repeat 5.", "answer": "5"},
+            {"prompt": "Name a prime.", "answer": "2"},
+            {"messages": [{"role": "user", "content": "Say 9."}], "reference": "9"},
+            {"prompt": "no reference here"},  # skipped: nothing to score against
+            {"prompt": ""},  # skipped: empty
+            {"prompt": "Add 1 and 1.", "answer": "2"}]
+
+
+@pytest.fixture
+def setup(tmp_path):
+    model = make_model_dir(tmp_path / "model", seed=2)
+    data = write_jsonl(tmp_path / "eval.jsonl", eval_rows())
+    with open(data, "a", encoding="utf-8") as f:
+        f.write("{not json\n")
+    return tmp_path, model, data
+
+
+def cfg_for(tmp, model, data, out="out", **kw) -> EvalConfig:
+    base = dict(model=str(model), data=str(data), output_dir=str(tmp / out), reward="exact", temperature=1.0,
+                max_tokens=6, n=2, seed=4, batch_size=2, device="cpu", progress=False)
+    return EvalConfig(**{**base, **kw})
+
+
+def test_run_eval_files_and_resume_after_a_crash(setup):
+    tmp, model, data = setup
+    full = run_eval(cfg_for(tmp, model, data, "full"))
+    out = tmp / "full"
+    assert {"samples.jsonl", "summary.json", "summary.md", "eval.png", "config.json", "eval_config.json"} <= \
+        {p.name for p in out.iterdir()}
+    assert full["prompts"] == 5 and full["skipped_rows"] == 2 and full["rows"] == 7
+    assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(full))
+    samples = read_samples(out / "samples.jsonl")
+    assert len([r for r in samples if "mode" in r]) == 5 * 3 * 2
+    assert sorted(r["where"].rsplit(":", 1)[1] for r in samples if "skipped" in r) == ["5", "6"]
+
+    # an interrupted run: the same evaluation killed mid-chunk (a prompt half written, a line cut short)
+    part = tmp / "part"
+    part.mkdir()
+    for name in ("eval_config.json", "config.json"):
+        (part / name).write_bytes((out / name).read_bytes())
+    lines = (out / "samples.jsonl").read_bytes().splitlines(keepends=True)
+    cut = 9  # the first prompt whole (6 rows), the second half (3) ...
+    (part / "samples.jsonl").write_bytes(b"".join(lines[:cut]) + lines[cut][:17])  # ... and a torn line
+    resumed = run_eval(cfg_for(tmp, model, data, "part"))
+    key = lambda r: (r["id"], r.get("mode", ""), r.get("sample", -1))  # noqa: E731
+    got = sorted(read_samples(part / "samples.jsonl"), key=key)
+    assert got == sorted(samples, key=key)  # no duplicate of the half-written prompt, the same draws
+    assert resumed == full
+
+    # resuming with other sampling refuses, naming the field; resume=False starts over
+    with pytest.raises(ValueError, match="temperature"):
+        run_eval(cfg_for(tmp, model, data, "part", temperature=0.5))
+    again = run_eval(cfg_for(tmp, model, data, "part", temperature=0.5, resume=False, limit=2, plot=False))
+    assert again["prompts"] == 2 and len(read_samples(part / "samples.jsonl")) == 2 * 3 * 2
+
+
+def test_cli_eval(setup, capsys):
+    tmp, model, data = setup
+    rc = cli_main(["eval", "--model", str(model), "--data", str(data), "--output-dir", str(tmp / "cli"),
+                   "--reward", "exact", "--modes", "short,long", "--max-tokens", "4", "--limit", "3", "--no-progress",
+                   "--no-plot", "--device", "cpu"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "| non-thinking (short) |" in printed and "| thinking (long) |" in printed and "| auto |" not in printed
+    s = json.loads((tmp / "cli" / "summary.json").read_text())
+    assert s["prompts"] == 3 and set(s["modes"]) == {"short", "long"} and "auto_decision" not in s
+    assert not (tmp / "cli" / "eval.png").exists()
+    with pytest.raises(SystemExit, match="modes"):
+        cli_main(["eval", "--model", str(model), "--data", str(data), "--output-dir", str(tmp / "cli2"),
+                  "--modes", "sideways"])
+
+
+def test_r4b_image_prompts_are_evaluated():
+    """An R-4B chat with an image runs in every mode (the prompt text shows the image as <image>)."""
+    from test_llm import tiny_r4b_chat
+
+    model, tok, msgs = tiny_r4b_chat()
+    llm = LLM(model, tok, num_kv_blocks=256, block_size=16)
+    s, rows = evaluate(llm, [(msgs, "x")], "exact", params=SamplingParams(temperature=0, max_tokens=3))
+    assert s["prompts"] == 1 and len(rows) == 3 and rows[0]["prompt"] == "user: <image>What?"
+    assert torch.is_tensor(msgs[0]["content"][0]["image"])  # the caller's chat is left as it was
