@@ -10,7 +10,9 @@
 4. stage 2, BPO (r4b.engine.train.bpo): per prompt g rollouts in forced thinking mode and g in forced
    non-thinking mode from one shared prefill (the inference engine on the trainer's own weights), rewards, one
    advantage over each mixed group, the GRPO loss straight from the hidden states, the auto-mode probe;
-5. the backends every op ran on.
+5. the BPO model evaluated in the three thinking modes (r4b.engine.evaluate, what ``r4b eval`` runs): accuracy,
+   tokens and think-rate per mode, and where auto mode chose to think;
+6. the backends every op ran on.
 The reward is a toy rule (the share of digits in the answer): the point is the plumbing, not the task.
 """
 
@@ -27,6 +29,7 @@ from pathlib import Path
 import torch
 
 from r4b.engine.chat import DEMO_TOKENIZER, ChatTokenizer
+from r4b.engine.evaluate import evaluate, format_summary
 from r4b.engine.llm import LLM
 from r4b.engine.model import Qwen3Config, Qwen3ForCausalLM, from_pretrained, save_pretrained
 from r4b.engine.sampling import SamplingParams
@@ -134,7 +137,19 @@ def _run(root: Path, sft_steps: int, bpo_steps: int) -> int:
               f"tokens {r['tokens_long']:.1f} / {r['tokens_short']:.1f}  loss {r['loss']:+.1e}  "
               f"grad norm {r['grad_norm']:.3f}  clip {r['clip_frac']:.2f}{probe}")
 
-    print("5. backends that ran here (auto dispatch):")
+    t0 = time.perf_counter()
+    final = LLM(from_pretrained(root / "bpo" / "final"), tok, num_kv_blocks=256)
+    eval_rng = random.Random(7)
+    items = [(f(eval_rng)[0], None) for f in (hard, easy) for _ in range(12)]  # ids 0-11 hard, 12-23 easy
+    summary, rows = evaluate(final, items, reward_fn, params=SamplingParams(temperature=0.0, max_tokens=24))
+    auto = {k: [r["think"] for r in rows if r.get("mode") == "auto" and (r["id"] < 12) == (k == "hard")]
+            for k in ("hard", "easy")}
+    print(f"5. the BPO model evaluated in the three thinking modes (r4b eval's engine; 24 held-out prompts, greedy; "
+          f"accuracy = the toy reward's mean; {time.perf_counter() - t0:.1f} s); auto-mode think-rate hard "
+          f"{sum(auto['hard']) / len(auto['hard']):.2f}, easy {sum(auto['easy']) / len(auto['easy']):.2f}")
+    print("   " + format_summary(summary).replace("\n", "\n   "))
+
+    print("6. backends that ran here (auto dispatch):")
     for op in ("group_advantages", "pack", "varlen_attention", "rms_norm", "fused_linear_cross_entropy",
                "fused_linear_grpo_loss", "store_kv", "paged_decode_attention"):
         print(f"   {op:<26} {available_backends(op)[0]}  (available: {', '.join(available_backends(op))})")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from r4b import demo
 
 
@@ -23,4 +25,10 @@ def test_demo_runs_both_stages(monkeypatch, capsys, tmp_path):
     assert [s[0] for s in bpo] == ["1", "2"]
     assert all(float(s[3]) > 0 for s in bpo)  # the GRPO loss produced gradients
     assert (tmp_path / "bpo" / "final" / "model.safetensors").is_file()
+    # the evaluation in the three modes: its table, and its auto row's think-rate is the hard / easy rates' mean
+    ev = re.search(r"5\. the BPO model evaluated .* think-rate hard ([\d.]+), easy ([\d.]+)", out)
+    auto = re.search(r"\| auto \| [\d.]+ \| [\d.]+ \| ([\d.]+) \|", out)
+    assert ev and auto and "| thinking (long) |" in out and "| non-thinking (short) |" in out, out[-3000:]
+    # (the rates print with 2 decimals, the table with 1: rounding moves the mean by at most 0.5 + 0.05 points)
+    assert float(auto.group(1)) == pytest.approx(100 * (float(ev.group(1)) + float(ev.group(2))) / 2, abs=0.55)
     assert (tmp_path / "sft" / "metrics.jsonl").is_file() and (tmp_path / "bpo" / "metrics.png").is_file()
