@@ -6,6 +6,7 @@
     r4b sft --model M --data D --output-dir O ...   stage 1 training (bi-mode annealing); torchrun for many GPUs
     r4b bpo --model M --data D --output-dir O ...   stage 2 training (BPO)
     r4b eval --model M --data D --output-dir O ...  accuracy / tokens / think-rate per thinking mode
+    r4b serve MODEL_DIR --port 8000                   an OpenAI-compatible server (chat completions, thinking modes)
     r4b demo                      the CPU demo of the first milestone (same as `make demo`)
 """
 
@@ -74,26 +75,25 @@ def _requests(args: argparse.Namespace) -> list:
     return reqs
 
 
+def _load_llm(args: argparse.Namespace, cmd: str):
+    """The engine over args.model (HF checkpoint dir) with its tokenizer, on args.device in args.dtype."""
+    from r4b.engine.llm import LLM
+
+    try:
+        return LLM.from_pretrained(args.model, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
+                                   max_num_seqs=args.max_num_seqs)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"r4b {cmd}: {e}") from None
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
-    import torch
 
-    from r4b.engine.chat import ChatTokenizer
-    from r4b.engine.llm import LLM, RequestOutput, StreamEvent
-    from r4b.engine.model import R4BConfig, from_pretrained
+    from r4b.engine.llm import RequestOutput, StreamEvent
     from r4b.engine.sampling import SamplingParams
 
     reqs = _requests(args)
-    path = Path(args.model)
-    tok_file = Path(args.tokenizer) if args.tokenizer else path / "tokenizer.json"
-    if not tok_file.is_file():
-        raise SystemExit(f"r4b generate: no tokenizer at {tok_file} (pass --tokenizer)")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    model = from_pretrained(path, dtype=dtype, device=device).eval()
-    tok = ChatTokenizer(tok_file, model_config=model.config if isinstance(model.config, R4BConfig) else None)
-    llm = LLM(model, tok, max_num_seqs=args.max_num_seqs)
+    llm = _load_llm(args, "generate")
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             max_tokens=args.max_tokens, seed=args.seed, n=args.n)
     kw = dict(thinking_mode=args.thinking_mode, max_thinking_tokens=args.max_thinking_tokens)
@@ -219,6 +219,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0 if summary["prompts"] else 1
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from r4b.engine.server import Server
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    llm = _load_llm(args, "serve")
+    name = args.served_model_name or Path(args.model).resolve().name
+    server = Server((args.host, args.port), llm, model_name=name, default_mode=args.thinking_mode,
+                    default_max_tokens=args.max_tokens)
+    host, port = server.server_address[:2]
+    print(f"r4b serve: {name} on http://{host}:{port}/v1 (POST /v1/chat/completions, GET /v1/models, GET /health); "
+          "Ctrl-C stops", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
 def cmd_demo(_: argparse.Namespace) -> int:
     from r4b import demo
 
@@ -262,6 +284,19 @@ def main(argv: list[str] | None = None) -> int:
                            "\n\n" + (TrainConfig.__doc__ or ""), formatter_class=argparse.RawDescriptionHelpFormatter)
         add_config_args(t, cls)
         t.set_defaults(fn=_train)
+    v = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat completions, streaming, thinking modes)")
+    v.add_argument("model", help="checkpoint directory (HF layout: config.json + *.safetensors)")
+    v.add_argument("--tokenizer", help="tokenizer.json (default: the one in the checkpoint directory)")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--served-model-name", default=None, help="the model id clients send (default: the folder name)")
+    v.add_argument("--thinking-mode", default="auto", choices=("auto", "long", "short"),
+                   help="the mode of a request that names none")
+    v.add_argument("--max-tokens", type=int, default=1024, help="max_tokens of a request that names none")
+    v.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+    v.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
+    v.add_argument("--max-num-seqs", type=int, default=256)
+    v.set_defaults(fn=cmd_serve)
     from r4b.engine.evaluate import EvalConfig
 
     e = sub.add_parser("eval", help="accuracy, tokens and think-rate in each thinking mode, and auto mode's choices",

@@ -457,20 +457,8 @@ def _finished_ids(rows: list[dict], modes: Sequence[str], n: int) -> set[int]:
 
 
 def _load_llm(cfg: EvalConfig) -> LLM:
-    import torch
-
-    from .chat import ChatTokenizer
-    from .model import R4BConfig, from_pretrained
-
-    path = Path(cfg.model)
-    tok_file = Path(cfg.tokenizer) if cfg.tokenizer else path / "tokenizer.json"
-    if not tok_file.is_file():
-        raise ValueError(f"EvalConfig.tokenizer: no tokenizer at {tok_file}")
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.dtype]
-    model = from_pretrained(path, dtype=dtype, device=device).eval()
-    tok = ChatTokenizer(tok_file, model_config=model.config if isinstance(model.config, R4BConfig) else None)
-    return LLM(model, tok, max_num_seqs=cfg.max_num_seqs)
+    return LLM.from_pretrained(cfg.model, tokenizer=cfg.tokenizer, device=cfg.device, dtype=cfg.dtype,
+                               max_num_seqs=cfg.max_num_seqs)
 
 
 def _fmt(x: float | None, pct: bool = False) -> str:

@@ -28,6 +28,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import count
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -90,6 +91,8 @@ class _Request:
         self.seqs: list[_Seq] = []
         self.unfinished = 0
         self.error: str | None = None
+        self.budget: int | None = None  # max_thinking_tokens
+        self.reported = False  # step(): its RequestOutput was returned
 
 
 class _Seq:
@@ -203,7 +206,8 @@ class LLM:
         self._ids = count()
         self.waiting: deque[_Seq] = deque()
         self.running: list[_Seq] = []
-        self._budget: int | None = None  # max_thinking_tokens of the running generate
+        self._live: dict[int, _Request] = {}  # add_request / step (serving): requests not reported yet
+        self._req_ids = count()
         self._events: list[tuple[_Seq, int | None]] = []
         self.stats = {"steps": 0, "prefill_steps": 0, "graph_steps": 0, "preemptions": 0,
                       "prompt_tokens_computed": 0}
@@ -217,6 +221,27 @@ class LLM:
         if tokenizer is not None:
             self._end_of_thought = tokenizer.encode(FORCED_END_OF_THOUGHT)
             self._suffix_ids = {m: tokenizer.encode(s) for m, s in MODE_SUFFIX.items()}
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, tokenizer: str | Path | None = None, device: str | None = None,
+                        dtype: str | torch.dtype | None = "auto", **kwargs: Any) -> LLM:
+        """The engine over a checkpoint directory (HF layout; R-4B or Qwen3) and its tokenizer.json (or
+        ``tokenizer``). device: default cuda when available; dtype: "auto" / None (the checkpoint's), "bf16",
+        "fp16", "fp32" or a torch dtype; kwargs go to LLM(...)."""
+        from .model import R4BConfig, from_pretrained
+
+        path = Path(path)
+        tok_file = Path(tokenizer) if tokenizer else path / "tokenizer.json"
+        if not tok_file.is_file():
+            raise ValueError(f"tokenizer: no tokenizer file at {tok_file}")
+        names = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+        if isinstance(dtype, str) and dtype not in names:
+            raise ValueError(f"dtype must be one of {sorted(names)} or a torch dtype, got {dtype!r}")
+        dtype = names[dtype] if isinstance(dtype, str) else dtype
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model = from_pretrained(path, dtype=dtype, device=device).eval()
+        tok = ChatTokenizer(tok_file, model_config=model.config if isinstance(model.config, R4BConfig) else None)
+        return cls(model, tok, **kwargs)
 
     def mode_suffix_ids(self, mode: str) -> list[int]:
         """The token ids a thinking mode appends after ``<|im_start|>assistant\\n`` (r4b.engine.chat.MODE_SUFFIX)."""
@@ -548,8 +573,8 @@ class LLM:
         elif tok is not None and seq.thought_open:
             if token == tok.end_think_id:
                 seq.thought_open = False
-            elif (self._budget is not None and not seq.forced
-                  and len(seq.generated) >= self._budget):
+            elif (seq.req.budget is not None and not seq.forced
+                  and len(seq.generated) >= seq.req.budget):
                 seq.forced.extend(self._end_of_thought)
                 seq.thought_open = False  # the forced tokens close it
         if reason is not None:
@@ -607,19 +632,9 @@ class LLM:
         return out
 
     # ------------------------------------------------------------------ public
-    def _start(self, requests: Sequence[Any], params: SamplingParams | Sequence[SamplingParams] | None,
-               thinking_mode: str | Sequence[str] | None, max_thinking_tokens: int | None) -> list[_Request]:
-        if self.waiting or self.running:
-            raise RuntimeError("LLM is already generating (one generate / stream at a time)")
-        if isinstance(requests, (str, Tensor)) or _is_token_list(requests) or (
-                isinstance(requests, list) and requests and isinstance(requests[0], dict)):
-            raise ValueError("requests must be a list of requests (wrap a single prompt or chat in a list)")
-        requests = list(requests)
-        params = params if params is not None else SamplingParams()
-        plist = [params] * len(requests) if isinstance(params, SamplingParams) else list(params)
-        if len(plist) != len(requests) or not all(isinstance(p, SamplingParams) for p in plist):
-            raise ValueError(f"params must be a SamplingParams or one per request ({len(requests)}), got "
-                             f"{len(plist)} items")
+    def _check_call(self, plist: Sequence[SamplingParams], thinking_mode: str | Sequence[str] | None,
+                    max_thinking_tokens: int | None) -> tuple[str | None, ...]:
+        """Validate one call's sampling params, modes and budget; the modes as a tuple."""
         if self.tokenizer is None and any(p.stop for p in plist):
             raise ValueError("SamplingParams.stop (strings) needs the LLM's tokenizer; use stop_token_ids")
         if thinking_mode is None or isinstance(thinking_mode, str):
@@ -634,29 +649,116 @@ class LLM:
                 if self.tokenizer is None:
                     raise ValueError(f"thinking_mode={m!r} needs the LLM's tokenizer (for the mode suffix)")
         if max_thinking_tokens is not None:
-            if not isinstance(max_thinking_tokens, int) or max_thinking_tokens < 0:
+            if not isinstance(max_thinking_tokens, int) or isinstance(max_thinking_tokens, bool) \
+                    or max_thinking_tokens < 0:
                 raise ValueError(f"max_thinking_tokens must be None or an int >= 0, got {max_thinking_tokens!r}")
             if self.tokenizer is None:
                 raise ValueError("max_thinking_tokens needs the LLM's tokenizer")
-        self._budget = max_thinking_tokens
         if self._graphs is not None and self._graphs.stale():  # weights replaced since the capture: capture again
             log.info("the model's parameters moved since the decode graphs were captured: capturing them again")
             self._graphs.reset()
+        return modes
+
+    def _set_budget(self, req: _Request, budget: int | None) -> None:
+        req.budget = budget
+        if budget == 0:  # a zero budget closes the thought before the first sampled token
+            for seq in req.seqs:
+                if seq.thought_open:
+                    seq.forced.extend(self._end_of_thought)
+                    seq.thought_open = False
+
+    def _start(self, requests: Sequence[Any], params: SamplingParams | Sequence[SamplingParams] | None,
+               thinking_mode: str | Sequence[str] | None, max_thinking_tokens: int | None) -> list[_Request]:
+        if self.waiting or self.running or self._live:
+            raise RuntimeError("LLM is already generating (one generate / stream at a time, and not while "
+                               "add_request / step serve requests)")
+        if isinstance(requests, (str, Tensor)) or _is_token_list(requests) or (
+                isinstance(requests, list) and requests and isinstance(requests[0], dict)):
+            raise ValueError("requests must be a list of requests (wrap a single prompt or chat in a list)")
+        requests = list(requests)
+        params = params if params is not None else SamplingParams()
+        plist = [params] * len(requests) if isinstance(params, SamplingParams) else list(params)
+        if len(plist) != len(requests) or not all(isinstance(p, SamplingParams) for p in plist):
+            raise ValueError(f"params must be a SamplingParams or one per request ({len(requests)}), got "
+                             f"{len(plist)} items")
+        modes = self._check_call(plist, thinking_mode, max_thinking_tokens)
         try:
             reqs = [self._add(i, r, p, modes) for i, (r, p) in enumerate(zip(requests, plist, strict=True))]
         except BaseException:
             self._reset()
             raise
-        if max_thinking_tokens == 0:  # a zero budget closes the thought before the first sampled token
-            for req in reqs:
-                for seq in req.seqs:
-                    if seq.thought_open:
-                        seq.forced.extend(self._end_of_thought)
-                        seq.thought_open = False
+        for req in reqs:
+            self._set_budget(req, max_thinking_tokens)
         return reqs
 
+    # ------------------------------------------------------------------ serving: one request at a time
+    def add_request(self, request: Any, params: SamplingParams | None = None, *,
+                    thinking_mode: str | Sequence[str] | None = None,
+                    max_thinking_tokens: int | None = None) -> int:
+        """Queue one request while others run (serving; r4b/engine/server.py); returns its id. Its tokens and its
+        RequestOutput (also for a request that cannot run: ``error`` set) come from :meth:`step`. A bad argument
+        (not the request itself) raises ValueError. Call from one thread, not during generate / stream."""
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        modes = self._check_call([params], thinking_mode, max_thinking_tokens)
+        req = self._add(next(self._req_ids), request, params, modes)
+        self._set_budget(req, max_thinking_tokens)
+        self._live[req.index] = req
+        return req.index
+
+    def has_unfinished(self) -> bool:
+        """Whether step() has work or outputs left (requests added with add_request)."""
+        return bool(self._live or self.waiting or self.running)
+
+    def abort(self, request_id: int) -> bool:
+        """Drop a request added with add_request (a client that went away): its sequences leave the queues and
+        their KV blocks are freed; it reports nothing more. False when it is not live (finished or unknown)."""
+        req = self._live.pop(request_id, None)
+        if req is None:
+            return False
+        for seq in [s for s in (*self.running, *self.waiting) if s.req is req]:
+            self._release(seq)
+            if seq in self.waiting:
+                self.waiting.remove(seq)
+        return True
+
+    def step(self) -> list[StreamEvent | RequestOutput]:
+        """One engine step over the requests added with add_request: a StreamEvent per generated token, and each
+        request's RequestOutput once all its completions are done (a request that cannot run reports at once).
+        A step that raises (the model failing) fails the requests it was running, reports them with the error and
+        leaves the engine clean for the next ones."""
+        out: list[StreamEvent | RequestOutput] = []
+        for req in list(self._live.values()):
+            if req.error is not None and not req.seqs:  # refused when added
+                out.append(self._report(req))
+        if not (self.waiting or self.running):
+            return out
+        try:
+            events = self._step()
+        except Exception as e:  # noqa: BLE001 - reported to every request in flight, never takes the server down
+            log.exception("engine step failed: the %d requests in flight fail", len(self._live))
+            self._reset()
+            for req in list(self._live.values()):
+                req.error = f"the engine step failed: {type(e).__name__}: {e}"
+                req.seqs = []
+                out.append(self._report(req))
+            return out
+        for seq, token in events:
+            out.append(StreamEvent(seq.req.index, seq.index, token, self._delta(seq), seq.finish_reason is not None,
+                                   seq.finish_reason))
+            if seq.req.unfinished == 0 and not seq.req.reported:
+                out.append(self._report(seq.req))
+        return out
+
+    def _report(self, req: _Request) -> RequestOutput:
+        req.reported = True
+        self._live.pop(req.index, None)
+        return self._output(req)
+
     def _reset(self) -> None:
-        """Drop every queued and running sequence and its blocks (after an interrupted or failed generate)."""
+        """Drop every queued and running sequence and its blocks (after an interrupted or failed generate; live
+        add_request requests are the caller's to report)."""
         for seq in [*self.running, *self.waiting]:
             self.blocks.free(seq.id)
         self.running.clear()

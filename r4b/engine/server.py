@@ -1,0 +1,518 @@
+"""An OpenAI-compatible HTTP server over the engine (``r4b serve``): ``POST /v1/chat/completions`` (streamed or not),
+``GET /v1/models``, ``GET /health``.
+
+One engine thread owns the LLM and runs its steps (``LLM.add_request`` / ``step`` / ``abort``); every HTTP
+request is a thread that submits its chat and reads its own events, so concurrent requests are batched together by
+the engine (continuous batching), and a client that disconnects mid-stream has its sequences aborted and their KV
+blocks freed. A request the engine refuses (too long, a bad image) gets a 400 naming the reason; a failing engine
+step fails the requests it was running (500) and the server goes on.
+
+The thinking mode: ``"thinking_mode": "auto" | "long" | "short"`` (r4b's field), or vLLM / Qwen3's
+``"chat_template_kwargs": {"enable_thinking": true | false}`` (long / short); the server's default otherwise.
+``"max_thinking_tokens"`` sets a thinking budget. Answers come as DeepSeek / vLLM's reasoning format: the thought in
+``message.reasoning_content`` (streamed as ``delta.reasoning_content``), the answer in ``message.content``; each
+choice also says ``thinking_mode`` and what the model did (``mode``: "think" / "no_think"). Images: ``image_url``
+parts with ``data:`` URLs (base64); the server fetches nothing and reads no local file.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from .chat import END_THINK, IM_END, MODE_SUFFIX
+from .llm import LLM, RequestOutput, StreamEvent
+from .sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+_EOT = "<|endoftext|>"
+_UNSUPPORTED = ("tools", "tool_choice", "functions", "logit_bias", "response_format")
+
+
+class BadRequest(ValueError):
+    """A request the server refuses (HTTP 400), naming the field."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+# ----------------------------------------------------------------------------------------------------- parsing
+
+
+@dataclass
+class ChatRequest:
+    messages: list[dict]
+    params: SamplingParams
+    thinking_mode: str
+    max_thinking_tokens: int | None = None
+    stream: bool = False
+    include_usage: bool = False
+    model: str | None = None
+
+
+def _int(body: dict, name: str, low: int, default: int | None) -> int | None:
+    v = body.get(name, default)
+    if v is None:
+        return default
+    if not isinstance(v, int) or isinstance(v, bool) or v < low:
+        raise BadRequest(f"'{name}' must be an integer >= {low}, got {v!r}", name)
+    return v
+
+
+def _float(body: dict, name: str, default: float) -> float:
+    v = body.get(name, default)
+    if v is None:
+        return default
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        raise BadRequest(f"'{name}' must be a number, got {v!r}", name)
+    return float(v)
+
+
+def _image(url: Any, where: str) -> Any:
+    """An image_url part's ``data:`` URL as a PIL image (nothing is fetched, no file is read)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(url, dict):
+        url = url.get("url")
+    if not isinstance(url, str) or not url.startswith("data:") or ";base64," not in url:
+        raise BadRequest(f"{where}: only base64 data: URLs are accepted (the server fetches nothing), got "
+                         f"{str(url)[:60]!r}", "messages")
+    try:
+        raw = base64.b64decode(url.split(";base64,", 1)[1], validate=True)
+        with Image.open(io.BytesIO(raw)) as im:
+            return im.convert("RGB")
+    except (binascii.Error, ValueError, OSError, UnidentifiedImageError) as e:
+        raise BadRequest(f"{where}: not a readable base64 image ({e})", "messages") from None
+
+
+def _messages(raw: Any) -> list[dict]:
+    if not isinstance(raw, list) or not raw:
+        raise BadRequest(f"'messages' must be a non-empty list, got {str(raw)[:60]!r}", "messages")
+    out = []
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise BadRequest(f"messages[{i}] must be an object with role system / user / assistant, got "
+                             f"{str(m)[:60]!r}", "messages")
+        content = m.get("content")
+        if isinstance(content, list):
+            parts = []
+            for j, part in enumerate(content):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text" and isinstance(part.get("text"), str):
+                    parts.append({"type": "text", "text": part["text"]})
+                elif kind == "image_url":
+                    parts.append({"type": "image", "image": _image(part.get("image_url"),
+                                                                   f"messages[{i}].content[{j}]")})
+                else:
+                    raise BadRequest(f"messages[{i}].content[{j}] must be a text or image_url part, got "
+                                     f"{str(part)[:60]!r}", "messages")
+            content = parts
+        elif content is None:
+            content = ""
+        elif not isinstance(content, str):
+            raise BadRequest(f"messages[{i}].content must be a string or a list of parts", "messages")
+        out.append({"role": m["role"], "content": content})
+    if out[-1]["role"] == "assistant":
+        raise BadRequest("the last message is the assistant's: nothing to answer (continuing an assistant turn is "
+                         "not supported)", "messages")
+    return out
+
+
+def parse_chat_request(body: Any, *, default_mode: str = "auto", default_max_tokens: int = 1024) -> ChatRequest:
+    """An OpenAI chat-completions body -> ChatRequest; BadRequest naming the field for anything wrong."""
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    for name in _UNSUPPORTED:
+        if body.get(name):
+            raise BadRequest(f"'{name}' is not supported by r4b serve", name)
+    for name in ("presence_penalty", "frequency_penalty"):
+        if body.get(name):
+            raise BadRequest(f"'{name}' is not supported by r4b serve (send 0 or leave it out)", name)
+    if body.get("logprobs"):
+        raise BadRequest("'logprobs' is not supported by r4b serve yet", "logprobs")
+    messages = _messages(body.get("messages"))
+    mode = body.get("thinking_mode")
+    kwargs = body.get("chat_template_kwargs")
+    if mode is None and isinstance(kwargs, dict) and "enable_thinking" in kwargs:
+        if not isinstance(kwargs["enable_thinking"], bool):
+            raise BadRequest("'chat_template_kwargs.enable_thinking' must be true or false", "chat_template_kwargs")
+        mode = "long" if kwargs["enable_thinking"] else "short"
+    mode = default_mode if mode is None else mode
+    if mode not in MODE_SUFFIX:
+        raise BadRequest(f"'thinking_mode' must be one of {sorted(MODE_SUFFIX)}, got {mode!r}", "thinking_mode")
+    max_tokens = _int(body, "max_completion_tokens", 1, None)
+    max_tokens = _int(body, "max_tokens", 1, None) if max_tokens is None else max_tokens
+    stop = body.get("stop") or ()
+    if isinstance(stop, str):
+        stop = (stop,)
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 16:
+        raise BadRequest(f"'stop' must be a string or a list of at most 16 non-empty strings, got {stop!r}", "stop")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise BadRequest(f"'stream' must be true or false, got {stream!r}", "stream")
+    opts = body.get("stream_options") or {}
+    if not isinstance(opts, dict):
+        raise BadRequest("'stream_options' must be an object", "stream_options")
+    seed = body.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise BadRequest(f"'seed' must be an integer, got {seed!r}", "seed")
+    kw = dict(temperature=_float(body, "temperature", 1.0), top_p=_float(body, "top_p", 1.0),
+              top_k=_int(body, "top_k", 0, 0) or 0, max_tokens=max_tokens or default_max_tokens, stop=tuple(stop),
+              seed=seed, n=_int(body, "n", 1, 1) or 1)
+    try:
+        params = SamplingParams(**kw)
+    except ValueError as e:  # SamplingParams.<field> must be ...
+        msg = str(e)
+        name = msg.split(".", 1)[1].split(" ", 1)[0] if msg.startswith("SamplingParams.") else None
+        raise BadRequest(f"'{name}': {msg}" if name else msg, name) from None
+    return ChatRequest(messages, params, mode, _int(body, "max_thinking_tokens", 0, None), stream,
+                       bool(opts.get("include_usage")), body.get("model"))
+
+
+# ------------------------------------------------------------------------------------------------------ engine
+
+
+@dataclass
+class Handle:
+    """One submitted request: its events arrive on ``events`` (StreamEvent..., then its RequestOutput; or a
+    ("error", message) tuple when add_request refused the arguments)."""
+
+    events: queue.Queue = field(default_factory=queue.Queue)
+    request_id: int | None = None
+    aborted: bool = False
+
+
+class EngineLoop:
+    """Runs an LLM in one background thread. Other threads submit(...) chats and read the events of their handle;
+    abort(handle) drops a request (its KV blocks are freed at the engine's next turn)."""
+
+    def __init__(self, llm: LLM, *, idle_wait: float = 0.02) -> None:
+        self.llm = llm
+        self.idle_wait = idle_wait
+        self._inbox: queue.Queue = queue.Queue()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="r4b-engine", daemon=True)
+        self.steps = 0
+        self.max_batch = 0  # the most requests in flight at one step (a measure of batching, for tests and logs)
+
+    def start(self) -> EngineLoop:
+        self._thread.start()
+        return self
+
+    def shutdown(self) -> None:
+        self._stopping.set()
+        self._inbox.put(None)
+        self._thread.join(timeout=30)
+
+    def submit(self, req: ChatRequest) -> Handle:
+        h = Handle()
+        self._inbox.put(("add", req, h))
+        return h
+
+    def abort(self, h: Handle) -> None:
+        h.aborted = True
+        self._inbox.put(("abort", None, h))
+
+    def _take(self, block: bool) -> list:
+        items = []
+        try:
+            items.append(self._inbox.get(timeout=self.idle_wait) if block else self._inbox.get_nowait())
+            while True:
+                items.append(self._inbox.get_nowait())
+        except queue.Empty:
+            pass
+        return [x for x in items if x is not None]
+
+    def _run(self) -> None:
+        handles: dict[int, Handle] = {}
+        while not self._stopping.is_set():
+            try:
+                for kind, req, h in self._take(block=not self.llm.has_unfinished()):
+                    if kind == "abort":
+                        if h.request_id is not None and handles.pop(h.request_id, None) is not None:
+                            self.llm.abort(h.request_id)
+                        continue
+                    if h.aborted:
+                        continue
+                    try:
+                        h.request_id = self.llm.add_request(req.messages, req.params, thinking_mode=req.thinking_mode,
+                                                            max_thinking_tokens=req.max_thinking_tokens)
+                    except (ValueError, RuntimeError) as e:
+                        h.events.put(("error", str(e)))
+                        continue
+                    handles[h.request_id] = h
+                if not self.llm.has_unfinished():
+                    continue
+                self.max_batch = max(self.max_batch, len(handles))
+                self.steps += 1
+                for ev in self.llm.step():
+                    h = handles.get(ev.request_index)
+                    if h is None:
+                        continue
+                    h.events.put(ev)
+                    if isinstance(ev, RequestOutput):
+                        handles.pop(ev.request_index, None)
+            except Exception as e:  # noqa: BLE001 - a bug here fails the requests in flight, not the server
+                log.exception("engine loop error")
+                for rid, h in list(handles.items()):
+                    self.llm.abort(rid)
+                    h.events.put(("error", f"engine error: {type(e).__name__}: {e}"))
+                handles.clear()
+
+
+# ---------------------------------------------------------------------------------------------------- streaming
+
+
+class ThinkSplitter:
+    """Splits a completion's streamed text into thought and answer deltas as they arrive.
+
+    in_thought: the completion starts inside a thought (auto / long prompts). The thought ends at the first
+    ``</think>``; an ending that may grow into ``</think>`` or an end-of-turn token, and trailing whitespace, are
+    held back until the next text decides them (what is sent is always a prefix of what will be)."""
+
+    _HELD = (END_THINK, IM_END, _EOT)
+
+    def __init__(self, in_thought: bool) -> None:
+        self.in_thought = in_thought
+        self.text = ""
+        self.sent = ["", ""]  # thought, answer
+
+    def _visible(self) -> tuple[str, str]:
+        t = self.text
+        for stop in (IM_END, _EOT):
+            cut = t.find(stop)
+            if cut >= 0:
+                t = t[:cut]
+        hold = 0
+        for tag in self._HELD:
+            for k in range(min(len(tag) - 1, len(t)), 0, -1):
+                if t.endswith(tag[:k]):
+                    hold = max(hold, k)
+                    break
+        t = t[: len(t) - hold]
+        if self.in_thought:
+            k = t.find(END_THINK)
+            thought, answer = (t, "") if k < 0 else (t[:k], t[k + len(END_THINK):])
+        else:
+            thought, answer = "", t
+        return thought.strip(), answer.strip()
+
+    def feed(self, delta: str) -> tuple[str, str]:
+        """(thought delta, answer delta) after ``delta``."""
+        self.text += delta
+        return self._advance(*self._visible())
+
+    def finish(self, thinking: str, answer: str) -> tuple[str, str]:
+        """The rest, given the completion's final parse (what the non-streamed response holds)."""
+        return self._advance(thinking, answer)
+
+    def _advance(self, thought: str, answer: str) -> tuple[str, str]:
+        out = []
+        for i, now in enumerate((thought, answer)):
+            if now.startswith(self.sent[i]) and len(now) > len(self.sent[i]):
+                out.append(now[len(self.sent[i]):])
+                self.sent[i] = now
+            else:
+                out.append("")
+        return out[0], out[1]
+
+
+# --------------------------------------------------------------------------------------------------------- HTTP
+
+
+def _choice(c) -> dict:
+    return {"index": c.index, "message": {"role": "assistant", "content": c.answer,
+                                          "reasoning_content": c.thinking or None},
+            "finish_reason": c.finish_reason, "thinking_mode": c.thinking_mode, "mode": c.mode,
+            "num_thinking_tokens": c.num_thinking_tokens}
+
+
+def _usage(out: RequestOutput) -> dict:
+    done = sum(len(c.token_ids) for c in out.outputs)
+    return {"prompt_tokens": len(out.prompt_token_ids), "completion_tokens": done,
+            "total_tokens": len(out.prompt_token_ids) + done,
+            "completion_tokens_details": {"reasoning_tokens": sum(c.num_thinking_tokens for c in out.outputs)}}
+
+
+class Server(ThreadingHTTPServer):
+    """``Server((host, port), llm, model_name=...)``; ``serve_forever()`` in a thread or the foreground."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], llm: LLM, *, model_name: str = "r4b", default_mode: str = "auto",
+                 default_max_tokens: int = 1024, request_timeout: float = 3600.0) -> None:
+        if default_mode not in MODE_SUFFIX:
+            raise ValueError(f"default_mode must be one of {sorted(MODE_SUFFIX)}, got {default_mode!r}")
+        if llm.tokenizer is None:
+            raise ValueError("the LLM needs a tokenizer to serve chats")
+        self.engine = EngineLoop(llm).start()
+        self.model_name, self.default_mode, self.default_max_tokens = model_name, default_mode, default_max_tokens
+        self.request_timeout = request_timeout
+        super().__init__(address, _Handler)
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.engine.shutdown()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: Server
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        log.info("%s %s", self.address_string(), format % args)
+
+    def _json(self, status: int, obj: dict) -> None:
+        data = json.dumps(obj, ensure_ascii=False).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _error(self, status: int, message: str, param: str | None = None) -> None:
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        self._json(status, {"error": {"message": message, "type": kind, "param": param, "code": status}})
+
+    def do_GET(self) -> None:  # noqa: N802 - the base class's name
+        if self.path == "/health":
+            self._json(200, {"status": "ok"})
+        elif self.path == "/v1/models":
+            self._json(200, {"object": "list", "data": [{"id": self.server.model_name, "object": "model",
+                                                         "created": 0, "owned_by": "r4b"}]})
+        else:
+            self._error(404, f"no route {self.path}")
+
+    def do_POST(self) -> None:  # noqa: N802
+        if self.path != "/v1/chat/completions":
+            self._error(404, f"no route {self.path}")
+            return
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = json.loads(self.rfile.read(length) or b"null")
+        except (ValueError, UnicodeDecodeError) as e:
+            self._error(400, f"the body is not JSON: {e}")
+            return
+        try:
+            req = parse_chat_request(body, default_mode=self.server.default_mode,
+                                     default_max_tokens=self.server.default_max_tokens)
+        except BadRequest as e:
+            self._error(400, str(e), e.param)
+            return
+        if req.model is not None and req.model != self.server.model_name:
+            self._error(404, f"model {req.model!r} is not served here (this server has {self.server.model_name!r})",
+                        "model")
+            return
+        handle = self.server.engine.submit(req)
+        try:
+            if req.stream:
+                self._stream(req, handle)
+            else:
+                self._complete(handle)
+        except (BrokenPipeError, ConnectionResetError):
+            log.info("client went away: request aborted")
+            self.server.engine.abort(handle)
+        except queue.Empty:
+            self.server.engine.abort(handle)
+            self._error(504, f"no result within {self.server.request_timeout:g} s")
+
+    def _next(self, handle: Handle):
+        ev = handle.events.get(timeout=self.server.request_timeout)
+        if isinstance(ev, tuple):
+            raise BadRequest(ev[1])
+        return ev
+
+    def _complete(self, handle: Handle) -> None:
+        while True:
+            try:
+                ev = self._next(handle)
+            except BadRequest as e:
+                self._error(400, str(e))
+                return
+            if isinstance(ev, RequestOutput):
+                break
+        if ev.error is not None:
+            status = 500 if ev.error.startswith("the engine step failed") else 400
+            self._error(status, ev.error, None if status == 500 else "messages")
+            return
+        self._json(200, {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
+                         "created": int(time.time()), "model": self.server.model_name,
+                         "choices": [_choice(c) for c in ev.outputs], "usage": _usage(ev)})
+
+    def _sse(self, obj: dict | str) -> None:
+        data = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)
+        chunk = f"data: {data}\n\n".encode()
+        self.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+        self.wfile.flush()
+
+    def _stream(self, req: ChatRequest, handle: Handle) -> None:
+        try:  # the first event decides between a 400 (refused) and the stream
+            ev = self._next(handle)
+        except BadRequest as e:
+            self._error(400, str(e))
+            return
+        if isinstance(ev, RequestOutput) and ev.error is not None:
+            status = 500 if ev.error.startswith("the engine step failed") else 400
+            self._error(status, ev.error, None if status == 500 else "messages")
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()),
+                "model": self.server.model_name}
+        in_thought = req.thinking_mode in ("auto", "long")
+        splitters = {i: ThinkSplitter(in_thought) for i in range(req.params.n)}
+        finish: dict[int, str] = {}
+
+        def chunk(i: int, delta: dict, reason: str | None = None) -> None:
+            self._sse({**base, "choices": [{"index": i, "delta": delta, "finish_reason": reason}]})
+
+        for i in range(req.params.n):
+            chunk(i, {"role": "assistant", "content": ""})
+        while True:
+            if isinstance(ev, StreamEvent):
+                thought, answer = splitters[ev.index].feed(ev.text)
+                if thought:
+                    chunk(ev.index, {"reasoning_content": thought})
+                if answer:
+                    chunk(ev.index, {"content": answer})
+                if ev.finished:
+                    finish[ev.index] = ev.finish_reason or "stop"
+            elif isinstance(ev, RequestOutput):
+                if ev.error is not None:
+                    self._sse({"error": {"message": ev.error, "type": "server_error", "code": 500}})
+                else:
+                    for c in ev.outputs:
+                        thought, answer = splitters[c.index].finish(c.thinking, c.answer)
+                        delta = {k: v for k, v in (("reasoning_content", thought), ("content", answer)) if v}
+                        chunk(c.index, {**delta, "thinking_mode": c.thinking_mode, "mode": c.mode},
+                              finish.get(c.index, c.finish_reason))
+                    if req.include_usage:
+                        self._sse({**base, "choices": [], "usage": _usage(ev)})
+                break
+            try:
+                ev = self._next(handle)
+            except (BadRequest, queue.Empty) as e:
+                if isinstance(e, queue.Empty):
+                    self.server.engine.abort(handle)
+                    e = f"no result within {self.server.request_timeout:g} s"
+                self._sse({"error": {"message": str(e), "type": "server_error", "code": 500}})
+                break
+        self._sse("[DONE]")
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+

@@ -1,0 +1,360 @@
+"""The serving path: LLM.add_request / step / abort, and the OpenAI-compatible server (r4b.engine.server,
+``r4b serve``) against the engine's own generate: plain and streamed responses in each thinking mode, concurrent
+clients, a client that disconnects, a failing engine step, bad requests, the CLI."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from test_llm import TOK, tiny_model
+from test_train_sft import make_model_dir
+from tiny_models import torch_kernels_on_cpu  # noqa: F401  (fixture)
+
+from r4b.engine.llm import LLM, RequestOutput, StreamEvent
+from r4b.engine.sampling import SamplingParams
+from r4b.engine.server import BadRequest, EngineLoop, Server, ThinkSplitter, parse_chat_request
+
+pytestmark = pytest.mark.usefixtures("torch_kernels_on_cpu")
+
+PROMPTS = ["What is 3 + 4?", "Name a prime number.", "hi", "Repeat 7.", "Add 12 and 30.", "Say yes."]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(5)
+
+
+def new_llm(model, **kw) -> LLM:
+    return LLM(model, TOK, num_kv_blocks=256, block_size=8, **kw)
+
+
+def run_steps(llm: LLM) -> tuple[list[StreamEvent], dict[int, RequestOutput]]:
+    events, outs = [], {}
+    while llm.has_unfinished():
+        for ev in llm.step():
+            (events.append(ev) if isinstance(ev, StreamEvent) else outs.__setitem__(ev.request_index, ev))
+    return events, outs
+
+
+# ------------------------------------------------------------------------------------------- the engine's API
+
+
+def test_add_request_and_step_match_generate(model):
+    """Requests added one at a time (two of them while others run) give what generate gives each of them."""
+    llm = new_llm(model)
+    params = SamplingParams(temperature=1.0, max_tokens=10, seed=3, n=2)
+    want = [llm.generate([p], params, thinking_mode=m, max_thinking_tokens=b, use_tqdm=False)[0]
+            for p, m, b in zip(PROMPTS[:4], ("auto", "long", "short", "long"), (None, 2, None, None), strict=True)]
+    ids = [llm.add_request(PROMPTS[0], params, thinking_mode="auto"),
+           llm.add_request(PROMPTS[1], params, thinking_mode="long", max_thinking_tokens=2)]
+    outs: dict[int, RequestOutput] = {}
+    for _ in range(3):
+        for ev in llm.step():
+            if isinstance(ev, RequestOutput):
+                outs[ev.request_index] = ev
+    ids += [llm.add_request(PROMPTS[2], params, thinking_mode="short"),
+            llm.add_request(PROMPTS[3], params, thinking_mode="long")]
+    assert len(set(ids)) == 4
+    _, rest = run_steps(llm)
+    outs.update(rest)
+    # the budget is the request's own: request 1 (2 thought tokens) closes its thought, request 3 (none) does not
+    assert all(c.num_thinking_tokens <= 3 for c in outs[ids[1]].outputs)  # 2 + the forced "\n"
+    assert all(c.num_thinking_tokens > 3 for c in outs[ids[3]].outputs)
+    for rid, w in zip(ids, want, strict=True):
+        got = outs[rid]
+        assert [c.token_ids for c in got.outputs] == [c.token_ids for c in w.outputs]
+        assert [(c.text, c.thinking, c.answer, c.finish_reason, c.num_thinking_tokens) for c in got.outputs] == \
+            [(c.text, c.thinking, c.answer, c.finish_reason, c.num_thinking_tokens) for c in w.outputs]
+    assert llm.blocks.num_free_blocks == llm.blocks.num_blocks and not llm.has_unfinished()
+    with pytest.raises(ValueError, match="max_thinking_tokens"):
+        llm.add_request("x", params, max_thinking_tokens=-1)
+    with pytest.raises(ValueError, match="thinking_mode"):
+        llm.add_request("x", params, thinking_mode="sideways")
+
+
+def test_abort_frees_blocks_and_refused_requests_report_at_once(model):
+    llm = new_llm(model)
+    keep = llm.add_request(PROMPTS[0], SamplingParams(temperature=0, max_tokens=6))
+    drop = llm.add_request(PROMPTS[1], SamplingParams(temperature=0, max_tokens=50, n=3), thinking_mode="long")
+    bad = llm.add_request([10**6], SamplingParams(max_tokens=3))  # a token id outside the vocabulary
+    first = llm.step()
+    refused = [ev for ev in first if isinstance(ev, RequestOutput)]
+    assert [r.request_index for r in refused] == [bad] and "outside the vocabulary" in refused[0].error
+    llm.step()
+    assert llm.abort(drop) and not llm.abort(drop) and not llm.abort(12345)
+    events, outs = run_steps(llm)
+    assert set(outs) == {keep} and all(ev.request_index == keep for ev in events)
+    assert llm.blocks.num_free_blocks == llm.blocks.num_blocks
+    with pytest.raises(RuntimeError, match="already generating"):  # generate is refused while requests are live
+        llm.add_request(PROMPTS[0])
+        llm.generate([PROMPTS[0]], use_tqdm=False)
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(model, monkeypatch):
+    llm = new_llm(model)
+    rid = llm.add_request(PROMPTS[0], SamplingParams(temperature=0, max_tokens=8, n=2), thinking_mode="long")
+    assert not any(isinstance(ev, RequestOutput) for ev in llm.step())  # the prefill: blocks are taken
+    assert llm.blocks.num_free_blocks < llm.blocks.num_blocks
+    monkeypatch.setattr(llm, "_step", lambda: (_ for _ in ()).throw(RuntimeError("device lost")))
+    outs = llm.step()
+    assert len(outs) == 1 and outs[0].request_index == rid and "device lost" in outs[0].error
+    monkeypatch.undo()
+    assert not llm.has_unfinished() and not llm.waiting and not llm.running
+    assert llm.blocks.num_free_blocks == llm.blocks.num_blocks
+    llm.add_request(PROMPTS[0], SamplingParams(temperature=0, max_tokens=4))
+    _, done = run_steps(llm)
+    assert all(o.error is None and o.outputs for o in done.values())
+
+
+def test_engine_loop_batches_what_arrives_together(model):
+    llm = new_llm(model)
+    loop = EngineLoop(llm)
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "temperature": 0}
+    handles = [loop.submit(parse_chat_request(body)) for _ in range(4)]
+    loop.start()  # all four are in the inbox when the engine first looks
+    try:
+        outs = []
+        for h in handles:
+            while not isinstance(ev := h.events.get(timeout=60), RequestOutput):
+                pass
+            outs.append(ev)
+    finally:
+        loop.shutdown()
+    assert loop.max_batch == 4 and len({tuple(o.outputs[0].token_ids) for o in outs}) == 1
+
+
+# ------------------------------------------------------------------------------------------------ parsing, split
+
+
+def test_parse_chat_request_fields_and_errors():
+    r = parse_chat_request({"messages": [{"role": "user", "content": "q"}], "max_completion_tokens": 7,
+                            "temperature": 0.5, "top_k": 4, "n": 2, "stop": "END", "seed": 1, "stream": True,
+                            "stream_options": {"include_usage": True},
+                            "chat_template_kwargs": {"enable_thinking": False}})
+    assert (r.params.max_tokens, r.params.temperature, r.params.top_k, r.params.n, r.params.stop, r.params.seed) == \
+        (7, 0.5, 4, 2, ("END",), 1)
+    assert r.thinking_mode == "short" and r.stream and r.include_usage
+    assert parse_chat_request({"messages": [{"role": "user", "content": "q"}]}, default_mode="long").thinking_mode \
+        == "long"
+    img = io.BytesIO()
+    from PIL import Image
+
+    Image.new("RGB", (5, 4), (9, 8, 7)).save(img, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(img.getvalue()).decode()
+    r = parse_chat_request({"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "what?"}]}]})
+    assert r.messages[0]["content"][0]["image"].size == (5, 4) and r.messages[0]["content"][1]["text"] == "what?"
+    msg = [{"role": "user", "content": "q"}]
+    for body, param in (({}, "messages"), ({"messages": "hi"}, "messages"),
+                        ({"messages": [{"role": "robot", "content": "x"}]}, "messages"),
+                        ({"messages": msg + [{"role": "assistant", "content": "a"}]}, "messages"),
+                        ({"messages": msg, "thinking_mode": "sideways"}, "thinking_mode"),
+                        ({"messages": msg, "temperature": -1}, "temperature"), ({"messages": msg, "n": 0}, "n"),
+                        ({"messages": msg, "max_tokens": "9"}, "max_tokens"), ({"messages": msg, "top_p": 2}, "top_p"),
+                        ({"messages": msg, "tools": [{}]}, "tools"), ({"messages": msg, "logprobs": True}, "logprobs"),
+                        ({"messages": msg, "stop": [""]}, "stop"), ({"messages": msg, "seed": 1.5}, "seed"),
+                        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
+                            "url": "http://example.com/x.png"}}]}]}, "messages"),
+                        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
+                            "url": "data:image/png;base64,!!!"}}]}]}, "messages")):
+        with pytest.raises(BadRequest) as e:
+            parse_chat_request(body)
+        assert e.value.param == param, (body, str(e.value))
+        assert param in str(e.value) or param == "messages"
+
+
+def test_think_splitter_holds_back_tags_and_whitespace():
+    text = "  Let me see.\n\n</think>\n\nThe answer is 7.<|im_end|>"
+    for step in (1, 2, 3, 5, len(text)):
+        sp, thought, answer = ThinkSplitter(True), "", ""
+        for i in range(0, len(text), step):
+            t, a = sp.feed(text[i : i + step])
+            assert "<" not in t + a and "|" not in t + a  # no piece of a tag is ever sent
+            thought, answer = thought + t, answer + a
+        assert (thought, answer) == ("Let me see.", "The answer is 7.")
+        assert sp.finish("Let me see.", "The answer is 7.") == ("", "")
+    sp = ThinkSplitter(False)
+    assert sp.feed(" 4") == ("", "4") and sp.feed(" 2 ") == ("", " 2") and sp.feed("<|endoftext|>x") == ("", "")
+
+
+# ------------------------------------------------------------------------------------------------------- HTTP
+
+
+class Client:
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    def request(self, method: str, path: str, body=None, raw: bytes | None = None):
+        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        c.request(method, path, body=data, headers={"Content-Type": "application/json"})
+        r = c.getresponse()
+        payload = r.read()
+        c.close()
+        if r.getheader("Content-Type") == "text/event-stream":
+            return r.status, [json.loads(x[6:]) if x[6:] != "[DONE]" else "[DONE]"
+                              for x in payload.decode().split("\n\n") if x.startswith("data: ")]
+        return r.status, json.loads(payload)
+
+    def chat(self, prompt: str, **kw):
+        return self.request("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": prompt}], **kw})
+
+
+@pytest.fixture
+def served(model):
+    llm = new_llm(model)
+    server = Server(("127.0.0.1", 0), llm, model_name="tiny", default_max_tokens=12)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server, Client(server.server_address[1])
+    server.shutdown()
+    server.server_close()
+
+
+def test_responses_are_the_engines_outputs(served, model):
+    server, client = served
+    ref = new_llm(model)
+    for mode in ("auto", "long", "short"):
+        want = ref.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=12), thinking_mode=mode,
+                            use_tqdm=False)[0]
+        status, r = client.chat(PROMPTS[0], temperature=0, thinking_mode=mode, model="tiny")
+        assert status == 200, r
+        c, w = r["choices"][0], want.outputs[0]
+        assert c["message"] == {"role": "assistant", "content": w.answer, "reasoning_content": w.thinking or None}
+        assert (c["finish_reason"], c["thinking_mode"], c["mode"], c["num_thinking_tokens"]) == \
+            (w.finish_reason, mode, w.mode, w.num_thinking_tokens)
+        assert r["usage"]["completion_tokens"] == len(w.token_ids) and r["usage"]["prompt_tokens"] == \
+            len(want.prompt_token_ids)
+        assert r["object"] == "chat.completion" and r["model"] == "tiny"
+        # streamed: the deltas add up to the same message
+        status, chunks = client.chat(PROMPTS[0], temperature=0, thinking_mode=mode, stream=True,
+                                     stream_options={"include_usage": True})
+        assert status == 200 and chunks[-1] == "[DONE]" and chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+        deltas = [ch["choices"][0]["delta"] for ch in chunks[:-1] if ch["choices"]]
+        assert "".join(d.get("reasoning_content", "") for d in deltas) == w.thinking
+        assert "".join(d.get("content", "") for d in deltas) == w.answer
+        last = [ch for ch in chunks[:-1] if ch["choices"]][-1]["choices"][0]
+        assert last["finish_reason"] == w.finish_reason and last["delta"]["mode"] == w.mode
+        assert chunks[-2]["usage"] == r["usage"]
+    status, r = client.chat(PROMPTS[1], temperature=0, chat_template_kwargs={"enable_thinking": False}, n=2)
+    assert status == 200 and [c["thinking_mode"] for c in r["choices"]] == ["short", "short"]
+    assert all(c["message"]["reasoning_content"] is None for c in r["choices"])
+
+
+def test_concurrent_clients_get_their_own_answers(served, model):
+    server, client = served
+    ref = new_llm(model)
+    params = SamplingParams(temperature=1.0, max_tokens=12, seed=9)
+    want = {p: ref.generate([p], params, use_tqdm=False)[0].outputs[0].answer for p in PROMPTS}
+    got, errors = {}, []
+
+    def ask(p):
+        try:
+            status, r = client.chat(p, temperature=1.0, max_tokens=12, seed=9)
+            got[p] = (status, r["choices"][0]["message"]["content"])
+        except Exception as e:  # noqa: BLE001 - reported by the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=ask, args=(p,)) for p in PROMPTS]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors and got == {p: (200, want[p]) for p in PROMPTS}
+    assert server.engine.llm.blocks.num_free_blocks == server.engine.llm.blocks.num_blocks
+
+
+def test_bad_requests_are_refused_with_the_field(served):
+    server, client = served
+    assert client.request("GET", "/health") == (200, {"status": "ok"})
+    status, models = client.request("GET", "/v1/models")
+    assert status == 200 and models["data"][0]["id"] == "tiny"
+    assert client.request("GET", "/v2/nothing")[0] == 404
+    status, r = client.request("POST", "/v1/chat/completions", raw=b"{not json")
+    assert status == 400 and "not JSON" in r["error"]["message"]
+    status, r = client.chat("hi", thinking_mode="sideways")
+    assert status == 400 and r["error"]["param"] == "thinking_mode"
+    status, r = client.chat("hi", temperature=-2)
+    assert status == 400 and r["error"]["param"] == "temperature"
+    status, r = client.chat("hi", model="gpt-4")
+    assert status == 404 and r["error"]["param"] == "model"
+    status, r = client.chat("word " * 600)  # longer than the model (512 positions): the engine refuses it
+    assert status == 400 and "max_model_len" in r["error"]["message"]
+    status, r = client.chat("word " * 600, stream=True)
+    assert status == 400 and "max_model_len" in r["error"]["message"]
+    assert client.chat("hi", temperature=0)[0] == 200  # and the server goes on
+
+
+def test_a_failing_engine_step_gives_500_and_the_server_goes_on(served, monkeypatch):
+    server, client = served
+    llm = server.engine.llm
+    real = llm._step
+    calls = []
+
+    def fail_once():
+        if not calls:
+            calls.append(1)
+            raise RuntimeError("device lost")
+        return real()
+
+    monkeypatch.setattr(llm, "_step", fail_once)
+    status, r = client.chat("hi")
+    assert status == 500 and "device lost" in r["error"]["message"]
+    assert client.chat("hi", temperature=0)[0] == 200
+
+
+def test_a_client_that_disconnects_has_its_request_aborted(model):
+    llm = new_llm(model, eos_token_ids=())  # never stops early: it would run to the model's 512 positions
+    server = Server(("127.0.0.1", 0), llm, model_name="tiny")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    aborted = []
+    real_abort = llm.abort
+    llm.abort = lambda rid: aborted.append(rid) or real_abort(rid)
+    try:
+        c = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=60)
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 480, "stream": True,
+                "thinking_mode": "short"}
+        c.request("POST", "/v1/chat/completions", body=json.dumps(body).encode())
+        r = c.getresponse()
+        assert r.status == 200
+        r.fp.read(200)  # a few chunks, then the client goes away
+        c.sock.close()
+        c.close()
+        deadline = time.time() + 60
+        while (not aborted or llm.has_unfinished()) and time.time() < deadline:
+            time.sleep(0.05)
+        assert len(aborted) == 1 and not llm.has_unfinished()
+        time.sleep(0.1)  # the engine thread finishes its turn
+        assert llm.blocks.num_free_blocks == llm.blocks.num_blocks
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_cli_serve(tmp_path):
+    model_dir = make_model_dir(tmp_path / "model", seed=1)
+    env = {**os.environ, "R4B_BACKEND": "torch", "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "r4b.cli", "serve", str(model_dir), "--port", "0", "--device", "cpu",
+                          "--served-model-name", "m", "--max-tokens", "5"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = p.stdout.readline()
+        assert "r4b serve: m on http://127.0.0.1:" in line, line + p.stderr.read()
+        port = int(line.split("http://127.0.0.1:")[1].split("/")[0])
+        status, r = Client(port).chat("hi", temperature=0)
+        assert status == 200 and r["usage"]["completion_tokens"] <= 5 and r["model"] == "m"
+    finally:
+        p.terminate()
+        p.wait(timeout=30)
+    bad = subprocess.run([sys.executable, "-m", "r4b.cli", "serve", str(tmp_path / "nowhere")], capture_output=True,
+                         text=True, env=env, timeout=120)
+    assert bad.returncode != 0 and "r4b serve:" in bad.stderr
