@@ -82,7 +82,7 @@ def _load_llm(args: argparse.Namespace, cmd: str):
     try:
         return LLM.from_pretrained(args.model, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
                                    max_num_seqs=args.max_num_seqs)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         raise SystemExit(f"r4b {cmd}: {e}") from None
 
 
@@ -212,7 +212,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = config_from_args(EvalConfig, args)
     try:
         summary = run_eval(cfg)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         raise SystemExit(f"r4b eval: {e}") from None
     print(format_summary(summary, cfg.mode_list))
     print(f"r4b eval: {cfg.output_dir}/summary.json, summary.md, samples.jsonl" + (", eval.png" if cfg.plot else ""))

@@ -94,6 +94,13 @@ def test_summary_statistics_by_hand():
     assert "| auto | 66.7 |" in table and "oracle" in table and "1 completions scored 0" in table
 
 
+def test_partial_credit_rounding_is_no_change():
+    """Per-prompt means of the same rewards summed in another order must not split the prompt into helps / hurts."""
+    rows = [_row(0, "short", r, False, 1, sample=i) for i, r in enumerate((0.1, 0.2, 0.3))]
+    rows += [_row(0, "long", r, True, 1, sample=i) for i, r in enumerate((0.3, 0.2, 0.1))]
+    assert summarize(rows, ["short", "long"])["thinking_gain"]["no_change"] == 1
+
+
 def test_summary_with_one_mode_and_nothing():
     s = summarize([_row(0, "auto", 1.0, True, 5)], ["auto"])
     assert s["modes"]["auto"]["accuracy"] == 1.0 and s["modes"]["auto"]["accuracy_stderr"] is None
@@ -112,7 +119,7 @@ def test_modes_and_config_errors(tmp_path):
     ok = dict(model="m", data="d.jsonl", output_dir=str(tmp_path))
     for field, value in (("n", 0), ("batch_size", 0), ("limit", -1), ("dtype", "int8"), ("temperature", -1.0),
                          ("modes", "auto,think"), ("max_thinking_tokens", -2), ("resume", "yes"), ("model", "")):
-        with pytest.raises(ValueError, match=field):
+        with pytest.raises(ValueError, match=rf"(EvalConfig|SamplingParams)\.{field} "):
             EvalConfig(**{**ok, field: value}).validate()
     with pytest.raises(ValueError, match="unknown EvalConfig keys"):
         EvalConfig.from_dict({**ok, "modez": "auto"})
@@ -188,7 +195,11 @@ def eval_rows() -> list:
             {"messages": [{"role": "user", "content": "Say 9."}], "reference": "9"},
             {"prompt": "no reference here"},  # skipped: nothing to score against
             {"prompt": ""},  # skipped: empty
-            {"prompt": "Add 1 and 1.", "answer": "2"}]
+            {"prompt": "Add 1 and 1.", "answer": "2"},
+            {"prompt": "Odd text \ud800.", "answer": "3"},  # a lone surrogate: the tokenizer refuses it (a failed
+            # request, recorded with its text escaped in samples.jsonl), and the run goes on
+            {"prompt": "A list?", "answer": ["7"]},  # skipped: the exact reward needs a string or number
+            {"prompt": "Null answer.", "answer": None, "reference": "4"}]  # the reference is taken
 
 
 @pytest.fixture
@@ -212,11 +223,14 @@ def test_run_eval_files_and_resume_after_a_crash(setup):
     out = tmp / "full"
     assert {"samples.jsonl", "summary.json", "summary.md", "eval.png", "config.json", "eval_config.json"} <= \
         {p.name for p in out.iterdir()}
-    assert full["prompts"] == 5 and full["skipped_rows"] == 2 and full["rows"] == 7
+    assert (full["prompts"], full["failed_prompts"], full["skipped_rows"], full["rows"]) == (6, 1, 3, 10)
+    assert full["unreadable_lines"] == 1  # the "{not json" line
     assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(full))
     samples = read_samples(out / "samples.jsonl")
-    assert len([r for r in samples if "mode" in r]) == 5 * 3 * 2
-    assert sorted(r["where"].rsplit(":", 1)[1] for r in samples if "skipped" in r) == ["5", "6"]
+    assert len([r for r in samples if "mode" in r]) == 6 * 3 * 2
+    assert [r["prompt"] for r in samples if "error" in r] == ["Odd text \ud800."]
+    assert sorted(r["where"].rsplit(":", 1)[1] for r in samples if "skipped" in r) == ["5", "6", "9"]
+    assert {r["reference"] for r in samples if r["id"] == 9 and "mode" in r} == {"4"}
 
     # an interrupted run: the same evaluation killed mid-chunk (a prompt half written, a line cut short)
     part = tmp / "part"
@@ -237,6 +251,19 @@ def test_run_eval_files_and_resume_after_a_crash(setup):
         run_eval(cfg_for(tmp, model, data, "part", temperature=0.5))
     again = run_eval(cfg_for(tmp, model, data, "part", temperature=0.5, resume=False, limit=2, plot=False))
     assert again["prompts"] == 2 and len(read_samples(part / "samples.jsonl")) == 2 * 3 * 2
+    assert not (part / "eval.png").exists()  # the earlier run's plot went with its samples
+
+    # the same paths over a model retrained in place: its samples are not taken for the new model's
+    make_model_dir(model, seed=7)
+    with pytest.raises(ValueError, match="model_files"):
+        run_eval(cfg_for(tmp, model, data, "full"))
+
+
+def test_a_run_that_failed_before_its_first_chunk_binds_nothing(setup):
+    tmp, model, data = setup
+    with pytest.raises(ValueError, match="model: no checkpoint"):
+        run_eval(cfg_for(tmp, tmp / "no-model", data, "o"))
+    assert run_eval(cfg_for(tmp, model, data, "o", limit=1, plot=False))["prompts"] == 1
 
 
 def test_cli_eval(setup, capsys):
@@ -250,9 +277,14 @@ def test_cli_eval(setup, capsys):
     s = json.loads((tmp / "cli" / "summary.json").read_text())
     assert s["prompts"] == 3 and set(s["modes"]) == {"short", "long"} and "auto_decision" not in s
     assert not (tmp / "cli" / "eval.png").exists()
-    with pytest.raises(SystemExit, match="modes"):
-        cli_main(["eval", "--model", str(model), "--data", str(data), "--output-dir", str(tmp / "cli2"),
-                  "--modes", "sideways"])
+    for flags, say in ((["--modes", "sideways"], "modes"), (["--reward", ".x:f"], "reward '.x:f' cannot be imported"),
+                       (["--reward", ":f"], "reward ':f' cannot be imported")):
+        with pytest.raises(SystemExit, match=say):
+            cli_main(["eval", "--model", str(model), "--data", str(data), "--output-dir", str(tmp / "cli2"), *flags])
+    (tmp / "half").mkdir()
+    (tmp / "half" / "tokenizer.json").write_text("{}")
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        cli_main(["eval", "--model", str(tmp / "half"), "--data", str(data), "--output-dir", str(tmp / "cli3")])
 
 
 def test_r4b_image_prompts_are_evaluated():

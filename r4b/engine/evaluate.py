@@ -31,7 +31,7 @@ from typing import Any
 
 from .chat import check_mode
 from .llm import LLM
-from .rewards import resolve_reward, safe_reward
+from .rewards import REWARDS, resolve_reward, safe_reward
 from .sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -208,7 +208,7 @@ def _jsonable(x: Any) -> Any:
 
 def _mean(xs: Iterable[float]) -> float | None:
     xs = list(xs)
-    return sum(xs) / len(xs) if xs else None
+    return math.fsum(xs) / len(xs) if xs else None
 
 
 def summarize(rows: Iterable[dict], modes: Sequence[str] = MODES) -> dict:
@@ -262,7 +262,8 @@ def summarize(rows: Iterable[dict], modes: Sequence[str] = MODES) -> dict:
             "reward_errors": sum(s.get("reward_error") is not None for s in samples),
         }
     if "short" in modes and "long" in modes:
-        gain = {pid: acc["long"][pid] - acc["short"][pid] for pid in ok}
+        # a gain within rounding of 0 (partial-credit rewards summed in another order) is no change
+        gain = {pid: 0.0 if abs(d := acc["long"][pid] - acc["short"][pid]) <= 1e-9 else d for pid in ok}
         helps = [pid for pid in ok if gain[pid] > 0]
         hurts = [pid for pid in ok if gain[pid] < 0]
         same = [pid for pid in ok if gain[pid] == 0]
@@ -354,10 +355,25 @@ def read_samples(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in data[:keep].decode("utf-8").splitlines() if line.strip()]
 
 
+def _model_fingerprint(cfg: EvalConfig) -> dict:
+    """What identifies the model's contents without reading its weights: config.json's and the tokenizer's hashes,
+    and each weight file's name, size and modification time (a checkpoint retrained in place differs)."""
+    path = Path(cfg.model)
+    tok = Path(cfg.tokenizer) if cfg.tokenizer else path / "tokenizer.json"
+    out: dict[str, Any] = {}
+    for name, f in (("config_sha256", path / "config.json"), ("tokenizer_sha256", tok)):
+        out[name] = _file_digest(f) if f.is_file() else None
+    if path.is_dir():
+        out["weights"] = sorted([p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in path.iterdir()
+                                if p.name.endswith((".safetensors", ".safetensors.index.json")))
+    return out
+
+
 def _sample_key(cfg: EvalConfig, digest: str) -> dict:
     key = {k: getattr(cfg, k) for k in _SAMPLE_FIELDS}
     key["modes"] = list(cfg.mode_list)
     key["data_sha256"] = digest
+    key["model_files"] = _model_fingerprint(cfg)
     return key
 
 
@@ -375,29 +391,29 @@ def run_eval(cfg: EvalConfig, *, llm: LLM | None = None) -> dict:
     if not Path(cfg.data).is_file():
         raise ValueError(f"EvalConfig.data: no file at {cfg.data!r}")
     key = _sample_key(cfg, _file_digest(cfg.data))
-    done_rows: list[dict] = []
-    if cfg.resume and samples_path.exists():
+    done_rows = read_samples(samples_path) if cfg.resume else []
+    if done_rows:  # (an empty samples.jsonl, e.g. from a run that failed before its first chunk, binds nothing)
         old = json.loads(key_path.read_text(encoding="utf-8")) if key_path.exists() else None
         if old != key:
             diff = sorted(k for k in set(key) | set(old or {}) if (old or {}).get(k) != key.get(k))
             raise ValueError(f"{samples_path} holds samples of another evaluation (it differs in {diff}); use "
                              "another output_dir, or resume=False to start over")
-        done_rows = read_samples(samples_path)
     else:
         samples_path.write_bytes(b"")
+        for name in ("summary.json", "summary.md", "eval.png"):  # an earlier run's: not of these samples
+            (out / name).unlink(missing_ok=True)
     _atomic_write(key_path, json.dumps(key, indent=1) + "\n")
     _atomic_write(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
 
     skipped: list[tuple[str, str]] = []
     rows, root = _source_rows(cfg.data, cfg.image_root, skipped)
-    for where, reason in skipped:  # lines that are not JSON: recorded once, by position in the file
-        log.warning("%s: skipped: %s", where, reason)
+    unreadable = len(skipped)  # lines that are not JSON objects (read_jsonl logged them): counted in the summary
     if cfg.limit:
         rows = rows[: cfg.limit]
     done = _finished_ids(done_rows, modes, cfg.n)
     if any(r["id"] not in done for r in done_rows):  # a prompt cut off mid-chunk: its partial samples go, it reruns
         done_rows = [r for r in done_rows if r["id"] in done]
-        _atomic_write(samples_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done_rows))
+        _atomic_write(samples_path, "".join(json.dumps(r) + "\n" for r in done_rows))
     todo = [(i, where, row) for i, (where, row) in enumerate(rows) if i not in done]
     if done:
         log.info("resuming: %d of %d prompts already evaluated", len(rows) - len(todo), len(rows))
@@ -416,6 +432,10 @@ def run_eval(cfg: EvalConfig, *, llm: LLM | None = None) -> dict:
                     prompt, ref = encode_prompt_row(row, where=where, tok=llm.tokenizer, image_root=root)
                     if ref is None:
                         raise ValueError(f"{where}: no reference ('answer' or 'reference') to score against")
+                    if cfg.reward in REWARDS and not (isinstance(ref, (str, int, float)) and not isinstance(ref, bool)
+                                                      and str(ref).strip()):
+                        raise ValueError(f"{where}: the {cfg.reward!r} reward needs a non-empty string or number "
+                                         f"reference, got {ref!r:.60}")
                 except ValueError as e:
                     log.warning("skipped: %s", e)
                     new.append({"id": i, "where": where, "skipped": str(e)})
@@ -426,7 +446,7 @@ def run_eval(cfg: EvalConfig, *, llm: LLM | None = None) -> dict:
             if ids:
                 new += score_prompts(llm, prompts, refs, ids, fn, modes=modes, params=params,
                                      max_thinking_tokens=cfg.max_thinking_tokens)
-            f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in new))
+            f.write("".join(json.dumps(r) + "\n" for r in new))  # ASCII: a lone surrogate in the data writes too
             f.flush()
             os.fsync(f.fileno())
             done_rows += new
@@ -437,6 +457,7 @@ def run_eval(cfg: EvalConfig, *, llm: LLM | None = None) -> dict:
     keep = set(range(len(rows)))
     summary = summarize([r for r in done_rows if r["id"] in keep], modes)
     summary["data"], summary["model"], summary["rows"] = cfg.data, cfg.model, len(rows)
+    summary["unreadable_lines"] = unreadable
     _atomic_write(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     _atomic_write(out / "summary.md", format_summary(summary, modes) + "\n")
     if cfg.plot:

@@ -231,6 +231,8 @@ class LLM:
         from .model import R4BConfig, from_pretrained
 
         path = Path(path)
+        if not (path / "config.json").is_file():
+            raise ValueError(f"model: no checkpoint at {path} (a directory with config.json and *.safetensors)")
         tok_file = Path(tokenizer) if tokenizer else path / "tokenizer.json"
         if not tok_file.is_file():
             raise ValueError(f"tokenizer: no tokenizer file at {tok_file}")

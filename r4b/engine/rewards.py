@@ -581,8 +581,8 @@ def resolve_reward(spec: str) -> RewardFn:
     module, _, name = spec.partition(":")
     try:
         fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"reward {spec!r} cannot be imported: {e}") from e
+    except Exception as e:  # noqa: BLE001 - any failure to import it (a relative or empty name, the module raising)
+        raise ValueError(f"reward {spec!r} cannot be imported: {type(e).__name__}: {e}") from e
     if not callable(fn):
         raise ValueError(f"reward {spec!r} is not callable")
     return fn

@@ -460,12 +460,12 @@ def encode_prompt_row(row: Any, *, where: str, tok: ChatTokenizer | None = None,
                       image_root: str | Path | None = None) -> tuple[str | list[dict], Any]:
     """One BPO row -> (prompt, reference): a str, or a chat (no final assistant turn) with its images opened.
 
-    The reference is ``row["answer"]``, else ``row["reference"]``, else None. With ``tok`` the chat is rendered
-    once to check it. Raises ValueError naming ``where`` and the reason.
+    The reference is ``row["answer"]`` (when not null), else ``row["reference"]``, else None. With ``tok`` the chat
+    is rendered once to check it. Raises ValueError naming ``where`` and the reason.
     """
     if not isinstance(row, dict):
         raise ValueError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
-    reference = row["answer"] if "answer" in row else row.get("reference")
+    reference = row["answer"] if row.get("answer") is not None else row.get("reference")
     if "prompt" in row:
         prompt = row["prompt"]
         if not isinstance(prompt, str) or not prompt:
