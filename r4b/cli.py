@@ -225,10 +225,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from r4b.engine.server import Server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.max_tokens < 1 or not 0 <= args.port < 65536:
+        raise SystemExit(f"r4b serve: --max-tokens must be >= 1 and --port in [0, 65535], got {args.max_tokens} "
+                         f"and {args.port}")
     llm = _load_llm(args, "serve")
     name = args.served_model_name or Path(args.model).resolve().name
-    server = Server((args.host, args.port), llm, model_name=name, default_mode=args.thinking_mode,
-                    default_max_tokens=args.max_tokens)
+    try:
+        server = Server((args.host, args.port), llm, model_name=name, default_mode=args.thinking_mode,
+                        default_max_tokens=args.max_tokens)
+    except OSError as e:
+        raise SystemExit(f"r4b serve: cannot listen on {args.host}:{args.port}: {e}") from None
     host, port = server.server_address[:2]
     print(f"r4b serve: {name} on http://{host}:{port}/v1 (POST /v1/chat/completions, GET /v1/models, GET /health); "
           "Ctrl-C stops", flush=True)

@@ -19,6 +19,7 @@ from test_llm import TOK, tiny_model
 from test_train_sft import make_model_dir
 from tiny_models import torch_kernels_on_cpu  # noqa: F401  (fixture)
 
+from r4b.engine.chat import parse_response
 from r4b.engine.llm import LLM, RequestOutput, StreamEvent
 from r4b.engine.sampling import SamplingParams
 from r4b.engine.server import BadRequest, EngineLoop, Server, ThinkSplitter, parse_chat_request
@@ -184,6 +185,22 @@ def test_think_splitter_holds_back_tags_and_whitespace():
         assert sp.finish("Let me see.", "The answer is 7.") == ("", "")
     sp = ThinkSplitter(False)
     assert sp.feed(" 4") == ("", "4") and sp.feed(" 2 ") == ("", " 2") and sp.feed("<|endoftext|>x") == ("", "")
+    # the rules of parse_response: a thought the output (re)opens, a preamble before it in short mode; and the one
+    # rule a stream cannot follow (two </think>: the stream ends the thought at the first), reported as diverged
+    for in_thought, mode, text in ((True, "long", "\n<think>\nLet me see.\n</think>\n\n7"),
+                                   (False, "short", "Sure. <think>\nreason\n</think>\n\n7<|im_end|>"),
+                                   (True, "auto", "\n\n</think>\n\nDirect."),
+                                   (True, "long", "Hmm.\n</think>\n\nMaybe 7.\n</think>\n\nThe answer is 7.")):
+        p = parse_response(text, thinking_mode=mode)
+        sp, thought, answer = ThinkSplitter(in_thought), "", ""
+        for ch in text:
+            t, a = sp.feed(ch)
+            thought, answer = thought + t, answer + a
+        t, a = sp.finish(p.thinking, p.answer)
+        if text.count("</think>") > 1:
+            assert sp.diverged and (thought, answer) == ("Hmm.", "Maybe 7.\n</think>\n\nThe answer is 7.")
+        else:
+            assert not sp.diverged and (thought + t, answer + a) == (p.thinking, p.answer) and (t, a) == ("", "")
 
 
 # ------------------------------------------------------------------------------------------------------- HTTP
@@ -233,7 +250,7 @@ def test_responses_are_the_engines_outputs(served, model):
         assert (c["finish_reason"], c["thinking_mode"], c["mode"], c["num_thinking_tokens"]) == \
             (w.finish_reason, mode, w.mode, w.num_thinking_tokens)
         assert r["usage"]["completion_tokens"] == len(w.token_ids) and r["usage"]["prompt_tokens"] == \
-            len(want.prompt_token_ids)
+            len(want.prompt_token_ids) + len(ref.mode_suffix_ids(mode))  # the mode suffix is prompt too
         assert r["object"] == "chat.completion" and r["model"] == "tiny"
         # streamed: the deltas add up to the same message
         status, chunks = client.chat(PROMPTS[0], temperature=0, thinking_mode=mode, stream=True,
@@ -291,6 +308,33 @@ def test_bad_requests_are_refused_with_the_field(served):
     assert status == 400 and "max_model_len" in r["error"]["message"]
     status, r = client.chat("word " * 600, stream=True)
     assert status == 400 and "max_model_len" in r["error"]["message"]
+    status, r = client.chat("hi", n=10_000)  # more completions than the engine's seats
+    assert status == 400 and r["error"]["param"] == "n"
+    bomb = io.BytesIO()  # a PNG that claims to be 20000 x 20000: refused, not a dropped connection
+    from PIL import Image
+
+    Image.new("L", (1, 1)).save(bomb, format="PNG")
+    raw = bytearray(bomb.getvalue())
+    raw[16:24] = (20000).to_bytes(4, "big") * 2  # the IHDR width and height
+    url = "data:image/png;base64," + base64.b64encode(bytes(raw)).decode()
+    status, r = client.request("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}}]}]})
+    assert status == 400 and r["error"]["param"] == "messages", r
+    # a keep-alive connection survives a 404 on a POST (its body was read) and refuses a bad Content-Length
+    c = http.client.HTTPConnection("127.0.0.1", client.port, timeout=60)
+    for path, want in (("/v1/completions", 404), ("/v1/chat/completions", 200)):
+        c.request("POST", path, body=json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}))
+        resp = c.getresponse()
+        resp.read()
+        assert resp.status == want
+    c.close()
+    c = http.client.HTTPConnection("127.0.0.1", client.port, timeout=60)
+    c.putrequest("POST", "/v1/chat/completions")
+    c.putheader("Content-Length", "-1")
+    c.endheaders()
+    resp = c.getresponse()
+    assert resp.status == 400 and "Content-Length" in json.loads(resp.read())["error"]["message"]
+    c.close()
     assert client.chat("hi", temperature=0)[0] == 200  # and the server goes on
 
 
@@ -310,6 +354,23 @@ def test_a_failing_engine_step_gives_500_and_the_server_goes_on(served, monkeypa
     status, r = client.chat("hi")
     assert status == 500 and "device lost" in r["error"]["message"]
     assert client.chat("hi", temperature=0)[0] == 200
+    # a failure in the engine loop itself (here: building an output) is a 500 too, streamed or not
+    real_output = llm._output
+    broken = []
+
+    def output_fails_once(req):
+        if len(broken) < 2:
+            broken.append(1)
+            raise KeyError("boom")
+        return real_output(req)
+
+    monkeypatch.setattr(llm, "_output", output_fails_once)
+    status, r = client.chat("hi", max_tokens=2)
+    assert status == 500 and "boom" in r["error"]["message"] and r["error"]["type"] == "server_error"
+    status, chunks = client.chat("hi", max_tokens=2, stream=True)
+    assert status == 200 and any("error" in ch and "boom" in ch["error"]["message"] for ch in chunks if ch != "[DONE]")
+    assert client.chat("hi", temperature=0)[0] == 200
+    assert server.engine.llm.blocks.num_free_blocks == server.engine.llm.blocks.num_blocks
 
 
 def test_a_client_that_disconnects_has_its_request_aborted(model):

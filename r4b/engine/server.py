@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from .chat import END_THINK, IM_END, MODE_SUFFIX
+from .chat import END_THINK, IM_END, MODE_SUFFIX, THINK
 from .llm import LLM, RequestOutput, StreamEvent
 from .sampling import SamplingParams
 
@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 
 _EOT = "<|endoftext|>"
 _UNSUPPORTED = ("tools", "tool_choice", "functions", "logit_bias", "response_format")
+
+
+class EngineFailure(RuntimeError):
+    """The engine failed a request it had accepted (HTTP 500)."""
 
 
 class BadRequest(ValueError):
@@ -93,8 +97,8 @@ def _image(url: Any, where: str) -> Any:
         raw = base64.b64decode(url.split(";base64,", 1)[1], validate=True)
         with Image.open(io.BytesIO(raw)) as im:
             return im.convert("RGB")
-    except (binascii.Error, ValueError, OSError, UnidentifiedImageError) as e:
-        raise BadRequest(f"{where}: not a readable base64 image ({e})", "messages") from None
+    except (binascii.Error, ValueError, OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
+        raise BadRequest(f"{where}: not a readable base64 image ({type(e).__name__}: {e})", "messages") from None
 
 
 def _messages(raw: Any) -> list[dict]:
@@ -187,7 +191,7 @@ def parse_chat_request(body: Any, *, default_mode: str = "auto", default_max_tok
 @dataclass
 class Handle:
     """One submitted request: its events arrive on ``events`` (StreamEvent..., then its RequestOutput; or a
-    ("error", message) tuple when add_request refused the arguments)."""
+    ("refused", message) tuple when add_request refused the arguments, ("failed", message) when the engine failed)."""
 
     events: queue.Queue = field(default_factory=queue.Queue)
     request_id: int | None = None
@@ -238,21 +242,23 @@ class EngineLoop:
     def _run(self) -> None:
         handles: dict[int, Handle] = {}
         while not self._stopping.is_set():
-            try:
-                for kind, req, h in self._take(block=not self.llm.has_unfinished()):
+            for kind, req, h in self._take(block=not self.llm.has_unfinished()):
+                try:
                     if kind == "abort":
                         if h.request_id is not None and handles.pop(h.request_id, None) is not None:
                             self.llm.abort(h.request_id)
                         continue
                     if h.aborted:
                         continue
-                    try:
-                        h.request_id = self.llm.add_request(req.messages, req.params, thinking_mode=req.thinking_mode,
-                                                            max_thinking_tokens=req.max_thinking_tokens)
-                    except (ValueError, RuntimeError) as e:
-                        h.events.put(("error", str(e)))
-                        continue
+                    h.request_id = self.llm.add_request(req.messages, req.params, thinking_mode=req.thinking_mode,
+                                                        max_thinking_tokens=req.max_thinking_tokens)
                     handles[h.request_id] = h
+                except ValueError as e:  # the arguments: the client's to fix
+                    h.events.put(("refused", str(e)))
+                except Exception as e:  # noqa: BLE001 - this request fails; the others in the inbox go on
+                    log.exception("could not add a request")
+                    h.events.put(("failed", f"{type(e).__name__}: {e}"))
+            try:
                 if not self.llm.has_unfinished():
                     continue
                 self.max_batch = max(self.max_batch, len(handles))
@@ -268,7 +274,7 @@ class EngineLoop:
                 log.exception("engine loop error")
                 for rid, h in list(handles.items()):
                     self.llm.abort(rid)
-                    h.events.put(("error", f"engine error: {type(e).__name__}: {e}"))
+                    h.events.put(("failed", f"engine error: {type(e).__name__}: {e}"))
                 handles.clear()
 
 
@@ -276,18 +282,22 @@ class EngineLoop:
 
 
 class ThinkSplitter:
-    """Splits a completion's streamed text into thought and answer deltas as they arrive.
+    """Splits a completion's streamed text into thought and answer deltas as they arrive, by the rules of
+    r4b.engine.chat.parse_response (what the non-streamed response holds), except one: a stream cannot take text
+    back, so its thought ends at the FIRST ``</think>`` where parse_response takes the last.
 
-    in_thought: the completion starts inside a thought (auto / long prompts). The thought ends at the first
-    ``</think>``; an ending that may grow into ``</think>`` or an end-of-turn token, and trailing whitespace, are
-    held back until the next text decides them (what is sent is always a prefix of what will be)."""
+    in_thought: the completion starts inside a thought (auto / long prompts); a ``<think>`` it repeats at its start
+    is dropped. Outside a thought (short), a ``<think>`` opens one, and the text before it stays at the front of the
+    answer. An ending that may grow into a tag or an end-of-turn token, and trailing whitespace, are held back
+    until the next text decides them, so what is sent is always a prefix of what will be."""
 
-    _HELD = (END_THINK, IM_END, _EOT)
+    _HELD = (THINK, END_THINK, IM_END, _EOT)
 
     def __init__(self, in_thought: bool) -> None:
         self.in_thought = in_thought
         self.text = ""
         self.sent = ["", ""]  # thought, answer
+        self.diverged = False  # the final parse disagreed with what was sent (a thought with two </think>)
 
     def _visible(self) -> tuple[str, str]:
         t = self.text
@@ -302,12 +312,17 @@ class ThinkSplitter:
                     hold = max(hold, k)
                     break
         t = t[: len(t) - hold]
-        if self.in_thought:
-            k = t.find(END_THINK)
-            thought, answer = (t, "") if k < 0 else (t[:k], t[k + len(END_THINK):])
-        else:
-            thought, answer = "", t
-        return thought.strip(), answer.strip()
+        preamble = ""
+        if t.lstrip().startswith(THINK):  # the output (re)opens the thought itself
+            t = t.lstrip()[len(THINK):]
+        elif not self.in_thought:
+            k = t.find(THINK)
+            if k < 0:
+                return "", t.strip()
+            preamble, t = t[:k].strip(), t[k + len(THINK):]
+        k = t.find(END_THINK)
+        thought, answer = (t, "") if k < 0 else (t[:k], t[k + len(END_THINK):])
+        return thought.strip(), "\n\n".join(x for x in (preamble, answer.strip()) if x)
 
     def feed(self, delta: str) -> tuple[str, str]:
         """(thought delta, answer delta) after ``delta``."""
@@ -316,6 +331,8 @@ class ThinkSplitter:
 
     def finish(self, thinking: str, answer: str) -> tuple[str, str]:
         """The rest, given the completion's final parse (what the non-streamed response holds)."""
+        if not (thinking.startswith(self.sent[0]) and answer.startswith(self.sent[1])):
+            self.diverged = True
         return self._advance(thinking, answer)
 
     def _advance(self, thought: str, answer: str) -> tuple[str, str]:
@@ -339,10 +356,11 @@ def _choice(c) -> dict:
             "num_thinking_tokens": c.num_thinking_tokens}
 
 
-def _usage(out: RequestOutput) -> dict:
+def _usage(out: RequestOutput, suffix: int) -> dict:
+    """Token counts; the prompt counts its mode suffix (the tokens after the assistant header the mode adds)."""
     done = sum(len(c.token_ids) for c in out.outputs)
-    return {"prompt_tokens": len(out.prompt_token_ids), "completion_tokens": done,
-            "total_tokens": len(out.prompt_token_ids) + done,
+    prompt = len(out.prompt_token_ids) + suffix
+    return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done,
             "completion_tokens_details": {"reasoning_tokens": sum(c.num_thinking_tokens for c in out.outputs)}}
 
 
@@ -357,6 +375,8 @@ class Server(ThreadingHTTPServer):
             raise ValueError(f"default_mode must be one of {sorted(MODE_SUFFIX)}, got {default_mode!r}")
         if llm.tokenizer is None:
             raise ValueError("the LLM needs a tokenizer to serve chats")
+        self.suffix_len = {m: len(llm.mode_suffix_ids(m)) for m in MODE_SUFFIX}
+        self.max_n = llm.max_num_seqs
         self.engine = EngineLoop(llm).start()
         self.model_name, self.default_mode, self.default_max_tokens = model_name, default_mode, default_max_tokens
         self.request_timeout = request_timeout
@@ -388,68 +408,118 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 - the base class's name
         if self.path == "/health":
-            self._json(200, {"status": "ok"})
+            alive = self.server.engine._thread.is_alive()
+            self._json(200 if alive else 503, {"status": "ok" if alive else "the engine thread is not running"})
         elif self.path == "/v1/models":
             self._json(200, {"object": "list", "data": [{"id": self.server.model_name, "object": "model",
                                                          "created": 0, "owned_by": "r4b"}]})
         else:
             self._error(404, f"no route {self.path}")
 
+    MAX_BODY = 64 * 2**20  # bytes; a chat with a few large base64 images fits
+
+    def _body(self) -> Any:
+        """The JSON body; raises BadRequest (and marks the connection to close when its bytes cannot be skipped)."""
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            self.close_connection = True
+            raise BadRequest("send the body with a Content-Length (chunked request bodies are not read)")
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if length < 0 or length > self.MAX_BODY:
+            self.close_connection = True
+            raise BadRequest(f"Content-Length must be an integer in [0, {self.MAX_BODY}], got "
+                             f"{self.headers.get('Content-Length')!r}")
+        raw = self.rfile.read(length)
+        try:
+            return json.loads(raw or b"null")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise BadRequest(f"the body is not JSON: {e}") from None
+
     def do_POST(self) -> None:  # noqa: N802
+        try:
+            body = self._body()  # read first: a keep-alive connection's next request starts after it
+        except BadRequest as e:
+            self._error(400, str(e))
+            return
         if self.path != "/v1/chat/completions":
             self._error(404, f"no route {self.path}")
             return
         try:
-            length = int(self.headers.get("Content-Length") or 0)
-            body = json.loads(self.rfile.read(length) or b"null")
-        except (ValueError, UnicodeDecodeError) as e:
-            self._error(400, f"the body is not JSON: {e}")
-            return
-        try:
             req = parse_chat_request(body, default_mode=self.server.default_mode,
                                      default_max_tokens=self.server.default_max_tokens)
+            if req.params.n > self.server.max_n:
+                raise BadRequest(f"'n' must be at most the server's max_num_seqs ({self.server.max_n}), got "
+                                 f"{req.params.n}", "n")
         except BadRequest as e:
             self._error(400, str(e), e.param)
+            return
+        except Exception as e:  # noqa: BLE001 - a bug in parsing: a 500, not a dropped connection
+            log.exception("could not parse a request")
+            self._error(500, f"{type(e).__name__}: {e}")
             return
         if req.model is not None and req.model != self.server.model_name:
             self._error(404, f"model {req.model!r} is not served here (this server has {self.server.model_name!r})",
                         "model")
             return
         handle = self.server.engine.submit(req)
+        self._started = False  # whether a status line was sent (then errors go into the stream)
         try:
             if req.stream:
                 self._stream(req, handle)
             else:
-                self._complete(handle)
+                self._complete(req, handle)
         except (BrokenPipeError, ConnectionResetError):
             log.info("client went away: request aborted")
             self.server.engine.abort(handle)
-        except queue.Empty:
+            self.close_connection = True
+        except Exception as e:  # noqa: BLE001 - the time limit, or a bug: the client hears of it, the engine stops
             self.server.engine.abort(handle)
-            self._error(504, f"no result within {self.server.request_timeout:g} s")
+            timeout = isinstance(e, queue.Empty)
+            msg = f"no result within {self.server.request_timeout:g} s" if timeout else f"{type(e).__name__}: {e}"
+            if not timeout:
+                log.exception("request failed")
+            if self._started:
+                self.close_connection = True
+                try:
+                    self._sse({"error": {"message": msg, "type": "server_error", "code": 500}})
+                except OSError:
+                    pass
+            else:
+                self._error(504 if timeout else 500, msg)
 
     def _next(self, handle: Handle):
         ev = handle.events.get(timeout=self.server.request_timeout)
         if isinstance(ev, tuple):
-            raise BadRequest(ev[1])
+            raise (BadRequest if ev[0] == "refused" else EngineFailure)(ev[1])
         return ev
 
-    def _complete(self, handle: Handle) -> None:
+    def _refusal(self, e: Exception | str) -> None:
+        """The error response for a request that did not run: 400 when the request is at fault, else 500."""
+        if isinstance(e, BadRequest):
+            self._error(400, str(e), e.param)
+        elif isinstance(e, EngineFailure) or (isinstance(e, str) and e.startswith("the engine step failed")):
+            self._error(500, str(e))
+        else:  # a RequestOutput's error: the engine could not run this prompt
+            self._error(400, str(e), "messages")
+
+    def _complete(self, req: ChatRequest, handle: Handle) -> None:
         while True:
             try:
                 ev = self._next(handle)
-            except BadRequest as e:
-                self._error(400, str(e))
+            except (BadRequest, EngineFailure) as e:
+                self._refusal(e)
                 return
             if isinstance(ev, RequestOutput):
                 break
         if ev.error is not None:
-            status = 500 if ev.error.startswith("the engine step failed") else 400
-            self._error(status, ev.error, None if status == 500 else "messages")
+            self._refusal(ev.error)
             return
         self._json(200, {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
                          "created": int(time.time()), "model": self.server.model_name,
-                         "choices": [_choice(c) for c in ev.outputs], "usage": _usage(ev)})
+                         "choices": [_choice(c) for c in ev.outputs],
+                         "usage": _usage(ev, self.server.suffix_len[req.thinking_mode])})
 
     def _sse(self, obj: dict | str) -> None:
         data = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)
@@ -458,15 +528,15 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
     def _stream(self, req: ChatRequest, handle: Handle) -> None:
-        try:  # the first event decides between a 400 (refused) and the stream
+        try:  # the first event decides between an error response and the stream
             ev = self._next(handle)
-        except BadRequest as e:
-            self._error(400, str(e))
+        except (BadRequest, EngineFailure) as e:
+            self._refusal(e)
             return
         if isinstance(ev, RequestOutput) and ev.error is not None:
-            status = 500 if ev.error.startswith("the engine step failed") else 400
-            self._error(status, ev.error, None if status == 500 else "messages")
+            self._refusal(ev.error)
             return
+        self._started = True
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -498,18 +568,20 @@ class _Handler(BaseHTTPRequestHandler):
                 else:
                     for c in ev.outputs:
                         thought, answer = splitters[c.index].finish(c.thinking, c.answer)
+                        if splitters[c.index].diverged:
+                            log.warning("request %d choice %d: the stream's thought / answer split differs from the "
+                                        "final parse (a thought with more than one </think>)", ev.request_index,
+                                        c.index)
                         delta = {k: v for k, v in (("reasoning_content", thought), ("content", answer)) if v}
                         chunk(c.index, {**delta, "thinking_mode": c.thinking_mode, "mode": c.mode},
                               finish.get(c.index, c.finish_reason))
                     if req.include_usage:
-                        self._sse({**base, "choices": [], "usage": _usage(ev)})
+                        usage = _usage(ev, self.server.suffix_len[req.thinking_mode])
+                        self._sse({**base, "choices": [], "usage": usage})
                 break
             try:
                 ev = self._next(handle)
-            except (BadRequest, queue.Empty) as e:
-                if isinstance(e, queue.Empty):
-                    self.server.engine.abort(handle)
-                    e = f"no result within {self.server.request_timeout:g} s"
+            except (BadRequest, EngineFailure) as e:
                 self._sse({"error": {"message": str(e), "type": "server_error", "code": 500}})
                 break
         self._sse("[DONE]")
