@@ -15,6 +15,7 @@ import threading
 import time
 
 import pytest
+import torch
 from test_llm import TOK, tiny_model
 from test_train_sft import make_model_dir
 from tiny_models import torch_kernels_on_cpu  # noqa: F401  (fixture)
@@ -419,3 +420,35 @@ def test_cli_serve(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "r4b.cli", "serve", str(tmp_path / "nowhere")], capture_output=True,
                          text=True, env=env, timeout=120)
     assert bad.returncode != 0 and "r4b serve:" in bad.stderr
+
+
+@pytest.mark.gpu
+def test_gpu_server_with_cuda_graphs_matches_generate(monkeypatch):
+    """On a GPU in fp32 (TF32 off) the engine thread runs the default kernels and captures its decode graphs itself;
+    concurrent clients get the greedy answers of a generate call in the main thread on the same weights."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    model = tiny_model(6).cuda()
+    params = SamplingParams(temperature=0, max_tokens=16)
+    ref = LLM(model, TOK, num_kv_blocks=64, block_size=16, cuda_graphs=True)
+    want = {p: ref.generate([p], params, thinking_mode="long", use_tqdm=False)[0].outputs[0] for p in PROMPTS}
+    del ref
+    server = Server(("127.0.0.1", 0), LLM(model, TOK, num_kv_blocks=64, block_size=16, cuda_graphs=True),
+                    model_name="tiny")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    client, got = Client(server.server_address[1]), {}
+    try:
+        threads = [threading.Thread(target=lambda p=p: got.__setitem__(p, client.chat(
+            p, temperature=0, max_tokens=16, thinking_mode="long"))) for p in PROMPTS]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        for p in PROMPTS:
+            status, r = got[p]
+            assert status == 200, r
+            msg = r["choices"][0]["message"]
+            assert (msg["content"], msg["reasoning_content"] or "") == (want[p].answer, want[p].thinking)
+        assert server.engine.llm.stats["graph_steps"] > 0
+    finally:
+        server.shutdown()
+        server.server_close()
