@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ._config import config_from_dict
 from .chat import check_mode
 from .llm import LLM
 from .rewards import REWARDS, resolve_reward, safe_reward
@@ -84,11 +85,8 @@ class EvalConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EvalConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} keys {unknown} (known: {sorted(names)})")
-        return cls(**d)
+        """Build from a dict (e.g. a JSON config file), refusing unknown keys by name."""
+        return config_from_dict(cls, d)
 
     @property
     def mode_list(self) -> tuple[str, ...]:

@@ -235,7 +235,7 @@ class LLM:
             raise ValueError(f"model: no checkpoint at {path} (a directory with config.json and *.safetensors)")
         tok_file = Path(tokenizer) if tokenizer else path / "tokenizer.json"
         if not tok_file.is_file():
-            raise ValueError(f"tokenizer: no tokenizer file at {tok_file}")
+            raise ValueError(f"no tokenizer at {tok_file} (pass tokenizer= / --tokenizer)")
         names = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
         if isinstance(dtype, str) and dtype not in names:
             raise ValueError(f"dtype must be one of {sorted(names)} or a torch dtype, got {dtype!r}")

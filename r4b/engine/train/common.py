@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from .._config import config_from_dict
 from ..chat import ChatTokenizer
 from ..model import R4BConfig, R4BForConditionalGeneration, from_pretrained
 from . import checkpoint as ckpt
@@ -111,11 +112,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         """Build from a dict (e.g. a JSON config file), refusing unknown keys by name."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} keys {unknown} (known: {sorted(names)})")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
 
 def lr_factor(step: int, *, steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
