@@ -183,8 +183,9 @@ def score_prompts(llm: LLM, prompts: Sequence[Any], references: Sequence[Any], i
                         use_tqdm=False)
     rows = []
     for pid, prompt, ref, out in zip(ids, prompts, references, outs, strict=True):
+        text = _prompt_text(prompt)
         if out.error is not None or not out.outputs:
-            rows.append({"id": int(pid), "prompt": _prompt_text(prompt), "error": out.error or "no completion"})
+            rows.append({"id": int(pid), "prompt": text, "error": out.error or "no completion"})
             continue
         for c in out.outputs:
             r, err = safe_reward(reward, c.answer, ref)
@@ -192,7 +193,7 @@ def score_prompts(llm: LLM, prompts: Sequence[Any], references: Sequence[Any], i
                          "reward_error": err, "think": c.mode == "think", "tokens": len(c.token_ids),
                          "thinking_tokens": c.num_thinking_tokens, "finish_reason": c.finish_reason,
                          "answer": c.answer, "thinking": c.thinking, "reference": _jsonable(ref),
-                         "prompt": _prompt_text(prompt)})
+                         "prompt": text})
     return rows
 
 

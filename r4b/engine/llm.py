@@ -92,7 +92,6 @@ class _Request:
         self.unfinished = 0
         self.error: str | None = None
         self.budget: int | None = None  # max_thinking_tokens
-        self.reported = False  # step(): its RequestOutput was returned
 
 
 class _Seq:
@@ -207,6 +206,7 @@ class LLM:
         self.waiting: deque[_Seq] = deque()
         self.running: list[_Seq] = []
         self._live: dict[int, _Request] = {}  # add_request / step (serving): requests not reported yet
+        self._refused: list[_Request] = []  # added but cannot run: step() reports them first
         self._req_ids = count()
         self._events: list[tuple[_Seq, int | None]] = []
         self.stats = {"steps": 0, "prefill_steps": 0, "graph_steps": 0, "preemptions": 0,
@@ -707,6 +707,8 @@ class LLM:
         req = self._add(next(self._req_ids), request, params, modes)
         self._set_budget(req, max_thinking_tokens)
         self._live[req.index] = req
+        if req.error is not None:
+            self._refused.append(req)
         return req.index
 
     def has_unfinished(self) -> bool:
@@ -730,10 +732,8 @@ class LLM:
         request's RequestOutput once all its completions are done (a request that cannot run reports at once).
         A step that raises (the model failing) fails the requests it was running, reports them with the error and
         leaves the engine clean for the next ones."""
-        out: list[StreamEvent | RequestOutput] = []
-        for req in list(self._live.values()):
-            if req.error is not None and not req.seqs:  # refused when added
-                out.append(self._report(req))
+        refused, self._refused = self._refused, []
+        out: list[StreamEvent | RequestOutput] = [self._report(r) for r in refused if r.index in self._live]
         if not (self.waiting or self.running):
             return out
         try:
@@ -749,12 +749,11 @@ class LLM:
         for seq, token in events:
             out.append(StreamEvent(seq.req.index, seq.index, token, self._delta(seq), seq.finish_reason is not None,
                                    seq.finish_reason))
-            if seq.req.unfinished == 0 and not seq.req.reported:
+            if seq.req.unfinished == 0 and seq.req.index in self._live:  # not reported yet
                 out.append(self._report(seq.req))
         return out
 
     def _report(self, req: _Request) -> RequestOutput:
-        req.reported = True
         self._live.pop(req.index, None)
         return self._output(req)
 
