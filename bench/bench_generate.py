@@ -70,8 +70,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     floor_step_ms = weight_bytes / copy / 1e6 if copy else None  # HBM moves about as many bytes reading alone
     kw = dict(max_num_seqs=max(batches), max_num_batched_tokens=max(batches) * prompt_len,
               num_kv_blocks=max(batches) * (prompt_len + new) // 16 + 8, block_size=16, max_model_len=4096)
-    llm = LLM(ours, None, **kw)  # CUDA graphs for the decode steps on a GPU
-    eager = LLM(ours, None, cuda_graphs=False, **kw) if device == "cuda" else None
+    # no prefix cache here: the timed reps repeat the same prompts, which the cache would hold (_shared_prefix times it)
+    llm = LLM(ours, None, prefix_caching=False, **kw)  # CUDA graphs for the decode steps on a GPU
+    eager = LLM(ours, None, cuda_graphs=False, prefix_caching=False, **kw) if device == "cuda" else None
     rows: list[dict] = []
     g = torch.Generator().manual_seed(0)
     for bs in batches:
@@ -115,10 +116,60 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(format_row(row) + (f" tok/s={row['tokens_per_s']:.4g}" if "tokens_per_s" in row else "")
                   + (f" same={row['same']}" if "same" in row else ""), flush=True)
         write_results("generate", rows, device, plot=False)
+    llm = eager = None  # free their caches before the next engine takes its own
+    rows += _shared_prefix(ours, cfg, device, quick, reps)
     if floor_step_ms:
         print(f"weight-read floor: {weight_bytes / 1e9:.2f} GB a step at {copy:.0f} GB/s = "
               f"{floor_step_ms:.3f} ms = {1e3 / floor_step_ms:.0f} tok/s at bs1")
     write_results("generate", rows, device)
+    return rows
+
+
+def _shared_prefix(model, cfg: dict, device: str, quick: bool, reps: int) -> list[dict]:
+    """Requests that share a long system prompt, each call with new questions (a chat service's traffic): r4b with
+    and without the prefix cache, the cache warm from the calls before. Columns as above, plus the prompt tokens
+    computed a call and ``x_cold`` (the uncached run's ms over this one's)."""
+    from r4b.engine.llm import LLM
+    from r4b.engine.sampling import SamplingParams
+
+    system_len, question_len, bs, new = (48, 8, 4, 4) if quick else (1024, 64, 32, 16)
+    g = torch.Generator().manual_seed(1)
+    system = torch.randint(0, cfg["vocab_size"], (system_len,), generator=g).tolist()
+    params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
+    case = f"bs{bs} shared {system_len} + own {question_len} new {new} L{cfg['num_hidden_layers']}"
+    kw = dict(max_num_seqs=bs, max_num_batched_tokens=bs * (system_len + question_len), block_size=16,
+              num_kv_blocks=4 * bs * (system_len + question_len + new) // 16 + 8, max_model_len=4096)
+    rows, outs = [], {}
+    for name, cached in (("r4b, no prefix cache", False), ("r4b, prefix cache", True)):
+        llm = LLM(model, None, prefix_caching=cached, **kw)
+        calls = iter(range(1000))
+
+        def run(llm=llm, calls=calls):
+            qg = torch.Generator().manual_seed(100 + next(calls))  # new questions every call, the same per provider
+            qs = torch.randint(0, cfg["vocab_size"], (bs, question_len), generator=qg).tolist()
+            return [o.outputs[0].token_ids for o in llm.generate([system + q for q in qs], params, use_tqdm=False)]
+
+        row: dict = {"op": "generate", "case": case, "provider": name}
+        try:
+            run()  # the first call fills the cache; every timed one (and _timed's warm call) has new questions
+            computed = llm.stats["prompt_tokens_computed"]
+            ms, outs[name] = _timed(run, device, reps)
+            row.update(ms=ms, tokens_per_s=bs * new / ms * 1e3,
+                       prompt_tokens_a_call=(llm.stats["prompt_tokens_computed"] - computed) / (reps + 1))
+        except torch.OutOfMemoryError as ex:
+            row["skipped"] = f"out of memory: {str(ex).splitlines()[0][:160]}"
+        except Exception as ex:  # noqa: BLE001 - report and go on
+            row["skipped"] = f"error: {type(ex).__name__}: {str(ex).splitlines()[0][:200]}"
+        rows.append(row)
+        del llm
+    if "ms" in rows[0] and "ms" in rows[1]:
+        rows[1]["x_cold"] = rows[0]["ms"] / rows[1]["ms"]
+        a, b = outs.values()
+        rows[1]["same"] = f"{sum(x == y for x, y in zip(a, b, strict=True))}/{bs}"
+    for row in rows:
+        print(format_row(row) + "".join(f" {k}={row[k]:.4g}" if isinstance(row[k], float) else f" {k}={row[k]}"
+                                        for k in ("tokens_per_s", "prompt_tokens_a_call", "x_cold", "same")
+                                        if k in row), flush=True)
     return rows
 
 

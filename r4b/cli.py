@@ -81,7 +81,7 @@ def _load_llm(args: argparse.Namespace, cmd: str):
 
     try:
         return LLM.from_pretrained(args.model, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
-                                   max_num_seqs=args.max_num_seqs)
+                                   max_num_seqs=args.max_num_seqs, prefix_caching=not args.no_prefix_caching)
     except (ValueError, OSError) as e:
         raise SystemExit(f"r4b {cmd}: {e}") from None
 
@@ -277,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     g.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
     g.add_argument("--max-num-seqs", type=int, default=256)
+    g.add_argument("--no-prefix-caching", action="store_true",
+                   help="compute every prompt in full (default: reuse the KV of prefixes seen before)")
     g.add_argument("--stream", action="store_true", help="print tokens as they come (one prompt, n=1)")
     g.add_argument("--json", action="store_true", help="one JSON line per request")
     g.set_defaults(fn=cmd_generate)
@@ -302,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     v.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
     v.add_argument("--max-num-seqs", type=int, default=256)
+    v.add_argument("--no-prefix-caching", action="store_true",
+                   help="compute every prompt in full (default: reuse the KV of prefixes seen before)")
     v.set_defaults(fn=cmd_serve)
     from r4b.engine.evaluate import EvalConfig
 

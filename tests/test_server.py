@@ -262,6 +262,12 @@ def test_responses_are_the_engines_outputs(served, model):
         assert "".join(d.get("content", "") for d in deltas) == w.answer
         last = [ch for ch in chunks[:-1] if ch["choices"]][-1]["choices"][0]
         assert last["finish_reason"] == w.finish_reason and last["delta"]["mode"] == w.mode
+        # the same prompt again: its full blocks come from the prefix cache (the last token is always computed)
+        cached = chunks[-2]["usage"].pop("prompt_tokens_details")["cached_tokens"]
+        assert cached == (r["usage"]["prompt_tokens"] - 1) // 8 * 8 > 0
+        # the first plain request found nothing; the later modes' share the chat's full blocks (not the suffix)
+        shared = 0 if mode == "auto" else len(want.prompt_token_ids) // 8 * 8
+        assert r["usage"].pop("prompt_tokens_details")["cached_tokens"] == shared
         assert chunks[-2]["usage"] == r["usage"]
     status, r = client.chat(PROMPTS[1], temperature=0, chat_template_kwargs={"enable_thinking": False}, n=2)
     assert status == 200 and [c["thinking_mode"] for c in r["choices"]] == ["short", "short"]

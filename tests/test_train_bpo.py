@@ -67,6 +67,34 @@ def test_bpo_steps_log_both_modes_and_the_probe(run):
     assert (Path(cfg.output_dir) / "final" / "config.json").is_file()
 
 
+def test_bpo_rollouts_never_reuse_the_old_policys_cached_prompts(run, monkeypatch):
+    """The same long prompt at every step: its blocks are in the engine's prefix cache after the first rollout, but
+    the update changed the policy, so the next rollout must compute them again (the engine's log-probs then still
+    match the trainer's). Checked to fail when neither the trainer's reset at each rollout nor the engine's own
+    check of the parameters drops the cache (then the third rollout takes the first one's blocks)."""
+    tmp, model, _, _ = run
+    long_q = {"prompt": "Please add the numbers one and two, then think about the sum very carefully: " * 3,
+              "answer": "3"}
+    data = write_jsonl(tmp / "same.jsonl", [long_q] * 4)
+    seen = []
+    real = BPOTrainer._engine
+
+    def engine(self):
+        llm = real(self)
+        seen.append(llm.stats["prefix_cache_hit_tokens"])
+        return llm
+
+    monkeypatch.setattr(BPOTrainer, "_engine", engine)
+    cfg = config(tmp, model, data, "same", steps=3, lr=1e-2, prompts_per_step=1, reward="test_train_bpo:varied_reward")
+    train_bpo(cfg)
+    rows = read_metrics(Path(cfg.output_dir) / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert len(seen) == 3 and seen[0] == 0
+    assert max(r["grad_norm"] for r in rows) > 0
+    for r in rows:
+        assert r["logprob_gap"] < 1e-4, r
+
+
 def test_bpo_micro_batches_give_the_whole_batch_gradient(run):
     """The trainer's micro-batch weighting: split into micro-batches of one sequence or all in one, the same
     gradient (the aggregation over every sequence), for each aggregation."""

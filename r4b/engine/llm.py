@@ -16,6 +16,13 @@ Rollouts for BPO and serving share it. What it does (docs/DESIGN.md, "Inference 
 - **Thinking modes.** ``thinking_mode`` "auto" (the model decides), "long" (forced thinking), "short" (forced
   non-thinking), or several at once (BPO's ("long", "short")). ``max_thinking_tokens``: a thought that reaches
   the budget gets ``\\n</think>\\n\\n`` forced, and the answer follows.
+- **Prefix caching** (``prefix_caching=True``, the default). Every full block a step computes is registered
+  under a digest of all the tokens up to its end (and of the request's images, from the first block that shows
+  one); a new or preempted sequence whose leading blocks are registered takes them instead of computing them
+  (a shared system prompt, the earlier turns of a chat, the same question asked again). Finished sequences'
+  blocks keep their content until the cache needs them. The cache is dropped when the model's parameters change
+  (replaced, or updated in place through them); ``reset_prefix_cache()`` drops it by hand (weights loaded some
+  other way, e.g. FSDP's gather into the same storage).
 - A request that cannot run (empty, unknown token ids, longer than the model or the cache) is reported in its
   output's ``error`` and skipped; the others go on.
 Logits are computed only for the rows that sample (the model returns hidden states).
@@ -23,7 +30,9 @@ Logits are computed only for the rows that sample (the model returns hidden stat
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from array import array
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -67,6 +76,8 @@ class RequestOutput:
     prompt_token_ids: list[int]  # the shared prompt (without the mode suffixes)
     outputs: list[CompletionOutput] = field(default_factory=list)
     error: str | None = None  # why the request did not run (then outputs is empty)
+    # prompt tokens taken from the prefix cache instead of computed (not part of the result: not compared)
+    num_cached_tokens: int = field(default=0, compare=False)
     # the prompt's preprocessed images, as the engine fed them (a trainer's forward of the completions takes them)
     pixel_values: list[Tensor] = field(default_factory=list, repr=False, compare=False)
     image_sizes: list[tuple[int, int]] = field(default_factory=list, repr=False, compare=False)
@@ -92,6 +103,20 @@ class _Request:
         self.unfinished = 0
         self.error: str | None = None
         self.budget: int | None = None  # max_thinking_tokens
+        self.cached_tokens = 0  # prompt tokens its first admission took from the prefix cache
+        self._image_digest: bytes | None = None
+
+    def image_digest(self) -> bytes:
+        """A digest of the request's images (their pixels, dtypes, shapes and sizes): the prefix cache's key salt
+        for blocks that show them."""
+        if self._image_digest is None:
+            h = hashlib.blake2b(digest_size=16)
+            for p, size in zip(self.pixel_values, self.image_sizes, strict=True):
+                t = p.detach().cpu().contiguous()
+                h.update(f"{t.dtype}{tuple(t.shape)}{tuple(size)}".encode())
+                h.update(t.flatten().view(torch.uint8).numpy().tobytes())
+            self._image_digest = h.digest()
+        return self._image_digest
 
 
 class _Seq:
@@ -110,6 +135,9 @@ class _Seq:
         self.finish_reason: str | None = None
         self.text_sent = ""  # streamed so far
         self.decoded = ("", 0)  # (text, tokens): the generated tokens decoded so far, ending on a whole character
+        self.block_keys: list[bytes] = []  # prefix-cache keys of its leading full blocks (tokens only grow)
+        self.registered = 0  # its blocks below this index are registered (or were offered) in the prefix cache
+        self.admitted = False
 
     @property
     def is_parent(self) -> bool:
@@ -149,14 +177,16 @@ class LLM:
     num_kv_blocks: the cache's size in blocks (overrides the fraction; on a CPU the default is 512 MiB);
     max_model_len: the longest sequence (the config's max_position_embeddings by default); eos_token_ids: the
     end-of-turn tokens (the tokenizer's by default); cuda_graphs: replay decode steps as CUDA graphs (one per
-    batch-size bucket, captured at first use; r4b/engine/graphs.py), on by default on a GPU.
+    batch-size bucket, captured at first use; r4b/engine/graphs.py), on by default on a GPU; prefix_caching: reuse
+    the KV blocks of prompts (and earlier outputs) seen before (the module docstring), on by default.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: ChatTokenizer | None = None, *,
                  device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, block_size: int = 16,
                  kv_cache_fraction: float = 0.5, num_kv_blocks: int | None = None, max_model_len: int | None = None,
-                 eos_token_ids: Sequence[int] | None = None, cuda_graphs: bool | None = None) -> None:
+                 eos_token_ids: Sequence[int] | None = None, cuda_graphs: bool | None = None,
+                 prefix_caching: bool = True) -> None:
         for name, val in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens),
                           ("block_size", block_size)):
             if not isinstance(val, int) or val < 1:
@@ -200,7 +230,8 @@ class LLM:
         shape = (num_kv_blocks, block_size, Hkv, D)
         self.k_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(L)]
         self.v_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(L)]
-        self.blocks = BlockManager(num_kv_blocks, block_size)
+        self.blocks = BlockManager(num_kv_blocks, block_size, prefix_caching=prefix_caching)
+        self._weights_seen: tuple | None = None
         self.block_size = block_size
         self._ids = count()
         self.waiting: deque[_Seq] = deque()
@@ -210,7 +241,7 @@ class LLM:
         self._req_ids = count()
         self._events: list[tuple[_Seq, int | None]] = []
         self.stats = {"steps": 0, "prefill_steps": 0, "graph_steps": 0, "preemptions": 0,
-                      "prompt_tokens_computed": 0}
+                      "prompt_tokens_computed": 0, "prefix_cache_hit_tokens": 0}
         if cuda_graphs is None:
             cuda_graphs = device.type == "cuda"
         if cuda_graphs and device.type != "cuda":
@@ -355,7 +386,7 @@ class LLM:
 
     def _preempt(self, seq: _Seq) -> None:
         self._release(seq)
-        seq.num_cached = 0
+        seq.num_cached = seq.registered = 0
         self.waiting.appendleft(seq)
         self.stats["preemptions"] += 1
 
@@ -390,21 +421,32 @@ class LLM:
             seq = self.waiting[0]
             if seats + seq.seats > self.max_num_seqs and (self.running or batch):
                 break
-            n = min(len(seq.tokens), budget)
-            # keep a block free for each running sequence's growth, so that admitting does not just preempt
+            hit = self._match(seq)  # leading blocks in the prefix cache
+            cached = len(hit) * self.block_size
+            n = min(len(seq.tokens) - cached, budget)
+            # keep a block free for each running sequence's growth, so that admitting does not just preempt; a
+            # hit on a free cached block takes it from the free ones
             reserve = len(self.running)
-            if self.blocks.blocks_needed(n) + reserve > self.blocks.num_free_blocks:
+            need = self.blocks.blocks_needed(cached + n) - len(hit) + sum(self.blocks.ref_count(b) == 0 for b in hit)
+            if need + reserve > self.blocks.num_free_blocks:
                 if self.running:
                     break
                 self.waiting.popleft()
                 self._drop(seq, len(seq.tokens))
                 continue
-            self.blocks.ensure(seq.id, n, 0)
             self.waiting.popleft()
             self.running.append(seq)
+            seats += seq.seats
+            if not seq.admitted:
+                seq.admitted, seq.req.cached_tokens = True, max(seq.req.cached_tokens, cached)
+            if hit:  # the rest of it runs in the next extend step, after the cached context
+                self.blocks.acquire(seq.id, hit)
+                seq.num_cached, seq.registered = cached, len(hit)
+                self.stats["prefix_cache_hit_tokens"] += cached
+                continue
+            self.blocks.ensure(seq.id, n, 0)
             batch.append((seq, n))
             budget -= n
-            seats += seq.seats
         if batch:
             return batch, pairs, True
         for seq in list(self.running):  # extend / decode the running sequences
@@ -427,6 +469,51 @@ class LLM:
             batch.append((seq, n))
             budget -= n
         return batch, pairs, False
+
+    # ------------------------------------------------------------------ prefix cache
+    def _keys(self, seq: _Seq, num_blocks: int) -> list[bytes]:
+        """The prefix-cache keys of the sequence's first ``num_blocks`` blocks: each a digest of the previous key and
+        the block's tokens, and of the request's images for a block that holds an image token of the prompt (the
+        blocks after it take the images through the chain)."""
+        keys, bs, req = seq.block_keys, self.block_size, seq.req
+        while len(keys) < num_blocks:
+            i = len(keys)
+            toks = seq.tokens[i * bs : (i + 1) * bs]
+            h = hashlib.blake2b(keys[-1] if keys else b"r4b", digest_size=16)
+            if req.pixel_values and i * bs < len(req.prompt) and self.image_token in toks:
+                h.update(req.image_digest())
+            h.update(array("q", toks).tobytes())
+            keys.append(h.digest())
+        return keys[:num_blocks]
+
+    def _match(self, seq: _Seq) -> list[int]:
+        """The cached blocks a sequence about to be admitted can start from (its last token is always computed:
+        it is the one that samples, or the one a shared prompt's completions follow)."""
+        if not self.blocks.num_cached_blocks or seq.num_cached or self.blocks.has(seq.id):
+            return []
+        return self.blocks.match(self._keys(seq, (len(seq.tokens) - 1) // self.block_size))
+
+    def _register(self, seq: _Seq) -> None:
+        """Offer the sequence's newly computed full blocks to the prefix cache."""
+        full = seq.num_cached // self.block_size
+        if self.blocks.prefix_caching and full > seq.registered:
+            self.blocks.register(seq.id, self._keys(seq, full), seq.registered)
+            seq.registered = full
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block (call after changing the model's weights in a way the engine cannot see:
+        replaced or updated through their parameters it notices by itself at the next generate / add_request)."""
+        self.blocks.clear_cache()
+        self._weights_seen = self._weights_key()
+
+    def _weights_key(self) -> tuple:
+        def version(p: Tensor) -> int | None:
+            try:
+                return p._version
+            except RuntimeError:  # an inference tensor has no version counter
+                return None
+
+        return tuple((p.data_ptr(), version(p)) for p in self.model.parameters())
 
     # ------------------------------------------------------------------ running
     def _embed(self, batch: list[tuple[_Seq, int]], input_ids: Tensor) -> Tensor:
@@ -538,11 +625,13 @@ class LLM:
         samplers = []
         for seq, n in batch:
             seq.num_cached += n
+            self._register(seq)
             if seq.is_parent and seq.num_cached == len(seq.tokens):  # the shared prompt is in: fork
                 i = self.running.index(seq)
                 for child in seq.children:
                     self.blocks.fork(seq.id, child.id)
-                    child.num_cached = seq.num_cached
+                    child.num_cached, child.registered = seq.num_cached, seq.registered
+                    child.block_keys = list(seq.block_keys)  # the shared prompt's blocks are the child's first
                 self.running[i : i + 1] = seq.children
                 self.blocks.free(seq.id)
             elif seq.num_cached == len(seq.tokens) and not seq.is_parent:
@@ -611,8 +700,8 @@ class LLM:
         return text
 
     def _output(self, req: _Request) -> RequestOutput:
-        out = RequestOutput(req.index, req.prompt, error=req.error, pixel_values=list(req.pixel_values),
-                            image_sizes=list(req.image_sizes))
+        out = RequestOutput(req.index, req.prompt, error=req.error, num_cached_tokens=req.cached_tokens,
+                            pixel_values=list(req.pixel_values), image_sizes=list(req.image_sizes))
         if req.error is not None:
             return out
         tok = self.tokenizer
@@ -656,6 +745,13 @@ class LLM:
                 raise ValueError(f"max_thinking_tokens must be None or an int >= 0, got {max_thinking_tokens!r}")
             if self.tokenizer is None:
                 raise ValueError("max_thinking_tokens needs the LLM's tokenizer")
+        if self.blocks.prefix_caching:  # cached KV is the old weights' once they change
+            key = self._weights_key()
+            if key != self._weights_seen:
+                if self.blocks.num_cached_blocks:
+                    log.info("the model's parameters changed: the prefix cache is dropped")
+                self.blocks.clear_cache()
+                self._weights_seen = key
         if self._graphs is not None and self._graphs.stale():  # weights replaced since the capture: capture again
             log.info("the model's parameters moved since the decode graphs were captured: capturing them again")
             self._graphs.reset()

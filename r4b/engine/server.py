@@ -357,10 +357,12 @@ def _choice(c) -> dict:
 
 
 def _usage(out: RequestOutput, suffix: int) -> dict:
-    """Token counts; the prompt counts its mode suffix (the tokens after the assistant header the mode adds)."""
+    """Token counts; the prompt counts its mode suffix (the tokens after the assistant header the mode adds), and
+    its tokens the prefix cache held (OpenAI's prompt_tokens_details.cached_tokens)."""
     done = sum(len(c.token_ids) for c in out.outputs)
     prompt = len(out.prompt_token_ids) + suffix
     return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done,
+            "prompt_tokens_details": {"cached_tokens": out.num_cached_tokens},
             "completion_tokens_details": {"reasoning_tokens": sum(c.num_thinking_tokens for c in out.outputs)}}
 
 

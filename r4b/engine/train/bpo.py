@@ -187,6 +187,7 @@ class BPOTrainer(Trainer):
         failed = 0.0  # prompts of a rollout that gave no batch at all (bpo_rollouts raised)
         with parallel.gathered(self.model), torch.no_grad():
             llm = self._engine()
+            llm.reset_prefix_cache()  # the policy changed since the last rollout (the gather may reuse storage)
             try:
                 batch = bpo_rollouts(llm, prompts, refs, self.reward, g=cfg.g, params=params,
                                      rollout_mode=cfg.rollout_mode, train_mode_tokens=cfg.train_mode_tokens,
