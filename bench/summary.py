@@ -156,6 +156,15 @@ def _generate_lines(folder: Path) -> list[str]:
     rows = [r for r in json.loads(f.read_text())["rows"] if "skipped" not in r and r.get("tokens_per_s")]
     out = []
     for case in dict.fromkeys(r["case"] for r in rows):
+        cached = next((r for r in rows if r["case"] == case and r["provider"] == "r4b, prefix cache"), None)
+        if cached is not None:  # the shared-system-prompt case: r4b with its prefix cache against without
+            line = f"  generate {case}: prefix cache {cached['tokens_per_s']:.4g} tok/s"
+            line += (f", {cached['x_cold']:.2f}x without it" if cached.get("x_cold") else "; uncached missing")
+            line += f"; {cached.get('prompt_tokens_a_call', 0):.0f} prompt tokens computed a call"
+            if cached.get("same"):
+                line += f"; same greedy tokens in {cached['same']} sequences"
+            out.append(line + " (informational: no issue yet)")
+            continue
         mine = next((r for r in rows if r["case"] == case and r["provider"].startswith("r4b")), None)
         peer = next((r for r in rows if r["case"] == case and r["provider"].startswith("transformers")), None)
         if mine is None:

@@ -338,9 +338,13 @@ def test_generate_bench_runs_quick_and_matches_transformers(monkeypatch, tmp_pat
     rows = bench_generate.main(["--quick"])
     assert [(r["case"].split()[0], r["provider"]) for r in rows] == [
         ("bs1", "r4b LLM.generate"), ("bs1", "transformers generate"),
-        ("bs4", "r4b LLM.generate"), ("bs4", "transformers generate")]
+        ("bs4", "r4b LLM.generate"), ("bs4", "transformers generate"),
+        ("bs4", "r4b, no prefix cache"), ("bs4", "r4b, prefix cache")]
     assert all(r["tokens_per_s"] > 0 for r in rows)
-    assert [r.get("same") for r in rows] == ["1/1", None, "4/4", None]
+    assert [r.get("same") for r in rows] == ["1/1", None, "4/4", None, None, "4/4"]
+    # a shared system prompt of 48 tokens (3 blocks of 16) before 8 own: the cache spares the 3 blocks a request
+    assert rows[4]["prompt_tokens_a_call"] == 4 * 56 and rows[5]["prompt_tokens_a_call"] == 4 * 8
+    assert rows[5]["x_cold"] == pytest.approx(rows[4]["ms"] / rows[5]["ms"])
     assert (tmp_path / "generate.json").exists() and (tmp_path / "generate.md").exists()
 
 
@@ -350,13 +354,18 @@ def test_summary_reports_generate_against_transformers(tmp_path):
     rows = [{"case": "bs1 x", "provider": "r4b LLM.generate", "tokens_per_s": 300.0, "x_floor": 1.8, "same": "1/1"},
             {"case": "bs1 x", "provider": "transformers generate", "tokens_per_s": 20.0},
             {"case": "bs32 x", "provider": "r4b LLM.generate", "tokens_per_s": 900.0},
-            {"case": "bs32 x", "provider": "transformers generate", "skipped": "out of memory"}]
+            {"case": "bs32 x", "provider": "transformers generate", "skipped": "out of memory"},
+            {"case": "bs32 shared", "provider": "r4b, no prefix cache", "tokens_per_s": 100.0},
+            {"case": "bs32 shared", "provider": "r4b, prefix cache", "tokens_per_s": 400.0, "x_cold": 4.0,
+             "prompt_tokens_a_call": 2048.0, "same": "32/32"}]
     (tmp_path / "generate.json").write_text(json.dumps({"rows": rows}))
     out = targets(tmp_path).splitlines()
-    assert out[-2:] == [
+    assert out[-3:] == [
         "  generate bs1 x: r4b 300 tok/s, 15.00x transformers' 20; 1.80x the weight-read floor a step; greedy tokens "
         "equal to transformers' in 1/1 sequences (informational: no issue yet)",
-        "  generate bs32 x: r4b 900 tok/s; transformers missing: no ratio (informational: no issue yet)"], out
+        "  generate bs32 x: r4b 900 tok/s; transformers missing: no ratio (informational: no issue yet)",
+        "  generate bs32 shared: prefix cache 400 tok/s, 4.00x without it; 2048 prompt tokens computed a call; same "
+        "greedy tokens in 32/32 sequences (informational: no issue yet)"], out
 
 
 def test_paged_prefill_bench_checks_every_provider(monkeypatch, tmp_path):
