@@ -257,15 +257,20 @@ def test_changed_weights_never_reuse_a_block(model):
     no_leak(llm)
 
 
-def test_preempted_sequences_come_back_through_the_cache_under_eviction(model):
+@pytest.mark.parametrize("n", [1, 2])
+def test_preempted_sequences_come_back_through_the_cache_under_eviction(model, n):
+    """n=2: each prompt is prefilled once and forked, so the preempted ones are completions that come back with
+    their prompt and their own generated blocks from the cache; the request's num_cached_tokens still counts only
+    what its prompt's first admission found."""
     prompts = prompts_of([5, 11, 17, 23, 29], seed=2)
-    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, n=n)
     llm = LLM(model, TOK, block_size=2, num_kv_blocks=40)
     outs = llm.generate(prompts, params, use_tqdm=False)
     assert llm.stats["preemptions"] > 0 and llm.stats["prefix_cache_hit_tokens"] > 0
     assert llm.blocks.evictions > 0
     for p, o in zip(prompts, outs, strict=True):
-        assert o.outputs[0].token_ids == naive(model, p, 12, stop_ids=())
+        assert [c.token_ids for c in o.outputs] == [naive(model, p, 12, stop_ids=())] * n
+        assert o.num_cached_tokens == 0  # nothing was cached when the prompts came in
     no_leak(llm)
 
 

@@ -439,8 +439,9 @@ class LLM:
             seats += seq.seats
             if not seq.admitted:
                 seq.admitted, seq.req.cached_tokens = True, max(seq.req.cached_tokens, cached)
-            if hit:  # the rest of it runs in the next extend step, after the cached context
+            if hit:  # its first chunk's blocks now; the chunk runs in the next extend step, after the cached context
                 self.blocks.acquire(seq.id, hit)
+                self.blocks.ensure(seq.id, cached + n, cached)  # fits: checked above
                 seq.num_cached, seq.registered = cached, len(hit)
                 self.stats["prefix_cache_hit_tokens"] += cached
                 continue
@@ -631,6 +632,7 @@ class LLM:
                 for child in seq.children:
                     self.blocks.fork(seq.id, child.id)
                     child.num_cached, child.registered = seq.num_cached, seq.registered
+                    child.admitted = True  # its prompt came in through the parent (the request's cached_tokens)
                     child.block_keys = list(seq.block_keys)  # the shared prompt's blocks are the child's first
                 self.running[i : i + 1] = seq.children
                 self.blocks.free(seq.id)
