@@ -246,3 +246,14 @@ def test_chat_encoding_runs_through_the_model():
         logits = model.compute_logits(hidden, last_rows(cu))
     assert encs[0].image_sizes == [(50, 33)]
     assert logits.shape == (2, 512) and torch.isfinite(logits).all()
+
+
+def test_token_bytes_spell_the_text_even_inside_a_character():
+    """Byte-level tokens may hold part of a UTF-8 character (each alone decodes to U+FFFD): their bytes, joined,
+    are the text's; special tokens are their own text."""
+    tok = ChatTokenizer.demo()
+    for text in ("héllo wörld", "✓ 日本語 🙂", "plain ascii", "\n\t "):
+        ids = tok.encode(text)
+        assert b"".join(tok.token_bytes(i) for i in ids) == text.encode("utf-8")
+    assert any("\ufffd" in tok.decode([i]) for i in tok.encode("日本語"))  # the case the byte table is for
+    assert tok.token_bytes(tok.think_id) == b"<think>" and tok.token_bytes(tok.im_end_id) == b"<|im_end|>"

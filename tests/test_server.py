@@ -145,6 +145,11 @@ def test_parse_chat_request_fields_and_errors():
     assert (r.params.max_tokens, r.params.temperature, r.params.top_k, r.params.n, r.params.stop, r.params.seed) == \
         (7, 0.5, 4, 2, ("END",), 1)
     assert r.thinking_mode == "short" and r.stream and r.include_usage
+    assert not r.logprobs and r.params.logprobs is None
+    r = parse_chat_request({"messages": [{"role": "user", "content": "q"}], "logprobs": True, "top_logprobs": 3})
+    assert r.logprobs and r.params.logprobs == 3
+    r = parse_chat_request({"messages": [{"role": "user", "content": "q"}], "logprobs": True, "top_logprobs": 0})
+    assert r.logprobs and r.params.logprobs is None  # the chosen token's log-prob only
     assert parse_chat_request({"messages": [{"role": "user", "content": "q"}]}, default_mode="long").thinking_mode \
         == "long"
     img = io.BytesIO()
@@ -162,7 +167,10 @@ def test_parse_chat_request_fields_and_errors():
                         ({"messages": msg, "thinking_mode": "sideways"}, "thinking_mode"),
                         ({"messages": msg, "temperature": -1}, "temperature"), ({"messages": msg, "n": 0}, "n"),
                         ({"messages": msg, "max_tokens": "9"}, "max_tokens"), ({"messages": msg, "top_p": 2}, "top_p"),
-                        ({"messages": msg, "tools": [{}]}, "tools"), ({"messages": msg, "logprobs": True}, "logprobs"),
+                        ({"messages": msg, "tools": [{}]}, "tools"), ({"messages": msg, "logprobs": "yes"}, "logprobs"),
+                        ({"messages": msg, "top_logprobs": 3}, "top_logprobs"),
+                        ({"messages": msg, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+                        ({"messages": msg, "logprobs": True, "top_logprobs": -1}, "top_logprobs"),
                         ({"messages": msg, "stop": [""]}, "stop"), ({"messages": msg, "seed": 1.5}, "seed"),
                         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
                             "url": "http://example.com/x.png"}}]}]}, "messages"),
@@ -272,6 +280,44 @@ def test_responses_are_the_engines_outputs(served, model):
     status, r = client.chat(PROMPTS[1], temperature=0, chat_template_kwargs={"enable_thinking": False}, n=2)
     assert status == 200 and [c["thinking_mode"] for c in r["choices"]] == ["short", "short"]
     assert all(c["message"]["reasoning_content"] is None for c in r["choices"])
+
+
+def test_logprobs_are_the_engines_and_their_bytes_spell_the_completion(served, model):
+    """logprobs / top_logprobs: one entry per generated token (the thought's included), the engine's log-probs and
+    top alternatives; each entry's bytes, joined, are the completion's text; streamed, the entries arrive in order
+    and are the same."""
+    server, client = served
+    ref = new_llm(model)
+    for mode, top in (("long", 3), ("short", 0)):
+        want = ref.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=12, logprobs=top or None),
+                            thinking_mode=mode, use_tqdm=False)[0].outputs[0]
+        status, r = client.chat(PROMPTS[0], temperature=0, thinking_mode=mode, logprobs=True, top_logprobs=top)
+        assert status == 200, r
+        content = r["choices"][0]["logprobs"]["content"]
+        assert len(content) == len(want.token_ids) > 0
+        for i, e in enumerate(content):
+            assert e["logprob"] == pytest.approx(want.logprobs[i], abs=1e-5)
+            assert e["token"] == bytes(e["bytes"]).decode("utf-8", errors="replace")
+            assert len(e["top_logprobs"]) == top
+            if top:
+                alts = list(want.top_logprobs[i].items())
+                assert [x["logprob"] for x in e["top_logprobs"]] == pytest.approx([v for _, v in alts], abs=1e-5)
+                assert [bytes(x["bytes"]) for x in e["top_logprobs"]] == [TOK.token_bytes(t) for t, _ in alts]
+        # (a random model emits stray UTF-8 pieces: both sides replace them the same way)
+        assert b"".join(bytes(e["bytes"]) for e in content).decode(errors="replace") == TOK.decode(want.token_ids)
+        status, chunks = client.chat(PROMPTS[0], temperature=0, thinking_mode=mode, logprobs=True, top_logprobs=top,
+                                     stream=True)
+        assert status == 200
+        streamed = [e for ch in chunks[:-1] for c in ch.get("choices", []) for e in
+                    (c.get("logprobs") or {}).get("content", [])]
+        # the same entries (the repeated prompt came from the prefix cache: log-probs within fp32 rounding)
+        assert len(streamed) == len(content)
+        for a, b in zip(streamed, content, strict=True):
+            assert (a["token"], a["bytes"]) == (b["token"], b["bytes"]) and a["logprob"] == pytest.approx(b["logprob"],
+                                                                                                      abs=1e-5)
+            assert [x["bytes"] for x in a["top_logprobs"]] == [x["bytes"] for x in b["top_logprobs"]]
+    status, r = client.chat(PROMPTS[0], temperature=0)
+    assert status == 200 and "logprobs" not in r["choices"][0]
 
 
 def test_concurrent_clients_get_their_own_answers(served, model):

@@ -16,6 +16,7 @@ only its answer (the text after its last ``</think>``, leading newlines dropped)
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -69,6 +70,15 @@ def _is_query(role: str, text: str) -> bool:
     return role == "user" and not (text.startswith("<tool_response>") and text.endswith("</tool_response>"))
 
 
+@functools.cache
+def _byte_of_char() -> dict[str, int]:
+    """Byte-level BPE's spelling of bytes, inverted: the printable bytes (``!``..``~``, ``¡``..``¬``, ``®``..``ÿ``)
+    stand for themselves, every other byte for the character 256 + its rank among those others."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in kept]
+    return {**{chr(b): b for b in kept}, **{chr(256 + i): b for i, b in enumerate(others)}}
+
+
 class ChatTokenizer:
     """A ``tokenizers`` tokenizer.json with the chat special tokens, plus the chat template.
 
@@ -114,6 +124,18 @@ class ChatTokenizer:
     def decode(self, ids: list[int] | Tensor, skip_special_tokens: bool = False) -> str:
         ids = ids.tolist() if isinstance(ids, Tensor) else list(ids)
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for. A byte-level BPE token may hold part of a UTF-8 character, which decodes
+        to U+FFFD alone: its bytes then come from its byte-level spelling (GPT-2's byte-to-character table)."""
+        text = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        if "\ufffd" not in text:
+            return text.encode("utf-8")
+        piece = self.tokenizer.id_to_token(token_id)
+        table = _byte_of_char()
+        if piece and all(ch in table for ch in piece):
+            return bytes(table[ch] for ch in piece)
+        return text.encode("utf-8")
 
     def _image_tokens(self, image: Any) -> int:
         if image is None or self.model_config is None:

@@ -91,6 +91,8 @@ class StreamEvent:
     text: str  # the text this event adds ("" while a multi-byte character or a possible stop string is held back)
     finished: bool
     finish_reason: str | None
+    logprob: float | None = None  # the token's log-prob (None without a token)
+    top_logprobs: dict[int, float] | None = None  # with SamplingParams.logprobs=k: the top k alternatives
 
 
 class _Request:
@@ -845,8 +847,7 @@ class LLM:
                 out.append(self._report(req))
             return out
         for seq, token in events:
-            out.append(StreamEvent(seq.req.index, seq.index, token, self._delta(seq), seq.finish_reason is not None,
-                                   seq.finish_reason))
+            out.append(self._event(seq, token))
             if seq.req.unfinished == 0 and seq.req.index in self._live:  # not reported yet
                 out.append(self._report(seq.req))
         return out
@@ -908,13 +909,18 @@ class LLM:
                     done.add(req.index)
                     yield self._output(req)
             for seq, token in self._loop():
-                yield StreamEvent(seq.req.index, seq.index, token, self._delta(seq), seq.finish_reason is not None,
-                                  seq.finish_reason)
+                yield self._event(seq, token)
                 if seq.req.unfinished == 0 and seq.req.index not in done:
                     done.add(seq.req.index)
                     yield self._output(seq.req)
         finally:  # closed before the loop started (a skipped request's output was the last item taken)
             self._reset()
+
+    def _event(self, seq: _Seq, token: int | None) -> StreamEvent:
+        got = token is not None
+        return StreamEvent(seq.req.index, seq.index, token, self._delta(seq), seq.finish_reason is not None,
+                           seq.finish_reason, seq.logprobs[-1] if got else None,
+                           seq.top[-1] if got and seq.req.params.logprobs else None)
 
     def _delta(self, seq: _Seq) -> str:
         """The text a stream has not sent yet. While the completion runs, an incomplete multi-byte character and

@@ -13,6 +13,11 @@ The thinking mode: ``"thinking_mode": "auto" | "long" | "short"`` (r4b's field),
 ``message.reasoning_content`` (streamed as ``delta.reasoning_content``), the answer in ``message.content``; each
 choice also says ``thinking_mode`` and what the model did (``mode``: "think" / "no_think"). Images: ``image_url``
 parts with ``data:`` URLs (base64); the server fetches nothing and reads no local file.
+
+``"logprobs": true`` (and ``"top_logprobs": k``, k <= 20) gives each choice ``logprobs.content``: one entry per
+generated token, the thought's included, in order (``token``, ``logprob``, ``bytes``, ``top_logprobs``); streamed,
+each chunk of a token carries its entry. The log-probs are the engine's: of the distribution at the request's
+temperature (1 when greedy), before top-k / top-p.
 """
 
 from __future__ import annotations
@@ -64,6 +69,7 @@ class ChatRequest:
     stream: bool = False
     include_usage: bool = False
     model: str | None = None
+    logprobs: bool = False
 
 
 def _int(body: dict, name: str, low: int, default: int | None) -> int | None:
@@ -144,8 +150,16 @@ def parse_chat_request(body: Any, *, default_mode: str = "auto", default_max_tok
     for name in ("presence_penalty", "frequency_penalty"):
         if body.get(name):
             raise BadRequest(f"'{name}' is not supported by r4b serve (send 0 or leave it out)", name)
-    if body.get("logprobs"):
-        raise BadRequest("'logprobs' is not supported by r4b serve yet", "logprobs")
+    logprobs = body.get("logprobs", False)
+    if logprobs is None:
+        logprobs = False
+    if not isinstance(logprobs, bool):
+        raise BadRequest(f"'logprobs' must be true or false, got {logprobs!r}", "logprobs")
+    top = _int(body, "top_logprobs", 0, None)
+    if top is not None and top > 20:
+        raise BadRequest(f"'top_logprobs' must be an integer in [0, 20], got {top!r}", "top_logprobs")
+    if top and not logprobs:
+        raise BadRequest("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     messages = _messages(body.get("messages"))
     mode = body.get("thinking_mode")
     kwargs = body.get("chat_template_kwargs")
@@ -174,7 +188,7 @@ def parse_chat_request(body: Any, *, default_mode: str = "auto", default_max_tok
         raise BadRequest(f"'seed' must be an integer, got {seed!r}", "seed")
     kw = dict(temperature=_float(body, "temperature", 1.0), top_p=_float(body, "top_p", 1.0),
               top_k=_int(body, "top_k", 0, 0) or 0, max_tokens=max_tokens or default_max_tokens, stop=tuple(stop),
-              seed=seed, n=_int(body, "n", 1, 1) or 1)
+              seed=seed, n=_int(body, "n", 1, 1) or 1, logprobs=top or None)
     try:
         params = SamplingParams(**kw)
     except ValueError as e:  # SamplingParams.<field> must be ...
@@ -182,7 +196,7 @@ def parse_chat_request(body: Any, *, default_mode: str = "auto", default_max_tok
         name = msg.split(".", 1)[1].split(" ", 1)[0] if msg.startswith("SamplingParams.") else None
         raise BadRequest(f"'{name}': {msg}" if name else msg, name) from None
     return ChatRequest(messages, params, mode, _int(body, "max_thinking_tokens", 0, None), stream,
-                       bool(opts.get("include_usage")), body.get("model"))
+                       bool(opts.get("include_usage")), body.get("model"), logprobs)
 
 
 # ------------------------------------------------------------------------------------------------------ engine
@@ -349,11 +363,26 @@ class ThinkSplitter:
 # --------------------------------------------------------------------------------------------------------- HTTP
 
 
-def _choice(c) -> dict:
-    return {"index": c.index, "message": {"role": "assistant", "content": c.answer,
-                                          "reasoning_content": c.thinking or None},
-            "finish_reason": c.finish_reason, "thinking_mode": c.thinking_mode, "mode": c.mode,
-            "num_thinking_tokens": c.num_thinking_tokens}
+def _logprob_entry(tok, token_id: int, logprob: float, top: dict[int, float] | None) -> dict:
+    """OpenAI's logprobs.content item of one generated token (its alternatives with top_logprobs)."""
+
+    def item(i: int, lp: float) -> dict:
+        raw = tok.token_bytes(i)
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": lp, "bytes": list(raw)}
+
+    return {**item(token_id, logprob), "top_logprobs": [item(i, lp) for i, lp in (top or {}).items()]}
+
+
+def _choice(c, tok=None, logprobs: bool = False) -> dict:
+    out = {"index": c.index, "message": {"role": "assistant", "content": c.answer,
+                                         "reasoning_content": c.thinking or None},
+           "finish_reason": c.finish_reason, "thinking_mode": c.thinking_mode, "mode": c.mode,
+           "num_thinking_tokens": c.num_thinking_tokens}
+    if logprobs:
+        tops = c.top_logprobs or [None] * len(c.token_ids)
+        out["logprobs"] = {"content": [_logprob_entry(tok, t, lp, top) for t, lp, top in
+                                       zip(c.token_ids, c.logprobs, tops, strict=True)]}
+    return out
 
 
 def _usage(out: RequestOutput, suffix: int) -> dict:
@@ -378,6 +407,7 @@ class Server(ThreadingHTTPServer):
         if llm.tokenizer is None:
             raise ValueError("the LLM needs a tokenizer to serve chats")
         self.suffix_len = {m: len(llm.mode_suffix_ids(m)) for m in MODE_SUFFIX}
+        self.tokenizer = llm.tokenizer  # read-only here (token bytes for logprobs)
         self.max_n = llm.max_num_seqs
         self.engine = EngineLoop(llm).start()
         self.model_name, self.default_mode, self.default_max_tokens = model_name, default_mode, default_max_tokens
@@ -520,7 +550,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._json(200, {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
                          "created": int(time.time()), "model": self.server.model_name,
-                         "choices": [_choice(c) for c in ev.outputs],
+                         "choices": [_choice(c, self.server.tokenizer, req.logprobs) for c in ev.outputs],
                          "usage": _usage(ev, self.server.suffix_len[req.thinking_mode])})
 
     def _sse(self, obj: dict | str) -> None:
@@ -550,18 +580,29 @@ class _Handler(BaseHTTPRequestHandler):
         splitters = {i: ThinkSplitter(in_thought) for i in range(req.params.n)}
         finish: dict[int, str] = {}
 
-        def chunk(i: int, delta: dict, reason: str | None = None) -> None:
-            self._sse({**base, "choices": [{"index": i, "delta": delta, "finish_reason": reason}]})
+        def chunk(i: int, delta: dict, reason: str | None = None, logprobs: dict | None = None) -> None:
+            choice = {"index": i, "delta": delta, "finish_reason": reason}
+            if logprobs is not None:
+                choice["logprobs"] = logprobs
+            self._sse({**base, "choices": [choice]})
 
         for i in range(req.params.n):
             chunk(i, {"role": "assistant", "content": ""})
         while True:
             if isinstance(ev, StreamEvent):
                 thought, answer = splitters[ev.index].feed(ev.text)
+                lp = None
+                if req.logprobs and ev.token_id is not None:  # the token's entry rides on its first chunk
+                    lp = {"content": [_logprob_entry(self.server.tokenizer, ev.token_id, ev.logprob,
+                                                     ev.top_logprobs)]}
                 if thought:
-                    chunk(ev.index, {"reasoning_content": thought})
+                    chunk(ev.index, {"reasoning_content": thought}, logprobs=lp)
+                    lp = None
                 if answer:
-                    chunk(ev.index, {"content": answer})
+                    chunk(ev.index, {"content": answer}, logprobs=lp)
+                    lp = None
+                if lp is not None:  # its text is held back (a tag may be starting): the entry alone
+                    chunk(ev.index, {}, logprobs=lp)
                 if ev.finished:
                     finish[ev.index] = ev.finish_reason or "stop"
             elif isinstance(ev, RequestOutput):
