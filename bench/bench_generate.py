@@ -9,7 +9,11 @@ the graphs save; its tokens must equal the graphs'), transformers. Columns: ms f
 included), new tokens/s, x_floor (batch 1: the row's ms a step over the floor's; 1 = at the floor) and ``same``
 (how many of r4b's sequences equal transformers' greedy tokens: bf16 rounding may make a long greedy run part
 ways, so it is reported, not asserted; tests/test_llm.py checks the engine in fp32). Each provider runs once warm
-and is timed ``reps`` times (median): a full-size HF call takes seconds."""
+and is timed ``reps`` times (median): a full-size HF call takes seconds.
+
+Then the prefix cache: requests that share a 1024-token system prompt, each call with new questions, r4b with and
+without its prefix cache (``x_cold``: how many times faster with it). ``--prefix-only`` runs that case alone on an
+8-layer, 512-wide model, 8 requests of 1024 + 32 tokens, 8 new each: big enough for a CPU to show it."""
 
 from __future__ import annotations
 
@@ -41,9 +45,23 @@ def _timed(fn, device: str, reps: int) -> tuple[float, object]:
     return statistics.median(times), out
 
 
+MID = dict(vocab_size=4096, hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+           num_key_value_heads=2, head_dim=64)
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     argv = argv or []
     device = default_device()
+    if "--prefix-only" in argv:  # the shared-prompt case alone, on a model big enough for a CPU to show it
+        from r4b.engine.model import Qwen3Config, Qwen3ForCausalLM
+
+        torch.manual_seed(0)
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        with torch.device(device):
+            model = Qwen3ForCausalLM(Qwen3Config(**MID, max_position_embeddings=4096)).to(dtype).eval()
+        rows = _shared_prefix(model, MID, device, False, 3, shape=(1024, 32, 8, 8))
+        write_results("generate_prefix", rows, device)
+        return rows
     quick = "--quick" in argv or device == "cpu"
     cfg, prompt_len, new, batches, reps = (QUICK, 16, 8, (1, 4), 2) if quick else (FULL, 128, 64, (1, 32), 2)
     try:
@@ -125,14 +143,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     return rows
 
 
-def _shared_prefix(model, cfg: dict, device: str, quick: bool, reps: int) -> list[dict]:
+def _shared_prefix(model, cfg: dict, device: str, quick: bool, reps: int,
+                   shape: tuple[int, int, int, int] | None = None) -> list[dict]:
     """Requests that share a long system prompt, each call with new questions (a chat service's traffic): r4b with
     and without the prefix cache, the cache warm from the calls before. Columns as above, plus the prompt tokens
     computed a call and ``x_cold`` (the uncached run's ms over this one's)."""
     from r4b.engine.llm import LLM
     from r4b.engine.sampling import SamplingParams
 
-    system_len, question_len, bs, new = (48, 8, 4, 4) if quick else (1024, 64, 32, 16)
+    system_len, question_len, bs, new = shape or ((48, 8, 4, 4) if quick else (1024, 64, 32, 16))
     g = torch.Generator().manual_seed(1)
     system = torch.randint(0, cfg["vocab_size"], (system_len,), generator=g).tolist()
     params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
