@@ -426,21 +426,32 @@ def test_a_failing_engine_step_gives_500_and_the_server_goes_on(served, monkeypa
     assert server.engine.llm.blocks.num_free_blocks == server.engine.llm.blocks.num_blocks
 
 
-def test_a_client_that_disconnects_has_its_request_aborted(model):
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_disconnects_has_its_request_aborted(model, stream):
+    """Streamed: the next write fails. Plain: nothing is written until the end, so the waiting handler watches the
+    connection and notices the close."""
     llm = new_llm(model, eos_token_ids=())  # never stops early: it would run to the model's 512 positions
-    server = Server(("127.0.0.1", 0), llm, model_name="tiny")
+    real_step = llm.step
+    llm.step = lambda: time.sleep(0.005) or real_step()  # 480 tokens take seconds: the close comes mid-request
+    server = Server(("127.0.0.1", 0), llm, model_name="tiny", disconnect_poll=0.05)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     aborted = []
     real_abort = llm.abort
     llm.abort = lambda rid: aborted.append(rid) or real_abort(rid)
     try:
         c = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=60)
-        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 480, "stream": True,
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 480, "stream": stream,
                 "thinking_mode": "short"}
         c.request("POST", "/v1/chat/completions", body=json.dumps(body).encode())
-        r = c.getresponse()
-        assert r.status == 200
-        r.fp.read(200)  # a few chunks, then the client goes away
+        if stream:
+            r = c.getresponse()
+            assert r.status == 200
+            r.fp.read(200)  # a few chunks, then the client goes away
+        else:
+            deadline = time.time() + 60
+            while not llm.running and time.time() < deadline:  # running, then the client goes away
+                time.sleep(0.01)
+            assert llm.running
         c.sock.close()
         c.close()
         deadline = time.time() + 60

@@ -28,6 +28,8 @@ import io
 import json
 import logging
 import queue
+import select
+import socket
 import threading
 import time
 import uuid
@@ -401,7 +403,8 @@ class Server(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, address: tuple[str, int], llm: LLM, *, model_name: str = "r4b", default_mode: str = "auto",
-                 default_max_tokens: int = 1024, request_timeout: float = 3600.0) -> None:
+                 default_max_tokens: int = 1024, request_timeout: float = 3600.0,
+                 disconnect_poll: float = 0.5) -> None:
         if default_mode not in MODE_SUFFIX:
             raise ValueError(f"default_mode must be one of {sorted(MODE_SUFFIX)}, got {default_mode!r}")
         if llm.tokenizer is None:
@@ -412,6 +415,7 @@ class Server(ThreadingHTTPServer):
         self.engine = EngineLoop(llm).start()
         self.model_name, self.default_mode, self.default_max_tokens = model_name, default_mode, default_max_tokens
         self.request_timeout = request_timeout
+        self.disconnect_poll = disconnect_poll  # how often a waiting plain request checks that its client is there
         super().__init__(address, _Handler)
 
     def server_close(self) -> None:
@@ -497,6 +501,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         handle = self.server.engine.submit(req)
         self._started = False  # whether a status line was sent (then errors go into the stream)
+        self._checked = time.monotonic()  # when _next last checked that the client is still connected
         try:
             if req.stream:
                 self._stream(req, handle)
@@ -521,11 +526,39 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 self._error(504 if timeout else 500, msg)
 
-    def _next(self, handle: Handle):
-        ev = handle.events.get(timeout=self.server.request_timeout)
+    def _next(self, handle: Handle, watch: bool = False):
+        """The request's next event. ``watch`` (a plain response, nothing sent yet): while waiting, check every
+        ``poll`` seconds whether the client closed its connection, and raise ConnectionResetError if so (the caller
+        aborts the request, as for a stream whose write fails)."""
+        if not watch:
+            ev = handle.events.get(timeout=self.server.request_timeout)
+        else:
+            poll = self.server.disconnect_poll
+            deadline = time.monotonic() + self.server.request_timeout
+            while True:
+                now = time.monotonic()
+                if now - self._checked >= poll:  # tokens may arrive faster than the poll: check by the clock
+                    self._checked = now
+                    if self._client_gone():
+                        raise ConnectionResetError("the client closed the connection")
+                try:
+                    ev = handle.events.get(timeout=max(0.0, min(poll, deadline - now)))
+                    break
+                except queue.Empty:
+                    if time.monotonic() >= deadline:
+                        raise
         if isinstance(ev, tuple):
             raise (BadRequest if ev[0] == "refused" else EngineFailure)(ev[1])
         return ev
+
+    def _client_gone(self) -> bool:
+        """Whether the client closed its connection: readable with nothing to read (a pipelined next request is
+        data, not a close)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
 
     def _refusal(self, e: Exception | str) -> None:
         """The error response for a request that did not run: 400 when the request is at fault, else 500."""
@@ -539,7 +572,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _complete(self, req: ChatRequest, handle: Handle) -> None:
         while True:
             try:
-                ev = self._next(handle)
+                ev = self._next(handle, watch=True)
             except (BadRequest, EngineFailure) as e:
                 self._refusal(e)
                 return
@@ -561,7 +594,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _stream(self, req: ChatRequest, handle: Handle) -> None:
         try:  # the first event decides between an error response and the stream
-            ev = self._next(handle)
+            ev = self._next(handle, watch=True)
         except (BadRequest, EngineFailure) as e:
             self._refusal(e)
             return
