@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -214,6 +215,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         summary = run_eval(cfg)
     except (ValueError, OSError) as e:
         raise SystemExit(f"r4b eval: {e}") from None
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: rank 0 reports
+        return 0 if summary["prompts"] else 1
     print(format_summary(summary, cfg.mode_list))
     print(f"r4b eval: {cfg.output_dir}/summary.json, summary.md, samples.jsonl" + (", eval.png" if cfg.plot else ""))
     return 0 if summary["prompts"] else 1

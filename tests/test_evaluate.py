@@ -4,6 +4,7 @@ interrupted run to the same samples, and the CLI."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -296,3 +297,45 @@ def test_r4b_image_prompts_are_evaluated():
     s, rows = evaluate(llm, [(msgs, "x")], "exact", params=SamplingParams(temperature=0, max_tokens=3))
     assert s["prompts"] == 1 and len(rows) == 3 and rows[0]["prompt"] == "user: <image>What?"
     assert torch.is_tensor(msgs[0]["content"][0]["image"])  # the caller's chat is left as it was
+
+
+def test_two_ranks_deal_out_the_prompts_and_a_run_resumes_in_any_world(setup):
+    """torchrun with 2 processes: the prompts are dealt out, each rank writes its own samples.rank<r>.jsonl, rank 0
+    folds them into samples.jsonl and writes the summary (printed once): the same samples and summary as one
+    process. An interrupted two-rank run (whole prompts, a half-written one, a torn line in the ranks' files)
+    resumes in a world of one to the same samples."""
+    from test_train_sft import _torchrun
+
+    tmp, model, data = setup
+    full = run_eval(cfg_for(tmp, model, data, "full", plot=False))
+    samples = read_samples(tmp / "full" / "samples.jsonl")
+    key = lambda r: (r["id"], r.get("mode", ""), r.get("sample", -1))  # noqa: E731
+    cfg_file = tmp / "two.json"  # (a file: torchrun would take "--n" for an abbreviation of its own flags)
+    cfg_file.write_text(json.dumps(dataclasses.asdict(cfg_for(tmp, model, data, "two", plot=False))))
+    r = _torchrun(["eval", "--config", str(cfg_file)], 2)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert r.stdout.count("| non-thinking (short) |") == 1  # rank 0 reports
+    two = tmp / "two"
+    assert sorted(read_samples(two / "samples.jsonl"), key=key) == sorted(samples, key=key)
+    assert json.loads((two / "summary.json").read_text()) == json.loads(json.dumps(full))
+    assert not list(two.glob("samples.rank*"))
+
+    # a two-rank run killed mid-way: rank 0 had finished prompt 0 and half of prompt 2, rank 1 prompt 1 and a torn
+    # line; the world of one resumes from there
+    by_id = {}
+    for row in samples:  # each finished prompt's rows carry a mark: kept rows keep it, recomputed ones do not
+        by_id.setdefault(row["id"], []).append(json.dumps({**row, "kept": True}).encode() + b"\n")
+    for name, rank0, rank1 in (("torn", b"".join(by_id[0] + by_id[2][:3]), b"".join(by_id[1]) + by_id[3][0][:11]),
+                               ("whole", b"".join(by_id[0]), b"".join(by_id[1]))):
+        part = tmp / f"part-{name}"
+        part.mkdir()
+        for f in ("eval_config.json", "config.json"):
+            (part / f).write_bytes((two / f).read_bytes())
+        (part / "samples.jsonl").write_bytes(b"")
+        (part / "samples.rank0.jsonl").write_bytes(rank0)
+        (part / "samples.rank1.jsonl").write_bytes(rank1)
+        resumed = run_eval(cfg_for(tmp, model, data, part.name, plot=False))
+        got = read_samples(part / "samples.jsonl")
+        assert {r["id"] for r in got if r.pop("kept", False)} == {0, 1}, name  # not recomputed
+        assert sorted(got, key=key) == sorted(samples, key=key), name
+        assert resumed == full and not list(part.glob("samples.rank*")), name

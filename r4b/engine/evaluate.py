@@ -376,22 +376,28 @@ def _sample_key(cfg: EvalConfig, digest: str) -> dict:
     return key
 
 
-def run_eval(cfg: EvalConfig, *, llm: LLM | None = None) -> dict:
-    """``r4b eval``: evaluate cfg.data with cfg.model into cfg.output_dir (see the module docstring); returns the
-    summary. ``llm``: an engine to use instead of loading cfg.model (cfg.model is still recorded)."""
-    from .train.data import _source_rows, encode_prompt_row
+def _world(cfg: EvalConfig) -> tuple[int, int, Any]:
+    """(rank, world size, device) of this process: under torchrun with more than one process, from the process group
+    (r4b.engine.train.parallel); otherwise a world of one on cfg.device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, cfg.device
+    from .train.parallel import init_distributed
 
-    cfg.validate()
-    modes = cfg.mode_list
-    fn = resolve_reward(cfg.reward)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    info = init_distributed(cfg.device)
+    return info.rank, info.world_size, str(info.device)
+
+
+def _shards(out: Path) -> list[Path]:
+    return sorted(out.glob("samples.rank*.jsonl"))
+
+
+def _prepare(cfg: EvalConfig, key: dict, out: Path) -> None:
+    """Rank 0, before any sampling: fold an interrupted data-parallel run's per-rank files into samples.jsonl,
+    check that the samples there come from this evaluation (or start over), and drop a prompt cut off mid-chunk."""
     samples_path, key_path = out / "samples.jsonl", out / "eval_config.json"
-    if not Path(cfg.data).is_file():
-        raise ValueError(f"EvalConfig.data: no file at {cfg.data!r}")
-    key = _sample_key(cfg, _file_digest(cfg.data))
     done_rows = read_samples(samples_path) if cfg.resume else []
-    if done_rows:  # (an empty samples.jsonl, e.g. from a run that failed before its first chunk, binds nothing)
+    shard_rows = [r for p in _shards(out) for r in read_samples(p)] if cfg.resume else []
+    if done_rows or shard_rows:  # (an empty samples.jsonl, e.g. from a run that failed early, binds nothing)
         old = json.loads(key_path.read_text(encoding="utf-8")) if key_path.exists() else None
         if old != key:
             diff = sorted(k for k in set(key) | set(old or {}) if (old or {}).get(k) != key.get(k))
@@ -401,28 +407,104 @@ def run_eval(cfg: EvalConfig, *, llm: LLM | None = None) -> dict:
         samples_path.write_bytes(b"")
         for name in ("summary.json", "summary.md", "eval.png"):  # an earlier run's: not of these samples
             (out / name).unlink(missing_ok=True)
+    done_rows += shard_rows
+    done = _finished_ids(done_rows, cfg.mode_list, cfg.n)
+    if shard_rows or any(r["id"] not in done for r in done_rows):  # a prompt cut off mid-chunk: it reruns
+        _atomic_write(samples_path, "".join(json.dumps(r) + "\n" for r in done_rows if r["id"] in done))
+    for p in _shards(out):
+        p.unlink()
     _atomic_write(key_path, json.dumps(key, indent=1) + "\n")
     _atomic_write(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
 
-    skipped: list[tuple[str, str]] = []
-    rows, root = _source_rows(cfg.data, cfg.image_root, skipped)
-    unreadable = len(skipped)  # lines that are not JSON objects (read_jsonl logged them): counted in the summary
-    if cfg.limit:
-        rows = rows[: cfg.limit]
-    done = _finished_ids(done_rows, modes, cfg.n)
-    if any(r["id"] not in done for r in done_rows):  # a prompt cut off mid-chunk: its partial samples go, it reruns
-        done_rows = [r for r in done_rows if r["id"] in done]
-        _atomic_write(samples_path, "".join(json.dumps(r) + "\n" for r in done_rows))
-    todo = [(i, where, row) for i, (where, row) in enumerate(rows) if i not in done]
-    if done:
-        log.info("resuming: %d of %d prompts already evaluated", len(rows) - len(todo), len(rows))
-    if todo and llm is None:
-        llm = _load_llm(cfg)
-    bar = _bar(len(rows), cfg.progress)
+
+def run_eval(cfg: EvalConfig, *, llm: LLM | None = None) -> dict:
+    """``r4b eval``: evaluate cfg.data with cfg.model into cfg.output_dir (see the module docstring); returns the
+    summary. ``llm``: an engine to use instead of loading cfg.model (cfg.model is still recorded).
+
+    Under torchrun (``torchrun --nproc-per-node 8 -m r4b.cli eval ...``) the prompts still to do are dealt out
+    across the processes (prompt i to rank i mod world), each on its own GPU with its own engine, appending to its
+    own ``samples.rank<r>.jsonl``; rank 0 then folds those into samples.jsonl and writes the summary, which every
+    rank returns. A prompt's samples do not depend on the rank that drew them (its seed is its own), and a run
+    interrupted in any world size resumes in any other."""
+    from .train.data import _source_rows
+
+    cfg.validate()
+    if not Path(cfg.data).is_file():
+        raise ValueError(f"EvalConfig.data: no file at {cfg.data!r}")
+    resolve_reward(cfg.reward)  # a bad name fails here, before any process group or engine exists
+    rank, world, device = _world(cfg)
+    try:
+        out = Path(cfg.output_dir)
+        error = None
+        if rank == 0:
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                _prepare(cfg, _sample_key(cfg, _file_digest(cfg.data)), out)
+            except (ValueError, OSError) as e:
+                error = e
+        if world > 1:
+            import torch.distributed as dist
+
+            box = [None if error is None else f"{type(error).__name__}: {error}"]
+            dist.broadcast_object_list(box, src=0)
+            if box[0] is not None and error is None:
+                error = ValueError(f"rank 0: {box[0]}")
+        if error is not None:
+            raise error
+        skipped: list[tuple[str, str]] = []
+        rows, root = _source_rows(cfg.data, cfg.image_root, skipped)
+        if cfg.limit:
+            rows = rows[: cfg.limit]
+        samples_path = out / "samples.jsonl"
+        done = _finished_ids(read_samples(samples_path), cfg.mode_list, cfg.n)
+        todo = [(i, where, row) for i, (where, row) in enumerate(rows) if i not in done]
+        if done and rank == 0:
+            log.info("resuming: %d of %d prompts already evaluated", len(rows) - len(todo), len(rows))
+        mine = todo[rank::world]
+        if mine and llm is None:
+            llm = _load_llm(cfg, device)
+        _sample(cfg, llm, mine, root, samples_path if world == 1 else out / f"samples.rank{rank}.jsonl",
+                progress=cfg.progress and rank == 0, total=len(rows) if world == 1 else len(mine),
+                already=len(rows) - len(todo) if world == 1 else 0)
+        summary = None
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+            if rank == 0:  # fold the ranks' samples into samples.jsonl
+                extra = [r for p in _shards(out) for r in read_samples(p)]
+                with open(samples_path, "a", encoding="utf-8") as f:
+                    f.write("".join(json.dumps(r) + "\n" for r in sorted(extra, key=lambda r: r["id"])))
+                    f.flush()
+                    os.fsync(f.fileno())
+                for p in _shards(out):
+                    p.unlink()
+        if rank == 0:
+            summary = _write_summary(cfg, out, read_samples(samples_path), len(rows), len(skipped))
+        if world > 1:
+            box = [summary]
+            dist.broadcast_object_list(box, src=0)
+            summary = box[0]
+        return summary
+    finally:
+        if world > 1:
+            from .train.parallel import shutdown_distributed
+
+            shutdown_distributed()
+
+
+def _sample(cfg: EvalConfig, llm: LLM | None, todo: list, root: Any, path: Path, *, progress: bool, total: int,
+            already: int) -> None:
+    """Score ``todo`` (index, where, row) in chunks of batch_size prompts, each chunk appended to ``path`` and
+    fsynced."""
+    from .train.data import encode_prompt_row
+
+    fn = resolve_reward(cfg.reward)
+    bar = _bar(total, progress)
     if bar is not None:
-        bar.update(len(rows) - len(todo))
+        bar.update(already)
     params = cfg.sampling_params()
-    with open(samples_path, "a", encoding="utf-8") as f:
+    with open(path, "a", encoding="utf-8") as f:
         for start in range(0, len(todo), cfg.batch_size):
             chunk, new = todo[start : start + cfg.batch_size], []
             ids, prompts, refs = [], [], []
@@ -443,22 +525,24 @@ def run_eval(cfg: EvalConfig, *, llm: LLM | None = None) -> dict:
                 prompts.append(prompt)
                 refs.append(ref)
             if ids:
-                new += score_prompts(llm, prompts, refs, ids, fn, modes=modes, params=params,
+                new += score_prompts(llm, prompts, refs, ids, fn, modes=cfg.mode_list, params=params,
                                      max_thinking_tokens=cfg.max_thinking_tokens)
             f.write("".join(json.dumps(r) + "\n" for r in new))  # ASCII: a lone surrogate in the data writes too
             f.flush()
             os.fsync(f.fileno())
-            done_rows += new
             if bar is not None:
                 bar.update(len(chunk))
     if bar is not None:
         bar.close()
-    keep = set(range(len(rows)))
-    summary = summarize([r for r in done_rows if r["id"] in keep], modes)
-    summary["data"], summary["model"], summary["rows"] = cfg.data, cfg.model, len(rows)
-    summary["unreadable_lines"] = unreadable
+
+
+def _write_summary(cfg: EvalConfig, out: Path, done_rows: list[dict], num_rows: int, unreadable: int) -> dict:
+    keep = set(range(num_rows))
+    summary = summarize([r for r in done_rows if r["id"] in keep], cfg.mode_list)
+    summary["data"], summary["model"], summary["rows"] = cfg.data, cfg.model, num_rows
+    summary["unreadable_lines"] = unreadable  # lines that are not JSON objects (read_jsonl logged them)
     _atomic_write(out / "summary.json", json.dumps(summary, indent=1) + "\n")
-    _atomic_write(out / "summary.md", format_summary(summary, modes) + "\n")
+    _atomic_write(out / "summary.md", format_summary(summary, cfg.mode_list) + "\n")
     if cfg.plot:
         plot_summary(summary, out / "eval.png", title=Path(cfg.model).name)
     return summary
@@ -476,8 +560,8 @@ def _finished_ids(rows: list[dict], modes: Sequence[str], n: int) -> set[int]:
     return final | {i for i, c in count.items() if c == len(modes) * n}
 
 
-def _load_llm(cfg: EvalConfig) -> LLM:
-    return LLM.from_pretrained(cfg.model, tokenizer=cfg.tokenizer, device=cfg.device, dtype=cfg.dtype,
+def _load_llm(cfg: EvalConfig, device: str | None = None) -> LLM:
+    return LLM.from_pretrained(cfg.model, tokenizer=cfg.tokenizer, device=device or cfg.device, dtype=cfg.dtype,
                                max_num_seqs=cfg.max_num_seqs)
 
 
