@@ -215,3 +215,21 @@ def test_every_config_gpu(T, HK, monkeypatch):
         cfg = triton.Config({"BLOCK_T": t, "STAGES": st}, num_warps=w)
         monkeypatch.setattr(_dispatch, "tuned_config", lambda *a, cfg=cfg: cfg)
         _assert_matches_float64(_run(_fused, q, k, wq, wk, pos), q, k, wq, wk, pos)
+
+
+def test_trains_after_its_first_call_under_inference_mode():
+    """The engine's steps run under inference_mode; a training step after them (BPO: a rollout, then its update)
+    must still backpropagate: the RoPE frequencies cached at the first call are a normal tensor, not an inference
+    tensor that autograd cannot save. (A head dim and theta no other test uses, so this call fills the cache.)"""
+    import importlib
+
+    rope_mod = importlib.import_module("r4b.kernels.rope")  # (r4b.kernels.rope is also the op)
+
+    q, k, wq, wk, pos = _inputs(6, 2, 1, 24)
+    theta = 12345.0
+    rope_mod._INV_FREQ.clear()
+    with torch.inference_mode():
+        qk_norm_rope(q, k, wq, wk, pos, 1e-6, theta, backend="triton")
+        rope(q, pos, theta, backend="triton")
+    assert rope_mod._INV_FREQ and not any(t.is_inference() for t in rope_mod._INV_FREQ.values())
+    _assert_matches_float64(_run(_fused, q, k, wq, wk, pos, theta=theta), q, k, wq, wk, pos, theta=theta)

@@ -47,7 +47,10 @@ def _inv_freq(head_dim: int, theta: float, device: torch.device, cached: bool = 
     key = (head_dim, float(theta), device)  # a tensor's device: cuda devices carry their index
     t = _INV_FREQ.get(key)
     if t is None:
-        t = _inv_freq(head_dim, theta, device, cached=False)
+        # a normal tensor even when first asked for under inference_mode (the engine's steps): an inference tensor
+        # kept here could not be saved for a later training step's backward (a BPO rollout, then its update)
+        with torch.inference_mode(False):
+            t = _inv_freq(head_dim, theta, device, cached=False)
         if len(_INV_FREQ) > 16:
             _INV_FREQ.clear()
         _INV_FREQ[key] = t
