@@ -23,8 +23,10 @@ $(STAMP): $(SOURCES)
 build: setup
 	$(BIN)/pip install -q -e . --no-build-isolation --no-deps
 
+# the tests in TEST_WORKERS processes (pytest-xdist), a file per process at a time (module fixtures stay shared)
+TEST_WORKERS ?= 2
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 demo: setup
 	$(BIN)/python -m r4b.demo
