@@ -10,6 +10,7 @@ import random
 
 import pytest
 import torch
+from test_block_manager import check_refs
 from test_llm import TOK, naive, no_leak, prompts_of, tiny_model, tiny_r4b_chat
 from tiny_models import torch_kernels_on_cpu  # noqa: F401  (fixture)
 
@@ -159,12 +160,7 @@ def test_random_walk_hits_always_hold_the_right_content(seed):
             del seqs[s], cached[s]
         for s, toks in seqs.items():  # every live sequence still reads its own tokens
             assert [content[bm.slot(s, p)] for p in range(cached[s])] == toks[: cached[s]]
-        counts = [0] * bm.num_blocks
-        for s in seqs:
-            for b in bm.table(s):
-                counts[b] += 1
-        assert [bm.ref_count(b) for b in range(bm.num_blocks)] == counts
-        assert bm.num_free_blocks == counts.count(0)
+        check_refs(bm, list(seqs))
     assert hits > 10
 
 
