@@ -157,7 +157,7 @@ def _shared_prefix(model, cfg: dict, device: str, quick: bool, reps: int,
     params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
     case = f"bs{bs} shared {system_len} + own {question_len} new {new} L{cfg['num_hidden_layers']}"
     kw = dict(max_num_seqs=bs, max_num_batched_tokens=bs * (system_len + question_len), block_size=16,
-              num_kv_blocks=4 * bs * (system_len + question_len + new) // 16 + 8, max_model_len=4096)
+              num_kv_blocks=2 * bs * (system_len + question_len + new) // 16 + 8, max_model_len=4096)
     rows, outs = [], {}
     for name, cached in (("r4b, no prefix cache", False), ("r4b, prefix cache", True)):
         llm = LLM(model, None, prefix_caching=cached, **kw)

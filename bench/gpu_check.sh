@@ -29,8 +29,9 @@
 # R4B_CHECK_BENCHES="name:seconds ..." replaces the phase's bench list (e.g. "grpo_loss:150 varlen_attention:120";
 # any bench/bench_<name>.py, e.g. "paged_attention:90": paged decode attention and store_kv, in no phase's default
 # list yet; their "r4b cuda" rows need r4b._C built with CUDA, which the rest phase (or a "rest" test step) builds;
-# "diag_paged:60" times the decode kernels' launch options, bench/gpu_diag.py paged; "generate:150": the engine
-# against transformers' generate at the ANCHORS shape; "paged_prefill:45": the engine's extend step).
+# "diag_paged:60" times the decode kernels' launch options, bench/gpu_diag.py paged; "generate:200": the engine
+# against transformers' generate at the ANCHORS shape, then its prefix cache on a shared system prompt;
+# "paged_prefill:45": the engine's extend step).
 # The run keeps to R4B_CHECK_BUDGET seconds (default 540, under the device tool's 600 s per command): every
 # step's time limit is cut to what is left, minus a reserve for the summary, so the table always prints.
 # Peers: `make gpu-wheels` (here, with internet) puts liger-kernel's wheel in .whl/; carry ".whl" to the GPU
