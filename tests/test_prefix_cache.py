@@ -15,7 +15,7 @@ from test_llm import TOK, naive, no_leak, prompts_of, tiny_model, tiny_r4b_chat
 from tiny_models import torch_kernels_on_cpu  # noqa: F401  (fixture)
 
 from r4b.engine.block_manager import BlockManager
-from r4b.engine.llm import LLM
+from r4b.engine.llm import LLM, RequestOutput
 from r4b.engine.sampling import SamplingParams
 
 pytestmark = pytest.mark.usefixtures("torch_kernels_on_cpu")
@@ -250,6 +250,39 @@ def test_changed_weights_never_reuse_a_block(model):
     llm.reset_prefix_cache()
     assert llm.blocks.num_cached_blocks == 0
     check(False)
+    no_leak(llm)
+
+
+@pytest.mark.parametrize("other_request", [False, True])
+def test_weights_changed_while_a_request_runs(other_request):
+    """A request computing across a weight change holds the old weights' keys and values: none of its blocks may be
+    registered after the change. With other_request, the change is noticed at another add_request while it runs
+    (the serving path); then a prompt made of its tokens, computed twice, must match an engine without the cache
+    (its later blocks, were they registered, would be found after the new ones' first blocks)."""
+    model = tiny_model(seed=4)
+    prompt = prompts_of([20], seed=5)[0]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    llm = LLM(model, TOK, block_size=4, num_kv_blocks=128)
+    a = llm.add_request(prompt, params)
+    for _ in range(3):  # its prompt and two tokens: 5 blocks registered
+        llm.step()
+    assert llm.blocks.num_cached_blocks == 5
+    with torch.no_grad():
+        model.model.layers[0].self_attn.v_proj.weight.mul_(-2.0)
+    if other_request:
+        llm.add_request(prompts_of([9], seed=6)[0], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+    outs = {}
+    while llm.has_unfinished():
+        outs.update({o.request_index: o for o in llm.step() if isinstance(o, RequestOutput)})
+    registered = 2 if other_request else 0  # the other request's two full blocks (9 + 2 tokens computed: 10)
+    assert llm.blocks.num_cached_blocks == registered
+    whole = prompt + outs[a].outputs[0].token_ids
+    cold = LLM(model, TOK, block_size=4, num_kv_blocks=128, prefix_caching=False)
+    want = cold.generate([whole], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)[0]
+    for hits in (0, (len(whole) - 1) // 4 * 4):
+        got = llm.generate([whole], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)[0]
+        assert got.num_cached_tokens == hits
+        close(got, want)
     no_leak(llm)
 
 

@@ -15,7 +15,9 @@ images they show). A block nobody holds any more keeps its content and its key: 
 ``num_free_blocks``) but it is handed out only when no blank block is left, least recently freed first, and a new
 sequence whose leading blocks' keys are registered takes those blocks (``acquire``) instead of computing them.
 Registered blocks are full, so nobody writes into them again (a sequence's writes start at its first uncomputed
-token); ``clear_cache`` forgets every key (the weights changed).
+token); ``clear_cache`` forgets every key (the weights changed) and starts a new ``epoch``: a sequence that was
+computing across the change holds keys and values of the old weights, so the engine registers a sequence's blocks
+only in the epoch it was admitted in.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class BlockManager:
         self._block_of: dict[Hashable, int] = {}  # content key -> block
         self._cached: OrderedDict[int, None] = OrderedDict()  # free registered blocks, least recently freed first
         self.evictions = 0
+        self.epoch = 0  # clear_cache counts up: blocks computed before it must not be registered after it
 
     @property
     def num_free_blocks(self) -> int:
@@ -176,6 +179,7 @@ class BlockManager:
         self._cached.clear()
         self._key_of.clear()
         self._block_of.clear()
+        self.epoch += 1
 
     def slot(self, seq_id: Hashable, position: int) -> int:
         table = self._tables[seq_id]

@@ -21,8 +21,9 @@ Rollouts for BPO and serving share it. What it does (docs/DESIGN.md, "Inference 
   one); a new or preempted sequence whose leading blocks are registered takes them instead of computing them
   (a shared system prompt, the earlier turns of a chat, the same question asked again). Finished sequences'
   blocks keep their content until the cache needs them. The cache is dropped when the model's parameters change
-  (replaced, or updated in place through them); ``reset_prefix_cache()`` drops it by hand (weights loaded some
-  other way, e.g. FSDP's gather into the same storage).
+  (replaced, or updated in place through them: checked at every step); ``reset_prefix_cache()`` drops it by
+  hand (weights loaded some other way, e.g. FSDP's gather into the same storage). A sequence that was running
+  when the cache was dropped never registers its blocks (they hold the old weights' keys and values).
 - A request that cannot run (empty, unknown token ids, longer than the model or the cache) is reported in its
   output's ``error`` and skipped; the others go on.
 Logits are computed only for the rows that sample (the model returns hidden states).
@@ -140,6 +141,7 @@ class _Seq:
         self.block_keys: list[bytes] = []  # prefix-cache keys of its leading full blocks (tokens only grow)
         self.registered = 0  # its blocks below this index are registered (or were offered) in the prefix cache
         self.admitted = False
+        self.epoch = -1  # the prefix cache's epoch when it was admitted (its blocks register only in that one)
 
     @property
     def is_parent(self) -> bool:
@@ -439,6 +441,7 @@ class LLM:
             self.waiting.popleft()
             self.running.append(seq)
             seats += seq.seats
+            seq.epoch = self.blocks.epoch  # everything it computes from here is this epoch's weights'
             if not seq.admitted:
                 seq.admitted, seq.req.cached_tokens = True, max(seq.req.cached_tokens, cached)
             if hit:  # its first chunk's blocks now; the chunk runs in the next extend step, after the cached context
@@ -499,7 +502,8 @@ class LLM:
     def _register(self, seq: _Seq) -> None:
         """Offer the sequence's newly computed full blocks to the prefix cache."""
         full = seq.num_cached // self.block_size
-        if self.blocks.prefix_caching and full > seq.registered:
+        # a sequence admitted before the weights changed holds the old weights' keys and values: never offered
+        if self.blocks.prefix_caching and full > seq.registered and seq.epoch == self.blocks.epoch:
             self.blocks.register(seq.id, self._keys(seq, full), seq.registered)
             seq.registered = full
 
@@ -508,6 +512,18 @@ class LLM:
         replaced or updated through their parameters it notices by itself at the next generate / add_request)."""
         self.blocks.clear_cache()
         self._weights_seen = self._weights_key()
+
+    def _check_weights(self) -> None:
+        """Drop the prefix cache when the model's parameters changed (replaced, or updated in place) since the last
+        check: at every generate / add_request and every step (weights may change between a stream's tokens)."""
+        if not self.blocks.prefix_caching:
+            return
+        key = self._weights_key()
+        if key != self._weights_seen:
+            if self.blocks.num_cached_blocks:
+                log.info("the model's parameters changed: the prefix cache is dropped")
+            self.blocks.clear_cache()
+            self._weights_seen = key
 
     def _weights_key(self) -> tuple:
         def version(p: Tensor) -> int | None:
@@ -621,6 +637,7 @@ class LLM:
         """Schedule and run one step; returns (sequence, new token) for every sequence that sampled, and
         (sequence, None) for one that ended without a token (the cache could not hold it)."""
         self._events: list[tuple[_Seq, int | None]] = []
+        self._check_weights()
         batch, pairs, prefill = self._schedule()
         if not batch:
             return self._events
@@ -634,6 +651,7 @@ class LLM:
                 for child in seq.children:
                     self.blocks.fork(seq.id, child.id)
                     child.num_cached, child.registered = seq.num_cached, seq.registered
+                    child.epoch = seq.epoch
                     child.admitted = True  # its prompt came in through the parent (the request's cached_tokens)
                     child.block_keys = list(seq.block_keys)  # the shared prompt's blocks are the child's first
                 self.running[i : i + 1] = seq.children
@@ -749,13 +767,7 @@ class LLM:
                 raise ValueError(f"max_thinking_tokens must be None or an int >= 0, got {max_thinking_tokens!r}")
             if self.tokenizer is None:
                 raise ValueError("max_thinking_tokens needs the LLM's tokenizer")
-        if self.blocks.prefix_caching:  # cached KV is the old weights' once they change
-            key = self._weights_key()
-            if key != self._weights_seen:
-                if self.blocks.num_cached_blocks:
-                    log.info("the model's parameters changed: the prefix cache is dropped")
-                self.blocks.clear_cache()
-                self._weights_seen = key
+        self._check_weights()
         if self._graphs is not None and self._graphs.stale():  # weights replaced since the capture: capture again
             log.info("the model's parameters moved since the decode graphs were captured: capturing them again")
             self._graphs.reset()
