@@ -9,6 +9,7 @@ import http.client
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -23,7 +24,7 @@ from tiny_models import torch_kernels_on_cpu  # noqa: F401  (fixture)
 from r4b.engine.chat import parse_response
 from r4b.engine.llm import LLM, RequestOutput, StreamEvent
 from r4b.engine.sampling import SamplingParams
-from r4b.engine.server import BadRequest, EngineLoop, Server, ThinkSplitter, parse_chat_request
+from r4b.engine.server import BadRequest, EngineLoop, Server, ThinkSplitter, client_gone, parse_chat_request
 
 pytestmark = pytest.mark.usefixtures("torch_kernels_on_cpu")
 
@@ -424,6 +425,35 @@ def test_a_failing_engine_step_gives_500_and_the_server_goes_on(served, monkeypa
     assert status == 200 and any("error" in ch and "boom" in ch["error"]["message"] for ch in chunks if ch != "[DONE]")
     assert client.chat("hi", temperature=0)[0] == 200
     assert server.engine.llm.blocks.num_free_blocks == server.engine.llm.blocks.num_blocks
+
+
+@pytest.mark.parametrize("high_fd", [False, True])
+def test_client_gone_tells_a_close_from_data(high_fd):
+    """A connection with a pending request (data) is not gone; one the peer closed is. high_fd: the server's socket
+    on a descriptor above 1023, where select() raises (a busy server has such descriptors)."""
+    ours, peer = socket.socketpair()
+    if high_fd:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard != resource.RLIM_INFINITY and hard <= 1500:
+            pytest.skip(f"the descriptor limit ({hard}) is too low for a descriptor above 1023")
+        if soft <= 1500:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (2048, hard))
+        fd = os.dup2(ours.fileno(), 1500)
+        ours.close()
+        ours = socket.socket(fileno=fd)
+        assert ours.fileno() >= 1024
+    try:
+        assert not client_gone(ours)  # open, nothing sent
+        peer.sendall(b"GET / HTTP/1.1\r\n")
+        assert not client_gone(ours) and not client_gone(ours)  # data waiting: peeked, not consumed
+        assert ours.recv(100).startswith(b"GET")
+        peer.close()
+        assert client_gone(ours)
+    finally:
+        ours.close()
+        peer.close()
+    assert client_gone(ours)  # closed on this side too
 
 
 @pytest.mark.parametrize("stream", [True, False])

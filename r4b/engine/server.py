@@ -397,6 +397,25 @@ def _usage(out: RequestOutput, suffix: int) -> dict:
             "completion_tokens_details": {"reasoning_tokens": sum(c.num_thinking_tokens for c in out.outputs)}}
 
 
+def client_gone(sock: socket.socket) -> bool:
+    """Whether the peer closed the connection: readable with nothing to read (a pipelined next request is data, not
+    a close; a client that shuts down only its sending side, which HTTP/1.1 clients do not do while waiting for the
+    response, reads as gone too). poll() where there is one: select() cannot take descriptors >= 1024, which a busy
+    server has."""
+    if sock.fileno() < 0:  # closed here
+        return True
+    try:
+        if hasattr(select, "poll"):
+            p = select.poll()
+            p.register(sock, select.POLLIN | select.POLLPRI)
+            readable = bool(p.poll(0))
+        else:
+            readable = bool(select.select([sock], [], [], 0)[0])
+        return readable and sock.recv(1, socket.MSG_PEEK) == b""
+    except OSError:  # reset by the peer, or the socket is closed
+        return True
+
+
 class Server(ThreadingHTTPServer):
     """``Server((host, port), llm, model_name=...)``; ``serve_forever()`` in a thread or the foreground."""
 
@@ -552,13 +571,7 @@ class _Handler(BaseHTTPRequestHandler):
         return ev
 
     def _client_gone(self) -> bool:
-        """Whether the client closed its connection: readable with nothing to read (a pipelined next request is
-        data, not a close)."""
-        try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
-            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
-        except (OSError, ValueError):
-            return True
+        return client_gone(self.connection)
 
     def _refusal(self, e: Exception | str) -> None:
         """The error response for a request that did not run: 400 when the request is at fault, else 500."""
