@@ -15,6 +15,7 @@ from test_train_sft import make_model_dir, write_jsonl
 from tiny_models import torch_kernels_on_cpu  # noqa: F401  (fixture)
 
 from r4b.cli import main as cli_main
+from r4b.engine import evaluate as evaluate_module
 from r4b.engine.evaluate import (
     EvalConfig,
     evaluate,
@@ -339,3 +340,83 @@ def test_two_ranks_deal_out_the_prompts_and_a_run_resumes_in_any_world(setup):
         assert {r["id"] for r in got if r.pop("kept", False)} == {0, 1}, name  # not recomputed
         assert sorted(got, key=key) == sorted(samples, key=key), name
         assert resumed == full and not list(part.glob("samples.rank*")), name
+
+
+FAILING_RANK = """
+import json, os, sys
+from r4b.engine import evaluate as ev
+cfg = ev.EvalConfig(**json.load(open(sys.argv[1])))
+rank, where = int(os.environ["RANK"]), sys.argv[2]
+if where == "sampling" and rank == 1:
+    real = ev._sample
+    def failing(cfg, llm, todo, *args, **kw):
+        real(cfg, llm, todo[:1], *args, **kw)  # one prompt written, then this rank fails
+        raise RuntimeError("injected on rank 1")
+    ev._sample = failing
+if where == "summary" and rank == 0:
+    def failing(*args, **kw):
+        raise RuntimeError("injected in the summary")
+    ev._write_summary = failing
+try:
+    ev.run_eval(cfg)
+except Exception as e:
+    print(f"rank {rank} raised {type(e).__name__}: {e}", flush=True)
+    sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize("where", ["sampling", "summary"])
+def test_a_failing_rank_stops_every_rank_and_the_run_resumes(setup, where):
+    """One rank fails (rank 1 while sampling, or rank 0 writing the summary): every rank raises within seconds (none
+    is left waiting at a collective the failed one never reaches), no summary is written from partial samples, and
+    the run resumes alone to the samples and summary of a run that never failed."""
+    from test_train_sft import _torchrun
+
+    tmp, model, data = setup
+    full = run_eval(cfg_for(tmp, model, data, "full", plot=False))
+    key = lambda r: (r["id"], r.get("mode", ""), r.get("sample", -1))  # noqa: E731
+    script = tmp / "failing_rank.py"
+    script.write_text(FAILING_RANK)
+    cfg_file = tmp / "two.json"
+    cfg_file.write_text(json.dumps(dataclasses.asdict(cfg_for(tmp, model, data, "two", plot=False))))
+    r = _torchrun([str(cfg_file), where], 2, script=str(script), timeout=240)
+    printed = r.stdout + r.stderr
+    assert r.returncode != 0, printed[-4000:]
+    two = tmp / "two"
+    assert not (two / "summary.json").exists()
+    if where == "sampling":
+        assert "rank 1 raised RuntimeError: injected on rank 1" in printed
+        assert "rank 0 raised RuntimeError: sampling failed on rank(s) 1 (RuntimeError: injected on rank 1)" \
+            in printed, printed[-4000:]
+        assert read_samples(two / "samples.rank1.jsonl")  # its first prompt, kept for the resume
+    else:
+        assert "rank 0 raised RuntimeError: injected in the summary" in printed
+        assert "rank 1 raised RuntimeError: rank 0 failed writing the summary: RuntimeError: injected in the " \
+            "summary" in printed, printed[-4000:]
+    resumed = run_eval(cfg_for(tmp, model, data, "two", plot=False))
+    assert sorted(read_samples(two / "samples.jsonl"), key=key) == \
+        sorted(read_samples(tmp / "full" / "samples.jsonl"), key=key)
+    assert resumed == full
+
+
+def test_a_fold_cut_off_before_the_ranks_files_were_deleted_keeps_each_row_once(setup, monkeypatch):
+    """Rank 0 appended the ranks' files to samples.jsonl and died before deleting them: the resume takes each row
+    once, and recomputes nothing (it never loads the model)."""
+    tmp, model, data = setup
+    full = run_eval(cfg_for(tmp, model, data, "full", plot=False))
+    samples = read_samples(tmp / "full" / "samples.jsonl")
+    part = tmp / "part"
+    part.mkdir()
+    for f in ("eval_config.json", "config.json", "samples.jsonl"):
+        (part / f).write_bytes((tmp / "full" / f).read_bytes())
+    rows = [json.dumps(r) + "\n" for r in samples if r["id"] in (1, 2)]
+    (part / "samples.rank1.jsonl").write_text("".join(rows))  # already in samples.jsonl too
+
+    def no_model(*args, **kw):
+        raise AssertionError("every prompt was done: nothing to compute")
+
+    monkeypatch.setattr(evaluate_module, "_load_llm", no_model)
+    resumed = run_eval(cfg_for(tmp, model, data, "part", plot=False))
+    key = lambda r: (r["id"], r.get("mode", ""), r.get("sample", -1))  # noqa: E731
+    assert sorted(read_samples(part / "samples.jsonl"), key=key) == sorted(samples, key=key)
+    assert resumed == full and not list(part.glob("samples.rank*"))

@@ -145,14 +145,16 @@ def test_sft_resumes_to_the_same_curve(run, monkeypatch):
         assert torch.equal(pa[k], pb[k]), k
 
 
-def _torchrun(args: list[str], nproc: int) -> subprocess.CompletedProcess:
+def _torchrun(args: list[str], nproc: int, *, script: str | None = None,
+              timeout: float = 300) -> subprocess.CompletedProcess:
+    """``torchrun -m r4b.cli *args`` (or a script's path with its args) on nproc CPU processes."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-           "127.0.0.1", "--master_port", str(port), "-m", "r4b.cli", *args]
+           "127.0.0.1", "--master_port", str(port), *(["-m", "r4b.cli"] if script is None else [script]), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "0"}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
 def test_sft_two_ranks_equal_one_rank_accumulating(run):

@@ -282,8 +282,8 @@ def summarize(rows: Iterable[dict], modes: Sequence[str] = MODES) -> dict:
                 "auto_minus_oracle_accuracy": (None if not ok else out["modes"]["auto"]["accuracy"]
                                                - out["oracle"]["accuracy"]),
             }
-    if skipped:
-        out["skipped"] = skipped[:20]
+    if skipped:  # the first by row (samples.jsonl's order depends on the ranks and the resumes that wrote it)
+        out["skipped"] = sorted(skipped, key=lambda r: r["id"])[:20]
     return out
 
 
@@ -407,10 +407,16 @@ def _prepare(cfg: EvalConfig, key: dict, out: Path) -> None:
         samples_path.write_bytes(b"")
         for name in ("summary.json", "summary.md", "eval.png"):  # an earlier run's: not of these samples
             (out / name).unlink(missing_ok=True)
-    done_rows += shard_rows
+    if shard_rows:  # a fold cut off between appending the ranks' files and deleting them: each row once
+        seen = {json.dumps(r, sort_keys=True) for r in done_rows}
+        for r in shard_rows:
+            if (k := json.dumps(r, sort_keys=True)) not in seen:
+                seen.add(k)
+                done_rows.append(r)
     done = _finished_ids(done_rows, cfg.mode_list, cfg.n)
     if shard_rows or any(r["id"] not in done for r in done_rows):  # a prompt cut off mid-chunk: it reruns
-        _atomic_write(samples_path, "".join(json.dumps(r) + "\n" for r in done_rows if r["id"] in done))
+        kept = sorted((r for r in done_rows if r["id"] in done), key=lambda r: r["id"])  # stable: a prompt's rows
+        _atomic_write(samples_path, "".join(json.dumps(r) + "\n" for r in kept))  # keep their order
     for p in _shards(out):
         p.unlink()
     _atomic_write(key_path, json.dumps(key, indent=1) + "\n")
@@ -440,7 +446,7 @@ def run_eval(cfg: EvalConfig, *, llm: LLM | None = None) -> dict:
             try:
                 out.mkdir(parents=True, exist_ok=True)
                 _prepare(cfg, _sample_key(cfg, _file_digest(cfg.data)), out)
-            except (ValueError, OSError) as e:
+            except Exception as e:  # noqa: BLE001 - every rank hears of it (none waits at a collective for it)
                 error = e
         if world > 1:
             import torch.distributed as dist
@@ -452,45 +458,77 @@ def run_eval(cfg: EvalConfig, *, llm: LLM | None = None) -> dict:
         if error is not None:
             raise error
         skipped: list[tuple[str, str]] = []
-        rows, root = _source_rows(cfg.data, cfg.image_root, skipped)
-        if cfg.limit:
-            rows = rows[: cfg.limit]
-        samples_path = out / "samples.jsonl"
-        done = _finished_ids(read_samples(samples_path), cfg.mode_list, cfg.n)
-        todo = [(i, where, row) for i, (where, row) in enumerate(rows) if i not in done]
-        if done and rank == 0:
-            log.info("resuming: %d of %d prompts already evaluated", len(rows) - len(todo), len(rows))
-        mine = todo[rank::world]
-        if mine and llm is None:
-            llm = _load_llm(cfg, device)
-        _sample(cfg, llm, mine, root, samples_path if world == 1 else out / f"samples.rank{rank}.jsonl",
-                progress=cfg.progress and rank == 0, total=len(rows) if world == 1 else len(mine),
-                already=len(rows) - len(todo) if world == 1 else 0)
-        summary = None
+        failure = None
+        try:
+            rows, root = _source_rows(cfg.data, cfg.image_root, skipped)
+            if cfg.limit:
+                rows = rows[: cfg.limit]
+            samples_path = out / "samples.jsonl"
+            done = _finished_ids(read_samples(samples_path), cfg.mode_list, cfg.n)
+            todo = [(i, where, row) for i, (where, row) in enumerate(rows) if i not in done]
+            if done and rank == 0:
+                log.info("resuming: %d of %d prompts already evaluated", len(rows) - len(todo), len(rows))
+            mine = todo[rank::world]
+            if mine and llm is None:
+                llm = _load_llm(cfg, device)
+            _sample(cfg, llm, mine, root, samples_path if world == 1 else out / f"samples.rank{rank}.jsonl",
+                    progress=cfg.progress and rank == 0, total=len(rows) if world == 1 else len(mine),
+                    already=len(rows) - len(todo) if world == 1 else 0)
+        except Exception as e:  # noqa: BLE001 - every rank hears of it below (none waits for a rank that left)
+            if world == 1:
+                raise
+            failure = e
+        _agree(world, failure, "sampling")
+        summary, failure = None, None
+        if rank == 0:
+            try:
+                if world > 1:  # fold the ranks' samples into samples.jsonl (a fold cut off is redone on resume)
+                    extra = [r for p in _shards(out) for r in read_samples(p)]
+                    with open(samples_path, "a", encoding="utf-8") as f:
+                        f.write("".join(json.dumps(r) + "\n" for r in sorted(extra, key=lambda r: r["id"])))
+                        f.flush()
+                        os.fsync(f.fileno())
+                    for p in _shards(out):
+                        p.unlink()
+                summary = _write_summary(cfg, out, read_samples(samples_path), len(rows), len(skipped))
+            except Exception as e:  # noqa: BLE001 - as above
+                if world == 1:
+                    raise
+                failure = e
         if world > 1:
             import torch.distributed as dist
 
-            dist.barrier()
-            if rank == 0:  # fold the ranks' samples into samples.jsonl
-                extra = [r for p in _shards(out) for r in read_samples(p)]
-                with open(samples_path, "a", encoding="utf-8") as f:
-                    f.write("".join(json.dumps(r) + "\n" for r in sorted(extra, key=lambda r: r["id"])))
-                    f.flush()
-                    os.fsync(f.fileno())
-                for p in _shards(out):
-                    p.unlink()
-        if rank == 0:
-            summary = _write_summary(cfg, out, read_samples(samples_path), len(rows), len(skipped))
-        if world > 1:
-            box = [summary]
+            box = [(summary, None if failure is None else f"{type(failure).__name__}: {failure}")]
             dist.broadcast_object_list(box, src=0)
-            summary = box[0]
+            summary, why = box[0]
+            if failure is not None:
+                raise failure
+            if why is not None:
+                raise RuntimeError(f"rank 0 failed writing the summary: {why}")
         return summary
     finally:
         if world > 1:
             from .train.parallel import shutdown_distributed
 
             shutdown_distributed()
+
+
+def _agree(world: int, failure: Exception | None, what: str) -> None:
+    """Every rank learns whether any failed (a collective all of them reach, so a failing rank never leaves the
+    others waiting on a barrier it will not reach); then each raises: its own error, or one naming the failed
+    ranks. The ranks' samples files stay for a resume."""
+    if world == 1:
+        return
+    import torch.distributed as dist
+
+    why = [None] * world
+    dist.all_gather_object(why, None if failure is None else f"{type(failure).__name__}: {failure}")
+    if failure is not None:
+        raise failure
+    failed = [(r, w) for r, w in enumerate(why) if w is not None]
+    if failed:
+        raise RuntimeError(f"{what} failed on rank(s) {', '.join(f'{r} ({w})' for r, w in failed)}; this rank "
+                           "stopped too (what the ranks wrote is kept: run it again to resume)")
 
 
 def _sample(cfg: EvalConfig, llm: LLM | None, todo: list, root: Any, path: Path, *, progress: bool, total: int,
