@@ -693,3 +693,42 @@ def test_gpu_cuda_graph_decode_matches_eager(monkeypatch):
         assert [o.token_ids for o in g.outputs] == [o.token_ids for o in r.outputs]
         for a, b in zip(g.outputs, r.outputs, strict=True):
             assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("rep,freq,pres", [(1.6, 0.7, 0.4), (1.0, 1.5, 0.0), (1.0, 0.0, 2.0), (1.8, 0.0, 0.0)])
+def test_penalties_follow_the_tokens_of_each_completion(model, rep, freq, pres):
+    """Greedy with repetition / frequency / presence penalties against a loop that recomputes the logits and applies
+    the float64 reference of the penalties (the prompt counts for the repetition penalty only: the second prompt
+    holds the start of plain greedy's answer, so counting the prompt as generated, or not counting it for the
+    repetition penalty, changes the tokens of some case); a row without penalties in the same batch is plain greedy; n=2
+    completions of one shared prompt each follow their own."""
+    from test_sampling import ref_penalised
+
+    base = [5, 9, 5, 9, 5, 9, 11]
+    greedy = naive(model, base, 10, stop_ids=())
+    prompts = [base, base + greedy[:6]]
+    pen = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, repetition_penalty=rep,
+                         frequency_penalty=freq, presence_penalty=pres, n=2)
+    plain = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    llm = LLM(model, TOK, block_size=4, num_kv_blocks=128)
+    outs = llm.generate(prompts + prompts[:1], [pen, pen, plain], use_tqdm=False)
+
+    def reference(prompt: list[int]) -> list[int]:
+        ids = list(prompt)
+        while len(ids) - len(prompt) < 10:
+            logits = full_logits(model, ids)[-1].double().tolist()
+            penalised = ref_penalised(logits, ids, len(prompt), rep, freq, pres)
+            ids.append(max(range(len(logits)), key=penalised.__getitem__))
+        return ids[len(prompt):]
+
+    for p, o in zip(prompts, outs, strict=False):
+        want = reference(p)
+        assert [c.token_ids for c in o.outputs] == [want, want]
+        # the reported log-probs are the model's (unpenalised) ones
+        full = full_logits(model, p + want).double().log_softmax(-1)
+        got_lp = torch.tensor(o.outputs[0].logprobs, dtype=torch.float64)
+        want_lp = full[len(p) - 1 : -1].gather(1, torch.tensor(want)[:, None])[:, 0]
+        torch.testing.assert_close(got_lp, want_lp, atol=1e-5, rtol=0)
+    assert outs[2].outputs[0].token_ids == greedy
+    assert greedy != outs[0].outputs[0].token_ids  # the penalties changed something
+    no_leak(llm)

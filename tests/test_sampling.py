@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from r4b.engine.sampling import SamplingParams, _filtered_probs, make_generator, sample
+from r4b.engine.sampling import SamplingParams, _filtered_probs, apply_penalties, make_generator, sample
 
 CPU = torch.device("cpu")
 
@@ -368,6 +368,16 @@ def test_half_precision_logits_are_sampled_in_float32():
     ({"stop": ["a", 3]}, "stop"),
     ({"stop_token_ids": [1, -2]}, "stop_token_ids"),
     ({"stop_token_ids": [1.0]}, "stop_token_ids"),
+    ({"min_p": -0.1}, "min_p"),
+    ({"min_p": 1.5}, "min_p"),
+    ({"min_p": float("nan")}, "min_p"),
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"frequency_penalty": -3}, "frequency_penalty"),
+    ({"frequency_penalty": float("inf")}, "frequency_penalty"),
+    ({"presence_penalty": True}, "presence_penalty"),
+    ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"repetition_penalty": -1.0}, "repetition_penalty"),
+    ({"repetition_penalty": float("nan")}, "repetition_penalty"),
 ])
 def test_sampling_params_rejects_bad_values(kwargs, field):
     with pytest.raises(ValueError, match=rf"SamplingParams\.{field} must be"):
@@ -395,3 +405,83 @@ def test_top_p_one_keeps_every_token_on_the_sort_path():
     assert bool((alone > 0).all())
     batched = _filtered_probs(scaled.expand(2, -1), [SamplingParams(), SamplingParams(top_k=2)])[:1]
     assert torch.equal(batched > 0, alone > 0)  # a row's support must not depend on the other rows
+
+
+# ------------------------------------------------------------------------------------------- min-p and penalties
+
+
+def ref_penalised(logits: list[float], toks: list[int], num_prompt: int, rep: float, freq: float,
+                  pres: float) -> list[float]:
+    """Plain Python float64: the repetition penalty on every token seen, then frequency and presence on the counts of
+    the generated ones."""
+    out = list(logits)
+    for t in set(toks):
+        out[t] = out[t] / rep if out[t] > 0 else out[t] * rep
+    gen = toks[num_prompt:]
+    for t in set(gen):
+        out[t] -= freq * gen.count(t) + pres
+    return out
+
+
+def test_penalties_match_the_float64_reference():
+    V = 40
+    logits = randn(6, V, seed=20)
+    cases = [  # (repetition, frequency, presence, tokens, prompt length)
+        (1.0, 0.0, 0.0, [1, 2, 3], 2),  # no penalty: the row is left bit for bit
+        (1.3, 0.0, 0.0, [5, 5, 7, 9, 7], 3),
+        (0.8, 0.0, 0.0, [0, 39], 1),  # < 1 encourages repeats
+        (1.0, 0.5, 0.0, [4, 4, 4, 6, 4, 6], 2),
+        (1.0, -1.0, 1.5, [8, 8, 3], 0),
+        (1.2, 2.0, -2.0, [11, 12, 12, 11, 13, 12], 2),
+    ]
+    params = [SamplingParams(repetition_penalty=r, frequency_penalty=f, presence_penalty=p) for r, f, p, _, _ in cases]
+    history = [(t, n) for *_, t, n in cases]
+    got = apply_penalties(logits, params, history)
+    for i, (r, f, p, toks, n) in enumerate(cases):
+        want = torch.tensor(ref_penalised(logits[i].double().tolist(), toks, n, r, f, p), dtype=torch.float64)
+        torch.testing.assert_close(got[i].double(), want, rtol=1e-6, atol=1e-6)
+    assert torch.equal(got[0], logits[0])
+    assert not torch.equal(got[1], logits[1]) and not torch.equal(got[5], logits[5])
+    plain = [SamplingParams()] * 6
+    assert apply_penalties(logits, plain, None) is logits  # nothing to do: no copy, no history needed
+    with pytest.raises(ValueError, match="history"):
+        apply_penalties(logits, params, None)
+
+
+def test_min_p_is_applied_after_top_k_and_top_p():
+    V = 30
+    cases = [(0, 1.0, 0.1), (0, 1.0, 0.5), (5, 1.0, 0.3), (0, 0.9, 0.2), (0, 1.0, 1.0), (0, 1.0, 0.0)]
+    scaled = randn(len(cases), V, seed=21, scale=1.5)
+    params = [SamplingParams(top_k=k, top_p=p, min_p=m) for k, p, m in cases]
+    got = _filtered_probs(scaled, params).double()
+    for i, (k, p, m) in enumerate(cases):
+        probs = ref_filtered(scaled[i].double().tolist(), k, p)
+        top = max(probs)
+        kept = [x if x >= m * top else 0.0 for x in probs]
+        assert min(abs(x - m * top) for x in probs if 0 < x < top) > 1e-6  # no cut-off within rounding
+        want = torch.tensor(kept, dtype=torch.float64) / sum(kept)
+        assert torch.equal(got[i] > 0, want > 0), i
+        torch.testing.assert_close(got[i], want, rtol=1e-6, atol=1e-7)
+    assert int((got[4] > 0).sum()) == 1  # min_p=1: only the most likely token
+    # the order shows: top-p 0.6 keeps [.25 .25 .2] and min-p 0.5 (>= .125) keeps them; min-p first would renormalise
+    # to [.357 .357 .286] and top-p would then keep two
+    row = torch.tensor([[0.25, 0.25, 0.2, 0.1, 0.1, 0.1]]).log()
+    got = _filtered_probs(row, [SamplingParams(top_p=0.6, min_p=0.5)]).double()
+    torch.testing.assert_close(got[0], torch.tensor([0.25, 0.25, 0.2, 0, 0, 0], dtype=torch.float64) / 0.7)
+
+
+def test_penalties_steer_greedy_and_sampling_but_not_the_reported_logprobs():
+    logits = torch.tensor([[5.0, 4.0, 0.0, 0.0], [5.0, 0.0, 0.0, 0.0]])
+    hist = [([2, 3, 0, 0], 2), ([9 % 4, 0] + [0] * 50, 2)]
+    greedy = SamplingParams(temperature=0, presence_penalty=2.0)  # token 0: 5 - 2 < 4
+    toks, lps, _ = sample(logits[:1], [greedy], [None], history=hist[:1])
+    assert toks == [1]
+    assert lps[0] == pytest.approx(float(torch.log_softmax(logits[0].double(), -1)[1]), abs=1e-6)
+    # a sampled row: token 0 drawn 52 times already at frequency 2 (logit 5 - 104); unpenalised it takes ~95%
+    p = SamplingParams(temperature=1.0, frequency_penalty=2.0)
+    for seed in range(3):
+        g = make_generator(seed, 0, torch.device("cpu"))
+        drawn = [sample(logits[1:], [p], [g], history=hist[1:])[0][0] for _ in range(200)]
+        assert 0 not in drawn
+    drawn = [sample(logits[1:], [SamplingParams()], [None])[0][0] for _ in range(200)]
+    assert drawn.count(0) > 150

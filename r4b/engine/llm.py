@@ -661,8 +661,9 @@ class LLM:
         if not samplers:
             return self._events
         forced = [s.forced.popleft() if s.forced else None for s in samplers]
-        tokens, logps, top = sample(logits, [s.req.params for s in samplers], [s.generator for s in samplers],
-                                    forced)
+        plist = [s.req.params for s in samplers]
+        history = [(s.tokens, s.num_prompt) for s in samplers] if any(p.has_penalties for p in plist) else None
+        tokens, logps, top = sample(logits, plist, [s.generator for s in samplers], forced, history)
         out = self._events
         for i, seq in enumerate(samplers):
             self._append(seq, tokens[i], logps[i], top[i] if top is not None else None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -21,8 +22,16 @@ class SamplingParams:
     completions per request and thinking mode; logprobs: also return the top-k alternatives at each step (the
     chosen token's log-prob is always returned); ignore_eos: do not stop at the end-of-turn tokens.
 
-    Log-probs are those of the model's distribution at the sampling temperature (1 when greedy), before
-    top-k / top-p: exactly what ``fused_linear_logprobs(..., temperature=temperature)`` recomputes in training.
+    min_p in [0, 1]: keep the tokens whose probability is at least min_p times the most likely one's (0 = all).
+    Penalties (0 / 1 = none), applied to the logits before the temperature, in this order:
+    repetition_penalty > 0 (a token seen in the prompt or the completion has its logit divided by it when
+    positive, multiplied when negative; > 1 discourages repeats), then frequency_penalty and presence_penalty in
+    [-2, 2] (OpenAI's: ``logit -= frequency_penalty * count + presence_penalty * (count > 0)``, count = times the
+    token was generated in this completion). A greedy completion takes the argmax of the penalised logits.
+
+    Log-probs are those of the model's distribution at the sampling temperature (1 when greedy), before the
+    penalties and top-k / top-p / min-p: exactly what ``fused_linear_logprobs(..., temperature=temperature)``
+    recomputes in training (so a trainer's importance ratio sees the model, not the sampler's filters).
     """
 
     temperature: float = 1.0
@@ -35,6 +44,10 @@ class SamplingParams:
     n: int = 1
     logprobs: int | None = None
     ignore_eos: bool = False
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         def bad(name: str, want: str) -> ValueError:
@@ -55,6 +68,17 @@ class SamplingParams:
             raise bad("seed", "None or an int")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
             raise bad("logprobs", "None or an int >= 0")
+        def number(name: str) -> bool:
+            v = getattr(self, name)
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        if not number("min_p") or not 0 <= self.min_p <= 1:
+            raise bad("min_p", "in [0, 1]")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not number(name) or not -2 <= getattr(self, name) <= 2:
+                raise bad(name, "in [-2, 2]")
+        if not number("repetition_penalty") or self.repetition_penalty <= 0:
+            raise bad("repetition_penalty", "a finite number > 0 (1: none)")
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         if not all(isinstance(s, str) and s for s in stop):
             raise bad("stop", "a non-empty string or a list of them")
@@ -63,6 +87,49 @@ class SamplingParams:
         if not all(isinstance(i, int) and i >= 0 for i in ids):
             raise bad("stop_token_ids", "a list of token ids >= 0")
         object.__setattr__(self, "stop_token_ids", ids)
+
+    @property
+    def has_penalties(self) -> bool:
+        """Whether sampling needs the tokens so far (a repetition, frequency or presence penalty)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1)
+
+
+def apply_penalties(logits: Tensor, params: list[SamplingParams],
+                    history: Sequence[tuple[Sequence[int], int]] | None) -> Tensor:
+    """The logits (R, V) with each row's repetition, frequency and presence penalties (see SamplingParams);
+    history: per row, (its tokens so far, how many of them are the prompt). Rows without penalties are left as
+    they are; without any, the same tensor comes back."""
+    rows = [i for i, p in enumerate(params) if p.has_penalties]
+    if not rows:
+        return logits
+    if history is None or len(history) != len(params):
+        raise ValueError("sampling penalties need each row's tokens so far (history)")
+    dev, V = logits.device, logits.shape[1]
+    gen_r, gen_t, seen_r, seen_t = [], [], [], []
+    for j, i in enumerate(rows):
+        toks, num_prompt = history[i]
+        gen = list(toks[num_prompt:])
+        gen_r += [j] * len(gen)
+        gen_t += gen
+        if params[i].repetition_penalty != 1:
+            seen_r += [j] * len(toks)
+            seen_t += list(toks)
+    sub = logits[torch.tensor(rows, device=dev)]
+    if seen_t:  # multiplicative, on the prompt's and the completion's tokens
+        seen = torch.zeros_like(sub, dtype=torch.bool)
+        seen[torch.tensor(seen_r, device=dev), torch.tensor(seen_t, device=dev)] = True
+        rp = torch.tensor([params[i].repetition_penalty for i in rows], device=dev, dtype=sub.dtype)[:, None]
+        sub = torch.where(seen, torch.where(sub > 0, sub / rp, sub * rp), sub)
+    if gen_t:  # additive, on the completion's counts
+        counts = torch.zeros(len(rows), V, device=dev, dtype=sub.dtype)
+        counts.index_put_((torch.tensor(gen_r, device=dev), torch.tensor(gen_t, device=dev)),
+                          torch.ones(len(gen_t), device=dev, dtype=sub.dtype), accumulate=True)
+        freq = torch.tensor([params[i].frequency_penalty for i in rows], device=dev, dtype=sub.dtype)[:, None]
+        pres = torch.tensor([params[i].presence_penalty for i in rows], device=dev, dtype=sub.dtype)[:, None]
+        sub = sub - freq * counts - pres * (counts > 0).to(sub.dtype)
+    out = logits.clone()
+    out[torch.tensor(rows, device=dev)] = sub
+    return out
 
 
 def make_generator(seed: int | None, index: int, device: torch.device) -> torch.Generator | None:
@@ -79,11 +146,13 @@ def sample(
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
     forced: list[int | None] | None = None,
+    history: Sequence[tuple[Sequence[int], int]] | None = None,
 ) -> tuple[list[int], list[float], list[dict[int, float]] | None]:
     """Next token of each row of ``logits`` (R, V).
 
     params / generators: per row. forced: per row, a token to take instead of sampling (its log-prob is still
-    reported), or None. Returns (tokens, their log-probs, per row the top-``logprobs`` alternatives as {token:
+    reported), or None. history: per row, (its tokens so far, its prompt length); needed by rows with penalties.
+    Returns (tokens, their log-probs, per row the top-``logprobs`` alternatives as {token:
     log-prob} when any row asked for them, else None).
     """
     R = logits.shape[0]
@@ -94,7 +163,10 @@ def sample(
     temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=dev)
     scaled = logits / temps[:, None]
     logp = torch.log_softmax(scaled, dim=-1)  # (R, V): the reported distribution
-    tokens = logits.argmax(dim=-1)  # greedy rows (and placeholders for the others)
+    penalised = apply_penalties(logits, params, history)
+    if penalised is not logits:
+        scaled = penalised / temps[:, None]
+    tokens = penalised.argmax(dim=-1)  # greedy rows (and placeholders for the others)
     sampled = [i for i, p in enumerate(params) if p.temperature > 0 and (forced is None or forced[i] is None)]
     if sampled:
         idx = torch.tensor(sampled, device=dev)
@@ -121,8 +193,9 @@ def sample(
 
 
 def _filtered_probs(scaled: Tensor, params: list[SamplingParams]) -> Tensor:
-    """Softmax of the temperature-scaled logits after each row's top-k and top-p filters."""
+    """Softmax of the temperature-scaled logits after each row's top-k, top-p and then min-p filters."""
     V = scaled.shape[1]
+
     top_k = [p.top_k if 0 < p.top_k < V else V for p in params]
     top_p = [float(p.top_p) for p in params]
     if any(k < V for k in top_k) or any(p < 1 for p in top_p):
@@ -135,4 +208,8 @@ def _filtered_probs(scaled: Tensor, params: list[SamplingParams]) -> Tensor:
         drop |= (before >= p) & (p < 1)  # the top token is always kept; top_p=1 keeps all (cumsum rounds to 1)
         sorted_logits = sorted_logits.masked_fill(drop, -math.inf)
         scaled = torch.full_like(scaled, -math.inf).scatter(1, order, sorted_logits)
+    min_p = [float(p.min_p) for p in params]
+    if any(m > 0 for m in min_p):  # last (as in transformers): p >= min_p * p_max, i.e. a logit >= max + log min_p
+        m = torch.tensor(min_p, device=scaled.device)[:, None]
+        scaled = scaled.masked_fill((scaled < scaled.max(dim=-1, keepdim=True).values + m.log()) & (m > 0), -math.inf)
     return torch.softmax(scaled, dim=-1)
