@@ -94,9 +94,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from r4b.engine.sampling import SamplingParams
 
     reqs = _requests(args)
+    try:  # a bad sampling flag fails before the model loads
+        params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                                presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                                repetition_penalty=args.repetition_penalty, max_tokens=args.max_tokens,
+                                seed=args.seed, n=args.n)
+    except ValueError as e:
+        raise SystemExit(f"r4b generate: {e}") from None
     llm = _load_llm(args, "generate")
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            max_tokens=args.max_tokens, seed=args.seed, n=args.n)
     kw = dict(thinking_mode=args.thinking_mode, max_thinking_tokens=args.max_thinking_tokens)
     if args.stream:
         for ev in llm.stream(reqs, params, **kw):
@@ -275,6 +280,11 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--temperature", type=float, default=0.6)
     g.add_argument("--top-p", type=float, default=0.95)
     g.add_argument("--top-k", type=int, default=20)
+    g.add_argument("--min-p", type=float, default=0.0, help="keep tokens at least this times as likely as the best")
+    g.add_argument("--presence-penalty", type=float, default=0.0, help="in [-2, 2] (OpenAI's; Qwen3 suggests up to "
+                   "1.5 against endless repeats)")
+    g.add_argument("--frequency-penalty", type=float, default=0.0, help="in [-2, 2] (OpenAI's)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 0, 1 = none (transformers' / vLLM's)")
     g.add_argument("-n", type=int, default=1, help="completions per prompt")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")

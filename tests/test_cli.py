@@ -61,6 +61,31 @@ def test_generate_prints_what_the_engine_generates(checkpoint, capsys):
     assert all(len(r["outputs"][0]["token_ids"]) <= 6 for r in rows)
 
 
+def test_generate_sampling_flags(checkpoint, capsys):
+    """min-p and the penalties reach the engine (the same tokens as the API with them, not those without); a bad
+    value stops before the model loads, naming the field."""
+    import json
+
+    from r4b.engine.chat import ChatTokenizer
+    from r4b.engine.llm import LLM
+    from r4b.engine.model import from_pretrained
+    from r4b.engine.sampling import SamplingParams
+
+    flags = ["--temperature", "0", "--max-tokens", "12", "--thinking-mode", "short", "--json"]
+    pen = ["--repetition-penalty", "1.8", "--frequency-penalty", "1.0", "--presence-penalty", "0.5", "--min-p", "0.1"]
+    assert cli.main(["generate", str(checkpoint), "-p", "hi", *flags, *pen]) == 0
+    got = json.loads(capsys.readouterr().out.splitlines()[0])["outputs"][0]["token_ids"]
+    llm = LLM(from_pretrained(checkpoint), ChatTokenizer.demo())
+    kw = dict(temperature=0, max_tokens=12)
+    want = llm.generate(["hi"], SamplingParams(**kw, repetition_penalty=1.8, frequency_penalty=1.0,
+                                               presence_penalty=0.5, min_p=0.1), thinking_mode="short",
+                        use_tqdm=False)[0].outputs[0].token_ids
+    plain = llm.generate(["hi"], SamplingParams(**kw), thinking_mode="short", use_tqdm=False)[0].outputs[0].token_ids
+    assert got == want and got != plain
+    with pytest.raises(SystemExit, match="presence_penalty must be in"):
+        cli.main(["generate", str(checkpoint / "missing"), "-p", "hi", "--presence-penalty", "3"])
+
+
 def test_generate_reads_jsonl_and_streams(checkpoint, tmp_path, capsys):
     f = tmp_path / "prompts.jsonl"
     f.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n\n')

@@ -147,6 +147,10 @@ def test_parse_chat_request_fields_and_errors():
         (7, 0.5, 4, 2, ("END",), 1)
     assert r.thinking_mode == "short" and r.stream and r.include_usage
     assert not r.logprobs and r.params.logprobs is None
+    r = parse_chat_request({"messages": [{"role": "user", "content": "q"}], "presence_penalty": 0.5,
+                            "frequency_penalty": -1, "repetition_penalty": 1.1, "min_p": 0.05})
+    p = r.params
+    assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty, p.min_p) == (0.5, -1.0, 1.1, 0.05)
     r = parse_chat_request({"messages": [{"role": "user", "content": "q"}], "logprobs": True, "top_logprobs": 3})
     assert r.logprobs and r.params.logprobs == 3
     r = parse_chat_request({"messages": [{"role": "user", "content": "q"}], "logprobs": True, "top_logprobs": 0})
@@ -173,6 +177,10 @@ def test_parse_chat_request_fields_and_errors():
                         ({"messages": msg, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
                         ({"messages": msg, "logprobs": True, "top_logprobs": -1}, "top_logprobs"),
                         ({"messages": msg, "stop": [""]}, "stop"), ({"messages": msg, "seed": 1.5}, "seed"),
+                        ({"messages": msg, "presence_penalty": 3}, "presence_penalty"),
+                        ({"messages": msg, "frequency_penalty": "x"}, "frequency_penalty"),
+                        ({"messages": msg, "repetition_penalty": 0}, "repetition_penalty"),
+                        ({"messages": msg, "min_p": 2}, "min_p"),
                         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
                             "url": "http://example.com/x.png"}}]}]}, "messages"),
                         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {

@@ -149,9 +149,6 @@ def parse_chat_request(body: Any, *, default_mode: str = "auto", default_max_tok
     for name in _UNSUPPORTED:
         if body.get(name):
             raise BadRequest(f"'{name}' is not supported by r4b serve", name)
-    for name in ("presence_penalty", "frequency_penalty"):
-        if body.get(name):
-            raise BadRequest(f"'{name}' is not supported by r4b serve (send 0 or leave it out)", name)
     logprobs = body.get("logprobs", False)
     if logprobs is None:
         logprobs = False
@@ -190,7 +187,10 @@ def parse_chat_request(body: Any, *, default_mode: str = "auto", default_max_tok
         raise BadRequest(f"'seed' must be an integer, got {seed!r}", "seed")
     kw = dict(temperature=_float(body, "temperature", 1.0), top_p=_float(body, "top_p", 1.0),
               top_k=_int(body, "top_k", 0, 0) or 0, max_tokens=max_tokens or default_max_tokens, stop=tuple(stop),
-              seed=seed, n=_int(body, "n", 1, 1) or 1, logprobs=top or None)
+              seed=seed, n=_int(body, "n", 1, 1) or 1, logprobs=top or None, min_p=_float(body, "min_p", 0.0),
+              presence_penalty=_float(body, "presence_penalty", 0.0),
+              frequency_penalty=_float(body, "frequency_penalty", 0.0),
+              repetition_penalty=_float(body, "repetition_penalty", 1.0))
     try:
         params = SamplingParams(**kw)
     except ValueError as e:  # SamplingParams.<field> must be ...
