@@ -236,16 +236,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.max_tokens < 1 or not 0 <= args.port < 65536:
         raise SystemExit(f"r4b serve: --max-tokens must be >= 1 and --port in [0, 65535], got {args.max_tokens} "
                          f"and {args.port}")
+    api_key = args.api_key or os.environ.get("R4B_API_KEY") or None
     llm = _load_llm(args, "serve")
     name = args.served_model_name or Path(args.model).resolve().name
     try:
         server = Server((args.host, args.port), llm, model_name=name, default_mode=args.thinking_mode,
-                        default_max_tokens=args.max_tokens)
+                        default_max_tokens=args.max_tokens, api_key=api_key)
     except OSError as e:
         raise SystemExit(f"r4b serve: cannot listen on {args.host}:{args.port}: {e}") from None
     host, port = server.server_address[:2]
     print(f"r4b serve: {name} on http://{host}:{port}/v1 (POST /v1/chat/completions, GET /v1/models, GET /health); "
-          "Ctrl-C stops", flush=True)
+          f"{'an API key is required; ' if api_key else ''}Ctrl-C stops", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -319,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--max-num-seqs", type=int, default=256)
     v.add_argument("--no-prefix-caching", action="store_true",
                    help="compute every prompt in full (default: reuse the KV of prefixes seen before)")
+    v.add_argument("--api-key", default=None, help="require 'Authorization: Bearer <key>' on /v1/ routes (default: "
+                   "$R4B_API_KEY; none: open)")
     v.set_defaults(fn=cmd_serve)
     from r4b.engine.evaluate import EvalConfig
 

@@ -228,10 +228,10 @@ class Client:
     def __init__(self, port: int) -> None:
         self.port = port
 
-    def request(self, method: str, path: str, body=None, raw: bytes | None = None):
+    def request(self, method: str, path: str, body=None, raw: bytes | None = None, headers: dict | None = None):
         c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-        c.request(method, path, body=data, headers={"Content-Type": "application/json"})
+        c.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
         r = c.getresponse()
         payload = r.read()
         c.close()
@@ -435,6 +435,29 @@ def test_a_failing_engine_step_gives_500_and_the_server_goes_on(served, monkeypa
     assert server.engine.llm.blocks.num_free_blocks == server.engine.llm.blocks.num_blocks
 
 
+def test_an_api_key_guards_the_v1_routes(model):
+    server = Server(("127.0.0.1", 0), new_llm(model), model_name="tiny", default_max_tokens=4, api_key="s3cret")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    client = Client(server.server_address[1])
+    body = {"messages": [{"role": "user", "content": "hi"}], "temperature": 0}
+    try:
+        for headers in (None, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"},
+                        {"Authorization": "Basic s3cret"}, {"Authorization": "Bearer s3cre"}):
+            for method, path, b in (("POST", "/v1/chat/completions", body), ("GET", "/v1/models", None)):
+                status, r = client.request(method, path, b, headers=headers)
+                assert status == 401 and r["error"]["code"] == "invalid_api_key", (headers, path)
+        ok = {"Authorization": "Bearer s3cret"}
+        status, r = client.request("POST", "/v1/chat/completions", body, headers=ok)
+        assert status == 200 and r["choices"][0]["message"]["role"] == "assistant"
+        assert client.request("GET", "/v1/models", headers={"Authorization": "bearer  s3cret"})[0] == 200
+        assert client.request("GET", "/health")[0] == 200  # a load balancer's probe needs no key
+    finally:
+        server.shutdown()
+        server.server_close()
+    with pytest.raises(ValueError, match="api_key"):
+        Server(("127.0.0.1", 0), new_llm(model), api_key="  ")
+
+
 @pytest.mark.parametrize("high_fd", [False, True])
 def test_client_gone_tells_a_close_from_data(high_fd):
     """A connection with a pending request (data) is not gone; one the peer closed is. high_fd: the server's socket
@@ -508,12 +531,15 @@ def test_cli_serve(tmp_path):
     env = {**os.environ, "R4B_BACKEND": "torch", "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1"}
     p = subprocess.Popen([sys.executable, "-m", "r4b.cli", "serve", str(model_dir), "--port", "0", "--device", "cpu",
                           "--served-model-name", "m", "--max-tokens", "5"], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env=env)
+                         stderr=subprocess.PIPE, text=True, env={**env, "R4B_API_KEY": "k1"})
     try:
         line = p.stdout.readline()
         assert "r4b serve: m on http://127.0.0.1:" in line, line + p.stderr.read()
+        assert "an API key is required" in line  # from $R4B_API_KEY
         port = int(line.split("http://127.0.0.1:")[1].split("/")[0])
-        status, r = Client(port).chat("hi", temperature=0)
+        assert Client(port).chat("hi", temperature=0)[0] == 401
+        status, r = Client(port).request("POST", "/v1/chat/completions", {"messages": [
+            {"role": "user", "content": "hi"}], "temperature": 0}, headers={"Authorization": "Bearer k1"})
         assert status == 200 and r["usage"]["completion_tokens"] <= 5 and r["model"] == "m"
     finally:
         p.terminate()

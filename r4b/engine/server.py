@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hmac
 import io
 import json
 import logging
@@ -417,13 +418,16 @@ def client_gone(sock: socket.socket) -> bool:
 
 
 class Server(ThreadingHTTPServer):
-    """``Server((host, port), llm, model_name=...)``; ``serve_forever()`` in a thread or the foreground."""
+    """``Server((host, port), llm, model_name=...)``; ``serve_forever()`` in a thread or the foreground. With
+    ``api_key``, every /v1/ request must carry ``Authorization: Bearer <api_key>`` (else 401); /health stays open."""
 
     daemon_threads = True
 
     def __init__(self, address: tuple[str, int], llm: LLM, *, model_name: str = "r4b", default_mode: str = "auto",
                  default_max_tokens: int = 1024, request_timeout: float = 3600.0,
-                 disconnect_poll: float = 0.5) -> None:
+                 disconnect_poll: float = 0.5, api_key: str | None = None) -> None:
+        if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
+            raise ValueError(f"api_key must be None or a non-empty string, got {api_key!r}")
         if default_mode not in MODE_SUFFIX:
             raise ValueError(f"default_mode must be one of {sorted(MODE_SUFFIX)}, got {default_mode!r}")
         if llm.tokenizer is None:
@@ -435,6 +439,7 @@ class Server(ThreadingHTTPServer):
         self.model_name, self.default_mode, self.default_max_tokens = model_name, default_mode, default_max_tokens
         self.request_timeout = request_timeout
         self.disconnect_poll = disconnect_poll  # how often a waiting plain request checks that its client is there
+        self.api_key = api_key  # /v1/ routes then need "Authorization: Bearer <api_key>" (/health does not)
         super().__init__(address, _Handler)
 
     def server_close(self) -> None:
@@ -461,7 +466,29 @@ class _Handler(BaseHTTPRequestHandler):
         kind = "invalid_request_error" if status < 500 else "server_error"
         self._json(status, {"error": {"message": message, "type": kind, "param": param, "code": status}})
 
+    def _authorized(self) -> bool:
+        """True when the server has no key or the request carries it; else answers 401."""
+        key = self.server.api_key
+        if key is None or not self.path.startswith("/v1/"):
+            return True
+        got = self.headers.get("Authorization") or ""
+        scheme, _, token = got.partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode()):
+            return True
+        data = json.dumps({"error": {"message": "a valid API key is needed: send 'Authorization: Bearer <key>'",
+                                     "type": "invalid_request_error", "param": None,
+                                     "code": "invalid_api_key"}}).encode()
+        self.send_response(401)
+        self.send_header("WWW-Authenticate", "Bearer")
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        return False
+
     def do_GET(self) -> None:  # noqa: N802 - the base class's name
+        if not self._authorized():
+            return
         if self.path == "/health":
             alive = self.server.engine._thread.is_alive()
             self._json(200 if alive else 503, {"status": "ok" if alive else "the engine thread is not running"})
@@ -497,6 +524,8 @@ class _Handler(BaseHTTPRequestHandler):
             body = self._body()  # read first: a keep-alive connection's next request starts after it
         except BadRequest as e:
             self._error(400, str(e))
+            return
+        if not self._authorized():
             return
         if self.path != "/v1/chat/completions":
             self._error(404, f"no route {self.path}")
