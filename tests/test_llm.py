@@ -732,3 +732,52 @@ def test_penalties_follow_the_tokens_of_each_completion(model, rep, freq, pres):
     assert outs[2].outputs[0].token_ids == greedy
     assert greedy != outs[0].outputs[0].token_ids  # the penalties changed something
     no_leak(llm)
+
+
+@pytest.mark.parametrize("batched,n,k,temperature", [(4096, 1, 0, 0.0), (4096, 2, 3, 0.7), (5, 1, 2, 1.0),
+                                                     (5, 2, 0, 0.0)])
+def test_prompt_logprobs_are_the_models(model, batched, n, k, temperature):
+    """prompt_logprobs: each prompt token's log-prob given the ones before, at the sampling temperature (1 when
+    greedy), and its top-k, against a float64 log-softmax of a plain forward; through one prefill, chunks of 5
+    (a chunk's rows score the next chunk's first token), the shared prompt of n=2; a prompt the prefix cache
+    holds is computed again (no hit) and gives the same; a request without it gets None."""
+    prompts = prompts_of([1, 2, 9, 23], seed=7)
+    params = SamplingParams(temperature=temperature, max_tokens=3, ignore_eos=True, n=n, prompt_logprobs=k, seed=1)
+    llm = LLM(model, TOK, block_size=4, num_kv_blocks=128, max_num_batched_tokens=batched)
+    first = llm.generate(prompts, params, use_tqdm=False)
+    again = llm.generate(prompts, params, use_tqdm=False)
+    t = temperature or 1.0
+    for p, a, b in zip(prompts, first, again, strict=True):
+        assert b.num_cached_tokens == 0
+        ref = (full_logits(model, p).double() / t).log_softmax(-1)
+        for out in (a, b):
+            assert len(out.prompt_logprobs) == len(p) and out.prompt_logprobs[0] is None
+            got = torch.tensor(out.prompt_logprobs[1:], dtype=torch.float64)
+            want = ref[:-1].gather(1, torch.tensor(p[1:])[:, None])[:, 0]
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+            if k:
+                assert out.prompt_top_logprobs[0] is None
+                for j in range(1, len(p)):
+                    vals, ids = ref[j - 1].topk(k)
+                    top = out.prompt_top_logprobs[j]
+                    assert list(top) == ids.tolist()
+                    torch.testing.assert_close(torch.tensor(list(top.values()), dtype=torch.float64), vals,
+                                               atol=1e-5, rtol=0)
+            else:
+                assert out.prompt_top_logprobs is None
+    plain = llm.generate(prompts[:1], SamplingParams(max_tokens=2), use_tqdm=False)[0]
+    assert plain.prompt_logprobs is None and plain.prompt_top_logprobs is None
+    no_leak(llm)
+
+
+def test_prompt_logprobs_survive_preemption(model):
+    prompts = prompts_of([5, 11, 17, 23, 29], seed=2)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, prompt_logprobs=0)
+    llm = LLM(model, TOK, block_size=2, num_kv_blocks=40)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert llm.stats["preemptions"] > 0
+    for p, o in zip(prompts, outs, strict=True):
+        ref = full_logits(model, p).double().log_softmax(-1)[:-1].gather(1, torch.tensor(p[1:])[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(o.prompt_logprobs[1:], dtype=torch.float64), ref, atol=1e-5, rtol=0)
+        assert o.outputs[0].token_ids == naive(model, p, 12, stop_ids=())
+    no_leak(llm)

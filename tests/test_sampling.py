@@ -368,6 +368,8 @@ def test_half_precision_logits_are_sampled_in_float32():
     ({"stop": ["a", 3]}, "stop"),
     ({"stop_token_ids": [1, -2]}, "stop_token_ids"),
     ({"stop_token_ids": [1.0]}, "stop_token_ids"),
+    ({"prompt_logprobs": -1}, "prompt_logprobs"),
+    ({"prompt_logprobs": True}, "prompt_logprobs"),
     ({"min_p": -0.1}, "min_p"),
     ({"min_p": 1.5}, "min_p"),
     ({"min_p": float("nan")}, "min_p"),

@@ -82,6 +82,10 @@ class RequestOutput:
     # the prompt's preprocessed images, as the engine fed them (a trainer's forward of the completions takes them)
     pixel_values: list[Tensor] = field(default_factory=list, repr=False, compare=False)
     image_sizes: list[tuple[int, int]] = field(default_factory=list, repr=False, compare=False)
+    # with SamplingParams.prompt_logprobs: per prompt token, its log-prob given the ones before (None for the first),
+    # and (prompt_logprobs=k) its top-k alternatives; at the sampling temperature (1 when greedy), like logprobs
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[dict[int, float] | None] | None = None
 
 
 @dataclass
@@ -107,6 +111,11 @@ class _Request:
         self.error: str | None = None
         self.budget: int | None = None  # max_thinking_tokens
         self.cached_tokens = 0  # prompt tokens its first admission took from the prefix cache
+        self.prompt_lps: list[float | None] | None = None  # with params.prompt_logprobs, filled as prompt rows run
+        self.prompt_top: list[dict[int, float] | None] | None = None
+        if params.prompt_logprobs is not None:
+            self.prompt_lps = [None] * len(prompt)
+            self.prompt_top = [None] * len(prompt) if params.prompt_logprobs else None
         self._image_digest: bytes | None = None
 
     def image_digest(self) -> bytes:
@@ -495,7 +504,8 @@ class LLM:
     def _match(self, seq: _Seq) -> list[int]:
         """The cached blocks a sequence about to be admitted can start from (its last token is always computed:
         it is the one that samples, or the one a shared prompt's completions follow)."""
-        if not self.blocks.num_cached_blocks or seq.num_cached or self.blocks.has(seq.id):
+        if not self.blocks.num_cached_blocks or seq.num_cached or self.blocks.has(seq.id) \
+                or seq.req.prompt_lps is not None:  # its prompt rows' log-probs are wanted: all computed
             return []
         return self.blocks.match(self._keys(seq, (len(seq.tokens) - 1) // self.block_size))
 
@@ -588,6 +598,7 @@ class LLM:
                 kv.seq_context_lens = torch.tensor([s.num_cached + n for s, n in batch], dtype=torch.int32,
                                                    device=dev)
         hidden = self.lm(self._embed(batch, input_ids), position_ids, cu, max(lens), kv)
+        self._prompt_logprobs(batch, hidden)
         last, row = [], 0
         for seq, n in batch:
             row += n
@@ -600,9 +611,44 @@ class LLM:
             return None
         return self._logits(hidden[torch.tensor(last, device=dev)])
 
+    def _prompt_logprobs(self, batch: list[tuple[_Seq, int]], hidden: Tensor, chunk: int = 1024) -> None:
+        """Fill the log-probs of the prompt tokens whose previous row ran in this step (a request that asked for
+        them): the row at position p scores prompt token p + 1. Logits are made ``chunk`` rows at a time."""
+        rows, targets, where = [], [], []
+        row = 0
+        for seq, n in batch:
+            req, c = seq.req, seq.num_cached
+            if req.prompt_lps is not None:
+                for p in range(c, min(c + n, len(req.prompt) - 1)):
+                    rows.append(row + p - c)
+                    targets.append(req.prompt[p + 1])
+                    where.append((req, p + 1))
+            row += n
+        if not rows:
+            return
+        dev = hidden.device
+        for a in range(0, len(rows), chunk):
+            idx = torch.tensor(rows[a : a + chunk], device=dev)
+            part = where[a : a + chunk]
+            temps = torch.tensor([r.params.temperature or 1.0 for r, _ in part], device=dev)
+            logp = torch.log_softmax(self._logits(hidden[idx]) / temps[:, None], dim=-1)
+            chosen = logp.gather(1, torch.tensor(targets[a : a + chunk], device=dev)[:, None])[:, 0].tolist()
+            k = max(r.params.prompt_logprobs for r, _ in part)
+            top = None
+            if k:
+                vals, ids = logp.topk(min(k, logp.shape[1]), dim=-1)
+                top = (vals.tolist(), ids.tolist())
+            for j, (req, pos) in enumerate(part):
+                req.prompt_lps[pos] = chosen[j]
+                if top is not None and req.prompt_top is not None:
+                    kk = req.params.prompt_logprobs
+                    req.prompt_top[pos] = dict(zip(top[1][j][:kk], top[0][j][:kk], strict=True))
+
     def _graph_step(self, batch: list[tuple[_Seq, int]]) -> bool:
-        """A decode step the graphs can take: one row a sequence, no image rows, tables within the graph's width."""
-        if any(n != 1 or (s.req.pixel_values and s.num_cached < len(s.req.prompt)) for s, n in batch):
+        """A decode step the graphs can take: one row a sequence, no image rows, no prompt rows whose log-probs are
+        wanted, tables within the graph's width."""
+        if any(n != 1 or (s.req.pixel_values and s.num_cached < len(s.req.prompt))
+               or (s.req.prompt_lps is not None and s.num_cached < len(s.req.prompt) - 1) for s, n in batch):
             return False
         return self._graphs.fits(len(batch), max(len(self.blocks.table(s.id)) for s, _ in batch))
 
@@ -727,6 +773,9 @@ class LLM:
                             pixel_values=list(req.pixel_values), image_sizes=list(req.image_sizes))
         if req.error is not None:
             return out
+        if req.prompt_lps is not None:
+            out.prompt_logprobs = list(req.prompt_lps)
+            out.prompt_top_logprobs = list(req.prompt_top) if req.prompt_top is not None else None
         tok = self.tokenizer
         for seq in req.seqs:
             text = self._text(seq)

@@ -20,7 +20,9 @@ class SamplingParams:
     ids that end it (kept in token_ids, like the end-of-turn tokens); seed: a seeded completion draws from its own
     generator (seeded by (seed, completion index)), so it does not depend on the rest of the batch; n:
     completions per request and thinking mode; logprobs: also return the top-k alternatives at each step (the
-    chosen token's log-prob is always returned); ignore_eos: do not stop at the end-of-turn tokens.
+    chosen token's log-prob is always returned); ignore_eos: do not stop at the end-of-turn tokens;
+    prompt_logprobs: also return the log-prob of each prompt token after the first (0), and its top-k
+    alternatives (k) (the request's prompt is then computed in full: no prefix-cache hit).
 
     min_p in [0, 1]: keep the tokens whose probability is at least min_p times the most likely one's (0 = all).
     Penalties (0 / 1 = none), applied to the logits before the temperature, in this order:
@@ -48,6 +50,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         def bad(name: str, want: str) -> ValueError:
@@ -68,6 +71,9 @@ class SamplingParams:
             raise bad("seed", "None or an int")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
             raise bad("logprobs", "None or an int >= 0")
+        if self.prompt_logprobs is not None and (not isinstance(self.prompt_logprobs, int)
+                                                 or isinstance(self.prompt_logprobs, bool) or self.prompt_logprobs < 0):
+            raise bad("prompt_logprobs", "None or an int >= 0")
         def number(name: str) -> bool:
             v = getattr(self, name)
             return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
