@@ -410,7 +410,7 @@ def forced_run(llm: LLM, script: list[int], params: SamplingParams, stream: bool
     takes): the output for a known text. With ``stream``, also the joined text of its stream events."""
     reqs = llm._start(["Q"], params, "long", None)
     reqs[0].seqs[0].forced.extend(script)
-    text = "".join(llm._delta(seq) for seq, _ in llm._loop()) if stream else None
+    text = "".join(llm._delta(seq) for events in llm._loop() for seq, _ in events) if stream else None
     return llm._output(reqs[0]).outputs[0], text
 
 
@@ -780,4 +780,31 @@ def test_prompt_logprobs_survive_preemption(model):
         ref = full_logits(model, p).double().log_softmax(-1)[:-1].gather(1, torch.tensor(p[1:])[:, None])[:, 0]
         torch.testing.assert_close(torch.tensor(o.prompt_logprobs[1:], dtype=torch.float64), ref, atol=1e-5, rtol=0)
         assert o.outputs[0].token_ids == naive(model, p, 12, stop_ids=())
+    no_leak(llm)
+
+
+@pytest.mark.parametrize("api", ["stream", "step"])
+def test_a_requests_output_follows_all_its_tokens(model, api):
+    """n=3 completions that end in the same step: every completion's last StreamEvent comes before its request's
+    RequestOutput (a stream reader that stops at the output loses nothing), and the events add up to the outputs."""
+    prompts = prompts_of([4, 9], seed=11)
+    params = SamplingParams(temperature=1.0, seed=2, n=3, max_tokens=5, ignore_eos=True, logprobs=1)
+    llm = LLM(model, TOK, block_size=4, num_kv_blocks=128)
+    if api == "stream":
+        items = list(llm.stream(prompts, params))
+    else:
+        for p in prompts:
+            llm.add_request(p, params)
+        items = []
+        while llm.has_unfinished():
+            items += llm.step()
+    for r in range(2):
+        mine = [x for x in items if x.request_index == r]
+        assert isinstance(mine[-1], RequestOutput) and sum(isinstance(x, RequestOutput) for x in mine) == 1
+        out = mine[-1]
+        for c in out.outputs:
+            evs = [x for x in mine[:-1] if x.index == c.index]
+            assert [e.token_id for e in evs] == c.token_ids and evs[-1].finished
+            assert "".join(e.text for e in evs) == c.text
+            assert [e.logprob for e in evs] == c.logprobs
     no_leak(llm)

@@ -908,11 +908,27 @@ class LLM:
                 req.seqs = []
                 out.append(self._report(req))
             return out
-        for seq, token in events:
-            out.append(self._event(seq, token))
-            if seq.req.unfinished == 0 and seq.req.index in self._live:  # not reported yet
-                out.append(self._report(seq.req))
+        done = {i for i in {seq.req.index for seq, _ in events} if i not in self._live}
+        for item in self._with_outputs(events, done):
+            out.append(item)
+            if isinstance(item, RequestOutput):
+                self._live.pop(item.request_index, None)
         return out
+
+    def _with_outputs(self, events: list[tuple[_Seq, int | None]], done: set[int]) -> Iterator[StreamEvent |
+                                                                                                 RequestOutput]:
+        """A step's StreamEvents, each request's RequestOutput right after its last event of the step once all its
+        completions are done (never before another completion's final token of the same step); ``done``: the
+        requests already reported (updated)."""
+        left: dict[int, int] = {}
+        for seq, _ in events:
+            left[seq.req.index] = left.get(seq.req.index, 0) + 1
+        for seq, token in events:
+            yield self._event(seq, token)
+            left[seq.req.index] -= 1
+            if seq.req.unfinished == 0 and not left[seq.req.index] and seq.req.index not in done:
+                done.add(seq.req.index)
+                yield self._output(seq.req)
 
     def _report(self, req: _Request) -> RequestOutput:
         self._live.pop(req.index, None)
@@ -926,10 +942,11 @@ class LLM:
         self.running.clear()
         self.waiting.clear()
 
-    def _loop(self) -> Iterator[tuple[_Seq, int | None]]:
+    def _loop(self) -> Iterator[list[tuple[_Seq, int | None]]]:
+        """Each step's (sequence, token) events, a list a step."""
         try:
             while self.waiting or self.running:
-                yield from self._step()
+                yield self._step()
         finally:  # an interrupted stream or a failing step leaves a clean engine
             self._reset()
 
@@ -951,9 +968,9 @@ class LLM:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=total, desc="generate", unit="seq", dynamic_ncols=True)
-        for seq, _ in self._loop():
-            if bar is not None and seq.finish_reason is not None:
-                bar.update(1)
+        for events in self._loop():
+            if bar is not None:
+                bar.update(sum(seq.finish_reason is not None for seq, _ in events))
         if bar is not None:
             bar.close()
         return [self._output(r) for r in reqs]
@@ -970,11 +987,8 @@ class LLM:
                 if req.error is not None:
                     done.add(req.index)
                     yield self._output(req)
-            for seq, token in self._loop():
-                yield self._event(seq, token)
-                if seq.req.unfinished == 0 and seq.req.index not in done:
-                    done.add(seq.req.index)
-                    yield self._output(seq.req)
+            for events in self._loop():
+                yield from self._with_outputs(events, done)
         finally:  # closed before the loop started (a skipped request's output was the last item taken)
             self._reset()
 
