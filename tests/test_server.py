@@ -384,7 +384,7 @@ def test_bad_requests_are_refused_with_the_field(served):
     assert status == 400 and r["error"]["param"] == "messages", r
     # a keep-alive connection survives a 404 on a POST (its body was read) and refuses a bad Content-Length
     c = http.client.HTTPConnection("127.0.0.1", client.port, timeout=60)
-    for path, want in (("/v1/completions", 404), ("/v1/chat/completions", 200)):
+    for path, want in (("/v1/embeddings", 404), ("/v1/chat/completions", 200)):
         c.request("POST", path, body=json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}))
         resp = c.getresponse()
         resp.read()
@@ -432,6 +432,85 @@ def test_a_failing_engine_step_gives_500_and_the_server_goes_on(served, monkeypa
     status, chunks = client.chat("hi", max_tokens=2, stream=True)
     assert status == 200 and any("error" in ch and "boom" in ch["error"]["message"] for ch in chunks if ch != "[DONE]")
     assert client.chat("hi", temperature=0)[0] == 200
+    assert server.engine.llm.blocks.num_free_blocks == server.engine.llm.blocks.num_blocks
+
+
+def test_text_completions_are_the_engines_outputs(served, model):
+    """/v1/completions: prompts (text or token ids, several at once) run as given, n choices each at index
+    prompt * n + sample; echo puts the prompt first, logprobs=k gives the tokens, their log-probs (the prompt's
+    too with echo: the first one None), k alternatives and text offsets; streamed deltas add up to the same."""
+    server, client = served
+    ref = new_llm(model)
+    text, ids = "The answer to 3 + 4 is", TOK.encode("Count: 1 2 3")
+    status, r = client.request("POST", "/v1/completions", {"prompt": [text, ids], "temperature": 0.8, "seed": 5,
+                                                          "n": 2, "max_tokens": 6, "model": "tiny"})
+    assert status == 200, r
+    want = ref.generate([TOK.encode(text), ids], SamplingParams(temperature=0.8, seed=5, n=2, max_tokens=6),
+                        use_tqdm=False)
+    assert r["object"] == "text_completion" and [c["index"] for c in r["choices"]] == [0, 1, 2, 3]
+    assert [c["text"] for c in r["choices"]] == [c.text for w in want for c in w.outputs]
+    assert [c["finish_reason"] for c in r["choices"]] == [c.finish_reason for w in want for c in w.outputs]
+    assert all(c["logprobs"] is None for c in r["choices"])
+    assert r["usage"]["prompt_tokens"] == len(TOK.encode(text)) + len(ids)
+    assert r["usage"]["completion_tokens"] == sum(len(c.token_ids) for w in want for c in w.outputs)
+
+    # echo + logprobs: a loglikelihood request (what evaluation harnesses send)
+    status, r = client.request("POST", "/v1/completions", {"prompt": text, "temperature": 0, "max_tokens": 3,
+                                                          "echo": True, "logprobs": 2})
+    assert status == 200, r
+    w = ref.generate([TOK.encode(text)], SamplingParams(temperature=0, max_tokens=3, logprobs=2, prompt_logprobs=2),
+                     use_tqdm=False)[0]
+    c, lp = r["choices"][0], r["choices"][0]["logprobs"]
+    assert c["text"] == text + w.outputs[0].text
+    all_ids = w.prompt_token_ids + w.outputs[0].token_ids
+    assert lp["tokens"] == [TOK.token_bytes(t).decode("utf-8", errors="replace") for t in all_ids]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    torch.testing.assert_close(torch.tensor(lp["token_logprobs"][1:]),
+                               torch.tensor(w.prompt_logprobs[1:] + w.outputs[0].logprobs), atol=1e-6, rtol=0)
+    tops = w.prompt_top_logprobs[1:] + w.outputs[0].top_logprobs
+    assert [len(t) for t in lp["top_logprobs"][1:]] == [len(t) for t in tops]
+    for got, top in zip(lp["top_logprobs"][1:], tops, strict=True):
+        assert max(got.values()) == pytest.approx(max(top.values()), abs=1e-6)
+    assert lp["text_offset"][0] == 0 and lp["text_offset"] == sorted(lp["text_offset"])
+    for tok_text, off in zip(lp["tokens"], lp["text_offset"], strict=True):
+        assert c["text"][off:].startswith(tok_text)
+
+    # streamed, n=2, with logprobs and usage
+    body = {"prompt": text, "temperature": 0.9, "seed": 3, "n": 2, "max_tokens": 8, "logprobs": 1, "stream": True,
+            "stream_options": {"include_usage": True}}
+    status, chunks = client.request("POST", "/v1/completions", body)
+    assert status == 200 and chunks[-1] == "[DONE]"
+    plain = client.request("POST", "/v1/completions", {**body, "stream": False})[1]
+    for i in range(2):
+        mine = [ch["choices"][0] for ch in chunks[:-1] if ch["choices"] and ch["choices"][0]["index"] == i]
+        assert "".join(m["text"] for m in mine) == plain["choices"][i]["text"]
+        assert [x for m in mine if m["logprobs"] for x in m["logprobs"]["token_logprobs"]] == \
+            plain["choices"][i]["logprobs"]["token_logprobs"]
+        assert mine[-1]["finish_reason"] == plain["choices"][i]["finish_reason"]
+    assert chunks[-2]["usage"]["completion_tokens"] == plain["usage"]["completion_tokens"]
+    # echo streamed: the prompt comes first
+    status, chunks = client.request("POST", "/v1/completions", {"prompt": ids, "temperature": 0, "max_tokens": 4,
+                                                               "echo": True, "stream": True})
+    got = "".join(ch["choices"][0]["text"] for ch in chunks[:-1] if ch["choices"])
+    assert status == 200 and got == TOK.decode(ids) + ref.generate(
+        [ids], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)[0].outputs[0].text
+
+
+def test_text_completion_errors(served):
+    server, client = served
+    for body, param in (({}, "prompt"), ({"prompt": ""}, "prompt"), ({"prompt": []}, "prompt"),
+                        ({"prompt": [1, -2]}, "prompt"), ({"prompt": [["a"]]}, "prompt"), ({"prompt": 7}, "prompt"),
+                        ({"prompt": ["a", "b"], "stream": True}, "prompt"),
+                        ({"prompt": "a", "stream": True, "echo": True, "logprobs": 1}, "echo"),
+                        ({"prompt": "a", "best_of": 3}, "best_of"), ({"prompt": "a", "suffix": "z"}, "suffix"),
+                        ({"prompt": "a", "logprobs": 21}, "logprobs"), ({"prompt": "a", "echo": "yes"}, "echo"),
+                        ({"prompt": "a", "max_tokens": 0}, "max_tokens"), ({"prompt": "a", "top_p": 0}, "top_p"),
+                        ({"prompt": ["ok", [10 ** 9]]}, "prompt")):  # an unknown token id: the engine refuses it
+        status, r = client.request("POST", "/v1/completions", body)
+        assert status == 400 and r["error"]["param"] == param, (body, r)
+    status, r = client.request("POST", "/v1/completions", {"prompt": "a", "model": "other"})
+    assert status == 404 and r["error"]["param"] == "model"
+    assert client.request("POST", "/v1/completions", {"prompt": "a", "max_tokens": 2})[0] == 200  # still serving
     assert server.engine.llm.blocks.num_free_blocks == server.engine.llm.blocks.num_blocks
 
 

@@ -65,7 +65,9 @@ class BadRequest(ValueError):
 
 @dataclass
 class ChatRequest:
-    messages: list[dict]
+    """One engine request: a chat (or, for /v1/completions, a prompt's token ids, run as given: thinking_mode None)."""
+
+    messages: list[dict] | list[int]
     params: SamplingParams
     thinking_mode: str
     max_thinking_tokens: int | None = None
@@ -73,6 +75,21 @@ class ChatRequest:
     include_usage: bool = False
     model: str | None = None
     logprobs: bool = False
+
+
+@dataclass
+class CompletionRequest:
+    """A /v1/completions body: its prompts (each text or token ids), run as given (no chat template, no thinking
+    mode); ``logprobs`` None or k (the chosen tokens' log-probs and k alternatives); ``echo``: the prompt leads the
+    text (and its tokens the log-probs)."""
+
+    prompts: list[str | list[int]]
+    params: SamplingParams
+    echo: bool = False
+    logprobs: int | None = None
+    stream: bool = False
+    include_usage: bool = False
+    model: str | None = None
 
 
 def _int(body: dict, name: str, low: int, default: int | None) -> int | None:
@@ -172,34 +189,92 @@ def parse_chat_request(body: Any, *, default_mode: str = "auto", default_max_tok
         raise BadRequest(f"'thinking_mode' must be one of {sorted(MODE_SUFFIX)}, got {mode!r}", "thinking_mode")
     max_tokens = _int(body, "max_completion_tokens", 1, None)
     max_tokens = _int(body, "max_tokens", 1, None) if max_tokens is None else max_tokens
-    stop = body.get("stop") or ()
-    if isinstance(stop, str):
-        stop = (stop,)
-    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 16:
-        raise BadRequest(f"'stop' must be a string or a list of at most 16 non-empty strings, got {stop!r}", "stop")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise BadRequest(f"'stream' must be true or false, got {stream!r}", "stream")
     opts = body.get("stream_options") or {}
     if not isinstance(opts, dict):
         raise BadRequest("'stream_options' must be an object", "stream_options")
+    params = _sampling_params(body, max_tokens=max_tokens or default_max_tokens, logprobs=top or None)
+    return ChatRequest(messages, params, mode, _int(body, "max_thinking_tokens", 0, None), stream,
+                       bool(opts.get("include_usage")), body.get("model"), logprobs)
+
+
+def _sampling_params(body: dict, *, max_tokens: int, logprobs: int | None,
+                     prompt_logprobs: int | None = None) -> SamplingParams:
+    """The sampling fields both endpoints share (temperature, top_p / top_k / min_p, penalties, stop, seed, n)."""
+    stop = body.get("stop") or ()
+    if isinstance(stop, str):
+        stop = (stop,)
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 16:
+        raise BadRequest(f"'stop' must be a string or a list of at most 16 non-empty strings, got {stop!r}", "stop")
     seed = body.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise BadRequest(f"'seed' must be an integer, got {seed!r}", "seed")
     kw = dict(temperature=_float(body, "temperature", 1.0), top_p=_float(body, "top_p", 1.0),
-              top_k=_int(body, "top_k", 0, 0) or 0, max_tokens=max_tokens or default_max_tokens, stop=tuple(stop),
-              seed=seed, n=_int(body, "n", 1, 1) or 1, logprobs=top or None, min_p=_float(body, "min_p", 0.0),
+              top_k=_int(body, "top_k", 0, 0) or 0, max_tokens=max_tokens, stop=tuple(stop),
+              seed=seed, n=_int(body, "n", 1, 1) or 1, logprobs=logprobs, min_p=_float(body, "min_p", 0.0),
               presence_penalty=_float(body, "presence_penalty", 0.0),
               frequency_penalty=_float(body, "frequency_penalty", 0.0),
-              repetition_penalty=_float(body, "repetition_penalty", 1.0))
+              repetition_penalty=_float(body, "repetition_penalty", 1.0), prompt_logprobs=prompt_logprobs)
     try:
-        params = SamplingParams(**kw)
+        return SamplingParams(**kw)
     except ValueError as e:  # SamplingParams.<field> must be ...
         msg = str(e)
         name = msg.split(".", 1)[1].split(" ", 1)[0] if msg.startswith("SamplingParams.") else None
         raise BadRequest(f"'{name}': {msg}" if name else msg, name) from None
-    return ChatRequest(messages, params, mode, _int(body, "max_thinking_tokens", 0, None), stream,
-                       bool(opts.get("include_usage")), body.get("model"), logprobs)
+
+
+def parse_completion_request(body: Any, *, default_max_tokens: int = 16) -> CompletionRequest:
+    """An OpenAI (legacy) completions body -> CompletionRequest; BadRequest naming the field for anything wrong.
+    max_tokens defaults to 16, as OpenAI's does."""
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    for name in ("logit_bias", "suffix"):
+        if body.get(name):
+            raise BadRequest(f"'{name}' is not supported by r4b serve", name)
+    prompt = body.get("prompt")
+    is_ids = lambda x: isinstance(x, list) and bool(x) and all(  # noqa: E731
+        isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in x)
+    if isinstance(prompt, str) or is_ids(prompt):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(x, str) or is_ids(x) for x in prompt):
+        prompts = list(prompt)
+    else:
+        raise BadRequest("'prompt' must be a string, a list of token ids, or a non-empty list of either, got "
+                         f"{str(prompt)[:60]!r}", "prompt")
+    if any(p == "" for p in prompts):
+        raise BadRequest("'prompt' must not be empty", "prompt")
+    if len(prompts) > 1024:
+        raise BadRequest(f"'prompt' holds {len(prompts)} prompts; at most 1024 a request", "prompt")
+    logprobs = _int(body, "logprobs", 0, None)
+    if logprobs is not None and logprobs > 20:
+        raise BadRequest(f"'logprobs' must be an integer in [0, 20], got {logprobs!r}", "logprobs")
+    echo = body.get("echo", False)
+    if echo is None:
+        echo = False
+    if not isinstance(echo, bool):
+        raise BadRequest(f"'echo' must be true or false, got {echo!r}", "echo")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise BadRequest(f"'stream' must be true or false, got {stream!r}", "stream")
+    if stream and len(prompts) > 1:
+        raise BadRequest("a streamed completion takes one prompt (send a list without 'stream')", "prompt")
+    if stream and echo and logprobs is not None:
+        raise BadRequest("'echo' with 'logprobs' is not streamed (the prompt's log-probs come at the end); send "
+                         "'stream': false", "echo")
+    opts = body.get("stream_options") or {}
+    if not isinstance(opts, dict):
+        raise BadRequest("'stream_options' must be an object", "stream_options")
+    n = _int(body, "n", 1, 1) or 1
+    best_of = _int(body, "best_of", 1, None)
+    if best_of is not None and best_of != n:
+        raise BadRequest(f"'best_of' other than n is not supported by r4b serve, got {best_of}", "best_of")
+    max_tokens = _int(body, "max_tokens", 1, None)
+    params = _sampling_params(body, max_tokens=max_tokens or default_max_tokens, logprobs=logprobs or None,
+                              prompt_logprobs=logprobs if echo and logprobs is not None else None)
+    return CompletionRequest(prompts, params, echo, logprobs, stream, bool(opts.get("include_usage")),
+                             body.get("model"))
 
 
 # ------------------------------------------------------------------------------------------------------ engine
@@ -376,6 +451,43 @@ def _logprob_entry(tok, token_id: int, logprob: float, top: dict[int, float] | N
     return {**item(token_id, logprob), "top_logprobs": [item(i, lp) for i, lp in (top or {}).items()]}
 
 
+def _token_str(tok, token_id: int) -> str:
+    """A token's text for the completions API's logprobs: its bytes as UTF-8, or ``bytes:\\xNN...`` when they hold
+    part of a character (OpenAI's spelling)."""
+    raw = tok.token_bytes(token_id)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+def _top_strs(tok, top: dict[int, float] | None) -> dict[str, float]:
+    """Alternatives by their text (two tokens of one text: the likelier one's log-prob)."""
+    out: dict[str, float] = {}
+    for i, lp in (top or {}).items():
+        out.setdefault(_token_str(tok, i), lp)
+    return out
+
+
+def _text_logprobs(tok, out: RequestOutput, c, echo: bool) -> dict:
+    """The completions API's logprobs object of one choice: tokens, token_logprobs, top_logprobs and text_offset
+    (character offsets in the choice's text; with echo the prompt's tokens lead, the first one without a log-prob)."""
+    ids, lps, tops = [], [], []
+    if echo:
+        ids += out.prompt_token_ids
+        lps += out.prompt_logprobs or [None] * len(out.prompt_token_ids)
+        tops += out.prompt_top_logprobs or [None] + [{}] * (len(out.prompt_token_ids) - 1)
+    ids += c.token_ids
+    lps += c.logprobs
+    tops += c.top_logprobs or [{}] * len(c.token_ids)
+    offsets, acc = [], b""
+    for t in ids:
+        offsets.append(len(acc.decode("utf-8", errors="ignore")))
+        acc += tok.token_bytes(t)
+    return {"tokens": [_token_str(tok, t) for t in ids], "token_logprobs": lps,
+            "top_logprobs": [None if top is None else _top_strs(tok, top) for top in tops], "text_offset": offsets}
+
+
 def _choice(c, tok=None, logprobs: bool = False) -> dict:
     out = {"index": c.index, "message": {"role": "assistant", "content": c.answer,
                                          "reasoning_content": c.thinking or None},
@@ -527,15 +639,22 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if not self._authorized():
             return
-        if self.path != "/v1/chat/completions":
+        if self.path not in ("/v1/chat/completions", "/v1/completions"):
             self._error(404, f"no route {self.path}")
             return
+        chat = self.path == "/v1/chat/completions"
         try:
-            req = parse_chat_request(body, default_mode=self.server.default_mode,
-                                     default_max_tokens=self.server.default_max_tokens)
+            if chat:
+                req = parse_chat_request(body, default_mode=self.server.default_mode,
+                                         default_max_tokens=self.server.default_max_tokens)
+            else:
+                req = parse_completion_request(body)
             if req.params.n > self.server.max_n:
                 raise BadRequest(f"'n' must be at most the server's max_num_seqs ({self.server.max_n}), got "
                                  f"{req.params.n}", "n")
+            # a completion's text prompts are tokenized here (run as given: no template, no mode)
+            jobs = [req] if chat else [ChatRequest(p if isinstance(p, list) else self.server.tokenizer.encode(p),
+                                                   req.params, None) for p in req.prompts]
         except BadRequest as e:
             self._error(400, str(e), e.param)
             return
@@ -547,20 +666,24 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(404, f"model {req.model!r} is not served here (this server has {self.server.model_name!r})",
                         "model")
             return
-        handle = self.server.engine.submit(req)
+        handles = [self.server.engine.submit(job) for job in jobs]
         self._started = False  # whether a status line was sent (then errors go into the stream)
         self._checked = time.monotonic()  # when _next last checked that the client is still connected
         try:
-            if req.stream:
-                self._stream(req, handle)
+            if chat:
+                (self._stream if req.stream else self._complete)(req, handles[0])
+            elif req.stream:
+                self._stream_text(req, handles[0])
             else:
-                self._complete(req, handle)
+                self._complete_text(req, handles)
         except (BrokenPipeError, ConnectionResetError):
             log.info("client went away: request aborted")
-            self.server.engine.abort(handle)
+            for h in handles:
+                self.server.engine.abort(h)
             self.close_connection = True
         except Exception as e:  # noqa: BLE001 - the time limit, or a bug: the client hears of it, the engine stops
-            self.server.engine.abort(handle)
+            for h in handles:
+                self.server.engine.abort(h)
             timeout = isinstance(e, queue.Empty)
             msg = f"no result within {self.server.request_timeout:g} s" if timeout else f"{type(e).__name__}: {e}"
             if not timeout:
@@ -643,12 +766,7 @@ class _Handler(BaseHTTPRequestHandler):
         if isinstance(ev, RequestOutput) and ev.error is not None:
             self._refusal(ev.error)
             return
-        self._started = True
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
+        self._start_sse()
         base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()),
                 "model": self.server.model_name}
         in_thought = req.thinking_mode in ("auto", "long")
@@ -702,7 +820,113 @@ class _Handler(BaseHTTPRequestHandler):
             except (BadRequest, EngineFailure) as e:
                 self._sse({"error": {"message": str(e), "type": "server_error", "code": 500}})
                 break
+        self._end_sse()
+
+    def _start_sse(self) -> None:
+        self._started = True
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+
+    def _end_sse(self) -> None:
         self._sse("[DONE]")
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
+
+    # ------------------------------------------------------------------------------------------ /v1/completions
+    def _complete_text(self, req: CompletionRequest, handles: list[Handle]) -> None:
+        outs: list[RequestOutput] = []
+        for i, handle in enumerate(handles):
+            try:
+                ev = self._next(handle, watch=True)
+                while not isinstance(ev, RequestOutput):
+                    ev = self._next(handle, watch=True)
+            except (BadRequest, EngineFailure) as e:
+                for h in handles[i + 1 :]:
+                    self.server.engine.abort(h)
+                self._refusal(e)
+                return
+            if ev.error is not None:
+                for h in handles[i + 1 :]:
+                    self.server.engine.abort(h)
+                self._error(400, f"prompt {i}: {ev.error}", "prompt")
+                return
+            outs.append(ev)
+        tok, n = self.server.tokenizer, req.params.n
+        choices = []
+        for i, (prompt, out) in enumerate(zip(req.prompts, outs, strict=True)):
+            head = (prompt if isinstance(prompt, str) else tok.decode(out.prompt_token_ids)) if req.echo else ""
+            for c in out.outputs:
+                choice = {"index": i * n + c.index, "text": head + c.text, "logprobs": None,
+                          "finish_reason": c.finish_reason}
+                if req.logprobs is not None:
+                    choice["logprobs"] = _text_logprobs(tok, out, c, req.echo)
+                choices.append(choice)
+        prompt_tokens = sum(len(o.prompt_token_ids) for o in outs)
+        done = sum(len(c.token_ids) for o in outs for c in o.outputs)
+        self._json(200, {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                         "model": self.server.model_name, "choices": choices,
+                         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": done,
+                                   "total_tokens": prompt_tokens + done,
+                                   "prompt_tokens_details": {"cached_tokens": sum(o.num_cached_tokens
+                                                                                  for o in outs)}}})
+
+    def _stream_text(self, req: CompletionRequest, handle: Handle) -> None:
+        try:
+            ev = self._next(handle, watch=True)
+        except (BadRequest, EngineFailure) as e:
+            self._refusal(e)
+            return
+        if isinstance(ev, RequestOutput) and ev.error is not None:
+            self._error(400, f"prompt 0: {ev.error}", "prompt")
+            return
+        self._start_sse()
+        base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": self.server.model_name}
+        tok, n = self.server.tokenizer, req.params.n
+
+        def chunk(i: int, text: str, reason: str | None = None, logprobs: dict | None = None) -> None:
+            self._sse({**base, "choices": [{"index": i, "text": text, "logprobs": logprobs, "finish_reason": reason}]})
+
+        sent = {i: b"" for i in range(n)}  # each choice's token bytes so far (its log-probs' text offsets)
+        if req.echo:
+            prompt = req.prompts[0]
+            head = prompt if isinstance(prompt, str) else tok.decode(prompt)
+            for i in range(n):
+                chunk(i, head)
+                sent[i] = head.encode()
+        finish: dict[int, str] = {}
+        while True:
+            if isinstance(ev, StreamEvent):
+                lp = None
+                if req.logprobs is not None and ev.token_id is not None:
+                    raw = tok.token_bytes(ev.token_id)
+                    lp = {"tokens": [_token_str(tok, ev.token_id)], "token_logprobs": [ev.logprob],
+                          "top_logprobs": [_top_strs(tok, ev.top_logprobs)],
+                          "text_offset": [len(sent[ev.index].decode("utf-8", errors="ignore"))]}
+                    sent[ev.index] += raw
+                if ev.text or lp is not None:
+                    chunk(ev.index, ev.text, logprobs=lp)
+                if ev.finished:
+                    finish[ev.index] = ev.finish_reason or "stop"
+            elif isinstance(ev, RequestOutput):
+                if ev.error is not None:
+                    self._sse({"error": {"message": ev.error, "type": "server_error", "code": 500}})
+                else:
+                    for c in ev.outputs:
+                        chunk(c.index, "", finish.get(c.index, c.finish_reason))
+                    if req.include_usage:
+                        done = sum(len(c.token_ids) for c in ev.outputs)
+                        self._sse({**base, "choices": [], "usage": {
+                            "prompt_tokens": len(ev.prompt_token_ids), "completion_tokens": done,
+                            "total_tokens": len(ev.prompt_token_ids) + done}})
+                break
+            try:
+                ev = self._next(handle)
+            except (BadRequest, EngineFailure) as e:
+                self._sse({"error": {"message": str(e), "type": "server_error", "code": 500}})
+                break
+        self._end_sse()
 
