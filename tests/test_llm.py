@@ -672,6 +672,26 @@ def test_gpu_bf16_cuda_graph_decode_matches_eager():
 
 
 @pytest.mark.gpu
+def test_gpu_prompt_logprobs_stay_off_the_decode_graphs(monkeypatch):
+    """A token budget of 1 a step puts every prompt row after the first in a one-row step, the shape the decode
+    graphs take: those rows must run eagerly (the graphs return only the sampling rows), and their prompt log-probs
+    match the float64 reference, with graphs as without."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    model, cpu_model = tiny_model(6).to(DEV), tiny_model(6)
+    prompts = prompts_of([2, 9, 17], 5)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, prompt_logprobs=2)
+    for graphs in (False, True):
+        llm = LLM(model, TOK, num_kv_blocks=64, block_size=4, max_num_batched_tokens=1, cuda_graphs=graphs)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        for p, o in zip(prompts, outs, strict=True):
+            ref = full_logits(cpu_model, p).double().log_softmax(-1)[:-1].gather(1, torch.tensor(p[1:])[:, None])[:, 0]
+            torch.testing.assert_close(torch.tensor(o.prompt_logprobs[1:], dtype=torch.float64), ref, atol=1e-4,
+                                       rtol=0)
+        assert llm.stats["graph_steps"] > 0 or not graphs  # the completions' decode steps still replay graphs
+        no_leak(llm)
+
+
+@pytest.mark.gpu
 def test_gpu_cuda_graph_decode_matches_eager(monkeypatch):
     """On a GPU in fp32: decode steps replayed from CUDA graphs (captured per bucket at first use) give the eager
     engine's tokens and log-probs, across batch sizes that change from step to step as sequences finish."""
@@ -735,11 +755,12 @@ def test_penalties_follow_the_tokens_of_each_completion(model, rep, freq, pres):
 
 
 @pytest.mark.parametrize("batched,n,k,temperature", [(4096, 1, 0, 0.0), (4096, 2, 3, 0.7), (5, 1, 2, 1.0),
-                                                     (5, 2, 0, 0.0)])
+                                                     (5, 2, 0, 0.0), (1, 1, 1, 0.0)])
 def test_prompt_logprobs_are_the_models(model, batched, n, k, temperature):
     """prompt_logprobs: each prompt token's log-prob given the ones before, at the sampling temperature (1 when
     greedy), and its top-k, against a float64 log-softmax of a plain forward; through one prefill, chunks of 5
-    (a chunk's rows score the next chunk's first token), the shared prompt of n=2; a prompt the prefix cache
+    (a chunk's rows score the next chunk's first token), chunks of 1 (prompt rows in decode-shaped steps), the
+    shared prompt of n=2; a prompt the prefix cache
     holds is computed again (no hit) and gives the same; a request without it gets None."""
     prompts = prompts_of([1, 2, 9, 23], seed=7)
     params = SamplingParams(temperature=temperature, max_tokens=3, ignore_eos=True, n=n, prompt_logprobs=k, seed=1)
