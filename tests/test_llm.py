@@ -829,3 +829,16 @@ def test_a_requests_output_follows_all_its_tokens(model, api):
             assert "".join(e.text for e in evs) == c.text
             assert [e.logprob for e in evs] == c.logprobs
     no_leak(llm)
+
+
+def test_a_logit_bias_past_the_vocabulary_is_refused_up_front(model):
+    llm = LLM(model, TOK, block_size=4, num_kv_blocks=32)
+    bad = SamplingParams(logit_bias={llm.vocab_size: 5.0})
+    with pytest.raises(ValueError, match="logit_bias names token"):
+        llm.generate([[1, 2]], bad, use_tqdm=False)
+    with pytest.raises(ValueError, match="logit_bias names token"):
+        llm.add_request([1, 2], bad)
+    assert not llm.has_unfinished()
+    ok = SamplingParams(temperature=0, max_tokens=2, logit_bias={llm.vocab_size - 1: 100.0})
+    assert llm.generate([[1, 2]], ok, use_tqdm=False)[0].outputs[0].token_ids == [llm.vocab_size - 1] * 2
+    no_leak(llm)

@@ -369,6 +369,12 @@ def test_half_precision_logits_are_sampled_in_float32():
     ({"stop_token_ids": [1, -2]}, "stop_token_ids"),
     ({"stop_token_ids": [1.0]}, "stop_token_ids"),
     ({"prompt_logprobs": -1}, "prompt_logprobs"),
+    ({"logit_bias": {5: 101}}, "logit_bias"),
+    ({"logit_bias": {-1: 1}}, "logit_bias"),
+    ({"logit_bias": {"5": 1}}, "logit_bias"),
+    ({"logit_bias": {True: 1}}, "logit_bias"),
+    ({"logit_bias": [(5, 1), (5, 2)]}, "logit_bias"),
+    ({"logit_bias": 3}, "logit_bias"),
     ({"prompt_logprobs": True}, "prompt_logprobs"),
     ({"min_p": -0.1}, "min_p"),
     ({"min_p": 1.5}, "min_p"),
@@ -487,3 +493,21 @@ def test_penalties_steer_greedy_and_sampling_but_not_the_reported_logprobs():
         assert 0 not in drawn
     drawn = [sample(logits[1:], [SamplingParams()], [None])[0][0] for _ in range(200)]
     assert drawn.count(0) > 150
+
+
+def test_logit_bias_is_added_after_the_penalties_and_steers_but_does_not_report():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.5], [0.0, 0.0, 0.0, 0.0]])
+    p = SamplingParams(temperature=0, logit_bias={2: 2.5, 0: -100})
+    assert p.logit_bias == ((0, -100.0), (2, 2.5)) and p.changes_logits and not p.has_penalties
+    got = apply_penalties(logits, [p, SamplingParams()], None)  # no penalties: no history needed
+    assert torch.equal(got[0], torch.tensor([-97.0, 2.0, 3.5, 0.5])) and torch.equal(got[1], logits[1])
+    # with a repetition penalty: the bias comes after it (token 2 seen: 1 / 2, then + 2.5)
+    q = SamplingParams(temperature=0, repetition_penalty=2.0, logit_bias={2: 2.5})
+    got = apply_penalties(logits[:1], [q], [([2], 1)])
+    assert torch.equal(got[0], torch.tensor([3.0, 2.0, 3.0, 0.5]))
+    toks, lps, _ = sample(logits[:1], [p], [None])
+    assert toks == [2]
+    assert lps[0] == pytest.approx(float(torch.log_softmax(logits[0].double(), -1)[2]), abs=1e-6)
+    banned = SamplingParams(temperature=1.0, logit_bias={0: -100, 1: -100})
+    draws = [sample(logits[:1], [banned], [make_generator(s, 0, torch.device("cpu"))])[0][0] for s in range(100)]
+    assert set(draws) <= {2, 3} and len(set(draws)) == 2

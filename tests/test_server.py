@@ -151,6 +151,8 @@ def test_parse_chat_request_fields_and_errors():
                             "frequency_penalty": -1, "repetition_penalty": 1.1, "min_p": 0.05})
     p = r.params
     assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty, p.min_p) == (0.5, -1.0, 1.1, 0.05)
+    r = parse_chat_request({"messages": [{"role": "user", "content": "q"}], "logit_bias": {"17": -100, "3": 2}})
+    assert r.params.logit_bias == ((3, 2.0), (17, -100.0))
     r = parse_chat_request({"messages": [{"role": "user", "content": "q"}], "logprobs": True, "top_logprobs": 3})
     assert r.logprobs and r.params.logprobs == 3
     r = parse_chat_request({"messages": [{"role": "user", "content": "q"}], "logprobs": True, "top_logprobs": 0})
@@ -181,6 +183,9 @@ def test_parse_chat_request_fields_and_errors():
                         ({"messages": msg, "frequency_penalty": "x"}, "frequency_penalty"),
                         ({"messages": msg, "repetition_penalty": 0}, "repetition_penalty"),
                         ({"messages": msg, "min_p": 2}, "min_p"),
+                        ({"messages": msg, "logit_bias": {"x": 1}}, "logit_bias"),
+                        ({"messages": msg, "logit_bias": {"5": 200}}, "logit_bias"),
+                        ({"messages": msg, "logit_bias": [1]}, "logit_bias"),
                         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
                             "url": "http://example.com/x.png"}}]}]}, "messages"),
                         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
@@ -454,6 +459,15 @@ def test_text_completions_are_the_engines_outputs(served, model):
     assert r["usage"]["prompt_tokens"] == len(TOK.encode(text)) + len(ids)
     assert r["usage"]["completion_tokens"] == sum(len(c.token_ids) for w in want for c in w.outputs)
 
+    # a logit bias of 100 takes over greedy decoding; its log-probs stay the model's
+    status, r = client.request("POST", "/v1/completions", {"prompt": ids, "temperature": 0, "max_tokens": 3,
+                                                          "logprobs": 0, "logit_bias": {"77": 100}})
+    w = ref.generate([ids], SamplingParams(temperature=0, max_tokens=3, logit_bias={77: 100}), use_tqdm=False)[0]
+    assert status == 200 and w.outputs[0].token_ids == [77, 77, 77]
+    assert r["choices"][0]["logprobs"]["tokens"] == [TOK.token_bytes(77).decode()] * 3
+    assert r["choices"][0]["logprobs"]["token_logprobs"] == pytest.approx(w.outputs[0].logprobs, abs=1e-6)
+    assert max(w.outputs[0].logprobs) < -1  # the model alone would not pick it
+
     # echo + logprobs: a loglikelihood request (what evaluation harnesses send)
     status, r = client.request("POST", "/v1/completions", {"prompt": text, "temperature": 0, "max_tokens": 3,
                                                           "echo": True, "logprobs": 2})
@@ -503,6 +517,7 @@ def test_text_completion_errors(served):
                         ({"prompt": ["a", "b"], "stream": True}, "prompt"),
                         ({"prompt": "a", "stream": True, "echo": True, "logprobs": 1}, "echo"),
                         ({"prompt": "a", "best_of": 3}, "best_of"), ({"prompt": "a", "suffix": "z"}, "suffix"),
+                        ({"prompt": "a", "logit_bias": {"1000000000": 5}}, None),  # past the vocabulary: the engine
                         ({"prompt": "a", "logprobs": 21}, "logprobs"), ({"prompt": "a", "echo": "yes"}, "echo"),
                         ({"prompt": "a", "max_tokens": 0}, "max_tokens"), ({"prompt": "a", "top_p": 0}, "top_p"),
                         ({"prompt": ["ok", [10 ** 9]]}, "prompt")):  # an unknown token id: the engine refuses it

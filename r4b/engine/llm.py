@@ -800,6 +800,10 @@ class LLM:
         """Validate one call's sampling params, modes and budget; the modes as a tuple."""
         if self.tokenizer is None and any(p.stop for p in plist):
             raise ValueError("SamplingParams.stop (strings) needs the LLM's tokenizer; use stop_token_ids")
+        for p in plist:
+            if p.logit_bias and p.logit_bias[-1][0] >= self.vocab_size:
+                raise ValueError(f"SamplingParams.logit_bias names token {p.logit_bias[-1][0]}, outside the "
+                                 f"vocabulary [0, {self.vocab_size})")
         if thinking_mode is None or isinstance(thinking_mode, str):
             modes: tuple[str | None, ...] = (thinking_mode,)
         else:

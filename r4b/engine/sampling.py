@@ -29,7 +29,9 @@ class SamplingParams:
     repetition_penalty > 0 (a token seen in the prompt or the completion has its logit divided by it when
     positive, multiplied when negative; > 1 discourages repeats), then frequency_penalty and presence_penalty in
     [-2, 2] (OpenAI's: ``logit -= frequency_penalty * count + presence_penalty * (count > 0)``, count = times the
-    token was generated in this completion). A greedy completion takes the argmax of the penalised logits.
+    token was generated in this completion). logit_bias: {token id: bias in [-100, 100]} added to those logits
+    after the penalties (OpenAI's; -100 bans a token, 100 all but forces it). A greedy completion takes the argmax
+    of the penalised, biased logits.
 
     Log-probs are those of the model's distribution at the sampling temperature (1 when greedy), before the
     penalties and top-k / top-p / min-p: exactly what ``fused_linear_logprobs(..., temperature=temperature)``
@@ -51,6 +53,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     prompt_logprobs: int | None = None
+    logit_bias: tuple[tuple[int, float], ...] = field(default=())
 
     def __post_init__(self) -> None:
         def bad(name: str, want: str) -> ValueError:
@@ -85,6 +88,16 @@ class SamplingParams:
                 raise bad(name, "in [-2, 2]")
         if not number("repetition_penalty") or self.repetition_penalty <= 0:
             raise bad("repetition_penalty", "a finite number > 0 (1: none)")
+        try:
+            raw = list(self.logit_bias.items()) if isinstance(self.logit_bias, dict) else list(self.logit_bias)
+            bias = tuple(sorted((t, b) for t, b in raw))
+        except (TypeError, ValueError):
+            raise bad("logit_bias", "a {token id: bias} mapping") from None
+        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 and isinstance(b, (int, float))
+                   and not isinstance(b, bool) and -100 <= b <= 100 for t, b in bias) \
+                or len({t for t, _ in bias}) != len(bias):
+            raise bad("logit_bias", "a {token id >= 0: bias in [-100, 100]} mapping")
+        object.__setattr__(self, "logit_bias", tuple((t, float(b)) for t, b in bias))
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         if not all(isinstance(s, str) and s for s in stop):
             raise bad("stop", "a non-empty string or a list of them")
@@ -99,15 +112,21 @@ class SamplingParams:
         """Whether sampling needs the tokens so far (a repetition, frequency or presence penalty)."""
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1)
 
+    @property
+    def changes_logits(self) -> bool:
+        """Whether the logits are changed before sampling (penalties or a logit bias)."""
+        return self.has_penalties or bool(self.logit_bias)
+
 
 def apply_penalties(logits: Tensor, params: list[SamplingParams],
                     history: Sequence[tuple[Sequence[int], int]] | None) -> Tensor:
-    """The logits (R, V) with each row's repetition, frequency and presence penalties (see SamplingParams);
-    history: per row, (its tokens so far, how many of them are the prompt). Rows without penalties are left as
-    they are; without any, the same tensor comes back."""
+    """The logits (R, V) with each row's repetition, frequency and presence penalties, then its logit bias (see
+    SamplingParams); history: per row, (its tokens so far, how many of them are the prompt), needed by rows with
+    penalties. Rows without either are left as they are; without any, the same tensor comes back."""
+    biased = [i for i, p in enumerate(params) if p.logit_bias]
     rows = [i for i, p in enumerate(params) if p.has_penalties]
     if not rows:
-        return logits
+        return _with_bias(logits, params, biased) if biased else logits
     if history is None or len(history) != len(params):
         raise ValueError("sampling penalties need each row's tokens so far (history)")
     dev, V = logits.device, logits.shape[1]
@@ -135,6 +154,23 @@ def apply_penalties(logits: Tensor, params: list[SamplingParams],
         sub = sub - freq * counts - pres * (counts > 0).to(sub.dtype)
     out = logits.clone()
     out[torch.tensor(rows, device=dev)] = sub
+    return _with_bias(out, params, biased) if biased else out
+
+
+def _with_bias(logits: Tensor, params: list[SamplingParams], rows: list[int]) -> Tensor:
+    """A copy of the logits with the rows' logit_bias added (token ids past the vocabulary: a ValueError)."""
+    r, t, b = [], [], []
+    for i in rows:
+        for tok, bias in params[i].logit_bias:
+            r.append(i)
+            t.append(tok)
+            b.append(bias)
+    if max(t) >= logits.shape[1]:
+        raise ValueError(f"SamplingParams.logit_bias names token {max(t)}; the vocabulary has {logits.shape[1]}")
+    dev = logits.device
+    out = logits.clone()
+    out.index_put_((torch.tensor(r, device=dev), torch.tensor(t, device=dev)),
+                   torch.tensor(b, device=dev, dtype=out.dtype), accumulate=True)
     return out
 
 

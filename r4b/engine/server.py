@@ -45,7 +45,7 @@ from .sampling import SamplingParams
 log = logging.getLogger(__name__)
 
 _EOT = "<|endoftext|>"
-_UNSUPPORTED = ("tools", "tool_choice", "functions", "logit_bias", "response_format")
+_UNSUPPORTED = ("tools", "tool_choice", "functions", "response_format")
 
 
 class EngineFailure(RuntimeError):
@@ -211,7 +211,14 @@ def _sampling_params(body: dict, *, max_tokens: int, logprobs: int | None,
     seed = body.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise BadRequest(f"'seed' must be an integer, got {seed!r}", "seed")
-    kw = dict(temperature=_float(body, "temperature", 1.0), top_p=_float(body, "top_p", 1.0),
+    bias = body.get("logit_bias") or {}
+    if not isinstance(bias, dict):
+        raise BadRequest(f"'logit_bias' must be an object of token id: bias, got {str(bias)[:60]!r}", "logit_bias")
+    try:  # JSON keys are strings
+        bias = {int(k): v for k, v in bias.items()}
+    except ValueError:
+        raise BadRequest("'logit_bias' keys must be token ids", "logit_bias") from None
+    kw = dict(logit_bias=bias, temperature=_float(body, "temperature", 1.0), top_p=_float(body, "top_p", 1.0),
               top_k=_int(body, "top_k", 0, 0) or 0, max_tokens=max_tokens, stop=tuple(stop),
               seed=seed, n=_int(body, "n", 1, 1) or 1, logprobs=logprobs, min_p=_float(body, "min_p", 0.0),
               presence_penalty=_float(body, "presence_penalty", 0.0),
@@ -230,7 +237,7 @@ def parse_completion_request(body: Any, *, default_max_tokens: int = 16) -> Comp
     max_tokens defaults to 16, as OpenAI's does."""
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
-    for name in ("logit_bias", "suffix"):
+    for name in ("suffix",):
         if body.get(name):
             raise BadRequest(f"'{name}' is not supported by r4b serve", name)
     prompt = body.get("prompt")
