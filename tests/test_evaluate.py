@@ -420,3 +420,22 @@ def test_a_fold_cut_off_before_the_ranks_files_were_deleted_keeps_each_row_once(
     key = lambda r: (r["id"], r.get("mode", ""), r.get("sample", -1))  # noqa: E731
     assert sorted(read_samples(part / "samples.jsonl"), key=key) == sorted(samples, key=key)
     assert resumed == full and not list(part.glob("samples.rank*"))
+
+
+def test_penalties_are_sampling_fields_of_the_resume_key(setup):
+    """presence_penalty (and min_p, frequency / repetition penalties) reach the sampler and bind a resume when set;
+    a run that leaves them at their defaults writes no such field, so runs from before they existed resume."""
+    tmp, model, data = setup
+    plain = run_eval(cfg_for(tmp, model, data, "plain", limit=2, plot=False))
+    assert not {"presence_penalty", "min_p"} & set(json.loads((tmp / "plain" / "eval_config.json").read_text()))
+    cfg = cfg_for(tmp, model, data, "pen", limit=2, plot=False, presence_penalty=1.5, repetition_penalty=1.3)
+    assert cfg.sampling_params().presence_penalty == 1.5 and cfg.sampling_params().repetition_penalty == 1.3
+    pen = run_eval(cfg)
+    key = json.loads((tmp / "pen" / "eval_config.json").read_text())
+    assert (key["presence_penalty"], key["repetition_penalty"]) == (1.5, 1.3) and "min_p" not in key
+    assert pen["prompts"] == plain["prompts"] == 2
+    with pytest.raises(ValueError, match="presence_penalty"):
+        run_eval(cfg_for(tmp, model, data, "pen", limit=2, plot=False, repetition_penalty=1.3))
+    with pytest.raises(ValueError, match="EvalConfig: SamplingParams.presence_penalty"):
+        run_eval(cfg_for(tmp, model, data, "bad", presence_penalty=3.0))
+    assert run_eval(cfg_for(tmp, model, data, "plain", limit=2, plot=False)) == plain  # resumes: nothing to redo

@@ -41,6 +41,8 @@ MODES = ("short", "auto", "long")
 # the fields of EvalConfig that change what a sample is: a resumed run must agree with the samples on all of them
 _SAMPLE_FIELDS = ("model", "tokenizer", "data", "image_root", "reward", "modes", "n", "temperature", "top_p", "top_k",
                   "max_tokens", "max_thinking_tokens", "seed", "dtype")
+# sampling fields added later: in the key only when set (so a run written before they existed still resumes)
+_SAMPLE_FIELDS_IF_SET = {"min_p": 0.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0}
 
 
 @dataclass
@@ -53,7 +55,9 @@ class EvalConfig:
     reward: "math" / "exact" / "choice" or "package.module:function" (answer, reference) -> float in [0, 1];
     modes: comma-separated thinking modes ("short": non-thinking, "auto", "long": thinking); n: completions per
     prompt and mode; temperature / top_p / top_k / max_tokens / max_thinking_tokens: sampling (0 = greedy; the
-    thinking budget forces "</think>" after that many thought tokens); seed: the base of every prompt's seed;
+    thinking budget forces "</think>" after that many thought tokens); min_p / presence_penalty / frequency_penalty
+    / repetition_penalty: as SamplingParams' (Qwen3 suggests presence_penalty up to 1.5 where a thinking model
+    repeats itself endlessly); seed: the base of every prompt's seed;
     limit: evaluate only the first ``limit`` rows (0: all); batch_size: prompts per engine call (and per chunk
     of samples.jsonl); device (default: cuda when available) / dtype ("auto": the checkpoint's) / max_num_seqs: the
     engine; resume: continue the samples already in output_dir (they must come from the same
@@ -71,6 +75,10 @@ class EvalConfig:
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
     max_tokens: int = 2048
     max_thinking_tokens: int | None = None
     seed: int = 0
@@ -93,8 +101,10 @@ class EvalConfig:
         return parse_modes(self.modes)
 
     def sampling_params(self) -> SamplingParams:
-        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                              max_tokens=self.max_tokens, n=self.n, seed=self.seed)
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
+                              presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                              repetition_penalty=self.repetition_penalty, max_tokens=self.max_tokens, n=self.n,
+                              seed=self.seed)
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
@@ -370,6 +380,7 @@ def _model_fingerprint(cfg: EvalConfig) -> dict:
 
 def _sample_key(cfg: EvalConfig, digest: str) -> dict:
     key = {k: getattr(cfg, k) for k in _SAMPLE_FIELDS}
+    key.update({k: getattr(cfg, k) for k, default in _SAMPLE_FIELDS_IF_SET.items() if getattr(cfg, k) != default})
     key["modes"] = list(cfg.mode_list)
     key["data_sha256"] = digest
     key["model_files"] = _model_fingerprint(cfg)
