@@ -421,6 +421,12 @@ def test_a_failing_engine_step_gives_500_and_the_server_goes_on(served, monkeypa
     status, r = client.chat("hi")
     assert status == 500 and "device lost" in r["error"]["message"]
     assert client.chat("hi", temperature=0)[0] == 200
+    for stream in (False, True):  # a text completion's failed step is the server's fault too (the client may retry)
+        calls.clear()
+        status, r = client.request("POST", "/v1/completions", {"prompt": ["a", "b"], "stream": stream}
+                                   if not stream else {"prompt": "a", "stream": True})
+        assert status == 500 and r["error"]["type"] == "server_error" and "device lost" in r["error"]["message"]
+    assert client.request("POST", "/v1/completions", {"prompt": "a", "max_tokens": 2})[0] == 200
     # a failure in the engine loop itself (here: building an output) is a 500 too, streamed or not
     real_output = llm._output
     broken = []
@@ -550,6 +556,30 @@ def test_an_api_key_guards_the_v1_routes(model):
         server.server_close()
     with pytest.raises(ValueError, match="api_key"):
         Server(("127.0.0.1", 0), new_llm(model), api_key="  ")
+
+
+def test_an_api_key_read_with_a_newline_and_a_client_without_it(model):
+    """A key from a file (its trailing newline) still matches; a client without the key gets 401 before its body is
+    read (a bad or huge body is not looked at) and the connection closes."""
+    server = Server(("127.0.0.1", 0), new_llm(model), model_name="tiny", default_max_tokens=4, api_key="k2\n")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    client = Client(server.server_address[1])
+    try:
+        assert client.request("POST", "/v1/completions", {"prompt": "a"}, headers={"Authorization": "Bearer k2"})[0] \
+            == 200
+        status, r = client.request("POST", "/v1/completions", raw=b"{not json")
+        assert status == 401 and r["error"]["code"] == "invalid_api_key"
+        c = http.client.HTTPConnection("127.0.0.1", client.port, timeout=60)
+        c.putrequest("POST", "/v1/chat/completions")
+        c.putheader("Content-Length", str(64 * 2**20))  # announced, never sent
+        c.endheaders()
+        resp = c.getresponse()
+        assert resp.status == 401 and resp.getheader("Connection") == "close"
+        resp.read()
+        c.close()
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.mark.parametrize("high_fd", [False, True])

@@ -547,6 +547,7 @@ class Server(ThreadingHTTPServer):
                  disconnect_poll: float = 0.5, api_key: str | None = None) -> None:
         if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
             raise ValueError(f"api_key must be None or a non-empty string, got {api_key!r}")
+        api_key = api_key.strip() if api_key is not None else None  # (a key file's trailing newline is no part of it)
         if default_mode not in MODE_SUFFIX:
             raise ValueError(f"default_mode must be one of {sorted(MODE_SUFFIX)}, got {default_mode!r}")
         if llm.tokenizer is None:
@@ -599,6 +600,7 @@ class _Handler(BaseHTTPRequestHandler):
                                      "code": "invalid_api_key"}}).encode()
         self.send_response(401)
         self.send_header("WWW-Authenticate", "Bearer")
+        self.send_header("Connection", "close")  # a POST's body is left unread
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
@@ -639,12 +641,13 @@ class _Handler(BaseHTTPRequestHandler):
             raise BadRequest(f"the body is not JSON: {e}") from None
 
     def do_POST(self) -> None:  # noqa: N802
+        if not self._authorized():  # before the body is read (not even that for a client without the key): the
+            self.close_connection = True  # connection closes, its unread body with it
+            return
         try:
             body = self._body()  # read first: a keep-alive connection's next request starts after it
         except BadRequest as e:
             self._error(400, str(e))
-            return
-        if not self._authorized():
             return
         if self.path not in ("/v1/chat/completions", "/v1/completions"):
             self._error(404, f"no route {self.path}")
@@ -732,14 +735,15 @@ class _Handler(BaseHTTPRequestHandler):
     def _client_gone(self) -> bool:
         return client_gone(self.connection)
 
-    def _refusal(self, e: Exception | str) -> None:
-        """The error response for a request that did not run: 400 when the request is at fault, else 500."""
+    def _refusal(self, e: Exception | str, param: str = "messages", prefix: str = "") -> None:
+        """The error response for a request that did not run: 400 when the request is at fault, else 500 (an engine
+        step that failed: the client may retry). ``param`` names the field a RequestOutput's error is about."""
         if isinstance(e, BadRequest):
-            self._error(400, str(e), e.param)
+            self._error(400, prefix + str(e), e.param)
         elif isinstance(e, EngineFailure) or (isinstance(e, str) and e.startswith("the engine step failed")):
-            self._error(500, str(e))
+            self._error(500, prefix + str(e))
         else:  # a RequestOutput's error: the engine could not run this prompt
-            self._error(400, str(e), "messages")
+            self._error(400, prefix + str(e), param)
 
     def _complete(self, req: ChatRequest, handle: Handle) -> None:
         while True:
@@ -858,7 +862,7 @@ class _Handler(BaseHTTPRequestHandler):
             if ev.error is not None:
                 for h in handles[i + 1 :]:
                     self.server.engine.abort(h)
-                self._error(400, f"prompt {i}: {ev.error}", "prompt")
+                self._refusal(ev.error, "prompt", f"prompt {i}: ")
                 return
             outs.append(ev)
         tok, n = self.server.tokenizer, req.params.n
@@ -887,7 +891,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._refusal(e)
             return
         if isinstance(ev, RequestOutput) and ev.error is not None:
-            self._error(400, f"prompt 0: {ev.error}", "prompt")
+            self._refusal(ev.error, "prompt", "prompt 0: ")
             return
         self._start_sse()
         base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
