@@ -842,3 +842,26 @@ def test_a_logit_bias_past_the_vocabulary_is_refused_up_front(model):
     ok = SamplingParams(temperature=0, max_tokens=2, logit_bias={llm.vocab_size - 1: 100.0})
     assert llm.generate([[1, 2]], ok, use_tqdm=False)[0].outputs[0].token_ids == [llm.vocab_size - 1] * 2
     no_leak(llm)
+
+
+def test_penalties_through_preemption_and_forks_leave_no_counts_behind(model):
+    """Penalised completions (n=2 from one prefill) preempted and recomputed: the same tokens as a loop over the float64
+    reference; the device counts of each completion are built once per admission and fed a token a step, and none is
+    left when they finish."""
+    from test_sampling import ref_penalised
+
+    prompts = prompts_of([5, 11, 17, 23], seed=2)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, n=2, repetition_penalty=1.5,
+                            frequency_penalty=0.6, presence_penalty=0.3)
+    llm = LLM(model, TOK, block_size=2, num_kv_blocks=40)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert llm.stats["preemptions"] > 0
+    for p, o in zip(prompts, outs, strict=True):
+        ids = list(p)
+        while len(ids) - len(p) < 12:
+            logits = full_logits(model, ids)[-1].double().tolist()
+            pen = ref_penalised(logits, ids, len(p), 1.5, 0.6, 0.3)
+            ids.append(max(range(len(pen)), key=pen.__getitem__))
+        assert [c.token_ids for c in o.outputs] == [ids[len(p):]] * 2
+    assert not llm._penalties.slot_of
+    no_leak(llm)

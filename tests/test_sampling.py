@@ -10,7 +10,15 @@ import math
 import pytest
 import torch
 
-from r4b.engine.sampling import SamplingParams, _filtered_probs, apply_penalties, make_generator, sample
+from r4b.engine.sampling import (
+    PenaltyCounts,
+    SamplingParams,
+    _filtered_probs,
+    apply_penalties,
+    make_generator,
+    sample,
+    token_counts,
+)
 
 CPU = torch.device("cpu")
 
@@ -511,3 +519,46 @@ def test_logit_bias_is_added_after_the_penalties_and_steers_but_does_not_report(
     banned = SamplingParams(temperature=1.0, logit_bias={0: -100, 1: -100})
     draws = [sample(logits[:1], [banned], [make_generator(s, 0, torch.device("cpu"))])[0][0] for s in range(100)]
     assert set(draws) <= {2, 3} and len(set(draws)) == 2
+
+
+def test_penalty_counts_pool_grows_reuses_slots_and_matches_the_history():
+    """The engine's pool: 20 sequences (past the first 8 slots, so it grows), each built from its tokens and then fed
+    tokens one at a time; a released slot taken by another sequence holds that one's counts only. At every stage
+    the pool's rows give apply_penalties the values of the history path."""
+    V, rng = 50, torch.Generator().manual_seed(3)
+    hist = {}
+    for k in range(20):  # (tokens, prompt length <= their number)
+        toks = torch.randint(0, V, (int(torch.randint(1, 30, (1,), generator=rng)),), generator=rng).tolist()
+        hist[k] = (toks, int(torch.randint(0, len(toks) + 1, (1,), generator=rng)))
+    pool = PenaltyCounts(V, "cpu")
+    params = [SamplingParams(repetition_penalty=1.3, frequency_penalty=0.4, presence_penalty=-0.2)] * 20
+
+    def check(keys):
+        slots = pool.rows(keys, [hist[k] for k in keys])
+        logits = randn(len(keys), V, seed=len(keys))
+        want = apply_penalties(logits, params[: len(keys)], [hist[k] for k in keys])
+        got = apply_penalties(logits, params[: len(keys)], state=(pool.counts[slots], pool.seen[slots]))
+        assert torch.equal(got, want)
+        counts, seen = token_counts([hist[k] for k in keys], V, "cpu")
+        assert torch.equal(pool.counts[slots], counts) and torch.equal(pool.seen[slots], seen)
+        return slots
+
+    keys = list(range(20))
+    slots = check(keys)
+    assert pool.counts.shape[0] >= 20 and len(set(slots.tolist())) == 20
+    for step in range(5):  # each sequence takes a token (a repeat now and then)
+        new = [hist[k][0][-1] if (k + step) % 3 == 0 else (7 * k + step) % V for k in keys]
+        pool.add(slots, new)
+        for k, t in zip(keys, new, strict=True):
+            hist[k][0].append(t)
+        slots = check(keys)
+    for k in range(0, 20, 2):
+        pool.release(k)
+        del hist[k]
+    hist.update({100 + k: ([k % V, (k + 1) % V, k % V], 1) for k in range(10)})  # they take the freed slots
+    cap = pool.counts.shape[0]
+    keys = [100 + k for k in range(10)] + list(range(1, 20, 2))
+    check(keys)
+    assert pool.counts.shape[0] == cap  # reused, not grown
+    pool.clear()
+    assert not pool.slot_of

@@ -48,7 +48,7 @@ from .block_manager import BlockManager, cdiv
 from .chat import MODE_SUFFIX, ChatTokenizer, check_mode, parse_response
 from .graphs import DecodeGraphs
 from .model.qwen3 import PagedKV
-from .sampling import SamplingParams, make_generator, sample
+from .sampling import PenaltyCounts, SamplingParams, make_generator, sample
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +246,7 @@ class LLM:
         self.blocks = BlockManager(num_kv_blocks, block_size, prefix_caching=prefix_caching)
         self._weights_seen: tuple | None = None
         self._param_slots: list[tuple[dict, str]] | None = None
+        self._penalties: PenaltyCounts | None = None  # penalised sequences' token counts, made at first use
         self.block_size = block_size
         self._ids = count()
         self.waiting: deque[_Seq] = deque()
@@ -393,8 +394,10 @@ class LLM:
 
     # ------------------------------------------------------------------ scheduling
     def _release(self, seq: _Seq) -> None:
-        """Free the sequence's blocks and take it off the running list (if it is there)."""
+        """Free the sequence's blocks (and its penalty counts) and take it off the running list (if it is there)."""
         self.blocks.free(seq.id)
+        if self._penalties is not None:
+            self._penalties.release(seq.id)
         if seq in self.running:
             self.running.remove(seq)
 
@@ -725,8 +728,17 @@ class LLM:
             return self._events
         forced = [s.forced.popleft() if s.forced else None for s in samplers]
         plist = [s.req.params for s in samplers]
-        history = [(s.tokens, s.num_prompt) for s in samplers] if any(p.has_penalties for p in plist) else None
-        tokens, logps, top = sample(logits, plist, [s.generator for s in samplers], forced, history)
+        pen = [i for i, p in enumerate(plist) if p.has_penalties]
+        state = None
+        if pen:  # their counts live on the device, a scatter a step (PenaltyCounts)
+            if self._penalties is None:
+                self._penalties = PenaltyCounts(logits.shape[1], logits.device)
+            slots = self._penalties.rows([samplers[i].id for i in pen],
+                                         [(samplers[i].tokens, samplers[i].num_prompt) for i in pen])
+            state = (self._penalties.counts[slots], self._penalties.seen[slots])
+        tokens, logps, top = sample(logits, plist, [s.generator for s in samplers], forced, state=state)
+        if pen:
+            self._penalties.add(slots, [tokens[i] for i in pen])
         out = self._events
         for i, seq in enumerate(samplers):
             self._append(seq, tokens[i], logps[i], top[i] if top is not None else None)
@@ -960,6 +972,8 @@ class LLM:
         add_request requests are the caller's to report)."""
         for seq in [*self.running, *self.waiting]:
             self.blocks.free(seq.id)
+        if self._penalties is not None:
+            self._penalties.clear()
         self.running.clear()
         self.waiting.clear()
 

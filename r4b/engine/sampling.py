@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -119,42 +119,109 @@ class SamplingParams:
 
 
 def apply_penalties(logits: Tensor, params: list[SamplingParams],
-                    history: Sequence[tuple[Sequence[int], int]] | None) -> Tensor:
+                    history: Sequence[tuple[Sequence[int], int]] | None = None,
+                    state: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """The logits (R, V) with each row's repetition, frequency and presence penalties, then its logit bias (see
-    SamplingParams); history: per row, (its tokens so far, how many of them are the prompt), needed by rows with
-    penalties. Rows without either are left as they are; without any, the same tensor comes back."""
+    SamplingParams). Rows with penalties need, either, ``history``: per row, (its tokens so far, how many of them
+    are the prompt); or ``state``: (counts, seen), one row each per penalised row in order, the completion's token
+    counts (float) and a mask of every token seen, prompt included (what :class:`PenaltyCounts` keeps). Rows with
+    neither are left as they are; without any, the same tensor comes back."""
     biased = [i for i, p in enumerate(params) if p.logit_bias]
     rows = [i for i, p in enumerate(params) if p.has_penalties]
     if not rows:
         return _with_bias(logits, params, biased) if biased else logits
-    if history is None or len(history) != len(params):
-        raise ValueError("sampling penalties need each row's tokens so far (history)")
-    dev, V = logits.device, logits.shape[1]
-    gen_r, gen_t, seen_r, seen_t = [], [], [], []
-    for j, i in enumerate(rows):
-        toks, num_prompt = history[i]
+    dev = logits.device
+    if state is None:
+        if history is None or len(history) != len(params):
+            raise ValueError("sampling penalties need each row's tokens so far (history) or their counts (state)")
+        state = token_counts([history[i] for i in rows], logits.shape[1], dev)
+    counts, seen = state
+    idx = torch.tensor(rows, device=dev)
+    sub = logits[idx]
+    counts = counts.to(sub.dtype)
+
+    def column(name: str) -> Tensor:
+        return torch.tensor([getattr(params[i], name) for i in rows], device=dev, dtype=sub.dtype)[:, None]
+
+    rp = column("repetition_penalty")  # multiplicative, on the prompt's and the completion's tokens (1: no change)
+    sub = torch.where(seen, torch.where(sub > 0, sub / rp, sub * rp), sub)
+    # additive, on the completion's counts
+    sub = sub - column("frequency_penalty") * counts - column("presence_penalty") * (counts > 0).to(sub.dtype)
+    out = logits.clone()
+    out[idx] = sub
+    return _with_bias(out, params, biased) if biased else out
+
+
+def token_counts(history: Sequence[tuple[Sequence[int], int]], vocab_size: int,
+                 device: torch.device | str) -> tuple[Tensor, Tensor]:
+    """(counts (R, V) float32 of each row's completion tokens, seen (R, V) bool of all its tokens) from (tokens,
+    prompt length) per row."""
+    gen_r, gen_t, all_r, all_t = [], [], [], []
+    for j, (toks, num_prompt) in enumerate(history):
         gen = list(toks[num_prompt:])
         gen_r += [j] * len(gen)
         gen_t += gen
-        if params[i].repetition_penalty != 1:
-            seen_r += [j] * len(toks)
-            seen_t += list(toks)
-    sub = logits[torch.tensor(rows, device=dev)]
-    if seen_t:  # multiplicative, on the prompt's and the completion's tokens
-        seen = torch.zeros_like(sub, dtype=torch.bool)
-        seen[torch.tensor(seen_r, device=dev), torch.tensor(seen_t, device=dev)] = True
-        rp = torch.tensor([params[i].repetition_penalty for i in rows], device=dev, dtype=sub.dtype)[:, None]
-        sub = torch.where(seen, torch.where(sub > 0, sub / rp, sub * rp), sub)
-    if gen_t:  # additive, on the completion's counts
-        counts = torch.zeros(len(rows), V, device=dev, dtype=sub.dtype)
-        counts.index_put_((torch.tensor(gen_r, device=dev), torch.tensor(gen_t, device=dev)),
-                          torch.ones(len(gen_t), device=dev, dtype=sub.dtype), accumulate=True)
-        freq = torch.tensor([params[i].frequency_penalty for i in rows], device=dev, dtype=sub.dtype)[:, None]
-        pres = torch.tensor([params[i].presence_penalty for i in rows], device=dev, dtype=sub.dtype)[:, None]
-        sub = sub - freq * counts - pres * (counts > 0).to(sub.dtype)
-    out = logits.clone()
-    out[torch.tensor(rows, device=dev)] = sub
-    return _with_bias(out, params, biased) if biased else out
+        all_r += [j] * len(toks)
+        all_t += list(toks)
+    counts = torch.zeros(len(history), vocab_size, device=device)
+    seen = torch.zeros(len(history), vocab_size, device=device, dtype=torch.bool)
+    if gen_t:
+        counts.index_put_((torch.tensor(gen_r, device=device), torch.tensor(gen_t, device=device)),
+                          torch.ones(len(gen_t), device=device), accumulate=True)
+    if all_t:
+        seen[torch.tensor(all_r, device=device), torch.tensor(all_t, device=device)] = True
+    return counts, seen
+
+
+class PenaltyCounts:
+    """The engine's penalty state: each penalised sequence's completion-token counts and seen-token mask on the
+    device, a row of a (slots, V) pool. A sequence's row is built once from its tokens (:meth:`rows`), then takes
+    one scatter a step (:meth:`add`), so a step's host work does not grow with the completion's length. The pool
+    grows by doubling; a slot costs 5 bytes a vocabulary entry (0.76 MB at Qwen3's 151,936)."""
+
+    def __init__(self, vocab_size: int, device: torch.device | str) -> None:
+        self.vocab_size, self.device = vocab_size, device
+        self.counts = torch.zeros(0, vocab_size, device=device)
+        self.seen = torch.zeros(0, vocab_size, device=device, dtype=torch.bool)
+        self.slot_of: dict[Hashable, int] = {}
+        self._free: list[int] = []
+
+    def _grow(self, need: int) -> None:
+        cap = self.counts.shape[0]
+        new = max(need, 2 * cap, 8)
+        counts = torch.zeros(new, self.vocab_size, device=self.device)
+        seen = torch.zeros(new, self.vocab_size, device=self.device, dtype=torch.bool)
+        counts[:cap], seen[:cap] = self.counts, self.seen
+        self.counts, self.seen = counts, seen
+        self._free += range(new - 1, cap - 1, -1)
+
+    def rows(self, keys: Sequence[Hashable], history: Sequence[tuple[Sequence[int], int]]) -> Tensor:
+        """The slots of these sequences (a new one is filled from its (tokens, prompt length))."""
+        new = [j for j, k in enumerate(keys) if k not in self.slot_of]
+        if len(new) > len(self._free):
+            self._grow(len(self.slot_of) + len(new))
+        if new:
+            slots = [self._free.pop() for _ in new]
+            for j, s in zip(new, slots, strict=True):
+                self.slot_of[keys[j]] = s
+            idx = torch.tensor(slots, device=self.device)
+            self.counts[idx], self.seen[idx] = token_counts([history[j] for j in new], self.vocab_size, self.device)
+        return torch.tensor([self.slot_of[k] for k in keys], device=self.device)
+
+    def add(self, slots: Tensor, tokens: Sequence[int]) -> None:
+        """Each slot's sequence took one more token."""
+        t = torch.tensor(list(tokens), device=self.device)
+        self.counts.index_put_((slots, t), torch.ones(len(tokens), device=self.device), accumulate=True)
+        self.seen[slots, t] = True
+
+    def release(self, key: Hashable) -> None:
+        s = self.slot_of.pop(key, None)
+        if s is not None:
+            self._free.append(s)
+
+    def clear(self) -> None:
+        self._free += self.slot_of.values()
+        self.slot_of.clear()
 
 
 def _with_bias(logits: Tensor, params: list[SamplingParams], rows: list[int]) -> Tensor:
@@ -189,11 +256,12 @@ def sample(
     generators: list[torch.Generator | None],
     forced: list[int | None] | None = None,
     history: Sequence[tuple[Sequence[int], int]] | None = None,
+    state: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[list[int], list[float], list[dict[int, float]] | None]:
     """Next token of each row of ``logits`` (R, V).
 
     params / generators: per row. forced: per row, a token to take instead of sampling (its log-prob is still
-    reported), or None. history: per row, (its tokens so far, its prompt length); needed by rows with penalties.
+    reported), or None. history / state: what rows with penalties need (see :func:`apply_penalties`).
     Returns (tokens, their log-probs, per row the top-``logprobs`` alternatives as {token:
     log-prob} when any row asked for them, else None).
     """
@@ -205,7 +273,7 @@ def sample(
     temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=dev)
     scaled = logits / temps[:, None]
     logp = torch.log_softmax(scaled, dim=-1)  # (R, V): the reported distribution
-    penalised = apply_penalties(logits, params, history)
+    penalised = apply_penalties(logits, params, history, state)
     if penalised is not logits:
         scaled = penalised / temps[:, None]
     tokens = penalised.argmax(dim=-1)  # greedy rows (and placeholders for the others)
