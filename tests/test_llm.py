@@ -756,13 +756,14 @@ def test_penalties_follow_the_tokens_of_each_completion(model, rep, freq, pres):
 
 @pytest.mark.parametrize("batched,n,k,temperature", [(4096, 1, 0, 0.0), (4096, 2, 3, 0.7), (5, 1, 2, 1.0),
                                                      (5, 2, 0, 0.0), (1, 1, 1, 0.0)])
-def test_prompt_logprobs_are_the_models(model, batched, n, k, temperature):
+def test_prompt_logprobs_are_the_models(model, batched, n, k, temperature, monkeypatch):
     """prompt_logprobs: each prompt token's log-prob given the ones before, at the sampling temperature (1 when
     greedy), and its top-k, against a float64 log-softmax of a plain forward; through one prefill, chunks of 5
     (a chunk's rows score the next chunk's first token), chunks of 1 (prompt rows in decode-shaped steps), the
     shared prompt of n=2; a prompt the prefix cache
     holds is computed again (no hit) and gives the same; a request without it gets None."""
     prompts = prompts_of([1, 2, 9, 23], seed=7)
+    monkeypatch.setattr(LLM, "PROMPT_LOGPROB_ROWS", 4)  # a step's prompt rows scored in several chunks
     params = SamplingParams(temperature=temperature, max_tokens=3, ignore_eos=True, n=n, prompt_logprobs=k, seed=1)
     llm = LLM(model, TOK, block_size=4, num_kv_blocks=128, max_num_batched_tokens=batched)
     first = llm.generate(prompts, params, use_tqdm=False)
