@@ -348,3 +348,101 @@ def test_prompt_loader_epochs_ranks_resume():
     assert not set(got0) & set(got1) and len(set(got0) | set(got1)) == 8
     with pytest.raises(ValueError, match="do not fill one step"):
         PromptLoader(ds, prompts_per_step=6, world_size=2)
+
+
+# ---------------------------------------------------------------------------------------------- lazy SFT images
+def _itok():
+    cfg = R4BConfig(text_config=Qwen3Config(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                            num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+                    vision_config=SiglipConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                               num_attention_heads=2, image_size=28, patch_size=7),
+                    image_token_index=5, image_grid_pinpoints=PINPOINTS)
+    return ChatTokenizer.demo(model_config=cfg)
+
+
+def _image_rows(tmp_path, n: int) -> list[dict]:
+    """n chats, each with one or two images of varied sizes and colours (files), one with an in-memory image."""
+    from PIL import Image
+
+    (tmp_path / "img").mkdir(exist_ok=True)
+    rows = []
+    for i in range(n):
+        h, w = 20 + 7 * (i % 5), 30 + 11 * (i % 4)
+        Image.new("RGB", (w, h), (10 * i % 256, 40, 200 - i)).save(tmp_path / "img" / f"{i}.png")
+        parts = [{"type": "image", "image": f"img/{i}.png"}, {"type": "text", "text": f"what is {i}?"}]
+        if i % 3 == 0:
+            parts.insert(1, {"type": "image", "image": f"img/{(i + 1) % n}.png"} if i + 1 < n else
+                         {"type": "image", "image": Image.new("RGB", (33, 21), (1, 2, 3))})
+        rows.append({"messages": [{"role": "user", "content": parts},
+                                  {"role": "assistant", "content": f"It is {i}." * (1 + i % 3)}]})
+    return rows
+
+
+def test_lazy_images_are_the_preloaded_ones_and_hold_no_pixels(tmp_path):
+    itok = _itok()
+    rows = _image_rows(tmp_path, 10)
+    lazy = SFTDataset(rows, itok, max_seq_len=512, image_root=tmp_path, progress=False)
+    eager = SFTDataset(rows, itok, max_seq_len=512, image_root=tmp_path, progress=False, preload_images=True)
+    assert lazy.has_images and lazy.lengths == eager.lengths
+    assert all(not e.pixel_values and e.images for e in lazy.examples)  # only sources and sizes are kept
+    assert all(e.pixel_values and not e.images for e in eager.examples)
+    assert any(not isinstance(src, type(tmp_path)) for e in lazy.examples for src in e.images)  # the in-memory one
+    for i in range(len(rows)):
+        a, b = lazy[i], eager[i]
+        assert a.image_sizes == b.image_sizes and len(a.pixel_values) == len(b.pixel_values) > 0
+        assert all(torch.equal(x, y) for x, y in zip(a.pixel_values, b.pixel_values, strict=True))
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.labels, b.labels)
+    assert not lazy.examples[0].pixel_values  # reading an example does not keep its pixels
+    assert not lazy.load_failures
+
+
+def test_an_image_gone_or_changed_after_reading_trains_nothing_and_the_run_goes_on(tmp_path, caplog):
+    from PIL import Image
+
+    itok = _itok()
+    rows = _image_rows(tmp_path, 4)
+    ds = SFTDataset(rows, itok, max_seq_len=512, image_root=tmp_path, progress=False)
+    before = [ds[i] for i in range(4)]
+    (tmp_path / "img" / "1.png").unlink()  # example 1's only image, and example 0's second
+    Image.new("RGB", (5, 5)).save(tmp_path / "img" / "2.png")  # example 2's, another size now
+    with caplog.at_level(logging.WARNING, logger="r4b.engine.train.data"):
+        after = [ds[i] for i in range(4)]
+    assert [w for w, _ in ds.load_failures] == ["rows[0]", "rows[1]", "rows[2]"]
+    assert "image file not found" in ds.load_failures[1][1] and "is 5x5 now" in ds.load_failures[2][1]
+    assert "trains nothing this time" in caplog.text
+    for i in range(3):  # the batch keeps its shape: same tokens, blank images of the same sizes, no trained token
+        assert torch.equal(after[i].input_ids, before[i].input_ids) and not after[i].labels.any()
+        assert [p.shape for p in after[i].pixel_values] == [p.shape for p in before[i].pixel_values]
+    assert torch.equal(after[3].labels, before[3].labels)
+    batch = collate(after)
+    assert batch.num_loss_tokens == int(before[3].labels[1:].sum()) and len(batch.pixel_values) == 6
+
+
+def test_the_loader_prefetches_image_batches_without_changing_them(tmp_path):
+    itok = _itok()
+    ds = SFTDataset(_image_rows(tmp_path, 12), itok, max_seq_len=512, image_root=tmp_path, progress=False)
+
+    def run(prefetch: bool, steps: int, resume_at: int | None = None):
+        loader = PackedLoader(ds, max_tokens=600, seed=3)
+        loader.prefetch = prefetch
+        out = []
+        for k in range(steps):
+            if k == resume_at:  # a new loader from the saved position (a resumed run)
+                state = loader.state_dict()
+                loader = PackedLoader(ds, max_tokens=600, seed=3)
+                loader.prefetch = prefetch
+                loader.load_state_dict(state)
+            out.append(loader.next_step(2))
+        return loader, out
+
+    loader, want = run(False, 9)
+    assert loader.epoch >= 1  # the steps cross an epoch
+    _, got = run(True, 9)
+    _, resumed = run(True, 9, resume_at=4)
+    for a, b, c in zip(want, got, resumed, strict=True):
+        for x, y, z in zip(a, b, c, strict=True):
+            assert torch.equal(x.input_ids, y.input_ids) and torch.equal(x.input_ids, z.input_ids)
+            assert len(x.pixel_values) == len(y.pixel_values) == len(z.pixel_values) > 0
+            assert all(torch.equal(p, q) for p, q in zip(x.pixel_values, y.pixel_values, strict=True))
+    assert PackedLoader(ds, max_tokens=600).prefetch and not PackedLoader(SFTDataset(
+        _rows(8), ChatTokenizer.demo(), max_seq_len=256, progress=False), max_tokens=600).prefetch

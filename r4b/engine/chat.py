@@ -220,7 +220,8 @@ class ChatTokenizer:
             enc.image_sizes.append(size)
         return enc
 
-    def encode_chat_for_training(self, messages: list[dict], *, train_on: str = "all") -> tuple[ChatEncoding, Tensor]:
+    def encode_chat_for_training(self, messages: list[dict], *, train_on: str = "all",
+                                 pixels: bool = True) -> tuple[ChatEncoding, Tensor]:
         """A whole conversation (ending with an assistant turn) as training tokens: (encoding, labels).
 
         The text is ``apply_chat_template(messages, add_generation_prompt=False)``, encoded once; labels (L,) bool
@@ -228,6 +229,8 @@ class ChatTokenizer:
         ``<|im_start|>assistant\\n`` through that turn's ``<|im_end|>`` (a token is in a turn when any of its
         characters is). train_on: "all" (every assistant turn) or "last" (the final one). The last turn has the
         template's ``<think>`` block, so a turn without a thought trains ``<think>\\n\\n</think>\\n\\n{answer}``.
+        pixels=False: the images' sizes only (``image_sizes``; ``pixel_values`` empty), for a dataset that
+        preprocesses them when a batch needs them.
         """
         if train_on not in ("all", "last"):
             raise ValueError(f"train_on must be 'all' or 'last', got {train_on!r}")
@@ -242,9 +245,15 @@ class ChatTokenizer:
         labels = torch.zeros(len(enc_text.ids), dtype=torch.bool)
         for _, a, b in spans:
             labels |= (offsets[:, 0] < b) & (offsets[:, 1] > a)
-        enc = self._with_images(ChatEncoding(torch.tensor(enc_text.ids, dtype=torch.int64)), images,
-                                "encode_chat_for_training")
-        return enc, labels
+        enc = ChatEncoding(torch.tensor(enc_text.ids, dtype=torch.int64))
+        if not pixels:
+            for k, img in enumerate(images):
+                if img is None or self.image_processor is None:
+                    raise ValueError(f"image {k}: encode_chat_for_training needs the image object and a model_config "
+                                     "(to count its tokens)")
+                enc.image_sizes.append(self.image_processor.image_size(img))
+            return enc, labels
+        return self._with_images(enc, images, "encode_chat_for_training"), labels
 
 
 def parse_response(output: str | list[int] | Tensor, *, thinking_mode: str | None = "auto",

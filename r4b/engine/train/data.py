@@ -129,8 +129,9 @@ def _open_image(ref: str | Path, root: Path | None, where: str) -> Any:
         raise ValueError(f"{where}: cannot read image {p}: {e}") from e
 
 
-def _load_images(messages: list, where: str, root: Path | None) -> list:
-    """A copy of ``messages`` whose image parts holding a path hold the opened image instead."""
+def _load_images(messages: list, where: str, root: Path | None, sources: list | None = None) -> list:
+    """A copy of ``messages`` whose image parts holding a path hold the opened image instead; ``sources`` (when
+    given) gets each image's source in order: its resolved file path, or the image object given."""
     from PIL import Image
 
     out = []
@@ -145,8 +146,13 @@ def _load_images(messages: list, where: str, root: Path | None) -> list:
                 img, at = part["image"], f"{where}: messages[{i}].content[{j}]"
                 if isinstance(img, (str, Path)):
                     part = {**part, "image": _open_image(img, root, at)}
+                    if sources is not None:
+                        p = Path(str(img))
+                        sources.append(p if p.is_absolute() or root is None else root / p)
                 elif not isinstance(img, (Image.Image, Tensor)):
                     raise ValueError(f"{at}: an image must be a file path, got {type(img).__name__}")
+                elif sources is not None:
+                    sources.append(img)
             parts.append(part)
         out.append({**m, "content": parts})
     return out
@@ -165,14 +171,18 @@ class Example:
     image_sizes: list[tuple[int, int]] = field(default_factory=list)  # per image (height, width)
     thinking: bool = False  # the last trained assistant turn has a non-empty thought
     where: str = ""  # "file:line" or "rows[i]"
+    # with lazy images: each image's source (file path, or the image object), preprocessed when a batch needs it
+    images: list = field(default_factory=list, repr=False)
 
 
 def encode_sft_row(tok: ChatTokenizer, row: Any, *, where: str, max_seq_len: int, train_on: str = "all",
-                   image_root: str | Path | None = None) -> Example:
+                   image_root: str | Path | None = None, lazy_images: bool = False) -> Example:
     """Encode one SFT row (``{"messages": [...]}`` or ``{"prompt", "response"[, "system"]}``).
 
     Raises ValueError naming ``where`` and the reason for a row that cannot be trained: a bad shape, no final
     assistant turn, a missing or unreadable image file, more than ``max_seq_len`` tokens (never truncated).
+    lazy_images: every image is still read (checked), but the Example keeps its source and size, not its pixels
+    (``SFTDataset`` preprocesses them when a batch needs them).
     """
     _check_int("max_seq_len", max_seq_len, 1)
     if train_on not in ("all", "last"):
@@ -192,9 +202,10 @@ def encode_sft_row(tok: ChatTokenizer, row: Any, *, where: str, max_seq_len: int
             messages.insert(0, {"role": "system", "content": system})
     else:
         raise ValueError(f"{where}: a row needs 'messages', or 'prompt' and 'response'; got keys {sorted(row)}")
-    messages = _load_images(messages, where, Path(image_root) if image_root is not None else None)
+    sources: list = []
+    messages = _load_images(messages, where, Path(image_root) if image_root is not None else None, sources)
     try:
-        enc, labels = tok.encode_chat_for_training(messages, train_on=train_on)
+        enc, labels = tok.encode_chat_for_training(messages, train_on=train_on, pixels=not lazy_images)
     except (ValueError, TypeError, KeyError) as e:
         raise ValueError(f"{where}: {e}") from e
     n = enc.input_ids.numel()
@@ -206,7 +217,8 @@ def encode_sft_row(tok: ChatTokenizer, row: Any, *, where: str, max_seq_len: int
     while start > 0 and lab[start - 1]:
         start -= 1
     thinking = parse_response(tok.decode(enc.input_ids[start:end]), thinking_mode=None).mode == "think"
-    return Example(enc.input_ids, labels, enc.pixel_values, enc.image_sizes, thinking, where)
+    return Example(enc.input_ids, labels, enc.pixel_values, enc.image_sizes, thinking, where,
+                   sources if lazy_images else [])
 
 
 def _encode_rows(rows: Any, skipped: list[tuple[str, str]], what: str, encode: Any) -> list:
@@ -236,27 +248,57 @@ def _skip(skipped: list[tuple[str, str]], where: str, err: Exception) -> None:
 class SFTDataset:
     """Every row of a JSONL file (or a list of row dicts) encoded up front; bad rows skipped and recorded.
 
-    ``skipped``: (where, reason) per left-out line or row; ``lengths``: tokens per example. Images are kept
-    preprocessed (float pixel values) in memory with their examples.
+    ``skipped``: (where, reason) per left-out line or row; ``lengths``: tokens per example. Every image is read
+    once up front (a missing or unreadable one skips its row), but only its path (or the image object a row
+    gave) and size are kept: ``dataset[i]`` preprocesses its pixels (float tiles, 16 MB for a 6-tile image at
+    448 px) when a batch needs them, so memory does not grow with the images (``preload_images=True``: keep every
+    image's pixels from the start, as for a small set read many times). An image that cannot be read again, or
+    changed its size, at that point: its example trains nothing (labels off, a blank image of its size in its
+    place, so the batch keeps its shape), logged and recorded in ``load_failures``; the run goes on.
     """
 
     def __init__(self, source: str | Path | list[dict], tok: ChatTokenizer, *, max_seq_len: int, train_on: str = "all",
-                 image_root: str | Path | None = None, progress: bool = True) -> None:
+                 image_root: str | Path | None = None, progress: bool = True, preload_images: bool = False) -> None:
         _check_int("max_seq_len", max_seq_len, 1)
         if train_on not in ("all", "last"):
             raise ValueError(f"train_on must be 'all' or 'last', got {train_on!r}")
+        self.tok = tok
         self.skipped: list[tuple[str, str]] = []
+        self.load_failures: list[tuple[str, str]] = []  # (where, reason) of an example whose image failed later
         rows, root = _source_rows(source, image_root, self.skipped)
         rows = tqdm(rows, desc="encoding SFT rows", unit="row", disable=not progress)
         self.examples: list[Example] = _encode_rows(rows, self.skipped, "SFT", lambda row, where: encode_sft_row(
-            tok, row, where=where, max_seq_len=max_seq_len, train_on=train_on, image_root=root))
+            tok, row, where=where, max_seq_len=max_seq_len, train_on=train_on, image_root=root,
+            lazy_images=not preload_images))
         self.lengths: list[int] = [e.input_ids.numel() for e in self.examples]
+        self.has_images = any(e.image_sizes for e in self.examples)
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def __getitem__(self, i: int) -> Example:
-        return self.examples[i]
+        e = self.examples[i]
+        return self._with_pixels(e) if e.images else e
+
+    def _with_pixels(self, e: Example) -> Example:
+        """The example with its images read and preprocessed (a blank one of each size, and no trained token, when
+        one cannot be read or changed its size)."""
+        proc = self.tok.image_processor
+        pix = []
+        try:
+            for k, (src, size) in enumerate(zip(e.images, e.image_sizes, strict=True)):
+                img = _open_image(src, None, f"{e.where}: image {k}") if isinstance(src, Path) else src
+                p, got = proc(img)
+                if tuple(got) != tuple(size):
+                    raise ValueError(f"{e.where}: image {k} ({src}) is {got[0]}x{got[1]} now, {size[0]}x{size[1]} "
+                                     "when the dataset was read (its token count would not match)")
+                pix.append(p)
+        except ValueError as err:
+            log.warning("%s: trains nothing this time: %s", e.where, err)
+            self.load_failures.append((e.where, str(err)))
+            blank = [proc(torch.zeros(3, h, w, dtype=torch.uint8))[0] for h, w in e.image_sizes]
+            return replace(e, pixel_values=blank, labels=torch.zeros_like(e.labels), images=[])
+        return replace(e, pixel_values=pix, images=[])
 
     def stats(self) -> dict[str, int]:
         """Counts: rows (kept), skipped, think / no_think (by the last trained turn), tokens, trained_tokens."""
@@ -394,38 +436,67 @@ class PackedLoader:
         self.dataset, self.max_tokens, self.seed, self.shuffle = dataset, max_tokens, seed, shuffle
         self.rank, self.world_size = rank, world_size
         self._epoch, self._pos = 0, 0  # _pos: rows of this rank taken in the epoch
-        self._plan: tuple[int, int, list[list[int]]] | None = None  # (seed, epoch, rows)
+        self._plans: dict[tuple[int, int], list[list[int]]] = {}  # (seed, epoch) -> rows: this epoch's and the next
+        # a dataset with images: the next step's batches are read and preprocessed in a thread while this one trains
+        self.prefetch = bool(getattr(dataset, "has_images", False))
+        self._ahead: tuple[tuple, Any] | None = None  # (what it is: seed, epoch, position, micro_batches; a Future)
+        self._pool: Any = None
 
     @property
     def epoch(self) -> int:
         """The epoch the next step is taken from (it moves on lazily, when a step no longer fits)."""
         return self._epoch
 
-    def _rows(self) -> list[list[int]]:
-        if self._plan is None or self._plan[:2] != (self.seed, self._epoch):
-            rows = plan_batches(self.dataset.lengths, self.max_tokens, seed=self.seed, epoch=self._epoch,
-                                shuffle=self.shuffle)
-            self._plan = (self.seed, self._epoch, rows)
-        return self._plan[2]
+    def _rows(self, epoch: int | None = None) -> list[list[int]]:
+        key = (self.seed, self._epoch if epoch is None else epoch)
+        if key not in self._plans:
+            for old in [k for k in self._plans if k[0] != key[0] or k[1] < key[1] - 1]:
+                del self._plans[old]
+            self._plans[key] = plan_batches(self.dataset.lengths, self.max_tokens, seed=key[0], epoch=key[1],
+                                            shuffle=self.shuffle)
+        return self._plans[key]
 
     def steps_per_epoch(self, micro_batches: int) -> int:
         """Full steps in the current epoch (the row count varies a little from epoch to epoch)."""
         _check_int("micro_batches", micro_batches, 1)
         return len(self._rows()) // (self.world_size * micro_batches)
 
-    def next_step(self, micro_batches: int) -> list[PackedBatch]:
-        """The next ``micro_batches`` packed batches of this rank (moving to the next epoch when needed)."""
-        steps = self.steps_per_epoch(micro_batches)
-        if self._pos + micro_batches > steps * micro_batches:
-            self._epoch, self._pos = self._epoch + 1, 0
-            steps = self.steps_per_epoch(micro_batches)
+    def _locate(self, epoch: int, pos: int, micro_batches: int) -> tuple[int, int, list[list[int]]]:
+        """Where the step at (epoch, pos) really starts (the next epoch when it no longer fits) and its rows."""
+        _check_int("micro_batches", micro_batches, 1)
+        per_step = self.world_size * micro_batches
+        steps = len(self._rows(epoch)) // per_step
+        if pos + micro_batches > steps * micro_batches:
+            epoch, pos = epoch + 1, 0
+            steps = len(self._rows(epoch)) // per_step
         if steps == 0:
-            raise ValueError(f"epoch {self._epoch} packs into {len(self._rows())} rows of max_tokens={self.max_tokens}"
-                             f", fewer than world_size * micro_batches = {self.world_size * micro_batches}")
-        rows = self._rows()
-        mine = [rows[(self._pos + k) * self.world_size + self.rank] for k in range(micro_batches)]
-        self._pos += micro_batches
+            raise ValueError(f"epoch {epoch} packs into {len(self._rows(epoch))} rows of max_tokens={self.max_tokens}"
+                             f", fewer than world_size * micro_batches = {per_step}")
+        rows = self._rows(epoch)
+        return epoch, pos, [rows[(pos + k) * self.world_size + self.rank] for k in range(micro_batches)]
+
+    def _batches(self, mine: list[list[int]]) -> list[PackedBatch]:
         return [collate([self.dataset[i] for i in row]) for row in mine]
+
+    def next_step(self, micro_batches: int) -> list[PackedBatch]:
+        """The next ``micro_batches`` packed batches of this rank (moving to the next epoch when needed). With
+        images, the step after it is prepared in a background thread meanwhile (the same batches as without)."""
+        self._epoch, self._pos, mine = self._locate(self._epoch, self._pos, micro_batches)
+        key = (self.seed, self._epoch, self._pos, micro_batches)
+        ahead, self._ahead = self._ahead, None
+        batches = ahead[1].result() if ahead is not None and ahead[0] == key else self._batches(mine)
+        self._pos += micro_batches
+        if self.prefetch:
+            try:
+                epoch, pos, nxt = self._locate(self._epoch, self._pos, micro_batches)
+            except ValueError:  # the next epoch packs into too few rows: next_step will say so
+                return batches
+            if self._pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="r4b-sft-prefetch")
+            self._ahead = ((self.seed, epoch, pos, micro_batches), self._pool.submit(self._batches, nxt))
+        return batches
 
     def state_dict(self) -> dict:
         """JSON-serialisable position (the same on every rank): seed, epoch, position, and the settings it needs."""
