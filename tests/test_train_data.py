@@ -446,3 +446,37 @@ def test_the_loader_prefetches_image_batches_without_changing_them(tmp_path):
             assert all(torch.equal(p, q) for p, q in zip(x.pixel_values, y.pixel_values, strict=True))
     assert PackedLoader(ds, max_tokens=600).prefetch and not PackedLoader(SFTDataset(
         _rows(8), ChatTokenizer.demo(), max_seq_len=256, progress=False), max_tokens=600).prefetch
+
+
+def test_prompt_images_are_opened_when_taken_and_a_lost_one_skips_only_its_prompt(tmp_path):
+    from test_llm import tiny_r4b_chat
+
+    from r4b.engine.llm import LLM
+    from r4b.engine.sampling import SamplingParams
+    from r4b.engine.train.data import UnreadableImage
+
+    model, rtok, _ = tiny_r4b_chat()
+    _png(tmp_path / "a.png")
+    _png(tmp_path / "b.png", h=30, w=20)
+    rows = [{"messages": [{"role": "user", "content": [{"type": "image", "image": name},
+                                                       {"type": "text", "text": "Color?"}]}], "answer": "purple"}
+            for name in ("a.png", "b.png")] + [{"prompt": "2+2?", "answer": "4"}]
+    lazy = PromptDataset(rows, tok=rtok, image_root=tmp_path)
+    eager = PromptDataset(rows, tok=rtok, image_root=tmp_path, preload_images=True)
+    assert lazy.items[0][0][0]["content"][0]["image"] == tmp_path / "a.png"  # a path is kept, not the pixels
+    for i in range(3):
+        (p, ref), (q, ref2) = lazy[i], eager[i]
+        assert ref == ref2
+        if isinstance(p, list):
+            a, b = p[0]["content"][0]["image"], q[0]["content"][0]["image"]
+            assert a.size == b.size and a.tobytes() == b.tobytes()
+        else:
+            assert p == q
+    (tmp_path / "b.png").unlink()
+    prompts = [lazy[i][0] for i in range(3)]
+    assert isinstance(prompts[1][0]["content"][0]["image"], UnreadableImage)
+    assert [w for w, _ in lazy.load_failures] == ["rows[1]"] and "image file not found" in lazy.load_failures[0][1]
+    llm = LLM(model, rtok, num_kv_blocks=128, block_size=16)
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=2), thinking_mode="short", use_tqdm=False)
+    assert outs[0].error is None and outs[2].error is None
+    assert "b.png cannot be read" in outs[1].error and "image file not found" in outs[1].error

@@ -528,11 +528,12 @@ def _check_state(state: dict, expected: dict) -> None:
 
 
 def encode_prompt_row(row: Any, *, where: str, tok: ChatTokenizer | None = None,
-                      image_root: str | Path | None = None) -> tuple[str | list[dict], Any]:
+                      image_root: str | Path | None = None, lazy_images: bool = False) -> tuple[str | list[dict], Any]:
     """One BPO row -> (prompt, reference): a str, or a chat (no final assistant turn) with its images opened.
 
     The reference is ``row["answer"]`` (when not null), else ``row["reference"]``, else None. With ``tok`` the chat
-    is rendered once to check it. Raises ValueError naming ``where`` and the reason.
+    is rendered once to check it. Raises ValueError naming ``where`` and the reason. lazy_images: the images are
+    opened (checked) but the chat keeps their resolved paths (:func:`open_prompt_images` opens them).
     """
     if not isinstance(row, dict):
         raise ValueError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
@@ -549,31 +550,97 @@ def encode_prompt_row(row: Any, *, where: str, tok: ChatTokenizer | None = None,
         raise ValueError(f"{where}: 'messages' must be a non-empty list of chat messages, got {messages!r:.80}")
     if messages[-1].get("role") == "assistant":
         raise ValueError(f"{where}: 'messages' ends with an assistant turn; a prompt stops before the answer")
-    messages = _load_images(messages, where, Path(image_root) if image_root is not None else None)
+    root = Path(image_root) if image_root is not None else None
+    sources: list = []
+    opened = _load_images(messages, where, root, sources)
     if tok is not None:
         try:
-            tok.apply_chat_template(messages)
+            tok.apply_chat_template(opened)
         except (ValueError, TypeError, KeyError) as e:
             raise ValueError(f"{where}: {e}") from e
-    return messages, reference
+    return (_with_images(messages, sources) if lazy_images else opened), reference
+
+
+def _with_images(messages: list, images: list) -> list:
+    """A copy of ``messages`` whose image parts (in order) hold ``images`` instead."""
+    it = iter(images)
+    out = []
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, list):
+            m = {**m, "content": [{**part, "image": next(it)} if isinstance(part, dict) and part.get("type") == "image"
+                                  and part.get("image") is not None else part for part in content]}
+        out.append(m)
+    return out
+
+
+class UnreadableImage:
+    """In a prompt's chat, an image file that could not be read when its step came: rendering the chat raises
+    ValueError with the reason (the engine then reports that prompt and skips it)."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        self.path, self.reason = path, reason
+
+    @property
+    def size(self) -> tuple[int, int]:
+        raise ValueError(f"image {self.path} cannot be read: {self.reason}")
+
+    def __repr__(self) -> str:
+        return f"UnreadableImage({str(self.path)!r})"
+
+
+def open_prompt_images(prompt: str | list[dict], where: str = "",
+                       failures: list[tuple[str, str]] | None = None) -> str | list[dict]:
+    """A lazy prompt (paths in its image parts) with its images opened; one that fails becomes an
+    :class:`UnreadableImage` (logged, and added to ``failures``)."""
+    if isinstance(prompt, str):
+        return prompt
+    images = []
+    for m in prompt:
+        content = m.get("content")
+        for part in content if isinstance(content, list) else ():
+            if isinstance(part, dict) and part.get("type") == "image" and part.get("image") is not None:
+                img = part["image"]
+                if isinstance(img, Path):
+                    try:
+                        img = _open_image(img, None, where)
+                    except ValueError as e:
+                        log.warning("%s: skipped this step: %s", where, e)
+                        if failures is not None:
+                            failures.append((where, str(e)))
+                        img = UnreadableImage(part["image"], str(e))
+                images.append(img)
+    return _with_images(prompt, images)
 
 
 class PromptDataset:
-    """BPO prompts with references; items are (prompt, reference). Bad rows skipped and recorded in ``skipped``."""
+    """BPO prompts with references; items are (prompt, reference). Bad rows skipped and recorded in ``skipped``.
+
+    Every image is opened once to check its row, then only its path is kept; ``dataset[i]`` opens it again (an
+    image that fails then is an :class:`UnreadableImage`, and the engine skips that prompt; ``load_failures``).
+    ``preload_images=True``: keep every opened image instead."""
 
     def __init__(self, source: str | Path | list[dict], *, tok: ChatTokenizer | None = None,
-                 image_root: str | Path | None = None) -> None:
+                 image_root: str | Path | None = None, preload_images: bool = False) -> None:
         self.skipped: list[tuple[str, str]] = []
+        self.load_failures: list[tuple[str, str]] = []
         rows, root = _source_rows(source, image_root, self.skipped)
-        self.items: list[tuple[str | list[dict], Any]] = _encode_rows(
-            rows, self.skipped, "prompt", lambda row, where: encode_prompt_row(row, where=where, tok=tok,
-                                                                              image_root=root))
+        wheres: list[str] = []
+
+        def encode(row: Any, where: str) -> tuple[str | list[dict], Any]:
+            item = encode_prompt_row(row, where=where, tok=tok, image_root=root, lazy_images=not preload_images)
+            wheres.append(where)
+            return item
+
+        self.items: list[tuple[str | list[dict], Any]] = _encode_rows(rows, self.skipped, "prompt", encode)
+        self.wheres = wheres
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> tuple[str | list[dict], Any]:
-        return self.items[i]
+        prompt, reference = self.items[i]
+        return open_prompt_images(prompt, self.wheres[i], self.load_failures), reference
 
 
 class PromptLoader:
