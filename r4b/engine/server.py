@@ -34,6 +34,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -770,12 +771,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _stream(self, req: ChatRequest, handle: Handle) -> None:
         try:  # the first event decides between an error response and the stream
-            ev = self._next(handle, watch=True)
+            first = self._next(handle, watch=True)
         except (BadRequest, EngineFailure) as e:
             self._refusal(e)
             return
-        if isinstance(ev, RequestOutput) and ev.error is not None:
-            self._refusal(ev.error)
+        if isinstance(first, RequestOutput) and first.error is not None:
+            self._refusal(first.error)
             return
         self._start_sse()
         base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()),
@@ -792,7 +793,7 @@ class _Handler(BaseHTTPRequestHandler):
 
         for i in range(req.params.n):
             chunk(i, {"role": "assistant", "content": ""})
-        while True:
+        for ev in self._sse_events(first, handle):
             if isinstance(ev, StreamEvent):
                 thought, answer = splitters[ev.index].feed(ev.text)
                 lp = None
@@ -809,29 +810,36 @@ class _Handler(BaseHTTPRequestHandler):
                     chunk(ev.index, {}, logprobs=lp)
                 if ev.finished:
                     finish[ev.index] = ev.finish_reason or "stop"
-            elif isinstance(ev, RequestOutput):
-                if ev.error is not None:
-                    self._sse({"error": {"message": ev.error, "type": "server_error", "code": 500}})
-                else:
-                    for c in ev.outputs:
-                        thought, answer = splitters[c.index].finish(c.thinking, c.answer)
-                        if splitters[c.index].diverged:
-                            log.warning("request %d choice %d: the stream's thought / answer split differs from the "
-                                        "final parse (a thought with more than one </think>)", ev.request_index,
-                                        c.index)
-                        delta = {k: v for k, v in (("reasoning_content", thought), ("content", answer)) if v}
-                        chunk(c.index, {**delta, "thinking_mode": c.thinking_mode, "mode": c.mode},
-                              finish.get(c.index, c.finish_reason))
-                    if req.include_usage:
-                        usage = _usage(ev, self.server.suffix_len[req.thinking_mode])
-                        self._sse({**base, "choices": [], "usage": usage})
-                break
+            else:  # the RequestOutput
+                for c in ev.outputs:
+                    thought, answer = splitters[c.index].finish(c.thinking, c.answer)
+                    if splitters[c.index].diverged:
+                        log.warning("request %d choice %d: the stream's thought / answer split differs from the "
+                                    "final parse (a thought with more than one </think>)", ev.request_index,
+                                    c.index)
+                    delta = {k: v for k, v in (("reasoning_content", thought), ("content", answer)) if v}
+                    chunk(c.index, {**delta, "thinking_mode": c.thinking_mode, "mode": c.mode},
+                          finish.get(c.index, c.finish_reason))
+                if req.include_usage:
+                    usage = _usage(ev, self.server.suffix_len[req.thinking_mode])
+                    self._sse({**base, "choices": [], "usage": usage})
+        self._end_sse()
+
+    def _sse_events(self, ev: Any, handle: Handle) -> Iterator[StreamEvent | RequestOutput]:
+        """A stream's events from ``ev`` (its first) through its RequestOutput; a failed request, or a failure on the
+        way, is sent as an error event instead and ends them."""
+        while True:
+            if isinstance(ev, RequestOutput) and ev.error is not None:
+                self._sse({"error": {"message": ev.error, "type": "server_error", "code": 500}})
+                return
+            yield ev
+            if isinstance(ev, RequestOutput):
+                return
             try:
                 ev = self._next(handle)
             except (BadRequest, EngineFailure) as e:
                 self._sse({"error": {"message": str(e), "type": "server_error", "code": 500}})
-                break
-        self._end_sse()
+                return
 
     def _start_sse(self) -> None:
         self._started = True
@@ -886,12 +894,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _stream_text(self, req: CompletionRequest, handle: Handle) -> None:
         try:
-            ev = self._next(handle, watch=True)
+            first = self._next(handle, watch=True)
         except (BadRequest, EngineFailure) as e:
             self._refusal(e)
             return
-        if isinstance(ev, RequestOutput) and ev.error is not None:
-            self._refusal(ev.error, "prompt", "prompt 0: ")
+        if isinstance(first, RequestOutput) and first.error is not None:
+            self._refusal(first.error, "prompt", "prompt 0: ")
             return
         self._start_sse()
         base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
@@ -909,7 +917,7 @@ class _Handler(BaseHTTPRequestHandler):
                 chunk(i, head)
                 sent[i] = head.encode()
         finish: dict[int, str] = {}
-        while True:
+        for ev in self._sse_events(first, handle):
             if isinstance(ev, StreamEvent):
                 lp = None
                 if req.logprobs is not None and ev.token_id is not None:
@@ -922,22 +930,13 @@ class _Handler(BaseHTTPRequestHandler):
                     chunk(ev.index, ev.text, logprobs=lp)
                 if ev.finished:
                     finish[ev.index] = ev.finish_reason or "stop"
-            elif isinstance(ev, RequestOutput):
-                if ev.error is not None:
-                    self._sse({"error": {"message": ev.error, "type": "server_error", "code": 500}})
-                else:
-                    for c in ev.outputs:
-                        chunk(c.index, "", finish.get(c.index, c.finish_reason))
-                    if req.include_usage:
-                        done = sum(len(c.token_ids) for c in ev.outputs)
-                        self._sse({**base, "choices": [], "usage": {
-                            "prompt_tokens": len(ev.prompt_token_ids), "completion_tokens": done,
-                            "total_tokens": len(ev.prompt_token_ids) + done}})
-                break
-            try:
-                ev = self._next(handle)
-            except (BadRequest, EngineFailure) as e:
-                self._sse({"error": {"message": str(e), "type": "server_error", "code": 500}})
-                break
+            else:  # the RequestOutput
+                for c in ev.outputs:
+                    chunk(c.index, "", finish.get(c.index, c.finish_reason))
+                if req.include_usage:
+                    done = sum(len(c.token_ids) for c in ev.outputs)
+                    self._sse({**base, "choices": [], "usage": {
+                        "prompt_tokens": len(ev.prompt_token_ids), "completion_tokens": done,
+                        "total_tokens": len(ev.prompt_token_ids) + done}})
         self._end_sse()
 
