@@ -245,6 +245,14 @@ def test_changed_weights_never_reuse_a_block(model):
         w = model.model.layers[1].mlp.down_proj.weight
         model.model.layers[1].mlp.down_proj.weight = torch.nn.Parameter(w * 2.0)
     check(False)
+    check(True)
+    with torch.no_grad():  # a replaced submodule (new parameter objects in a new module)
+        import copy
+
+        mlp = copy.deepcopy(model.model.layers[0].mlp)
+        mlp.up_proj.weight.mul_(-1.0)
+        model.model.layers[0].mlp = mlp
+    check(False)
     with torch.no_grad():  # a change the engine cannot see (no version bump): reset_prefix_cache by hand
         model.model.layers[0].self_attn.k_proj.weight.data.mul_(0.5)
     llm.reset_prefix_cache()

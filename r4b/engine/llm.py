@@ -245,7 +245,6 @@ class LLM:
         self.v_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(L)]
         self.blocks = BlockManager(num_kv_blocks, block_size, prefix_caching=prefix_caching)
         self._weights_seen: tuple | None = None
-        self._param_slots: list[tuple[dict, str]] | None = None
         self._penalties: PenaltyCounts | None = None  # penalised sequences' token counts, made at first use
         self.block_size = block_size
         self._ids = count()
@@ -523,10 +522,9 @@ class LLM:
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached block (call after changing the model's weights in a way the engine cannot see:
-        replaced or updated through their parameters it notices by itself at the next step; also after replacing
-        whole submodules of the model)."""
+        replaced or updated through their parameters, or replaced submodules, it notices by itself at the next
+        step)."""
         self.blocks.clear_cache()
-        self._param_slots = None
         if self._graphs is not None and self._graphs.stale():
             self._graphs.reset()
         self._weights_seen = self._weights_key()
@@ -534,8 +532,7 @@ class LLM:
     def _check_weights(self) -> None:
         """At every generate / add_request and every step (weights may change between a stream's or a server's
         steps): when a parameter was replaced or updated in place since the last check, drop the prefix cache, and
-        the decode graphs if they read a replaced one. About 0.3 ms a step for R-4B's 841 parameter tensors on a slow
-        CPU (their slots are looked up once; walking the module tree took 1.2 ms)."""
+        the decode graphs if they read a replaced one (about 0.3 ms a step for R-4B's 841 parameter tensors)."""
         if not self.blocks.prefix_caching and self._graphs is None:
             return
         key = self._weights_key()
@@ -551,18 +548,21 @@ class LLM:
         self._weights_seen = key
 
     def _weights_key(self) -> tuple:
-        """(data_ptr, version counter) of every parameter, read through the modules' parameter dicts (found once:
-        walking the module tree each step costs more than the check)."""
-        if self._param_slots is None:
-            self._param_slots = [(m._parameters, name) for m in self.model.modules() for name in m._parameters]
-
-        def version(p: Tensor) -> int | None:
-            try:
-                return p._version
-            except RuntimeError:  # an inference tensor has no version counter
-                return None
-
-        return tuple((p.data_ptr(), version(p)) for d, name in self._param_slots if (p := d.get(name)) is not None)
+        """(data_ptr, version counter) of every parameter, read by a plain walk of the modules' parameter dicts
+        (a replaced parameter or submodule shows; a quarter of ``model.parameters()``'s cost: 0.34 vs 1.21 ms for
+        840 tensors on this CPU)."""
+        out = []
+        stack = [self.model]
+        while stack:
+            mod = stack.pop()
+            for p in mod._parameters.values():
+                if p is not None:
+                    try:
+                        out.append((p.data_ptr(), p._version))
+                    except RuntimeError:  # an inference tensor has no version counter
+                        out.append((p.data_ptr(), None))
+            stack.extend(m for m in mod._modules.values() if m is not None)
+        return tuple(out)
 
     # ------------------------------------------------------------------ running
     def _embed(self, batch: list[tuple[_Seq, int]], input_ids: Tensor) -> Tensor:
