@@ -845,7 +845,7 @@ def test_a_logit_bias_past_the_vocabulary_is_refused_up_front(model):
     no_leak(llm)
 
 
-def test_penalties_through_preemption_and_forks_leave_no_counts_behind(model):
+def test_penalties_through_preemption_and_forks_leave_no_counts_behind(model, monkeypatch):
     """Penalised completions (n=2 from one prefill) preempted and recomputed: the same tokens as a loop over the float64
     reference; the device counts of each completion are built once per admission and fed a token a step, and none is
     left when they finish."""
@@ -854,9 +854,15 @@ def test_penalties_through_preemption_and_forks_leave_no_counts_behind(model):
     prompts = prompts_of([5, 11, 17, 23], seed=2)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, n=2, repetition_penalty=1.5,
                             frequency_penalty=0.6, presence_penalty=0.3)
+    import r4b.engine.sampling as sampling
+
+    built = []  # rows of counts built from a sequence's tokens (a (re-)admission), against tokens sampled (96)
+    real = sampling.token_counts
+    monkeypatch.setattr(sampling, "token_counts", lambda h, *a: built.append(len(h)) or real(h, *a))
     llm = LLM(model, TOK, block_size=2, num_kv_blocks=40)
     outs = llm.generate(prompts, params, use_tqdm=False)
     assert llm.stats["preemptions"] > 0
+    assert 8 <= sum(built) <= 8 + 2 * llm.stats["preemptions"] < 96
     for p, o in zip(prompts, outs, strict=True):
         ids = list(p)
         while len(ids) - len(p) < 12:

@@ -435,15 +435,32 @@ def test_the_loader_prefetches_image_batches_without_changing_them(tmp_path):
             out.append(loader.next_step(2))
         return loader, out
 
-    loader, want = run(False, 9)
-    assert loader.epoch >= 1  # the steps cross an epoch
-    _, got = run(True, 9)
-    _, resumed = run(True, 9, resume_at=4)
+    import threading
+
+    where = []  # the thread that built each step's batches
+    real = PackedLoader._batches
+
+    def batches(self, mine):
+        where.append(threading.current_thread().name.startswith("r4b-sft-prefetch"))
+        return real(self, mine)
+
+    PackedLoader._batches = batches
+    try:
+        loader, want = run(False, 9)
+        assert loader.epoch >= 1 and not any(where)  # the steps cross an epoch
+        where.clear()
+        _, got = run(True, 9)
+        # every step after the first came from the prefetch (a 10th, unused, may be running still)
+        assert where[:9] == [False] + [True] * 8 and all(where[9:])
+        _, resumed = run(True, 9, resume_at=4)
+    finally:
+        PackedLoader._batches = real
     for a, b, c in zip(want, got, resumed, strict=True):
         for x, y, z in zip(a, b, c, strict=True):
             assert torch.equal(x.input_ids, y.input_ids) and torch.equal(x.input_ids, z.input_ids)
             assert len(x.pixel_values) == len(y.pixel_values) == len(z.pixel_values) > 0
-            assert all(torch.equal(p, q) for p, q in zip(x.pixel_values, y.pixel_values, strict=True))
+            assert all(torch.equal(p, q) and torch.equal(p, r)
+                       for p, q, r in zip(x.pixel_values, y.pixel_values, z.pixel_values, strict=True))
     assert PackedLoader(ds, max_tokens=600).prefetch and not PackedLoader(SFTDataset(
         _rows(8), ChatTokenizer.demo(), max_seq_len=256, progress=False), max_tokens=600).prefetch
 
@@ -480,3 +497,23 @@ def test_prompt_images_are_opened_when_taken_and_a_lost_one_skips_only_its_promp
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=2), thinking_mode="short", use_tqdm=False)
     assert outs[0].error is None and outs[2].error is None
     assert "b.png cannot be read" in outs[1].error and "image file not found" in outs[1].error
+
+
+def test_a_decompression_bomb_is_a_bad_image_not_a_crash(tmp_path, monkeypatch):
+    """An image past PIL's pixel limit (a decompression bomb; PIL's error is no OSError) skips its row when the
+    dataset is built, and makes its SFT example train nothing / its prompt unreadable when it turns bad later."""
+    from PIL import Image
+
+    from r4b.engine.train.data import UnreadableImage
+
+    itok = _itok()
+    rows = _image_rows(tmp_path, 2)
+    ds = SFTDataset(rows, itok, max_seq_len=512, image_root=tmp_path, progress=False)
+    prompts = PromptDataset([{"messages": rows[1]["messages"][:1], "answer": "x"}], image_root=tmp_path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # every image is a "bomb" now (> 2x the limit raises)
+    got = ds[1]
+    assert not got.labels.any() and "cannot read image" in ds.load_failures[0][1]
+    assert isinstance(prompts[0][0][0]["content"][0]["image"], UnreadableImage)
+    assert "could be decompression bomb" in prompts.load_failures[0][1]
+    with pytest.raises(ValueError, match="no usable SFT row"):
+        SFTDataset(rows, itok, max_seq_len=512, image_root=tmp_path, progress=False)

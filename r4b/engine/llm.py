@@ -636,7 +636,8 @@ class LLM:
     def _prompt_logprobs(self, batch: list[tuple[_Seq, int]], hidden: Tensor) -> None:
         """Fill the log-probs of the prompt tokens whose previous row ran in this step (a request that asked for
         them): the row at position p scores prompt token p + 1. Logits are made ``chunk`` rows at a time, scaled in
-        place (one fp32 (chunk, V) buffer: 311 MB at Qwen3's vocabulary)."""
+        place (at the peak two fp32 (chunk, V) buffers, the logits and logsumexp's: 311 MB each at Qwen3's
+        vocabulary)."""
         rows, targets, where = [], [], []
         row = 0
         for seq, n in batch:

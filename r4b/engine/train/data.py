@@ -125,7 +125,7 @@ def _open_image(ref: str | Path, root: Path | None, where: str) -> Any:
     try:
         with Image.open(p) as im:
             return im.convert("RGB")
-    except (OSError, UnidentifiedImageError) as e:
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:  # (the last is no OSError)
         raise ValueError(f"{where}: cannot read image {p}: {e}") from e
 
 
