@@ -461,6 +461,12 @@ def test_the_loader_prefetches_image_batches_without_changing_them(tmp_path):
             assert len(x.pixel_values) == len(y.pixel_values) == len(z.pixel_values) > 0
             assert all(torch.equal(p, q) and torch.equal(p, r)
                        for p, q, r in zip(x.pixel_values, y.pixel_values, z.pixel_values, strict=True))
+    loader = PackedLoader(ds, max_tokens=600, seed=3)
+    first = loader.next_step(2)
+    loader.close()  # the thread goes; the loader still works, in place
+    assert loader._pool is None and torch.equal(loader.next_step(2)[0].input_ids, want[1][0].input_ids)
+    assert torch.equal(first[0].input_ids, want[0][0].input_ids)
+    loader.close()
     assert PackedLoader(ds, max_tokens=600).prefetch and not PackedLoader(SFTDataset(
         _rows(8), ChatTokenizer.demo(), max_seq_len=256, progress=False), max_tokens=600).prefetch
 

@@ -503,6 +503,16 @@ class PackedLoader:
         return {"seed": self.seed, "epoch": self._epoch, "position": self._pos, "world_size": self.world_size,
                 "max_tokens": self.max_tokens, "shuffle": self.shuffle, "num_examples": len(self.dataset)}
 
+    def close(self) -> None:
+        """Stop the prefetch thread (a step prepared ahead and not taken is dropped; its images are not read if it
+        has not started)."""
+        if self._ahead is not None:
+            self._ahead[1].cancel()
+            self._ahead = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
     def load_state_dict(self, state: dict) -> None:
         """Continue from ``state``; its max_tokens, shuffle and dataset size must match this loader's. With the same
         world_size the batches continue exactly; with another (a run resumed on more or fewer ranks) the epoch

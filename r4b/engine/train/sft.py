@@ -122,7 +122,12 @@ class SFTTrainer(Trainer):
             "tokens": tokens,
             "trained_tokens": trained,
             "epoch": float(self.loader.epoch),
+            **({"image_failures": float(len(self.dataset.load_failures))} if self.dataset.has_images else {}),
         }
+
+    def close(self) -> None:
+        self.loader.close()
+        super().close()
 
 
 def train_sft(cfg: SFTConfig) -> dict[str, float]:
