@@ -246,7 +246,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise SystemExit(f"r4b serve: cannot listen on {args.host}:{args.port}: {e}") from None
     host, port = server.server_address[:2]
     print(f"r4b serve: {name} on http://{host}:{port}/v1 (POST /v1/chat/completions, POST /v1/completions, "
-          f"GET /v1/models, GET /health); {'an API key is required; ' if api_key else ''}Ctrl-C stops", flush=True)
+          f"GET /v1/models, GET /health, GET /metrics); {'an API key is required; ' if api_key else ''}"
+          "Ctrl-C stops", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -535,6 +535,48 @@ def test_text_completion_errors(served):
     assert server.engine.llm.blocks.num_free_blocks == server.engine.llm.blocks.num_blocks
 
 
+def test_metrics_count_responses_and_the_engine(model):
+    """GET /metrics (Prometheus text): responses by route and status, the engine's token counters and gauges."""
+    server = Server(("127.0.0.1", 0), new_llm(model), model_name="tiny", default_max_tokens=5, api_key="k")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    client = Client(server.server_address[1])
+    ok = {"Authorization": "Bearer k"}
+    try:
+        done = 0
+        for _ in range(2):
+            status, r = client.request("POST", "/v1/completions", {"prompt": "a", "max_tokens": 5, "temperature": 0},
+                                       headers=ok)
+            assert status == 200
+            done += r["usage"]["completion_tokens"]
+        assert client.request("POST", "/v1/completions", {"prompt": ""}, headers=ok)[0] == 400
+        assert client.request("GET", "/v1/models")[0] == 401
+        c = http.client.HTTPConnection("127.0.0.1", client.port, timeout=60)
+        c.request("GET", "/metrics")  # open, like /health
+        resp = c.getresponse()
+        text = resp.read().decode()
+        c.close()
+        assert resp.status == 200 and resp.getheader("Content-Type").startswith("text/plain")
+        values = {}
+        for line in text.splitlines():
+            if not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                values[name] = float(value)
+            else:
+                assert line.startswith(("# HELP r4b_", "# TYPE r4b_"))
+        assert values['r4b_http_responses_total{route="/v1/completions",code="200"}'] == 2
+        assert values['r4b_http_responses_total{route="/v1/completions",code="400"}'] == 1
+        assert values['r4b_http_responses_total{route="/v1/models",code="401"}'] == 1
+        assert values["r4b_generated_tokens_total"] == done > 0
+        assert values["r4b_prefix_cache_hit_tokens_total"] == 0  # a one-token prompt: nothing to cache
+        assert values["r4b_requests_running"] == values["r4b_requests_waiting"] == 0
+        llm = server.engine.llm
+        assert values['r4b_kv_blocks{state="all"}'] == llm.blocks.num_blocks
+        assert values['r4b_kv_blocks{state="free"}'] == llm.blocks.num_free_blocks
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_an_api_key_guards_the_v1_routes(model):
     server = Server(("127.0.0.1", 0), new_llm(model), model_name="tiny", default_max_tokens=4, api_key="s3cret")
     threading.Thread(target=server.serve_forever, daemon=True).start()

@@ -255,7 +255,7 @@ class LLM:
         self._req_ids = count()
         self._events: list[tuple[_Seq, int | None]] = []
         self.stats = {"steps": 0, "prefill_steps": 0, "graph_steps": 0, "preemptions": 0,
-                      "prompt_tokens_computed": 0, "prefix_cache_hit_tokens": 0}
+                      "prompt_tokens_computed": 0, "prefix_cache_hit_tokens": 0, "generated_tokens": 0}
         if cuda_graphs is None:
             cuda_graphs = device.type == "cuda"
         if cuda_graphs and device.type != "cuda":
@@ -755,6 +755,7 @@ class LLM:
         p = seq.req.params
         seq.tokens.append(token)
         seq.logprobs.append(logp)
+        self.stats["generated_tokens"] += 1
         if top is not None:
             seq.top.append(top)
         tok = self.tokenizer

@@ -537,6 +537,9 @@ def client_gone(sock: socket.socket) -> bool:
         return True
 
 
+_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+
+
 class Server(ThreadingHTTPServer):
     """``Server((host, port), llm, model_name=...)``; ``serve_forever()`` in a thread or the foreground. With
     ``api_key``, every /v1/ request must carry ``Authorization: Bearer <api_key>`` (else 401); /health stays open."""
@@ -561,16 +564,56 @@ class Server(ThreadingHTTPServer):
         self.request_timeout = request_timeout
         self.disconnect_poll = disconnect_poll  # how often a waiting plain request checks that its client is there
         self.api_key = api_key  # /v1/ routes then need "Authorization: Bearer <api_key>" (/health does not)
+        self.responses: dict[tuple[str, int], int] = {}  # (route, status) -> count, for /metrics
+        self._count_lock = threading.Lock()
         super().__init__(address, _Handler)
 
     def server_close(self) -> None:
         super().server_close()
         self.engine.shutdown()
 
+    def count_response(self, path: str, status: int) -> None:
+        route = path if path in _ROUTES else "other"
+        with self._count_lock:
+            self.responses[(route, status)] = self.responses.get((route, status), 0) + 1
+
+    def metrics_text(self) -> str:
+        """Prometheus text exposition (GET /metrics): responses by route and status, the engine's counters (tokens,
+        steps, preemptions, prefix-cache hits) and gauges (requests running / waiting, KV blocks)."""
+        llm = self.engine.llm
+        stats, blocks = dict(llm.stats), llm.blocks
+        out = []
+
+        def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
+            out.append(f"# HELP r4b_{name} {help_}")
+            out.append(f"# TYPE r4b_{name} {kind}")
+            out.extend(f"r4b_{name}{labels} {value:g}" for labels, value in samples)
+
+        with self._count_lock:
+            responses = sorted(self.responses.items())
+        metric("http_responses_total", "counter", "HTTP responses by route and status code.",
+               [(f'{{route="{r}",code="{c}"}}', n) for (r, c), n in responses])
+        for key, help_ in (("generated_tokens", "Tokens sampled."),
+                           ("prompt_tokens_computed", "Prompt tokens run through the model."),
+                           ("prefix_cache_hit_tokens", "Prompt tokens taken from the prefix cache."),
+                           ("steps", "Engine steps."), ("graph_steps", "Decode steps replayed from CUDA graphs."),
+                           ("preemptions", "Sequences preempted (recomputed later) for KV blocks.")):
+            metric(f"{key}_total", "counter", help_, [("", stats.get(key, 0))])
+        metric("requests_running", "gauge", "Sequences in the running batch.", [("", len(llm.running))])
+        metric("requests_waiting", "gauge", "Sequences waiting for admission.", [("", len(llm.waiting))])
+        metric("kv_blocks", "gauge", "KV-cache blocks, all / free (cached ones count as free) / cached.",
+               [('{state="all"}', blocks.num_blocks), ('{state="free"}', blocks.num_free_blocks),
+                ('{state="cached"}', blocks.num_cached_blocks)])
+        return "\n".join(out) + "\n"
+
 
 class _Handler(BaseHTTPRequestHandler):
     server: Server
     protocol_version = "HTTP/1.1"
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        self.server.count_response(getattr(self, "path", ""), code)  # (no path: a request line that did not parse)
+        super().send_response(code, message)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
         log.info("%s %s", self.address_string(), format % args)
@@ -611,7 +654,14 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 - the base class's name
         if not self._authorized():
             return
-        if self.path == "/health":
+        if self.path == "/metrics":
+            data = self.server.metrics_text().encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        elif self.path == "/health":
             alive = self.server.engine._thread.is_alive()
             self._json(200 if alive else 503, {"status": "ok" if alive else "the engine thread is not running"})
         elif self.path == "/v1/models":
