@@ -142,7 +142,7 @@ def test_bad_messages_raise(tok):
     with pytest.raises(ValueError, match="thinking_mode must be one of"):
         tok.apply_chat_template(MESSAGES, thinking_mode="fast")
     with pytest.raises(ValueError, match=r"messages\[0\].role must be one of"):
-        tok.apply_chat_template([{"role": "tool", "content": "x"}])
+        tok.apply_chat_template([{"role": "function", "content": "x"}])
     with pytest.raises(ValueError, match=r"messages\[0\].content\[0\] must be"):
         tok.apply_chat_template([{"role": "user", "content": [{"type": "video"}]}])
 

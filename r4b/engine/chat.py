@@ -12,11 +12,20 @@ Assistant turns in the history follow Qwen3's published chat template: a turn be
 only its answer (the text after its last ``</think>``, leading newlines dropped); a turn after it is written
 ``<think>\\n{reasoning}\\n</think>\\n\\n{answer}`` when it has a thought (from ``reasoning_content`` or a
 ``<think>`` block in its content) or is the last message, else as its plain content.
+
+Tools (function calling) follow the same template: ``tools`` (OpenAI's list of ``{"type": "function", "function":
+{...}}``) go into the first system turn as a ``# Tools`` block (after the system message, when the chat starts with
+one), each tool one JSON line inside ``<tools></tools>``; an assistant turn's ``tool_calls`` follow its content as
+``<tool_call>\\n{"name": ..., "arguments": ...}\\n</tool_call>`` blocks; consecutive ``tool`` messages (the
+results) form one user turn of ``<tool_response>`` blocks. :func:`parse_tool_calls` reads the calls back out of
+a generated answer.
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -33,7 +42,14 @@ THINK, END_THINK, IMAGE = "<think>", "</think>", "<image>"
 SPECIAL_TOKENS = (EOT, IM_START, IM_END, THINK, END_THINK, IMAGE)  # the demo tokenizer's
 REQUIRED_TOKENS = (IM_START, IM_END, THINK, END_THINK)  # <|endoftext|> and <image> are optional
 MODE_SUFFIX = {"auto": THINK, "long": THINK + "\n", "short": THINK + "\n\n" + END_THINK + "\n\n"}
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+TOOL_CALL, END_TOOL_CALL = "<tool_call>", "</tool_call>"
+TOOL_RESPONSE, END_TOOL_RESPONSE = "<tool_response>", "</tool_response>"
+TOOLS_HEADER = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+                "You are provided with function signatures within <tools></tools> XML tags:\n<tools>")
+TOOLS_FOOTER = ("\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+                "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
+                "<args-json-object>}\n</tool_call>")
 DEMO_TOKENIZER = Path(__file__).resolve().parents[1] / "assets" / "tokenizer.json"
 
 
@@ -53,6 +69,119 @@ class ChatEncoding:
     input_ids: Tensor  # (T,) int64
     pixel_values: list[Tensor] = field(default_factory=list)  # per image (1 + tiles, 3, S, S)
     image_sizes: list[tuple[int, int]] = field(default_factory=list)  # per image (height, width)
+
+
+@dataclass
+class ToolCall:
+    """One function call the model made: its name and its arguments (a JSON object)."""
+
+    name: str
+    arguments: dict
+
+    def arguments_json(self) -> str:
+        """The arguments as a JSON string (OpenAI's ``function.arguments``)."""
+        return json.dumps(self.arguments, ensure_ascii=False)
+
+
+def _tojson(x: Any) -> str:
+    """JSON as the chat template writes it (transformers' ``tojson``: no ASCII escaping, default separators)."""
+    return json.dumps(x, ensure_ascii=False)
+
+
+def check_tools(tools: Any) -> list[dict] | None:
+    """``tools`` checked: None / empty, or a list of JSON objects (each a tool's schema, written as given); raises
+    ValueError naming the bad entry."""
+    if tools is None:
+        return None
+    if not isinstance(tools, (list, tuple)):
+        raise ValueError(f"tools must be a list of tool schemas (JSON objects), got {type(tools).__name__}")
+    for i, t in enumerate(tools):
+        if not isinstance(t, dict):
+            raise ValueError(f"tools[{i}] must be a JSON object (a tool's schema), got {type(t).__name__}")
+        try:
+            _tojson(t)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"tools[{i}] is not JSON-serialisable: {e}") from None
+    return list(tools) or None
+
+
+def _render_tool_call(call: Any, where: str) -> str:
+    """One history tool call (OpenAI's ``{"type": "function", "function": {"name", "arguments"}}``, or the
+    function object itself) as its ``<tool_call>`` block; string arguments are written as given."""
+    if isinstance(call, ToolCall):
+        call = {"name": call.name, "arguments": call.arguments}
+    if not isinstance(call, dict):
+        raise ValueError(f"{where} must be a JSON object, got {type(call).__name__}")
+    fn = call.get("function") or call
+    name, args = fn.get("name") if isinstance(fn, dict) else None, fn.get("arguments") if isinstance(fn, dict) else None
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{where}: a tool call needs a function name, got {call!r:.80}")
+    if not isinstance(args, str):
+        try:
+            args = _tojson(args)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}.arguments is not JSON-serialisable: {e}") from None
+    return f'{TOOL_CALL}\n{{"name": "{name}", "arguments": {args}}}\n{END_TOOL_CALL}'
+
+
+_TOOL_BLOCK = re.compile(re.escape(TOOL_CALL) + r"(.*?)" + re.escape(END_TOOL_CALL), re.DOTALL)
+
+
+def _tool_call_of(body: str) -> ToolCall | None:
+    """The call a ``<tool_call>`` block's body holds (``{"name": str, "arguments": {...}}``; arguments given as a
+    JSON string of an object are read too), or None when it is not one."""
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
+        return None
+    args = obj.get("arguments", obj.get("parameters", {}))
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except ValueError:
+            return None
+    if not isinstance(args, dict):
+        return None
+    return ToolCall(obj["name"], args)
+
+
+def parse_tool_calls(answer: str, *, final: bool = True) -> tuple[str, list[ToolCall], int]:
+    """The tool calls in a generated answer (the text after the thought): (content, calls, held).
+
+    Every ``<tool_call>{json}</tool_call>`` block whose body is a call (a JSON object with a string ``name`` and an
+    object ``arguments``) becomes a ToolCall, in order, and is cut out of the content; a block that is not one
+    stays in the content as written. A last block that never closed (the model ended its turn without
+    ``</tool_call>``) counts when its body is a whole call. content: what is left, stripped.
+
+    final=False (a stream's text so far): an unclosed last block, or an ending that may grow into ``<tool_call>``,
+    is not decided yet: it is left out of the content and ``held`` is its length (0 when final).
+    """
+    pieces, calls, pos = [], [], 0
+    for m in _TOOL_BLOCK.finditer(answer):
+        call = _tool_call_of(m.group(1))
+        pieces.append(answer[pos:m.start()] if call is not None else answer[pos:m.end()])
+        if call is not None:
+            calls.append(call)
+        pos = m.end()
+    rest, held = answer[pos:], 0
+    start = rest.find(TOOL_CALL)
+    if start >= 0:  # an unclosed block
+        call = _tool_call_of(rest[start + len(TOOL_CALL):]) if final else None
+        if call is not None:
+            calls.append(call)
+            rest = rest[:start]
+        elif not final:
+            held, rest = len(rest) - start, rest[:start]
+    elif not final:
+        for k in range(min(len(TOOL_CALL) - 1, len(rest)), 0, -1):
+            if rest.endswith(TOOL_CALL[:k]):
+                held, rest = k, rest[:-k]
+                break
+    pieces.append(rest)
+    content = "".join(pieces)
+    return (content.strip() if final else content.lstrip()), calls, held
 
 
 def _split_thought(content: str) -> tuple[str, str]:
@@ -144,6 +273,8 @@ class ChatTokenizer:
         return num_image_tokens(h, w, self.model_config)
 
     def _render_content(self, content: Any, where: str, images: list) -> str:
+        if content is None:  # an assistant turn of tool calls only (OpenAI sends content null)
+            return ""
         if isinstance(content, str):
             return content
         if not isinstance(content, list):
@@ -163,11 +294,12 @@ class ChatTokenizer:
                 raise ValueError(f"{where}.content[{j}] must be {{'type': 'text'|'image', ...}}, got {part!r}")
         return "".join(out)
 
-    def _render(self, messages: list[dict], thinking_mode: str,
-                add_generation_prompt: bool) -> tuple[str, list, list[tuple[int, int, int]]]:
+    def _render(self, messages: list[dict], thinking_mode: str, add_generation_prompt: bool,
+                tools: list[dict] | None = None) -> tuple[str, list, list[tuple[int, int, int]]]:
         """(text, images, spans): spans holds (message index, start, end) character offsets of each assistant
         turn's content, from after ``<|im_start|>assistant\\n`` to after its ``<|im_end|>``."""
         check_mode(thinking_mode)
+        tools = check_tools(tools)
         if not isinstance(messages, list) or not messages:
             raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
         turns, images = [], []
@@ -179,33 +311,57 @@ class ChatTokenizer:
         # Qwen3: thoughts are kept only in assistant turns after the last user query
         last_query = next((i for i in reversed(range(len(turns))) if _is_query(*turns[i])), len(turns) - 1)
         parts, spans, pos = [], [], 0
+
+        def add(piece: str) -> None:
+            nonlocal pos
+            parts.append(piece)
+            pos += len(piece)
+
+        if tools:
+            system = turns[0][1] + "\n\n" if turns[0][0] == "system" else ""
+            add(f"{IM_START}system\n{system}{TOOLS_HEADER}" + "".join("\n" + _tojson(t) for t in tools)
+                + f"{TOOLS_FOOTER}{IM_END}\n")
         for i, (role, text) in enumerate(turns):
+            if tools and i == 0 and role == "system":
+                continue  # in the tools block
+            if role == "tool":  # consecutive results: one user turn of <tool_response> blocks
+                first, last = i == 0 or turns[i - 1][0] != "tool", i == len(turns) - 1 or turns[i + 1][0] != "tool"
+                add((f"{IM_START}user" if first else "") + f"\n{TOOL_RESPONSE}\n{text}\n{END_TOOL_RESPONSE}"
+                    + (f"{IM_END}\n" if last else ""))
+                continue
             if role == "assistant":
                 reasoning = messages[i].get("reasoning_content")
                 if not isinstance(reasoning, str):
                     reasoning = ""
                     if END_THINK in text:
                         reasoning, text = _split_thought(text)
+                answer = text
                 if i > last_query and (i == len(turns) - 1 or reasoning):
                     text = THINK + "\n" + reasoning.strip("\n") + "\n" + END_THINK + "\n\n" + text.lstrip("\n")
+                calls = messages[i].get("tool_calls") or []
+                if not isinstance(calls, (list, tuple)):
+                    raise ValueError(f"messages[{i}].tool_calls must be a list, got {type(calls).__name__}")
+                for k, call in enumerate(calls):
+                    sep = "\n" if k > 0 or answer else ""
+                    text += sep + _render_tool_call(call, f"messages[{i}].tool_calls[{k}]")
             head, piece = f"{IM_START}{role}\n", f"{IM_START}{role}\n{text}{IM_END}\n"
             if role == "assistant":
                 spans.append((i, pos + len(head), pos + len(piece) - 1))
-            parts.append(piece)
-            pos += len(piece)
+            add(piece)
         if add_generation_prompt:
             parts.append(f"{IM_START}assistant\n{MODE_SUFFIX[thinking_mode]}")
         return "".join(parts), images, spans
 
     def apply_chat_template(self, messages: list[dict], thinking_mode: str = "auto",
-                            add_generation_prompt: bool = True) -> str:
-        """The prompt string (see the module docstring); image parts become their ``<image>`` tokens."""
-        return self._render(messages, thinking_mode, add_generation_prompt)[0]
+                            add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
+        """The prompt string (see the module docstring); image parts become their ``<image>`` tokens; ``tools``:
+        the functions the model may call (OpenAI's tool schemas)."""
+        return self._render(messages, thinking_mode, add_generation_prompt, tools)[0]
 
     def encode_chat(self, messages: list[dict], thinking_mode: str = "auto",
-                    add_generation_prompt: bool = True) -> ChatEncoding:
+                    add_generation_prompt: bool = True, tools: list[dict] | None = None) -> ChatEncoding:
         """Token ids of the prompt, with the preprocessed images (in order) when there are any."""
-        text, images, _ = self._render(messages, thinking_mode, add_generation_prompt)
+        text, images, _ = self._render(messages, thinking_mode, add_generation_prompt, tools)
         return self._with_images(ChatEncoding(torch.tensor(self.encode(text), dtype=torch.int64)), images,
                                  "encode_chat")
 
@@ -220,8 +376,8 @@ class ChatTokenizer:
             enc.image_sizes.append(size)
         return enc
 
-    def encode_chat_for_training(self, messages: list[dict], *, train_on: str = "all",
-                                 pixels: bool = True) -> tuple[ChatEncoding, Tensor]:
+    def encode_chat_for_training(self, messages: list[dict], *, train_on: str = "all", pixels: bool = True,
+                                 tools: list[dict] | None = None) -> tuple[ChatEncoding, Tensor]:
         """A whole conversation (ending with an assistant turn) as training tokens: (encoding, labels).
 
         The text is ``apply_chat_template(messages, add_generation_prompt=False)``, encoded once; labels (L,) bool
@@ -230,11 +386,12 @@ class ChatTokenizer:
         characters is). train_on: "all" (every assistant turn) or "last" (the final one). The last turn has the
         template's ``<think>`` block, so a turn without a thought trains ``<think>\\n\\n</think>\\n\\n{answer}``.
         pixels=False: the images' sizes only (``image_sizes``; ``pixel_values`` empty), for a dataset that
-        preprocesses them when a batch needs them.
+        preprocesses them when a batch needs them. tools: the functions offered (the system turn's tools block);
+        an assistant turn's tool calls are part of its trained content, the tool results (user turns) are not.
         """
         if train_on not in ("all", "last"):
             raise ValueError(f"train_on must be 'all' or 'last', got {train_on!r}")
-        text, images, spans = self._render(messages, "auto", False)
+        text, images, spans = self._render(messages, "auto", False, tools)
         last_role = messages[-1].get("role") if isinstance(messages[-1], dict) else None
         if last_role != "assistant":
             raise ValueError(f"messages[-1] must be the assistant turn to train on, got role {last_role!r}")
