@@ -100,6 +100,30 @@ def test_encode_sft_row_formats(tok):
         encode_sft_row(tok, {"question": "x"}, where="f:3", max_seq_len=512)
 
 
+def test_encode_sft_row_with_tools(tok):
+    """A tool-using conversation: the tools block is in the prompt, the assistant's calls and final answer are
+    trained, the tool result is not; a row whose tools are not a list is refused."""
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    row = {"tools": tools, "messages": [
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+            "name": "add", "arguments": {"a": 2, "b": 2}}}]},
+        {"role": "tool", "content": "4"},
+        {"role": "assistant", "content": "4"}]}
+    ex = encode_sft_row(tok, row, where="f:1", max_seq_len=1024)
+    text = tok.decode(ex.input_ids)
+    assert text == tok.apply_chat_template(row["messages"], tools=tools, add_generation_prompt=False)
+    assert "# Tools" in text and "<tool_response>\n4\n</tool_response>" in text
+    # Qwen3's template: a turn after the last user query gets a <think> block only when it has a thought or is last
+    assert _trained_texts(tok, ex, ex.labels) == [
+        '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 2}}\n</tool_call><|im_end|>',
+        "<think>\n\n</think>\n\n4<|im_end|>"]
+    with pytest.raises(ValueError, match="^f:2: 'tools' must be a list"):
+        encode_sft_row(tok, {**row, "tools": "add"}, where="f:2", max_seq_len=1024)
+    with pytest.raises(ValueError, match=r"^f:3: tools\[0\] must be a JSON object"):
+        encode_sft_row(tok, {**row, "tools": ["add"]}, where="f:3", max_seq_len=1024)
+
+
 def test_collate_hand_computed():
     a = Example(torch.tensor([10, 11, 12, 13]), torch.tensor([False, False, True, True]), thinking=True)
     b = Example(torch.tensor([20, 21, 22]), torch.tensor([True, False, True]))

@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from .block_manager import BlockManager, cdiv
-from .chat import MODE_SUFFIX, ChatTokenizer, check_mode, parse_response
+from .chat import MODE_SUFFIX, ChatTokenizer, ToolCall, check_mode, check_tools, parse_response, parse_tool_calls
 from .graphs import DecodeGraphs
 from .model.qwen3 import PagedKV
 from .sampling import PenaltyCounts, SamplingParams, make_generator, sample
@@ -69,6 +69,9 @@ class CompletionOutput:
     num_thinking_tokens: int  # generated tokens before </think> (all of them when the thought never closed)
     finish_reason: str  # "stop" (end of turn, a stop token or string), "length" (max_tokens / model length)
     top_logprobs: list[dict[int, float]] | None = None  # with SamplingParams.logprobs=k
+    # with tools: the calls in the answer (parse_tool_calls; the answer keeps their <tool_call> blocks); None
+    # when the request offered no tools
+    tool_calls: list[ToolCall] | None = None
 
 
 @dataclass
@@ -117,6 +120,7 @@ class _Request:
             self.prompt_lps = [None] * len(prompt)
             self.prompt_top = [None] * len(prompt) if params.prompt_logprobs else None
         self._image_digest: bytes | None = None
+        self.tools = False  # the chat was rendered with tools: its outputs' tool calls are parsed
 
     def image_digest(self) -> bytes:
         """A digest of the request's images (their pixels, dtypes, shapes and sizes): the prefix cache's key salt
@@ -316,10 +320,13 @@ class LLM:
                                     capture=capture)
 
     # ------------------------------------------------------------------ requests
-    def _prompt(self, request: Any, i: int) -> tuple[list[int], list[Tensor], list, bool]:
+    def _prompt(self, request: Any, i: int, tools: list[dict] | None = None) -> tuple[list[int], list[Tensor], list,
+                                                                                      bool]:
         """(token ids, pixel values, image sizes, is_chat) of one request; the chat prompt ends before the mode
         suffix."""
         if _is_token_list(request) or (isinstance(request, (list, tuple)) and not request):
+            if tools:
+                raise ValueError(f"requests[{i}] is token ids: tools apply to chats (render them into the prompt)")
             ids = request.tolist() if isinstance(request, Tensor) else list(request)
             return ids, [], [], False
         if isinstance(request, str):
@@ -329,15 +336,16 @@ class LLM:
                              f"{type(request).__name__}")
         if self.tokenizer is None:
             raise ValueError(f"requests[{i}] is a chat: LLM needs tokenizer= to render it")
-        enc = self.tokenizer.encode_chat(request, thinking_mode="auto")
+        enc = self.tokenizer.encode_chat(request, thinking_mode="auto", tools=tools)
         ids = enc.input_ids.tolist()
         if not ids or ids[-1] != self.tokenizer.think_id:  # the "auto" suffix is exactly <think>
             raise RuntimeError("the chat template's auto suffix is not the <think> token")
         return ids[:-1], enc.pixel_values, enc.image_sizes, True
 
-    def _add(self, index: int, request: Any, params: SamplingParams, modes: tuple[str | None, ...]) -> _Request:
+    def _add(self, index: int, request: Any, params: SamplingParams, modes: tuple[str | None, ...],
+             tools: list[dict] | None = None) -> _Request:
         try:
-            ids, pix, sizes, is_chat = self._prompt(request, index)
+            ids, pix, sizes, is_chat = self._prompt(request, index, tools)
         except Exception as e:  # noqa: BLE001 - a bad request (or its image) is reported and skipped
             req = _Request(index, [], params, [], [], [])
             req.error = f"{type(e).__name__}: {e}"
@@ -345,6 +353,7 @@ class LLM:
             return req
         modes_here = [m if (m is not None or not is_chat) else "auto" for m in modes]
         req = _Request(index, ids, params, modes_here, pix, sizes)
+        req.tools = bool(tools)
         suffixes = [self._suffix_ids[m] if m is not None else [] for m in modes_here]
         longest = len(ids) + max(len(s) for s in suffixes)
         if not ids:
@@ -827,7 +836,8 @@ class LLM:
                 index=seq.index, text=text, thinking=parsed.thinking, answer=parsed.answer, token_ids=list(gen),
                 logprobs=list(seq.logprobs), thinking_mode=seq.mode, mode=parsed.mode, num_thinking_tokens=n_think,
                 finish_reason=seq.finish_reason or "error",
-                top_logprobs=list(seq.top) if seq.req.params.logprobs else None))
+                top_logprobs=list(seq.top) if seq.req.params.logprobs else None,
+                tool_calls=parse_tool_calls(parsed.answer)[1] if req.tools else None))
         return out
 
     # ------------------------------------------------------------------ public
@@ -872,7 +882,8 @@ class LLM:
                     seq.thought_open = False
 
     def _start(self, requests: Sequence[Any], params: SamplingParams | Sequence[SamplingParams] | None,
-               thinking_mode: str | Sequence[str] | None, max_thinking_tokens: int | None) -> list[_Request]:
+               thinking_mode: str | Sequence[str] | None, max_thinking_tokens: int | None,
+               tools: list[dict] | None = None) -> list[_Request]:
         if self.waiting or self.running or self._live:
             raise RuntimeError("LLM is already generating (one generate / stream at a time, and not while "
                                "add_request / step serve requests)")
@@ -886,8 +897,9 @@ class LLM:
             raise ValueError(f"params must be a SamplingParams or one per request ({len(requests)}), got "
                              f"{len(plist)} items")
         modes = self._check_call(plist, thinking_mode, max_thinking_tokens)
+        tools = self._check_tools(tools)
         try:
-            reqs = [self._add(i, r, p, modes) for i, (r, p) in enumerate(zip(requests, plist, strict=True))]
+            reqs = [self._add(i, r, p, modes, tools) for i, (r, p) in enumerate(zip(requests, plist, strict=True))]
         except BaseException:
             self._reset()
             raise
@@ -895,10 +907,16 @@ class LLM:
             self._set_budget(req, max_thinking_tokens)
         return reqs
 
+    def _check_tools(self, tools: Any) -> list[dict] | None:
+        tools = check_tools(tools)
+        if tools and self.tokenizer is None:
+            raise ValueError("tools need the LLM's tokenizer (to render them into the chat)")
+        return tools
+
     # ------------------------------------------------------------------ serving: one request at a time
     def add_request(self, request: Any, params: SamplingParams | None = None, *,
                     thinking_mode: str | Sequence[str] | None = None,
-                    max_thinking_tokens: int | None = None) -> int:
+                    max_thinking_tokens: int | None = None, tools: list[dict] | None = None) -> int:
         """Queue one request while others run (serving; r4b/engine/server.py); returns its id. Its tokens and its
         RequestOutput (also for a request that cannot run: ``error`` set) come from :meth:`step`. A bad argument
         (not the request itself) raises ValueError. Call from one thread, not during generate / stream."""
@@ -906,7 +924,7 @@ class LLM:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
         modes = self._check_call([params], thinking_mode, max_thinking_tokens)
-        req = self._add(next(self._req_ids), request, params, modes)
+        req = self._add(next(self._req_ids), request, params, modes, self._check_tools(tools))
         self._set_budget(req, max_thinking_tokens)
         self._live[req.index] = req
         if req.error is not None:
@@ -994,7 +1012,7 @@ class LLM:
 
     def generate(self, requests: Sequence[Any], params: SamplingParams | Sequence[SamplingParams] | None = None, *,
                  thinking_mode: str | Sequence[str] | None = None, max_thinking_tokens: int | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True, tools: list[dict] | None = None) -> list[RequestOutput]:
         """Complete every request; one RequestOutput per request, in order.
 
         requests: each a str (one user message), a list of chat messages (``{"role", "content"}``; image parts
@@ -1002,8 +1020,10 @@ class LLM:
         thinking_mode: "auto" / "long" / "short", or a list of them (each request then gets n completions in
         each mode, all from one prefill of the shared prompt); None: "auto" for chats, token-id prompts as given.
         max_thinking_tokens: force ``\\n</think>\\n\\n`` once a thought holds that many generated tokens.
+        tools: functions the chats offer the model (OpenAI's tool schemas, rendered by the chat template); each
+        completion's ``tool_calls`` then holds the calls it made (r4b.engine.chat.parse_tool_calls).
         """
-        reqs = self._start(requests, params, thinking_mode, max_thinking_tokens)
+        reqs = self._start(requests, params, thinking_mode, max_thinking_tokens, tools)
         total = sum(len(r.seqs) for r in reqs)
         bar = None
         if use_tqdm and total:
@@ -1019,10 +1039,11 @@ class LLM:
 
     def stream(self, requests: Sequence[Any], params: SamplingParams | Sequence[SamplingParams] | None = None, *,
                thinking_mode: str | Sequence[str] | None = None,
-               max_thinking_tokens: int | None = None) -> Iterator[StreamEvent | RequestOutput]:
+               max_thinking_tokens: int | None = None,
+               tools: list[dict] | None = None) -> Iterator[StreamEvent | RequestOutput]:
         """Like :meth:`generate`, as it happens: a StreamEvent for every generated token, and each request's
         RequestOutput as soon as all its completions are done (a skipped request's at once)."""
-        reqs = self._start(requests, params, thinking_mode, max_thinking_tokens)
+        reqs = self._start(requests, params, thinking_mode, max_thinking_tokens, tools)
         try:
             done = set()
             for req in reqs:

@@ -14,6 +14,14 @@ The thinking mode: ``"thinking_mode": "auto" | "long" | "short"`` (r4b's field),
 choice also says ``thinking_mode`` and what the model did (``mode``: "think" / "no_think"). Images: ``image_url``
 parts with ``data:`` URLs (base64); the server fetches nothing and reads no local file.
 
+Tools (function calling): ``tools`` (OpenAI's function schemas) are rendered by the chat template (Qwen3's
+``# Tools`` block); the ``<tool_call>`` blocks of an answer come back as ``message.tool_calls`` (``id``, ``type``
+"function", ``function.name`` / ``function.arguments`` as a JSON string), cut out of ``content`` (null when nothing
+else is left), with finish_reason "tool_calls"; streamed, each call is one ``delta.tool_calls`` entry sent when its
+block closes. The history takes assistant ``tool_calls`` and ``tool`` messages (their results). ``tool_choice``:
+"auto" (the default) or "none" (the tools are left out of the prompt); "required" and a named function are refused
+(they need constrained decoding). ``parallel_tool_calls: false`` keeps the first call.
+
 ``"logprobs": true`` (and ``"top_logprobs": k``, k <= 20) gives each choice ``logprobs.content``: one entry per
 generated token, the thought's included, in order (``token``, ``logprob``, ``bytes``, ``top_logprobs``); streamed,
 each chunk of a token carries its entry. The log-probs are the engine's: of the distribution at the request's
@@ -39,14 +47,14 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from .chat import END_THINK, IM_END, MODE_SUFFIX, THINK
+from .chat import END_THINK, IM_END, MODE_SUFFIX, THINK, ToolCall, parse_tool_calls
 from .llm import LLM, RequestOutput, StreamEvent
 from .sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
 _EOT = "<|endoftext|>"
-_UNSUPPORTED = ("tools", "tool_choice", "functions", "response_format")
+_UNSUPPORTED = ("functions", "function_call", "response_format")
 
 
 class EngineFailure(RuntimeError):
@@ -76,6 +84,8 @@ class ChatRequest:
     include_usage: bool = False
     model: str | None = None
     logprobs: bool = False
+    tools: list[dict] | None = None  # rendered into the prompt; the answers' tool calls are parsed
+    parallel_tool_calls: bool = True  # False: a choice keeps its first call
 
 
 @dataclass
@@ -128,15 +138,69 @@ def _image(url: Any, where: str) -> Any:
         raise BadRequest(f"{where}: not a readable base64 image ({type(e).__name__}: {e})", "messages") from None
 
 
+def _tool_calls(raw: Any, where: str) -> list[dict]:
+    """An assistant message's ``tool_calls`` (OpenAI's form), checked; arguments stay as given (a JSON string)."""
+    if not isinstance(raw, list):
+        raise BadRequest(f"{where} must be a list of tool calls, got {str(raw)[:60]!r}", "messages")
+    out = []
+    for k, call in enumerate(raw):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"] \
+                or not isinstance(fn.get("arguments", "{}"), (str, dict)):
+            raise BadRequest(f"{where}[{k}] must be {{'type': 'function', 'function': {{'name': str, 'arguments': "
+                             f"str}}}}, got {str(call)[:80]!r}", "messages")
+        out.append({"type": "function", "function": {"name": fn["name"], "arguments": fn.get("arguments", "{}")}})
+    return out
+
+
+def _tools(body: dict) -> tuple[list[dict] | None, bool]:
+    """(the tools to render, or None; parallel_tool_calls) of a chat body, checked."""
+    tools = body.get("tools")
+    choice = body.get("tool_choice")
+    parallel = body.get("parallel_tool_calls", True)
+    if parallel is None:
+        parallel = True
+    if not isinstance(parallel, bool):
+        raise BadRequest(f"'parallel_tool_calls' must be true or false, got {parallel!r}", "parallel_tool_calls")
+    if tools is None or tools == []:
+        if choice not in (None, "none", "auto"):
+            raise BadRequest(f"'tool_choice' {str(choice)[:60]!r} needs 'tools'", "tool_choice")
+        return None, parallel
+    if not isinstance(tools, list):
+        raise BadRequest(f"'tools' must be a list of function tools, got {str(tools)[:60]!r}", "tools")
+    for i, t in enumerate(tools):
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(t, dict) or t.get("type") != "function" or not isinstance(fn, dict) \
+                or not isinstance(fn.get("name"), str) or not fn["name"] \
+                or not isinstance(fn.get("parameters", {}), dict):
+            raise BadRequest(f"tools[{i}] must be {{'type': 'function', 'function': {{'name': str, 'description'?, "
+                             f"'parameters'?: object}}}}, got {str(t)[:80]!r}", "tools")
+    if choice in (None, "auto"):
+        return tools, parallel
+    if choice == "none":
+        return None, parallel
+    if choice == "required" or isinstance(choice, dict):
+        raise BadRequest(f"'tool_choice' {str(choice)[:60]!r} is not supported by r4b serve (it needs constrained "
+                         "decoding): use 'auto' or 'none'", "tool_choice")
+    raise BadRequest(f"'tool_choice' must be 'auto', 'none', 'required' or a function, got {str(choice)[:60]!r}",
+                     "tool_choice")
+
+
 def _messages(raw: Any) -> list[dict]:
     if not isinstance(raw, list) or not raw:
         raise BadRequest(f"'messages' must be a non-empty list, got {str(raw)[:60]!r}", "messages")
     out = []
     for i, m in enumerate(raw):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-            raise BadRequest(f"messages[{i}] must be an object with role system / user / assistant, got "
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool"):
+            raise BadRequest(f"messages[{i}] must be an object with role system / user / assistant / tool, got "
                              f"{str(m)[:60]!r}", "messages")
         content = m.get("content")
+        if m["role"] == "tool" and isinstance(content, list):  # a tool result: its text parts
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise BadRequest(f"messages[{i}].content of a tool message must be a string or text parts",
+                                 "messages")
+            content = "".join(p["text"] for p in content)
         if isinstance(content, list):
             parts = []
             for j, part in enumerate(content):
@@ -154,7 +218,12 @@ def _messages(raw: Any) -> list[dict]:
             content = ""
         elif not isinstance(content, str):
             raise BadRequest(f"messages[{i}].content must be a string or a list of parts", "messages")
-        out.append({"role": m["role"], "content": content})
+        msg = {"role": m["role"], "content": content}
+        if m["role"] == "assistant" and m.get("tool_calls"):
+            msg["tool_calls"] = _tool_calls(m["tool_calls"], f"messages[{i}].tool_calls")
+        if m["role"] == "assistant" and isinstance(m.get("reasoning_content"), str):
+            msg["reasoning_content"] = m["reasoning_content"]
+        out.append(msg)
     if out[-1]["role"] == "assistant":
         raise BadRequest("the last message is the assistant's: nothing to answer (continuing an assistant turn is "
                          "not supported)", "messages")
@@ -196,9 +265,10 @@ def parse_chat_request(body: Any, *, default_mode: str = "auto", default_max_tok
     opts = body.get("stream_options") or {}
     if not isinstance(opts, dict):
         raise BadRequest("'stream_options' must be an object", "stream_options")
+    tools, parallel = _tools(body)
     params = _sampling_params(body, max_tokens=max_tokens or default_max_tokens, logprobs=top or None)
     return ChatRequest(messages, params, mode, _int(body, "max_thinking_tokens", 0, None), stream,
-                       bool(opts.get("include_usage")), body.get("model"), logprobs)
+                       bool(opts.get("include_usage")), body.get("model"), logprobs, tools, parallel)
 
 
 def _sampling_params(body: dict, *, max_tokens: int, logprobs: int | None,
@@ -351,7 +421,8 @@ class EngineLoop:
                     if h.aborted:
                         continue
                     h.request_id = self.llm.add_request(req.messages, req.params, thinking_mode=req.thinking_mode,
-                                                        max_thinking_tokens=req.max_thinking_tokens)
+                                                        max_thinking_tokens=req.max_thinking_tokens,
+                                                        tools=req.tools)
                     handles[h.request_id] = h
                 except ValueError as e:  # the arguments: the client's to fix
                     h.events.put(("refused", str(e)))
@@ -446,7 +517,51 @@ class ThinkSplitter:
         return out[0], out[1]
 
 
+class ToolCallStream:
+    """Splits a choice's streamed answer (ThinkSplitter's answer deltas) into content deltas and tool calls, by the
+    rules of r4b.engine.chat.parse_tool_calls (what the non-streamed response holds): content up to a
+    ``<tool_call>`` is sent as it comes (a tag that may be starting, and trailing whitespace, held back); a block is
+    held until it closes, then sent as one call (or, when it is not one, as content)."""
+
+    def __init__(self, parallel: bool = True) -> None:
+        self.parallel = parallel
+        self.answer = ""
+        self.sent = ""  # the content sent so far
+        self.calls = 0  # the calls sent so far
+        self.diverged = False
+
+    def feed(self, delta: str) -> tuple[str, list[ToolCall]]:
+        """(content delta, new calls) after ``delta`` of the answer."""
+        self.answer += delta
+        content, calls, _ = parse_tool_calls(self.answer, final=False)
+        return self._advance(content.rstrip(), calls)
+
+    def finish(self, answer: str) -> tuple[str, list[ToolCall]]:
+        """The rest, given the choice's final answer."""
+        content, calls, _ = parse_tool_calls(answer)
+        if not content.startswith(self.sent):
+            self.diverged = True
+        return self._advance(content, calls)
+
+    def _advance(self, content: str, calls: list[ToolCall]) -> tuple[str, list[ToolCall]]:
+        if not self.parallel:
+            calls = calls[:1]
+        delta = ""
+        if content.startswith(self.sent) and len(content) > len(self.sent):
+            delta, self.sent = content[len(self.sent):], content
+        new = calls[self.calls:]
+        self.calls = max(self.calls, len(calls))
+        return delta, new
+
+
 # --------------------------------------------------------------------------------------------------------- HTTP
+
+
+def _call_json(call: ToolCall, index: int | None = None) -> dict:
+    """OpenAI's tool_calls item (``index`` for a streamed delta); arguments as a JSON string."""
+    out = {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+           "function": {"name": call.name, "arguments": call.arguments_json()}}
+    return out if index is None else {"index": index, **out}
 
 
 def _logprob_entry(tok, token_id: int, logprob: float, top: dict[int, float] | None) -> dict:
@@ -496,11 +611,18 @@ def _text_logprobs(tok, out: RequestOutput, c, echo: bool) -> dict:
             "top_logprobs": [None if top is None else _top_strs(tok, top) for top in tops], "text_offset": offsets}
 
 
-def _choice(c, tok=None, logprobs: bool = False) -> dict:
-    out = {"index": c.index, "message": {"role": "assistant", "content": c.answer,
-                                         "reasoning_content": c.thinking or None},
-           "finish_reason": c.finish_reason, "thinking_mode": c.thinking_mode, "mode": c.mode,
-           "num_thinking_tokens": c.num_thinking_tokens}
+def _choice(c, tok=None, logprobs: bool = False, req: ChatRequest | None = None) -> dict:
+    message = {"role": "assistant", "content": c.answer, "reasoning_content": c.thinking or None}
+    reason = c.finish_reason
+    if req is not None and req.tools:
+        content, calls, _ = parse_tool_calls(c.answer)
+        calls = calls if req.parallel_tool_calls else calls[:1]
+        if calls:
+            message["content"] = content or None
+            message["tool_calls"] = [_call_json(x) for x in calls]
+            reason = "tool_calls" if reason == "stop" else reason
+    out = {"index": c.index, "message": message, "finish_reason": reason, "thinking_mode": c.thinking_mode,
+           "mode": c.mode, "num_thinking_tokens": c.num_thinking_tokens}
     if logprobs:
         tops = c.top_logprobs or [None] * len(c.token_ids)
         out["logprobs"] = {"content": [_logprob_entry(tok, t, lp, top) for t, lp, top in
@@ -810,7 +932,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._json(200, {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
                          "created": int(time.time()), "model": self.server.model_name,
-                         "choices": [_choice(c, self.server.tokenizer, req.logprobs) for c in ev.outputs],
+                         "choices": [_choice(c, self.server.tokenizer, req.logprobs, req) for c in ev.outputs],
                          "usage": _usage(ev, self.server.suffix_len[req.thinking_mode])})
 
     def _sse(self, obj: dict | str) -> None:
@@ -833,6 +955,7 @@ class _Handler(BaseHTTPRequestHandler):
                 "model": self.server.model_name}
         in_thought = req.thinking_mode in ("auto", "long")
         splitters = {i: ThinkSplitter(in_thought) for i in range(req.params.n)}
+        calls = {i: ToolCallStream(req.parallel_tool_calls) for i in range(req.params.n)} if req.tools else None
         finish: dict[int, str] = {}
 
         def chunk(i: int, delta: dict, reason: str | None = None, logprobs: dict | None = None) -> None:
@@ -850,11 +973,19 @@ class _Handler(BaseHTTPRequestHandler):
                 if req.logprobs and ev.token_id is not None:  # the token's entry rides on its first chunk
                     lp = {"content": [_logprob_entry(self.server.tokenizer, ev.token_id, ev.logprob,
                                                      ev.top_logprobs)]}
+                new: list[ToolCall] = []
+                if calls is not None and answer:
+                    start = calls[ev.index].calls
+                    answer, new = calls[ev.index].feed(answer)
                 if thought:
                     chunk(ev.index, {"reasoning_content": thought}, logprobs=lp)
                     lp = None
                 if answer:
                     chunk(ev.index, {"content": answer}, logprobs=lp)
+                    lp = None
+                if new:
+                    chunk(ev.index, {"tool_calls": [_call_json(x, start + k) for k, x in enumerate(new)]},
+                          logprobs=lp)
                     lp = None
                 if lp is not None:  # its text is held back (a tag may be starting): the entry alone
                     chunk(ev.index, {}, logprobs=lp)
@@ -867,9 +998,20 @@ class _Handler(BaseHTTPRequestHandler):
                         log.warning("request %d choice %d: the stream's thought / answer split differs from the "
                                     "final parse (a thought with more than one </think>)", ev.request_index,
                                     c.index)
+                    reason = finish.get(c.index, c.finish_reason)
+                    new = []
+                    if calls is not None:
+                        ts = calls[c.index]
+                        start = ts.calls
+                        answer, new = ts.finish(c.answer)
+                        if ts.diverged:
+                            log.warning("request %d choice %d: the stream's content differs from the final parse "
+                                        "of its tool calls", ev.request_index, c.index)
+                        reason = "tool_calls" if ts.calls and reason == "stop" else reason
                     delta = {k: v for k, v in (("reasoning_content", thought), ("content", answer)) if v}
-                    chunk(c.index, {**delta, "thinking_mode": c.thinking_mode, "mode": c.mode},
-                          finish.get(c.index, c.finish_reason))
+                    if new:
+                        delta["tool_calls"] = [_call_json(x, start + k) for k, x in enumerate(new)]
+                    chunk(c.index, {**delta, "thinking_mode": c.thinking_mode, "mode": c.mode}, reason)
                 if req.include_usage:
                     usage = _usage(ev, self.server.suffix_len[req.thinking_mode])
                     self._sse({**base, "choices": [], "usage": usage})

@@ -177,7 +177,9 @@ class Example:
 
 def encode_sft_row(tok: ChatTokenizer, row: Any, *, where: str, max_seq_len: int, train_on: str = "all",
                    image_root: str | Path | None = None, lazy_images: bool = False) -> Example:
-    """Encode one SFT row (``{"messages": [...]}`` or ``{"prompt", "response"[, "system"]}``).
+    """Encode one SFT row (``{"messages": [...]}`` or ``{"prompt", "response"[, "system"]}``, either with an optional
+    ``"tools"``: the function schemas the conversation offered, rendered by the chat template; its assistant turns'
+    ``tool_calls`` are trained, its ``tool`` messages (the results) are not).
 
     Raises ValueError naming ``where`` and the reason for a row that cannot be trained: a bad shape, no final
     assistant turn, a missing or unreadable image file, more than ``max_seq_len`` tokens (never truncated).
@@ -202,10 +204,13 @@ def encode_sft_row(tok: ChatTokenizer, row: Any, *, where: str, max_seq_len: int
             messages.insert(0, {"role": "system", "content": system})
     else:
         raise ValueError(f"{where}: a row needs 'messages', or 'prompt' and 'response'; got keys {sorted(row)}")
+    tools = row.get("tools")
+    if tools is not None and not isinstance(tools, list):
+        raise ValueError(f"{where}: 'tools' must be a list of tool schemas, got {tools!r:.80}")
     sources: list = []
     messages = _load_images(messages, where, Path(image_root) if image_root is not None else None, sources)
     try:
-        enc, labels = tok.encode_chat_for_training(messages, train_on=train_on, pixels=not lazy_images)
+        enc, labels = tok.encode_chat_for_training(messages, train_on=train_on, pixels=not lazy_images, tools=tools)
     except (ValueError, TypeError, KeyError) as e:
         raise ValueError(f"{where}: {e}") from e
     n = enc.input_ids.numel()
