@@ -36,21 +36,20 @@ def model():
     return tiny_model(5, max_position_embeddings=2048)
 
 
-def script(llm: LLM, texts: list[str]) -> None:
-    """Each request added from now on generates the next of ``texts`` (then its end of turn), all its completions
-    alike."""
+def script(llm: LLM, texts: list[str], end: bool = True) -> None:
+    """Each request added from now on generates the next of ``texts`` (then its end of turn, with ``end``), all its
+    completions alike (after what the request itself forces at its start: an answer prefix)."""
     queue = list(texts)
-    add = llm._add
+    set_budget = llm._set_budget
 
-    def scripted(*args, **kw):
-        req = add(*args, **kw)
+    def scripted(req, *args, **kw):
+        set_budget(req, *args, **kw)
         if req.error is None and queue:
-            ids = TOK.encode(queue.pop(0)) + [TOK.im_end_id]
+            ids = TOK.encode(queue.pop(0)) + ([TOK.im_end_id] if end else [])
             for seq in req.seqs:
                 seq.forced.extend(ids)
-        return req
 
-    llm._add = scripted
+    llm._set_budget = scripted
 
 
 # ------------------------------------------------------------------------------------------------- the engine
@@ -85,6 +84,33 @@ def test_generate_renders_tools_and_parses_the_calls(model):
         LLM(model, None, num_kv_blocks=64, block_size=8).generate([[5, 6]], params, tools=TOOLS, use_tqdm=False)
 
 
+@pytest.mark.parametrize("mode", ["short", "auto"])
+def test_answer_prefix_is_forced_after_the_thought(model, mode):
+    llm = new_llm(model)
+    prefix = "The answer is"
+    params = SamplingParams(temperature=0, max_tokens=40, n=2, seed=1)
+    out = llm.generate([ASK], params, thinking_mode=mode, answer_prefix=prefix, max_thinking_tokens=3,
+                       use_tqdm=False)[0]
+    ref = llm.generate([ASK], params, thinking_mode=mode, max_thinking_tokens=3, use_tqdm=False)[0]
+    for c, r in zip(out.outputs, ref.outputs, strict=True):
+        assert c.answer.startswith(prefix) and c.finish_reason == "length"
+        head = TOK.encode(prefix)
+        if mode == "short":  # no thought open: the prefix is the first generated tokens
+            assert c.token_ids[:len(head)] == head
+        else:  # the budget's forced end of thought, then the prefix; the thought is the one without a prefix
+            k = c.token_ids.index(TOK.end_think_id)
+            assert c.token_ids[k + 2:k + 2 + len(head)] == head and c.thinking == r.thinking
+            assert c.token_ids[:k] == r.token_ids[:k]
+    # a thought the model closes itself: "\n\n" + the prefix follow its </think>
+    llm = new_llm(model)
+    script(llm, ["Hmm.</think>"], end=False)
+    c = llm.generate([ASK], SamplingParams(temperature=0, max_tokens=30), thinking_mode="long",
+                     answer_prefix=prefix, use_tqdm=False)[0].outputs[0]
+    assert c.text.startswith("Hmm.</think>\n\n" + prefix) and c.thinking == "Hmm." and c.answer.startswith(prefix)
+    with pytest.raises(ValueError, match="answer_prefix must be None or a str"):
+        llm.generate([ASK], params, answer_prefix=3, use_tqdm=False)
+
+
 # ------------------------------------------------------------------------------------------------- parsing
 
 
@@ -102,6 +128,13 @@ def test_parse_chat_request_tools_fields_and_errors():
     assert parse_chat_request({"messages": ASK, "tools": TOOLS, "tool_choice": "auto",
                                "parallel_tool_calls": False}).parallel_tool_calls is False
     assert parse_chat_request({"messages": ASK, "tools": []}).tools is None
+    assert parse_chat_request({"messages": ASK, "tools": TOOLS}).answer_prefix is None
+    r = parse_chat_request({"messages": ASK, "tools": TOOLS, "tool_choice": "required"})
+    assert r.tools == TOOLS and r.answer_prefix == '<tool_call>\n{"name": "'
+    r = parse_chat_request({"messages": ASK, "tools": TOOLS,
+                            "tool_choice": {"type": "function", "function": {"name": "get_weather"}}})
+    assert r.answer_prefix == '<tool_call>\n{"name": "get_weather", "arguments": '
+    assert CALL_P.startswith(r.answer_prefix)
     bad_call = [*ASK, {"role": "assistant", "content": "", "tool_calls": [{"function": {"arguments": "{}"}}]},
                 {"role": "user", "content": "?"}]
     for body, param in (({"messages": ASK, "tools": {"a": 1}}, "tools"),
@@ -109,9 +142,8 @@ def test_parse_chat_request_tools_fields_and_errors():
                         ({"messages": ASK, "tools": [{"type": "code_interpreter"}]}, "tools"),
                         ({"messages": ASK, "tools": [{"type": "function", "function": {"name": "f",
                                                                                       "parameters": []}}]}, "tools"),
-                        ({"messages": ASK, "tools": TOOLS, "tool_choice": "required"}, "tool_choice"),
                         ({"messages": ASK, "tools": TOOLS, "tool_choice": {"type": "function",
-                                                                           "function": {"name": "get_weather"}}},
+                                                                           "function": {"name": "get_time"}}},
                          "tool_choice"),
                         ({"messages": ASK, "tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
                         ({"messages": ASK, "tool_choice": "required"}, "tool_choice"),
@@ -240,3 +272,26 @@ def test_tool_results_go_back_into_the_prompt(served):
     assert "<tool_response>\nsunny, 21 C\n</tool_response>" in want
     assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in want
     assert r["usage"]["prompt_tokens"] == len(TOK.encode(want))
+
+
+@pytest.mark.parametrize("choice, rest", [
+    ("required", 'get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'),
+    ({"type": "function", "function": {"name": "get_weather"}}, '{"city": "Paris"}}\n</tool_call>')])
+@pytest.mark.parametrize("mode", ["short", "auto"])
+def test_tool_choice_forces_the_call_after_the_thought(served, choice, rest, mode):
+    """tool_choice "required" / a named function: the answer starts with the call's forced head, the model (here
+    scripted) writes the rest; streamed and plain alike."""
+    server, llm, client = served
+    script(llm, [rest, rest])
+    body = {"messages": ASK, "tools": TOOLS, "tool_choice": choice, "temperature": 0, "thinking_mode": mode,
+            "max_thinking_tokens": 0}  # auto: the budget closes the thought at once, then the call's head
+    status, r = client.request("POST", "/v1/chat/completions", body)
+    assert status == 200, r
+    c = r["choices"][0]
+    assert c["finish_reason"] == "tool_calls" and c["message"]["content"] is None
+    assert [_args(x) for x in c["message"]["tool_calls"]] == [("get_weather", {"city": "Paris"})]
+    status, chunks = client.request("POST", "/v1/chat/completions", {**body, "stream": True})
+    deltas = [ch["choices"][0] for ch in chunks[:-1] if ch["choices"]]
+    assert [_args(x) for d in deltas for x in d["delta"].get("tool_calls", [])] == [("get_weather",
+                                                                                    {"city": "Paris"})]
+    assert not "".join(d["delta"].get("content", "") for d in deltas)

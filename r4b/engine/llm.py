@@ -121,6 +121,8 @@ class _Request:
             self.prompt_top = [None] * len(prompt) if params.prompt_logprobs else None
         self._image_digest: bytes | None = None
         self.tools = False  # the chat was rendered with tools: its outputs' tool calls are parsed
+        self.answer_prefix: list[int] = []  # forced as the answer's first tokens (after the thought)
+        self.answer_prefix_after_think: list[int] = []  # the same, after a </think> the model wrote: "\n\n" first
 
     def image_digest(self) -> bytes:
         """A digest of the request's images (their pixels, dtypes, shapes and sizes): the prefix cache's key salt
@@ -778,9 +780,11 @@ class LLM:
         elif tok is not None and seq.thought_open:
             if token == tok.end_think_id:
                 seq.thought_open = False
+                seq.forced.extend(seq.req.answer_prefix_after_think)
             elif (seq.req.budget is not None and not seq.forced
                   and len(seq.generated) >= seq.req.budget):
                 seq.forced.extend(self._end_of_thought)
+                seq.forced.extend(seq.req.answer_prefix)
                 seq.thought_open = False  # the forced tokens close it
         if reason is not None:
             self._finish(seq, reason)
@@ -842,8 +846,13 @@ class LLM:
 
     # ------------------------------------------------------------------ public
     def _check_call(self, plist: Sequence[SamplingParams], thinking_mode: str | Sequence[str] | None,
-                    max_thinking_tokens: int | None) -> tuple[str | None, ...]:
-        """Validate one call's sampling params, modes and budget; the modes as a tuple."""
+                    max_thinking_tokens: int | None, answer_prefix: str | None = None) -> tuple[str | None, ...]:
+        """Validate one call's sampling params, modes, budget and answer prefix; the modes as a tuple."""
+        if answer_prefix is not None:
+            if not isinstance(answer_prefix, str):
+                raise ValueError(f"answer_prefix must be None or a str, got {type(answer_prefix).__name__}")
+            if self.tokenizer is None:
+                raise ValueError("answer_prefix needs the LLM's tokenizer")
         if self.tokenizer is None and any(p.stop for p in plist):
             raise ValueError("SamplingParams.stop (strings) needs the LLM's tokenizer; use stop_token_ids")
         for p in plist:
@@ -873,17 +882,23 @@ class LLM:
             self._graphs.reset()
         return modes
 
-    def _set_budget(self, req: _Request, budget: int | None) -> None:
+    def _set_budget(self, req: _Request, budget: int | None, answer_prefix: str | None = None) -> None:
+        """The request's thinking budget and answer prefix: a zero budget closes the thought before the first
+        sampled token; the prefix is forced at once where no thought is open, else when the thought closes."""
         req.budget = budget
-        if budget == 0:  # a zero budget closes the thought before the first sampled token
-            for seq in req.seqs:
-                if seq.thought_open:
-                    seq.forced.extend(self._end_of_thought)
-                    seq.thought_open = False
+        if answer_prefix:
+            req.answer_prefix = self.tokenizer.encode(answer_prefix)
+            req.answer_prefix_after_think = self.tokenizer.encode("\n\n" + answer_prefix)
+        for seq in req.seqs:
+            if budget == 0 and seq.thought_open:
+                seq.forced.extend(self._end_of_thought)
+                seq.thought_open = False
+            if not seq.thought_open:
+                seq.forced.extend(req.answer_prefix)
 
     def _start(self, requests: Sequence[Any], params: SamplingParams | Sequence[SamplingParams] | None,
                thinking_mode: str | Sequence[str] | None, max_thinking_tokens: int | None,
-               tools: list[dict] | None = None) -> list[_Request]:
+               tools: list[dict] | None = None, answer_prefix: str | None = None) -> list[_Request]:
         if self.waiting or self.running or self._live:
             raise RuntimeError("LLM is already generating (one generate / stream at a time, and not while "
                                "add_request / step serve requests)")
@@ -896,7 +911,7 @@ class LLM:
         if len(plist) != len(requests) or not all(isinstance(p, SamplingParams) for p in plist):
             raise ValueError(f"params must be a SamplingParams or one per request ({len(requests)}), got "
                              f"{len(plist)} items")
-        modes = self._check_call(plist, thinking_mode, max_thinking_tokens)
+        modes = self._check_call(plist, thinking_mode, max_thinking_tokens, answer_prefix)
         tools = self._check_tools(tools)
         try:
             reqs = [self._add(i, r, p, modes, tools) for i, (r, p) in enumerate(zip(requests, plist, strict=True))]
@@ -904,7 +919,7 @@ class LLM:
             self._reset()
             raise
         for req in reqs:
-            self._set_budget(req, max_thinking_tokens)
+            self._set_budget(req, max_thinking_tokens, answer_prefix)
         return reqs
 
     def _check_tools(self, tools: Any) -> list[dict] | None:
@@ -916,16 +931,17 @@ class LLM:
     # ------------------------------------------------------------------ serving: one request at a time
     def add_request(self, request: Any, params: SamplingParams | None = None, *,
                     thinking_mode: str | Sequence[str] | None = None,
-                    max_thinking_tokens: int | None = None, tools: list[dict] | None = None) -> int:
+                    max_thinking_tokens: int | None = None, tools: list[dict] | None = None,
+                    answer_prefix: str | None = None) -> int:
         """Queue one request while others run (serving; r4b/engine/server.py); returns its id. Its tokens and its
         RequestOutput (also for a request that cannot run: ``error`` set) come from :meth:`step`. A bad argument
         (not the request itself) raises ValueError. Call from one thread, not during generate / stream."""
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
-        modes = self._check_call([params], thinking_mode, max_thinking_tokens)
+        modes = self._check_call([params], thinking_mode, max_thinking_tokens, answer_prefix)
         req = self._add(next(self._req_ids), request, params, modes, self._check_tools(tools))
-        self._set_budget(req, max_thinking_tokens)
+        self._set_budget(req, max_thinking_tokens, answer_prefix)
         self._live[req.index] = req
         if req.error is not None:
             self._refused.append(req)
@@ -1012,7 +1028,8 @@ class LLM:
 
     def generate(self, requests: Sequence[Any], params: SamplingParams | Sequence[SamplingParams] | None = None, *,
                  thinking_mode: str | Sequence[str] | None = None, max_thinking_tokens: int | None = None,
-                 use_tqdm: bool = True, tools: list[dict] | None = None) -> list[RequestOutput]:
+                 use_tqdm: bool = True, tools: list[dict] | None = None,
+                 answer_prefix: str | None = None) -> list[RequestOutput]:
         """Complete every request; one RequestOutput per request, in order.
 
         requests: each a str (one user message), a list of chat messages (``{"role", "content"}``; image parts
@@ -1022,8 +1039,12 @@ class LLM:
         max_thinking_tokens: force ``\\n</think>\\n\\n`` once a thought holds that many generated tokens.
         tools: functions the chats offer the model (OpenAI's tool schemas, rendered by the chat template); each
         completion's ``tool_calls`` then holds the calls it made (r4b.engine.chat.parse_tool_calls).
+        answer_prefix: text every answer starts with, forced (not sampled; its tokens' log-probs are the model's):
+        at once where no thought is open (short mode, token-id prompts), else when the thought closes (after the
+        model's ``</think>`` as ``"\\n\\n" + prefix``, or after the budget's forced end of thought). The server
+        forces ``<tool_call>`` this way for tool_choice "required" / a named function.
         """
-        reqs = self._start(requests, params, thinking_mode, max_thinking_tokens, tools)
+        reqs = self._start(requests, params, thinking_mode, max_thinking_tokens, tools, answer_prefix)
         total = sum(len(r.seqs) for r in reqs)
         bar = None
         if use_tqdm and total:
@@ -1040,10 +1061,11 @@ class LLM:
     def stream(self, requests: Sequence[Any], params: SamplingParams | Sequence[SamplingParams] | None = None, *,
                thinking_mode: str | Sequence[str] | None = None,
                max_thinking_tokens: int | None = None,
-               tools: list[dict] | None = None) -> Iterator[StreamEvent | RequestOutput]:
+               tools: list[dict] | None = None,
+               answer_prefix: str | None = None) -> Iterator[StreamEvent | RequestOutput]:
         """Like :meth:`generate`, as it happens: a StreamEvent for every generated token, and each request's
         RequestOutput as soon as all its completions are done (a skipped request's at once)."""
-        reqs = self._start(requests, params, thinking_mode, max_thinking_tokens, tools)
+        reqs = self._start(requests, params, thinking_mode, max_thinking_tokens, tools, answer_prefix)
         try:
             done = set()
             for req in reqs:

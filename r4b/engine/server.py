@@ -19,8 +19,11 @@ Tools (function calling): ``tools`` (OpenAI's function schemas) are rendered by 
 "function", ``function.name`` / ``function.arguments`` as a JSON string), cut out of ``content`` (null when nothing
 else is left), with finish_reason "tool_calls"; streamed, each call is one ``delta.tool_calls`` entry sent when its
 block closes. The history takes assistant ``tool_calls`` and ``tool`` messages (their results). ``tool_choice``:
-"auto" (the default) or "none" (the tools are left out of the prompt); "required" and a named function are refused
-(they need constrained decoding). ``parallel_tool_calls: false`` keeps the first call.
+"auto" (the default), "none" (the tools are left out of the prompt), "required" (the answer is forced to start
+with ``<tool_call>\\n{"name": "``) or a named function (forced to start with that function's call, up to its
+arguments): the engine's answer_prefix, forced after the thought. The rest is sampled, not constrained: the model
+may still write a call that does not parse (it then stays content). ``parallel_tool_calls: false`` keeps the
+first call.
 
 ``"logprobs": true`` (and ``"top_logprobs": k``, k <= 20) gives each choice ``logprobs.content``: one entry per
 generated token, the thought's included, in order (``token``, ``logprob``, ``bytes``, ``top_logprobs``); streamed,
@@ -47,7 +50,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from .chat import END_THINK, IM_END, MODE_SUFFIX, THINK, ToolCall, parse_tool_calls
+from .chat import END_THINK, IM_END, MODE_SUFFIX, THINK, TOOL_CALL, ToolCall, parse_tool_calls
 from .llm import LLM, RequestOutput, StreamEvent
 from .sampling import SamplingParams
 
@@ -86,6 +89,7 @@ class ChatRequest:
     logprobs: bool = False
     tools: list[dict] | None = None  # rendered into the prompt; the answers' tool calls are parsed
     parallel_tool_calls: bool = True  # False: a choice keeps its first call
+    answer_prefix: str | None = None  # forced after the thought (tool_choice "required" / a named function)
 
 
 @dataclass
@@ -153,8 +157,9 @@ def _tool_calls(raw: Any, where: str) -> list[dict]:
     return out
 
 
-def _tools(body: dict) -> tuple[list[dict] | None, bool]:
-    """(the tools to render, or None; parallel_tool_calls) of a chat body, checked."""
+def _tools(body: dict) -> tuple[list[dict] | None, bool, str | None]:
+    """(the tools to render, or None; parallel_tool_calls; the answer prefix tool_choice forces) of a chat body,
+    checked."""
     tools = body.get("tools")
     choice = body.get("tool_choice")
     parallel = body.get("parallel_tool_calls", True)
@@ -165,7 +170,7 @@ def _tools(body: dict) -> tuple[list[dict] | None, bool]:
     if tools is None or tools == []:
         if choice not in (None, "none", "auto"):
             raise BadRequest(f"'tool_choice' {str(choice)[:60]!r} needs 'tools'", "tool_choice")
-        return None, parallel
+        return None, parallel, None
     if not isinstance(tools, list):
         raise BadRequest(f"'tools' must be a list of function tools, got {str(tools)[:60]!r}", "tools")
     for i, t in enumerate(tools):
@@ -176,12 +181,19 @@ def _tools(body: dict) -> tuple[list[dict] | None, bool]:
             raise BadRequest(f"tools[{i}] must be {{'type': 'function', 'function': {{'name': str, 'description'?, "
                              f"'parameters'?: object}}}}, got {str(t)[:80]!r}", "tools")
     if choice in (None, "auto"):
-        return tools, parallel
+        return tools, parallel, None
     if choice == "none":
-        return None, parallel
-    if choice == "required" or isinstance(choice, dict):
-        raise BadRequest(f"'tool_choice' {str(choice)[:60]!r} is not supported by r4b serve (it needs constrained "
-                         "decoding): use 'auto' or 'none'", "tool_choice")
+        return None, parallel, None
+    if choice == "required":
+        return tools, parallel, TOOL_CALL + '\n{"name": "'
+    if isinstance(choice, dict):
+        fn = choice.get("function")
+        name = fn.get("name") if isinstance(fn, dict) else None
+        names = [t["function"]["name"] for t in tools]
+        if choice.get("type") != "function" or name not in names:
+            raise BadRequest(f"'tool_choice' must name one of the tools {names} as {{'type': 'function', 'function': "
+                             f"{{'name': ...}}}}, got {str(choice)[:80]!r}", "tool_choice")
+        return tools, parallel, TOOL_CALL + '\n{"name": ' + json.dumps(name, ensure_ascii=False) + ', "arguments": '
     raise BadRequest(f"'tool_choice' must be 'auto', 'none', 'required' or a function, got {str(choice)[:60]!r}",
                      "tool_choice")
 
@@ -265,10 +277,10 @@ def parse_chat_request(body: Any, *, default_mode: str = "auto", default_max_tok
     opts = body.get("stream_options") or {}
     if not isinstance(opts, dict):
         raise BadRequest("'stream_options' must be an object", "stream_options")
-    tools, parallel = _tools(body)
+    tools, parallel, prefix = _tools(body)
     params = _sampling_params(body, max_tokens=max_tokens or default_max_tokens, logprobs=top or None)
     return ChatRequest(messages, params, mode, _int(body, "max_thinking_tokens", 0, None), stream,
-                       bool(opts.get("include_usage")), body.get("model"), logprobs, tools, parallel)
+                       bool(opts.get("include_usage")), body.get("model"), logprobs, tools, parallel, prefix)
 
 
 def _sampling_params(body: dict, *, max_tokens: int, logprobs: int | None,
@@ -422,7 +434,7 @@ class EngineLoop:
                         continue
                     h.request_id = self.llm.add_request(req.messages, req.params, thinking_mode=req.thinking_mode,
                                                         max_thinking_tokens=req.max_thinking_tokens,
-                                                        tools=req.tools)
+                                                        tools=req.tools, answer_prefix=req.answer_prefix)
                     handles[h.request_id] = h
                 except ValueError as e:  # the arguments: the client's to fix
                     h.events.put(("refused", str(e)))
