@@ -88,7 +88,7 @@ def _load_llm(args: argparse.Namespace, cmd: str):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-
+    import json
 
     from r4b.engine.llm import RequestOutput, StreamEvent
     from r4b.engine.sampling import SamplingParams
@@ -101,8 +101,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                 seed=args.seed, n=args.n)
     except ValueError as e:
         raise SystemExit(f"r4b generate: {e}") from None
+    tools = None
+    if args.tools:
+        try:
+            with open(args.tools, encoding="utf-8") as f:
+                tools = json.load(f)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"r4b generate: --tools {args.tools}: {e}") from None
+        if not isinstance(tools, list):
+            raise SystemExit(f"r4b generate: --tools {args.tools}: expected a JSON list of tool schemas, got "
+                             f"{type(tools).__name__}")
     llm = _load_llm(args, "generate")
-    kw = dict(thinking_mode=args.thinking_mode, max_thinking_tokens=args.max_thinking_tokens)
+    kw = dict(thinking_mode=args.thinking_mode, max_thinking_tokens=args.max_thinking_tokens, tools=tools,
+              answer_prefix=args.answer_prefix)
     if args.stream:
         for ev in llm.stream(reqs, params, **kw):
             if isinstance(ev, StreamEvent) and len(reqs) * args.n == 1:
@@ -112,7 +123,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
             elif isinstance(ev, RequestOutput):
                 _print_output(ev, args.json)
         return 0
-    outs = llm.generate(reqs, params, **kw)
+    try:
+        outs = llm.generate(reqs, params, **kw)
+    except ValueError as e:  # tools the chat template cannot take
+        raise SystemExit(f"r4b generate: {e}") from None
     for out in outs:
         _print_output(out, args.json)
     return 0 if all(o.error is None for o in outs) else 1
@@ -134,6 +148,8 @@ def _print_output(out, as_json: bool) -> None:
         if c.thinking:
             print(f"<think>\n{c.thinking}\n</think>")
         print(c.answer)
+        for call in c.tool_calls or []:
+            print(f"[tool call] {call.name}({call.arguments_json()})")
 
 
 _TYPES = {"int": int, "float": float, "str": str}
@@ -294,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--max-num-seqs", type=int, default=256)
     g.add_argument("--no-prefix-caching", action="store_true",
                    help="compute every prompt in full (default: reuse the KV of prefixes seen before)")
+    g.add_argument("--tools", help="JSON file: a list of OpenAI function schemas the chats offer (their calls are "
+                   "parsed into tool_calls)")
+    g.add_argument("--answer-prefix", default=None, help="text every answer starts with (forced after the thought)")
     g.add_argument("--stream", action="store_true", help="print tokens as they come (one prompt, n=1)")
     g.add_argument("--json", action="store_true", help="one JSON line per request")
     g.set_defaults(fn=cmd_generate)

@@ -102,6 +102,39 @@ def test_generate_reads_jsonl_and_streams(checkpoint, tmp_path, capsys):
         cli.main(["generate", str(checkpoint), "-p", "x", "--tokenizer", str(tmp_path / "none.json")])
 
 
+def test_generate_with_tools_and_an_answer_prefix(checkpoint, tmp_path, capsys):
+    """--tools renders the schemas into the prompt (the engine's prompt with them), --answer-prefix starts every
+    answer; a bad tools file stops before the model loads."""
+    import json
+
+    from r4b.engine.chat import ChatTokenizer
+    from r4b.engine.llm import LLM
+    from r4b.engine.model import from_pretrained
+    from r4b.engine.sampling import SamplingParams
+
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    f = tmp_path / "tools.json"
+    f.write_text(json.dumps(tools))
+    args = ["generate", str(checkpoint), "-p", "2+2?", "--temperature", "0", "--max-tokens", "12", "--thinking-mode",
+            "short", "--tools", str(f), "--answer-prefix", "<tool_call>", "--json"]
+    assert cli.main(args) == 0
+    row = json.loads(capsys.readouterr().out.splitlines()[0])
+    tok = ChatTokenizer.demo()
+    assert row["prompt_token_ids"] == tok.encode_chat([{"role": "user", "content": "2+2?"}], "short",
+                                                      tools=tools).input_ids.tolist()[:-4]  # less the mode suffix
+    c = row["outputs"][0]
+    assert c["answer"].startswith("<tool_call>") and c["tool_calls"] == []  # a random model writes no call
+    llm = LLM(from_pretrained(checkpoint), tok)
+    want = llm.generate(["2+2?"], SamplingParams(temperature=0, max_tokens=12), thinking_mode="short", tools=tools,
+                        answer_prefix="<tool_call>", use_tqdm=False)[0].outputs[0]
+    assert c["token_ids"] == want.token_ids
+    f.write_text('{"type": "function"}')
+    with pytest.raises(SystemExit, match="expected a JSON list of tool schemas"):
+        cli.main(["generate", str(checkpoint / "missing"), "-p", "x", "--tools", str(f)])
+    with pytest.raises(SystemExit, match="--tools .*none.json"):
+        cli.main(["generate", str(checkpoint / "missing"), "-p", "x", "--tools", str(tmp_path / "none.json")])
+
+
 def test_train_flags_cover_every_config_field_and_override_the_config_file(tmp_path):
     """Every SFTConfig / BPOConfig field has a flag (bools as --x / --no-x, optional bools take auto); flags
     override the --config file, which overrides the defaults."""
