@@ -149,7 +149,10 @@ def test_parse_chat_request_tools_fields_and_errors():
                         ({"messages": ASK, "tool_choice": "required"}, "tool_choice"),
                         ({"messages": ASK, "tools": TOOLS, "parallel_tool_calls": "no"}, "parallel_tool_calls"),
                         ({"messages": ASK, "functions": [{"name": "f"}]}, "functions"),
-                        ({"messages": ASK, "response_format": {"type": "json_object"}}, "response_format"),
+                        ({"messages": ASK, "response_format": {"type": "json_schema"}}, "response_format"),
+                        ({"messages": ASK, "response_format": "json"}, "response_format"),
+                        ({"messages": ASK, "tools": TOOLS, "response_format": {"type": "json_object"}},
+                         "response_format"),
                         ({"messages": bad_call}, "messages"),
                         ({"messages": [{"role": "tool", "content": [{"type": "image_url"}]}]}, "messages")):
         with pytest.raises(BadRequest) as e:

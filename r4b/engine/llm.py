@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import structured
 from .block_manager import BlockManager, cdiv
 from .chat import MODE_SUFFIX, ChatTokenizer, ToolCall, check_mode, check_tools, parse_response, parse_tool_calls
 from .graphs import DecodeGraphs
@@ -150,6 +151,8 @@ class _Seq:
         self.top: list[dict[int, float]] = []
         self.thought_open_at_start = False
         self.thought_open = False
+        self.answer_start: int | None = None  # index in generated where the answer starts (None: thought open)
+        self.json: tuple | None = None  # JSON mode: the automaton's state over the answer (structured.py)
         self.finish_reason: str | None = None
         self.text_sent = ""  # streamed so far
         self.decoded = ("", 0)  # (text, tokens): the generated tokens decoded so far, ending on a whole character
@@ -269,6 +272,7 @@ class LLM:
         self._graphs: DecodeGraphs | None = None
         if cuda_graphs and self._graph_safe_backends():
             self._padded_decode(capture=True)
+        self._masker: structured.JsonMasker | None = None  # JSON mode's token masks, built at first use
         if tokenizer is not None:
             self._end_of_thought = tokenizer.encode(FORCED_END_OF_THOUGHT)
             self._suffix_ids = {m: tokenizer.encode(s) for m, s in MODE_SUFFIX.items()}
@@ -382,6 +386,9 @@ class LLM:
             seq = _Seq(next(self._ids), req, tokens, index=j, mode=m,
                        generator=make_generator(params.seed, j, self.device))
             seq.thought_open = seq.thought_open_at_start = self._thought_open(tokens)
+            seq.answer_start = None if seq.thought_open else 0
+            if params.response_format == "json_object":
+                seq.json = structured.INITIAL
             children.append(seq)
         req.seqs, req.unfinished = children, len(children)
         if len(children) > 1 and len(ids) > 1:  # prefill the shared prompt once (all but its last token:
@@ -753,7 +760,11 @@ class LLM:
             slots = self._penalties.rows([samplers[i].id for i in pen],
                                          [(samplers[i].tokens, samplers[i].num_prompt) for i in pen])
             state = (self._penalties.counts[slots], self._penalties.seen[slots])
-        tokens, logps, top = sample(logits, plist, [s.generator for s in samplers], forced, state=state)
+        allowed = None
+        if any(s.json is not None for s in samplers):
+            allowed = [self._json_allowed(s) if f is None else None for s, f in zip(samplers, forced, strict=True)]
+        tokens, logps, top = sample(logits, plist, [s.generator for s in samplers], forced, state=state,
+                                    allowed=allowed)
         if pen:
             self._penalties.add(slots, [tokens[i] for i in pen])
         out = self._events
@@ -771,6 +782,13 @@ class LLM:
             seq.top.append(top)
         tok = self.tokenizer
         reason = None
+        if seq.json is not None and seq.answer_start is not None and len(seq.generated) > seq.answer_start \
+                and token not in self.eos_ids and token not in p.stop_token_ids:
+            data = self._json_masker().bytes[token] if token < self.vocab_size else None
+            seq.json = structured.advance(seq.json, data) if data else None
+            if seq.json is None:  # only a forced token (an answer prefix) can leave the language
+                log.warning("request %d: a forced token left JSON mode's language: the rest is not constrained",
+                            seq.req.index)
         if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
             reason = "stop"
         elif p.stop and tok is not None and self._hits_stop(seq):
@@ -780,14 +798,27 @@ class LLM:
         elif tok is not None and seq.thought_open:
             if token == tok.end_think_id:
                 seq.thought_open = False
+                seq.answer_start = len(seq.generated)
                 seq.forced.extend(seq.req.answer_prefix_after_think)
             elif (seq.req.budget is not None and not seq.forced
                   and len(seq.generated) >= seq.req.budget):
                 seq.forced.extend(self._end_of_thought)
                 seq.forced.extend(seq.req.answer_prefix)
                 seq.thought_open = False  # the forced tokens close it
+                seq.answer_start = len(seq.generated) + len(self._end_of_thought)
         if reason is not None:
             self._finish(seq, reason)
+
+    def _json_masker(self) -> structured.JsonMasker:
+        if self._masker is None:
+            self._masker = structured.JsonMasker(self.tokenizer, self.vocab_size, self.device)
+        return self._masker
+
+    def _json_allowed(self, seq: _Seq) -> Tensor | None:
+        """JSON mode's mask for the sequence's next token (None: not constrained now, e.g. inside the thought)."""
+        if seq.json is None or seq.answer_start is None or len(seq.generated) < seq.answer_start:
+            return None
+        return self._json_masker().mask(seq.json, (*sorted(self.eos_ids), *seq.req.params.stop_token_ids))
 
     def _hits_stop(self, seq: _Seq) -> bool:
         gen = seq.generated
@@ -853,6 +884,8 @@ class LLM:
                 raise ValueError(f"answer_prefix must be None or a str, got {type(answer_prefix).__name__}")
             if self.tokenizer is None:
                 raise ValueError("answer_prefix needs the LLM's tokenizer")
+        if self.tokenizer is None and any(p.response_format for p in plist):
+            raise ValueError("SamplingParams.response_format needs the LLM's tokenizer (the tokens' bytes)")
         if self.tokenizer is None and any(p.stop for p in plist):
             raise ValueError("SamplingParams.stop (strings) needs the LLM's tokenizer; use stop_token_ids")
         for p in plist:
@@ -893,6 +926,7 @@ class LLM:
             if budget == 0 and seq.thought_open:
                 seq.forced.extend(self._end_of_thought)
                 seq.thought_open = False
+                seq.answer_start = len(self._end_of_thought)
             if not seq.thought_open:
                 seq.forced.extend(req.answer_prefix)
 

@@ -36,6 +36,10 @@ class SamplingParams:
     Log-probs are those of the model's distribution at the sampling temperature (1 when greedy), before the
     penalties and top-k / top-p / min-p: exactly what ``fused_linear_logprobs(..., temperature=temperature)``
     recomputes in training (so a trainer's importance ratio sees the model, not the sampler's filters).
+
+    response_format: None, or "json_object" (JSON mode: the answer, after the thought, is constrained to one JSON
+    object, then the end of turn; r4b/engine/structured.py). The constraint masks tokens like a -inf bias: the
+    reported log-probs stay the model's.
     """
 
     temperature: float = 1.0
@@ -54,6 +58,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     prompt_logprobs: int | None = None
     logit_bias: tuple[tuple[int, float], ...] = field(default=())
+    response_format: str | None = None
 
     def __post_init__(self) -> None:
         def bad(name: str, want: str) -> ValueError:
@@ -106,6 +111,8 @@ class SamplingParams:
         if not all(isinstance(i, int) and i >= 0 for i in ids):
             raise bad("stop_token_ids", "a list of token ids >= 0")
         object.__setattr__(self, "stop_token_ids", ids)
+        if self.response_format not in (None, "json_object"):
+            raise bad("response_format", 'None or "json_object"')
 
     @property
     def has_penalties(self) -> bool:
@@ -257,11 +264,14 @@ def sample(
     forced: list[int | None] | None = None,
     history: Sequence[tuple[Sequence[int], int]] | None = None,
     state: tuple[Tensor, Tensor] | None = None,
+    allowed: list[Tensor | None] | None = None,
 ) -> tuple[list[int], list[float], list[dict[int, float]] | None]:
     """Next token of each row of ``logits`` (R, V).
 
     params / generators: per row. forced: per row, a token to take instead of sampling (its log-prob is still
-    reported), or None. history / state: what rows with penalties need (see :func:`apply_penalties`).
+    reported), or None. history / state: what rows with penalties need (see :func:`apply_penalties`). allowed: per
+    row, None or a bool (V,) mask of the tokens it may take (constrained decoding; applied after the penalties and
+    the bias, so a greedy or sampled row takes an allowed token).
     Returns (tokens, their log-probs, per row the top-``logprobs`` alternatives as {token:
     log-prob} when any row asked for them, else None).
     """
@@ -274,6 +284,12 @@ def sample(
     scaled = logits / temps[:, None]
     logp = torch.log_softmax(scaled, dim=-1)  # (R, V): the reported distribution
     penalised = apply_penalties(logits, params, history, state)
+    if allowed is not None and any(m is not None for m in allowed):
+        if penalised is logits:
+            penalised = logits.clone()
+        for i, m in enumerate(allowed):
+            if m is not None:
+                penalised[i].masked_fill_(~m, -math.inf)
     if penalised is not logits:
         scaled = penalised / temps[:, None]
     tokens = penalised.argmax(dim=-1)  # greedy rows (and placeholders for the others)

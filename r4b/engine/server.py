@@ -25,6 +25,9 @@ arguments): the engine's answer_prefix, forced after the thought. The rest is sa
 may still write a call that does not parse (it then stays content). ``parallel_tool_calls: false`` keeps the
 first call.
 
+``"response_format": {"type": "json_object"}``: JSON mode (r4b/engine/structured.py): the answer, after the
+thought, is constrained token by token to one JSON object, then the end of turn. json_schema is refused for now.
+
 ``"logprobs": true`` (and ``"top_logprobs": k``, k <= 20) gives each choice ``logprobs.content``: one entry per
 generated token, the thought's included, in order (``token``, ``logprob``, ``bytes``, ``top_logprobs``); streamed,
 each chunk of a token carries its entry. The log-probs are the engine's: of the distribution at the request's
@@ -57,7 +60,7 @@ from .sampling import SamplingParams
 log = logging.getLogger(__name__)
 
 _EOT = "<|endoftext|>"
-_UNSUPPORTED = ("functions", "function_call", "response_format")
+_UNSUPPORTED = ("functions", "function_call")
 
 
 class EngineFailure(RuntimeError):
@@ -278,13 +281,34 @@ def parse_chat_request(body: Any, *, default_mode: str = "auto", default_max_tok
     if not isinstance(opts, dict):
         raise BadRequest("'stream_options' must be an object", "stream_options")
     tools, parallel, prefix = _tools(body)
-    params = _sampling_params(body, max_tokens=max_tokens or default_max_tokens, logprobs=top or None)
+    params = _sampling_params(body, max_tokens=max_tokens or default_max_tokens, logprobs=top or None,
+                              response_format=_response_format(body))
     return ChatRequest(messages, params, mode, _int(body, "max_thinking_tokens", 0, None), stream,
                        bool(opts.get("include_usage")), body.get("model"), logprobs, tools, parallel, prefix)
 
 
+def _response_format(body: dict) -> str | None:
+    """A chat body's response_format: None (text) or "json_object" (JSON mode)."""
+    rf = body.get("response_format")
+    if rf is None:
+        return None
+    kind = rf.get("type") if isinstance(rf, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        if body.get("tools") and body.get("tool_choice") != "none":
+            raise BadRequest("'response_format' json_object with 'tools': the answer could not hold a tool call; "
+                             "send one or the other", "response_format")
+        return "json_object"
+    if kind == "json_schema":
+        raise BadRequest("'response_format' json_schema is not supported by r4b serve yet (json_object is)",
+                         "response_format")
+    raise BadRequest(f"'response_format' must be {{'type': 'text' | 'json_object'}}, got {str(rf)[:60]!r}",
+                     "response_format")
+
+
 def _sampling_params(body: dict, *, max_tokens: int, logprobs: int | None,
-                     prompt_logprobs: int | None = None) -> SamplingParams:
+                     prompt_logprobs: int | None = None, response_format: str | None = None) -> SamplingParams:
     """The sampling fields both endpoints share (temperature, top_p / top_k / min_p, penalties, stop, seed, n)."""
     stop = body.get("stop") or ()
     if isinstance(stop, str):
@@ -306,7 +330,8 @@ def _sampling_params(body: dict, *, max_tokens: int, logprobs: int | None,
               seed=seed, n=_int(body, "n", 1, 1) or 1, logprobs=logprobs, min_p=_float(body, "min_p", 0.0),
               presence_penalty=_float(body, "presence_penalty", 0.0),
               frequency_penalty=_float(body, "frequency_penalty", 0.0),
-              repetition_penalty=_float(body, "repetition_penalty", 1.0), prompt_logprobs=prompt_logprobs)
+              repetition_penalty=_float(body, "repetition_penalty", 1.0), prompt_logprobs=prompt_logprobs,
+              response_format=response_format)
     try:
         return SamplingParams(**kw)
     except ValueError as e:  # SamplingParams.<field> must be ...
