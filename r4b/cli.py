@@ -98,7 +98,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                                 presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                                 repetition_penalty=args.repetition_penalty, max_tokens=args.max_tokens,
-                                seed=args.seed, n=args.n)
+                                seed=args.seed, n=args.n, response_format=args.response_format)
     except ValueError as e:
         raise SystemExit(f"r4b generate: {e}") from None
     tools = None
@@ -312,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="compute every prompt in full (default: reuse the KV of prefixes seen before)")
     g.add_argument("--tools", help="JSON file: a list of OpenAI function schemas the chats offer (their calls are "
                    "parsed into tool_calls)")
+    g.add_argument("--response-format", default=None, choices=("json_object",),
+                   help="json_object: each answer is one JSON object (constrained decoding, after the thought)")
     g.add_argument("--answer-prefix", default=None, help="text every answer starts with (forced after the thought)")
     g.add_argument("--stream", action="store_true", help="print tokens as they come (one prompt, n=1)")
     g.add_argument("--json", action="store_true", help="one JSON line per request")

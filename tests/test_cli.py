@@ -128,6 +128,12 @@ def test_generate_with_tools_and_an_answer_prefix(checkpoint, tmp_path, capsys):
     want = llm.generate(["2+2?"], SamplingParams(temperature=0, max_tokens=12), thinking_mode="short", tools=tools,
                         answer_prefix="<tool_call>", use_tqdm=False)[0].outputs[0]
     assert c["token_ids"] == want.token_ids
+    assert cli.main(["generate", str(checkpoint), "-p", "hi", "--temperature", "0", "--max-tokens", "30",
+                     "--thinking-mode", "short", "--response-format", "json_object", "--json"]) == 0
+    c = json.loads(capsys.readouterr().out.splitlines()[0])["outputs"][0]
+    want = llm.generate(["hi"], SamplingParams(temperature=0, max_tokens=30, response_format="json_object"),
+                        thinking_mode="short", use_tqdm=False)[0].outputs[0]
+    assert c["token_ids"] == want.token_ids and c["answer"].lstrip()[:1] == "{"
     f.write_text('{"type": "function"}')
     with pytest.raises(SystemExit, match="expected a JSON list of tool schemas"):
         cli.main(["generate", str(checkpoint / "missing"), "-p", "x", "--tools", str(f)])
