@@ -387,8 +387,8 @@ class LLM:
                        generator=make_generator(params.seed, j, self.device))
             seq.thought_open = seq.thought_open_at_start = self._thought_open(tokens)
             seq.answer_start = None if seq.thought_open else 0
-            if params.response_format == "json_object":
-                seq.json = structured.INITIAL
+            if params.response_format is not None:  # json_object / json_schema (checked by SamplingParams)
+                seq.json = structured.initial(structured.compile_schema(params.json_schema))
             children.append(seq)
         req.seqs, req.unfinished = children, len(children)
         if len(children) > 1 and len(ids) > 1:  # prefill the shared prompt once (all but its last token:

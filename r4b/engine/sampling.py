@@ -38,7 +38,9 @@ class SamplingParams:
     recomputes in training (so a trainer's importance ratio sees the model, not the sampler's filters).
 
     response_format: None, or "json_object" (JSON mode: the answer, after the thought, is constrained to one JSON
-    object, then the end of turn; r4b/engine/structured.py). The constraint masks tokens like a -inf bias: the
+    object, then the end of turn; r4b/engine/structured.py); json_schema: a JSON schema (a dict, or its JSON text)
+    the answer's object must follow (response_format becomes "json_schema"; what the schema can constrain is in
+    structured.py, and a schema it cannot enforce is refused). The constraint masks tokens like a -inf bias: the
     reported log-probs stay the model's.
     """
 
@@ -59,6 +61,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     logit_bias: tuple[tuple[int, float], ...] = field(default=())
     response_format: str | None = None
+    json_schema: str | None = None  # canonical JSON text (a dict given here is stored so: the params stay hashable)
 
     def __post_init__(self) -> None:
         def bad(name: str, want: str) -> ValueError:
@@ -111,8 +114,19 @@ class SamplingParams:
         if not all(isinstance(i, int) and i >= 0 for i in ids):
             raise bad("stop_token_ids", "a list of token ids >= 0")
         object.__setattr__(self, "stop_token_ids", ids)
-        if self.response_format not in (None, "json_object"):
-            raise bad("response_format", 'None or "json_object"')
+        if self.json_schema is not None:
+            from .structured import SchemaError, compile_schema
+
+            try:
+                schema = compile_schema(self.json_schema)
+            except SchemaError as e:
+                raise ValueError(f"SamplingParams.json_schema: {e}") from None
+            if self.response_format not in (None, "json_schema"):
+                raise bad("response_format", '"json_schema" (or None) with a json_schema')
+            object.__setattr__(self, "json_schema", schema.text)
+            object.__setattr__(self, "response_format", "json_schema")
+        elif self.response_format not in (None, "json_object"):
+            raise bad("response_format", 'None or "json_object" (or give json_schema)')
 
     @property
     def has_penalties(self) -> bool:

@@ -26,7 +26,9 @@ may still write a call that does not parse (it then stays content). ``parallel_t
 first call.
 
 ``"response_format": {"type": "json_object"}``: JSON mode (r4b/engine/structured.py): the answer, after the
-thought, is constrained token by token to one JSON object, then the end of turn. json_schema is refused for now.
+thought, is constrained token by token to one JSON object, then the end of turn; ``{"type": "json_schema",
+"json_schema": {"name": ..., "schema": {...}}}``: the object follows the schema (what structured.py enforces; a
+schema it cannot enforce is refused with a 400 naming where).
 
 ``"logprobs": true`` (and ``"top_logprobs": k``, k <= 20) gives each choice ``logprobs.content``: one entry per
 generated token, the thought's included, in order (``token``, ``logprob``, ``bytes``, ``top_logprobs``); streamed,
@@ -56,6 +58,7 @@ from typing import Any
 from .chat import END_THINK, IM_END, MODE_SUFFIX, THINK, TOOL_CALL, ToolCall, parse_tool_calls
 from .llm import LLM, RequestOutput, StreamEvent
 from .sampling import SamplingParams
+from .structured import SchemaError, compile_schema
 
 log = logging.getLogger(__name__)
 
@@ -281,14 +284,17 @@ def parse_chat_request(body: Any, *, default_mode: str = "auto", default_max_tok
     if not isinstance(opts, dict):
         raise BadRequest("'stream_options' must be an object", "stream_options")
     tools, parallel, prefix = _tools(body)
+    fmt = _response_format(body)
     params = _sampling_params(body, max_tokens=max_tokens or default_max_tokens, logprobs=top or None,
-                              response_format=_response_format(body))
+                              response_format=fmt if fmt in (None, "json_object") else None,
+                              json_schema=None if fmt in (None, "json_object") else fmt)
     return ChatRequest(messages, params, mode, _int(body, "max_thinking_tokens", 0, None), stream,
                        bool(opts.get("include_usage")), body.get("model"), logprobs, tools, parallel, prefix)
 
 
 def _response_format(body: dict) -> str | None:
-    """A chat body's response_format: None (text) or "json_object" (JSON mode)."""
+    """A chat body's response_format: None (text), "json_object" (JSON mode), or a json_schema's schema as its
+    canonical JSON text (SamplingParams.json_schema)."""
     rf = body.get("response_format")
     if rf is None:
         return None
@@ -301,14 +307,24 @@ def _response_format(body: dict) -> str | None:
                              "send one or the other", "response_format")
         return "json_object"
     if kind == "json_schema":
-        raise BadRequest("'response_format' json_schema is not supported by r4b serve yet (json_object is)",
-                         "response_format")
-    raise BadRequest(f"'response_format' must be {{'type': 'text' | 'json_object'}}, got {str(rf)[:60]!r}",
-                     "response_format")
+        spec = rf.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise BadRequest("'response_format' json_schema needs 'json_schema': {'name': ..., 'schema': {...}}",
+                             "response_format")
+        if body.get("tools") and body.get("tool_choice") != "none":
+            raise BadRequest("'response_format' json_schema with 'tools': the answer could not hold a tool call; "
+                             "send one or the other", "response_format")
+        try:
+            return compile_schema(schema).text
+        except SchemaError as e:
+            raise BadRequest(f"'response_format' json_schema: {e}", "response_format") from None
+    raise BadRequest(f"'response_format' must be {{'type': 'text' | 'json_object' | 'json_schema'}}, got "
+                     f"{str(rf)[:60]!r}", "response_format")
 
 
-def _sampling_params(body: dict, *, max_tokens: int, logprobs: int | None,
-                     prompt_logprobs: int | None = None, response_format: str | None = None) -> SamplingParams:
+def _sampling_params(body: dict, *, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None,
+                     response_format: str | None = None, json_schema: str | None = None) -> SamplingParams:
     """The sampling fields both endpoints share (temperature, top_p / top_k / min_p, penalties, stop, seed, n)."""
     stop = body.get("stop") or ()
     if isinstance(stop, str):
@@ -331,7 +347,7 @@ def _sampling_params(body: dict, *, max_tokens: int, logprobs: int | None,
               presence_penalty=_float(body, "presence_penalty", 0.0),
               frequency_penalty=_float(body, "frequency_penalty", 0.0),
               repetition_penalty=_float(body, "repetition_penalty", 1.0), prompt_logprobs=prompt_logprobs,
-              response_format=response_format)
+              response_format=response_format, json_schema=json_schema)
     try:
         return SamplingParams(**kw)
     except ValueError as e:  # SamplingParams.<field> must be ...

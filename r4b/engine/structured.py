@@ -1,25 +1,39 @@
-"""JSON mode: constrained decoding that makes an answer one JSON object (OpenAI's ``response_format: {"type":
-"json_object"}``; ``SamplingParams(response_format="json_object")``).
+"""JSON mode and JSON-schema outputs: constrained decoding that makes an answer one JSON object (OpenAI's
+``response_format`` ``{"type": "json_object"}`` / ``{"type": "json_schema", ...}``; ``SamplingParams(
+response_format="json_object")`` / ``SamplingParams(json_schema={...})``).
 
-A byte-level pushdown automaton recognises the prefixes of a JSON object (RFC 8259, an object at the top level):
-its state is a small tuple (the open containers, the lexer's position, the current run of whitespace), advanced
-one byte at a time by :func:`step`. At each step of a constrained completion the engine masks every token whose
-bytes would leave the language: :class:`JsonMasker` walks a byte trie of the vocabulary from the current state,
-pruning a branch at its first invalid byte, and caches the allowed set per state. Inside a string almost every
-token is allowed, so that state takes a shortcut: the tokens whose bytes are all string-safe (no quote, no
-backslash, no control byte) are allowed at once, and only the others are run through the automaton. Once the object
-is closed only the end-of-turn tokens are allowed.
+A byte-level pushdown automaton recognises the prefixes of the JSON texts a schema allows (RFC 8259; an object at
+the top level). Its state is a hashable tuple (the compiled schema, the open containers with what each has seen, the
+lexer's position, the current run of whitespace), advanced one byte at a time by :func:`step`. At each step of a
+constrained completion the engine masks every token whose bytes would leave the language: :class:`JsonMasker` walks
+a byte trie of the vocabulary from the current state, pruning a branch at its first invalid byte, and caches the
+allowed set per state. Inside a free string almost every token is allowed, so that state takes a shortcut: the
+tokens whose bytes are all string-safe (no quote, no backslash, no control byte) pass at once, and only the others
+are run through the automaton. Once the object is closed only the end-of-turn tokens are allowed.
+
+What a schema constrains (:func:`compile_schema`): ``type`` (object, array, string, number, integer, boolean,
+null, or a list of them), ``properties`` with ``required`` (an object that lists properties takes only those,
+each at most once, in any order: additionalProperties is taken as false, as OpenAI's strict mode asks), an object
+without properties (``additionalProperties``: a schema for every value, or false for ``{}`` only), ``items``,
+``minItems`` / ``maxItems``, ``enum`` / ``const`` (scalars; strings as json.dumps writes them), ``anyOf`` / ``oneOf``
+whose alternatives start differently (e.g. a string or null), and local ``$ref`` (``#/$defs/...``, recursion
+included). Not enforced (the text is valid JSON of the right shape, these are left to the model): string
+``pattern`` / ``format`` / lengths, number ranges, ``uniqueItems``. A schema this cannot enforce is refused with
+:class:`SchemaError`, never loosened silently.
 
 The constraint covers the answer only: a thinking completion thinks freely and its answer, after ``</think>``, is
 the JSON (the engine starts the automaton when the thought closes). Whitespace runs are capped at ``WS_MAX`` bytes,
 ``WS_MAX_START`` before the opening brace (a model left free to emit whitespace inside JSON can loop on it until
-max_tokens); bytes >= 0x80 in strings are taken as
-they come (the text is decoded with replacement, so the JSON stays valid either way).
+max_tokens); bytes >= 0x80 in free strings are taken as they come (the text is decoded with replacement, so the JSON
+stays valid either way).
 """
 
 from __future__ import annotations
 
+import functools
+import json
 from collections import OrderedDict
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -39,13 +53,240 @@ _WS = frozenset(b" \t\n\r")
 _DIGITS = frozenset(b"0123456789")
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 _ESCAPES = frozenset(b'"\\/bfnrt')
-_LITERALS = {ord("t"): b"rue", ord("f"): b"alse", ord("n"): b"ull"}
+_STRUCTURAL = frozenset((START, OBJ_FIRST, OBJ_KEY, COLON, VALUE, ARR_FIRST, AFTER))
 
-State = tuple  # (stack: str of "o" / "a", mode, aux, whitespace run)
-INITIAL: State = ("", START, None, 0)
+# built-in schema nodes: any value, an object of any keys and values, an array of any values, any number
+ANY, OBJ_ANY, ARR_ANY, NUM_ANY = 0, 1, 2, 3
+_LITERALS = (b"true", b"false", b"null")
 
 
-def _num(sub: int, b: int) -> int | None:
+class SchemaError(ValueError):
+    """A JSON schema that JSON mode cannot enforce (the message names where)."""
+
+
+class Schema:
+    """A compiled schema: ``nodes[i]`` is one of ("any",), ("object", props, required, additional),
+    ("array", items, min_items, max_items), ("string", enum or None), ("number", integer), ("lits", texts),
+    ("union", alternatives); props: ((encoded name, name, node), ...), required: frozenset of encoded names,
+    additional: a node or None. Compared by identity (``compile_schema`` caches one per schema text)."""
+
+    def __init__(self, nodes: list[tuple], root: int, text: str) -> None:
+        self.nodes, self.root, self.text = nodes, root, text
+        self.starts = [_starts(nodes, i) for i in range(len(nodes))]  # the bytes each node's value starts with
+        for node in nodes:
+            if node[0] == "union":
+                seen: set[int] = set()
+                for alt in node[1]:
+                    if seen & self.starts[alt]:
+                        raise SchemaError("schema: alternatives that start alike (e.g. two objects, or a number "
+                                          "and a numeric enum) are not supported: JSON mode picks an alternative "
+                                          "by its first byte")
+                    seen |= self.starts[alt]
+
+    def __repr__(self) -> str:
+        return f"Schema({self.text[:60]})"
+
+
+def _encode(s: str) -> bytes:
+    """A string's JSON spelling without its quotes (json.dumps', no ASCII escaping)."""
+    return json.dumps(s, ensure_ascii=False)[1:-1].encode()
+
+
+def _starts(nodes: list[tuple], nid: int, seen: frozenset = frozenset()) -> frozenset[int]:
+    """The bytes a value of node ``nid`` can start with."""
+    node = nodes[nid]
+    kind = node[0]
+    if kind == "any":
+        return frozenset(b'{["-0123456789tfn')
+    if kind == "object":
+        return frozenset(b"{")
+    if kind == "array":
+        return frozenset(b"[")
+    if kind == "string":
+        return frozenset(b'"')
+    if kind == "number":
+        return frozenset(b"-0123456789")
+    if kind == "lits":
+        return frozenset(t[0] for t in node[1])
+    if nid in seen:
+        return frozenset()
+    return frozenset().union(*(_starts(nodes, a, seen | {nid}) for a in node[1]))
+
+
+class _Compiler:
+    def __init__(self, schema: dict) -> None:
+        self.doc = schema
+        self.nodes: list[tuple] = [("any",), ("object", (), frozenset(), ANY), ("array", ANY, 0, None),
+                                   ("number", False)]
+        self.refs: dict[str, int] = {}
+
+    def add(self, node: tuple) -> int:
+        self.nodes.append(node)
+        return len(self.nodes) - 1
+
+    def ref(self, ref: Any, path: str) -> int:
+        if ref in self.refs:
+            return self.refs[ref]
+        if not isinstance(ref, str) or not ref.startswith("#/"):
+            raise SchemaError(f"{path}: only local $ref ('#/$defs/...') is supported, got {ref!r}")
+        target: Any = self.doc
+        for part in ref[2:].split("/"):
+            part = part.replace("~1", "/").replace("~0", "~")
+            if not isinstance(target, dict) or part not in target:
+                raise SchemaError(f"{path}: $ref {ref!r} points nowhere")
+            target = target[part]
+        nid = self.add(("union", ()))  # a placeholder, so a recursive reference finds it
+        self.refs[ref] = nid
+        self.nodes[nid] = ("union", (self.node(target, ref),))
+        return nid
+
+    def union(self, alts: list[int], path: str) -> int:
+        if len(alts) == 1:
+            return alts[0]
+        starts = [_starts(self.nodes, a) for a in alts]
+        for i in range(len(alts)):
+            for j in range(i):
+                if starts[i] & starts[j]:
+                    raise SchemaError(f"{path}: alternatives that start alike (e.g. two objects, or a number and a "
+                                      "numeric enum) are not supported: JSON mode picks an alternative by its "
+                                      "first byte")
+        return self.add(("union", tuple(alts)))
+
+    def enum(self, values: list, path: str) -> int:
+        strings, lits = [], []
+        for v in values:
+            if isinstance(v, str):
+                strings.append(_encode(v))
+            elif v is None or isinstance(v, (bool, int, float)):
+                lits.append(json.dumps(v).encode())
+            else:
+                raise SchemaError(f"{path}: enum / const values must be strings, numbers, booleans or null, got {v!r}")
+        alts = []
+        if strings:
+            alts.append(self.add(("string", tuple(dict.fromkeys(strings)))))
+        if lits:
+            alts.append(self.add(("lits", tuple(dict.fromkeys(lits)))))
+        if not alts:
+            raise SchemaError(f"{path}: an empty enum allows no value")
+        return self.union(alts, path)
+
+    def node(self, s: Any, path: str) -> int:
+        if s is True or s == {}:
+            return ANY
+        if s is False:
+            raise SchemaError(f"{path}: a false schema allows no value")
+        if not isinstance(s, dict):
+            raise SchemaError(f"{path}: a schema must be an object, got {type(s).__name__}")
+        if "$ref" in s:
+            return self.ref(s["$ref"], path)
+        if "const" in s:
+            return self.enum([s["const"]], path)
+        if "enum" in s:
+            if not isinstance(s["enum"], list):
+                raise SchemaError(f"{path}.enum must be a list")
+            return self.enum(s["enum"], path)
+        for key in ("anyOf", "oneOf"):
+            if key in s:
+                alts = s[key]
+                if not isinstance(alts, list) or not alts:
+                    raise SchemaError(f"{path}.{key} must be a non-empty list of schemas")
+                return self.union([self.node(a, f"{path}.{key}[{i}]") for i, a in enumerate(alts)], path)
+        if "allOf" in s:
+            raise SchemaError(f"{path}: allOf is not supported")
+        t = s.get("type")
+        if isinstance(t, list):
+            if not t:
+                raise SchemaError(f"{path}.type must not be empty")
+            return self.union([self.node({**s, "type": x}, f"{path}.type[{i}]") for i, x in enumerate(t)], path)
+        if t is None:
+            if "properties" in s:
+                t = "object"
+            elif "items" in s:
+                t = "array"
+            else:
+                return ANY
+        if t == "object":
+            props = s.get("properties") or {}
+            if not isinstance(props, dict):
+                raise SchemaError(f"{path}.properties must be an object")
+            required = s.get("required") or []
+            if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+                raise SchemaError(f"{path}.required must be a list of property names")
+            if props:
+                missing = [r for r in required if r not in props]
+                if missing:
+                    raise SchemaError(f"{path}.required names {missing}, which are not in its properties")
+                nid = self.add(("object", (), frozenset(), None))  # filled below (a property may refer back)
+                entries = tuple((_encode(name), name, self.node(sub, f"{path}.properties.{name}"))
+                                for name, sub in props.items())
+                self.nodes[nid] = ("object", entries, frozenset(_encode(r) for r in required), None)
+                return nid
+            if required:
+                raise SchemaError(f"{path}.required names {required} without properties to take them from")
+            extra = s.get("additionalProperties", True)
+            return self.add(("object", (), frozenset(),
+                             None if extra is False else self.node(extra, f"{path}.additionalProperties")))
+        if t == "array":
+            lo, hi = s.get("minItems", 0), s.get("maxItems")
+            if not isinstance(lo, int) or lo < 0 or (hi is not None and (not isinstance(hi, int) or hi < lo)):
+                raise SchemaError(f"{path}: minItems / maxItems must be integers with 0 <= minItems <= maxItems")
+            if "prefixItems" in s:
+                raise SchemaError(f"{path}: prefixItems is not supported")
+            nid = self.add(("array", ANY, lo, hi))
+            self.nodes[nid] = ("array", self.node(s.get("items", True), f"{path}.items"), lo, hi)
+            return nid
+        if t == "string":
+            return self.add(("string", None))
+        if t in ("number", "integer"):
+            return self.add(("number", t == "integer"))
+        if t == "boolean":
+            return self.add(("lits", (b"true", b"false")))
+        if t == "null":
+            return self.add(("lits", (b"null",)))
+        raise SchemaError(f"{path}.type must be one of object, array, string, number, integer, boolean, null; got "
+                          f"{t!r}")
+
+
+@functools.lru_cache(maxsize=64)
+def _compile(text: str) -> Schema:
+    if text == "":  # JSON mode: any object
+        return Schema(_Compiler({}).nodes, OBJ_ANY, "")
+    schema = json.loads(text)
+    c = _Compiler(schema)
+    root = c.node(schema, "schema")
+    while c.nodes[root][0] == "union" and len(c.nodes[root][1]) == 1:  # a $ref at the top
+        root = c.nodes[root][1][0]
+    if c.nodes[root][0] != "object":
+        raise SchemaError("schema: the top level must be an object (type 'object')")
+    return Schema(c.nodes, root, text)
+
+
+def compile_schema(schema: dict | str | None) -> Schema:
+    """The compiled schema (None: JSON mode, any object); cached by its canonical text. Raises SchemaError."""
+    if schema is None:
+        return _compile("")
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except ValueError as e:
+            raise SchemaError(f"schema: not JSON ({e})") from None
+    if not isinstance(schema, dict):
+        raise SchemaError(f"schema: must be a JSON object, got {type(schema).__name__}")
+    return _compile(json.dumps(schema, sort_keys=True, ensure_ascii=False))
+
+
+State = tuple  # (schema, frames, mode, aux, whitespace run)
+
+
+def initial(schema: Schema) -> State:
+    """The state before the answer's first byte."""
+    return (schema, (), START, schema.root, 0)
+
+
+INITIAL: State = initial(compile_schema(None))  # JSON mode
+
+
+def _num(sub: int, b: int, integer: bool) -> int | None:
     """The number sub-state after byte b, or None when b does not continue the number."""
     digit = b in _DIGITS
     if sub == N_MINUS:
@@ -53,6 +294,8 @@ def _num(sub: int, b: int) -> int | None:
     if sub in (N_ZERO, N_INT, N_FRAC):
         if digit and sub != N_ZERO:
             return sub
+        if integer:
+            return None
         if b == 0x2E and sub != N_FRAC:
             return N_DOT
         return N_E if b in (0x65, 0x45) else None
@@ -63,72 +306,149 @@ def _num(sub: int, b: int) -> int | None:
     return N_EXP if digit else None  # N_ESIGN, N_EXP
 
 
-def _after_value(stack: str) -> State:
-    return (stack, AFTER, None, 0) if stack else ("", DONE, None, 0)
+def _after_value(schema: Schema, frames: tuple) -> State:
+    """The state after a value ends inside ``frames`` (its container counts it; nothing left: done)."""
+    if not frames:
+        return (schema, (), DONE, None, 0)
+    top = frames[-1]
+    if top[0] == "o":
+        top = ("o", top[1], top[2] | {top[3]} if top[3] is not None else top[2], None)
+    else:
+        top = ("a", top[1], top[2] + 1)
+    return (schema, frames[:-1] + (top,), AFTER, None, 0)
 
 
-def _close(stack: str) -> State:
-    return _after_value(stack[:-1])
+def _start_value(schema: Schema, frames: tuple, nid: int, b: int) -> State | None:
+    """The state after byte ``b`` starts a value of node ``nid``."""
+    node = schema.nodes[nid]
+    kind = node[0]
+    if kind == "union":
+        for alt in node[1]:
+            if b in schema.starts[alt]:
+                return _start_value(schema, frames, alt, b)
+        return None
+    if kind == "any":
+        if b == 0x7B:
+            return _start_value(schema, frames, OBJ_ANY, b)
+        if b == 0x5B:
+            return _start_value(schema, frames, ARR_ANY, b)
+        if b == 0x22:
+            return (schema, frames, STR, ("v", 0, None, b""), 0)
+        if b == 0x2D or b in _DIGITS:
+            return _start_value(schema, frames, NUM_ANY, b)
+        cands = tuple(t for t in _LITERALS if t[0] == b)
+        return (schema, frames, LIT, (cands, bytes([b])), 0) if cands else None
+    if kind == "object":
+        if b != 0x7B or len(frames) >= MAX_DEPTH:
+            return None
+        return (schema, frames + (("o", nid, frozenset(), None),), OBJ_FIRST, None, 0)
+    if kind == "array":
+        if b != 0x5B or len(frames) >= MAX_DEPTH:
+            return None
+        return (schema, frames + (("a", nid, 0),), ARR_FIRST, None, 0)
+    if kind == "string":
+        return (schema, frames, STR, ("v", 0, node[1], b""), 0) if b == 0x22 else None
+    if kind == "number":
+        if b == 0x2D:
+            return (schema, frames, NUM, (N_MINUS, node[1]), 0)
+        if b in _DIGITS:
+            return (schema, frames, NUM, (N_ZERO if b == 0x30 else N_INT, node[1]), 0)
+        return None
+    cands = tuple(t for t in node[1] if t[0] == b)  # lits
+    return (schema, frames, LIT, (cands, bytes([b])), 0) if cands else None
+
+
+def _string_end(schema: Schema, frames: tuple, role: str, typed: bytes) -> State:
+    if role == "k":  # the key's property decides the value's schema
+        top = frames[-1]
+        return (schema, frames[:-1] + (("o", top[1], top[2], typed),), COLON, None, 0)
+    return _after_value(schema, frames)
 
 
 def step(state: State, b: int) -> State | None:
-    """The state after byte ``b``, or None when ``b`` cannot continue a JSON object from ``state``."""
-    stack, mode, aux, ws = state
+    """The state after byte ``b``, or None when ``b`` cannot continue a text the schema allows from ``state``."""
+    schema, frames, mode, aux, ws = state
+    nodes = schema.nodes
     if mode == STR:
-        is_key, esc = aux
+        role, esc, cands, typed = aux
+        if cands is not None:  # a key or an enum: the bytes must spell one of the candidates
+            if b == 0x22 and not any(c.startswith(typed + b'"') for c in cands):
+                return _string_end(schema, frames, role, typed) if typed in cands else None
+            if b < 0x20:
+                return None
+            nt = typed + bytes((b,))
+            keep = tuple(c for c in cands if c.startswith(nt))
+            return (schema, frames, STR, (role, 0, keep, nt), 0) if keep else None
         if esc == 0:
             if b == 0x22:
-                return (stack, COLON, None, 0) if is_key else _after_value(stack)
+                return _string_end(schema, frames, role, None)
             if b == 0x5C:
-                return (stack, STR, (is_key, -1), 0)
+                return (schema, frames, STR, (role, -1, None, b""), 0)
             return None if b < 0x20 else state
         if esc == -1:
             if b in _ESCAPES:
-                return (stack, STR, (is_key, 0), 0)
-            return (stack, STR, (is_key, 4), 0) if b == 0x75 else None
-        return (stack, STR, (is_key, esc - 1), 0) if b in _HEX else None
+                return (schema, frames, STR, (role, 0, None, b""), 0)
+            return (schema, frames, STR, (role, 4, None, b""), 0) if b == 0x75 else None
+        return (schema, frames, STR, (role, esc - 1, None, b""), 0) if b in _HEX else None
     if mode == NUM:
-        sub = _num(aux, b)
-        if sub is not None:
-            return (stack, NUM, sub, 0)
-        return step(_after_value(stack), b) if aux in _NUM_END else None
+        sub, integer = aux
+        nxt = _num(sub, b, integer)
+        if nxt is not None:
+            return (schema, frames, NUM, (nxt, integer), 0)
+        return step(_after_value(schema, frames), b) if sub in _NUM_END else None
     if mode == LIT:
-        if b != aux[0]:
-            return None
-        return (stack, LIT, aux[1:], 0) if len(aux) > 1 else _after_value(stack)
+        cands, typed = aux
+        nt = typed + bytes((b,))
+        keep = tuple(c for c in cands if c.startswith(nt))
+        if keep:
+            return (schema, frames, LIT, (keep, nt), 0)
+        return step(_after_value(schema, frames), b) if typed in cands else None
     if mode == DONE:
         return None
     if b in _WS:
-        return (stack, mode, aux, ws + 1) if ws < (WS_MAX_START if mode == START else WS_MAX) else None
+        return (schema, frames, mode, aux, ws + 1) if ws < (WS_MAX_START if mode == START else WS_MAX) else None
     if mode == START:
-        return ("o", OBJ_FIRST, None, 0) if b == 0x7B else None
+        return _start_value(schema, frames, aux, b)
+    top = frames[-1]
+    node = nodes[top[1]]
     if mode in (OBJ_FIRST, OBJ_KEY):
+        props, required, extra = node[1], node[2], node[3]
         if b == 0x22:
-            return (stack, STR, (True, 0), 0)
-        return _close(stack) if b == 0x7D and mode == OBJ_FIRST else None
+            if props:
+                left = tuple(enc for enc, _, _ in props if enc not in top[2])
+                return (schema, frames, STR, ("k", 0, left, b""), 0) if left else None
+            return (schema, frames, STR, ("k", 0, None, b""), 0) if extra is not None else None
+        if b == 0x7D and mode == OBJ_FIRST and required <= top[2]:
+            return _after_value(schema, frames[:-1])
+        return None
     if mode == COLON:
-        return (stack, VALUE, None, 0) if b == 0x3A else None
-    if mode in (VALUE, ARR_FIRST):
-        if b == 0x5D and mode == ARR_FIRST:
-            return _close(stack)
-        if b in (0x7B, 0x5B):
-            if len(stack) >= MAX_DEPTH:
-                return None
-            return (stack + ("o" if b == 0x7B else "a"), OBJ_FIRST if b == 0x7B else ARR_FIRST, None, 0)
-        if b == 0x22:
-            return (stack, STR, (False, 0), 0)
-        if b == 0x2D:
-            return (stack, NUM, N_MINUS, 0)
-        if b in _DIGITS:
-            return (stack, NUM, N_ZERO if b == 0x30 else N_INT, 0)
-        lit = _LITERALS.get(b)
-        return (stack, LIT, lit, 0) if lit is not None else None
-    # AFTER: a value ended inside a container
-    top = stack[-1]
+        if b != 0x3A:
+            return None
+        key = top[3]
+        value = next(n for enc, _, n in node[1] if enc == key) if key is not None else node[3]
+        return (schema, frames, VALUE, value, 0)
+    if mode == VALUE:
+        return _start_value(schema, frames, aux, b)
+    if mode == ARR_FIRST:
+        if b == 0x5D:
+            return _after_value(schema, frames[:-1]) if node[2] == 0 else None
+        if node[3] == 0:  # maxItems 0
+            return None
+        return _start_value(schema, frames, node[1], b)
+    # AFTER: a value ended inside the top container
+    if top[0] == "o":
+        props, required, extra = node[1], node[2], node[3]
+        if b == 0x2C:
+            more = any(enc not in top[2] for enc, _, _ in props) if props else extra is not None
+            return (schema, frames, OBJ_KEY, None, 0) if more else None
+        if b == 0x7D and required <= top[2]:
+            return _after_value(schema, frames[:-1])
+        return None
+    items, lo, hi = node[1], node[2], node[3]
     if b == 0x2C:
-        return (stack, OBJ_KEY if top == "o" else VALUE, None, 0)
-    if (b == 0x7D and top == "o") or (b == 0x5D and top == "a"):
-        return _close(stack)
+        return (schema, frames, VALUE, items, 0) if hi is None or top[2] < hi else None
+    if b == 0x5D and top[2] >= lo:
+        return _after_value(schema, frames[:-1])
     return None
 
 
@@ -142,8 +462,8 @@ def advance(state: State | None, data: bytes) -> State | None:
 
 
 def is_complete(state: State | None) -> bool:
-    """Whether the bytes so far are one whole JSON object."""
-    return state is not None and state[1] == DONE
+    """Whether the bytes so far are one whole JSON object the schema allows."""
+    return state is not None and state[2] == DONE
 
 
 def _string_safe(data: bytes) -> bool:
@@ -178,10 +498,10 @@ def vocab_bytes(tok: ChatTokenizer, size: int) -> list[bytes | None]:
 class JsonMasker:
     """Allowed-token masks of JSON mode for one tokenizer and vocabulary size, cached per automaton state.
 
-    ``mask(state, eos_ids)``: a bool (V,) tensor on ``device`` of the tokens that keep the text a prefix of a JSON
-    object (after it is complete: the end-of-turn tokens ``eos_ids`` only). Building the trie reads every token's
-    bytes once (about a second at Qwen3's 151k vocabulary); a new state costs a walk of the trie's valid branches
-    (a string state: one pass over the few thousand tokens that hold a quote, a backslash or a control byte).
+    ``mask(state, eos_ids)``: a bool (V,) tensor on ``device`` of the tokens that keep the text a prefix of an
+    allowed JSON text (once it is complete: the end-of-turn tokens ``eos_ids`` only). Building the trie reads every
+    token's bytes once; a new state costs a walk of the trie's valid branches (a free string: one pass over the
+    tokens that hold a quote, a backslash or a control byte).
     """
 
     def __init__(self, tok: ChatTokenizer, vocab_size: int, device: torch.device | str = "cpu",
@@ -209,12 +529,12 @@ class JsonMasker:
         self.stats = {"states": 0, "hits": 0}
 
     def allowed_ids(self, state: State) -> list[int]:
-        """The token ids that keep the text a JSON-object prefix from ``state`` (not the end-of-turn tokens)."""
-        stack, mode, aux, _ = state
+        """The token ids that keep the text allowed from ``state`` (not the end-of-turn tokens)."""
+        mode, aux = state[2], state[3]
         if mode == DONE:
             return []
-        if mode == STR and aux[1] == 0:  # a string, no escape open: the string-safe tokens leave the state as is
-            ids = self.plain.nonzero()[:, 0].tolist()
+        if mode == STR and aux[2] is None and aux[1] == 0:  # a free string, no escape open: string-safe tokens
+            ids = self.plain.nonzero()[:, 0].tolist()  # leave the state as it is
             ids += [i for i, k in self.special if advance(state, self.bytes[i][k:]) is not None]
             return ids
         ids: list[int] = []
@@ -239,7 +559,7 @@ class JsonMasker:
             return m
         self.stats["states"] += 1
         m = torch.zeros(self.vocab_size, dtype=torch.bool)
-        if state[1] == DONE:
+        if state[2] == DONE:
             m[[i for i in eos_ids if 0 <= i < self.vocab_size]] = True
         else:
             m[self.allowed_ids(state)] = True
