@@ -260,7 +260,7 @@ def test_server_json_mode(model):
                           if ch["choices"] and ch["choices"][0]["index"] == c["index"])
             assert got == c["message"]["content"]
         status, err = client.request("POST", "/v1/chat/completions", {**body, "response_format": {
-            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}})
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "array"}}}})  # not an object
         assert status == 400 and err["error"]["param"] == "response_format"
     finally:
         server.shutdown()
