@@ -111,6 +111,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if not isinstance(tools, list):
             raise SystemExit(f"r4b generate: --tools {args.tools}: expected a JSON list of tool schemas, got "
                              f"{type(tools).__name__}")
+        from r4b.engine.chat import check_tools
+
+        try:
+            check_tools(tools)
+        except ValueError as e:
+            raise SystemExit(f"r4b generate: --tools {args.tools}: {e}") from None
     llm = _load_llm(args, "generate")
     kw = dict(thinking_mode=args.thinking_mode, max_thinking_tokens=args.max_thinking_tokens, tools=tools,
               answer_prefix=args.answer_prefix)

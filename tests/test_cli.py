@@ -137,6 +137,10 @@ def test_generate_with_tools_and_an_answer_prefix(checkpoint, tmp_path, capsys):
     f.write_text('{"type": "function"}')
     with pytest.raises(SystemExit, match="expected a JSON list of tool schemas"):
         cli.main(["generate", str(checkpoint / "missing"), "-p", "x", "--tools", str(f)])
+    f.write_text('["get_weather"]')  # a list, of something else: refused before the model loads, streamed or not
+    for stream in ([], ["--stream"]):
+        with pytest.raises(SystemExit, match=r"tools\[0\] must be a JSON object"):
+            cli.main(["generate", str(checkpoint / "missing"), "-p", "x", "--tools", str(f), *stream])
     with pytest.raises(SystemExit, match="--tools .*none.json"):
         cli.main(["generate", str(checkpoint / "missing"), "-p", "x", "--tools", str(tmp_path / "none.json")])
 

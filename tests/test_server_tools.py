@@ -8,6 +8,7 @@ forced to a given text (the engine's forced-token path, the one that closes a th
 from __future__ import annotations
 
 import json
+import random
 import threading
 
 import pytest
@@ -15,7 +16,7 @@ from test_llm import TOK, tiny_model
 from test_server import Client, new_llm
 from tiny_models import torch_kernels_on_cpu  # noqa: F401  (fixture)
 
-from r4b.engine.chat import ToolCall
+from r4b.engine.chat import ToolCall, parse_tool_calls
 from r4b.engine.llm import LLM
 from r4b.engine.sampling import SamplingParams
 from r4b.engine.server import BadRequest, Server, ToolCallStream, parse_chat_request
@@ -133,7 +134,7 @@ def test_parse_chat_request_tools_fields_and_errors():
     assert r.tools == TOOLS and r.answer_prefix == '<tool_call>\n{"name": "'
     r = parse_chat_request({"messages": ASK, "tools": TOOLS,
                             "tool_choice": {"type": "function", "function": {"name": "get_weather"}}})
-    assert r.answer_prefix == '<tool_call>\n{"name": "get_weather", "arguments": '
+    assert r.answer_prefix == '<tool_call>\n{"name": "get_weather", "arguments":'
     assert CALL_P.startswith(r.answer_prefix)
     bad_call = [*ASK, {"role": "assistant", "content": "", "tool_calls": [{"function": {"arguments": "{}"}}]},
                 {"role": "user", "content": "?"}]
@@ -177,6 +178,29 @@ def test_tool_call_stream_sends_a_prefix_of_the_final_parse():
     ts = ToolCallStream(parallel=False)
     assert ts.feed(CALL_P + CALL_R) == ("", [ToolCall("get_weather", {"city": "Paris"})])
     assert ts.finish(CALL_P + CALL_R) == ("", [])
+
+
+def test_tool_call_stream_agrees_with_the_parse_on_random_answers():
+    """Random answers of calls, broken blocks, partial tags and whitespace, streamed in random chunks: what the stream
+    sends adds up to parse_tool_calls' content and calls, with parallel calls or without."""
+    rng = random.Random(7)
+    pieces = [CALL_P, CALL_R, "<tool_call>bad</tool_call>", "<tool_c", "<tool_call", " text ", "\n", "\n\n", "é",
+              "</tool_call>", '<tool_call>{"name": "f", "arguments": {"x": NaN}}</tool_call>', "<", "x"]
+    for _ in range(3000):
+        answer = "".join(rng.choice(pieces) for _ in range(rng.randrange(8)))
+        if rng.random() < 0.3:
+            answer += '<tool_call>{"name": "g"}'  # unclosed at the end
+        for parallel in (True, False):
+            ts = ToolCallStream(parallel)
+            content, calls, k = "", [], 0
+            while k < len(answer):
+                n = rng.randrange(1, 6)
+                d, new = ts.feed(answer[k:k + n])
+                content, calls, k = content + d, calls + new, k + n
+            d, new = ts.finish(answer)
+            want_content, want_calls, _ = parse_tool_calls(answer)
+            assert (content + d, calls + new) == (want_content, want_calls if parallel else want_calls[:1]), answer
+            assert not ts.diverged
 
 
 # ------------------------------------------------------------------------------------------------- the server
@@ -249,7 +273,7 @@ def test_server_streams_tool_calls_as_the_plain_response_has_them(served):
     deltas = [ch["choices"][0] for ch in chunks[:-1] if ch["choices"]]
     msg = plain["choices"][0]["message"]
     assert "".join(d["delta"].get("reasoning_content", "") for d in deltas) == msg["reasoning_content"]
-    assert "".join(d["delta"].get("content", "") for d in deltas) == msg["content"] == \
+    assert "".join(d["delta"].get("content") or "" for d in deltas) == msg["content"] == \
         "Checking <b>both</b>.\n\n\nAnd <tool_call>bad"
     streamed = [x for d in deltas for x in d["delta"].get("tool_calls", [])]
     assert [x["index"] for x in streamed] == [0, 1]
@@ -279,7 +303,7 @@ def test_tool_results_go_back_into_the_prompt(served):
 
 @pytest.mark.parametrize("choice, rest", [
     ("required", 'get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'),
-    ({"type": "function", "function": {"name": "get_weather"}}, '{"city": "Paris"}}\n</tool_call>')])
+    ({"type": "function", "function": {"name": "get_weather"}}, ' {"city": "Paris"}}\n</tool_call>')])
 @pytest.mark.parametrize("mode", ["short", "auto"])
 def test_tool_choice_forces_the_call_after_the_thought(served, choice, rest, mode):
     """tool_choice "required" / a named function: the answer starts with the call's forced head, the model (here
@@ -297,4 +321,5 @@ def test_tool_choice_forces_the_call_after_the_thought(served, choice, rest, mod
     deltas = [ch["choices"][0] for ch in chunks[:-1] if ch["choices"]]
     assert [_args(x) for d in deltas for x in d["delta"].get("tool_calls", [])] == [("get_weather",
                                                                                     {"city": "Paris"})]
-    assert not "".join(d["delta"].get("content", "") for d in deltas)
+    assert not "".join(d["delta"].get("content") or "" for d in deltas)
+    assert deltas[0]["delta"] == {"role": "assistant", "content": None}  # OpenAI's tool-call streams: null content

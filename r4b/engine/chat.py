@@ -127,11 +127,15 @@ def _render_tool_call(call: Any, where: str) -> str:
 _TOOL_BLOCK = re.compile(re.escape(TOOL_CALL) + r"(.*?)" + re.escape(END_TOOL_CALL), re.DOTALL)
 
 
-def _tool_call_of(body: str) -> ToolCall | None:
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def tool_call_of(body: str) -> ToolCall | None:
     """The call a ``<tool_call>`` block's body holds (``{"name": str, "arguments": {...}}``; arguments given as a
     JSON string of an object are read too), or None when it is not one."""
-    try:
-        obj = json.loads(body)
+    try:  # NaN / Infinity are not JSON: their arguments could not be written back as JSON
+        obj = json.loads(body, parse_constant=_not_json)
     except ValueError:
         return None
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
@@ -139,7 +143,7 @@ def _tool_call_of(body: str) -> ToolCall | None:
     args = obj.get("arguments", obj.get("parameters", {}))
     if isinstance(args, str):
         try:
-            args = json.loads(args)
+            args = json.loads(args, parse_constant=_not_json)
         except ValueError:
             return None
     if not isinstance(args, dict):
@@ -160,7 +164,7 @@ def parse_tool_calls(answer: str, *, final: bool = True) -> tuple[str, list[Tool
     """
     pieces, calls, pos = [], [], 0
     for m in _TOOL_BLOCK.finditer(answer):
-        call = _tool_call_of(m.group(1))
+        call = tool_call_of(m.group(1))
         pieces.append(answer[pos:m.start()] if call is not None else answer[pos:m.end()])
         if call is not None:
             calls.append(call)
@@ -168,7 +172,7 @@ def parse_tool_calls(answer: str, *, final: bool = True) -> tuple[str, list[Tool
     rest, held = answer[pos:], 0
     start = rest.find(TOOL_CALL)
     if start >= 0:  # an unclosed block
-        call = _tool_call_of(rest[start + len(TOOL_CALL):]) if final else None
+        call = tool_call_of(rest[start + len(TOOL_CALL):]) if final else None
         if call is not None:
             calls.append(call)
             rest = rest[:start]

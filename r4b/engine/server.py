@@ -55,7 +55,17 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from .chat import END_THINK, IM_END, MODE_SUFFIX, THINK, TOOL_CALL, ToolCall, parse_tool_calls
+from .chat import (
+    END_THINK,
+    END_TOOL_CALL,
+    IM_END,
+    MODE_SUFFIX,
+    THINK,
+    TOOL_CALL,
+    ToolCall,
+    parse_tool_calls,
+    tool_call_of,
+)
 from .llm import LLM, RequestOutput, StreamEvent
 from .sampling import SamplingParams
 from .structured import SchemaError, compile_schema
@@ -199,7 +209,8 @@ def _tools(body: dict) -> tuple[list[dict] | None, bool, str | None]:
         if choice.get("type") != "function" or name not in names:
             raise BadRequest(f"'tool_choice' must name one of the tools {names} as {{'type': 'function', 'function': "
                              f"{{'name': ...}}}}, got {str(choice)[:80]!r}", "tool_choice")
-        return tools, parallel, TOOL_CALL + '\n{"name": ' + json.dumps(name, ensure_ascii=False) + ', "arguments": '
+        # up to the colon: the model writes the space with the brace (" {" is one token in Qwen3's vocabulary)
+        return tools, parallel, TOOL_CALL + '\n{"name": ' + json.dumps(name, ensure_ascii=False) + ', "arguments":'
     raise BadRequest(f"'tool_choice' must be 'auto', 'none', 'required' or a function, got {str(choice)[:60]!r}",
                      "tool_choice")
 
@@ -574,36 +585,86 @@ class ToolCallStream:
     """Splits a choice's streamed answer (ThinkSplitter's answer deltas) into content deltas and tool calls, by the
     rules of r4b.engine.chat.parse_tool_calls (what the non-streamed response holds): content up to a
     ``<tool_call>`` is sent as it comes (a tag that may be starting, and trailing whitespace, held back); a block is
-    held until it closes, then sent as one call (or, when it is not one, as content)."""
+    held until it closes, then sent as one call (or, when it is not one, as content). Incremental: each delta is
+    scanned once (a long answer or a long call costs its length, not its length squared)."""
 
     def __init__(self, parallel: bool = True) -> None:
         self.parallel = parallel
         self.answer = ""
-        self.sent = ""  # the content sent so far
+        self.done = 0  # answer[:done] is decided (content sent or held as whitespace, or a block taken)
+        self.open: int | None = None  # where an unclosed <tool_call> starts
+        self.scan = 0  # where the search for the open block's </tool_call> goes on
+        self.sent: list[str] = []  # the content sent so far
+        self.lead = True  # no content sent yet (leading whitespace is dropped)
+        self.pending = ""  # trailing whitespace held until more content comes
         self.calls = 0  # the calls sent so far
         self.diverged = False
 
+    def _text(self, text: str) -> str:
+        """The content delta of newly decided content ``text`` (content = the decided text, stripped)."""
+        if self.lead:
+            text = text.lstrip()
+            if not text:
+                return ""
+            self.lead = False
+        text = self.pending + text
+        keep = len(text.rstrip())
+        self.pending = text[keep:]
+        if keep:
+            self.sent.append(text[:keep])
+        return text[:keep]
+
+    def _take(self, calls: list[ToolCall], new: list[ToolCall]) -> None:
+        for call in calls:
+            if self.parallel or self.calls == 0:
+                new.append(call)
+                self.calls += 1
+
     def feed(self, delta: str) -> tuple[str, list[ToolCall]]:
         """(content delta, new calls) after ``delta`` of the answer."""
+        before = len(self.answer)
         self.answer += delta
-        content, calls, _ = parse_tool_calls(self.answer, final=False)
-        return self._advance(content.rstrip(), calls)
+        a, out, new = self.answer, [], []
+        while True:
+            if self.open is None:
+                k = a.find(TOOL_CALL, self.done)
+                if k < 0:  # decide all but an ending that may grow into <tool_call>
+                    safe = len(a)
+                    for j in range(min(len(TOOL_CALL) - 1, len(a) - self.done), 0, -1):
+                        if a.endswith(TOOL_CALL[:j]):
+                            safe -= j
+                            break
+                    out.append(self._text(a[self.done:safe]))
+                    self.done = safe
+                    break
+                out.append(self._text(a[self.done:k]))
+                self.done = self.open = k
+                self.scan = k + len(TOOL_CALL)
+            e = a.find(END_TOOL_CALL, max(self.scan, before - len(END_TOOL_CALL) + 1))
+            if e < 0:
+                self.scan = max(self.scan, len(a) - len(END_TOOL_CALL) + 1)
+                break
+            end = e + len(END_TOOL_CALL)
+            call = tool_call_of(a[self.open + len(TOOL_CALL):e])
+            if call is not None:
+                self._take([call], new)
+            else:
+                out.append(self._text(a[self.open:end]))
+            self.done, self.open = end, None
+        return "".join(out), new
 
     def finish(self, answer: str) -> tuple[str, list[ToolCall]]:
-        """The rest, given the choice's final answer."""
+        """The rest, given the choice's final answer (its parse, as the non-streamed response has it)."""
         content, calls, _ = parse_tool_calls(answer)
-        if not content.startswith(self.sent):
-            self.diverged = True
-        return self._advance(content, calls)
-
-    def _advance(self, content: str, calls: list[ToolCall]) -> tuple[str, list[ToolCall]]:
-        if not self.parallel:
-            calls = calls[:1]
+        sent = "".join(self.sent)
         delta = ""
-        if content.startswith(self.sent) and len(content) > len(self.sent):
-            delta, self.sent = content[len(self.sent):], content
-        new = calls[self.calls:]
-        self.calls = max(self.calls, len(calls))
+        if content.startswith(sent):
+            delta = content[len(sent):]
+            self.sent.append(delta)
+        else:
+            self.diverged = True
+        new: list[ToolCall] = []
+        self._take(calls[self.calls:] if self.parallel else calls[:1][self.calls:], new)
         return delta, new
 
 
@@ -1017,8 +1078,8 @@ class _Handler(BaseHTTPRequestHandler):
                 choice["logprobs"] = logprobs
             self._sse({**base, "choices": [choice]})
 
-        for i in range(req.params.n):
-            chunk(i, {"role": "assistant", "content": ""})
+        for i in range(req.params.n):  # with tools the content may stay null (OpenAI's tool-call streams)
+            chunk(i, {"role": "assistant", "content": None if req.tools else ""})
         for ev in self._sse_events(first, handle):
             if isinstance(ev, StreamEvent):
                 thought, answer = splitters[ev.index].feed(ev.text)
