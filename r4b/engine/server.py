@@ -516,6 +516,40 @@ class EngineLoop:
 # ---------------------------------------------------------------------------------------------------- streaming
 
 
+class _Channel:
+    """One streamed text (the thought or the answer) sent as ``text.strip()`` grows: leading whitespace dropped,
+    trailing whitespace held until more text comes; ``joiner`` goes between two parts (the answer's preamble and
+    its rest) when both have text."""
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+        self.lead = True
+        self.pending = ""
+        self.joiner = ""
+
+    def add(self, text: str) -> str:
+        if self.lead:
+            text = text.lstrip()
+            if not text:
+                return ""
+            text, self.lead = self.joiner + text, False
+        text = self.pending + text
+        keep = len(text.rstrip())
+        self.pending = text[keep:]
+        if keep:
+            self.sent.append(text[:keep])
+        return text[:keep]
+
+    def new_part(self, joiner: str) -> None:
+        """What comes next is a new part: its leading whitespace is dropped, and ``joiner`` leads it if this channel
+        has sent text."""
+        self.lead, self.pending = True, ""
+        self.joiner = joiner if self.sent else ""
+
+    def text(self) -> str:
+        return "".join(self.sent)
+
+
 class ThinkSplitter:
     """Splits a completion's streamed text into thought and answer deltas as they arrive, by the rules of
     r4b.engine.chat.parse_response (what the non-streamed response holds), except one: a stream cannot take text
@@ -524,59 +558,85 @@ class ThinkSplitter:
     in_thought: the completion starts inside a thought (auto / long prompts); a ``<think>`` it repeats at its start
     is dropped. Outside a thought (short), a ``<think>`` opens one, and the text before it stays at the front of the
     answer. An ending that may grow into a tag or an end-of-turn token, and trailing whitespace, are held back
-    until the next text decides them, so what is sent is always a prefix of what will be."""
+    until the next text decides them, so what is sent is always a prefix of what will be. Incremental: each delta is
+    scanned once."""
 
-    _HELD = (THINK, END_THINK, IM_END, _EOT)
+    _BEGIN, _PRE, _THOUGHT, _ANSWER, _STOPPED = range(5)
 
     def __init__(self, in_thought: bool) -> None:
         self.in_thought = in_thought
         self.text = ""
-        self.sent = ["", ""]  # thought, answer
+        self.done = 0  # text[:done] is decided
+        self.phase = self._BEGIN
+        self.thought, self.answer = _Channel(), _Channel()
         self.diverged = False  # the final parse disagreed with what was sent (a thought with two </think>)
 
-    def _visible(self) -> tuple[str, str]:
-        t = self.text
-        for stop in (IM_END, _EOT):
-            cut = t.find(stop)
-            if cut >= 0:
-                t = t[:cut]
-        hold = 0
-        for tag in self._HELD:
-            for k in range(min(len(tag) - 1, len(t)), 0, -1):
-                if t.endswith(tag[:k]):
-                    hold = max(hold, k)
-                    break
-        t = t[: len(t) - hold]
-        preamble = ""
-        if t.lstrip().startswith(THINK):  # the output (re)opens the thought itself
-            t = t.lstrip()[len(THINK):]
-        elif not self.in_thought:
-            k = t.find(THINK)
-            if k < 0:
-                return "", t.strip()
-            preamble, t = t[:k].strip(), t[k + len(THINK):]
-        k = t.find(END_THINK)
-        thought, answer = (t, "") if k < 0 else (t[:k], t[k + len(END_THINK):])
-        return thought.strip(), "\n\n".join(x for x in (preamble, answer.strip()) if x)
+    @property
+    def sent(self) -> tuple[str, str]:
+        return self.thought.text(), self.answer.text()
+
+    def _tags(self) -> tuple[str, ...]:
+        if self.phase == self._THOUGHT:
+            return END_THINK, IM_END, _EOT
+        if self.phase == self._PRE:
+            return THINK, IM_END, _EOT
+        return IM_END, _EOT
 
     def feed(self, delta: str) -> tuple[str, str]:
         """(thought delta, answer delta) after ``delta``."""
         self.text += delta
-        return self._advance(*self._visible())
+        t, out = self.text, ([], [])
+        while self.phase != self._STOPPED:
+            if self.phase == self._BEGIN:  # does the output (re)open a thought?
+                head = t[self.done:].lstrip()
+                if len(head) < len(THINK) and THINK.startswith(head) and not self._stop_in(head):
+                    break  # undecided: whitespace, or a piece of <think>
+                if head.startswith(THINK):
+                    self.done = t.index(THINK, self.done) + len(THINK)
+                    self.phase = self._THOUGHT
+                else:
+                    self.phase = self._THOUGHT if self.in_thought else self._PRE
+                continue
+            tags = self._tags()
+            hits = [(k, tag) for tag in tags if (k := t.find(tag, self.done)) >= 0]
+            channel = self.thought if self.phase == self._THOUGHT else self.answer
+            if not hits:  # decide all but an ending that may grow into a tag
+                safe = len(t)
+                for tag in tags:
+                    for n in range(min(len(tag) - 1, len(t) - self.done), 0, -1):
+                        if t.endswith(tag[:n]):
+                            safe = min(safe, len(t) - n)
+                            break
+                (out[0] if channel is self.thought else out[1]).append(channel.add(t[self.done:safe]))
+                self.done = safe
+                break
+            k, tag = min(hits)
+            (out[0] if channel is self.thought else out[1]).append(channel.add(t[self.done:k]))
+            self.done = k + len(tag)
+            if tag in (IM_END, _EOT):
+                self.phase = self._STOPPED
+            elif tag == THINK:  # short mode: the preamble ends, a thought starts
+                self.phase = self._THOUGHT
+            else:  # </think>: the answer starts (after the preamble, if any, with a blank line)
+                self.phase = self._ANSWER
+                self.answer.new_part("\n\n")
+        return "".join(out[0]), "".join(out[1])
+
+    def _stop_in(self, head: str) -> bool:
+        return any(tag in head for tag in (IM_END, _EOT))
 
     def finish(self, thinking: str, answer: str) -> tuple[str, str]:
         """The rest, given the completion's final parse (what the non-streamed response holds)."""
-        if not (thinking.startswith(self.sent[0]) and answer.startswith(self.sent[1])):
-            self.diverged = True
-        return self._advance(thinking, answer)
-
-    def _advance(self, thought: str, answer: str) -> tuple[str, str]:
         out = []
-        for i, now in enumerate((thought, answer)):
-            if now.startswith(self.sent[i]) and len(now) > len(self.sent[i]):
-                out.append(now[len(self.sent[i]):])
-                self.sent[i] = now
+        for channel, final in ((self.thought, thinking), (self.answer, answer)):
+            sent = channel.text()
+            if final.startswith(sent):
+                delta = final[len(sent):]
+                if delta:
+                    channel.sent.append(delta)
+                out.append(delta)
             else:
+                self.diverged = True
                 out.append("")
         return out[0], out[1]
 
