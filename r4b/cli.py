@@ -7,6 +7,7 @@
     r4b bpo --model M --data D --output-dir O ...   stage 2 training (BPO)
     r4b eval --model M --data D --output-dir O ...  accuracy / tokens / think-rate per thinking mode
     r4b serve MODEL_DIR --port 8000                   an OpenAI-compatible server (chat completions, thinking modes)
+    r4b chat MODEL_DIR                                 a multi-turn chat in the terminal, streamed, in any thinking mode
     r4b demo                      the CPU demo of the first milestone (same as `make demo`)
 """
 
@@ -279,6 +280,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    from r4b.engine.interactive import HELP, ChatSession, run
+    from r4b.engine.sampling import SamplingParams
+
+    try:
+        params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                presence_penalty=args.presence_penalty, max_tokens=args.max_tokens, seed=args.seed)
+    except ValueError as e:
+        raise SystemExit(f"r4b chat: {e}") from None
+    llm = _load_llm(args, "chat")
+    session = ChatSession(llm, params, thinking_mode=args.thinking_mode, max_thinking_tokens=args.max_thinking_tokens,
+                          system=args.system)
+
+    def write(text: str) -> None:
+        print(text, end="", flush=True)
+
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"r4b chat: {Path(args.model).resolve().name}, thinking mode {args.thinking_mode}\n{HELP}")
+    run(session, sys.stdin, write, prompt=(lambda: print("\n> ", end="", flush=True)) if interactive else lambda: None)
+    return 0
+
+
 def cmd_demo(_: argparse.Namespace) -> int:
     from r4b import demo
 
@@ -324,6 +348,23 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--stream", action="store_true", help="print tokens as they come (one prompt, n=1)")
     g.add_argument("--json", action="store_true", help="one JSON line per request")
     g.set_defaults(fn=cmd_generate)
+    c = sub.add_parser("chat", help="a multi-turn chat in the terminal (streamed; /mode, /budget, /system, /reset)")
+    c.add_argument("model", help="checkpoint directory (HF layout: config.json + *.safetensors)")
+    c.add_argument("--tokenizer", help="tokenizer.json (default: the one in the checkpoint directory)")
+    c.add_argument("--thinking-mode", default="auto", choices=("auto", "long", "short"))
+    c.add_argument("--max-thinking-tokens", type=int, default=None)
+    c.add_argument("--system", default=None, help="a system message")
+    c.add_argument("--max-tokens", type=int, default=4096)
+    c.add_argument("--temperature", type=float, default=0.6)
+    c.add_argument("--top-p", type=float, default=0.95)
+    c.add_argument("--top-k", type=int, default=20)
+    c.add_argument("--presence-penalty", type=float, default=0.0)
+    c.add_argument("--seed", type=int, default=None)
+    c.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+    c.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
+    c.add_argument("--max-num-seqs", type=int, default=8)
+    c.add_argument("--no-prefix-caching", action="store_true")
+    c.set_defaults(fn=cmd_chat)
     from r4b.engine.train.bpo import BPOConfig
     from r4b.engine.train.common import TrainConfig
     from r4b.engine.train.sft import SFTConfig

@@ -145,6 +145,39 @@ def test_generate_with_tools_and_an_answer_prefix(checkpoint, tmp_path, capsys):
         cli.main(["generate", str(checkpoint / "missing"), "-p", "x", "--tools", str(tmp_path / "none.json")])
 
 
+def test_chat_streams_multi_turn_replies(checkpoint, monkeypatch, capsys):
+    """r4b chat: each reply streams the engine's own completion of the conversation so far (the history holds the
+    earlier answers and thoughts); commands change the mode and the budget, /reset clears the history."""
+    import io
+
+    from r4b.engine.chat import ChatTokenizer
+    from r4b.engine.llm import LLM
+    from r4b.engine.model import from_pretrained
+    from r4b.engine.sampling import SamplingParams
+
+    lines = "hi\n/mode long\n/budget 3\nand then?\n/reset\n/mode short\nagain\n/bogus\n/exit\nnever sent\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO(lines))
+    assert cli.main(["chat", str(checkpoint), "--temperature", "0", "--max-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    llm = LLM(from_pretrained(checkpoint), ChatTokenizer.demo())
+    greedy = SamplingParams(temperature=0, max_tokens=8)
+    first = llm.generate([[{"role": "user", "content": "hi"}]], greedy, thinking_mode="auto", use_tqdm=False)[0]
+    c1 = first.outputs[0]
+    history = [{"role": "user", "content": "hi"},
+               {"role": "assistant", "content": c1.answer, "reasoning_content": c1.thinking},
+               {"role": "user", "content": "and then?"}]
+    c2 = llm.generate([history], greedy, thinking_mode="long", max_thinking_tokens=3, use_tqdm=False)[0].outputs[0]
+    c3 = llm.generate([[{"role": "user", "content": "again"}]], greedy, thinking_mode="short",
+                      use_tqdm=False)[0].outputs[0]
+    for c in (c1, c2, c3):
+        shown = (f"<think>\n{c.thinking}\n</think>\n\n" if c.thinking else "") + c.answer
+        assert shown in out
+        assert f"[{c.thinking_mode} -> {c.mode}, {len(c.token_ids)} tokens ({c.num_thinking_tokens} thinking)" in out
+    assert c2.num_thinking_tokens <= 4  # the budget reached the engine
+    assert "[thinking mode: long]" in out and "[history cleared]" in out and "commands: /mode" in out
+    assert out.count(" tokens (") == 3  # "never sent" came after /exit
+
+
 def test_train_flags_cover_every_config_field_and_override_the_config_file(tmp_path):
     """Every SFTConfig / BPOConfig field has a flag (bools as --x / --no-x, optional bools take auto); flags
     override the --config file, which overrides the defaults."""
