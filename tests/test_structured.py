@@ -175,6 +175,18 @@ def test_masks_are_the_brute_force_sets(which):
         assert torch.equal(got, want), (state, (got ^ want).nonzero()[:5, 0].tolist())
         assert torch.equal(masker.mask(state, eos), want)  # cached
     assert masker.stats["hits"] >= len(states)
+    # a vocabulary without a byte the text needs: no mask (the engine then drops the constraint)
+    masker.bytes = [None if d and b'"' in d else d for d in masker.bytes]
+    masker.root, masker._cache = S._Node(), type(masker._cache)()
+    for i, d in enumerate(masker.bytes):
+        if d:
+            node = masker.root
+            for b in d:
+                node = node.children.setdefault(b, S._Node())
+            node.ids.append(i)
+    assert masker.mask(S.advance(S.INITIAL, b"{"), eos) is not None  # whitespace or "}" still go
+    assert masker.mask(S.advance(S.INITIAL, b"{ "), (10**6,)) is not None
+    assert masker.mask(S.advance(S.INITIAL, b'{"a":1,' + b" " * S.WS_MAX), eos) is None  # only a quote could follow
     # special tokens never pass (their bytes are not the text's)
     assert not any(masker.mask(S.INITIAL, eos)[i] for i in (tok.think_id, tok.end_think_id, tok.im_start_id))
 
@@ -230,6 +242,11 @@ def test_json_mode_is_steered_by_the_mask_not_the_model(model):
     assert ref.prompt_logprobs[-n:] == pytest.approx(c.logprobs[:n], abs=1e-5)
     with pytest.raises(ValueError, match="response_format"):
         SamplingParams(response_format="yaml")
+    # ignore_eos: the object's end ends the completion (only end-of-turn tokens could follow it)
+    c = llm.generate(["x"], SamplingParams(temperature=0, max_tokens=20, response_format="json_object",
+                                           logit_bias={close[0]: 100}, ignore_eos=True),
+                     thinking_mode="short", use_tqdm=False)[0].outputs[0]
+    assert c.answer == "{}" and c.finish_reason == "stop" and c.token_ids[-1] == close[0]
 
 
 def test_server_json_mode(model):

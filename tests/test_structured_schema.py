@@ -203,15 +203,22 @@ def test_invalid_texts_are_rejected(text):
     assert not valid(json.loads(text), PERSON, PERSON) or _has_twin_keys(text)  # json.loads keeps a last twin
 
 
-def test_an_enum_string_has_one_spelling():
-    """Enum strings (and property names) are matched as json.dumps spells them: another spelling of the same value
-    is refused (a model writes the canonical one; the mask never offers the other)."""
+def test_an_enum_string_has_json_dumps_spellings():
+    """Enum strings and property names are matched as json.dumps spells them, UTF-8 or ASCII-escaped: another
+    spelling of the same value is refused (the mask never offers it)."""
     compiled = S.compile_schema(PERSON)
     for tags in ('["b\\"c"]', '["b\\u0022c"]'):
         text = '{"name": "x", "age": 1, "kind": "person", "tags": ' + tags + "}"
         assert json.loads(text)["tags"] == ['b"c']
         assert S.is_complete(S.advance(S.initial(compiled), text.encode())) == ("u0022" not in tags)
     assert not S.advance(S.initial(compiled), b'{"n\\u0061me"')
+    for tag in ("é", "\\u00e9"):  # both of json.dumps' spellings of "é"
+        text = '{"name": "x", "age": 1, "kind": "person", "tags": ["' + tag + '"]}'
+        assert S.is_complete(S.advance(S.initial(compiled), text.encode())), text
+    accents = S.compile_schema({"type": "object", "properties": {"café": {"type": "integer"}}, "required": ["café"]})
+    for key in ("café", "caf\\u00e9"):
+        assert S.is_complete(S.advance(S.initial(accents), ('{"' + key + '": 1}').encode())), key
+    assert not S.is_complete(S.advance(S.initial(accents), '{"café": 1, "caf\\u00e9": 2}'.encode()))  # twice
 
 
 def test_the_valid_counterparts_are_accepted():
@@ -236,12 +243,70 @@ def test_the_valid_counterparts_are_accepted():
     ({"type": "object", "properties": {"a": {}}, "required": ["b"]}, "not in its properties"),
     ({"type": "object", "properties": {"a": {"type": "array", "minItems": 3, "maxItems": 1}}}, "minItems"),
     ({"type": "object", "properties": {"a": False}}, "false schema"),
+    ({"$ref": "#/$defs/a", "$defs": {"a": {"$ref": "#/$defs/a"}}}, "refers to itself"),
+    ({"$ref": "#/$defs/a", "$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}}, "refers to itself"),
+    ({"type": "object", "properties": {"n": {"$ref": "#"}}, "required": ["n"]}, "allows no JSON value"),
+    ({"type": "object", "properties": {"a": {"type": "array", "minItems": 1, "items": {"$ref": "#/$defs/x"}}},
+      "required": ["a"], "$defs": {"x": {"type": "array", "minItems": 1, "items": {"$ref": "#/$defs/x"}}}},
+     "allows no JSON value"),
+    ({"type": "object", "properties": {"a": {"enum": ["\ud800"]}}}, "not valid Unicode"),
 ])
 def test_schemas_that_cannot_be_enforced_are_refused(schema, match):
     with pytest.raises(S.SchemaError, match=match):
         S.compile_schema(schema)
     with pytest.raises(ValueError, match="SamplingParams.json_schema"):
         SamplingParams(json_schema=schema)
+
+
+def test_deep_nesting_is_refused_at_compile_time_or_never_offered():
+    deep: dict = {"type": "object"}
+    for _ in range(70):  # a required chain deeper than MAX_DEPTH: no value fits
+        deep = {"type": "object", "properties": {"n": deep}, "required": ["n"]}
+    with pytest.raises(S.SchemaError, match="nests deeper than 64"):
+        S.compile_schema(deep)
+    # an optional recursion: at the depth limit the recursive key is no longer offered, and the object can close
+    chain = S.compile_schema({"type": "object", "properties": {"next": {"$ref": "#"}, "v": {"type": "integer"}}})
+    state = S.advance(S.initial(chain), b'{"next":' * (S.MAX_DEPTH - 1))
+    assert state is not None and S.advance(state, b'{"next"') is None
+    assert S.advance(state, b'{"v"') is not None
+    assert S.is_complete(S.advance(state, b"{}" + b"}" * (S.MAX_DEPTH - 1)))
+    # array counts are capped in the state (at maxItems, or at minItems): items past them repeat the same states
+    arr = S.compile_schema({"type": "object", "properties": {"a": {"type": "array", "items": {"type": "integer"},
+                                                                   "minItems": 2}}})
+    states = set()
+    state = S.advance(S.initial(arr), b'{"a": [')
+    for k in range(50):
+        state = S.advance(state, b"1" if k == 0 else b", 1")
+        states.add(state)
+    assert len(states) == 3 and S.is_complete(S.advance(state, b"]}"))
+    assert not S.is_complete(S.advance(S.initial(arr), b'{"a": [1]}'))  # minItems 2
+
+
+def _random_walks(compiled, rng: random.Random, walks: int, steps: int) -> int:
+    """Walk from the initial state by random valid bytes (biased to open containers and to close them); return how
+    many walks completed. Fails on a state from which no byte goes on (a dead end)."""
+    done = 0
+    for _ in range(walks):
+        state = S.initial(compiled)
+        for _ in range(steps):
+            if S.is_complete(state):
+                done += 1
+                break
+            options = [b for b in range(256) if S.step(state, b) is not None]
+            assert options, state  # never stuck
+            opens = [b for b in options if b in b'{["']
+            closes = [b for b in options if b in b"}]"]
+            pick = rng.random()
+            b = rng.choice(opens if opens and pick < 0.45 else closes if closes and pick > 0.8 else options)
+            state = S.step(state, b)
+    return done
+
+
+@pytest.mark.parametrize("schema", [None, PERSON, {"$ref": "#/$defs/t", "$defs": {"t": {
+    "type": "object", "properties": {"kids": {"type": "array", "items": {"$ref": "#/$defs/t"}}, "x": {}}}}}])
+def test_no_reachable_state_is_a_dead_end(schema):
+    compiled = S.compile_schema(schema)
+    assert _random_walks(compiled, random.Random(5), walks=60, steps=3000) > 0
 
 
 def test_masks_are_the_brute_force_sets_under_a_schema():

@@ -791,6 +791,8 @@ class LLM:
                             seq.req.index)
         if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
             reason = "stop"
+        elif p.ignore_eos and structured.is_complete(seq.json):  # JSON mode: the object is the answer, whole
+            reason = "stop"
         elif p.stop and tok is not None and self._hits_stop(seq):
             reason = "stop"
         elif len(seq.generated) >= p.max_tokens or len(seq.tokens) >= self.max_model_len:
@@ -818,7 +820,12 @@ class LLM:
         """JSON mode's mask for the sequence's next token (None: not constrained now, e.g. inside the thought)."""
         if seq.json is None or seq.answer_start is None or len(seq.generated) < seq.answer_start:
             return None
-        return self._json_masker().mask(seq.json, (*sorted(self.eos_ids), *seq.req.params.stop_token_ids))
+        m = self._json_masker().mask(seq.json, (*sorted(self.eos_ids), *seq.req.params.stop_token_ids))
+        if m is None:
+            log.warning("request %d: no token of the vocabulary continues its JSON: the rest is not constrained",
+                        seq.req.index)
+            seq.json = None
+        return m
 
     def _hits_stop(self, seq: _Seq) -> bool:
         gen = seq.generated

@@ -15,17 +15,21 @@ What a schema constrains (:func:`compile_schema`): ``type`` (object, array, stri
 null, or a list of them), ``properties`` with ``required`` (an object that lists properties takes only those,
 each at most once, in any order: additionalProperties is taken as false, as OpenAI's strict mode asks), an object
 without properties (``additionalProperties``: a schema for every value, or false for ``{}`` only), ``items``,
-``minItems`` / ``maxItems``, ``enum`` / ``const`` (scalars; strings as json.dumps writes them), ``anyOf`` / ``oneOf``
-whose alternatives start differently (e.g. a string or null), and local ``$ref`` (``#/$defs/...``, recursion
-included). Not enforced (the text is valid JSON of the right shape, these are left to the model): string
-``pattern`` / ``format`` / lengths, number ranges, ``uniqueItems``. A schema this cannot enforce is refused with
-:class:`SchemaError`, never loosened silently.
+``minItems`` / ``maxItems``, ``enum`` / ``const`` (scalars; strings and property names as json.dumps writes them,
+UTF-8 or ASCII-escaped), ``anyOf`` / ``oneOf`` whose alternatives start differently (e.g. a string or null), and
+local ``$ref`` (``#`` or ``#/$defs/...``, recursion included). Not enforced (the text is valid JSON of the right
+shape, these are left to the model): string ``pattern`` / ``format`` / lengths, number ranges, ``uniqueItems``.
+A schema this cannot enforce is refused with :class:`SchemaError`, never loosened silently: among them a schema
+with no finite value (required recursion) or whose smallest value nests deeper than ``MAX_DEPTH``; values are only
+offered where they fit under ``MAX_DEPTH``, so no reachable state is a dead end (and should a vocabulary lack a
+byte some continuation needs, the engine drops the constraint with a warning rather than sample from nothing).
 
 The constraint covers the answer only: a thinking completion thinks freely and its answer, after ``</think>``, is
 the JSON (the engine starts the automaton when the thought closes). Whitespace runs are capped at ``WS_MAX`` bytes,
 ``WS_MAX_START`` before the opening brace (a model left free to emit whitespace inside JSON can loop on it until
 max_tokens); bytes >= 0x80 in free strings are taken as they come (the text is decoded with replacement, so the JSON
-stays valid either way).
+stays valid either way). An array's item count is kept only up to what its limits need, so long arrays repeat
+states and their cached masks (a 1,425-token JSON answer: 24 new states).
 """
 
 from __future__ import annotations
@@ -65,13 +69,19 @@ class SchemaError(ValueError):
 
 
 class Schema:
-    """A compiled schema: ``nodes[i]`` is one of ("any",), ("object", props, required, additional),
-    ("array", items, min_items, max_items), ("string", enum or None), ("number", integer), ("lits", texts),
-    ("union", alternatives); props: ((encoded name, name, node), ...), required: frozenset of encoded names,
-    additional: a node or None. Compared by identity (``compile_schema`` caches one per schema text)."""
+    """A compiled schema: ``nodes[i]`` is one of ("any",), ("object", props, required, additional, spellings),
+    ("array", items, min_items, max_items), ("string", enum spellings or None), ("number", integer),
+    ("lits", texts), ("union", alternatives); props: ((encoded name, name, node), ...), required: frozenset of
+    encoded names, additional: a node or None, spellings: {a name's spelling (UTF-8 or ASCII-escaped): its encoded
+    name}. Compared by identity (``compile_schema`` caches one per schema text).
+
+    ``depth[i]``: the fewest containers a value of node i opens (an object or array counts itself and what its
+    required content needs; inf: no finite value); the automaton offers a value only where it fits under
+    MAX_DEPTH, so no state it reaches is a dead end."""
 
     def __init__(self, nodes: list[tuple], root: int, text: str) -> None:
         self.nodes, self.root, self.text = nodes, root, text
+        self.depth = _min_depths(nodes)
         self.starts = [_starts(nodes, i) for i in range(len(nodes))]  # the bytes each node's value starts with
         for node in nodes:
             if node[0] == "union":
@@ -90,6 +100,33 @@ class Schema:
 def _encode(s: str) -> bytes:
     """A string's JSON spelling without its quotes (json.dumps', no ASCII escaping)."""
     return json.dumps(s, ensure_ascii=False)[1:-1].encode()
+
+
+def _spellings(s: str) -> tuple[bytes, ...]:
+    """The spellings a model may write for a string: UTF-8 as is, and with non-ASCII escaped (json.dumps' two)."""
+    return tuple(dict.fromkeys((_encode(s), json.dumps(s)[1:-1].encode())))
+
+
+def _min_depths(nodes: list[tuple]) -> list[float]:
+    """Per node, the fewest containers a value of it opens (inf: none exists): a fixed point from inf down."""
+    inf = float("inf")
+    depth = [inf] * len(nodes)
+    changed = True
+    while changed:
+        changed = False
+        for i, node in enumerate(nodes):
+            kind = node[0]
+            if kind == "object":
+                v = 1 + max((depth[n] for enc, _, n in node[1] if enc in node[2]), default=0)
+            elif kind == "array":
+                v = 1 + (depth[node[1]] if node[2] > 0 else 0)
+            elif kind == "union":
+                v = min((depth[a] for a in node[1]), default=inf)
+            else:  # any (a scalar will do), string, number, lits
+                v = 0
+            if v < depth[i]:
+                depth[i], changed = v, True
+    return depth
 
 
 def _starts(nodes: list[tuple], nid: int, seen: frozenset = frozenset()) -> frozenset[int]:
@@ -116,7 +153,7 @@ def _starts(nodes: list[tuple], nid: int, seen: frozenset = frozenset()) -> froz
 class _Compiler:
     def __init__(self, schema: dict) -> None:
         self.doc = schema
-        self.nodes: list[tuple] = [("any",), ("object", (), frozenset(), ANY), ("array", ANY, 0, None),
+        self.nodes: list[tuple] = [("any",), ("object", (), frozenset(), ANY, {}), ("array", ANY, 0, None),
                                    ("number", False)]
         self.refs: dict[str, int] = {}
 
@@ -127,10 +164,10 @@ class _Compiler:
     def ref(self, ref: Any, path: str) -> int:
         if ref in self.refs:
             return self.refs[ref]
-        if not isinstance(ref, str) or not ref.startswith("#/"):
-            raise SchemaError(f"{path}: only local $ref ('#/$defs/...') is supported, got {ref!r}")
+        if not isinstance(ref, str) or not (ref == "#" or ref.startswith("#/")):
+            raise SchemaError(f"{path}: only local $ref ('#' or '#/$defs/...') is supported, got {ref!r}")
         target: Any = self.doc
-        for part in ref[2:].split("/"):
+        for part in ref[2:].split("/") if ref != "#" else ():
             part = part.replace("~1", "/").replace("~0", "~")
             if not isinstance(target, dict) or part not in target:
                 raise SchemaError(f"{path}: $ref {ref!r} points nowhere")
@@ -156,7 +193,7 @@ class _Compiler:
         strings, lits = [], []
         for v in values:
             if isinstance(v, str):
-                strings.append(_encode(v))
+                strings.extend(_spellings(v))
             elif v is None or isinstance(v, (bool, int, float)):
                 lits.append(json.dumps(v).encode())
             else:
@@ -216,16 +253,17 @@ class _Compiler:
                 missing = [r for r in required if r not in props]
                 if missing:
                     raise SchemaError(f"{path}.required names {missing}, which are not in its properties")
-                nid = self.add(("object", (), frozenset(), None))  # filled below (a property may refer back)
+                nid = self.add(("object", (), frozenset(), None, {}))  # filled below (a property may refer back)
                 entries = tuple((_encode(name), name, self.node(sub, f"{path}.properties.{name}"))
                                 for name, sub in props.items())
-                self.nodes[nid] = ("object", entries, frozenset(_encode(r) for r in required), None)
+                spell = {sp: _encode(name) for name in props for sp in _spellings(name)}
+                self.nodes[nid] = ("object", entries, frozenset(_encode(r) for r in required), None, spell)
                 return nid
             if required:
                 raise SchemaError(f"{path}.required names {required} without properties to take them from")
             extra = s.get("additionalProperties", True)
             return self.add(("object", (), frozenset(),
-                             None if extra is False else self.node(extra, f"{path}.additionalProperties")))
+                             None if extra is False else self.node(extra, f"{path}.additionalProperties"), {}))
         if t == "array":
             lo, hi = s.get("minItems", 0), s.get("maxItems")
             if not isinstance(lo, int) or lo < 0 or (hi is not None and (not isinstance(hi, int) or hi < lo)):
@@ -253,12 +291,26 @@ def _compile(text: str) -> Schema:
         return Schema(_Compiler({}).nodes, OBJ_ANY, "")
     schema = json.loads(text)
     c = _Compiler(schema)
-    root = c.node(schema, "schema")
+    try:
+        root = c.node(schema, "schema")
+    except RecursionError:
+        raise SchemaError("schema: nested too deeply to compile") from None
+    except UnicodeEncodeError:
+        raise SchemaError("schema: a name or an enum string is not valid Unicode (a lone surrogate)") from None
+    seen = set()
     while c.nodes[root][0] == "union" and len(c.nodes[root][1]) == 1:  # a $ref at the top
+        if root in seen:
+            raise SchemaError("schema: a $ref that refers to itself allows no value")
+        seen.add(root)
         root = c.nodes[root][1][0]
     if c.nodes[root][0] != "object":
         raise SchemaError("schema: the top level must be an object (type 'object')")
-    return Schema(c.nodes, root, text)
+    compiled = Schema(c.nodes, root, text)
+    if compiled.depth[root] > MAX_DEPTH:
+        raise SchemaError("schema: it allows no JSON value (its required properties or items recurse without end)"
+                          if compiled.depth[root] == float("inf") else
+                          f"schema: its smallest value nests deeper than {MAX_DEPTH} levels")
+    return compiled
 
 
 def compile_schema(schema: dict | str | None) -> Schema:
@@ -313,8 +365,9 @@ def _after_value(schema: Schema, frames: tuple) -> State:
     top = frames[-1]
     if top[0] == "o":
         top = ("o", top[1], top[2] | {top[3]} if top[3] is not None else top[2], None)
-    else:
-        top = ("a", top[1], top[2] + 1)
+    else:  # the count matters only up to maxItems (or minItems): capped there, so states (and masks) repeat
+        _, _, lo, hi = schema.nodes[top[1]]
+        top = ("a", top[1], min(top[2] + 1, hi if hi is not None else lo))
     return (schema, frames[:-1] + (top,), AFTER, None, 0)
 
 
@@ -339,11 +392,11 @@ def _start_value(schema: Schema, frames: tuple, nid: int, b: int) -> State | Non
         cands = tuple(t for t in _LITERALS if t[0] == b)
         return (schema, frames, LIT, (cands, bytes([b])), 0) if cands else None
     if kind == "object":
-        if b != 0x7B or len(frames) >= MAX_DEPTH:
+        if b != 0x7B or len(frames) + schema.depth[nid] > MAX_DEPTH:
             return None
         return (schema, frames + (("o", nid, frozenset(), None),), OBJ_FIRST, None, 0)
     if kind == "array":
-        if b != 0x5B or len(frames) >= MAX_DEPTH:
+        if b != 0x5B or len(frames) + schema.depth[nid] > MAX_DEPTH:
             return None
         return (schema, frames + (("a", nid, 0),), ARR_FIRST, None, 0)
     if kind == "string":
@@ -358,11 +411,30 @@ def _start_value(schema: Schema, frames: tuple, nid: int, b: int) -> State | Non
     return (schema, frames, LIT, (cands, bytes([b])), 0) if cands else None
 
 
-def _string_end(schema: Schema, frames: tuple, role: str, typed: bytes) -> State:
+def _string_end(schema: Schema, frames: tuple, role: str, typed: bytes | None) -> State:
     if role == "k":  # the key's property decides the value's schema
         top = frames[-1]
-        return (schema, frames[:-1] + (("o", top[1], top[2], typed),), COLON, None, 0)
+        key = schema.nodes[top[1]][4][typed] if typed is not None else None  # its encoded name
+        return (schema, frames[:-1] + (("o", top[1], top[2], key),), COLON, None, 0)
     return _after_value(schema, frames)
+
+
+def _keys_left(schema: Schema, frames: tuple) -> tuple[bytes, ...] | None:
+    """The spellings of the top object's properties that may still come (not seen, and their value fits under
+    MAX_DEPTH); None for an object of free keys."""
+    top = frames[-1]
+    node = schema.nodes[top[1]]
+    if not node[1]:
+        return None
+    room = MAX_DEPTH - len(frames)
+    fits = {enc for enc, _, n in node[1] if enc not in top[2] and schema.depth[n] <= room}
+    return tuple(sp for sp, enc in node[4].items() if enc in fits)
+
+
+def _free_keys(schema: Schema, frames: tuple) -> bool:
+    """Whether the top object (of free keys) may take another key: it has a value schema that fits."""
+    extra = schema.nodes[frames[-1][1]][3]
+    return extra is not None and len(frames) + schema.depth[extra] <= MAX_DEPTH
 
 
 def step(state: State, b: int) -> State | None:
@@ -412,13 +484,12 @@ def step(state: State, b: int) -> State | None:
     top = frames[-1]
     node = nodes[top[1]]
     if mode in (OBJ_FIRST, OBJ_KEY):
-        props, required, extra = node[1], node[2], node[3]
         if b == 0x22:
-            if props:
-                left = tuple(enc for enc, _, _ in props if enc not in top[2])
+            left = _keys_left(schema, frames)
+            if left is not None:
                 return (schema, frames, STR, ("k", 0, left, b""), 0) if left else None
-            return (schema, frames, STR, ("k", 0, None, b""), 0) if extra is not None else None
-        if b == 0x7D and mode == OBJ_FIRST and required <= top[2]:
+            return (schema, frames, STR, ("k", 0, None, b""), 0) if _free_keys(schema, frames) else None
+        if b == 0x7D and mode == OBJ_FIRST and node[2] <= top[2]:
             return _after_value(schema, frames[:-1])
         return None
     if mode == COLON:
@@ -437,11 +508,11 @@ def step(state: State, b: int) -> State | None:
         return _start_value(schema, frames, node[1], b)
     # AFTER: a value ended inside the top container
     if top[0] == "o":
-        props, required, extra = node[1], node[2], node[3]
         if b == 0x2C:
-            more = any(enc not in top[2] for enc, _, _ in props) if props else extra is not None
+            left = _keys_left(schema, frames)
+            more = bool(left) if left is not None else _free_keys(schema, frames)
             return (schema, frames, OBJ_KEY, None, 0) if more else None
-        if b == 0x7D and required <= top[2]:
+        if b == 0x7D and node[2] <= top[2]:
             return _after_value(schema, frames[:-1])
         return None
     items, lo, hi = node[1], node[2], node[3]
@@ -525,18 +596,29 @@ class JsonMasker:
         self.plain = torch.zeros(vocab_size, dtype=torch.bool)
         self.plain[plain] = True
         self.special = special  # (token id, index of its first byte a string cannot take as is)
-        self._cache: OrderedDict[tuple, Tensor] = OrderedDict()
+        self._cache: OrderedDict[tuple, Tensor | None] = OrderedDict()
         self.stats = {"states": 0, "hits": 0}
+
+    def allowed(self, state: State) -> Tensor:
+        """A bool (V,) CPU mask of the tokens that keep the text allowed from ``state`` (not the end-of-turn
+        tokens)."""
+        mode, aux = state[2], state[3]
+        if mode == STR and aux[2] is None and aux[1] == 0:  # a free string, no escape open: the string-safe
+            m = self.plain.clone()  # tokens leave the state as it is; the others are run
+            m[[i for i, k in self.special if advance(state, self.bytes[i][k:]) is not None]] = True
+            return m
+        m = torch.zeros(self.vocab_size, dtype=torch.bool)
+        if mode != DONE:
+            m[self.allowed_ids(state)] = True
+        return m
 
     def allowed_ids(self, state: State) -> list[int]:
         """The token ids that keep the text allowed from ``state`` (not the end-of-turn tokens)."""
         mode, aux = state[2], state[3]
         if mode == DONE:
             return []
-        if mode == STR and aux[2] is None and aux[1] == 0:  # a free string, no escape open: string-safe tokens
-            ids = self.plain.nonzero()[:, 0].tolist()  # leave the state as it is
-            ids += [i for i, k in self.special if advance(state, self.bytes[i][k:]) is not None]
-            return ids
+        if mode == STR and aux[2] is None and aux[1] == 0:
+            return self.allowed(state).nonzero()[:, 0].tolist()
         ids: list[int] = []
         todo = [(self.root, state)]
         while todo:
@@ -550,20 +632,22 @@ class JsonMasker:
                     todo.append((child, nxt))
         return ids
 
-    def mask(self, state: State, eos_ids: list[int] | tuple[int, ...]) -> Tensor:
+    def mask(self, state: State, eos_ids: list[int] | tuple[int, ...]) -> Tensor | None:
+        """The mask, or None when no token of the vocabulary continues the text from ``state`` (a vocabulary
+        without the byte a continuation needs, e.g. not byte-level): the caller then drops the constraint rather
+        than sample from nothing."""
         key = (state, tuple(eos_ids))
-        m = self._cache.get(key)
-        if m is not None:
+        if key in self._cache:
             self._cache.move_to_end(key)
             self.stats["hits"] += 1
-            return m
+            return self._cache[key]
         self.stats["states"] += 1
-        m = torch.zeros(self.vocab_size, dtype=torch.bool)
         if state[2] == DONE:
+            m = torch.zeros(self.vocab_size, dtype=torch.bool)
             m[[i for i in eos_ids if 0 <= i < self.vocab_size]] = True
         else:
-            m[self.allowed_ids(state)] = True
-        m = m.to(self.device)
+            m = self.allowed(state)
+        m = m.to(self.device) if bool(m.any()) else None
         self._cache[key] = m
         if len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
