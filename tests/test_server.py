@@ -5,6 +5,7 @@ clients, a client that disconnects, a failing engine step, bad requests, the CLI
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import io
 import json
@@ -275,15 +276,22 @@ class Client:
         return self.request("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": prompt}], **kw})
 
 
+@contextlib.contextmanager
+def serving(llm: LLM, **kw):
+    """A Server over ``llm`` on a free port, in a thread: (server, client); shut down after."""
+    server = Server(("127.0.0.1", 0), llm, model_name="tiny", **kw)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server, Client(server.server_address[1])
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.fixture
 def served(model):
-    llm = new_llm(model)
-    server = Server(("127.0.0.1", 0), llm, model_name="tiny", default_max_tokens=12)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server, Client(server.server_address[1])
-    server.shutdown()
-    server.server_close()
+    with serving(new_llm(model), default_max_tokens=12) as (server, client):
+        yield server, client
 
 
 def test_responses_are_the_engines_outputs(served, model):

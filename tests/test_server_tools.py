@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import json
 import random
-import threading
 
 import pytest
 from test_llm import TOK, tiny_model
-from test_server import Client, new_llm
+from test_server import new_llm, serving
 from tiny_models import torch_kernels_on_cpu  # noqa: F401  (fixture)
 
 from r4b.engine.chat import ToolCall, parse_tool_calls
 from r4b.engine.llm import LLM
 from r4b.engine.sampling import SamplingParams
-from r4b.engine.server import BadRequest, Server, ToolCallStream, parse_chat_request
+from r4b.engine.server import BadRequest, ToolCallStream, parse_chat_request
 
 pytestmark = pytest.mark.usefixtures("torch_kernels_on_cpu")
 
@@ -209,12 +208,8 @@ def test_tool_call_stream_agrees_with_the_parse_on_random_answers():
 @pytest.fixture
 def served(model):
     llm = new_llm(model)
-    server = Server(("127.0.0.1", 0), llm, model_name="tiny", default_max_tokens=400)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server, llm, Client(server.server_address[1])
-    server.shutdown()
-    server.server_close()
+    with serving(llm, default_max_tokens=400) as (server, client):
+        yield server, llm, client
 
 
 def _args(call: dict) -> tuple[str, dict]:

@@ -16,7 +16,7 @@ from r4b.engine import structured as S
 from r4b.engine.chat import ChatTokenizer
 from r4b.engine.llm import LLM
 from r4b.engine.sampling import SamplingParams
-from r4b.engine.server import Server, parse_chat_request
+from r4b.engine.server import parse_chat_request
 
 pytestmark = pytest.mark.usefixtures("torch_kernels_on_cpu")
 
@@ -250,19 +250,14 @@ def test_json_mode_is_steered_by_the_mask_not_the_model(model):
 
 
 def test_server_json_mode(model):
-    import threading
-
-    from test_server import Client
+    from test_server import serving
 
     r = parse_chat_request({"messages": [{"role": "user", "content": "q"}], "response_format": {"type": "json_object"}})
     assert r.params.response_format == "json_object"
     assert parse_chat_request({"messages": [{"role": "user", "content": "q"}],
                                "response_format": {"type": "text"}}).params.response_format is None
     llm = LLM(model, TOK, num_kv_blocks=256, block_size=8)
-    server = Server(("127.0.0.1", 0), llm, model_name="tiny", default_max_tokens=120)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        client = Client(server.server_address[1])
+    with serving(llm, default_max_tokens=120) as (_, client):
         body = {"messages": [{"role": "user", "content": "JSON please"}], "response_format": {"type": "json_object"},
                 "thinking_mode": "short", "n": 4, "seed": 5, "temperature": 1.0}
         status, plain = client.request("POST", "/v1/chat/completions", body)
@@ -279,9 +274,6 @@ def test_server_json_mode(model):
         status, err = client.request("POST", "/v1/chat/completions", {**body, "response_format": {
             "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "array"}}}})  # not an object
         assert status == 400 and err["error"]["param"] == "response_format"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.mark.gpu

@@ -352,17 +352,10 @@ def test_engine_answers_follow_the_schema(model):
 
 
 def test_server_json_schema(model):
-    import threading
-
-    from test_server import Client
-
-    from r4b.engine.server import Server
+    from test_server import serving
 
     llm = LLM(model, TOK, num_kv_blocks=512, block_size=8)
-    server = Server(("127.0.0.1", 0), llm, model_name="tiny", default_max_tokens=150)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        client = Client(server.server_address[1])
+    with serving(llm, default_max_tokens=150) as (_, client):
         schema = SCHEMAS["flat"]
         body = {"messages": [{"role": "user", "content": "JSON"}], "thinking_mode": "short", "n": 6, "seed": 2,
                 "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": schema,
@@ -376,6 +369,3 @@ def test_server_json_schema(model):
                            "top level")):
             status, err = client.request("POST", "/v1/chat/completions", {**body, "response_format": bad})
             assert status == 400 and err["error"]["param"] == "response_format" and word in err["error"]["message"]
-    finally:
-        server.shutdown()
-        server.server_close()

@@ -654,25 +654,9 @@ class ToolCallStream:
         self.done = 0  # answer[:done] is decided (content sent or held as whitespace, or a block taken)
         self.open: int | None = None  # where an unclosed <tool_call> starts
         self.scan = 0  # where the search for the open block's </tool_call> goes on
-        self.sent: list[str] = []  # the content sent so far
-        self.lead = True  # no content sent yet (leading whitespace is dropped)
-        self.pending = ""  # trailing whitespace held until more content comes
+        self.content = _Channel()  # the content: the decided text outside the calls, stripped
         self.calls = 0  # the calls sent so far
         self.diverged = False
-
-    def _text(self, text: str) -> str:
-        """The content delta of newly decided content ``text`` (content = the decided text, stripped)."""
-        if self.lead:
-            text = text.lstrip()
-            if not text:
-                return ""
-            self.lead = False
-        text = self.pending + text
-        keep = len(text.rstrip())
-        self.pending = text[keep:]
-        if keep:
-            self.sent.append(text[:keep])
-        return text[:keep]
 
     def _take(self, calls: list[ToolCall], new: list[ToolCall]) -> None:
         for call in calls:
@@ -694,10 +678,10 @@ class ToolCallStream:
                         if a.endswith(TOOL_CALL[:j]):
                             safe -= j
                             break
-                    out.append(self._text(a[self.done:safe]))
+                    out.append(self.content.add(a[self.done:safe]))
                     self.done = safe
                     break
-                out.append(self._text(a[self.done:k]))
+                out.append(self.content.add(a[self.done:k]))
                 self.done = self.open = k
                 self.scan = k + len(TOOL_CALL)
             e = a.find(END_TOOL_CALL, max(self.scan, before - len(END_TOOL_CALL) + 1))
@@ -709,18 +693,18 @@ class ToolCallStream:
             if call is not None:
                 self._take([call], new)
             else:
-                out.append(self._text(a[self.open:end]))
+                out.append(self.content.add(a[self.open:end]))
             self.done, self.open = end, None
         return "".join(out), new
 
     def finish(self, answer: str) -> tuple[str, list[ToolCall]]:
         """The rest, given the choice's final answer (its parse, as the non-streamed response has it)."""
         content, calls, _ = parse_tool_calls(answer)
-        sent = "".join(self.sent)
+        sent = self.content.text()
         delta = ""
         if content.startswith(sent):
             delta = content[len(sent):]
-            self.sent.append(delta)
+            self.content.sent.append(delta)
         else:
             self.diverged = True
         new: list[ToolCall] = []
