@@ -128,13 +128,17 @@ def test_parse_chat_request_tools_fields_and_errors():
     assert parse_chat_request({"messages": ASK, "tools": TOOLS, "tool_choice": "auto",
                                "parallel_tool_calls": False}).parallel_tool_calls is False
     assert parse_chat_request({"messages": ASK, "tools": []}).tools is None
-    assert parse_chat_request({"messages": ASK, "tools": TOOLS}).answer_prefix is None
+    assert parse_chat_request({"messages": ASK, "tools": TOOLS}).tool_choice is None
     r = parse_chat_request({"messages": ASK, "tools": TOOLS, "tool_choice": "required"})
-    assert r.tools == TOOLS and r.answer_prefix == '<tool_call>\n{"name": "'
+    assert r.tools == TOOLS and r.tool_choice == "required"
     r = parse_chat_request({"messages": ASK, "tools": TOOLS,
                             "tool_choice": {"type": "function", "function": {"name": "get_weather"}}})
-    assert r.answer_prefix == '<tool_call>\n{"name": "get_weather", "arguments":'
-    assert CALL_P.startswith(r.answer_prefix)
+    assert r.tool_choice == "get_weather"
+    bad_params = [{"type": "function", "function": {"name": "f", "parameters": {"allOf": [{}]}}}]
+    with pytest.raises(BadRequest, match="tools\\[0\\] \\(f\\).parameters: .*allOf") as e:
+        parse_chat_request({"messages": ASK, "tools": bad_params, "tool_choice": "required"})
+    assert e.value.param == "tools"
+    assert parse_chat_request({"messages": ASK, "tools": bad_params}).tools == bad_params  # auto: not compiled
     bad_call = [*ASK, {"role": "assistant", "content": "", "tool_calls": [{"function": {"arguments": "{}"}}]},
                 {"role": "user", "content": "?"}]
     for body, param in (({"messages": ASK, "tools": {"a": 1}}, "tools"),
@@ -296,25 +300,64 @@ def test_tool_results_go_back_into_the_prompt(served):
     assert r["usage"]["prompt_tokens"] == len(TOK.encode(want))
 
 
-@pytest.mark.parametrize("choice, rest", [
-    ("required", 'get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'),
-    ({"type": "function", "function": {"name": "get_weather"}}, ' {"city": "Paris"}}\n</tool_call>')])
+SET_UNIT = {"type": "function", "function": {"name": "set_unit", "parameters": {
+    "type": "object", "properties": {"unit": {"enum": ["celsius", "fahrenheit"]}}, "required": ["unit"]}}}
+SET_MODE = {"type": "function", "function": {"name": "set_mode", "parameters": {
+    "type": "object", "properties": {"mode": {"enum": ["on", "off"]}, "loud": {"type": "boolean"}},
+    "required": ["mode"]}}}
+
+
+def _valid_call(call: ToolCall) -> bool:
+    if call.name == "set_unit":
+        return call.arguments in ({"unit": "celsius"}, {"unit": "fahrenheit"})
+    return call.name == "set_mode" and call.arguments.get("mode") in ("on", "off") and \
+        set(call.arguments) <= {"mode", "loud"} and isinstance(call.arguments.get("loud", True), bool)
+
+
 @pytest.mark.parametrize("mode", ["short", "auto"])
-def test_tool_choice_forces_the_call_after_the_thought(served, choice, rest, mode):
-    """tool_choice "required" / a named function: the answer starts with the call's forced head, the model (here
-    scripted) writes the rest; streamed and plain alike."""
+def test_a_forced_call_is_one_valid_call(model, mode):
+    """tool_choice "required" / a name: whatever this random model samples, the answer is one call of an offered
+    tool whose arguments follow its parameters schema, then the end of the turn (auto: after its thought)."""
+    llm = new_llm(model)
+    params = SamplingParams(temperature=1.0, max_tokens=150, n=6, seed=3)
+    for choice in ("required", "set_mode", {"type": "function", "function": {"name": "set_unit"}}):
+        out = llm.generate([ASK], params, tools=[SET_UNIT, SET_MODE], tool_choice=choice, thinking_mode=mode,
+                           max_thinking_tokens=2, use_tqdm=False)[0]
+        names = set()
+        for c in out.outputs:
+            assert c.finish_reason == "stop", c.text  # the grammar ends the turn within the budget
+            assert len(c.tool_calls) == 1 and _valid_call(c.tool_calls[0]), c.answer
+            assert parse_tool_calls(c.answer)[0] == ""  # nothing but the call
+            names.add(c.tool_calls[0].name)
+        want = {"set_unit", "set_mode"} if choice == "required" else {"set_mode"} if choice == "set_mode" \
+            else {"set_unit"}
+        assert names <= want
+    with pytest.raises(ValueError, match="tool_choice: no tool is named 'nope'"):
+        llm.generate([ASK], params, tools=[SET_UNIT], tool_choice="nope", use_tqdm=False)
+    with pytest.raises(ValueError, match="needs tools"):
+        llm.generate([ASK], params, tool_choice="required", use_tqdm=False)
+    with pytest.raises(ValueError, match="cannot go with SamplingParams.response_format"):
+        llm.generate([ASK], SamplingParams(response_format="json_object"), tools=[SET_UNIT], tool_choice="required",
+                     use_tqdm=False)
+    # "none": the tools stay out of the prompt
+    none = llm.generate([ASK], SamplingParams(max_tokens=2), tools=[SET_UNIT], tool_choice="none", use_tqdm=False)[0]
+    assert "# Tools" not in TOK.decode(none.prompt_token_ids)
+
+
+def test_server_tool_choice_required_streams_one_valid_call(served):
     server, llm, client = served
-    script(llm, [rest, rest])
-    body = {"messages": ASK, "tools": TOOLS, "tool_choice": choice, "temperature": 0, "thinking_mode": mode,
-            "max_thinking_tokens": 0}  # auto: the budget closes the thought at once, then the call's head
+    body = {"messages": ASK, "tools": [SET_UNIT, SET_MODE], "tool_choice": "required", "temperature": 1.0,
+            "seed": 4, "n": 3, "thinking_mode": "short"}
     status, r = client.request("POST", "/v1/chat/completions", body)
     assert status == 200, r
-    c = r["choices"][0]
-    assert c["finish_reason"] == "tool_calls" and c["message"]["content"] is None
-    assert [_args(x) for x in c["message"]["tool_calls"]] == [("get_weather", {"city": "Paris"})]
+    for c in r["choices"]:
+        assert c["finish_reason"] == "tool_calls" and c["message"]["content"] is None
+        (call,) = c["message"]["tool_calls"]
+        assert _valid_call(ToolCall(*_args(call)))
     status, chunks = client.request("POST", "/v1/chat/completions", {**body, "stream": True})
-    deltas = [ch["choices"][0] for ch in chunks[:-1] if ch["choices"]]
-    assert [_args(x) for d in deltas for x in d["delta"].get("tool_calls", [])] == [("get_weather",
-                                                                                    {"city": "Paris"})]
-    assert not "".join(d["delta"].get("content") or "" for d in deltas)
-    assert deltas[0]["delta"] == {"role": "assistant", "content": None}  # OpenAI's tool-call streams: null content
+    for c in r["choices"]:  # seeded: the stream makes the same calls
+        deltas = [ch["choices"][0] for ch in chunks[:-1] if ch["choices"] and ch["choices"][0]["index"] == c["index"]]
+        assert [_args(x) for d in deltas for x in d["delta"].get("tool_calls", [])] == \
+            [_args(x) for x in c["message"]["tool_calls"]]
+        assert deltas[0]["delta"] == {"role": "assistant", "content": None}  # OpenAI's tool-call streams
+        assert not "".join(d["delta"].get("content") or "" for d in deltas)

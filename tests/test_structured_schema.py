@@ -369,3 +369,52 @@ def test_server_json_schema(model):
                            "top level")):
             status, err = client.request("POST", "/v1/chat/completions", {**body, "response_format": bad})
             assert status == 400 and err["error"]["param"] == "response_format" and word in err["error"]["message"]
+
+
+def test_a_forced_tool_call_grammar():
+    """compile_tool_call: the text of one call as Qwen3's template writes it (r4b's renderer), name among the tools
+    (either spelling), arguments by the tool's parameters schema, then nothing."""
+    from r4b.engine.chat import _render_tool_call
+
+    tools = [{"type": "function", "function": {"name": "person", "parameters": PERSON}},
+             {"type": "function", "function": {"name": "café"}}]  # no parameters: any object
+    call = S.compile_tool_call(tools)
+    rng = random.Random(8)
+    for _ in range(100):
+        args = gen(PERSON, PERSON, rng) if rng.random() < 0.7 else {"x": [1, None]}
+        name = "person" if "kind" in args else "café"
+        text = _render_tool_call({"name": name, "arguments": args}, "t").encode()
+        state = S.initial_call(call)
+        for k, b in enumerate(text):
+            state = S.step(state, b)
+            assert state is not None, (text, k)
+        assert S.is_complete(state) and S.step(state, ord(" ")) is None
+    ok = '<tool_call>\n{"name": "café", "arguments": {}}\n</tool_call>'
+    assert S.is_complete(S.advance(S.initial_call(call), ("\n\n" + ok).encode()))  # whitespace before the head
+    assert S.is_complete(S.advance(S.initial_call(call), ok.replace("café", "caf\\u00e9").encode()))
+    for bad in (ok.replace("café", "cafe"), ok.replace("{}}", "[]}"), ok.replace("\n</tool_call>", "</tool_call>"),
+                '<tool_call>\n{"name": "person", "arguments": {"name": "x"}}\n</tool_call>',  # age, kind required
+                "Sure. " + ok):
+        assert not S.is_complete(S.advance(S.initial_call(call), bad.encode())), bad
+    named = S.compile_tool_call(tools, "café")
+    assert S.advance(S.initial_call(named), b'<tool_call>\n{"name": "p') is None  # only the named tool
+    with pytest.raises(S.SchemaError, match=r"tools\[0\] \(person\).parameters: schema: allOf"):
+        S.compile_tool_call([{"type": "function", "function": {"name": "person", "parameters": {"allOf": []}}}])
+
+
+def test_masks_are_the_brute_force_sets_in_a_forced_call():
+    tok = _json_tokenizer()
+    masker = S.JsonMasker(tok, tok.vocab_size)
+    call = S.compile_tool_call([{"type": "function", "function": {"name": "f", "parameters": SCHEMAS["flat"]}},
+                                {"type": "function", "function": {"name": "g"}}])
+    text = b'  <tool_call>\n{"name": "f", "arguments": {"why": "x", "answer": 12}}\n</tool_call>'
+    state, states = S.initial_call(call), []
+    for b in text:
+        states.append(state)
+        state = S.step(state, b)
+    states.append(state)
+    for state in states[::2]:
+        want = [i for i, d in enumerate(masker.bytes) if d and S.advance(state, d) is not None]
+        m = masker.mask(state, (0,))
+        got = [] if m is None else [i for i in m.nonzero()[:, 0].tolist() if i != 0]
+        assert got == [i for i in want if i != 0], state

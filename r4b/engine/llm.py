@@ -349,7 +349,7 @@ class LLM:
         return ids[:-1], enc.pixel_values, enc.image_sizes, True
 
     def _add(self, index: int, request: Any, params: SamplingParams, modes: tuple[str | None, ...],
-             tools: list[dict] | None = None) -> _Request:
+             tools: list[dict] | None = None, call: structured.CallSchema | None = None) -> _Request:
         try:
             ids, pix, sizes, is_chat = self._prompt(request, index, tools)
         except Exception as e:  # noqa: BLE001 - a bad request (or its image) is reported and skipped
@@ -387,7 +387,9 @@ class LLM:
                        generator=make_generator(params.seed, j, self.device))
             seq.thought_open = seq.thought_open_at_start = self._thought_open(tokens)
             seq.answer_start = None if seq.thought_open else 0
-            if params.response_format is not None:  # json_object / json_schema (checked by SamplingParams)
+            if call is not None:  # tool_choice "required" / a named function: the answer is one call
+                seq.json = structured.initial_call(call)
+            elif params.response_format is not None:  # json_object / json_schema (checked by SamplingParams)
                 seq.json = structured.initial(structured.compile_schema(params.json_schema))
             children.append(seq)
         req.seqs, req.unfinished = children, len(children)
@@ -939,7 +941,8 @@ class LLM:
 
     def _start(self, requests: Sequence[Any], params: SamplingParams | Sequence[SamplingParams] | None,
                thinking_mode: str | Sequence[str] | None, max_thinking_tokens: int | None,
-               tools: list[dict] | None = None, answer_prefix: str | None = None) -> list[_Request]:
+               tools: list[dict] | None = None, answer_prefix: str | None = None,
+               tool_choice: Any = None) -> list[_Request]:
         if self.waiting or self.running or self._live:
             raise RuntimeError("LLM is already generating (one generate / stream at a time, and not while "
                                "add_request / step serve requests)")
@@ -953,9 +956,10 @@ class LLM:
             raise ValueError(f"params must be a SamplingParams or one per request ({len(requests)}), got "
                              f"{len(plist)} items")
         modes = self._check_call(plist, thinking_mode, max_thinking_tokens, answer_prefix)
-        tools = self._check_tools(tools)
+        tools, call = self._check_tools(tools, tool_choice, plist)
         try:
-            reqs = [self._add(i, r, p, modes, tools) for i, (r, p) in enumerate(zip(requests, plist, strict=True))]
+            reqs = [self._add(i, r, p, modes, tools, call)
+                    for i, (r, p) in enumerate(zip(requests, plist, strict=True))]
         except BaseException:
             self._reset()
             raise
@@ -963,17 +967,39 @@ class LLM:
             self._set_budget(req, max_thinking_tokens, answer_prefix)
         return reqs
 
-    def _check_tools(self, tools: Any) -> list[dict] | None:
+    def _check_tools(self, tools: Any, tool_choice: Any = None,
+                     plist: Sequence[SamplingParams] = ()) -> tuple[list[dict] | None, structured.CallSchema | None]:
+        """(the tools to render, the forced call's grammar or None), checked."""
         tools = check_tools(tools)
         if tools and self.tokenizer is None:
             raise ValueError("tools need the LLM's tokenizer (to render them into the chat)")
-        return tools
+        if tool_choice in (None, "auto"):
+            return tools, None
+        if tool_choice == "none":
+            return None, None
+        if not tools:
+            raise ValueError(f"tool_choice={tool_choice!r} needs tools")
+        if tool_choice == "required":
+            name = None
+        elif isinstance(tool_choice, str):
+            name = tool_choice
+        elif isinstance(tool_choice, dict) and isinstance(tool_choice.get("function"), dict):
+            name = tool_choice["function"].get("name")
+        else:
+            raise ValueError(f"tool_choice must be 'auto', 'none', 'required', a tool's name or {{'type': 'function', "
+                             f"'function': {{'name': ...}}}}, got {tool_choice!r}")
+        if any(p.response_format for p in plist):
+            raise ValueError("tool_choice forces a tool call: it cannot go with SamplingParams.response_format")
+        try:
+            return tools, structured.compile_tool_call(tools, name)
+        except structured.SchemaError as e:
+            raise ValueError(f"tool_choice: {e}") from None
 
     # ------------------------------------------------------------------ serving: one request at a time
     def add_request(self, request: Any, params: SamplingParams | None = None, *,
                     thinking_mode: str | Sequence[str] | None = None,
                     max_thinking_tokens: int | None = None, tools: list[dict] | None = None,
-                    answer_prefix: str | None = None) -> int:
+                    answer_prefix: str | None = None, tool_choice: Any = None) -> int:
         """Queue one request while others run (serving; r4b/engine/server.py); returns its id. Its tokens and its
         RequestOutput (also for a request that cannot run: ``error`` set) come from :meth:`step`. A bad argument
         (not the request itself) raises ValueError. Call from one thread, not during generate / stream."""
@@ -981,7 +1007,7 @@ class LLM:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
         modes = self._check_call([params], thinking_mode, max_thinking_tokens, answer_prefix)
-        req = self._add(next(self._req_ids), request, params, modes, self._check_tools(tools))
+        req = self._add(next(self._req_ids), request, params, modes, *self._check_tools(tools, tool_choice, [params]))
         self._set_budget(req, max_thinking_tokens, answer_prefix)
         self._live[req.index] = req
         if req.error is not None:
@@ -1070,7 +1096,7 @@ class LLM:
     def generate(self, requests: Sequence[Any], params: SamplingParams | Sequence[SamplingParams] | None = None, *,
                  thinking_mode: str | Sequence[str] | None = None, max_thinking_tokens: int | None = None,
                  use_tqdm: bool = True, tools: list[dict] | None = None,
-                 answer_prefix: str | None = None) -> list[RequestOutput]:
+                 answer_prefix: str | None = None, tool_choice: Any = None) -> list[RequestOutput]:
         """Complete every request; one RequestOutput per request, in order.
 
         requests: each a str (one user message), a list of chat messages (``{"role", "content"}``; image parts
@@ -1080,12 +1106,15 @@ class LLM:
         max_thinking_tokens: force ``\\n</think>\\n\\n`` once a thought holds that many generated tokens.
         tools: functions the chats offer the model (OpenAI's tool schemas, rendered by the chat template); each
         completion's ``tool_calls`` then holds the calls it made (r4b.engine.chat.parse_tool_calls).
+        tool_choice: None / "auto" (the model decides), "none" (the tools are not rendered), "required" (the
+        answer is one call of one of the tools) or a tool's name (OpenAI's ``{"type": "function", "function":
+        {"name": ...}}`` too: one call of it). A forced call is constrained like JSON mode (structured.py): its
+        name is one of the tools', its arguments follow the tool's ``parameters`` schema, then the turn ends.
         answer_prefix: text every answer starts with, forced (not sampled; its tokens' log-probs are the model's):
         at once where no thought is open (short mode, token-id prompts), else when the thought closes (after the
-        model's ``</think>`` as ``"\\n\\n" + prefix``, or after the budget's forced end of thought). The server
-        forces ``<tool_call>`` this way for tool_choice "required" / a named function.
+        model's ``</think>`` as ``"\\n\\n" + prefix``, or after the budget's forced end of thought).
         """
-        reqs = self._start(requests, params, thinking_mode, max_thinking_tokens, tools, answer_prefix)
+        reqs = self._start(requests, params, thinking_mode, max_thinking_tokens, tools, answer_prefix, tool_choice)
         total = sum(len(r.seqs) for r in reqs)
         bar = None
         if use_tqdm and total:
@@ -1102,11 +1131,11 @@ class LLM:
     def stream(self, requests: Sequence[Any], params: SamplingParams | Sequence[SamplingParams] | None = None, *,
                thinking_mode: str | Sequence[str] | None = None,
                max_thinking_tokens: int | None = None,
-               tools: list[dict] | None = None,
-               answer_prefix: str | None = None) -> Iterator[StreamEvent | RequestOutput]:
+               tools: list[dict] | None = None, answer_prefix: str | None = None,
+               tool_choice: Any = None) -> Iterator[StreamEvent | RequestOutput]:
         """Like :meth:`generate`, as it happens: a StreamEvent for every generated token, and each request's
         RequestOutput as soon as all its completions are done (a skipped request's at once)."""
-        reqs = self._start(requests, params, thinking_mode, max_thinking_tokens, tools, answer_prefix)
+        reqs = self._start(requests, params, thinking_mode, max_thinking_tokens, tools, answer_prefix, tool_choice)
         try:
             done = set()
             for req in reqs:

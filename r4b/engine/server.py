@@ -19,11 +19,9 @@ Tools (function calling): ``tools`` (OpenAI's function schemas) are rendered by 
 "function", ``function.name`` / ``function.arguments`` as a JSON string), cut out of ``content`` (null when nothing
 else is left), with finish_reason "tool_calls"; streamed, each call is one ``delta.tool_calls`` entry sent when its
 block closes. The history takes assistant ``tool_calls`` and ``tool`` messages (their results). ``tool_choice``:
-"auto" (the default), "none" (the tools are left out of the prompt), "required" (the answer is forced to start
-with ``<tool_call>\\n{"name": "``) or a named function (forced to start with that function's call, up to its
-arguments): the engine's answer_prefix, forced after the thought. The rest is sampled, not constrained: the model
-may still write a call that does not parse (it then stays content). ``parallel_tool_calls: false`` keeps the
-first call.
+"auto" (the default), "none" (the tools are left out of the prompt), "required" or a named function: the answer,
+after the thought, is constrained (r4b/engine/structured.py) to exactly one call, of one of the tools (or the named
+one), with arguments that follow its ``parameters`` schema. ``parallel_tool_calls: false`` keeps the first call.
 
 ``"response_format": {"type": "json_object"}``: JSON mode (r4b/engine/structured.py): the answer, after the
 thought, is constrained token by token to one JSON object, then the end of turn; ``{"type": "json_schema",
@@ -68,7 +66,7 @@ from .chat import (
 )
 from .llm import LLM, RequestOutput, StreamEvent
 from .sampling import SamplingParams
-from .structured import SchemaError, compile_schema
+from .structured import SchemaError, compile_schema, compile_tool_call
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +103,7 @@ class ChatRequest:
     logprobs: bool = False
     tools: list[dict] | None = None  # rendered into the prompt; the answers' tool calls are parsed
     parallel_tool_calls: bool = True  # False: a choice keeps its first call
-    answer_prefix: str | None = None  # forced after the thought (tool_choice "required" / a named function)
+    tool_choice: str | None = None  # "required" or a tool's name: the answer is one call, constrained
 
 
 @dataclass
@@ -174,8 +172,9 @@ def _tool_calls(raw: Any, where: str) -> list[dict]:
 
 
 def _tools(body: dict) -> tuple[list[dict] | None, bool, str | None]:
-    """(the tools to render, or None; parallel_tool_calls; the answer prefix tool_choice forces) of a chat body,
-    checked."""
+    """(the tools to render, or None; parallel_tool_calls; the call tool_choice forces: "required", a tool's name,
+    or None) of a chat body, checked (a forced call's parameters schemas compiled: one JSON mode cannot enforce is a
+    400 naming the tool)."""
     tools = body.get("tools")
     choice = body.get("tool_choice")
     parallel = body.get("parallel_tool_calls", True)
@@ -200,17 +199,21 @@ def _tools(body: dict) -> tuple[list[dict] | None, bool, str | None]:
         return tools, parallel, None
     if choice == "none":
         return None, parallel, None
-    if choice == "required":
-        return tools, parallel, TOOL_CALL + '\n{"name": "'
-    if isinstance(choice, dict):
-        fn = choice.get("function")
-        name = fn.get("name") if isinstance(fn, dict) else None
-        names = [t["function"]["name"] for t in tools]
-        if choice.get("type") != "function" or name not in names:
-            raise BadRequest(f"'tool_choice' must name one of the tools {names} as {{'type': 'function', 'function': "
-                             f"{{'name': ...}}}}, got {str(choice)[:80]!r}", "tool_choice")
-        # up to the colon: the model writes the space with the brace (" {" is one token in Qwen3's vocabulary)
-        return tools, parallel, TOOL_CALL + '\n{"name": ' + json.dumps(name, ensure_ascii=False) + ', "arguments":'
+    if choice == "required" or isinstance(choice, dict):
+        name = None
+        if isinstance(choice, dict):
+            fn = choice.get("function")
+            name = fn.get("name") if isinstance(fn, dict) else None
+            names = [t["function"]["name"] for t in tools]
+            if choice.get("type") != "function" or name not in names:
+                raise BadRequest(f"'tool_choice' must name one of the tools {names} as {{'type': 'function', "
+                                 f"'function': {{'name': ...}}}}, got {str(choice)[:80]!r}", "tool_choice")
+        try:
+            compile_tool_call(tools, name)
+        except SchemaError as e:
+            raise BadRequest(f"'tool_choice' forces a call, whose arguments JSON mode must enforce: {e}",
+                             "tools") from None
+        return tools, parallel, "required" if name is None else name
     raise BadRequest(f"'tool_choice' must be 'auto', 'none', 'required' or a function, got {str(choice)[:60]!r}",
                      "tool_choice")
 
@@ -294,13 +297,13 @@ def parse_chat_request(body: Any, *, default_mode: str = "auto", default_max_tok
     opts = body.get("stream_options") or {}
     if not isinstance(opts, dict):
         raise BadRequest("'stream_options' must be an object", "stream_options")
-    tools, parallel, prefix = _tools(body)
+    tools, parallel, forced = _tools(body)
     fmt = _response_format(body)
     params = _sampling_params(body, max_tokens=max_tokens or default_max_tokens, logprobs=top or None,
                               response_format=fmt if fmt in (None, "json_object") else None,
                               json_schema=None if fmt in (None, "json_object") else fmt)
     return ChatRequest(messages, params, mode, _int(body, "max_thinking_tokens", 0, None), stream,
-                       bool(opts.get("include_usage")), body.get("model"), logprobs, tools, parallel, prefix)
+                       bool(opts.get("include_usage")), body.get("model"), logprobs, tools, parallel, forced)
 
 
 def _response_format(body: dict) -> str | None:
@@ -486,7 +489,7 @@ class EngineLoop:
                         continue
                     h.request_id = self.llm.add_request(req.messages, req.params, thinking_mode=req.thinking_mode,
                                                         max_thinking_tokens=req.max_thinking_tokens,
-                                                        tools=req.tools, answer_prefix=req.answer_prefix)
+                                                        tools=req.tools, tool_choice=req.tool_choice)
                     handles[h.request_id] = h
                 except ValueError as e:  # the arguments: the client's to fix
                     h.events.put(("refused", str(e)))

@@ -49,7 +49,7 @@ WS_MAX_START = 4  # ... and before its opening brace (after a thought the model 
 MAX_DEPTH = 64  # the deepest nesting of objects / arrays
 
 # lexer modes
-START, OBJ_FIRST, OBJ_KEY, COLON, VALUE, ARR_FIRST, AFTER, STR, NUM, LIT, DONE = range(11)
+START, OBJ_FIRST, OBJ_KEY, COLON, VALUE, ARR_FIRST, AFTER, STR, NUM, LIT, DONE, LITERAL = range(12)
 # number sub-states
 N_MINUS, N_ZERO, N_INT, N_DOT, N_FRAC, N_E, N_ESIGN, N_EXP = range(8)
 _NUM_END = frozenset((N_ZERO, N_INT, N_FRAC, N_EXP))  # a number may end here
@@ -337,6 +337,68 @@ def initial(schema: Schema) -> State:
 
 INITIAL: State = initial(compile_schema(None))  # JSON mode
 
+TOOL_CALL_HEAD = b'<tool_call>\n{"name": "'
+TOOL_CALL_MID = b', "arguments": '
+TOOL_CALL_TAIL = b"}\n</tool_call>"
+
+
+class CallSchema:
+    """One forced tool call, as Qwen3's template writes it: ``<tool_call>\\n{"name": "NAME", "arguments": ARGS}
+    \\n</tool_call>``, NAME one of the tools (either json.dumps spelling), ARGS an object that follows that tool's
+    ``parameters`` (compiled like a json_schema). Compared by identity (``compile_tool_call`` caches them)."""
+
+    nodes: list = []  # no schema nodes of its own (step never reads them in the call's literal / name states)
+
+    def __init__(self, tools: dict[bytes, Schema], spell: dict[bytes, bytes], text: str) -> None:
+        self.tools, self.spell, self.text = tools, spell, text
+
+    def __repr__(self) -> str:
+        return f"CallSchema({sorted(self.tools)})"
+
+
+@functools.lru_cache(maxsize=64)
+def _compile_call(text: str) -> CallSchema:
+    tools, spell = {}, {}
+    for i, (name, params) in enumerate(json.loads(text)):
+        try:
+            sub = compile_schema(params)
+        except SchemaError as e:
+            raise SchemaError(f"tools[{i}] ({name}).parameters: {e}") from None
+        tools[_encode(name)] = sub
+        spell.update({sp: _encode(name) for sp in _spellings(name)})
+    return CallSchema(tools, spell, text)
+
+
+def compile_tool_call(tools: list[dict], name: str | None = None) -> CallSchema:
+    """The grammar of one call of ``name`` (None: any of ``tools``), OpenAI function tools. A tool without
+    ``parameters`` takes any object. Raises SchemaError (naming the tool) for parameters it cannot enforce, or a
+    name not among the tools."""
+    pairs = []
+    for i, t in enumerate(tools):
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise SchemaError(f"tools[{i}] is not a function tool")
+        if name is None or fn["name"] == name:
+            params = fn.get("parameters")
+            pairs.append((fn["name"], params if params else {"type": "object"}))
+    if not pairs:
+        raise SchemaError(f"no tool is named {name!r}")
+    return _compile_call(json.dumps(pairs, sort_keys=True, ensure_ascii=False))
+
+
+def initial_call(call: CallSchema) -> State:
+    """The state before a forced call's first byte."""
+    return (call, (), LITERAL, (TOOL_CALL_HEAD, ("name",)), 0)
+
+
+def _literal_end(call: CallSchema, then: tuple) -> State:
+    if then[0] == "name":
+        return (call, (), STR, ("n", 0, tuple(call.spell), b""), 0)
+    if then[0] == "args":
+        sub = call.tools[then[1]]
+        return (sub, (("w", call),), START, sub.root, 0)
+    return (call, (), DONE, None, 0)
+
 
 def _num(sub: int, b: int, integer: bool) -> int | None:
     """The number sub-state after byte b, or None when b does not continue the number."""
@@ -359,10 +421,13 @@ def _num(sub: int, b: int, integer: bool) -> int | None:
 
 
 def _after_value(schema: Schema, frames: tuple) -> State:
-    """The state after a value ends inside ``frames`` (its container counts it; nothing left: done)."""
+    """The state after a value ends inside ``frames`` (its container counts it; nothing left: done; a forced
+    call's arguments: the call's tail)."""
     if not frames:
         return (schema, (), DONE, None, 0)
     top = frames[-1]
+    if top[0] == "w":
+        return (top[1], (), LITERAL, (TOOL_CALL_TAIL, ("done",)), 0)
     if top[0] == "o":
         top = ("o", top[1], top[2] | {top[3]} if top[3] is not None else top[2], None)
     else:  # the count matters only up to maxItems (or minItems): capped there, so states (and masks) repeat
@@ -412,6 +477,8 @@ def _start_value(schema: Schema, frames: tuple, nid: int, b: int) -> State | Non
 
 
 def _string_end(schema: Schema, frames: tuple, role: str, typed: bytes | None) -> State:
+    if role == "n":  # a forced call's name: its arguments' schema follows
+        return (schema, (), LITERAL, (TOOL_CALL_MID, ("args", schema.spell[typed])), 0)
     if role == "k":  # the key's property decides the value's schema
         top = frames[-1]
         key = schema.nodes[top[1]][4][typed] if typed is not None else None  # its encoded name
@@ -477,6 +544,13 @@ def step(state: State, b: int) -> State | None:
         return step(_after_value(schema, frames), b) if typed in cands else None
     if mode == DONE:
         return None
+    if mode == LITERAL:
+        rest, then = aux
+        if b != rest[0]:  # before a call's head, a little whitespace (the model's "\n\n" after </think>)
+            if b in _WS and rest == TOOL_CALL_HEAD and then == ("name",) and ws < WS_MAX_START:
+                return (schema, frames, mode, aux, ws + 1)
+            return None
+        return (schema, frames, LITERAL, (rest[1:], then), 0) if len(rest) > 1 else _literal_end(schema, then)
     if b in _WS:
         return (schema, frames, mode, aux, ws + 1) if ws < (WS_MAX_START if mode == START else WS_MAX) else None
     if mode == START:
