@@ -119,8 +119,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise SystemExit(f"r4b generate: --tools {args.tools}: {e}") from None
     llm = _load_llm(args, "generate")
+    if args.tool_choice is not None and tools is None:
+        raise SystemExit("r4b generate: --tool-choice needs --tools")
     kw = dict(thinking_mode=args.thinking_mode, max_thinking_tokens=args.max_thinking_tokens, tools=tools,
-              answer_prefix=args.answer_prefix)
+              answer_prefix=args.answer_prefix, tool_choice=args.tool_choice)
     if args.stream:
         for ev in llm.stream(reqs, params, **kw):
             if isinstance(ev, StreamEvent) and len(reqs) * args.n == 1:
@@ -344,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
                    "parsed into tool_calls)")
     g.add_argument("--response-format", default=None, choices=("json_object",),
                    help="json_object: each answer is one JSON object (constrained decoding, after the thought)")
+    g.add_argument("--tool-choice", default=None, help="auto / none / required / a tool's name (required and a "
+                   "name constrain each answer to one valid call)")
     g.add_argument("--answer-prefix", default=None, help="text every answer starts with (forced after the thought)")
     g.add_argument("--stream", action="store_true", help="print tokens as they come (one prompt, n=1)")
     g.add_argument("--json", action="store_true", help="one JSON line per request")

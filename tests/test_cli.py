@@ -134,6 +134,12 @@ def test_generate_with_tools_and_an_answer_prefix(checkpoint, tmp_path, capsys):
     want = llm.generate(["hi"], SamplingParams(temperature=0, max_tokens=30, response_format="json_object"),
                         thinking_mode="short", use_tqdm=False)[0].outputs[0]
     assert c["token_ids"] == want.token_ids and c["answer"].lstrip()[:1] == "{"
+    assert cli.main(["generate", str(checkpoint), "-p", "2+2?", "--temperature", "0", "--max-tokens", "60",
+                     "--thinking-mode", "short", "--tools", str(f), "--tool-choice", "add", "--json"]) == 0
+    c = json.loads(capsys.readouterr().out.splitlines()[0])["outputs"][0]
+    assert c["finish_reason"] == "stop" and [t["name"] for t in c["tool_calls"]] == ["add"], c
+    with pytest.raises(SystemExit, match="--tool-choice needs --tools"):
+        cli.main(["generate", str(checkpoint), "-p", "x", "--tool-choice", "required"])
     f.write_text('{"type": "function"}')
     with pytest.raises(SystemExit, match="expected a JSON list of tool schemas"):
         cli.main(["generate", str(checkpoint / "missing"), "-p", "x", "--tools", str(f)])
