@@ -143,8 +143,9 @@ def _json_tokenizer() -> ChatTokenizer:
     trainer = trainers.BpeTrainer(vocab_size=1500, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
                                   show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     t.train_from_iterator(_docs() * 3, trainer=trainer)
-    t.add_tokens([AddedToken("<think>", normalized=False), AddedToken("</think>", normalized=False)])
-    return ChatTokenizer(t)
+    t.add_tokens([AddedToken("<think>", normalized=False), AddedToken("</think>", normalized=False),
+                  AddedToken("<tool_call>", normalized=False), AddedToken("</tool_call>", normalized=False)])
+    return ChatTokenizer(t)  # like Qwen3's: the think and call tags are plain (not special) added tokens
 
 
 @pytest.mark.parametrize("which", ["demo", "json-trained"])

@@ -413,6 +413,10 @@ def test_masks_are_the_brute_force_sets_in_a_forced_call():
         states.append(state)
         state = S.step(state, b)
     states.append(state)
+    tags = [tok.tokenizer.token_to_id(t) for t in ("<tool_call>", "</tool_call>", "<think>", "</think>")]
+    assert [masker.bytes[i] for i in tags] == [b"<tool_call>", b"</tool_call>", None, None]
+    assert masker.mask(S.initial_call(call), (0,))[tags[0]]  # the model's own single <tool_call> token
+    assert masker.mask(S.advance(S.initial_call(call), text[2:-len("</tool_call>")]), (0,))[tags[1]]
     for state in states[::2]:
         want = [i for i, d in enumerate(masker.bytes) if d and S.advance(state, d) is not None]
         m = masker.mask(state, (0,))

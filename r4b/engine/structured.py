@@ -364,6 +364,9 @@ def _compile_call(text: str) -> CallSchema:
             sub = compile_schema(params)
         except SchemaError as e:
             raise SchemaError(f"tools[{i}] ({name}).parameters: {e}") from None
+        if sub.depth[sub.root] + 1 > MAX_DEPTH:  # the call's arguments sit one level down
+            raise SchemaError(f"tools[{i}] ({name}).parameters: its smallest value nests deeper than "
+                              f"{MAX_DEPTH - 1} levels")
         tools[_encode(name)] = sub
         spell.update({sp: _encode(name) for sp in _spellings(name)})
     return CallSchema(tools, spell, text)
@@ -623,15 +626,24 @@ class _Node:
         self.ids: list[int] = []
 
 
+# added tokens a constrained answer may use, as their text: the call tags (Qwen3's are single added tokens, which
+# the model writes; spelling them out byte by byte would push it off its own tokenization)
+_ADDED_AS_TEXT = frozenset(("<tool_call>", "</tool_call>"))
+
+
 def vocab_bytes(tok: ChatTokenizer, size: int) -> list[bytes | None]:
-    """Each token id's bytes (None for the added / special tokens and for ids past the tokenizer's vocabulary)."""
+    """Each token id's bytes (None for the added / special tokens, but the call tags, and for ids past the
+    tokenizer's vocabulary)."""
     raw = tok.tokenizer
-    added = set(raw.get_added_tokens_decoder())
+    added = raw.get_added_tokens_decoder()
     table = _byte_of_char()
     out: list[bytes | None] = []
     for i in range(size):
         piece = raw.id_to_token(i) if i < tok.vocab_size else None
-        if piece is None or i in added:
+        if i in added:
+            text = added[i].content
+            out.append(text.encode() if text in _ADDED_AS_TEXT and not added[i].special else None)
+        elif piece is None:
             out.append(None)
         elif all(ch in table for ch in piece):  # byte-level BPE: the piece spells the bytes
             out.append(bytes(table[ch] for ch in piece))
