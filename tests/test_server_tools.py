@@ -31,6 +31,13 @@ CALL_P = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n
 CALL_R = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>'
 
 
+SET_UNIT = {"type": "function", "function": {"name": "set_unit", "parameters": {
+    "type": "object", "properties": {"unit": {"enum": ["celsius", "fahrenheit"]}}, "required": ["unit"]}}}
+SET_MODE = {"type": "function", "function": {"name": "set_mode", "parameters": {
+    "type": "object", "properties": {"mode": {"enum": ["on", "off"]}, "loud": {"type": "boolean"}},
+    "required": ["mode"]}}}
+
+
 @pytest.fixture(scope="module")
 def model():
     return tiny_model(5, max_position_embeddings=2048)
@@ -133,7 +140,21 @@ def test_parse_chat_request_tools_fields_and_errors():
     assert r.tools == TOOLS and r.tool_choice == "required"
     r = parse_chat_request({"messages": ASK, "tools": TOOLS,
                             "tool_choice": {"type": "function", "function": {"name": "get_weather"}}})
-    assert r.tool_choice == "get_weather"
+    assert r.tool_choice == {"type": "function", "function": {"name": "get_weather"}}
+    # a tool may be called "none" or "required": the name goes on in the dict form, not as the keyword
+    odd = [{"type": "function", "function": {"name": n}} for n in ("none", "required")]
+    for n in ("none", "required"):
+        r = parse_chat_request({"messages": ASK, "tools": odd, "tool_choice": {"type": "function",
+                                                                              "function": {"name": n}}})
+        assert r.tool_choice == {"type": "function", "function": {"name": n}} and r.tools == odd
+    for tools, param in (([{"type": "function", "function": {"name": "\ud800"}}], "tools"),
+                         ([SET_UNIT, SET_UNIT], "tools")):
+        with pytest.raises(BadRequest) as e:
+            parse_chat_request({"messages": ASK, "tools": tools, "tool_choice": "required"})
+        assert e.value.param == param, str(e.value)
+    with pytest.raises(BadRequest) as e:
+        parse_chat_request({"messages": ASK, "tools": TOOLS, "tool_choice": "required", "stop": ["\n"]})
+    assert e.value.param == "stop"
     bad_params = [{"type": "function", "function": {"name": "f", "parameters": {"allOf": [{}]}}}]
     with pytest.raises(BadRequest, match="tools\\[0\\] \\(f\\).parameters: .*allOf") as e:
         parse_chat_request({"messages": ASK, "tools": bad_params, "tool_choice": "required"})
@@ -300,13 +321,6 @@ def test_tool_results_go_back_into_the_prompt(served):
     assert r["usage"]["prompt_tokens"] == len(TOK.encode(want))
 
 
-SET_UNIT = {"type": "function", "function": {"name": "set_unit", "parameters": {
-    "type": "object", "properties": {"unit": {"enum": ["celsius", "fahrenheit"]}}, "required": ["unit"]}}}
-SET_MODE = {"type": "function", "function": {"name": "set_mode", "parameters": {
-    "type": "object", "properties": {"mode": {"enum": ["on", "off"]}, "loud": {"type": "boolean"}},
-    "required": ["mode"]}}}
-
-
 def _valid_call(call: ToolCall) -> bool:
     if call.name == "set_unit":
         return call.arguments in ({"unit": "celsius"}, {"unit": "fahrenheit"})
@@ -336,6 +350,17 @@ def test_a_forced_call_is_one_valid_call(model, mode):
         llm.generate([ASK], params, tools=[SET_UNIT], tool_choice="nope", use_tqdm=False)
     with pytest.raises(ValueError, match="needs tools"):
         llm.generate([ASK], params, tool_choice="required", use_tqdm=False)
+    with pytest.raises(ValueError, match="stop strings could cut it"):
+        llm.generate([ASK], SamplingParams(stop=["x"]), tools=[SET_UNIT], tool_choice="required", use_tqdm=False)
+    with pytest.raises(ValueError, match="is not the start of the tool call"):
+        llm.generate([ASK], params, tools=[SET_UNIT], tool_choice="required", answer_prefix="Sure", use_tqdm=False)
+    with pytest.raises(ValueError, match="tool_choice must be"):
+        llm.generate([ASK], params, tools=[SET_UNIT], tool_choice={"function": {}}, use_tqdm=False)
+    with pytest.raises(ValueError, match="a second tool named 'set_unit'"):
+        llm.generate([ASK], params, tools=[SET_UNIT, SET_UNIT], tool_choice="required", use_tqdm=False)
+    with pytest.raises(ValueError, match="not a function tool with a name"):
+        llm.generate([ASK], params, tools=[{"type": "x", "function": {"name": "f"}}], tool_choice="required",
+                     use_tqdm=False)
     with pytest.raises(ValueError, match="cannot go with SamplingParams.response_format"):
         llm.generate([ASK], SamplingParams(response_format="json_object"), tools=[SET_UNIT], tool_choice="required",
                      use_tqdm=False)
@@ -361,3 +386,23 @@ def test_server_tool_choice_required_streams_one_valid_call(served):
             [_args(x) for x in c["message"]["tool_calls"]]
         assert deltas[0]["delta"] == {"role": "assistant", "content": None}  # OpenAI's tool-call streams
         assert not "".join(d["delta"].get("content") or "" for d in deltas)
+
+
+def test_a_call_whose_argument_holds_the_closing_tag():
+    """An argument string may hold "</tool_call>" (code, XML): the block ends at the first closing tag that makes it
+    a call, in the parse and in the stream, and a forced call that writes one still comes back as that call."""
+    args = {"code": "print('</tool_call>')", "n": 1}
+    text = "Here.\n<tool_call>\n" + json.dumps({"name": "run", "arguments": args}) + "\n</tool_call>"
+    assert parse_tool_calls(text) == ("Here.", [ToolCall("run", args)], 0)
+    for step in (1, 5, 13):
+        ts, content, calls = ToolCallStream(), "", []
+        for k in range(0, len(text), step):
+            d, new = ts.feed(text[k:k + step])
+            content, calls = content + d, calls + new
+        assert calls == [ToolCall("run", args)] and content == "Here." and ts.finish(text) == ("", [])
+    # a block that no closing tag makes a call stays text up to its first one; numbers out of float range are no call
+    assert parse_tool_calls("<tool_call>{\"a\": </tool_call> b </tool_call>")[0] == \
+        "<tool_call>{\"a\": </tool_call> b </tool_call>"
+    assert parse_tool_calls('<tool_call>{"name": "f", "arguments": {"x": 1e999}}</tool_call>')[1] == []
+    assert parse_tool_calls('<tool_call>{"name": "f", "arguments": {"x": 10000000000000000000001}}</tool_call>')[1] \
+        == [ToolCall("f", {"x": 10000000000000000000001})]

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -124,18 +123,22 @@ def _render_tool_call(call: Any, where: str) -> str:
     return f'{TOOL_CALL}\n{{"name": "{name}", "arguments": {args}}}\n{END_TOOL_CALL}'
 
 
-_TOOL_BLOCK = re.compile(re.escape(TOOL_CALL) + r"(.*?)" + re.escape(END_TOOL_CALL), re.DOTALL)
-
-
 def _not_json(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
+
+
+def _finite(text: str) -> float:
+    x = float(text)
+    if x != x or x in (float("inf"), float("-inf")):
+        raise ValueError(f"{text} is out of a float's range")  # it would be written back as Infinity
+    return x
 
 
 def tool_call_of(body: str) -> ToolCall | None:
     """The call a ``<tool_call>`` block's body holds (``{"name": str, "arguments": {...}}``; arguments given as a
     JSON string of an object are read too), or None when it is not one."""
     try:  # NaN / Infinity are not JSON: their arguments could not be written back as JSON
-        obj = json.loads(body, parse_constant=_not_json)
+        obj = json.loads(body, parse_constant=_not_json, parse_float=_finite)
     except ValueError:
         return None
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
@@ -143,7 +146,7 @@ def tool_call_of(body: str) -> ToolCall | None:
     args = obj.get("arguments", obj.get("parameters", {}))
     if isinstance(args, str):
         try:
-            args = json.loads(args, parse_constant=_not_json)
+            args = json.loads(args, parse_constant=_not_json, parse_float=_finite)
         except ValueError:
             return None
     if not isinstance(args, dict):
@@ -151,39 +154,61 @@ def tool_call_of(body: str) -> ToolCall | None:
     return ToolCall(obj["name"], args)
 
 
+def _block_end(answer: str, body: int) -> tuple[ToolCall | None, int]:
+    """The call of the block whose body starts at ``body`` and the index after its ``</tool_call>``: the first
+    closing tag that makes the body a call (a call's string may hold the tag itself); (None, -1) when none does."""
+    end = answer.find(END_TOOL_CALL, body)
+    while end >= 0:
+        call = tool_call_of(answer[body:end])
+        if call is not None:
+            return call, end + len(END_TOOL_CALL)
+        end = answer.find(END_TOOL_CALL, end + 1)
+    return None, -1
+
+
 def parse_tool_calls(answer: str, *, final: bool = True) -> tuple[str, list[ToolCall], int]:
     """The tool calls in a generated answer (the text after the thought): (content, calls, held).
 
     Every ``<tool_call>{json}</tool_call>`` block whose body is a call (a JSON object with a string ``name`` and an
-    object ``arguments``) becomes a ToolCall, in order, and is cut out of the content; a block that is not one
-    stays in the content as written. A last block that never closed (the model ended its turn without
-    ``</tool_call>``) counts when its body is a whole call. content: what is left, stripped.
+    object ``arguments``) becomes a ToolCall, in order, and is cut out of the content; the block ends at the first
+    ``</tool_call>`` that makes its body a call (an argument may hold the tag as text). A block that never closed
+    (the model ended its turn without ``</tool_call>``) counts when its body is a whole call. A block that is not a
+    call stays in the content as written, up to its first ``</tool_call>``. content: what is left, stripped.
 
-    final=False (a stream's text so far): an unclosed last block, or an ending that may grow into ``<tool_call>``,
-    is not decided yet: it is left out of the content and ``held`` is its length (0 when final).
+    final=False (a stream's text so far): a block that is not a call yet, or an ending that may grow into
+    ``<tool_call>``, is not decided: it is left out of the content and ``held`` is its length (0 when final).
     """
-    pieces, calls, pos = [], [], 0
-    for m in _TOOL_BLOCK.finditer(answer):
-        call = tool_call_of(m.group(1))
-        pieces.append(answer[pos:m.start()] if call is not None else answer[pos:m.end()])
+    pieces, calls, pos, held = [], [], 0, 0
+    while True:
+        start = answer.find(TOOL_CALL, pos)
+        if start < 0:
+            rest = answer[pos:]
+            if not final:
+                for k in range(min(len(TOOL_CALL) - 1, len(rest)), 0, -1):
+                    if rest.endswith(TOOL_CALL[:k]):
+                        held, rest = k, rest[:-k]
+                        break
+            pieces.append(rest)
+            break
+        body = start + len(TOOL_CALL)
+        call, after = _block_end(answer, body)
+        if call is None and final:
+            call, after = tool_call_of(answer[body:]), len(answer)  # never closed: a whole call counts
         if call is not None:
+            pieces.append(answer[pos:start])
             calls.append(call)
-        pos = m.end()
-    rest, held = answer[pos:], 0
-    start = rest.find(TOOL_CALL)
-    if start >= 0:  # an unclosed block
-        call = tool_call_of(rest[start + len(TOOL_CALL):]) if final else None
-        if call is not None:
-            calls.append(call)
-            rest = rest[:start]
-        elif not final:
-            held, rest = len(rest) - start, rest[:start]
-    elif not final:
-        for k in range(min(len(TOOL_CALL) - 1, len(rest)), 0, -1):
-            if rest.endswith(TOOL_CALL[:k]):
-                held, rest = k, rest[:-k]
-                break
-    pieces.append(rest)
+            pos = after
+            continue
+        if not final:  # a later </tool_call> may still make it a call
+            pieces.append(answer[pos:start])
+            held = len(answer) - start
+            break
+        first = answer.find(END_TOOL_CALL, body)
+        if first < 0:  # not a call, never closed: text to the end
+            pieces.append(answer[pos:])
+            break
+        pieces.append(answer[pos:first + len(END_TOOL_CALL)])
+        pos = first + len(END_TOOL_CALL)
     content = "".join(pieces)
     return (content.strip() if final else content.lstrip()), calls, held
 

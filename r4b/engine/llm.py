@@ -956,7 +956,7 @@ class LLM:
             raise ValueError(f"params must be a SamplingParams or one per request ({len(requests)}), got "
                              f"{len(plist)} items")
         modes = self._check_call(plist, thinking_mode, max_thinking_tokens, answer_prefix)
-        tools, call = self._check_tools(tools, tool_choice, plist)
+        tools, call = self._check_tools(tools, tool_choice, plist, answer_prefix)
         try:
             reqs = [self._add(i, r, p, modes, tools, call)
                     for i, (r, p) in enumerate(zip(requests, plist, strict=True))]
@@ -967,8 +967,8 @@ class LLM:
             self._set_budget(req, max_thinking_tokens, answer_prefix)
         return reqs
 
-    def _check_tools(self, tools: Any, tool_choice: Any = None,
-                     plist: Sequence[SamplingParams] = ()) -> tuple[list[dict] | None, structured.CallSchema | None]:
+    def _check_tools(self, tools: Any, tool_choice: Any = None, plist: Sequence[SamplingParams] = (),
+                     answer_prefix: str | None = None) -> tuple[list[dict] | None, structured.CallSchema | None]:
         """(the tools to render, the forced call's grammar or None), checked."""
         tools = check_tools(tools)
         if tools and self.tokenizer is None:
@@ -983,17 +983,23 @@ class LLM:
             name = None
         elif isinstance(tool_choice, str):
             name = tool_choice
-        elif isinstance(tool_choice, dict) and isinstance(tool_choice.get("function"), dict):
-            name = tool_choice["function"].get("name")
+        elif isinstance(tool_choice, dict) and isinstance(tool_choice.get("function"), dict) \
+                and isinstance(tool_choice["function"].get("name"), str):
+            name = tool_choice["function"]["name"]
         else:
             raise ValueError(f"tool_choice must be 'auto', 'none', 'required', a tool's name or {{'type': 'function', "
                              f"'function': {{'name': ...}}}}, got {tool_choice!r}")
         if any(p.response_format for p in plist):
             raise ValueError("tool_choice forces a tool call: it cannot go with SamplingParams.response_format")
+        if any(p.stop for p in plist):
+            raise ValueError("tool_choice forces a tool call: SamplingParams.stop strings could cut it (use none)")
         try:
-            return tools, structured.compile_tool_call(tools, name)
+            call = structured.compile_tool_call(tools, name)
         except structured.SchemaError as e:
             raise ValueError(f"tool_choice: {e}") from None
+        if answer_prefix and structured.advance(structured.initial_call(call), answer_prefix.encode()) is None:
+            raise ValueError(f"answer_prefix {answer_prefix!r} is not the start of the tool call tool_choice forces")
+        return tools, call
 
     # ------------------------------------------------------------------ serving: one request at a time
     def add_request(self, request: Any, params: SamplingParams | None = None, *,
@@ -1007,7 +1013,8 @@ class LLM:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
         modes = self._check_call([params], thinking_mode, max_thinking_tokens, answer_prefix)
-        req = self._add(next(self._req_ids), request, params, modes, *self._check_tools(tools, tool_choice, [params]))
+        req = self._add(next(self._req_ids), request, params, modes,
+                        *self._check_tools(tools, tool_choice, [params], answer_prefix))
         self._set_budget(req, max_thinking_tokens, answer_prefix)
         self._live[req.index] = req
         if req.error is not None:

@@ -103,7 +103,7 @@ class ChatRequest:
     logprobs: bool = False
     tools: list[dict] | None = None  # rendered into the prompt; the answers' tool calls are parsed
     parallel_tool_calls: bool = True  # False: a choice keeps its first call
-    tool_choice: str | None = None  # "required" or a tool's name: the answer is one call, constrained
+    tool_choice: str | dict | None = None  # "required" or {"type": "function", ...}: the answer is one call
 
 
 @dataclass
@@ -171,7 +171,7 @@ def _tool_calls(raw: Any, where: str) -> list[dict]:
     return out
 
 
-def _tools(body: dict) -> tuple[list[dict] | None, bool, str | None]:
+def _tools(body: dict) -> tuple[list[dict] | None, bool, str | dict | None]:
     """(the tools to render, or None; parallel_tool_calls; the call tool_choice forces: "required", a tool's name,
     or None) of a chat body, checked (a forced call's parameters schemas compiled: one JSON mode cannot enforce is a
     400 naming the tool)."""
@@ -213,7 +213,8 @@ def _tools(body: dict) -> tuple[list[dict] | None, bool, str | None]:
         except SchemaError as e:
             raise BadRequest(f"'tool_choice' forces a call, whose arguments JSON mode must enforce: {e}",
                              "tools") from None
-        return tools, parallel, "required" if name is None else name
+        # a name goes on in the dict form (a tool may be called "none" or "required")
+        return tools, parallel, "required" if name is None else {"type": "function", "function": {"name": name}}
     raise BadRequest(f"'tool_choice' must be 'auto', 'none', 'required' or a function, got {str(choice)[:60]!r}",
                      "tool_choice")
 
@@ -298,6 +299,8 @@ def parse_chat_request(body: Any, *, default_mode: str = "auto", default_max_tok
     if not isinstance(opts, dict):
         raise BadRequest("'stream_options' must be an object", "stream_options")
     tools, parallel, forced = _tools(body)
+    if forced is not None and body.get("stop"):
+        raise BadRequest("'stop' with a forced 'tool_choice': a stop string could cut the call", "stop")
     fmt = _response_format(body)
     params = _sampling_params(body, max_tokens=max_tokens or default_max_tokens, logprobs=top or None,
                               response_format=fmt if fmt in (None, "json_object") else None,
@@ -648,8 +651,9 @@ class ToolCallStream:
     """Splits a choice's streamed answer (ThinkSplitter's answer deltas) into content deltas and tool calls, by the
     rules of r4b.engine.chat.parse_tool_calls (what the non-streamed response holds): content up to a
     ``<tool_call>`` is sent as it comes (a tag that may be starting, and trailing whitespace, held back); a block is
-    held until it closes, then sent as one call (or, when it is not one, as content). Incremental: each delta is
-    scanned once (a long answer or a long call costs its length, not its length squared)."""
+    held until a ``</tool_call>`` makes it a call, then sent as one; a block that is not a call (yet) is held to the
+    end, where the final parse decides. Incremental: each delta is scanned once (a long answer or a long call costs
+    its length, not its length squared)."""
 
     def __init__(self, parallel: bool = True) -> None:
         self.parallel = parallel
@@ -687,17 +691,18 @@ class ToolCallStream:
                 out.append(self.content.add(a[self.done:k]))
                 self.done = self.open = k
                 self.scan = k + len(TOOL_CALL)
-            e = a.find(END_TOOL_CALL, max(self.scan, before - len(END_TOOL_CALL) + 1))
-            if e < 0:
+            call, e = None, a.find(END_TOOL_CALL, max(self.scan, before - len(END_TOOL_CALL) + 1))
+            while e >= 0:  # the first </tool_call> that makes the body a call closes the block
+                call = tool_call_of(a[self.open + len(TOOL_CALL):e])
+                if call is not None:
+                    break
+                self.scan = e + 1
+                e = a.find(END_TOOL_CALL, self.scan)
+            if call is None:  # held open: a later tag may still make it a call (finish() decides the rest)
                 self.scan = max(self.scan, len(a) - len(END_TOOL_CALL) + 1)
                 break
-            end = e + len(END_TOOL_CALL)
-            call = tool_call_of(a[self.open + len(TOOL_CALL):e])
-            if call is not None:
-                self._take([call], new)
-            else:
-                out.append(self.content.add(a[self.open:end]))
-            self.done, self.open = end, None
+            self._take([call], new)
+            self.done, self.open = e + len(END_TOOL_CALL), None
         return "".join(out), new
 
     def finish(self, answer: str) -> tuple[str, list[ToolCall]]:

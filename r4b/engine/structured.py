@@ -364,11 +364,17 @@ def _compile_call(text: str) -> CallSchema:
             sub = compile_schema(params)
         except SchemaError as e:
             raise SchemaError(f"tools[{i}] ({name}).parameters: {e}") from None
+        try:
+            enc, spellings = _encode(name), _spellings(name)
+        except UnicodeEncodeError:
+            raise SchemaError(f"tools[{i}]: its name is not valid Unicode (a lone surrogate)") from None
+        if enc in tools:
+            raise SchemaError(f"tools[{i}]: a second tool named {name!r}")
         if sub.depth[sub.root] + 1 > MAX_DEPTH:  # the call's arguments sit one level down
             raise SchemaError(f"tools[{i}] ({name}).parameters: its smallest value nests deeper than "
                               f"{MAX_DEPTH - 1} levels")
-        tools[_encode(name)] = sub
-        spell.update({sp: _encode(name) for sp in _spellings(name)})
+        tools[enc] = sub
+        spell.update({sp: enc for sp in spellings})
     return CallSchema(tools, spell, text)
 
 
@@ -379,11 +385,12 @@ def compile_tool_call(tools: list[dict], name: str | None = None) -> CallSchema:
     pairs = []
     for i, t in enumerate(tools):
         fn = t.get("function") if isinstance(t, dict) else None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-            raise SchemaError(f"tools[{i}] is not a function tool")
+        if t.get("type", "function") != "function" or not isinstance(fn, dict) or not isinstance(fn.get("name"), str) \
+                or not fn["name"]:
+            raise SchemaError(f"tools[{i}] is not a function tool with a name")
         if name is None or fn["name"] == name:
             params = fn.get("parameters")
-            pairs.append((fn["name"], params if params else {"type": "object"}))
+            pairs.append((fn["name"], {"type": "object"} if params is None or params == {} else params))
     if not pairs:
         raise SchemaError(f"no tool is named {name!r}")
     return _compile_call(json.dumps(pairs, sort_keys=True, ensure_ascii=False))
