@@ -154,6 +154,15 @@ def tool_call_of(body: str) -> ToolCall | None:
     return ToolCall(obj["name"], args)
 
 
+def partial_tag(text: str, tag: str, start: int = 0) -> int:
+    """How many characters at the end of ``text[start:]`` may be the start of ``tag`` (the longest proper prefix of
+    the tag the text ends with; 0 when none): what a stream holds back until the next text decides it."""
+    for k in range(min(len(tag) - 1, len(text) - start), 0, -1):
+        if text.endswith(tag[:k]):
+            return k
+    return 0
+
+
 def _block_end(answer: str, body: int) -> tuple[ToolCall | None, int]:
     """The call of the block whose body starts at ``body`` and the index after its ``</tool_call>``: the first
     closing tag that makes the body a call (a call's string may hold the tag itself); (None, -1) when none does."""
@@ -182,13 +191,8 @@ def parse_tool_calls(answer: str, *, final: bool = True) -> tuple[str, list[Tool
     while True:
         start = answer.find(TOOL_CALL, pos)
         if start < 0:
-            rest = answer[pos:]
-            if not final:
-                for k in range(min(len(TOOL_CALL) - 1, len(rest)), 0, -1):
-                    if rest.endswith(TOOL_CALL[:k]):
-                        held, rest = k, rest[:-k]
-                        break
-            pieces.append(rest)
+            held = 0 if final else partial_tag(answer, TOOL_CALL, pos)
+            pieces.append(answer[pos:len(answer) - held])
             break
         body = start + len(TOOL_CALL)
         call, after = _block_end(answer, body)

@@ -62,6 +62,7 @@ from .chat import (
     TOOL_CALL,
     ToolCall,
     parse_tool_calls,
+    partial_tag,
     tool_call_of,
 )
 from .llm import LLM, RequestOutput, StreamEvent
@@ -318,10 +319,10 @@ def _response_format(body: dict) -> str | None:
     kind = rf.get("type") if isinstance(rf, dict) else None
     if kind == "text":
         return None
+    if kind in ("json_object", "json_schema") and body.get("tools") and body.get("tool_choice") != "none":
+        raise BadRequest(f"'response_format' {kind} with 'tools': the answer could not hold a tool call; send one or "
+                         "the other", "response_format")
     if kind == "json_object":
-        if body.get("tools") and body.get("tool_choice") != "none":
-            raise BadRequest("'response_format' json_object with 'tools': the answer could not hold a tool call; "
-                             "send one or the other", "response_format")
         return "json_object"
     if kind == "json_schema":
         spec = rf.get("json_schema")
@@ -329,9 +330,6 @@ def _response_format(body: dict) -> str | None:
         if not isinstance(schema, dict):
             raise BadRequest("'response_format' json_schema needs 'json_schema': {'name': ..., 'schema': {...}}",
                              "response_format")
-        if body.get("tools") and body.get("tool_choice") != "none":
-            raise BadRequest("'response_format' json_schema with 'tools': the answer could not hold a tool call; "
-                             "send one or the other", "response_format")
         try:
             return compile_schema(schema).text
         except SchemaError as e:
@@ -555,6 +553,16 @@ class _Channel:
     def text(self) -> str:
         return "".join(self.sent)
 
+    def reconcile(self, final: str) -> str | None:
+        """The rest of ``final`` (what the non-streamed response holds) after what was sent, or None when what was
+        sent is not a prefix of it (nothing more is sent then)."""
+        sent = self.text()
+        if not final.startswith(sent):
+            return None
+        if len(final) > len(sent):
+            self.sent.append(final[len(sent):])
+        return final[len(sent):]
+
 
 class ThinkSplitter:
     """Splits a completion's streamed text into thought and answer deltas as they arrive, by the rules of
@@ -595,7 +603,7 @@ class ThinkSplitter:
         while self.phase != self._STOPPED:
             if self.phase == self._BEGIN:  # does the output (re)open a thought?
                 head = t[self.done:].lstrip()
-                if len(head) < len(THINK) and THINK.startswith(head) and not self._stop_in(head):
+                if len(head) < len(THINK) and THINK.startswith(head):
                     break  # undecided: whitespace, or a piece of <think>
                 if head.startswith(THINK):
                     self.done = t.index(THINK, self.done) + len(THINK)
@@ -607,12 +615,7 @@ class ThinkSplitter:
             hits = [(k, tag) for tag in tags if (k := t.find(tag, self.done)) >= 0]
             channel = self.thought if self.phase == self._THOUGHT else self.answer
             if not hits:  # decide all but an ending that may grow into a tag
-                safe = len(t)
-                for tag in tags:
-                    for n in range(min(len(tag) - 1, len(t) - self.done), 0, -1):
-                        if t.endswith(tag[:n]):
-                            safe = min(safe, len(t) - n)
-                            break
+                safe = len(t) - max(partial_tag(t, tag, self.done) for tag in tags)
                 (out[0] if channel is self.thought else out[1]).append(channel.add(t[self.done:safe]))
                 self.done = safe
                 break
@@ -628,23 +631,11 @@ class ThinkSplitter:
                 self.answer.new_part("\n\n")
         return "".join(out[0]), "".join(out[1])
 
-    def _stop_in(self, head: str) -> bool:
-        return any(tag in head for tag in (IM_END, _EOT))
-
     def finish(self, thinking: str, answer: str) -> tuple[str, str]:
         """The rest, given the completion's final parse (what the non-streamed response holds)."""
-        out = []
-        for channel, final in ((self.thought, thinking), (self.answer, answer)):
-            sent = channel.text()
-            if final.startswith(sent):
-                delta = final[len(sent):]
-                if delta:
-                    channel.sent.append(delta)
-                out.append(delta)
-            else:
-                self.diverged = True
-                out.append("")
-        return out[0], out[1]
+        out = [channel.reconcile(final) for channel, final in ((self.thought, thinking), (self.answer, answer))]
+        self.diverged |= None in out
+        return out[0] or "", out[1] or ""
 
 
 class ToolCallStream:
@@ -680,11 +671,7 @@ class ToolCallStream:
             if self.open is None:
                 k = a.find(TOOL_CALL, self.done)
                 if k < 0:  # decide all but an ending that may grow into <tool_call>
-                    safe = len(a)
-                    for j in range(min(len(TOOL_CALL) - 1, len(a) - self.done), 0, -1):
-                        if a.endswith(TOOL_CALL[:j]):
-                            safe -= j
-                            break
+                    safe = len(a) - partial_tag(a, TOOL_CALL, self.done)
                     out.append(self.content.add(a[self.done:safe]))
                     self.done = safe
                     break
@@ -708,16 +695,11 @@ class ToolCallStream:
     def finish(self, answer: str) -> tuple[str, list[ToolCall]]:
         """The rest, given the choice's final answer (its parse, as the non-streamed response has it)."""
         content, calls, _ = parse_tool_calls(answer)
-        sent = self.content.text()
-        delta = ""
-        if content.startswith(sent):
-            delta = content[len(sent):]
-            self.content.sent.append(delta)
-        else:
-            self.diverged = True
+        delta = self.content.reconcile(content)
+        self.diverged |= delta is None
         new: list[ToolCall] = []
-        self._take(calls[self.calls:] if self.parallel else calls[:1][self.calls:], new)
-        return delta, new
+        self._take(calls[self.calls:], new)
+        return delta or "", new
 
 
 # --------------------------------------------------------------------------------------------------------- HTTP
