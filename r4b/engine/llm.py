@@ -273,6 +273,7 @@ class LLM:
         if cuda_graphs and self._graph_safe_backends():
             self._padded_decode(capture=True)
         self._masker: structured.JsonMasker | None = None  # JSON mode's token masks, built at first use
+        self._eos_sorted = tuple(sorted(self.eos_ids))  # the end-of-turn ids a finished JSON answer may take
         if tokenizer is not None:
             self._end_of_thought = tokenizer.encode(FORCED_END_OF_THOUGHT)
             self._suffix_ids = {m: tokenizer.encode(s) for m, s in MODE_SUFFIX.items()}
@@ -379,6 +380,12 @@ class LLM:
         if req.error is not None:
             log.warning("request %d skipped: %s", index, req.error)
             return req
+        if call is not None:  # tool_choice "required" / a named function: the answer is one call
+            json_start = structured.initial_call(call)
+        elif params.response_format is not None:  # json_object / json_schema (checked by SamplingParams)
+            json_start = structured.initial(structured.compile_schema(params.json_schema))
+        else:
+            json_start = None
         children = []
         for j, (m, suffix) in enumerate((m, s) for m, s in zip(modes_here, suffixes, strict=True)
                                         for _ in range(params.n)):
@@ -387,10 +394,7 @@ class LLM:
                        generator=make_generator(params.seed, j, self.device))
             seq.thought_open = seq.thought_open_at_start = self._thought_open(tokens)
             seq.answer_start = None if seq.thought_open else 0
-            if call is not None:  # tool_choice "required" / a named function: the answer is one call
-                seq.json = structured.initial_call(call)
-            elif params.response_format is not None:  # json_object / json_schema (checked by SamplingParams)
-                seq.json = structured.initial(structured.compile_schema(params.json_schema))
+            seq.json = json_start
             children.append(seq)
         req.seqs, req.unfinished = children, len(children)
         if len(children) > 1 and len(ids) > 1:  # prefill the shared prompt once (all but its last token:
@@ -822,7 +826,7 @@ class LLM:
         """JSON mode's mask for the sequence's next token (None: not constrained now, e.g. inside the thought)."""
         if seq.json is None or seq.answer_start is None or len(seq.generated) < seq.answer_start:
             return None
-        m = self._json_masker().mask(seq.json, (*sorted(self.eos_ids), *seq.req.params.stop_token_ids))
+        m = self._json_masker().mask(seq.json, self._eos_sorted + seq.req.params.stop_token_ids)
         if m is None:
             log.warning("request %d: no token of the vocabulary continues its JSON: the rest is not constrained",
                         seq.req.index)
@@ -924,13 +928,18 @@ class LLM:
             self._graphs.reset()
         return modes
 
-    def _set_budget(self, req: _Request, budget: int | None, answer_prefix: str | None = None) -> None:
-        """The request's thinking budget and answer prefix: a zero budget closes the thought before the first
-        sampled token; the prefix is forced at once where no thought is open, else when the thought closes."""
+    def _prefix_ids(self, answer_prefix: str | None) -> tuple[list[int], list[int]]:
+        """The answer prefix's tokens: (at once / after a forced end of thought, after the model's </think>)."""
+        if not answer_prefix:
+            return [], []
+        return self.tokenizer.encode(answer_prefix), self.tokenizer.encode("\n\n" + answer_prefix)
+
+    def _set_budget(self, req: _Request, budget: int | None, prefix: tuple[list[int], list[int]] = ([], [])) -> None:
+        """The request's thinking budget and answer prefix (``_prefix_ids``): a zero budget closes the thought before
+        the first sampled token; the prefix is forced at once where no thought is open, else when the thought
+        closes."""
         req.budget = budget
-        if answer_prefix:
-            req.answer_prefix = self.tokenizer.encode(answer_prefix)
-            req.answer_prefix_after_think = self.tokenizer.encode("\n\n" + answer_prefix)
+        req.answer_prefix, req.answer_prefix_after_think = prefix
         for seq in req.seqs:
             if budget == 0 and seq.thought_open:
                 seq.forced.extend(self._end_of_thought)
@@ -963,8 +972,9 @@ class LLM:
         except BaseException:
             self._reset()
             raise
+        prefix = self._prefix_ids(answer_prefix)
         for req in reqs:
-            self._set_budget(req, max_thinking_tokens, answer_prefix)
+            self._set_budget(req, max_thinking_tokens, prefix)
         return reqs
 
     def _check_tools(self, tools: Any, tool_choice: Any = None, plist: Sequence[SamplingParams] = (),
@@ -1015,7 +1025,7 @@ class LLM:
         modes = self._check_call([params], thinking_mode, max_thinking_tokens, answer_prefix)
         req = self._add(next(self._req_ids), request, params, modes,
                         *self._check_tools(tools, tool_choice, [params], answer_prefix))
-        self._set_budget(req, max_thinking_tokens, answer_prefix)
+        self._set_budget(req, max_thinking_tokens, self._prefix_ids(answer_prefix))
         self._live[req.index] = req
         if req.error is not None:
             self._refused.append(req)
