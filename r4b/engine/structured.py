@@ -700,19 +700,7 @@ class JsonMasker:
             m = self.plain.clone()  # tokens leave the state as it is; the others are run
             m[[i for i, k in self.special if advance(state, self.bytes[i][k:]) is not None]] = True
             return m
-        m = torch.zeros(self.vocab_size, dtype=torch.bool)
-        if mode != DONE:
-            m[self.allowed_ids(state)] = True
-        return m
-
-    def allowed_ids(self, state: State) -> list[int]:
-        """The token ids that keep the text allowed from ``state`` (not the end-of-turn tokens)."""
-        mode, aux = state[2], state[3]
-        if mode == DONE:
-            return []
-        if mode == STR and aux[2] is None and aux[1] == 0:
-            return self.allowed(state).nonzero()[:, 0].tolist()
-        ids: list[int] = []
+        ids: list[int] = []  # a walk of the trie's valid branches
         todo = [(self.root, state)]
         while todo:
             node, st = todo.pop()
@@ -723,7 +711,9 @@ class JsonMasker:
                 ids.extend(child.ids)
                 if child.children:
                     todo.append((child, nxt))
-        return ids
+        m = torch.zeros(self.vocab_size, dtype=torch.bool)
+        m[ids] = True
+        return m
 
     def mask(self, state: State, eos_ids: list[int] | tuple[int, ...]) -> Tensor | None:
         """The mask, or None when no token of the vocabulary continues the text from ``state`` (a vocabulary
