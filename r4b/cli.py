@@ -77,6 +77,17 @@ def _requests(args: argparse.Namespace) -> list:
     return reqs
 
 
+def _engine_args(p: argparse.ArgumentParser, *, max_num_seqs: int) -> None:
+    """The arguments _load_llm reads (generate, chat, serve)."""
+    p.add_argument("model", help="checkpoint directory (HF layout: config.json + *.safetensors)")
+    p.add_argument("--tokenizer", help="tokenizer.json (default: the one in the checkpoint directory)")
+    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
+    p.add_argument("--max-num-seqs", type=int, default=max_num_seqs)
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="compute every prompt in full (default: reuse the KV of prefixes seen before)")
+
+
 def _load_llm(args: argparse.Namespace, cmd: str):
     """The engine over args.model (HF checkpoint dir) with its tokenizer, on args.device in args.dtype."""
     from r4b.engine.llm import LLM
@@ -320,10 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     b.set_defaults(fn=cmd_bench)
     sub.add_parser("demo", help="run the CPU demo").set_defaults(fn=cmd_demo)
     g = sub.add_parser("generate", help="generate with a checkpoint in a thinking mode")
-    g.add_argument("model", help="checkpoint directory (HF layout: config.json + *.safetensors)")
+    _engine_args(g, max_num_seqs=256)
     g.add_argument("-p", "--prompt", action="append", help="a user message (repeatable)")
     g.add_argument("--file", help='JSONL of {"prompt": str} or {"messages": [...]} rows')
-    g.add_argument("--tokenizer", help="tokenizer.json (default: the one in the checkpoint directory)")
     g.add_argument("--thinking-mode", default="auto", choices=("auto", "long", "short"))
     g.add_argument("--max-thinking-tokens", type=int, default=None)
     g.add_argument("--max-tokens", type=int, default=1024)
@@ -337,11 +347,6 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 0, 1 = none (transformers' / vLLM's)")
     g.add_argument("-n", type=int, default=1, help="completions per prompt")
     g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
-    g.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
-    g.add_argument("--max-num-seqs", type=int, default=256)
-    g.add_argument("--no-prefix-caching", action="store_true",
-                   help="compute every prompt in full (default: reuse the KV of prefixes seen before)")
     g.add_argument("--tools", help="JSON file: a list of OpenAI function schemas the chats offer (their calls are "
                    "parsed into tool_calls)")
     g.add_argument("--response-format", default=None, choices=("json_object",),
@@ -353,8 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--json", action="store_true", help="one JSON line per request")
     g.set_defaults(fn=cmd_generate)
     c = sub.add_parser("chat", help="a multi-turn chat in the terminal (streamed; /mode, /budget, /system, /reset)")
-    c.add_argument("model", help="checkpoint directory (HF layout: config.json + *.safetensors)")
-    c.add_argument("--tokenizer", help="tokenizer.json (default: the one in the checkpoint directory)")
+    _engine_args(c, max_num_seqs=8)
     c.add_argument("--thinking-mode", default="auto", choices=("auto", "long", "short"))
     c.add_argument("--max-thinking-tokens", type=int, default=None)
     c.add_argument("--system", default=None, help="a system message")
@@ -364,10 +368,6 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--top-k", type=int, default=20)
     c.add_argument("--presence-penalty", type=float, default=0.0)
     c.add_argument("--seed", type=int, default=None)
-    c.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
-    c.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
-    c.add_argument("--max-num-seqs", type=int, default=8)
-    c.add_argument("--no-prefix-caching", action="store_true")
     c.set_defaults(fn=cmd_chat)
     from r4b.engine.train.bpo import BPOConfig
     from r4b.engine.train.common import TrainConfig
@@ -380,19 +380,13 @@ def main(argv: list[str] | None = None) -> int:
         add_config_args(t, cls)
         t.set_defaults(fn=_train)
     v = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat completions, streaming, thinking modes)")
-    v.add_argument("model", help="checkpoint directory (HF layout: config.json + *.safetensors)")
-    v.add_argument("--tokenizer", help="tokenizer.json (default: the one in the checkpoint directory)")
+    _engine_args(v, max_num_seqs=256)
     v.add_argument("--host", default="127.0.0.1")
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--served-model-name", default=None, help="the model id clients send (default: the folder name)")
     v.add_argument("--thinking-mode", default="auto", choices=("auto", "long", "short"),
                    help="the mode of a request that names none")
     v.add_argument("--max-tokens", type=int, default=1024, help="max_tokens of a request that names none")
-    v.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
-    v.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
-    v.add_argument("--max-num-seqs", type=int, default=256)
-    v.add_argument("--no-prefix-caching", action="store_true",
-                   help="compute every prompt in full (default: reuse the KV of prefixes seen before)")
     v.add_argument("--api-key", default=None, help="require 'Authorization: Bearer <key>' on /v1/ routes (default: "
                    "$R4B_API_KEY; none: open)")
     v.set_defaults(fn=cmd_serve)
