@@ -134,18 +134,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise SystemExit("r4b generate: --tool-choice needs --tools")
     kw = dict(thinking_mode=args.thinking_mode, max_thinking_tokens=args.max_thinking_tokens, tools=tools,
               answer_prefix=args.answer_prefix, tool_choice=args.tool_choice)
-    if args.stream:
-        for ev in llm.stream(reqs, params, **kw):
-            if isinstance(ev, StreamEvent) and len(reqs) * args.n == 1:
-                print(ev.text, end="", flush=True)
-            elif isinstance(ev, RequestOutput) and len(reqs) * args.n == 1:
-                print(f"\n[{ev.outputs[0].finish_reason if ev.outputs else 'error: ' + str(ev.error)}]")
-            elif isinstance(ev, RequestOutput):
-                _print_output(ev, args.json)
-        return 0
-    try:
+    try:  # a ValueError: arguments the engine refuses (tools the chat template cannot take, a tool_choice)
+        if args.stream:
+            for ev in llm.stream(reqs, params, **kw):
+                if isinstance(ev, StreamEvent) and len(reqs) * args.n == 1:
+                    print(ev.text, end="", flush=True)
+                elif isinstance(ev, RequestOutput) and len(reqs) * args.n == 1:
+                    print(f"\n[{ev.outputs[0].finish_reason if ev.outputs else 'error: ' + str(ev.error)}]")
+                elif isinstance(ev, RequestOutput):
+                    _print_output(ev, args.json)
+            return 0
         outs = llm.generate(reqs, params, **kw)
-    except ValueError as e:  # tools the chat template cannot take
+    except ValueError as e:
         raise SystemExit(f"r4b generate: {e}") from None
     for out in outs:
         _print_output(out, args.json)

@@ -138,6 +138,9 @@ def test_generate_with_tools_and_an_answer_prefix(checkpoint, tmp_path, capsys):
                      "--thinking-mode", "short", "--tools", str(f), "--tool-choice", "add", "--json"]) == 0
     c = json.loads(capsys.readouterr().out.splitlines()[0])["outputs"][0]
     assert c["finish_reason"] == "stop" and [t["name"] for t in c["tool_calls"]] == ["add"], c
+    for stream in ([], ["--stream"]):  # a tool_choice the engine refuses: a clean exit, streamed or not
+        with pytest.raises(SystemExit, match="tool_choice: no tool is named 'nope'"):
+            cli.main(["generate", str(checkpoint), "-p", "x", "--tools", str(f), "--tool-choice", "nope", *stream])
     with pytest.raises(SystemExit, match="--tool-choice needs --tools"):
         cli.main(["generate", str(checkpoint), "-p", "x", "--tool-choice", "required"])
     f.write_text('{"type": "function"}')
