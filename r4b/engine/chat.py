@@ -217,6 +217,19 @@ def parse_tool_calls(answer: str, *, final: bool = True) -> tuple[str, list[Tool
     return (content.strip() if final else content.lstrip()), calls, held
 
 
+def tool_turn(results: list[str], thinking_mode: str | None = None) -> str:
+    """The text that follows an assistant turn's ``<|im_end|>`` when tool results answer it, as the chat template
+    renders it: the user turn of ``<tool_response>`` blocks (one per result, in order), then the next assistant
+    turn's header and, with ``thinking_mode``, its mode suffix. Appended to the generated tokens, it continues a
+    conversation token for token (r4b.engine.agent)."""
+    if not results:
+        raise ValueError("tool_turn needs at least one result")
+    if thinking_mode is not None:
+        check_mode(thinking_mode)
+    blocks = "".join(f"\n{TOOL_RESPONSE}\n{r}\n{END_TOOL_RESPONSE}" for r in results)
+    return f"\n{IM_START}user{blocks}{IM_END}\n{IM_START}assistant\n" + MODE_SUFFIX.get(thinking_mode, "")
+
+
 def _split_thought(content: str) -> tuple[str, str]:
     """Qwen3's template split of an assistant message holding ``</think>``: (reasoning, answer).
 

@@ -336,11 +336,16 @@ class LLM:
                 raise ValueError(f"requests[{i}] is token ids: tools apply to chats (render them into the prompt)")
             ids = request.tolist() if isinstance(request, Tensor) else list(request)
             return ids, [], [], False
+        if isinstance(request, dict):
+            if tools:
+                raise ValueError(f"requests[{i}] is token ids: tools apply to chats (render them into the prompt)")
+            ids, pix, sizes = self._token_prompt(request, i)
+            return ids, pix, sizes, False
         if isinstance(request, str):
             request = [{"role": "user", "content": request}]
         if not isinstance(request, list) or not request or not isinstance(request[0], dict):
-            raise ValueError(f"requests[{i}] must be a str, a list of chat messages or a list of token ids, got "
-                             f"{type(request).__name__}")
+            raise ValueError(f"requests[{i}] must be a str, a list of chat messages, a list of token ids or a "
+                             f"{{'prompt_token_ids': ...}} dict, got {type(request).__name__}")
         if self.tokenizer is None:
             raise ValueError(f"requests[{i}] is a chat: LLM needs tokenizer= to render it")
         enc = self.tokenizer.encode_chat(request, thinking_mode="auto", tools=tools)
@@ -348,6 +353,44 @@ class LLM:
         if not ids or ids[-1] != self.tokenizer.think_id:  # the "auto" suffix is exactly <think>
             raise RuntimeError("the chat template's auto suffix is not the <think> token")
         return ids[:-1], enc.pixel_values, enc.image_sizes, True
+
+    def _token_prompt(self, request: dict, i: int) -> tuple[list[int], list[Tensor], list[tuple[int, int]]]:
+        """A ``{"prompt_token_ids": [...], "pixel_values": [...], "image_sizes": [...]}`` request (token ids taken as
+        given, with the preprocessed images their ``<image>`` tokens show, e.g. a RequestOutput's: how a multi-turn
+        caller continues a multimodal conversation token for token), checked."""
+        where = f"requests[{i}]"
+        unknown = set(request) - {"prompt_token_ids", "pixel_values", "image_sizes"}
+        if unknown:
+            raise ValueError(f"{where} has unknown keys {sorted(unknown)} (a token prompt takes prompt_token_ids, "
+                             f"pixel_values, image_sizes)")
+        ids = request.get("prompt_token_ids")
+        if not _is_token_list(ids):
+            raise ValueError(f"{where}.prompt_token_ids must be a non-empty list (or 1-D integer tensor) of token "
+                             f"ids, got {ids!r:.80}")
+        ids = ids.tolist() if isinstance(ids, Tensor) else list(ids)
+        pix, sizes = list(request.get("pixel_values") or []), list(request.get("image_sizes") or [])
+        if len(pix) != len(sizes):
+            raise ValueError(f"{where} has {len(pix)} pixel_values but {len(sizes)} image_sizes (one per image)")
+        if not all(isinstance(p, Tensor) and p.dim() == 4 for p in pix):
+            raise ValueError(f"{where}.pixel_values must be preprocessed images, tensors (tiles, 3, S, S), as a "
+                             f"RequestOutput or ChatTokenizer.encode_chat gives them")
+        try:
+            sizes = [(int(h), int(w)) for h, w in sizes]
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}.image_sizes must be (height, width) pairs, got {sizes!r:.80}") from None
+        if pix:
+            from .model import R4BConfig
+            from .model.image import num_image_tokens
+
+            cfg = getattr(self.model, "config", None)
+            if self.image_token is None or not isinstance(cfg, R4BConfig):
+                raise ValueError(f"{where} has images but the model takes none")
+            want = sum(num_image_tokens(h, w, cfg) for h, w in sizes)
+            got = sum(t == self.image_token for t in ids)
+            if got != want:
+                raise ValueError(f"{where}: its images need {want} <image> tokens (id {self.image_token}), "
+                                 f"prompt_token_ids holds {got}")
+        return ids, pix, sizes
 
     def _add(self, index: int, request: Any, params: SamplingParams, modes: tuple[str | None, ...],
              tools: list[dict] | None = None, call: structured.CallSchema | None = None) -> _Request:
@@ -956,7 +999,8 @@ class LLM:
             raise RuntimeError("LLM is already generating (one generate / stream at a time, and not while "
                                "add_request / step serve requests)")
         if isinstance(requests, (str, Tensor)) or _is_token_list(requests) or (
-                isinstance(requests, list) and requests and isinstance(requests[0], dict)):
+                isinstance(requests, list) and requests and isinstance(requests[0], dict)
+                and "prompt_token_ids" not in requests[0]):
             raise ValueError("requests must be a list of requests (wrap a single prompt or chat in a list)")
         requests = list(requests)
         params = params if params is not None else SamplingParams()
@@ -1117,7 +1161,10 @@ class LLM:
         """Complete every request; one RequestOutput per request, in order.
 
         requests: each a str (one user message), a list of chat messages (``{"role", "content"}``; image parts
-        need a tokenizer made with the model's config), or a list / 1-D tensor of token ids (taken as given).
+        need a tokenizer made with the model's config), a list / 1-D tensor of token ids (taken as given), or
+        ``{"prompt_token_ids": ids, "pixel_values": [...], "image_sizes": [...]}``: token ids with the preprocessed
+        images their ``<image>`` tokens show (a RequestOutput's ``pixel_values`` / ``image_sizes``), e.g. to go on
+        with a multimodal conversation token for token (r4b.engine.agent's tool loop).
         thinking_mode: "auto" / "long" / "short", or a list of them (each request then gets n completions in
         each mode, all from one prefill of the shared prompt); None: "auto" for chats, token-id prompts as given.
         max_thinking_tokens: force ``\\n</think>\\n\\n`` once a thought holds that many generated tokens.

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from r4b.kernels import group_advantages, pack_sequences
 
+from .agent import Toolbox, Trajectory, run_tool_loop, single_turn
 from .llm import LLM, CompletionOutput
 from .rewards import get_reward, safe_reward
 from .sampling import SamplingParams
@@ -66,6 +67,8 @@ class RolloutBatch:
     image_sizes: list[tuple[int, int]] = field(default_factory=list)
     stats: dict[str, float] = field(default_factory=dict)
     images_per_seq: list[int] = field(default_factory=list)  # (n,) how many of the images each sequence holds
+    # with tools (bpo_rollouts(toolbox=...)): each sequence's conversation (outputs then holds their last turns)
+    trajectories: list[Trajectory] | None = None
 
     def model_inputs(self) -> dict:
         """Keyword arguments of the model's forward (images only when there are any)."""
@@ -94,7 +97,8 @@ class RolloutBatch:
             rollout_logprobs=self.rollout_logprobs[tok], rewards=self.rewards[start:end],
             group_ids=self.group_ids[start:end], modes=self.modes[start:end], outputs=self.outputs[start:end],
             pixel_values=self.pixel_values[first:last], image_sizes=self.image_sizes[first:last],
-            images_per_seq=counts[start:end], stats={})
+            images_per_seq=counts[start:end], stats={},
+            trajectories=self.trajectories[start:end] if self.trajectories is not None else None)
 
     def split(self, max_tokens: int, parts: int = 1) -> list[list[tuple[int, int]]]:
         """Sequence ranges for training: the sequences cut into ``parts`` consecutive mini-batches of (nearly)
@@ -131,6 +135,8 @@ def bpo_rollouts(
     train_mode_tokens: bool = True,
     max_thinking_tokens: int | None = None,
     device: str | torch.device | None = None,
+    toolbox: Toolbox | None = None,
+    max_turns: int = 4,
 ) -> RolloutBatch:
     """Roll out every prompt (a str or a chat) 2g times and pack the training batch.
 
@@ -139,6 +145,10 @@ def bpo_rollouts(
     params: sampling of every completion (its ``n`` is replaced by g; seed: completion j of a prompt draws from its
     own generator); rollout_mode: "bpo" (g long + g short) or "auto" (2g in auto mode); device: where the batch's
     tensors go (the engine's by default).
+    toolbox: tools the model may call (r4b.engine.agent): each completion is then a conversation of at most
+    ``max_turns`` assistant turns, every turn in the completion's mode; a sequence packs the whole conversation,
+    every turn's generated tokens (and mode tokens) are trained and the tool turns between them are not; the
+    reward reads the last turn's answer. ``trajectories`` holds the conversations.
     """
     if not isinstance(g, int) or g < 1:
         raise ValueError(f"g must be an int >= 1, got {g!r}")
@@ -148,40 +158,42 @@ def bpo_rollouts(
         raise ValueError(f"references must hold one per prompt ({len(prompts)}), got {len(references)}")
     if llm.tokenizer is None:
         raise ValueError("bpo_rollouts needs the LLM's tokenizer (chat template, mode suffixes, answers)")
+    if toolbox is not None and not isinstance(toolbox, Toolbox):
+        raise ValueError(f"toolbox must be None or a Toolbox, got {type(toolbox).__name__}")
     fn = get_reward(reward) if isinstance(reward, str) else reward
     if not callable(fn):
         raise ValueError(f"reward must be a reward name or a callable, got {reward!r}")
     params = params or SamplingParams()
     modes = ("long", "short") if rollout_mode == "bpo" else ("auto",)
     n = g if rollout_mode == "bpo" else 2 * g
-    outs = llm.generate(list(prompts), replace(params, n=n), thinking_mode=modes,
-                        max_thinking_tokens=max_thinking_tokens, use_tqdm=False)
-    suffix_ids = {m: llm.mode_suffix_ids(m) for m in modes}
-    seqs, rewards, groups, mode_of, outputs, starts, gen_starts = [], [], [], [], [], [], []
+    if toolbox is not None:
+        results = run_tool_loop(llm, list(prompts), toolbox, replace(params, n=n), thinking_mode=modes,
+                                max_turns=max_turns, max_thinking_tokens=max_thinking_tokens)
+    else:
+        outs = llm.generate(list(prompts), replace(params, n=n), thinking_mode=modes,
+                            max_thinking_tokens=max_thinking_tokens, use_tqdm=False)
+        results = [single_turn(llm, q, out) for q, out in enumerate(outs)]
+    seqs, rewards, groups, mode_of, trajs = [], [], [], [], []
     pixel_values, image_sizes, images_per_seq = [], [], []
     errors, skipped = 0, 0
-    for q, out in enumerate(outs):
-        if out.error is not None:
+    for q, res in enumerate(results):
+        if res.error is not None:
             skipped += 1
-            log.warning("rollout prompt %d skipped: %s", q, out.error)
+            log.warning("rollout prompt %d skipped: %s", q, res.error)
             continue
-        for c in out.outputs:
-            suffix = suffix_ids[c.thinking_mode]
-            value, err = safe_reward(fn, c.answer, references[q])
+        for t in res.trajectories:
+            value, err = safe_reward(fn, t.answer, references[q])
             if err is not None:
                 errors += 1
-                log.warning("reward of prompt %d completion %d failed, counted as 0: %s", q, c.index, err)
-            seqs.append(out.prompt_token_ids + suffix + c.token_ids)
-            # trained targets start after <think> (the mode tokens) or after the whole suffix
-            starts.append(len(out.prompt_token_ids) + (1 if train_mode_tokens else len(suffix)))
-            gen_starts.append(len(out.prompt_token_ids) + len(suffix))
+                log.warning("reward of prompt %d completion %d failed, counted as 0: %s", q, t.index, err)
+            seqs.append(t.token_ids)
             rewards.append(value)
             groups.append(q)
-            mode_of.append(c.thinking_mode)
-            outputs.append(c)
-            pixel_values += out.pixel_values  # the prompt's images, as the engine preprocessed them
-            image_sizes += out.image_sizes
-            images_per_seq.append(len(out.pixel_values))
+            mode_of.append(t.mode)
+            trajs.append(t)
+            pixel_values += res.pixel_values  # the prompt's images, as the engine preprocessed them
+            image_sizes += res.image_sizes
+            images_per_seq.append(len(res.pixel_values))
     if not seqs:
         raise ValueError(f"no prompt could be rolled out ({skipped} skipped): see the warnings")
     dev = torch.device(device) if device is not None else llm.device
@@ -193,33 +205,45 @@ def bpo_rollouts(
     cu = batch.cu_seqlens.tolist()
     for i, (s, e) in enumerate(zip(cu[:-1], cu[1:], strict=True)):
         targets[s : e - 1] = batch.flat[s + 1 : e]
-        mask[s + starts[i] - 1 : e - 1] = True  # position p predicts token p + 1
-        lp = outputs[i].logprobs
-        rollout_lp[s + gen_starts[i] - 1 : s + gen_starts[i] - 1 + len(lp)] = torch.tensor(lp, dtype=torch.float32)
+        for turn in trajs[i].turns:  # position p predicts token p + 1
+            # trained targets start after <think> (the mode tokens) or after the whole suffix
+            first = turn.start + 1 if train_mode_tokens else turn.gen_start
+            lp = turn.output.logprobs
+            mask[s + first - 1 : s + turn.gen_start - 1 + len(lp)] = True
+            rollout_lp[s + turn.gen_start - 1 : s + turn.gen_start - 1 + len(lp)] = torch.tensor(lp,
+                                                                                               dtype=torch.float32)
     r = torch.tensor(rewards, dtype=torch.float32)
     gid = torch.tensor(groups, dtype=torch.int64)
     adv = group_advantages(r, gid, scale="group")
     seq_ids = batch.seq_ids
-    stats = _stats(r, mode_of, outputs, errors, skipped, T)
+    stats = _stats(r, mode_of, trajs, errors, skipped, T, toolbox is not None)
     return RolloutBatch(
         input_ids=batch.flat.to(dev), position_ids=batch.position_ids.to(dev), cu_seqlens=batch.cu_seqlens.to(dev),
         max_seqlen=batch.max_seqlen, targets=targets.to(dev), loss_mask=mask.to(dev), seq_ids=seq_ids.to(dev),
         advantages=adv[seq_ids.long()].to(dev), rollout_logprobs=rollout_lp.to(dev), rewards=r, group_ids=gid,
-        modes=mode_of, outputs=outputs, pixel_values=[p.to(dev) for p in pixel_values], image_sizes=image_sizes,
-        stats=stats, images_per_seq=images_per_seq)
+        modes=mode_of, outputs=[t.final for t in trajs], pixel_values=[p.to(dev) for p in pixel_values],
+        image_sizes=image_sizes, stats=stats, images_per_seq=images_per_seq,
+        trajectories=trajs if toolbox is not None else None)
 
 
-def _stats(r: Tensor, modes: list[str], outputs: list[CompletionOutput], errors: int, skipped: int,
-           tokens: int) -> dict[str, float]:
-    """Per forced mode: mean reward, share solved (reward >= 1), mean completion tokens, share that thought
-    (for auto mode: its think-rate); and the counts."""
+def _stats(r: Tensor, modes: list[str], trajs: list[Trajectory], errors: int, skipped: int,
+           tokens: int, tools: bool) -> dict[str, float]:
+    """Per forced mode: mean reward, share solved (reward >= 1), mean generated tokens, share that thought at
+    the first turn (for auto mode: its think-rate); with tools also the mean turns and tool calls; and the counts
+    (with tools: failed tool calls, and conversations cut by max_turns)."""
     out: dict[str, float] = {"sequences": float(len(modes)), "tokens": float(tokens),
                              "reward_errors": float(errors), "skipped_prompts": float(skipped),
                              "reward_mean": float(r.mean())}
+    if tools:
+        out["tool_errors"] = float(sum(t.tool_errors for t in trajs))
+        out["max_turns_hit"] = float(sum(t.stop_reason == "max_turns" for t in trajs))
     for m in dict.fromkeys(modes):
         idx = [i for i, x in enumerate(modes) if x == m]
         out[f"reward_{m}"] = float(r[idx].mean())
         out[f"solved_{m}"] = float((r[idx] >= 1).float().mean())
-        out[f"tokens_{m}"] = sum(len(outputs[i].token_ids) for i in idx) / len(idx)
-        out[f"think_rate_{m}"] = sum(outputs[i].mode == "think" for i in idx) / len(idx)
+        out[f"tokens_{m}"] = sum(trajs[i].generated_tokens for i in idx) / len(idx)
+        out[f"think_rate_{m}"] = sum(trajs[i].turns[0].output.mode == "think" for i in idx) / len(idx)
+        if tools:
+            out[f"turns_{m}"] = sum(len(trajs[i].turns) for i in idx) / len(idx)
+            out[f"tool_calls_{m}"] = sum(trajs[i].num_tool_calls for i in idx) / len(idx)
     return out

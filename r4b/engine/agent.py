@@ -1,0 +1,545 @@
+"""Multi-turn tool use: the model calls Python functions, their results come back as tool messages, and it goes on
+until it answers without a call (or the turns run out). BPO trains over such conversations
+(``bpo_rollouts(toolbox=...)``, ``r4b bpo --tools``), and :func:`run_tool_loop` is the loop itself.
+
+A conversation is kept as tokens, not re-rendered: each turn's generated tokens (they end with ``<|im_end|>``) are
+followed by the template's tool turn (:func:`r4b.engine.chat.tool_turn`: the ``<tool_response>`` blocks as a user
+turn, the next assistant header and the mode suffix), and the engine goes on from there. So the tokens a trainer
+scores are exactly the ones the engine sampled, and the prefix cache serves each turn's prompt from the last.
+
+Modes: a conversation rolled out in a forced mode gets that mode's suffix at every turn (forced thinking: every turn
+opens a thought; forced non-thinking: every turn starts with the empty thought); in auto mode the model decides at
+every turn.
+
+Tools are plain Python functions (:class:`Toolbox`). Their schema comes from the signature and the docstring
+(:func:`function_schema`), or is given. A call that fails (an unknown name, arguments that do not fit the schema,
+an exception, a timeout) is never raised: the model reads ``Error: ...`` as the result, and the result records
+the error.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import json
+import logging
+import re
+import sys
+import threading
+import time
+import types
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from torch import Tensor
+
+from .chat import ToolCall, check_mode, check_tools, parse_tool_calls, tool_turn
+from .llm import LLM, CompletionOutput, RequestOutput
+from .sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+_JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", list: "array", tuple: "array",
+               dict: "object", type(None): "null"}
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
+
+
+# ---------------------------------------------------------------------------------------------------- schemas
+def _type_schema(tp: Any, where: str) -> dict:
+    """The JSON schema of a Python annotation (str, int, float, bool, list[...], tuple[...], dict[...], Literal,
+    Optional / unions of those; Any or no annotation: any value)."""
+    if tp is inspect.Parameter.empty or tp is Any:
+        return {}
+    if tp in _JSON_TYPES:
+        return {"type": _JSON_TYPES[tp]}
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        kinds = {_JSON_TYPES.get(type(a)) for a in args}
+        if None in kinds:
+            raise ValueError(f"{where}: Literal values must be str, int, float, bool or None, got {args!r}")
+        out: dict = {"enum": list(args)}
+        if len(kinds) == 1:
+            out["type"] = kinds.pop()
+        return out
+    if origin in (list, tuple, Sequence) or origin is typing.get_origin(Sequence[int]):
+        items = [a for a in args if a is not Ellipsis]
+        out = {"type": "array"}
+        if len(items) == 1:
+            out["items"] = _type_schema(items[0], where)
+        return out
+    if origin is dict:
+        return {"type": "object"}
+    if origin is typing.Union or origin is types.UnionType:
+        subs = [_type_schema(a, where) for a in args]
+        if all(set(s) == {"type"} and isinstance(s["type"], str) for s in subs):
+            return {"type": [s["type"] for s in subs]}
+        return {"anyOf": subs}
+    raise ValueError(f"{where}: annotation {tp!r} has no JSON schema (use str, int, float, bool, list, dict, "
+                     f"Literal or Optional of them, or give the tool's schema)")
+
+
+def _doc_args(doc: str) -> tuple[str, dict[str, str]]:
+    """(description, {argument: description}) of a Google-style docstring: the text before its sections, and the
+    ``name (type): text`` / ``name: text`` lines of its ``Args:`` section (continuation lines indented deeper)."""
+    lines = inspect.cleandoc(doc or "").splitlines()
+    head, args, i = [], {}, 0
+    while i < len(lines) and not re.match(r"^(Args|Arguments|Parameters|Returns|Raises|Yields|Examples?):\s*$",
+                                          lines[i].strip()):
+        head.append(lines[i])
+        i += 1
+    current, indent = None, None
+    in_args = False
+    for line in lines[i:]:
+        if re.match(r"^\S.*:\s*$", line):  # a section header
+            in_args = line.strip().rstrip(":") in ("Args", "Arguments", "Parameters")
+            current = None
+            continue
+        if not in_args or not line.strip():
+            continue
+        depth = len(line) - len(line.lstrip())
+        m = re.match(r"^\s*(\*{0,2}\w+)\s*(\([^)]*\))?\s*:\s*(.*)$", line)
+        if m and (indent is None or depth <= indent):
+            indent, current = depth, m.group(1).lstrip("*")
+            args[current] = m.group(3).strip()
+        elif current is not None:
+            args[current] = (args[current] + " " + line.strip()).strip()
+    return " ".join(" ".join(head).split()), args
+
+
+def function_schema(fn: Callable, name: str | None = None) -> dict:
+    """OpenAI's tool schema of a Python function: ``{"type": "function", "function": {"name", "description",
+    "parameters"}}``, from its signature (annotations -> JSON types; parameters without a default are required)
+    and its docstring (the text before the sections is the description; ``Args:`` lines describe the
+    parameters). ``*args`` / ``**kwargs`` and positional-only parameters are refused (a call passes keywords)."""
+    name = name or getattr(fn, "__name__", None)
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ValueError(f"a tool's name must match {_NAME.pattern}, got {name!r}")
+    try:
+        sig = inspect.signature(fn)
+        hints = typing.get_type_hints(fn)
+    except (TypeError, ValueError, NameError) as e:
+        raise ValueError(f"tool {name!r}: cannot read its signature ({e}); give its schema") from None
+    description, docs = _doc_args(inspect.getdoc(fn) or "")
+    props, required = {}, []
+    for p in sig.parameters.values():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD, p.POSITIONAL_ONLY):
+            raise ValueError(f"tool {name!r}: parameter {p.name!r} is {p.kind.description}; a tool takes keyword "
+                             f"arguments only")
+        prop = _type_schema(hints.get(p.name, p.annotation), f"tool {name!r} parameter {p.name!r}")
+        if p.name in docs:
+            prop["description"] = docs[p.name]
+        props[p.name] = prop
+        if p.default is p.empty:
+            required.append(p.name)
+    params: dict = {"type": "object", "properties": props}
+    if required:
+        params["required"] = required
+    fn_schema: dict = {"name": name}
+    if description:
+        fn_schema["description"] = description
+    fn_schema["parameters"] = params
+    return {"type": "function", "function": fn_schema}
+
+
+_PY_OF = {"string": str, "boolean": bool, "array": list, "object": dict, "null": type(None)}
+
+
+def _is_kind(value: Any, kind: str) -> bool:
+    """Whether a JSON value is of a JSON-schema type (an integral float counts as an integer; a bool is no
+    number; an unknown type name accepts anything)."""
+    if kind == "integer":
+        return (isinstance(value, int) and not isinstance(value, bool)) or (
+            isinstance(value, float) and value.is_integer())
+    if kind == "number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, _PY_OF.get(kind, object))
+
+
+def _fits(value: Any, schema: Any, where: str) -> str | None:
+    """Why ``value`` does not fit ``schema`` (None when it does). Checks type, enum, items, properties, required
+    and additionalProperties: false (the keywords function_schema writes and tools commonly use); other keywords
+    are not checked."""
+    if not isinstance(schema, dict):
+        return None
+    kinds = schema.get("type")
+    if kinds is not None:
+        kinds = [kinds] if isinstance(kinds, str) else list(kinds)
+
+        if not any(_is_kind(value, k) for k in kinds):
+            return f"{where} must be {' or '.join(kinds)}, got {json.dumps(value)[:60]}"
+    if "enum" in schema and value not in schema["enum"]:
+        return f"{where} must be one of {json.dumps(schema['enum'])[:80]}, got {json.dumps(value)[:60]}"
+    if "anyOf" in schema and all(_fits(value, s, where) for s in schema["anyOf"]):
+        return f"{where} fits none of its anyOf schemas"
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for k, v in enumerate(value):
+            if (why := _fits(v, schema["items"], f"{where}[{k}]")) is not None:
+                return why
+    if isinstance(value, dict):
+        props = schema.get("properties") or {}
+        for key in schema.get("required") or []:
+            if key not in value:
+                return f"{where} is missing the required {key!r}"
+        for key, v in value.items():
+            if key in props:
+                if (why := _fits(v, props[key], f"{where}.{key}")) is not None:
+                    return why
+            elif schema.get("additionalProperties") is False:
+                return f"{where} has no parameter {key!r} (it takes {sorted(props)})"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------- tools
+@dataclass
+class ToolResult:
+    """One executed call: what the model reads (``content``) and, when the call failed, why (``error``; the
+    content is then ``"Error: " + error``)."""
+
+    name: str
+    arguments: dict
+    content: str
+    error: str | None = None
+    seconds: float = 0.0
+
+
+class Toolbox:
+    """Python functions the model may call, with their schemas.
+
+    tools: each a callable (its schema from :func:`function_schema`), or a ``(schema, callable)`` pair (OpenAI's
+    ``{"type": "function", "function": {...}}`` or the function object itself). A call runs ``fn(**arguments)``
+    after its arguments are checked against the schema; the value becomes the result's text (a str as it is,
+    anything else as JSON), cut to ``max_result_chars``. timeout: seconds a call may take; a call over it reads
+    as an error (its thread cannot be stopped: it finishes in the background, a daemon); max_workers: calls run
+    at once (a turn's calls, and the calls of every conversation in a step, run in parallel).
+    """
+
+    def __init__(self, tools: Sequence[Any], *, timeout: float = 30.0, max_result_chars: int = 8192,
+                 max_workers: int = 16) -> None:
+        if isinstance(tools, (str, bytes)) or not isinstance(tools, Sequence) or not tools:
+            raise ValueError(f"tools must be a non-empty list of functions or (schema, function) pairs, got "
+                             f"{tools!r:.80}")
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0:
+            raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+        for name, v in (("max_result_chars", max_result_chars), ("max_workers", max_workers)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        self.timeout, self.max_result_chars, self.max_workers = float(timeout), max_result_chars, max_workers
+        self.functions: dict[str, Callable] = {}
+        self.schemas: list[dict] = []
+        self._params: dict[str, dict] = {}
+        for i, t in enumerate(tools):
+            if callable(t):
+                schema, fn = function_schema(t), t
+            elif isinstance(t, (tuple, list)) and len(t) == 2 and callable(t[1]):
+                schema, fn = t
+                check_tools([schema])
+            else:
+                raise ValueError(f"tools[{i}] must be a function or a (schema, function) pair, got {t!r:.80}")
+            spec = schema.get("function", schema) if isinstance(schema, dict) else None
+            name = spec.get("name") if isinstance(spec, dict) else None
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"tools[{i}]'s schema needs a function name, got {schema!r:.80}")
+            if name in self.functions:
+                raise ValueError(f"tools[{i}]: two tools are named {name!r}")
+            params = spec.get("parameters", {"type": "object", "properties": {}})
+            if not isinstance(params, dict):
+                raise ValueError(f"tools[{i}] ({name!r}): parameters must be a JSON schema object, got {params!r:.80}")
+            self.functions[name] = fn
+            self._params[name] = params
+            self.schemas.append(schema if "function" in schema else {"type": "function", "function": schema})
+
+    @classmethod
+    def load(cls, spec: str, **kwargs: Any) -> Toolbox:
+        """Tools named on a command line: ``"package.module:fn1,fn2"``, ``"path/to/tools.py:fn"``, or a module
+        attribute that is a list of tools (``"package.module:TOOLS"``); kwargs go to Toolbox."""
+        if not isinstance(spec, str) or ":" not in spec:
+            raise ValueError(f"tools must be 'module:function[,function...]' or 'file.py:function', got {spec!r}")
+        where, _, names = spec.rpartition(":")
+        if where.endswith(".py"):
+            path = Path(where)
+            if not path.is_file():
+                raise ValueError(f"tools: no file {where}")
+            mod_name = f"_r4b_tools_{abs(hash(str(path.resolve())))}"
+            module = sys.modules.get(mod_name)
+            if module is None:
+                loader = importlib.util.spec_from_file_location(mod_name, path)
+                module = importlib.util.module_from_spec(loader)
+                sys.modules[mod_name] = module
+                loader.loader.exec_module(module)
+        else:
+            try:
+                module = importlib.import_module(where)
+            except ImportError as e:
+                raise ValueError(f"tools: cannot import {where!r}: {e}") from None
+        tools: list = []
+        for n in (x.strip() for x in names.split(",")):
+            if not hasattr(module, n):
+                raise ValueError(f"tools: {where} has no {n!r}")
+            obj = getattr(module, n)
+            tools.extend(obj if isinstance(obj, (list, tuple)) and not callable(obj) else [obj])
+        return cls(tools, **kwargs)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.functions)
+
+    def _text(self, value: Any) -> str:
+        if isinstance(value, str):
+            text = value
+        else:
+            try:
+                text = json.dumps(value, ensure_ascii=False, default=str)
+            except (TypeError, ValueError):
+                text = str(value)
+        if len(text) > self.max_result_chars:
+            cut = len(text) - self.max_result_chars
+            text = text[: self.max_result_chars] + f"\n... [{cut} more characters cut]"
+        return text
+
+    def _check(self, call: ToolCall) -> str | None:
+        if call.name not in self.functions:
+            return f"no tool named {call.name!r} (the tools are {self.names})"
+        return _fits(call.arguments, self._params[call.name], "arguments")
+
+    def run(self, calls: Sequence[ToolCall]) -> list[ToolResult]:
+        """Execute the calls (at most ``max_workers`` at once, each within ``timeout``); one result per call, in
+        order. Never raises for a failing call (KeyboardInterrupt / SystemExit in a tool still propagate)."""
+        results: list[ToolResult | None] = [None] * len(calls)
+        for lo in range(0, len(calls), self.max_workers):
+            batch = list(range(lo, min(lo + self.max_workers, len(calls))))
+            boxes: dict[int, dict] = {}
+            threads = []
+            for k in batch:
+                call = calls[k]
+                why = self._check(call)
+                if why is not None:
+                    results[k] = ToolResult(call.name, call.arguments, f"Error: {why}", why)
+                    continue
+                box = boxes[k] = {"t0": time.perf_counter()}
+                th = threading.Thread(target=self._invoke, args=(call, box), daemon=True,
+                                      name=f"r4b-tool-{call.name}")
+                th.start()
+                threads.append((k, th))
+            deadline = time.perf_counter() + self.timeout
+            for k, th in threads:
+                th.join(max(0.0, deadline - time.perf_counter()))
+                call, box = calls[k], boxes[k]
+                seconds = time.perf_counter() - box["t0"]
+                if th.is_alive():
+                    why = f"{call.name} timed out after {self.timeout:g} s"
+                    results[k] = ToolResult(call.name, call.arguments, f"Error: {why}", why, seconds)
+                elif "raised" in box:
+                    exc = box["raised"]
+                    if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                        raise exc
+                    why = f"{call.name} raised {type(exc).__name__}: {exc}"
+                    results[k] = ToolResult(call.name, call.arguments, f"Error: {why}", why, box["seconds"])
+                else:
+                    results[k] = ToolResult(call.name, call.arguments, self._text(box["value"]), None,
+                                            box["seconds"])
+                if results[k].error is not None:
+                    log.warning("tool call failed (the model reads the error): %s", results[k].error)
+        return results  # type: ignore[return-value]
+
+    def _invoke(self, call: ToolCall, box: dict) -> None:
+        try:
+            box["value"] = self.functions[call.name](**call.arguments)
+        except BaseException as e:  # noqa: BLE001 - reported as the call's result
+            box["raised"] = e
+        box["seconds"] = time.perf_counter() - box["t0"]
+
+
+# ---------------------------------------------------------------------------------------------------- the loop
+@dataclass
+class Turn:
+    """One assistant turn of a conversation. ``start``: where its mode suffix starts in the conversation's
+    token_ids; ``gen_start``: its first generated token there; ``calls`` / ``results``: the calls executed after
+    it (empty for the last turn, and for a turn whose calls were not run because the turns ran out)."""
+
+    start: int
+    gen_start: int
+    output: CompletionOutput
+    calls: list[ToolCall] = field(default_factory=list)
+    results: list[ToolResult] = field(default_factory=list)
+
+
+@dataclass
+class Trajectory:
+    """One conversation: the prompt, then per turn the mode suffix and the generated tokens, with the tool turn
+    between turns. ``stop_reason``: "answer" (the last turn made no call), "max_turns" (it made calls when the
+    turns ran out), "length" (a turn hit max_tokens, or the next turn would not fit max_model_len), "no_end" (a
+    turn made calls but did not end with ``<|im_end|>``, e.g. a stop string), "error" (the engine refused a
+    continuation; ``error`` says why)."""
+
+    prompt_index: int
+    index: int  # within its prompt: mode-major, then sample (as CompletionOutput.index)
+    mode: str | None  # the mode every turn was forced in ("long" / "short" / "auto")
+    token_ids: list[int]
+    prompt_len: int
+    turns: list[Turn]
+    stop_reason: str = "answer"
+    error: str | None = None
+
+    @property
+    def final(self) -> CompletionOutput:
+        """The last turn's output (its ``answer`` is the conversation's answer)."""
+        return self.turns[-1].output
+
+    @property
+    def answer(self) -> str:
+        return self.final.answer
+
+    @property
+    def num_tool_calls(self) -> int:
+        return sum(len(t.calls) for t in self.turns)
+
+    @property
+    def tool_errors(self) -> int:
+        return sum(r.error is not None for t in self.turns for r in t.results)
+
+    @property
+    def generated_tokens(self) -> int:
+        return sum(len(t.output.token_ids) for t in self.turns)
+
+    def generated_spans(self) -> list[tuple[int, int, list[float]]]:
+        """(start, end, log-probs) of each turn's generated tokens in token_ids."""
+        return [(t.gen_start, t.gen_start + len(t.output.token_ids), t.output.logprobs) for t in self.turns]
+
+    def messages(self) -> list[dict]:
+        """The turns as chat messages after the prompt (OpenAI's form: assistant messages with
+        ``reasoning_content`` and ``tool_calls``, then ``tool`` messages), for logs and for going on as a chat."""
+        out: list[dict] = []
+        for t in self.turns:
+            content, calls, _ = parse_tool_calls(t.output.answer)
+            msg: dict = {"role": "assistant", "content": content if calls else t.output.answer}
+            if t.output.thinking:
+                msg["reasoning_content"] = t.output.thinking
+            if calls:
+                msg["tool_calls"] = [{"type": "function", "function": {"name": c.name,
+                                                                        "arguments": c.arguments_json()}}
+                                     for c in calls]
+            out.append(msg)
+            out += [{"role": "tool", "name": r.name, "content": r.content} for r in t.results]
+        return out
+
+
+@dataclass
+class AgentOutput:
+    """A prompt's conversations (``error``: why the prompt did not run; then there are none)."""
+
+    prompt_index: int
+    prompt_token_ids: list[int]
+    trajectories: list[Trajectory] = field(default_factory=list)
+    error: str | None = None
+    pixel_values: list[Tensor] = field(default_factory=list, repr=False)
+    image_sizes: list[tuple[int, int]] = field(default_factory=list, repr=False)
+
+
+def single_turn(llm: LLM, q: int, out: RequestOutput) -> AgentOutput:
+    """A RequestOutput of chat prompt ``q`` as conversations of one turn each (what a rollout without tools
+    packs): the prompt, the completion's mode suffix, its tokens."""
+    res = AgentOutput(q, out.prompt_token_ids, error=out.error, pixel_values=out.pixel_values,
+                      image_sizes=out.image_sizes)
+    start = len(out.prompt_token_ids)
+    for c in out.outputs:
+        suffix = llm.mode_suffix_ids(c.thinking_mode)
+        res.trajectories.append(Trajectory(q, c.index, c.thinking_mode, out.prompt_token_ids + suffix + c.token_ids,
+                                           start, [Turn(start, start + len(suffix), c)]))
+    return res
+
+
+def _turn_seed(seed: int | None, prompt: int, index: int, turn: int) -> int | None:
+    return None if seed is None else hash((seed, prompt, index, turn)) & (2**62 - 1)
+
+
+def run_tool_loop(
+    llm: LLM,
+    prompts: Sequence[Any],
+    toolbox: Toolbox,
+    params: SamplingParams | None = None,
+    *,
+    thinking_mode: str | Sequence[str] = "auto",
+    max_turns: int = 4,
+    max_thinking_tokens: int | None = None,
+    use_tqdm: bool = False,
+) -> list[AgentOutput]:
+    """Roll out every prompt (a str or a chat, offered ``toolbox``'s tools) ``params.n`` times in each thinking
+    mode, each completion a conversation of at most ``max_turns`` assistant turns: a turn that makes tool calls
+    (and ends its turn) gets their results and the next turn. All conversations advance together: a turn of every
+    one that goes on is one engine call. ``params.max_tokens`` and ``max_thinking_tokens`` hold per turn; a seeded
+    request's later turns draw from seeds derived from (seed, prompt, completion, turn)."""
+    if not isinstance(toolbox, Toolbox):
+        raise ValueError(f"toolbox must be a Toolbox, got {type(toolbox).__name__}")
+    if not isinstance(max_turns, int) or isinstance(max_turns, bool) or max_turns < 1:
+        raise ValueError(f"max_turns must be an int >= 1, got {max_turns!r}")
+    if llm.tokenizer is None:
+        raise ValueError("run_tool_loop needs the LLM's tokenizer (chat template, tool turns, answers)")
+    modes = (thinking_mode,) if isinstance(thinking_mode, str) else tuple(thinking_mode)
+    for m in modes:
+        check_mode(m)
+    params = params or SamplingParams()
+    if params.prompt_logprobs is not None:
+        raise ValueError("run_tool_loop: SamplingParams.prompt_logprobs is not supported (later turns' prompts "
+                         "are the conversation so far)")
+    tok = llm.tokenizer
+    im_end = tok.im_end_id
+    outs = llm.generate(list(prompts), params, thinking_mode=modes, max_thinking_tokens=max_thinking_tokens,
+                        tools=toolbox.schemas, use_tqdm=use_tqdm)
+    results = [single_turn(llm, q, out) for q, out in enumerate(outs)]
+    live = [t for res in results for t in res.trajectories]
+    images = {res.prompt_index: (res.pixel_values, res.image_sizes) for res in results}
+    for turn in range(1, max_turns + 1):
+        going: list[Trajectory] = []
+        for traj in live:
+            out = traj.final
+            calls = parse_tool_calls(out.answer)[1]
+            if not calls:
+                traj.stop_reason = "length" if out.finish_reason == "length" else "answer"
+            elif out.finish_reason == "length":
+                traj.stop_reason = "length"
+            elif not out.token_ids or out.token_ids[-1] != im_end:
+                traj.stop_reason = "no_end"
+            elif turn == max_turns:
+                traj.stop_reason = "max_turns"
+            else:
+                traj.turns[-1].calls = calls
+                going.append(traj)
+        if not going:
+            break
+        flat = [c for traj in going for c in traj.turns[-1].calls]
+        ran = iter(toolbox.run(flat))
+        requests, plist, nxt = [], [], []
+        for traj in going:
+            last = traj.turns[-1]
+            last.results = [next(ran) for _ in last.calls]
+            head = tok.encode(tool_turn([r.content for r in last.results]))
+            suffix = llm.mode_suffix_ids(traj.mode)
+            start = len(traj.token_ids) + len(head)
+            ids = traj.token_ids + head + suffix
+            if len(ids) >= llm.max_model_len:
+                traj.stop_reason = "length"
+                continue
+            pix, sizes = images[traj.prompt_index]
+            requests.append({"prompt_token_ids": ids, "pixel_values": pix, "image_sizes": sizes})
+            plist.append(replace(params, n=1, seed=_turn_seed(params.seed, traj.prompt_index, traj.index, turn)))
+            nxt.append((traj, ids, start))
+        if not requests:
+            break
+        outs = llm.generate(requests, plist, max_thinking_tokens=max_thinking_tokens, use_tqdm=False)
+        live = []
+        for (traj, ids, start), out in zip(nxt, outs, strict=True):
+            if out.error is not None:
+                traj.stop_reason, traj.error = "error", out.error
+                log.warning("prompt %d conversation %d: turn %d refused: %s", traj.prompt_index, traj.index,
+                            turn + 1, out.error)
+                continue
+            c = out.outputs[0]
+            c = replace(c, index=traj.index, thinking_mode=traj.mode, tool_calls=parse_tool_calls(c.answer)[1])
+            traj.token_ids = ids + c.token_ids
+            traj.turns.append(Turn(start, len(ids), c))
+            live.append(traj)
+    return results

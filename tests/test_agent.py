@@ -1,0 +1,437 @@
+"""Multi-turn tool use (r4b.engine.agent): tool schemas from Python functions, the Toolbox's execution (arguments
+checked, failures and timeouts reported as results, calls in parallel), the tool turn against the chat template,
+the conversation loop through the engine (tokens, log-probs, prefix cache, stop reasons, images) and BPO rollouts
+over whole conversations.
+
+A tiny random model cannot call a tool by itself, so the loop's tests script its turns: a policy reads the
+conversation so far (the request's tokens, decoded) and the engine is made to generate the policy's text (forced
+tokens: their log-probs are still the model's)."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from typing import Literal, Optional
+
+import pytest
+import torch
+from test_llm import TOK, no_leak, tiny_model, tiny_r4b_chat
+from tiny_models import torch_kernels_on_cpu  # noqa: F401  (fixture)
+
+from r4b.engine.agent import Toolbox, function_schema, run_tool_loop
+from r4b.engine.chat import ToolCall, tool_turn
+from r4b.engine.llm import LLM
+from r4b.engine.rollout import bpo_rollouts
+from r4b.engine.sampling import SamplingParams
+from r4b.kernels import fused_linear_logprobs, pack_sequences
+
+pytestmark = pytest.mark.usefixtures("torch_kernels_on_cpu")
+
+
+# ---------------------------------------------------------------------------------------------------- schemas
+def add(a: int, b: int = 0) -> int:
+    """Add two integers.
+
+    Args:
+        a: the first number.
+        b (int): the second number,
+            zero by default.
+
+    Returns:
+        the sum.
+    """
+    return a + b
+
+
+def lookup(city: str, unit: Literal["c", "f"] = "c", tags: list[str] | None = None,
+           limit: Optional[float] = None, extra: dict = None):  # noqa: RUF013, UP045 - typing.Union on purpose
+    return {"city": city, "unit": unit, "tags": tags, "limit": limit}
+
+
+def test_function_schema_from_the_signature_and_docstring():
+    assert function_schema(add) == {"type": "function", "function": {
+        "name": "add", "description": "Add two integers.",
+        "parameters": {"type": "object", "properties": {
+            "a": {"type": "integer", "description": "the first number."},
+            "b": {"type": "integer", "description": "the second number, zero by default."}},
+            "required": ["a"]}}}
+    props = function_schema(lookup)["function"]["parameters"]["properties"]
+    assert props == {"city": {"type": "string"}, "unit": {"enum": ["c", "f"], "type": "string"},
+                     "tags": {"anyOf": [{"type": "array", "items": {"type": "string"}}, {"type": "null"}]},
+                     "limit": {"type": ["number", "null"]}, "extra": {"type": "object"}}
+    assert "description" not in function_schema(lookup)["function"]
+    assert function_schema(add, name="plus")["function"]["name"] == "plus"
+
+    def star(*xs: int): ...
+
+    def pos(x: int, /): ...
+
+    def odd(x: set): ...
+
+    with pytest.raises(ValueError, match="parameter 'xs' is variadic positional"):
+        function_schema(star)
+    with pytest.raises(ValueError, match="parameter 'x' is positional-only"):
+        function_schema(pos)
+    with pytest.raises(ValueError, match=r"tool 'odd' parameter 'x': annotation <class 'set'> has no JSON schema"):
+        function_schema(odd)
+    with pytest.raises(ValueError, match="a tool's name must match"):
+        function_schema(lambda x: x)
+
+
+# ---------------------------------------------------------------------------------------------------- Toolbox
+def boom(x: int) -> int:
+    raise RuntimeError(f"broken for {x}")
+
+
+def slow(seconds: float) -> str:
+    time.sleep(seconds)
+    return "late"
+
+
+def test_toolbox_runs_calls_and_reports_every_failure_as_a_result(caplog):
+    box = Toolbox([add, lookup, boom, slow], timeout=0.5, max_result_chars=30)
+    calls = [ToolCall("add", {"a": 2, "b": 3}), ToolCall("lookup", {"city": "Zürich"}),
+             ToolCall("nope", {}), ToolCall("add", {"b": 1}), ToolCall("add", {"a": "2"}),
+             ToolCall("lookup", {"city": "x", "unit": "k"}), ToolCall("boom", {"x": 7}),
+             ToolCall("slow", {"seconds": 30}), ToolCall("add", {"a": 1.0, "c": 2}),
+             ToolCall("lookup", {"city": "y" * 40})]
+    res = box.run(calls)
+    assert [r.name for r in res] == [c.name for c in calls] and res[0].arguments == {"a": 2, "b": 3}
+    assert (res[0].content, res[0].error) == ("5", None)
+    assert res[1].content == '{"city": "Zürich", "unit": "c"' + "\n... [30 more characters cut]" \
+        and res[1].error is None  # JSON (not ASCII-escaped), cut to max_result_chars
+    assert res[2].error == "no tool named 'nope' (the tools are ['add', 'lookup', 'boom', 'slow'])"
+    assert res[3].error == "arguments is missing the required 'a'"
+    assert res[4].error == 'arguments.a must be integer, got "2"'
+    assert res[5].error == 'arguments.unit must be one of ["c", "f"], got "k"'
+    assert res[6].error == "boom raised RuntimeError: broken for 7"
+    assert res[7].error == "slow timed out after 0.5 s" and res[7].seconds < 5
+    # an integral float is an integer; a parameter the function lacks reaches it (no additionalProperties: false)
+    assert res[8].error == "add raised TypeError: add() got an unexpected keyword argument 'c'"
+    assert res[9].error is None
+    for r in res:
+        assert (r.error is None) == (not r.content.startswith("Error: "))
+        if r.error is not None:
+            assert r.content == "Error: " + r.error
+    assert "slow timed out" in caplog.text
+
+
+def test_toolbox_runs_a_turns_calls_in_parallel():
+    """Four calls that each wait for the other three finish only when they run at the same time (a barrier);
+    with max_workers=2 they run two at a time and time out."""
+    def meet(barrier_id: int) -> str:
+        BARRIERS[barrier_id].wait()
+        return "met"
+
+    BARRIERS[0] = threading.Barrier(4, timeout=5)
+    assert [r.content for r in Toolbox([meet], timeout=10).run([ToolCall("meet", {"barrier_id": 0})] * 4)] \
+        == ["met"] * 4
+    BARRIERS[1] = threading.Barrier(4, timeout=0.3)
+    res = Toolbox([meet], timeout=10, max_workers=2).run([ToolCall("meet", {"barrier_id": 1})] * 4)
+    assert all(r.error == "meet raised BrokenBarrierError: " for r in res)
+
+
+BARRIERS: dict[int, threading.Barrier] = {}
+
+
+def test_toolbox_arguments_and_loading(tmp_path):
+    schema = {"type": "function", "function": {"name": "shout", "parameters": {
+        "type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"],
+        "additionalProperties": False}}}
+    box = Toolbox([(schema, lambda text: text.upper()), add])
+    assert box.schemas[0] is schema and box.names == ["shout", "add"]
+    res = box.run([ToolCall("shout", {"text": "hi"}), ToolCall("shout", {"text": "a", "loud": True})])
+    assert res[0].content == "HI" and res[1].error == "arguments has no parameter 'loud' (it takes ['text'])"
+    for bad, msg in (([], "tools must be a non-empty list"), ([add, add], "two tools are named 'add'"),
+                     ([3], r"tools\[0\] must be a function or a \(schema, function\) pair"),
+                     ([({"type": "function", "function": {}}, add)], r"tools\[0\]'s schema needs a function name")):
+        with pytest.raises(ValueError, match=msg):
+            Toolbox(bad)
+    with pytest.raises(ValueError, match="timeout must be a number of seconds > 0"):
+        Toolbox([add], timeout=0)
+    f = tmp_path / "my_tools.py"
+    f.write_text("def double(x: int) -> int:\n    '''Twice x.'''\n    return 2 * x\n\n"
+                 "def half(x: float) -> float:\n    return x / 2\n\nTOOLS = [double, half]\n")
+    assert Toolbox.load(f"{f}:double,half").names == ["double", "half"]
+    loaded = Toolbox.load(f"{f}:TOOLS", timeout=3)
+    assert loaded.names == ["double", "half"] and loaded.timeout == 3.0
+    assert loaded.run([ToolCall("double", {"x": 4})])[0].content == "8"
+    assert Toolbox.load("test_agent:add").names == ["add"]
+    for spec, msg in (("nocolon", "tools must be 'module:function"), (f"{tmp_path}/none.py:f", "no file"),
+                      (f"{f}:missing", "has no 'missing'"), ("no_such_module_xyz:f", "cannot import")):
+        with pytest.raises(ValueError, match=msg):
+            Toolbox.load(spec)
+
+
+# ---------------------------------------------------------------------------------------------------- the loop
+def test_the_tool_turn_is_the_templates():
+    """After an assistant turn with calls, the template renders exactly its <|im_end|>, then tool_turn(results),
+    then the generation prompt's mode suffix."""
+    for mode in ("auto", "long", "short"):
+        for results in (["5"], ['{"a": 1}', "Error: x\nline 2"]):
+            chat = [{"role": "user", "content": "sum?"},
+                    {"role": "assistant", "content": "", "reasoning_content": "Adding.",
+                     "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": {"a": 2}}}]}]
+            before = TOK.apply_chat_template(chat, add_generation_prompt=False, tools=[function_schema(add)])
+            full = TOK.apply_chat_template(chat + [{"role": "tool", "content": r} for r in results],
+                                           thinking_mode=mode, tools=[function_schema(add)])
+            assert before.endswith("<|im_end|>\n")
+            assert full == before[:-1] + tool_turn(results, mode)
+    with pytest.raises(ValueError, match="tool_turn needs at least one result"):
+        tool_turn([])
+
+
+CALL = '<tool_call>\n{{"name": "add", "arguments": {{"a": {a}, "b": {b}}}}}\n</tool_call>'
+
+
+def script(llm: LLM, policy) -> list[str]:
+    """From now on each request's completions generate ``policy(conversation text, mode of the suffix)`` then
+    <|im_end|> (forced tokens). Returns the list of conversations the policy saw."""
+    seen = []
+    set_budget = LLM._set_budget.__get__(llm)  # the engine's own (a later script replaces an earlier one)
+
+    def scripted(req, *args, **kw):
+        set_budget(req, *args, **kw)
+        if req.error is None:
+            for seq in req.seqs:
+                text = TOK.decode(seq.tokens)
+                seen.append(text)
+                seq.forced.extend(TOK.encode(policy(text, seq)) + [TOK.im_end_id])
+
+    llm._set_budget = scripted
+    return seen
+
+
+def adder(text: str, seq) -> str:
+    """Call add(2, 3), then add(result, 10), then answer with the last result; a thought first when one is open."""
+    results = re.findall(r"<tool_response>\n(.*?)\n</tool_response>", text, re.S)
+    body = CALL.format(a=2, b=3) if not results else CALL.format(a=results[-1], b=10) if len(results) == 1 \
+        else f"The sum is {results[-1]}."
+    return ("Let me add.\n</think>\n\n" if text.endswith("<think>\n") else
+            "\n\n</think>\n\n" if text.endswith("<think>") else "") + body
+
+
+def full_logprobs(model, ids: list[int]) -> torch.Tensor:
+    """log p(ids[p + 1] | ids[: p + 1]) of a plain forward, per position p."""
+    b = pack_sequences([torch.tensor(ids)])
+    with torch.no_grad():
+        h = model(b.flat, b.position_ids, b.cu_seqlens, b.max_seqlen)
+    return fused_linear_logprobs(h, model.lm_head.weight, torch.tensor(ids[1:] + [-100]))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(3, max_position_embeddings=1024)
+
+
+def test_conversations_run_the_tools_and_keep_the_tokens(model):
+    llm = LLM(model, TOK, num_kv_blocks=256, block_size=8)
+    script(llm, adder)
+    box = Toolbox([add])
+    chat = [{"role": "user", "content": "What is 2 + 3 + 10?"}]
+    params = SamplingParams(temperature=1.0, max_tokens=200, n=2, seed=0)
+    outs = run_tool_loop(llm, [chat, "hi"], box, params, thinking_mode=("long", "short", "auto"), max_turns=4)
+    no_leak(llm)
+    assert len(outs) == 2 and all(o.error is None and len(o.trajectories) == 6 for o in outs)
+    for out in outs:
+        assert [t.mode for t in out.trajectories] == ["long", "long", "short", "short", "auto", "auto"]
+        assert [t.index for t in out.trajectories] == list(range(6))
+        for t in out.trajectories:
+            assert t.stop_reason == "answer" and len(t.turns) == 3 and t.answer == "The sum is 15."
+            assert [c for turn in t.turns for c in turn.calls] == [ToolCall("add", {"a": 2, "b": 3}),
+                                                                    ToolCall("add", {"a": 5, "b": 10})]
+            assert [r.content for turn in t.turns for r in turn.results] == ["5", "15"]
+            assert t.num_tool_calls == 2 and t.tool_errors == 0
+            # the tokens render as the template renders the conversation (the prompt with the tools, each turn
+            # in the conversation's mode)
+            msgs = (chat if isinstance(out.prompt_token_ids, list) and "2 + 3" in TOK.decode(out.prompt_token_ids)
+                    else [{"role": "user", "content": "hi"}])
+            text = TOK.apply_chat_template(msgs + t.messages(), add_generation_prompt=False,
+                                           tools=box.schemas)
+            got = TOK.decode(t.token_ids) + "\n"
+            if t.mode != "long":  # Qwen3's template drops an earlier turn's empty thought; the tokens keep it
+                empty = "<think>\n\n</think>\n\n"
+                assert got.count(empty) == 3 and text.count(empty) == 1
+                got, text = got.replace(empty, ""), text.replace(empty, "")
+            assert got == text
+            assert t.token_ids[: t.prompt_len] == out.prompt_token_ids
+            # every turn: its mode suffix at start, its generated tokens at gen_start, with the model's log-probs
+            lp = full_logprobs(model, t.token_ids)
+            for turn in t.turns:
+                assert t.token_ids[turn.start : turn.gen_start] == llm.mode_suffix_ids(t.mode)
+                gen = t.token_ids[turn.gen_start : turn.gen_start + len(turn.output.token_ids)]
+                assert gen == turn.output.token_ids and gen[-1] == TOK.im_end_id
+                assert turn.output.thinking_mode == t.mode and turn.output.index == t.index
+                want = lp[turn.gen_start - 1 : turn.gen_start - 1 + len(gen)]
+                assert torch.allclose(torch.tensor(turn.output.logprobs), want, atol=2e-5, rtol=0)
+            assert t.turns[0].output.tool_calls == t.turns[0].calls and t.turns[-1].output.tool_calls == []
+            assert t.turns[-1].gen_start + len(t.turns[-1].output.token_ids) == len(t.token_ids)
+            # forced thinking thinks at every turn; forced non-thinking never; auto (scripted) never
+            assert [turn.output.mode for turn in t.turns] == ["think" if t.mode == "long" else "no_think"] * 3
+    msgs = outs[0].trajectories[0].messages()
+    assert [m["role"] for m in msgs] == ["assistant", "tool", "assistant", "tool", "assistant"]
+    assert msgs[0]["reasoning_content"] == "Let me add." and msgs[0]["content"] == ""
+    assert msgs[0]["tool_calls"] == [{"type": "function", "function": {"name": "add",
+                                                                        "arguments": '{"a": 2, "b": 3}'}}]
+    assert msgs[1] == {"role": "tool", "name": "add", "content": "5"}
+    # later turns' prompts are the conversations so far: the prefix cache serves them
+    assert llm.stats["prefix_cache_hit_tokens"] > 0
+
+
+def test_stop_reasons_and_failing_tools(model, caplog):
+    llm = LLM(model, TOK, num_kv_blocks=256, block_size=8)
+    box = Toolbox([add, boom])
+    greedy = SamplingParams(temperature=0, max_tokens=200)
+    # always calling: the turns run out (the last turn's calls are not run)
+    script(llm, lambda text, seq: CALL.format(a=1, b=1))
+    (t,) = run_tool_loop(llm, ["x"], box, greedy, thinking_mode="short", max_turns=3)[0].trajectories
+    assert t.stop_reason == "max_turns" and len(t.turns) == 3 and t.num_tool_calls == 2
+    assert t.turns[-1].calls == [] and t.turns[-1].output.tool_calls == [ToolCall("add", {"a": 1, "b": 1})]
+    # a failing tool: the model reads the error, the conversation goes on
+    script(llm, lambda text, seq: '<tool_call>\n{"name": "boom", "arguments": {"x": 1}}\n</tool_call>'
+           if "tool_response" not in text else "gave up")
+    (t,) = run_tool_loop(llm, ["x"], box, greedy, thinking_mode="short")[0].trajectories
+    assert t.stop_reason == "answer" and t.answer == "gave up" and t.tool_errors == 1
+    assert "Error: boom raised RuntimeError: broken for 1" in TOK.decode(t.token_ids)
+    # a turn cut by max_tokens ends the conversation, calls or not
+    script(llm, lambda text, seq: CALL.format(a=1, b=1))
+    (t,) = run_tool_loop(llm, ["x"], box, SamplingParams(temperature=0, max_tokens=5),
+                         thinking_mode="short")[0].trajectories
+    assert t.stop_reason == "length" and len(t.turns) == 1 and t.final.finish_reason == "length"
+    # a turn ended by a stop string (no <|im_end|>) is not continued
+    script(llm, lambda text, seq: CALL.format(a=1, b=1) + " STOP")
+    (t,) = run_tool_loop(llm, ["x"], box, SamplingParams(temperature=0, max_tokens=200, stop=["STOP"]),
+                         thinking_mode="short")[0].trajectories
+    assert t.stop_reason == "no_end" and len(t.turns) == 1
+    # the next turn would not fit max_model_len (its tool turn alone is longer than 5 tokens)
+    script(llm, lambda text, seq: CALL.format(a=1, b=1))
+    (t,) = run_tool_loop(llm, ["x"], box, greedy, thinking_mode="short", max_turns=1)[0].trajectories
+    small = LLM(model, TOK, num_kv_blocks=256, block_size=8, max_model_len=len(t.token_ids) + 5)
+    script(small, lambda text, seq: CALL.format(a=1, b=1))
+    (t,) = run_tool_loop(small, ["x"], box, greedy, thinking_mode="short")[0].trajectories
+    assert t.stop_reason == "length" and len(t.turns) == 1
+    # a prompt the engine refuses (token ids: the tools cannot be rendered into them) is reported, the others run
+    outs = run_tool_loop(llm, [[5, 6], "x"], box, greedy, thinking_mode="short", max_turns=1)
+    assert "tools apply to chats" in outs[0].error and outs[0].trajectories == []
+    assert outs[1].error is None and outs[1].trajectories[0].stop_reason == "max_turns"
+    no_leak(llm)
+    for kw, msg in ((dict(max_turns=0), "max_turns must be an int >= 1"),
+                    (dict(thinking_mode="deep"), "thinking_mode must be one of")):
+        with pytest.raises(ValueError, match=msg):
+            run_tool_loop(llm, ["x"], box, greedy, **kw)
+    with pytest.raises(ValueError, match="toolbox must be a Toolbox"):
+        run_tool_loop(llm, ["x"], [add], greedy)
+
+
+def test_unscripted_conversations_without_calls_are_the_engines_completions(model):
+    """A random model makes no calls: each conversation is one turn, the engine's completion of the same
+    request (same seed)."""
+    llm = LLM(model, TOK, num_kv_blocks=256, block_size=8)
+    box = Toolbox([add])
+    params = SamplingParams(temperature=1.0, max_tokens=12, n=2, seed=4)
+    outs = run_tool_loop(llm, ["a question", "another"], box, params, thinking_mode=("long", "short"))
+    ref = llm.generate(["a question", "another"], params, thinking_mode=("long", "short"), tools=box.schemas,
+                       use_tqdm=False)
+    for out, r in zip(outs, ref, strict=True):
+        assert [t.final for t in out.trajectories] == r.outputs
+        assert all(len(t.turns) == 1 and t.stop_reason in ("answer", "length") for t in out.trajectories)
+
+
+def test_token_prompt_dicts_carry_images():
+    """The engine's {"prompt_token_ids", "pixel_values", "image_sizes"} request: a multimodal conversation goes on
+    token for token (the same tokens as the chat request's), and a count of image tokens that does not fit the
+    images is refused."""
+    model, tok, msgs = tiny_r4b_chat()
+    llm = LLM(model, tok, num_kv_blocks=128, block_size=8)
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    first = llm.generate([msgs], greedy, thinking_mode="short", use_tqdm=False)[0]
+    suffix = llm.mode_suffix_ids("short")
+    again = llm.generate([{"prompt_token_ids": first.prompt_token_ids + suffix, "pixel_values": first.pixel_values,
+                           "image_sizes": first.image_sizes}], greedy, use_tqdm=False)[0]
+    assert again.error is None and again.outputs[0].token_ids == first.outputs[0].token_ids
+    assert again.num_cached_tokens > 0  # the same images and tokens: the prefix cache serves them
+    ids = first.prompt_token_ids
+    at = ids.index(tok.image_id)
+    bad = [{"prompt_token_ids": ids[:at] + ids[at + 1 :], "pixel_values": first.pixel_values,
+            "image_sizes": first.image_sizes},
+           {"prompt_token_ids": ids, "pixel_values": first.pixel_values, "image_sizes": []},
+           {"prompt_token_ids": ids, "images": []}, {"prompt_token_ids": []}]
+    outs = llm.generate(bad, greedy, use_tqdm=False)
+    n = sum(t == tok.image_id for t in ids)
+    assert f"its images need {n} <image> tokens (id {tok.image_id}), prompt_token_ids holds {n - 1}" \
+        in outs[0].error
+    assert "has 1 pixel_values but 0 image_sizes" in outs[1].error
+    assert "unknown keys ['images']" in outs[2].error
+    assert "prompt_token_ids must be a non-empty list" in outs[3].error
+    no_leak(llm)
+
+
+def test_multimodal_conversations_keep_their_images():
+    model, tok, msgs = tiny_r4b_chat()
+    assert tok.tokenizer.to_str() == TOK.tokenizer.to_str()  # the demo tokenizer: script()'s TOK works here
+    llm = LLM(model, tok, num_kv_blocks=256, block_size=8)
+    script(llm, adder)
+    (out,) = run_tool_loop(llm, [msgs], Toolbox([add]), SamplingParams(temperature=1.0, max_tokens=200),
+                           thinking_mode="long")
+    (t,) = out.trajectories
+    assert t.stop_reason == "answer" and t.answer == "The sum is 15." and len(out.pixel_values) == 1
+    b = pack_sequences([torch.tensor(t.token_ids)])
+    with torch.no_grad():
+        h = model(b.flat, b.position_ids, b.cu_seqlens, b.max_seqlen, out.pixel_values, out.image_sizes)
+    lp = fused_linear_logprobs(h, model.lm_head.weight, torch.tensor(t.token_ids[1:] + [-100]))
+    for turn in t.turns:
+        want = lp[turn.gen_start - 1 : turn.gen_start - 1 + len(turn.output.token_ids)]
+        assert torch.allclose(torch.tensor(turn.output.logprobs), want, atol=2e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------- BPO
+def test_bpo_rollouts_pack_whole_conversations(model):
+    """With a toolbox, each sequence is a conversation: every turn's mode tokens and generated tokens are trained,
+    the tool turns are not; the rollout log-probs sit on the generated tokens and equal the training op's; the
+    reward reads the last answer."""
+    llm = LLM(model, TOK, num_kv_blocks=256, block_size=8)
+    script(llm, lambda text, seq: adder(text, seq) if "2 + 3" in text else "No tools needed.")
+    box = Toolbox([add])
+    b = bpo_rollouts(llm, ["2 + 3 + 10?", "hello"], ["15", "x"], lambda ans, ref: float(ref in ans), g=1,
+                     params=SamplingParams(temperature=1.0, max_tokens=200, seed=0), toolbox=box)
+    assert b.modes == ["long", "short"] * 2 and b.rewards.tolist() == [1.0, 1.0, 0.0, 0.0]
+    assert [len(t.turns) for t in b.trajectories] == [3, 3, 1, 1]
+    assert b.outputs == [t.final for t in b.trajectories]
+    cu = b.cu_seqlens.tolist()
+    with torch.no_grad():
+        old = fused_linear_logprobs(model(**b.model_inputs()), model.lm_head.weight, b.targets)
+    for i, t in enumerate(b.trajectories):
+        seq = b.input_ids[cu[i] : cu[i + 1]].tolist()
+        assert seq == t.token_ids
+        trained = set()
+        for turn in t.turns:
+            trained |= set(range(turn.start + 1, turn.gen_start + len(turn.output.token_ids)))
+        mask = b.loss_mask[cu[i] : cu[i + 1]].tolist()
+        assert mask == [p + 1 in trained for p in range(len(seq))]
+        tool_text = TOK.decode([seq[p + 1] for p in range(len(seq) - 1) if not mask[p]][t.prompt_len:])
+        assert ("<tool_response>" in tool_text) == (len(t.turns) > 1)
+        lp = b.rollout_logprobs[cu[i] : cu[i + 1]]
+        known = ~torch.isnan(lp)
+        assert int(known.sum()) == t.generated_tokens
+        assert torch.allclose(lp[known], old[cu[i] : cu[i + 1]][known], atol=2e-5, rtol=0)
+    assert b.stats["turns_long"] == 2 and b.stats["tool_calls_short"] == 1 and b.stats["tool_errors"] == 0
+    assert b.stats["max_turns_hit"] == 0 and b.stats["tokens_long"] == sum(
+        t.generated_tokens for t in b.trajectories[0::2]) / 2
+    sub = b.select(1, 3)
+    assert sub.trajectories == b.trajectories[1:3]
+    # without a toolbox the batch is as before (one turn each, no trajectories kept)
+    plain = bpo_rollouts(llm, ["hello"], ["x"], lambda ans, ref: 0.0, g=1,
+                         params=SamplingParams(temperature=1.0, max_tokens=8, seed=0))
+    assert plain.trajectories is None and "tool_errors" not in plain.stats
+    with pytest.raises(ValueError, match="toolbox must be None or a Toolbox"):
+        bpo_rollouts(llm, ["x"], [None], "exact", g=1, toolbox=[add])
+
+
+def test_a_results_text_is_json_for_non_strings():
+    def info(k: str) -> dict:
+        return {"k": k, "n": [1, 2], "when": time}
+
+    (r,) = Toolbox([info]).run([ToolCall("info", {"k": "ä"})])
+    assert json.loads(r.content)["k"] == "ä" and "<module 'time'" in r.content  # default=str for the rest
