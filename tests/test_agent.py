@@ -204,13 +204,39 @@ def script(llm: LLM, policy) -> list[str]:
     return seen
 
 
+def script_every_llm(monkeypatch, tok, policy) -> None:
+    """script() for every engine a test's code builds itself (a trainer's, an evaluation's): LLM._set_budget
+    patched on the class."""
+    set_budget = LLM._set_budget
+
+    def scripted(self, req, *args, **kw):
+        set_budget(self, req, *args, **kw)
+        if req.error is None:
+            for seq in req.seqs:
+                seq.forced.extend(tok.encode(policy(tok.decode(seq.tokens), seq)) + [tok.im_end_id])
+
+    monkeypatch.setattr(LLM, "_set_budget", scripted)
+
+
+def question_adder(text: str, seq) -> str:
+    """For "What is a + b?": call add(a, b), then answer \\boxed{result} (a thought first when one is open)."""
+    a, b = re.findall(r"What is (\d+) \+ (\d+)\?", text)[-1]
+    results = re.findall(r"<tool_response>\n(.*?)\n</tool_response>", text, re.S)
+    body = CALL.format(a=a, b=b) if not results else f"\\boxed{{{results[-1]}}}"
+    return _opener(text) + body
+
+
+def _opener(text: str) -> str:
+    return ("Let me add.\n</think>\n\n" if text.endswith("<think>\n") else
+            "\n\n</think>\n\n" if text.endswith("<think>") else "")
+
+
 def adder(text: str, seq) -> str:
     """Call add(2, 3), then add(result, 10), then answer with the last result; a thought first when one is open."""
     results = re.findall(r"<tool_response>\n(.*?)\n</tool_response>", text, re.S)
     body = CALL.format(a=2, b=3) if not results else CALL.format(a=results[-1], b=10) if len(results) == 1 \
         else f"The sum is {results[-1]}."
-    return ("Let me add.\n</think>\n\n" if text.endswith("<think>\n") else
-            "\n\n</think>\n\n" if text.endswith("<think>") else "") + body
+    return _opener(text) + body
 
 
 def full_logprobs(model, ids: list[int]) -> torch.Tensor:

@@ -439,3 +439,40 @@ def test_penalties_are_sampling_fields_of_the_resume_key(setup):
     with pytest.raises(ValueError, match="EvalConfig: SamplingParams.presence_penalty"):
         run_eval(cfg_for(tmp, model, data, "bad", presence_penalty=3.0))
     assert run_eval(cfg_for(tmp, model, data, "plain", limit=2, plot=False)) == plain  # resumes: nothing to redo
+
+
+def test_tools_make_each_sample_a_conversation(setup, monkeypatch):
+    """--tools: every completion is a conversation (scripted: call add(a, b), then answer with its result); the
+    sample holds its turns, calls and messages, the summary its tool table, and the tools bind a resume."""
+    from test_agent import question_adder, script_every_llm
+
+    from r4b.engine.chat import ChatTokenizer
+
+    tmp, model, _ = setup
+    data = write_jsonl(tmp / "sums.jsonl", [{"prompt": f"What is {a} + {b}?", "answer": str(a + b)}
+                                           for a, b in ((1, 2), (30, 4), (5, 5))])
+    tools = tmp / "tools.py"
+    tools.write_text("def add(a: int, b: int) -> int:\n    return a + b\n")
+    script_every_llm(monkeypatch, ChatTokenizer(model / "tokenizer.json"), question_adder)
+    cfg = cfg_for(tmp, model, data, "tools", reward="math", max_tokens=80, n=1, tools=f"{tools}:add",
+                  max_tool_turns=3, plot=False)
+    s = run_eval(cfg)
+    assert s["prompts"] == 3
+    for m in ("short", "auto", "long"):
+        r = s["modes"][m]
+        assert r["accuracy"] == 1.0 and r["turns_mean"] == 2.0 and r["tool_calls_mean"] == 1.0
+        assert r["tool_errors"] == 0 and r["max_turns_rate"] == 0.0
+    assert s["modes"]["long"]["think_rate"] == 1.0 and s["modes"]["short"]["think_rate"] == 0.0
+    rows = [r for r in read_samples(tmp / "tools" / "samples.jsonl") if "mode" in r]
+    assert len(rows) == 9 and all(r["turns"] == 2 and r["stop_reason"] == "answer" for r in rows)
+    r = next(r for r in rows if r["id"] == 1 and r["mode"] == "long")
+    assert r["answer"] == "\\boxed{34}" and [m["role"] for m in r["messages"]] == ["assistant", "tool", "assistant"]
+    assert r["messages"][1]["content"] == "34" and r["thinking"] == "Let me add."
+    assert "| turns | tool calls |" in (tmp / "tools" / "summary.md").read_text()
+    key = json.loads((tmp / "tools" / "eval_config.json").read_text())
+    assert key["tools"] == f"{tools}:add" and key["max_tool_turns"] == 3
+    with pytest.raises(ValueError, match="max_tool_turns"):
+        run_eval(dataclasses.replace(cfg, max_tool_turns=2))
+    for kw, name in ((dict(tools="add"), "tools"), (dict(tool_timeout=-1), "tool_timeout")):
+        with pytest.raises(ValueError, match=f"EvalConfig.{name}"):
+            cfg_for(tmp, model, data, "x", **kw).validate()

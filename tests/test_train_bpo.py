@@ -185,6 +185,41 @@ def test_bpo_two_ranks(run, tmp_path):
     assert [x["step"] for x in read_metrics(Path(cfg.output_dir) / "metrics.jsonl")] == [1, 2, 3, 4]
 
 
+TOOLS_PY = '''
+def add(a: int, b: int) -> int:
+    """Add two integers."""
+    return a + b
+'''
+
+
+def test_bpo_with_tools_trains_whole_conversations(run, monkeypatch):
+    """--tools: every rollout (and the probe) is a conversation. A tiny random model calls no tool by itself, so
+    the engine is scripted (forced tokens, the model's log-probs): call add(a, b), then answer with its result.
+    The trainer's log-probs of the packed conversations match the engine's (the gap: the trained targets are the
+    sampled turns), and the tool metrics are logged (the rollout batch's masks: test_agent.py)."""
+    from test_agent import question_adder, script_every_llm
+
+    from r4b.engine.chat import ChatTokenizer
+
+    tmp, model, data, probe = run
+    tools = tmp / "tools.py"
+    tools.write_text(TOOLS_PY)
+    script_every_llm(monkeypatch, ChatTokenizer(model / "tokenizer.json"), question_adder)
+    cfg = config(tmp, model, data, "bpo_tools", steps=1, reward="math", max_new_tokens=80, tools=f"{tools}:add",
+                 max_tool_turns=3, probe_data=str(probe), probe_every=1)
+    cfg.validate()
+    train_bpo(cfg)
+    (r,) = read_metrics(Path(cfg.output_dir) / "metrics.jsonl")
+    assert r["reward_long"] == r["reward_short"] == 1.0 and r["probe_reward"] == 1.0
+    assert r["turns_long"] == r["turns_short"] == 2.0 and r["tool_calls_long"] == r["tool_calls_short"] == 1.0
+    assert r["rollout_tool_errors"] == 0 and r["rollout_max_turns_hit"] == 0
+    assert r["logprob_gap"] < 1e-4 and r["trained_tokens"] > 0
+    for kw, name in ((dict(tools="add"), "tools"), (dict(tool_timeout=0), "tool_timeout"),
+                     (dict(max_tool_turns=0), "max_tool_turns")):
+        with pytest.raises(ValueError, match=f"BPOConfig.{name}"):
+            config(tmp, model, data, "x", **kw).validate()
+
+
 def test_resolve_reward_and_config_errors(run):
     tmp, model, data, _ = run
     assert resolve_reward("math")("\\boxed{3}", "3") == 1.0

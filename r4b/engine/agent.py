@@ -460,7 +460,7 @@ def run_tool_loop(
     llm: LLM,
     prompts: Sequence[Any],
     toolbox: Toolbox,
-    params: SamplingParams | None = None,
+    params: SamplingParams | Sequence[SamplingParams] | None = None,
     *,
     thinking_mode: str | Sequence[str] = "auto",
     max_turns: int = 4,
@@ -470,8 +470,9 @@ def run_tool_loop(
     """Roll out every prompt (a str or a chat, offered ``toolbox``'s tools) ``params.n`` times in each thinking
     mode, each completion a conversation of at most ``max_turns`` assistant turns: a turn that makes tool calls
     (and ends its turn) gets their results and the next turn. All conversations advance together: a turn of every
-    one that goes on is one engine call. ``params.max_tokens`` and ``max_thinking_tokens`` hold per turn; a seeded
-    request's later turns draw from seeds derived from (seed, prompt, completion, turn)."""
+    one that goes on is one engine call. params: one SamplingParams, or one per prompt; ``max_tokens`` and
+    ``max_thinking_tokens`` hold per turn; a seeded prompt's later turns draw from seeds derived from (seed,
+    prompt, completion, turn)."""
     if not isinstance(toolbox, Toolbox):
         raise ValueError(f"toolbox must be a Toolbox, got {type(toolbox).__name__}")
     if not isinstance(max_turns, int) or isinstance(max_turns, bool) or max_turns < 1:
@@ -481,13 +482,17 @@ def run_tool_loop(
     modes = (thinking_mode,) if isinstance(thinking_mode, str) else tuple(thinking_mode)
     for m in modes:
         check_mode(m)
-    params = params or SamplingParams()
-    if params.prompt_logprobs is not None:
+    prompts = list(prompts)
+    params = params if params is not None else SamplingParams()
+    plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+    if len(plist) != len(prompts) or not all(isinstance(p, SamplingParams) for p in plist):
+        raise ValueError(f"params must be a SamplingParams or one per prompt ({len(prompts)}), got {params!r:.80}")
+    if any(p.prompt_logprobs is not None for p in plist):
         raise ValueError("run_tool_loop: SamplingParams.prompt_logprobs is not supported (later turns' prompts "
                          "are the conversation so far)")
     tok = llm.tokenizer
     im_end = tok.im_end_id
-    outs = llm.generate(list(prompts), params, thinking_mode=modes, max_thinking_tokens=max_thinking_tokens,
+    outs = llm.generate(prompts, plist, thinking_mode=modes, max_thinking_tokens=max_thinking_tokens,
                         tools=toolbox.schemas, use_tqdm=use_tqdm)
     results = [single_turn(llm, q, out) for q, out in enumerate(outs)]
     live = [t for res in results for t in res.trajectories]
@@ -512,7 +517,7 @@ def run_tool_loop(
             break
         flat = [c for traj in going for c in traj.turns[-1].calls]
         ran = iter(toolbox.run(flat))
-        requests, plist, nxt = [], [], []
+        requests, turn_params, nxt = [], [], []
         for traj in going:
             last = traj.turns[-1]
             last.results = [next(ran) for _ in last.calls]
@@ -525,11 +530,12 @@ def run_tool_loop(
                 continue
             pix, sizes = images[traj.prompt_index]
             requests.append({"prompt_token_ids": ids, "pixel_values": pix, "image_sizes": sizes})
-            plist.append(replace(params, n=1, seed=_turn_seed(params.seed, traj.prompt_index, traj.index, turn)))
+            p = plist[traj.prompt_index]
+            turn_params.append(replace(p, n=1, seed=_turn_seed(p.seed, traj.prompt_index, traj.index, turn)))
             nxt.append((traj, ids, start))
         if not requests:
             break
-        outs = llm.generate(requests, plist, max_thinking_tokens=max_thinking_tokens, use_tqdm=False)
+        outs = llm.generate(requests, turn_params, max_thinking_tokens=max_thinking_tokens, use_tqdm=False)
         live = []
         for (traj, ids, start), out in zip(nxt, outs, strict=True):
             if out.error is not None:

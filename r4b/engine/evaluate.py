@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ._config import config_from_dict
+from .agent import Toolbox, run_tool_loop, single_turn
 from .chat import check_mode
 from .llm import LLM
 from .rewards import REWARDS, resolve_reward, safe_reward
@@ -42,7 +43,8 @@ MODES = ("short", "auto", "long")
 _SAMPLE_FIELDS = ("model", "tokenizer", "data", "image_root", "reward", "modes", "n", "temperature", "top_p", "top_k",
                   "max_tokens", "max_thinking_tokens", "seed", "dtype")
 # sampling fields added later: in the key only when set (so a run written before they existed still resumes)
-_SAMPLE_FIELDS_IF_SET = {"min_p": 0.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0}
+_SAMPLE_FIELDS_IF_SET = {"min_p": 0.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
+                         "tools": None, "max_tool_turns": 4}
 
 
 @dataclass
@@ -62,6 +64,10 @@ class EvalConfig:
     of samples.jsonl); device (default: cuda when available) / dtype ("auto": the checkpoint's) / max_num_seqs: the
     engine; resume: continue the samples already in output_dir (they must come from the same
     sampling fields); progress: a tqdm bar; plot: eval.png.
+    tools: Python functions the model may call, "package.module:fn1,fn2" or "path/tools.py:fn" (or a module's list,
+    "module:TOOLS"; r4b.engine.agent.Toolbox): each completion is then a conversation of at most max_tool_turns
+    assistant turns, scored on its last answer (a sample also records its turns, calls and messages);
+    tool_timeout: seconds a call may take.
     """
 
     model: str = ""
@@ -90,6 +96,9 @@ class EvalConfig:
     resume: bool = True
     progress: bool = True
     plot: bool = True
+    tools: str | None = None
+    max_tool_turns: int = 4
+    tool_timeout: float = 30.0
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EvalConfig:
@@ -114,13 +123,19 @@ class EvalConfig:
         for name in ("model", "data", "output_dir"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise bad(name, "a non-empty path")
-        for name, low in (("n", 1), ("batch_size", 1), ("max_num_seqs", 1), ("limit", 0), ("seed", 0)):
+        for name, low in (("n", 1), ("batch_size", 1), ("max_num_seqs", 1), ("limit", 0), ("seed", 0),
+                          ("max_tool_turns", 1)):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
                 raise bad(name, f"an int >= {low}")
         for name in ("resume", "progress", "plot"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "true or false")
+        if self.tools is not None and (not isinstance(self.tools, str) or ":" not in self.tools):
+            raise bad("tools", "None or 'package.module:function[,function...]' / 'path/tools.py:function'")
+        if isinstance(self.tool_timeout, bool) or not isinstance(self.tool_timeout, (int, float)) \
+                or not self.tool_timeout > 0:
+            raise bad("tool_timeout", "a number of seconds > 0")
         if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
             raise bad("dtype", "one of auto, bf16, fp16, fp32")
         if not isinstance(self.reward, str) or not self.reward:
@@ -175,13 +190,17 @@ def _prompt_text(prompt: Any) -> str:
 
 def score_prompts(llm: LLM, prompts: Sequence[Any], references: Sequence[Any], ids: Sequence[int],
                   reward: Callable[[str, Any], float], *, modes: Sequence[str] = MODES,
-                  params: SamplingParams | None = None, max_thinking_tokens: int | None = None) -> list[dict]:
+                  params: SamplingParams | None = None, max_thinking_tokens: int | None = None,
+                  toolbox: Toolbox | None = None, max_turns: int = 4) -> list[dict]:
     """Complete each prompt ``params.n`` times in every mode (one prefill per prompt) and score the answers.
 
     Returns one row per completion: id, mode, sample, reward, reward_error, think (a non-empty thought),
     tokens, thinking_tokens, finish_reason, answer, thinking, reference; and for a request the engine refused
     one row {id, error}. ``ids`` name the prompts (the seed of prompt i's completions comes from (params.seed,
-    ids[i])).
+    ids[i])). With ``toolbox`` each completion is a conversation of at most ``max_turns`` turns
+    (r4b.engine.agent.run_tool_loop): think and thinking are its first turn's (the choice the question got),
+    answer and finish_reason its last turn's, tokens and thinking_tokens summed over its turns; the row adds turns,
+    tool_calls, tool_errors, stop_reason and messages (the conversation after the prompt).
     """
     if not len(prompts) == len(references) == len(ids):
         raise ValueError(f"prompts, references and ids must have one entry each, got {len(prompts)}, "
@@ -189,21 +208,31 @@ def score_prompts(llm: LLM, prompts: Sequence[Any], references: Sequence[Any], i
     params = params or SamplingParams(temperature=0.0, max_tokens=2048)
     modes = parse_modes(modes)
     per = [dataclasses.replace(params, seed=prompt_seed(params.seed or 0, int(i))) for i in ids]
-    outs = llm.generate(list(prompts), per, thinking_mode=list(modes), max_thinking_tokens=max_thinking_tokens,
-                        use_tqdm=False)
+    if toolbox is not None:
+        outs = run_tool_loop(llm, list(prompts), toolbox, per, thinking_mode=list(modes), max_turns=max_turns,
+                             max_thinking_tokens=max_thinking_tokens)
+    else:
+        outs = [single_turn(llm, q, out) for q, out in
+                enumerate(llm.generate(list(prompts), per, thinking_mode=list(modes),
+                                       max_thinking_tokens=max_thinking_tokens, use_tqdm=False))]
     rows = []
     for pid, prompt, ref, out in zip(ids, prompts, references, outs, strict=True):
         text = _prompt_text(prompt)
-        if out.error is not None or not out.outputs:
+        if out.error is not None or not out.trajectories:
             rows.append({"id": int(pid), "prompt": text, "error": out.error or "no completion"})
             continue
-        for c in out.outputs:
-            r, err = safe_reward(reward, c.answer, ref)
-            rows.append({"id": int(pid), "mode": c.thinking_mode, "sample": c.index % params.n, "reward": r,
-                         "reward_error": err, "think": c.mode == "think", "tokens": len(c.token_ids),
-                         "thinking_tokens": c.num_thinking_tokens, "finish_reason": c.finish_reason,
-                         "answer": c.answer, "thinking": c.thinking, "reference": _jsonable(ref),
-                         "prompt": text})
+        for t in out.trajectories:
+            first = t.turns[0].output
+            r, err = safe_reward(reward, t.answer, ref)
+            row = {"id": int(pid), "mode": t.mode, "sample": t.index % params.n, "reward": r,
+                   "reward_error": err, "think": first.mode == "think", "tokens": t.generated_tokens,
+                   "thinking_tokens": sum(u.output.num_thinking_tokens for u in t.turns),
+                   "finish_reason": t.final.finish_reason, "answer": t.answer, "thinking": first.thinking,
+                   "reference": _jsonable(ref), "prompt": text}
+            if toolbox is not None:
+                row.update(turns=len(t.turns), tool_calls=t.num_tool_calls, tool_errors=t.tool_errors,
+                           stop_reason=t.stop_reason, messages=t.messages())
+            rows.append(row)
     return rows
 
 
@@ -270,6 +299,12 @@ def summarize(rows: Iterable[dict], modes: Sequence[str] = MODES) -> dict:
             "truncated_rate": _mean(float(s["finish_reason"] == "length") for s in samples),
             "reward_errors": sum(s.get("reward_error") is not None for s in samples),
         }
+        if any("turns" in s for s in samples):  # conversations with tools
+            out["modes"][m].update(
+                turns_mean=_mean(s.get("turns", 1) for s in samples),
+                tool_calls_mean=_mean(s.get("tool_calls", 0) for s in samples),
+                tool_errors=sum(s.get("tool_errors", 0) for s in samples),
+                max_turns_rate=_mean(float(s.get("stop_reason") == "max_turns") for s in samples))
     if "short" in modes and "long" in modes:
         # a gain within rounding of 0 (partial-credit rewards summed in another order) is no change
         gain = {pid: 0.0 if abs(d := acc["long"][pid] - acc["short"][pid]) <= 1e-9 else d for pid in ok}
@@ -300,9 +335,9 @@ def summarize(rows: Iterable[dict], modes: Sequence[str] = MODES) -> dict:
 def evaluate(llm: LLM, items: Sequence[tuple[Any, Any]], reward: Callable[[str, Any], float] | str, *,
              modes: Sequence[str] | str = MODES, params: SamplingParams | None = None,
              max_thinking_tokens: int | None = None, batch_size: int = 64,
-             progress: bool = False) -> tuple[dict, list[dict]]:
+             progress: bool = False, toolbox: Toolbox | None = None, max_turns: int = 4) -> tuple[dict, list[dict]]:
     """Evaluate (prompt, reference) pairs in memory: (summary, sample rows). The Python API of ``r4b eval``
-    without files; prompts are ids 0, 1, ... in order."""
+    without files; prompts are ids 0, 1, ... in order; ``toolbox``: conversations with tools (score_prompts)."""
     fn = resolve_reward(reward) if isinstance(reward, str) else reward
     modes = parse_modes(modes)
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -313,7 +348,7 @@ def evaluate(llm: LLM, items: Sequence[tuple[Any, Any]], reward: Callable[[str, 
         chunk = items[start : start + batch_size]
         rows += score_prompts(llm, [p for p, _ in chunk], [r for _, r in chunk],
                               list(range(start, start + len(chunk))), fn, modes=modes, params=params,
-                              max_thinking_tokens=max_thinking_tokens)
+                              max_thinking_tokens=max_thinking_tokens, toolbox=toolbox, max_turns=max_turns)
         if bar is not None:
             bar.update(len(chunk))
     if bar is not None:
@@ -549,6 +584,7 @@ def _sample(cfg: EvalConfig, llm: LLM | None, todo: list, root: Any, path: Path,
     from .train.data import encode_prompt_row
 
     fn = resolve_reward(cfg.reward)
+    toolbox = Toolbox.load(cfg.tools, timeout=cfg.tool_timeout) if cfg.tools else None
     bar = _bar(total, progress)
     if bar is not None:
         bar.update(already)
@@ -575,7 +611,8 @@ def _sample(cfg: EvalConfig, llm: LLM | None, todo: list, root: Any, path: Path,
                 refs.append(ref)
             if ids:
                 new += score_prompts(llm, prompts, refs, ids, fn, modes=cfg.mode_list, params=params,
-                                     max_thinking_tokens=cfg.max_thinking_tokens)
+                                     max_thinking_tokens=cfg.max_thinking_tokens, toolbox=toolbox,
+                                     max_turns=cfg.max_tool_turns)
             f.write("".join(json.dumps(r) + "\n" for r in new))  # ASCII: a lone surrogate in the data writes too
             f.flush()
             os.fsync(f.fileno())
@@ -643,6 +680,13 @@ def format_summary(s: dict, modes: Sequence[str] = MODES) -> str:
         lines.append(f"auto mode thinks on {_fmt(d['think_rate_when_thinking_helps'], True)}% of the prompts where "
                      f"thinking helps and {_fmt(d['think_rate_when_thinking_hurts'], True)}% where it hurts; "
                      f"decision accuracy {_fmt(d['decision_accuracy'], True)}%")
+    if any("turns_mean" in s["modes"][m] for m in modes):
+        lines += ["", "| mode | turns | tool calls | failed tool calls | turns ran out % |", "|---|---|---|---|---|"]
+        for m in modes:
+            r = s["modes"][m]
+            if "turns_mean" in r:
+                lines.append(f"| {names[m]} | {_fmt(r['turns_mean'])} | {_fmt(r['tool_calls_mean'])} | "
+                             f"{r['tool_errors']} | {_fmt(r['max_turns_rate'], True)} |")
     errors = sum(s["modes"][m]["reward_errors"] for m in modes)
     if errors:
         lines.append(f"{errors} completions scored 0 because the reward function failed on them")

@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from r4b.kernels import fused_linear_grpo_loss, fused_linear_logprobs
 
+from ..agent import Toolbox, run_tool_loop, single_turn
 from ..llm import LLM
 from ..model import from_pretrained
 from ..rewards import REWARDS, resolve_reward, safe_reward
@@ -56,7 +57,11 @@ class BPOConfig(TrainConfig):
     beta / aggregation: the loss (fused_linear_grpo_loss); ref_model: the KL reference (the starting model by
     default; only loaded when beta > 0); mini_batches: optimizer steps per rollout; micro_batch_tokens: tokens per
     forward; kv_cache_fraction / max_num_seqs / max_num_batched_tokens / cuda_graphs: the inference engine;
-    probe_data / probe_every / probe_max_tokens: the held-out auto-mode probe (greedy)."""
+    probe_data / probe_every / probe_max_tokens: the held-out auto-mode probe (greedy);
+    tools: Python functions the model may call, "package.module:fn1,fn2" or "path/tools.py:fn" (or a module's list
+    of them, "module:TOOLS"; r4b.engine.agent.Toolbox): each rollout (and the probe) is then a conversation of at
+    most max_tool_turns assistant turns, trained over every turn and not over the tool results; tool_timeout:
+    seconds a call may take (over it, the model reads an error)."""
 
     data: str = ""
     reward: str = "math"
@@ -84,6 +89,9 @@ class BPOConfig(TrainConfig):
     probe_data: str | None = None
     probe_every: int = 0
     probe_max_tokens: int = 1024
+    tools: str | None = None
+    max_tool_turns: int = 4
+    tool_timeout: float = 30.0
 
     def validate(self) -> None:
         super().validate()
@@ -94,7 +102,7 @@ class BPOConfig(TrainConfig):
         if not self.data:
             raise bad("data", "a JSONL path")
         for name in ("g", "prompts_per_step", "max_new_tokens", "mini_batches", "micro_batch_tokens",
-                     "max_num_seqs", "max_num_batched_tokens", "probe_max_tokens"):
+                     "max_num_seqs", "max_num_batched_tokens", "probe_max_tokens", "max_tool_turns"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise bad(name, "an int >= 1")
@@ -118,6 +126,11 @@ class BPOConfig(TrainConfig):
             raise bad("steps", f"a multiple of mini_batches ({self.mini_batches})")
         if self.save_every % self.mini_batches:
             raise bad("save_every", f"a multiple of mini_batches ({self.mini_batches})")
+        if self.tools is not None and (not isinstance(self.tools, str) or ":" not in self.tools):
+            raise bad("tools", "None or 'package.module:function[,function...]' / 'path/tools.py:function'")
+        if isinstance(self.tool_timeout, bool) or not isinstance(self.tool_timeout, (int, float)) \
+                or not self.tool_timeout > 0:
+            raise bad("tool_timeout", "a number of seconds > 0")
         if ":" not in self.reward and self.reward not in REWARDS:
             raise bad("reward", f"one of {tuple(REWARDS)} or 'package.module:function'")
 
@@ -129,7 +142,8 @@ def _rows(mask: torch.Tensor) -> torch.Tensor:
 class BPOTrainer(Trainer):
     name = "bpo"
     plot_keys = ["reward_long", "reward_short", "reward_auto", "think_rate_auto", "probe_think_rate",
-                 "probe_reward", "tokens_long", "tokens_short", "loss", "clip_frac", "kl_mean", "grad_norm"]
+                 "probe_reward", "tokens_long", "tokens_short", "tool_calls_long", "tool_calls_short", "loss",
+                 "clip_frac", "kl_mean", "grad_norm"]
 
     def __init__(self, cfg: BPOConfig) -> None:
         super().__init__(cfg)
@@ -139,6 +153,7 @@ class BPOTrainer(Trainer):
                                    rank=self.dist.rank, world_size=self.dist.world_size)
         self.probe = PromptDataset(cfg.probe_data, **kw) if cfg.probe_every else None
         self.reward = resolve_reward(cfg.reward)
+        self.toolbox = Toolbox.load(cfg.tools, timeout=cfg.tool_timeout) if cfg.tools else None
         self.ref = None
         if cfg.beta > 0:  # the frozen reference: compute dtype only, no masters, no optimizer
             self.ref = from_pretrained(cfg.ref_model or cfg.model, dtype=self.compute_dtype, device=self.device)
@@ -191,7 +206,8 @@ class BPOTrainer(Trainer):
             try:
                 batch = bpo_rollouts(llm, prompts, refs, self.reward, g=cfg.g, params=params,
                                      rollout_mode=cfg.rollout_mode, train_mode_tokens=cfg.train_mode_tokens,
-                                     max_thinking_tokens=cfg.max_thinking_tokens)
+                                     max_thinking_tokens=cfg.max_thinking_tokens, toolbox=self.toolbox,
+                                     max_turns=cfg.max_tool_turns)
             except ValueError as e:  # every prompt of this rank failed: reported, this rank trains nothing
                 log.warning("rank %d: rollout %d gave no batch: %s", self.dist.rank, self.rollouts, e)
                 batch = None
@@ -235,8 +251,11 @@ class BPOTrainer(Trainer):
         """The rollout's per-mode stats as means over the ranks (each rank's value weighted by its sequences);
         ``failed``: this rank's prompts that gave no batch (counted as skipped)."""
         modes = ("long", "short") if self.cfg.rollout_mode == "bpo" else ("auto",)
-        keys = ["reward_mean"] + [f"{k}_{m}" for m in modes for k in ("reward", "solved", "tokens", "think_rate")]
+        per_mode = ("reward", "solved", "tokens", "think_rate") + (("turns", "tool_calls") if self.toolbox else ())
+        keys = ["reward_mean"] + [f"{k}_{m}" for m in modes for k in per_mode]
         counts = ["sequences", "tokens", "reward_errors", "skipped_prompts"]
+        if self.toolbox:
+            counts += ["tool_errors", "max_turns_hit"]
         st = batch.stats if batch is not None else {"skipped_prompts": failed}
         n = st.get("sequences", 0.0)
         local = torch.tensor([n] + [st.get(k, 0.0) * n for k in keys] + [st.get(k, 0.0) for k in counts[1:]],
@@ -252,15 +271,20 @@ class BPOTrainer(Trainer):
         items = [self.probe[i] for i in range(self.dist.rank, len(self.probe), self.dist.world_size)]
         sums = torch.zeros(4, dtype=torch.float64)  # prompts, thought, reward, tokens
         if items:
-            outs = llm.generate([p for p, _ in items], SamplingParams(temperature=0.0,
-                                                                      max_tokens=self.cfg.probe_max_tokens),
-                                thinking_mode="auto", use_tqdm=False)
+            greedy = SamplingParams(temperature=0.0, max_tokens=self.cfg.probe_max_tokens)
+            prompts = [p for p, _ in items]
+            if self.toolbox is not None:  # conversations: the first turn's choice, the last turn's answer
+                outs = run_tool_loop(llm, prompts, self.toolbox, greedy, max_turns=self.cfg.max_tool_turns)
+            else:
+                outs = [single_turn(llm, q, out) for q, out in
+                        enumerate(llm.generate(prompts, greedy, thinking_mode="auto", use_tqdm=False))]
             for (_, ref), out in zip(items, outs, strict=True):
-                if out.error is not None or not out.outputs:
+                if out.error is not None or not out.trajectories:
                     continue
-                c = out.outputs[0]
-                r, _ = safe_reward(self.reward, c.answer, ref)
-                sums += torch.tensor([1.0, float(c.mode == "think"), r, float(len(c.token_ids))], dtype=torch.float64)
+                t = out.trajectories[0]
+                r, _ = safe_reward(self.reward, t.answer, ref)
+                sums += torch.tensor([1.0, float(t.turns[0].output.mode == "think"), r, float(t.generated_tokens)],
+                                     dtype=torch.float64)
         n, think, reward, tokens = parallel.all_reduce_sum(sums).tolist()
         nan = float("nan")
         return {"probe_think_rate": think / n if n else nan, "probe_reward": reward / n if n else nan,
