@@ -5,6 +5,7 @@ interrupted run to the same samples, and the CLI."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 
@@ -470,9 +471,15 @@ def test_tools_make_each_sample_a_conversation(setup, monkeypatch):
     assert r["messages"][1]["content"] == "34" and r["thinking"] == "Let me add."
     assert "| turns | tool calls |" in (tmp / "tools" / "summary.md").read_text()
     key = json.loads((tmp / "tools" / "eval_config.json").read_text())
-    assert key["tools"] == f"{tools}:add" and key["max_tool_turns"] == 3
+    assert key["tools"] == f"{tools}:add" and key["max_tool_turns"] == 3 and key["tool_timeout"] == 30.0
+    assert key["tools_sha256"] == hashlib.sha256(tools.read_bytes()).hexdigest()
     with pytest.raises(ValueError, match="max_tool_turns"):
         run_eval(dataclasses.replace(cfg, max_tool_turns=2))
+    tools.write_text("def add(a: int, b: int) -> int:\n    return a + b + 1\n")  # edited tools: not the same run
+    with pytest.raises(ValueError, match="tools_sha256"):
+        run_eval(cfg)
+    plain = evaluate_module._sample_key(dataclasses.replace(cfg, tools=None), "digest")
+    assert not {"tools", "max_tool_turns", "tool_timeout", "tools_sha256"} & set(plain)  # older runs still resume
     for kw, name in ((dict(tools="add"), "tools"), (dict(tool_timeout=-1), "tool_timeout")):
         with pytest.raises(ValueError, match=f"EvalConfig.{name}"):
             cfg_for(tmp, model, data, "x", **kw).validate()

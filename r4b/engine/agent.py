@@ -19,6 +19,7 @@ the error.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -37,7 +38,7 @@ from typing import Any, Literal
 
 from torch import Tensor
 
-from .chat import ToolCall, check_mode, check_tools, parse_tool_calls, tool_turn
+from .chat import TOOL_CALL, ToolCall, check_mode, check_tools, parse_tool_calls
 from .llm import LLM, CompletionOutput, RequestOutput
 from .sampling import SamplingParams
 
@@ -46,6 +47,9 @@ log = logging.getLogger(__name__)
 _JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", list: "array", tuple: "array",
                dict: "object", type(None): "null"}
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
+# the result a turn gets for a <tool_call> block that is no call (so the model learns the format, not silence)
+MALFORMED = ('the <tool_call> block is not a call: write <tool_call>\n{"name": <function-name>, "arguments": '
+             '<args-json-object>}\n</tool_call>')
 
 
 # ---------------------------------------------------------------------------------------------------- schemas
@@ -193,6 +197,22 @@ def _fits(value: Any, schema: Any, where: str) -> str | None:
     return None
 
 
+def _ints(value: Any, schema: Any) -> Any:
+    """``value`` (checked by _fits) with the integral floats where the schema says integer made ints."""
+    if not isinstance(schema, dict):
+        return value
+    kinds = schema.get("type")
+    kinds = [kinds] if isinstance(kinds, str) else list(kinds or [])
+    if isinstance(value, float) and "integer" in kinds and "number" not in kinds and value.is_integer():
+        return int(value)
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        return [_ints(v, schema["items"]) for v in value]
+    if isinstance(value, dict) and isinstance(schema.get("properties"), dict):
+        props = schema["properties"]
+        return {k: _ints(v, props[k]) if k in props else v for k, v in value.items()}
+    return value
+
+
 # ---------------------------------------------------------------------------------------------------- tools
 @dataclass
 class ToolResult:
@@ -212,9 +232,13 @@ class Toolbox:
     tools: each a callable (its schema from :func:`function_schema`), or a ``(schema, callable)`` pair (OpenAI's
     ``{"type": "function", "function": {...}}`` or the function object itself). A call runs ``fn(**arguments)``
     after its arguments are checked against the schema; the value becomes the result's text (a str as it is,
-    anything else as JSON), cut to ``max_result_chars``. timeout: seconds a call may take; a call over it reads
-    as an error (its thread cannot be stopped: it finishes in the background, a daemon); max_workers: calls run
-    at once (a turn's calls, and the calls of every conversation in a step, run in parallel).
+    anything else as JSON), cut to ``max_result_chars``; an integer argument written as an integral float (2.0)
+    reaches the function as an int. timeout: seconds a call may take; a call over it reads as an error (its thread
+    cannot be stopped: it finishes in the background, a daemon); max_workers: calls run at once (a turn's calls,
+    and the calls of every conversation in a step, run in parallel), and the most calls left running after their
+    timeout: past that many, new calls are refused as errors until some finish (a tool that hangs cannot pile up
+    threads without bound). Only KeyboardInterrupt raised in a tool propagates; anything else (SystemExit from
+    model-written code included) is the call's error.
     """
 
     def __init__(self, tools: Sequence[Any], *, timeout: float = 30.0, max_result_chars: int = 8192,
@@ -228,6 +252,7 @@ class Toolbox:
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
         self.timeout, self.max_result_chars, self.max_workers = float(timeout), max_result_chars, max_workers
+        self._stuck: list[threading.Thread] = []  # calls still running after their timeout
         self.functions: dict[str, Callable] = {}
         self.schemas: list[dict] = []
         self._params: dict[str, dict] = {}
@@ -269,12 +294,16 @@ class Toolbox:
                 loader = importlib.util.spec_from_file_location(mod_name, path)
                 module = importlib.util.module_from_spec(loader)
                 sys.modules[mod_name] = module
-                loader.loader.exec_module(module)
+                try:
+                    loader.loader.exec_module(module)
+                except Exception as e:  # noqa: BLE001 - a broken tools file is a bad argument, not a crash
+                    del sys.modules[mod_name]  # not kept half-initialised for the next load
+                    raise ValueError(f"tools: {where} failed to load: {type(e).__name__}: {e}") from None
         else:
             try:
                 module = importlib.import_module(where)
-            except ImportError as e:
-                raise ValueError(f"tools: cannot import {where!r}: {e}") from None
+            except Exception as e:  # noqa: BLE001 - ImportError, or the module failing as it runs
+                raise ValueError(f"tools: cannot import {where!r}: {type(e).__name__}: {e}") from None
         tools: list = []
         for n in (x.strip() for x in names.split(",")):
             if not hasattr(module, n):
@@ -283,17 +312,35 @@ class Toolbox:
             tools.extend(obj if isinstance(obj, (list, tuple)) and not callable(obj) else [obj])
         return cls(tools, **kwargs)
 
+    @staticmethod
+    def source_digest(spec: str) -> str | None:
+        """sha256 of the source file a :meth:`load` spec names (a resume key's record of the tools' code), or None
+        when it has none (a built-in or namespace module)."""
+        where = spec.rpartition(":")[0]
+        path: str | None = where if where.endswith(".py") else None
+        if path is None:
+            try:
+                found = importlib.util.find_spec(where)
+            except (ImportError, ValueError):
+                found = None
+            path = found.origin if found is not None and found.has_location else None
+        if path is None or not Path(path).is_file():
+            return None
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
     @property
     def names(self) -> list[str]:
         return list(self.functions)
 
     def _text(self, value: Any) -> str:
+        """The result's text (a str as it is, else JSON, else str()), cut to max_result_chars; raises when the
+        value has no text (run in the call's thread, where that is the call's error)."""
         if isinstance(value, str):
             text = value
         else:
             try:
                 text = json.dumps(value, ensure_ascii=False, default=str)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, RecursionError):
                 text = str(value)
         if len(text) > self.max_result_chars:
             cut = len(text) - self.max_result_chars
@@ -307,48 +354,53 @@ class Toolbox:
 
     def run(self, calls: Sequence[ToolCall]) -> list[ToolResult]:
         """Execute the calls (at most ``max_workers`` at once, each within ``timeout``); one result per call, in
-        order. Never raises for a failing call (KeyboardInterrupt / SystemExit in a tool still propagate)."""
+        order. Never raises for a failing call (only a KeyboardInterrupt in a tool propagates)."""
         results: list[ToolResult | None] = [None] * len(calls)
+
+        def failed(k: int, why: str, seconds: float = 0.0) -> None:
+            results[k] = ToolResult(calls[k].name, calls[k].arguments, f"Error: {why}", why, seconds)
+
         for lo in range(0, len(calls), self.max_workers):
-            batch = list(range(lo, min(lo + self.max_workers, len(calls))))
-            boxes: dict[int, dict] = {}
+            self._stuck = [t for t in self._stuck if t.is_alive()]
             threads = []
-            for k in batch:
+            for k in range(lo, min(lo + self.max_workers, len(calls))):
                 call = calls[k]
                 why = self._check(call)
                 if why is not None:
-                    results[k] = ToolResult(call.name, call.arguments, f"Error: {why}", why)
-                    continue
-                box = boxes[k] = {"t0": time.perf_counter()}
-                th = threading.Thread(target=self._invoke, args=(call, box), daemon=True,
-                                      name=f"r4b-tool-{call.name}")
-                th.start()
-                threads.append((k, th))
+                    failed(k, why)
+                elif len(self._stuck) >= self.max_workers:
+                    failed(k, f"{len(self._stuck)} earlier tool calls are still running past their timeout; "
+                              f"no new call runs until they finish")
+                else:
+                    box = {"t0": time.perf_counter()}
+                    th = threading.Thread(target=self._invoke, args=(call, box), daemon=True,
+                                          name=f"r4b-tool-{call.name}")
+                    th.start()
+                    threads.append((k, th, box))
             deadline = time.perf_counter() + self.timeout
-            for k, th in threads:
+            for k, th, box in threads:
                 th.join(max(0.0, deadline - time.perf_counter()))
-                call, box = calls[k], boxes[k]
-                seconds = time.perf_counter() - box["t0"]
+                name = calls[k].name
                 if th.is_alive():
-                    why = f"{call.name} timed out after {self.timeout:g} s"
-                    results[k] = ToolResult(call.name, call.arguments, f"Error: {why}", why, seconds)
+                    self._stuck.append(th)
+                    failed(k, f"{name} timed out after {self.timeout:g} s", time.perf_counter() - box["t0"])
                 elif "raised" in box:
                     exc = box["raised"]
-                    if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                    if isinstance(exc, KeyboardInterrupt):
                         raise exc
-                    why = f"{call.name} raised {type(exc).__name__}: {exc}"
-                    results[k] = ToolResult(call.name, call.arguments, f"Error: {why}", why, box["seconds"])
+                    failed(k, f"{name} raised {type(exc).__name__}: {exc}", box["seconds"])
                 else:
-                    results[k] = ToolResult(call.name, call.arguments, self._text(box["value"]), None,
-                                            box["seconds"])
-                if results[k].error is not None:
-                    log.warning("tool call failed (the model reads the error): %s", results[k].error)
+                    results[k] = ToolResult(name, calls[k].arguments, box["text"], None, box["seconds"])
+        for r in results:
+            if r is not None and r.error is not None:
+                log.warning("tool call failed (the model reads the error): %s", r.error)
         return results  # type: ignore[return-value]
 
     def _invoke(self, call: ToolCall, box: dict) -> None:
         try:
-            box["value"] = self.functions[call.name](**call.arguments)
-        except BaseException as e:  # noqa: BLE001 - reported as the call's result
+            args = _ints(call.arguments, self._params[call.name])
+            box["text"] = self._text(self.functions[call.name](**args))
+        except BaseException as e:  # noqa: BLE001 - reported as the call's result (SystemExit included)
             box["raised"] = e
         box["seconds"] = time.perf_counter() - box["t0"]
 
@@ -358,7 +410,9 @@ class Toolbox:
 class Turn:
     """One assistant turn of a conversation. ``start``: where its mode suffix starts in the conversation's
     token_ids; ``gen_start``: its first generated token there; ``calls`` / ``results``: the calls executed after
-    it (empty for the last turn, and for a turn whose calls were not run because the turns ran out)."""
+    it and their results (one per call; or no call and one error result for a ``<tool_call>`` block that is no
+    call). Empty for the last turn, except when its results ran but did not fit max_model_len (stop_reason
+    "length"): then the model never read them."""
 
     start: int
     gen_start: int
@@ -372,8 +426,8 @@ class Trajectory:
     """One conversation: the prompt, then per turn the mode suffix and the generated tokens, with the tool turn
     between turns. ``stop_reason``: "answer" (the last turn made no call), "max_turns" (it made calls when the
     turns ran out), "length" (a turn hit max_tokens, or the next turn would not fit max_model_len), "no_end" (a
-    turn made calls but did not end with ``<|im_end|>``, e.g. a stop string), "error" (the engine refused a
-    continuation; ``error`` says why)."""
+    turn made calls but did not end with ``<|im_end|>``, e.g. a stop string), "error" (the engine refused the
+    next turn, e.g. for want of KV cache; ``error`` says why)."""
 
     prompt_index: int
     index: int  # within its prompt: mode-major, then sample (as CompletionOutput.index)
@@ -411,9 +465,10 @@ class Trajectory:
 
     def messages(self) -> list[dict]:
         """The turns as chat messages after the prompt (OpenAI's form: assistant messages with
-        ``reasoning_content`` and ``tool_calls``, then ``tool`` messages), for logs and for going on as a chat."""
+        ``reasoning_content`` and ``tool_calls``, then ``tool`` messages), for logs and for going on as a chat:
+        what the model read (results that did not fit are left out)."""
         out: list[dict] = []
-        for t in self.turns:
+        for i, t in enumerate(self.turns):
             content, calls, _ = parse_tool_calls(t.output.answer)
             msg: dict = {"role": "assistant", "content": content if calls else t.output.answer}
             if t.output.thinking:
@@ -423,7 +478,8 @@ class Trajectory:
                                                                         "arguments": c.arguments_json()}}
                                      for c in calls]
             out.append(msg)
-            out += [{"role": "tool", "name": r.name, "content": r.content} for r in t.results]
+            if i + 1 < len(self.turns):
+                out += [{"role": "tool", "name": r.name, "content": r.content} for r in t.results]
         return out
 
 
@@ -452,8 +508,13 @@ def single_turn(llm: LLM, q: int, out: RequestOutput) -> AgentOutput:
     return res
 
 
-def _turn_seed(seed: int | None, prompt: int, index: int, turn: int) -> int | None:
-    return None if seed is None else hash((seed, prompt, index, turn)) & (2**62 - 1)
+def turn_seed(seed: int | None, index: int, turn: int) -> int | None:
+    """The seed of completion ``index``'s turn ``turn + 1`` (turn 1 draws from the request's own seed): from the
+    request's seed, not from where the prompt sits in a call, so a prompt with its own seed (as r4b eval gives
+    each) samples the same conversations in any batch, process or resumed run."""
+    if seed is None:
+        return None
+    return int.from_bytes(hashlib.sha256(f"{seed}:{index}:{turn}".encode()).digest()[:8], "little") & (2**62 - 1)
 
 
 def run_tool_loop(
@@ -471,8 +532,9 @@ def run_tool_loop(
     mode, each completion a conversation of at most ``max_turns`` assistant turns: a turn that makes tool calls
     (and ends its turn) gets their results and the next turn. All conversations advance together: a turn of every
     one that goes on is one engine call. params: one SamplingParams, or one per prompt; ``max_tokens`` and
-    ``max_thinking_tokens`` hold per turn; a seeded prompt's later turns draw from seeds derived from (seed,
-    prompt, completion, turn)."""
+    ``max_thinking_tokens`` hold per turn; a seeded prompt's later turns draw from seeds derived from (its seed,
+    completion, turn) (:func:`turn_seed`). A turn whose only ``<tool_call>`` block is no call gets an error result
+    that shows the format (``MALFORMED``) and goes on."""
     if not isinstance(toolbox, Toolbox):
         raise ValueError(f"toolbox must be a Toolbox, got {type(toolbox).__name__}")
     if not isinstance(max_turns, int) or isinstance(max_turns, bool) or max_turns < 1:
@@ -501,8 +563,9 @@ def run_tool_loop(
         going: list[Trajectory] = []
         for traj in live:
             out = traj.final
-            calls = parse_tool_calls(out.answer)[1]
-            if not calls:
+            content, calls, _ = parse_tool_calls(out.answer)
+            malformed = not calls and TOOL_CALL in content  # a <tool_call> block that is no call
+            if not calls and not malformed:
                 traj.stop_reason = "length" if out.finish_reason == "length" else "answer"
             elif out.finish_reason == "length":
                 traj.stop_reason = "length"
@@ -510,28 +573,29 @@ def run_tool_loop(
                 traj.stop_reason = "no_end"
             elif turn == max_turns:
                 traj.stop_reason = "max_turns"
+            elif len(traj.token_ids) + len(tok.encode_tool_turn([""] * max(1, len(calls)), traj.mode)) \
+                    >= llm.max_model_len:  # not even empty results would leave room for a token
+                traj.stop_reason = "length"
             else:
                 traj.turns[-1].calls = calls
                 going.append(traj)
         if not going:
             break
-        flat = [c for traj in going for c in traj.turns[-1].calls]
-        ran = iter(toolbox.run(flat))
+        ran = iter(toolbox.run([c for traj in going for c in traj.turns[-1].calls]))
         requests, turn_params, nxt = [], [], []
         for traj in going:
             last = traj.turns[-1]
-            last.results = [next(ran) for _ in last.calls]
-            head = tok.encode(tool_turn([r.content for r in last.results]))
-            suffix = llm.mode_suffix_ids(traj.mode)
+            last.results = [next(ran) for _ in last.calls] or [ToolResult("", {}, f"Error: {MALFORMED}", MALFORMED)]
+            head = tok.encode_tool_turn([r.content for r in last.results])
             start = len(traj.token_ids) + len(head)
-            ids = traj.token_ids + head + suffix
-            if len(ids) >= llm.max_model_len:
+            ids = traj.token_ids + head + llm.mode_suffix_ids(traj.mode)
+            if len(ids) >= llm.max_model_len:  # the results ran but do not fit: the model never reads them
                 traj.stop_reason = "length"
                 continue
             pix, sizes = images[traj.prompt_index]
             requests.append({"prompt_token_ids": ids, "pixel_values": pix, "image_sizes": sizes})
             p = plist[traj.prompt_index]
-            turn_params.append(replace(p, n=1, seed=_turn_seed(p.seed, traj.prompt_index, traj.index, turn)))
+            turn_params.append(replace(p, n=1, seed=turn_seed(p.seed, traj.index, turn)))
             nxt.append((traj, ids, start))
         if not requests:
             break

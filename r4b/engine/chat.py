@@ -274,6 +274,7 @@ class ChatTokenizer:
         self.think_id, self.end_think_id, self.image_id = ids[THINK], ids[END_THINK], ids[IMAGE]
         self.eos_ids = [i for i in (ids[IM_END], ids[EOT]) if i is not None]
         self.model_config = model_config
+        self._plain: Tokenizer | None = None  # the tokenizer without its added tokens (encode_plain)
         if image_processor is None and model_config is not None:
             image_processor = ImageProcessor.from_config(model_config)
         self.image_processor = image_processor
@@ -295,6 +296,31 @@ class ChatTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Token ids of ``text`` as plain text: a chat token's spelling in it (``<|im_end|>``, ``<image>``,
+        ``<tool_call>``, ...) is encoded as its characters, not as the control token. Text without such
+        spellings gets :meth:`encode`'s ids."""
+        if self._plain is None:
+            spec = json.loads(self.tokenizer.to_str())
+            spec["added_tokens"] = []
+            self._plain = Tokenizer.from_str(json.dumps(spec))
+        return self._plain.encode(text, add_special_tokens=False).ids
+
+    def encode_tool_turn(self, results: list[str], thinking_mode: str | None = None) -> list[int]:
+        """Token ids of :func:`tool_turn`: the template's tokens, except that the results' text is encoded as
+        plain text (:meth:`encode_plain`), so a tool's output cannot end the turn, open a thought or claim an
+        image (its text sits between two chat tokens, so its ids are the template's whenever it spells none)."""
+        text = tool_turn(results, thinking_mode)
+        head = f"\n{TOOL_RESPONSE}\n"
+        ids, pos = [], 0
+        for r in results:  # the structure around each result through encode, the result through encode_plain
+            start = text.index(head, pos) + len(TOOL_RESPONSE) + 1
+            ids += self.encode(text[pos:start])
+            end = start + 1 + len(r) + 1  # "\n" + result + "\n"
+            ids += self.encode_plain(text[start:end])
+            pos = end
+        return ids + self.encode(text[pos:])
 
     def decode(self, ids: list[int] | Tensor, skip_special_tokens: bool = False) -> str:
         ids = ids.tolist() if isinstance(ids, Tensor) else list(ids)

@@ -43,8 +43,9 @@ MODES = ("short", "auto", "long")
 _SAMPLE_FIELDS = ("model", "tokenizer", "data", "image_root", "reward", "modes", "n", "temperature", "top_p", "top_k",
                   "max_tokens", "max_thinking_tokens", "seed", "dtype")
 # sampling fields added later: in the key only when set (so a run written before they existed still resumes)
-_SAMPLE_FIELDS_IF_SET = {"min_p": 0.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
-                         "tools": None, "max_tool_turns": 4}
+_SAMPLE_FIELDS_IF_SET = {"min_p": 0.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0}
+# with tools: these too, and the tools' source digest (the spec alone would resume over edited tools)
+_TOOL_FIELDS = ("tools", "max_tool_turns", "tool_timeout")
 
 
 @dataclass
@@ -304,7 +305,8 @@ def summarize(rows: Iterable[dict], modes: Sequence[str] = MODES) -> dict:
                 turns_mean=_mean(s.get("turns", 1) for s in samples),
                 tool_calls_mean=_mean(s.get("tool_calls", 0) for s in samples),
                 tool_errors=sum(s.get("tool_errors", 0) for s in samples),
-                max_turns_rate=_mean(float(s.get("stop_reason") == "max_turns") for s in samples))
+                max_turns_rate=_mean(float(s.get("stop_reason") == "max_turns") for s in samples),
+                engine_errors=sum(s.get("stop_reason") == "error" for s in samples))
     if "short" in modes and "long" in modes:
         # a gain within rounding of 0 (partial-credit rewards summed in another order) is no change
         gain = {pid: 0.0 if abs(d := acc["long"][pid] - acc["short"][pid]) <= 1e-9 else d for pid in ok}
@@ -416,6 +418,9 @@ def _model_fingerprint(cfg: EvalConfig) -> dict:
 def _sample_key(cfg: EvalConfig, digest: str) -> dict:
     key = {k: getattr(cfg, k) for k in _SAMPLE_FIELDS}
     key.update({k: getattr(cfg, k) for k, default in _SAMPLE_FIELDS_IF_SET.items() if getattr(cfg, k) != default})
+    if cfg.tools:
+        key.update({k: getattr(cfg, k) for k in _TOOL_FIELDS})
+        key["tools_sha256"] = Toolbox.source_digest(cfg.tools)
     key["modes"] = list(cfg.mode_list)
     key["data_sha256"] = digest
     key["model_files"] = _model_fingerprint(cfg)
@@ -681,12 +686,13 @@ def format_summary(s: dict, modes: Sequence[str] = MODES) -> str:
                      f"thinking helps and {_fmt(d['think_rate_when_thinking_hurts'], True)}% where it hurts; "
                      f"decision accuracy {_fmt(d['decision_accuracy'], True)}%")
     if any("turns_mean" in s["modes"][m] for m in modes):
-        lines += ["", "| mode | turns | tool calls | failed tool calls | turns ran out % |", "|---|---|---|---|---|"]
+        lines += ["", "| mode | turns | tool calls | failed tool calls | turns ran out % | turns refused |",
+                  "|---|---|---|---|---|---|"]
         for m in modes:
             r = s["modes"][m]
             if "turns_mean" in r:
                 lines.append(f"| {names[m]} | {_fmt(r['turns_mean'])} | {_fmt(r['tool_calls_mean'])} | "
-                             f"{r['tool_errors']} | {_fmt(r['max_turns_rate'], True)} |")
+                             f"{r['tool_errors']} | {_fmt(r['max_turns_rate'], True)} | {r['engine_errors']} |")
     errors = sum(s["modes"][m]["reward_errors"] for m in modes)
     if errors:
         lines.append(f"{errors} completions scored 0 because the reward function failed on them")

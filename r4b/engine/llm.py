@@ -385,6 +385,12 @@ class LLM:
             cfg = getattr(self.model, "config", None)
             if self.image_token is None or not isinstance(cfg, R4BConfig):
                 raise ValueError(f"{where} has images but the model takes none")
+            self.model._split_pixels(pix, sizes)  # the tile counts (ValueError naming the image)
+            side = cfg.vision_config.image_size
+            for k, p in enumerate(pix):
+                if tuple(p.shape[1:]) != (3, side, side):
+                    raise ValueError(f"{where}.pixel_values[{k}] must be tiles (n, 3, {side}, {side}), got "
+                                     f"{tuple(p.shape)}")
             want = sum(num_image_tokens(h, w, cfg) for h, w in sizes)
             got = sum(t == self.image_token for t in ids)
             if got != want:
@@ -998,7 +1004,7 @@ class LLM:
         if self.waiting or self.running or self._live:
             raise RuntimeError("LLM is already generating (one generate / stream at a time, and not while "
                                "add_request / step serve requests)")
-        if isinstance(requests, (str, Tensor)) or _is_token_list(requests) or (
+        if isinstance(requests, (str, Tensor, dict)) or _is_token_list(requests) or (
                 isinstance(requests, list) and requests and isinstance(requests[0], dict)
                 and "prompt_token_ids" not in requests[0]):
             raise ValueError("requests must be a list of requests (wrap a single prompt or chat in a list)")

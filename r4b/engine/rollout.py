@@ -230,13 +230,15 @@ def _stats(r: Tensor, modes: list[str], trajs: list[Trajectory], errors: int, sk
            tokens: int, tools: bool) -> dict[str, float]:
     """Per forced mode: mean reward, share solved (reward >= 1), mean generated tokens, share that thought at
     the first turn (for auto mode: its think-rate); with tools also the mean turns and tool calls; and the counts
-    (with tools: failed tool calls, and conversations cut by max_turns)."""
+    (with tools: failed tool calls, conversations cut by max_turns, and conversations whose next turn the engine
+    refused)."""
     out: dict[str, float] = {"sequences": float(len(modes)), "tokens": float(tokens),
                              "reward_errors": float(errors), "skipped_prompts": float(skipped),
                              "reward_mean": float(r.mean())}
     if tools:
         out["tool_errors"] = float(sum(t.tool_errors for t in trajs))
         out["max_turns_hit"] = float(sum(t.stop_reason == "max_turns" for t in trajs))
+        out["conversation_errors"] = float(sum(t.stop_reason == "error" for t in trajs))
     for m in dict.fromkeys(modes):
         idx = [i for i, x in enumerate(modes) if x == m]
         out[f"reward_{m}"] = float(r[idx].mean())

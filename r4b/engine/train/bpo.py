@@ -255,7 +255,7 @@ class BPOTrainer(Trainer):
         keys = ["reward_mean"] + [f"{k}_{m}" for m in modes for k in per_mode]
         counts = ["sequences", "tokens", "reward_errors", "skipped_prompts"]
         if self.toolbox:
-            counts += ["tool_errors", "max_turns_hit"]
+            counts += ["tool_errors", "max_turns_hit", "conversation_errors"]
         st = batch.stats if batch is not None else {"skipped_prompts": failed}
         n = st.get("sequences", 0.0)
         local = torch.tensor([n] + [st.get(k, 0.0) * n for k in keys] + [st.get(k, 0.0) for k in counts[1:]],
