@@ -215,7 +215,8 @@ loss_tests="tests/test_fused_linear_chunked.py tests/test_fused_linear_grpo_loss
 # kernels (the CUDA ones skip). So the small step runs them, and the rest step when the small step does not run (the
 # rest phase)
 paged_tests=" tests/test_store_kv.py tests/test_paged_decode_attention.py tests/test_paged_prefill_attention.py
-            tests/test_llm.py tests/test_server.py tests/test_prefix_cache.py tests/test_structured.py"
+            tests/test_llm.py tests/test_server.py tests/test_prefix_cache.py tests/test_structured.py
+            tests/test_agent.py"
 # the fused ops and the paged ops first (never run on a GPU yet), then the model's step that uses the fused ops, then
 # the ops that passed
 small_tests="tests/test_qk_norm_rope.py tests/test_add_rms_norm.py$paged_tests tests/test_model_qwen3.py

@@ -302,9 +302,19 @@ def cmd_chat(args: argparse.Namespace) -> int:
                                 presence_penalty=args.presence_penalty, max_tokens=args.max_tokens, seed=args.seed)
     except ValueError as e:
         raise SystemExit(f"r4b chat: {e}") from None
+    toolbox = None
+    if args.tools:
+        from r4b.engine.agent import Toolbox
+
+        try:
+            toolbox = Toolbox.load(args.tools, timeout=args.tool_timeout)
+        except ValueError as e:
+            raise SystemExit(f"r4b chat: {e}") from None
+    if args.max_tool_turns < 1:
+        raise SystemExit(f"r4b chat: --max-tool-turns must be >= 1, got {args.max_tool_turns}")
     llm = _load_llm(args, "chat")
     session = ChatSession(llm, params, thinking_mode=args.thinking_mode, max_thinking_tokens=args.max_thinking_tokens,
-                          system=args.system)
+                          system=args.system, toolbox=toolbox, max_turns=args.max_tool_turns)
 
     def write(text: str) -> None:
         print(text, end="", flush=True)
@@ -368,6 +378,10 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--top-k", type=int, default=20)
     c.add_argument("--presence-penalty", type=float, default=0.0)
     c.add_argument("--seed", type=int, default=None)
+    c.add_argument("--tools", default=None, help="Python functions the model may call and r4b runs: "
+                   "'my_tools.py:fn1,fn2' or 'package.module:fn' (r4b.engine.agent.Toolbox)")
+    c.add_argument("--max-tool-turns", type=int, default=4, help="assistant turns a message may take with tools")
+    c.add_argument("--tool-timeout", type=float, default=30.0, help="seconds a tool call may take")
     c.set_defaults(fn=cmd_chat)
     from r4b.engine.train.bpo import BPOConfig
     from r4b.engine.train.common import TrainConfig

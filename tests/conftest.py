@@ -8,6 +8,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# `make test` runs pytest-xdist workers, one per core: each worker's torch then gets one intra-op thread (unless
+# OMP_NUM_THREADS says otherwise), else the workers' OpenMP pools oversubscribe the cores and spin. On the 2-core CI
+# machine, the trainer and engine test files took 273 s with 2 workers of 2 threads each and 111 s with 1 thread.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(int(os.environ.setdefault("OMP_NUM_THREADS", "1")))
+
 import pytest  # noqa: E402
 
 

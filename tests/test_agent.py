@@ -301,7 +301,8 @@ def script_every_llm(monkeypatch, tok, policy) -> None:
 def question_adder(text: str, seq) -> str:
     """For "What is a + b?": call add(a, b), then answer \\boxed{result} (a thought first when one is open)."""
     a, b = re.findall(r"What is (\d+) \+ (\d+)\?", text)[-1]
-    results = re.findall(r"<tool_response>\n(.*?)\n</tool_response>", text, re.S)
+    since = text[text.rindex("What is"):]  # the results of this question's calls (not an earlier question's)
+    results = re.findall(r"<tool_response>\n(.*?)\n</tool_response>", since, re.S)
     body = CALL.format(a=a, b=b) if not results else f"\\boxed{{{results[-1]}}}"
     return _opener(text) + body
 
@@ -321,10 +322,11 @@ def adder(text: str, seq) -> str:
 
 def full_logprobs(model, ids: list[int]) -> torch.Tensor:
     """log p(ids[p + 1] | ids[: p + 1]) of a plain forward, per position p."""
-    b = pack_sequences([torch.tensor(ids)])
+    dev = model.lm_head.weight.device
+    b = pack_sequences([torch.tensor(ids, device=dev)])
     with torch.no_grad():
         h = model(b.flat, b.position_ids, b.cu_seqlens, b.max_seqlen)
-    return fused_linear_logprobs(h, model.lm_head.weight, torch.tensor(ids[1:] + [-100]))
+    return fused_linear_logprobs(h, model.lm_head.weight, torch.tensor(ids[1:] + [-100], device=dev))
 
 
 @pytest.fixture(scope="module")
@@ -616,3 +618,31 @@ def test_a_results_text_is_json_for_non_strings():
 
     (r,) = Toolbox([info]).run([ToolCall("info", {"k": "ä"})])
     assert json.loads(r.content)["k"] == "ä" and "<module 'time'" in r.content  # default=str for the rest
+
+
+@pytest.mark.gpu
+def test_gpu_conversations_with_cuda_graphs_match_eager_and_the_forward(monkeypatch):
+    """On a GPU (fp32, TF32 off): conversations whose later turns are sampled (turn 1 scripted: a call) come out
+    the same with CUDA-graph decode steps as eager, and every turn's log-probs equal a forward of the whole
+    conversation."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    model = tiny_model(3, max_position_embeddings=1024).cuda()
+    params = SamplingParams(temperature=1.0, max_tokens=96, n=2, seed=5)
+
+    def run(graphs: bool):
+        llm = LLM(model, TOK, num_kv_blocks=256, block_size=8, cuda_graphs=graphs)
+        script(llm, lambda text, seq: _opener(text) + CALL.format(a=1, b=2) if "tool_response" not in text else None)
+        outs = run_tool_loop(llm, ["one", "two"], Toolbox([add]), params, thinking_mode=("long", "short"))
+        no_leak(llm)
+        return [t for o in outs for t in o.trajectories], llm.stats["graph_steps"]
+
+    got, graph_steps = run(True)
+    want, _ = run(False)
+    assert graph_steps > 0 and all(len(t.turns) == 2 for t in got)
+    assert [t.token_ids for t in got] == [t.token_ids for t in want]
+    for t in got:
+        lp = full_logprobs(model, t.token_ids).cpu()
+        for turn in t.turns:
+            n = len(turn.output.token_ids)
+            assert torch.allclose(torch.tensor(turn.output.logprobs), lp[turn.gen_start - 1 : turn.gen_start - 1 + n],
+                                  atol=1e-4, rtol=0)

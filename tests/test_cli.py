@@ -187,6 +187,65 @@ def test_chat_streams_multi_turn_replies(checkpoint, monkeypatch, capsys):
     assert out.count(" tokens (") == 3  # "never sent" came after /exit
 
 
+def test_chat_runs_tools(checkpoint, monkeypatch, capsys, tmp_path):
+    """r4b chat --tools: each call and its result are shown, the results go back into the history as tool
+    messages and the model goes on (scripted: a tiny random model calls no tool by itself); the turn limit holds
+    and a bad --tools spec is refused."""
+    import io
+
+    from test_agent import question_adder, script_every_llm
+
+    from r4b.engine.chat import ChatTokenizer
+
+    tools = tmp_path / "tools.py"
+    tools.write_text("def add(a: int, b: int) -> int:\n    '''Add two integers.'''\n    return a + b\n")
+    script_every_llm(monkeypatch, ChatTokenizer.demo(), question_adder)
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is 2 + 3?\n/mode long\nWhat is 40 + 2?\n"))
+    assert cli.main(["chat", str(checkpoint), "--temperature", "0", "--max-tokens", "200", "--thinking-mode", "short",
+                     "--tools", f"{tools}:add"]) == 0
+    out = capsys.readouterr().out
+    assert '[tool add({"a": 2, "b": 3}) -> 5]' in out and "\\boxed{5}" in out
+    assert '[tool add({"a": 40, "b": 2}) -> 42]' in out and "\\boxed{42}" in out
+    assert out.count(" tokens (") == 4  # two turns per message
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is 1 + 1?\n"))
+    assert cli.main(["chat", str(checkpoint), "--temperature", "0", "--max-tokens", "200", "--tools",
+                     f"{tools}:add", "--max-tool-turns", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "[1 tool calls not run: the reply reached its turn limit]" in out and "[tool add" not in out
+    with pytest.raises(SystemExit, match="r4b chat: tools: .*has no 'nope'"):
+        cli.main(["chat", str(checkpoint), "--tools", f"{tools}:nope"])
+
+
+def test_chat_session_history_with_tools(checkpoint, monkeypatch):
+    from test_agent import question_adder, script_every_llm
+
+    from r4b.engine.agent import Toolbox
+    from r4b.engine.chat import ChatTokenizer
+    from r4b.engine.interactive import ChatSession
+    from r4b.engine.llm import LLM
+    from r4b.engine.model import from_pretrained
+    from r4b.engine.sampling import SamplingParams
+
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    script_every_llm(monkeypatch, ChatTokenizer.demo(), question_adder)
+    llm = LLM(from_pretrained(checkpoint), ChatTokenizer.demo())
+    s = ChatSession(llm, SamplingParams(temperature=0, max_tokens=200), thinking_mode="long",
+                    toolbox=Toolbox([add]))
+    shown: list[str] = []
+    out = s.send("What is 7 + 8?", shown.append)
+    assert out.outputs[0].answer == "\\boxed{15}"
+    assert [m["role"] for m in s.history] == ["user", "assistant", "tool", "assistant"]
+    assert s.history[1]["tool_calls"] == [{"type": "function", "function": {"name": "add",
+                                                                             "arguments": '{"a": 7, "b": 8}'}}]
+    assert s.history[1]["reasoning_content"] == "Let me add." and s.history[2]["content"] == "15"
+    # the second turn is the engine's completion of the history with the tool message, rendered by the template
+    want = llm.generate([s.history[:3]], SamplingParams(temperature=0, max_tokens=200), thinking_mode="long",
+                        tools=s.toolbox.schemas, use_tqdm=False)[0].outputs[0]
+    assert want.answer == s.history[3]["content"]
+
+
 def test_train_flags_cover_every_config_field_and_override_the_config_file(tmp_path):
     """Every SFTConfig / BPOConfig field has a flag (bools as --x / --no-x, optional bools take auto); flags
     override the --config file, which overrides the defaults."""
