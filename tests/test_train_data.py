@@ -547,3 +547,25 @@ def test_a_decompression_bomb_is_a_bad_image_not_a_crash(tmp_path, monkeypatch):
     assert "could be decompression bomb" in prompts.load_failures[0][1]
     with pytest.raises(ValueError, match="no usable SFT row"):
         SFTDataset(rows, itok, max_seq_len=512, image_root=tmp_path, progress=False)
+
+
+def test_lazy_image_paths_do_not_depend_on_the_working_directory(tmp_path, monkeypatch):
+    """A relative JSONL path (so a relative image root): the kept image paths are absolute, so the examples and
+    prompts read later, from another working directory, are the ones built."""
+    itok = _itok()
+    (tmp_path / "data").mkdir()
+    rows = _image_rows(tmp_path / "data", 3)
+    path = tmp_path / "data" / "sft.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[1:3]))  # rows with file images only
+    (tmp_path / "data" / "p.jsonl").write_text(json.dumps({"messages": rows[1]["messages"][:1], "answer": "x"}) + "\n")
+    monkeypatch.chdir(tmp_path)
+    sft = SFTDataset("data/sft.jsonl", itok, max_seq_len=512, progress=False)
+    prompts = PromptDataset("data/p.jsonl", tok=itok)
+    assert all(p.is_absolute() for e in sft.examples for p in e.images)
+    want = [sft[i].pixel_values for i in range(2)]
+    monkeypatch.chdir(tmp_path / "data")
+    assert not sft.load_failures and not prompts.load_failures
+    for i in range(2):
+        assert all(torch.equal(a, b) for a, b in zip(sft[i].pixel_values, want[i], strict=True))
+    image = prompts[0][0][0]["content"][0]["image"]
+    assert image.size == (41, 27) and not prompts.load_failures  # img/1.png, opened from the other directory

@@ -146,9 +146,9 @@ def _load_images(messages: list, where: str, root: Path | None, sources: list | 
                 img, at = part["image"], f"{where}: messages[{i}].content[{j}]"
                 if isinstance(img, (str, Path)):
                     part = {**part, "image": _open_image(img, root, at)}
-                    if sources is not None:
+                    if sources is not None:  # absolute: a later open does not depend on the working directory
                         p = Path(str(img))
-                        sources.append(p if p.is_absolute() or root is None else root / p)
+                        sources.append((p if p.is_absolute() or root is None else root / p).absolute())
                 elif not isinstance(img, (Image.Image, Tensor)):
                     raise ValueError(f"{at}: an image must be a file path, got {type(img).__name__}")
                 elif sources is not None:
