@@ -653,6 +653,22 @@ def test_an_api_key_read_with_a_newline_and_a_client_without_it(model):
         assert resp.status == 401 and resp.getheader("Connection") == "close"
         resp.read()
         c.close()
+        # a client that sends its whole (large) body before reading reads the 401 too: the server drops the body
+        # it will not parse instead of closing on it (which reset the connection: BrokenPipeError before)
+        for body, chunked in ((b"x" * 24 * 2**20, False), (iter([b"y" * 2**20] * 16), True)):
+            c = http.client.HTTPConnection("127.0.0.1", client.port, timeout=60)
+            c.request("POST", "/v1/chat/completions", body=body, encode_chunked=chunked,
+                      headers={"Transfer-Encoding": "chunked"} if chunked else {})
+            resp = c.getresponse()
+            assert resp.status == 401 and json.loads(resp.read())["error"]["code"] == "invalid_api_key"
+            c.close()
+        c = http.client.HTTPConnection("127.0.0.1", client.port, timeout=60)  # the key, but a chunked body: 400
+        c.request("POST", "/v1/chat/completions", body=iter([b"z" * 2**20] * 16), encode_chunked=True,
+                  headers={"Authorization": "Bearer k2", "Transfer-Encoding": "chunked"})
+        resp = c.getresponse()
+        assert resp.status == 400 and "chunked request bodies are not read" in json.loads(resp.read())["error"][
+            "message"]
+        c.close()
     finally:
         server.shutdown()
         server.server_close()

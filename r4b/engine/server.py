@@ -921,6 +921,27 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
         return False
 
+    LINGER_SECONDS = 2.0  # how long an answered request's unread body is still read (and dropped) before the close
+
+    def _linger(self) -> None:
+        """Close after an answer that left the request's body unread, without resetting the connection: stop
+        sending, then read and drop what the client still sends (at most MAX_BODY bytes, for at most
+        LINGER_SECONDS), so a client still sending its body gets to read the answer (a lingering close; closing
+        at once with unread data makes the kernel send a reset, and the client sees a broken pipe instead)."""
+        self.close_connection = True
+        try:
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)
+            deadline, left = time.monotonic() + self.LINGER_SECONDS, self.MAX_BODY
+            while left > 0 and (wait := deadline - time.monotonic()) > 0:
+                self.connection.settimeout(wait)
+                chunk = self.connection.recv(min(1 << 16, left))
+                if not chunk:
+                    break
+                left -= len(chunk)
+        except OSError:  # the client went away, or the time ran out: nothing to save
+            pass
+
     def do_GET(self) -> None:  # noqa: N802 - the base class's name
         if not self._authorized():
             return
@@ -962,13 +983,15 @@ class _Handler(BaseHTTPRequestHandler):
             raise BadRequest(f"the body is not JSON: {e}") from None
 
     def do_POST(self) -> None:  # noqa: N802
-        if not self._authorized():  # before the body is read (not even that for a client without the key): the
-            self.close_connection = True  # connection closes, its unread body with it
+        if not self._authorized():  # before the body is parsed (not even that for a client without the key): the
+            self._linger()  # connection closes, its unread body dropped
             return
         try:
             body = self._body()  # read first: a keep-alive connection's next request starts after it
         except BadRequest as e:
             self._error(400, str(e))
+            if self.close_connection:  # its body was not read (chunked, or a bad length)
+                self._linger()
             return
         if self.path not in ("/v1/chat/completions", "/v1/completions"):
             self._error(404, f"no route {self.path}")
