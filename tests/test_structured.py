@@ -258,7 +258,12 @@ def test_server_json_mode(model):
     assert parse_chat_request({"messages": [{"role": "user", "content": "q"}],
                                "response_format": {"type": "text"}}).params.response_format is None
     llm = LLM(model, TOK, num_kv_blocks=256, block_size=8)
-    with serving(llm, default_max_tokens=120) as (_, client):
+    with serving(llm, default_max_tokens=120) as (server, client):
+        # the masker is built beside the engine at start, not in the first JSON request's step
+        assert server.json_warmup is not None
+        server.json_warmup.join(60)
+        masker = llm._masker
+        assert masker is not None and llm.warm_json_masker() is None
         body = {"messages": [{"role": "user", "content": "JSON please"}], "response_format": {"type": "json_object"},
                 "thinking_mode": "short", "n": 4, "seed": 5, "temperature": 1.0}
         status, plain = client.request("POST", "/v1/chat/completions", body)
@@ -275,6 +280,7 @@ def test_server_json_mode(model):
         status, err = client.request("POST", "/v1/chat/completions", {**body, "response_format": {
             "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "array"}}}})  # not an object
         assert status == 400 and err["error"]["param"] == "response_format"
+        assert llm._masker is masker  # the requests used the warmed one
 
 
 @pytest.mark.gpu

@@ -829,6 +829,9 @@ class Server(ThreadingHTTPServer):
         self.suffix_len = {m: len(llm.mode_suffix_ids(m)) for m in MODE_SUFFIX}
         self.tokenizer = llm.tokenizer  # read-only here (token bytes for logprobs)
         self.max_n = llm.max_num_seqs
+        # JSON mode's masker (seconds for a real vocabulary) built now, beside the engine: not inside the step of
+        # the first JSON / forced-tool-call request, where it would stall every request in flight
+        self.json_warmup = llm.warm_json_masker()
         self.engine = EngineLoop(llm).start()
         self.model_name, self.default_mode, self.default_max_tokens = model_name, default_mode, default_max_tokens
         self.request_timeout = request_timeout
