@@ -561,4 +561,9 @@ def test_penalty_counts_pool_grows_reuses_slots_and_matches_the_history():
     check(keys)
     assert pool.counts.shape[0] == cap  # reused, not grown
     pool.clear()
-    assert not pool.slot_of
+    assert not pool.slot_of and pool.counts.shape[0] == 0 and pool.seen.shape[0] == 0  # the pool's memory freed
+    slots = check([3, 5])  # and built again as needed
+    pool.release(3)
+    assert pool.counts.shape[0] > 0  # a sequence is left: kept
+    pool.release(5)
+    assert pool.counts.shape[0] == 0 and not pool._free  # the last one released: freed

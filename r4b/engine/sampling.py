@@ -198,7 +198,8 @@ class PenaltyCounts:
     """The engine's penalty state: each penalised sequence's completion-token counts and seen-token mask on the
     device, a row of a (slots, V) pool. A sequence's row is built once from its tokens (:meth:`rows`), then takes
     one scatter a step (:meth:`add`), so a step's host work does not grow with the completion's length. The pool
-    grows by doubling; a slot costs 5 bytes a vocabulary entry (0.76 MB at Qwen3's 151,936)."""
+    grows by doubling; a slot costs 5 bytes a vocabulary entry (0.76 MB at Qwen3's 151,936). It is freed whenever
+    no penalised sequence is left (between generate calls; a server between bursts of such requests)."""
 
     def __init__(self, vocab_size: int, device: torch.device | str) -> None:
         self.vocab_size, self.device = vocab_size, device
@@ -239,10 +240,15 @@ class PenaltyCounts:
         s = self.slot_of.pop(key, None)
         if s is not None:
             self._free.append(s)
+            if not self.slot_of:
+                self.clear()
 
     def clear(self) -> None:
-        self._free += self.slot_of.values()
+        """Release every sequence and free the pool."""
         self.slot_of.clear()
+        self._free = []
+        self.counts = torch.zeros(0, self.vocab_size, device=self.device)
+        self.seen = torch.zeros(0, self.vocab_size, device=self.device, dtype=torch.bool)
 
 
 def _with_bias(logits: Tensor, params: list[SamplingParams], rows: list[int]) -> Tensor:
