@@ -604,6 +604,16 @@ def test_bpo_rollouts_pack_whole_conversations(model):
         gen = {p for turn in t.turns for p in range(turn.gen_start, turn.gen_start + len(turn.output.token_ids))}
         n = len(t.token_ids)
         assert nm.loss_mask[nm.cu_seqlens[i] : nm.cu_seqlens[i + 1]].tolist() == [p + 1 in gen for p in range(n)]
+    # a reward with a trajectory parameter gets the conversation too (here: it charges for the tool calls)
+    seen = []
+
+    def frugal(answer, reference, trajectory):
+        seen.append(trajectory)
+        return float(reference in answer) - 0.25 * trajectory.num_tool_calls
+
+    fb = bpo_rollouts(llm, ["2 + 3 + 10?", "hello"], ["15", "x"], frugal, g=1, toolbox=box,
+                      params=SamplingParams(temperature=1.0, max_tokens=200, seed=0))
+    assert fb.rewards.tolist() == [0.5, 0.5, 0.0, 0.0] and seen == fb.trajectories
     # without a toolbox the batch is as before (one turn each, no trajectories kept)
     plain = bpo_rollouts(llm, ["hello"], ["x"], lambda ans, ref: 0.0, g=1,
                          params=SamplingParams(temperature=1.0, max_tokens=8, seed=0))

@@ -495,6 +495,26 @@ class AgentOutput:
     image_sizes: list[tuple[int, int]] = field(default_factory=list, repr=False)
 
 
+def takes_trajectory(reward: Callable) -> bool:
+    """Whether a reward function takes the whole conversation: a ``trajectory`` parameter (or ``**kwargs``)."""
+    try:
+        params = inspect.signature(reward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "trajectory" and p.kind != p.POSITIONAL_ONLY or p.kind == p.VAR_KEYWORD for p in params)
+
+
+def score(reward: Callable, trajectory: Trajectory, reference: Any) -> tuple[float, str | None]:
+    """``safe_reward`` of the conversation's last answer; a reward with a ``trajectory`` parameter also gets the
+    conversation (its turns, calls and results: e.g. to charge for tool calls or failed ones)."""
+    from .rewards import safe_reward
+
+    if takes_trajectory(reward):
+        return safe_reward(lambda answer, ref: reward(answer, ref, trajectory=trajectory), trajectory.answer,
+                           reference)
+    return safe_reward(reward, trajectory.answer, reference)
+
+
 def single_turn(llm: LLM, q: int, out: RequestOutput) -> AgentOutput:
     """A RequestOutput of chat prompt ``q`` as conversations of one turn each (what a rollout without tools
     packs): the prompt, the completion's mode suffix, its tokens."""

@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from ._config import config_from_dict
-from .agent import Toolbox, run_tool_loop, single_turn
+from .agent import Toolbox, run_tool_loop, score, single_turn
 from .chat import check_mode
 from .llm import LLM
-from .rewards import REWARDS, resolve_reward, safe_reward
+from .rewards import REWARDS, resolve_reward
 from .sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -224,7 +224,7 @@ def score_prompts(llm: LLM, prompts: Sequence[Any], references: Sequence[Any], i
             continue
         for t in out.trajectories:
             first = t.turns[0].output
-            r, err = safe_reward(reward, t.answer, ref)
+            r, err = score(reward, t, ref)
             row = {"id": int(pid), "mode": t.mode, "sample": t.index % params.n, "reward": r,
                    "reward_error": err, "think": first.mode == "think", "tokens": t.generated_tokens,
                    "thinking_tokens": sum(u.output.num_thinking_tokens for u in t.turns),

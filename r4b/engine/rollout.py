@@ -26,9 +26,9 @@ from torch import Tensor
 
 from r4b.kernels import group_advantages, pack_sequences
 
-from .agent import Toolbox, Trajectory, run_tool_loop, single_turn
+from .agent import Toolbox, Trajectory, run_tool_loop, score, single_turn
 from .llm import LLM, CompletionOutput
-from .rewards import get_reward, safe_reward
+from .rewards import get_reward
 from .sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,8 @@ def bpo_rollouts(
     toolbox: tools the model may call (r4b.engine.agent): each completion is then a conversation of at most
     ``max_turns`` assistant turns, every turn in the completion's mode; a sequence packs the whole conversation,
     every turn's generated tokens (and mode tokens) are trained and the tool turns between them are not; the
-    reward reads the last turn's answer. ``trajectories`` holds the conversations.
+    reward reads the last turn's answer (a reward with a ``trajectory`` parameter also gets the conversation,
+    r4b.engine.agent.Trajectory). ``trajectories`` holds the conversations.
     """
     if not isinstance(g, int) or g < 1:
         raise ValueError(f"g must be an int >= 1, got {g!r}")
@@ -182,7 +183,7 @@ def bpo_rollouts(
             log.warning("rollout prompt %d skipped: %s", q, res.error)
             continue
         for t in res.trajectories:
-            value, err = safe_reward(fn, t.answer, references[q])
+            value, err = score(fn, t, references[q])
             if err is not None:
                 errors += 1
                 log.warning("reward of prompt %d completion %d failed, counted as 0: %s", q, t.index, err)

@@ -32,10 +32,10 @@ import torch.distributed as dist
 
 from r4b.kernels import fused_linear_grpo_loss, fused_linear_logprobs
 
-from ..agent import Toolbox, run_tool_loop, single_turn
+from ..agent import Toolbox, run_tool_loop, score, single_turn
 from ..llm import LLM
 from ..model import from_pretrained
-from ..rewards import REWARDS, resolve_reward, safe_reward
+from ..rewards import REWARDS, resolve_reward
 from ..rollout import RolloutBatch, bpo_rollouts
 from ..sampling import SamplingParams
 from . import parallel
@@ -282,7 +282,7 @@ class BPOTrainer(Trainer):
                 if out.error is not None or not out.trajectories:
                     continue
                 t = out.trajectories[0]
-                r, _ = safe_reward(self.reward, t.answer, ref)
+                r, _ = score(self.reward, t, ref)
                 sums += torch.tensor([1.0, float(t.turns[0].output.mode == "think"), r, float(t.generated_tokens)],
                                      dtype=torch.float64)
         n, think, reward, tokens = parallel.all_reduce_sum(sums).tolist()
