@@ -303,6 +303,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise SystemExit(f"r4b chat: {e}") from None
     toolbox = None
+    if not args.tool_timeout > 0:
+        raise SystemExit(f"r4b chat: --tool-timeout must be > 0 seconds, got {args.tool_timeout}")
     if args.tools:
         from r4b.engine.agent import Toolbox
 

@@ -12,7 +12,9 @@ if not torch.cuda.is_available():
 # OMP_NUM_THREADS says otherwise), else the workers' OpenMP pools oversubscribe the cores and spin. On the 2-core CI
 # machine, the trainer and engine test files took 273 s with 2 workers of 2 threads each and 111 s with 1 thread.
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    torch.set_num_threads(int(os.environ.setdefault("OMP_NUM_THREADS", "1")))
+    _threads = os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if _threads.isdigit() and int(_threads) > 0:  # (another OMP_NUM_THREADS form is OpenMP's to read)
+        torch.set_num_threads(int(_threads))
 
 import pytest  # noqa: E402
 

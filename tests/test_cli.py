@@ -211,7 +211,7 @@ def test_chat_runs_tools(checkpoint, monkeypatch, capsys, tmp_path):
     assert cli.main(["chat", str(checkpoint), "--temperature", "0", "--max-tokens", "200", "--tools",
                      f"{tools}:add", "--max-tool-turns", "1"]) == 0
     out = capsys.readouterr().out
-    assert "[1 tool calls not run: the reply reached its turn limit]" in out and "[tool add" not in out
+    assert "[1 tool call not run: the reply reached its turn limit]" in out and "[tool add" not in out
     with pytest.raises(SystemExit, match="r4b chat: tools: .*has no 'nope'"):
         cli.main(["chat", str(checkpoint), "--tools", f"{tools}:nope"])
 
@@ -244,6 +244,56 @@ def test_chat_session_history_with_tools(checkpoint, monkeypatch):
     want = llm.generate([s.history[:3]], SamplingParams(temperature=0, max_tokens=200), thinking_mode="long",
                         tools=s.toolbox.schemas, use_tqdm=False)[0].outputs[0]
     assert want.answer == s.history[3]["content"]
+    # the turn limit: the call that did not run stays in the history as the model wrote it
+    s = ChatSession(llm, SamplingParams(temperature=0, max_tokens=200), thinking_mode="short",
+                    toolbox=Toolbox([add]), max_turns=1)
+    s.send("What is 1 + 1?", shown.append)
+    assert [m["role"] for m in s.history] == ["user", "assistant"] and "<tool_call>" in s.history[1]["content"]
+    assert shown[-1] == "[1 tool call not run: the reply reached its turn limit]\n"
+
+
+def test_chat_session_malformed_calls_and_a_refused_later_turn(checkpoint, monkeypatch):
+    """A <tool_call> block that is no call gets the format as an error result (as in r4b.engine.agent's loop);
+    a later turn the engine refuses keeps the turns and results before it (the tools ran), a refused first turn
+    leaves the history as it was."""
+    from test_agent import script_every_llm
+
+    from r4b.engine.agent import MALFORMED, Toolbox
+    from r4b.engine.chat import ChatTokenizer
+    from r4b.engine.interactive import ChatSession
+    from r4b.engine.llm import LLM
+    from r4b.engine.model import from_pretrained
+    from r4b.engine.sampling import SamplingParams
+
+    def echo(text: str) -> str:
+        return text * 40
+
+    def policy(text, seq):
+        if "tool_response" not in text[text.rindex("<|im_start|>user"):] and "Error" not in text:
+            return "<tool_call>\n{not json}\n</tool_call>" if "broken" in text else \
+                '<tool_call>\n{"name": "echo", "arguments": {"text": "long "}}\n</tool_call>'
+        return "ok"
+
+    script_every_llm(monkeypatch, ChatTokenizer.demo(), policy)
+    model, tok = from_pretrained(checkpoint), ChatTokenizer.demo()
+    greedy = SamplingParams(temperature=0, max_tokens=100)
+    s = ChatSession(LLM(model, tok), greedy, thinking_mode="short", toolbox=Toolbox([echo]))
+    shown: list[str] = []
+    out = s.send("broken", shown.append)
+    assert out.error is None, out.error
+    assert [m["role"] for m in s.history] == ["user", "assistant", "tool", "assistant"]
+    assert s.history[2]["content"] == f"Error: {MALFORMED}" and s.history[3]["content"] == "ok"
+    # the first turn of "fine" fits in max_model_len, with its echo result (200 characters) the next turn does not
+    one = ChatSession(LLM(model, tok), greedy, thinking_mode="short", toolbox=Toolbox([echo]), max_turns=1)
+    one.send("fine", shown.append)
+    first = len(tok.encode_chat(one.history, add_generation_prompt=False, tools=one.toolbox.schemas).input_ids)
+    s = ChatSession(LLM(model, tok, max_model_len=first + 8), greedy, thinking_mode="short", toolbox=Toolbox([echo]))
+    out = s.send("fine", shown.append)
+    assert out.error is not None and "max_model_len" in out.error
+    assert [m["role"] for m in s.history] == ["user", "assistant", "tool"] and s.history[2]["content"] == "long " * 40
+    s.history.clear()
+    out = s.send("x " * 400, shown.append)  # the first turn refused: nothing kept
+    assert out.error is not None and s.history == []
 
 
 def test_train_flags_cover_every_config_field_and_override_the_config_file(tmp_path):

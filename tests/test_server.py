@@ -662,6 +662,16 @@ def test_an_api_key_read_with_a_newline_and_a_client_without_it(model):
             resp = c.getresponse()
             assert resp.status == 401 and json.loads(resp.read())["error"]["code"] == "invalid_api_key"
             c.close()
+        # Expect: 100-continue without the key: the 401 comes instead of the 100, before any of the body is sent
+        with socket.create_connection(("127.0.0.1", client.port), timeout=10) as raw:
+            raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 50000000\r\n"
+                        b"Expect: 100-continue\r\n\r\n")
+            head = raw.recv(4096)
+            assert head.startswith(b"HTTP/1.1 401") and b"100 Continue" not in head
+        with socket.create_connection(("127.0.0.1", client.port), timeout=10) as raw:  # with the key: the 100
+            raw.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k2\r\n"
+                        b"Content-Length: 2\r\nExpect: 100-continue\r\n\r\n")
+            assert raw.recv(4096).startswith(b"HTTP/1.1 100 Continue")
         c = http.client.HTTPConnection("127.0.0.1", client.port, timeout=60)  # the key, but a chunked body: 400
         c.request("POST", "/v1/chat/completions", body=iter([b"z" * 2**20] * 16), encode_chunked=True,
                   headers={"Authorization": "Bearer k2", "Transfer-Encoding": "chunked"})

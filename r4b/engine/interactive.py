@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 
-from .agent import Toolbox
-from .chat import MODE_SUFFIX, parse_tool_calls
+from .agent import MALFORMED, Toolbox, turn_seed
+from .chat import MODE_SUFFIX, TOOL_CALL, parse_tool_calls
 from .llm import LLM, RequestOutput, StreamEvent
 from .sampling import SamplingParams
 from .server import ThinkSplitter
@@ -65,44 +66,61 @@ class ChatSession:
 
     def send(self, text: str, write: Callable[[str], None]) -> RequestOutput:
         """Stream the reply to one user message (with tools: every turn of it, each call and result shown); the
-        last turn's output. An error or Ctrl-C leaves the history as it was before the message."""
+        last turn's output. An error in the first turn, or Ctrl-C, leaves the history as it was before the message;
+        an error in a later turn keeps the turns and the tool results before it (the tools ran).
+
+        With tools, the turns follow r4b.engine.agent's rules: calls run only when the turn ended with its end of
+        turn; a ``<tool_call>`` block that is no call gets the format as an error result; a seeded session's later
+        turns draw from derived seeds. The history is re-rendered by the chat template at every turn (as the
+        server does), so an earlier turn's empty thought is dropped, as Qwen3's template drops it."""
         before = len(self.history)
         self.history.append({"role": "user", "content": text})
         try:
             for turn in range(1, self.max_turns + 1):
-                out = self._turn(write)
+                out = self._turn(write, turn)
                 if out.error is not None:
-                    del self.history[before:]
+                    if turn == 1:
+                        del self.history[before:]
                     return out
                 c = out.outputs[0]
                 content, calls, _ = parse_tool_calls(c.answer) if self.toolbox else (c.answer, [], 0)
-                msg = {"role": "assistant", "content": content if calls else c.answer, "reasoning_content": c.thinking}
-                if not calls or turn == self.max_turns or c.finish_reason != "stop":
-                    self.history.append(msg)
-                    if calls:
-                        write(f"[{len(calls)} tool calls not run: the reply "
+                malformed = self.toolbox is not None and not calls and TOOL_CALL in content
+                end_of_turn = self.llm.tokenizer.im_end_id
+                ended = c.finish_reason == "stop" and bool(c.token_ids) and c.token_ids[-1] == end_of_turn
+                if not (calls or malformed) or turn == self.max_turns or not ended:
+                    self.history.append({"role": "assistant", "content": c.answer, "reasoning_content": c.thinking})
+                    if calls or malformed:
+                        n = len(calls) or 1
+                        write(f"[{n} tool call{'s' if n > 1 else ''} not run: the reply "
                               f"{'reached its turn limit' if turn == self.max_turns else 'did not end its turn'}]\n")
                     return out
-                msg["tool_calls"] = [{"type": "function", "function": {"name": k.name,
-                                                                        "arguments": k.arguments_json()}}
-                                     for k in calls]
-                self.history.append(msg)
+                self.history.append({"role": "assistant", "content": content if calls else "",
+                                     "reasoning_content": c.thinking,
+                                     "tool_calls": [{"type": "function", "function": {
+                                         "name": k.name, "arguments": k.arguments_json()}} for k in calls]})
+                if malformed:  # the block as written stays in the history; the error shows the format
+                    self.history[-1]["content"] = c.answer
+                    del self.history[-1]["tool_calls"]
+                    write(f"[tool call not understood -> Error: {MALFORMED}]\n")
+                    self.history.append({"role": "tool", "content": f"Error: {MALFORMED}"})
+                    continue
                 for call, res in zip(calls, self.toolbox.run(calls), strict=True):
                     write(f"[tool {call.name}({call.arguments_json()}) -> {res.content[:500]}"
                           f"{'...' if len(res.content) > 500 else ''}]\n")
                     self.history.append({"role": "tool", "name": call.name, "content": res.content})
         except BaseException:
-            del self.history[before:]  # the message got no reply (an error, or Ctrl-C): it is not part of the chat
+            del self.history[before:]  # the message got no reply (Ctrl-C, an exception): it is not part of the chat
             raise
         raise AssertionError("unreachable: the last turn returns")
 
-    def _turn(self, write: Callable[[str], None]) -> RequestOutput:
-        """Stream one assistant turn of the current history."""
+    def _turn(self, write: Callable[[str], None], turn: int = 1) -> RequestOutput:
+        """Stream one assistant turn of the current history (turn > 1: with its derived seed)."""
         start = time.perf_counter()
+        params = self.params if turn == 1 else replace(self.params, seed=turn_seed(self.params.seed, 0, turn - 1))
         splitter = ThinkSplitter(self.mode in ("auto", "long"))
         out: RequestOutput | None = None
         in_thought = False
-        for ev in self.llm.stream([self.messages()], self.params, thinking_mode=self.mode,
+        for ev in self.llm.stream([self.messages()], params, thinking_mode=self.mode,
                                   max_thinking_tokens=self.budget,
                                   tools=self.toolbox.schemas if self.toolbox else None):
             if isinstance(ev, StreamEvent):

@@ -925,6 +925,14 @@ class _Handler(BaseHTTPRequestHandler):
         return False
 
     LINGER_SECONDS = 2.0  # how long an answered request's unread body is still read (and dropped) before the close
+    body_unread = False  # _body refused to read the body (it is in the connection still)
+
+    def handle_expect_100(self) -> bool:
+        """``Expect: 100-continue``: a client without the key gets its 401 before it sends the body."""
+        if not self._authorized():
+            self.close_connection = True
+            return False
+        return super().handle_expect_100()
 
     def _linger(self) -> None:
         """Close after an answer that left the request's body unread, without resetting the connection: stop
@@ -969,14 +977,14 @@ class _Handler(BaseHTTPRequestHandler):
     def _body(self) -> Any:
         """The JSON body; raises BadRequest (and marks the connection to close when its bytes cannot be skipped)."""
         if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-            self.close_connection = True
+            self.close_connection = self.body_unread = True
             raise BadRequest("send the body with a Content-Length (chunked request bodies are not read)")
         try:
             length = int(self.headers.get("Content-Length") or 0)
         except ValueError:
             length = -1
         if length < 0 or length > self.MAX_BODY:
-            self.close_connection = True
+            self.close_connection = self.body_unread = True
             raise BadRequest(f"Content-Length must be an integer in [0, {self.MAX_BODY}], got "
                              f"{self.headers.get('Content-Length')!r}")
         raw = self.rfile.read(length)
@@ -993,7 +1001,7 @@ class _Handler(BaseHTTPRequestHandler):
             body = self._body()  # read first: a keep-alive connection's next request starts after it
         except BadRequest as e:
             self._error(400, str(e))
-            if self.close_connection:  # its body was not read (chunked, or a bad length)
+            if self.body_unread:  # chunked, or a bad length: its bytes cannot be skipped
                 self._linger()
             return
         if self.path not in ("/v1/chat/completions", "/v1/completions"):
