@@ -135,6 +135,15 @@ def unprintable() -> object:
     return NoText()
 
 
+class Mute(Exception):
+    def __str__(self):
+        raise RuntimeError("no message")
+
+
+def mute() -> None:
+    raise Mute
+
+
 def count_to(n: int) -> list:
     return list(range(n))  # range() refuses a float: the schema's integer must arrive as an int
 
@@ -142,9 +151,10 @@ def count_to(n: int) -> list:
 def test_toolbox_survives_what_model_written_code_does():
     """SystemExit in a tool (model-written code calling exit()) and a result with no text are the call's errors;
     an integral float for an integer arrives as an int; only KeyboardInterrupt propagates."""
-    box = Toolbox([quits, unprintable, count_to])
+    box = Toolbox([quits, unprintable, count_to, mute])
     res = box.run([ToolCall("quits", {"code": 3}), ToolCall("unprintable", {}), ToolCall("count_to", {"n": 3.0}),
-                   ToolCall("count_to", {"n": 2.5})])
+                   ToolCall("count_to", {"n": 2.5}), ToolCall("mute", {})])
+    assert res[4].error == "mute raised Mute: (its message could not be read)"
     assert res[0].error == "quits raised SystemExit: 3"
     assert res[1].error == "unprintable raised RuntimeError: no text"
     assert (res[2].content, res[2].error) == ("[0, 1, 2]", None)

@@ -388,7 +388,11 @@ class Toolbox:
                     exc = box["raised"]
                     if isinstance(exc, KeyboardInterrupt):
                         raise exc
-                    failed(k, f"{name} raised {type(exc).__name__}: {exc}", box["seconds"])
+                    try:
+                        said = str(exc)
+                    except Exception:  # noqa: BLE001 - an exception that cannot say what it is
+                        said = "(its message could not be read)"
+                    failed(k, f"{name} raised {type(exc).__name__}: {said}", box["seconds"])
                 else:
                     results[k] = ToolResult(name, calls[k].arguments, box["text"], None, box["seconds"])
         for r in results:
