@@ -113,6 +113,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                 seed=args.seed, n=args.n, response_format=args.response_format)
     except ValueError as e:
         raise SystemExit(f"r4b generate: {e}") from None
+    if args.run_tools:
+        return _generate_with_tools(args, reqs, params)
     tools = None
     if args.tools:
         try:
@@ -149,6 +151,56 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise SystemExit(f"r4b generate: {e}") from None
     for out in outs:
         _print_output(out, args.json)
+    return 0 if all(o.error is None for o in outs) else 1
+
+
+def _generate_with_tools(args: argparse.Namespace, reqs: list, params) -> int:
+    """``r4b generate --run-tools``: each completion a conversation in which r4b runs the model's calls."""
+    import json
+
+    from r4b.engine.agent import Toolbox, run_tool_loop
+
+    clash = [flag for flag, v in (("--tools", args.tools), ("--tool-choice", args.tool_choice),
+                                  ("--answer-prefix", args.answer_prefix), ("--response-format", args.response_format),
+                                  ("--stream", args.stream)) if v]
+    if clash:
+        raise SystemExit(f"r4b generate: --run-tools does not go with {', '.join(clash)}")
+    if args.max_tool_turns < 1 or not args.tool_timeout > 0:
+        raise SystemExit(f"r4b generate: --max-tool-turns must be >= 1 and --tool-timeout > 0, got "
+                         f"{args.max_tool_turns} and {args.tool_timeout}")
+    try:
+        toolbox = Toolbox.load(args.run_tools, timeout=args.tool_timeout)
+    except ValueError as e:
+        raise SystemExit(f"r4b generate: --run-tools: {e}") from None
+    llm = _load_llm(args, "generate")
+    try:
+        outs = run_tool_loop(llm, reqs, toolbox, params, thinking_mode=args.thinking_mode,
+                             max_turns=args.max_tool_turns, max_thinking_tokens=args.max_thinking_tokens)
+    except ValueError as e:
+        raise SystemExit(f"r4b generate: {e}") from None
+    for out in outs:
+        if args.json:
+            print(json.dumps({"request_index": out.prompt_index, "error": out.error, "conversations": [
+                {"index": t.index, "thinking_mode": t.mode, "answer": t.answer, "stop_reason": t.stop_reason,
+                 "turns": len(t.turns), "tool_calls": t.num_tool_calls, "tool_errors": t.tool_errors,
+                 "generated_tokens": t.generated_tokens, "error": t.error, "messages": t.messages()}
+                for t in out.trajectories]}, ensure_ascii=False))
+            continue
+        if out.error is not None:
+            print(f"[request {out.prompt_index}] error: {out.error}")
+        for t in out.trajectories:
+            print(f"[request {out.prompt_index} #{t.index} {t.mode}: {len(t.turns)} turns, {t.num_tool_calls} tool "
+                  f"calls ({t.tool_errors} failed), {t.generated_tokens} tokens, {t.stop_reason}]")
+            for m in t.messages():
+                if m["role"] == "tool":
+                    print(f"[tool {m['name']} -> {m['content']}]")
+                    continue
+                if m.get("reasoning_content"):
+                    print(f"<think>\n{m['reasoning_content']}\n</think>")
+                if m["content"]:
+                    print(m["content"])
+                for call in m.get("tool_calls", []):
+                    print(f"[tool call] {call['function']['name']}({call['function']['arguments']})")
     return 0 if all(o.error is None for o in outs) else 1
 
 
@@ -366,6 +418,11 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--tool-choice", default=None, help="auto / none / required / a tool's name (required and a "
                    "name constrain each answer to one valid call)")
     g.add_argument("--answer-prefix", default=None, help="text every answer starts with (forced after the thought)")
+    g.add_argument("--run-tools", default=None, help="Python functions the model may call and r4b runs, "
+                   "'my_tools.py:fn1,fn2' or 'package.module:fn': each completion is then a conversation of up to "
+                   "--max-tool-turns turns (r4b.engine.agent)")
+    g.add_argument("--max-tool-turns", type=int, default=4, help="assistant turns a conversation may take")
+    g.add_argument("--tool-timeout", type=float, default=30.0, help="seconds a tool call may take")
     g.add_argument("--stream", action="store_true", help="print tokens as they come (one prompt, n=1)")
     g.add_argument("--json", action="store_true", help="one JSON line per request")
     g.set_defaults(fn=cmd_generate)

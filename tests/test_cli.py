@@ -216,6 +216,38 @@ def test_chat_runs_tools(checkpoint, monkeypatch, capsys, tmp_path):
         cli.main(["chat", str(checkpoint), "--tools", f"{tools}:nope"])
 
 
+def test_generate_runs_tools(checkpoint, monkeypatch, capsys, tmp_path):
+    """r4b generate --run-tools: each completion is a conversation in which r4b runs the calls (scripted turns); the
+    text and --json outputs show the turns, calls, results and the answer; clashing flags are refused."""
+    import json
+
+    from test_agent import question_adder, script_every_llm
+
+    from r4b.engine.chat import ChatTokenizer
+
+    tools = tmp_path / "tools.py"
+    tools.write_text("def add(a: int, b: int) -> int:\n    '''Add two integers.'''\n    return a + b\n")
+    script_every_llm(monkeypatch, ChatTokenizer.demo(), question_adder)
+    base = ["generate", str(checkpoint), "-p", "What is 2 + 3?", "-p", "What is 10 + 1?", "--temperature", "0",
+            "--max-tokens", "200", "--thinking-mode", "long", "--run-tools", f"{tools}:add"]
+    assert cli.main(base) == 0
+    out = capsys.readouterr().out
+    assert "[request 0 #0 long: 2 turns, 1 tool calls (0 failed)" in out and "answer]" in out
+    assert '[tool call] add({"a": 2, "b": 3})' in out and "[tool add -> 5]" in out and "\\boxed{5}" in out
+    assert "[tool add -> 11]" in out and "\\boxed{11}" in out and "<think>\nLet me add.\n</think>" in out
+    assert cli.main([*base, "--json", "-n", "2"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["request_index"] for r in rows] == [0, 1] and all(len(r["conversations"]) == 2 for r in rows)
+    c = rows[1]["conversations"][1]
+    assert (c["answer"], c["stop_reason"], c["turns"], c["tool_calls"]) == ("\\boxed{11}", "answer", 2, 1)
+    assert [m["role"] for m in c["messages"]] == ["assistant", "tool", "assistant"]
+    for extra, flag in ((["--stream"], "--stream"), (["--answer-prefix", "x"], "--answer-prefix")):
+        with pytest.raises(SystemExit, match=f"--run-tools does not go with {flag}"):
+            cli.main([*base, *extra])
+    with pytest.raises(SystemExit, match="--run-tools: tools: .*has no 'sub'"):
+        cli.main([*base[:-1], f"{tools}:sub"])
+
+
 def test_chat_session_history_with_tools(checkpoint, monkeypatch):
     from test_agent import question_adder, script_every_llm
 
