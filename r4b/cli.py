@@ -183,7 +183,7 @@ def _generate_with_tools(args: argparse.Namespace, reqs: list, params) -> int:
             print(json.dumps({"request_index": out.prompt_index, "error": out.error, "conversations": [
                 {"index": t.index, "thinking_mode": t.mode, "answer": t.answer, "stop_reason": t.stop_reason,
                  "turns": len(t.turns), "tool_calls": t.num_tool_calls, "tool_errors": t.tool_errors,
-                 "generated_tokens": t.generated_tokens, "error": t.error, "messages": t.messages()}
+                 "generated_tokens": t.generated_tokens, "error": t.error, "messages": t.messages(images=False)}
                 for t in out.trajectories]}, ensure_ascii=False))
             continue
         if out.error is not None:
@@ -191,9 +191,13 @@ def _generate_with_tools(args: argparse.Namespace, reqs: list, params) -> int:
         for t in out.trajectories:
             print(f"[request {out.prompt_index} #{t.index} {t.mode}: {len(t.turns)} turns, {t.num_tool_calls} tool "
                   f"calls ({t.tool_errors} failed), {t.generated_tokens} tokens, {t.stop_reason}]")
-            for m in t.messages():
+            for m in t.messages(images=False):
                 if m["role"] == "tool":
-                    print(f"[tool {m['name']} -> {m['content']}]")
+                    content = m["content"]
+                    if isinstance(content, list):  # images, then the text
+                        content = " ".join("<image {}x{}>".format(*p["size"][::-1]) if p["type"] == "image"
+                                           else p["text"] for p in content)
+                    print(f"[tool {m['name']} -> {content}]")
                     continue
                 if m.get("reasoning_content"):
                     print(f"<think>\n{m['reasoning_content']}\n</think>")

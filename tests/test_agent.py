@@ -666,3 +666,75 @@ def test_gpu_conversations_with_cuda_graphs_match_eager_and_the_forward(monkeypa
             n = len(turn.output.token_ids)
             assert torch.allclose(torch.tensor(turn.output.logprobs), lp[turn.gen_start - 1 : turn.gen_start - 1 + n],
                                   atol=1e-4, rtol=0)
+
+
+def test_tools_that_return_images_show_them_to_the_model():
+    """A tool that returns an image (a zoom into the prompt's picture) and text: the next turn's prompt holds the
+    image's <image> tokens and its pixels after the prompt's; the tokens render as the template renders the tool
+    message of image and text parts; a forward of the whole conversation with both images gives every turn's
+    log-probs, and so does the BPO batch's forward; a model that takes no images reads an error instead."""
+    from PIL import Image
+
+    from r4b.engine.model.image import num_image_tokens
+
+    model, tok, msgs = tiny_r4b_chat()
+    picture = msgs[0]["content"][0]["image"]  # uint8 (3, 40, 70)
+
+    def zoom(x: int, y: int) -> list:
+        """Zoom into the picture at (x, y)."""
+        crop = picture[:, y : y + 20, x : x + 30].permute(1, 2, 0).contiguous().numpy()
+        return [Image.fromarray(crop), f"the region at ({x}, {y})"]
+
+    def policy(text, seq):
+        return _opener(text) + (
+            '<tool_call>\n{"name": "zoom", "arguments": {"x": 10, "y": 5}}\n</tool_call>'
+            if "tool_response" not in text else "A red square.")
+
+    llm = LLM(model, tok, num_kv_blocks=512, block_size=8)
+    script(llm, policy)
+    box = Toolbox([zoom])
+    (out,) = run_tool_loop(llm, [msgs], box, SamplingParams(temperature=1.0, max_tokens=200),
+                           thinking_mode="short")
+    (t,) = out.trajectories
+    assert t.stop_reason == "answer" and t.answer == "A red square." and len(t.turns) == 2
+    (r,) = t.turns[0].results
+    assert r.error is None and r.content == "the region at (10, 5)" and r.image_sizes == [(20, 30)]
+    assert len(t.pixel_values) == 2 and t.image_sizes == [*out.image_sizes, (20, 30)]
+    n_prompt = sum(num_image_tokens(h, w, tok.model_config) for h, w in out.image_sizes)
+    assert t.token_ids.count(tok.image_id) == n_prompt + num_image_tokens(20, 30, tok.model_config)
+    text = tok.apply_chat_template(msgs + t.messages(), thinking_mode="short", add_generation_prompt=False,
+                                   tools=box.schemas)
+    got = tok.decode(t.token_ids) + "\n"
+    empty = "<think>\n\n</think>\n\n"  # the template drops the first turn's empty thought (see above)
+    assert got.replace(empty, "") == text.replace(empty, "")
+    assert t.messages(images=False)[1]["content"][0] == {"type": "image", "size": [20, 30]}
+    b = pack_sequences([torch.tensor(t.token_ids)])
+    with torch.no_grad():
+        h = model(b.flat, b.position_ids, b.cu_seqlens, b.max_seqlen, t.pixel_values, t.image_sizes)
+    lp = fused_linear_logprobs(h, model.lm_head.weight, torch.tensor(t.token_ids[1:] + [-100]))
+    for turn in t.turns:
+        want = lp[turn.gen_start - 1 : turn.gen_start - 1 + len(turn.output.token_ids)]
+        assert torch.allclose(torch.tensor(turn.output.logprobs), want, atol=2e-5, rtol=0)
+    # BPO: each sequence carries its own images (the prompt's, then its tools')
+    batch = bpo_rollouts(llm, [msgs], ["red"], lambda ans, ref: float(ref in ans.lower()), g=1, toolbox=box,
+                         params=SamplingParams(temperature=1.0, max_tokens=200, seed=1))
+    assert batch.images_per_seq == [2, 2] and len(batch.pixel_values) == 4 and batch.rewards.tolist() == [1.0, 1.0]
+    with torch.no_grad():
+        old = fused_linear_logprobs(model(**batch.model_inputs()), model.lm_head.weight, batch.targets)
+    known = ~torch.isnan(batch.rollout_logprobs)
+    assert torch.allclose(batch.rollout_logprobs[known], old[known], atol=2e-5, rtol=0)
+    # r4b chat's session: the tool message holds the image, and the next turn reads it
+    from r4b.engine.interactive import ChatSession
+
+    session = ChatSession(llm, SamplingParams(temperature=0, max_tokens=200), thinking_mode="short", toolbox=box)
+    shown: list[str] = []
+    assert session.send("look closer", shown.append).outputs[0].answer == "A red square."
+    assert [m["role"] for m in session.history] == ["user", "assistant", "tool", "assistant"]
+    assert session.history[2]["content"][0]["type"] == "image" and "<image 30x20> the region" in "".join(shown)
+    # a text-only model cannot read the image: the model reads an error, the conversation goes on
+    text_llm = LLM(tiny_model(3, max_position_embeddings=1024), TOK, num_kv_blocks=256, block_size=8)
+    script(text_llm, policy)
+    (t,) = run_tool_loop(text_llm, ["look"], box, SamplingParams(temperature=0, max_tokens=200),
+                         thinking_mode="short")[0].trajectories
+    assert t.tool_errors == 1 and t.turns[0].results[0].error == "zoom returned images, which this model cannot read"
+    assert t.pixel_values == [] and "Error: zoom returned images" in TOK.decode(t.token_ids)

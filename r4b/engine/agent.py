@@ -36,10 +36,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from torch import Tensor
 
 from .chat import TOOL_CALL, ToolCall, check_mode, check_tools, parse_tool_calls
 from .llm import LLM, CompletionOutput, RequestOutput
+from .model.image import num_image_tokens
 from .sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -216,14 +218,28 @@ def _ints(value: Any, schema: Any) -> Any:
 # ---------------------------------------------------------------------------------------------------- tools
 @dataclass
 class ToolResult:
-    """One executed call: what the model reads (``content``) and, when the call failed, why (``error``; the
-    content is then ``"Error: " + error``)."""
+    """One executed call: what the model reads (``content``, after its ``images`` when the tool returned any) and,
+    when the call failed, why (``error``; the content is then ``"Error: " + error``)."""
 
     name: str
     arguments: dict
     content: str
     error: str | None = None
     seconds: float = 0.0
+    images: list = field(default_factory=list, repr=False)  # PIL images / uint8 (3, H, W) tensors the tool returned
+    # the images preprocessed for the model (set by run_tool_loop)
+    pixel_values: list[Tensor] = field(default_factory=list, repr=False)
+    image_sizes: list[tuple[int, int]] = field(default_factory=list, repr=False)
+
+
+def _is_image(x: Any) -> bool:
+    if isinstance(x, Tensor):
+        return x.dtype == torch.uint8 and x.dim() == 3
+    try:
+        from PIL import Image
+    except ImportError:
+        return False
+    return isinstance(x, Image.Image)
 
 
 class Toolbox:
@@ -232,7 +248,9 @@ class Toolbox:
     tools: each a callable (its schema from :func:`function_schema`), or a ``(schema, callable)`` pair (OpenAI's
     ``{"type": "function", "function": {...}}`` or the function object itself). A call runs ``fn(**arguments)``
     after its arguments are checked against the schema; the value becomes the result's text (a str as it is,
-    anything else as JSON), cut to ``max_result_chars``; an integer argument written as an integral float (2.0)
+    anything else as JSON), cut to ``max_result_chars``; an image (a PIL image or a uint8 (3, H, W) tensor), or a
+    list holding images and other values, gives the model the images and then the rest as text (for a multimodal
+    model: a tool that crops or zooms, "thinking with images"); an integer argument written as an integral float (2.0)
     reaches the function as an int. timeout: seconds a call may take; a call over it reads as an error (its thread
     cannot be stopped: it finishes in the background, a daemon); max_workers: calls run at once (a turn's calls,
     and the calls of every conversation in a step, run in parallel), and the most calls left running after their
@@ -347,6 +365,15 @@ class Toolbox:
             text = text[: self.max_result_chars] + f"\n... [{cut} more characters cut]"
         return text
 
+    def _split(self, value: Any) -> tuple[str, list]:
+        """(text, images) of a tool's return value: images and the rest (as text)."""
+        if _is_image(value):
+            return "", [value]
+        if isinstance(value, (list, tuple)) and any(_is_image(v) for v in value):
+            rest = [v if isinstance(v, str) else self._text(v) for v in value if not _is_image(v)]
+            return self._text("\n".join(rest)), [v for v in value if _is_image(v)]
+        return self._text(value), []
+
     def _check(self, call: ToolCall) -> str | None:
         if call.name not in self.functions:
             return f"no tool named {call.name!r} (the tools are {self.names})"
@@ -394,7 +421,8 @@ class Toolbox:
                         said = "(its message could not be read)"
                     failed(k, f"{name} raised {type(exc).__name__}: {said}", box["seconds"])
                 else:
-                    results[k] = ToolResult(name, calls[k].arguments, box["text"], None, box["seconds"])
+                    results[k] = ToolResult(name, calls[k].arguments, box["text"], None, box["seconds"],
+                                            box["images"])
         for r in results:
             if r is not None and r.error is not None:
                 log.warning("tool call failed (the model reads the error): %s", r.error)
@@ -403,7 +431,7 @@ class Toolbox:
     def _invoke(self, call: ToolCall, box: dict) -> None:
         try:
             args = _ints(call.arguments, self._params[call.name])
-            box["text"] = self._text(self.functions[call.name](**args))
+            box["text"], box["images"] = self._split(self.functions[call.name](**args))
         except BaseException as e:  # noqa: BLE001 - reported as the call's result (SystemExit included)
             box["raised"] = e
         box["seconds"] = time.perf_counter() - box["t0"]
@@ -441,6 +469,9 @@ class Trajectory:
     turns: list[Turn]
     stop_reason: str = "answer"
     error: str | None = None
+    # the images its tokens show, in order: the prompt's, then those of the tool results it read
+    pixel_values: list[Tensor] = field(default_factory=list, repr=False)
+    image_sizes: list[tuple[int, int]] = field(default_factory=list, repr=False)
 
     @property
     def final(self) -> CompletionOutput:
@@ -467,10 +498,12 @@ class Trajectory:
         """(start, end, log-probs) of each turn's generated tokens in token_ids."""
         return [(t.gen_start, t.gen_start + len(t.output.token_ids), t.output.logprobs) for t in self.turns]
 
-    def messages(self) -> list[dict]:
+    def messages(self, images: bool = True) -> list[dict]:
         """The turns as chat messages after the prompt (OpenAI's form: assistant messages with
         ``reasoning_content`` and ``tool_calls``, then ``tool`` messages), for logs and for going on as a chat:
-        what the model read (results that did not fit are left out)."""
+        what the model read (results that did not fit are left out). A result with images is a tool message of
+        image parts, then its text; ``images=False`` (JSON logs) gives each image part its size instead of the
+        image."""
         out: list[dict] = []
         for i, t in enumerate(self.turns):
             content, calls, _ = parse_tool_calls(t.output.answer)
@@ -483,7 +516,14 @@ class Trajectory:
                                      for c in calls]
             out.append(msg)
             if i + 1 < len(self.turns):
-                out += [{"role": "tool", "name": r.name, "content": r.content} for r in t.results]
+                for r in t.results:
+                    content: Any = r.content
+                    if r.images:
+                        parts = [{"type": "image", "image": img} if images else
+                                 {"type": "image", "size": list(size)}
+                                 for img, size in zip(r.images, r.image_sizes or [()] * len(r.images), strict=True)]
+                        content = [*parts, {"type": "text", "text": r.content}]
+                    out.append({"role": "tool", "name": r.name, "content": content})
         return out
 
 
@@ -528,8 +568,31 @@ def single_turn(llm: LLM, q: int, out: RequestOutput) -> AgentOutput:
     for c in out.outputs:
         suffix = llm.mode_suffix_ids(c.thinking_mode)
         res.trajectories.append(Trajectory(q, c.index, c.thinking_mode, out.prompt_token_ids + suffix + c.token_ids,
-                                           start, [Turn(start, start + len(suffix), c)]))
+                                           start, [Turn(start, start + len(suffix), c)],
+                                           pixel_values=list(out.pixel_values), image_sizes=list(out.image_sizes)))
     return res
+
+
+def prepare_images(tok: Any, result: ToolResult) -> int:
+    """Preprocess a result's images for the model (``pixel_values`` / ``image_sizes``); the number of ``<image>``
+    tokens they take. Images the model cannot take (a text-only model, an image that fails to preprocess) turn
+    the result into an error the model reads."""
+    if not result.images or result.error is not None:
+        return 0
+    if tok.image_processor is None or tok.model_config is None or tok.image_id is None:
+        why = f"{result.name} returned images, which this model cannot read"
+    else:
+        try:
+            pairs = [tok.image_processor(img) for img in result.images]
+        except Exception as e:  # noqa: BLE001 - a bad image is the call's error, not the run's
+            why = f"{result.name} returned an image that cannot be read: {type(e).__name__}: {e}"
+        else:
+            result.pixel_values = [p for p, _ in pairs]
+            result.image_sizes = [tuple(z) for _, z in pairs]
+            return sum(num_image_tokens(h, w, tok.model_config) for h, w in result.image_sizes)
+    log.warning("tool call failed (the model reads the error): %s", why)
+    result.content, result.error, result.images = f"Error: {why}", why, []
+    return 0
 
 
 def turn_seed(seed: int | None, index: int, turn: int) -> int | None:
@@ -582,7 +645,6 @@ def run_tool_loop(
                         tools=toolbox.schemas, use_tqdm=use_tqdm)
     results = [single_turn(llm, q, out) for q, out in enumerate(outs)]
     live = [t for res in results for t in res.trajectories]
-    images = {res.prompt_index: (res.pixel_values, res.image_sizes) for res in results}
     for turn in range(1, max_turns + 1):
         going: list[Trajectory] = []
         for traj in live:
@@ -610,22 +672,24 @@ def run_tool_loop(
         for traj in going:
             last = traj.turns[-1]
             last.results = [next(ran) for _ in last.calls] or [ToolResult("", {}, f"Error: {MALFORMED}", MALFORMED)]
-            head = tok.encode_tool_turn([r.content for r in last.results])
+            counts = [prepare_images(tok, r) for r in last.results]
+            head = tok.encode_tool_turn([r.content for r in last.results], image_tokens=counts)
             start = len(traj.token_ids) + len(head)
             ids = traj.token_ids + head + llm.mode_suffix_ids(traj.mode)
             if len(ids) >= llm.max_model_len:  # the results ran but do not fit: the model never reads them
                 traj.stop_reason = "length"
                 continue
-            pix, sizes = images[traj.prompt_index]
+            pix = traj.pixel_values + [p for r in last.results for p in r.pixel_values]
+            sizes = traj.image_sizes + [z for r in last.results for z in r.image_sizes]
             requests.append({"prompt_token_ids": ids, "pixel_values": pix, "image_sizes": sizes})
             p = plist[traj.prompt_index]
             turn_params.append(replace(p, n=1, seed=turn_seed(p.seed, traj.index, turn)))
-            nxt.append((traj, ids, start))
+            nxt.append((traj, ids, start, pix, sizes))
         if not requests:
             break
         outs = llm.generate(requests, turn_params, max_thinking_tokens=max_thinking_tokens, use_tqdm=False)
         live = []
-        for (traj, ids, start), out in zip(nxt, outs, strict=True):
+        for (traj, ids, start, pix, sizes), out in zip(nxt, outs, strict=True):
             if out.error is not None:
                 traj.stop_reason, traj.error = "error", out.error
                 log.warning("prompt %d conversation %d: turn %d refused: %s", traj.prompt_index, traj.index,
@@ -634,6 +698,7 @@ def run_tool_loop(
             c = out.outputs[0]
             c = replace(c, index=traj.index, thinking_mode=traj.mode, tool_calls=parse_tool_calls(c.answer)[1])
             traj.token_ids = ids + c.token_ids
+            traj.pixel_values, traj.image_sizes = pix, sizes
             traj.turns.append(Turn(start, len(ids), c))
             live.append(traj)
     return results

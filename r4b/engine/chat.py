@@ -217,16 +217,21 @@ def parse_tool_calls(answer: str, *, final: bool = True) -> tuple[str, list[Tool
     return (content.strip() if final else content.lstrip()), calls, held
 
 
-def tool_turn(results: list[str], thinking_mode: str | None = None) -> str:
+def tool_turn(results: list[str], thinking_mode: str | None = None, image_tokens: list[int] | None = None) -> str:
     """The text that follows an assistant turn's ``<|im_end|>`` when tool results answer it, as the chat template
     renders it: the user turn of ``<tool_response>`` blocks (one per result, in order), then the next assistant
     turn's header and, with ``thinking_mode``, its mode suffix. Appended to the generated tokens, it continues a
-    conversation token for token (r4b.engine.agent)."""
+    conversation token for token (r4b.engine.agent). image_tokens: per result, the ``<image>`` tokens of its images
+    (a tool message whose content is its image parts, then its text)."""
     if not results:
         raise ValueError("tool_turn needs at least one result")
     if thinking_mode is not None:
         check_mode(thinking_mode)
-    blocks = "".join(f"\n{TOOL_RESPONSE}\n{r}\n{END_TOOL_RESPONSE}" for r in results)
+    counts = image_tokens or [0] * len(results)
+    if len(counts) != len(results):
+        raise ValueError(f"image_tokens must hold one count per result ({len(results)}), got {len(counts)}")
+    blocks = "".join(f"\n{TOOL_RESPONSE}\n{IMAGE * n}{r}\n{END_TOOL_RESPONSE}"
+                     for r, n in zip(results, counts, strict=True))
     return f"\n{IM_START}user{blocks}{IM_END}\n{IM_START}assistant\n" + MODE_SUFFIX.get(thinking_mode, "")
 
 
@@ -307,17 +312,27 @@ class ChatTokenizer:
             self._plain = Tokenizer.from_str(json.dumps(spec))
         return self._plain.encode(text, add_special_tokens=False).ids
 
-    def encode_tool_turn(self, results: list[str], thinking_mode: str | None = None) -> list[int]:
+    def encode_tool_turn(self, results: list[str], thinking_mode: str | None = None,
+                         image_tokens: list[int] | None = None) -> list[int]:
         """Token ids of :func:`tool_turn`: the template's tokens, except that the results' text is encoded as
         plain text (:meth:`encode_plain`), so a tool's output cannot end the turn, open a thought or claim an
-        image (its text sits between two chat tokens, so its ids are the template's whenever it spells none)."""
-        text = tool_turn(results, thinking_mode)
+        image (its text sits between two chat tokens, so its ids are the template's whenever it spells none).
+        image_tokens: per result, how many ``<image>`` tokens its images take (before its text)."""
+        counts = image_tokens or [0] * len(results)
+        if any(counts) and self.image_id is None:
+            raise ValueError(f"tool results with images need a tokenizer with the {IMAGE} token")
+        text = tool_turn(results, thinking_mode, counts)
         head = f"\n{TOOL_RESPONSE}\n"
         ids, pos = [], 0
-        for r in results:  # the structure around each result through encode, the result through encode_plain
-            start = text.index(head, pos) + len(TOOL_RESPONSE) + 1
+        for r, n in zip(results, counts, strict=True):  # the structure through encode, the text through encode_plain
+            start = text.index(head, pos) + len(TOOL_RESPONSE) + 1  # at the "\n" before the result
             ids += self.encode(text[pos:start])
-            end = start + 1 + len(r) + 1  # "\n" + result + "\n"
+            if n:
+                ids += self.encode("\n") + [self.image_id] * n
+                start += 1 + n * len(IMAGE)
+                end = start + len(r) + 1  # result + "\n"
+            else:
+                end = start + 1 + len(r) + 1  # "\n" + result + "\n"
             ids += self.encode_plain(text[start:end])
             pos = end
         return ids + self.encode(text[pos:])

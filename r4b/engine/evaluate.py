@@ -232,7 +232,7 @@ def score_prompts(llm: LLM, prompts: Sequence[Any], references: Sequence[Any], i
                    "reference": _jsonable(ref), "prompt": text}
             if toolbox is not None:
                 row.update(turns=len(t.turns), tool_calls=t.num_tool_calls, tool_errors=t.tool_errors,
-                           stop_reason=t.stop_reason, messages=t.messages())
+                           stop_reason=t.stop_reason, messages=t.messages(images=False))
             rows.append(row)
     return rows
 

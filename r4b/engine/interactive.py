@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 
-from .agent import MALFORMED, Toolbox, turn_seed
+from .agent import MALFORMED, Toolbox, prepare_images, turn_seed
 from .chat import MODE_SUFFIX, TOOL_CALL, parse_tool_calls
 from .llm import LLM, RequestOutput, StreamEvent
 from .sampling import SamplingParams
@@ -105,9 +105,13 @@ class ChatSession:
                     self.history.append({"role": "tool", "content": f"Error: {MALFORMED}"})
                     continue
                 for call, res in zip(calls, self.toolbox.run(calls), strict=True):
-                    write(f"[tool {call.name}({call.arguments_json()}) -> {res.content[:500]}"
+                    prepare_images(self.llm.tokenizer, res)  # a model that takes no images reads an error
+                    shown = "".join(f"<image {w}x{h}> " for h, w in res.image_sizes)
+                    write(f"[tool {call.name}({call.arguments_json()}) -> {shown}{res.content[:500]}"
                           f"{'...' if len(res.content) > 500 else ''}]\n")
-                    self.history.append({"role": "tool", "name": call.name, "content": res.content})
+                    content = [*({"type": "image", "image": img} for img in res.images),
+                               {"type": "text", "text": res.content}] if res.images else res.content
+                    self.history.append({"role": "tool", "name": call.name, "content": content})
         except BaseException:
             del self.history[before:]  # the message got no reply (Ctrl-C, an exception): it is not part of the chat
             raise

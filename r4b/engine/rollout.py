@@ -192,9 +192,9 @@ def bpo_rollouts(
             groups.append(q)
             mode_of.append(t.mode)
             trajs.append(t)
-            pixel_values += res.pixel_values  # the prompt's images, as the engine preprocessed them
-            image_sizes += res.image_sizes
-            images_per_seq.append(len(res.pixel_values))
+            pixel_values += t.pixel_values  # the prompt's images as the engine preprocessed them (and the tools')
+            image_sizes += t.image_sizes
+            images_per_seq.append(len(t.pixel_values))
     if not seqs:
         raise ValueError(f"no prompt could be rolled out ({skipped} skipped): see the warnings")
     dev = torch.device(device) if device is not None else llm.device
