@@ -693,9 +693,23 @@ def test_tools_that_return_images_show_them_to_the_model():
     llm = LLM(model, tok, num_kv_blocks=512, block_size=8)
     script(llm, policy)
     box = Toolbox([zoom])
+    cached = []
+    generate = llm.generate
+
+    def watched(requests, *args, **kw):
+        outs = generate(requests, *args, **kw)
+        cached.extend(o.num_cached_tokens for r, o in zip(requests, outs, strict=True) if isinstance(r, dict))
+        return outs
+
+    llm.generate = watched
     (out,) = run_tool_loop(llm, [msgs], box, SamplingParams(temperature=1.0, max_tokens=200),
                            thinking_mode="short")
+    del llm.generate
     (t,) = out.trajectories
+    # the second turn's prompt adds an image: the blocks of the first turn (the prompt's image included) are reused
+    first_end = t.turns[0].gen_start + len(t.turns[0].output.token_ids)  # its last token was never fed
+    assert len(cached) == 1 and cached[0] == (first_end - 1) // 8 * 8, (cached, first_end)
+    assert cached[0] > t.token_ids.index(tok.image_id)
     assert t.stop_reason == "answer" and t.answer == "A red square." and len(t.turns) == 2
     (r,) = t.turns[0].results
     assert r.error is None and r.content == "the region at (10, 5)" and r.image_sizes == [(20, 30)]

@@ -35,10 +35,11 @@ import hashlib
 import logging
 import threading
 from array import array
+from bisect import bisect_right
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from itertools import count
+from itertools import accumulate, count
 from pathlib import Path
 from typing import Any
 
@@ -121,22 +122,31 @@ class _Request:
         if params.prompt_logprobs is not None:
             self.prompt_lps = [None] * len(prompt)
             self.prompt_top = [None] * len(prompt) if params.prompt_logprobs else None
-        self._image_digest: bytes | None = None
+        self._image_digests: list[bytes] | None = None  # [k]: the digest of the first k images (image_digest)
+        self._image_positions: list[int] = []
+        self._image_starts: list[int] = []
         self.tools = False  # the chat was rendered with tools: its outputs' tool calls are parsed
         self.answer_prefix: list[int] = []  # forced as the answer's first tokens (after the thought)
         self.answer_prefix_after_think: list[int] = []  # the same, after a </think> the model wrote: "\n\n" first
 
-    def image_digest(self) -> bytes:
-        """A digest of the request's images (their pixels, dtypes, shapes and sizes): the prefix cache's key salt
-        for blocks that show them."""
-        if self._image_digest is None:
-            h = hashlib.blake2b(digest_size=16)
+    def image_digest(self, upto: int, image_token: int, tokens_per_image: list[int]) -> bytes:
+        """The prefix cache's key salt for a prompt block ending before token ``upto``: a chained digest of the
+        images (pixels, dtypes, shapes, sizes) whose tokens start before it. A block depends on those images only,
+        so a request with more images after them (a later turn that read a tool's image) still matches the
+        earlier blocks."""
+        if self._image_digests is None:
+            chain, h = [b""], hashlib.blake2b(digest_size=16)
             for p, size in zip(self.pixel_values, self.image_sizes, strict=True):
                 t = p.detach().cpu().contiguous()
                 h.update(f"{t.dtype}{tuple(t.shape)}{tuple(size)}".encode())
                 h.update(t.flatten().view(torch.uint8).numpy().tobytes())
-            self._image_digest = h.digest()
-        return self._image_digest
+                chain.append(h.copy().digest())
+            self._image_digests = chain
+            self._image_positions = [i for i, t in enumerate(self.prompt) if t == image_token]
+            self._image_starts = list(accumulate([0, *tokens_per_image[:-1]]))  # each image's first token's rank
+        seen = bisect_right(self._image_positions, upto - 1)  # image tokens before upto
+        started = bisect_right(self._image_starts, seen - 1) if seen else 0
+        return self._image_digests[started]
 
 
 class _Seq:
@@ -566,18 +576,24 @@ class LLM:
     # ------------------------------------------------------------------ prefix cache
     def _keys(self, seq: _Seq, num_blocks: int) -> list[bytes]:
         """The prefix-cache keys of the sequence's first ``num_blocks`` blocks: each a digest of the previous key and
-        the block's tokens, and of the request's images for a block that holds an image token of the prompt (the
-        blocks after it take the images through the chain)."""
+        the block's tokens, and, for a block that holds an image token of the prompt, of the images started by its
+        end (the blocks after it take them through the chain)."""
         keys, bs, req = seq.block_keys, self.block_size, seq.req
         while len(keys) < num_blocks:
             i = len(keys)
             toks = seq.tokens[i * bs : (i + 1) * bs]
             h = hashlib.blake2b(keys[-1] if keys else b"r4b", digest_size=16)
             if req.pixel_values and i * bs < len(req.prompt) and self.image_token in toks:
-                h.update(req.image_digest())
+                h.update(req.image_digest(min((i + 1) * bs, len(req.prompt)), self.image_token,
+                                          self._tokens_per_image(req)))
             h.update(array("q", toks).tobytes())
             keys.append(h.digest())
         return keys[:num_blocks]
+
+    def _tokens_per_image(self, req: _Request) -> list[int]:
+        from .model.image import num_image_tokens
+
+        return [num_image_tokens(int(h), int(w), self.model.config) for h, w in req.image_sizes]
 
     def _match(self, seq: _Seq) -> list[int]:
         """The cached blocks a sequence about to be admitted can start from (its last token is always computed:
