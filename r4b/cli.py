@@ -197,7 +197,7 @@ def _generate_with_tools(args: argparse.Namespace, reqs: list, params) -> int:
                     if isinstance(content, list):  # images, then the text
                         content = " ".join("<image {}x{}>".format(*p["size"][::-1]) if p["type"] == "image"
                                            else p["text"] for p in content)
-                    print(f"[tool {m['name']} -> {content}]")
+                    print(f"[tool {m['name'] or '(no call)'} -> {content}]")
                     continue
                 if m.get("reasoning_content"):
                     print(f"<think>\n{m['reasoning_content']}\n</think>")
@@ -205,7 +205,8 @@ def _generate_with_tools(args: argparse.Namespace, reqs: list, params) -> int:
                     print(m["content"])
                 for call in m.get("tool_calls", []):
                     print(f"[tool call] {call['function']['name']}({call['function']['arguments']})")
-    return 0 if all(o.error is None for o in outs) else 1
+    ok = all(o.error is None and all(t.stop_reason != "error" for t in o.trajectories) for o in outs)
+    return 0 if ok else 1
 
 
 def _print_output(out, as_json: bool) -> None:

@@ -551,6 +551,12 @@ def test_token_prompt_dicts_carry_images():
     assert "tiles (base + grid)" in fewer.error
     with pytest.raises(ValueError, match="requests must be a list of requests"):
         llm.generate({"prompt_token_ids": ids}, greedy)
+    # a chat whose text spells <image> beside a real image: reported and skipped (the step's embedding would fail
+    # for every request in it), the other request runs
+    spelled = [{"role": "user", "content": [msgs[0]["content"][0], {"type": "text", "text": "what is <image>?"}]}]
+    outs = llm.generate([spelled, msgs], greedy, use_tqdm=False)
+    assert f"the chat's images need {n} <image> tokens (id {tok.image_id}), its text holds {n + 1}" in outs[0].error
+    assert outs[1].error is None and len(outs[1].outputs[0].token_ids) == 6
     no_leak(llm)
 
 

@@ -319,6 +319,8 @@ class ChatTokenizer:
         image (its text sits between two chat tokens, so its ids are the template's whenever it spells none).
         image_tokens: per result, how many ``<image>`` tokens its images take (before its text)."""
         counts = image_tokens or [0] * len(results)
+        if not all(isinstance(n, int) and n >= 0 for n in counts):
+            raise ValueError(f"image_tokens must be ints >= 0, got {counts!r:.80}")
         if any(counts) and self.image_id is None:
             raise ValueError(f"tool results with images need a tokenizer with the {IMAGE} token")
         text = tool_turn(results, thinking_mode, counts)

@@ -17,8 +17,8 @@ Rollouts for BPO and serving share it. What it does (docs/DESIGN.md, "Inference 
   non-thinking), or several at once (BPO's ("long", "short")). ``max_thinking_tokens``: a thought that reaches
   the budget gets ``\\n</think>\\n\\n`` forced, and the answer follows.
 - **Prefix caching** (``prefix_caching=True``, the default). Every full block a step computes is registered
-  under a digest of all the tokens up to its end (and of the request's images, from the first block that shows
-  one); a new or preempted sequence whose leading blocks are registered takes them instead of computing them
+  under a digest of all the tokens up to its end (and of the images whose tokens start by its end, for a block
+  that shows one); a new or preempted sequence whose leading blocks are registered takes them instead of computing them
   (a shared system prompt, the earlier turns of a chat, the same question asked again). Finished sequences'
   blocks keep their content until the cache needs them. The cache is dropped when the model's parameters change
   (replaced, or updated in place through them: checked at every step); ``reset_prefix_cache()`` drops it by
@@ -362,6 +362,8 @@ class LLM:
             raise ValueError(f"requests[{i}] is a chat: LLM needs tokenizer= to render it")
         enc = self.tokenizer.encode_chat(request, thinking_mode="auto", tools=tools)
         ids = enc.input_ids.tolist()
+        if enc.pixel_values:  # a text part that spells <image> is one more image token than the images fill
+            self._check_image_tokens(ids, enc.image_sizes, f"requests[{i}]: the chat's images", "its text")
         if not ids or ids[-1] != self.tokenizer.think_id:  # the "auto" suffix is exactly <think>
             raise RuntimeError("the chat template's auto suffix is not the <think> token")
         return ids[:-1], enc.pixel_values, enc.image_sizes, True
@@ -392,7 +394,6 @@ class LLM:
             raise ValueError(f"{where}.image_sizes must be (height, width) pairs, got {sizes!r:.80}") from None
         if pix:
             from .model import R4BConfig
-            from .model.image import num_image_tokens
 
             cfg = getattr(self.model, "config", None)
             if self.image_token is None or not isinstance(cfg, R4BConfig):
@@ -403,12 +404,18 @@ class LLM:
                 if tuple(p.shape[1:]) != (3, side, side):
                     raise ValueError(f"{where}.pixel_values[{k}] must be tiles (n, 3, {side}, {side}), got "
                                      f"{tuple(p.shape)}")
-            want = sum(num_image_tokens(h, w, cfg) for h, w in sizes)
-            got = sum(t == self.image_token for t in ids)
-            if got != want:
-                raise ValueError(f"{where}: its images need {want} <image> tokens (id {self.image_token}), "
-                                 f"prompt_token_ids holds {got}")
+            self._check_image_tokens(ids, sizes, f"{where}: its images", "prompt_token_ids")
         return ids, pix, sizes
+
+    def _check_image_tokens(self, ids: list[int], sizes: list, what: str, holder: str) -> None:
+        """The prompt holds exactly the ``<image>`` tokens its images take (else the step's embedding would fail
+        for every request in it): ValueError naming the counts."""
+        from .model.image import num_image_tokens
+
+        want = sum(num_image_tokens(int(h), int(w), self.model.config) for h, w in sizes)
+        got = sum(t == self.image_token for t in ids)
+        if got != want:
+            raise ValueError(f"{what} need {want} <image> tokens (id {self.image_token}), {holder} holds {got}")
 
     def _add(self, index: int, request: Any, params: SamplingParams, modes: tuple[str | None, ...],
              tools: list[dict] | None = None, call: structured.CallSchema | None = None) -> _Request:
