@@ -199,14 +199,20 @@ def _generate_with_tools(args: argparse.Namespace, reqs: list, params) -> int:
                                            else p["text"] for p in content)
                     print(f"[tool {m['name'] or '(no call)'} -> {content}]")
                     continue
-                if m.get("reasoning_content"):
-                    print(f"<think>\n{m['reasoning_content']}\n</think>")
-                if m["content"]:
-                    print(m["content"])
-                for call in m.get("tool_calls", []):
-                    print(f"[tool call] {call['function']['name']}({call['function']['arguments']})")
+                _print_reply(m.get("reasoning_content", ""), m["content"],
+                             [(k["function"]["name"], k["function"]["arguments"]) for k in m.get("tool_calls", [])])
     ok = all(o.error is None and all(t.stop_reason != "error" for t in o.trajectories) for o in outs)
     return 0 if ok else 1
+
+
+def _print_reply(thinking: str, answer: str, calls: list[tuple[str, str]], blank: bool = False) -> None:
+    """A reply as text: its thought, its answer (an empty one printed only with ``blank``), its tool calls."""
+    if thinking:
+        print(f"<think>\n{thinking}\n</think>")
+    if answer or blank:
+        print(answer)
+    for name, arguments in calls:
+        print(f"[tool call] {name}({arguments})")
 
 
 def _print_output(out, as_json: bool) -> None:
@@ -222,11 +228,7 @@ def _print_output(out, as_json: bool) -> None:
     for c in out.outputs:
         print(f"[request {out.request_index} #{c.index} {c.thinking_mode} -> {c.mode}, "
               f"{len(c.token_ids)} tokens, {c.num_thinking_tokens} thinking, {c.finish_reason}]")
-        if c.thinking:
-            print(f"<think>\n{c.thinking}\n</think>")
-        print(c.answer)
-        for call in c.tool_calls or []:
-            print(f"[tool call] {call.name}({call.arguments_json()})")
+        _print_reply(c.thinking, c.answer, [(k.name, k.arguments_json()) for k in c.tool_calls or []], blank=True)
 
 
 _TYPES = {"int": int, "float": float, "str": str}

@@ -330,13 +330,22 @@ def adder(text: str, seq) -> str:
     return _opener(text) + body
 
 
-def full_logprobs(model, ids: list[int]) -> torch.Tensor:
-    """log p(ids[p + 1] | ids[: p + 1]) of a plain forward, per position p."""
+def full_logprobs(model, ids: list[int], pixel_values=None, image_sizes=None) -> torch.Tensor:
+    """log p(ids[p + 1] | ids[: p + 1]) of a plain forward (with the images, for an R-4B model), per position p."""
     dev = model.lm_head.weight.device
     b = pack_sequences([torch.tensor(ids, device=dev)])
+    images = (pixel_values, image_sizes) if pixel_values else ()
     with torch.no_grad():
-        h = model(b.flat, b.position_ids, b.cu_seqlens, b.max_seqlen)
+        h = model(b.flat, b.position_ids, b.cu_seqlens, b.max_seqlen, *images)
     return fused_linear_logprobs(h, model.lm_head.weight, torch.tensor(ids[1:] + [-100], device=dev))
+
+
+def assert_turns_are_the_forwards(model, t, pixel_values=None, image_sizes=None, atol: float = 2e-5) -> None:
+    """Every turn's log-probs are those of a forward of the whole conversation."""
+    lp = full_logprobs(model, t.token_ids, pixel_values, image_sizes).cpu()
+    for turn in t.turns:
+        want = lp[turn.gen_start - 1 : turn.gen_start - 1 + len(turn.output.token_ids)]
+        assert torch.allclose(torch.tensor(turn.output.logprobs), want, atol=atol, rtol=0)
 
 
 @pytest.fixture(scope="module")
@@ -376,14 +385,12 @@ def test_conversations_run_the_tools_and_keep_the_tokens(model):
             assert got == text
             assert t.token_ids[: t.prompt_len] == out.prompt_token_ids
             # every turn: its mode suffix at start, its generated tokens at gen_start, with the model's log-probs
-            lp = full_logprobs(model, t.token_ids)
             for turn in t.turns:
                 assert t.token_ids[turn.start : turn.gen_start] == llm.mode_suffix_ids(t.mode)
                 gen = t.token_ids[turn.gen_start : turn.gen_start + len(turn.output.token_ids)]
                 assert gen == turn.output.token_ids and gen[-1] == TOK.im_end_id
                 assert turn.output.thinking_mode == t.mode and turn.output.index == t.index
-                want = lp[turn.gen_start - 1 : turn.gen_start - 1 + len(gen)]
-                assert torch.allclose(torch.tensor(turn.output.logprobs), want, atol=2e-5, rtol=0)
+            assert_turns_are_the_forwards(model, t)
             assert t.turns[0].output.tool_calls == t.turns[0].calls and t.turns[-1].output.tool_calls == []
             assert t.turns[-1].gen_start + len(t.turns[-1].output.token_ids) == len(t.token_ids)
             # forced thinking thinks at every turn; forced non-thinking never; auto (scripted) never
@@ -569,13 +576,7 @@ def test_multimodal_conversations_keep_their_images():
                            thinking_mode="long")
     (t,) = out.trajectories
     assert t.stop_reason == "answer" and t.answer == "The sum is 15." and len(out.pixel_values) == 1
-    b = pack_sequences([torch.tensor(t.token_ids)])
-    with torch.no_grad():
-        h = model(b.flat, b.position_ids, b.cu_seqlens, b.max_seqlen, out.pixel_values, out.image_sizes)
-    lp = fused_linear_logprobs(h, model.lm_head.weight, torch.tensor(t.token_ids[1:] + [-100]))
-    for turn in t.turns:
-        want = lp[turn.gen_start - 1 : turn.gen_start - 1 + len(turn.output.token_ids)]
-        assert torch.allclose(torch.tensor(turn.output.logprobs), want, atol=2e-5, rtol=0)
+    assert_turns_are_the_forwards(model, t, out.pixel_values, out.image_sizes)
 
 
 # ---------------------------------------------------------------------------------------------------- BPO
@@ -667,11 +668,7 @@ def test_gpu_conversations_with_cuda_graphs_match_eager_and_the_forward(monkeypa
     assert graph_steps > 0 and all(len(t.turns) == 2 for t in got)
     assert [t.token_ids for t in got] == [t.token_ids for t in want]
     for t in got:
-        lp = full_logprobs(model, t.token_ids).cpu()
-        for turn in t.turns:
-            n = len(turn.output.token_ids)
-            assert torch.allclose(torch.tensor(turn.output.logprobs), lp[turn.gen_start - 1 : turn.gen_start - 1 + n],
-                                  atol=1e-4, rtol=0)
+        assert_turns_are_the_forwards(model, t, atol=1e-4)
 
 
 def test_tools_that_return_images_show_them_to_the_model():
@@ -728,13 +725,7 @@ def test_tools_that_return_images_show_them_to_the_model():
     empty = "<think>\n\n</think>\n\n"  # the template drops the first turn's empty thought (see above)
     assert got.replace(empty, "") == text.replace(empty, "")
     assert t.messages(images=False)[1]["content"][0] == {"type": "image", "size": [20, 30]}
-    b = pack_sequences([torch.tensor(t.token_ids)])
-    with torch.no_grad():
-        h = model(b.flat, b.position_ids, b.cu_seqlens, b.max_seqlen, t.pixel_values, t.image_sizes)
-    lp = fused_linear_logprobs(h, model.lm_head.weight, torch.tensor(t.token_ids[1:] + [-100]))
-    for turn in t.turns:
-        want = lp[turn.gen_start - 1 : turn.gen_start - 1 + len(turn.output.token_ids)]
-        assert torch.allclose(torch.tensor(turn.output.logprobs), want, atol=2e-5, rtol=0)
+    assert_turns_are_the_forwards(model, t, t.pixel_values, t.image_sizes)
     # BPO: each sequence carries its own images (the prompt's, then its tools')
     batch = bpo_rollouts(llm, [msgs], ["red"], lambda ans, ref: float(ref in ans.lower()), g=1, toolbox=box,
                          params=SamplingParams(temperature=1.0, max_tokens=200, seed=1))
