@@ -742,6 +742,26 @@ def test_tools_that_return_images_show_them_to_the_model():
     assert session.send("look closer", shown.append).outputs[0].answer == "A red square."
     assert [m["role"] for m in session.history] == ["user", "assistant", "tool", "assistant"]
     assert session.history[2]["content"][0]["type"] == "image" and "<image 30x20> the region" in "".join(shown)
+    # numpy images are images; float "images" (ToTensor's [0, 1]) are the call's error, not numbers for the model
+    import numpy as np
+
+    arr = picture.permute(1, 2, 0).numpy()
+
+    def as_numpy() -> list:
+        return [arr.copy(), "from numpy"]
+
+    def as_floats() -> object:
+        return picture.float() / 255
+
+    def as_ints() -> object:
+        return np.zeros((2, 4, 3), dtype=np.int64)
+
+    r_np, r_f, r_i = Toolbox([as_numpy, as_floats, as_ints]).run(
+        [ToolCall("as_numpy", {}), ToolCall("as_floats", {}), ToolCall("as_ints", {})])
+    assert r_np.error is None and r_np.content == "from numpy" and torch.equal(r_np.images[0], picture.permute(1, 2, 0))
+    assert r_f.error == "as_floats raised TypeError: an image must be uint8 (0-255), got a Tensor of torch.float32 " \
+        "(3, 40, 70)"
+    assert r_i.error is None and not r_i.images and "[[[0 0 0]" in r_i.content  # integers: numbers, as text
     # a text-only model cannot read the image: the model reads an error, the conversation goes on
     text_llm = LLM(tiny_model(3, max_position_embeddings=1024), TOK, num_kv_blocks=256, block_size=8)
     script(text_llm, policy)

@@ -232,14 +232,28 @@ class ToolResult:
     image_sizes: list[tuple[int, int]] = field(default_factory=list, repr=False)
 
 
+def _image_shaped(x: Any) -> bool:
+    """A tensor or numpy array shaped like an image: (3, H, W) or (H, W, 3)."""
+    if not (isinstance(x, Tensor) or type(x).__module__ == "numpy"):
+        return False
+    shape = tuple(x.shape)
+    return len(shape) == 3 and 3 in (shape[0], shape[-1])
+
+
 def _is_image(x: Any) -> bool:
-    if isinstance(x, Tensor):
-        return x.dtype == torch.uint8 and x.dim() == 3
+    """A tool's image: a PIL image, or a uint8 tensor / numpy array (3, H, W) or (H, W, 3)."""
+    if _image_shaped(x):
+        return str(x.dtype) in ("torch.uint8", "uint8")
     try:
         from PIL import Image
     except ImportError:
         return False
     return isinstance(x, Image.Image)
+
+
+def _as_image(x: Any) -> Any:
+    """A numpy image as a tensor (the image processor takes PIL images and uint8 tensors)."""
+    return torch.from_numpy(x.copy()) if type(x).__module__ == "numpy" else x
 
 
 class Toolbox:
@@ -366,13 +380,17 @@ class Toolbox:
         return text
 
     def _split(self, value: Any) -> tuple[str, list]:
-        """(text, images) of a tool's return value: images and the rest (as text)."""
-        if _is_image(value):
-            return "", [value]
-        if isinstance(value, (list, tuple)) and any(_is_image(v) for v in value):
-            rest = [v if isinstance(v, str) else self._text(v) for v in value if not _is_image(v)]
-            return self._text("\n".join(rest)), [v for v in value if _is_image(v)]
-        return self._text(value), []
+        """(text, images) of a tool's return value: images and the rest (as text). An image-shaped array that is
+        not uint8 (e.g. floats in [0, 1]) raises (the call's error) rather than reach the model as numbers."""
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
+        for v in items:
+            if _image_shaped(v) and "float" in str(v.dtype):  # (integers of that shape stay numbers)
+                raise TypeError(f"an image must be uint8 (0-255), got a {type(v).__name__} of {v.dtype} "
+                                f"{tuple(v.shape)}")
+        if not any(_is_image(v) for v in items):
+            return self._text(value), []
+        rest = [v if isinstance(v, str) else self._text(v) for v in items if not _is_image(v)]
+        return self._text("\n".join(rest)), [_as_image(v) for v in items if _is_image(v)]
 
     def _check(self, call: ToolCall) -> str | None:
         if call.name not in self.functions:
