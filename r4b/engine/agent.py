@@ -165,18 +165,21 @@ def _is_kind(value: Any, kind: str) -> bool:
     return isinstance(value, _PY_OF.get(kind, object))
 
 
+def _kinds(schema: dict) -> list[str]:
+    """A schema's ``type`` as a list (empty when it names none)."""
+    kinds = schema.get("type")
+    return [kinds] if isinstance(kinds, str) else list(kinds or [])
+
+
 def _fits(value: Any, schema: Any, where: str) -> str | None:
     """Why ``value`` does not fit ``schema`` (None when it does). Checks type, enum, items, properties, required
     and additionalProperties: false (the keywords function_schema writes and tools commonly use); other keywords
     are not checked."""
     if not isinstance(schema, dict):
         return None
-    kinds = schema.get("type")
-    if kinds is not None:
-        kinds = [kinds] if isinstance(kinds, str) else list(kinds)
-
-        if not any(_is_kind(value, k) for k in kinds):
-            return f"{where} must be {' or '.join(kinds)}, got {json.dumps(value)[:60]}"
+    kinds = _kinds(schema)
+    if kinds and not any(_is_kind(value, k) for k in kinds):
+        return f"{where} must be {' or '.join(kinds)}, got {json.dumps(value)[:60]}"
     if "enum" in schema and value not in schema["enum"]:
         return f"{where} must be one of {json.dumps(schema['enum'])[:80]}, got {json.dumps(value)[:60]}"
     if "anyOf" in schema and all(_fits(value, s, where) for s in schema["anyOf"]):
@@ -203,8 +206,7 @@ def _ints(value: Any, schema: Any) -> Any:
     """``value`` (checked by _fits) with the integral floats where the schema says integer made ints."""
     if not isinstance(schema, dict):
         return value
-    kinds = schema.get("type")
-    kinds = [kinds] if isinstance(kinds, str) else list(kinds or [])
+    kinds = _kinds(schema)
     if isinstance(value, float) and "integer" in kinds and "number" not in kinds and value.is_integer():
         return int(value)
     if isinstance(value, list) and isinstance(schema.get("items"), dict):
@@ -512,10 +514,6 @@ class Trajectory:
     def generated_tokens(self) -> int:
         return sum(len(t.output.token_ids) for t in self.turns)
 
-    def generated_spans(self) -> list[tuple[int, int, list[float]]]:
-        """(start, end, log-probs) of each turn's generated tokens in token_ids."""
-        return [(t.gen_start, t.gen_start + len(t.output.token_ids), t.output.logprobs) for t in self.turns]
-
     def messages(self, images: bool = True) -> list[dict]:
         """The turns as chat messages after the prompt (OpenAI's form: assistant messages with
         ``reasoning_content`` and ``tool_calls``, then ``tool`` messages), for logs and for going on as a chat:
@@ -575,6 +573,38 @@ def score(reward: Callable, trajectory: Trajectory, reference: Any) -> tuple[flo
         return safe_reward(lambda answer, ref: reward(answer, ref, trajectory=trajectory), trajectory.answer,
                            reference)
     return safe_reward(reward, trajectory.answer, reference)
+
+
+def turn_calls(out: CompletionOutput, end_of_turn: int) -> tuple[str, list[ToolCall], bool, bool]:
+    """What a turn asks for: (its answer without the call blocks, its calls, whether its only ``<tool_call>``
+    block is no call, whether it ended with its end of turn, the condition for running them: finished "stop" on
+    ``end_of_turn``, not cut by a stop string or max_tokens)."""
+    content, calls, _ = parse_tool_calls(out.answer)
+    malformed = not calls and TOOL_CALL in content
+    ended = out.finish_reason == "stop" and bool(out.token_ids) and out.token_ids[-1] == end_of_turn
+    return content, calls, malformed, ended
+
+
+def tool_config_error(tools: Any, tool_timeout: Any) -> tuple[str, str] | None:
+    """(field, what it must be) of the first bad tool setting of a trainer's or evaluation's config, or None."""
+    if tools is not None and (not isinstance(tools, str) or ":" not in tools):
+        return "tools", "None or 'package.module:function[,function...]' / 'path/tools.py:function'"
+    if isinstance(tool_timeout, bool) or not isinstance(tool_timeout, (int, float)) or not tool_timeout > 0:
+        return "tool_timeout", "a number of seconds > 0"
+    return None
+
+
+def converse(llm: LLM, prompts: Sequence[Any], params: SamplingParams | Sequence[SamplingParams], *,
+             toolbox: Toolbox | None = None, thinking_mode: str | Sequence[str] = "auto", max_turns: int = 4,
+             max_thinking_tokens: int | None = None) -> list[AgentOutput]:
+    """Every prompt's completions as conversations: with ``toolbox``, :func:`run_tool_loop`'s; without, one turn
+    each (:func:`single_turn` of ``llm.generate``). The one entry of BPO rollouts, the probe and eval."""
+    if toolbox is not None:
+        return run_tool_loop(llm, prompts, toolbox, params, thinking_mode=thinking_mode, max_turns=max_turns,
+                             max_thinking_tokens=max_thinking_tokens)
+    outs = llm.generate(list(prompts), params, thinking_mode=thinking_mode, max_thinking_tokens=max_thinking_tokens,
+                        use_tqdm=False)
+    return [single_turn(llm, q, out) for q, out in enumerate(outs)]
 
 
 def single_turn(llm: LLM, q: int, out: RequestOutput) -> AgentOutput:
@@ -658,7 +688,6 @@ def run_tool_loop(
         raise ValueError("run_tool_loop: SamplingParams.prompt_logprobs is not supported (later turns' prompts "
                          "are the conversation so far)")
     tok = llm.tokenizer
-    im_end = tok.im_end_id
     outs = llm.generate(prompts, plist, thinking_mode=modes, max_thinking_tokens=max_thinking_tokens,
                         tools=toolbox.schemas, use_tqdm=use_tqdm)
     results = [single_turn(llm, q, out) for q, out in enumerate(outs)]
@@ -667,13 +696,12 @@ def run_tool_loop(
         going: list[Trajectory] = []
         for traj in live:
             out = traj.final
-            content, calls, _ = parse_tool_calls(out.answer)
-            malformed = not calls and TOOL_CALL in content  # a <tool_call> block that is no call
+            _, calls, malformed, ended = turn_calls(out, tok.im_end_id)
             if not calls and not malformed:
                 traj.stop_reason = "length" if out.finish_reason == "length" else "answer"
             elif out.finish_reason == "length":
                 traj.stop_reason = "length"
-            elif not out.token_ids or out.token_ids[-1] != im_end:
+            elif not ended:
                 traj.stop_reason = "no_end"
             elif turn == max_turns:
                 traj.stop_reason = "max_turns"

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ._config import config_from_dict
-from .agent import Toolbox, run_tool_loop, score, single_turn
+from .agent import Toolbox, converse, score, tool_config_error
 from .chat import check_mode
 from .llm import LLM
 from .rewards import REWARDS, resolve_reward
@@ -132,11 +132,8 @@ class EvalConfig:
         for name in ("resume", "progress", "plot"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "true or false")
-        if self.tools is not None and (not isinstance(self.tools, str) or ":" not in self.tools):
-            raise bad("tools", "None or 'package.module:function[,function...]' / 'path/tools.py:function'")
-        if isinstance(self.tool_timeout, bool) or not isinstance(self.tool_timeout, (int, float)) \
-                or not self.tool_timeout > 0:
-            raise bad("tool_timeout", "a number of seconds > 0")
+        if (wrong := tool_config_error(self.tools, self.tool_timeout)) is not None:
+            raise bad(*wrong)
         if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
             raise bad("dtype", "one of auto, bf16, fp16, fp32")
         if not isinstance(self.reward, str) or not self.reward:
@@ -209,13 +206,8 @@ def score_prompts(llm: LLM, prompts: Sequence[Any], references: Sequence[Any], i
     params = params or SamplingParams(temperature=0.0, max_tokens=2048)
     modes = parse_modes(modes)
     per = [dataclasses.replace(params, seed=prompt_seed(params.seed or 0, int(i))) for i in ids]
-    if toolbox is not None:
-        outs = run_tool_loop(llm, list(prompts), toolbox, per, thinking_mode=list(modes), max_turns=max_turns,
-                             max_thinking_tokens=max_thinking_tokens)
-    else:
-        outs = [single_turn(llm, q, out) for q, out in
-                enumerate(llm.generate(list(prompts), per, thinking_mode=list(modes),
-                                       max_thinking_tokens=max_thinking_tokens, use_tqdm=False))]
+    outs = converse(llm, prompts, per, toolbox=toolbox, thinking_mode=list(modes), max_turns=max_turns,
+                    max_thinking_tokens=max_thinking_tokens)
     rows = []
     for pid, prompt, ref, out in zip(ids, prompts, references, outs, strict=True):
         text = _prompt_text(prompt)

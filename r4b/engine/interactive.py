@@ -16,8 +16,8 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 
-from .agent import MALFORMED, Toolbox, prepare_images, turn_seed
-from .chat import MODE_SUFFIX, TOOL_CALL, parse_tool_calls
+from .agent import MALFORMED, Toolbox, prepare_images, turn_calls, turn_seed
+from .chat import MODE_SUFFIX
 from .llm import LLM, RequestOutput, StreamEvent
 from .sampling import SamplingParams
 from .server import ThinkSplitter
@@ -83,27 +83,23 @@ class ChatSession:
                         del self.history[before:]
                     return out
                 c = out.outputs[0]
-                content, calls, _ = parse_tool_calls(c.answer) if self.toolbox else (c.answer, [], 0)
-                malformed = self.toolbox is not None and not calls and TOOL_CALL in content
-                end_of_turn = self.llm.tokenizer.im_end_id
-                ended = c.finish_reason == "stop" and bool(c.token_ids) and c.token_ids[-1] == end_of_turn
+                content, calls, malformed, ended = turn_calls(c, self.llm.tokenizer.im_end_id) if self.toolbox \
+                    else (c.answer, [], False, False)
+                msg = {"role": "assistant", "content": c.answer, "reasoning_content": c.thinking}
+                self.history.append(msg)
                 if not (calls or malformed) or turn == self.max_turns or not ended:
-                    self.history.append({"role": "assistant", "content": c.answer, "reasoning_content": c.thinking})
                     if calls or malformed:
                         n = len(calls) or 1
                         write(f"[{n} tool call{'s' if n > 1 else ''} not run: the reply "
                               f"{'reached its turn limit' if turn == self.max_turns else 'did not end its turn'}]\n")
                     return out
-                self.history.append({"role": "assistant", "content": content if calls else "",
-                                     "reasoning_content": c.thinking,
-                                     "tool_calls": [{"type": "function", "function": {
-                                         "name": k.name, "arguments": k.arguments_json()}} for k in calls]})
                 if malformed:  # the block as written stays in the history; the error shows the format
-                    self.history[-1]["content"] = c.answer
-                    del self.history[-1]["tool_calls"]
                     write(f"[tool call not understood -> Error: {MALFORMED}]\n")
                     self.history.append({"role": "tool", "content": f"Error: {MALFORMED}"})
                     continue
+                msg["content"] = content  # the calls go as tool_calls
+                msg["tool_calls"] = [{"type": "function", "function": {"name": k.name, "arguments": k.arguments_json()}}
+                                     for k in calls]
                 for call, res in zip(calls, self.toolbox.run(calls), strict=True):
                     prepare_images(self.llm.tokenizer, res)  # a model that takes no images reads an error
                     shown = "".join(f"<image {w}x{h}> " for h, w in res.image_sizes)

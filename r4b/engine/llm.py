@@ -50,6 +50,7 @@ from . import structured
 from .block_manager import BlockManager, cdiv
 from .chat import MODE_SUFFIX, ChatTokenizer, ToolCall, check_mode, check_tools, parse_response, parse_tool_calls
 from .graphs import DecodeGraphs
+from .model.image import num_image_tokens
 from .model.qwen3 import PagedKV
 from .sampling import PenaltyCounts, SamplingParams, make_generator, sample
 
@@ -129,7 +130,7 @@ class _Request:
         self.answer_prefix: list[int] = []  # forced as the answer's first tokens (after the thought)
         self.answer_prefix_after_think: list[int] = []  # the same, after a </think> the model wrote: "\n\n" first
 
-    def image_digest(self, upto: int, image_token: int, tokens_per_image: list[int]) -> bytes:
+    def image_digest(self, upto: int, image_token: int, config: Any) -> bytes:
         """The prefix cache's key salt for a prompt block ending before token ``upto``: a chained digest of the
         images (pixels, dtypes, shapes, sizes) whose tokens start before it. A block depends on those images only,
         so a request with more images after them (a later turn that read a tool's image) still matches the
@@ -143,7 +144,8 @@ class _Request:
                 chain.append(h.copy().digest())
             self._image_digests = chain
             self._image_positions = [i for i, t in enumerate(self.prompt) if t == image_token]
-            self._image_starts = list(accumulate([0, *tokens_per_image[:-1]]))  # each image's first token's rank
+            counts = [num_image_tokens(int(h), int(w), config) for h, w in self.image_sizes]
+            self._image_starts = list(accumulate([0, *counts[:-1]]))  # each image's first token's rank
         seen = bisect_right(self._image_positions, upto - 1)  # image tokens before upto
         started = bisect_right(self._image_starts, seen - 1) if seen else 0
         return self._image_digests[started]
@@ -343,16 +345,12 @@ class LLM:
                                                                                       bool]:
         """(token ids, pixel values, image sizes, is_chat) of one request; the chat prompt ends before the mode
         suffix."""
-        if _is_token_list(request) or (isinstance(request, (list, tuple)) and not request):
+        if isinstance(request, dict) or _is_token_list(request) or (isinstance(request, (list, tuple)) and not request):
             if tools:
                 raise ValueError(f"requests[{i}] is token ids: tools apply to chats (render them into the prompt)")
-            ids = request.tolist() if isinstance(request, Tensor) else list(request)
-            return ids, [], [], False
-        if isinstance(request, dict):
-            if tools:
-                raise ValueError(f"requests[{i}] is token ids: tools apply to chats (render them into the prompt)")
-            ids, pix, sizes = self._token_prompt(request, i)
-            return ids, pix, sizes, False
+            if isinstance(request, dict):
+                return *self._token_prompt(request, i), False
+            return request.tolist() if isinstance(request, Tensor) else list(request), [], [], False
         if isinstance(request, str):
             request = [{"role": "user", "content": request}]
         if not isinstance(request, list) or not request or not isinstance(request[0], dict):
@@ -410,8 +408,6 @@ class LLM:
     def _check_image_tokens(self, ids: list[int], sizes: list, what: str, holder: str) -> None:
         """The prompt holds exactly the ``<image>`` tokens its images take (else the step's embedding would fail
         for every request in it): ValueError naming the counts."""
-        from .model.image import num_image_tokens
-
         want = sum(num_image_tokens(int(h), int(w), self.model.config) for h, w in sizes)
         got = sum(t == self.image_token for t in ids)
         if got != want:
@@ -591,16 +587,10 @@ class LLM:
             toks = seq.tokens[i * bs : (i + 1) * bs]
             h = hashlib.blake2b(keys[-1] if keys else b"r4b", digest_size=16)
             if req.pixel_values and i * bs < len(req.prompt) and self.image_token in toks:
-                h.update(req.image_digest(min((i + 1) * bs, len(req.prompt)), self.image_token,
-                                          self._tokens_per_image(req)))
+                h.update(req.image_digest(min((i + 1) * bs, len(req.prompt)), self.image_token, self.model.config))
             h.update(array("q", toks).tobytes())
             keys.append(h.digest())
         return keys[:num_blocks]
-
-    def _tokens_per_image(self, req: _Request) -> list[int]:
-        from .model.image import num_image_tokens
-
-        return [num_image_tokens(int(h), int(w), self.model.config) for h, w in req.image_sizes]
 
     def _match(self, seq: _Seq) -> list[int]:
         """The cached blocks a sequence about to be admitted can start from (its last token is always computed:

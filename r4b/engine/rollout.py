@@ -26,7 +26,7 @@ from torch import Tensor
 
 from r4b.kernels import group_advantages, pack_sequences
 
-from .agent import Toolbox, Trajectory, run_tool_loop, score, single_turn
+from .agent import Toolbox, Trajectory, converse, score
 from .llm import LLM, CompletionOutput
 from .rewards import get_reward
 from .sampling import SamplingParams
@@ -167,13 +167,8 @@ def bpo_rollouts(
     params = params or SamplingParams()
     modes = ("long", "short") if rollout_mode == "bpo" else ("auto",)
     n = g if rollout_mode == "bpo" else 2 * g
-    if toolbox is not None:
-        results = run_tool_loop(llm, list(prompts), toolbox, replace(params, n=n), thinking_mode=modes,
-                                max_turns=max_turns, max_thinking_tokens=max_thinking_tokens)
-    else:
-        outs = llm.generate(list(prompts), replace(params, n=n), thinking_mode=modes,
-                            max_thinking_tokens=max_thinking_tokens, use_tqdm=False)
-        results = [single_turn(llm, q, out) for q, out in enumerate(outs)]
+    results = converse(llm, prompts, replace(params, n=n), toolbox=toolbox, thinking_mode=modes, max_turns=max_turns,
+                       max_thinking_tokens=max_thinking_tokens)
     seqs, rewards, groups, mode_of, trajs = [], [], [], [], []
     pixel_values, image_sizes, images_per_seq = [], [], []
     errors, skipped = 0, 0

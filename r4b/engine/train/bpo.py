@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from r4b.kernels import fused_linear_grpo_loss, fused_linear_logprobs
 
-from ..agent import Toolbox, run_tool_loop, score, single_turn
+from ..agent import Toolbox, converse, score, tool_config_error
 from ..llm import LLM
 from ..model import from_pretrained
 from ..rewards import REWARDS, resolve_reward
@@ -126,11 +126,8 @@ class BPOConfig(TrainConfig):
             raise bad("steps", f"a multiple of mini_batches ({self.mini_batches})")
         if self.save_every % self.mini_batches:
             raise bad("save_every", f"a multiple of mini_batches ({self.mini_batches})")
-        if self.tools is not None and (not isinstance(self.tools, str) or ":" not in self.tools):
-            raise bad("tools", "None or 'package.module:function[,function...]' / 'path/tools.py:function'")
-        if isinstance(self.tool_timeout, bool) or not isinstance(self.tool_timeout, (int, float)) \
-                or not self.tool_timeout > 0:
-            raise bad("tool_timeout", "a number of seconds > 0")
+        if (wrong := tool_config_error(self.tools, self.tool_timeout)) is not None:
+            raise bad(*wrong)
         if ":" not in self.reward and self.reward not in REWARDS:
             raise bad("reward", f"one of {tuple(REWARDS)} or 'package.module:function'")
 
@@ -273,11 +270,8 @@ class BPOTrainer(Trainer):
         if items:
             greedy = SamplingParams(temperature=0.0, max_tokens=self.cfg.probe_max_tokens)
             prompts = [p for p, _ in items]
-            if self.toolbox is not None:  # conversations: the first turn's choice, the last turn's answer
-                outs = run_tool_loop(llm, prompts, self.toolbox, greedy, max_turns=self.cfg.max_tool_turns)
-            else:
-                outs = [single_turn(llm, q, out) for q, out in
-                        enumerate(llm.generate(prompts, greedy, thinking_mode="auto", use_tqdm=False))]
+            # (with tools, conversations: the first turn's choice, the last turn's answer)
+            outs = converse(llm, prompts, greedy, toolbox=self.toolbox, max_turns=self.cfg.max_tool_turns)
             for (_, ref), out in zip(items, outs, strict=True):
                 if out.error is not None or not out.trajectories:
                     continue
